@@ -1,0 +1,343 @@
+"""The ``secledger`` command: thin commands over the library, each with an example."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import Engine
+
+from secledger import __version__, logs
+from secledger.config import Settings
+from secledger.errors import IntakeError, SecledgerError
+from secledger.output import FORMATS, render
+from secledger.policy import LabelPolicy
+from secledger.projection import LEDGER_COLUMNS
+from secledger.service import feed, ledger_json
+from secledger.store import db, ledger, migrate
+
+TABLE_COLUMNS = (
+    "project_path",
+    "mr_iid",
+    "risk_tier",
+    "state",
+    "decision",
+    "decided_by",
+    "reviewer",
+    "approvers",
+    "time_to_decision_seconds",
+)
+
+
+class Context:
+    """Settings built once per invocation, and the database opened on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._database: db.Database | None = None
+
+    @property
+    def database(self) -> db.Database:
+        if self._database is None:
+            try:
+                self._database = db.resolve(self.settings)
+            except SecledgerError as exc:
+                raise click.ClickException(str(exc)) from exc
+        return self._database
+
+    @contextmanager
+    def engine(self, *, upgrade: bool = True) -> Iterator[Engine]:
+        engine = db.create(self.database.url, pool_size=2)
+        try:
+            if upgrade:
+                migrate.upgrade(engine)
+            yield engine
+        finally:
+            engine.dispose()
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="secledger")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Record GitLab security merge-request reviews in a tamper-evident PostgreSQL ledger.
+
+    Configuration comes from SECLEDGER_* environment variables and the TOML file named
+    by SECLEDGER_CONFIG. With no SECLEDGER_DATABASE_URL, an embedded PostgreSQL is
+    started under SECLEDGER_DATA_DIR.
+
+    \b
+    Example:
+      SECLEDGER_WEBHOOK_SECRETS=s3cret secledger serve --port 8080
+    """
+    try:
+        settings = Settings()
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from exc
+    logs.configure(settings.log_level)
+    ctx.obj = Context(settings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
+    import uvicorn  # noqa: PLC0415 - only `serve` needs the server
+
+    from secledger.web import create_app  # noqa: PLC0415
+
+    settings = context.settings
+    if allow_open and not settings.webhook_secrets:
+        if not _is_loopback(host):
+            raise click.ClickException("--allow-open is only allowed on a loopback address")
+        settings = settings.model_copy(update={"allow_open_loopback": True})
+    if not settings.webhook_secrets and not (settings.allow_open_loopback and _is_loopback(host)):
+        raise click.ClickException(
+            "no webhook secret configured: set SECLEDGER_WEBHOOK_SECRETS (comma-separated for "
+            "rotation), or pass --allow-open to accept unauthenticated deliveries on loopback"
+        )
+    database = context.database
+    click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
+    click.echo(f"receiving on http://{host}:{port}/webhooks/gitlab", err=True)
+    uvicorn.run(
+        create_app(settings, database),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=30,
+    )
+
+
+@main.command()
+@click.option(
+    "--host", default=None, help="Address to bind (default from SECLEDGER_HOST: 127.0.0.1)."
+)
+@click.option("--port", type=int, default=None, help="Port (default from SECLEDGER_PORT: 8080).")
+@click.option(
+    "--allow-open",
+    is_flag=True,
+    help="Accept deliveries without X-Gitlab-Token; loopback addresses only.",
+)
+@pass_context
+def serve(context: Context, host: str | None, port: int | None, allow_open: bool) -> None:
+    """Receive GitLab webhooks on POST /webhooks/gitlab.
+
+    Migrates the database first (safe with several replicas starting at once), answers
+    2xx only after a delivery is committed, and serves /healthz and /readyz.
+
+    \b
+    Example:
+      SECLEDGER_WEBHOOK_SECRETS=s3cret secledger serve --host 0.0.0.0 --port 8080
+    """
+    settings = context.settings
+    _serve(
+        context,
+        host or settings.host,
+        settings.port if port is None else port,
+        allow_open=allow_open,
+    )
+
+
+@main.group(name="db")
+def db_group() -> None:
+    """Database administration.
+
+    \b
+    Example:
+      secledger db upgrade
+    """
+
+
+@db_group.command()
+@pass_context
+def upgrade(context: Context) -> None:
+    """Apply every pending migration (under an advisory lock).
+
+    \b
+    Example:
+      SECLEDGER_DATABASE_URL=postgresql://secledger@db/secledger secledger db upgrade
+    """
+    with context.engine(upgrade=False) as engine:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            revision = migrate.current_revision(conn)
+    click.echo(f"database {context.database.redacted()} is at revision {revision}")
+
+
+def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:
+    """Feed files through the recording path; the number rejected."""
+    policy = LabelPolicy.from_settings(context.settings)
+    rejected = 0
+    for path in paths:
+        try:
+            outcome = feed(
+                engine,
+                policy,
+                {"x-gitlab-event": event},
+                path.read_bytes(),
+                max_body_bytes=context.settings.max_body_bytes,
+                source="replay",
+            )
+        except IntakeError as exc:
+            rejected += 1
+            click.echo(f"{path}: rejected ({exc.status_code} {exc.code}): {exc}")
+            continue
+        detail = f" seq={outcome.seq}" if outcome.seq else ""
+        if outcome.row:
+            row = outcome.row
+            detail += f" {row['project_path']}!{row['mr_iid']} decision={row['decision']}"
+        if outcome.reason and outcome.status == "ignored":
+            detail += f" ({outcome.reason})"
+        click.echo(f"{path}: {outcome.status}{detail}")
+    return rejected
+
+
+@main.command()
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--event",
+    default="Merge Request Hook",
+    show_default=True,
+    help="X-Gitlab-Event to assume for every file.",
+)
+@pass_context
+def replay(context: Context, files: tuple[Path, ...], event: str) -> None:
+    """Feed recorded webhook bodies through the same path as the endpoint.
+
+    Prints one line per file with its outcome; exits 1 if any file was rejected.
+    Replaying a file twice is harmless: the second time it is a duplicate.
+
+    \b
+    Example:
+      secledger replay deliveries/*.json
+      secledger replay --event "System Hook" old-hook.json
+    """
+    with context.engine() as engine:
+        rejected = replay_files(context, engine, list(files), event)
+    if rejected:
+        raise SystemExit(1)
+
+
+def ledger_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every ledger row as JSON-ready dicts, oldest event first."""
+    with engine.connect() as conn:
+        return [ledger_json(row) for row in ledger.rows(conn)]
+
+
+@main.command(name="ledger")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@pass_context
+def ledger_command(context: Context, fmt: str) -> None:
+    """Print the security review ledger: one row per security merge request.
+
+    \b
+    Example:
+      secledger ledger --format json | jq '.[] | select(.decision == "merged")'
+      secledger ledger --format csv > ledger.csv
+    """
+    with context.engine() as engine:
+        rows = ledger_rows(engine)
+    columns = TABLE_COLUMNS if fmt == "table" else (*LEDGER_COLUMNS, "updated_at")
+    text = render(rows, fmt, columns, title=f"security_review_ledger ({len(rows)} rows)")
+    if text is not None:
+        click.echo(text, nl=False)
+        if fmt == "json":
+            click.echo()
+
+
+def demo_files() -> list[Path]:
+    """The bundled sample history, in delivery order."""
+    folder = resources.files("secledger") / "demo"
+    return sorted(Path(str(item)) for item in folder.iterdir() if item.name.endswith(".json"))
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@main.command()
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--no-serve", is_flag=True, help="Replay and print the ledger, then exit.")
+@pass_context
+def demo(context: Context, port: int, no_serve: bool) -> None:
+    """Start the embedded database, replay a sample history, print the ledger, serve.
+
+    This is what `make demo` runs. The webhook secret is generated once and kept in
+    the data directory; the command prints where, never the secret itself.
+
+    \b
+    Example:
+      secledger demo
+      secledger demo --no-serve
+    """
+    settings = context.settings
+    click.echo(f"database: {context.database.redacted()}")
+    with context.engine() as engine:
+        click.echo(f"replaying {len(demo_files())} sample deliveries")
+        replay_files(context, engine, demo_files(), "Merge Request Hook")
+        rows = ledger_rows(engine)
+    render(rows, "table", TABLE_COLUMNS, title=f"security_review_ledger ({len(rows)} rows)")
+    if no_serve:
+        return
+    secret_file = settings.data_dir / "webhook-secret"
+    if not secret_file.exists():
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        secret_file.chmod(0o600)
+    secret = secret_file.read_text().strip()
+    if not _free("127.0.0.1", port):
+        raise click.ClickException(f"port {port} on 127.0.0.1 is taken; try --port 8081")
+    click.echo(
+        "\nPoint GitLab at it: Settings > Webhooks > Add new webhook\n"
+        f"  URL:          http://127.0.0.1:{port}/webhooks/gitlab"
+        " (GitLab must reach it: bind a routable address with `secledger serve --host`)\n"
+        f"  Secret token: the contents of {secret_file}\n"
+        "  Trigger:      Merge request events\n"
+        "Try it from another terminal:\n"
+        "  curl -s -H 'X-Gitlab-Event: Merge Request Hook'"
+        f' -H "X-Gitlab-Token: $(cat {secret_file})"\n'
+        f"       --data-binary @{demo_files()[0]} http://127.0.0.1:{port}/webhooks/gitlab\n"
+        "Stop with Ctrl-C.\n"
+    )
+    context.settings = settings.model_copy(update={"webhook_secrets": [SecretStr(secret)]})
+    _serve(context, "127.0.0.1", port, allow_open=False)
+
+
+def run() -> None:
+    """Console entry point that turns library errors into clean exits."""
+    try:
+        main(standalone_mode=True)
+    except SecledgerError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,203 @@
+"""Pure functions: a verified Delivery becomes the review facts one event tells."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from secledger import payloads as p
+from secledger.errors import TimestampError
+from secledger.intake import Delivery
+from secledger.policy import LabelPolicy
+from secledger.times import isoformat, parse_optional
+
+# GitLab's action → the decision it records. EE sends approval/unapproval per user,
+# CE always approved/unapproved; both mean the same thing for the ledger.
+DECISIONS = {
+    "approved": "approved",
+    "approval": "approved",
+    "unapproved": "unapproved",
+    "unapproval": "unapproved",
+    "merge": "merged",
+    "close": "closed",
+    "reopen": "reopened",
+}
+NON_DECISIONS = {"open": "open", "update": "update"}
+_STATE_DECISIONS = {"closed": "closed", "merged": "merged"}
+_TIME_FIELDS = ("event_at", "created_at", "labeled_at")
+
+
+@dataclass(frozen=True)
+class MRKey:
+    """How people name a merge request: instance, target project, iid."""
+
+    instance: str
+    project_id: int
+    mr_iid: int
+
+
+@dataclass(frozen=True)
+class EventFacts:
+    """What one event says about a security merge request."""
+
+    instance: str
+    project_id: int
+    mr_iid: int
+    mr_id: int | None
+    kind: str
+    decision: str | None
+    event_at: datetime
+    event_at_source: str
+    is_security: bool
+    tier: str
+    state: str | None = None
+    actor: str | None = None
+    actor_id: int | None = None
+    project_path: str | None = None
+    title: str | None = None
+    url: str | None = None
+    author_id: int | None = None
+    created_at: datetime | None = None
+    labels: tuple[str, ...] = ()
+    security_labels: tuple[str, ...] = ()
+    security_added: tuple[str, ...] = ()
+    security_removed: tuple[str, ...] = ()
+    reviewers: tuple[str, ...] | None = None
+    labeled_at: datetime | None = None
+    labeled_at_source: str | None = None
+    source: str = "webhook"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> MRKey:
+        """The merge request this event is about."""
+        return MRKey(self.instance, self.project_id, self.mr_iid)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (times as ISO 8601 UTC)."""
+        data = asdict(self)
+        for name in _TIME_FIELDS:
+            data[name] = isoformat(data[name])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EventFacts:
+        """Inverse of :meth:`to_json`."""
+        values = dict(data)
+        for name in _TIME_FIELDS:
+            values[name] = parse_optional(values.get(name))
+        for name in ("labels", "security_labels", "security_added", "security_removed"):
+            values[name] = tuple(values.get(name) or ())
+        if values.get("reviewers") is not None:
+            values["reviewers"] = tuple(values["reviewers"])
+        return cls(**values)
+
+
+def _safe_time(value: object) -> datetime | None:
+    try:
+        return parse_optional(value)
+    except TimestampError:
+        return None
+
+
+def event_time(payload: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
+    """``changes.updated_at.current``, else ``object_attributes.updated_at``, else receipt."""
+    changed = _safe_time(p.obj(p.obj(payload, "changes"), "updated_at").get("current"))
+    if changed is not None:
+        return changed, "changes.updated_at"
+    updated = _safe_time(p.obj(payload, "object_attributes").get("updated_at"))
+    if updated is not None:
+        return updated, "object_attributes.updated_at"
+    return received_at, "received_at"
+
+
+def classify(payload: dict[str, Any]) -> tuple[str, str | None]:
+    """``(kind, decision)`` from the action, or from state changes when there is no action."""
+    attrs = p.obj(payload, "object_attributes")
+    action = p.text(attrs, "action")
+    if action:
+        if action in DECISIONS:
+            return DECISIONS[action], DECISIONS[action]
+        return NON_DECISIONS.get(action, action[:32]), None
+    # System hooks before 2017 carry no action: read what the state change says.
+    change = p.state_change(payload)
+    if change is not None:
+        previous, current = change
+        if current in _STATE_DECISIONS:
+            return _STATE_DECISIONS[current], _STATE_DECISIONS[current]
+        if current == "opened" and previous in {"closed", "locked"}:
+            return "reopened", "reopened"
+    created, updated = attrs.get("created_at"), attrs.get("updated_at")
+    if not p.obj(payload, "changes") and created is not None and created == updated:
+        return "open", None
+    return "update", None
+
+
+def label_facts(
+    payload: dict[str, Any], policy: LabelPolicy
+) -> tuple[list[str], tuple[str, ...], tuple[str, ...], tuple[str, ...], bool]:
+    """Current labels, security labels, security labels added and removed, ever-security."""
+    labels = p.current_labels(payload)
+    security = policy.security_labels(labels)
+    change = p.label_change(payload)
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    was_security = False
+    if change is not None:
+        previous, current = change
+        prev_sec = set(policy.security_labels(previous))
+        cur_sec = policy.security_labels(current)
+        added = tuple(label for label in cur_sec if label not in prev_sec)
+        removed = tuple(label for label in policy.security_labels(previous) if label not in cur_sec)
+        was_security = bool(prev_sec)
+    return labels, security, added, removed, bool(security) or was_security
+
+
+def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
+    """Everything secledger needs from one merge-request delivery."""
+    payload = delivery.payload
+    attrs = p.obj(payload, "object_attributes")
+    project = p.obj(payload, "project")
+    user = p.obj(payload, "user")
+    kind, decision = classify(payload)
+    event_at, event_at_source = event_time(payload, delivery.received_at)
+    created_at = _safe_time(attrs.get("created_at"))
+    labels, security, added, removed, is_security = label_facts(payload, policy)
+    labeled_at: datetime | None = None
+    labeled_source: str | None = None
+    if added and kind != "open":
+        labeled_at, labeled_source = event_at, "label_added"
+    elif kind == "open" and security:
+        labeled_at, labeled_source = created_at or event_at, "opened_with_label"
+    project_id = p.integer(attrs, "target_project_id")
+    return EventFacts(
+        instance=delivery.instance,
+        project_id=project_id if project_id is not None else int(project["id"]),
+        mr_iid=int(attrs["iid"]),
+        mr_id=p.integer(attrs, "id"),
+        kind=kind,
+        decision=decision,
+        event_at=event_at,
+        event_at_source=event_at_source,
+        is_security=is_security,
+        tier=policy.tier(labels),
+        state=p.state_of(attrs),
+        actor=p.text(user, "username"),
+        actor_id=p.integer(user, "id"),
+        project_path=p.text(project, "path_with_namespace")
+        or p.text(p.obj(attrs, "target"), "path_with_namespace"),
+        title=p.text(attrs, "title"),
+        url=p.text(attrs, "url"),
+        author_id=p.integer(attrs, "author_id"),
+        created_at=created_at,
+        labels=tuple(labels),
+        security_labels=security,
+        security_added=added,
+        security_removed=removed,
+        # GitLab omits the key when nobody is assigned: absence means "none".
+        reviewers=tuple(p.usernames(payload.get("reviewers"))),
+        labeled_at=labeled_at,
+        labeled_at_source=labeled_source,
+        source=delivery.source,
+    )

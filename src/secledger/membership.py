@@ -1,0 +1,82 @@
+"""Which merge requests are already in the ledger, kept in memory for the hot path.
+
+Most deliveries are for merge requests that never carried a security label; they
+must be answered without a database round trip. A merge request that *was* a
+security MR stays one after its label is removed, so the receiver remembers every
+ledger key: loaded at start, added on each local write, and on every
+``NOTIFY secledger_ledger`` from other replicas. The database stays the authority:
+``service.record`` checks it again before deciding to ignore.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import orjson
+import psycopg
+import structlog
+from sqlalchemy import Engine
+
+from secledger.extract import MRKey
+from secledger.store import ledger
+
+log = structlog.get_logger("secledger.membership")
+
+
+class KnownMRs:
+    """A thread-safe set of ledger keys."""
+
+    def __init__(self) -> None:
+        self._keys: set[MRKey] = set()
+        self._lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: MRKey) -> None:
+        """Remember one key."""
+        with self._lock:
+            self._keys.add(key)
+
+    def load(self, engine: Engine) -> None:
+        """Read every key from the ledger."""
+        with engine.connect() as conn:
+            keys = set(ledger.known_keys(conn))
+        with self._lock:
+            self._keys |= keys
+
+    def listen(self, libpq_url: str) -> None:
+        """Follow other replicas' writes in a background thread."""
+        self._listener = threading.Thread(
+            target=self._follow, args=(libpq_url,), name="secledger-listen", daemon=True
+        )
+        self._listener.start()
+
+    def close(self) -> None:
+        """Stop following."""
+        self._stop.set()
+
+    def _follow(self, libpq_url: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(libpq_url, autocommit=True) as conn:
+                    conn.execute("LISTEN secledger_ledger")
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            self._take(note.payload)
+            except psycopg.Error as exc:
+                log.warning("listen_lost", error=type(exc).__name__)
+                self._stop.wait(2.0)
+
+    def _take(self, payload: str) -> None:
+        try:
+            data: dict[str, Any] = orjson.loads(payload)
+            self.add(MRKey(data["instance"], int(data["project_id"]), int(data["mr_iid"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("bad_notification")

@@ -1,0 +1,97 @@
+"""Readers for the subset of GitLab's merge-request JSON secledger uses; extra fields are ignored.
+
+GitLab's payloads vary by version and tier, so every reader tolerates a missing or
+mistyped field and answers with an empty value rather than raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+STATE_IDS = {1: "opened", 2: "closed", 3: "merged", 4: "locked"}
+
+
+def obj(container: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """A nested object, or an empty one."""
+    value = container.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def text(container: Mapping[str, Any], key: str) -> str | None:
+    """A string field, or None."""
+    value = container.get(key)
+    return value if isinstance(value, str) else None
+
+
+def integer(container: Mapping[str, Any], key: str) -> int | None:
+    """An integer field (booleans excluded), or None."""
+    value = container.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def label_titles(items: object) -> list[str]:
+    """Titles of a label list; webhooks say ``title``, the REST API says ``name``."""
+    if not isinstance(items, list):
+        return []
+    titles: list[str] = []
+    for item in items:
+        if isinstance(item, dict):
+            title = item.get("title", item.get("name"))
+            if isinstance(title, str):
+                titles.append(title)
+        elif isinstance(item, str):
+            titles.append(item)
+    return titles
+
+
+def usernames(items: object) -> list[str]:
+    """Usernames of a user list such as ``reviewers`` (absent when empty in GitLab)."""
+    if not isinstance(items, list):
+        return []
+    return [
+        item["username"]
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("username"), str)
+    ]
+
+
+def current_labels(payload: Mapping[str, Any]) -> list[str]:
+    """The merge request's labels now: top-level, else under attributes, else from changes."""
+    if isinstance(payload.get("labels"), list):
+        return label_titles(payload["labels"])
+    attrs = obj(payload, "object_attributes")
+    if isinstance(attrs.get("labels"), list):
+        return label_titles(attrs["labels"])
+    return label_titles(obj(obj(payload, "changes"), "labels").get("current"))
+
+
+def label_change(payload: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
+    """``(previous, current)`` label titles when this delivery changed labels."""
+    change = obj(obj(payload, "changes"), "labels")
+    if not change:
+        return None
+    return label_titles(change.get("previous")), label_titles(change.get("current"))
+
+
+def state_change(payload: Mapping[str, Any]) -> tuple[str | None, str | None] | None:
+    """``(previous, current)`` state from ``changes.state`` (old) or ``changes.state_id`` (new)."""
+    changes = obj(payload, "changes")
+    named = obj(changes, "state")
+    if named:
+        return text(named, "previous"), text(named, "current")
+    numbered = obj(changes, "state_id")
+    if numbered:
+        prev, cur = integer(numbered, "previous"), integer(numbered, "current")
+        return STATE_IDS.get(prev or 0), STATE_IDS.get(cur or 0)
+    return None
+
+
+def state_of(attrs: Mapping[str, Any]) -> str | None:
+    """GitLab's state name from ``state`` or ``state_id``."""
+    named = text(attrs, "state")
+    if named:
+        return named
+    return STATE_IDS.get(integer(attrs, "state_id") or 0)

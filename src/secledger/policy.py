@@ -1,0 +1,66 @@
+"""Which labels make a merge request a security merge request, and which risk tier it has."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from secledger.config import Settings
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """Security-label patterns (shell globs, case-insensitive) and tiers, highest first."""
+
+    patterns: tuple[str, ...] = ("sec/*", "sec::*")
+    tiers: tuple[str, ...] = ("critical", "high", "medium", "low")
+    unclassified: str = "unclassified"
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        joined = "|".join(f"(?:{fnmatch.translate(p.lower())})" for p in self.patterns)
+        object.__setattr__(self, "_regex", re.compile(joined))
+        # A tier is read from what follows a pattern's fixed prefix ("sec/" in "sec/*").
+        prefixes = tuple(
+            p.lower()[:-1] for p in self.patterns if p.endswith("*") and "*" not in p[:-1]
+        )
+        object.__setattr__(self, "_prefixes", prefixes)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LabelPolicy:
+        """Build the policy from configured patterns and tiers."""
+        return cls(
+            patterns=tuple(settings.security_label_patterns),
+            tiers=tuple(settings.risk_tiers),
+            unclassified=settings.unclassified_tier,
+        )
+
+    def is_security_label(self, title: str) -> bool:
+        """True when a label title matches any security pattern."""
+        return self._regex.match(title.lower()) is not None
+
+    def security_labels(self, titles: Iterable[str]) -> tuple[str, ...]:
+        """The security labels among ``titles``, in their given order."""
+        return tuple(t for t in titles if self.is_security_label(t))
+
+    def tier_of_label(self, title: str) -> str | None:
+        """The tier one security label names, if any."""
+        lowered = title.lower()
+        for prefix in self._prefixes:
+            if lowered.startswith(prefix):
+                suffix = lowered[len(prefix) :].strip()
+                if suffix in self.tiers:
+                    return suffix
+        return None
+
+    def tier(self, titles: Iterable[str]) -> str:
+        """The highest tier among the labels; ``unclassified`` when none names one."""
+        ranks = [
+            self.tiers.index(tier)
+            for tier in (self.tier_of_label(t) for t in titles if self.is_security_label(t))
+            if tier is not None
+        ]
+        return self.tiers[min(ranks)] if ranks else self.unclassified

@@ -1,0 +1,132 @@
+"""The ledger row of one merge request, folded from its events. Pure: no I/O.
+
+The same fold serves live recording and ``rebuild``, so the ledger can always be
+recomputed from the log. Events are applied in event-time order (arrival order breaks
+ties), which is why a late, older delivery can never roll a row back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from secledger.extract import EventFacts
+
+DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
+_STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
+
+LEDGER_COLUMNS = (
+    "instance",
+    "project_id",
+    "mr_iid",
+    "mr_id",
+    "project_path",
+    "title",
+    "url",
+    "author_id",
+    "risk_tier",
+    "security_labels",
+    "state",
+    "decision",
+    "decided_by",
+    "decided_at",
+    "reviewer",
+    "approvers",
+    "assigned_reviewers",
+    "labeled_at",
+    "labeled_at_source",
+    "labeled_by",
+    "time_to_decision_seconds",
+    "merged_by",
+    "merged_at",
+    "closed_by",
+    "closed_at",
+    "last_event_at",
+    "last_seq",
+    "event_count",
+)
+
+
+@dataclass(frozen=True)
+class SequencedEvent:
+    """An event with its position in the log."""
+
+    seq: int
+    facts: EventFacts
+
+
+def _order(event: SequencedEvent) -> tuple[datetime, int]:
+    return event.facts.event_at, event.seq
+
+
+def _label_start(events: list[SequencedEvent]) -> tuple[datetime | None, str | None, str | None]:
+    """The first time a security label was applied, where that came from, and by whom."""
+    seen = [e.facts for e in events if e.facts.labeled_at is not None]
+    if seen:
+        first = min(seen, key=lambda f: f.labeled_at)  # type: ignore[arg-type,return-value]
+        by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
+        return first.labeled_at, first.labeled_at_source, by
+    created = [e.facts.created_at for e in events if e.facts.created_at is not None]
+    if created:
+        return min(created), "created_at_fallback", None
+    return None, None, None
+
+
+def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
+    """Compute one ledger row from every event of one merge request."""
+    ordered = sorted(events, key=_order)
+    if not ordered:
+        raise ValueError("fold needs at least one event")
+    row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
+    approvers: list[str] = []
+    tier: str | None = None
+    for event in ordered:
+        facts = event.facts
+        for name in ("mr_id", "project_path", "title", "url", "author_id"):
+            value = getattr(facts, name)
+            if value is not None:
+                row[name] = value
+        if facts.source != "api":  # API facts do not carry the full label set
+            row["security_labels"] = list(facts.security_labels)
+            if facts.reviewers is not None:
+                row["assigned_reviewers"] = list(facts.reviewers)
+        if facts.security_labels:
+            tier = facts.tier
+        if facts.state is not None:
+            row["state"] = facts.state
+        elif facts.kind in _STATE_AFTER:
+            row["state"] = _STATE_AFTER[facts.kind]
+        _apply_decision(row, approvers, facts)
+    first = ordered[0].facts
+    row.update(instance=first.instance, project_id=first.project_id, mr_iid=first.mr_iid)
+    row["risk_tier"] = tier or first.tier
+    row["security_labels"] = row["security_labels"] or []
+    row["assigned_reviewers"] = row["assigned_reviewers"] or []
+    row["approvers"] = approvers
+    row["reviewer"] = approvers[-1] if approvers else row["decided_by"]
+    labeled_at, source, labeled_by = _label_start(ordered)
+    row.update(labeled_at=labeled_at, labeled_at_source=source, labeled_by=labeled_by)
+    if row["decided_at"] is not None and labeled_at is not None:
+        row["time_to_decision_seconds"] = (row["decided_at"] - labeled_at).total_seconds()
+    row["last_event_at"] = ordered[-1].facts.event_at
+    row["last_seq"] = max(e.seq for e in ordered)
+    row["event_count"] = len(ordered)
+    return row
+
+
+def _apply_decision(row: dict[str, Any], approvers: list[str], facts: EventFacts) -> None:
+    decision = facts.decision
+    if decision not in DECISION_KINDS:
+        return
+    row.update(decision=decision, decided_by=facts.actor, decided_at=facts.event_at)
+    actor = facts.actor
+    if decision == "approved" and actor and actor not in approvers:
+        approvers.append(actor)
+    elif decision == "unapproved" and actor in approvers:
+        approvers.remove(actor)
+    elif decision == "merged":
+        row.update(merged_by=actor, merged_at=facts.event_at)
+    elif decision == "closed":
+        row.update(closed_by=actor, closed_at=facts.event_at)

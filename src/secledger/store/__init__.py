@@ -1,0 +1,4 @@
+"""Everything that talks to PostgreSQL.
+
+Store functions never commit: the caller owns the transaction.
+"""

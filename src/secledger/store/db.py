@@ -1,0 +1,57 @@
+"""Engines and database URLs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+
+from secledger import embedded
+from secledger.config import Settings
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Make a libpq URL (``postgresql://``) use the psycopg 3 driver in SQLAlchemy."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgres", "postgresql"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for ``url`` with a pool sized for one writer and a few readers."""
+    return create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"application_name": "secledger"},
+    )
+
+
+@dataclass(frozen=True)
+class Database:
+    """The configured database: its URL, and whether secledger started it."""
+
+    url: str
+    embedded: bool
+
+    def redacted(self) -> str:
+        """The URL without its password, for messages and logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+def resolve(settings: Settings) -> Database:
+    """The configured server, or the embedded one started on demand."""
+    if settings.database_url is not None:
+        return Database(settings.database_url.get_secret_value(), embedded=False)
+    return Database(embedded.start(settings.pg_data_dir), embedded=True)
+
+
+def libpq_url(url: str) -> str:
+    """The same URL as plain libpq understands it (for psycopg connections)."""
+    parsed = make_url(url)
+    if "+" in parsed.drivername:
+        parsed = parsed.set(drivername=parsed.drivername.split("+", 1)[0])
+    return parsed.render_as_string(hide_password=False)

@@ -1,0 +1,69 @@
+"""Every timestamp spelling GitLab sends, parsed in one place into aware UTC datetimes."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+from secledger.errors import TimestampError
+
+# Webhooks say "2025-08-05 21:48:25 UTC"; instances in another zone say
+# "2026-07-28 15:09:25 -0700"; docs and the Test button use RFC 3339; the REST
+# API adds milliseconds ("2018-08-20T06:17:28.394Z").
+_PATTERN = re.compile(
+    r"""^\s*
+    (?P<date>\d{4}-\d{2}-\d{2})
+    [T\s]
+    (?P<time>\d{2}:\d{2}(?::\d{2})?)
+    (?P<frac>\.\d{1,9})?
+    \s*
+    (?P<zone>Z|UTC|[+-]\d{2}:?\d{2})?
+    \s*$""",
+    re.VERBOSE | re.IGNORECASE,
+)
+
+
+def _offset(zone: str | None) -> timezone:
+    if zone is None or zone.upper() in {"Z", "UTC"}:
+        return UTC
+    sign = -1 if zone[0] == "-" else 1
+    digits = zone[1:].replace(":", "")
+    delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    if delta > timedelta(hours=18):
+        raise TimestampError(f"time zone offset out of range: {zone!r}")
+    return timezone(sign * delta)
+
+
+def parse_time(value: str) -> datetime:
+    """Parse a GitLab timestamp into an aware UTC datetime, or raise TimestampError."""
+    if not isinstance(value, str):
+        raise TimestampError(f"timestamp must be a string, got {type(value).__name__}")
+    match = _PATTERN.match(value)
+    if match is None:
+        raise TimestampError(f"unrecognised timestamp: {value[:64]!r}")
+    hms = match["time"] if match["time"].count(":") == 2 else match["time"] + ":00"
+    frac = (match["frac"] or ".0")[1:7].ljust(6, "0")
+    try:
+        naive = datetime.fromisoformat(f"{match['date']}T{hms}.{frac}")
+    except ValueError as exc:
+        raise TimestampError(f"impossible timestamp: {value[:64]!r}") from exc
+    return naive.replace(tzinfo=_offset(match["zone"])).astimezone(UTC)
+
+
+def parse_optional(value: object) -> datetime | None:
+    """Parse a timestamp that may be absent or null; a malformed one still raises."""
+    if value is None or value == "":
+        return None
+    return parse_time(value)  # type: ignore[arg-type]
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, the one spelling secledger writes."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def utcnow() -> datetime:
+    """The current time, aware and in UTC."""
+    return datetime.now(UTC)

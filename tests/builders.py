@@ -1,0 +1,120 @@
+"""Payload builders: GitLab's published examples, changed only where a case needs it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+PAYLOADS = Path(__file__).parent / "payloads"
+_BASE = json.loads((PAYLOADS / "webhook_events_mr_open.json").read_text())
+
+USERS = {
+    "root": 1,
+    "alice": 101,
+    "bob": 102,
+    "carol": 103,
+    "dave": 104,
+    "erin": 105,
+}
+
+
+def sample(name: str) -> dict[str, Any]:
+    """A published example as a dict."""
+    return json.loads((PAYLOADS / name).read_text())
+
+
+def label(title: str) -> dict[str, Any]:
+    """A label object as webhooks send it."""
+    return {
+        "id": abs(hash(title)) % 100000,
+        "title": title,
+        "color": "#dc143c",
+        "project_id": 14,
+        "created_at": "2025-01-01 00:00:00 UTC",
+        "updated_at": "2025-01-01 00:00:00 UTC",
+        "template": False,
+        "description": None,
+        "type": "ProjectLabel",
+        "group_id": None,
+    }
+
+
+def user(username: str) -> dict[str, Any]:
+    """A user object as webhooks send it."""
+    return {
+        "id": USERS.get(username, 999),
+        "name": username.title(),
+        "username": username,
+        "avatar_url": None,
+        "email": "[REDACTED]",
+    }
+
+
+def mr_event(
+    action: str | None,
+    *,
+    iid: int = 1,
+    project_id: int = 14,
+    labels: list[str] | None = None,
+    actor: str = "root",
+    author: str = "alice",
+    updated_at: str = "2025-08-05 21:48:25 UTC",
+    created_at: str = "2025-08-05 20:00:00 UTC",
+    state: str | None = None,
+    changes: dict[str, Any] | None = None,
+    reviewers: list[str] | None = None,
+    title: str = "Harden session cookies",
+) -> dict[str, Any]:
+    """A Merge Request Hook body for one action; ``None`` removes the action key."""
+    body = copy.deepcopy(_BASE)
+    attrs = body["object_attributes"]
+    attrs.update(
+        id=1000 + iid,
+        iid=iid,
+        target_project_id=project_id,
+        author_id=USERS.get(author, 999),
+        title=title,
+        created_at=created_at,
+        updated_at=updated_at,
+        url=f"https://gitlab.example.com/acme/payments/-/merge_requests/{iid}",
+    )
+    body["project"].update(
+        id=project_id,
+        web_url="https://gitlab.example.com/acme/payments",
+        path_with_namespace="acme/payments",
+    )
+    default_state = {"merge": "merged", "close": "closed"}.get(action or "", "opened")
+    attrs["state"] = state or default_state
+    attrs["state_id"] = {"opened": 1, "closed": 2, "merged": 3, "locked": 4}[attrs["state"]]
+    if action is None:
+        attrs.pop("action", None)
+    else:
+        attrs["action"] = action
+    label_objs = [label(t) for t in (labels if labels is not None else ["sec::high"])]
+    body["labels"] = label_objs
+    attrs["labels"] = copy.deepcopy(label_objs)
+    body["user"] = user(actor)
+    body["changes"] = changes if changes is not None else {}
+    if reviewers:
+        body["reviewers"] = [user(r) for r in reviewers]
+    else:
+        body.pop("reviewers", None)
+    return body
+
+
+def label_change(previous: list[str], current: list[str], at: str) -> dict[str, Any]:
+    """``changes`` for a label edit at ``at``."""
+    return {
+        "labels": {
+            "previous": [label(t) for t in previous],
+            "current": [label(t) for t in current],
+        },
+        "updated_at": {"previous": "2025-08-05 20:00:00 UTC", "current": at},
+    }
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """Encode a body as GitLab would send it."""
+    return json.dumps(body).encode()

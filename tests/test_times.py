@@ -1,0 +1,42 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from secledger.errors import TimestampError
+from secledger.times import isoformat, parse_time
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("2025-08-05 21:48:25 UTC", datetime(2025, 8, 5, 21, 48, 25, tzinfo=UTC)),
+        ("2013-12-03T17:23:34Z", datetime(2013, 12, 3, 17, 23, 34, tzinfo=UTC)),
+        ("2026-07-28 15:09:25 -0700", datetime(2026, 7, 28, 22, 9, 25, tzinfo=UTC)),
+        ("2018-08-20T06:17:28.394Z", datetime(2018, 8, 20, 6, 17, 28, 394000, tzinfo=UTC)),
+        ("2012-01-03T23:36:29+02:00", datetime(2012, 1, 3, 21, 36, 29, tzinfo=UTC)),
+        ("2024-02-29 00:00:00 +0530", datetime(2024, 2, 28, 18, 30, tzinfo=UTC)),
+    ],
+)
+def test_every_gitlab_spelling_becomes_aware_utc(spelling: str, expected: datetime) -> None:
+    parsed = parse_time(spelling)
+    assert parsed == expected
+    assert parsed.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "yesterday",
+        "2025-13-01 00:00:00 UTC",
+        "2025-02-30T00:00:00Z",
+        "2025-01-01 00:00:00 +9900",
+    ],
+)
+def test_unknown_spellings_raise_a_typed_error(bad: str) -> None:
+    with pytest.raises(TimestampError):
+        parse_time(bad)
+
+
+def test_isoformat_writes_utc_with_z() -> None:
+    assert isoformat(parse_time("2026-07-28 15:09:25 -0700")) == "2026-07-28T22:09:25Z"
