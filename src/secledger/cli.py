@@ -341,3 +341,6 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
+
+
+# Commands from other areas register here, one line each.
