@@ -1,0 +1,196 @@
+"""The CLI as users run it: real database, real files, documented commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from builders import dumps, mr_event
+from secledger.cli import demo_files, main
+
+LEDGER_KEYS = {
+    "instance",
+    "project_id",
+    "mr_iid",
+    "mr_id",
+    "project_path",
+    "title",
+    "url",
+    "risk_tier",
+    "security_labels",
+    "state",
+    "decision",
+    "decided_by",
+    "decided_at",
+    "reviewer",
+    "approvers",
+    "assigned_reviewers",
+    "labeled_at",
+    "labeled_at_source",
+    "time_to_decision_seconds",
+    "merged_by",
+    "merged_at",
+    "closed_by",
+    "closed_at",
+    "last_event_at",
+}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def run(database_url: str, tmp_path: Path):
+    runner = CliRunner()
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path / "data")}
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def write(tmp_path: Path, name: str, body: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(body)
+    return str(path)
+
+
+def test_replay_prints_one_line_per_file_and_fails_on_a_rejection(run, tmp_path: Path) -> None:
+    good = write(tmp_path, "a.json", dumps(mr_event("approved", actor="bob")))
+    ignored = write(tmp_path, "b.json", dumps(mr_event("open", labels=["docs"], iid=9)))
+    broken = write(tmp_path, "c.json", b"{not json")
+    result = run("replay", good, ignored, broken)
+    lines = result.output.splitlines()
+    assert result.exit_code == 1
+    assert lines[0] == f"{good}: recorded seq=1 acme/payments!1 decision=approved"
+    assert lines[1] == f"{ignored}: ignored (merge request carries no security label)"
+    assert lines[2].startswith(f"{broken}: rejected (400 malformed_json): body is not valid JSON")
+    again = run("replay", good)
+    assert again.exit_code == 0
+    assert again.output.startswith(f"{good}: duplicate seq=1")
+
+
+def test_replay_as_system_hook(run, tmp_path: Path) -> None:
+    path = write(tmp_path, "s.json", dumps(mr_event(None, changes={})))
+    result = run("replay", "--event", "System Hook", path)
+    assert result.exit_code == 0
+    assert ": recorded seq=1" in result.output
+
+
+def test_ledger_json_contract(run, tmp_path: Path) -> None:
+    files = [
+        write(tmp_path, "1.json", dumps(mr_event("open", reviewers=["bob"]))),
+        write(
+            tmp_path,
+            "2.json",
+            dumps(
+                mr_event(
+                    "approved", actor="bob", reviewers=["bob"], updated_at="2025-08-05 22:48:25 UTC"
+                )
+            ),
+        ),
+        write(
+            tmp_path,
+            "3.json",
+            dumps(
+                mr_event(
+                    "merge", actor="alice", reviewers=["bob"], updated_at="2025-08-05 23:00:00 UTC"
+                )
+            ),
+        ),
+    ]
+    assert run("replay", *files).exit_code == 0
+    result = run("ledger", "--format", "json")
+    rows = json.loads(result.output)
+    assert len(rows) == 1
+    row = rows[0]
+    assert LEDGER_KEYS <= row.keys()
+    expected = {
+        "instance": "https://gitlab.example.com",
+        "project_id": 14,
+        "mr_iid": 1,
+        "mr_id": 1001,
+        "project_path": "acme/payments",
+        "risk_tier": "high",
+        "security_labels": ["sec::high"],
+        "state": "merged",
+        "decision": "merged",
+        "decided_by": "alice",
+        "decided_at": "2025-08-05T23:00:00Z",
+        "reviewer": "bob",
+        "approvers": ["bob"],
+        "assigned_reviewers": ["bob"],
+        "labeled_at": "2025-08-05T20:00:00Z",
+        "labeled_at_source": "opened_with_label",
+        "time_to_decision_seconds": 3 * 3600.0,
+        "merged_by": "alice",
+        "merged_at": "2025-08-05T23:00:00Z",
+        "closed_by": None,
+        "closed_at": None,
+        "last_event_at": "2025-08-05T23:00:00Z",
+    }
+    assert {key: row[key] for key in expected} == expected
+
+
+def test_ledger_csv_has_a_header_and_one_line_per_mr(run, tmp_path: Path) -> None:
+    run("replay", write(tmp_path, "1.json", dumps(mr_event("open"))))
+    lines = run("ledger", "--format", "csv").output.splitlines()
+    assert lines[0].startswith("instance,project_id,mr_iid,")
+    assert len(lines) == 2
+
+
+def test_demo_replays_the_bundled_history(run) -> None:
+    result = run("demo", "--no-serve")
+    assert result.exit_code == 0
+    assert f"replaying {len(demo_files())} sample deliveries" in result.output
+    assert "security_review_ledger (5 rows)" in result.output
+    rows = json.loads(run("ledger", "--format", "json").output)
+    by_iid = {row["mr_iid"]: row for row in rows}
+    assert by_iid[12]["approvers"] == ["bob"]
+    assert by_iid[12]["labeled_at_source"] == "label_added"
+    assert by_iid[16]["risk_tier"] == "critical"
+    assert 15 not in by_iid
+
+
+def test_serve_refuses_to_start_without_a_secret(run) -> None:
+    result = CliRunner().invoke(main, ["serve"], env={"SECLEDGER_WEBHOOK_SECRETS": ""})
+    assert result.exit_code == 1
+    assert "no webhook secret configured" in result.output
+
+
+def test_serve_open_mode_is_loopback_only() -> None:
+    result = CliRunner().invoke(
+        main, ["serve", "--allow-open", "--host", "0.0.0.0"], env={"SECLEDGER_WEBHOOK_SECRETS": ""}
+    )
+    assert result.exit_code == 1
+    assert "only allowed on a loopback address" in result.output
+
+
+def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_PORT": "not-a-port"})
+    assert result.exit_code == 1
+    assert "invalid configuration" in result.output
+
+
+def all_commands(group: click.Group, prefix: str = "secledger") -> list[tuple[str, click.Command]]:
+    found: list[tuple[str, click.Command]] = []
+    for name, command in sorted(group.commands.items()):
+        path = f"{prefix} {name}"
+        found.append((path, command))
+        if isinstance(command, click.Group):
+            found.extend(all_commands(command, path))
+    return found
+
+
+@pytest.mark.parametrize(("path", "command"), all_commands(main), ids=str)
+def test_every_command_has_help_with_an_example_and_docs(path: str, command: click.Command) -> None:
+    words = path.split()[1:]
+    result = CliRunner().invoke(main, [*words, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output, f"{path} --help has no example"
+    documented = README.read_text() + "".join(p.read_text() for p in DOCS.glob("*.md"))
+    assert f"`{path}" in documented, f"{path} is not documented in README.md or docs/"

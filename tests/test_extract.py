@@ -1,0 +1,182 @@
+"""Extraction is pure: recorded payloads in, facts out, no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from builders import label_change, mr_event, sample
+from secledger.extract import EventFacts, classify, extract_facts
+from secledger.intake import Delivery, dedup_key, instance_of
+from secledger.policy import LabelPolicy
+
+POLICY = LabelPolicy()
+RECEIVED = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def facts_of(body: dict, headers: dict[str, str] | None = None) -> EventFacts:
+    hdrs = headers or {}
+    delivery = Delivery(
+        event="Merge Request Hook",
+        instance=instance_of(hdrs, body),
+        headers=hdrs,
+        body=b"{}",
+        payload=body,
+        dedup_key=dedup_key(hdrs, b"{}"),
+        received_at=RECEIVED,
+    )
+    return extract_facts(delivery, POLICY)
+
+
+@pytest.mark.parametrize(
+    ("action", "kind", "decision"),
+    [
+        ("approved", "approved", "approved"),
+        ("approval", "approved", "approved"),
+        ("unapproved", "unapproved", "unapproved"),
+        ("unapproval", "unapproved", "unapproved"),
+        ("merge", "merged", "merged"),
+        ("close", "closed", "closed"),
+        ("reopen", "reopened", "reopened"),
+        ("open", "open", None),
+        ("update", "update", None),
+    ],
+)
+def test_each_action_maps_to_its_decision(action: str, kind: str, decision: str | None) -> None:
+    facts = facts_of(mr_event(action, actor="bob"))
+    assert (facts.kind, facts.decision) == (kind, decision)
+    assert facts.actor == "bob"
+
+
+def test_unknown_future_action_is_kept_as_a_non_decision() -> None:
+    assert classify(mr_event("mark_as_draft")) == ("mark_as_draft", None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"state": {"previous": "opened", "current": "closed"}}, ("closed", "closed")),
+        ({"state": {"previous": "locked", "current": "merged"}}, ("merged", "merged")),
+        ({"state_id": {"previous": 2, "current": 1}}, ("reopened", "reopened")),
+        ({"state_id": {"previous": 1, "current": 3}}, ("merged", "merged")),
+        ({"title": {"previous": "a", "current": "b"}}, ("update", None)),
+    ],
+)
+def test_payload_without_action_is_read_from_state_changes(changes: dict, expected: tuple) -> None:
+    body = mr_event(None, changes=changes)
+    assert classify(body) == expected
+
+
+def test_old_system_hook_without_action_is_an_update_or_an_open() -> None:
+    body = sample("system_hook_mr_open.json")
+    body["object_attributes"].pop("action", None)
+    assert classify(body) == ("update", None)  # it carries a label change
+    body.pop("changes")
+    assert classify(body) == ("open", None)
+
+
+def test_identity_from_the_published_example() -> None:
+    body = sample("webhook_events_mr_open.json")
+    facts = facts_of(body)
+    assert (facts.instance, facts.project_id, facts.mr_iid, facts.mr_id) == (
+        "http://example.com",
+        14,
+        1,
+        99,
+    )
+    assert facts.project_path == "gitlabhq/gitlab-test"
+    assert facts.author_id == 51
+    assert facts.reviewers == ("user1",)
+    assert facts.is_security is False
+
+
+def test_instance_header_wins_over_the_project_url() -> None:
+    facts = facts_of(mr_event("open"), {"x-gitlab-instance": "https://GitLab.Corp.Example/"})
+    assert facts.instance == "https://gitlab.corp.example"
+
+
+def test_reviewers_key_absent_means_none_assigned() -> None:
+    assert facts_of(mr_event("open")).reviewers == ()
+
+
+@pytest.mark.parametrize(
+    ("labels", "tier"),
+    [
+        (["sec::high"], "high"),
+        (["sec/low", "sec/critical"], "critical"),
+        (["sec/medium", "sec::low"], "medium"),
+        (["sec/needs-review"], "unclassified"),
+        (["SEC::High"], "high"),
+        (["security", "sec"], "unclassified"),
+    ],
+)
+def test_highest_tier_wins(labels: list[str], tier: str) -> None:
+    assert POLICY.tier(labels) == tier
+
+
+def test_labels_that_do_not_match_are_not_security_labels() -> None:
+    assert POLICY.security_labels(["security", "sec", "secret/x", "sec/x", "sec::y"]) == (
+        "sec/x",
+        "sec::y",
+    )
+
+
+def test_configured_patterns_and_tiers() -> None:
+    policy = LabelPolicy(patterns=("appsec-*",), tiers=("p1", "p2"))
+    assert policy.security_labels(["appsec-p2", "sec/high"]) == ("appsec-p2",)
+    assert policy.tier(["appsec-p2"]) == "p2"
+
+
+def test_scoped_label_tier_change_arrives_as_one_update() -> None:
+    body = mr_event(
+        "update",
+        labels=["sec::critical"],
+        changes=label_change(["sec::high"], ["sec::critical"], "2025-08-05 22:00:00 UTC"),
+    )
+    facts = facts_of(body)
+    assert facts.tier == "critical"
+    assert facts.security_added == ("sec::critical",)
+    assert facts.security_removed == ("sec::high",)
+    assert facts.labeled_at == datetime(2025, 8, 5, 22, tzinfo=UTC)
+
+
+def test_event_time_prefers_changes_updated_at() -> None:
+    body = mr_event(
+        "update",
+        updated_at="2025-08-05 21:00:00 UTC",
+        changes={"updated_at": {"previous": None, "current": "2026-07-28 15:09:25 -0700"}},
+    )
+    facts = facts_of(body)
+    assert facts.event_at == datetime(2026, 7, 28, 22, 9, 25, tzinfo=UTC)
+    assert facts.event_at_source == "changes.updated_at"
+
+
+def test_event_time_falls_back_to_receipt_when_the_payload_has_none() -> None:
+    body = mr_event("approved")
+    del body["object_attributes"]["updated_at"]
+    facts = facts_of(body)
+    assert (facts.event_at, facts.event_at_source) == (RECEIVED, "received_at")
+
+
+def test_opened_with_label_starts_the_clock_at_creation() -> None:
+    facts = facts_of(mr_event("open", created_at="2025-08-05 20:00:00 UTC"))
+    assert facts.labeled_at == datetime(2025, 8, 5, 20, tzinfo=UTC)
+    assert facts.labeled_at_source == "opened_with_label"
+
+
+def test_removing_the_last_security_label_keeps_the_event_security_relevant() -> None:
+    body = mr_event(
+        "update",
+        labels=["backend"],
+        changes=label_change(["backend", "sec/high"], ["backend"], "2025-08-05 22:00:00 UTC"),
+    )
+    facts = facts_of(body)
+    assert facts.is_security is True
+    assert facts.security_labels == ()
+    assert facts.security_removed == ("sec/high",)
+
+
+def test_facts_survive_a_json_round_trip() -> None:
+    facts = facts_of(mr_event("approved", reviewers=["bob"]))
+    assert EventFacts.from_json(facts.to_json()) == facts

@@ -1,0 +1,94 @@
+"""The fold from events to a ledger row, without a database."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from secledger.extract import EventFacts
+from secledger.projection import SequencedEvent, fold
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def event(seq: int, kind: str, actor: str, minutes: int, **extra: object) -> SequencedEvent:
+    decision = kind if kind in {"approved", "unapproved", "merged", "closed", "reopened"} else None
+    base = EventFacts(
+        instance="https://gitlab.example.com",
+        project_id=7,
+        mr_iid=3,
+        mr_id=70,
+        kind=kind,
+        decision=decision,
+        event_at=T0 + timedelta(minutes=minutes),
+        event_at_source="object_attributes.updated_at",
+        is_security=True,
+        tier="high",
+        actor=actor,
+        security_labels=("sec::high",),
+        labels=("sec::high",),
+        created_at=T0,
+        state={"merged": "merged", "closed": "closed"}.get(kind, "opened"),
+    )
+    return SequencedEvent(seq, replace(base, **extra))  # type: ignore[arg-type]
+
+
+def test_approvers_stand_in_approval_order_until_revoked() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0, labeled_at=T0, labeled_at_source="opened_with_label"),
+            event(2, "approved", "bob", 10),
+            event(3, "approved", "carol", 20),
+            event(4, "unapproved", "bob", 30),
+            event(5, "approved", "dave", 40),
+        ]
+    )
+    assert row["approvers"] == ["carol", "dave"]
+    assert row["reviewer"] == "dave"
+    assert (row["decision"], row["decided_by"]) == ("approved", "dave")
+    assert row["time_to_decision_seconds"] == 40 * 60
+
+
+def test_reviewer_is_the_decider_when_no_approval_stands() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "closed", "bob", 5),
+        ]
+    )
+    assert row["approvers"] == []
+    assert row["reviewer"] == "bob"
+    assert (row["closed_by"], row["closed_at"]) == ("bob", T0 + timedelta(minutes=5))
+    assert row["labeled_at_source"] == "created_at_fallback"
+
+
+def test_arrival_order_does_not_matter() -> None:
+    events = [
+        event(1, "open", "alice", 0),
+        event(2, "approved", "bob", 10),
+        event(3, "merged", "alice", 20),
+    ]
+    shuffled = [replace(e, seq=s) for e, s in zip(reversed(events), (1, 2, 3), strict=True)]
+    in_order, out_of_order = fold(events), fold(shuffled)
+    for key in ("state", "decision", "decided_by", "decided_at", "approvers", "merged_by"):
+        assert in_order[key] == out_of_order[key]
+    assert out_of_order["state"] == "merged"
+
+
+def test_same_second_events_keep_arrival_order() -> None:
+    row = fold([event(1, "approved", "bob", 10), event(2, "merged", "alice", 10)])
+    assert row["decision"] == "merged"
+
+
+def test_tier_and_labels_follow_the_latest_event_but_tier_survives_label_removal() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "update", "erin", 5, tier="critical", security_labels=("sec::critical",)),
+            event(3, "update", "erin", 9, tier="unclassified", security_labels=(), labels=()),
+        ]
+    )
+    assert row["risk_tier"] == "critical"
+    assert row["security_labels"] == []
+    assert row["event_count"] == 3
+    assert row["last_seq"] == 3

@@ -1,0 +1,126 @@
+"""What PostgreSQL itself guarantees: append-only log, chain links, concurrency, NOTIFY."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from builders import dumps, mr_event
+from secledger.policy import LabelPolicy
+from secledger.service import feed
+from secledger.store import db
+from secledger.store.chain import GENESIS, LogRow, link
+
+POLICY = LabelPolicy()
+HEADERS = {"x-gitlab-event": "Merge Request Hook"}
+
+
+def record(engine: Engine, body: dict) -> str:
+    return feed(engine, POLICY, HEADERS, dumps(body), max_body_bytes=10**6, source="replay").status
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE delivery_log SET source = 'forged'",
+        "DELETE FROM delivery_log",
+        "TRUNCATE delivery_log CASCADE",
+    ],
+)
+def test_append_only_trigger_refuses_changes_to_the_log(engine: Engine, statement: str) -> None:
+    record(engine, mr_event("open"))
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.execute(text(statement))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one() == 1
+
+
+def test_each_row_links_to_the_previous_hash(engine: Engine) -> None:
+    for action in ("open", "approved", "merge"):
+        record(engine, mr_event(action, actor="bob"))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM delivery_log ORDER BY seq")).mappings().all()
+    previous = GENESIS
+    for row in rows:
+        as_hashed = LogRow(
+            seq=row["seq"],
+            received_at=row["received_at"],
+            source=row["source"],
+            event=row["event"],
+            instance=row["instance"],
+            dedup_key=row["dedup_key"],
+            headers=row["headers"],
+            payload=bytes(row["payload"]),
+        )
+        assert bytes(row["prev_hash"]) == previous
+        assert bytes(row["hash"]) == link(previous, as_hashed)
+        previous = bytes(row["hash"])
+    assert [r["seq"] for r in rows] == [1, 2, 3]
+
+
+HISTORY = [
+    ("open", "alice", "2025-08-05 20:00:00 UTC"),
+    ("approved", "bob", "2025-08-05 21:00:00 UTC"),
+    ("approved", "carol", "2025-08-05 21:30:00 UTC"),
+    ("unapproved", "bob", "2025-08-05 22:00:00 UTC"),
+    ("merge", "alice", "2025-08-05 23:00:00 UTC"),
+]
+COMPARED = (
+    "state",
+    "decision",
+    "decided_by",
+    "decided_at",
+    "approvers",
+    "reviewer",
+    "merged_by",
+    "labeled_at",
+    "time_to_decision_seconds",
+    "event_count",
+    "last_event_at",
+)
+
+
+def test_concurrent_deliveries_for_one_mr_end_like_sequential_ones(engine: Engine) -> None:
+    for action, actor, at in HISTORY:
+        record(engine, mr_event(action, iid=1, actor=actor, updated_at=at))
+    barrier = threading.Barrier(len(HISTORY))
+
+    def send(action: str, actor: str, at: str) -> None:
+        barrier.wait()
+        record(engine, mr_event(action, iid=2, actor=actor, updated_at=at))
+
+    threads = [threading.Thread(target=send, args=item) for item in HISTORY]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(text("SELECT * FROM security_review_ledger ORDER BY mr_iid"))
+            .mappings()
+            .all()
+        )
+    sequential, concurrent = rows
+    assert {k: sequential[k] for k in COMPARED} == {k: concurrent[k] for k in COMPARED}
+    assert concurrent["approvers"] == ["carol"]
+
+
+def test_each_committed_change_is_notified(engine: Engine, database_url: str) -> None:
+    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as listener:
+        listener.execute("LISTEN secledger_ledger")
+        record(engine, mr_event("approved", iid=5, actor="bob"))
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+    assert len(notes) == 1
+    assert '"mr_iid":5' in notes[0].payload
+    assert '"seq":1' in notes[0].payload
+
+
+def test_an_ignored_delivery_is_not_notified(engine: Engine, database_url: str) -> None:
+    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as listener:
+        listener.execute("LISTEN secledger_ledger")
+        assert record(engine, mr_event("open", labels=["docs"])) == "ignored"
+        assert list(listener.notifies(timeout=0.5)) == []
