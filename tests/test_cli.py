@@ -108,7 +108,7 @@ def test_ledger_json_contract(run, tmp_path: Path) -> None:
     rows = json.loads(result.output)
     assert len(rows) == 1
     row = rows[0]
-    assert LEDGER_KEYS <= row.keys()
+    assert row.keys() >= LEDGER_KEYS
     expected = {
         "instance": "https://gitlab.example.com",
         "project_id": 14,
