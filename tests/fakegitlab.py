@@ -193,6 +193,8 @@ def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
             ]
         if rest == ["merge_requests"]:
             return _labels_matching([m for p in projects for m in p.mrs.values()], query)
+        if rest == ["hooks"]:
+            return []
         return None
     project = fake.project(ref)
     if kind != "projects" or project is None:

@@ -121,8 +121,8 @@ class Settings(BaseSettings):
 
     def gitlab_token_value(self) -> str | None:
         """The GitLab token from ``gitlab_token``, else the first line of ``gitlab_token_file``."""
-        if self.gitlab_token is not None:
-            return self.gitlab_token.get_secret_value()
+        if self.gitlab_token is not None and self.gitlab_token.get_secret_value().strip():
+            return self.gitlab_token.get_secret_value().strip()
         if self.gitlab_token_file is None:
             return None
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,15 @@ def _scopes(projects: tuple[str, ...], groups: tuple[str, ...]) -> list[Scope]:
     return chosen
 
 
+@contextmanager
+def edge() -> Iterator[None]:
+    """Library errors become a clean CLI error (never a traceback, never a token)."""
+    try:
+        yield
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _api(context: Context) -> GitLabAPI:
     try:
         return GitLabAPI.from_settings(context.settings)
@@ -114,7 +125,7 @@ def backfill(
     """
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
-    with context.engine() as engine:
+    with context.engine() as engine, edge():
         job = Backfill(
             engine,
             api,
@@ -158,7 +169,7 @@ def reconcile(
     """
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
-    with context.engine() as engine:
+    with context.engine() as engine, edge():
         report = reconciliation.reconcile(
             engine, api, policy, chosen, Period(since, until), apply_fix=apply_fix
         )
@@ -192,7 +203,7 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     """
     api = _api(context)
     policy = LabelPolicy.from_settings(context.settings)
-    with context.engine() as engine:
+    with context.engine() as engine, edge():
         result = enrichment.enrich(engine, api, policy, limit=limit, recheck=recheck)
     detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
     click.echo(f"{result.total} merge requests looked up: {detail}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from secledger import hooks
-from secledger.commands.backfill import _api, _scopes, scope_options
+from secledger.commands.backfill import _api, _scopes, edge, scope_options
 from secledger.errors import SecledgerError
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ def check(
     api = _api(context)
     trouble = False
     for scope in _scopes(projects, groups):
-        report = hooks.check(api, scope, url)
+        with edge():
+            report = hooks.check(api, scope, url)
         if not report:
             click.echo(f"{scope}: no secledger hook; run `secledger gitlab connect`")
             trouble = True
