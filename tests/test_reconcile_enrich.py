@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from apistory import Story
 from gitlabfixtures import POLICY, ledger_rows, log_count, replay
 from secledger.backfill import Backfill, Period
-from secledger.enrich import enrich
+from secledger.enrich import enrich, start_background
 from secledger.gitlab_api import Scope
 from secledger.reconcile import reconcile
 
@@ -99,3 +99,11 @@ def test_enrich_replaces_the_created_at_fallback_with_the_api_label_time(engine,
     assert {k: v for k, v in ledger_rows(engine)[0].items() if k != "last_seq"} == {
         k: v for k, v in after.items() if k != "last_seq"
     }
+
+
+def test_serve_starts_enrichment_only_with_a_token(engine, api_settings, settings) -> None:
+    assert start_background(settings, engine) is None  # no GitLab configured
+    enricher = start_background(api_settings, engine)
+    assert enricher is not None
+    enricher.close()
+    assert not enricher._thread.is_alive()
