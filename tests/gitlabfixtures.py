@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fakegitlab import TOKEN, FakeGitLab
 from secledger.config import Settings
 from secledger.gitlab_api import GitLabAPI
-from secledger.policy import LabelPolicy
-from secledger.service import feed
 from secledger.store import db
-
-POLICY = LabelPolicy()
-VOLATILE = ("updated_at",)  # the wall-clock time of the last upsert
 
 
 @pytest.fixture
@@ -67,29 +60,3 @@ def other_engine(server_url: str, template_url: str) -> Iterator[Engine]:
         engine.dispose()
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def replay(engine: Engine, instance: str, bodies: list[dict[str, Any]]) -> list[str]:
-    """Feed webhook bodies through the replay path, as sent by ``instance``."""
-    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-instance": instance}
-    return [
-        feed(
-            engine, POLICY, headers, json.dumps(b).encode(), max_body_bytes=1 << 20, source="replay"
-        ).status
-        for b in bodies
-    ]
-
-
-def ledger_rows(engine: Engine) -> list[dict[str, Any]]:
-    """Every ledger row, without the wall-clock column."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text("SELECT * FROM security_review_ledger ORDER BY project_id, mr_iid")
-        )
-        return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows.mappings()]
-
-
-def log_count(engine: Engine) -> int:
-    """Rows in the delivery log."""
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one())

@@ -8,8 +8,8 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 
+from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
-from gitlabfixtures import POLICY, ledger_rows, log_count, replay
 from secledger.backfill import Backfill, Period, fetch_history
 from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
-from gitlabfixtures import POLICY, ledger_rows, log_count, replay
 from secledger.backfill import Backfill, Period
 from secledger.enrich import enrich, start_background
 from secledger.gitlab_api import Scope
