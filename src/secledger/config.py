@@ -16,6 +16,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from secledger.errors import ConfigError
+
 DEFAULT_TIERS = ("critical", "high", "medium", "low")
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
 
@@ -62,6 +64,22 @@ class Settings(BaseSettings):
     log_level: str = "info"
     max_batch: int = Field(default=128, ge=1, le=10_000)
 
+    # GitLab REST API (issue 4): backfill, label-time enrichment, reconciliation, hooks.
+    gitlab_url: str | None = Field(
+        default=None,
+        description="Base URL of the GitLab instance, e.g. https://gitlab.example.com.",
+    )
+    gitlab_token: SecretStr | None = Field(
+        default=None, description="Personal, group or project access token with read_api scope."
+    )
+    gitlab_token_file: Path | None = Field(
+        default=None, description="File holding the token (first line); used when no token is set."
+    )
+    gitlab_timeout_seconds: float = Field(default=30.0, gt=0)
+    gitlab_max_retries: int = Field(default=10, ge=0, le=100)
+    gitlab_workers: int = Field(default=4, ge=1, le=32)
+    enrich_interval_seconds: float = Field(default=300.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -100,6 +118,18 @@ class Settings(BaseSettings):
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
         return self
+
+    def gitlab_token_value(self) -> str | None:
+        """The GitLab token from ``gitlab_token``, else the first line of ``gitlab_token_file``."""
+        if self.gitlab_token is not None and self.gitlab_token.get_secret_value().strip():
+            return self.gitlab_token.get_secret_value().strip()
+        if self.gitlab_token_file is None:
+            return None
+        try:
+            lines = self.gitlab_token_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read gitlab_token_file {self.gitlab_token_file}") from exc
+        return lines[0].strip() if lines and lines[0].strip() else None
 
     def secret_values(self) -> list[bytes]:
         """The configured webhook secrets as bytes, for constant-time comparison."""

@@ -50,3 +50,7 @@ class TimestampError(SecledgerError, ValueError):
 
 class StoreUnavailable(SecledgerError):
     """The database could not be reached or the write failed for a transient reason."""
+
+
+class GitLabAPIError(SecledgerError):
+    """The GitLab REST API refused a request or could not be reached."""

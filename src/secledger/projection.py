@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from secledger.extract import EventFacts
 
+# Webhook times are MR updated_at with second precision; the API has the fact's own
+# time in milliseconds. The two clocks differ by well under this for one action.
+MATCH_TOLERANCE = timedelta(seconds=5)
+API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
+UNDATED_APPROVAL = "api.approval_upper_bound"
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
 _STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
 
@@ -74,11 +79,64 @@ def _label_start(events: list[SequencedEvent]) -> tuple[datetime | None, str | N
     return None, None, None
 
 
+def _close(a: datetime, b: datetime) -> bool:
+    return abs(a - b) <= MATCH_TOLERANCE
+
+
+def _same_decision(api: EventFacts, other: EventFacts) -> bool:
+    if other.decision != api.decision:
+        return False
+    if api.event_at_source == UNDATED_APPROVAL:  # any earlier approval by the same user
+        return other.event_at <= api.event_at
+    return _close(api.event_at, other.event_at)
+
+
+def _same_label_change(api: EventFacts, other: EventFacts) -> bool:
+    if api.security_added:
+        label = api.security_added[0]
+        opened_with = other.kind == "open" and label in other.security_labels
+        told = label in other.security_added or opened_with
+        return told and _close(api.event_at, other.labeled_at or other.event_at)
+    if api.security_removed:
+        told = api.security_removed[0] in other.security_removed
+        return told and _close(api.event_at, other.event_at)
+    return False
+
+
+def same_fact(api: EventFacts, other: EventFacts) -> bool:
+    """True when a webhook (or replayed) event tells what an API fact tells."""
+    if api.actor and other.actor and api.actor != other.actor:
+        return False
+    if api.decision is not None:
+        return _same_decision(api, other)
+    return api.kind in API_LABEL_KINDS and _same_label_change(api, other)
+
+
+def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
+    """Drop API facts that a webhook event already tells, so either way counts once.
+
+    Depends only on the set of events, never on their log order, so backfill before
+    or after the webhooks folds to the same row.
+    """
+    told = [e.facts for e in events if e.facts.source != "api"]
+    return [
+        e
+        for e in events
+        if e.facts.source != "api" or not any(same_fact(e.facts, other) for other in told)
+    ]
+
+
+def _carries_labels(facts: EventFacts) -> bool:
+    # API state and approval facts do not know the label set; API label facts do.
+    return facts.source != "api" or facts.kind in API_LABEL_KINDS
+
+
 def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
     """Compute one ledger row from every event of one merge request."""
-    ordered = sorted(events, key=_order)
-    if not ordered:
+    every = list(events)
+    if not every:
         raise ValueError("fold needs at least one event")
+    ordered = sorted(merge_sources(every), key=_order)
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
     approvers: list[str] = []
     tier: str | None = None
@@ -88,10 +146,10 @@ def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
             value = getattr(facts, name)
             if value is not None:
                 row[name] = value
-        if facts.source != "api":  # API facts do not carry the full label set
+        if _carries_labels(facts):
             row["security_labels"] = list(facts.security_labels)
-            if facts.reviewers is not None:
-                row["assigned_reviewers"] = list(facts.reviewers)
+        if facts.reviewers is not None:
+            row["assigned_reviewers"] = list(facts.reviewers)
         if facts.security_labels:
             tier = facts.tier
         if facts.state is not None:
@@ -111,7 +169,7 @@ def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
     if row["decided_at"] is not None and labeled_at is not None:
         row["time_to_decision_seconds"] = (row["decided_at"] - labeled_at).total_seconds()
     row["last_event_at"] = ordered[-1].facts.event_at
-    row["last_seq"] = max(e.seq for e in ordered)
+    row["last_seq"] = max(e.seq for e in every)
     row["event_count"] = len(ordered)
     return row
 

@@ -1,0 +1,248 @@
+"""Facts read from GitLab's REST API, as log entries and as EventFacts. Pure: no I/O.
+
+Each API fact (one label event, one state event, one approval) becomes one
+``delivery_log`` row with source ``api``. Its payload is the canonical JSON of an
+*envelope*: the raw item GitLab returned, a summary of its merge request, and what
+secledger derived at record time (the label set after a label event). Its dedup key
+names the fact itself (``api:<instance>:<project>:<iid>:label_event:<id>``), so
+fetching the same history twice, or from backfill and from enrichment, logs it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from secledger import payloads as p
+from secledger.extract import EventFacts
+from secledger.intake import Delivery
+from secledger.policy import LabelPolicy
+from secledger.times import isoformat, parse_optional, parse_time
+
+SOURCE = "api"
+EVENT = "GitLab API"
+LABEL_EVENT, STATE_EVENT, APPROVAL = "label_event", "state_event", "approval"
+# resource_state_events.state → the decision it records ("locked" records none).
+STATE_DECISIONS = {"merged": "merged", "closed": "closed", "reopened": "reopened"}
+_STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened"}
+# Approvals carry approved_at only on newer GitLab versions. Without it, an approval is
+# placed just before the decision it preceded (merge or close), or at the MR's
+# updated_at, and says so in event_at_source; the fold matches it to any earlier
+# webhook approval by the same user.
+UNDATED_APPROVAL = "api.approval_upper_bound"
+_BEFORE_DECISION = timedelta(microseconds=1)
+
+
+def canonical(value: Any) -> bytes:
+    """JSON with sorted keys and no spaces: the bytes logged for an API fact."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def project_path(mr: Mapping[str, Any]) -> str | None:
+    """``group/project`` from ``references.full`` or, failing that, ``web_url``."""
+    full = p.text(p.obj(mr, "references"), "full")
+    if full and "!" in full:
+        return full.rsplit("!", 1)[0]
+    url = p.text(mr, "web_url")
+    if url and "/-/" in url:
+        path = url.split("/-/", 1)[0].split("://", 1)[-1]
+        return path.split("/", 1)[1] if "/" in path else None
+    return None
+
+
+def mr_summary(mr: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge-request fields every API fact repeats (identity and description)."""
+    author = p.obj(mr, "author")
+    return {
+        "id": p.integer(mr, "id"),
+        "iid": int(mr["iid"]),
+        "project_id": int(mr["project_id"]),
+        "project_path": project_path(mr),
+        "title": p.text(mr, "title"),
+        "web_url": p.text(mr, "web_url"),
+        "author_id": p.integer(author, "id") if author else p.integer(mr, "author_id"),
+        "created_at": p.text(mr, "created_at"),
+    }
+
+
+def _when(item: Mapping[str, Any]) -> tuple[datetime, int]:
+    return parse_time(str(item["created_at"])), p.integer(item, "id") or 0
+
+
+def label_name(item: Mapping[str, Any]) -> str | None:
+    """The label a ``resource_label_events`` item is about (``label`` may be null if deleted)."""
+    return p.text(p.obj(item, "label"), "name")
+
+
+def label_envelopes(
+    mr: Mapping[str, Any], events: Iterable[Mapping[str, Any]], policy: LabelPolicy
+) -> list[dict[str, Any]]:
+    """One envelope per security-label event, each with the full label set after it."""
+    summary = mr_summary(mr)
+    labels: list[str] = []
+    out: list[dict[str, Any]] = []
+    for item in sorted(events, key=_when):
+        name, action = label_name(item), p.text(item, "action")
+        if name is None or action not in {"add", "remove"}:
+            continue
+        if action == "add" and name not in labels:
+            labels.append(name)
+        elif action == "remove" and name in labels:
+            labels.remove(name)
+        if policy.is_security_label(name):
+            env = {"fact": LABEL_EVENT, "mr": summary, "event": dict(item)}
+            out.append(env | {"labels_after": list(labels)})
+    return out
+
+
+def state_envelopes(
+    mr: Mapping[str, Any], events: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """One envelope per decision state event (merged, closed, reopened)."""
+    summary = mr_summary(mr)
+    reviewers = p.usernames(mr.get("reviewers"))
+    return [
+        {"fact": STATE_EVENT, "mr": summary, "event": dict(item), "reviewers": reviewers}
+        for item in sorted(events, key=_when)
+        if p.text(item, "state") in STATE_DECISIONS
+    ]
+
+
+def approval_bound(mr: Mapping[str, Any]) -> str | None:
+    """Latest time an undated approval can have happened: before merge or close."""
+    for name in ("merged_at", "closed_at"):
+        decided = parse_optional(mr.get(name))
+        if decided is not None:
+            return isoformat(decided - _BEFORE_DECISION)
+    return p.text(mr, "updated_at")
+
+
+def approval_envelopes(mr: Mapping[str, Any], approvals: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One envelope per current approver in the ``/approvals`` answer."""
+    summary = mr_summary(mr)
+    bound = approval_bound(mr)
+    out = []
+    for item in approvals.get("approved_by") or []:
+        if isinstance(item, dict) and p.integer(p.obj(item, "user"), "id") is not None:
+            out.append({"fact": APPROVAL, "mr": summary, "event": item, "upper_bound": bound})
+    return out
+
+
+def dedup_key(instance: str, env: Mapping[str, Any]) -> str:
+    """The identity of an API fact, stable across runs and across backfill and enrichment."""
+    mr, item = env["mr"], env["event"]
+    prefix = f"api:{instance}:{mr['project_id']}:{mr['iid']}:{env['fact']}"
+    if env["fact"] == APPROVAL:
+        user_id = p.obj(item, "user")["id"]
+        return f"{prefix}:{user_id}:{p.text(item, 'approved_at') or 'undated'}"
+    return f"{prefix}:{item['id']}"
+
+
+def delivery(instance: str, env: dict[str, Any], received_at: datetime) -> Delivery:
+    """The log entry for one API fact."""
+    return Delivery(
+        event=EVENT,
+        instance=instance,
+        headers={"content-type": "application/json"},
+        body=canonical(env),
+        payload=env,
+        dedup_key=dedup_key(instance, env),
+        received_at=received_at,
+        source=SOURCE,
+    )
+
+
+def _base(instance: str, env: Mapping[str, Any]) -> dict[str, Any]:
+    mr = env["mr"]
+    return {
+        "instance": instance,
+        "project_id": int(mr["project_id"]),
+        "mr_iid": int(mr["iid"]),
+        "mr_id": mr.get("id"),
+        "project_path": mr.get("project_path"),
+        "title": mr.get("title"),
+        "url": mr.get("web_url"),
+        "author_id": mr.get("author_id"),
+        "created_at": parse_optional(mr.get("created_at")),
+        "is_security": True,
+        "source": SOURCE,
+    }
+
+
+def _actor(item: Mapping[str, Any]) -> dict[str, Any]:
+    user = p.obj(item, "user")
+    return {"actor": p.text(user, "username"), "actor_id": p.integer(user, "id")}
+
+
+def _label_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
+    item = env["event"]
+    name = label_name(item) or ""
+    labels = tuple(str(label) for label in env.get("labels_after") or ())
+    at = parse_time(item["created_at"])
+    added = item.get("action") == "add"
+    return {
+        "kind": "label_added" if added else "label_removed",
+        "decision": None,
+        "event_at": at,
+        "event_at_source": "api.label_event",
+        "tier": policy.tier(labels),
+        "labels": labels,
+        "security_labels": policy.security_labels(labels),
+        "security_added": (name,) if added else (),
+        "security_removed": () if added else (name,),
+        "labeled_at": at if added else None,
+        "labeled_at_source": "api" if added else None,
+    } | _actor(item)
+
+
+def _state_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
+    item = env["event"]
+    state = str(item["state"])
+    reviewers = env.get("reviewers")
+    return {
+        "kind": STATE_DECISIONS[state],
+        "decision": STATE_DECISIONS[state],
+        "event_at": parse_time(item["created_at"]),
+        "event_at_source": "api.state_event",
+        "tier": policy.unclassified,
+        "state": _STATE_AFTER[state],
+        "reviewers": tuple(reviewers) if isinstance(reviewers, list) else None,
+    } | _actor(item)
+
+
+def _approval_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
+    item = env["event"]
+    dated = parse_optional(item.get("approved_at"))
+    bound = parse_optional(env.get("upper_bound"))
+    if dated is None and bound is None:
+        raise ValueError("an approval without approved_at needs an upper_bound")
+    return {
+        "kind": "approved",
+        "decision": "approved",
+        "event_at": dated or bound,
+        "event_at_source": "api.approval" if dated else UNDATED_APPROVAL,
+        "tier": policy.unclassified,
+    } | _actor(item)
+
+
+_BUILDERS = {LABEL_EVENT: _label_facts, STATE_EVENT: _state_facts, APPROVAL: _approval_facts}
+
+
+def facts(instance: str, env: Mapping[str, Any], policy: LabelPolicy) -> EventFacts:
+    """What one API fact says, in the same shape as a webhook's facts."""
+    return EventFacts(**_base(instance, env), **_BUILDERS[env["fact"]](env, policy))
+
+
+def first_security_add(
+    events: Sequence[Mapping[str, Any]], policy: LabelPolicy
+) -> Mapping[str, Any] | None:
+    """The earliest ``add`` of a security label among ``resource_label_events`` items."""
+    adds = [
+        item
+        for item in events
+        if item.get("action") == "add" and policy.is_security_label(label_name(item) or "")
+    ]
+    return min(adds, key=_when) if adds else None

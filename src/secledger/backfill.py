@@ -1,0 +1,199 @@
+"""Backfill: record the history of security merge requests from the GitLab REST API.
+
+Every fact goes through :func:`secledger.service.record` like a webhook delivery,
+keyed by the fact's own identity, so a second run, or a run after the webhooks,
+adds nothing. Each merge request is recorded in one transaction together with its
+cursor row, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, Engine, text
+
+from secledger import apifacts
+from secledger.gitlab_api import GitLabAPI, Scope
+from secledger.policy import LabelPolicy
+from secledger.service import record
+from secledger.store.log import Chain
+from secledger.times import isoformat, utcnow
+
+MRRef = tuple[int, int]  # (project_id, iid)
+
+_START = text(
+    "INSERT INTO backfill_runs (run_key, instance, scope, since, until)"
+    " VALUES (:run_key, :instance, :scope, :since, :until) ON CONFLICT (run_key) DO NOTHING"
+)
+_FINISHED = text("SELECT finished_at FROM backfill_runs WHERE run_key = :run_key")
+_RESTART = text(
+    "UPDATE backfill_runs SET finished_at = NULL, started_at = now(), mr_count = 0,"
+    " fact_count = 0 WHERE run_key = :run_key"
+)
+_FORGET = text("DELETE FROM backfill_cursor WHERE run_key = :run_key")
+_DONE = text("SELECT project_id, mr_iid FROM backfill_cursor WHERE run_key = :run_key")
+_MARK = text(
+    "INSERT INTO backfill_cursor (run_key, project_id, mr_iid) VALUES (:run_key, :pid, :iid)"
+    " ON CONFLICT DO NOTHING"
+)
+_COUNT = text(
+    "UPDATE backfill_runs SET mr_count = mr_count + 1, fact_count = fact_count + :facts"
+    " WHERE run_key = :run_key"
+)
+_FINISH = text("UPDATE backfill_runs SET finished_at = now() WHERE run_key = :run_key")
+
+
+@dataclass(frozen=True)
+class Period:
+    """``[since, until)``; an open end means up to now."""
+
+    since: datetime
+    until: datetime | None = None
+
+    def contains(self, moment: datetime | None) -> bool:
+        """True when ``moment`` falls in the period."""
+        if moment is None or moment < self.since:
+            return False
+        return self.until is None or moment < self.until
+
+
+class Progress(Protocol):
+    """Where a backfill reports how far it got (a rich progress bar in the CLI)."""
+
+    def start(self, total: int) -> None:
+        """``total`` merge requests are to be recorded."""
+
+    def advance(self) -> None:
+        """One more merge request was recorded."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one backfill did."""
+
+    found: int
+    skipped: int
+    recorded_mrs: int
+    recorded_facts: int
+
+
+def security_labels(api: GitLabAPI, scope: Scope, policy: LabelPolicy) -> list[str]:
+    """The scope's label names that are security labels (the MR filter has no wildcard)."""
+    names = {str(label.get("name")) for label in api.labels(scope)}
+    return sorted(name for name in names if policy.is_security_label(name))
+
+
+def find_merge_requests(
+    api: GitLabAPI, scopes: Iterable[Scope], policy: LabelPolicy, period: Period
+) -> dict[MRRef, dict[str, Any]]:
+    """Every MR updated in the period that carries a security label, once each."""
+    found: dict[MRRef, dict[str, Any]] = {}
+    for scope in scopes:
+        for label in security_labels(api, scope, policy):
+            for mr in api.merge_requests(scope, label, period.since, period.until):
+                found.setdefault((int(mr["project_id"]), int(mr["iid"])), mr)
+    return found
+
+
+def fetch_history(api: GitLabAPI, mr: dict[str, Any], policy: LabelPolicy) -> list[dict[str, Any]]:
+    """The envelopes of every API fact about one merge request."""
+    pid, iid = int(mr["project_id"]), int(mr["iid"])
+    envelopes = apifacts.label_envelopes(mr, api.label_events(pid, iid), policy)
+    envelopes += apifacts.state_envelopes(mr, api.state_events(pid, iid))
+    envelopes += apifacts.approval_envelopes(mr, api.approvals(pid, iid))
+    return envelopes
+
+
+def record_envelopes(
+    conn: Connection, instance: str, envelopes: Iterable[dict[str, Any]], policy: LabelPolicy
+) -> int:
+    """Record API facts in the caller's transaction; how many were new."""
+    chain = Chain.open(conn)
+    received_at = utcnow()
+    recorded = 0
+    for env in envelopes:
+        delivery = apifacts.delivery(instance, env, received_at)
+        outcome = record(conn, chain, delivery, apifacts.facts(instance, env, policy))
+        recorded += outcome.status == "recorded"
+    return recorded
+
+
+def run_key(instance: str, scopes: Iterable[Scope], period: Period) -> str:
+    """The identity of a backfill: same scope and period resume the same run."""
+    parts = [instance, *sorted(str(s) for s in scopes)]
+    parts += [isoformat(period.since) or "", isoformat(period.until) or ""]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def open_run(engine: Engine, key: str, instance: str, scope: str, period: Period) -> set[MRRef]:
+    """Start or resume a run; the MRs a resumed run already recorded."""
+    with engine.begin() as conn:
+        params = {"run_key": key, "instance": instance, "scope": scope}
+        conn.execute(_START, params | {"since": period.since, "until": period.until})
+        if conn.execute(_FINISHED, {"run_key": key}).scalar() is not None:
+            # A finished run is started afresh: new facts may have happened since.
+            conn.execute(_FORGET, {"run_key": key})
+            conn.execute(_RESTART, {"run_key": key})
+        return {(int(pid), int(iid)) for pid, iid in conn.execute(_DONE, {"run_key": key})}
+
+
+class Backfill:
+    """One backfill of some projects or groups over one period."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        api: GitLabAPI,
+        policy: LabelPolicy,
+        scopes: list[Scope],
+        period: Period,
+        *,
+        workers: int = 4,
+    ) -> None:
+        self.engine, self.api, self.policy = engine, api, policy
+        self.scopes, self.period, self.workers = scopes, period, workers
+        self.key = run_key(api.instance, scopes, period)
+
+    def plan(self) -> tuple[list[dict[str, Any]], int]:
+        """MRs still to record, and how many a resumed run skips."""
+        scope_text = ", ".join(str(s) for s in self.scopes)
+        done = open_run(self.engine, self.key, self.api.instance, scope_text, self.period)
+        found = find_merge_requests(self.api, self.scopes, self.policy, self.period)
+        todo = [mr for ref, mr in found.items() if ref not in done]
+        return todo, len(found) - len(todo)
+
+    def record_one(self, mr: dict[str, Any], envelopes: list[dict[str, Any]]) -> int:
+        """Record one MR's facts and its cursor row in one transaction."""
+        with self.engine.begin() as conn:
+            recorded = record_envelopes(conn, self.api.instance, envelopes, self.policy)
+            params = {"run_key": self.key, "pid": int(mr["project_id"]), "iid": int(mr["iid"])}
+            conn.execute(_MARK, params)
+            conn.execute(_COUNT, {"run_key": self.key, "facts": recorded})
+        return recorded
+
+    def histories(
+        self, mrs: list[dict[str, Any]]
+    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Fetch histories concurrently (the API is the slow part), yielded in order."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            fetched = pool.map(lambda mr: fetch_history(self.api, mr, self.policy), mrs)
+            yield from zip(mrs, fetched, strict=True)
+
+    def run(self, progress: Progress | None = None) -> Result:
+        """Plan, then record every merge request still to do."""
+        todo, skipped = self.plan()
+        if progress:
+            progress.start(len(todo))
+        facts = 0
+        for mr, envelopes in self.histories(todo):
+            facts += self.record_one(mr, envelopes)
+            if progress:
+                progress.advance()
+        with self.engine.begin() as conn:
+            conn.execute(_FINISH, {"run_key": self.key})
+        return Result(len(todo) + skipped, skipped, len(todo), facts)

@@ -1,0 +1,209 @@
+"""``secledger backfill``, ``reconcile`` and ``enrich``: the ledger from GitLab's REST API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from secledger import enrich as enrichment
+from secledger import reconcile as reconciliation
+from secledger.backfill import Backfill, Period
+from secledger.errors import SecledgerError
+from secledger.gitlab_api import GitLabAPI, Scope, scopes
+from secledger.output import render
+from secledger.policy import LabelPolicy
+from secledger.times import parse_time
+
+if TYPE_CHECKING:
+    from secledger.cli import Context
+
+
+class DateParam(click.ParamType):  # type: ignore[type-arg]
+    """``YYYY-MM-DD`` (midnight UTC) or any timestamp spelling secledger parses."""
+
+    name = "date"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            if len(str(value)) == 10:
+                return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+            return parse_time(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a date (YYYY-MM-DD) or a timestamp", param, ctx)
+
+
+DATE = DateParam()
+
+
+def scope_options(function: Any) -> Any:
+    """``--project`` and ``--group``, each repeatable, ID or full path."""
+    function = click.option(
+        "--group", "groups", multiple=True, metavar="ID|PATH", help="A group (repeatable)."
+    )(function)
+    return click.option(
+        "--project", "projects", multiple=True, metavar="ID|PATH", help="A project (repeatable)."
+    )(function)
+
+
+def period_options(function: Any) -> Any:
+    """``--since`` (required) and ``--until``."""
+    function = click.option("--until", type=DATE, help="End of the period (exclusive).")(function)
+    return click.option("--since", type=DATE, required=True, help="Start of the period.")(function)
+
+
+def _scopes(projects: tuple[str, ...], groups: tuple[str, ...]) -> list[Scope]:
+    chosen = scopes(projects, groups)
+    if not chosen:
+        raise click.UsageError("name at least one --project or --group")
+    return chosen
+
+
+@contextmanager
+def edge() -> Iterator[None]:
+    """Library errors become a clean CLI error (never a traceback, never a token)."""
+    try:
+        yield
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _api(context: Context) -> GitLabAPI:
+    try:
+        return GitLabAPI.from_settings(context.settings)
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+class _Bar:
+    """The rich progress bar a backfill reports to."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("merge requests", total=None)
+
+    def start(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+
+@click.command()
+@scope_options
+@period_options
+@click.option("--workers", type=click.IntRange(1, 32), default=None, help="Parallel API readers.")
+@click.pass_obj
+def backfill(
+    context: Context,
+    *,
+    projects: tuple[str, ...],
+    groups: tuple[str, ...],
+    since: datetime,
+    until: datetime | None,
+    workers: int | None,
+) -> None:
+    """Record the history of security MRs from the GitLab API (label, state, approval events).
+
+    Lists the security labels of each project or group first (the MR filter has no
+    wildcard), then every MR carrying one that was updated in the period. Facts go
+    through the same recording path as webhooks and are keyed by their GitLab id, so
+    running it twice, or after the webhooks, changes nothing. Interrupted, it resumes
+    where it stopped. Needs SECLEDGER_GITLAB_URL and SECLEDGER_GITLAB_TOKEN.
+
+    \b
+    Example:
+      secledger backfill --group acme --since 2025-01-01
+      secledger backfill --project acme/payments --project 42 --since 2025-01-01 --until 2025-07-01
+    """
+    chosen, api = _scopes(projects, groups), _api(context)
+    policy = LabelPolicy.from_settings(context.settings)
+    with context.engine() as engine, edge():
+        job = Backfill(
+            engine,
+            api,
+            policy,
+            chosen,
+            Period(since, until),
+            workers=workers or context.settings.gitlab_workers,
+        )
+        columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as bar:
+            result = job.run(_Bar(bar))
+    click.echo(
+        f"{result.found} security merge requests found, {result.skipped} already done by an "
+        f"interrupted run, {result.recorded_mrs} read, {result.recorded_facts} new facts recorded"
+    )
+
+
+@click.command()
+@scope_options
+@period_options
+@click.option("--fix", "apply_fix", is_flag=True, help="Record what is missing via backfill.")
+@click.pass_obj
+def reconcile(
+    context: Context,
+    *,
+    projects: tuple[str, ...],
+    groups: tuple[str, ...],
+    since: datetime,
+    until: datetime | None,
+    apply_fix: bool,
+) -> None:
+    """Check the ledger against GitLab: every security MR merged or closed in the period.
+
+    Prints what is missing or different and stores the result (period, counts,
+    differences, time) in the reconciliations table. Exits 1 while differences remain.
+
+    \b
+    Example:
+      secledger reconcile --group acme --since 2025-07-01 --until 2025-10-01
+      secledger reconcile --project acme/payments --since 2025-07-01 --fix
+    """
+    chosen, api = _scopes(projects, groups), _api(context)
+    policy = LabelPolicy.from_settings(context.settings)
+    with context.engine() as engine, edge():
+        report = reconciliation.reconcile(
+            engine, api, policy, chosen, Period(since, until), apply_fix=apply_fix
+        )
+    rows = [d.to_json() for d in report.differences]
+    if rows:
+        render(rows, "table", ("kind", "project_id", "mr_iid", "url", "fields"), console=Console())
+    click.echo(
+        f"reconciliation {report.id}: GitLab {report.gitlab_count} decided security MRs, "
+        f"ledger {report.ledger_count}; missing {report.count('missing')}, different "
+        f"{report.count('different')}, extra {report.count('extra')}; fixed {report.fixed}; "
+        f"remaining {len(report.remaining)}"
+    )
+    if report.remaining:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.option("--limit", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--recheck", is_flag=True, help="Ask again about MRs already looked up.")
+@click.pass_obj
+def enrich(context: Context, limit: int, recheck: bool) -> None:
+    """Find when the security label was really added, for rows that only know created_at.
+
+    `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
+    GitLab token is configured; this command does one pass now.
+
+    \b
+    Example:
+      SECLEDGER_GITLAB_URL=https://gitlab.example.com SECLEDGER_GITLAB_TOKEN_FILE=/run/token \\
+        secledger enrich
+    """
+    api = _api(context)
+    policy = LabelPolicy.from_settings(context.settings)
+    with context.engine() as engine, edge():
+        result = enrichment.enrich(engine, api, policy, limit=limit, recheck=recheck)
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
+    click.echo(f"{result.total} merge requests looked up: {detail}")

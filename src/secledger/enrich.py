@@ -1,0 +1,148 @@
+"""Label-time enrichment: when no webhook showed a security label being added, ask the API.
+
+A ledger row whose ``labeled_at_source`` is ``created_at_fallback`` only knows when
+the MR was created. GitLab's ``resource_label_events`` know when the first security
+label was added and by whom; that event is recorded as an ``api`` log entry (the same
+entry backfill would write for it), and the fold then reports ``labeled_at_source =
+"api"``. Runs from ``secledger enrich`` and in the background of ``serve``, never on the
+request path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Engine, text
+
+from secledger import apifacts
+from secledger.backfill import record_envelopes
+from secledger.config import Settings
+from secledger.errors import GitLabAPIError
+from secledger.extract import MRKey
+from secledger.gitlab_api import GitLabAPI
+from secledger.policy import LabelPolicy
+
+log = structlog.get_logger("secledger.enrich")
+
+FALLBACK = "created_at_fallback"
+_CANDIDATES = text(
+    "SELECT l.project_id, l.mr_iid FROM security_review_ledger l"
+    " WHERE l.instance = :instance AND l.labeled_at_source = :fallback"
+    " AND (:recheck OR NOT EXISTS (SELECT 1 FROM enrichment_checks c"
+    "  WHERE c.instance = l.instance AND c.project_id = l.project_id AND c.mr_iid = l.mr_iid))"
+    " ORDER BY l.last_event_at LIMIT :limit"
+)
+_CHECKED = text(
+    "INSERT INTO enrichment_checks (instance, project_id, mr_iid, outcome)"
+    " VALUES (:instance, :project_id, :mr_iid, :outcome)"
+    " ON CONFLICT (instance, project_id, mr_iid)"
+    " DO UPDATE SET outcome = excluded.outcome, checked_at = now()"
+)
+
+
+def candidates(engine: Engine, instance: str, *, limit: int, recheck: bool) -> list[MRKey]:
+    """Ledger rows of ``instance`` still on the created_at fallback (not yet asked, unless
+    ``recheck``)."""
+    params = {"instance": instance, "fallback": FALLBACK, "recheck": recheck, "limit": limit}
+    with engine.connect() as conn:
+        return [MRKey(instance, pid, iid) for pid, iid in conn.execute(_CANDIDATES, params)]
+
+
+def enrich_one(engine: Engine, api: GitLabAPI, policy: LabelPolicy, key: MRKey) -> str:
+    """Look up one MR's first security-label add and record it; the outcome."""
+    mr = api.merge_request(key.project_id, key.mr_iid)
+    events = api.label_events(key.project_id, key.mr_iid)
+    first = apifacts.first_security_add(events, policy)
+    envelopes = [
+        env
+        for env in apifacts.label_envelopes(mr, events, policy)
+        if first is not None and env["event"].get("id") == first.get("id")
+    ]
+    with engine.begin() as conn:
+        recorded = record_envelopes(conn, api.instance, envelopes, policy) if envelopes else 0
+        outcome = "no_label_event" if not envelopes else "recorded" if recorded else "known"
+        params = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
+        conn.execute(_CHECKED, params | {"outcome": outcome})
+    return outcome
+
+
+@dataclass(frozen=True)
+class EnrichResult:
+    """How many MRs were looked up, by outcome."""
+
+    outcomes: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """Every MR looked up."""
+        return sum(self.outcomes.values())
+
+
+def enrich(
+    engine: Engine,
+    api: GitLabAPI,
+    policy: LabelPolicy,
+    *,
+    limit: int = 500,
+    recheck: bool = False,
+) -> EnrichResult:
+    """Enrich every candidate, up to ``limit``; an API error on one MR does not stop the rest."""
+    counts: Counter[str] = Counter()
+    for key in candidates(engine, api.instance, limit=limit, recheck=recheck):
+        try:
+            outcome = enrich_one(engine, api, policy, key)
+        except GitLabAPIError as exc:
+            log.warning(
+                "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
+            )
+            outcome = "api_error"
+        counts[outcome] += 1
+    return EnrichResult(dict(counts))
+
+
+class Enricher:
+    """A daemon thread that enriches every ``interval`` seconds while ``serve`` runs."""
+
+    def __init__(
+        self, engine: Engine, api: GitLabAPI, policy: LabelPolicy, interval: float
+    ) -> None:
+        self.engine, self.api, self.policy, self.interval = engine, api, policy, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="secledger-enrich", daemon=True)
+
+    def start(self) -> None:
+        """Begin enriching in the background."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop after the current pass."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                result = enrich(self.engine, self.api, self.policy)
+            except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
+                log.warning("enrich_pass_failed", error=type(exc).__name__)
+                continue
+            if result.total:
+                log.info("enrich_pass", **result.outcomes)
+
+
+def start_background(settings: Settings, engine: Engine) -> Enricher | None:
+    """Start enrichment for ``serve`` when a GitLab URL and token are configured."""
+    if settings.enrich_interval_seconds <= 0 or not settings.gitlab_url:
+        return None
+    if settings.gitlab_token is None and settings.gitlab_token_file is None:
+        return None
+    api = GitLabAPI.from_settings(settings)
+    enricher = Enricher(
+        engine, api, LabelPolicy.from_settings(settings), settings.enrich_interval_seconds
+    )
+    enricher.start()
+    log.info("enrich_started", interval=settings.enrich_interval_seconds, instance=api.instance)
+    return enricher

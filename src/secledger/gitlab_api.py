@@ -1,0 +1,165 @@
+"""The GitLab REST API client: python-gitlab, configured once, answering plain dicts.
+
+python-gitlab owns authentication, pagination (it follows ``Link: rel="next"``) and
+retries: it sleeps for ``Retry-After`` on 429 and, with ``retry_transient_errors``, backs
+off on 5xx. The token lives only inside the client; it is never logged or printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import gitlab
+import gitlab.exceptions
+from gitlab.utils import EncodedId
+
+from secledger.config import Settings
+from secledger.errors import ConfigError, GitLabAPIError
+from secledger.intake import origin
+from secledger.times import isoformat
+
+PER_PAGE = 100
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A project or a group, by numeric ID or full path."""
+
+    kind: str  # "projects" or "groups", as in the API path
+    ref: str
+
+    @property
+    def path(self) -> str:
+        """The API path of this project or group."""
+        return f"/{self.kind}/{EncodedId(self.ref)}"
+
+    def __str__(self) -> str:
+        return f"{self.kind[:-1]} {self.ref}"
+
+
+def scopes(projects: tuple[str, ...], groups: tuple[str, ...]) -> list[Scope]:
+    """Scopes from repeated ``--project`` and ``--group`` options."""
+    return [Scope("projects", p) for p in projects] + [Scope("groups", g) for g in groups]
+
+
+def _call(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except gitlab.exceptions.GitlabError as exc:
+        code = getattr(exc, "response_code", None)
+        raise GitLabAPIError(f"GitLab API: {code or 'error'}: {exc.error_message}") from None
+    except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
+        raise GitLabAPIError(f"GitLab API unreachable: {type(exc).__name__}") from None
+
+
+class GitLabAPI:
+    """The few endpoints secledger reads and writes."""
+
+    def __init__(self, client: gitlab.Gitlab, instance: str, max_retries: int = 10) -> None:
+        self.client = client
+        self.instance = instance
+        self.max_retries = max_retries
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GitLabAPI:
+        """A client for ``gitlab_url`` with the configured token; ConfigError when unset."""
+        url = settings.gitlab_url
+        token = settings.gitlab_token_value()
+        instance = origin(url)
+        if not url or instance is None:
+            raise ConfigError("set SECLEDGER_GITLAB_URL to the GitLab base URL (https://...)")
+        if token is None:
+            raise ConfigError(
+                "set SECLEDGER_GITLAB_TOKEN or SECLEDGER_GITLAB_TOKEN_FILE (read_api scope)"
+            )
+        client = gitlab.Gitlab(
+            url,
+            private_token=token,
+            timeout=settings.gitlab_timeout_seconds,
+            retry_transient_errors=True,
+            ssl_verify=True,
+            per_page=PER_PAGE,
+        )
+        return cls(client, instance, settings.gitlab_max_retries)
+
+    def _list(self, path: str, query: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        listing = _call(
+            lambda: self.client.http_list(
+                path, dict(query or {}), iterator=True, max_retries=self.max_retries
+            )
+        )
+        iterator = iter(listing)
+        while True:
+            item = _call(lambda: next(iterator, None))
+            if item is None:
+                return
+            yield item
+
+    def _get(self, path: str) -> dict[str, Any]:
+        result = _call(lambda: self.client.http_get(path, max_retries=self.max_retries))
+        if not isinstance(result, dict):
+            raise GitLabAPIError(f"GitLab API: {path} did not answer a JSON object")
+        return result
+
+    def labels(self, scope: Scope) -> Iterator[dict[str, Any]]:
+        """Labels of a project (with its groups') or of a group (with its ancestors')."""
+        return self._list(f"{scope.path}/labels", {"include_ancestor_groups": "true"})
+
+    def merge_requests(
+        self, scope: Scope, label: str, since: datetime, until: datetime | None
+    ) -> Iterator[dict[str, Any]]:
+        """MRs carrying ``label`` updated in the period, any state, oldest update first."""
+        query: dict[str, Any] = {
+            "labels": label,
+            "state": "all",
+            "updated_after": isoformat(since),
+            "order_by": "updated_at",
+            "sort": "asc",
+            "scope": "all",
+        }
+        if until is not None:
+            query["updated_before"] = isoformat(until)
+        return self._list(f"{scope.path}/merge_requests", query)
+
+    def _mr_path(self, project_id: int, iid: int) -> str:
+        return f"/projects/{project_id}/merge_requests/{iid}"
+
+    def merge_request(self, project_id: int, iid: int) -> dict[str, Any]:
+        """One merge request."""
+        return self._get(self._mr_path(project_id, iid))
+
+    def label_events(self, project_id: int, iid: int) -> list[dict[str, Any]]:
+        """Every label added to or removed from a merge request, with who and when."""
+        return list(self._list(f"{self._mr_path(project_id, iid)}/resource_label_events"))
+
+    def state_events(self, project_id: int, iid: int) -> list[dict[str, Any]]:
+        """Every close, merge and reopen of a merge request, with who and when."""
+        return list(self._list(f"{self._mr_path(project_id, iid)}/resource_state_events"))
+
+    def approvals(self, project_id: int, iid: int) -> dict[str, Any]:
+        """Who approves the merge request now."""
+        return self._get(f"{self._mr_path(project_id, iid)}/approvals")
+
+    def hooks(self, scope: Scope) -> list[dict[str, Any]]:
+        """The webhooks of a project or group."""
+        return list(self._list(f"{scope.path}/hooks"))
+
+    def add_hook(self, scope: Scope, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Register a webhook; the created hook (GitLab never returns its token)."""
+        result = _call(
+            lambda: self.client.http_post(
+                f"{scope.path}/hooks", post_data=dict(data), max_retries=self.max_retries
+            )
+        )
+        if not isinstance(result, dict):
+            raise GitLabAPIError("GitLab API: creating the hook did not answer a JSON object")
+        return result
+
+    def hook_events(self, scope: Scope, hook_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """The hook's recent deliveries (GitLab keeps 7 days), newest first."""
+        events = self._list(f"{scope.path}/hooks/{hook_id}/events")
+        return [event for _, event in zip(range(limit), events, strict=False)]

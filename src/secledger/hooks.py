@@ -1,0 +1,117 @@
+"""Set-up help: register secledger's webhook in GitLab, and check that it is delivering.
+
+The secret token is generated here, written to the TOML configuration file (mode
+0600) before GitLab is told about it, and never printed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from secledger.errors import ConfigError
+from secledger.gitlab_api import GitLabAPI, Scope
+
+# GitLab turns push events on unless told otherwise; secledger wants merge requests only.
+HOOK_EVENTS = {
+    "merge_requests_events": True,
+    "push_events": False,
+    "issues_events": False,
+    "confidential_issues_events": False,
+    "note_events": False,
+    "confidential_note_events": False,
+    "tag_push_events": False,
+    "pipeline_events": False,
+    "job_events": False,
+    "wiki_page_events": False,
+    "deployment_events": False,
+    "releases_events": False,
+}
+
+
+def add_secret(config: Path, secret: str) -> None:
+    """Append ``secret`` to ``webhook_secrets`` in the TOML file, keeping everything else."""
+    document = tomlkit.parse(config.read_text()) if config.exists() else tomlkit.document()
+    current = document.get("webhook_secrets", [])
+    if isinstance(current, str):  # a comma-separated string is accepted too
+        current = [part.strip() for part in current.split(",") if part.strip()]
+    document["webhook_secrets"] = [*current, secret]
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.touch(mode=0o600, exist_ok=True)
+    config.chmod(0o600)
+    config.write_text(tomlkit.dumps(document))
+
+
+def find_hooks(hooks: list[dict[str, Any]], url: str | None) -> list[dict[str, Any]]:
+    """Hooks pointing at ``url``, or at any ``/webhooks/gitlab`` receiver when none is given."""
+    if url is not None:
+        return [h for h in hooks if str(h.get("url", "")).rstrip("/") == url.rstrip("/")]
+    return [h for h in hooks if str(h.get("url", "")).rstrip("/").endswith("/webhooks/gitlab")]
+
+
+def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, Any]:
+    """Register a merge-request-only hook with a new secret; the created hook."""
+    if not url.startswith("https://"):
+        raise ConfigError("the receiver URL must be https:// (GitLab verifies its certificate)")
+    existing = find_hooks(api.hooks(scope), url)
+    if existing:
+        raise ConfigError(
+            f"{scope} already has hook {existing[0].get('id')} for {url}; "
+            "see `secledger gitlab check`"
+        )
+    secret = secrets.token_urlsafe(32)
+    add_secret(config, secret)  # first, so the receiver accepts GitLab's first delivery
+    data = {"url": url, "token": secret, "enable_ssl_verification": True, **HOOK_EVENTS}
+    return api.add_hook(scope, data)
+
+
+def succeeded(event: Mapping[str, Any]) -> bool:
+    """GitLab counts 2xx and 3xx answers as delivered."""
+    status = str(event.get("response_status", ""))
+    return status.isdigit() and 200 <= int(status) < 400
+
+
+@dataclass(frozen=True)
+class HookHealth:
+    """What ``gitlab check`` reports for one hook."""
+
+    hook: dict[str, Any]
+    last_success: dict[str, Any] | None
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """False while GitLab has disabled the hook after repeated failures."""
+        return self.hook.get("alert_status", "executable") == "executable" and not self.hook.get(
+            "disabled_until"
+        )
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this hook may lose deliveries; empty when it looks healthy."""
+        found = []
+        if not self.enabled:
+            found.append(f"disabled ({self.hook.get('alert_status')})")
+        if not self.hook.get("merge_requests_events"):
+            found.append("merge request events are off")
+        if not self.hook.get("enable_ssl_verification", True):
+            found.append("SSL verification is off")
+        if self.failures:
+            found.append(f"{len(self.failures)} failed deliveries in the last 7 days")
+        return found
+
+
+def check(api: GitLabAPI, scope: Scope, url: str | None) -> list[HookHealth]:
+    """The health of every secledger hook of a project or group."""
+    report = []
+    for hook in find_hooks(api.hooks(scope), url):
+        events = api.hook_events(scope, int(hook["id"]))
+        success = next((e for e in events if succeeded(e)), None)
+        failures = [e for e in events if not succeeded(e)]
+        report.append(HookHealth(hook, success, failures))
+    return report

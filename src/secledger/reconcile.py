@@ -1,0 +1,197 @@
+"""Reconciliation: is every security MR GitLab decided in a period in the ledger, and right?
+
+GitLab's population is every MR carrying a security label (listed per label, since the
+filter has no wildcard) that was merged or closed in the period. Each is looked up in
+the ledger: absent is ``missing``; a different state, decider or decision time is
+``different``. ``--fix`` records the history of those MRs through the backfill path.
+The result is stored in ``reconciliations`` (append-only) as evidence that
+completeness was checked, and when.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, RowMapping, text
+
+from secledger import payloads as p
+from secledger.backfill import MRRef, Period, fetch_history, find_merge_requests, record_envelopes
+from secledger.extract import MRKey
+from secledger.gitlab_api import GitLabAPI, Scope
+from secledger.policy import LabelPolicy
+from secledger.projection import MATCH_TOLERANCE
+from secledger.store import ledger
+from secledger.times import isoformat, parse_optional, utcnow
+
+_STORE = text(
+    "INSERT INTO reconciliations (instance, scope, period_start, period_end, gitlab_count,"
+    " ledger_count, missing_count, different_count, fixed_count, differences)"
+    " VALUES (:instance, :scope, :period_start, :period_end, :gitlab_count, :ledger_count,"
+    " :missing_count, :different_count, :fixed_count, CAST(:differences AS jsonb))"
+    " RETURNING id, checked_at"
+)
+_LEDGER_DECIDED = text(
+    "SELECT project_id, mr_iid FROM security_review_ledger WHERE instance = :instance"
+    " AND project_id = ANY(:projects) AND coalesce(merged_at, closed_at) >= :since"
+    " AND coalesce(merged_at, closed_at) < :until"
+)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One MR where GitLab and the ledger disagree."""
+
+    project_id: int
+    mr_iid: int
+    kind: str  # missing | different | extra
+    url: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form, as stored and printed."""
+        return {
+            "project_id": self.project_id,
+            "mr_iid": self.mr_iid,
+            "kind": self.kind,
+            "url": self.url,
+            "fields": self.fields,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of one reconciliation."""
+
+    period: Period
+    gitlab_count: int
+    ledger_count: int
+    differences: list[Difference]
+    fixed: int = 0
+    remaining: list[Difference] = field(default_factory=list)
+    id: int | None = None
+    checked_at: datetime | None = None
+
+    def count(self, kind: str) -> int:
+        """How many differences of one kind."""
+        return sum(d.kind == kind for d in self.differences)
+
+
+def decision_of(mr: Mapping[str, Any]) -> tuple[str, datetime | None, str | None] | None:
+    """``(state, decided_at, decided_by)`` of a merged or closed MR from the API."""
+    state = p.text(mr, "state")
+    if state == "merged":
+        user = p.obj(mr, "merge_user") or p.obj(mr, "merged_by")
+        return "merged", parse_optional(mr.get("merged_at")), p.text(user, "username")
+    if state == "closed":
+        user = p.obj(mr, "closed_by")
+        return "closed", parse_optional(mr.get("closed_at")), p.text(user, "username")
+    return None
+
+
+def decided_in(mrs: Mapping[MRRef, dict[str, Any]], period: Period) -> dict[MRRef, dict[str, Any]]:
+    """The MRs merged or closed inside the period."""
+    out = {}
+    for ref, mr in mrs.items():
+        decision = decision_of(mr)
+        if decision is not None and period.contains(decision[1]):
+            out[ref] = mr
+    return out
+
+
+def compare(mr: Mapping[str, Any], row: Mapping[str, Any] | RowMapping | None) -> Difference | None:
+    """How the ledger row differs from GitLab's MR, if it does."""
+    ref = (int(mr["project_id"]), int(mr["iid"]))
+    url = p.text(mr, "web_url")
+    if row is None:
+        return Difference(*ref, "missing", url)
+    state, at, by = decision_of(mr) or (None, None, None)
+    fields: dict[str, Any] = {}
+    if row["state"] != state:
+        fields["state"] = {"gitlab": state, "ledger": row["state"]}
+    column = "merged" if state == "merged" else "closed"
+    stored_at, stored_by = row[f"{column}_at"], row[f"{column}_by"]
+    if at is not None and (stored_at is None or abs(stored_at - at) > MATCH_TOLERANCE):
+        fields[f"{column}_at"] = {"gitlab": isoformat(at), "ledger": isoformat(stored_at)}
+    if by is not None and stored_by != by:
+        fields[f"{column}_by"] = {"gitlab": by, "ledger": stored_by}
+    return Difference(*ref, "different", url, fields) if fields else None
+
+
+def differences(
+    engine: Engine, instance: str, gitlab: Mapping[MRRef, dict[str, Any]], period: Period
+) -> tuple[list[Difference], int]:
+    """Every difference, and how many ledger rows were decided in the period."""
+    found: list[Difference] = []
+    until = period.until or utcnow()
+    with engine.connect() as conn:
+        for (pid, iid), mr in sorted(gitlab.items()):
+            difference = compare(mr, ledger.get(conn, MRKey(instance, pid, iid)))
+            if difference is not None:
+                found.append(difference)
+        projects = sorted({pid for pid, _ in gitlab})
+        params = {"instance": instance, "projects": projects, "since": period.since}
+        decided = {
+            (int(a), int(b)) for a, b in conn.execute(_LEDGER_DECIDED, params | {"until": until})
+        }
+    # In the ledger as decided in the period, but GitLab says otherwise (or dropped the label).
+    found += [Difference(pid, iid, "extra") for pid, iid in sorted(decided - set(gitlab))]
+    return found, len(decided)
+
+
+def fix(engine: Engine, api: GitLabAPI, policy: LabelPolicy, mrs: Iterable[dict[str, Any]]) -> int:
+    """Record the API history of each MR, through the backfill path; how many MRs."""
+    count = 0
+    for mr in mrs:
+        envelopes = fetch_history(api, mr, policy)
+        with engine.begin() as conn:
+            record_envelopes(conn, api.instance, envelopes, policy)
+        count += 1
+    return count
+
+
+def store(engine: Engine, instance: str, scopes: list[Scope], report: Report) -> Report:
+    """Keep the result as evidence; the report with its id and time."""
+    stored = [d.to_json() for d in report.differences]
+    remaining = [d.to_json() for d in report.remaining]
+    params = {
+        "instance": instance,
+        "scope": ", ".join(str(s) for s in scopes),
+        "period_start": report.period.since,
+        "period_end": report.period.until,
+        "gitlab_count": report.gitlab_count,
+        "ledger_count": report.ledger_count,
+        "missing_count": report.count("missing"),
+        "different_count": report.count("different"),
+        "fixed_count": report.fixed,
+        "differences": orjson.dumps({"found": stored, "after_fix": remaining}).decode(),
+    }
+    with engine.begin() as conn:
+        row_id, checked_at = conn.execute(_STORE, params).one()
+    return Report(**{**report.__dict__, "id": row_id, "checked_at": checked_at})
+
+
+def reconcile(
+    engine: Engine,
+    api: GitLabAPI,
+    policy: LabelPolicy,
+    scopes: list[Scope],
+    period: Period,
+    *,
+    apply_fix: bool = False,
+) -> Report:
+    """Compare, optionally fix, compare again, and store the result."""
+    closed_period = Period(period.since, period.until or utcnow())
+    listed = find_merge_requests(api, scopes, policy, Period(closed_period.since))
+    gitlab = decided_in(listed, closed_period)
+    found, ledger_count = differences(engine, api.instance, gitlab, closed_period)
+    fixed, remaining = 0, found
+    to_fix = [gitlab[(d.project_id, d.mr_iid)] for d in found if d.kind != "extra"]
+    if apply_fix and to_fix:
+        fixed = fix(engine, api, policy, to_fix)
+        remaining, _ = differences(engine, api.instance, gitlab, closed_period)
+    report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
+    return store(engine, api.instance, scopes, report)

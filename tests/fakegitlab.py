@@ -1,0 +1,272 @@
+"""A small GitLab REST API on 127.0.0.1 for tests and benchmarks: real HTTP, recorded shapes.
+
+Responses follow GitLab's documented shapes (``tests/payloads/api_*.json``). Lists are
+paginated like GitLab's offset pagination (``x-next-page``, ``x-total``, ``Link``), with
+a page size the server caps, and any path can be made to answer 429 with
+``Retry-After`` once. Every request is logged for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+TOKEN = "glpat-test-token"
+API = "/api/v4"
+
+
+@dataclass
+class Seen:
+    """One request the fake answered."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int
+    at: float
+
+
+@dataclass
+class Project:
+    """A project and everything the fake knows about it."""
+
+    id: int
+    path: str
+    labels: list[str] = field(default_factory=list)
+    mrs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    label_events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    state_events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    approvals: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+    hook_events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class FakeGitLab:
+    """The server state, the HTTP server, and the thread serving it."""
+
+    def __init__(self, *, max_per_page: int = 100, latency: tuple[float, float] = (0, 0)) -> None:
+        self.projects: dict[int, Project] = {}
+        self.groups: dict[str, list[int]] = {}  # group path -> project ids
+        self.group_ids: dict[int, str] = {}
+        self.max_per_page = max_per_page
+        self.latency = latency
+        self.throttle: dict[str, int] = {}  # path fragment -> Retry-After, answered once
+        self.seen: list[Seen] = []
+        self.hook_tokens: dict[int, str] = {}  # GitLab never returns a hook's token
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL, as SECLEDGER_GITLAB_URL."""
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeGitLab:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def add_project(self, pid: int, path: str, group: str | None = None) -> Project:
+        """A project, optionally in a group."""
+        project = Project(pid, path)
+        self.projects[pid] = project
+        if group is not None:
+            self.groups.setdefault(group, []).append(pid)
+            self.group_ids.setdefault(900 + len(self.group_ids), group)
+        return project
+
+    def project(self, ref: str) -> Project | None:
+        """A project by numeric ID or full path."""
+        if ref.isdigit():
+            return self.projects.get(int(ref))
+        return next((p for p in self.projects.values() if p.path == ref), None)
+
+    def group_projects(self, ref: str) -> list[Project] | None:
+        """The projects of a group by ID or path."""
+        path = self.group_ids.get(int(ref)) if ref.isdigit() else ref
+        if path not in self.groups:
+            return None
+        return [self.projects[pid] for pid in self.groups[path]]
+
+    def count(self, fragment: str) -> int:
+        """How many requests had ``fragment`` in their path."""
+        return sum(fragment in s.path for s in self.seen)
+
+
+def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_args: Any) -> None:  # keep test output quiet
+            return
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def _serve(self, method: str) -> None:
+            parts = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+            status, body, headers = self._answer(method, parts.path, query)
+            with fake.lock:
+                fake.seen.append(Seen(method, parts.path, query, status, time.monotonic()))
+            low, high = fake.latency
+            if high:
+                time.sleep(low + (high - low) * (hash(self.path) % 1000) / 1000)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _answer(
+            self, method: str, path: str, query: dict[str, str]
+        ) -> tuple[int, Any, dict[str, str]]:
+            if self.headers.get("PRIVATE-TOKEN") != TOKEN:
+                return 401, {"message": "401 Unauthorized"}, {}
+            with fake.lock:
+                for fragment, wait in list(fake.throttle.items()):
+                    if fragment in path:
+                        del fake.throttle[fragment]
+                        return 429, {"message": "Retry later"}, {"Retry-After": str(wait)}
+            if method == "POST":
+                length = int(self.headers.get("Content-Length") or 0)
+                return _post(fake, path, json.loads(self.rfile.read(length) or b"{}"))
+            found = _get(fake, path, query)
+            if found is None:
+                return 404, {"message": "404 Not found"}, {}
+            if isinstance(found, list):
+                return _page(fake, path, query, found)
+            return 200, found, {}
+
+    return Handler
+
+
+def _segments(path: str) -> list[str]:
+    return [unquote(s) for s in path.removeprefix(API).strip("/").split("/")]
+
+
+def _labels_matching(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
+    wanted = [label for label in query.get("labels", "").split(",") if label]
+    after = query.get("updated_after")
+    before = query.get("updated_before")
+    out = []
+    for mr in mrs:
+        if not all(label in mr["labels"] for label in wanted):
+            continue
+        if after and mr["updated_at"] < after:
+            continue
+        if before and mr["updated_at"] >= before:
+            continue
+        out.append(mr)
+    return sorted(out, key=lambda m: m["updated_at"])
+
+
+def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
+    seg = _segments(path)
+    if len(seg) < 3:
+        return None
+    kind, ref, rest = seg[0], seg[1], seg[2:]
+    if kind == "groups":
+        projects = fake.group_projects(ref)
+        if projects is None:
+            return None
+        if rest == ["labels"]:
+            return [
+                {"id": i, "name": n}
+                for i, n in enumerate(sorted({n for p in projects for n in p.labels}))
+            ]
+        if rest == ["merge_requests"]:
+            return _labels_matching([m for p in projects for m in p.mrs.values()], query)
+        if rest == ["hooks"]:
+            return []
+        return None
+    project = fake.project(ref)
+    if kind != "projects" or project is None:
+        return None
+    return _project_get(project, rest, query)
+
+
+def _project_get(project: Project, rest: list[str], query: dict[str, str]) -> Any:
+    if rest == ["labels"]:
+        return [{"id": i, "name": name} for i, name in enumerate(project.labels)]
+    if rest == ["merge_requests"]:
+        return _labels_matching(list(project.mrs.values()), query)
+    if rest == ["hooks"]:
+        return project.hooks
+    if len(rest) == 3 and rest[0] == "hooks" and rest[2] == "events":
+        return project.hook_events.get(int(rest[1]), [])
+    if len(rest) < 2 or rest[0] != "merge_requests" or int(rest[1]) not in project.mrs:
+        return None
+    iid = int(rest[1])
+    mr = project.mrs[iid]
+    tail = rest[2:]
+    if not tail:
+        return mr
+    if tail == ["resource_label_events"]:
+        return project.label_events.get(iid, [])
+    if tail == ["resource_state_events"]:
+        return project.state_events.get(iid, [])
+    if tail == ["approvals"]:
+        approved = project.approvals.get(iid, [])
+        return {
+            "id": mr["id"],
+            "iid": iid,
+            "project_id": project.id,
+            "title": mr["title"],
+            "state": mr["state"],
+            "created_at": mr["created_at"],
+            "updated_at": mr["updated_at"],
+            "approvals_required": 1,
+            "approvals_left": 0 if approved else 1,
+            "approved_by": approved,
+        }
+    return None
+
+
+def _post(fake: FakeGitLab, path: str, data: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+    seg = _segments(path)
+    project = fake.project(seg[1]) if seg[0] == "projects" else None
+    if project is None or seg[2:] != ["hooks"]:
+        return 404, {"message": "404 Not found"}, {}
+    hook = {"id": 700 + len(project.hooks), "project_id": project.id, "alert_status": "executable"}
+    hook |= {k: v for k, v in data.items() if k != "token"}
+    project.hooks.append(hook)
+    fake.hook_tokens[hook["id"]] = str(data.get("token"))
+    return 201, hook, {}
+
+
+def _page(
+    fake: FakeGitLab, path: str, query: dict[str, str], items: list[Any]
+) -> tuple[int, Any, dict[str, str]]:
+    per_page = min(int(query.get("per_page", 20)), fake.max_per_page)
+    page = int(query.get("page", 1))
+    total_pages = max(1, -(-len(items) // per_page))
+    chunk = items[(page - 1) * per_page : page * per_page]
+    headers = {
+        "x-page": str(page),
+        "x-per-page": str(per_page),
+        "x-total": str(len(items)),
+        "x-total-pages": str(total_pages),
+        "x-next-page": str(page + 1) if page < total_pages else "",
+        "x-prev-page": str(page - 1) if page > 1 else "",
+    }
+    if page < total_pages:
+        following = urlencode({**query, "page": page + 1, "per_page": per_page})
+        headers["Link"] = f'<{fake.url}{path}?{following}>; rel="next"'
+    return 200, chunk, headers

@@ -1,0 +1,144 @@
+"""API facts: envelopes, dedup keys, extraction, the log decoder, and the fold's merge. Pure."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from apistory import Story
+from builders import label_change, mr_event, sample
+from secledger import apifacts
+from secledger.extract import extract_facts
+from secledger.intake import parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.projection import SequencedEvent, fold, merge_sources, same_fact
+from secledger.sources import facts_from_log
+from secledger.store.log import headers_text
+
+POLICY = LabelPolicy()
+INSTANCE = "https://gitlab.example.com"
+
+
+def webhook_facts(body):
+    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-instance": INSTANCE}
+    delivery = parse_delivery(
+        headers,
+        json.dumps(body).encode(),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=datetime(2025, 8, 5, tzinfo=UTC),
+        require_token=False,
+    )
+    return extract_facts(delivery, POLICY)
+
+
+def api_facts(story: Story):
+    mr = story.mr()
+    envelopes = apifacts.label_envelopes(mr, story.label_events(), POLICY)
+    envelopes += apifacts.state_envelopes(mr, story.state_events())
+    envelopes += apifacts.approval_envelopes(mr, {"approved_by": story.approved_by()})
+    return envelopes, [apifacts.facts(INSTANCE, env, POLICY) for env in envelopes]
+
+
+def test_published_label_events_sample_keeps_only_security_labels() -> None:
+    events = sample("api_mr_resource_label_events.json")
+    mr = Story(iid=28).mr()
+    assert apifacts.label_envelopes(mr, events, POLICY) == []
+    events[1]["label"]["name"] = "sec/critical"
+    [env] = apifacts.label_envelopes(mr, events, POLICY)
+    assert env["labels_after"] == ["p1", "sec/critical"]
+    facts = apifacts.facts(INSTANCE, env, POLICY)
+    assert (facts.kind, facts.actor, facts.tier) == ("label_added", "root", "critical")
+    assert facts.labeled_at == datetime(2018, 8, 20, 6, 17, 28, 394000, tzinfo=UTC)
+    assert apifacts.dedup_key(INSTANCE, env) == f"api:{INSTANCE}:14:28:label_event:120"
+
+
+def test_published_approvals_sample_without_approved_at_is_placed_before_the_merge() -> None:
+    approvals = sample("api_mr_approvals.json")
+    mr = Story(iid=5).mr()
+    [env] = apifacts.approval_envelopes(mr, approvals)
+    facts = apifacts.facts(INSTANCE, env, POLICY)
+    merged_at = datetime(2025, 8, 5, 21, 48, 25, 394000, tzinfo=UTC)
+    assert facts.event_at == merged_at - timedelta(microseconds=1)
+    assert facts.event_at_source == apifacts.UNDATED_APPROVAL
+    assert apifacts.dedup_key(INSTANCE, env).endswith(":approval:1:undated")
+
+
+def test_the_same_history_gives_the_same_dedup_keys() -> None:
+    first, _ = api_facts(Story(iid=1))
+    second, _ = api_facts(Story(iid=1))
+    keys = [apifacts.dedup_key(INSTANCE, e) for e in first]
+    assert keys == [apifacts.dedup_key(INSTANCE, e) for e in second]
+    assert len(set(keys)) == len(keys)
+
+
+def test_log_decoder_reads_api_and_webhook_rows_back() -> None:
+    envelopes, facts = api_facts(Story(iid=1))
+    delivery = apifacts.delivery(INSTANCE, envelopes[0], datetime(2025, 9, 1, tzinfo=UTC))
+    row = {
+        "source": delivery.source,
+        "event": delivery.event,
+        "instance": delivery.instance,
+        "headers": headers_text(delivery.headers),
+        "payload": delivery.body,
+        "received_at": delivery.received_at,
+    }
+    assert facts_from_log(row, POLICY) == facts[0]
+    body = mr_event("approved", actor="bob")
+    hook_row = row | {
+        "source": "webhook",
+        "event": "Merge Request Hook",
+        "headers": "{}",
+        "payload": json.dumps(body).encode(),
+    }
+    assert facts_from_log(hook_row, POLICY) == webhook_facts(body)
+
+
+def test_api_fact_matches_the_webhook_that_told_it() -> None:
+    story = Story(iid=1)
+    hooks = [webhook_facts(b) for b in story.webhooks()]
+    _, api = api_facts(story)
+    assert [any(same_fact(a, h) for h in hooks) for a in api] == [True, True, True]
+
+
+def test_api_fact_by_another_actor_or_later_is_a_different_fact() -> None:
+    story = Story(iid=1)
+    hooks = [webhook_facts(b) for b in story.webhooks()]
+    other = Story(iid=1, approvals=[("dave", "2025-08-05 21:00:00 UTC")])
+    _, [_, _, dave] = api_facts(other)
+    assert not any(same_fact(dave, h) for h in hooks)
+    later = Story(iid=1, approvals=[("bob", "2025-08-05 21:00:09 UTC")])
+    _, [_, _, late_bob] = api_facts(later)
+    assert not any(same_fact(late_bob, h) for h in hooks)
+
+
+def test_tier_change_matches_both_label_events() -> None:
+    story = Story(iid=3, relabel=("sec::critical", "erin", "2025-08-05 20:30:00 UTC"))
+    hooks = [webhook_facts(b) for b in story.webhooks()]
+    _, api = api_facts(story)
+    label_facts = [a for a in api if a.kind in {"label_added", "label_removed"}]
+    assert len(label_facts) == 3
+    assert all(any(same_fact(a, h) for h in hooks) for a in label_facts)
+
+
+def test_merge_does_not_depend_on_log_order() -> None:
+    story = Story(iid=1)
+    hooks = [webhook_facts(b) for b in story.webhooks()]
+    _, api = api_facts(story)
+    api_first = [SequencedEvent(i + 1, f) for i, f in enumerate(api + hooks)]
+    hooks_first = [SequencedEvent(i + 1, f) for i, f in enumerate(hooks + api)]
+    assert fold(api_first) == fold(hooks_first)
+    assert [e.facts for e in merge_sources(api_first)] == hooks
+
+
+def test_api_label_facts_set_labels_and_api_decisions_leave_them() -> None:
+    """An API label fact knows the label set; API approvals and merges do not touch it."""
+    change = label_change([], ["sec::low"], "2025-08-05 20:10:00 UTC")
+    body = mr_event("update", labels=["sec::low"], changes=change)
+    story = Story(iid=1, relabel=("sec::critical", "erin", "2025-08-05 20:30:00 UTC"))
+    _, api = api_facts(story)
+    events = [SequencedEvent(1, webhook_facts(body))]
+    events += [SequencedEvent(i + 2, f) for i, f in enumerate(api)]
+    row = fold(events)
+    assert (row["security_labels"], row["risk_tier"]) == (["sec::critical"], "critical")
+    assert (row["decision"], row["approvers"]) == ("merged", ["bob"])

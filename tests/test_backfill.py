@@ -1,0 +1,184 @@
+"""Backfill from a fake GitLab API over real HTTP, into real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from apihelpers import POLICY, ledger_rows, log_count, replay
+from apistory import Story
+from secledger.backfill import Backfill, Period, fetch_history
+from secledger.errors import GitLabAPIError
+from secledger.gitlab_api import GitLabAPI, Scope
+
+pytest_plugins = ("gitlabfixtures",)
+SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+
+
+def without_seq(rows):
+    return [{k: v for k, v in row.items() if k != "last_seq"} for row in rows]
+
+
+def run_backfill(engine, api_client: GitLabAPI, scope: Scope | None = None):
+    scopes = [scope or Scope("projects", "acme/payments")]
+    return Backfill(engine, api_client, POLICY, scopes, Period(SINCE), workers=2).run()
+
+
+def test_backfill_records_an_mr_history_from_the_api(engine, api, fake) -> None:
+    """Label, approval and merge come from the API and fold into one ledger row."""
+    Story(iid=1).publish(fake)
+    result = run_backfill(engine, api)
+    assert (result.found, result.recorded_mrs, result.recorded_facts) == (1, 1, 3)
+    [row] = ledger_rows(engine)
+    assert row["instance"] == fake.url
+    assert (row["project_path"], row["mr_iid"], row["risk_tier"]) == ("acme/payments", 1, "high")
+    assert (row["decision"], row["decided_by"], row["state"]) == ("merged", "carol", "merged")
+    assert row["approvers"] == ["bob"]
+    assert row["merged_at"] == datetime(2025, 8, 5, 21, 48, 25, 394000, tzinfo=UTC)
+    assert (row["labeled_at_source"], row["labeled_by"]) == ("api", "alice")
+    assert row["labeled_at"] == datetime(2025, 8, 5, 20, 0, 0, 120000, tzinfo=UTC)
+    assert row["security_labels"] == ["sec::high"]
+    with engine.connect() as conn:
+        sources = conn.execute(text("SELECT DISTINCT source FROM delivery_log")).scalars().all()
+    assert sources == ["api"]
+
+
+def test_backfill_twice_changes_nothing(engine, api, fake) -> None:
+    Story(iid=1).publish(fake)
+    Story(iid=2, decision=("close", "dave", "2025-08-06 10:00:00 UTC")).publish(fake)
+    run_backfill(engine, api)
+    rows, count = ledger_rows(engine), log_count(engine)
+    with engine.connect() as conn:
+        stamps = conn.execute(text("SELECT updated_at FROM security_review_ledger")).all()
+    second = run_backfill(engine, api)
+    assert second.recorded_facts == 0
+    assert log_count(engine) == count
+    assert ledger_rows(engine) == rows
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT updated_at FROM security_review_ledger")).all() == stamps
+
+
+def test_backfill_then_webhooks_equals_webhooks_then_backfill(
+    engine, other_engine, api, fake
+) -> None:
+    """Either order gives the same full ledger rows, and the webhooks-only decision."""
+    stories = [
+        Story(iid=1),
+        Story(iid=2, decision=("close", "dave", "2025-08-06 10:00:00 UTC"), approvals=[]),
+        Story(iid=3, relabel=("sec::critical", "erin", "2025-08-05 20:30:00 UTC")),
+    ]
+    for story in stories:
+        story.publish(fake)
+    bodies = [body for story in stories for body in story.webhooks()]
+
+    run_backfill(engine, api)
+    assert set(replay(engine, fake.url, bodies)) == {"recorded"}
+
+    assert set(replay(other_engine, fake.url, bodies)) == {"recorded"}
+    webhooks_only = ledger_rows(other_engine)
+    run_backfill(other_engine, api)
+
+    # last_seq is a log position: with several MRs interleaved it depends on arrival
+    # order by design. Every other column is identical.
+    assert without_seq(ledger_rows(engine)) == without_seq(ledger_rows(other_engine))
+    assert log_count(engine) == log_count(other_engine)
+    # The API told nothing the webhooks had not: only the log position moved.
+    for merged, alone in zip(ledger_rows(engine), webhooks_only, strict=True):
+        assert {k: v for k, v in merged.items() if k != "last_seq"} == {
+            k: v for k, v in alone.items() if k != "last_seq"
+        }
+    critical = ledger_rows(engine)[2]
+    assert (critical["risk_tier"], critical["security_labels"]) == ("critical", ["sec::critical"])
+
+
+def test_one_mr_either_order_gives_identical_full_rows(engine, other_engine, api, fake) -> None:
+    story = Story(iid=1)
+    story.publish(fake)
+    run_backfill(engine, api)
+    replay(engine, fake.url, story.webhooks())
+    replay(other_engine, fake.url, story.webhooks())
+    run_backfill(other_engine, api)
+    assert ledger_rows(engine) == ledger_rows(other_engine)
+    assert ledger_rows(engine)[0]["event_count"] == 3  # open, approved, merge: each once
+
+
+def test_api_only_row_agrees_with_webhook_only_row(engine, other_engine, api, fake) -> None:
+    """The decision columns agree, to the second the webhook can tell."""
+    story = Story(iid=4, relabel=("sec::critical", "erin", "2025-08-05 20:30:00 UTC"))
+    story.publish(fake)
+    run_backfill(engine, api)
+    replay(other_engine, fake.url, story.webhooks())
+    [from_api], [from_hooks] = ledger_rows(engine), ledger_rows(other_engine)
+    same = (
+        "decision",
+        "decided_by",
+        "state",
+        "approvers",
+        "merged_by",
+        "risk_tier",
+        "security_labels",
+    )
+    assert {k: from_api[k] for k in same} == {k: from_hooks[k] for k in same}
+    for column in ("decided_at", "merged_at", "labeled_at"):
+        assert from_api[column].replace(microsecond=0) == from_hooks[column]
+    # Webhooks: open, relabel, approved, merge. API: add, remove + add (the relabel),
+    # approval, merged; there is no "open" in the API.
+    assert (from_hooks["event_count"], from_api["event_count"]) == (4, 5)
+
+
+def test_group_backfill_lists_labels_first_and_paginates(engine, api, fake) -> None:
+    for iid in range(1, 6):
+        Story(iid=iid).publish(fake)
+    result = run_backfill(engine, api, Scope("groups", "acme"))
+    assert result.recorded_mrs == 5
+    assert len(ledger_rows(engine)) == 5
+    listings = [s for s in fake.seen if s.path.endswith("/groups/acme/merge_requests")]
+    # One query per security label (no wildcard), never for "frontend"; pages of two.
+    assert {s.query["labels"] for s in listings} == {"sec::high", "sec::low"}
+    assert {s.query.get("page") for s in listings if s.query["labels"] == "sec::high"} == {
+        None,
+        "2",
+        "3",
+    }
+    assert all(s.query["state"] == "all" for s in listings)
+    first_label_listing = min(i for i, s in enumerate(fake.seen) if s.path.endswith("/labels"))
+    first_mr_listing = min(i for i, s in enumerate(fake.seen) if s.path.endswith("/merge_requests"))
+    assert first_label_listing < first_mr_listing
+
+
+def test_backfill_waits_out_a_429_and_retries(engine, api, fake) -> None:
+    """GitLab's rate limit answers 429 with Retry-After; the client waits and goes on."""
+    Story(iid=1).publish(fake)
+    fake.throttle["resource_state_events"] = 1
+    result = run_backfill(engine, api)
+    assert result.recorded_facts == 3
+    calls = [s for s in fake.seen if s.path.endswith("resource_state_events")]
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[1].at - calls[0].at >= 0.9  # it waited Retry-After (1 s), not less
+
+
+def test_interrupted_backfill_resumes_without_reading_done_mrs_again(engine, api, fake) -> None:
+    for iid in (1, 2, 3):
+        Story(iid=iid).publish(fake)
+    job = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1)
+    todo, _ = job.plan()
+    job.record_one(todo[0], fetch_history(api, todo[0], POLICY))
+    # The process dies here; a new run with the same scope and period resumes.
+    fake.seen.clear()
+    result = Backfill(
+        engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1
+    ).run()
+    assert (result.found, result.skipped, result.recorded_mrs) == (3, 1, 2)
+    assert fake.count(f"/merge_requests/{todo[0]['iid']}/") == 0
+    assert len(ledger_rows(engine)) == 3
+
+
+def test_bad_token_is_a_clear_error_without_the_token(engine, api_settings, fake) -> None:
+    bad = api_settings.model_copy(update={"gitlab_token": SecretStr("nope-123")})
+    with pytest.raises(GitLabAPIError) as caught:
+        run_backfill(engine, GitLabAPI.from_settings(bad))
+    assert "401" in str(caught.value)
+    assert "nope-123" not in str(caught.value)

@@ -1,0 +1,152 @@
+"""The CLI: gitlab connect/check, backfill and reconcile, with the fake API and real PostgreSQL."""
+
+from __future__ import annotations
+
+import tomllib
+
+from click.testing import CliRunner
+
+from apistory import Story
+from fakegitlab import TOKEN
+from secledger.cli import main
+
+pytest_plugins = ("gitlabfixtures",)
+RECEIVER = "https://secledger.example.com/webhooks/gitlab"
+
+
+def invoke(database_url, fake, *args, **env):
+    environment = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_GITLAB_URL": fake.url,
+        "SECLEDGER_GITLAB_TOKEN": TOKEN,
+        "SECLEDGER_LOG_LEVEL": "warning",
+    } | env
+    return CliRunner().invoke(main, list(args), env=environment, catch_exceptions=False)
+
+
+def test_connect_registers_a_merge_request_hook_and_stores_the_secret(
+    database_url, fake, tmp_path
+) -> None:
+    config = tmp_path / "secledger.toml"
+    config.write_text('# ours\nwebhook_secrets = ["old-secret"]\nport = 8081\n')
+    result = invoke(
+        database_url,
+        fake,
+        "gitlab",
+        "connect",
+        "--project",
+        "acme/payments",
+        "--url",
+        RECEIVER,
+        "--config",
+        str(config),
+    )
+    assert result.exit_code == 0, result.output
+    [hook] = fake.projects[14].hooks
+    assert hook["url"] == RECEIVER
+    assert hook["merge_requests_events"] is True
+    assert hook["push_events"] is False
+    assert hook["enable_ssl_verification"] is True
+    stored = tomllib.loads(config.read_text())
+    assert stored["port"] == 8081
+    assert stored["webhook_secrets"][0] == "old-secret"
+    assert stored["webhook_secrets"][1] == fake.hook_tokens[hook["id"]]
+    assert len(stored["webhook_secrets"][1]) >= 32
+    assert stored["webhook_secrets"][1] not in result.output
+    assert "# ours" in config.read_text()
+    assert config.stat().st_mode & 0o077 == 0
+
+    again = invoke(
+        database_url,
+        fake,
+        "gitlab",
+        "connect",
+        "--project",
+        "14",
+        "--url",
+        RECEIVER,
+        "--config",
+        str(config),
+    )
+    assert again.exit_code == 1
+    assert "already has hook" in again.output
+    assert len(fake.projects[14].hooks) == 1
+
+
+def test_check_reports_last_success_and_resendable_failures(database_url, fake) -> None:
+    project = fake.projects[14]
+    project.hooks.append(
+        {
+            "id": 5,
+            "url": RECEIVER,
+            "merge_requests_events": True,
+            "enable_ssl_verification": True,
+            "alert_status": "executable",
+        }
+    )
+    project.hook_events[5] = [
+        {
+            "id": 31,
+            "trigger": "merge_request_hooks",
+            "response_status": "500",
+            "created_at": "2025-08-06T10:00:00.000Z",
+        },
+        {
+            "id": 30,
+            "trigger": "merge_request_hooks",
+            "response_status": "200",
+            "created_at": "2025-08-06T09:00:00.000Z",
+        },
+    ]
+    result = invoke(database_url, fake, "gitlab", "check", "--project", "14")
+    assert result.exit_code == 1
+    assert "hook 5 -> " + RECEIVER + ": enabled" in result.output
+    assert "last successful delivery: 2025-08-06T09:00:00.000Z" in result.output
+    assert "event 31 status 500" in result.output
+    assert "/projects/14/hooks/5/events/31/resend" in result.output
+
+    project.hook_events[5] = project.hook_events[5][1:]
+    assert invoke(database_url, fake, "gitlab", "check", "--project", "14").exit_code == 0
+
+
+def test_check_says_when_there_is_no_hook(database_url, fake) -> None:
+    result = invoke(database_url, fake, "gitlab", "check", "--group", "acme")
+    assert result.exit_code == 1
+    assert "no secledger hook" in result.output
+
+
+def test_backfill_and_reconcile_commands(database_url, fake) -> None:
+    Story(iid=1).publish(fake)
+    Story(iid=2, decision=("close", "dave", "2025-08-07 09:00:00 UTC")).publish(fake)
+    result = invoke(database_url, fake, "reconcile", "--group", "acme", "--since", "2025-08-01")
+    assert result.exit_code == 1
+    assert "missing 2" in result.output
+    result = invoke(database_url, fake, "backfill", "--group", "acme", "--since", "2025-08-01")
+    assert result.exit_code == 0, result.output
+    assert "2 security merge requests found" in result.output
+    result = invoke(database_url, fake, "reconcile", "--group", "acme", "--since", "2025-08-01")
+    assert result.exit_code == 0, result.output
+    assert "missing 0, different 0, extra 0" in result.output
+    assert TOKEN not in result.output
+
+
+def test_missing_token_is_a_clear_error(database_url, fake) -> None:
+    result = invoke(
+        database_url, fake, "enrich", SECLEDGER_GITLAB_TOKEN="", SECLEDGER_GITLAB_URL=fake.url
+    )
+    assert result.exit_code == 1
+    assert "SECLEDGER_GITLAB_TOKEN" in result.output
+
+
+def test_every_new_command_has_help_with_an_example() -> None:
+    for args in (
+        ["backfill"],
+        ["reconcile"],
+        ["enrich"],
+        ["gitlab"],
+        ["gitlab", "connect"],
+        ["gitlab", "check"],
+    ):
+        result = CliRunner().invoke(main, [*args, "--help"], env={"SECLEDGER_LOG_LEVEL": "warning"})
+        assert result.exit_code == 0
+        assert "Example:" in result.output

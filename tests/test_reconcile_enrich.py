@@ -1,0 +1,109 @@
+"""Reconciliation and label-time enrichment against the fake GitLab API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from apihelpers import POLICY, ledger_rows, log_count, replay
+from apistory import Story
+from secledger.backfill import Backfill, Period
+from secledger.enrich import enrich, start_background
+from secledger.gitlab_api import Scope
+from secledger.reconcile import reconcile
+
+pytest_plugins = ("gitlabfixtures",)
+PERIOD = Period(datetime(2025, 8, 1, tzinfo=UTC), datetime(2025, 9, 1, tzinfo=UTC))
+SCOPE = [Scope("groups", "acme")]
+
+
+def stored(engine):
+    with engine.connect() as conn:
+        query = text("SELECT * FROM reconciliations ORDER BY id")
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def test_reconcile_finds_a_missing_mr_and_fix_records_it(engine, api, fake) -> None:
+    seen, lost = Story(iid=1), Story(iid=2, decision=("close", "dave", "2025-08-07 09:00:00 UTC"))
+    open_one = Story(iid=3, decision=None)  # not decided: not in the population
+    for story in (seen, lost, open_one):
+        story.publish(fake)
+    replay(engine, fake.url, seen.webhooks())
+
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (report.gitlab_count, report.ledger_count) == (2, 1)
+    assert [(d.kind, d.mr_iid) for d in report.differences] == [("missing", 2)]
+    assert report.fixed == 0
+    assert len(ledger_rows(engine)) == 1
+
+    fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, apply_fix=True)
+    assert (fixed.fixed, fixed.remaining) == (1, [])
+    row = next(r for r in ledger_rows(engine) if r["mr_iid"] == 2)
+    assert (row["decision"], row["closed_by"]) == ("closed", "dave")
+
+    again = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (again.gitlab_count, again.ledger_count, again.differences) == (2, 2, [])
+    evidence = stored(engine)
+    assert [(e["missing_count"], e["fixed_count"]) for e in evidence] == [(1, 0), (1, 1), (0, 0)]
+    assert evidence[0]["period_start"] == PERIOD.since
+    assert evidence[0]["differences"]["found"][0]["kind"] == "missing"
+
+
+def test_reconcile_reports_a_different_decider(engine, api, fake) -> None:
+    story = Story(iid=1)
+    story.publish(fake)
+    bodies = story.webhooks()
+    bodies[-1]["user"]["username"] = "mallory"  # the ledger was told someone else merged
+    replay(engine, fake.url, bodies)
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    [difference] = report.differences
+    assert difference.kind == "different"
+    assert difference.fields == {"merged_by": {"gitlab": "carol", "ledger": "mallory"}}
+
+
+def test_reconciliation_results_are_append_only(engine, api, fake) -> None:
+    reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    with pytest.raises(DBAPIError, match="results are evidence"), engine.begin() as conn:
+        conn.execute(text("DELETE FROM reconciliations"))
+    assert len(stored(engine)) == 1
+
+
+def test_enrich_replaces_the_created_at_fallback_with_the_api_label_time(engine, api, fake) -> None:
+    """The first webhook was an approval: the label time was never seen."""
+    story = Story(iid=1, opened_with_label=False, author="alice")
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+    [before] = ledger_rows(engine)
+    assert before["labeled_at_source"] == "created_at_fallback"
+
+    result = enrich(engine, api, POLICY)
+    assert result.outcomes == {"recorded": 1}
+    [after] = ledger_rows(engine)
+    assert (after["labeled_at_source"], after["labeled_by"]) == ("api", "alice")
+    assert after["labeled_at"] == datetime(2025, 8, 5, 20, 0, 0, 120000, tzinfo=UTC)
+    assert (
+        after["time_to_decision_seconds"]
+        == (after["decided_at"] - after["labeled_at"]).total_seconds()
+    )
+    with engine.connect() as conn:
+        sources = conn.execute(text("SELECT source FROM delivery_log ORDER BY seq")).scalars().all()
+    assert sources[-1] == "api"
+
+    count = log_count(engine)
+    assert enrich(engine, api, POLICY).total == 0  # nothing left on the fallback
+    Backfill(engine, api, POLICY, SCOPE, PERIOD).run()
+    assert log_count(engine) == count + 2  # approval and merge; the label event is known
+    assert {k: v for k, v in ledger_rows(engine)[0].items() if k != "last_seq"} == {
+        k: v for k, v in after.items() if k != "last_seq"
+    }
+
+
+def test_serve_starts_enrichment_only_with_a_token(engine, api_settings, settings) -> None:
+    assert start_background(settings, engine) is None  # no GitLab configured
+    enricher = start_background(api_settings, engine)
+    assert enricher is not None
+    enricher.close()
+    assert not enricher._thread.is_alive()
