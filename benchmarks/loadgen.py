@@ -21,7 +21,7 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traffic import Plan  # noqa: E402
+from traffic import Plan
 
 RECORDED = b'"status":"recorded"'
 DUPLICATE = b'"status":"duplicate"'

@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import checks  # noqa: E402
-import servers  # noqa: E402
-from servers import Load  # noqa: E402
+import checks
+import servers
+from servers import Load
 
-from secledger import embedded  # noqa: E402
+from secledger import embedded
 
 
 @dataclass
