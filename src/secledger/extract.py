@@ -154,6 +154,20 @@ def label_facts(
     return labels, security, added, removed, bool(security) or was_security
 
 
+def mr_key(delivery: Delivery) -> MRKey:
+    """The merge request a delivery is about (intake has checked these fields)."""
+    attrs = p.obj(delivery.payload, "object_attributes")
+    project_id = p.integer(attrs, "target_project_id")
+    if project_id is None:
+        project_id = int(p.obj(delivery.payload, "project")["id"])
+    return MRKey(delivery.instance, project_id, int(attrs["iid"]))
+
+
+def is_security_event(delivery: Delivery, policy: LabelPolicy) -> bool:
+    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path."""
+    return label_facts(delivery.payload, policy)[4]
+
+
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     """Everything secledger needs from one merge-request delivery."""
     payload = delivery.payload
@@ -170,11 +184,11 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
         labeled_at, labeled_source = event_at, "label_added"
     elif kind == "open" and security:
         labeled_at, labeled_source = created_at or event_at, "opened_with_label"
-    project_id = p.integer(attrs, "target_project_id")
+    key = mr_key(delivery)
     return EventFacts(
-        instance=delivery.instance,
-        project_id=project_id if project_id is not None else int(project["id"]),
-        mr_iid=int(attrs["iid"]),
+        instance=key.instance,
+        project_id=key.project_id,
+        mr_iid=key.mr_iid,
         mr_id=p.integer(attrs, "id"),
         kind=kind,
         decision=decision,
