@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,7 +76,9 @@ class EventFacts:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601 UTC)."""
-        data = asdict(self)
+        # A shallow copy: dataclasses.asdict deep-copies every field and was the largest
+        # cost of recording a batch; the values here are immutable or rendered as-is.
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         for name in _TIME_FIELDS:
             data[name] = isoformat(data[name])
         return data
@@ -92,6 +94,9 @@ class EventFacts:
         if values.get("reviewers") is not None:
             values["reviewers"] = tuple(values["reviewers"])
         return cls(**values)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(EventFacts))
 
 
 def _safe_time(value: object) -> datetime | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, RowMapping, select, text
 from sqlalchemy.dialects.postgresql import insert
 
@@ -32,8 +33,10 @@ _KEYS = (
     " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(CAST(:instances AS text[]),"
     " CAST(:project_ids AS bigint[]), CAST(:mr_iids AS bigint[])))"
 )
+# facts as text, decoded with orjson: the driver's stdlib JSON loader was the largest
+# cost of reading a batch's events back.
 _EVENTS_OF_MANY = text(
-    "SELECT seq, facts FROM review_events WHERE" + _KEYS + " ORDER BY event_at, seq"
+    "SELECT seq, facts::text FROM review_events WHERE" + _KEYS + " ORDER BY event_at, seq"
 )
 _KNOWN_AMONG = text("SELECT instance, project_id, mr_iid FROM security_review_ledger WHERE" + _KEYS)
 _KEY_COLUMNS = ("instance", "project_id", "mr_iid")
@@ -94,7 +97,7 @@ def events_by_mr(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, list[Se
     """Every event of each merge request in ``keys``, in event-time order, in one query."""
     found: dict[MRKey, list[SequencedEvent]] = {}
     for seq, data in conn.execute(_EVENTS_OF_MANY, keys_params(keys)):
-        facts = EventFacts.from_json(data)
+        facts = EventFacts.from_json(orjson.loads(data))
         found.setdefault(facts.key, []).append(SequencedEvent(seq, facts))
     return found
 
