@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,7 +76,9 @@ class EventFacts:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601 UTC)."""
-        data = asdict(self)
+        # A shallow copy: dataclasses.asdict deep-copies every field and was the largest
+        # cost of recording a batch; the values here are immutable or rendered as-is.
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         for name in _TIME_FIELDS:
             data[name] = isoformat(data[name])
         return data
@@ -92,6 +94,9 @@ class EventFacts:
         if values.get("reviewers") is not None:
             values["reviewers"] = tuple(values["reviewers"])
         return cls(**values)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(EventFacts))
 
 
 def _safe_time(value: object) -> datetime | None:
@@ -154,6 +159,20 @@ def label_facts(
     return labels, security, added, removed, bool(security) or was_security
 
 
+def mr_key(delivery: Delivery) -> MRKey:
+    """The merge request a delivery is about (intake has checked these fields)."""
+    attrs = p.obj(delivery.payload, "object_attributes")
+    project_id = p.integer(attrs, "target_project_id")
+    if project_id is None:
+        project_id = int(p.obj(delivery.payload, "project")["id"])
+    return MRKey(delivery.instance, project_id, int(attrs["iid"]))
+
+
+def is_security_event(delivery: Delivery, policy: LabelPolicy) -> bool:
+    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path."""
+    return label_facts(delivery.payload, policy)[4]
+
+
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     """Everything secledger needs from one merge-request delivery."""
     payload = delivery.payload
@@ -170,11 +189,11 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
         labeled_at, labeled_source = event_at, "label_added"
     elif kind == "open" and security:
         labeled_at, labeled_source = created_at or event_at, "opened_with_label"
-    project_id = p.integer(attrs, "target_project_id")
+    key = mr_key(delivery)
     return EventFacts(
-        instance=delivery.instance,
-        project_id=project_id if project_id is not None else int(project["id"]),
-        mr_iid=int(attrs["iid"]),
+        instance=key.instance,
+        project_id=key.project_id,
+        mr_iid=key.mr_iid,
         mr_id=p.integer(attrs, "id"),
         kind=kind,
         decision=decision,

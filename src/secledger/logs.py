@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 import structlog
 
 # Keys that must never reach a log line, whatever a caller binds by mistake.
@@ -24,9 +27,16 @@ def configure(level: str = "info", *, json: bool = True) -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: structlog.typing.Processor = structlog.dev.ConsoleRenderer(colors=False)
+    factory: Callable[..., Any] = structlog.PrintLoggerFactory(file=sys.stderr)
+    binary = getattr(sys.stderr, "buffer", None)
+    if json and binary is not None:
+        # orjson renders bytes about five times faster than the stdlib encoder: this line
+        # is written once per delivery, on the hot path.
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = structlog.BytesLoggerFactory(file=binary)
+    elif json:
+        renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -36,6 +46,6 @@ def configure(level: str = "info", *, json: bool = True) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts
 from secledger.intake import Delivery
-from secledger.service import Outcome, record
+from secledger.service import Outcome, record_batch
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.recorder")
@@ -102,7 +102,7 @@ class Recorder:
         try:
             with self._engine.begin() as conn:
                 chain = Chain.open(conn)
-                outcomes = [record(conn, chain, job.delivery, job.facts) for job in jobs]
+                outcomes = record_batch(conn, chain, [(job.delivery, job.facts) for job in jobs])
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if _is_transient(exc) or len(jobs) == 1:
                 self._fail(jobs, exc)

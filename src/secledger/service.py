@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,9 +14,10 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, RowMapping
 
-from secledger.extract import EventFacts, extract_facts
+from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
+from secledger.projection import fold
 from secledger.store import ledger
 from secledger.store.log import Chain, seq_of
 from secledger.times import isoformat, utcnow
@@ -45,6 +46,9 @@ class Outcome:
         return body
 
 
+IGNORED = Outcome("ignored", reason=NOT_SECURITY)
+
+
 def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     """A ledger row as emitted downstream: times in ISO 8601 UTC, arrays as lists."""
     out: dict[str, Any] = {}
@@ -55,23 +59,70 @@ def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
 
 def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts) -> Outcome:
     """Log one delivery and update its merge request's ledger row."""
-    if not facts.is_security and not ledger.is_known(conn, facts.key):
-        return Outcome("ignored", reason=NOT_SECURITY)
-    seq = chain.append(conn, delivery)
-    if seq is None:
-        existing = ledger.get(conn, facts.key)
-        return Outcome(
-            "duplicate",
-            reason="this delivery was already recorded",
-            seq=seq_of(conn, delivery.dedup_key),
-            row=ledger_json(existing) if existing else None,
-        )
-    ledger.add_event(conn, seq, facts)
-    row = ledger.project(conn, facts.key)
+    return record_batch(conn, chain, [(delivery, facts)])[0]
+
+
+def record_batch(
+    conn: Connection, chain: Chain, items: Sequence[tuple[Delivery, EventFacts]]
+) -> list[Outcome]:
+    """Record deliveries in order, with the outcomes ``record`` would give one at a time.
+
+    The statements are per batch, not per delivery (about nine round trips whatever the
+    batch size), which is what lets one writer keep up: the answer for each delivery is
+    the fold of its merge request's events up to its own seq, exactly as if the
+    deliveries had been recorded one after the other.
+    """
+    outcomes: list[Outcome] = [IGNORED] * len(items)
+    kept = _kept(conn, items)
+    seqs = chain.append_many(conn, [items[i][0] for i in kept])
+    logged = [(i, seq) for i, seq in zip(kept, seqs, strict=True) if seq is not None]
+    ledger.add_events(conn, [(seq, items[i][1]) for i, seq in logged])
+    events = ledger.events_by_mr(conn, {items[i][1].key for i, _ in logged}) if logged else {}
+    latest: dict[MRKey, dict[str, Any]] = {}
+    now = utcnow()
+    for i, seq in zip(kept, seqs, strict=True):
+        delivery, facts = items[i]
+        if seq is None:
+            outcomes[i] = _duplicate(conn, delivery, facts.key, latest.get(facts.key))
+            continue
+        row = fold(event for event in events[facts.key] if event.seq <= seq)
+        row["updated_at"] = now
+        latest[facts.key] = row
+        outcomes[i] = Outcome("recorded", seq=seq, row=ledger_json(row))
+    ledger.upsert_rows(conn, list(latest.values()))
+    ledger.notify_many(conn, [_notice(items[i][1], seq) for i, seq in logged])
+    return outcomes
+
+
+def _kept(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]]) -> list[int]:
+    """Indexes of the items to log: security MRs, and MRs that were security MRs once."""
+    doubtful = {facts.key for _, facts in items if not facts.is_security}
+    known = ledger.known_among(conn, doubtful) if doubtful else set()
+    kept: list[int] = []
+    for i, (_, facts) in enumerate(items):
+        if facts.is_security or facts.key in known:
+            kept.append(i)
+            known.add(facts.key)  # an earlier item in the batch gives the MR a ledger row
+    return kept
+
+
+def _duplicate(
+    conn: Connection, delivery: Delivery, key: MRKey, latest: dict[str, Any] | None
+) -> Outcome:
+    """The answer to a delivery already logged: its seq and the MR's row as it stands."""
+    existing = latest if latest is not None else ledger.get(conn, key)
+    return Outcome(
+        "duplicate",
+        reason="this delivery was already recorded",
+        seq=seq_of(conn, delivery.dedup_key),
+        row=ledger_json(existing) if existing else None,
+    )
+
+
+def _notice(facts: EventFacts, seq: int) -> str:
     message = {"instance": facts.instance, "project_id": facts.project_id}
     message |= {"mr_iid": facts.mr_iid, "seq": seq}
-    ledger.notify(conn, orjson.dumps(message).decode())
-    return Outcome("recorded", seq=seq, row=ledger_json(row) if row else None)
+    return orjson.dumps(message).decode()
 
 
 def record_one(engine: Engine, delivery: Delivery, facts: EventFacts) -> Outcome:

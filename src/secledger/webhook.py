@@ -10,10 +10,10 @@ import orjson
 import structlog
 
 from secledger.errors import IntakeError, StoreUnavailable
-from secledger.extract import extract_facts
+from secledger.extract import extract_facts, is_security_event, mr_key
 from secledger.intake import Ignored, check_size, parse_delivery, verify_token
 from secledger.runtime import Runtime
-from secledger.service import NOT_SECURITY, Outcome
+from secledger.service import IGNORED, Outcome
 from secledger.times import utcnow
 
 Scope = MutableMapping[str, Any]
@@ -126,9 +126,12 @@ class WebhookHandler:
         )
         if isinstance(delivery, Ignored):
             return 200, Outcome("ignored", reason=delivery.reason)
-        facts = extract_facts(delivery, self.runtime.policy)
-        if not facts.is_security and facts.key not in self.runtime.known:
-            return 200, Outcome("ignored", reason=NOT_SECURITY)
+        # Most deliveries are for MRs that never carried a security label: decide that from
+        # the labels and the in-memory key set before the full extraction (times, users).
+        policy = self.runtime.policy
+        if mr_key(delivery) not in self.runtime.known and not is_security_event(delivery, policy):
+            return 200, IGNORED
+        facts = extract_facts(delivery, policy)
         outcome = await self.runtime.recorder.submit(delivery, facts)
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
@@ -27,7 +28,13 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         connect_args={"application_name": "secledger"},
+        # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
+        json_serializer=_json_text,
     )
+
+
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, RowMapping, select, text
 from sqlalchemy.dialects.postgresql import insert
 
@@ -23,6 +24,21 @@ _EXISTS = text(
     " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
 )
 _NOTIFY = text("SELECT pg_notify('secledger_ledger', :message)")
+_NOTIFY_MANY = text(
+    "SELECT pg_notify('secledger_ledger', message)"
+    " FROM unnest(CAST(:messages AS text[])) AS message"
+)
+# Keys are passed as three parallel arrays so one statement serves any batch size.
+_KEYS = (
+    " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(CAST(:instances AS text[]),"
+    " CAST(:project_ids AS bigint[]), CAST(:mr_iids AS bigint[])))"
+)
+# facts as text, decoded with orjson: the driver's stdlib JSON loader was the largest
+# cost of reading a batch's events back.
+_EVENTS_OF_MANY = text(
+    "SELECT seq, facts::text FROM review_events WHERE" + _KEYS + " ORDER BY event_at, seq"
+)
+_KNOWN_AMONG = text("SELECT instance, project_id, mr_iid FROM security_review_ledger WHERE" + _KEYS)
 _KEY_COLUMNS = ("instance", "project_id", "mr_iid")
 
 
@@ -36,22 +52,54 @@ def is_known(conn: Connection, key: MRKey) -> bool:
     return conn.execute(_EXISTS, key_params(key)).first() is not None
 
 
+def keys_params(keys: Iterable[MRKey]) -> dict[str, list[Any]]:
+    """Bind parameters naming several merge requests (for ``_KEYS``)."""
+    listed = list(keys)
+    return {
+        "instances": [key.instance for key in listed],
+        "project_ids": [key.project_id for key in listed],
+        "mr_iids": [key.mr_iid for key in listed],
+    }
+
+
+def known_among(conn: Connection, keys: Iterable[MRKey]) -> set[MRKey]:
+    """The merge requests among ``keys`` that already have a ledger row."""
+    rows = conn.execute(_KNOWN_AMONG, keys_params(keys))
+    return {MRKey(instance, project_id, mr_iid) for instance, project_id, mr_iid in rows}
+
+
+def _event_params(seq: int, facts: EventFacts) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "instance": facts.instance,
+        "project_id": facts.project_id,
+        "mr_iid": facts.mr_iid,
+        "event_at": facts.event_at,
+        "kind": facts.kind,
+        "decision": facts.decision,
+        "actor": facts.actor,
+        "facts": facts.to_json(),
+    }
+
+
 def add_event(conn: Connection, seq: int, facts: EventFacts) -> None:
     """Store the facts one log row tells, for folding."""
-    conn.execute(
-        review_events.insert(),
-        {
-            "seq": seq,
-            "instance": facts.instance,
-            "project_id": facts.project_id,
-            "mr_iid": facts.mr_iid,
-            "event_at": facts.event_at,
-            "kind": facts.kind,
-            "decision": facts.decision,
-            "actor": facts.actor,
-            "facts": facts.to_json(),
-        },
-    )
+    conn.execute(review_events.insert(), _event_params(seq, facts))
+
+
+def add_events(conn: Connection, events: Sequence[tuple[int, EventFacts]]) -> None:
+    """Store the facts of several log rows in one statement."""
+    if events:
+        conn.execute(review_events.insert(), [_event_params(seq, f) for seq, f in events])
+
+
+def events_by_mr(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, list[SequencedEvent]]:
+    """Every event of each merge request in ``keys``, in event-time order, in one query."""
+    found: dict[MRKey, list[SequencedEvent]] = {}
+    for seq, data in conn.execute(_EVENTS_OF_MANY, keys_params(keys)):
+        facts = EventFacts.from_json(orjson.loads(data))
+        found.setdefault(facts.key, []).append(SequencedEvent(seq, facts))
+    return found
 
 
 def events_of(conn: Connection, key: MRKey) -> list[SequencedEvent]:
@@ -61,7 +109,7 @@ def events_of(conn: Connection, key: MRKey) -> list[SequencedEvent]:
 
 
 _upsert_base = insert(security_review_ledger)
-_UPSERT = _upsert_base.on_conflict_do_update(
+_UPSERT_MANY = _upsert_base.on_conflict_do_update(
     index_elements=list(_KEY_COLUMNS),
     set_={
         name: _upsert_base.excluded[name]
@@ -70,7 +118,8 @@ _UPSERT = _upsert_base.on_conflict_do_update(
     },
     # The fold covers every event up to last_seq, so a row never moves backwards.
     where=security_review_ledger.c.last_seq <= _upsert_base.excluded.last_seq,
-).returning(*security_review_ledger.c)
+)
+_UPSERT = _UPSERT_MANY.returning(*security_review_ledger.c)
 
 
 def project(conn: Connection, key: MRKey) -> RowMapping | None:
@@ -79,6 +128,18 @@ def project(conn: Connection, key: MRKey) -> RowMapping | None:
     row = fold(events)
     row["updated_at"] = utcnow()
     return conn.execute(_UPSERT, row).mappings().first()
+
+
+def upsert_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Upsert several folded rows (each must cover every event up to its last_seq)."""
+    if rows:
+        conn.execute(_UPSERT_MANY, list(rows))
+
+
+def notify_many(conn: Connection, messages: Sequence[str]) -> None:
+    """``notify`` for several messages in one statement."""
+    if messages:
+        conn.execute(_NOTIFY_MANY, {"messages": list(messages)})
 
 
 def notify(conn: Connection, message: str) -> None:

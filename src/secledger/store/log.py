@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -24,6 +25,15 @@ _INSERT = text(
     " ON CONFLICT (dedup_key) DO NOTHING RETURNING seq"
 )
 _BY_KEY = text("SELECT seq FROM delivery_log WHERE dedup_key = :dedup_key")
+_BY_KEYS = text("SELECT dedup_key, seq FROM delivery_log WHERE dedup_key = ANY(:keys)")
+# No ON CONFLICT: append_many has already excluded logged keys under the chain lock, so
+# a conflict here means something wrote without the lock, and the batch must fail.
+_INSERT_MANY = text(
+    "INSERT INTO delivery_log"
+    " (seq, received_at, source, event, instance, dedup_key, headers, payload, prev_hash, hash)"
+    " VALUES (:seq, :received_at, :source, :event, :instance, :dedup_key, :headers, :payload,"
+    " :prev_hash, :hash)"
+)
 
 
 def headers_text(headers: dict[str, str]) -> str:
@@ -83,6 +93,62 @@ class Chain:
             return None
         self.seq, self.hash = row.seq, digest
         return row.seq
+
+    def append_many(self, conn: Connection, deliveries: Sequence[Delivery]) -> list[int | None]:
+        """Append ``deliveries`` in order in two round trips; like ``append`` for each.
+
+        A delivery already logged (before, or earlier in this batch) gets None.
+        """
+        logged = logged_seqs(conn, [d.dedup_key for d in deliveries])
+        params: list[dict[str, object]] = []
+        seqs: list[int | None] = []
+        for delivery in deliveries:
+            if delivery.dedup_key in logged:
+                seqs.append(None)
+                continue
+            row = _log_row(self.seq + 1, delivery)
+            digest = link(self.hash, row)
+            params.append(_params(row, self.hash, digest))
+            logged[row.dedup_key] = row.seq
+            self.seq, self.hash = row.seq, digest
+            seqs.append(row.seq)
+        if params:
+            conn.execute(_INSERT_MANY, params)
+        return seqs
+
+
+def _log_row(seq: int, delivery: Delivery) -> LogRow:
+    return LogRow(
+        seq=seq,
+        received_at=delivery.received_at,
+        source=delivery.source,
+        event=delivery.event,
+        instance=delivery.instance,
+        dedup_key=delivery.dedup_key,
+        headers=headers_text(delivery.headers),
+        payload=delivery.body,
+    )
+
+
+def _params(row: LogRow, prev_hash: bytes, digest: bytes) -> dict[str, object]:
+    return {
+        "seq": row.seq,
+        "received_at": row.received_at,
+        "source": row.source,
+        "event": row.event,
+        "instance": row.instance,
+        "dedup_key": row.dedup_key,
+        "headers": row.headers,
+        "payload": row.payload,
+        "prev_hash": prev_hash,
+        "hash": digest,
+    }
+
+
+def logged_seqs(conn: Connection, dedup_keys: Sequence[str]) -> dict[str, int]:
+    """Sequence numbers of the keys among ``dedup_keys`` that are already logged."""
+    rows = conn.execute(_BY_KEYS, {"keys": list(dedup_keys)})
+    return {str(row[0]): int(row[1]) for row in rows}
 
 
 def seq_of(conn: Connection, dedup_key: str) -> int | None:

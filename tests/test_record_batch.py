@@ -1,0 +1,106 @@
+"""A batch records exactly what the same deliveries recorded one at a time would."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from builders import dumps, label_change, mr_event
+from secledger.extract import extract_facts
+from secledger.intake import Delivery, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.service import Outcome, record_batch
+from secledger.store.log import Chain
+
+RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
+POLICY = LabelPolicy(patterns=("sec/*", "sec::*"), tiers=("critical", "high", "medium", "low"))
+
+
+def delivery(body: dict[str, Any], key: str) -> Delivery:
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
+        dumps(body),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=RECEIVED,
+        require_token=False,
+    )
+    assert isinstance(parsed, Delivery)
+    return parsed
+
+
+def history() -> list[Delivery]:
+    """Two MRs, a label removal, an unknown MR, duplicates in and before the batch."""
+    at = "2025-08-05 22:00:00 UTC"
+    unlabelled = mr_event(
+        "update",
+        iid=1,
+        labels=["backend"],
+        updated_at=at,
+        changes=label_change(["sec::high"], ["backend"], at),
+    )
+    return [
+        delivery(mr_event("open", iid=1, updated_at="2025-08-05 21:00:00 UTC"), "a"),
+        delivery(mr_event("approved", iid=2, actor="bob"), "earlier"),  # logged before
+        delivery(unlabelled, "b"),  # no security label, but MR 1 is known from "a"
+        delivery(mr_event("approved", iid=1, actor="bob", updated_at=at), "c"),
+        delivery(mr_event("open", iid=1, updated_at="2025-08-05 21:00:00 UTC"), "a"),
+        delivery(mr_event("open", iid=3, labels=["frontend"]), "d"),  # never security
+        delivery(
+            mr_event("merge", iid=1, actor="carol", updated_at="2025-08-05 20:30:00 UTC"), "e"
+        ),
+    ]
+
+
+def state(conn: Connection) -> tuple[list[Any], list[Any]]:
+    log = conn.execute(text("SELECT seq, dedup_key, hash FROM delivery_log ORDER BY seq")).all()
+    rows = conn.execute(text("SELECT * FROM security_review_ledger ORDER BY mr_iid")).mappings()
+    return log, [{k: v for k, v in row.items() if k != "updated_at"} for row in rows]
+
+
+def answers(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    out = []
+    for outcome in outcomes:
+        body = outcome.to_json()
+        body.get("ledger", {}).pop("updated_at", None)
+        out.append(body)
+    return out
+
+
+def run(engine: Engine, batched: bool) -> tuple[list[dict[str, Any]], Any]:
+    items = [(d, extract_facts(d, POLICY)) for d in history()]
+    # Everything happens in one transaction that is rolled back, so both runs start empty.
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        record_batch(conn, Chain.open(conn), [items[1]])
+        chain = Chain.open(conn)
+        if batched:
+            outcomes = record_batch(conn, chain, items)
+        else:
+            outcomes = [record_batch(conn, chain, [item])[0] for item in items]
+        result = answers(outcomes), state(conn)
+        transaction.rollback()
+    return result
+
+
+def test_batch_gives_the_answers_and_rows_of_one_at_a_time(engine) -> None:
+    one_by_one = run(engine, batched=False)
+    batched = run(engine, batched=True)
+    assert batched == one_by_one
+    statuses = [answer["status"] for answer in batched[0]]
+    assert statuses == [
+        "recorded",
+        "duplicate",
+        "recorded",
+        "recorded",
+        "duplicate",
+        "ignored",
+        "recorded",
+    ]
+    assert batched[0][4]["ledger"]["approvers"] == ["bob"]  # the row as it stood then
+    assert batched[0][4]["seq"] == batched[0][0]["seq"]
+    log, rows = batched[1]
+    assert [key for _, key, _ in log] == ["idem:earlier", "idem:a", "idem:b", "idem:c", "idem:e"]
+    assert [row["mr_iid"] for row in rows] == [1, 2]
