@@ -344,3 +344,6 @@ if __name__ == "__main__":
 
 
 # Commands from other areas register here, one line each.
+from secledger.commands.spool import spool_group  # noqa: E402
+
+main.add_command(spool_group)

@@ -14,7 +14,7 @@ from secledger.extract import extract_facts
 from secledger.intake import Ignored, check_size, parse_delivery, verify_token
 from secledger.runtime import Runtime
 from secledger.service import NOT_SECURITY, Outcome
-from secledger.times import utcnow
+from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,7 +85,7 @@ class WebhookHandler:
             )
             return
         try:
-            status, outcome = await self._handle(scope, receive)
+            status, outcome, body = await self._handle(scope, receive)
         except IntakeError as exc:
             log.info("delivery_rejected", status=exc.status_code, error=exc.code)
             await respond(send, exc.status_code, rejection(exc))
@@ -97,7 +97,6 @@ class WebhookHandler:
             log.warning("delivery_unavailable", error=str(exc))
             await respond(send, 503, {"status": "unavailable", "message": str(exc)})
             return
-        body = outcome.to_json()
         log.info(
             "delivery",
             outcome=outcome.status,
@@ -107,7 +106,7 @@ class WebhookHandler:
         )
         await respond(send, status, body)
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome]:
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, dict[str, Any]]:
         headers = header_map(scope)
         if self.require_token:
             verify_token(headers, self.secrets)
@@ -125,14 +124,25 @@ class WebhookHandler:
             require_token=False,
         )
         if isinstance(delivery, Ignored):
-            return 200, Outcome("ignored", reason=delivery.reason)
+            return _answer(200, Outcome("ignored", reason=delivery.reason))
         facts = extract_facts(delivery, self.runtime.policy)
-        if not facts.is_security and facts.key not in self.runtime.known:
-            return 200, Outcome("ignored", reason=NOT_SECURITY)
-        outcome = await self.runtime.recorder.submit(delivery, facts)
+        recorder = self.runtime.recorder
+        # While the spool holds deliveries, a spooled one may be what makes this MR a
+        # security MR; only the drain, reading the database, can tell, so it decides.
+        known = facts.is_security or facts.key in self.runtime.known
+        if not known and not recorder.spool_depth:
+            return _answer(200, Outcome("ignored", reason=NOT_SECURITY))
+        outcome = await recorder.submit(delivery, facts)
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)
-        return 200, outcome
+        if outcome.status == "spooled":
+            extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
+            return 202, outcome, outcome.to_json() | extra
+        return _answer(200, outcome)
+
+
+def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, dict[str, Any]]:
+    return status, outcome, outcome.to_json()
 
 
 def _row_ids(outcome: Outcome) -> dict[str, Any]:
