@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from secledger.errors import IntakeError
@@ -99,6 +99,11 @@ class Drainer:
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
         result = DrainResult()
+        if not self._reachable():
+            # Asked again and again while the database is down: fail before reading files.
+            result.unavailable = True
+            result.remaining = self.spool.depth
+            return result
         items = self._load(self.spool.entries()[:limit], result)
         if items:
             self._record(items, result)
@@ -111,6 +116,16 @@ class Drainer:
         while total.remaining and not total.unavailable:
             total.add(self.step(batch))
         return total
+
+    def _reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if is_transient(exc):
+                return False
+            raise
+        return True
 
     def _load(self, paths: list[Path], result: DrainResult) -> list[_Item]:
         items = []

@@ -277,7 +277,9 @@ class Spool:
 
 
 def _is_entry(path: Path) -> bool:
-    return path.name.endswith(SUFFIX) and not path.name.startswith(".") and path.is_file()
+    # By name alone (no stat per file): temporary files start with a dot, and the
+    # corrupt/ and failed/ folders do not end with the suffix.
+    return path.name.endswith(SUFFIX) and not path.name.startswith(".")
 
 
 def _size(path: Path) -> int:
