@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,13 +38,21 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_url() -> Iterator[str]:
     """An admin libpq URL for the server under test."""
     given = os.environ.get("SECLEDGER_TEST_DATABASE_URL")
     if given:
-        return db.libpq_url(given)
-    data = tmp_path_factory.mktemp("embedded-pg") / "pg"
-    return embedded.start(data, database="postgres")
+        yield db.libpq_url(given)
+        return
+    # Not under pytest's basetemp: a second pytest session run by the same user resets
+    # that tree to mode 0700, which locks out the server's dedicated system user.
+    parent = Path(tempfile.mkdtemp(prefix="secledger-test-pg-"))
+    parent.chmod(0o755)
+    try:
+        yield embedded.start(parent / "pg", database="postgres")
+    finally:
+        embedded.stop(parent / "pg")
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

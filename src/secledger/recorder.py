@@ -3,6 +3,11 @@
 Each request waits for the commit that covers its delivery before it is answered, so
 a 2xx still means "durably recorded". Batching makes the chain lock and the WAL flush
 cost once per batch instead of once per delivery.
+
+When the database is unreachable, the batch goes to the durable spool instead and is
+answered ``spooled`` once its files are fsync'd. While the spool holds anything, new
+deliveries are spooled behind it, so none overtakes an older one; the same thread
+drains the spool, oldest first, whenever the database answers again.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
 
+from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts
 from secledger.intake import Delivery
 from secledger.service import Outcome, record_batch
+from secledger.spool import DrainBusy, SpoolUnavailable
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.recorder")
@@ -45,21 +52,29 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
         future.set_result(result)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
 _STOP = object()
+SPOOLED = (
+    "kept in the durable spool; it will be recorded with this receipt time"
+    " as soon as the database takes it"
+)
 
 
 class Recorder:
     """Owns the writer thread. ``submit`` from the event loop; ``close`` on shutdown."""
 
-    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 128,
+        *,
+        drainer: Drainer | None = None,
+        retry_seconds: float = 1.0,
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
+        self._drainer = drainer
+        self._retry_seconds = retry_seconds
+        self._next_drain = 0.0
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
@@ -75,28 +90,83 @@ class Recorder:
         self._thread.join(timeout=30)
 
     async def submit(self, delivery: Delivery, facts: EventFacts) -> Outcome:
-        """Record a delivery; returns once its transaction has committed."""
+        """Record (or spool) a delivery; returns once it is durable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._queue.put(_Job(delivery, facts, loop, future))
         return await future
 
+    @property
+    def spool_depth(self) -> int:
+        """Deliveries waiting in the spool (0 without a spool)."""
+        return self._drainer.spool.depth if self._drainer else 0
+
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is _STOP:
+            batch = self._next_batch()
+            if self.spool_depth:
+                self._drain_step()
+            jobs = [job for job in batch if isinstance(job, _Job)]
+            if jobs:
+                self._dispatch(jobs)
+            if _STOP in batch:
                 return
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(item)
-            self._record_batch([job for job in batch if isinstance(job, _Job)])
+
+    def _next_batch(self) -> list[_Job | object]:
+        """Wait for work; while the spool is not empty, wake up in time to drain it."""
+        timeout = None
+        if self.spool_depth:
+            timeout = max(0.0, self._next_drain - time.monotonic())
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while first is not _STOP and len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(item)
+            if item is _STOP:
+                break
+        return batch
+
+    def _dispatch(self, jobs: list[_Job]) -> None:
+        if self.spool_depth:
+            self._spool(jobs)  # never let a new delivery overtake a spooled one
+        else:
+            self._record_batch(jobs)
+
+    def _drain_step(self) -> None:
+        assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one
+        if time.monotonic() < self._next_drain:
+            return
+        result = self._drain_locked()
+        if result is None or result.unavailable:
+            self._next_drain = time.monotonic() + self._retry_seconds
+            return
+        if result.recorded or result.duplicates or result.set_aside:
+            log.info(
+                "spool_drained",
+                recorded=result.recorded,
+                duplicates=result.duplicates,
+                set_aside=result.set_aside,
+                spool_depth=result.remaining,
+            )
+
+    def _drain_locked(self) -> DrainResult | None:
+        assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one
+        failure: Exception | None = None
+        try:
+            with self._drainer.spool.draining():
+                return self._drainer.step(self._max_batch)
+        except DrainBusy:
+            return None  # `secledger spool drain` is at it; look again shortly
+        except Exception as exc:  # noqa: BLE001 - the writer thread must survive to answer
+            failure = exc
+        log.error("spool_drain_failed", error=type(failure).__name__, detail=str(failure)[:300])
+        return None
 
     def _record_batch(self, jobs: list[_Job]) -> None:
         try:
@@ -104,21 +174,42 @@ class Recorder:
                 chain = Chain.open(conn)
                 outcomes = record_batch(conn, chain, [(job.delivery, job.facts) for job in jobs])
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
-            if _is_transient(exc) or len(jobs) == 1:
+            if is_transient(exc) and self._drainer is not None:
+                self._next_drain = time.monotonic() + self._retry_seconds
+                self._spool(jobs)
+            elif is_transient(exc) or len(jobs) == 1:
                 self._fail(jobs, exc)
             else:
                 # One bad delivery must not sink the others: retry each on its own.
                 for job in jobs:
-                    self._record_batch([job])
+                    self._dispatch([job])
             return
         self.batches += 1
         self.recorded += len(jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             job.resolve(outcome)
 
+    def _spool(self, jobs: list[_Job]) -> None:
+        assert self._drainer is not None  # noqa: S101 - only called with a spool
+        failure: SpoolUnavailable | None = None
+        try:
+            self._drainer.spool.write([job.delivery for job in jobs])
+        except SpoolUnavailable as exc:
+            failure = exc
+        if failure is not None:
+            # Not durable anywhere: the sender must be told to try again (503).
+            log.error("spool_write_failed", deliveries=len(jobs), error=str(failure))
+            for job in jobs:
+                job.resolve(failure)
+            return
+        depth = self._drainer.spool.depth
+        log.warning("deliveries_spooled", deliveries=len(jobs), spool_depth=depth)
+        for job in jobs:
+            job.resolve(Outcome("spooled", reason=SPOOLED))
+
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:
-        transient = _is_transient(exc)
+        transient = is_transient(exc)
         log.error(
             "batch_failed",
             deliveries=len(jobs),

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from secledger.config import Settings
+from secledger.drain import Drainer
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
+from secledger.spool import Spool
 from secledger.store import db, migrate
 
 
@@ -23,24 +25,34 @@ class Runtime:
     engine: Engine
     recorder: Recorder
     known: KnownMRs
+    spool: Spool
 
     @classmethod
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
-        """Migrate (under the advisory lock), load known MRs, start the writer."""
+        """Migrate (under the advisory lock), load known MRs, open the spool, start the writer."""
         engine = db.create(database.url)
         migrate.upgrade(engine)
         known = KnownMRs()
         known.load(engine)
         known.listen(db.libpq_url(database.url))
-        recorder = Recorder(engine, max_batch=settings.max_batch)
+        policy = LabelPolicy.from_settings(settings)
+        # What an earlier run spooled is drained first, before any new delivery.
+        spool = Spool.open(settings.spool_path)
+        recorder = Recorder(
+            engine,
+            max_batch=settings.max_batch,
+            drainer=Drainer(engine, spool, policy, known),
+            retry_seconds=settings.spool_retry_seconds,
+        )
         recorder.start()
         return cls(
             settings=settings,
-            policy=LabelPolicy.from_settings(settings),
+            policy=policy,
             database=database,
             engine=engine,
             recorder=recorder,
             known=known,
+            spool=spool,
         )
 
     def close(self) -> None:

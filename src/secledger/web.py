@@ -39,7 +39,7 @@ def create_api(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="The database is reachable and migrated")
+    @api.get("/readyz", summary="The database is reachable and migrated; spool depth")
     def readyz() -> JSONResponse:
         runtime = runtime_ref.get("runtime")
         checks: dict[str, Any] = {"database": False, "migrations": False}
@@ -51,6 +51,11 @@ def create_api(
                     checks["migrations"] = migrate.is_current(conn)
             except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
                 checks["error"] = type(exc).__name__
+            # Deliveries waiting for the database: acknowledged, not yet in the ledger.
+            try:
+                checks["spool"] = runtime.spool.status().to_json()
+            except OSError as exc:
+                checks["spool"] = {"error": exc.strerror or type(exc).__name__}
         ready = checks["database"] and checks["migrations"]
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 

@@ -14,7 +14,7 @@ from secledger.extract import extract_facts, is_security_event, mr_key
 from secledger.intake import Ignored, check_size, parse_delivery, verify_token
 from secledger.runtime import Runtime
 from secledger.service import IGNORED, Outcome
-from secledger.times import utcnow
+from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,7 +85,7 @@ class WebhookHandler:
             )
             return
         try:
-            status, outcome = await self._handle(scope, receive)
+            status, outcome, body = await self._handle(scope, receive)
         except IntakeError as exc:
             log.info("delivery_rejected", status=exc.status_code, error=exc.code)
             await respond(send, exc.status_code, rejection(exc))
@@ -97,7 +97,6 @@ class WebhookHandler:
             log.warning("delivery_unavailable", error=str(exc))
             await respond(send, 503, {"status": "unavailable", "message": str(exc)})
             return
-        body = outcome.to_json()
         log.info(
             "delivery",
             outcome=outcome.status,
@@ -107,7 +106,7 @@ class WebhookHandler:
         )
         await respond(send, status, body)
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome]:
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, dict[str, Any]]:
         headers = header_map(scope)
         if self.require_token:
             verify_token(headers, self.secrets)
@@ -125,17 +124,31 @@ class WebhookHandler:
             require_token=False,
         )
         if isinstance(delivery, Ignored):
-            return 200, Outcome("ignored", reason=delivery.reason)
+            return _answer(200, Outcome("ignored", reason=delivery.reason))
+        recorder = self.runtime.recorder
         # Most deliveries are for MRs that never carried a security label: decide that from
         # the labels and the in-memory key set before the full extraction (times, users).
+        # While the spool holds deliveries, a spooled one may be what makes this MR a
+        # security MR; only the drain, reading the database, can tell, so it decides.
         policy = self.runtime.policy
-        if mr_key(delivery) not in self.runtime.known and not is_security_event(delivery, policy):
-            return 200, IGNORED
+        if (
+            not recorder.spool_depth
+            and mr_key(delivery) not in self.runtime.known
+            and not is_security_event(delivery, policy)
+        ):
+            return _answer(200, IGNORED)
         facts = extract_facts(delivery, policy)
-        outcome = await self.runtime.recorder.submit(delivery, facts)
+        outcome = await recorder.submit(delivery, facts)
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)
-        return 200, outcome
+        if outcome.status == "spooled":
+            extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
+            return 202, outcome, outcome.to_json() | extra
+        return _answer(200, outcome)
+
+
+def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, dict[str, Any]]:
+    return status, outcome, outcome.to_json()
 
 
 def _row_ids(outcome: Outcome) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""``secledger spool``: inspect and drain the durable spool of deliveries."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+import orjson
+
+from secledger.drain import Drainer, DrainResult
+from secledger.policy import LabelPolicy
+from secledger.spool import DrainBusy, Spool, SpoolStatus, SpoolUnavailable
+
+if TYPE_CHECKING:
+    from secledger.cli import Context
+
+
+@click.group(name="spool")
+def spool_group() -> None:
+    """Deliveries acknowledged while the database was down, waiting to be recorded.
+
+    `serve` drains the spool by itself as soon as the database answers; these commands
+    show it and drain it by hand (for example while no receiver is running).
+
+    \b
+    Example:
+      secledger spool status
+      secledger spool drain
+    """
+
+
+def _open(context: Context) -> Spool:
+    try:
+        return Spool.open(context.settings.spool_path, writer=False)
+    except SpoolUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def status_lines(status: SpoolStatus) -> list[str]:
+    """The human-readable status report."""
+    oldest = status.oldest.isoformat() if status.oldest else "-"
+    return [
+        f"directory: {status.directory}",
+        f"depth:     {status.depth} deliveries waiting",
+        f"bytes:     {status.bytes}",
+        f"oldest:    {oldest}",
+        f"corrupt:   {status.corrupt} (set aside in corrupt/, see the .reason files)",
+        f"failed:    {status.failed} (refused on drain, set aside in failed/)",
+    ]
+
+
+@spool_group.command(name="status")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_obj
+def status_command(context: Context, fmt: str) -> None:
+    """Show how many deliveries wait in the spool, how old the oldest is, and its size.
+
+    Exits 0 whatever the depth; use --format json in monitoring.
+
+    \b
+    Example:
+      secledger spool status
+      secledger spool status --format json | jq .depth
+    """
+    status = _open(context).status()
+    if fmt == "json":
+        click.echo(orjson.dumps(status.to_json()).decode())
+        return
+    click.echo("\n".join(status_lines(status)))
+
+
+def summary(result: DrainResult) -> str:
+    """One line saying what a drain did."""
+    return (
+        f"recorded {result.recorded}, duplicates {result.duplicates}, "
+        f"ignored {result.ignored}, set aside {result.set_aside}, remaining {result.remaining}"
+    )
+
+
+@spool_group.command(name="drain")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=128, show_default=True)
+@click.pass_obj
+def drain_command(context: Context, batch: int) -> None:
+    """Record every spooled delivery, oldest first, through the normal recording path.
+
+    Each file is deleted only after its transaction committed; draining twice is
+    harmless (the second time a delivery is a duplicate). Exits 1 if the database
+    became unavailable before the spool was empty.
+
+    \b
+    Example:
+      SECLEDGER_DATABASE_URL=postgresql://secledger@db/secledger secledger spool drain
+    """
+    spool = _open(context)
+    policy = LabelPolicy.from_settings(context.settings)
+    with context.engine() as engine:
+        try:
+            with spool.draining():
+                result = Drainer(engine, spool, policy).all(batch)
+        except DrainBusy as exc:
+            raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
+    click.echo(summary(result))
+    if result.unavailable and result.remaining:
+        raise click.ClickException(
+            f"the database became unavailable; {result.remaining} deliveries still spooled"
+        )

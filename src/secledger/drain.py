@@ -1,0 +1,184 @@
+"""Record spooled deliveries, oldest first, through the one recording path.
+
+A file is deleted only after the transaction that logged it has committed. A crash
+between the commit and the delete records it again on the next drain, which the
+log's unique dedup key turns into a harmless ``duplicate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from secledger.errors import IntakeError
+from secledger.extract import EventFacts, MRKey, extract_facts
+from secledger.intake import Delivery, Ignored, parse_delivery
+from secledger.membership import KnownMRs
+from secledger.policy import LabelPolicy
+from secledger.service import record_batch
+from secledger.spool import CORRUPT, FAILED, CorruptEntry, Spool, SpooledDelivery
+from secledger.store.log import Chain
+
+log = structlog.get_logger("secledger.drain")
+
+# The body was accepted when it arrived; a later, smaller limit must not refuse it now.
+_NO_LIMIT = 1 << 62
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the database could not be reached, rather than refusing the write."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+@dataclass
+class DrainResult:
+    """What one drain did."""
+
+    recorded: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    set_aside: int = 0
+    remaining: int = 0
+    unavailable: bool = False
+    keys: list[MRKey] = field(default_factory=list)
+
+    def add(self, other: DrainResult) -> None:
+        """Accumulate another step into this one."""
+        self.recorded += other.recorded
+        self.duplicates += other.duplicates
+        self.ignored += other.ignored
+        self.set_aside += other.set_aside
+        self.remaining = other.remaining
+        self.unavailable = other.unavailable
+        self.keys.extend(other.keys)
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    delivery: Delivery
+    facts: EventFacts
+
+
+def to_delivery(spooled: SpooledDelivery) -> Delivery | Ignored:
+    """Run a spooled delivery through intake again, keeping what was decided at receipt."""
+    delivery = parse_delivery(
+        spooled.headers,
+        spooled.body,
+        secrets=(),
+        max_body_bytes=_NO_LIMIT,
+        received_at=spooled.received_at,
+        require_token=False,  # the token was checked before the delivery was spooled
+        source=spooled.source,
+    )
+    if isinstance(delivery, Ignored):
+        return delivery
+    # The identity computed from the full request headers at receipt is authoritative.
+    return replace(
+        delivery, event=spooled.event, instance=spooled.instance, dedup_key=spooled.dedup_key
+    )
+
+
+class Drainer:
+    """Drains one spool into one database."""
+
+    def __init__(
+        self, engine: Engine, spool: Spool, policy: LabelPolicy, known: KnownMRs | None = None
+    ) -> None:
+        self.engine = engine
+        self.spool = spool
+        self.policy = policy
+        self.known = known
+
+    def step(self, limit: int) -> DrainResult:
+        """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
+        result = DrainResult()
+        if not self._reachable():
+            # Asked again and again while the database is down: fail before reading files.
+            result.unavailable = True
+            result.remaining = self.spool.depth
+            return result
+        items = self._load(self.spool.entries()[:limit], result)
+        if items:
+            self._record(items, result)
+        result.remaining = self.spool.recount()
+        return result
+
+    def all(self, batch: int = 128) -> DrainResult:
+        """Drain until the spool is empty or the database is unavailable."""
+        total = DrainResult(remaining=self.spool.recount())
+        while total.remaining and not total.unavailable:
+            total.add(self.step(batch))
+        return total
+
+    def _reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if is_transient(exc):
+                return False
+            raise
+        return True
+
+    def _load(self, paths: list[Path], result: DrainResult) -> list[_Item]:
+        items = []
+        for path in paths:
+            try:
+                spooled = self.spool.read(path)
+                delivery = to_delivery(spooled)
+            except FileNotFoundError:
+                continue  # drained meanwhile by another process
+            except CorruptEntry as exc:
+                self._set_aside(path, CORRUPT, f"corrupt spool file: {exc}", result)
+                continue
+            except IntakeError as exc:
+                self._set_aside(path, FAILED, f"rejected on drain: {exc}", result)
+                continue
+            if isinstance(delivery, Ignored):
+                self._set_aside(path, FAILED, f"ignored on drain: {delivery.reason}", result)
+                continue
+            items.append(_Item(path, delivery, extract_facts(delivery, self.policy)))
+        return items
+
+    def _set_aside(self, path: Path, folder: str, reason: str, result: DrainResult) -> None:
+        target = self.spool.set_aside(path, folder, reason)
+        result.set_aside += 1
+        log.error("spool_file_set_aside", file=str(target), reason=reason)
+
+    def _record(self, items: list[_Item], result: DrainResult) -> None:
+        try:
+            with self.engine.begin() as conn:
+                chain = Chain.open(conn)
+                outcomes = record_batch(conn, chain, [(i.delivery, i.facts) for i in items])
+        except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
+            if is_transient(exc):
+                result.unavailable = True
+                return
+            if len(items) > 1:
+                # One delivery the database refuses must not hold back the others.
+                for item in items:
+                    self._record([item], result)
+                    if result.unavailable:
+                        return
+                return
+            reason = str(getattr(exc, "orig", None) or type(exc).__name__)[:300]
+            self._set_aside(items[0].path, FAILED, f"refused by the database: {reason}", result)
+            return
+        self.spool.remove([item.path for item in items])
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.status == "recorded":
+                result.recorded += 1
+                result.keys.append(item.facts.key)
+                if self.known is not None:
+                    self.known.add(item.facts.key)
+            elif outcome.status == "duplicate":
+                result.duplicates += 1
+            else:
+                result.ignored += 1

@@ -1,0 +1,295 @@
+"""A durable on-disk queue of verified deliveries, for when PostgreSQL cannot take them.
+
+One file per delivery, named so that sorting the names gives arrival order. A file
+appears under its final name only once its bytes are on disk: it is written under a
+temporary name, fsync'd, renamed, and the directory is fsync'd, so a crash at any
+point leaves either a complete delivery or a temporary file that is never read as one.
+A file whose checksum does not match is moved to ``corrupt/`` and reported, never
+dropped. No database here: :mod:`secledger.drain` records what this module keeps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from secledger.errors import SecledgerError, StoreUnavailable
+from secledger.intake import Delivery
+from secledger.times import isoformat
+
+MAGIC = b"secledger.spool.v1\n"
+SUFFIX = ".dlv"
+TEMP_PREFIX = ".tmp-"
+CORRUPT = "corrupt"
+FAILED = "failed"
+LOCK_FILE = ".drain.lock"
+_META_KEYS = ("received_at", "source", "event", "instance", "dedup_key", "headers")
+
+
+class SpoolUnavailable(StoreUnavailable):
+    """The spool directory cannot be written, so nothing can be acknowledged."""
+
+
+class CorruptEntry(SecledgerError):
+    """A spool file is not a complete delivery written by this module."""
+
+
+class DrainBusy(SecledgerError):
+    """Another process is draining this spool right now."""
+
+
+@dataclass(frozen=True)
+class SpooledDelivery:
+    """What a spool file holds: everything needed to record the delivery later."""
+
+    received_at: datetime
+    source: str
+    event: str
+    instance: str
+    dedup_key: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    """Depth, age and size of the spool, plus files set aside."""
+
+    directory: Path
+    depth: int
+    bytes: int
+    oldest: datetime | None
+    corrupt: int
+    failed: int
+
+    def to_json(self) -> dict[str, Any]:
+        """For /readyz and ``spool status --format json``."""
+        return {
+            "directory": str(self.directory),
+            "depth": self.depth,
+            "bytes": self.bytes,
+            "oldest": isoformat(self.oldest),
+            "corrupt": self.corrupt,
+            "failed": self.failed,
+        }
+
+
+def encode(delivery: Delivery) -> bytes:
+    """The bytes of one spool file: magic line, JSON metadata line, raw body."""
+    meta = {
+        "received_at": delivery.received_at.isoformat(),
+        "source": delivery.source,
+        "event": delivery.event,
+        "instance": delivery.instance,
+        "dedup_key": delivery.dedup_key,
+        "headers": delivery.headers,
+        "body_length": len(delivery.body),
+        "body_sha256": hashlib.sha256(delivery.body).hexdigest(),
+    }
+    return MAGIC + orjson.dumps(meta) + b"\n" + delivery.body
+
+
+def decode(data: bytes) -> SpooledDelivery:
+    """Parse a spool file, or raise CorruptEntry saying what is wrong."""
+    if not data.startswith(MAGIC):
+        raise CorruptEntry("does not start with the spool format line")
+    meta_line, newline, body = data[len(MAGIC) :].partition(b"\n")
+    if not newline:
+        raise CorruptEntry("metadata line is incomplete")
+    try:
+        meta = orjson.loads(meta_line)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntry(f"metadata is not JSON: {exc}") from None
+    if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS):
+        raise CorruptEntry("metadata lacks a required field")
+    if meta.get("body_length") != len(body):
+        raise CorruptEntry(f"body is {len(body)} bytes, metadata says {meta.get('body_length')}")
+    if meta.get("body_sha256") != hashlib.sha256(body).hexdigest():
+        raise CorruptEntry("body checksum does not match")
+    try:
+        received_at = datetime.fromisoformat(meta["received_at"])
+    except (TypeError, ValueError):
+        raise CorruptEntry("received_at is not an ISO 8601 time") from None
+    if received_at.tzinfo is None:
+        raise CorruptEntry("received_at has no time zone")
+    return SpooledDelivery(
+        received_at=received_at,
+        source=str(meta["source"]),
+        event=str(meta["event"]),
+        instance=str(meta["instance"]),
+        dedup_key=str(meta["dedup_key"]),
+        headers={str(k): str(v) for k, v in dict(meta["headers"]).items()},
+        body=body,
+    )
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and unlinks in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """One spool directory. Only one process (``serve``) writes to it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._last = 0
+        self.depth = 0
+
+    @classmethod
+    def open(cls, directory: Path, *, writer: bool = True) -> Spool:
+        """Create the directory if needed, count; the writer also removes interrupted writes."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for leftover in directory.glob(TEMP_PREFIX + "*") if writer else ():
+                # A temporary file is a write that never finished; it was never acknowledged.
+                # Only the writer may remove them: another process's write may be under way.
+                leftover.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SpoolUnavailable(f"cannot use spool directory {directory}: {exc}") from exc
+        spool = cls(directory)
+        names = spool.entries()
+        spool.depth = len(names)
+        if names:
+            spool._last = int(names[-1].name.split("-", 1)[0])
+        return spool
+
+    def entries(self) -> list[Path]:
+        """Spooled deliveries, oldest first."""
+        try:
+            return sorted(p for p in self.directory.iterdir() if _is_entry(p))
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # the directory is gone: nothing in it can be drained
+
+    def write(self, deliveries: Sequence[Delivery]) -> list[Path]:
+        """Durably add ``deliveries`` in order; raises SpoolUnavailable if it cannot."""
+        with self._lock:
+            try:
+                paths = [self._write_one(d) for d in deliveries]
+                fsync_dir(self.directory)
+            except OSError as exc:
+                # Files renamed before the failure are still drained, so count them.
+                self.depth = len(self.entries())
+                raise SpoolUnavailable(f"cannot write to the spool: {exc.strerror}") from exc
+            self.depth += len(paths)
+            return paths
+
+    def _write_one(self, delivery: Delivery) -> Path:
+        # Names sort in arrival order: a nanosecond clock that never goes backwards here,
+        # plus the pid so that names from two processes can never collide.
+        self._last = max(self._last + 1, time.time_ns())
+        name = f"{self._last:020d}-{os.getpid()}{SUFFIX}"
+        temp = self.directory / f"{TEMP_PREFIX}{name}"
+        try:
+            _write_synced(temp, encode(delivery))
+            temp.rename(self.directory / name)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        return self.directory / name
+
+    def read(self, path: Path) -> SpooledDelivery:
+        """The delivery in ``path``; CorruptEntry if it is not a complete spool file."""
+        return decode(path.read_bytes())
+
+    def remove(self, paths: Sequence[Path]) -> None:
+        """Forget deliveries whose transaction has committed."""
+        for path in paths:
+            path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        self.recount()
+
+    def set_aside(self, path: Path, folder: str, reason: str) -> Path:
+        """Move a file that cannot be recorded to ``folder`` with a note saying why."""
+        target_dir = self.directory / folder
+        target_dir.mkdir(exist_ok=True, mode=0o700)
+        target = target_dir / path.name
+        (target_dir / f"{path.name}.reason").write_text(reason + "\n")
+        path.rename(target)
+        fsync_dir(target_dir)
+        fsync_dir(self.directory)
+        self.recount()
+        return target
+
+    def recount(self) -> int:
+        """Re-read the depth from the directory (another process may have drained)."""
+        self.depth = len(self.entries())
+        return self.depth
+
+    def status(self) -> SpoolStatus:
+        """Depth, total bytes, oldest receipt time, and files set aside."""
+        names = self.entries()
+        size = sum(_size(p) for p in names)
+        oldest = None
+        for path in names[:1]:
+            try:
+                oldest = self.read(path).received_at
+            except (OSError, CorruptEntry):
+                oldest = None
+        return SpoolStatus(
+            directory=self.directory,
+            depth=len(names),
+            bytes=size,
+            oldest=oldest,
+            corrupt=_count(self.directory / CORRUPT),
+            failed=_count(self.directory / FAILED),
+        )
+
+    @contextmanager
+    def draining(self) -> Iterator[None]:
+        """Hold the drain lock, so two processes never drain at once; DrainBusy if held."""
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DrainBusy(f"another process is draining {self.directory}") from None
+            yield
+        finally:
+            os.close(fd)
+
+
+def _is_entry(path: Path) -> bool:
+    # By name alone (no stat per file): temporary files start with a dot, and the
+    # corrupt/ and failed/ folders do not end with the suffix.
+    return path.name.endswith(SUFFIX) and not path.name.startswith(".")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _count(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.name.endswith(SUFFIX))

@@ -1,0 +1,276 @@
+"""The durable spool: files on disk, the drain, and the receiver while the database is down."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from builders import dumps, label_change, mr_event
+from conftest import post
+from secledger.cli import main
+from secledger.config import Settings
+from secledger.drain import Drainer
+from secledger.intake import Delivery, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, decode, encode
+from secledger.store import db
+from secledger.web import create_app
+
+RECEIVED = datetime(2025, 8, 5, 21, 48, 25, 123456, tzinfo=UTC)
+
+
+def delivery(body: dict[str, Any], key: str, received_at: datetime = RECEIVED) -> Delivery:
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
+        dumps(body),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=received_at,
+        require_token=False,
+    )
+    assert isinstance(parsed, Delivery)
+    return parsed
+
+
+def log_rows(engine: Engine) -> list[tuple[int, str, datetime, str]]:
+    with engine.connect() as conn:
+        query = text("SELECT seq, dedup_key, received_at, source FROM delivery_log ORDER BY seq")
+        return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
+
+
+@contextmanager
+def database_down(server_url: str, database_url: str) -> Iterator[None]:
+    """Refuse every connection to the test's database, as if its server were gone."""
+    name = make_url(database_url).database
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def wait_for(condition: Any, seconds: float = 20.0) -> None:
+    """Poll until ``condition()`` is true; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def spool_settings(settings: Settings) -> Settings:
+    """Settings that retry the database quickly, so a drain follows recovery at once."""
+    return settings.model_copy(update={"spool_retry_seconds": 0.05})
+
+
+@pytest.fixture
+def receiver(spool_settings: Settings, database_url: str) -> Iterator[TestClient]:
+    app = create_app(spool_settings, db.Database(database_url, embedded=False))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def spool_depth(client: TestClient) -> int:
+    return int(client.get("/readyz").json()["spool"]["depth"])
+
+
+def test_spool_file_keeps_everything_needed_to_record_later(tmp_path: Path) -> None:
+    original = delivery(mr_event("approved", actor="bob"), "k-1")
+    spool = Spool.open(tmp_path / "spool")
+    [path] = spool.write([original])
+    kept = decode(path.read_bytes())
+    assert kept.received_at == RECEIVED
+    assert (kept.source, kept.event, kept.instance) == (
+        "webhook",
+        original.event,
+        original.instance,
+    )
+    assert kept.dedup_key == "idem:k-1"
+    assert kept.headers == original.headers
+    assert kept.body == original.body
+    assert spool.depth == 1
+
+
+def test_names_sort_in_write_order(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    keys = [f"k-{i}" for i in range(50)]
+    for key in keys:
+        spool.write([delivery(mr_event("update"), key)])
+    assert [spool.read(p).dedup_key for p in spool.entries()] == [f"idem:{k}" for k in keys]
+    reopened = Spool.open(tmp_path / "spool")
+    reopened.write([delivery(mr_event("update"), "after-restart")])
+    assert reopened.read(reopened.entries()[-1]).dedup_key == "idem:after-restart"
+
+
+def test_interrupted_write_is_never_read_as_a_delivery(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    data = encode(delivery(mr_event("open"), "half"))
+    (directory / f"{TEMP_PREFIX}00000000000000000001-1.dlv").write_bytes(data[: len(data) // 2])
+    spool = Spool.open(directory)
+    assert spool.entries() == []
+    assert spool.depth == 0
+    assert list(directory.iterdir()) == []
+
+
+def test_corrupt_file_is_set_aside_and_reported_not_dropped(tmp_path: Path, engine) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    [good] = spool.write([delivery(mr_event("open"), "good")])
+    data = encode(delivery(mr_event("approved", actor="bob"), "torn"))
+    torn = spool.directory / "00000000000000000001-1.dlv"
+    torn.write_bytes(data[:-10])
+    result = Drainer(engine, spool, LabelPolicy()).all()
+    assert (result.recorded, result.set_aside, result.remaining) == (1, 1, 0)
+    assert not good.exists()
+    assert (spool.directory / CORRUPT / torn.name).read_bytes() == data[:-10]
+    reason = (spool.directory / CORRUPT / f"{torn.name}.reason").read_text()
+    assert "body is" in reason
+    assert spool.status().corrupt == 1
+    assert [row[1] for row in log_rows(engine)] == ["idem:good"]
+
+
+def test_drain_keeps_receipt_time_and_order_and_a_second_drain_is_harmless(
+    tmp_path: Path, engine
+) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    times = [datetime(2025, 8, 5, 21, 0, i, 7, tzinfo=UTC) for i in range(3)]
+    bodies = [
+        mr_event("open", updated_at="2025-08-05 20:00:00 UTC"),
+        mr_event("approved", actor="bob", updated_at="2025-08-05 20:30:00 UTC"),
+        mr_event("merge", actor="alice", updated_at="2025-08-05 20:40:00 UTC"),
+    ]
+    spool.write(
+        [delivery(b, f"k-{i}", t) for i, (b, t) in enumerate(zip(bodies, times, strict=True))]
+    )
+    copies = {p.name: p.read_bytes() for p in spool.entries()}
+    assert Drainer(engine, spool, LabelPolicy()).all().recorded == 3
+    # A crash after the commit but before the files were deleted drains them again.
+    for name, data in copies.items():
+        (spool.directory / name).write_bytes(data)
+    again = Drainer(engine, spool, LabelPolicy()).all()
+    assert (again.recorded, again.duplicates, again.remaining) == (0, 3, 0)
+    rows = log_rows(engine)
+    assert [r[1] for r in rows] == ["idem:k-0", "idem:k-1", "idem:k-2"]
+    assert [r[2] for r in rows] == times
+    assert {r[3] for r in rows} == {"webhook"}
+
+
+def test_receiver_spools_with_202_while_the_database_is_down_and_drains_after(
+    receiver: TestClient, engine, server_url: str, database_url: str, spool_settings
+) -> None:
+    first = post(receiver, mr_event("open"), Idempotency_Key="d-0")
+    assert first.json()["status"] == "recorded"
+    answers = []
+    with database_down(server_url, database_url):
+        for i in range(1, 4):
+            body = mr_event("update", updated_at=f"2025-08-05 22:0{i}:00 UTC")
+            answers.append(post(receiver, body, Idempotency_Key=f"d-{i}"))
+        ready = receiver.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["spool"]["depth"] == 3
+        assert len(list(spool_settings.spool_path.glob("*.dlv"))) == 3
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert {a.json()["status"] for a in answers} == {"spooled"}
+    assert [a.json()["spool_depth"] for a in answers] == [1, 2, 3]
+    wait_for(lambda: spool_depth(receiver) == 0)
+    rows = log_rows(engine)
+    assert [r[1] for r in rows] == [f"idem:d-{i}" for i in range(4)]
+    received = [datetime.fromisoformat(a.json()["received_at"]) for a in answers]
+    assert [r[2] for r in rows[1:]] == received
+    assert receiver.get("/readyz").json()["ready"] is True
+
+
+def test_label_removal_behind_a_spooled_open_is_not_ignored(
+    receiver: TestClient, engine, server_url: str, database_url: str
+) -> None:
+    """The receiver cannot know the MR is a security MR yet: the open is still spooled."""
+    removed = mr_event(
+        "update",
+        labels=["backend"],
+        updated_at="2025-08-05 23:00:00 UTC",
+        changes=label_change(["sec::high"], ["backend"], "2025-08-05 23:00:00 UTC"),
+    )
+    merged = mr_event("merge", labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    with database_down(server_url, database_url):
+        assert post(receiver, mr_event("open")).json()["status"] == "spooled"
+        assert post(receiver, removed).json()["status"] == "spooled"
+        # Not a security delivery by itself, and the MR is not in the ledger yet.
+        assert post(receiver, merged).json()["status"] == "spooled"
+    wait_for(lambda: spool_depth(receiver) == 0)
+    assert len(log_rows(engine)) == 3
+    row = post(receiver, mr_event("close", labels=["backend"])).json()
+    assert row["status"] == "recorded"
+    assert row["ledger"]["decision"] == "merged"
+
+
+def test_new_delivery_does_not_overtake_a_spooled_one(
+    settings: Settings, engine, server_url: str, database_url: str
+) -> None:
+    slow = settings.model_copy(update={"spool_retry_seconds": 300})
+    app = create_app(slow, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        with database_down(server_url, database_url):
+            assert post(client, mr_event("open"), Idempotency_Key="older").status_code == 202
+        # The database is back but the writer has not drained yet: the newer one queues.
+        newer = post(client, mr_event("approved", actor="bob"), Idempotency_Key="newer")
+        assert newer.json()["status"] == "spooled"
+        assert log_rows(engine) == []
+        result = Drainer(engine, Spool.open(slow.spool_path), LabelPolicy()).all()
+    assert result.recorded == 2
+    assert [r[1] for r in log_rows(engine)] == ["idem:older", "idem:newer"]
+
+
+def test_unwritable_spool_answers_503_never_2xx(
+    receiver: TestClient, spool_settings: Settings, server_url: str, database_url: str, engine
+) -> None:
+    directory = spool_settings.spool_path
+    shutil.rmtree(directory)
+    directory.write_text("a file where the spool directory should be\n")
+    with database_down(server_url, database_url):
+        response = post(receiver, mr_event("open"))
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert log_rows(engine) == []
+
+
+def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    spool.write([delivery(mr_event("open"), "c-1"), delivery(mr_event("close"), "c-2")])
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_SPOOL_DIR": str(tmp_path / "spool"),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    runner = CliRunner()
+    shown = runner.invoke(main, ["spool", "status", "--format", "json"], env=env)
+    assert shown.exit_code == 0, shown.output
+    status = orjson.loads(shown.output)
+    assert status["depth"] == 2
+    assert status["oldest"] == "2025-08-05T21:48:25.123456Z"
+    assert status["bytes"] == sum(p.stat().st_size for p in spool.entries())
+    drained = runner.invoke(main, ["spool", "drain"], env=env)
+    assert drained.exit_code == 0, drained.output
+    assert "recorded 2" in drained.output
+    assert "remaining 0" in drained.output
+    assert [r[1] for r in log_rows(engine)] == ["idem:c-1", "idem:c-2"]
+    text_status = runner.invoke(main, ["spool", "status"], env=env)
+    assert "depth:     0" in text_status.output
