@@ -196,6 +196,7 @@ def replay_files(context: Context, engine: Engine, paths: list[Path], event: str
                 path.read_bytes(),
                 max_body_bytes=context.settings.max_body_bytes,
                 source="replay",
+                emit=context.settings.sink_enabled,
             )
         except IntakeError as exc:
             rejected += 1
@@ -344,3 +345,7 @@ if __name__ == "__main__":
 
 
 # Commands from other areas register here, one line each.
+from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
+
+main.add_command(watch_command)
+main.add_command(sink_group)

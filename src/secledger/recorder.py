@@ -57,9 +57,10 @@ _STOP = object()
 class Recorder:
     """Owns the writer thread. ``submit`` from the event loop; ``close`` on shutdown."""
 
-    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 128, *, emit: bool = False) -> None:
         self._engine = engine
         self._max_batch = max_batch
+        self._emit = emit
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
@@ -102,7 +103,9 @@ class Recorder:
         try:
             with self._engine.begin() as conn:
                 chain = Chain.open(conn)
-                outcomes = [record(conn, chain, job.delivery, job.facts) for job in jobs]
+                outcomes = [
+                    record(conn, chain, job.delivery, job.facts, emit=self._emit) for job in jobs
+                ]
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if _is_transient(exc) or len(jobs) == 1:
                 self._fail(jobs, exc)

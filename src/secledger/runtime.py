@@ -32,7 +32,7 @@ class Runtime:
         known = KnownMRs()
         known.load(engine)
         known.listen(db.libpq_url(database.url))
-        recorder = Recorder(engine, max_batch=settings.max_batch)
+        recorder = Recorder(engine, max_batch=settings.max_batch, emit=settings.sink_enabled)
         recorder.start()
         return cls(
             settings=settings,

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, RowMapping
 from secledger.extract import EventFacts, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.store import ledger
+from secledger.store import ledger, outbox
 from secledger.store.log import Chain, seq_of
 from secledger.times import isoformat, utcnow
 
@@ -53,8 +53,19 @@ def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     return out
 
 
-def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts) -> Outcome:
-    """Log one delivery and update its merge request's ledger row."""
+def record(
+    conn: Connection,
+    chain: Chain,
+    delivery: Delivery,
+    facts: EventFacts,
+    *,
+    emit: bool = False,
+) -> Outcome:
+    """Log one delivery and update its merge request's ledger row.
+
+    With ``emit`` (an HTTP sink is configured) the new row is also queued in the outbox,
+    in this same transaction, so the sink gets every row that was committed.
+    """
     if not facts.is_security and not ledger.is_known(conn, facts.key):
         return Outcome("ignored", reason=NOT_SECURITY)
     seq = chain.append(conn, delivery)
@@ -68,17 +79,24 @@ def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts
         )
     ledger.add_event(conn, seq, facts)
     row = ledger.project(conn, facts.key)
+    rendered = ledger_json(row) if row else None
+    if emit and rendered is not None:
+        # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
+        body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
+        outbox.add(conn, seq, chain.hash.hex(), body)
     message = {"instance": facts.instance, "project_id": facts.project_id}
     message |= {"mr_iid": facts.mr_iid, "seq": seq}
     ledger.notify(conn, orjson.dumps(message).decode())
-    return Outcome("recorded", seq=seq, row=ledger_json(row) if row else None)
+    return Outcome("recorded", seq=seq, row=rendered)
 
 
-def record_one(engine: Engine, delivery: Delivery, facts: EventFacts) -> Outcome:
+def record_one(
+    engine: Engine, delivery: Delivery, facts: EventFacts, *, emit: bool = False
+) -> Outcome:
     """Record one delivery in its own transaction, committed on return."""
     with engine.begin() as conn:
         chain = Chain.open(conn)
-        return record(conn, chain, delivery, facts)
+        return record(conn, chain, delivery, facts, emit=emit)
 
 
 def feed(
@@ -89,6 +107,7 @@ def feed(
     *,
     max_body_bytes: int,
     source: str,
+    emit: bool = False,
 ) -> Outcome:
     """Intake, extract and record one recorded request, as the endpoint would (no token)."""
     delivery = parse_delivery(
@@ -102,4 +121,4 @@ def feed(
     )
     if isinstance(delivery, Ignored):
         return Outcome("ignored", reason=delivery.reason)
-    return record_one(engine, delivery, extract_facts(delivery, policy))
+    return record_one(engine, delivery, extract_facts(delivery, policy), emit=emit)
