@@ -1,9 +1,9 @@
 """The optional HTTP sink: POST each outbox row to a URL, in seq order, at least once.
 
-One row at a time, in one transaction that holds the sink lock: read the oldest
-undelivered row, POST it, then record the 2xx (``outbox_delivered``) or the failure
-(``outbox_failures``) and commit. A crash or a lost database between the 2xx and the
-commit sends that row again later, with the same ``Idempotency-Key``: the receiver
+In one transaction that holds the sink lock: read the oldest undelivered rows, POST them
+one by one in seq order, record each 2xx (``outbox_delivered``) and stop at the first
+failure (``outbox_failures``), then commit. A crash or a lost database between a 2xx and
+the commit sends that row again later, with the same ``Idempotency-Key``: the receiver
 deduplicates on it. A row that keeps failing is retried with exponential backoff and
 is never skipped, so rows after it wait: nothing is lost and nothing overtakes.
 """
@@ -30,6 +30,9 @@ log = structlog.get_logger("secledger.sink")
 # Notifications wake the background sender at once; this is only the safety net.
 POLL_SECONDS = 5.0
 RECONNECT_SECONDS = 2.0
+# Rows posted per transaction: one commit for their markers. A crash before that commit
+# sends them again (the receiver deduplicates on Idempotency-Key).
+SEND_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class SinkConfig:
 
 @dataclass(frozen=True)
 class _Step:
-    kind: Literal["empty", "busy", "delivered", "failed"]
+    kind: Literal["done", "busy", "failed"]
+    delivered: int = 0
     seq: int | None = None
     error: str | None = None
 
@@ -102,17 +106,17 @@ class Sender:
         result = DrainResult()
         failures = 0
         while not self._stop.is_set():
-            step = self._step()
-            if step.kind == "empty":
-                break
+            step = self._batch()
+            result.delivered += step.delivered
             if step.kind == "busy":
                 result.busy = True
                 break
-            if step.kind == "delivered":
-                result.delivered += 1
-                failures = 0
+            if step.kind == "done":
+                if step.delivered == 0:
+                    break
                 continue
-            failures += 1
+            # A failure after some deliveries is the first failure of a new head row.
+            failures = 1 if step.delivered else failures + 1
             log.warning("sink_failed", seq=step.seq, error=step.error, attempt=failures)
             if failures >= self._config.max_attempts:
                 result.stuck_seq, result.error = step.seq, step.error
@@ -120,20 +124,23 @@ class Sender:
             self._stop.wait(self._config.delay(failures))
         return result
 
-    def _step(self) -> _Step:
+    def _batch(self) -> _Step:
+        """POST up to SEND_BATCH rows in order, one commit for all their markers."""
+        delivered = 0
         with self._engine.begin() as conn:
             if not outbox.try_lock(conn):
                 return _Step("busy")
-            item = outbox.next_pending(conn)
-            if item is None:
-                return _Step("empty")
-            status, error = self._post(item)
-            if error is None and status is not None:
-                outbox.mark_delivered(conn, item.seq, status)
-                log.debug("sink_delivered", seq=item.seq, status=status)
-                return _Step("delivered", item.seq)
-            outbox.mark_failed(conn, item.seq, status, error or "unknown")
-            return _Step("failed", item.seq, error)
+            for item in outbox.next_pending(conn, SEND_BATCH):
+                if self._stop.is_set():
+                    break
+                status, error = self._post(item)
+                if error is None and status is not None:
+                    outbox.mark_delivered(conn, item.seq, status)
+                    delivered += 1
+                    continue
+                outbox.mark_failed(conn, item.seq, status, error or "unknown")
+                return _Step("failed", delivered, item.seq, error)
+        return _Step("done", delivered)
 
     def _post(self, item: outbox.Pending) -> tuple[int | None, str | None]:
         headers = {

@@ -47,7 +47,7 @@ _LAST_FAILURE = text(
 
 @dataclass(frozen=True)
 class Pending:
-    """The oldest outbox row not yet acknowledged by the sink."""
+    """An outbox row not yet acknowledged by the sink."""
 
     seq: int
     idempotency_key: str
@@ -87,10 +87,10 @@ def try_lock(conn: Connection) -> bool:
     return bool(conn.execute(_TRY_LOCK).scalar_one())
 
 
-def next_pending(conn: Connection) -> Pending | None:
-    """The oldest undelivered row."""
-    row = conn.execute(_NEXT).first()
-    return Pending(int(row[0]), str(row[1]), str(row[2])) if row else None
+def next_pending(conn: Connection, limit: int) -> list[Pending]:
+    """The oldest undelivered rows, oldest first."""
+    rows = conn.execute(_NEXT, {"limit": limit})
+    return [Pending(int(seq), str(key), str(body)) for seq, key, body in rows]
 
 
 def mark_delivered(conn: Connection, seq: int, status: int) -> None:
