@@ -233,3 +233,34 @@ def test_watch_catches_up_after_losing_its_connections(
     line = process.take(1)[0]
     assert (line["seq"], line["mr_iid"]) == (2, 2)
     assert process.stop() == []
+
+
+class LineQueue(io.StringIO):
+    """A TextIO that hands each complete line to a queue (the watcher writes whole lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self.lines.put(json.loads(line))
+        return len(text)
+
+
+def test_a_notification_wakes_the_watcher(engine: Engine, database_url: str) -> None:
+    """With polling pushed out to 10 minutes, only NOTIFY can deliver the line in time."""
+    out = LineQueue()
+    stop = threading.Event()
+    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, stop, poll_seconds=600)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        record(engine, event(1, iid=1))
+        assert out.lines.get(timeout=LINE_TIMEOUT)["seq"] == 1
+        record(engine, event(2, iid=2))
+        assert out.lines.get(timeout=LINE_TIMEOUT)["seq"] == 2
+    finally:
+        stop.set()
+        thread.join(timeout=LINE_TIMEOUT)
+    assert not thread.is_alive()
