@@ -110,15 +110,24 @@ def fetch_history(api: GitLabAPI, mr: dict[str, Any], policy: LabelPolicy) -> li
 
 
 def record_envelopes(
-    conn: Connection, instance: str, envelopes: Iterable[dict[str, Any]], policy: LabelPolicy
+    conn: Connection,
+    instance: str,
+    envelopes: Iterable[dict[str, Any]],
+    policy: LabelPolicy,
+    *,
+    emit: bool = False,
 ) -> int:
-    """Record API facts in the caller's transaction; how many were new."""
+    """Record API facts in the caller's transaction; how many were new.
+
+    ``emit`` queues new ledger rows for the HTTP sink, as the receiver does.
+    """
     chain = Chain.open(conn)
     received_at = utcnow()
     recorded = 0
     for env in envelopes:
         delivery = apifacts.delivery(instance, env, received_at)
-        outcome = record(conn, chain, delivery, apifacts.facts(instance, env, policy))
+        facts = apifacts.facts(instance, env, policy)
+        outcome = record(conn, chain, delivery, facts, emit=emit)
         recorded += outcome.status == "recorded"
     return recorded
 
@@ -154,8 +163,10 @@ class Backfill:
         period: Period,
         *,
         workers: int = 4,
+        emit: bool = False,
     ) -> None:
         self.engine, self.api, self.policy = engine, api, policy
+        self.emit = emit
         self.scopes, self.period, self.workers = scopes, period, workers
         self.key = run_key(api.instance, scopes, period)
 
@@ -170,7 +181,9 @@ class Backfill:
     def record_one(self, mr: dict[str, Any], envelopes: list[dict[str, Any]]) -> int:
         """Record one MR's facts and its cursor row in one transaction."""
         with self.engine.begin() as conn:
-            recorded = record_envelopes(conn, self.api.instance, envelopes, self.policy)
+            recorded = record_envelopes(
+                conn, self.api.instance, envelopes, self.policy, emit=self.emit
+            )
             params = {"run_key": self.key, "pid": int(mr["project_id"]), "iid": int(mr["iid"])}
             conn.execute(_MARK, params)
             conn.execute(_COUNT, {"run_key": self.key, "facts": recorded})

@@ -196,6 +196,7 @@ def replay_files(context: Context, engine: Engine, paths: list[Path], event: str
                 path.read_bytes(),
                 max_body_bytes=context.settings.max_body_bytes,
                 source="replay",
+                emit=context.settings.sink_enabled,
             )
         except IntakeError as exc:
             rejected += 1
@@ -347,9 +348,12 @@ if __name__ == "__main__":
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
 from secledger.commands.spool import spool_group  # noqa: E402
+from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
 
 main.add_command(backfill)
 main.add_command(reconcile)
 main.add_command(enrich)
 main.add_command(gitlab_group)
 main.add_command(spool_group)
+main.add_command(watch_command)
+main.add_command(sink_group)

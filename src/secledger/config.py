@@ -86,6 +86,31 @@ class Settings(BaseSettings):
     )
     spool_retry_seconds: float = Field(default=1.0, gt=0, le=300)
 
+    # Downstream emit: the optional HTTP sink (secledger sink, docs/downstream.md).
+    sink_url: str | None = Field(
+        default=None, description="POST each new ledger row here; unset disables the outbox."
+    )
+    sink_token: SecretStr | None = None
+    sink_token_header: str = "X-Secledger-Token"  # noqa: S105 - a header name, not a secret
+    sink_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    sink_max_attempts: int = Field(default=5, ge=1, le=100)
+    sink_backoff_seconds: float = Field(default=1.0, ge=0, le=3600)
+    sink_backoff_max_seconds: float = Field(default=60.0, ge=0, le=86400)
+
+    @field_validator("sink_url")
+    @classmethod
+    def _sink_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("sink_url must be an http:// or https:// URL")
+        return value.strip()
+
+    @property
+    def sink_enabled(self) -> bool:
+        """True when recordings must also be queued in the outbox for the HTTP sink."""
+        return self.sink_url is not None
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -89,9 +89,16 @@ class Drainer:
     """Drains one spool into one database."""
 
     def __init__(
-        self, engine: Engine, spool: Spool, policy: LabelPolicy, known: KnownMRs | None = None
+        self,
+        engine: Engine,
+        spool: Spool,
+        policy: LabelPolicy,
+        known: KnownMRs | None = None,
+        *,
+        emit: bool = False,
     ) -> None:
         self.engine = engine
+        self.emit = emit
         self.spool = spool
         self.policy = policy
         self.known = known
@@ -156,7 +163,8 @@ class Drainer:
         try:
             with self.engine.begin() as conn:
                 chain = Chain.open(conn)
-                outcomes = record_batch(conn, chain, [(i.delivery, i.facts) for i in items])
+                batch = [(i.delivery, i.facts) for i in items]
+                outcomes = record_batch(conn, chain, batch, emit=self.emit)
         except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
             if is_transient(exc):
                 result.unavailable = True

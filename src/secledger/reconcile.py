@@ -142,13 +142,20 @@ def differences(
     return found, len(decided)
 
 
-def fix(engine: Engine, api: GitLabAPI, policy: LabelPolicy, mrs: Iterable[dict[str, Any]]) -> int:
+def fix(
+    engine: Engine,
+    api: GitLabAPI,
+    policy: LabelPolicy,
+    mrs: Iterable[dict[str, Any]],
+    *,
+    emit: bool = False,
+) -> int:
     """Record the API history of each MR, through the backfill path; how many MRs."""
     count = 0
     for mr in mrs:
         envelopes = fetch_history(api, mr, policy)
         with engine.begin() as conn:
-            record_envelopes(conn, api.instance, envelopes, policy)
+            record_envelopes(conn, api.instance, envelopes, policy, emit=emit)
         count += 1
     return count
 
@@ -182,6 +189,7 @@ def reconcile(
     period: Period,
     *,
     apply_fix: bool = False,
+    emit: bool = False,
 ) -> Report:
     """Compare, optionally fix, compare again, and store the result."""
     closed_period = Period(period.since, period.until or utcnow())
@@ -191,7 +199,7 @@ def reconcile(
     fixed, remaining = 0, found
     to_fix = [gitlab[(d.project_id, d.mr_iid)] for d in found if d.kind != "extra"]
     if apply_fix and to_fix:
-        fixed = fix(engine, api, policy, to_fix)
+        fixed = fix(engine, api, policy, to_fix, emit=emit)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period)
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
     return store(engine, api.instance, scopes, report)

@@ -69,12 +69,14 @@ class Recorder:
         *,
         drainer: Drainer | None = None,
         retry_seconds: float = 1.0,
+        emit: bool = False,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._drainer = drainer
         self._retry_seconds = retry_seconds
         self._next_drain = 0.0
+        self._emit = emit
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
@@ -172,7 +174,9 @@ class Recorder:
         try:
             with self._engine.begin() as conn:
                 chain = Chain.open(conn)
-                outcomes = record_batch(conn, chain, [(job.delivery, job.facts) for job in jobs])
+                outcomes = record_batch(
+                    conn, chain, [(job.delivery, job.facts) for job in jobs], emit=self._emit
+                )
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if is_transient(exc) and self._drainer is not None:
                 self._next_drain = time.monotonic() + self._retry_seconds

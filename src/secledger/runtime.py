@@ -41,8 +41,9 @@ class Runtime:
         recorder = Recorder(
             engine,
             max_batch=settings.max_batch,
-            drainer=Drainer(engine, spool, policy, known),
+            drainer=Drainer(engine, spool, policy, known, emit=settings.sink_enabled),
             retry_seconds=settings.spool_retry_seconds,
+            emit=settings.sink_enabled,
         )
         recorder.start()
         return cls(

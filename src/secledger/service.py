@@ -18,7 +18,7 @@ from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import fold
-from secledger.store import ledger
+from secledger.store import ledger, outbox
 from secledger.store.log import Chain, seq_of
 from secledger.times import isoformat, utcnow
 
@@ -57,13 +57,19 @@ def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     return out
 
 
-def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts) -> Outcome:
+def record(
+    conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts, *, emit: bool = False
+) -> Outcome:
     """Log one delivery and update its merge request's ledger row."""
-    return record_batch(conn, chain, [(delivery, facts)])[0]
+    return record_batch(conn, chain, [(delivery, facts)], emit=emit)[0]
 
 
 def record_batch(
-    conn: Connection, chain: Chain, items: Sequence[tuple[Delivery, EventFacts]]
+    conn: Connection,
+    chain: Chain,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    *,
+    emit: bool = False,
 ) -> list[Outcome]:
     """Record deliveries in order, with the outcomes ``record`` would give one at a time.
 
@@ -71,6 +77,9 @@ def record_batch(
     batch size), which is what lets one writer keep up: the answer for each delivery is
     the fold of its merge request's events up to its own seq, exactly as if the
     deliveries had been recorded one after the other.
+
+    With ``emit`` (an HTTP sink is configured) each new row is also queued in the outbox,
+    in this same transaction, so the sink gets every row that was committed.
     """
     outcomes: list[Outcome] = [IGNORED] * len(items)
     kept = _kept(conn, items)
@@ -79,6 +88,7 @@ def record_batch(
     ledger.add_events(conn, [(seq, items[i][1]) for i, seq in logged])
     events = ledger.events_by_mr(conn, {items[i][1].key for i, _ in logged}) if logged else {}
     latest: dict[MRKey, dict[str, Any]] = {}
+    queued: list[tuple[int, str, str]] = []
     now = utcnow()
     for i, seq in zip(kept, seqs, strict=True):
         delivery, facts = items[i]
@@ -88,8 +98,14 @@ def record_batch(
         row = fold(event for event in events[facts.key] if event.seq <= seq)
         row["updated_at"] = now
         latest[facts.key] = row
-        outcomes[i] = Outcome("recorded", seq=seq, row=ledger_json(row))
+        rendered = ledger_json(row)
+        outcomes[i] = Outcome("recorded", seq=seq, row=rendered)
+        if emit:
+            # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
+            body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
+            queued.append((seq, chain.appended[seq].hex(), body))
     ledger.upsert_rows(conn, list(latest.values()))
+    outbox.add_many(conn, queued)
     ledger.notify_many(conn, [_notice(items[i][1], seq) for i, seq in logged])
     return outcomes
 
@@ -125,11 +141,13 @@ def _notice(facts: EventFacts, seq: int) -> str:
     return orjson.dumps(message).decode()
 
 
-def record_one(engine: Engine, delivery: Delivery, facts: EventFacts) -> Outcome:
+def record_one(
+    engine: Engine, delivery: Delivery, facts: EventFacts, *, emit: bool = False
+) -> Outcome:
     """Record one delivery in its own transaction, committed on return."""
     with engine.begin() as conn:
         chain = Chain.open(conn)
-        return record(conn, chain, delivery, facts)
+        return record(conn, chain, delivery, facts, emit=emit)
 
 
 def feed(
@@ -140,6 +158,7 @@ def feed(
     *,
     max_body_bytes: int,
     source: str,
+    emit: bool = False,
 ) -> Outcome:
     """Intake, extract and record one recorded request, as the endpoint would (no token)."""
     delivery = parse_delivery(
@@ -153,4 +172,4 @@ def feed(
     )
     if isinstance(delivery, Ignored):
         return Outcome("ignored", reason=delivery.reason)
-    return record_one(engine, delivery, extract_facts(delivery, policy))
+    return record_one(engine, delivery, extract_facts(delivery, policy), emit=emit)

@@ -133,6 +133,7 @@ def backfill(
             chosen,
             Period(since, until),
             workers=workers or context.settings.gitlab_workers,
+            emit=context.settings.sink_enabled,
         )
         columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as bar:
@@ -171,7 +172,13 @@ def reconcile(
     policy = LabelPolicy.from_settings(context.settings)
     with context.engine() as engine, edge():
         report = reconciliation.reconcile(
-            engine, api, policy, chosen, Period(since, until), apply_fix=apply_fix
+            engine,
+            api,
+            policy,
+            chosen,
+            Period(since, until),
+            apply_fix=apply_fix,
+            emit=context.settings.sink_enabled,
         )
     rows = [d.to_json() for d in report.differences]
     if rows:
@@ -204,6 +211,8 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     api = _api(context)
     policy = LabelPolicy.from_settings(context.settings)
     with context.engine() as engine, edge():
-        result = enrichment.enrich(engine, api, policy, limit=limit, recheck=recheck)
+        result = enrichment.enrich(
+            engine, api, policy, limit=limit, recheck=recheck, emit=context.settings.sink_enabled
+        )
     detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
     click.echo(f"{result.total} merge requests looked up: {detail}")

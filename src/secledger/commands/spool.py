@@ -96,7 +96,8 @@ def drain_command(context: Context, batch: int) -> None:
     with context.engine() as engine:
         try:
             with spool.draining():
-                result = Drainer(engine, spool, policy).all(batch)
+                drainer = Drainer(engine, spool, policy, emit=context.settings.sink_enabled)
+                result = drainer.all(batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
     click.echo(summary(result))

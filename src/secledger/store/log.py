@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from sqlalchemy import Connection, text
@@ -47,6 +47,8 @@ class Chain:
 
     seq: int
     hash: bytes
+    # Hashes of the rows appended in this transaction, by seq (the sink's idempotency key).
+    appended: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
     def open(cls, conn: Connection) -> Chain:
@@ -63,36 +65,7 @@ class Chain:
 
     def append(self, conn: Connection, delivery: Delivery) -> int | None:
         """Append ``delivery``; its new sequence number, or None when already logged."""
-        row = LogRow(
-            seq=self.seq + 1,
-            received_at=delivery.received_at,
-            source=delivery.source,
-            event=delivery.event,
-            instance=delivery.instance,
-            dedup_key=delivery.dedup_key,
-            headers=headers_text(delivery.headers),
-            payload=delivery.body,
-        )
-        digest = link(self.hash, row)
-        inserted = conn.execute(
-            _INSERT,
-            {
-                "seq": row.seq,
-                "received_at": row.received_at,
-                "source": row.source,
-                "event": row.event,
-                "instance": row.instance,
-                "dedup_key": row.dedup_key,
-                "headers": row.headers,
-                "payload": row.payload,
-                "prev_hash": self.hash,
-                "hash": digest,
-            },
-        ).first()
-        if inserted is None:
-            return None
-        self.seq, self.hash = row.seq, digest
-        return row.seq
+        return self.append_many(conn, [delivery])[0]
 
     def append_many(self, conn: Connection, deliveries: Sequence[Delivery]) -> list[int | None]:
         """Append ``deliveries`` in order in two round trips; like ``append`` for each.
@@ -111,6 +84,7 @@ class Chain:
             params.append(_params(row, self.hash, digest))
             logged[row.dedup_key] = row.seq
             self.seq, self.hash = row.seq, digest
+            self.appended[row.seq] = digest
             seqs.append(row.seq)
         if params:
             conn.execute(_INSERT_MANY, params)

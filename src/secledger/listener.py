@@ -1,0 +1,64 @@
+"""``LISTEN secledger_ledger`` as a wake-up signal for readers that follow the ledger.
+
+A notification only says "something was committed, look again": ``watch`` and the sink
+sender always read what changed from the tables, so a notification lost while a
+connection was down costs latency, never data.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import psycopg
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+CHANNEL = "secledger_ledger"
+# How often a waiting reader looks at its stop flag; bounds how long a clean stop takes.
+STOP_CHECK_SECONDS = 0.25
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for a lost or refused database connection (worth reconnecting for)."""
+    if isinstance(exc, psycopg.OperationalError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class Listener:
+    """One autocommit connection listening on the ledger channel."""
+
+    def __init__(self, libpq_url: str) -> None:
+        self._conn = psycopg.connect(libpq_url, autocommit=True)
+        self._conn.execute(f"LISTEN {CHANNEL}")
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Block until a notification, ``timeout`` seconds or ``stop``; True if notified."""
+        remaining = timeout
+        while remaining > 0 and not stop.is_set():
+            step = min(STOP_CHECK_SECONDS, remaining)
+            if any(True for _ in self._conn.notifies(timeout=step, stop_after=1)):
+                self._drain_queued()
+                return True
+            remaining -= step
+        return False
+
+    def _drain_queued(self) -> None:
+        # A burst of commits is one wake-up: the reader catches up on all of them at once.
+        for _ in self._conn.notifies(timeout=0):
+            pass
+
+    def close(self) -> None:
+        """Close the connection (UNLISTEN is implicit)."""
+        self._conn.close()

@@ -1,0 +1,163 @@
+"""``secledger watch``: ledger changes as JSON lines, caught up from the database.
+
+The database is the source: on start, after every wake-up and after every reconnect the
+watcher reads every seq above the last one it emitted (``store.changes.after``);
+``LISTEN`` only tells it when to look again. Each line is flushed and only then is its
+seq written to the state file, so a restarted watcher resumes after the last line it
+delivered: no gap, and no repeat after a clean stop.
+
+Several seqs of one merge request read together (a catch-up, or one group commit) make
+one line: the MR's row as it is now, at the position of its highest seq, listing every
+seq it covers in ``seqs``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import psycopg
+import structlog
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from secledger.errors import SecledgerError
+from secledger.extract import MRKey
+from secledger.listener import Listener, is_connection_error
+from secledger.service import ledger_json
+from secledger.store import changes
+
+log = structlog.get_logger("secledger.watch")
+
+PAGE = 1000
+
+
+class StateFileError(SecledgerError):
+    """The state file exists but does not hold a last seq."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One emitted line: a merge request's current row and the seqs it covers."""
+
+    seq: int
+    seqs: tuple[int, ...]
+    key: MRKey
+    row: dict[str, object] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written as one line."""
+        return {
+            "seq": self.seq,
+            "seqs": list(self.seqs),
+            "instance": self.key.instance,
+            "project_id": self.key.project_id,
+            "mr_iid": self.key.mr_iid,
+            "ledger": ledger_json(self.row) if self.row is not None else None,
+        }
+
+
+def coalesce(rows: Iterable[changes.SeqRow]) -> list[Change]:
+    """One change per merge request, ordered by its highest seq."""
+    seqs: dict[MRKey, list[int]] = {}
+    latest: dict[MRKey, changes.SeqRow] = {}
+    for item in rows:
+        seqs.setdefault(item.key, []).append(item.seq)
+        latest[item.key] = item
+    found = [Change(max(s), tuple(s), key, latest[key].row) for key, s in seqs.items()]
+    return sorted(found, key=lambda change: change.seq)
+
+
+class StateFile:
+    """The last emitted seq, replaced atomically (temp file, fsync, rename)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> int | None:
+        """The saved seq, or None when there is no state yet."""
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except orjson.JSONDecodeError as exc:
+            raise StateFileError(f"{self.path} is not a watch state file") from exc
+        seq = data.get("last_seq") if isinstance(data, dict) else None
+        if not isinstance(seq, int) or seq < 0:
+            raise StateFileError(f"{self.path} has no valid last_seq")
+        return seq
+
+    def save(self, seq: int) -> None:
+        """Replace the file with ``seq``; after a crash it holds the old or the new value."""
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        with temp.open("wb") as handle:
+            handle.write(orjson.dumps({"last_seq": seq}) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # The rename is atomic; its durability is not needed (no directory fsync): after
+        # a power loss the old value can come back, which repeats lines, never skips one.
+        temp.replace(self.path)
+
+
+@dataclass
+class Watcher:
+    """Emits every change after ``last_seq`` to ``out``, then follows new ones."""
+
+    engine: Engine
+    libpq_url: str
+    out: TextIO
+    last_seq: int
+    stop: threading.Event
+    state: StateFile | None = None
+    poll_seconds: float = 5.0
+    reconnect_max_seconds: float = 30.0
+    emitted: int = 0
+
+    def run(self) -> None:
+        """Catch up and follow until ``stop`` is set; reconnects after database errors."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self._follow()
+            except (psycopg.OperationalError, DBAPIError) as exc:
+                if not is_connection_error(exc):
+                    raise
+                log.warning("watch_reconnecting", error=type(exc).__name__, in_seconds=delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.reconnect_max_seconds)
+            else:
+                return
+
+    def _follow(self) -> None:
+        # LISTEN before catching up: a commit between the two wakes us, so none is missed.
+        with Listener(self.libpq_url) as listener:
+            self.catch_up()
+            while not self.stop.is_set():
+                listener.wait(self.poll_seconds, self.stop)
+                self.catch_up()
+
+    def catch_up(self) -> None:
+        """Emit every change after ``last_seq`` committed so far."""
+        while not self.stop.is_set():
+            with self.engine.connect() as conn:
+                rows = changes.after(conn, self.last_seq, PAGE)
+            for change in coalesce(rows):
+                if self.stop.is_set():
+                    return
+                self.emit(change)
+            if len(rows) < PAGE:
+                return
+
+    def emit(self, change: Change) -> None:
+        """Write one line, flush it, then remember its seq."""
+        self.out.write(orjson.dumps(change.to_json()).decode() + "\n")
+        self.out.flush()
+        self.last_seq = change.seq
+        self.emitted += 1
+        if self.state is not None:
+            self.state.save(change.seq)

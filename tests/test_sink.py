@@ -1,0 +1,233 @@
+"""The HTTP sink: transactional outbox, ordered at-least-once delivery, outages, status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import SecretStr
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from builders import dumps, mr_event
+from conftest import post
+from receiver import Receiver, unused_port
+from secledger.cli import main
+from secledger.config import Settings
+from secledger.extract import extract_facts
+from secledger.intake import Delivery, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.service import feed, record
+from secledger.store import db, outbox
+from secledger.store.log import Chain
+from secledger.times import utcnow
+from secledger.web import create_app
+
+POLICY = LabelPolicy()
+HEADERS = {"x-gitlab-event": "Merge Request Hook"}
+SINK_TOKEN = "sink-secret-value"
+
+
+def record_body(engine: Engine, body: dict, *, emit: bool = True) -> str:
+    outcome = feed(
+        engine, POLICY, HEADERS, dumps(body), max_body_bytes=10**6, source="replay", emit=emit
+    )
+    return outcome.status
+
+
+def history(count: int) -> list[dict]:
+    """``count`` distinct security deliveries over two merge requests."""
+    return [
+        mr_event("update", iid=1 + i % 2, updated_at=f"2025-08-06 10:{i:02d}:00 UTC")
+        for i in range(count)
+    ]
+
+
+def outbox_seqs(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT seq FROM outbox ORDER BY seq")).scalars())
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    started = Receiver().start()
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def sink_cli(database_url: str, tmp_path: Path):
+    """Run the CLI with a sink URL; fast backoff so outage tests take milliseconds."""
+
+    def invoke(url: str, *args: str, attempts: int = 3):
+        env = {
+            "SECLEDGER_DATABASE_URL": database_url,
+            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+            "SECLEDGER_SINK_URL": url,
+            "SECLEDGER_SINK_TOKEN": SINK_TOKEN,
+            "SECLEDGER_SINK_MAX_ATTEMPTS": str(attempts),
+            "SECLEDGER_SINK_BACKOFF_SECONDS": "0.01",
+            "SECLEDGER_SINK_BACKOFF_MAX_SECONDS": "0.05",
+            "SECLEDGER_SINK_TIMEOUT_SECONDS": "5",
+        }
+        return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def test_no_outbox_rows_when_no_sink_is_configured(client, engine: Engine) -> None:
+    """Without SECLEDGER_SINK_URL the hot path writes nothing to the outbox."""
+    for body in history(3):
+        assert post(client, body).json()["status"] == "recorded"
+    assert outbox_seqs(engine) == []
+    assert record_body(engine, mr_event("approved", actor="bob"), emit=False) == "recorded"
+    assert outbox_seqs(engine) == []
+
+
+def test_each_recorded_seq_queues_its_ledger_row(engine: Engine) -> None:
+    """One outbox row per new seq, holding the row as that recording left it."""
+    assert record_body(engine, mr_event("open")) == "recorded"
+    assert record_body(engine, mr_event("approved", actor="bob")) == "recorded"
+    assert record_body(engine, mr_event("approved", actor="bob")) == "duplicate"
+    assert record_body(engine, mr_event("open", iid=7, labels=["docs"])) == "ignored"
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT o.seq, o.idempotency_key, o.body, l.hash FROM outbox o"
+                " JOIN delivery_log l USING (seq) ORDER BY o.seq"
+            )
+        ).all()
+    assert [row.seq for row in rows] == [1, 2]
+    first, second = (json.loads(row.body) for row in rows)
+    assert first["seq"] == 1
+    assert first["ledger"]["decision"] is None
+    assert first["ledger"]["last_seq"] == 1
+    assert second["ledger"]["decision"] == "approved"
+    assert second["ledger"]["approvers"] == ["bob"]
+    assert [row.idempotency_key for row in rows] == [bytes(row.hash).hex() for row in rows]
+
+
+def test_outbox_row_is_rolled_back_with_its_recording(engine: Engine) -> None:
+    """The outbox row is part of the recording transaction: no commit, no row to send."""
+    delivery = parse_delivery(
+        HEADERS,
+        dumps(mr_event("open")),
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=utcnow(),
+        require_token=False,
+        source="replay",
+    )
+    assert isinstance(delivery, Delivery)
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        chain = Chain.open(conn)
+        outcome = record(conn, chain, delivery, extract_facts(delivery, POLICY), emit=True)
+        assert outcome.status == "recorded"
+        assert conn.execute(text("SELECT count(*) FROM outbox")).scalar_one() == 1
+        transaction.rollback()
+    assert outbox_seqs(engine) == []
+
+
+def test_outbox_rows_cannot_be_changed(engine: Engine) -> None:
+    """What was queued is what is sent: an UPDATE is refused by the database."""
+    record_body(engine, mr_event("open"))
+    with pytest.raises(DBAPIError, match="refused"), engine.begin() as conn:
+        conn.execute(text("UPDATE outbox SET body = '{}'"))
+
+
+def test_outage_then_recovery_delivers_every_row_once_in_order(
+    engine: Engine, sink_cli, receiver: Receiver
+) -> None:
+    """Not listening, then 500s, then up: each row is acknowledged exactly once, in seq order."""
+    for body in history(4):
+        assert record_body(engine, body) == "recorded"
+
+    down = sink_cli(f"http://127.0.0.1:{unused_port()}/ingest", "sink", "drain")
+    assert down.exit_code == 1
+    assert "seq 1 still fails after 3 attempts (ConnectError); it stays pending" in down.output
+    status = json.loads(sink_cli(receiver.url, "sink", "status", "--format", "json").output)
+    assert status["pending"] == 4
+    assert status["failed"] == 1
+    assert status["failed_attempts"] == 3
+    assert status["delivered"] == 0
+    assert status["oldest_pending_seq"] == 1
+    assert status["last_error"] == "seq 1: ConnectError"
+
+    receiver.failures = 5  # more than one drain's attempts: the second drain finishes it
+    failing = sink_cli(receiver.url, "sink", "drain")
+    assert failing.exit_code == 1
+    assert "seq 1 still fails after 3 attempts (HTTP 500)" in failing.output
+    recovered = sink_cli(receiver.url, "sink", "drain")
+    assert recovered.exit_code == 0, recovered.output
+    assert recovered.output.strip() == "delivered 4, pending 0"
+
+    accepted = receiver.accepted()
+    assert [r.seq for r in accepted] == [1, 2, 3, 4]
+    assert len({r.headers["Idempotency-Key"] for r in accepted}) == 4
+    retried = [r for r in receiver.requests if r.seq == 1]
+    assert len(retried) == 6  # 5 answered 500, then the 200
+    assert len({r.headers["Idempotency-Key"] for r in retried}) == 1
+    assert all(r.headers["X-Secledger-Token"] == SINK_TOKEN for r in receiver.requests)
+    assert accepted[0].headers["X-Secledger-Seq"] == "1"
+
+    record_body(engine, mr_event("approved", actor="bob", iid=2))
+    assert sink_cli(receiver.url, "sink", "drain").output.strip() == "delivered 1, pending 0"
+    assert [r.seq for r in receiver.accepted()] == [1, 2, 3, 4, 5]
+    status = json.loads(sink_cli(receiver.url, "sink", "status", "--format", "json").output)
+    assert (status["pending"], status["failed"], status["delivered"]) == (0, 0, 5)
+    assert status["last_error"] is None
+
+
+def test_a_second_sender_waits_for_the_first(engine: Engine, sink_cli, receiver: Receiver) -> None:
+    """While another sender holds the sink lock, drain sends nothing and says so."""
+    record_body(engine, mr_event("open"))
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": outbox.SINK_LOCK_KEY})
+        busy = sink_cli(receiver.url, "sink", "drain")
+    assert busy.exit_code == 1
+    assert "another sender is delivering" in busy.output
+    assert receiver.requests == []
+    assert sink_cli(receiver.url, "sink", "drain").exit_code == 0
+    assert [r.seq for r in receiver.accepted()] == [1]
+
+
+def test_drain_without_a_sink_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
+    result = CliRunner().invoke(main, ["sink", "drain"], env=env)
+    assert result.exit_code == 1
+    assert "no HTTP sink configured: set SECLEDGER_SINK_URL" in result.output
+
+
+def test_sink_url_must_be_http() -> None:
+    with pytest.raises(ValueError, match="http:// or https://"):
+        Settings(sink_url="ftp://example.com/x")
+
+
+def test_serve_delivers_in_the_background(
+    settings: Settings, database_url: str, receiver: Receiver, engine: Engine
+) -> None:
+    """`serve` queues each recording and its sender POSTs it soon after, in order."""
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    configured = settings.model_copy(
+        update={
+            "sink_url": receiver.url,
+            "sink_token": SecretStr(SINK_TOKEN),
+            "sink_backoff_seconds": 0.01,
+        }
+    )
+    receiver.failures = 1  # the first attempt fails: the background sender retries it
+    app = create_app(configured, db.Database(database_url, embedded=False))
+    with TestClient(app) as test_client:
+        for body in history(3):
+            assert post(test_client, body).json()["status"] == "recorded"
+        accepted = receiver.wait_accepted(3)
+    assert [r.seq for r in accepted] == [1, 2, 3]
+    assert [r.body["ledger"]["last_seq"] for r in accepted] == [1, 2, 3]
+    assert outbox_seqs(engine) == [1, 2, 3]
+    with engine.connect() as conn:
+        assert outbox.status(conn).pending == 0
