@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     log_level: str = "info"
     max_batch: int = Field(default=128, ge=1, le=10_000)
 
+    # Integrity (docs/integrity.md): who migrates, and the signed checkpoints.
+    migration_database_url: SecretStr | None = Field(
+        default=None,
+        description="URL of a login in secledger_owner (or a superuser) for `db upgrade`,"
+        " start-up migration and `rebuild`; unset uses database_url.",
+    )
+    checkpoint_key_file: Path | None = None
+    checkpoint_public_key_file: Path | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_interval_minutes: float = Field(default=60.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,

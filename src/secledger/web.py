@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from secledger import __version__, webhook
+from secledger import __version__, integrity, webhook
 from secledger.config import Settings
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
@@ -25,9 +25,11 @@ def create_api(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime.open(settings, database)
         runtime_ref["runtime"] = runtime
+        checkpointing = integrity.schedule(settings, runtime.engine)
         try:
             yield
         finally:
+            await integrity.stop(checkpointing)
             runtime.close()
 
     api = FastAPI(title="secledger", version=__version__, lifespan=lifespan)
