@@ -146,8 +146,11 @@ def rebuild_command(context: Context, check: bool) -> None:
     url = context.database.url
     if not check:
         url = db.admin_url(context.settings, context.database)
-    with _engine(url) as engine:
-        found = integrity.rebuild_ledger(engine, policy, write=not check)
+    try:
+        with _engine(url) as engine:
+            found = integrity.rebuild_ledger(engine, policy, write=not check)
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
     for difference in found:
         click.echo(difference.describe())
     verb = "differ from" if check else "were rewritten from"
@@ -215,11 +218,14 @@ def checkpoint_command(context: Context, key: Path | None, directory: Path | Non
         raise click.ClickException(
             "no signing key: pass --key or set SECLEDGER_CHECKPOINT_KEY_FILE (see keygen)"
         )
-    private = signing.load_private(path)
-    with _engine(context.database.url) as engine:
-        signed, file = integrity.take_checkpoint(
-            engine, private, directory or settings.checkpoint_dir
-        )
+    try:
+        private = signing.load_private(path)
+        with _engine(context.database.url) as engine:
+            signed, file = integrity.take_checkpoint(
+                engine, private, directory or settings.checkpoint_dir
+            )
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"checkpoint seq={signed.seq} head={signed.head_hash.hex()}"
         f" signed_at={signed.to_json()['signed_at']} key={signed.key_id}"
