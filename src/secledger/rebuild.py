@@ -84,7 +84,8 @@ def decode(row: LoggedRow) -> Delivery:
 
 def logged_rows(conn: Connection) -> Iterator[LoggedRow]:
     """Every log row in sequence order, streamed."""
-    result = conn.execution_options(stream_results=True, yield_per=2000).execute(_LOG)
+    # Per statement: Connection.execution_options would change the connection itself.
+    result = conn.execute(_LOG.execution_options(stream_results=True, yield_per=2000))
     for seq, received_at, source, event, instance, dedup_key, headers, payload in result:
         yield LoggedRow(
             seq,

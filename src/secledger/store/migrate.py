@@ -39,6 +39,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.upgrade(config, revision)
             conn.commit()
         finally:
+            # After a failed migration the transaction is aborted; roll back first so the
+            # unlock runs and the original error is the one raised.
+            conn.rollback()
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.commit()
 

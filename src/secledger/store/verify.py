@@ -150,8 +150,8 @@ def verify(engine: Engine, vouched: Iterable[Expected] = ()) -> Summary:
         with conn.begin():
             stored = checkpoints.stored(conn)
             expected = _with_stored(vouched, stored)
-            rows = conn.execution_options(stream_results=True, yield_per=BATCH_ROWS).execute(_ROWS)
-            summary = walk(rows, expected)
+            streamed = _ROWS.execution_options(stream_results=True, yield_per=BATCH_ROWS)
+            summary = walk(conn.execute(streamed), expected)
     summary.stored = stored
     summary.seconds = time.perf_counter() - started
     return summary
