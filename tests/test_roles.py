@@ -1,11 +1,13 @@
-"""Least privilege: the application role appends and never changes the log; triggers stop the rest."""
+"""Least privilege: the app role appends and never changes the log; triggers stop the rest."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
 from chainkit import app_url, cli, record_history
@@ -14,6 +16,7 @@ from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db, migrate
+from secledger.web import create_app
 
 DENIED = psycopg.errors.InsufficientPrivilege
 
@@ -54,7 +57,7 @@ def _as(database_url: str, role: str, statement: str) -> None:
 )
 def test_app_role_is_denied_by_privileges(database_url, statement) -> None:
     """Privileges are checked before any row is read: an empty log proves the point."""
-    with pytest.raises(DENIED, match="permission denied|must be owner"):
+    with pytest.raises(DENIED, match=r"permission denied|must be owner"):
         _as(database_url, "secledger_app", statement)
 
 
@@ -86,10 +89,6 @@ def test_readonly_role_reads_and_cannot_write(engine, database_url) -> None:
 
 def test_receiver_records_and_verifies_as_an_app_login(settings, database_url, engine) -> None:
     """The whole live path works with nothing but secledger_app's grants."""
-    from fastapi.testclient import TestClient
-
-    from secledger.web import create_app
-
     url = app_url(database_url)
     app_settings = settings.model_copy(update={"database_url": SecretStr(url)})
     with TestClient(create_app(app_settings, db.Database(url, embedded=False))) as client:
@@ -127,6 +126,4 @@ def test_app_login_cannot_migrate_and_says_how(server_url, database_url) -> None
 
 
 def _database(url: str, name: str) -> str:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).set(database=name).render_as_string(hide_password=False)
