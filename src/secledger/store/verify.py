@@ -6,12 +6,15 @@ snapshot, so rows committed meanwhile neither appear half-way nor break the resu
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
@@ -19,7 +22,7 @@ from secledger.store import checkpoints
 from secledger.store.chain import GENESIS, LogRow, link
 
 BATCH_ROWS = 5000
-_ROWS = text(
+_ROWS = (
     "SELECT seq, received_at, source, event, instance, dedup_key, headers, payload,"
     " prev_hash, hash FROM delivery_log ORDER BY seq"
 )
@@ -150,8 +153,61 @@ def verify(engine: Engine, vouched: Iterable[Expected] = ()) -> Summary:
         with conn.begin():
             stored = checkpoints.stored(conn)
             expected = _with_stored(vouched, stored)
-            streamed = _ROWS.execution_options(stream_results=True, yield_per=BATCH_ROWS)
-            summary = walk(conn.execute(streamed), expected)
+            # psycopg's binary protocol directly: bytea travels as raw bytes, not hex text,
+            # which halves what the server sends for a log that is mostly payload.
+            raw = conn.connection.driver_connection
+            with raw.cursor(name="secledger_verify", binary=True) as cursor:  # type: ignore[union-attr]
+                cursor.execute(_ROWS)
+                batches = iter(lambda: cursor.fetchmany(BATCH_ROWS), [])
+                with _Prefetch(batches) as rows:
+                    summary = walk(rows, expected)
     summary.stored = stored
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+_DONE = object()
+
+
+class _Prefetch:
+    """Fetch the next batch in a thread while this one is hashed.
+
+    The server reads and sends a batch while Python hashes the previous one (hashlib
+    and the socket wait both release the GIL), which nearly halves the wall time.
+    At most two batches are held, so memory stays constant.
+    """
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = batches
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="secledger-verify", daemon=True)
+
+    def _fill(self) -> None:
+        try:
+            for batch in self._batches:
+                if self._stop.is_set():
+                    return
+                self._queue.put(batch)
+            self._queue.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer and raised there
+            self._queue.put(exc)
+
+    def __enter__(self) -> Iterator[Any]:
+        self._thread.start()
+        return self._rows()
+
+    def _rows(self) -> Iterator[Any]:
+        while (batch := self._queue.get()) is not _DONE:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield from batch
+
+    def __exit__(self, *exc: object) -> None:
+        # Stop early (a broken row was found): unblock the producer, then wait for it,
+        # so the connection is idle before the transaction ends.
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self._thread.join()
