@@ -1,7 +1,7 @@
 """What the hash chain costs: write rate with and without it, and verify time for many rows.
 
 Usage:
-  python benchmarks/chain.py                      # embedded PostgreSQL in /tmp/secledger-bench-chain
+  python benchmarks/chain.py          # embedded PostgreSQL in /tmp/secledger-bench-chain
   python benchmarks/chain.py --rows 1000000 --deliveries 4000
   SECLEDGER_BENCH_DATABASE_URL=postgresql://postgres@localhost/postgres python benchmarks/chain.py
 
@@ -182,7 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="log rows for verify")
     parser.add_argument("--deliveries", type=int, default=4000, help="deliveries per write run")
-    parser.add_argument("--data-dir", default="/tmp/secledger-bench-chain", help="embedded server dir")
+    parser.add_argument(
+        "--data-dir", default="/tmp/secledger-bench-chain", help="embedded server dir"
+    )
     parser.add_argument("--skip-write", action="store_true")
     parser.add_argument("--skip-verify", action="store_true")
     args = parser.parse_args()
