@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -12,8 +13,7 @@ from secledger.extract import extract_facts
 from secledger.intake import parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold, merge_sources, same_fact
-from secledger.sources import facts_from_log
-from secledger.store.log import headers_text
+from secledger.rebuild import LoggedRow, facts_of
 
 POLICY = LabelPolicy()
 INSTANCE = "https://gitlab.example.com"
@@ -75,23 +75,26 @@ def test_the_same_history_gives_the_same_dedup_keys() -> None:
 def test_log_decoder_reads_api_and_webhook_rows_back() -> None:
     envelopes, facts = api_facts(Story(iid=1))
     delivery = apifacts.delivery(INSTANCE, envelopes[0], datetime(2025, 9, 1, tzinfo=UTC))
-    row = {
-        "source": delivery.source,
-        "event": delivery.event,
-        "instance": delivery.instance,
-        "headers": headers_text(delivery.headers),
-        "payload": delivery.body,
-        "received_at": delivery.received_at,
-    }
-    assert facts_from_log(row, POLICY) == facts[0]
+    row = LoggedRow(
+        seq=1,
+        received_at=delivery.received_at,
+        source=delivery.source,
+        event=delivery.event,
+        instance=delivery.instance,
+        dedup_key=delivery.dedup_key,
+        headers=delivery.headers,
+        payload=delivery.body,
+    )
+    assert facts_of(row, POLICY) == facts[0]
     body = mr_event("approved", actor="bob")
-    hook_row = row | {
-        "source": "webhook",
-        "event": "Merge Request Hook",
-        "headers": "{}",
-        "payload": json.dumps(body).encode(),
-    }
-    assert facts_from_log(hook_row, POLICY) == webhook_facts(body)
+    hook_row = dataclasses.replace(
+        row,
+        source="webhook",
+        event="Merge Request Hook",
+        headers={"x-gitlab-event": "Merge Request Hook"},
+        payload=json.dumps(body).encode(),
+    )
+    assert facts_of(hook_row, POLICY) == webhook_facts(body)
 
 
 def test_api_fact_matches_the_webhook_that_told_it() -> None:

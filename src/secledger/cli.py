@@ -59,7 +59,7 @@ class Context:
         engine = db.create(self.database.url, pool_size=2)
         try:
             if upgrade:
-                migrate.upgrade(engine)
+                migrate.ensure_current(engine, db.migration_url(self.settings))
             yield engine
         finally:
             engine.dispose()
@@ -172,14 +172,22 @@ def db_group() -> None:
 def upgrade(context: Context) -> None:
     """Apply every pending migration (under an advisory lock).
 
+    Connects with SECLEDGER_MIGRATION_DATABASE_URL (a login in secledger_owner) when it
+    is set, else with SECLEDGER_DATABASE_URL.
+
     \b
     Example:
-      SECLEDGER_DATABASE_URL=postgresql://secledger@db/secledger secledger db upgrade
+      SECLEDGER_MIGRATION_DATABASE_URL=postgresql://secledger_migrator@db/secledger \\
+        secledger db upgrade
     """
-    with context.engine(upgrade=False) as engine:
+    # As the owner login when SECLEDGER_MIGRATION_DATABASE_URL is set (docs/integrity.md).
+    engine = db.create(db.admin_url(context.settings, context.database), pool_size=1)
+    try:
         migrate.upgrade(engine)
         with engine.connect() as conn:
             revision = migrate.current_revision(conn)
+    finally:
+        engine.dispose()
     click.echo(f"database {context.database.redacted()} is at revision {revision}")
 
 
@@ -340,15 +348,12 @@ def run() -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    run()
-
-
 # Commands from other areas register here, one line each.
+from secledger.commands import integrity as _integrity  # noqa: E402
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
+from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
 from secledger.commands.spool import spool_group  # noqa: E402
-from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
 
 main.add_command(backfill)
 main.add_command(reconcile)
@@ -357,3 +362,11 @@ main.add_command(gitlab_group)
 main.add_command(spool_group)
 main.add_command(watch_command)
 main.add_command(sink_group)
+main.add_command(_integrity.verify_command)
+main.add_command(_integrity.rebuild_command)
+main.add_command(_integrity.keygen)
+main.add_command(_integrity.checkpoint_command)
+
+
+if __name__ == "__main__":
+    run()

@@ -111,6 +111,17 @@ class Settings(BaseSettings):
         """True when recordings must also be queued in the outbox for the HTTP sink."""
         return self.sink_url is not None
 
+    # Integrity (docs/integrity.md): who migrates, and the signed checkpoints.
+    migration_database_url: SecretStr | None = Field(
+        default=None,
+        description="URL of a login in secledger_owner (or a superuser) for `db upgrade`,"
+        " start-up migration and `rebuild`; unset uses database_url.",
+    )
+    checkpoint_key_file: Path | None = None
+    checkpoint_public_key_file: Path | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_interval_minutes: float = Field(default=60.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -31,7 +31,7 @@ class Runtime:
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
         """Migrate (under the advisory lock), load known MRs, open the spool, start the writer."""
         engine = db.create(database.url)
-        migrate.upgrade(engine)
+        migrate.ensure_current(engine, db.migration_url(settings))
         known = KnownMRs()
         known.load(engine)
         known.listen(db.libpq_url(database.url))

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from secledger import __version__, enrich, sink, webhook
+from secledger import __version__, enrich, integrity, sink, webhook
 from secledger.config import Settings
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
@@ -27,9 +27,11 @@ def create_api(
         runtime_ref["runtime"] = runtime
         enricher = enrich.start_background(settings, runtime.engine)  # label times, off-path
         sender = sink.start_worker(settings, runtime.engine, db.libpq_url(database.url))
+        checkpointing = integrity.schedule(settings, runtime.engine)
         try:
             yield
         finally:
+            await integrity.stop(checkpointing)
             if sender is not None:
                 sender.close()
             if enricher is not None:

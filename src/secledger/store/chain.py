@@ -36,13 +36,16 @@ def time_text(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _field(name: str, value: bytes) -> bytes:
-    return b"%s %d\n%s\n" % (name.encode(), len(value), value)
+_PAYLOAD = b"payload"
+_NAMES = tuple(name.encode() for name in FIELDS)
+
+
+def _field(name: bytes, value: bytes) -> bytes:
+    return b"%s %d\n%s\n" % (name, len(value), value)
 
 
 def canonical(row: LogRow) -> bytes:
     """The bytes that are hashed for ``row``."""
-    parts = [FORMAT]
     values = (
         str(row.seq),
         time_text(row.received_at),
@@ -52,9 +55,12 @@ def canonical(row: LogRow) -> bytes:
         row.dedup_key,
         row.headers,
     )
-    for name, value in zip(FIELDS, values, strict=True):
-        parts.append(_field(name, value.encode("utf-8", "surrogatepass")))
-    parts.append(_field("payload", row.payload))
+    parts = [FORMAT]
+    parts.extend(
+        _field(name, value.encode("utf-8", "surrogatepass"))
+        for name, value in zip(_NAMES, values, strict=True)
+    )
+    parts.append(_field(_PAYLOAD, row.payload))
     return b"".join(parts)
 
 

@@ -56,6 +56,18 @@ def resolve(settings: Settings) -> Database:
     return Database(embedded.start(settings.pg_data_dir), embedded=True)
 
 
+def migration_url(settings: Settings) -> str | None:
+    """The owner login for migrations and rebuilds, when one is configured apart."""
+    if settings.migration_database_url is None:
+        return None
+    return settings.migration_database_url.get_secret_value()
+
+
+def admin_url(settings: Settings, database: Database) -> str:
+    """The URL for owner-only work: the migration URL, else the ordinary one."""
+    return migration_url(settings) or database.url
+
+
 def libpq_url(url: str) -> str:
     """The same URL as plain libpq understands it (for psycopg connections)."""
     parsed = make_url(url)

@@ -12,7 +12,11 @@ from secledger.intake import Delivery
 from secledger.store.chain import GENESIS, LogRow, link
 
 # One lock serialises appends across every process writing to this database, so the
-# chain cannot fork. It is transaction-scoped: released by commit or rollback.
+# chain cannot fork. It is transaction-scoped: released by commit or rollback, after
+# the commit is visible. The head is read by a statement that starts after the lock is
+# granted, which under READ COMMITTED (the default) sees the previous holder's rows;
+# under REPEATABLE READ the snapshot would predate the wait, and the seq primary key
+# would turn that stale head into an error, never a fork.
 CHAIN_LOCK_KEY = 0x5EC1ED6E
 
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=CHAIN_LOCK_KEY)

@@ -9,10 +9,15 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import ProgrammingError
+
+from secledger.errors import ConfigError
+from secledger.store import db
 
 # Replicas starting together queue on this lock; the first migrates, the rest find
 # the schema current and do nothing.
 MIGRATION_LOCK_KEY = 0x5EC1ED01
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def alembic_config() -> Config:
@@ -34,6 +39,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.upgrade(config, revision)
             conn.commit()
         finally:
+            # After a failed migration the transaction is aborted; roll back first so the
+            # unlock runs and the original error is the one raised.
+            conn.rollback()
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.commit()
 
@@ -51,3 +59,38 @@ def current_revision(conn: Connection) -> str | None:
 def is_current(conn: Connection) -> bool:
     """True when the database has every shipped migration."""
     return current_revision(conn) == head_revision()
+
+
+def ensure_current(engine: Engine, migration_url: str | None) -> None:
+    """Bring the schema to head at start-up, as the owner when a migration URL is given.
+
+    ``serve`` runs as a least-privilege login that cannot run DDL. When the schema is
+    already current nothing is attempted; when it is behind and no owner URL is
+    configured, the app login tries, and a privilege error becomes a clear ConfigError
+    instead of a half-started receiver.
+    """
+    with engine.connect() as conn:
+        if is_current(conn):
+            return
+    if migration_url is not None:
+        owner = db.create(migration_url, pool_size=1)
+        try:
+            upgrade(owner)
+        finally:
+            owner.dispose()
+        return
+    try:
+        upgrade(engine)
+    except ProgrammingError as exc:
+        if getattr(exc.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        raise ConfigError(
+            f"the database is at revision {_revision_of(engine)} but this version needs "
+            f"{head_revision()}, and this login may not migrate: run `secledger db upgrade` "
+            "as the owner, or set SECLEDGER_MIGRATION_DATABASE_URL"
+        ) from None
+
+
+def _revision_of(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return current_revision(conn)

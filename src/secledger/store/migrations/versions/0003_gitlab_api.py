@@ -1,7 +1,7 @@
 """GitLab API: backfill cursor, enrichment checks, reconciliation results.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-29
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -78,6 +78,21 @@ $$;
 CREATE TRIGGER reconciliations_append_only
     BEFORE UPDATE OR DELETE ON reconciliations
     FOR EACH ROW EXECUTE FUNCTION secledger_refuse_reconciliation_change();
+
+-- Least privilege (see 0002): the owner owns; serve enriches; backfill/reconcile keep
+-- their bookkeeping; reconciliation results can be added, never changed.
+ALTER TABLE backfill_runs OWNER TO secledger_owner;
+ALTER TABLE backfill_cursor OWNER TO secledger_owner;
+ALTER TABLE enrichment_checks OWNER TO secledger_owner;
+ALTER TABLE reconciliations OWNER TO secledger_owner;
+ALTER FUNCTION secledger_refuse_reconciliation_change() OWNER TO secledger_owner;
+REVOKE ALL ON backfill_runs, backfill_cursor, enrichment_checks, reconciliations FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON backfill_runs, enrichment_checks TO secledger_app;
+GRANT SELECT, INSERT, DELETE ON backfill_cursor TO secledger_app;
+GRANT SELECT, INSERT ON reconciliations TO secledger_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO secledger_app;
+GRANT SELECT ON backfill_runs, backfill_cursor, enrichment_checks, reconciliations
+    TO secledger_readonly;
 """
 
 DOWNGRADE = """

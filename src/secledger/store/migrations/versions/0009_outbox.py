@@ -61,18 +61,14 @@ CREATE TRIGGER outbox_delivered_immutable BEFORE UPDATE ON outbox_delivered
 CREATE TRIGGER outbox_failures_immutable BEFORE UPDATE ON outbox_failures
     FOR EACH ROW EXECUTE FUNCTION secledger_refuse_change();
 
--- The least-privilege roles come from another migration that may run before or after
--- this one; grant only to those that exist (roles are cluster-wide).
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'secledger_app') THEN
-        GRANT SELECT, INSERT ON outbox, outbox_delivered, outbox_failures TO secledger_app;
-    END IF;
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'secledger_readonly') THEN
-        GRANT SELECT ON outbox, outbox_delivered, outbox_failures TO secledger_readonly;
-    END IF;
-END
-$$;
+-- Least privilege (roles from 0002): written with INSERT only.
+ALTER TABLE outbox OWNER TO secledger_owner;
+ALTER TABLE outbox_delivered OWNER TO secledger_owner;
+ALTER TABLE outbox_failures OWNER TO secledger_owner;
+REVOKE ALL ON outbox, outbox_delivered, outbox_failures FROM PUBLIC;
+GRANT SELECT, INSERT ON outbox, outbox_delivered, outbox_failures TO secledger_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO secledger_app;
+GRANT SELECT ON outbox, outbox_delivered, outbox_failures TO secledger_readonly;
 """
 
 DOWNGRADE = """

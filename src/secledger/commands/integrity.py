@@ -1,0 +1,234 @@
+"""``verify``, ``rebuild``, ``keygen`` and ``checkpoint``: prove the ledger was not changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine
+
+from secledger import checkpoint as signing
+from secledger import integrity
+from secledger.errors import SecledgerError
+from secledger.policy import LabelPolicy
+from secledger.store import db
+from secledger.store.verify import ChainBroken, Expected, Summary, verify
+
+if TYPE_CHECKING:
+    from secledger.cli import Context
+
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@contextmanager
+def _engine(url: str) -> Iterator[Engine]:
+    engine = db.create(url, pool_size=1)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _public_key(context: Context, given: Path | None) -> Ed25519PublicKey | None:
+    settings = context.settings
+    path = given or settings.checkpoint_public_key_file or settings.checkpoint_key_file
+    return signing.load_public(path) if path is not None else None
+
+
+def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[Expected]:
+    if not files:
+        return []
+    if public is None:
+        raise click.ClickException(
+            "a checkpoint file proves nothing without the signer's public key:"
+            " pass --public-key or set SECLEDGER_CHECKPOINT_PUBLIC_KEY_FILE"
+        )
+    vouched = []
+    for path in files:
+        read = signing.read_file(path)
+        signing.check_signature(read, public)
+        vouched.append(Expected(read.seq, read.head_hash, f"checkpoint file {path.name}"))
+    return vouched
+
+
+def _check_stored(summary: Summary, public: Ed25519PublicKey | None) -> int:
+    """Check signatures of stored checkpoints made with ``public``; how many were checked."""
+    if public is None:
+        return 0
+    own = signing.key_id(public)
+    checked = 0
+    for ident, stored in summary.stored:
+        if stored.key_id != own:
+            continue
+        try:
+            signing.check_signature(stored, public)
+        except signing.BadCheckpoint as exc:
+            raise ChainBroken(stored.seq, f"stored checkpoint #{ident}: {exc}") from None
+        checked += 1
+    return checked
+
+
+def _report(summary: Summary, signatures: int) -> None:
+    span = f"seq {summary.first_seq}..{summary.last_seq}" if summary.rows else "empty log"
+    click.echo(
+        f"chain OK: {summary.rows} rows, {span}, head {summary.head_hash.hex()},"
+        f" {summary.seconds:.2f} s"
+    )
+    click.echo(
+        f"checkpoints: {len(summary.matched)} matched"
+        f" ({len(summary.stored)} stored, {signatures} stored signatures verified)"
+    )
+    for label in summary.matched:
+        click.echo(f"  matches {label}")
+
+
+@click.command(name="verify")
+@click.option(
+    "--checkpoint",
+    "files",
+    multiple=True,
+    type=FILE,
+    help="A signed checkpoint file the chain must still contain (repeatable).",
+)
+@click.option("--public-key", type=FILE, help="PEM public key that signed the checkpoints.")
+@click.pass_obj
+def verify_command(context: Context, files: tuple[Path, ...], public_key: Path | None) -> None:
+    """Walk the hash-chained delivery log and prove every row and link.
+
+    Exits 0 with a summary, or 1 naming the first row whose sequence, link or hash is
+    wrong and why. Checkpoints stored in the database are always compared; a
+    checkpoint FILE (kept outside the database) also catches a rewritten history and
+    a removed tail. Reads only: a secledger_readonly login is enough.
+
+    \b
+    Example:
+      secledger verify
+      secledger verify --checkpoint /mnt/worm/checkpoint-000000001234-20261129T120000Z.json \\
+        --public-key checkpoint-key.pem.pub
+    """
+    try:
+        public = _public_key(context, public_key)
+        vouched = _vouched(files, public)
+        with _engine(context.database.url) as engine:
+            summary = verify(engine, vouched)
+        signatures = _check_stored(summary, public)
+    except ChainBroken as exc:
+        click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)
+        raise SystemExit(1) from None
+    except SecledgerError as exc:
+        click.echo(f"verify failed: {exc}", err=True)
+        raise SystemExit(1) from None
+    _report(summary, signatures)
+
+
+@click.command(name="rebuild")
+@click.option("--check", is_flag=True, help="Only list the rows that differ; write nothing.")
+@click.pass_obj
+def rebuild_command(context: Context, check: bool) -> None:
+    """Recompute review_events and security_review_ledger from the delivery log alone.
+
+    Every log row goes through the same decoding, extraction and fold as a live
+    delivery, under the current label policy. Prints every row that differs; with
+    --check nothing is written and the exit status is 1 when any row differs.
+    Writing needs the owner login (SECLEDGER_MIGRATION_DATABASE_URL).
+
+    \b
+    Example:
+      secledger rebuild --check
+      SECLEDGER_MIGRATION_DATABASE_URL=postgresql://secledger_migrator@db/secledger \\
+        secledger rebuild
+    """
+    policy = LabelPolicy.from_settings(context.settings)
+    url = context.database.url
+    if not check:
+        url = db.admin_url(context.settings, context.database)
+    try:
+        with _engine(url) as engine:
+            found = integrity.rebuild_ledger(engine, policy, write=not check)
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for difference in found:
+        click.echo(difference.describe())
+    verb = "differ from" if check else "were rewritten from"
+    click.echo(f"{len(found)} derived rows {verb} the log")
+    if check and found:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Private key file (default SECLEDGER_CHECKPOINT_KEY_FILE,"
+    " else checkpoint-key.pem in the data directory).",
+)
+@click.pass_obj
+def keygen(context: Context, out: Path | None) -> None:
+    """Create an Ed25519 key for signing checkpoints (private file mode 0600).
+
+    Writes the public key next to it as FILE.pub and prints it; give the public key to
+    auditors. An existing key file is never overwritten.
+
+    \b
+    Example:
+      secledger keygen --out /etc/secledger/checkpoint-key.pem
+    """
+    settings = context.settings
+    path = out or settings.checkpoint_key_file or settings.data_dir / "checkpoint-key.pem"
+    try:
+        public = signing.generate(path)
+    except FileExistsError:
+        raise click.ClickException(f"{path} exists; refusing to replace a signing key") from None
+    public_path = path.with_name(path.name + ".pub")
+    public_path.write_bytes(signing.public_pem(public))
+    click.echo(f"private key: {path} (mode 0600)")
+    click.echo(f"public key:  {public_path} (key id {signing.key_id(public)})")
+    click.echo(signing.public_pem(public).decode(), nl=False)
+
+
+@click.command(name="checkpoint")
+@click.option("--key", type=FILE, help="Private key (default SECLEDGER_CHECKPOINT_KEY_FILE).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write the checkpoint here (default SECLEDGER_CHECKPOINT_DIR).",
+)
+@click.pass_obj
+def checkpoint_command(context: Context, key: Path | None, directory: Path | None) -> None:
+    """Sign the current chain head (sequence, hash, time) and store the checkpoint.
+
+    The checkpoint goes into the database and, when a directory is configured, into
+    a new JSON file there: keep that directory outside the database's reach (for
+    example object-locked storage mounted as a path).
+
+    \b
+    Example:
+      SECLEDGER_CHECKPOINT_KEY_FILE=/etc/secledger/checkpoint-key.pem \\
+        secledger checkpoint --dir /mnt/worm/secledger
+    """
+    settings = context.settings
+    path = key or settings.checkpoint_key_file
+    if path is None:
+        raise click.ClickException(
+            "no signing key: pass --key or set SECLEDGER_CHECKPOINT_KEY_FILE (see keygen)"
+        )
+    try:
+        private = signing.load_private(path)
+        with _engine(context.database.url) as engine:
+            signed, file = integrity.take_checkpoint(
+                engine, private, directory or settings.checkpoint_dir
+            )
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"checkpoint seq={signed.seq} head={signed.head_hash.hex()}"
+        f" signed_at={signed.to_json()['signed_at']} key={signed.key_id}"
+    )
+    if file is not None:
+        click.echo(f"written to {file}")

@@ -1,0 +1,100 @@
+"""Integrity operations over an engine: checkpoints, rebuilds, and the serve-side schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Engine
+
+from secledger import checkpoint as signing
+from secledger.checkpoint import Checkpoint
+from secledger.config import Settings
+from secledger.errors import SecledgerError
+from secledger.policy import LabelPolicy
+from secledger.rebuild import Difference, rebuild
+from secledger.store import checkpoints, derived
+from secledger.store.log import Chain
+from secledger.times import utcnow
+
+log = structlog.get_logger("secledger.integrity")
+
+
+class EmptyChain(SecledgerError):
+    """There is nothing to checkpoint yet."""
+
+
+def take_checkpoint(
+    engine: Engine, key: Ed25519PrivateKey, directory: Path | None
+) -> tuple[Checkpoint, Path | None]:
+    """Sign the committed head, store it, and copy it to ``directory``."""
+    written = _checkpoint(engine, key, directory, only_if_new=False)
+    if written is None:
+        raise EmptyChain("the delivery log is empty: there is no head to sign yet")
+    return written
+
+
+def checkpoint_if_new(
+    engine: Engine, key: Ed25519PrivateKey, directory: Path | None
+) -> tuple[Checkpoint, Path | None] | None:
+    """Like :func:`take_checkpoint`, but skip an empty log or an already signed head."""
+    return _checkpoint(engine, key, directory, only_if_new=True)
+
+
+def _checkpoint(
+    engine: Engine, key: Ed25519PrivateKey, directory: Path | None, *, only_if_new: bool
+) -> tuple[Checkpoint, Path | None] | None:
+    with engine.begin() as conn:
+        seq, head_hash = checkpoints.head(conn)
+        if seq == 0 or (only_if_new and checkpoints.latest_seq(conn) == seq):
+            return None
+        signed = signing.sign(key, seq, head_hash, utcnow())
+        checkpoints.add(conn, signed)
+    # Written after the commit: a file never vouches for a head the database lost.
+    path = signing.write_file(directory, signed) if directory is not None else None
+    return signed, path
+
+
+def rebuild_ledger(engine: Engine, policy: LabelPolicy, *, write: bool) -> list[Difference]:
+    """Every derived row that differs from the log; with ``write``, also fix them."""
+    with engine.begin() as conn:
+        if write:
+            # Hold the chain lock: no delivery is recorded while the tables are repaired.
+            Chain.open(conn)
+        rebuilt = rebuild(conn, policy)
+        return derived.repair(conn, rebuilt) if write else derived.differences(conn, rebuilt)
+
+
+def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:
+    """Start writing checkpoints every ``checkpoint_interval_minutes`` when a key is set."""
+    if settings.checkpoint_key_file is None or settings.checkpoint_interval_minutes <= 0:
+        return None
+    key = signing.load_private(settings.checkpoint_key_file)  # fail at start-up, not later
+    interval = settings.checkpoint_interval_minutes * 60
+    return asyncio.create_task(_every(interval, engine, key, settings.checkpoint_dir))
+
+
+async def _every(
+    interval: float, engine: Engine, key: Ed25519PrivateKey, directory: Path | None
+) -> None:
+    while True:
+        try:
+            written = await asyncio.to_thread(checkpoint_if_new, engine, key, directory)
+        except Exception as exc:  # a missed checkpoint must not stop serving
+            log.exception("checkpoint_failed", error=type(exc).__name__)
+        else:
+            if written is not None:
+                log.info("checkpoint", seq=written[0].seq, file=str(written[1] or ""))
+        await asyncio.sleep(interval)
+
+
+async def stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel the checkpoint schedule."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,79 @@
+"""The auditor's SQL in docs/integrity.md reproduces the Python canonical bytes and hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from builders import dumps, mr_event
+from chainkit import log_row, record_history, tamper
+from secledger.config import Settings
+from secledger.policy import LabelPolicy
+from secledger.service import feed
+from secledger.store.chain import canonical, link
+from secledger.store.verify import verify
+
+DOC = Path(__file__).parents[1] / "docs" / "integrity.md"
+
+
+def doc_sql() -> str:
+    """The query after the ``canonical-sql`` marker, exactly as documented."""
+    text = DOC.read_text()
+    block = text.split("<!-- canonical-sql -->", 1)[1]
+    return block.split("```sql\n", 1)[1].split("```", 1)[0]
+
+
+def canonical_sql() -> str:
+    """The documented CTE, selecting the canonical bytes instead of the problems."""
+    return doc_sql().split("\nSELECT seq,", 1)[0] + (
+        "\nSELECT seq, canonical, sha256(prev_hash || canonical), hash FROM canon ORDER BY seq"
+    )
+
+
+def _query(database_url: str, sql: str) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        # Another session time zone must not change the bytes.
+        conn.execute("SET TimeZone = 'America/New_York'")
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+def history(client, engine) -> None:
+    record_history(client)
+    # Non-ASCII in a stored header: the SQL must encode text columns as UTF-8 too.
+    outcome = feed(
+        engine,
+        LabelPolicy.from_settings(Settings()),
+        {"x-gitlab-event": "Merge Request Hook", "user-agent": "GitLab/17.4 — prüfung"},
+        dumps(mr_event("update", iid=3, title="Zugriff für Gäste 🔒")),
+        max_body_bytes=1 << 20,
+        source="replay",
+    )
+    assert outcome.seq == 7
+
+
+def test_sql_canonical_bytes_and_hashes_equal_python(history, database_url, engine) -> None:
+    rows = _query(database_url, canonical_sql())
+    assert [row[0] for row in rows] == list(range(1, 8))
+    for seq, sql_canonical, sql_hash, stored_hash in rows:
+        row, prev_hash = log_row(engine, seq)
+        assert bytes(sql_canonical) == canonical(row)
+        assert bytes(sql_hash) == link(prev_hash, row) == bytes(stored_hash)
+    assert verify(engine).head_hash == bytes(rows[-1][3])
+
+
+def test_documented_query_finds_nothing_on_a_sound_chain(history, database_url) -> None:
+    assert _query(database_url, doc_sql()) == []
+
+
+def test_documented_query_names_tampered_rows(history, database_url, engine) -> None:
+    tamper(
+        engine,
+        "UPDATE delivery_log SET payload = payload || ' '::bytea WHERE seq = 2",
+        "DELETE FROM delivery_log WHERE seq = 5",
+    )
+    problems = _query(database_url, doc_sql())
+    assert problems[0] == (2, "hash mismatch")
+    assert (6, "sequence gap") in problems

@@ -1,0 +1,151 @@
+"""Signed checkpoints: keygen, checkpoint, and verify --checkpoint against rewritten history."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from chainkit import cli, record_history, rehash_from, tamper
+from secledger.store import db
+from secledger.web import create_app
+
+
+@pytest.fixture
+def key(database_url, tmp_path) -> Path:
+    """A fresh signing key made by ``secledger keygen``."""
+    path = tmp_path / "keys" / "checkpoint-key.pem"
+    result = cli(database_url, "keygen", "--out", str(path))
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _checkpoint(database_url: str, key: Path, directory: Path) -> Path:
+    result = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(directory))
+    assert result.exit_code == 0, result.output
+    (written,) = directory.glob("checkpoint-*.json")
+    return written
+
+
+def _verify(database_url: str, key: Path, file: Path):
+    return cli(database_url, "verify", "--checkpoint", str(file), "--public-key", f"{key}.pub")
+
+
+def test_keygen_writes_a_private_key_readable_only_by_its_owner(key, database_url) -> None:
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert b"BEGIN PUBLIC KEY" in Path(f"{key}.pub").read_bytes()
+    again = cli(database_url, "keygen", "--out", str(key))
+    assert again.exit_code != 0
+    assert "refusing to replace" in again.output
+
+
+def test_checkpoint_refuses_an_empty_log(key, database_url, tmp_path) -> None:
+    result = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(tmp_path / "cp"))
+    assert result.exit_code != 0
+    assert not (tmp_path / "cp").exists()
+
+
+def test_checkpoint_file_verifies_and_names_the_head(client, key, database_url, engine, tmp_path):
+    record_history(client)
+    file = _checkpoint(database_url, key, tmp_path / "cp")
+    content = json.loads(file.read_text())
+    with engine.connect() as conn:
+        head = bytes(conn.execute(text("SELECT hash FROM delivery_log WHERE seq = 6")).scalar_one())
+        stored = conn.execute(text("SELECT seq, head_hash FROM checkpoints")).all()
+    assert (content["seq"], content["head_hash"]) == (6, head.hex())
+    assert [(seq, bytes(h)) for seq, h in stored] == [(6, head)]
+    result = _verify(database_url, key, file)
+    assert result.exit_code == 0, result.output
+    assert f"matches checkpoint file {file.name}" in result.output
+    assert "1 stored signatures verified" in result.output
+
+
+def test_truncated_tail_is_caught_by_the_checkpoint_file(
+    client, key, database_url, engine, tmp_path
+):
+    """A superuser removes the last rows and the stored checkpoints: only the file remembers."""
+    record_history(client)
+    file = _checkpoint(database_url, key, tmp_path / "cp")
+    tamper(
+        engine,
+        "DELETE FROM review_events WHERE seq >= 5",
+        "DELETE FROM delivery_log WHERE seq >= 5",
+        "DELETE FROM checkpoints",
+    )
+    assert cli(database_url, "verify").exit_code == 0  # the shortened chain is self-consistent
+    result = _verify(database_url, key, file)
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=5: missing: the chain ends at seq 4" in result.output
+    assert "rows 5..6 were removed" in result.output
+
+
+def test_truncated_tail_is_caught_by_a_stored_checkpoint(
+    client, key, database_url, engine, tmp_path
+):
+    record_history(client)
+    _checkpoint(database_url, key, tmp_path / "cp")
+    tamper(engine, "DELETE FROM delivery_log WHERE seq = 6")
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=6: missing" in result.output
+    assert "stored checkpoint #1" in result.output
+
+
+def test_rewritten_history_with_recomputed_hashes_is_caught(
+    client, key, database_url, engine, tmp_path
+):
+    """Edit a decision, recompute every hash after it, drop the stored checkpoints."""
+    record_history(client)
+    file = _checkpoint(database_url, key, tmp_path / "cp")
+    tamper(
+        engine,
+        "UPDATE delivery_log SET payload = convert_to(replace(convert_from(payload, 'UTF8'),"
+        " '\"bob\"', '\"mallory\"'), 'UTF8') WHERE seq = 2",
+        "DELETE FROM checkpoints",
+    )
+    rehash_from(engine, 2)
+    assert cli(database_url, "verify").exit_code == 0  # every link recomputed: chain alone passes
+    result = _verify(database_url, key, file)
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=6: differs from checkpoint file" in result.output
+    assert "history was rewritten" in result.output
+
+
+def test_edited_checkpoint_file_fails_its_signature(client, key, database_url, tmp_path) -> None:
+    record_history(client)
+    file = _checkpoint(database_url, key, tmp_path / "cp")
+    content = json.loads(file.read_text())
+    content["seq"] = 5
+    file.write_text(json.dumps(content))
+    result = _verify(database_url, key, file)
+    assert result.exit_code == 1
+    assert "signature does not verify" in result.output
+
+
+def test_checkpoint_file_without_public_key_is_refused(client, key, database_url, tmp_path):
+    record_history(client)
+    file = _checkpoint(database_url, key, tmp_path / "cp")
+    result = cli(database_url, "verify", "--checkpoint", str(file))
+    assert result.exit_code != 0
+    assert "public key" in result.output
+
+
+def test_serve_writes_a_checkpoint_when_a_key_is_configured(
+    client, key, settings, database_url, engine, tmp_path
+) -> None:
+    record_history(client)
+    configured = settings.model_copy(
+        update={"checkpoint_key_file": key, "checkpoint_dir": tmp_path / "served"}
+    )
+    app = create_app(configured, db.Database(database_url, embedded=False))
+    with TestClient(app):
+        deadline = time.monotonic() + 20
+        while not list((tmp_path / "served").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    (file,) = (tmp_path / "served").glob("checkpoint-000000000006-*.json")
+    assert _verify(database_url, key, file).exit_code == 0

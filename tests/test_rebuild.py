@@ -1,0 +1,95 @@
+"""``secledger rebuild``: the derived tables are exactly what the log says."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from chainkit import cli, record_history
+from secledger.rebuild import DECODERS
+
+LEDGER_ROW_1 = "security_review_ledger https://gitlab.example.com project 14 !1"
+
+
+@pytest.fixture
+def history(client) -> None:
+    record_history(client)
+
+
+def _ledger(engine, iid: int) -> dict:
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(
+                text("SELECT * FROM security_review_ledger WHERE mr_iid = :iid"), {"iid": iid}
+            )
+            .mappings()
+            .one()
+        )
+
+
+def test_live_ledger_equals_the_rebuild(history, database_url) -> None:
+    result = cli(database_url, "rebuild", "--check")
+    assert result.exit_code == 0, result.output
+    assert "0 derived rows differ from the log" in result.output
+
+
+def test_check_lists_an_edited_ledger_row_and_rebuild_fixes_it(history, database_url, engine):
+    before = _ledger(engine, 1)
+    assert before["decided_by"] == "carol"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE security_review_ledger SET decided_by = 'mallory', approvers = '{}'"
+                " WHERE mr_iid = 1"
+            )
+        )
+    check = cli(database_url, "rebuild", "--check")
+    assert check.exit_code == 1
+    assert f"{LEDGER_ROW_1}: differs (" in check.output
+    assert "decided_by: stored 'mallory', log says 'carol'" in check.output
+    assert "approvers: stored [], log says ['bob']" in check.output
+    assert "1 derived rows differ from the log" in check.output
+    assert _ledger(engine, 1)["decided_by"] == "mallory"  # --check wrote nothing
+
+    fixed = cli(database_url, "rebuild")
+    assert fixed.exit_code == 0, fixed.output
+    assert "1 derived rows were rewritten from the log" in fixed.output
+    after = _ledger(engine, 1)
+    assert {k: v for k, v in after.items() if k != "updated_at"} == {
+        k: v for k, v in before.items() if k != "updated_at"
+    }
+    assert cli(database_url, "rebuild", "--check").exit_code == 0
+
+
+def test_missing_and_extra_rows_are_listed_and_repaired(history, database_url, engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM review_events WHERE seq = 3"))
+        conn.execute(text("DELETE FROM security_review_ledger WHERE mr_iid = 2"))
+        conn.execute(
+            text(
+                "INSERT INTO security_review_ledger (instance, project_id, mr_iid, risk_tier,"
+                " security_labels, approvers, assigned_reviewers, last_event_at, last_seq,"
+                " event_count) VALUES ('https://gitlab.example.com', 14, 99, 'high', '{}', '{}',"
+                " '{}', now(), 1, 1)"
+            )
+        )
+    check = cli(database_url, "rebuild", "--check")
+    assert check.exit_code == 1
+    assert "review_events seq=3: missing" in check.output
+    assert (
+        "security_review_ledger https://gitlab.example.com project 14 !2: missing" in check.output
+    )
+    assert "security_review_ledger https://gitlab.example.com project 14 !99: extra" in check.output
+    assert cli(database_url, "rebuild").exit_code == 0
+    assert cli(database_url, "rebuild", "--check").exit_code == 0
+    assert _ledger(engine, 2)["decided_by"] == "erin"
+
+
+def test_a_log_source_without_a_decoder_is_named(history, database_url, engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(text("UPDATE delivery_log SET source = 'carrier-pigeon' WHERE seq = 4"))
+    result = cli(database_url, "rebuild", "--check")
+    assert result.exit_code == 1
+    assert "seq=4 has source 'carrier-pigeon', which has no decoder" in result.output
+    assert "carrier-pigeon" not in DECODERS

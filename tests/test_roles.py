@@ -1,0 +1,129 @@
+"""Least privilege: the app role appends and never changes the log; triggers stop the rest."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from builders import dumps, mr_event
+from chainkit import app_url, cli, record_history
+from secledger.config import Settings
+from secledger.errors import ConfigError
+from secledger.policy import LabelPolicy
+from secledger.service import feed
+from secledger.store import db, migrate
+from secledger.web import create_app
+
+DENIED = psycopg.errors.InsufficientPrivilege
+
+
+def feed_one(engine) -> None:
+    """One security delivery through the recording path, without a web app."""
+    outcome = feed(
+        engine,
+        LabelPolicy.from_settings(Settings()),
+        {"x-gitlab-event": "Merge Request Hook"},
+        dumps(mr_event("open")),
+        max_body_bytes=1 << 20,
+        source="replay",
+    )
+    assert outcome.status == "recorded"
+
+
+def _as(database_url: str, role: str, statement: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(f"SET ROLE {role}")
+        conn.execute(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE delivery_log SET event = 'Forged Hook'",
+        "DELETE FROM delivery_log",
+        "TRUNCATE delivery_log CASCADE",
+        "UPDATE checkpoints SET seq = 0",
+        "DELETE FROM checkpoints",
+        "UPDATE review_events SET actor = 'mallory'",
+        "DELETE FROM review_events",
+        "DELETE FROM security_review_ledger",
+        "ALTER TABLE delivery_log DISABLE TRIGGER USER",
+        "DROP TRIGGER delivery_log_append_only ON delivery_log",
+    ],
+)
+def test_app_role_is_denied_by_privileges(database_url, statement) -> None:
+    """Privileges are checked before any row is read: an empty log proves the point."""
+    with pytest.raises(DENIED, match=r"permission denied|must be owner"):
+        _as(database_url, "secledger_app", statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE delivery_log SET event = 'x'",
+        "DELETE FROM delivery_log",
+        "TRUNCATE delivery_log CASCADE",
+    ],
+)
+def test_even_the_owner_is_refused_by_the_append_only_trigger(engine, database_url, statement):
+    feed_one(engine)
+    with pytest.raises(DENIED, match="the table is append-only"):
+        _as(database_url, "secledger_owner", statement)
+
+
+def test_readonly_role_reads_and_cannot_write(engine, database_url) -> None:
+    feed_one(engine)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET ROLE secledger_readonly")
+        assert conn.execute("SELECT count(*) FROM delivery_log").fetchone() == (1,)
+        with pytest.raises(DENIED):
+            conn.execute(
+                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
+                " VALUES (0, '\\x00', now(), 'k', '\\x00')"
+            )
+
+
+def test_receiver_records_and_verifies_as_an_app_login(settings, database_url, engine) -> None:
+    """The whole live path works with nothing but secledger_app's grants."""
+    url = app_url(database_url)
+    app_settings = settings.model_copy(update={"database_url": SecretStr(url)})
+    with TestClient(create_app(app_settings, db.Database(url, embedded=False))) as client:
+        record_history(client)
+    assert cli(url, "verify").exit_code == 0
+    with engine.connect() as conn:
+        owners = (
+            conn.execute(
+                text("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
+            )
+            .scalars()
+            .all()
+        )
+    assert owners == ["secledger_owner"]
+
+
+def test_app_login_cannot_migrate_and_says_how(server_url, database_url) -> None:
+    """A fresh database: the app login may not create tables, so start-up explains."""
+    fresh = "secledger_test_unmigrated"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{fresh}"')
+    try:
+        fresh_owner = _database(database_url, fresh)
+        app = db.create(app_url(fresh_owner), pool_size=1)
+        with pytest.raises(ConfigError, match="SECLEDGER_MIGRATION_DATABASE_URL"):
+            migrate.ensure_current(app, None)
+        migrate.ensure_current(app, fresh_owner)  # with the owner URL it migrates
+        with app.connect() as conn:
+            assert migrate.is_current(conn)
+        app.dispose()
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+
+
+def _database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)

@@ -1,0 +1,115 @@
+"""``secledger verify`` against every kind of tampering a database superuser can do in SQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from chainkit import HISTORY_ROWS, cli, record_history, rehash_from, tamper
+
+
+@pytest.fixture
+def history(client, engine) -> None:
+    """Six recorded log rows."""
+    record_history(client)
+
+
+def test_untouched_chain_verifies_with_a_summary(history, database_url, engine) -> None:
+    result = cli(database_url, "verify")
+    assert result.exit_code == 0, result.output
+    with engine.connect() as conn:
+        head = bytes(conn.execute(text("SELECT hash FROM delivery_log WHERE seq = 6")).scalar_one())
+    assert (
+        f"chain OK: {HISTORY_ROWS} rows, seq 1..{HISTORY_ROWS}, head {head.hex()}" in result.output
+    )
+
+
+def test_empty_log_verifies(database_url) -> None:
+    result = cli(database_url, "verify")
+    assert result.exit_code == 0
+    assert "chain OK: 0 rows, empty log" in result.output
+
+
+def test_edited_payload_byte_is_a_hash_mismatch_at_that_row(history, database_url, engine) -> None:
+    tamper(
+        engine,
+        "UPDATE delivery_log SET payload = overlay(payload placing 'X'::bytea from 20 for 1)"
+        " WHERE seq = 3",
+    )
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=3: hash mismatch" in result.output
+
+
+def test_edited_column_is_a_hash_mismatch_at_that_row(history, database_url, engine) -> None:
+    tamper(
+        engine,
+        "UPDATE delivery_log SET received_at = received_at - interval '1 day' WHERE seq = 2",
+    )
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=2: hash mismatch" in result.output
+
+
+def test_deleted_row_is_a_sequence_gap_at_the_next_row(history, database_url, engine) -> None:
+    tamper(engine, "DELETE FROM delivery_log WHERE seq = 4")
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=5: sequence gap: expected seq 4; rows 4 are missing" in (
+        result.output
+    )
+
+
+def test_deleted_first_rows_are_a_gap_at_the_new_first_row(history, database_url, engine) -> None:
+    tamper(engine, "DELETE FROM delivery_log WHERE seq <= 2")
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=3: sequence gap: expected seq 1; rows 1..2 are missing" in (
+        result.output
+    )
+
+
+def test_inserted_row_with_a_correct_own_hash_breaks_the_next_link(
+    history, database_url, engine
+) -> None:
+    """The forger links and hashes the new row properly; the displaced row betrays it."""
+    tamper(
+        engine,
+        "UPDATE delivery_log SET seq = seq + 1000 WHERE seq >= 3",
+        "UPDATE delivery_log SET seq = seq - 999 WHERE seq >= 1000",
+        "INSERT INTO delivery_log (seq, received_at, source, event, instance, dedup_key,"
+        " headers, payload, prev_hash, hash)"
+        " SELECT 3, received_at, source, event, instance, 'forged', headers, payload,"
+        " hash, hash FROM delivery_log WHERE seq = 2",
+    )
+    rehash_from(engine, 3, last=3)  # the forged row's own link and hash are perfect
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=4: broken link" in result.output
+
+
+def test_reordered_rows_break_the_link_at_the_first_moved_row(
+    history, database_url, engine
+) -> None:
+    tamper(
+        engine,
+        "UPDATE delivery_log SET seq = 1000 WHERE seq = 2",
+        "UPDATE delivery_log SET seq = 2 WHERE seq = 3",
+        "UPDATE delivery_log SET seq = 3 WHERE seq = 1000",
+    )
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=2: broken link" in result.output
+
+
+def test_appended_row_with_a_made_up_hash_is_named(history, database_url, engine) -> None:
+    tamper(
+        engine,
+        "INSERT INTO delivery_log (seq, received_at, source, event, instance, dedup_key,"
+        " headers, payload, prev_hash, hash)"
+        " SELECT 7, received_at, source, event, instance, 'forged', headers, payload,"
+        " hash, sha256('made up') FROM delivery_log WHERE seq = 6",
+    )
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=7: hash mismatch" in result.output
