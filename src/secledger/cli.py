@@ -24,6 +24,7 @@ from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
 from secledger.service import feed, ledger_json
 from secledger.store import db, ledger, migrate
+from secledger.tierpolicy import CompliancePolicy
 
 TABLE_COLUMNS = (
     "project_path",
@@ -186,6 +187,7 @@ def upgrade(context: Context) -> None:
 def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:
     """Feed files through the recording path; the number rejected."""
     policy = LabelPolicy.from_settings(context.settings)
+    compliance = CompliancePolicy.from_settings(context.settings)
     rejected = 0
     for path in paths:
         try:
@@ -196,6 +198,7 @@ def replay_files(context: Context, engine: Engine, paths: list[Path], event: str
                 path.read_bytes(),
                 max_body_bytes=context.settings.max_body_bytes,
                 source="replay",
+                compliance=compliance,
             )
         except IntakeError as exc:
             rejected += 1

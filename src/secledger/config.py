@@ -16,6 +16,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from secledger.tierpolicy import BusinessHoursConfig, TierPolicyConfig, check_tiers
+
 DEFAULT_TIERS = ("critical", "high", "medium", "low")
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
 
@@ -62,6 +64,10 @@ class Settings(BaseSettings):
     log_level: str = "info"
     max_batch: int = Field(default=128, ge=1, le=10_000)
 
+    # Compliance policy (issue 5): per-tier SLA, approvals, reviewers; business calendar.
+    tier_policy: dict[str, TierPolicyConfig] = Field(default_factory=dict)
+    business_hours: BusinessHoursConfig = Field(default_factory=BusinessHoursConfig)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -99,6 +105,7 @@ class Settings(BaseSettings):
     def _patterns_present(self) -> Settings:
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
+        check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
         return self
 
     def secret_values(self) -> list[bytes]:

@@ -21,6 +21,7 @@ from secledger.extract import EventFacts
 from secledger.intake import Delivery
 from secledger.service import Outcome, record
 from secledger.store.log import Chain
+from secledger.tierpolicy import CompliancePolicy
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -57,8 +58,14 @@ _STOP = object()
 class Recorder:
     """Owns the writer thread. ``submit`` from the event loop; ``close`` on shutdown."""
 
-    def __init__(self, engine: Engine, max_batch: int = 128) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 128,
+        compliance: CompliancePolicy | None = None,
+    ) -> None:
         self._engine = engine
+        self._compliance = compliance
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
@@ -102,7 +109,10 @@ class Recorder:
         try:
             with self._engine.begin() as conn:
                 chain = Chain.open(conn)
-                outcomes = [record(conn, chain, job.delivery, job.facts) for job in jobs]
+                outcomes = [
+                    record(conn, chain, job.delivery, job.facts, compliance=self._compliance)
+                    for job in jobs
+                ]
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if _is_transient(exc) or len(jobs) == 1:
                 self._fail(jobs, exc)

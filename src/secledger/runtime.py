@@ -11,6 +11,7 @@ from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.store import db, migrate
+from secledger.tierpolicy import CompliancePolicy
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Runtime:
         known = KnownMRs()
         known.load(engine)
         known.listen(db.libpq_url(database.url))
-        recorder = Recorder(engine, max_batch=settings.max_batch)
+        compliance = CompliancePolicy.from_settings(settings)
+        recorder = Recorder(engine, max_batch=settings.max_batch, compliance=compliance)
         recorder.start()
         return cls(
             settings=settings,

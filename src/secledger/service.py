@@ -14,14 +14,18 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, RowMapping
 
+from secledger import findings
 from secledger.extract import EventFacts, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.store import ledger
 from secledger.store.log import Chain, seq_of
+from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
 NOT_SECURITY = "merge request carries no security label"
+# Used when a caller does not pass the configured policy (tests, tools): the documented defaults.
+DEFAULT_COMPLIANCE = CompliancePolicy()
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,15 @@ def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     return out
 
 
-def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts) -> Outcome:
-    """Log one delivery and update its merge request's ledger row."""
+def record(
+    conn: Connection,
+    chain: Chain,
+    delivery: Delivery,
+    facts: EventFacts,
+    *,
+    compliance: CompliancePolicy | None = None,
+) -> Outcome:
+    """Log one delivery, update its merge request's ledger row, SLA clock and findings."""
     if not facts.is_security and not ledger.is_known(conn, facts.key):
         return Outcome("ignored", reason=NOT_SECURITY)
     seq = chain.append(conn, delivery)
@@ -68,17 +79,25 @@ def record(conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts
         )
     ledger.add_event(conn, seq, facts)
     row = ledger.project(conn, facts.key)
+    if row is not None:
+        findings.evaluate_mr(conn, row, compliance or DEFAULT_COMPLIANCE, utcnow())
     message = {"instance": facts.instance, "project_id": facts.project_id}
     message |= {"mr_iid": facts.mr_iid, "seq": seq}
     ledger.notify(conn, orjson.dumps(message).decode())
     return Outcome("recorded", seq=seq, row=ledger_json(row) if row else None)
 
 
-def record_one(engine: Engine, delivery: Delivery, facts: EventFacts) -> Outcome:
+def record_one(
+    engine: Engine,
+    delivery: Delivery,
+    facts: EventFacts,
+    *,
+    compliance: CompliancePolicy | None = None,
+) -> Outcome:
     """Record one delivery in its own transaction, committed on return."""
     with engine.begin() as conn:
         chain = Chain.open(conn)
-        return record(conn, chain, delivery, facts)
+        return record(conn, chain, delivery, facts, compliance=compliance)
 
 
 def feed(
@@ -89,6 +108,7 @@ def feed(
     *,
     max_body_bytes: int,
     source: str,
+    compliance: CompliancePolicy | None = None,
 ) -> Outcome:
     """Intake, extract and record one recorded request, as the endpoint would (no token)."""
     delivery = parse_delivery(
@@ -102,4 +122,5 @@ def feed(
     )
     if isinstance(delivery, Ignored):
         return Outcome("ignored", reason=delivery.reason)
-    return record_one(engine, delivery, extract_facts(delivery, policy))
+    facts = extract_facts(delivery, policy)
+    return record_one(engine, delivery, facts, compliance=compliance)
