@@ -289,3 +289,35 @@ def test_reevaluation_does_not_duplicate_and_a_finding_that_stops_holding_is_res
     resolved = found(engine, resolved=True)[("merged-by-author", "")]
     assert resolved.resolved_at is not None
     assert resolved.id == first.id
+
+
+def test_replaying_an_old_history_decided_in_time_leaves_no_breach_behind(engine) -> None:
+    record(engine, event("open", 0), event("update", 30), event("approved", 71, actor="bob"))
+    assert "sla-breached" not in {rule for rule, _ in found(engine, resolved=True)}
+
+
+def test_open_mr_is_found_breached_at_record_time_once_an_event_is_past_the_deadline(engine):
+    record(engine, event("open", 0), event("update", 73))  # high: due at 72 h, still undecided
+    assert found(engine)[("sla-breached", "")].evidence["status"] == "open past deadline"
+
+
+def test_a_late_older_event_does_not_resolve_a_wall_clock_breach(engine) -> None:
+    now = datetime.now(UTC)
+    opened = (now - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    body = mr_event("open", labels=["sec::critical"], created_at=opened, updated_at=opened)
+    record(engine, body)
+    with engine.begin() as conn:
+        findings.refresh_overdue(conn, CompliancePolicy(), now + timedelta(days=2))
+    earlier = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    changes = {"title": {"previous": "a", "current": "b"}}
+    record(
+        engine,
+        mr_event(
+            "update",
+            labels=["sec::critical"],
+            created_at=opened,
+            updated_at=earlier,
+            changes=changes,
+        ),
+    )
+    assert ("sla-breached", "") in found(engine)

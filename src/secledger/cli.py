@@ -347,3 +347,7 @@ if __name__ == "__main__":
 
 
 # Commands from other areas register here, one line each.
+from secledger.commands import compliance as _compliance  # noqa: E402
+
+main.add_command(_compliance.findings_command)
+main.add_command(_compliance.report_command)

@@ -61,6 +61,7 @@ _UPSERT_FINDING = text(
 _RESOLVE = text(
     f"UPDATE findings SET resolved_at = :now, updated_at = :now WHERE {_KEY}"
     " AND resolved_at IS NULL AND NOT (rule || ' ' || subject = ANY(:held))"
+    " AND NOT (:keep_running_breach AND rule = 'sla-breached')"
 ).bindparams(bindparam("held", type_=ARRAY(Text)))
 
 
@@ -95,23 +96,44 @@ def finding_row(key: MRKey, hit: Hit) -> dict[str, Any]:
 
 
 def evaluate_mr(
-    conn: Connection, row: RowMapping, policy: CompliancePolicy, now: datetime
+    conn: Connection,
+    row: RowMapping,
+    policy: CompliancePolicy,
+    now: datetime,
+    *,
+    as_of: datetime | None = None,
 ) -> list[Hit]:
-    """Re-evaluate one MR after its ledger row was projected (same transaction)."""
+    """Re-evaluate one MR after its ledger row was projected (same transaction).
+
+    ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
+    latest event time, so replaying an old history does not flag (then resolve) a
+    breach at every step. An open-past-deadline finding already recorded by the
+    wall-clock check is kept while the clock still runs.
+    """
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
     history = history_of(ledger.events_of(conn, key), row)
-    conn.execute(_UPSERT_CLOCK, {**clock_row(key, sla_clock(history, policy)), "now": now})
-    hits = evaluate(history, policy, now)
-    store(conn, key, hits, now)
+    clock = sla_clock(history, policy)
+    conn.execute(_UPSERT_CLOCK, {**clock_row(key, clock), "now": now})
+    hits = evaluate(history, policy, as_of or now)
+    keep = as_of is not None and clock.first_decision_at is None
+    store(conn, key, hits, now, keep_running_breach=keep)
     return hits
 
 
-def store(conn: Connection, key: MRKey, hits: Sequence[Hit], now: datetime) -> None:
+def store(
+    conn: Connection,
+    key: MRKey,
+    hits: Sequence[Hit],
+    now: datetime,
+    *,
+    keep_running_breach: bool = False,
+) -> None:
     """Upsert the findings that hold and resolve the ones of this MR that no longer do."""
     if hits:
         conn.execute(_UPSERT_FINDING, [{**finding_row(key, h), "now": now} for h in hits])
-    held = [f"{h.rule} {h.subject}" for h in hits]
-    conn.execute(_RESOLVE, {**ledger.key_params(key), "now": now, "held": held})
+    params = {"now": now, "held": [f"{h.rule} {h.subject}" for h in hits]}
+    params["keep_running_breach"] = keep_running_breach
+    conn.execute(_RESOLVE, {**ledger.key_params(key), **params})
 
 
 def _sql_stamp(column: str) -> str:

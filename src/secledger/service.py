@@ -80,7 +80,8 @@ def record(
     ledger.add_event(conn, seq, facts)
     row = ledger.project(conn, facts.key)
     if row is not None:
-        findings.evaluate_mr(conn, row, compliance or DEFAULT_COMPLIANCE, utcnow())
+        policy = compliance or DEFAULT_COMPLIANCE
+        findings.evaluate_mr(conn, row, policy, utcnow(), as_of=row["last_event_at"])
     message = {"instance": facts.instance, "project_id": facts.project_id}
     message |= {"mr_iid": facts.mr_iid, "seq": seq}
     ledger.notify(conn, orjson.dumps(message).decode())
