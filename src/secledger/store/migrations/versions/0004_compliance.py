@@ -85,7 +85,8 @@ SELECT actor AS reviewer,
        percentile_cont(0.9) WITHIN GROUP (ORDER BY hours_to_decision)
            FILTER (WHERE decision IN ('approved', 'merged', 'closed')) AS p90_hours,
        round(100.0 * avg(within_sla::int)
-           FILTER (WHERE decision IN ('approved', 'merged', 'closed')), 1) AS sla_adherence_pct
+           FILTER (WHERE decision IN ('approved', 'merged', 'closed')), 1)::float
+           AS sla_adherence_pct
 FROM bi_decisions
 WHERE actor IS NOT NULL
 GROUP BY actor;
