@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -295,3 +296,12 @@ def test_cli_findings_json_and_report_csv(history, database_url, monkeypatch, tm
     bad = runner.invoke(main, ["report", "tiers", "--since", "last tuesday"])
     assert bad.exit_code == 2
     assert "is not a date" in bad.output
+
+
+@pytest.mark.parametrize("command", ["findings", "report"])
+def test_commands_have_help_with_an_example_and_are_documented(command) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output
+    docs = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    assert f"secledger {command}" in docs

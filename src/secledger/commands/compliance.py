@@ -12,6 +12,7 @@ from secledger import findings as store
 from secledger import reports
 from secledger.errors import TimestampError
 from secledger.output import FORMATS, render
+from secledger.rules import RULES
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import parse_time, utcnow
 
@@ -67,11 +68,13 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title:
 @click.command(name="findings")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--all", "include_resolved", is_flag=True, help="Include resolved findings.")
-@click.option("--since", callback=_when, help="Detected at or after this date (UTC).")
-@click.option("--until", callback=_when, help="Detected before this date (UTC).")
+@click.option(
+    "--since", callback=_when, metavar="DATE", help="Detected at or after this date (UTC)."
+)
+@click.option("--until", callback=_when, metavar="DATE", help="Detected before this date (UTC).")
 @click.option("--project", help="Project id or path (group/project).")
 @click.option("--tier", help="Risk tier of the merge request.")
-@click.option("--rule", help="One rule id, e.g. merged-by-author.")
+@click.option("--rule", type=click.Choice(sorted(RULES)), help="Only this rule.")
 @click.option(
     "--refresh-only", is_flag=True, help="Record SLA breaches of open MRs now due, print nothing."
 )
@@ -107,7 +110,8 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     with context.engine() as engine, engine.begin() as conn:
         now = utcnow()
         if reevaluate:
-            click.echo(f"re-evaluated {store.reevaluate_all(conn, policy, now)} merge requests")
+            count = store.reevaluate_all(conn, policy, now)
+            click.echo(f"re-evaluated {count} merge requests", err=True)
         store.refresh_overdue(conn, policy, now)
         if refresh_only:
             return
@@ -131,8 +135,8 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
 @click.command(name="report")
 @click.argument("kind", type=click.Choice(tuple(reports.REPORTS)))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@click.option("--since", callback=_when, help="From this date (UTC), inclusive.")
-@click.option("--until", callback=_when, help="To this date (UTC), exclusive.")
+@click.option("--since", callback=_when, metavar="DATE", help="From this date (UTC), inclusive.")
+@click.option("--until", callback=_when, metavar="DATE", help="To this date (UTC), exclusive.")
 @click.option("--project", help="Project id or path (group/project).")
 @click.option("--tier", help="Risk tier.")
 @click.option("--reviewer", help="GitLab username.")
