@@ -20,7 +20,7 @@ from secledger.config import Settings
 from secledger.extract import extract_facts
 from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.service import feed, record
+from secledger.service import Recording, feed, record
 from secledger.store import db, outbox
 from secledger.store.log import Chain
 from secledger.times import utcnow
@@ -33,7 +33,13 @@ SINK_TOKEN = "sink-secret-value"
 
 def record_body(engine: Engine, body: dict, *, emit: bool = True) -> str:
     outcome = feed(
-        engine, POLICY, HEADERS, dumps(body), max_body_bytes=10**6, source="replay", emit=emit
+        engine,
+        POLICY,
+        HEADERS,
+        dumps(body),
+        max_body_bytes=10**6,
+        source="replay",
+        recording=Recording(emit=emit),
     )
     return outcome.status
 
@@ -125,7 +131,9 @@ def test_outbox_row_is_rolled_back_with_its_recording(engine: Engine) -> None:
     with engine.connect() as conn:
         transaction = conn.begin()
         chain = Chain.open(conn)
-        outcome = record(conn, chain, delivery, extract_facts(delivery, POLICY), emit=True)
+        outcome = record(
+            conn, chain, delivery, extract_facts(delivery, POLICY), recording=Recording(emit=True)
+        )
         assert outcome.status == "recorded"
         assert conn.execute(text("SELECT count(*) FROM outbox")).scalar_one() == 1
         transaction.rollback()

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, text
 from secledger import apifacts
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
-from secledger.service import record
+from secledger.service import DEFAULT_RECORDING, Recording, record
 from secledger.store.log import Chain
 from secledger.times import isoformat, utcnow
 
@@ -115,11 +115,11 @@ def record_envelopes(
     envelopes: Iterable[dict[str, Any]],
     policy: LabelPolicy,
     *,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> int:
     """Record API facts in the caller's transaction; how many were new.
 
-    ``emit`` queues new ledger rows for the HTTP sink, as the receiver does.
+    ``recording`` carries the findings policy and the sink flag, as the receiver's does.
     """
     chain = Chain.open(conn)
     received_at = utcnow()
@@ -127,7 +127,7 @@ def record_envelopes(
     for env in envelopes:
         delivery = apifacts.delivery(instance, env, received_at)
         facts = apifacts.facts(instance, env, policy)
-        outcome = record(conn, chain, delivery, facts, emit=emit)
+        outcome = record(conn, chain, delivery, facts, recording=recording)
         recorded += outcome.status == "recorded"
     return recorded
 
@@ -163,10 +163,10 @@ class Backfill:
         period: Period,
         *,
         workers: int = 4,
-        emit: bool = False,
+        recording: Recording = DEFAULT_RECORDING,
     ) -> None:
         self.engine, self.api, self.policy = engine, api, policy
-        self.emit = emit
+        self.recording = recording
         self.scopes, self.period, self.workers = scopes, period, workers
         self.key = run_key(api.instance, scopes, period)
 
@@ -182,7 +182,7 @@ class Backfill:
         """Record one MR's facts and its cursor row in one transaction."""
         with self.engine.begin() as conn:
             recorded = record_envelopes(
-                conn, self.api.instance, envelopes, self.policy, emit=self.emit
+                conn, self.api.instance, envelopes, self.policy, recording=self.recording
             )
             params = {"run_key": self.key, "pid": int(mr["project_id"]), "iid": int(mr["iid"])}
             conn.execute(_MARK, params)

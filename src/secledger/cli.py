@@ -22,7 +22,7 @@ from secledger.errors import IntakeError, SecledgerError
 from secledger.output import FORMATS, render
 from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
-from secledger.service import feed, ledger_json
+from secledger.service import Recording, feed, ledger_json
 from secledger.store import db, ledger, migrate
 
 TABLE_COLUMNS = (
@@ -194,6 +194,7 @@ def upgrade(context: Context) -> None:
 def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:
     """Feed files through the recording path; the number rejected."""
     policy = LabelPolicy.from_settings(context.settings)
+    recording = Recording.from_settings(context.settings)
     rejected = 0
     for path in paths:
         try:
@@ -204,7 +205,7 @@ def replay_files(context: Context, engine: Engine, paths: list[Path], event: str
                 path.read_bytes(),
                 max_body_bytes=context.settings.max_body_bytes,
                 source="replay",
-                emit=context.settings.sink_enabled,
+                recording=recording,
             )
         except IntakeError as exc:
             rejected += 1
@@ -349,6 +350,7 @@ def run() -> None:
 
 
 # Commands from other areas register here, one line each.
+from secledger.commands import compliance as _compliance  # noqa: E402
 from secledger.commands import integrity as _integrity  # noqa: E402
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
@@ -366,6 +368,8 @@ main.add_command(_integrity.verify_command)
 main.add_command(_integrity.rebuild_command)
 main.add_command(_integrity.keygen)
 main.add_command(_integrity.checkpoint_command)
+main.add_command(_compliance.findings_command)
+main.add_command(_compliance.report_command)
 
 
 if __name__ == "__main__":

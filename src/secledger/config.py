@@ -17,6 +17,7 @@ from pydantic_settings import (
 )
 
 from secledger.errors import ConfigError
+from secledger.tierpolicy import BusinessHoursConfig, TierPolicyConfig, check_tiers
 
 DEFAULT_TIERS = ("critical", "high", "medium", "low")
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
@@ -122,6 +123,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = None
     checkpoint_interval_minutes: float = Field(default=60.0, ge=0)
 
+    # Compliance policy (issue 5): per-tier SLA, approvals, reviewers; business calendar.
+    tier_policy: dict[str, TierPolicyConfig] = Field(default_factory=dict)
+    business_hours: BusinessHoursConfig = Field(default_factory=BusinessHoursConfig)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -159,6 +164,7 @@ class Settings(BaseSettings):
     def _patterns_present(self) -> Settings:
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
+        check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
         return self
 
     def gitlab_token_value(self) -> str | None:

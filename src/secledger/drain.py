@@ -19,7 +19,7 @@ from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
-from secledger.service import record_batch
+from secledger.service import DEFAULT_RECORDING, Recording, record_batch
 from secledger.spool import CORRUPT, FAILED, CorruptEntry, Spool, SpooledDelivery
 from secledger.store.log import Chain
 
@@ -95,10 +95,10 @@ class Drainer:
         policy: LabelPolicy,
         known: KnownMRs | None = None,
         *,
-        emit: bool = False,
+        recording: Recording = DEFAULT_RECORDING,
     ) -> None:
         self.engine = engine
-        self.emit = emit
+        self.recording = recording
         self.spool = spool
         self.policy = policy
         self.known = known
@@ -164,7 +164,7 @@ class Drainer:
             with self.engine.begin() as conn:
                 chain = Chain.open(conn)
                 batch = [(i.delivery, i.facts) for i in items]
-                outcomes = record_batch(conn, chain, batch, emit=self.emit)
+                outcomes = record_batch(conn, chain, batch, recording=self.recording)
         except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
             if is_transient(exc):
                 result.unavailable = True

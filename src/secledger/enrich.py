@@ -24,6 +24,7 @@ from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI
 from secledger.policy import LabelPolicy
+from secledger.service import DEFAULT_RECORDING, Recording
 
 log = structlog.get_logger("secledger.enrich")
 
@@ -52,7 +53,12 @@ def candidates(engine: Engine, instance: str, *, limit: int, recheck: bool) -> l
 
 
 def enrich_one(
-    engine: Engine, api: GitLabAPI, policy: LabelPolicy, key: MRKey, *, emit: bool = False
+    engine: Engine,
+    api: GitLabAPI,
+    policy: LabelPolicy,
+    key: MRKey,
+    *,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> str:
     """Look up one MR's first security-label add and record it; the outcome."""
     mr = api.merge_request(key.project_id, key.mr_iid)
@@ -65,7 +71,9 @@ def enrich_one(
     ]
     with engine.begin() as conn:
         recorded = (
-            record_envelopes(conn, api.instance, envelopes, policy, emit=emit) if envelopes else 0
+            record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
+            if envelopes
+            else 0
         )
         outcome = "no_label_event" if not envelopes else "recorded" if recorded else "known"
         params = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
@@ -92,13 +100,13 @@ def enrich(
     *,
     limit: int = 500,
     recheck: bool = False,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> EnrichResult:
     """Enrich every candidate, up to ``limit``; an API error on one MR does not stop the rest."""
     counts: Counter[str] = Counter()
     for key in candidates(engine, api.instance, limit=limit, recheck=recheck):
         try:
-            outcome = enrich_one(engine, api, policy, key, emit=emit)
+            outcome = enrich_one(engine, api, policy, key, recording=recording)
         except GitLabAPIError as exc:
             log.warning(
                 "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
@@ -118,10 +126,10 @@ class Enricher:
         policy: LabelPolicy,
         interval: float,
         *,
-        emit: bool = False,
+        recording: Recording = DEFAULT_RECORDING,
     ) -> None:
         self.engine, self.api, self.policy, self.interval = engine, api, policy, interval
-        self.emit = emit
+        self.recording = recording
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="secledger-enrich", daemon=True)
 
@@ -137,7 +145,7 @@ class Enricher:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                result = enrich(self.engine, self.api, self.policy, emit=self.emit)
+                result = enrich(self.engine, self.api, self.policy, recording=self.recording)
             except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
                 log.warning("enrich_pass_failed", error=type(exc).__name__)
                 continue
@@ -157,7 +165,7 @@ def start_background(settings: Settings, engine: Engine) -> Enricher | None:
         api,
         LabelPolicy.from_settings(settings),
         settings.enrich_interval_seconds,
-        emit=settings.sink_enabled,
+        recording=Recording.from_settings(settings),
     )
     enricher.start()
     log.info("enrich_started", interval=settings.enrich_interval_seconds, instance=api.instance)

@@ -24,6 +24,7 @@ from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
 from secledger.projection import MATCH_TOLERANCE
+from secledger.service import DEFAULT_RECORDING, Recording
 from secledger.store import ledger
 from secledger.times import isoformat, parse_optional, utcnow
 
@@ -148,14 +149,14 @@ def fix(
     policy: LabelPolicy,
     mrs: Iterable[dict[str, Any]],
     *,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> int:
     """Record the API history of each MR, through the backfill path; how many MRs."""
     count = 0
     for mr in mrs:
         envelopes = fetch_history(api, mr, policy)
         with engine.begin() as conn:
-            record_envelopes(conn, api.instance, envelopes, policy, emit=emit)
+            record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
         count += 1
     return count
 
@@ -189,7 +190,7 @@ def reconcile(
     period: Period,
     *,
     apply_fix: bool = False,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> Report:
     """Compare, optionally fix, compare again, and store the result."""
     closed_period = Period(period.since, period.until or utcnow())
@@ -199,7 +200,7 @@ def reconcile(
     fixed, remaining = 0, found
     to_fix = [gitlab[(d.project_id, d.mr_iid)] for d in found if d.kind != "extra"]
     if apply_fix and to_fix:
-        fixed = fix(engine, api, policy, to_fix, emit=emit)
+        fixed = fix(engine, api, policy, to_fix, recording=recording)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period)
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
     return store(engine, api.instance, scopes, report)

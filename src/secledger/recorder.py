@@ -25,7 +25,7 @@ from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts
 from secledger.intake import Delivery
-from secledger.service import Outcome, record_batch
+from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_batch
 from secledger.spool import DrainBusy, SpoolUnavailable
 from secledger.store.log import Chain
 
@@ -69,14 +69,14 @@ class Recorder:
         *,
         drainer: Drainer | None = None,
         retry_seconds: float = 1.0,
-        emit: bool = False,
+        recording: Recording = DEFAULT_RECORDING,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._drainer = drainer
         self._retry_seconds = retry_seconds
         self._next_drain = 0.0
-        self._emit = emit
+        self._recording = recording
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
@@ -175,7 +175,10 @@ class Recorder:
             with self._engine.begin() as conn:
                 chain = Chain.open(conn)
                 outcomes = record_batch(
-                    conn, chain, [(job.delivery, job.facts) for job in jobs], emit=self._emit
+                    conn,
+                    chain,
+                    [(job.delivery, job.facts) for job in jobs],
+                    recording=self._recording,
                 )
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if is_transient(exc) and self._drainer is not None:

@@ -11,6 +11,7 @@ from secledger.drain import Drainer
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
+from secledger.service import Recording
 from secledger.spool import Spool
 from secledger.store import db, migrate
 
@@ -38,12 +39,13 @@ class Runtime:
         policy = LabelPolicy.from_settings(settings)
         # What an earlier run spooled is drained first, before any new delivery.
         spool = Spool.open(settings.spool_path)
+        recording = Recording.from_settings(settings)
         recorder = Recorder(
             engine,
             max_batch=settings.max_batch,
-            drainer=Drainer(engine, spool, policy, known, emit=settings.sink_enabled),
+            drainer=Drainer(engine, spool, policy, known, recording=recording),
             retry_seconds=settings.spool_retry_seconds,
-            emit=settings.sink_enabled,
+            recording=recording,
         )
         recorder.start()
         return cls(

@@ -14,15 +14,35 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, RowMapping
 
+from secledger import findings
+from secledger.config import Settings
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import fold
 from secledger.store import ledger, outbox
 from secledger.store.log import Chain, seq_of
+from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
 NOT_SECURITY = "merge request carries no security label"
+# Used when a caller does not pass the configured policy (tests, tools): the documented defaults.
+
+
+@dataclass(frozen=True)
+class Recording:
+    """How this process records, from its settings: the findings policy and the sink outbox."""
+
+    compliance: CompliancePolicy = field(default_factory=CompliancePolicy)
+    emit: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Recording:
+        """The configured compliance policy; emit when an HTTP sink is configured."""
+        return cls(CompliancePolicy.from_settings(settings), settings.sink_enabled)
+
+
+DEFAULT_RECORDING = Recording()
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,15 @@ def ledger_json(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
 
 
 def record(
-    conn: Connection, chain: Chain, delivery: Delivery, facts: EventFacts, *, emit: bool = False
+    conn: Connection,
+    chain: Chain,
+    delivery: Delivery,
+    facts: EventFacts,
+    *,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> Outcome:
     """Log one delivery and update its merge request's ledger row."""
-    return record_batch(conn, chain, [(delivery, facts)], emit=emit)[0]
+    return record_batch(conn, chain, [(delivery, facts)], recording=recording)[0]
 
 
 def record_batch(
@@ -69,7 +94,7 @@ def record_batch(
     chain: Chain,
     items: Sequence[tuple[Delivery, EventFacts]],
     *,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> list[Outcome]:
     """Record deliveries in order, with the outcomes ``record`` would give one at a time.
 
@@ -78,8 +103,9 @@ def record_batch(
     the fold of its merge request's events up to its own seq, exactly as if the
     deliveries had been recorded one after the other.
 
-    With ``emit`` (an HTTP sink is configured) each new row is also queued in the outbox,
-    in this same transaction, so the sink gets every row that was committed.
+    In the same transaction, each merge request's findings are re-evaluated under
+    ``recording.compliance`` and, with ``recording.emit`` (an HTTP sink is configured), each
+    new row is queued in the outbox, so the sink gets every row that was committed.
     """
     outcomes: list[Outcome] = [IGNORED] * len(items)
     kept = _kept(conn, items)
@@ -100,11 +126,15 @@ def record_batch(
         latest[facts.key] = row
         rendered = ledger_json(row)
         outcomes[i] = Outcome("recorded", seq=seq, row=rendered)
-        if emit:
+        if recording.emit:
             # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
             body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
             queued.append((seq, chain.appended[seq].hex(), body))
     ledger.upsert_rows(conn, list(latest.values()))
+    for key, row in latest.items():
+        findings.evaluate_mr(
+            conn, row, recording.compliance, now, as_of=row["last_event_at"], events=events[key]
+        )
     outbox.add_many(conn, queued)
     ledger.notify_many(conn, [_notice(items[i][1], seq) for i, seq in logged])
     return outcomes
@@ -142,12 +172,16 @@ def _notice(facts: EventFacts, seq: int) -> str:
 
 
 def record_one(
-    engine: Engine, delivery: Delivery, facts: EventFacts, *, emit: bool = False
+    engine: Engine,
+    delivery: Delivery,
+    facts: EventFacts,
+    *,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> Outcome:
     """Record one delivery in its own transaction, committed on return."""
     with engine.begin() as conn:
         chain = Chain.open(conn)
-        return record(conn, chain, delivery, facts, emit=emit)
+        return record(conn, chain, delivery, facts, recording=recording)
 
 
 def feed(
@@ -158,7 +192,7 @@ def feed(
     *,
     max_body_bytes: int,
     source: str,
-    emit: bool = False,
+    recording: Recording = DEFAULT_RECORDING,
 ) -> Outcome:
     """Intake, extract and record one recorded request, as the endpoint would (no token)."""
     delivery = parse_delivery(
@@ -172,4 +206,4 @@ def feed(
     )
     if isinstance(delivery, Ignored):
         return Outcome("ignored", reason=delivery.reason)
-    return record_one(engine, delivery, extract_facts(delivery, policy), emit=emit)
+    return record_one(engine, delivery, extract_facts(delivery, policy), recording=recording)

@@ -22,6 +22,7 @@ from secledger.times import parse_time
 
 if TYPE_CHECKING:
     from secledger.cli import Context
+from secledger.service import Recording
 
 
 class DateParam(click.ParamType):  # type: ignore[type-arg]
@@ -133,7 +134,7 @@ def backfill(
             chosen,
             Period(since, until),
             workers=workers or context.settings.gitlab_workers,
-            emit=context.settings.sink_enabled,
+            recording=Recording.from_settings(context.settings),
         )
         columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as bar:
@@ -178,7 +179,7 @@ def reconcile(
             chosen,
             Period(since, until),
             apply_fix=apply_fix,
-            emit=context.settings.sink_enabled,
+            recording=Recording.from_settings(context.settings),
         )
     rows = [d.to_json() for d in report.differences]
     if rows:
@@ -212,7 +213,12 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     policy = LabelPolicy.from_settings(context.settings)
     with context.engine() as engine, edge():
         result = enrichment.enrich(
-            engine, api, policy, limit=limit, recheck=recheck, emit=context.settings.sink_enabled
+            engine,
+            api,
+            policy,
+            limit=limit,
+            recheck=recheck,
+            recording=Recording.from_settings(context.settings),
         )
     detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
     click.echo(f"{result.total} merge requests looked up: {detail}")

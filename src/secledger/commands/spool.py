@@ -13,6 +13,7 @@ from secledger.spool import DrainBusy, Spool, SpoolStatus, SpoolUnavailable
 
 if TYPE_CHECKING:
     from secledger.cli import Context
+from secledger.service import Recording
 
 
 @click.group(name="spool")
@@ -96,7 +97,9 @@ def drain_command(context: Context, batch: int) -> None:
     with context.engine() as engine:
         try:
             with spool.draining():
-                drainer = Drainer(engine, spool, policy, emit=context.settings.sink_enabled)
+                drainer = Drainer(
+                    engine, spool, policy, recording=Recording.from_settings(context.settings)
+                )
                 result = drainer.all(batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc

@@ -1,0 +1,186 @@
+"""``secledger findings`` and ``secledger report``: thin commands over findings and reports."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+import orjson
+
+from secledger import findings as store
+from secledger import reports
+from secledger.errors import TimestampError
+from secledger.output import FORMATS, render
+from secledger.rules import RULES
+from secledger.tierpolicy import CompliancePolicy
+from secledger.times import parse_time, utcnow
+
+if TYPE_CHECKING:
+    from secledger.cli import Context
+
+FINDING_COLUMNS = (
+    "rule",
+    "severity",
+    "project_path",
+    "mr_iid",
+    "subject",
+    "seqs",
+    "detected_at",
+    "resolved_at",
+)
+JSON_FINDING_COLUMNS = (
+    "id",
+    "rule",
+    "severity",
+    "instance",
+    "project_id",
+    "mr_iid",
+    "project_path",
+    "url",
+    "risk_tier",
+    "subject",
+    "seqs",
+    "detected_at",
+    "resolved_at",
+    "evidence",
+)
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """A date (``2025-08-01``, midnight UTC) or any timestamp spelling secledger parses."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return parse_time(value)
+    except (TimestampError, ValueError) as exc:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or timestamp") from exc
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title: str) -> None:
+    text = render(rows, fmt, columns, title=title)
+    if text is not None:
+        click.echo(text, nl=fmt != "csv")
+
+
+@click.command(name="findings")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--all", "include_resolved", is_flag=True, help="Include resolved findings.")
+@click.option(
+    "--since", callback=_when, metavar="DATE", help="Detected at or after this date (UTC)."
+)
+@click.option("--until", callback=_when, metavar="DATE", help="Detected before this date (UTC).")
+@click.option("--project", help="Project id or path (group/project).")
+@click.option("--tier", help="Risk tier of the merge request.")
+@click.option("--rule", type=click.Choice(sorted(RULES)), help="Only this rule.")
+@click.option(
+    "--refresh-only", is_flag=True, help="Record SLA breaches of open MRs now due, print nothing."
+)
+@click.option(
+    "--reevaluate", is_flag=True, help="Re-run every rule on every MR (after a policy change)."
+)
+@click.pass_obj
+def findings_command(  # noqa: PLR0917 - click passes one argument per option
+    context: Context,
+    fmt: str,
+    include_resolved: bool,
+    since: datetime | None,
+    until: datetime | None,
+    project: str | None,
+    tier: str | None,
+    rule: str | None,
+    refresh_only: bool,
+    reevaluate: bool,
+) -> None:
+    """List separation-of-duties findings (open ones unless --all).
+
+    First records `sla-breached` for open merge requests whose deadline has passed
+    since their last event; run `secledger findings --refresh-only` from cron to keep
+    the findings table current for BI tools.
+
+    \b
+    Example:
+      secledger findings
+      secledger findings --format json --rule merged-by-author | jq '.[].url'
+      secledger findings --all --since 2025-07-01 --format csv > findings.csv
+    """
+    policy = CompliancePolicy.from_settings(context.settings)
+    with context.engine() as engine, engine.begin() as conn:
+        now = utcnow()
+        if reevaluate:
+            count = store.reevaluate_all(conn, policy, now)
+            click.echo(f"re-evaluated {count} merge requests", err=True)
+        store.refresh_overdue(conn, policy, now)
+        if refresh_only:
+            return
+        rows = store.list_findings(
+            conn,
+            include_resolved=include_resolved,
+            since=since,
+            until=until,
+            project=project,
+            tier=tier,
+            rule=rule,
+        )
+    items = [row.to_json() for row in rows]
+    if fmt == "csv":
+        for item in items:
+            item["evidence"] = orjson.dumps(item["evidence"]).decode()
+    columns = FINDING_COLUMNS if fmt == "table" else JSON_FINDING_COLUMNS
+    _emit(items, fmt, columns, f"findings ({len(items)})")
+
+
+@click.command(name="report")
+@click.argument("kind", type=click.Choice(tuple(reports.REPORTS)))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--since", callback=_when, metavar="DATE", help="From this date (UTC), inclusive.")
+@click.option("--until", callback=_when, metavar="DATE", help="To this date (UTC), exclusive.")
+@click.option("--project", help="Project id or path (group/project).")
+@click.option("--tier", help="Risk tier.")
+@click.option("--reviewer", help="GitLab username.")
+@click.option(
+    "--period",
+    type=click.Choice(reports.PERIODS),
+    default="week",
+    show_default=True,
+    help="Bucket size of the periods report.",
+)
+@click.pass_obj
+def report_command(  # noqa: PLR0917 - click passes one argument per option
+    context: Context,
+    kind: str,
+    fmt: str,
+    since: datetime | None,
+    until: datetime | None,
+    project: str | None,
+    tier: str | None,
+    reviewer: str | None,
+    period: str,
+) -> None:
+    """Compliance reports: reviewers, tiers, projects, periods, open, findings.
+
+    reviewers: decisions (approve, merge, close), approvals, revocations, median and
+    p90 hours from label to decision, SLA adherence, by decision time. tiers, projects,
+    periods: security MRs by label time, with SLA met/breached. open: open security
+    MRs with their SLA clock (hours left; negative when overdue). findings: counts
+    per rule and severity. See docs/policy.md for the exact definitions.
+
+    \b
+    Example:
+      secledger report reviewers --since 2025-07-01 --until 2025-10-01
+      secledger report periods --period month --tier critical --format csv
+      secledger report open --project acme/payments --format json
+    """
+    filters = reports.Filters(
+        since=since, until=until, project=project, tier=tier, reviewer=reviewer, period=period
+    )
+    query, row_type = reports.REPORTS[kind]
+    with context.engine() as engine, engine.begin() as conn:
+        if kind in {"open", "findings"}:
+            store.refresh_overdue(
+                conn, CompliancePolicy.from_settings(context.settings), filters.now
+            )
+        rows = [row.as_dict() for row in query(conn, filters)]
+    _emit(rows, fmt, row_type.columns(), f"{kind} ({len(rows)})")

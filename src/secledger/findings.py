@@ -1,0 +1,246 @@
+"""Findings and SLA clocks in the database: evaluated per MR when recorded, listed for reports.
+
+Deduplication: a finding is one row per ``(MR, rule, subject)``. Re-evaluating updates
+its evidence and proving seqs but keeps ``detected_at``. A finding that no longer holds
+(a late event changed the history, or the policy changed) gets ``resolved_at`` and is
+kept; if it holds again, ``resolved_at`` is cleared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.types import BigInteger, Text
+
+from secledger.extract import MRKey
+from secledger.projection import SequencedEvent
+from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
+from secledger.store import ledger
+from secledger.tierpolicy import CompliancePolicy
+from secledger.times import isoformat
+
+CLOCK_COLUMNS = (
+    "risk_tier",
+    "sla_hours",
+    "business_hours",
+    "required_approvals",
+    "labeled_at",
+    "label_seq",
+    "deadline",
+    "first_decision_at",
+    "first_decision",
+    "first_decision_by",
+    "first_decision_seq",
+)
+_KEY = "instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
+_UPSERT_CLOCK = text(
+    f"INSERT INTO review_sla (instance, project_id, mr_iid, {', '.join(CLOCK_COLUMNS)},"
+    " updated_at)"
+    f" VALUES (:instance, :project_id, :mr_iid, {', '.join(':' + c for c in CLOCK_COLUMNS)},"
+    " :now)"
+    " ON CONFLICT (instance, project_id, mr_iid) DO UPDATE SET"
+    f" {', '.join(f'{c} = excluded.{c}' for c in CLOCK_COLUMNS)}, updated_at = excluded.updated_at"
+)
+_UPSERT_FINDING = text(
+    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
+    " evidence, detected_at, updated_at)"
+    " VALUES (:instance, :project_id, :mr_iid, :rule, :subject, :severity, :seqs, :evidence,"
+    " :now, :now)"
+    " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
+    " severity = excluded.severity, seqs = excluded.seqs, evidence = excluded.evidence,"
+    " resolved_at = NULL, updated_at = excluded.updated_at"
+    # Re-evaluation that changes nothing writes nothing.
+    " WHERE (findings.severity, findings.seqs, findings.evidence, findings.resolved_at)"
+    " IS DISTINCT FROM (excluded.severity, excluded.seqs, excluded.evidence, NULL)"
+).bindparams(bindparam("seqs", type_=ARRAY(BigInteger)), bindparam("evidence", type_=JSONB))
+_RESOLVE = text(
+    f"UPDATE findings SET resolved_at = :now, updated_at = :now WHERE {_KEY}"
+    " AND resolved_at IS NULL AND NOT (rule || ' ' || subject = ANY(:held))"
+    " AND NOT (:keep_running_breach AND rule = 'sla-breached')"
+).bindparams(bindparam("held", type_=ARRAY(Text)))
+
+
+def history_of(events: Sequence[SequencedEvent], row: RowMapping | dict[str, Any]) -> MRHistory:
+    """The rules' view of one MR from its events and its ledger row."""
+    key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
+    return MRHistory(
+        key=key,
+        events=tuple(sorted(events, key=lambda e: (e.facts.event_at, e.seq))),
+        author_id=row["author_id"],
+        tier=row["risk_tier"],
+        labeled_at=row["labeled_at"],
+    )
+
+
+def clock_row(key: MRKey, clock: SlaClock) -> dict[str, Any]:
+    """Bind parameters (and COPY values) of one ``review_sla`` row."""
+    values = {name: getattr(clock, name) for name in CLOCK_COLUMNS if name != "risk_tier"}
+    return {**ledger.key_params(key), "risk_tier": clock.tier, **values}
+
+
+def finding_row(key: MRKey, hit: Hit) -> dict[str, Any]:
+    """Bind parameters of one ``findings`` row."""
+    return {
+        **ledger.key_params(key),
+        "rule": hit.rule,
+        "subject": hit.subject,
+        "severity": hit.severity,
+        "seqs": list(hit.seqs),
+        "evidence": hit.evidence,
+    }
+
+
+def evaluate_mr(
+    conn: Connection,
+    row: RowMapping | dict[str, Any],
+    policy: CompliancePolicy,
+    now: datetime,
+    *,
+    as_of: datetime | None = None,
+    events: Sequence[SequencedEvent] | None = None,
+) -> list[Hit]:
+    """Re-evaluate one MR after its ledger row was projected (same transaction).
+
+    ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
+    latest event time, so replaying an old history does not flag (then resolve) a
+    breach at every step. An open-past-deadline finding already recorded by the
+    wall-clock check is kept while the clock still runs. ``events``, when the caller
+    already read them, saves reading them again.
+    """
+    key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
+    history = history_of(ledger.events_of(conn, key) if events is None else events, row)
+    clock = sla_clock(history, policy)
+    conn.execute(_UPSERT_CLOCK, {**clock_row(key, clock), "now": now})
+    hits = evaluate(history, policy, as_of or now)
+    keep = as_of is not None and clock.first_decision_at is None
+    store(conn, key, hits, now, keep_running_breach=keep)
+    return hits
+
+
+def store(
+    conn: Connection,
+    key: MRKey,
+    hits: Sequence[Hit],
+    now: datetime,
+    *,
+    keep_running_breach: bool = False,
+) -> None:
+    """Upsert the findings that hold and resolve the ones of this MR that no longer do."""
+    if hits:
+        conn.execute(_UPSERT_FINDING, [{**finding_row(key, h), "now": now} for h in hits])
+    params = {"now": now, "held": [f"{h.rule} {h.subject}" for h in hits]}
+    params["keep_running_breach"] = keep_running_breach
+    conn.execute(_RESOLVE, {**ledger.key_params(key), **params})
+
+
+def _sql_stamp(column: str) -> str:
+    """SQL spelling of ``rules.stamp``: whole seconds, UTC, Z."""
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+
+# Open MRs whose deadline passed since their last event: found at report time (and by
+# `secledger findings --refresh-only` from cron), set-based, with the evidence
+# ``rules.breach_evidence`` builds, so record-time re-evaluation changes nothing.
+_OVERDUE = text(
+    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
+    " evidence, detected_at, updated_at)"
+    " SELECT s.instance, s.project_id, s.mr_iid, 'sla-breached', '',"
+    " CASE WHEN s.risk_tier = :top_tier THEN 'high' ELSE 'medium' END, ARRAY[s.label_seq],"
+    " jsonb_build_object('tier', s.risk_tier, 'sla_hours', s.sla_hours,"
+    f" 'business_hours', s.business_hours, 'labeled_at', {_sql_stamp('s.labeled_at')},"
+    f" 'deadline', {_sql_stamp('s.deadline')}, 'decided_at', NULL, 'decision', NULL,"
+    " 'status', 'open past deadline'), :now, :now"
+    " FROM review_sla s JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
+    " WHERE s.first_decision_at IS NULL AND s.deadline < :now AND s.label_seq IS NOT NULL"
+    " AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
+    " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
+    " resolved_at = NULL, updated_at = excluded.updated_at"
+    " WHERE findings.resolved_at IS NOT NULL"
+)
+
+
+def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
+    """Record ``sla-breached`` for open MRs now past their deadline; how many rows changed."""
+    top = policy.tiers[0] if policy.tiers else ""
+    return conn.execute(_OVERDUE, {"now": now, "top_tier": top}).rowcount or 0
+
+
+def reevaluate_all(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
+    """Re-run clocks and rules for every MR (after a policy change); the number of MRs."""
+    count = 0
+    for row in list(ledger.rows(conn, order=("instance", "project_id", "mr_iid"))):
+        evaluate_mr(conn, row, policy, now)
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One stored finding, as `secledger findings` and the reports return it."""
+
+    id: int
+    rule: str
+    severity: str
+    instance: str
+    project_id: int
+    mr_iid: int
+    project_path: str | None
+    url: str | None
+    risk_tier: str | None
+    subject: str
+    seqs: list[int]
+    detected_at: str | None
+    resolved_at: str | None
+    evidence: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+_LIST = (
+    "SELECT id, rule, severity, instance, project_id, mr_iid, project_path, url, risk_tier,"
+    " subject, seqs, detected_at, resolved_at, evidence FROM bi_findings"
+)
+
+
+def list_findings(
+    conn: Connection,
+    *,
+    include_resolved: bool = False,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    project: str | None = None,
+    tier: str | None = None,
+    rule: str | None = None,
+) -> list[Finding]:
+    """Findings, newest first, filtered on detection time, project (id or path), tier, rule."""
+    where = ["TRUE"]
+    params: dict[str, Any] = {}
+    if not include_resolved:
+        where.append("resolved_at IS NULL")
+    for name, value, clause in (
+        ("since", since, "detected_at >= :since"),
+        ("until", until, "detected_at < :until"),
+        ("project", project, "(project_path = :project OR project_id::text = :project)"),
+        ("tier", tier, "risk_tier = :tier"),
+        ("rule", rule, "rule = :rule"),
+    ):
+        if value is not None:
+            where.append(clause)
+            params[name] = value
+    query = text(f"{_LIST} WHERE {' AND '.join(where)} ORDER BY detected_at DESC, id DESC")
+    return [_finding(row) for row in conn.execute(query, params).mappings()]
+
+
+def _finding(row: RowMapping) -> Finding:
+    values = dict(row)
+    values["detected_at"] = isoformat(values["detected_at"])
+    values["resolved_at"] = isoformat(values["resolved_at"])
+    values["seqs"] = list(values["seqs"])
+    return Finding(**values)

@@ -1,0 +1,290 @@
+"""Compliance reports, computed in SQL: reviewers, tiers, projects, periods, open MRs, findings.
+
+Each report is a function ``(conn, Filters) -> list[<Row>]`` returning frozen
+dataclasses, so the CLI, the dashboard and the evidence pack share one definition.
+Durations are elapsed wall-clock hours; the SLA verdict (met, breached, overdue) uses
+each MR's stored deadline, which honours business hours when its tier does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, text
+
+from secledger.times import isoformat, utcnow
+
+PERIODS = ("week", "month")
+STOPPERS = "('approved', 'merged', 'closed')"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Report filters; ``now`` is the instant open clocks are measured against."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    project: str | None = None
+    tier: str | None = None
+    reviewer: str | None = None
+    period: str = "week"
+    now: datetime = field(default_factory=utcnow)
+
+
+class Row:
+    """Shared by every report row: a JSON-ready dict."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Times as ISO 8601 UTC, floats rounded to 0.01."""
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():  # type: ignore[call-overload]
+            out[name] = _json_value(value)
+        return out
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """Column names in display order."""
+        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return isoformat(value)
+    if isinstance(value, float):
+        return round(value, 2)
+    return value
+
+
+@dataclass(frozen=True)
+class ReviewerRow(Row):
+    """One reviewer's decisions in the period."""
+
+    reviewer: str
+    decisions: int
+    approvals: int
+    revocations: int
+    median_hours: float | None
+    p90_hours: float | None
+    sla_met: int
+    sla_missed: int
+    sla_adherence_pct: float | None
+
+
+@dataclass(frozen=True)
+class MRMetrics(Row):
+    """Figures over a group of security MRs labelled in the period."""
+
+    mrs: int
+    decided: int
+    open: int
+    median_hours: float | None
+    p90_hours: float | None
+    sla_met: int
+    sla_breached: int
+    sla_adherence_pct: float | None
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """The group's key columns first, then the figures."""
+        names = [f.name for f in fields(cls)]
+        metrics = [f.name for f in fields(MRMetrics)]
+        return tuple([n for n in names if n not in metrics] + metrics)
+
+
+@dataclass(frozen=True)
+class TierRow(MRMetrics):
+    """Per risk tier."""
+
+    tier: str
+
+
+@dataclass(frozen=True)
+class ProjectRow(MRMetrics):
+    """Per project."""
+
+    instance: str
+    project_id: int
+    project_path: str | None
+
+
+@dataclass(frozen=True)
+class PeriodRow(MRMetrics):
+    """Per week or month of the label time (UTC)."""
+
+    period_start: str
+
+
+@dataclass(frozen=True)
+class OpenRow(Row):
+    """One open security MR and its SLA clock."""
+
+    instance: str
+    project_id: int
+    mr_iid: int
+    project_path: str | None
+    title: str | None
+    url: str | None
+    risk_tier: str
+    labeled_at: datetime | None
+    deadline: datetime | None
+    first_decision: str | None
+    sla_status: str
+    hours_left: float | None
+
+
+@dataclass(frozen=True)
+class FindingsRow(Row):
+    """Findings per rule and severity."""
+
+    rule: str
+    severity: str
+    open: int
+    resolved: int
+    mrs: int
+
+
+MR_REVIEWER = "(:reviewer = ANY(l.approvers) OR s.first_decision_by = :reviewer)"
+
+
+def _mr_filters(
+    filters: Filters, time_column: str, reviewer: str = MR_REVIEWER
+) -> tuple[str, dict[str, Any]]:
+    """WHERE clauses over ledger ``l`` (and clock ``s``); the time filter on ``time_column``."""
+    clauses = ["TRUE"]
+    params: dict[str, Any] = {"now": filters.now}
+    checks = (
+        ("since", filters.since, f"{time_column} >= :since"),
+        ("until", filters.until, f"{time_column} < :until"),
+        (
+            "project",
+            filters.project,
+            "(l.project_path = :project OR l.project_id::text = :project)",
+        ),
+        ("tier", filters.tier, "l.risk_tier = :tier"),
+        ("reviewer", filters.reviewer, reviewer),
+    )
+    for name, value, clause in checks:
+        if value is not None:
+            clauses.append(clause)
+            params[name] = value
+    return " AND ".join(clauses), params
+
+
+_METRICS = """
+count(*) AS mrs,
+count(s.first_decision_at) AS decided,
+count(*) FILTER (WHERE coalesce(l.state, 'opened') NOT IN ('merged', 'closed')) AS open,
+percentile_cont(0.5) WITHIN GROUP (ORDER BY {hours}) AS median_hours,
+percentile_cont(0.9) WITHIN GROUP (ORDER BY {hours}) AS p90_hours,
+count(*) FILTER (WHERE {met}) AS sla_met,
+count(*) FILTER (WHERE NOT {met}) AS sla_breached,
+round(100.0 * count(*) FILTER (WHERE {met}) / nullif(count({met}), 0), 1)::float
+    AS sla_adherence_pct
+""".format(
+    hours="extract(epoch FROM s.first_decision_at - s.labeled_at) / 3600.0",
+    # NULL while the clock runs: neither met nor breached yet.
+    met="(CASE WHEN s.first_decision_at IS NOT NULL THEN s.first_decision_at <= s.deadline"
+    " WHEN :now > s.deadline THEN false END)",
+)
+_MR_FROM = "FROM security_review_ledger l JOIN review_sla s USING (instance, project_id, mr_iid)"
+
+R = TypeVar("R", bound=Row)
+
+
+def _grouped(
+    conn: Connection, filters: Filters, keys: str, group_by: str, make: Callable[..., R]
+) -> list[R]:
+    where, params = _mr_filters(filters, "s.labeled_at")
+    query = f"SELECT {keys}, {_METRICS} {_MR_FROM} WHERE {where} GROUP BY {group_by} ORDER BY 1, 2"
+    return [make(**row) for row in conn.execute(text(query), params).mappings()]
+
+
+def tiers(conn: Connection, filters: Filters) -> list[TierRow]:
+    """Per risk tier, MRs labelled in the period."""
+    return _grouped(conn, filters, "l.risk_tier AS tier", "l.risk_tier", TierRow)
+
+
+def projects(conn: Connection, filters: Filters) -> list[ProjectRow]:
+    """Per project, MRs labelled in the period."""
+    keys = "l.instance, l.project_id, max(l.project_path) AS project_path"
+    return _grouped(conn, filters, keys, "l.instance, l.project_id", ProjectRow)
+
+
+def periods(conn: Connection, filters: Filters) -> list[PeriodRow]:
+    """Per week (ISO, Monday) or month of the label time, in UTC."""
+    if filters.period not in PERIODS:
+        raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+    start = f"date_trunc('{filters.period}', s.labeled_at AT TIME ZONE 'UTC')"
+    keys = f"to_char({start}, 'YYYY-MM-DD') AS period_start"
+    rows = _grouped(conn, filters, keys, start, PeriodRow)
+    return [row for row in rows if row.period_start is not None]
+
+
+def reviewers(conn: Connection, filters: Filters) -> list[ReviewerRow]:
+    """Per reviewer: their decision events in the period (by event time)."""
+    where, params = _mr_filters(filters, "e.event_at", reviewer="e.actor = :reviewer")
+    stop = f"e.decision IN {STOPPERS} AND e.event_at >= s.labeled_at"
+    hours = "extract(epoch FROM e.event_at - s.labeled_at) / 3600.0"
+    query = f"""
+SELECT e.actor AS reviewer,
+       count(*) FILTER (WHERE e.decision IN {STOPPERS}) AS decisions,
+       count(*) FILTER (WHERE e.decision = 'approved') AS approvals,
+       count(*) FILTER (WHERE e.decision = 'unapproved') AS revocations,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY {hours}) FILTER (WHERE {stop}) AS median_hours,
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY {hours}) FILTER (WHERE {stop}) AS p90_hours,
+       count(*) FILTER (WHERE {stop} AND e.event_at <= s.deadline) AS sla_met,
+       count(*) FILTER (WHERE {stop} AND e.event_at > s.deadline) AS sla_missed,
+       round(100.0 * count(*) FILTER (WHERE {stop} AND e.event_at <= s.deadline)
+             / nullif(count(*) FILTER (WHERE {stop}), 0), 1)::float AS sla_adherence_pct
+FROM review_events e
+JOIN review_sla s USING (instance, project_id, mr_iid)
+JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+WHERE e.decision IS NOT NULL AND e.actor IS NOT NULL AND {where}
+GROUP BY e.actor ORDER BY e.actor"""
+    return [ReviewerRow(**row) for row in conn.execute(text(query), params).mappings()]
+
+
+def open_mrs(conn: Connection, filters: Filters) -> list[OpenRow]:
+    """Open security MRs with their SLA clock, most urgent first."""
+    where, params = _mr_filters(filters, "s.labeled_at")
+    query = f"""
+SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url, l.risk_tier,
+       s.labeled_at, s.deadline, s.first_decision,
+       CASE WHEN s.deadline IS NULL THEN 'no_clock'
+            WHEN s.first_decision_at IS NOT NULL AND s.first_decision_at <= s.deadline THEN 'met'
+            WHEN s.first_decision_at IS NOT NULL THEN 'breached'
+            WHEN :now > s.deadline THEN 'overdue'
+            ELSE 'running' END AS sla_status,
+       CASE WHEN s.first_decision_at IS NULL
+            THEN extract(epoch FROM s.deadline - :now) / 3600.0 END AS hours_left
+{_MR_FROM}
+WHERE coalesce(l.state, 'opened') NOT IN ('merged', 'closed') AND {where}
+ORDER BY s.first_decision_at IS NOT NULL, s.deadline NULLS LAST, l.project_id, l.mr_iid"""
+    return [OpenRow(**row) for row in conn.execute(text(query), params).mappings()]
+
+
+def findings(conn: Connection, filters: Filters) -> list[FindingsRow]:
+    """Findings per rule and severity, detected in the period."""
+    where, params = _mr_filters(filters, "f.detected_at", reviewer=":reviewer = ANY(l.approvers)")
+    query = f"""
+SELECT f.rule, f.severity,
+       count(*) FILTER (WHERE f.resolved_at IS NULL) AS open,
+       count(*) FILTER (WHERE f.resolved_at IS NOT NULL) AS resolved,
+       count(DISTINCT (f.instance, f.project_id, f.mr_iid)) AS mrs
+FROM findings f JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+WHERE {where}
+GROUP BY f.rule, f.severity ORDER BY f.rule, f.severity"""
+    return [FindingsRow(**row) for row in conn.execute(text(query), params).mappings()]
+
+
+REPORTS: dict[str, tuple[Callable[[Connection, Filters], Sequence[Row]], type[Row]]] = {
+    "reviewers": (reviewers, ReviewerRow),
+    "tiers": (tiers, TierRow),
+    "projects": (projects, ProjectRow),
+    "periods": (periods, PeriodRow),
+    "open": (open_mrs, OpenRow),
+    "findings": (findings, FindingsRow),
+}

@@ -1,0 +1,379 @@
+"""Separation-of-duties rules over one merge request's history. Pure: no I/O.
+
+A rule is a small function registered with :func:`rule`; it reads the MR's events
+(in event-time order, as the ledger fold reads them), the tier policy and the SLA
+clock, and yields :class:`Hit` values. ``subject`` distinguishes several findings of
+one rule on one MR (for example each approver outside the reviewer group); the store
+deduplicates on ``(MR, rule, subject)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from secledger.extract import EventFacts, MRKey
+from secledger.projection import SequencedEvent
+from secledger.tierpolicy import CompliancePolicy, TierRule
+
+SEVERITIES = ("critical", "high", "medium", "low")
+CLOCK_STOPPERS = frozenset({"approved", "merged", "closed"})
+
+
+def stamp(value: datetime | None) -> str | None:
+    """Evidence time spelling (whole seconds, UTC, Z); SQL writes the same."""
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class SlaClock:
+    """When one MR's review was due and when (and by what) its clock stopped."""
+
+    tier: str
+    sla_hours: float
+    business_hours: bool
+    required_approvals: int
+    labeled_at: datetime | None
+    label_seq: int | None
+    deadline: datetime | None
+    first_decision_at: datetime | None = None
+    first_decision: str | None = None
+    first_decision_by: str | None = None
+    first_decision_seq: int | None = None
+
+    @property
+    def met(self) -> bool | None:
+        """True/False once decided; None while the clock runs (or never started)."""
+        if self.deadline is None or self.first_decision_at is None:
+            return None
+        return self.first_decision_at <= self.deadline
+
+
+@dataclass(frozen=True)
+class MRHistory:
+    """One merge request: its events in event-time order and what the ledger folded."""
+
+    key: MRKey
+    events: tuple[SequencedEvent, ...]
+    author_id: int | None
+    tier: str
+    labeled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One finding as a rule reports it."""
+
+    rule: str
+    severity: str
+    subject: str
+    seqs: tuple[int, ...]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a rule may read."""
+
+    history: MRHistory
+    policy: CompliancePolicy
+    clock: SlaClock
+    now: datetime
+
+    @property
+    def tier_rule(self) -> TierRule:
+        """The policy of the MR's tier."""
+        return self.policy.rule(self.history.tier)
+
+    def by_author(self, facts: EventFacts) -> bool:
+        """True when the acting user is the MR's author (both ids known)."""
+        author = self.history.author_id
+        return author is not None and facts.actor_id == author
+
+
+# A rule yields (subject, seqs, evidence) or (subject, seqs, evidence, severity).
+Finding = (
+    tuple[str, tuple[int, ...], dict[str, Any]] | tuple[str, tuple[int, ...], dict[str, Any], str]
+)
+RuleFunction = Callable[[Context], Iterator[Finding]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule: id, default severity, function."""
+
+    id: str
+    severity: str
+    check: RuleFunction
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(rule_id: str, severity: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Register a rule function under ``rule_id``."""
+    if severity not in SEVERITIES:
+        raise ValueError(f"unknown severity {severity!r}")
+
+    def register(check: RuleFunction) -> RuleFunction:
+        RULES[rule_id] = Rule(rule_id, severity, check)
+        return check
+
+    return register
+
+
+def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
+    """The SLA clock: from the label to the first non-author approval, merge or close."""
+    tier_rule = policy.rule(history.tier)
+    labeled_at = history.labeled_at
+    clock = SlaClock(
+        tier=history.tier,
+        sla_hours=tier_rule.sla_hours,
+        business_hours=tier_rule.business_hours,
+        required_approvals=tier_rule.approvals,
+        labeled_at=labeled_at,
+        label_seq=_label_seq(history),
+        deadline=policy.deadline(history.tier, labeled_at) if labeled_at else None,
+    )
+    if labeled_at is None:
+        return clock
+    for event in history.events:
+        facts = event.facts
+        if facts.decision not in CLOCK_STOPPERS or facts.event_at < labeled_at:
+            continue
+        author = history.author_id
+        if facts.decision == "approved" and author is not None and facts.actor_id == author:
+            continue  # an author approving their own change is not a review
+        return SlaClock(
+            **{
+                **clock.__dict__,
+                "first_decision_at": facts.event_at,
+                "first_decision": facts.decision,
+                "first_decision_by": facts.actor,
+                "first_decision_seq": event.seq,
+            }
+        )
+    return clock
+
+
+def _label_seq(history: MRHistory) -> int | None:
+    for event in history.events:
+        if event.facts.labeled_at is not None and event.facts.labeled_at == history.labeled_at:
+            return event.seq
+    return history.events[0].seq if history.events else None
+
+
+def evaluate(history: MRHistory, policy: CompliancePolicy, now: datetime) -> list[Hit]:
+    """Run every registered rule over one MR."""
+    context = Context(history, policy, sla_clock(history, policy), now)
+    hits: list[Hit] = []
+    for registered in RULES.values():
+        for found in registered.check(context):
+            severity = found[3] if len(found) == 4 else registered.severity
+            hits.append(Hit(registered.id, severity, found[0], found[1], found[2]))
+    return hits
+
+
+def first_merge(context: Context) -> SequencedEvent | None:
+    """The first merge event, if the MR was merged."""
+    return next((e for e in context.history.events if e.facts.decision == "merged"), None)
+
+
+def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int]:
+    """Approver → approval seq, for approvals standing just before ``until``."""
+    standing: dict[str, int] = {}
+    for event in context.history.events:
+        if event is until:
+            break
+        actor = event.facts.actor or ""
+        if event.facts.decision == "approved":
+            standing.setdefault(actor, event.seq)
+        elif event.facts.decision == "unapproved":
+            standing.pop(actor, None)
+    return standing
+
+
+def others(context: Context, approvals: dict[str, int]) -> dict[str, int]:
+    """Approvals not given by the author (the author's own approval is no review)."""
+    by_seq = {e.seq: e.facts for e in context.history.events}
+    return {name: seq for name, seq in approvals.items() if not context.by_author(by_seq[seq])}
+
+
+# ---- The rules. Each is registered here, in one place, with its id and severity. ----
+
+
+@rule("author-approved", "high")
+def author_approved(context: Context) -> Iterator[Finding]:
+    """The author approved their own merge request."""
+    seqs = [e.seq for e in context.history.events if _approval(e) and context.by_author(e.facts)]
+    if seqs:
+        events = [e.facts for e in context.history.events if e.seq in seqs]
+        yield (
+            "",
+            tuple(seqs),
+            {
+                "author_id": context.history.author_id,
+                "approver": events[0].actor,
+                "approved_at": [stamp(f.event_at) for f in events],
+            },
+        )
+
+
+@rule("merged-by-author", "high")
+def merged_by_author(context: Context) -> Iterator[Finding]:
+    """The author merged without a standing approval from anyone else."""
+    merge = first_merge(context)
+    if merge is None or not context.by_author(merge.facts):
+        return
+    if not others(context, standing_approvals(context, merge)):
+        yield (
+            "",
+            (merge.seq,),
+            {
+                "author_id": context.history.author_id,
+                "merged_by": merge.facts.actor,
+                "merged_at": stamp(merge.facts.event_at),
+            },
+        )
+
+
+@rule("insufficient-approvals", "high")
+def insufficient_approvals(context: Context) -> Iterator[Finding]:
+    """Merged with fewer standing non-author approvals than the tier requires."""
+    merge = first_merge(context)
+    if merge is None:
+        return
+    standing = others(context, standing_approvals(context, merge))
+    required = context.tier_rule.approvals
+    if len(standing) < required:
+        yield (
+            "",
+            (*sorted(standing.values()), merge.seq),
+            {
+                "tier": context.history.tier,
+                "required": required,
+                "standing_approvers": sorted(standing),
+                "merged_by": merge.facts.actor,
+                "merged_at": stamp(merge.facts.event_at),
+            },
+        )
+
+
+@rule("approval-revoked-before-merge", "medium")
+def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
+    """An approval was revoked and the MR merged with no approval given after it."""
+    merge = first_merge(context)
+    if merge is None:
+        return
+    revoked: list[SequencedEvent] = []
+    for event in context.history.events:
+        if event is merge:
+            break
+        if event.facts.decision == "unapproved":
+            revoked.append(event)
+        elif _approval(event):
+            revoked.clear()  # a new approval after the revocation answers it
+    if revoked:
+        yield (
+            "",
+            (*(e.seq for e in revoked), merge.seq),
+            {
+                "revoked_by": [e.facts.actor for e in revoked],
+                "revoked_at": [stamp(e.facts.event_at) for e in revoked],
+                "merged_at": stamp(merge.facts.event_at),
+            },
+        )
+
+
+@rule("approver-not-in-group", "medium")
+def approver_not_in_group(context: Context) -> Iterator[Finding]:
+    """Someone outside the tier's reviewer list approved (one finding per approver)."""
+    tier_rule = context.tier_rule
+    if tier_rule.reviewers is None:
+        return
+    outsiders: dict[str, list[int]] = {}
+    for event in context.history.events:
+        if _approval(event) and not tier_rule.allows(event.facts.actor):
+            outsiders.setdefault(event.facts.actor or "", []).append(event.seq)
+    for approver, seqs in outsiders.items():
+        yield (
+            approver,
+            tuple(seqs),
+            {
+                "approver": approver,
+                "tier": tier_rule.tier,
+                "allowed_reviewers": sorted(tier_rule.reviewers),
+            },
+        )
+
+
+@rule("label-removed-before-merge", "high")
+def label_removed_before_merge(context: Context) -> Iterator[Finding]:
+    """A security label was removed (tier lowered or dropped) and then merged unreviewed."""
+    merge = first_merge(context)
+    if merge is None:
+        return
+    policy = context.policy
+    current: str | None = None
+    downgrade: SequencedEvent | None = None
+    before: str | None = None
+    for event in context.history.events:
+        if event is merge:
+            break
+        facts = event.facts
+        after = facts.tier if facts.security_labels else None
+        lowered = after is None or policy.rank(after) > policy.rank(current)
+        if facts.security_removed and current is not None and lowered:
+            downgrade, before = event, current
+        elif downgrade is not None and _approval(event):
+            downgrade = None  # reviewed after the downgrade
+        if facts.security_labels or facts.security_removed:
+            current = after
+    if downgrade is not None:
+        yield (
+            "",
+            (downgrade.seq, merge.seq),
+            {
+                "removed_labels": list(downgrade.facts.security_removed),
+                "removed_by": downgrade.facts.actor,
+                "removed_at": stamp(downgrade.facts.event_at),
+                "tier_before": before,
+                "tier_after": downgrade.facts.tier if downgrade.facts.security_labels else None,
+                "merged_at": stamp(merge.facts.event_at),
+            },
+        )
+
+
+@rule("sla-breached", "medium")
+def sla_breached(context: Context) -> Iterator[Finding]:
+    """No decision by the tier's deadline (decided late, or still open past it)."""
+    clock = context.clock
+    if clock.deadline is None or clock.label_seq is None:
+        return
+    severity = "high" if context.policy.rank(clock.tier) == 0 else "medium"
+    evidence = breach_evidence(clock)
+    if clock.first_decision_at is not None and clock.first_decision_seq is not None:
+        if clock.first_decision_at > clock.deadline:
+            yield "", (clock.label_seq, clock.first_decision_seq), evidence, severity
+    elif context.now > clock.deadline:
+        yield "", (clock.label_seq,), evidence, severity
+
+
+def breach_evidence(clock: SlaClock) -> dict[str, Any]:
+    """Evidence of an SLA breach; the SQL overdue check builds the same keys."""
+    return {
+        "tier": clock.tier,
+        "sla_hours": clock.sla_hours,
+        "business_hours": clock.business_hours,
+        "labeled_at": stamp(clock.labeled_at),
+        "deadline": stamp(clock.deadline),
+        "decided_at": stamp(clock.first_decision_at),
+        "decision": clock.first_decision,
+        "status": "decided late" if clock.first_decision_at else "open past deadline",
+    }
+
+
+def _approval(event: SequencedEvent) -> bool:
+    return event.facts.decision == "approved"

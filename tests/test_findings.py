@@ -1,0 +1,323 @@
+"""Separation-of-duties findings, each rule with a positive and a negative case.
+
+Every history is fed as GitLab payloads through the recording path, so the rules
+run where they run in production: inside ``service.record``, after the projection.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from builders import dumps, label_change, mr_event
+from secledger import findings
+from secledger.extract import MRKey
+from secledger.findings import Finding, list_findings
+from secledger.policy import LabelPolicy
+from secledger.service import Recording, feed
+from secledger.store import ledger
+from secledger.tierpolicy import CompliancePolicy, TierRule
+
+T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)  # a Monday
+KEY = MRKey("https://gitlab.example.com", 14, 1)
+
+
+def at(hours: float) -> str:
+    return (T0 + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def event(action: str, hours: float, **kwargs: Any) -> dict[str, Any]:
+    """An event on MR !1 (author alice), labelled sec::high unless told otherwise."""
+    kwargs.setdefault("created_at", at(0))
+    return mr_event(action, updated_at=at(hours), **kwargs)
+
+
+def record(engine: Engine, *bodies: dict[str, Any], policy: CompliancePolicy | None = None):
+    for body in bodies:
+        outcome = feed(
+            engine,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=10_000_000,
+            source="replay",
+            recording=Recording(policy or CompliancePolicy()),
+        )
+        assert outcome.status == "recorded", outcome
+
+
+def found(engine: Engine, *, resolved: bool = False) -> dict[tuple[str, str], Finding]:
+    with engine.connect() as conn:
+        rows = list_findings(conn, include_resolved=resolved)
+    return {(f.rule, f.subject): f for f in rows}
+
+
+def rules(engine: Engine) -> set[str]:
+    return {rule for rule, _ in found(engine)}
+
+
+def test_author_approved_positive(engine) -> None:
+    record(engine, event("open", 0), event("approved", 1, actor="alice"))
+    hit = found(engine)[("author-approved", "")]
+    assert hit.severity == "high"
+    assert hit.seqs == [2]
+    assert hit.evidence["approver"] == "alice"
+    assert hit.evidence["author_id"] == 101
+    assert (hit.project_id, hit.mr_iid) == (14, 1)
+    assert hit.url == "https://gitlab.example.com/acme/payments/-/merge_requests/1"
+
+
+def test_author_approved_negative(engine) -> None:
+    record(engine, event("open", 0), event("approved", 1, actor="bob"))
+    assert "author-approved" not in rules(engine)
+
+
+def test_merged_by_author_positive(engine) -> None:
+    record(engine, event("open", 0), event("merge", 2, actor="alice"))
+    hit = found(engine)[("merged-by-author", "")]
+    assert hit.seqs == [2]
+    assert hit.evidence == {
+        "author_id": 101,
+        "merged_by": "alice",
+        "merged_at": "2025-08-04T11:00:00Z",
+    }
+
+
+def test_merged_by_author_negative_when_another_user_approved(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("merge", 2, actor="alice"),
+    )
+    assert rules(engine) == set()
+
+
+def test_insufficient_approvals_positive_for_critical(engine) -> None:
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("approved", 1.5, actor="alice", **crit),  # the author's own approval does not count
+        event("merge", 2, actor="carol", **crit),
+    )
+    hit = found(engine)[("insufficient-approvals", "")]
+    assert hit.evidence["required"] == 2
+    assert hit.evidence["standing_approvers"] == ["bob"]
+    assert hit.seqs == [2, 4]
+
+
+def test_insufficient_approvals_negative_with_two_approvals(engine) -> None:
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("approved", 1.5, actor="carol", **crit),
+        event("merge", 2, actor="dave", **crit),
+    )
+    assert rules(engine) == set()
+
+
+def test_approval_revoked_before_merge_positive(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("approved", 1.2, actor="carol"),
+        event("unapproved", 1.5, actor="bob"),
+        event("merge", 2, actor="carol"),
+    )
+    hit = found(engine)[("approval-revoked-before-merge", "")]
+    assert hit.severity == "medium"
+    assert hit.seqs == [4, 5]
+    assert hit.evidence["revoked_by"] == ["bob"]
+    # carol's approval still stands, so the tier's one approval is met.
+    assert "insufficient-approvals" not in rules(engine)
+
+
+def test_approval_revoked_before_merge_negative_after_a_new_approval(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("unapproved", 1.5, actor="bob"),
+        event("approved", 1.7, actor="bob"),
+        event("merge", 2, actor="carol"),
+    )
+    assert rules(engine) == set()
+
+
+def group_policy() -> CompliancePolicy:
+    rules_ = dict(CompliancePolicy().rules)
+    rules_["high"] = TierRule("high", sla_hours=72, approvals=1, reviewers=frozenset({"bob"}))
+    return CompliancePolicy(rules=rules_)
+
+
+def test_approver_not_in_group_positive(engine) -> None:
+    policy = group_policy()
+    record(engine, event("open", 0), event("approved", 1, actor="carol"), policy=policy)
+    hit = found(engine)[("approver-not-in-group", "carol")]
+    assert hit.evidence == {"approver": "carol", "tier": "high", "allowed_reviewers": ["bob"]}
+    assert hit.seqs == [2]
+
+
+def test_approver_not_in_group_negative(engine) -> None:
+    policy = group_policy()
+    record(engine, event("open", 0), event("approved", 1, actor="bob"), policy=policy)
+    assert "approver-not-in-group" not in rules(engine)
+
+
+def test_label_removed_before_merge_positive(engine) -> None:
+    removed = label_change(["sec::high"], [], at(1))
+    record(
+        engine,
+        event("open", 0),
+        event("update", 1, actor="alice", labels=[], changes=removed),
+        event("merge", 2, actor="carol", labels=[]),
+    )
+    hit = found(engine)[("label-removed-before-merge", "")]
+    assert hit.seqs == [2, 3]
+    assert hit.evidence["removed_by"] == "alice"
+    assert hit.evidence["tier_before"] == "high"
+    assert hit.evidence["tier_after"] is None
+
+
+def test_label_removed_before_merge_positive_for_a_scoped_downgrade(engine) -> None:
+    lowered = label_change(["sec::high"], ["sec::low"], at(1))
+    record(
+        engine,
+        event("open", 0),
+        event("update", 1, labels=["sec::low"], changes=lowered),
+        event("merge", 2, actor="carol", labels=["sec::low"]),
+    )
+    assert found(engine)[("label-removed-before-merge", "")].evidence["tier_after"] == "low"
+
+
+def test_label_removed_before_merge_negative_when_reviewed_after_removal(engine) -> None:
+    removed = label_change(["sec::high"], [], at(1))
+    raised = label_change(["sec::low"], ["sec::high"], at(1))
+    record(
+        engine,
+        event("open", 0),
+        event("update", 1, labels=[], changes=removed),
+        event("approved", 1.5, actor="bob", labels=[]),
+        event("merge", 2, actor="carol", labels=[]),
+    )
+    assert "label-removed-before-merge" not in rules(engine)
+    # Raising the tier is not a downgrade.
+    record(
+        engine,
+        event("open", 0, iid=2, labels=["sec::low"]),
+        event("update", 1, iid=2, labels=["sec::high"], changes=raised),
+        event("approved", 1.2, iid=2, actor="bob"),
+        event("merge", 2, iid=2, actor="carol"),
+    )
+    assert "label-removed-before-merge" not in rules(engine)
+
+
+def test_sla_breached_positive_when_decided_late(engine) -> None:
+    record(engine, event("open", 0), event("approved", 80, actor="bob"))  # high: 72 h
+    hit = found(engine)[("sla-breached", "")]
+    assert hit.severity == "medium"
+    assert hit.seqs == [1, 2]
+    assert hit.evidence["deadline"] == "2025-08-07T09:00:00Z"
+    assert hit.evidence["status"] == "decided late"
+
+
+def test_sla_breached_negative_when_decided_in_time(engine) -> None:
+    record(engine, event("open", 0), event("approved", 71, actor="bob"))
+    assert "sla-breached" not in rules(engine)
+
+
+def test_sla_breached_with_business_hours_honours_the_calendar(engine) -> None:
+    # Labelled Friday 2025-08-08 16:00; 2 business hours end Monday 10:00.
+    rules_ = dict(CompliancePolicy().rules)
+    rules_["high"] = TierRule("high", sla_hours=2, approvals=1, business_hours=True)
+    policy = CompliancePolicy(rules=rules_)
+    friday = 4 * 24 + 7
+    record(engine, event("open", friday, created_at=at(friday)), policy=policy)
+    record(
+        engine, event("approved", friday + 65, actor="bob", created_at=at(friday)), policy=policy
+    )
+    assert "sla-breached" not in rules(engine)  # Monday 09:00: within business time
+    late = {"iid": 2, "created_at": at(friday)}
+    record(engine, event("open", friday, **late), policy=policy)
+    record(engine, event("approved", friday + 66.5, actor="bob", **late), policy=policy)
+    assert found(engine)[("sla-breached", "")].mr_iid == 2  # Monday 10:30: late
+
+
+def test_open_mr_past_its_deadline_is_found_at_report_time(engine) -> None:
+    now = datetime.now(UTC)
+    opened = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    record(engine, mr_event("open", labels=["sec::critical"], created_at=opened, updated_at=opened))
+    assert "sla-breached" not in rules(engine)
+    policy = CompliancePolicy()
+    later = now + timedelta(days=2)
+    with engine.begin() as conn:
+        assert findings.refresh_overdue(conn, policy, later) == 1
+        assert findings.refresh_overdue(conn, policy, later) == 0  # deduplicated
+    hit = found(engine)[("sla-breached", "")]
+    assert hit.severity == "high"
+    assert hit.evidence["status"] == "open past deadline"
+    # Record-time evaluation builds the same evidence: re-evaluating changes nothing.
+    with engine.begin() as conn:
+        row = ledger.get(conn, KEY)
+        assert row is not None
+        findings.evaluate_mr(conn, row, policy, later + timedelta(hours=1))
+    again = found(engine)[("sla-breached", "")]
+    assert again.evidence == hit.evidence
+
+
+def test_reevaluation_does_not_duplicate_and_a_finding_that_stops_holding_is_resolved(engine):
+    record(engine, event("open", 0), event("merge", 2, actor="alice"))
+    first = found(engine)[("merged-by-author", "")]
+    with engine.begin() as conn:
+        row = ledger.get(conn, KEY)
+        assert row is not None
+        findings.evaluate_mr(conn, row, CompliancePolicy(), datetime.now(UTC))
+    with engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM findings WHERE rule = 'merged-by-author'"))
+        assert count.scalar_one() == 1
+    assert found(engine)[("merged-by-author", "")].detected_at == first.detected_at
+    # An approval that happened before the merge arrives late: the finding no longer holds.
+    record(engine, event("approved", 1, actor="bob"))
+    assert "merged-by-author" not in rules(engine)
+    resolved = found(engine, resolved=True)[("merged-by-author", "")]
+    assert resolved.resolved_at is not None
+    assert resolved.id == first.id
+
+
+def test_replaying_an_old_history_decided_in_time_leaves_no_breach_behind(engine) -> None:
+    record(engine, event("open", 0), event("update", 30), event("approved", 71, actor="bob"))
+    assert "sla-breached" not in {rule for rule, _ in found(engine, resolved=True)}
+
+
+def test_open_mr_is_found_breached_at_record_time_once_an_event_is_past_the_deadline(engine):
+    record(engine, event("open", 0), event("update", 73))  # high: due at 72 h, still undecided
+    assert found(engine)[("sla-breached", "")].evidence["status"] == "open past deadline"
+
+
+def test_a_late_older_event_does_not_resolve_a_wall_clock_breach(engine) -> None:
+    now = datetime.now(UTC)
+    opened = (now - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    body = mr_event("open", labels=["sec::critical"], created_at=opened, updated_at=opened)
+    record(engine, body)
+    with engine.begin() as conn:
+        findings.refresh_overdue(conn, CompliancePolicy(), now + timedelta(days=2))
+    earlier = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    changes = {"title": {"previous": "a", "current": "b"}}
+    record(
+        engine,
+        mr_event(
+            "update",
+            labels=["sec::critical"],
+            created_at=opened,
+            updated_at=earlier,
+            changes=changes,
+        ),
+    )
+    assert ("sla-breached", "") in found(engine)

@@ -1,0 +1,308 @@
+"""Report figures against values computed by hand on a small fixed history.
+
+Default policy: critical 24 h / 2 approvals, high 72 h, medium 168 h, low 336 h.
+T0 is Monday 2025-08-04 09:00 UTC; "now" for the reports is T0 + 200 h.
+
+MR  project        tier      labelled  first decision               then
+1   acme/payments  high      0 h       bob approves 10 h (met)      carol merges 12 h
+2   acme/payments  critical  0 h       bob approves 30 h (late)     dave approves 31, merged 32
+3   acme/payments  medium    24 h      carol approves 48 h (met)    carol merges 50 h
+4   acme/web       high      168 h     bob approves 268 h (late)    dave closes 270 h
+5   acme/web       low       170 h     open, due 506 h (running)
+6   acme/web       critical  172 h     open, due 196 h (overdue)
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import ProgrammingError
+
+from builders import dumps, mr_event
+from secledger import findings, reports
+from secledger.cli import main
+from secledger.policy import LabelPolicy
+from secledger.service import feed
+from secledger.tierpolicy import CompliancePolicy
+
+T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)
+NOW = T0 + timedelta(hours=200)
+
+
+def at(hours: float) -> str:
+    return (T0 + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def mr(iid: int, tier: str, labelled: float, steps: list[tuple[str, str, float]]) -> list[dict]:
+    project = 14 if iid <= 3 else 15
+    common: dict[str, Any] = {
+        "iid": iid,
+        "project_id": project,
+        "labels": [f"sec::{tier}"],
+        "created_at": at(labelled),
+    }
+    bodies = [mr_event("open", updated_at=at(labelled), **common)]
+    bodies += [mr_event(a, actor=who, updated_at=at(h), **common) for a, who, h in steps]
+    if project == 15:
+        for body in bodies:
+            body["project"]["path_with_namespace"] = "acme/web"
+    return bodies
+
+
+HISTORY = [
+    *mr(1, "high", 0, [("approved", "bob", 10), ("merge", "carol", 12)]),
+    *mr(
+        2,
+        "critical",
+        0,
+        [("approved", "bob", 30), ("approved", "dave", 31), ("merge", "carol", 32)],
+    ),
+    *mr(3, "medium", 24, [("approved", "carol", 48), ("merge", "carol", 50)]),
+    *mr(4, "high", 168, [("approved", "bob", 268), ("close", "dave", 270)]),
+    *mr(5, "low", 170, []),
+    *mr(6, "critical", 172, []),
+]
+
+
+@pytest.fixture
+def history(engine: Engine) -> Engine:
+    for body in HISTORY:
+        outcome = feed(
+            engine,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=10_000_000,
+            source="replay",
+        )
+        assert outcome.status == "recorded"
+    return engine
+
+
+def run(engine: Engine, report, **filters: Any) -> list[dict[str, Any]]:
+    with engine.begin() as conn:
+        findings.refresh_overdue(conn, CompliancePolicy(), NOW)
+        return [row.as_dict() for row in report(conn, reports.Filters(now=NOW, **filters))]
+
+
+def by(rows: list[dict[str, Any]], key: str) -> dict[Any, dict[str, Any]]:
+    return {row.pop(key): row for row in rows}
+
+
+def test_reviewers_report(history) -> None:
+    rows = by(run(history, reports.reviewers), "reviewer")
+    common = {"revocations": 0}
+    assert rows == {
+        # bob: 10 (met), 30 (late, critical 24 h), 100 (late, high 72 h)
+        "bob": common
+        | {
+            "decisions": 3,
+            "approvals": 3,
+            "median_hours": 30.0,
+            "p90_hours": 86.0,
+            "sla_met": 1,
+            "sla_missed": 2,
+            "sla_adherence_pct": 33.3,
+        },
+        # carol: merge 12 (met), merge 32 (late), approve 24 and merge 26 on MR 3 (met)
+        "carol": common
+        | {
+            "decisions": 4,
+            "approvals": 1,
+            "median_hours": 25.0,
+            "p90_hours": 30.2,
+            "sla_met": 3,
+            "sla_missed": 1,
+            "sla_adherence_pct": 75.0,
+        },
+        # dave: approve 31 (late), close 102 h after the label (late)
+        "dave": common
+        | {
+            "decisions": 2,
+            "approvals": 1,
+            "median_hours": 66.5,
+            "p90_hours": 94.9,
+            "sla_met": 0,
+            "sla_missed": 2,
+            "sla_adherence_pct": 0.0,
+        },
+    }
+
+
+def test_reviewers_report_filters_on_reviewer_and_decision_time(history) -> None:
+    rows = run(history, reports.reviewers, reviewer="bob", since=T0 + timedelta(hours=100))
+    assert rows == [
+        {
+            "reviewer": "bob",
+            "decisions": 1,
+            "approvals": 1,
+            "revocations": 0,
+            "median_hours": 100.0,
+            "p90_hours": 100.0,
+            "sla_met": 0,
+            "sla_missed": 1,
+            "sla_adherence_pct": 0.0,
+        }
+    ]
+
+
+def test_tiers_report(history) -> None:
+    rows = by(run(history, reports.tiers), "tier")
+    assert rows["critical"] == {
+        "mrs": 2,
+        "decided": 1,
+        "open": 1,
+        "median_hours": 30.0,
+        "p90_hours": 30.0,
+        "sla_met": 0,
+        "sla_breached": 2,
+        "sla_adherence_pct": 0.0,
+    }
+    assert rows["high"] == {
+        "mrs": 2,
+        "decided": 2,
+        "open": 0,
+        "median_hours": 55.0,
+        "p90_hours": 91.0,
+        "sla_met": 1,
+        "sla_breached": 1,
+        "sla_adherence_pct": 50.0,
+    }
+    assert rows["medium"] == {
+        "mrs": 1,
+        "decided": 1,
+        "open": 0,
+        "median_hours": 24.0,
+        "p90_hours": 24.0,
+        "sla_met": 1,
+        "sla_breached": 0,
+        "sla_adherence_pct": 100.0,
+    }
+    # The low MR's clock still runs: neither met nor breached.
+    assert rows["low"] == {
+        "mrs": 1,
+        "decided": 0,
+        "open": 1,
+        "median_hours": None,
+        "p90_hours": None,
+        "sla_met": 0,
+        "sla_breached": 0,
+        "sla_adherence_pct": None,
+    }
+
+
+def test_projects_report_and_project_filter(history) -> None:
+    rows = by(run(history, reports.projects), "project_path")
+    assert rows["acme/payments"] | {"instance": None} == {
+        "instance": None,
+        "project_id": 14,
+        "mrs": 3,
+        "decided": 3,
+        "open": 0,
+        "median_hours": 24.0,
+        "p90_hours": 28.8,
+        "sla_met": 2,
+        "sla_breached": 1,
+        "sla_adherence_pct": 66.7,
+    }
+    assert rows["acme/web"]["mrs"] == 3
+    assert rows["acme/web"]["sla_breached"] == 2
+    assert rows["acme/web"]["sla_adherence_pct"] == 0.0
+    only = run(history, reports.tiers, project="15", tier="critical")
+    assert [(r["tier"], r["mrs"], r["open"]) for r in only] == [("critical", 1, 1)]
+
+
+def test_periods_report_by_week_and_month(history) -> None:
+    weeks = by(run(history, reports.periods, period="week"), "period_start")
+    assert sorted(weeks) == ["2025-08-04", "2025-08-11"]
+    assert (weeks["2025-08-04"]["mrs"], weeks["2025-08-04"]["p90_hours"]) == (3, 28.8)
+    assert (weeks["2025-08-11"]["mrs"], weeks["2025-08-11"]["sla_breached"]) == (3, 2)
+    months = run(history, reports.periods, period="month")
+    assert [(m["period_start"], m["mrs"], m["decided"]) for m in months] == [("2025-08-01", 6, 4)]
+    since = run(history, reports.periods, since=T0 + timedelta(hours=168))
+    assert [m["period_start"] for m in since] == ["2025-08-11"]
+
+
+def test_open_report_shows_the_sla_clock(history) -> None:
+    rows = run(history, reports.open_mrs)
+    assert [(r["mr_iid"], r["sla_status"], r["hours_left"]) for r in rows] == [
+        (6, "overdue", -4.0),
+        (5, "running", 306.0),
+    ]
+    assert rows[0]["deadline"] == "2025-08-12T13:00:00Z"  # 172 h + 24 h
+
+
+def test_findings_report_counts_per_rule_and_severity(history) -> None:
+    rows = run(history, reports.findings)
+    assert [(r["rule"], r["severity"], r["open"], r["mrs"]) for r in rows] == [
+        ("sla-breached", "high", 2, 2),  # MR 2 decided late, MR 6 open past due
+        ("sla-breached", "medium", 1, 1),  # MR 4
+    ]
+
+
+def test_bi_views_are_readable_by_the_read_only_role_which_cannot_write(history) -> None:
+    with history.connect() as conn:
+        conn.execute(text("SET ROLE secledger_readonly"))
+        status = dict(
+            conn.execute(
+                text("SELECT mr_iid, sla_status FROM bi_sla_status WHERE project_id = 14")
+            ).all()
+        )
+        assert status == {1: "met", 2: "breached", 3: "met"}
+        metrics = conn.execute(
+            text(
+                "SELECT decisions, approvals, median_hours, sla_adherence_pct"
+                " FROM bi_reviewer_metrics WHERE reviewer = 'bob'"
+            )
+        ).one()
+        assert tuple(metrics) == (3, 3, 30.0, 33.3)
+        assert conn.execute(text("SELECT count(*) FROM bi_decisions")).scalar_one() == 9
+        assert conn.execute(text("SELECT count(*) FROM bi_findings")).scalar_one() == 2
+        # Auditors may read everything (the log included, to verify it); nothing else.
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            conn.execute(text("UPDATE findings SET resolved_at = now()"))
+
+
+def test_cli_findings_json_and_report_csv(history, database_url, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL", database_url)
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(main, ["findings", "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    items = json.loads(result.output)
+    required = {
+        "rule",
+        "severity",
+        "instance",
+        "project_id",
+        "mr_iid",
+        "url",
+        "detected_at",
+        "evidence",
+    }
+    assert items and all(required <= set(item) for item in items)
+    # Run today, MR 5 (due 2025-08-25) is overdue too.
+    assert {item["mr_iid"] for item in items} == {2, 4, 5, 6}
+    result = runner.invoke(main, ["report", "tiers", "--format", "csv", "--tier", "high"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("tier,mrs,decided,open,median_hours")
+    assert lines[1].startswith("high,2,2,0,55.0,91.0,1,1,50.0")
+    bad = runner.invoke(main, ["report", "tiers", "--since", "last tuesday"])
+    assert bad.exit_code == 2
+    assert "is not a date" in bad.output
+
+
+@pytest.mark.parametrize("command", ["findings", "report"])
+def test_commands_have_help_with_an_example_and_are_documented(command) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output
+    docs = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    assert f"secledger {command}" in docs
