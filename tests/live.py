@@ -69,9 +69,7 @@ def live_server(
     """Start ``secledger serve`` with ``env`` added, wait for /healthz, stop it afterwards."""
     port = free_port()
     stderr_path = tmp_path / f"serve-{port}.stderr"
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("SECLEDGER_")
-    } | {
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SECLEDGER_")} | {
         "SECLEDGER_DATABASE_URL": database_url,
         "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
         "SECLEDGER_HOST": "127.0.0.1",

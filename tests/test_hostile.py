@@ -34,14 +34,18 @@ def ledger_json(monkeypatch, database_url: str) -> list[dict]:
 def test_hostile_labels_users_and_titles_round_trip_exactly(
     client, engine, monkeypatch, database_url
 ) -> None:
-    title = "Fix \"auth\" \u202e<script>alert(1)</script> \x1b]8;;http://x\x07 [bold]x[/]"
+    title = 'Fix "auth" \u202e<script>alert(1)</script> \x1b]8;;http://x\x07 [bold]x[/]'
     reviewers = ['o\'brien "x"', "\u200fmallory"]
     body = mr_event("open", labels=HOSTILE, reviewers=reviewers)
     body["object_attributes"]["title"] = title
     response = post(client, body)
     assert response.status_code == 200, response.text
     approval = mr_event(
-        "approved", labels=HOSTILE, actor="bob", updated_at="2025-08-06 10:00:00 UTC", title=title,
+        "approved",
+        labels=HOSTILE,
+        actor="bob",
+        updated_at="2025-08-06 10:00:00 UTC",
+        title=title,
         reviewers=reviewers,
     )
     approval["user"]["username"] = "r\u00f6\u00f6t \"\\'\x7f"
@@ -73,7 +77,9 @@ def test_nul_bytes_are_replaced_in_facts_and_kept_in_the_raw_payload(
     assert bytes(stored) == raw
 
 
-def test_a_100_kb_title_is_cut_to_the_limit_and_marked(client, engine, monkeypatch, database_url) -> None:
+def test_a_100_kb_title_is_cut_to_the_limit_and_marked(
+    client, engine, monkeypatch, database_url
+) -> None:
     title = "T" * 100_000
     response = post(client, mr_event("open", labels=["sec::high"], title=title))
     assert response.status_code == 200

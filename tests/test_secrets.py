@@ -68,8 +68,7 @@ def test_per_instance_secrets_can_come_from_files(tmp_path, monkeypatch) -> None
     token.write_text(SECRET + "\n")
     config = tmp_path / "secledger.toml"
     config.write_text(
-        '[[webhook_sources]]\ninstance = "https://gitlab.example.com"\n'
-        f'tokens_file = "{token}"\n'
+        f'[[webhook_sources]]\ninstance = "https://gitlab.example.com"\ntokens_file = "{token}"\n'
     )
     monkeypatch.setenv("SECLEDGER_CONFIG", str(config))
     source = Settings().webhook_sources[0]
