@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from builders import label_change, mr_event
-from conftest import post
+from conftest import SECRET, post
 from secledger.cli import main
 from secledger.extract import NUL_REPLACEMENT, TEXT_LIMITS
 
@@ -120,3 +120,15 @@ def test_label_change_with_hostile_previous_labels_is_recorded(client) -> None:
     response = post(client, body)
     assert response.status_code == 200
     assert response.json()["status"] == "recorded"
+
+
+def test_stored_headers_keep_no_credential(client, engine) -> None:
+    body = mr_event("open", labels=["sec::high"])
+    response = post(client, body, webhook_signature="v1,c2VjcmV0", webhook_id="m1")
+    assert response.json()["status"] == "recorded"
+    with engine.connect() as conn:
+        headers = json.loads(conn.execute(text("SELECT headers FROM delivery_log")).scalar_one())
+    assert "x-gitlab-token" not in headers
+    assert "webhook-signature" not in headers
+    assert SECRET not in json.dumps(headers)
+    assert headers["webhook-id"] == "m1"

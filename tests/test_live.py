@@ -177,13 +177,30 @@ def stream(url: str, head: bytes, total: int) -> tuple[bytes, int]:
                     break  # the server answered before the body was complete
         except (BrokenPipeError, ConnectionResetError):
             pass
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            data = conn.recv(65536)
-            if not data:
-                break
-            answer += data
+        answer = read_answer(conn)
     return answer, sent
+
+
+def read_answer(conn: socket.socket) -> bytes:
+    """One whole HTTP response (headers and Content-Length bytes of body), or what came."""
+    answer = b""
+    while True:
+        head, found, body = answer.partition(b"\r\n\r\n")
+        if found:
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            if len(body) >= length:
+                return answer
+        data = conn.recv(65536)
+        if not data:
+            return answer
+        answer += data
 
 
 def test_streamed_1_gb_body_is_refused_without_memory_growth(server) -> None:
@@ -235,3 +252,40 @@ def test_small_fuzz_campaign_gets_no_5xx_and_stores_nothing_rejected(
     assert set(figures["answers_by_status"]) >= {"200", "400", "401", "413"}
     assert fuzz_campaign.secrets_in_log(log) == 0
     assert json.dumps(figures)  # printable as the benchmark prints it
+
+
+def _partial(url: str, token: str) -> socket.socket:
+    """A request that declares 100 bytes of body and sends 10: it holds its slot."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(
+        b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Event: Merge Request Hook\r\n"
+        b"X-Gitlab-Token: " + token.encode() + b"\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    return conn
+
+
+def test_slow_bodies_are_cut_off_and_saturation_is_a_503_with_retry_after(
+    database_url, tmp_path
+) -> None:
+    env = {
+        "SECLEDGER_WEBHOOK_SECRETS": TOKENS[0],
+        "SECLEDGER_BODY_TIMEOUT_SECONDS": "1",
+        "SECLEDGER_MAX_CONCURRENT_DELIVERIES": "1",
+        "SECLEDGER_CONCURRENCY_WAIT_SECONDS": "0",
+    }
+    with live_server(database_url, tmp_path, env) as running:
+        slow = _partial(running.url, TOKENS[0])
+        try:
+            # The slow request holds the only slot: the next one is refused at once.
+            busy = deliver(running, dumps(mr_event("open")), **{"X-Gitlab-Token": TOKENS[0]})
+            assert busy.status_code == 503
+            assert busy.json()["error"] == "saturated"
+            assert busy.headers["retry-after"] == "5"
+            answer = read_answer(slow)  # the body timeout answers the slow sender
+        finally:
+            slow.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"the body was not received within 1 s" in answer
+        body = dumps(mr_event("open", iid=801, labels=["sec::high"]))
+        assert deliver(running, body, **{"X-Gitlab-Token": TOKENS[0]}).status_code == 200
