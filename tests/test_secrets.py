@@ -135,3 +135,14 @@ def test_secret_str_hides_webhook_secrets_in_reprs() -> None:
     settings = Settings(webhook_secrets=[SecretStr(SECRET)])
     assert SECRET not in repr(settings)
     assert SECRET not in str(settings.model_dump())
+
+
+def test_a_field_with_its_own_file_setting_keeps_that_mechanism() -> None:
+    class WithOwnFile(Settings):
+        api_token: SecretStr | None = None
+        api_token_file: str | None = None
+        read_token: SecretStr | None = None
+
+    names = secret_field_names(WithOwnFile)
+    assert "read_token" in names
+    assert "api_token" not in names

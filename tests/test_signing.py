@@ -20,7 +20,7 @@ from secledger.errors import (
 )
 from secledger.intake import Source, Sources, authenticate, parse_delivery, precheck
 from secledger.replay import ReplayGuard
-from secledger.sources import sources_from_settings
+from secledger.senders import sources_from_settings
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 STAMP = int(NOW.timestamp())

@@ -120,7 +120,7 @@ def _is_loopback(host: str) -> bool:
 def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
 
-    from secledger.sources import sources_from_settings  # noqa: PLC0415
+    from secledger.senders import sources_from_settings  # noqa: PLC0415
     from secledger.web import create_app  # noqa: PLC0415
 
     settings = context.settings

@@ -50,11 +50,15 @@ def _mentions_secret(annotation: Any) -> bool:
 
 
 def secret_field_names(settings_cls: type[BaseSettings]) -> list[str]:
-    """Fields that hold secrets: each can also be read from ``SECLEDGER_<NAME>_FILE``."""
+    """Fields that hold secrets: each can also be read from ``SECLEDGER_<NAME>_FILE``.
+
+    A field that declares its own ``<name>_file`` setting keeps that mechanism.
+    """
+    fields = settings_cls.model_fields
     return [
         name
-        for name, info in settings_cls.model_fields.items()
-        if _mentions_secret(info.annotation)
+        for name, info in fields.items()
+        if _mentions_secret(info.annotation) and f"{name}_file" not in fields
     ]
 
 

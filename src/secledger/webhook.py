@@ -16,8 +16,8 @@ from secledger.extract import extract_facts
 from secledger.intake import Ignored, authenticate, check_size, parse_delivery, precheck
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
+from secledger.senders import sources_from_settings
 from secledger.service import NOT_SECURITY, Outcome
-from secledger.sources import sources_from_settings
 from secledger.times import utcnow
 
 Scope = MutableMapping[str, Any]

@@ -1,4 +1,4 @@
-"""Webhook sources from the configuration: each GitLab instance's secrets and policy."""
+"""Who may send webhooks, from the configuration: each GitLab instance's secrets and policy."""
 
 from __future__ import annotations
 
