@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from secledger import payloads as p
-from secledger.extract import EventFacts
+from secledger.extract import EventFacts, bounded
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.times import isoformat, parse_optional, parse_time
@@ -233,7 +233,8 @@ _BUILDERS = {LABEL_EVENT: _label_facts, STATE_EVENT: _state_facts, APPROVAL: _ap
 
 def facts(instance: str, env: Mapping[str, Any], policy: LabelPolicy) -> EventFacts:
     """What one API fact says, in the same shape as a webhook's facts."""
-    return EventFacts(**_base(instance, env), **_BUILDERS[env["fact"]](env, policy))
+    # Text from the API is as untrusted as a webhook body: bound it and make it storable.
+    return bounded(EventFacts(**_base(instance, env), **_BUILDERS[env["fact"]](env, policy)))
 
 
 def first_security_add(

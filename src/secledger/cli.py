@@ -84,10 +84,28 @@ def main(ctx: click.Context) -> None:
     """
     try:
         settings = Settings()
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid configuration: {describe(exc)}") from None
+    except ValueError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
     logs.configure(settings.log_level)
     ctx.obj = Context(settings)
+
+
+def describe(exc: ValidationError) -> str:
+    """Each problem as ``field: message``; pydantic's own text would echo the input,
+    which for a secret field is the secret."""
+    problems = exc.errors(include_input=False, include_url=False, include_context=False)
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: {problem['msg']}"
+        for problem in problems
+    )
+
+
+def _has_credentials(settings: Settings) -> bool:
+    return bool(
+        settings.webhook_secrets or settings.webhook_signing_secrets or settings.webhook_sources
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -102,18 +120,21 @@ def _is_loopback(host: str) -> bool:
 def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
 
+    from secledger.senders import sources_from_settings  # noqa: PLC0415
     from secledger.web import create_app  # noqa: PLC0415
 
     settings = context.settings
-    if allow_open and not settings.webhook_secrets:
+    if allow_open and not _has_credentials(settings):
         if not _is_loopback(host):
             raise click.ClickException("--allow-open is only allowed on a loopback address")
         settings = settings.model_copy(update={"allow_open_loopback": True})
-    if not settings.webhook_secrets and not (settings.allow_open_loopback and _is_loopback(host)):
+    if not _has_credentials(settings) and not (settings.allow_open_loopback and _is_loopback(host)):
         raise click.ClickException(
             "no webhook secret configured: set SECLEDGER_WEBHOOK_SECRETS (comma-separated for "
-            "rotation), or pass --allow-open to accept unauthenticated deliveries on loopback"
+            "rotation), SECLEDGER_WEBHOOK_SIGNING_SECRETS or webhook_sources, or pass "
+            "--allow-open to accept unauthenticated deliveries on loopback"
         )
+    sources_from_settings(settings)  # refuse a bad signing secret or policy before serving
     database = context.database
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
     click.echo(f"receiving on http://{host}:{port}/webhooks/gitlab", err=True)
@@ -123,7 +144,11 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         port=port,
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=30,
+        # Idle keep-alive connections are closed after 5 s (slow or idle clients).
+        timeout_keep_alive=5,
+        # A backstop above the handler's own limit: uvicorn answers 503 at once past it.
+        limit_concurrency=max(64, 4 * settings.max_concurrent_deliveries),
+        server_header=False,
     )
 
 

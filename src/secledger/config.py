@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -21,6 +23,8 @@ from secledger.tierpolicy import BusinessHoursConfig, TierPolicyConfig, check_ti
 
 DEFAULT_TIERS = ("critical", "high", "medium", "low")
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
+ENV_PREFIX = "SECLEDGER_"
+AuthPolicy = Literal["token", "signature", "either", "both"]
 
 
 def default_data_dir() -> Path:
@@ -33,9 +37,103 @@ def default_data_dir() -> Path:
 
 
 def _split_csv(value: Any) -> Any:
+    # Newlines separate too, so a secret file may hold one secret per line.
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
     return value
+
+
+def _mentions_secret(annotation: Any) -> bool:
+    """True when a field's type is or contains SecretStr (``SecretStr | None``, lists...)."""
+    if annotation is SecretStr:
+        return True
+    return any(_mentions_secret(arg) for arg in typing.get_args(annotation))
+
+
+def secret_field_names(settings_cls: type[BaseSettings]) -> list[str]:
+    """Fields that hold secrets: each can also be read from ``SECLEDGER_<NAME>_FILE``.
+
+    A field that declares its own ``<name>_file`` setting keeps that mechanism.
+    """
+    fields = settings_cls.model_fields
+    return [
+        name
+        for name, info in fields.items()
+        if _mentions_secret(info.annotation) and f"{name}_file" not in fields
+    ]
+
+
+def read_secret_file(variable: str, path: str) -> str:
+    """The secret in ``path`` without its trailing newline; errors name the file, never its text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"{variable}: cannot read {path}: {reason}") from None
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise ConfigError(f"{variable}: {path} is empty")
+    return value
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """``SECLEDGER_<NAME>_FILE`` for every SecretStr field: Docker/Kubernetes secret files.
+
+    Generic on purpose: a secret field added to Settings gets its ``_FILE`` variable
+    without further code. Setting both the variable and its ``_FILE`` is an error,
+    because silently preferring one hides a misconfiguration.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        for name in secret_field_names(settings_cls):
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            path = os.environ.get(f"{variable}_FILE")
+            if not path:
+                continue
+            if os.environ.get(variable):
+                raise ConfigError(f"set {variable} or {variable}_FILE, not both")
+            self._values[name] = read_secret_file(f"{variable}_FILE", path)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Part of the source protocol; ``__call__`` does the work."""
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class WebhookSource(BaseModel):
+    """One GitLab instance with its own secrets and policy, matched by X-Gitlab-Instance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instance: str = Field(description="Base URL GitLab sends in X-Gitlab-Instance.")
+    tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    signing_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    auth: AuthPolicy = "either"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        # ``tokens_file`` / ``signing_secrets_file`` keep secrets out of the TOML file.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("tokens", "signing_secrets"):
+            path = data.pop(f"{name}_file", None)
+            if path is None:
+                continue
+            if data.get(name):
+                raise ConfigError(f"webhook_sources: set {name} or {name}_file, not both")
+            data[name] = read_secret_file(f"webhook_sources.{name}_file", str(path))
+        return data
+
+    @field_validator("tokens", "signing_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_csv(value)
 
 
 class Settings(BaseSettings):
@@ -127,6 +225,15 @@ class Settings(BaseSettings):
     tier_policy: dict[str, TierPolicyConfig] = Field(default_factory=dict)
     business_hours: BusinessHoursConfig = Field(default_factory=BusinessHoursConfig)
 
+    # Hardening (issue 8): signed webhooks, several instances, hostile clients.
+    webhook_signing_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    webhook_auth: AuthPolicy = "either"
+    webhook_tolerance_seconds: int = Field(default=300, ge=1, le=86_400)
+    webhook_sources: list[WebhookSource] = Field(default_factory=list)
+    max_concurrent_deliveries: int = Field(default=32, ge=1, le=10_000)
+    concurrency_wait_seconds: float = Field(default=5.0, ge=0, le=60)
+    body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -136,8 +243,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Explicit arguments win, then the environment, then the TOML file."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        """Explicit arguments win, then the environment, then ``*_FILE`` secrets, then TOML."""
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            SecretFileSource(settings_cls),
+        ]
         config_path = os.environ.get("SECLEDGER_CONFIG")
         if config_path:
             path = Path(config_path)
@@ -146,7 +257,13 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    @field_validator("webhook_secrets", "security_label_patterns", "risk_tiers", mode="before")
+    @field_validator(
+        "webhook_secrets",
+        "webhook_signing_secrets",
+        "security_label_patterns",
+        "risk_tiers",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)

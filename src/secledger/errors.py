@@ -54,3 +54,45 @@ class StoreUnavailable(SecledgerError):
 
 class GitLabAPIError(SecledgerError):
     """The GitLab REST API refused a request or could not be reached."""
+
+
+class InvalidSignature(IntakeError):
+    """The webhook-signature headers are missing, malformed or match no signing secret."""
+
+    status_code = 401
+    code = "invalid_signature"
+
+
+class StaleTimestamp(IntakeError):
+    """webhook-timestamp is further from now than the configured tolerance."""
+
+    status_code = 401
+    code = "timestamp_out_of_tolerance"
+
+
+class ReplayedDelivery(IntakeError):
+    """This signed message (webhook-id and timestamp) was already received."""
+
+    status_code = 401
+    code = "replayed_webhook_id"
+
+
+class WrongInstance(IntakeError):
+    """The credentials used belong to a different GitLab instance than the payload names."""
+
+    status_code = 401
+    code = "wrong_instance"
+
+
+class BodyTimeout(IntakeError):
+    """The client did not send the whole body in time."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
+class Saturated(IntakeError):
+    """Too many deliveries are in progress; the client may retry."""
+
+    status_code = 503
+    code = "saturated"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,29 @@ DECISIONS = {
 NON_DECISIONS = {"open": "open", "update": "update"}
 _STATE_DECISIONS = {"closed": "closed", "merged": "merged"}
 _TIME_FIELDS = ("event_at", "created_at", "labeled_at")
+
+# Longest strings kept in facts and the ledger. GitLab's own limits are lower (titles,
+# labels and usernames: 255 characters), so only a forged or broken payload is cut;
+# delivery_log keeps the raw payload byte-exact whatever it holds.
+TEXT_LIMITS = {
+    "title": 1024,
+    "url": 2048,
+    "project_path": 1024,
+    "actor": 256,
+    "state": 32,
+    "kind": 32,
+    "decision": 32,
+}
+LIST_LIMITS = {
+    "labels": 512,
+    "security_labels": 512,
+    "security_added": 512,
+    "security_removed": 512,
+    "reviewers": 256,
+}
+MAX_LIST_ITEMS = 500
+# PostgreSQL text and jsonb cannot hold U+0000: it becomes U+FFFD in facts and ledger.
+NUL_REPLACEMENT = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,33 @@ class EventFacts:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(EventFacts))
+
+
+def clean_text(value: str, limit: int) -> str:
+    """``value`` as PostgreSQL can store it: at most ``limit`` characters, NUL replaced."""
+    return value[:limit].replace("\x00", NUL_REPLACEMENT)
+
+
+def bounded(facts: EventFacts) -> EventFacts:
+    """``facts`` with every string bounded and storable; cut fields named in extra.truncated."""
+    changes: dict[str, Any] = {}
+    truncated: list[str] = []
+    for name, limit in TEXT_LIMITS.items():
+        value = getattr(facts, name)
+        if isinstance(value, str):
+            if len(value) > limit:
+                truncated.append(name)
+            changes[name] = clean_text(value, limit)
+    for name, limit in LIST_LIMITS.items():
+        values: tuple[str, ...] | None = getattr(facts, name)
+        if values is None:
+            continue
+        if len(values) > MAX_LIST_ITEMS or any(len(v) > limit for v in values):
+            truncated.append(name)
+        changes[name] = tuple(clean_text(v, limit) for v in values[:MAX_LIST_ITEMS])
+    if truncated:
+        changes["extra"] = {**facts.extra, "truncated": truncated}
+    return replace(facts, **changes)
 
 
 def _safe_time(value: object) -> datetime | None:
@@ -190,33 +240,35 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     elif kind == "open" and security:
         labeled_at, labeled_source = created_at or event_at, "opened_with_label"
     key = mr_key(delivery)
-    return EventFacts(
-        instance=key.instance,
-        project_id=key.project_id,
-        mr_iid=key.mr_iid,
-        mr_id=p.integer(attrs, "id"),
-        kind=kind,
-        decision=decision,
-        event_at=event_at,
-        event_at_source=event_at_source,
-        is_security=is_security,
-        tier=policy.tier(labels),
-        state=p.state_of(attrs),
-        actor=p.text(user, "username"),
-        actor_id=p.integer(user, "id"),
-        project_path=p.text(project, "path_with_namespace")
-        or p.text(p.obj(attrs, "target"), "path_with_namespace"),
-        title=p.text(attrs, "title"),
-        url=p.text(attrs, "url"),
-        author_id=p.integer(attrs, "author_id"),
-        created_at=created_at,
-        labels=tuple(labels),
-        security_labels=security,
-        security_added=added,
-        security_removed=removed,
-        # GitLab omits the key when nobody is assigned: absence means "none".
-        reviewers=tuple(p.usernames(payload.get("reviewers"))),
-        labeled_at=labeled_at,
-        labeled_at_source=labeled_source,
-        source=delivery.source,
+    return bounded(
+        EventFacts(
+            instance=key.instance,
+            project_id=key.project_id,
+            mr_iid=key.mr_iid,
+            mr_id=p.integer(attrs, "id"),
+            kind=kind,
+            decision=decision,
+            event_at=event_at,
+            event_at_source=event_at_source,
+            is_security=is_security,
+            tier=policy.tier(labels),
+            state=p.state_of(attrs),
+            actor=p.text(user, "username"),
+            actor_id=p.integer(user, "id"),
+            project_path=p.text(project, "path_with_namespace")
+            or p.text(p.obj(attrs, "target"), "path_with_namespace"),
+            title=p.text(attrs, "title"),
+            url=p.text(attrs, "url"),
+            author_id=p.integer(attrs, "author_id"),
+            created_at=created_at,
+            labels=tuple(labels),
+            security_labels=security,
+            security_added=added,
+            security_removed=removed,
+            # GitLab omits the key when nobody is assigned: absence means "none".
+            reviewers=tuple(p.usernames(payload.get("reviewers"))),
+            labeled_at=labeled_at,
+            labeled_at_source=labeled_source,
+            source=delivery.source,
+        )
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,7 +15,15 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from secledger.errors import BodyTooLarge, InvalidToken, MalformedJSON, MissingField
+from secledger.errors import (
+    BodyTooLarge,
+    InvalidSignature,
+    InvalidToken,
+    MalformedJSON,
+    MissingField,
+    StaleTimestamp,
+    WrongInstance,
+)
 
 MR_EVENTS = frozenset({"Merge Request Hook", "System Hook"})
 
@@ -29,6 +40,16 @@ KEPT_HEADERS = (
     "x-gitlab-webhook-uuid",
 )
 MAX_HEADER_CHARS = 512
+MAX_URL_CHARS = 2048
+MAX_WEBHOOK_ID_CHARS = 256
+MAX_SIGNATURES = 16
+DEFAULT_SOURCE = "default"
+# PostgreSQL bigint: a larger id would make the insert fail instead of the intake.
+MAX_ID = 2**63 - 1
+# Origins only: a host name or bracketed IPv6 address, an optional port. Anything
+# else (NUL, spaces, userinfo) is refused before it can reach a text column.
+_HOST = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|\[[0-9a-f:.]+\])(?::\d{1,5})?$")
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,172 @@ class Ignored:
     """A delivery GitLab was right to send but that secledger does not keep."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who may send deliveries: one GitLab instance (or the default) and its credentials."""
+
+    name: str
+    tokens: tuple[bytes, ...] = ()
+    keys: tuple[bytes, ...] = ()
+    policy: str = "either"
+    open: bool = False
+
+    @property
+    def accepted(self) -> str:
+        """The credentials this source accepts, for error messages."""
+        names = ["X-Gitlab-Token"] * bool(self.tokens) + ["webhook-signature"] * bool(self.keys)
+        joiner = " and " if self.policy == "both" else " or "
+        return joiner.join(names) or "nothing (no secret is configured)"
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Every configured source; a request is matched to one by X-Gitlab-Instance."""
+
+    default: Source
+    instances: Mapping[str, Source] = field(default_factory=dict)
+    tolerance: int = 300
+
+    def select(self, headers: Mapping[str, str]) -> Source:
+        """The source a request claims to come from; the default when it names no known one."""
+        claimed = origin(headers.get("x-gitlab-instance", "").strip())
+        return self.instances.get(claimed or "", self.default)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """How a request proved where it came from."""
+
+    source: str
+    method: str
+    webhook_id: str | None = None
+    timestamp: str | None = None
+    # Instances with their own secrets: these credentials may not speak for them.
+    reserved: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SignedHeaders:
+    """The Standard Webhooks headers of one request, parsed."""
+
+    webhook_id: str
+    timestamp: str
+    signatures: tuple[bytes, ...]
+
+
+def _wanted(source: Source, headers: Mapping[str, str]) -> tuple[bool, bool]:
+    """Which credentials to check: (token, signature), by policy and what was sent."""
+    if not (source.tokens or source.keys):
+        raise InvalidToken(f"no secret is configured for deliveries from {source.name}")
+    if source.policy == "token" or not source.keys:
+        return True, False
+    if source.policy == "signature" or not source.tokens:
+        return False, True
+    if source.policy == "both":
+        return True, True
+    # "either": check every credential that was sent and can be checked; a bad one
+    # fails the request even when the other is good (it means tampering or confusion).
+    token = bool(source.tokens) and "x-gitlab-token" in headers
+    signature = bool(source.keys) and "webhook-signature" in headers
+    if not (token or signature):
+        raise InvalidToken(
+            f"no credential: deliveries from {source.name} must carry {source.accepted}"
+        )
+    return token, signature
+
+
+def _signature_entries(raw: str) -> tuple[bytes, ...]:
+    entries = raw.split()
+    if len(entries) > MAX_SIGNATURES:
+        raise InvalidSignature(f"webhook-signature carries more than {MAX_SIGNATURES} signatures")
+    found: list[bytes] = []
+    for entry in entries:
+        version, _, value = entry.partition(",")
+        if version != "v1":
+            continue  # other schemes (v1a: asymmetric) are not configured here
+        try:
+            found.append(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            continue
+    if not found:
+        raise InvalidSignature("webhook-signature carries no well-formed v1,<base64> signature")
+    return tuple(found)
+
+
+def signature_headers(
+    headers: Mapping[str, str], *, now: datetime, tolerance: int
+) -> SignedHeaders:
+    """Parse webhook-id/-timestamp/-signature and refuse a timestamp outside ``tolerance``."""
+    raw = headers.get("webhook-signature")
+    if raw is None:
+        raise InvalidSignature("webhook-signature header is missing")
+    webhook_id = headers.get("webhook-id", "")
+    if not webhook_id:
+        raise InvalidSignature("webhook-id header is missing")
+    if len(webhook_id) > MAX_WEBHOOK_ID_CHARS or not _PRINTABLE.match(webhook_id):
+        raise InvalidSignature(
+            f"webhook-id must be 1 to {MAX_WEBHOOK_ID_CHARS} printable ASCII characters"
+        )
+    stamp = headers.get("webhook-timestamp", "")
+    if not stamp:
+        raise InvalidSignature("webhook-timestamp header is missing")
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        raise InvalidSignature("webhook-timestamp must be whole seconds since 1970, digits only")
+    skew = int(now.timestamp()) - int(stamp)
+    if abs(skew) > tolerance:
+        when = "in the past" if skew > 0 else "in the future"
+        raise StaleTimestamp(
+            f"webhook-timestamp is {abs(skew)} s {when}; the tolerance is {tolerance} s"
+        )
+    return SignedHeaders(webhook_id, stamp, _signature_entries(raw))
+
+
+def verify_signature(signed: SignedHeaders, body: bytes, keys: Sequence[bytes]) -> None:
+    """Raise InvalidSignature unless one signature is HMAC-SHA256(key, "id.timestamp.body").
+
+    Every (signature, key) pair is compared, so timing does not reveal which matched.
+    """
+    message = f"{signed.webhook_id}.{signed.timestamp}.".encode("ascii") + body
+    expected = [hmac.new(key, message, hashlib.sha256).digest() for key in keys]
+    matched = False
+    for given in signed.signatures:
+        for wanted in expected:
+            matched |= hmac.compare_digest(given, wanted)
+    if not matched:
+        raise InvalidSignature("no webhook-signature matches any configured signing secret")
+
+
+def precheck(headers: Mapping[str, str], sources: Sources, *, now: datetime) -> None:
+    """Everything that can be refused before the body is read: token, headers, timestamp."""
+    source = sources.select(headers)
+    if source.open:
+        return
+    token, signature = _wanted(source, headers)
+    if token:
+        verify_token(headers, source.tokens)
+    if signature:
+        signature_headers(headers, now=now, tolerance=sources.tolerance)
+
+
+def authenticate(
+    headers: Mapping[str, str], body: bytes, sources: Sources, *, now: datetime
+) -> Verified:
+    """Verify a request against its source's policy; how it proved itself, or a 401 error."""
+    source = sources.select(headers)
+    reserved = frozenset(sources.instances) - {source.name}
+    if source.open:
+        return Verified(source.name, "open", reserved=reserved)
+    token, signature = _wanted(source, headers)
+    if token:
+        verify_token(headers, source.tokens)
+    if not signature:
+        return Verified(source.name, "token", reserved=reserved)
+    signed = signature_headers(headers, now=now, tolerance=sources.tolerance)
+    verify_signature(signed, body, source.keys)
+    method = "token+signature" if token else "signature"
+    return Verified(source.name, method, signed.webhook_id, signed.timestamp, reserved)
 
 
 def verify_token(headers: Mapping[str, str], secrets: Sequence[bytes]) -> None:
@@ -79,17 +266,29 @@ def decode_json(body: bytes) -> dict[str, Any]:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            # orjson stops at 1024 levels before any deep recursion can happen.
+            raise MalformedJSON("JSON is nested deeper than 1024 levels") from None
         raise MalformedJSON(f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise MalformedJSON(f"body must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def dedup_key(headers: Mapping[str, str], body: bytes) -> str:
-    """GitLab keeps Idempotency-Key across manual resends; otherwise the body identifies it."""
+def dedup_key(headers: Mapping[str, str], body: bytes, verified: Verified | None = None) -> str:
+    """GitLab keeps Idempotency-Key across manual resends; otherwise the body identifies it.
+
+    A signed delivery is identified by its signed webhook-id instead: Idempotency-Key is
+    not covered by the signature, so a captured request replayed with a new key to
+    another replica would otherwise be logged twice.
+    """
+    if verified is not None and verified.webhook_id:
+        return "whid:" + verified.webhook_id
     key = headers.get("idempotency-key", "").strip()
+    if key and len(key) <= MAX_HEADER_CHARS and _PRINTABLE.match(key):
+        return "idem:" + key
     if key:
-        return "idem:" + key[:MAX_HEADER_CHARS]
+        return "idem-sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
@@ -100,12 +299,16 @@ def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 def origin(url: object) -> str | None:
     """``scheme://host[:port]`` of a URL, or None when it has none."""
-    if not isinstance(url, str) or not url:
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         return None
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[" and friends
         return None
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    if scheme not in {"http", "https"} or not _HOST.match(netloc):
+        return None
+    return f"{scheme}://{netloc}"
 
 
 def instance_of(headers: Mapping[str, str], payload: Mapping[str, Any]) -> str:
@@ -131,8 +334,8 @@ def _positive_int(container: Mapping[str, Any], key: str, where: str) -> int:
     value = container.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise MissingField(f"{where}.{key} must be an integer, got {value!r}"[:200])
-    if value < 0:
-        raise MissingField(f"{where}.{key} must not be negative")
+    if value < 0 or value > MAX_ID:
+        raise MissingField(f"{where}.{key} must be between 0 and {MAX_ID}")
     return value
 
 
@@ -161,8 +364,13 @@ def parse_delivery(
     received_at: datetime,
     require_token: bool = True,
     source: str = "webhook",
+    verified: Verified | None = None,
 ) -> Delivery | Ignored:
-    """Verify and decode one webhook request. ``headers`` must have lower-case names."""
+    """Verify and decode one webhook request. ``headers`` must have lower-case names.
+
+    ``verified`` is what :func:`authenticate` returned when the caller checked the
+    credentials itself (the HTTP edge does, to refuse before reading the body).
+    """
     if require_token:
         verify_token(headers, secrets)
     check_size(len(body), max_body_bytes)
@@ -175,13 +383,19 @@ def parse_delivery(
     if kind != "merge_request":
         return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
     require_identity(payload)
+    instance = instance_of(headers, payload)
+    if verified is not None and instance in verified.reserved:
+        raise WrongInstance(
+            f"the payload is from {instance}, which has its own secrets; "
+            "these credentials are not valid for it"
+        )
     return Delivery(
         event=event,
-        instance=instance_of(headers, payload),
+        instance=instance,
         headers=kept_headers(headers),
         body=body,
         payload=payload,
-        dedup_key=dedup_key(headers, body),
+        dedup_key=dedup_key(headers, body, verified),
         received_at=received_at,
         source=source,
     )

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = ("table", "json", "csv")
+# Control characters (terminal escapes) and bidirectional overrides in GitLab strings
+# would let a label or title rewrite what the terminal shows; JSON and CSV stay exact.
+_UNSAFE_ON_TERMINAL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _cell(value: Any) -> str:
@@ -20,6 +25,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _terminal_cell(value: Any) -> Text:
+    return Text(_UNSAFE_ON_TERMINAL.sub("\ufffd", _cell(value)))
 
 
 def render(
@@ -45,6 +54,7 @@ def render(
     for column in columns:
         table.add_column(column, overflow="fold")
     for item in items:
-        table.add_row(*(_cell(item.get(c)) for c in columns))
+        # Text, not str: a "[bold]" or "[/]" in a title is data, not rich markup.
+        table.add_row(*(_terminal_cell(item.get(c)) for c in columns))
     (console or Console()).print(table)
     return None

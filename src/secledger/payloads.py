@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 STATE_IDS = {1: "opened", 2: "closed", 3: "merged", 4: "locked"}
+# Ids are stored as PostgreSQL bigint; anything outside is treated as absent.
+_BIGINT = (-(2**63), 2**63 - 1)
 
 
 def obj(container: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -25,11 +27,11 @@ def text(container: Mapping[str, Any], key: str) -> str | None:
 
 
 def integer(container: Mapping[str, Any], key: str) -> int | None:
-    """An integer field (booleans excluded), or None."""
+    """An integer field (booleans and values outside bigint excluded), or None."""
     value = container.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return value
+    return value if _BIGINT[0] <= value <= _BIGINT[1] else None
 
 
 def label_titles(items: object) -> list[str]:

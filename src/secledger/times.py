@@ -45,9 +45,10 @@ def parse_time(value: str) -> datetime:
     frac = (match["frac"] or ".0")[1:7].ljust(6, "0")
     try:
         naive = datetime.fromisoformat(f"{match['date']}T{hms}.{frac}")
-    except ValueError as exc:
+        # Year 1 with a positive offset (or 9999 with a negative one) leaves the range.
+        return naive.replace(tzinfo=_offset(match["zone"])).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
         raise TimestampError(f"impossible timestamp: {value[:64]!r}") from exc
-    return naive.replace(tzinfo=_offset(match["zone"])).astimezone(UTC)
 
 
 def parse_optional(value: object) -> datetime | None:

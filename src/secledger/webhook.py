@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import structlog
 
-from secledger.errors import IntakeError, StoreUnavailable
+from secledger.errors import BodyTimeout, IntakeError, Saturated, StoreUnavailable
 from secledger.extract import extract_facts, is_security_event, mr_key
-from secledger.intake import Ignored, check_size, parse_delivery, verify_token
+from secledger.intake import Ignored, authenticate, check_size, parse_delivery, precheck
+from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
+from secledger.senders import sources_from_settings
 from secledger.service import IGNORED, Outcome
 from secledger.times import isoformat, utcnow
 
@@ -29,10 +33,13 @@ class ClientDisconnected(Exception):
     """The sender went away before the body was complete."""
 
 
-async def respond(send: Send, status: int, body: dict[str, Any]) -> None:
+async def respond(
+    send: Send, status: int, body: dict[str, Any], extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     """Send a JSON response."""
     data = orjson.dumps(body)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers.extend(extra)
     if status == 405:
         headers.append((b"allow", b"POST"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -71,9 +78,16 @@ class WebhookHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         settings = runtime.settings
-        self.secrets = settings.secret_values()
-        self.require_token = bool(self.secrets) or not settings.allow_open_loopback
+        has_secrets = bool(settings.webhook_secrets or settings.webhook_signing_secrets)
+        self.sources = sources_from_settings(
+            settings, open_default=settings.allow_open_loopback and not has_secrets
+        )
+        self.guard = ReplayGuard(settings.webhook_tolerance_seconds)
         self.limit = settings.max_body_bytes
+        self.body_timeout = settings.body_timeout_seconds
+        self.concurrency = settings.max_concurrent_deliveries
+        self.wait = settings.concurrency_wait_seconds
+        self.slots = asyncio.Semaphore(self.concurrency)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -88,7 +102,8 @@ class WebhookHandler:
             status, outcome, body = await self._handle(scope, receive)
         except IntakeError as exc:
             log.info("delivery_rejected", status=exc.status_code, error=exc.code)
-            await respond(send, exc.status_code, rejection(exc))
+            retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
+            await respond(send, exc.status_code, rejection(exc), retry)
             return
         except ClientDisconnected:
             log.info("delivery_abandoned")
@@ -96,6 +111,10 @@ class WebhookHandler:
         except StoreUnavailable as exc:
             log.warning("delivery_unavailable", error=str(exc))
             await respond(send, 503, {"status": "unavailable", "message": str(exc)})
+            return
+        except Exception as exc:  # a bug must not leak a traceback to the sender
+            log.exception("delivery_failed", error=type(exc).__name__)
+            await respond(send, 500, {"status": "error", "message": "internal error"})
             return
         log.info(
             "delivery",
@@ -106,22 +125,53 @@ class WebhookHandler:
         )
         await respond(send, status, body)
 
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Bound the deliveries in progress; wait a little for a slot, then refuse."""
+        try:
+            async with asyncio.timeout(self.wait):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise Saturated(f"{self.concurrency} deliveries are in progress; retry later") from None
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    async def _body(self, receive: Receive) -> bytes:
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await read_body(receive, self.limit)
+        except TimeoutError:
+            raise BodyTimeout(f"the body was not received within {self.body_timeout:g} s") from None
+
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, dict[str, Any]]:
         headers = header_map(scope)
-        if self.require_token:
-            verify_token(headers, self.secrets)
+        # Refuse what needs no body first, so an unauthenticated sender costs nothing.
+        precheck(headers, self.sources, now=utcnow())
         declared = headers.get("content-length", "")
         if declared.isdigit():
             check_size(int(declared), self.limit)
-        body = await read_body(receive, self.limit)
+        async with self._slot():
+            return await self._process(headers, await self._body(receive))
+
+    async def _process(
+        self, headers: dict[str, str], body: bytes
+    ) -> tuple[int, Outcome, dict[str, Any]]:
         received_at = utcnow()
+        verified = authenticate(headers, body, self.sources, now=received_at)
+        if verified.webhook_id is not None and verified.timestamp is not None:
+            self.guard.check(
+                verified.source, verified.webhook_id, verified.timestamp, now=received_at
+            )
         delivery = parse_delivery(
             headers,
             body,
-            secrets=self.secrets,
+            secrets=(),
             max_body_bytes=self.limit,
             received_at=received_at,
             require_token=False,
+            verified=verified,
         )
         if isinstance(delivery, Ignored):
             return _answer(200, Outcome("ignored", reason=delivery.reason))

@@ -1,0 +1,134 @@
+"""Hostile strings and shapes: stored safely, returned exactly, never a 5xx."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from builders import label_change, mr_event
+from conftest import SECRET, post
+from secledger.cli import main
+from secledger.extract import NUL_REPLACEMENT, TEXT_LIMITS
+
+HOSTILE = [
+    "sec::high",
+    "sec/critical \"quoted\" 'single' `back`",
+    "sec::low \u202eevil\u202c \u200fRTL\u200e",
+    "sec/medium \x01\x07\x1b[31mred\x1b[0m\t\r\n",
+    "sec::high; DROP TABLE delivery_log; --",
+    "sec/high \\u0000 not a NUL, a backslash",
+    "sec::critical 🦀 \U0010fffd",
+]
+
+
+def ledger_json(monkeypatch, database_url: str) -> list[dict]:
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL", database_url)
+    result = CliRunner().invoke(main, ["ledger", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_hostile_labels_users_and_titles_round_trip_exactly(
+    client, engine, monkeypatch, database_url
+) -> None:
+    title = 'Fix "auth" \u202e<script>alert(1)</script> \x1b]8;;http://x\x07 [bold]x[/]'
+    reviewers = ['o\'brien "x"', "\u200fmallory"]
+    body = mr_event("open", labels=HOSTILE, reviewers=reviewers)
+    body["object_attributes"]["title"] = title
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    approval = mr_event(
+        "approved",
+        labels=HOSTILE,
+        actor="bob",
+        updated_at="2025-08-06 10:00:00 UTC",
+        title=title,
+        reviewers=reviewers,
+    )
+    approval["user"]["username"] = "r\u00f6\u00f6t \"\\'\x7f"
+    assert post(client, approval).json()["status"] == "recorded"
+    (row,) = ledger_json(monkeypatch, database_url)
+    assert row["title"] == title
+    assert row["security_labels"] == HOSTILE
+    assert row["assigned_reviewers"] == ['o\'brien "x"', "\u200fmallory"]
+    assert row["approvers"] == ["r\u00f6\u00f6t \"\\'\x7f"]
+    # The table format shows them too, without interpreting markup or escapes.
+    table = CliRunner().invoke(main, ["ledger"])
+    assert table.exit_code == 0
+    assert "\x1b[31m" not in table.output
+
+
+def test_nul_bytes_are_replaced_in_facts_and_kept_in_the_raw_payload(
+    client, engine, monkeypatch, database_url
+) -> None:
+    body = mr_event("open", labels=["sec::high\x00x"], title="a\x00b")
+    raw = orjson.dumps(body)
+    assert b"\\u0000" in raw
+    response = post(client, raw)
+    assert response.status_code == 200, response.text
+    (row,) = ledger_json(monkeypatch, database_url)
+    assert row["title"] == f"a{NUL_REPLACEMENT}b"
+    assert row["security_labels"] == [f"sec::high{NUL_REPLACEMENT}x"]
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT payload FROM delivery_log")).scalar_one()
+    assert bytes(stored) == raw
+
+
+def test_a_100_kb_title_is_cut_to_the_limit_and_marked(
+    client, engine, monkeypatch, database_url
+) -> None:
+    title = "T" * 100_000
+    response = post(client, mr_event("open", labels=["sec::high"], title=title))
+    assert response.status_code == 200
+    (row,) = ledger_json(monkeypatch, database_url)
+    assert row["title"] == title[: TEXT_LIMITS["title"]]
+    with engine.connect() as conn:
+        facts = conn.execute(text("SELECT facts FROM review_events")).scalar_one()
+    assert facts["extra"]["truncated"] == ["title"]
+
+
+def test_deeply_nested_json_is_a_precise_400(client, engine) -> None:
+    response = post(client, b'{"a":' * 1100 + b"1" + b"}" * 1100)
+    assert response.status_code == 400
+    assert response.json()["message"] == "JSON is nested deeper than 1024 levels"
+
+
+def test_ids_beyond_bigint_are_a_400_not_a_database_error(client, engine) -> None:
+    body = mr_event("open", labels=["sec::high"])
+    body["object_attributes"]["iid"] = 2**64 - 1
+    response = post(client, orjson.dumps(body))
+    assert response.status_code == 400
+    assert "between 0 and" in response.json()["message"]
+
+
+def test_a_project_url_that_is_not_an_origin_cannot_name_the_instance(client) -> None:
+    body = mr_event("open", labels=["sec::high"])
+    body["project"]["web_url"] = "http://[broken"
+    body["object_attributes"]["url"] = "javascript://x\x00y/"
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "missing_field"
+
+
+def test_label_change_with_hostile_previous_labels_is_recorded(client) -> None:
+    current = ["backend", "sec::high"]
+    change = label_change(["\x00" * 10, "\u202e" * 600], current, "2025-08-05 22:00:00 UTC")
+    body = mr_event("update", labels=current, changes=change, updated_at="2025-08-05 22:00:00 UTC")
+    response = post(client, body)
+    assert response.status_code == 200
+    assert response.json()["status"] == "recorded"
+
+
+def test_stored_headers_keep_no_credential(client, engine) -> None:
+    body = mr_event("open", labels=["sec::high"])
+    response = post(client, body, webhook_signature="v1,c2VjcmV0", webhook_id="m1")
+    assert response.json()["status"] == "recorded"
+    with engine.connect() as conn:
+        headers = json.loads(conn.execute(text("SELECT headers FROM delivery_log")).scalar_one())
+    assert "x-gitlab-token" not in headers
+    assert "webhook-signature" not in headers
+    assert SECRET not in json.dumps(headers)
+    assert headers["webhook-id"] == "m1"

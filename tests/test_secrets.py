@@ -1,0 +1,148 @@
+"""Secrets from files, never echoed; database URLs keep their TLS parameters."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from secledger.cli import describe, main
+from secledger.config import Settings, secret_field_names
+from secledger.errors import ConfigError
+from secledger.store import db
+
+SECRET = "file-only-secret-7f3a"
+
+
+def test_every_secret_field_can_come_from_a_file() -> None:
+    assert {"database_url", "webhook_secrets", "webhook_signing_secrets"} <= set(
+        secret_field_names(Settings)
+    )
+
+
+def test_webhook_secrets_file_holds_one_secret_per_line(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{SECRET}\nsecond-token\n")
+    monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS_FILE", str(path))
+    assert Settings().secret_values() == [SECRET.encode(), b"second-token"]
+
+
+def test_database_url_file_is_read_without_its_trailing_newline(
+    tmp_path, monkeypatch, database_url
+) -> None:
+    path = tmp_path / "dburl"
+    path.write_text(database_url + "\n")
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL_FILE", str(path))
+    settings = Settings()
+    assert settings.database_url is not None
+    engine = db.create(db.resolve(settings).url, pool_size=1)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    engine.dispose()
+
+
+def test_variable_and_its_file_together_are_refused(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(SECRET)
+    monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS_FILE", str(path))
+    monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS", "other")
+    with pytest.raises(ConfigError, match="not both"):
+        Settings()
+
+
+@pytest.mark.parametrize("content", [None, "\n"])
+def test_missing_or_empty_secret_file_names_the_file_only(tmp_path, monkeypatch, content) -> None:
+    path = tmp_path / "absent"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("SECLEDGER_WEBHOOK_SIGNING_SECRETS_FILE", str(path))
+    with pytest.raises(ConfigError, match=str(path)):
+        Settings()
+
+
+def test_per_instance_secrets_can_come_from_files(tmp_path, monkeypatch) -> None:
+    token = tmp_path / "token"
+    token.write_text(SECRET + "\n")
+    config = tmp_path / "secledger.toml"
+    config.write_text(
+        f'[[webhook_sources]]\ninstance = "https://gitlab.example.com"\ntokens_file = "{token}"\n'
+    )
+    monkeypatch.setenv("SECLEDGER_CONFIG", str(config))
+    source = Settings().webhook_sources[0]
+    assert [t.get_secret_value() for t in source.tokens] == [SECRET]
+
+
+def test_configuration_errors_never_echo_a_secret(monkeypatch) -> None:
+    # A list where a string is expected makes pydantic report the input value.
+    with pytest.raises(ValidationError) as caught:
+        Settings(webhook_sources=[{"instance": "https://x.example", "tokens": [[SECRET]]}])
+    assert SECRET in str(caught.value)  # pydantic itself would leak it...
+    assert SECRET not in describe(caught.value)  # ...describe() does not
+    assert "webhook_sources.0.tokens" in describe(caught.value)
+
+
+def test_cli_reports_a_bad_setting_without_its_value(monkeypatch) -> None:
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL", SECRET)
+    monkeypatch.setenv("SECLEDGER_PORT", f"not-a-port-{SECRET}")
+    result = CliRunner().invoke(main, ["ledger"])
+    assert result.exit_code != 0
+    assert "port" in result.output
+    assert SECRET not in result.output
+
+
+def test_help_shows_no_configured_secret(monkeypatch) -> None:
+    monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS", SECRET)
+    for args in (["--help"], ["serve", "--help"], ["ledger", "--help"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0
+        assert SECRET not in result.output
+
+
+def test_tls_parameters_survive_every_url_rewrite() -> None:
+    url = (
+        "postgresql://app:pw%40x@db.internal:5432/secledger"
+        "?sslmode=verify-full&sslrootcert=/etc/ssl/ca.pem&sslcert=/c.pem&sslkey=/k.pem"
+    )
+    wanted = {
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/ssl/ca.pem",
+        "sslcert": "/c.pem",
+        "sslkey": "/k.pem",
+    }
+    for rewritten in (db.sqlalchemy_url(url), db.libpq_url(db.sqlalchemy_url(url))):
+        assert dict(make_url(rewritten).query) == wanted
+        assert conninfo_to_dict(db.libpq_url(rewritten))["sslrootcert"] == "/etc/ssl/ca.pem"
+    redacted = db.Database(url, embedded=False).redacted()
+    assert "sslmode=verify-full" in redacted
+    assert "pw" not in redacted
+
+
+def test_sslmode_reaches_libpq_on_a_real_connection(database_url) -> None:
+    # The test server listens on a Unix socket, where libpq ignores sslmode; the
+    # connection still shows the parameter was handed to libpq unchanged.
+    separator = "&" if "?" in database_url else "?"
+    engine = db.create(database_url + separator + "sslmode=verify-full", pool_size=1)
+    with engine.connect() as conn:
+        dsn = conn.connection.dbapi_connection.info.dsn  # type: ignore[union-attr]
+    engine.dispose()
+    assert "sslmode=verify-full" in dsn
+
+
+def test_secret_str_hides_webhook_secrets_in_reprs() -> None:
+    settings = Settings(webhook_secrets=[SecretStr(SECRET)])
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings.model_dump())
+
+
+def test_a_field_with_its_own_file_setting_keeps_that_mechanism() -> None:
+    class WithOwnFile(Settings):
+        api_token: SecretStr | None = None
+        api_token_file: str | None = None
+        read_token: SecretStr | None = None
+
+    names = secret_field_names(WithOwnFile)
+    assert "read_token" in names
+    assert "api_token" not in names

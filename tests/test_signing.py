@@ -1,0 +1,235 @@
+"""Signed webhooks, sources and replay protection as pure functions (no server)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr
+
+from builders import dumps, mr_event
+from live import SIGNING_KEY, SIGNING_SECRET, sign
+from secledger.config import Settings, WebhookSource
+from secledger.errors import (
+    ConfigError,
+    InvalidSignature,
+    InvalidToken,
+    ReplayedDelivery,
+    StaleTimestamp,
+    WrongInstance,
+)
+from secledger.intake import Source, Sources, authenticate, parse_delivery, precheck
+from secledger.replay import ReplayGuard
+from secledger.senders import sources_from_settings
+
+NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+STAMP = int(NOW.timestamp())
+OTHER_KEY = bytes(range(100, 132))
+BODY = dumps(mr_event("approved", labels=["sec::high"], actor="bob"))
+
+
+def signed(body: bytes = BODY, *, key: bytes = SIGNING_KEY, stamp: int = STAMP, wid: str = "m1"):
+    return {
+        "x-gitlab-event": "Merge Request Hook",
+        "webhook-id": wid,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign(key, wid, stamp, body),
+    }
+
+
+def sources(policy: str = "signature", tokens=(), keys=(SIGNING_KEY,)) -> Sources:
+    return Sources(Source("default", tuple(tokens), tuple(keys), policy), {}, 300)
+
+
+def test_valid_signature_is_verified_with_its_id_and_timestamp() -> None:
+    verified = authenticate(signed(), BODY, sources(), now=NOW)
+    assert (verified.method, verified.webhook_id, verified.timestamp) == (
+        "signature",
+        "m1",
+        str(STAMP),
+    )
+
+
+def test_any_one_of_several_signatures_passes() -> None:
+    headers = signed()
+    good = headers["webhook-signature"]
+    headers["webhook-signature"] = f"v1,AAAA v1a,whatever v1,not*base64 {good}"
+    assert authenticate(headers, BODY, sources(), now=NOW).method == "signature"
+
+
+def test_signature_over_another_body_is_refused() -> None:
+    with pytest.raises(InvalidSignature, match="no webhook-signature matches"):
+        authenticate(signed(), BODY + b" ", sources(), now=NOW)
+
+
+def test_signature_with_an_unknown_key_is_refused() -> None:
+    with pytest.raises(InvalidSignature, match="no webhook-signature matches"):
+        authenticate(signed(key=OTHER_KEY), BODY, sources(), now=NOW)
+
+
+def test_two_active_signing_secrets_both_verify_during_rotation() -> None:
+    rotating = sources(keys=(OTHER_KEY, SIGNING_KEY))
+    assert authenticate(signed(key=SIGNING_KEY), BODY, rotating, now=NOW).method == "signature"
+    assert authenticate(signed(key=OTHER_KEY), BODY, rotating, now=NOW).method == "signature"
+
+
+@pytest.mark.parametrize(
+    ("offset", "message"),
+    [
+        (-301, "webhook-timestamp is 301 s in the past; the tolerance is 300 s"),
+        (301, "webhook-timestamp is 301 s in the future; the tolerance is 300 s"),
+    ],
+)
+def test_timestamp_outside_the_tolerance_is_refused(offset: int, message: str) -> None:
+    headers = signed(stamp=STAMP + offset)
+    with pytest.raises(StaleTimestamp) as caught:
+        precheck(headers, sources(), now=NOW)
+    assert str(caught.value) == message
+    assert caught.value.status_code == 401
+
+
+def test_timestamp_at_the_edge_of_the_tolerance_passes() -> None:
+    headers = signed(stamp=STAMP - 300)
+    assert authenticate(headers, BODY, sources(), now=NOW).method == "signature"
+
+
+@pytest.mark.parametrize(
+    ("drop", "change", "message"),
+    [
+        ("webhook-signature", {}, "webhook-signature header is missing"),
+        ("webhook-id", {}, "webhook-id header is missing"),
+        ("webhook-timestamp", {}, "webhook-timestamp header is missing"),
+        (None, {"webhook-timestamp": "1.5e9"}, "digits only"),
+        (None, {"webhook-id": "id with spaces"}, "printable ASCII"),
+        (None, {"webhook-signature": "v2,abc"}, "no well-formed v1"),
+        (None, {"webhook-signature": " ".join(["v1,AAAA"] * 17)}, "more than 16"),
+    ],
+)
+def test_malformed_signature_headers_get_a_precise_401(drop, change, message) -> None:
+    headers = signed() | change
+    if drop:
+        del headers[drop]
+    with pytest.raises(InvalidSignature, match=message) as caught:
+        authenticate(headers, BODY, sources(), now=NOW)
+    assert caught.value.status_code == 401
+
+
+def test_either_policy_accepts_a_token_or_a_signature_but_not_a_bad_one() -> None:
+    either = sources("either", tokens=(b"tok",))
+    assert authenticate(signed(), BODY, either, now=NOW).method == "signature"
+    token_only = {"x-gitlab-token": "tok", "webhook-id": "m1", "webhook-timestamp": "1"}
+    assert authenticate(token_only, BODY, either, now=NOW).method == "token"
+    with pytest.raises(InvalidToken, match="does not match"):
+        authenticate(signed() | {"x-gitlab-token": "wrong"}, BODY, either, now=NOW)
+    with pytest.raises(InvalidToken, match="must carry X-Gitlab-Token or webhook-signature"):
+        authenticate({}, BODY, either, now=NOW)
+
+
+def test_both_policy_needs_token_and_signature() -> None:
+    both = sources("both", tokens=(b"tok",))
+    with pytest.raises(InvalidToken, match="missing"):
+        authenticate(signed(), BODY, both, now=NOW)
+    with pytest.raises(InvalidSignature, match="missing"):
+        authenticate({"x-gitlab-token": "tok"}, BODY, both, now=NOW)
+    verified = authenticate(signed() | {"x-gitlab-token": "tok"}, BODY, both, now=NOW)
+    assert verified.method == "token+signature"
+
+
+def test_signature_policy_ignores_a_token() -> None:
+    with pytest.raises(InvalidSignature, match="missing"):
+        authenticate({"x-gitlab-token": "tok"}, BODY, sources("signature"), now=NOW)
+
+
+def _multi() -> Sources:
+    settings = Settings(
+        webhook_secrets=[SecretStr("default-token")],
+        webhook_sources=[
+            WebhookSource(
+                instance="https://gitlab.example.com",
+                signing_secrets=[SecretStr(SIGNING_SECRET)],
+                auth="signature",
+            ),
+            WebhookSource(instance="https://other.example.org/", tokens=[SecretStr("other")]),
+        ],
+    )
+    return sources_from_settings(settings)
+
+
+def test_each_instance_is_matched_by_header_and_uses_its_own_secrets() -> None:
+    multi = _multi()
+    example = signed() | {"x-gitlab-instance": "https://gitlab.example.com"}
+    assert authenticate(example, BODY, multi, now=NOW).source == "https://gitlab.example.com"
+    other = {"x-gitlab-instance": "https://OTHER.example.org", "x-gitlab-token": "other"}
+    assert authenticate(other, BODY, multi, now=NOW).source == "https://other.example.org"
+    # Another instance's token does not open this one.
+    stolen = {"x-gitlab-instance": "https://other.example.org", "x-gitlab-token": "default-token"}
+    with pytest.raises(InvalidToken, match="does not match"):
+        authenticate(stolen, BODY, multi, now=NOW)
+
+
+def test_default_credentials_cannot_record_for_an_instance_with_its_own_secrets() -> None:
+    multi = _multi()
+    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "default-token"}
+    verified = authenticate(headers, BODY, multi, now=NOW)
+    # No X-Gitlab-Instance: the payload's project URL names gitlab.example.com.
+    with pytest.raises(WrongInstance, match="has its own secrets"):
+        parse_delivery(
+            headers,
+            BODY,
+            secrets=(),
+            max_body_bytes=10**6,
+            received_at=NOW,
+            require_token=False,
+            verified=verified,
+        )
+
+
+def test_signed_delivery_is_deduplicated_on_its_signed_webhook_id() -> None:
+    headers = signed() | {"idempotency-key": "attacker-chosen"}
+    verified = authenticate(headers, BODY, sources(), now=NOW)
+    delivery = parse_delivery(
+        headers,
+        BODY,
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=NOW,
+        require_token=False,
+        verified=verified,
+    )
+    assert delivery.dedup_key == "whid:m1"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"webhook_signing_secrets": [SecretStr("whsec_c2hvcnQ=")]}, "at least 16 bytes"),
+        ({"webhook_signing_secrets": [SecretStr("no-prefix-secret-value")]}, "whsec_"),
+        ({"webhook_auth": "signature"}, "needs at least one signing secret"),
+    ],
+)
+def test_bad_signing_configuration_is_refused_without_echoing_the_secret(update, message) -> None:
+    settings = Settings(webhook_secrets=[SecretStr("tok")]).model_copy(update=update)
+    with pytest.raises(ConfigError, match=message) as caught:
+        sources_from_settings(settings)
+    assert "c2hvcnQ" not in str(caught.value)
+    assert "no-prefix-secret-value" not in str(caught.value)
+
+
+def test_replay_guard_refuses_a_message_seen_within_the_window() -> None:
+    guard = ReplayGuard(tolerance=300)
+    guard.check("default", "m1", "100", now=NOW)
+    with pytest.raises(ReplayedDelivery, match="already received 10 s ago"):
+        guard.check("default", "m1", "100", now=NOW + timedelta(seconds=10))
+    # A resend signed afresh (new timestamp) is left to deduplication.
+    guard.check("default", "m1", "160", now=NOW + timedelta(seconds=60))
+    # Another instance may use the same id.
+    guard.check("https://other.example.org", "m1", "100", now=NOW)
+
+
+def test_replay_guard_forgets_after_twice_the_tolerance_and_stays_bounded() -> None:
+    guard = ReplayGuard(tolerance=300, capacity=3)
+    guard.check("default", "m1", "1", now=NOW)
+    guard.check("default", "m1", "1", now=NOW + timedelta(seconds=601))
+    for index in range(10):
+        guard.check("default", f"x{index}", "1", now=NOW + timedelta(seconds=602))
+    assert len(guard) == 3
