@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 
 from secledger.config import Settings
 from secledger.membership import KnownMRs
+from secledger.metrics import Metrics
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.store import db, migrate
@@ -23,6 +24,7 @@ class Runtime:
     engine: Engine
     recorder: Recorder
     known: KnownMRs
+    metrics: Metrics
 
     @classmethod
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
@@ -41,6 +43,7 @@ class Runtime:
             engine=engine,
             recorder=recorder,
             known=known,
+            metrics=Metrics(engine),
         )
 
     def close(self) -> None:

@@ -6,28 +6,36 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from secledger import __version__, webhook
+from secledger import __version__, dashboard, webhook
 from secledger.config import Settings
+from secledger.dashboard.access import api_reader
+from secledger.dashboard.queries import ComplianceHooks
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
 
 
 def create_api(
-    runtime_ref: dict[str, Runtime], settings: Settings, database: db.Database
+    runtime_ref: dict[str, Runtime],
+    settings: Settings,
+    database: db.Database,
+    hooks: ComplianceHooks | None = None,
 ) -> FastAPI:
-    """FastAPI routes: health, readiness and (later) the read API."""
+    """FastAPI routes: health, readiness, metrics, the dashboard and the read API."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime.open(settings, database)
         runtime_ref["runtime"] = runtime
+        _app.state.runtime = runtime
         try:
             yield
         finally:
+            _app.state.runtime = None
             runtime.close()
 
     api = FastAPI(title="secledger", version=__version__, lifespan=lifespan)
@@ -51,6 +59,17 @@ def create_api(
         ready = checks["database"] and checks["migrations"]
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
+    # Metrics carry counts, never names; scraping is open unless metrics_require_auth.
+    guard = [Depends(api_reader)] if settings.metrics_require_auth else []
+
+    @api.get("/metrics", summary="Prometheus metrics", dependencies=guard)
+    def metrics(request: Request) -> Response:
+        runtime = getattr(request.app.state, "runtime", None)
+        if runtime is None:
+            raise HTTPException(503, "the receiver is not running")
+        return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    dashboard.install(api, settings, hooks)
     return api
 
 

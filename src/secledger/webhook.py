@@ -84,20 +84,28 @@ class WebhookHandler:
                 {"status": "rejected", "error": "method_not_allowed", "message": "use POST"},
             )
             return
+        status, body, outcome_name = await self._answer(scope, receive, started)
+        self.runtime.metrics.delivery(
+            _event_header(scope), outcome_name, time.perf_counter() - started
+        )
+        if status:
+            await respond(send, status, body)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, started: float
+    ) -> tuple[int, dict[str, Any], str]:
+        """Status, body and metric outcome; status 0 means the sender went away."""
         try:
             status, outcome = await self._handle(scope, receive)
         except IntakeError as exc:
             log.info("delivery_rejected", status=exc.status_code, error=exc.code)
-            await respond(send, exc.status_code, rejection(exc))
-            return
+            return exc.status_code, rejection(exc), "rejected"
         except ClientDisconnected:
             log.info("delivery_abandoned")
-            return
+            return 0, {}, "abandoned"
         except StoreUnavailable as exc:
             log.warning("delivery_unavailable", error=str(exc))
-            await respond(send, 503, {"status": "unavailable", "message": str(exc)})
-            return
-        body = outcome.to_json()
+            return 503, {"status": "unavailable", "message": str(exc)}, "unavailable"
         log.info(
             "delivery",
             outcome=outcome.status,
@@ -105,7 +113,7 @@ class WebhookHandler:
             ms=round((time.perf_counter() - started) * 1000, 2),
             **_row_ids(outcome),
         )
-        await respond(send, status, body)
+        return status, outcome.to_json(), outcome.status
 
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome]:
         headers = header_map(scope)
@@ -133,6 +141,13 @@ class WebhookHandler:
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)
         return 200, outcome
+
+
+def _event_header(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-gitlab-event":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _row_ids(outcome: Outcome) -> dict[str, Any]:
