@@ -344,3 +344,6 @@ if __name__ == "__main__":
 
 
 # Commands from other areas register here, one line each.
+from secledger.commands.users import user_group  # noqa: E402
+
+main.add_command(user_group)

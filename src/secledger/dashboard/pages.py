@@ -137,7 +137,13 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
 
 @router.get("/mr/{instance:path}/{project_id}/{mr_iid}")
 def mr_page(
-    request: Request, instance: str, project_id: int, mr_iid: int, principal: Reader
+    request: Request,
+    instance: str,
+    project_id: int,
+    mr_iid: int,
+    *,
+    principal: Reader,
+    state: State,
 ) -> HTMLResponse:
     """One merge request: ledger row, timeline of events, chain status of its log rows."""
     key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
@@ -147,6 +153,7 @@ def mr_page(
             return render(request, "missing.html", 404, principal=principal, key=key)
         events = trail.timeline(conn, key)
         chain = {c.seq: c for c in trail.chain_status(conn, [e.seq for e in events])}
+        findings = queries.mr_findings(conn, key, state.hooks)
     return render(
         request,
         "mr.html",
@@ -155,6 +162,7 @@ def mr_page(
         events=events,
         chain=chain,
         chain_ok=all(c.ok for c in chain.values()),
+        findings=findings,
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, RowMapping, text
 
+from secledger.extract import MRKey
+
 Bucket = Literal["day", "week", "month"]
 BUCKETS: tuple[Bucket, ...] = ("day", "week", "month")
 
@@ -71,6 +73,7 @@ class Finding:
 
 
 FindingsProvider = Callable[[Connection, Filters], Sequence[Finding]]
+MRFindingsProvider = Callable[[Connection, MRKey], Sequence[Finding]]
 ReviewerAdherence = Callable[[Connection, Filters], Mapping[str, float]]
 
 
@@ -80,6 +83,7 @@ class ComplianceHooks:
 
     sla_seconds: Mapping[str, float] | None = None
     findings: FindingsProvider | None = None
+    mr_findings: MRFindingsProvider | None = None
     reviewer_adherence: ReviewerAdherence | None = None
 
 
@@ -308,6 +312,15 @@ def findings(
     if hooks is None or hooks.findings is None:
         return FindingsPanel(available=False, note=f"Findings {NO_COMPLIANCE}.")
     return FindingsPanel(available=True, items=list(hooks.findings(conn, filters)))
+
+
+def mr_findings(
+    conn: Connection, key: MRKey, hooks: ComplianceHooks | None = None
+) -> FindingsPanel:
+    """Compliance findings about one merge request, once a provider is plugged in."""
+    if hooks is None or hooks.mr_findings is None:
+        return FindingsPanel(available=False, note=f"Findings {NO_COMPLIANCE}.")
+    return FindingsPanel(available=True, items=list(hooks.mr_findings(conn, key)))
 
 
 @dataclass(frozen=True)
