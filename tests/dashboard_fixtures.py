@@ -8,7 +8,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -43,8 +42,7 @@ def reader_settings(database_url: str, data_dir: Path, **extra: Any) -> Settings
     )
 
 
-@pytest.fixture
-def reader(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+def reader_client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
     """A receiver with the dashboard configured, with the demo history recorded."""
     settings = reader_settings(database_url, tmp_path / "data")
     app = create_app(settings, db.Database(database_url, embedded=False))
