@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -40,25 +41,25 @@ def reader(database_url, tmp_path) -> Iterator[TestClient]:
 ENCODED_MR = "/api/ledger/https%3A%2F%2Fgitlab.example.com/14/12"
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/api/ledger",
-        ENCODED_MR,
-        "/api/reports/summary",
-        "/api/reports/volume",
-        "/api/reports/time-to-decision",
-        "/api/reports/reviewers",
-        "/api/reports/open",
-        "/api/reports/findings",
-        "/api/whoami",
-    ],
-)
-def test_read_api_refuses_requests_without_credentials(reader, path) -> None:
-    response = reader.get(path)
-    assert response.status_code == 401
-    assert response.headers["www-authenticate"].startswith("Bearer")
-    assert "approvers" not in response.text
+READ_PATHS = [
+    "/api/ledger",
+    ENCODED_MR,
+    "/api/reports/summary",
+    "/api/reports/volume",
+    "/api/reports/time-to-decision",
+    "/api/reports/reviewers",
+    "/api/reports/open",
+    "/api/reports/findings",
+    "/api/whoami",
+]
+
+
+def test_read_api_refuses_requests_without_credentials(reader) -> None:
+    for path in READ_PATHS:
+        response = reader.get(path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "approvers" not in response.text
 
 
 def test_read_api_refuses_a_wrong_token(reader) -> None:
@@ -71,12 +72,12 @@ def test_read_api_accepts_the_read_token(reader) -> None:
     assert response.json() == {"name": "read-token", "method": "token"}
 
 
-@pytest.mark.parametrize("path", ["/", "/mr/https%3A%2F%2Fgitlab.example.com/14/12"])
-def test_pages_redirect_to_login_without_a_session(reader, path) -> None:
-    response = reader.get(path, follow_redirects=False)
-    assert response.status_code == 303
-    assert response.headers["location"].startswith("/login?next=%2F")
-    assert "acme/payments" not in response.text
+def test_pages_redirect_to_login_without_a_session(reader) -> None:
+    for path in ("/", "/mr/https%3A%2F%2Fgitlab.example.com/14/12"):
+        response = reader.get(path, follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/login?next=" + quote(path, safe="")
+        assert "acme/payments" not in response.text
 
 
 def test_read_token_does_not_open_the_dashboard_pages(reader) -> None:

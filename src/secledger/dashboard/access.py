@@ -76,7 +76,10 @@ def page_reader(request: Request, state: Annotated[Dashboard, Depends(dashboard)
     """A principal from a session or a trusted proxy; else a redirect to the login page."""
     principal = state.auth.identify(request, allow_token=False)
     if principal is None:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # raw_path keeps the percent-encoded instance URL of /mr/ links intact.
+        raw = request.scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else request.url.path
+        target = path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
     return principal
 
