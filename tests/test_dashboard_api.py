@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -189,8 +192,7 @@ def test_findings_come_from_the_plugged_in_provider(database_url, tmp_path, engi
     finding = Finding(INSTANCE, 14, 14, "self-approval", "high", "approved by its author")
     hooks = ComplianceHooks(findings=lambda _conn, _filters: [finding])
     settings = reader_settings(database_url, tmp_path / "data")
-    app = create_app(settings, db.Database(database_url, embedded=False))
-    app.api.state.dashboard.hooks = hooks
+    app = create_app(settings, db.Database(database_url, embedded=False), hooks)
     with TestClient(app) as client:
         body = client.get("/api/reports/findings", headers=bearer()).json()
     assert body["available"] is True
@@ -256,3 +258,12 @@ def test_metrics_need_the_token_when_configured(database_url, tmp_path) -> None:
 def test_demo_history_replays_into_the_dashboard_fixture(reader) -> None:
     assert len(demo_bodies()) == 17
     assert reader.get("/healthz").json() == {"status": "ok"}
+
+
+def test_grafana_sample_uses_only_metrics_secledger_exposes(client) -> None:
+    board = json.loads((Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"secledger_\w+", expr)}
+    exposed = set(re.findall(r"secledger_\w+", client.get("/metrics").text))
+    assert used
+    assert used <= exposed

@@ -73,10 +73,12 @@ def create_api(
     return api
 
 
-def create_app(settings: Settings, database: db.Database) -> Any:
+def create_app(
+    settings: Settings, database: db.Database, hooks: ComplianceHooks | None = None
+) -> Any:
     """The ASGI application ``secledger serve`` runs."""
     runtime_ref: dict[str, Runtime] = {}
-    api = create_api(runtime_ref, settings, database)
+    api = create_api(runtime_ref, settings, database, hooks)
     handler: list[webhook.WebhookHandler] = []
 
     async def app(scope: webhook.Scope, receive: webhook.Receive, send: webhook.Send) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time as time_
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -9,15 +10,18 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyCookie, HTTPBearer
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from secledger.config import Settings
 from secledger.dashboard.auth import COOKIE, Authenticator, Principal
-from secledger.dashboard.queries import ComplianceHooks, Filters
+from secledger.dashboard.queries import ComplianceHooks, FilterOptions, Filters, filter_options
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
 bearer_scheme = HTTPBearer(auto_error=False, description="SECLEDGER_READ_TOKEN")
 cookie_scheme = APIKeyCookie(name=COOKIE, auto_error=False, description="dashboard login")
+
+
+OPTIONS_TTL_SECONDS = 60.0
 
 
 @dataclass
@@ -27,6 +31,14 @@ class Dashboard:
     settings: Settings
     auth: Authenticator
     hooks: ComplianceHooks
+    _options: tuple[float, FilterOptions] | None = None
+
+    def options(self, conn: Connection) -> FilterOptions:
+        """Filter choices, re-read at most once a minute (they scan the whole ledger)."""
+        now = time_.monotonic()
+        if self._options is None or now - self._options[0] > OPTIONS_TTL_SECONDS:
+            self._options = (now, filter_options(conn))
+        return self._options[1]
 
     @property
     def tiers(self) -> list[str]:

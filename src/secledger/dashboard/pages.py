@@ -109,7 +109,7 @@ def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket
         "reviewers": people,
         "open_mrs": queries.open_mrs(conn, filters, utcnow(), hooks),
         "findings": queries.findings(conn, filters, hooks),
-        "options": queries.filter_options(conn),
+        "options": state.options(conn),
         "charts": charts.dashboard_charts(volume, ttd, people, state.tiers),
         "bucket": chosen,
         "has_sla": bool(hooks.sla_seconds),

@@ -8,6 +8,7 @@ panels show what the core ledger alone can tell.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -52,9 +53,10 @@ class Filters:
             clauses.append("l.risk_tier = :tier")
             params["tier"] = self.tier
         if self.reviewer:
+            # @> rather than = ANY so the GIN indexes on the arrays can serve it.
             clauses.append(
-                "(:reviewer = ANY(l.approvers) OR l.reviewer = :reviewer"
-                " OR :reviewer = ANY(l.assigned_reviewers))"
+                "(l.approvers @> ARRAY[CAST(:reviewer AS text)] OR l.reviewer = :reviewer"
+                " OR l.assigned_reviewers @> ARRAY[CAST(:reviewer AS text)])"
             )
             params["reviewer"] = self.reviewer
         return " AND ".join(clauses), params
@@ -232,7 +234,10 @@ def time_to_decision(
 
 
 _REVIEWERS = """
-WITH scope AS (SELECT l.* FROM security_review_ledger l WHERE {where}),
+WITH scope AS (
+    SELECT l.instance, l.project_id, l.mr_iid, l.approvers, l.reviewer,
+           l.time_to_decision_seconds
+    FROM security_review_ledger l WHERE {where}),
 approvals AS (
     SELECT a.name AS reviewer, count(*) AS approvals
     FROM scope, unnest(scope.approvers) AS a(name) GROUP BY 1),
@@ -280,29 +285,20 @@ def open_mrs(
 ) -> list[OpenMR]:
     """Open security MRs, least SLA time left first (oldest first without a policy)."""
     where, params = filters.where()
+    sla = dict(hooks.sla_seconds) if hooks and hooks.sla_seconds else {}
     rows = conn.execute(
         text(
             "SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url,"
             " l.risk_tier, l.labeled_at, l.approvers, l.assigned_reviewers,"
-            f" extract(epoch FROM (:now - {STARTED}))::float8 AS age_seconds"
+            f" extract(epoch FROM (:now - {STARTED}))::float8 AS age_seconds,"
+            f" (CAST(:sla AS jsonb) ->> l.risk_tier)::float8"
+            f"   - extract(epoch FROM (:now - {STARTED}))::float8 AS sla_seconds_left"
             f" FROM security_review_ledger l WHERE {where} AND l.state = 'opened'"
-            f" ORDER BY {STARTED}, l.mr_iid"
+            f" ORDER BY sla_seconds_left NULLS LAST, {STARTED}, l.mr_iid LIMIT :limit"
         ),
-        {**params, "now": now},
+        {**params, "now": now, "sla": json.dumps(sla), "limit": limit},
     )
-    sla = hooks.sla_seconds if hooks and hooks.sla_seconds else None
-    items = [_open_mr(row._mapping, sla) for row in rows]
-    if sla:
-        items.sort(key=lambda m: (m.sla_seconds_left is None, m.sla_seconds_left or 0.0))
-    return items[:limit]
-
-
-def _open_mr(row: RowMapping, sla: Mapping[str, float] | None) -> OpenMR:
-    item = OpenMR(**row)
-    if sla is None or item.risk_tier not in sla:
-        return item
-    left = sla[item.risk_tier] - item.age_seconds
-    return OpenMR(**{**row, "sla_seconds_left": left})
+    return [OpenMR(**row._asdict()) for row in rows]
 
 
 def findings(
