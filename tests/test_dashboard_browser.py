@@ -159,8 +159,21 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             assert "carol" in rows.nth(2).inner_text()
             save(page, "mr-timeline.png")
 
+            page.goto(f"{served}/?tier=critical")
+            page.wait_for_selector("#ttd-chart[data-rendered=true]")
             page.emulate_media(media="print")
             assert page.locator("form.who").is_hidden()
+            assert page.locator("form.filters").is_hidden()
+            # Printing starts with beforeprint: the charts are redrawn to fit the columns.
+            page.evaluate("window.dispatchEvent(new Event('beforeprint'))")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.chart')].every("
+                "c => c.querySelector('svg.main-svg').getBoundingClientRect().width"
+                " <= c.getBoundingClientRect().width + 1)"
+            )
+            pdf = ARTIFACTS / "dashboard-print.pdf"
+            page.pdf(path=str(pdf), format="A4", landscape=True, print_background=True)
+            print(f"printed: {pdf}")
         finally:
             browser.close()
     assert problems == []

@@ -77,7 +77,8 @@ def describe(kind: str, decision: str | None, facts: dict[str, Any]) -> str:
     removed = facts.get("security_removed") or []
     parts = []
     if kind == "open":
-        parts.append("opened")
+        labels = facts.get("security_labels") or []
+        parts.append("opened with " + ", ".join(labels) if labels and not added else "opened")
     if added:
         parts.append("labelled " + ", ".join(added))
     if removed:

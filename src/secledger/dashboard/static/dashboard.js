@@ -19,13 +19,20 @@
       }).then(function () { el.setAttribute("data-rendered", "true"); });
     });
   }
-  function resize() {
-    document.querySelectorAll(".js-plotly-plot").forEach(function (el) {
-      window.Plotly.Plots.resize(el);
+  // A4 landscape, two columns: each chart gets about 470 CSS pixels. Drawing at that
+  // width when printing starts keeps wide screens from clipping charts on paper.
+  var PRINT_WIDTH = 470;
+  function plots() { return document.querySelectorAll(".js-plotly-plot"); }
+  function forPrint() {
+    plots().forEach(function (el) { window.Plotly.relayout(el, { width: PRINT_WIDTH }); });
+  }
+  function forScreen() {
+    plots().forEach(function (el) {
+      window.Plotly.relayout(el, { width: null, autosize: true });
     });
   }
-  window.addEventListener("beforeprint", resize);
-  window.addEventListener("afterprint", resize);
+  window.addEventListener("beforeprint", forPrint);
+  window.addEventListener("afterprint", forScreen);
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", draw);
   } else { draw(); }
