@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from conftest import post
 from dashboard_fixtures import (
@@ -20,11 +22,13 @@ from dashboard_fixtures import (
     reader_client,
     reader_settings,
 )
+from secledger.config import Settings
 from secledger.dashboard.auth import (
     COOKIE,
     LoginThrottle,
     hash_password,
     read_users_file,
+    session_secret,
     verify_password,
 )
 from secledger.errors import ConfigError
@@ -205,3 +209,14 @@ def test_login_throttle_forgets_failures_after_the_window() -> None:
     assert not throttle.blocked(["user:b"])
     now[0] = 61.0
     assert not throttle.blocked(["user:a"])
+
+
+def test_session_key_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    first = session_secret(settings)
+    path = tmp_path / "data" / "session-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert session_secret(settings) == first
+    assert len(first) >= 48
+    configured = settings.model_copy(update={"session_secret": SecretStr("from-settings")})
+    assert session_secret(configured) == b"from-settings"

@@ -38,7 +38,11 @@ def create_api(
             _app.state.runtime = None
             runtime.close()
 
-    api = FastAPI(title="secledger", version=__version__, lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's viewers load their JavaScript from a CDN, which an
+    # air-gapped site cannot reach and the dashboard's CSP forbids. /openapi.json stays.
+    api = FastAPI(
+        title="secledger", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
 
     @api.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, str]:

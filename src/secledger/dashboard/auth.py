@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import os
 import secrets
 import time
 from collections import deque
@@ -109,11 +110,19 @@ def session_secret(settings: Settings) -> bytes:
     if settings.session_secret is not None:
         return settings.session_secret.get_secret_value().encode()
     path = settings.data_dir / "session-secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48) + "\n")
-    return path.read_text().strip().encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: replicas starting together on one data dir agree on the first key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48) + "\n")
+    key = path.read_text().strip()
+    if not key:
+        raise ConfigError(f"{path} is empty; delete it to generate a new session key")
+    return key.encode()
 
 
 class LoginThrottle:
