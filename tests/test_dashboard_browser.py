@@ -91,15 +91,20 @@ def chart_points(page: Page, chart: str, selector: str) -> int:
     return page.locator(f"#{chart} {selector}").count()
 
 
-def save(page: Page, name: str) -> Path:
+def announce(capsys: pytest.CaptureFixture[str], what: str, path: Path) -> None:
+    with capsys.disabled():  # the path belongs in the test run's output, even on success
+        print(f"\n{what}: {path}")
+
+
+def save(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
-    print(f"\nscreenshot: {path}")  # the path is part of the test's report
+    announce(capsys, "screenshot", path)
     return path
 
 
-def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str) -> None:
+def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str, capsys) -> None:
     """Log in, see charts drawn from the ledger, filter by tier, open an MR's trail."""
     requested: list[str] = []
     problems: list[str] = []
@@ -130,7 +135,7 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             assert chart_points(page, "reviewer-chart", ".barlayer .point") >= 2
             assert "bob" in page.inner_text("#reviewers")
             assert "Findings needs the compliance reports" in page.inner_text("#findings")
-            save(page, "dashboard.png")
+            save(page, "dashboard.png", capsys)
 
             page.select_option("select[name=tier]", "critical")
             page.click(".filters button[type=submit]")
@@ -157,7 +162,7 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
                 "merged",
             ]
             assert "carol" in rows.nth(2).inner_text()
-            save(page, "mr-timeline.png")
+            save(page, "mr-timeline.png", capsys)
 
             page.goto(f"{served}/?tier=critical")
             page.wait_for_selector("#ttd-chart[data-rendered=true]")
@@ -173,7 +178,7 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             )
             pdf = ARTIFACTS / "dashboard-print.pdf"
             page.pdf(path=str(pdf), format="A4", landscape=True, print_background=True)
-            print(f"printed: {pdf}")
+            announce(capsys, "printed", pdf)
         finally:
             browser.close()
     assert problems == []
