@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench fmt clean
+.PHONY: demo test lint bench bench-dashboard fmt clean
 
 $(BIN)/python:
 	@bash scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/secledger demo
 
 test: $(VENV)/.installed-test
+	@bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
@@ -33,6 +34,9 @@ fmt: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/run.py
+
+bench-dashboard: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from fastapi.testclient import TestClient
 from httpx import Response
 from pydantic import SecretStr
@@ -35,6 +36,13 @@ SECRET = "test-secret-token"
 
 def _with_database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test logs to its own captured streams, whatever an earlier test configured."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

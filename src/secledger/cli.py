@@ -381,6 +381,7 @@ from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E40
 from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
 from secledger.commands.spool import spool_group  # noqa: E402
+from secledger.commands.users import user_group  # noqa: E402
 
 main.add_command(backfill)
 main.add_command(reconcile)
@@ -395,6 +396,7 @@ main.add_command(_integrity.keygen)
 main.add_command(_integrity.checkpoint_command)
 main.add_command(_compliance.findings_command)
 main.add_command(_compliance.report_command)
+main.add_command(user_group)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ class WebhookSource(BaseModel):
         return _split_csv(value)
 
 
+def _user_pair(item: str) -> tuple[str, str]:
+    name, sep, hashed = item.partition(":")
+    if not sep or not name.strip() or not hashed.strip():
+        # Never echo the item: it holds a password hash.
+        raise ValueError("users entries must be name:hash (see secledger user hash-password)")
+    return name.strip(), hashed.strip()
+
+
 class Settings(BaseSettings):
     """Every knob secledger has. Environment variables use the prefix ``SECLEDGER_``."""
 
@@ -234,6 +242,30 @@ class Settings(BaseSettings):
     concurrency_wait_seconds: float = Field(default=5.0, ge=0, le=60)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
 
+    # Dashboard, read API and metrics (docs/dashboard.md).
+    users: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Dashboard users as name:hash pairs (secledger user hash-password).",
+    )
+    users_file: Path | None = Field(
+        default=None, description="File of name:hash lines; default data_dir/users."
+    )
+    read_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the read API (SECLEDGER_READ_TOKEN)."
+    )
+    session_secret: SecretStr | None = Field(
+        default=None, description="Cookie signing key; default generated into data_dir."
+    )
+    session_max_age_seconds: int = Field(default=8 * 3600, ge=60)
+    cookie_secure: bool = False
+    trusted_user_header: str | None = None
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window_seconds: int = Field(default=300, ge=1)
+    metrics_require_auth: bool = False
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -262,11 +294,19 @@ class Settings(BaseSettings):
         "webhook_signing_secrets",
         "security_label_patterns",
         "risk_tiers",
+        "trusted_proxies",
         mode="before",
     )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _user_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return dict(_user_pair(item) for item in _split_csv(value))
+        return value
 
     @field_validator("risk_tiers")
     @classmethod
@@ -299,6 +339,11 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[bytes]:
         """The configured webhook secrets as bytes, for constant-time comparison."""
         return [s.get_secret_value().encode() for s in self.webhook_secrets]
+
+    @property
+    def users_path(self) -> Path:
+        """The file ``secledger user add`` writes and the dashboard reads."""
+        return self.users_file or self.data_dir / "users"
 
     @property
     def pg_data_dir(self) -> Path:

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from secledger.config import Settings
 from secledger.drain import Drainer
 from secledger.membership import KnownMRs
+from secledger.metrics import Metrics
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.service import Recording
@@ -27,6 +28,7 @@ class Runtime:
     recorder: Recorder
     known: KnownMRs
     spool: Spool
+    metrics: Metrics
 
     @classmethod
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
@@ -48,6 +50,9 @@ class Runtime:
             recording=recording,
         )
         recorder.start()
+        metrics = Metrics(engine)
+        # Read at scrape time, so the gauge can never be stale.
+        metrics.spool_depth.set_function(lambda: spool.depth)
         return cls(
             settings=settings,
             policy=policy,
@@ -56,6 +61,7 @@ class Runtime:
             recorder=recorder,
             known=known,
             spool=spool,
+            metrics=metrics,
         )
 
     def close(self) -> None:

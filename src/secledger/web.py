@@ -6,20 +6,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from secledger import __version__, enrich, integrity, sink, webhook
+from secledger import __version__, dashboard, enrich, integrity, sink, webhook
 from secledger.config import Settings
+from secledger.dashboard.access import api_reader
+from secledger.dashboard.queries import ComplianceHooks
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
 
 
 def create_api(
-    runtime_ref: dict[str, Runtime], settings: Settings, database: db.Database
+    runtime_ref: dict[str, Runtime],
+    settings: Settings,
+    database: db.Database,
+    hooks: ComplianceHooks | None = None,
 ) -> FastAPI:
-    """FastAPI routes: health, readiness and (later) the read API."""
+    """FastAPI routes: health, readiness, metrics, the dashboard and the read API."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -28,9 +34,11 @@ def create_api(
         enricher = enrich.start_background(settings, runtime.engine)  # label times, off-path
         sender = sink.start_worker(settings, runtime.engine, db.libpq_url(database.url))
         checkpointing = integrity.schedule(settings, runtime.engine)
+        _app.state.runtime = runtime
         try:
             yield
         finally:
+            _app.state.runtime = None
             await integrity.stop(checkpointing)
             if sender is not None:
                 sender.close()
@@ -38,7 +46,11 @@ def create_api(
                 enricher.close()
             runtime.close()
 
-    api = FastAPI(title="secledger", version=__version__, lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's viewers load their JavaScript from a CDN, which an
+    # air-gapped site cannot reach and the dashboard's CSP forbids. /openapi.json stays.
+    api = FastAPI(
+        title="secledger", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
 
     @api.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, str]:
@@ -64,13 +76,26 @@ def create_api(
         ready = checks["database"] and checks["migrations"]
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
+    # Metrics carry counts, never names; scraping is open unless metrics_require_auth.
+    guard = [Depends(api_reader)] if settings.metrics_require_auth else []
+
+    @api.get("/metrics", summary="Prometheus metrics", dependencies=guard)
+    def metrics(request: Request) -> Response:
+        runtime = getattr(request.app.state, "runtime", None)
+        if runtime is None:
+            raise HTTPException(503, "the receiver is not running")
+        return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    dashboard.install(api, settings, hooks)
     return api
 
 
-def create_app(settings: Settings, database: db.Database) -> Any:
+def create_app(
+    settings: Settings, database: db.Database, hooks: ComplianceHooks | None = None
+) -> Any:
     """The ASGI application ``secledger serve`` runs."""
     runtime_ref: dict[str, Runtime] = {}
-    api = create_api(runtime_ref, settings, database)
+    api = create_api(runtime_ref, settings, database, hooks)
     handler: list[webhook.WebhookHandler] = []
 
     async def app(scope: webhook.Scope, receive: webhook.Receive, send: webhook.Send) -> None:

@@ -98,24 +98,32 @@ class WebhookHandler:
                 {"status": "rejected", "error": "method_not_allowed", "message": "use POST"},
             )
             return
+        status, body, outcome_name, extra = await self._respond_to(scope, receive, started)
+        self.runtime.metrics.delivery(
+            _event_header(scope), outcome_name, time.perf_counter() - started
+        )
+        if status:
+            await respond(send, status, body, extra)
+
+    async def _respond_to(
+        self, scope: Scope, receive: Receive, started: float
+    ) -> tuple[int, dict[str, Any], str, tuple[tuple[bytes, bytes], ...]]:
+        """Status, body, metric outcome and extra headers; status 0: the sender went away."""
         try:
             status, outcome, body = await self._handle(scope, receive)
         except IntakeError as exc:
             log.info("delivery_rejected", status=exc.status_code, error=exc.code)
             retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
-            await respond(send, exc.status_code, rejection(exc), retry)
-            return
+            return exc.status_code, rejection(exc), "rejected", retry
         except ClientDisconnected:
             log.info("delivery_abandoned")
-            return
+            return 0, {}, "abandoned", ()
         except StoreUnavailable as exc:
             log.warning("delivery_unavailable", error=str(exc))
-            await respond(send, 503, {"status": "unavailable", "message": str(exc)})
-            return
+            return 503, {"status": "unavailable", "message": str(exc)}, "unavailable", ()
         except Exception as exc:  # a bug must not leak a traceback to the sender
             log.exception("delivery_failed", error=type(exc).__name__)
-            await respond(send, 500, {"status": "error", "message": "internal error"})
-            return
+            return 500, {"status": "error", "message": "internal error"}, "error", ()
         log.info(
             "delivery",
             outcome=outcome.status,
@@ -123,7 +131,7 @@ class WebhookHandler:
             ms=round((time.perf_counter() - started) * 1000, 2),
             **_row_ids(outcome),
         )
-        await respond(send, status, body)
+        return status, body, outcome.status, ()
 
     @asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -199,6 +207,13 @@ class WebhookHandler:
 
 def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, dict[str, Any]]:
     return status, outcome, outcome.to_json()
+
+
+def _event_header(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-gitlab-event":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _row_ids(outcome: Outcome) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Rows never change once written (a trigger refuses UPDATE). DELETE is left to the
 for pruning delivered rows; the application role is not granted it.
 
 Revision ID: 0009
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-29
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0009"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

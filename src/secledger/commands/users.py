@@ -1,0 +1,85 @@
+"""``secledger user``: password hashes and the users file for the dashboard."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from secledger.dashboard.auth import hash_password, read_users_file
+from secledger.errors import ConfigError
+
+
+def _users_path() -> Path:
+    # The parent group built Settings; commands read it from the click context.
+    context = click.get_current_context().find_root().obj
+    return Path(context.settings.users_path)
+
+
+def _ask_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line: str = sys.stdin.readline()
+        password = line.rstrip("\n")
+    else:
+        password = str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    if len(password) < 12:
+        raise click.ClickException("use a password of at least 12 characters")
+    return password
+
+
+@click.group(name="user")
+def user_group() -> None:
+    """Dashboard users: hash passwords, add users to the users file.
+
+    \b
+    Example:
+      secledger user add alice
+      secledger user hash-password
+    """
+
+
+@user_group.command(name="hash-password")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def hash_password_command(password_stdin: bool) -> None:
+    """Print an scrypt hash for SECLEDGER_USERS (name:hash) or the users file.
+
+    \b
+    Example:
+      secledger user hash-password
+      printf '%s\\n' "$PASSWORD" | secledger user hash-password --password-stdin
+      SECLEDGER_USERS="alice:$(secledger user hash-password)" secledger serve
+    """
+    click.echo(hash_password(_ask_password(password_stdin)))
+
+
+@user_group.command(name="add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def add_command(name: str, password_stdin: bool) -> None:
+    """Add NAME (or replace its password) in the users file (SECLEDGER_USERS_FILE).
+
+    The file defaults to SECLEDGER_DATA_DIR/users and is created with mode 0600. A
+    running `secledger serve` reads it at start: restart it to apply.
+
+    \b
+    Example:
+      secledger user add alice
+      printf '%s\\n' "$PASSWORD" | secledger user add bob --password-stdin
+    """
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise click.ClickException("a user name has no colon and no white space")
+    path = _users_path()
+    try:
+        users = read_users_file(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    verb = "updated" if name in users else "added"
+    users[name] = hash_password(_ask_password(password_stdin))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("# secledger dashboard users: name:scrypt hash\n")
+        out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+    click.echo(f"{verb} {name} in {path}")

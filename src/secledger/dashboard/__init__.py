@@ -1,0 +1,65 @@
+"""The dashboard, the read API and their access control, mounted on the FastAPI app."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from secledger.config import Settings
+from secledger.dashboard import api, pages
+from secledger.dashboard.access import Dashboard, LoginRequired
+from secledger.dashboard.assets import plotly_js_path
+from secledger.dashboard.auth import Authenticator
+from secledger.dashboard.queries import ComplianceHooks
+
+# Everything is served by secledger itself, so the policy can forbid any other origin.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';"
+    " img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'"
+)
+_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: strict headers, and no caching of anything but static files."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope["path"].startswith("/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.extend(_HEADERS)
+                if not static:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def install(app: FastAPI, settings: Settings, hooks: ComplianceHooks | None = None) -> None:
+    """Mount pages and read API on ``app``; fails early if users or plotly.js are unusable."""
+    plotly_js_path()
+    app.state.dashboard = Dashboard(settings, Authenticator(settings), hooks or ComplianceHooks())
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.add_middleware(SecurityHeaders)
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(_request: Request, exc: LoginRequired) -> RedirectResponse:
+        return RedirectResponse(f"/login?next={quote(exc.next_path, safe='')}", status_code=303)

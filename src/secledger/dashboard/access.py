@@ -1,0 +1,137 @@
+"""What every dashboard and read-API route depends on: state, a principal, filters."""
+
+from __future__ import annotations
+
+import time as time_
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyCookie, HTTPBearer
+from sqlalchemy import Connection, Engine
+
+from secledger.config import Settings
+from secledger.dashboard.auth import COOKIE, Authenticator, Principal
+from secledger.dashboard.queries import ComplianceHooks, FilterOptions, Filters, filter_options
+
+# Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
+bearer_scheme = HTTPBearer(auto_error=False, description="SECLEDGER_READ_TOKEN")
+cookie_scheme = APIKeyCookie(name=COOKIE, auto_error=False, description="dashboard login")
+
+
+OPTIONS_TTL_SECONDS = 60.0
+
+
+@dataclass
+class Dashboard:
+    """Built once per application and kept on ``app.state.dashboard``."""
+
+    settings: Settings
+    auth: Authenticator
+    hooks: ComplianceHooks
+    _options: tuple[float, FilterOptions] | None = None
+
+    def options(self, conn: Connection) -> FilterOptions:
+        """Filter choices, re-read at most once a minute (they scan the whole ledger)."""
+        now = time_.monotonic()
+        if self._options is None or now - self._options[0] > OPTIONS_TTL_SECONDS:
+            self._options = (now, filter_options(conn))
+        return self._options[1]
+
+    @property
+    def tiers(self) -> list[str]:
+        """Tiers in policy order (highest first), then the unclassified bucket."""
+        return [*self.settings.risk_tiers, self.settings.unclassified_tier]
+
+
+class LoginRequired(Exception):
+    """A page was asked for without a session; answered with a redirect to /login."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+def dashboard(request: Request) -> Dashboard:
+    """The dashboard state."""
+    state: Dashboard = request.app.state.dashboard
+    return state
+
+
+def engine(request: Request) -> Engine:
+    """The running receiver's engine; 503 while it starts or stops."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise HTTPException(503, "the receiver is not running")
+    result: Engine = runtime.engine
+    return result
+
+
+def api_reader(
+    request: Request,
+    state: Annotated[Dashboard, Depends(dashboard)],
+    _bearer: Annotated[object, Security(bearer_scheme)],
+    _cookie: Annotated[object, Security(cookie_scheme)],
+) -> Principal:
+    """A principal from the read token, a session or a trusted proxy; else 401."""
+    principal = state.auth.identify(request, allow_token=True)
+    if principal is None:
+        raise HTTPException(
+            401, "authentication required", headers={"WWW-Authenticate": 'Bearer realm="secledger"'}
+        )
+    return principal
+
+
+def page_reader(request: Request, state: Annotated[Dashboard, Depends(dashboard)]) -> Principal:
+    """A principal from a session or a trusted proxy; else a redirect to the login page."""
+    principal = state.auth.identify(request, allow_token=False)
+    if principal is None:
+        # raw_path keeps the percent-encoded instance URL of /mr/ links intact.
+        raw = request.scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else request.url.path
+        target = path + (f"?{request.url.query}" if request.url.query else "")
+        raise LoginRequired(target)
+    return principal
+
+
+def safe_next(target: str | None) -> str:
+    """Only same-site paths may be redirected to after login."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _day(value: str | None, name: str, errors: list[str]) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        errors.append(f"{name} must be a date like 2026-11-01")
+        return None
+
+
+def build_filters(
+    since: date | None,
+    until: date | None,
+    project: str | None = None,
+    tier: str | None = None,
+    reviewer: str | None = None,
+) -> Filters:
+    """Filters from calendar days (UTC); ``until`` is inclusive."""
+    start = datetime.combine(since, time.min, UTC) if since else None
+    end = datetime.combine(until + timedelta(days=1), time.min, UTC) if until else None
+    return Filters(start, end, project or None, tier or None, reviewer or None)
+
+
+def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:
+    """Filters from a page's query string, tolerating empty fields; errors to show."""
+    errors: list[str] = []
+    since = _day(params.get("since"), "since", errors)
+    until = _day(params.get("until"), "until", errors)
+    filters = build_filters(
+        since, until, params.get("project"), params.get("tier"), params.get("reviewer")
+    )
+    return filters, errors

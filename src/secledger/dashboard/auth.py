@@ -1,0 +1,235 @@
+"""Who may read the ledger: users with scrypt password hashes, a read token, a trusted proxy.
+
+Reading the ledger reveals who reviewed what, so every dashboard page and read-API
+route needs a principal. The webhook endpoint is not covered: it has its own secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from starlette.requests import Request
+
+from secledger.config import Settings
+from secledger.errors import ConfigError
+
+SCHEME = "scrypt"
+# OWASP's floor for scrypt is N=2^17 with r=8; 2^15 keeps a login near 0.1 s on a
+# small server while costing an attacker 32 MiB per guess. Stored in each hash.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+_MAXMEM = 256 * 1024 * 1024
+COOKIE = "secledger_session"
+_SALT = "secledger.session.v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N) -> str:
+    """``scrypt$N$r$p$salt$hash`` for ``password`` with a fresh random salt."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, maxmem=_MAXMEM, dklen=32
+    )
+    return f"{SCHEME}${n}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def check_hash_format(encoded: str) -> None:
+    """Raise ConfigError when ``encoded`` is not a hash this module writes."""
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != SCHEME or not all(p.isdigit() for p in parts[1:4]):
+        raise ConfigError("a user's password hash is not scrypt$N$r$p$salt$hash")
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """True when ``password`` matches ``encoded`` (constant-time comparison)."""
+    check_hash_format(encoded)
+    _, n, r, p, salt, expected = encoded.split("$")
+    digest = hashlib.scrypt(
+        password.encode(),
+        salt=_unb64(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        maxmem=_MAXMEM,
+        dklen=len(_unb64(expected)),
+    )
+    return hmac.compare_digest(digest, _unb64(expected))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verifying against this when the user is unknown keeps the answer time the same,
+    # so response timing does not tell which user names exist.
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def read_users_file(path: Path) -> dict[str, str]:
+    """``name:hash`` lines; blank lines and ``#`` comments are skipped."""
+    if not path.is_file():
+        return {}
+    users: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, sep, encoded = stripped.partition(":")
+        if not sep or not name:
+            raise ConfigError(f"{path} line {number}: expected name:hash")
+        users[name] = encoded
+    return users
+
+
+def load_users(settings: Settings) -> dict[str, str]:
+    """Users from the users file, then from settings (settings win); hashes checked."""
+    users = read_users_file(settings.users_path) | dict(settings.users)
+    for encoded in users.values():
+        check_hash_format(encoded)
+    return users
+
+
+def session_secret(settings: Settings) -> bytes:
+    """The cookie signing key: configured, or generated once into the data directory."""
+    if settings.session_secret is not None:
+        return settings.session_secret.get_secret_value().encode()
+    path = settings.data_dir / "session-secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: replicas starting together on one data dir agree on the first key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48) + "\n")
+    key = path.read_text().strip()
+    if not key:
+        raise ConfigError(f"{path} is empty; delete it to generate a new session key")
+    return key.encode()
+
+
+class LoginThrottle:
+    """At most ``limit`` failed logins per user name and per client in ``window`` seconds."""
+
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._limit = limit
+        self._window = window
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str) -> deque[float]:
+        stamps = self._failures.setdefault(key, deque())
+        horizon = self._clock() - self._window
+        while stamps and stamps[0] <= horizon:
+            stamps.popleft()
+        return stamps
+
+    def blocked(self, keys: Iterable[str]) -> bool:
+        """True when any key has used up its failures."""
+        return any(len(self._recent(key)) >= self._limit for key in keys)
+
+    def fail(self, keys: Iterable[str]) -> None:
+        """Count one failure against every key."""
+        now = self._clock()
+        for key in keys:
+            self._recent(key).append(now)
+        if len(self._failures) > 10_000:  # forget quiet keys so memory stays bounded
+            for key in [k for k, v in self._failures.items() if not v]:
+                del self._failures[key]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated reader and how they proved it."""
+
+    name: str
+    method: str
+
+
+def _networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(v, strict=False) for v in values]
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from exc
+
+
+class Authenticator:
+    """Decides who a request is; built once per application."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.users = load_users(settings)
+        token = settings.read_token
+        self._token = token.get_secret_value().encode() if token else b""
+        self._signer = URLSafeTimedSerializer(session_secret(settings), salt=_SALT)
+        self.max_age = settings.session_max_age_seconds
+        self.cookie_secure = settings.cookie_secure
+        self._header = (settings.trusted_user_header or "").lower() or None
+        self._proxies = _networks(settings.trusted_proxies)
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_seconds)
+
+    def check_password(self, name: str, password: str) -> bool:
+        """True when ``name`` is a user and ``password`` is theirs."""
+        encoded = self.users.get(name)
+        matched = verify_password(password, encoded or _dummy_hash())
+        return encoded is not None and matched
+
+    def session_cookie(self, name: str) -> str:
+        """A signed, timestamped cookie value naming ``name``."""
+        return self._signer.dumps({"u": name})
+
+    def identify(self, request: Request, *, allow_token: bool) -> Principal | None:
+        """The principal behind ``request``, or None."""
+        if allow_token and self._token:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), self._token):
+                return Principal("read-token", "token")
+        proxied = self._from_proxy(request)
+        if proxied is not None:
+            return proxied
+        return self._from_cookie(request.cookies.get(COOKIE))
+
+    def _from_cookie(self, value: str | None) -> Principal | None:
+        if not value:
+            return None
+        try:
+            data = self._signer.loads(value, max_age=self.max_age)
+        except BadSignature:
+            return None
+        name = data.get("u") if isinstance(data, dict) else None
+        # A user removed from the configuration loses access at once.
+        if not isinstance(name, str) or name not in self.users:
+            return None
+        return Principal(name, "session")
+
+    def _from_proxy(self, request: Request) -> Principal | None:
+        if self._header is None or request.client is None:
+            return None
+        name = request.headers.get(self._header, "").strip()
+        if not name:
+            return None
+        try:
+            address = ipaddress.ip_address(request.client.host)
+        except ValueError:
+            return None
+        if not any(address in network for network in self._proxies):
+            return None
+        return Principal(name, "proxy")

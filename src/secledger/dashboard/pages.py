@@ -1,0 +1,193 @@
+"""Server-rendered pages: login, the dashboard, one merge request's trail, static files."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote
+
+import structlog
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
+
+from secledger.dashboard import assets, charts, queries, trail
+from secledger.dashboard.access import (
+    Dashboard,
+    dashboard,
+    engine,
+    page_reader,
+    parse_filters,
+    safe_next,
+)
+from secledger.dashboard.auth import COOKIE, Principal
+from secledger.extract import MRKey
+from secledger.times import utcnow
+
+log = structlog.get_logger("secledger.dashboard")
+templates = Jinja2Templates(directory=str(resources.files("secledger.dashboard") / "templates"))
+router = APIRouter(include_in_schema=False)
+Reader = Annotated[Principal, Depends(page_reader)]
+State = Annotated[Dashboard, Depends(dashboard)]
+MAX_FORM_BYTES = 8192
+
+
+def mr_path(instance: str, project_id: int, mr_iid: int) -> str:
+    """The dashboard URL of one merge request (the instance URL as one encoded segment)."""
+    return f"/mr/{quote(instance, safe='')}/{project_id}/{mr_iid}"
+
+
+templates.env.globals["mr_path"] = mr_path
+templates.env.filters["duration"] = charts.duration
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """A template with the common context."""
+    context.setdefault("principal", None)
+    context["plotly_src"] = f"/static/vendor/plotly-{assets.plotly_version()}.min.js"
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> HTMLResponse:
+    """The login form."""
+    return render(request, "login.html", next=safe_next(next), error=None)
+
+
+@router.post("/login")
+async def login(request: Request, state: State) -> Response:
+    """Check the password; rate-limited per user name and per client address."""
+    body = await request.body()
+    form = {k: v[0] for k, v in parse_qs(body[:MAX_FORM_BYTES].decode(errors="replace")).items()}
+    name = form.get("username", "").strip()
+    target = safe_next(form.get("next"))
+    client = request.client.host if request.client else "unknown"
+    keys = (f"user:{name}", f"client:{client}")
+    if state.auth.throttle.blocked(keys):
+        log.warning("login_rate_limited", user=name, client=client)
+        error = "Too many failed logins. Wait a few minutes and try again."
+        return render(request, "login.html", 429, next=target, error=error)
+    ok = await run_in_threadpool(state.auth.check_password, name, form.get("password", ""))
+    if not ok:
+        state.auth.throttle.fail(keys)
+        log.warning("login_failed", user=name, client=client)
+        error = "Wrong user name or password."
+        return render(request, "login.html", 401, next=target, error=error)
+    log.info("login", user=name, client=client)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        COOKIE,
+        state.auth.session_cookie(name),
+        max_age=state.auth.max_age,
+        httponly=True,
+        samesite="lax",
+        secure=state.auth.cookie_secure or request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    """Forget the session cookie."""
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket: str) -> Any:
+    hooks = state.hooks
+    chosen: queries.Bucket = "week"
+    for known in queries.BUCKETS:
+        chosen = known if bucket == known else chosen
+    volume = queries.volume(conn, filters, chosen)
+    ttd = queries.time_to_decision(conn, filters, hooks)
+    people = queries.reviewers(conn, filters, hooks)
+    return {
+        "summary": queries.summary(conn, filters),
+        "reviewers": people,
+        "open_mrs": queries.open_mrs(conn, filters, utcnow(), hooks),
+        "findings": queries.findings(conn, filters, hooks),
+        "options": state.options(conn),
+        "charts": charts.dashboard_charts(volume, ttd, people, state.tiers),
+        "bucket": chosen,
+        "has_sla": bool(hooks.sla_seconds),
+        "has_adherence": hooks.reviewer_adherence is not None,
+    }
+
+
+@router.get("/")
+def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
+    """The dashboard."""
+    params = dict(request.query_params)
+    filters, errors = parse_filters(params)
+    with engine(request).connect() as conn:
+        panels = _panels(conn, state, filters, params.get("bucket", "week"))
+    return render(
+        request,
+        "dashboard.html",
+        principal=principal,
+        params=params,
+        errors=errors,
+        no_compliance=queries.NO_COMPLIANCE,
+        **panels,
+    )
+
+
+@router.get("/mr/{instance:path}/{project_id}/{mr_iid}")
+def mr_page(
+    request: Request,
+    instance: str,
+    project_id: int,
+    mr_iid: int,
+    *,
+    principal: Reader,
+    state: State,
+) -> HTMLResponse:
+    """One merge request: ledger row, timeline of events, chain status of its log rows."""
+    key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
+    with engine(request).connect() as conn:
+        row = trail.row(conn, key)
+        if row is None:
+            return render(request, "missing.html", 404, principal=principal, key=key)
+        events = trail.timeline(conn, key)
+        chain = {c.seq: c for c in trail.chain_status(conn, [e.seq for e in events])}
+        findings = queries.mr_findings(conn, key, state.hooks)
+    return render(
+        request,
+        "mr.html",
+        principal=principal,
+        row=row,
+        events=events,
+        chain=chain,
+        chain_ok=all(c.ok for c in chain.values()),
+        findings=findings,
+    )
+
+
+def _asset_response(request: Request, asset: assets.Asset, cache: str) -> Response:
+    headers = {"etag": asset.etag, "cache-control": cache, "vary": "accept-encoding"}
+    if request.headers.get("if-none-match") == asset.etag:
+        return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["content-encoding"] = "gzip"
+        return Response(asset.gzipped, media_type=asset.media_type, headers=headers)
+    return Response(asset.body, media_type=asset.media_type, headers=headers)
+
+
+@router.get("/static/vendor/plotly-{version}.min.js")
+def plotly_js(request: Request, version: str) -> Response:
+    """plotly.js from the installed plotly wheel; the URL names its version."""
+    if version != assets.plotly_version():
+        return Response(status_code=404)
+    return _asset_response(request, assets.plotly_asset(), "public, max-age=31536000, immutable")
+
+
+@router.get("/static/{name}")
+def own_static(request: Request, name: str) -> Response:
+    """The dashboard's stylesheet and script."""
+    asset = assets.own_asset(name)
+    if asset is None:
+        return Response(status_code=404)
+    return _asset_response(request, asset, "public, max-age=300")

@@ -1,0 +1,119 @@
+"""Prometheus metrics, one registry per running receiver (``GET /metrics``).
+
+The hot path pays one cached counter child increment and one histogram observation
+per delivery. Figures that live in the database (open MRs by tier, chain head) are
+read when Prometheus scrapes, never on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+log = structlog.get_logger("secledger.metrics")
+
+# X-Gitlab-Event is sender-controlled: only these become label values, so a hostile
+# sender cannot grow the number of series without bound.
+KNOWN_EVENTS = frozenset({"Merge Request Hook", "System Hook", "Service Hook"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_OPEN_BY_TIER = text(
+    "SELECT risk_tier, count(*) FROM security_review_ledger"
+    " WHERE state = 'opened' GROUP BY risk_tier"
+)
+_HEAD = text("SELECT coalesce(max(seq), 0) FROM delivery_log")
+
+
+def event_label(event: str | None) -> str:
+    """The bounded label value for an ``X-Gitlab-Event`` header."""
+    if event is None:
+        return "none"
+    return event if event in KNOWN_EVENTS else "other"
+
+
+class LedgerCollector(Collector):
+    """Gauges read from the database at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Open security MRs by tier and the chain head sequence number."""
+        open_mrs = GaugeMetricFamily(
+            "secledger_open_security_mrs",
+            "Security merge requests currently open, by risk tier.",
+            labels=["tier"],
+        )
+        head = GaugeMetricFamily(
+            "secledger_chain_head_seq", "Sequence number of the newest delivery-log row."
+        )
+        try:
+            with self._engine.connect() as conn:
+                for tier, count in conn.execute(_OPEN_BY_TIER):
+                    open_mrs.add_metric([tier], count)
+                head.add_metric([], conn.execute(_HEAD).scalar_one())
+        except SQLAlchemyError as exc:
+            # A scrape must not fail because the database blinked: the series go
+            # missing for one scrape and the log says why.
+            log.warning("metrics_database_unavailable", error=type(exc).__name__)
+            return
+        yield open_mrs
+        yield head
+
+
+class Metrics:
+    """The receiver's metrics; ``registry`` is what ``/metrics`` exposes."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.deliveries = Counter(
+            "secledger_deliveries",
+            "Webhook deliveries answered, by X-Gitlab-Event and outcome.",
+            ["event", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "secledger_delivery_processing_seconds",
+            "Time from request start to answer for webhook deliveries.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.spool_depth = Gauge(
+            "secledger_spool_depth",
+            "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",
+            registry=self.registry,
+        )
+        # Fed by the compliance reports (issue 5) through set_sla_breaches; until then
+        # the family is declared with no samples.
+        self.sla_breaches = Gauge(
+            "secledger_sla_breaches",
+            "Security merge requests past their tier's review SLA, by tier.",
+            ["tier"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str], Counter] = {}
+        if engine is not None:
+            self.registry.register(LedgerCollector(engine))
+
+    def delivery(self, event: str | None, outcome: str, seconds: float) -> None:
+        """Count one answered delivery and its processing time (hot path: keep it cheap)."""
+        key = (event_label(event), outcome)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.deliveries.labels(*key)
+        child.inc()
+        self.latency.observe(seconds)
+
+    def set_sla_breaches(self, tier: str, count: int) -> None:
+        """Publish how many MRs of ``tier`` are past their SLA."""
+        self.sla_breaches.labels(tier).set(count)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)

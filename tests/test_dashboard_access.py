@@ -1,0 +1,222 @@
+"""Access control: nothing in the ledger is readable without a principal."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from conftest import post
+from dashboard_fixtures import (
+    PASSWORD,
+    USER,
+    USER_HASH,
+    bearer,
+    demo_bodies,
+    log_in,
+    reader_client,
+    reader_settings,
+)
+from secledger.config import Settings
+from secledger.dashboard.auth import (
+    COOKIE,
+    LoginThrottle,
+    hash_password,
+    read_users_file,
+    session_secret,
+    verify_password,
+)
+from secledger.errors import ConfigError
+from secledger.store import db
+from secledger.web import create_app
+
+
+@pytest.fixture
+def reader(database_url, tmp_path) -> Iterator[TestClient]:
+    """A dashboard-enabled receiver holding the demo history."""
+    yield from reader_client(database_url, tmp_path)
+
+
+ENCODED_MR = "/api/ledger/https%3A%2F%2Fgitlab.example.com/14/12"
+
+
+READ_PATHS = [
+    "/api/ledger",
+    ENCODED_MR,
+    "/api/reports/summary",
+    "/api/reports/volume",
+    "/api/reports/time-to-decision",
+    "/api/reports/reviewers",
+    "/api/reports/open",
+    "/api/reports/findings",
+    "/api/whoami",
+]
+
+
+def test_read_api_refuses_requests_without_credentials(reader) -> None:
+    for path in READ_PATHS:
+        response = reader.get(path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "approvers" not in response.text
+
+
+def test_read_api_refuses_a_wrong_token(reader) -> None:
+    response = reader.get("/api/ledger", headers={"Authorization": "Bearer nope"})
+    assert response.status_code == 401
+
+
+def test_read_api_accepts_the_read_token(reader) -> None:
+    response = reader.get("/api/whoami", headers=bearer())
+    assert response.json() == {"name": "read-token", "method": "token"}
+
+
+def test_pages_redirect_to_login_without_a_session(reader) -> None:
+    for path in ("/", "/mr/https%3A%2F%2Fgitlab.example.com/14/12"):
+        response = reader.get(path, follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/login?next=" + quote(path, safe="")
+        assert "acme/payments" not in response.text
+
+
+def test_read_token_does_not_open_the_dashboard_pages(reader) -> None:
+    response = reader.get("/", headers=bearer(), follow_redirects=False)
+    assert response.status_code == 303
+
+
+def test_login_sets_a_signed_http_only_cookie_and_opens_the_dashboard(reader) -> None:
+    log_in(reader)
+    cookie = reader.cookies.get(COOKIE)
+    assert cookie and USER not in cookie.split(".")[-1]
+    page = reader.get("/")
+    assert page.status_code == 200
+    assert "acme/payments!16" in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert reader.get("/api/whoami").json() == {"name": USER, "method": "session"}
+
+
+def test_a_tampered_cookie_is_refused(reader) -> None:
+    log_in(reader)
+    value = reader.cookies.get(COOKIE)
+    reader.cookies.set(COOKIE, value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
+    assert reader.get("/api/whoami").status_code == 401
+
+
+def test_logout_forgets_the_session(reader) -> None:
+    log_in(reader)
+    reader.post("/logout", follow_redirects=False)
+    assert reader.get("/", follow_redirects=False).status_code == 303
+
+
+def test_login_redirects_only_to_local_paths(reader) -> None:
+    response = reader.post(
+        "/login",
+        data={"username": USER, "password": PASSWORD, "next": "//evil.example/"},
+        follow_redirects=False,
+    )
+    assert response.headers["location"] == "/"
+
+
+def test_failed_logins_are_logged_without_the_password_and_then_rate_limited(
+    reader, capsys
+) -> None:
+    for _ in range(5):
+        wrong = reader.post("/login", data={"username": USER, "password": "guess-123456"})
+        assert wrong.status_code == 401
+    blocked = reader.post("/login", data={"username": USER, "password": PASSWORD})
+    assert blocked.status_code == 429
+    assert COOKIE not in blocked.cookies
+    logged = capsys.readouterr()
+    text = logged.out + logged.err
+    assert text.count("login_failed") == 5
+    assert "login_rate_limited" in text
+    assert "guess-123456" not in text
+    assert PASSWORD not in text
+
+
+def test_unknown_users_fail_like_wrong_passwords(reader) -> None:
+    response = reader.post("/login", data={"username": "mallory", "password": "x" * 12})
+    assert response.status_code == 401
+    assert "Wrong user name or password" in response.text
+
+
+def test_webhook_keeps_its_own_secret_and_needs_no_login(reader) -> None:
+    response = post(reader, demo_bodies()[0])
+    assert response.status_code == 200
+    assert response.json()["status"] == "duplicate"
+
+
+def test_trusted_proxy_header_is_off_by_default(reader) -> None:
+    response = reader.get("/api/whoami", headers={"X-Forwarded-User": "mallory"})
+    assert response.status_code == 401
+
+
+def test_trusted_proxy_header_works_only_from_a_trusted_address(database_url, tmp_path) -> None:
+    settings = reader_settings(
+        database_url,
+        tmp_path / "data",
+        trusted_user_header="X-Forwarded-User",
+        trusted_proxies=["10.9.9.9/32"],
+    )
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app, client=("127.0.0.1", 50000)) as untrusted:
+        answer = untrusted.get("/api/whoami", headers={"X-Forwarded-User": "carol"})
+        assert answer.status_code == 401
+    settings = settings.model_copy(update={"trusted_proxies": ["127.0.0.1/32"]})
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app, client=("127.0.0.1", 50000)) as proxied:
+        answer = proxied.get("/api/whoami", headers={"X-Forwarded-User": "carol"})
+        assert answer.json() == {"name": "carol", "method": "proxy"}
+
+
+def test_password_hashes_verify_and_are_salted() -> None:
+    first, second = (
+        hash_password("a long passphrase", n=2**10),
+        hash_password("a long passphrase", n=2**10),
+    )
+    assert first != second
+    assert first.startswith("scrypt$1024$8$1$")
+    assert verify_password("a long passphrase", first)
+    assert not verify_password("a long passphrase!", first)
+    assert verify_password(PASSWORD, USER_HASH)
+
+
+def test_a_malformed_configured_hash_stops_start_up(database_url, tmp_path) -> None:
+    settings = reader_settings(database_url, tmp_path / "data")
+    settings = settings.model_copy(update={"users": {"eve": "plaintext-password"}})
+    with pytest.raises(ConfigError, match="not scrypt"):
+        create_app(settings, db.Database(database_url, embedded=False))
+
+
+def test_users_file_is_read_with_comments(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"# users\n\n{USER}:{USER_HASH}\n")
+    assert read_users_file(path) == {USER: USER_HASH}
+
+
+def test_login_throttle_forgets_failures_after_the_window() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(limit=2, window=60, clock=lambda: now[0])
+    throttle.fail(["user:a"])
+    throttle.fail(["user:a"])
+    assert throttle.blocked(["user:a", "client:x"])
+    assert not throttle.blocked(["user:b"])
+    now[0] = 61.0
+    assert not throttle.blocked(["user:a"])
+
+
+def test_session_key_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    first = session_secret(settings)
+    path = tmp_path / "data" / "session-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert session_secret(settings) == first
+    assert len(first) >= 48
+    configured = settings.model_copy(update={"session_secret": SecretStr("from-settings")})
+    assert session_secret(configured) == b"from-settings"

@@ -1,0 +1,284 @@
+"""The read API, its OpenAPI schema, the dashboard's queries and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from builders import dumps, mr_event
+from conftest import post
+from dashboard_fixtures import bearer, demo_bodies, reader_client, reader_settings
+from secledger.dashboard.queries import ComplianceHooks, Filters, Finding, open_mrs
+from secledger.dashboard.trail import instance_from_path
+from secledger.intake import Ignored, parse_delivery
+from secledger.store import db
+from secledger.times import utcnow
+from secledger.web import create_app
+
+
+@pytest.fixture
+def reader(database_url, tmp_path) -> Iterator[TestClient]:
+    """A dashboard-enabled receiver holding the demo history."""
+    yield from reader_client(database_url, tmp_path)
+
+
+INSTANCE = "https://gitlab.example.com"
+READ_PATHS = {
+    "/api/ledger",
+    "/api/ledger/{instance}/{project_id}/{mr_iid}",
+    "/api/reports/summary",
+    "/api/reports/volume",
+    "/api/reports/time-to-decision",
+    "/api/reports/reviewers",
+    "/api/reports/open",
+    "/api/reports/findings",
+    "/api/whoami",
+}
+
+
+def schema_of(client: TestClient) -> dict:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_openapi_lists_every_read_route_and_no_page(reader) -> None:
+    paths = set(schema_of(reader)["paths"])
+    assert paths >= READ_PATHS | {"/healthz", "/readyz", "/metrics"}
+    assert not {p for p in paths if p in {"/", "/login", "/logout"} or p.startswith("/mr/")}
+    # FastAPI's viewers load JavaScript from a CDN: not served.
+    assert reader.get("/docs").status_code == 404
+    assert reader.get("/redoc").status_code == 404
+
+
+def test_openapi_says_every_read_route_needs_a_token_or_session(reader) -> None:
+    schema = schema_of(reader)
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+    assert schemes["APIKeyCookie"]["in"] == "cookie"
+    for path in READ_PATHS:
+        operation = schema["paths"][path]["get"]
+        assert {"HTTPBearer": []} in operation["security"], path
+        assert {"APIKeyCookie": []} in operation["security"], path
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+def test_openapi_describes_the_response_bodies(reader) -> None:
+    schema = schema_of(reader)
+    models = schema["components"]["schemas"]
+    listing = schema["paths"]["/api/ledger"]["get"]["responses"]["200"]["content"]
+    assert listing["application/json"]["schema"]["$ref"].endswith("/LedgerList")
+    assert set(models["LedgerList"]["required"]) == {
+        "items",
+        "total",
+        "limit",
+        "offset",
+        "next_offset",
+    }
+    row = models["LedgerRow"]["properties"]
+    assert row["approvers"]["type"] == "array"
+    assert row["decided_at"]["anyOf"][0]["format"] == "date-time"
+    trail = models["MRTrail"]["properties"]
+    assert trail["timeline"]["items"]["$ref"].endswith("/TimelineEvent")
+    assert trail["chain"]["items"]["$ref"].endswith("/ChainCheck")
+    for name in ("TierDistribution", "ReviewerFigures", "OpenMR", "FindingsPanel", "Summary"):
+        assert name in models
+    params = {p["name"] for p in schema["paths"]["/api/ledger"]["get"]["parameters"]}
+    assert params >= {"since", "until", "project", "tier", "reviewer", "state", "limit", "offset"}
+
+
+def test_ledger_is_paginated_newest_first(reader) -> None:
+    first = reader.get("/api/ledger?limit=2", headers=bearer()).json()
+    assert (first["total"], first["limit"], first["offset"], first["next_offset"]) == (5, 2, 0, 2)
+    assert [r["mr_iid"] for r in first["items"]] == [16, 14]
+    last = reader.get("/api/ledger?limit=2&offset=4", headers=bearer()).json()
+    assert [r["mr_iid"] for r in last["items"]] == [11]
+    assert last["next_offset"] is None
+
+
+def test_ledger_filters(reader) -> None:
+    def iids(query: str) -> list[int]:
+        body = reader.get(f"/api/ledger?{query}", headers=bearer()).json()
+        return sorted(r["mr_iid"] for r in body["items"])
+
+    assert iids("tier=critical") == [12, 16]
+    assert iids("reviewer=carol") == [12]
+    assert iids("state=opened") == [16]
+    assert iids("since=2026-11-05&until=2026-11-09") == [13, 14]
+    assert iids("project=acme/payments") == [11, 12, 13, 14, 16]
+    assert iids("project=other/thing") == []
+    assert reader.get("/api/ledger?since=yesterday", headers=bearer()).status_code == 422
+    assert reader.get("/api/ledger?limit=501", headers=bearer()).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "instance_part",
+    [
+        quote(INSTANCE, safe=""),  # the documented form: one percent-encoded segment
+        INSTANCE,  # unencoded slashes still match: the route takes a path
+        "https:/gitlab.example.com",  # a proxy that merged the double slash
+    ],
+)
+def test_one_merge_request_by_instance_url(reader, instance_part) -> None:
+    response = reader.get(f"/api/ledger/{instance_part}/14/12", headers=bearer())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["row"]["instance"] == INSTANCE
+    assert [e["what"] for e in body["timeline"]] == [
+        "labelled sec/critical",
+        "approved",
+        "revoked approval",
+        "approved",
+        "merged",
+    ]
+    assert [e["actor"] for e in body["timeline"]] == ["erin", "carol", "carol", "bob", "dave"]
+    assert all(c["ok"] for c in body["chain"])
+    assert [c["seq"] for c in body["chain"]] == [e["seq"] for e in body["timeline"]]
+
+
+def test_unknown_merge_request_is_404(reader) -> None:
+    response = reader.get(f"/api/ledger/{quote(INSTANCE, safe='')}/14/999", headers=bearer())
+    assert response.status_code == 404
+
+
+def test_instance_from_path_restores_a_merged_double_slash() -> None:
+    assert instance_from_path("https:/gitlab.example.com") == INSTANCE
+    assert instance_from_path(INSTANCE) == INSTANCE
+    assert instance_from_path("http:/10.0.0.1:8080") == "http://10.0.0.1:8080"
+
+
+def test_reports_tell_what_the_core_ledger_holds(reader) -> None:
+    get = lambda path: reader.get(f"/api/reports/{path}", headers=bearer()).json()  # noqa: E731
+    assert get("summary") == {
+        "total": 5,
+        "open": 1,
+        "merged": 3,
+        "closed": 1,
+        "median_seconds": (10500.0 + 18310.0) / 2,  # !12 2h55m, !11 5h05m10s
+    }
+    by_tier = {d["tier"]: d for d in get("time-to-decision")}
+    assert by_tier["critical"]["count"] == 1
+    assert by_tier["critical"]["median"] == 10500.0  # 08:20 label -> 11:15 merge
+    assert by_tier["critical"]["sla_seconds"] is None
+    people = {p["reviewer"]: p for p in get("reviewers")}
+    assert (people["bob"]["approvals"], people["bob"]["revocations"]) == (2, 0)
+    assert (people["carol"]["approvals"], people["carol"]["revocations"]) == (0, 1)
+    assert people["bob"]["sla_adherence"] is None
+    assert [m["mr_iid"] for m in get("open")] == [16]
+    volume = get("volume?bucket=month")
+    assert sum(p["count"] for p in volume) == 5
+    assert {p["bucket"] for p in volume} == {"2026-11-01"}
+    assert get("findings") == {"available": False, "items": [], "note": get("findings")["note"]}
+
+
+def test_open_mrs_sort_by_sla_time_left_once_a_policy_exists(reader, engine) -> None:
+    post(
+        reader, mr_event("open", iid=40, labels=["sec::low"], created_at="2026-11-01 00:00:00 UTC")
+    )
+    hooks = ComplianceHooks(sla_seconds={"critical": 3600.0, "low": 365 * 86400.0})
+    with engine.connect() as conn:
+        without = open_mrs(conn, Filters(), utcnow())
+        with_sla = open_mrs(conn, Filters(), utcnow(), hooks)
+    assert [m.mr_iid for m in without] == [40, 16]  # oldest first
+    assert [m.mr_iid for m in with_sla] == [16, 40]  # critical is past its SLA
+    assert with_sla[0].sla_seconds_left is not None and with_sla[0].sla_seconds_left < 0
+
+
+def test_findings_come_from_the_plugged_in_provider(database_url, tmp_path, engine) -> None:
+
+    finding = Finding(INSTANCE, 14, 14, "self-approval", "high", "approved by its author")
+    hooks = ComplianceHooks(findings=lambda _conn, _filters: [finding])
+    settings = reader_settings(database_url, tmp_path / "data")
+    app = create_app(settings, db.Database(database_url, embedded=False), hooks)
+    with TestClient(app) as client:
+        body = client.get("/api/reports/findings", headers=bearer()).json()
+    assert body["available"] is True
+    assert body["items"][0]["rule"] == "self-approval"
+
+
+def samples(client: TestClient) -> dict[tuple[str, tuple], float]:
+    text = client.get("/metrics").text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_metrics_change_as_deliveries_arrive(client) -> None:
+    before = samples(client)
+    assert before[("secledger_chain_head_seq", ())] == 0
+    assert before[("secledger_spool_depth", ())] == 0
+    post(client, mr_event("open", iid=1, labels=["sec::high"]))
+    post(client, mr_event("open", iid=2, labels=["sec::critical"]))
+    post(client, mr_event("open", iid=3, labels=["docs"]))
+    post(client, mr_event("open", iid=4), token="wrong")
+    post(client, mr_event("merge", iid=1, labels=["sec::high"]))
+    after = samples(client)
+    recorded = (("event", "Merge Request Hook"), ("outcome", "recorded"))
+    assert after[("secledger_deliveries_total", recorded)] == 3
+    ignored = (("event", "Merge Request Hook"), ("outcome", "ignored"))
+    assert after[("secledger_deliveries_total", ignored)] == 1
+    rejected = (("event", "Merge Request Hook"), ("outcome", "rejected"))
+    assert after[("secledger_deliveries_total", rejected)] == 1
+    assert after[("secledger_delivery_processing_seconds_count", ())] == 5
+    assert after[("secledger_chain_head_seq", ())] == 3
+    assert after[("secledger_open_security_mrs", (("tier", "critical"),))] == 1
+    assert ("secledger_open_security_mrs", (("tier", "high"),)) not in after  # merged
+
+
+def test_spool_gauge_reads_the_spool_and_sla_setter(client) -> None:
+    runtime = client.app.api.state.runtime
+    assert samples(client)[("secledger_spool_depth", ())] == 0
+    delivery = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook"},
+        dumps(mr_event("approved", actor="bob")),
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=utcnow(),
+        require_token=False,
+    )
+    assert not isinstance(delivery, Ignored)
+    runtime.spool.write([delivery, dataclasses.replace(delivery, dedup_key="sha256:other")])
+    runtime.metrics.set_sla_breaches("critical", 2)
+    found = samples(client)
+    assert found[("secledger_spool_depth", ())] == 2
+    assert found[("secledger_sla_breaches", (("tier", "critical"),))] == 2
+
+
+def test_unknown_event_headers_share_one_label(client) -> None:
+    post(client, mr_event("open"), event="Made Up Hook 1")
+    post(client, mr_event("open"), event="Made Up Hook 2")
+    found = samples(client)
+    events = {dict(labels).get("event") for name, labels in found if "deliveries" in name}
+    assert events == {"other"}
+
+
+def test_metrics_need_the_token_when_configured(database_url, tmp_path) -> None:
+
+    settings = reader_settings(database_url, tmp_path / "data", metrics_require_auth=True)
+    with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=bearer()).status_code == 200
+
+
+def test_demo_history_replays_into_the_dashboard_fixture(reader) -> None:
+    assert len(demo_bodies()) == 17
+    assert reader.get("/healthz").json() == {"status": "ok"}
+
+
+def test_grafana_sample_uses_only_metrics_secledger_exposes(client) -> None:
+    board = json.loads((Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"secledger_\w+", expr)}
+    exposed = set(re.findall(r"secledger_\w+", client.get("/metrics").text))
+    assert used
+    assert used <= exposed

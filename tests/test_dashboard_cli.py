@@ -1,0 +1,59 @@
+"""`secledger user`: hashes people can paste into settings, and the users file."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from secledger.cli import main
+from secledger.dashboard.auth import read_users_file, verify_password
+
+PASSWORD = "a long enough passphrase"
+
+
+def test_hash_password_prints_a_hash_that_verifies(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["user", "hash-password", "--password-stdin"], PASSWORD)
+    assert result.exit_code == 0, result.output
+    hashed = result.output.strip()
+    assert verify_password(PASSWORD, hashed)
+    assert PASSWORD not in result.output
+
+
+def test_user_add_writes_a_private_users_file_and_replaces_a_password(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    first = runner.invoke(main, ["user", "add", "alice", "--password-stdin"], PASSWORD)
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("added alice")
+    path = tmp_path / "users"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = runner.invoke(main, ["user", "add", "alice", "--password-stdin"], "another passphrase")
+    assert again.output.startswith("updated alice")
+    users = read_users_file(path)
+    assert list(users) == ["alice"]
+    assert verify_password("another passphrase", users["alice"])
+
+
+def test_short_passwords_and_bad_names_are_refused(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    short = runner.invoke(main, ["user", "hash-password", "--password-stdin"], "short")
+    assert short.exit_code != 0
+    assert "at least 12" in short.output
+    bad = runner.invoke(main, ["user", "add", "a:b", "--password-stdin"], PASSWORD)
+    assert bad.exit_code != 0
+    assert not (tmp_path / "users").exists()
+
+
+def test_user_commands_have_help_with_an_example_and_docs() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "dashboard.md").read_text()
+    for command in (["user"], ["user", "add"], ["user", "hash-password"]):
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0
+        assert "Example:" in result.output
+        assert "secledger " + " ".join(command) in docs
