@@ -31,6 +31,12 @@ def _terminal_cell(value: Any) -> Text:
     return Text(_UNSAFE_ON_TERMINAL.sub("\ufffd", _cell(value)))
 
 
+def wide_console() -> Console:
+    """A console for tables; piped output gets 160 columns instead of rich's 80."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
 def render(
     rows: Iterable[dict[str, Any]],
     fmt: str,
@@ -56,5 +62,5 @@ def render(
     for item in items:
         # Text, not str: a "[bold]" or "[/]" in a title is data, not rich markup.
         table.add_row(*(_terminal_cell(item.get(c)) for c in columns))
-    (console or Console()).print(table)
+    (console or wide_console()).print(table)
     return None

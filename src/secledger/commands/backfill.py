@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from secledger import enrich as enrichment
@@ -183,7 +182,7 @@ def reconcile(
         )
     rows = [d.to_json() for d in report.differences]
     if rows:
-        render(rows, "table", ("kind", "project_id", "mr_iid", "url", "fields"), console=Console())
+        render(rows, "table", ("kind", "project_id", "mr_iid", "url", "fields"))
     click.echo(
         f"reconciliation {report.id}: GitLab {report.gitlab_count} decided security MRs, "
         f"ledger {report.ledger_count}; missing {report.count('missing')}, different "
