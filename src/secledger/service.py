@@ -26,7 +26,6 @@ from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
 NOT_SECURITY = "merge request carries no security label"
-# Used when a caller does not pass the configured policy (tests, tools): the documented defaults.
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class Recording:
         return cls(CompliancePolicy.from_settings(settings), settings.sink_enabled)
 
 
+# For callers that pass no configuration (tests, tools): the documented default policy.
 DEFAULT_RECORDING = Recording()
 
 
