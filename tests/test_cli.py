@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from builders import dumps, mr_event
 from secledger.cli import demo_files, main
+from secledger.config import Settings
 
 LEDGER_KEYS = {
     "instance",
@@ -194,3 +195,12 @@ def test_every_command_has_help_with_an_example_and_docs(path: str, command: cli
     assert "Example" in result.output, f"{path} --help has no example"
     documented = README.read_text() + "".join(p.read_text() for p in DOCS.glob("*.md"))
     assert f"`{path}" in documented, f"{path} is not documented in README.md or docs/"
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_is_documented(name: str) -> None:
+    documented = README.read_text() + "".join(p.read_text() for p in DOCS.glob("*.md"))
+    variable = f"SECLEDGER_{name.upper()}"
+    assert variable in documented or f"`{name}`" in documented or f"{name} =" in documented, (
+        f"{variable} is not documented in README.md or docs/"
+    )
