@@ -354,6 +354,7 @@ from secledger.commands import compliance as _compliance  # noqa: E402
 from secledger.commands import integrity as _integrity  # noqa: E402
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
+from secledger.commands.evidence import evidence_command  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
 from secledger.commands.spool import spool_group  # noqa: E402
 
@@ -370,6 +371,7 @@ main.add_command(_integrity.keygen)
 main.add_command(_integrity.checkpoint_command)
 main.add_command(_compliance.findings_command)
 main.add_command(_compliance.report_command)
+main.add_command(evidence_command)
 
 
 if __name__ == "__main__":
