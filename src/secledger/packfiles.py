@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -21,8 +21,9 @@ from secledger.times import isoformat
 
 MANIFEST = "MANIFEST.sha256"
 _CHUNK = 1 << 20
-# Datetimes go through json_value, so JSON and CSV spell them alike (UTC, "Z").
-_JSON = orjson.OPT_PASSTHROUGH_DATETIME
+# UTC datetimes end in "Z" as in CSV; the pack reads the database in UTC (evidence.py).
+_JSON = orjson.OPT_UTC_Z
+_PLAIN = frozenset({str, int, float, bool})
 
 
 def json_value(value: Any) -> Any:
@@ -36,11 +37,12 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> Any:
     """One CSV cell: lists space-separated, nested objects as compact JSON, None empty."""
+    # Fast path: the csv module writes these itself (None as an empty cell).
+    if value is None or type(value) in _PLAIN:
+        return value
     value = json_value(value)
-    if value is None:
-        return ""
     if isinstance(value, list):
         return " ".join(str(item) for item in value)
     if isinstance(value, dict):
@@ -75,9 +77,13 @@ class CsvTable:
         self._writer = csv.writer(handle, lineterminator="\n")
         self._writer.writerow(self._columns)
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: Mapping[str, Any]) -> None:
         """Append one row (extra keys are ignored)."""
         self._writer.writerow([csv_cell(row.get(column)) for column in self._columns])
+
+    def add_values(self, values: Iterable[Any]) -> None:
+        """Append one row given as values in column order."""
+        self._writer.writerow([csv_cell(value) for value in values])
 
 
 class PackDir:
