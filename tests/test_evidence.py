@@ -467,3 +467,17 @@ def test_evidence_has_help_with_an_example_and_docs() -> None:
     assert "Example:" in result.output
     assert "secledger evidence --since" in result.output
     assert "`secledger evidence" in (DOCS / "evidence.md").read_text()
+
+
+def test_an_empty_period_still_gives_a_complete_verifiable_pack(ledger, tmp_path) -> None:
+    out = tmp_path / "pack"
+    pack = build(ledger, out, since=T0 - timedelta(days=30), until=T0)
+    assert (pack.population, pack.events, pack.findings, pack.sample) == (0, 0, 0, [])
+    assert json.loads((out / "population.json").read_bytes()) == []
+    assert read_csv(out / "population.csv") == []
+    assert (out / "population.csv").read_text().startswith("position,instance,project_id")
+    assert pack.chain_ok
+    ok = subprocess.run(
+        ["sha256sum", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
+    )
+    assert ok.returncode == 0, ok.stdout

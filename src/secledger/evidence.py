@@ -23,14 +23,11 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, RowMapping, text
 
-from secledger import checkpoint as signing
-from secledger import findings, packreadme, reports
-from secledger.checkpoint import Checkpoint
+from secledger import findings, packchain, packreadme, reports
 from secledger.packfiles import PackDir
 from secledger.store import checkpoints
 from secledger.store.chain import time_text
-from secledger.store.verify import ChainBroken, Summary, verify
-from secledger.times import isoformat, utcnow
+from secledger.times import utcnow
 
 FORMAT = "secledger.evidence.v1"
 POPULATION = "evidence_population"
@@ -213,8 +210,11 @@ def build(
         with conn.begin():
             _snapshot(conn, pack, files, tracker)
             latest = checkpoints.stored(conn)
-    _chain(engine, pack, files, tracker)
-    _checkpoint(pack, files, latest[-1][1] if latest else None, public_key)
+    advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
+    pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance)
+    newest = latest[-1][1] if latest else None
+    pack.checkpoint = packchain.add_checkpoint(files, newest, public_key)
+    pack.public_key = public_key is not None
     files.write_json("pack.json", pack.to_json())
     files.write_bytes("README.md", packreadme.render(pack).encode())
     pack.files = sorted(files.files)
@@ -381,58 +381,4 @@ def _sample_event(row: RowMapping) -> dict[str, Any]:
             "prev_hash": bytes(row["prev_hash"]).hex(),
             "hash": row["hash"],
         },
-    }
-
-
-def _chain(engine: Engine, pack: Pack, files: PackDir, tracker: Tracker) -> None:
-    """Verify the whole chain now and record the result (a broken chain is recorded too)."""
-    advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
-    result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
-    try:
-        summary = verify(engine, progress=advance)
-    except ChainBroken as exc:
-        result |= {"ok": False, "failure": {"seq": exc.seq, "reason": exc.reason}}
-    else:
-        result |= {"ok": True, "failure": None, **_summary(summary)}
-    result["snapshot_head_seq"] = pack.snapshot_head_seq
-    pack.chain = result
-    files.write_json("chain/verify.json", result)
-
-
-def _summary(summary: Summary) -> dict[str, Any]:
-    return {
-        "rows": summary.rows,
-        "first_seq": summary.first_seq,
-        "last_seq": summary.last_seq,
-        "head_hash": summary.head_hash.hex(),
-        "seconds": round(summary.seconds, 3),
-        "checkpoints_stored": len(summary.stored),
-        "checkpoints_matched": summary.matched,
-    }
-
-
-def _checkpoint(
-    pack: Pack, files: PackDir, latest: Checkpoint | None, public: Ed25519PublicKey | None
-) -> None:
-    """The newest stored checkpoint, the public key, and whether the signature verifies."""
-    if public is not None:
-        files.write_bytes("chain/checkpoint-key.pem.pub", signing.public_pem(public))
-        pack.public_key = True
-    if latest is None:
-        return
-    name = f"chain/checkpoint-{latest.seq:012d}.json"
-    files.write_json(name, latest.to_json())
-    signature = "not checked: no public key configured"
-    if public is not None:
-        try:
-            signing.check_signature(latest, public)
-            signature = "verified"
-        except signing.BadCheckpoint as exc:
-            signature = f"INVALID: {exc}"
-    pack.checkpoint = {
-        "file": name,
-        "seq": latest.seq,
-        "head_hash": latest.head_hash.hex(),
-        "key_id": latest.key_id,
-        "signature": signature,
     }
