@@ -365,13 +365,13 @@ main.add_command(gitlab_group)
 main.add_command(spool_group)
 main.add_command(watch_command)
 main.add_command(sink_group)
+main.add_command(evidence_command)
 main.add_command(_integrity.verify_command)
 main.add_command(_integrity.rebuild_command)
 main.add_command(_integrity.keygen)
 main.add_command(_integrity.checkpoint_command)
 main.add_command(_compliance.findings_command)
 main.add_command(_compliance.report_command)
-main.add_command(evidence_command)
 
 
 if __name__ == "__main__":
