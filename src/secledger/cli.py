@@ -379,6 +379,7 @@ from secledger.commands import compliance as _compliance  # noqa: E402
 from secledger.commands import integrity as _integrity  # noqa: E402
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
+from secledger.commands.evidence import evidence_command  # noqa: E402
 from secledger.commands.gitlab import gitlab_group  # noqa: E402
 from secledger.commands.spool import spool_group  # noqa: E402
 from secledger.commands.users import user_group  # noqa: E402
@@ -390,6 +391,7 @@ main.add_command(gitlab_group)
 main.add_command(spool_group)
 main.add_command(watch_command)
 main.add_command(sink_group)
+main.add_command(evidence_command)
 main.add_command(_integrity.verify_command)
 main.add_command(_integrity.rebuild_command)
 main.add_command(_integrity.keygen)

@@ -8,7 +8,7 @@ kept; if it holds again, ``resolved_at`` is cleared.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -236,6 +236,20 @@ def list_findings(
             params[name] = value
     query = text(f"{_LIST} WHERE {' AND '.join(where)} ORDER BY detected_at DESC, id DESC")
     return [_finding(row) for row in conn.execute(query, params).mappings()]
+
+
+def of_mrs(conn: Connection, keys_table: str) -> Iterator[Finding]:
+    """Every finding, open and resolved, of the MRs listed in table ``keys_table``.
+
+    ``keys_table`` (a trusted name, e.g. a temporary table the caller filled) has the
+    columns ``instance, project_id, mr_iid``. Ordered by MR, then id.
+    """
+    query = text(
+        f"{_LIST} JOIN {keys_table} USING (instance, project_id, mr_iid)"
+        ' ORDER BY instance COLLATE "C", project_id, mr_iid, id'
+    )
+    for row in conn.execute(query).mappings():
+        yield _finding(row)
 
 
 def _finding(row: RowMapping) -> Finding:

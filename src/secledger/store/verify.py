@@ -10,7 +10,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,16 @@ def _with_stored(
     return expected
 
 
-def verify(engine: Engine, vouched: Iterable[Expected] = ()) -> Summary:
-    """Walk the whole log in one snapshot against ``vouched`` heads and stored checkpoints."""
+def verify(
+    engine: Engine,
+    vouched: Iterable[Expected] = (),
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Walk the whole log in one snapshot against ``vouched`` heads and stored checkpoints.
+
+    ``progress``, when given, is called with the size of each batch of rows fetched.
+    """
     started = time.perf_counter()
     with engine.connect() as plain:
         conn = plain.execution_options(isolation_level="REPEATABLE READ")
@@ -159,11 +167,19 @@ def verify(engine: Engine, vouched: Iterable[Expected] = ()) -> Summary:
             with raw.cursor(name="secledger_verify", binary=True) as cursor:  # type: ignore[union-attr]
                 cursor.execute(_ROWS)
                 batches = iter(lambda: cursor.fetchmany(BATCH_ROWS), [])
+                if progress is not None:
+                    batches = _counted(batches, progress)
                 with _Prefetch(batches) as rows:
                     summary = walk(rows, expected)
     summary.stored = stored
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _counted(batches: Iterable[list[Any]], progress: Callable[[int], None]) -> Iterator[Any]:
+    for batch in batches:
+        progress(len(batch))
+        yield batch
 
 
 _DONE = object()

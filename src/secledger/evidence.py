@@ -1,0 +1,384 @@
+"""The auditor's evidence pack: population, decision trails, findings, SLA, sample, chain proof.
+
+The population is the security MRs whose final decision (merge or close) falls in
+``[since, until)``. It is read in one REPEATABLE READ snapshot into a temporary table
+numbered in a fixed order (instance in byte order, project id, MR iid), so the CSV and
+JSON files, the findings and the sample all describe the same set, and streamed to
+disk with server-side cursors: memory stays constant whatever the period.
+
+After that snapshot the whole chain is verified (``store.verify``) in a later one, so
+every row the pack cites is covered by the verification.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Connection, Engine, RowMapping, text
+
+from secledger import findings, packchain, packreadme, reports
+from secledger.packfiles import PackDir
+from secledger.store import checkpoints
+from secledger.store.chain import time_text
+from secledger.times import utcnow
+
+FORMAT = "secledger.evidence.v1"
+POPULATION = "evidence_population"
+STREAM_ROWS = 5000
+SAMPLE_ALGORITHM = (
+    "positions = sorted(i + 1 for i in random.Random(SEED).sample(range(N), min(SIZE, N)))"
+    " (Python 3 random, Mersenne Twister), where N is the population size and position is"
+    " the 1-based row number of population.csv (sorted by instance in byte order,"
+    " project_id, mr_iid)"
+)
+POPULATION_COLUMNS = (
+    "position",
+    "instance",
+    "project_id",
+    "mr_iid",
+    "project_path",
+    "title",
+    "url",
+    "risk_tier",
+    "outcome",
+    "decided_at",
+    "decided_by",
+    "author_id",
+    "labeled_at",
+    "approvers",
+    "sla_deadline",
+    "first_decision_at",
+    "first_decision_by",
+    "sla_status",
+    "findings",
+    "event_count",
+    "last_seq",
+)
+TRAIL_COLUMNS = ("seq", "event_at", "kind", "decision", "actor", "hash")
+TRAIL_CSV_COLUMNS = ("position", "instance", "project_id", "mr_iid", *TRAIL_COLUMNS)
+_FIRST_EVENT_COLUMN = TRAIL_CSV_COLUMNS.index("seq")
+FINDING_COLUMNS = tuple(f.name for f in fields(findings.Finding))
+
+_DECIDED_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END"
+_CREATE = f"""
+CREATE TEMPORARY TABLE {POPULATION} ON COMMIT DROP AS
+SELECT row_number() OVER (ORDER BY l.instance COLLATE "C", l.project_id, l.mr_iid) AS position,
+       l.instance, l.project_id, l.mr_iid, l.state AS outcome, {_DECIDED_AT} AS decided_at
+FROM security_review_ledger l
+WHERE l.state IN ('merged', 'closed') AND {_DECIDED_AT} >= :since AND {_DECIDED_AT} < :until
+"""
+_POPULATION_ROWS = f"""
+SELECT p.position, l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url,
+       l.risk_tier, p.outcome, p.decided_at,
+       CASE p.outcome WHEN 'merged' THEN l.merged_by ELSE l.closed_by END AS decided_by,
+       l.author_id, l.labeled_at, l.approvers, s.deadline AS sla_deadline,
+       s.first_decision_at, s.first_decision_by,
+       CASE WHEN s.deadline IS NULL THEN 'no_clock'
+            WHEN s.first_decision_at IS NULL
+                THEN CASE WHEN :now > s.deadline THEN 'overdue' ELSE 'running' END
+            WHEN s.first_decision_at <= s.deadline THEN 'met'
+            ELSE 'breached' END AS sla_status,
+       (SELECT count(*) FROM findings f WHERE f.instance = l.instance
+            AND f.project_id = l.project_id AND f.mr_iid = l.mr_iid) AS findings,
+       l.event_count, l.last_seq
+FROM {POPULATION} p
+JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
+ORDER BY p.position
+"""
+_EVENTS = f"""
+SELECT p.position, p.instance, p.project_id, p.mr_iid, e.seq, e.event_at, e.kind, e.decision,
+       e.actor, encode(d.hash, 'hex') AS hash{{extra}}
+FROM {POPULATION} p
+JOIN review_events e USING (instance, project_id, mr_iid)
+JOIN delivery_log d ON d.seq = e.seq
+{{where}}
+ORDER BY p.position, e.event_at, e.seq
+"""
+_TRAIL = _EVENTS.format(extra="", where="")
+_SAMPLE = _EVENTS.format(
+    extra=", e.facts, d.received_at, d.source, d.event, d.instance AS log_instance,"
+    " d.dedup_key, d.headers, d.payload, d.prev_hash",
+    where="WHERE p.position = ANY(:positions)",
+)
+
+
+class Tracker(Protocol):
+    """Progress reporting: a task with an optional total, advanced by a callback."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        """Start a task; the callback advances it."""
+
+
+class Silent:
+    """A tracker that reports nothing."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        """A no-op callback."""
+        return lambda _count: None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What goes into the pack: the period (``until`` exclusive), filters and the sample."""
+
+    since: datetime
+    until: datetime
+    seed: int
+    sample: int = 25
+    project: str | None = None
+    tier: str | None = None
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sampled MR and its file in the pack."""
+
+    rank: int
+    position: int
+    instance: str
+    project_id: int
+    mr_iid: int
+    file: str
+    events: int
+
+
+@dataclass
+class Pack:
+    """What was written, for the command's summary, ``pack.json`` and the README."""
+
+    options: Options
+    generated_at: datetime
+    population: int = 0
+    events: int = 0
+    findings: int = 0
+    snapshot_head_seq: int = 0
+    sample: list[Sampled] = field(default_factory=list)
+    chain: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    public_key: bool = False
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def sample_algorithm(self) -> str:
+        """How the sample was drawn, in words an auditor can re-run."""
+        return SAMPLE_ALGORITHM
+
+    @property
+    def chain_ok(self) -> bool:
+        """True when the chain verified at pack time."""
+        return bool(self.chain.get("ok"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of ``pack.json``."""
+        data = asdict(self)
+        data["format"] = FORMAT
+        data["sample_algorithm"] = self.sample_algorithm
+        data.pop("files")
+        return data
+
+
+def draw(population: int, size: int, seed: int) -> list[int]:
+    """The 1-based positions of the sample, sorted (see :data:`SAMPLE_ALGORITHM`)."""
+    # Reproducibility for the auditor is the point here, not unpredictability.
+    rng = random.Random(seed)  # noqa: S311
+    picked = rng.sample(range(population), min(size, population))
+    return sorted(index + 1 for index in picked)
+
+
+def build(
+    engine: Engine,
+    options: Options,
+    out: Path,
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    tracker: Tracker | None = None,
+) -> Pack:
+    """Write the evidence pack into ``out`` (which the caller made sure is usable)."""
+    tracker = tracker or Silent()
+    pack = Pack(options, utcnow())
+    files = PackDir(out)
+    with engine.connect() as plain:
+        conn = plain.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            _snapshot(conn, pack, files, tracker)
+            latest = checkpoints.stored(conn)
+    advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
+    pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance)
+    newest = latest[-1][1] if latest else None
+    pack.checkpoint = packchain.add_checkpoint(files, newest, public_key)
+    pack.public_key = public_key is not None
+    files.write_json("pack.json", pack.to_json())
+    files.write_bytes("README.md", packreadme.render(pack).encode())
+    pack.files = sorted(files.files)
+    files.write_manifest(tracker.task("manifest", len(files.files)))
+    return pack
+
+
+def _snapshot(conn: Connection, pack: Pack, files: PackDir, tracker: Tracker) -> None:
+    """Everything read from the ledger, in one snapshot."""
+    # Every time comes back in UTC, so JSON and CSV spell it the same way ("Z").
+    conn.execute(text("SET LOCAL TIME ZONE 'UTC'"))
+    pack.snapshot_head_seq = checkpoints.head(conn)[0]
+    pack.population = _create_population(conn, pack.options)
+    positions = draw(pack.population, pack.options.sample, pack.options.seed)
+    sampled = _write_population(conn, pack, files, set(positions), tracker)
+    pack.findings = _write_findings(conn, files)
+    _write_sla(conn, pack, files)
+    _write_sample(conn, pack, files, sampled, tracker)
+
+
+def _create_population(conn: Connection, options: Options) -> int:
+    query = _CREATE
+    params: dict[str, Any] = {"since": options.since, "until": options.until}
+    if options.project is not None:
+        query += " AND (l.project_path = :project OR l.project_id::text = :project)"
+        params["project"] = options.project
+    if options.tier is not None:
+        query += " AND l.risk_tier = :tier"
+        params["tier"] = options.tier
+    conn.execute(text(query), params)
+    conn.execute(text(f"CREATE INDEX ON {POPULATION} (instance, project_id, mr_iid)"))
+    conn.execute(text(f"CREATE INDEX ON {POPULATION} (position)"))
+    conn.execute(text(f"ANALYZE {POPULATION}"))
+    return int(conn.execute(text(f"SELECT count(*) FROM {POPULATION}")).scalar_one())
+
+
+def _stream(
+    conn: Connection, query: str, params: Mapping[str, Any], *, mappings: bool = True
+) -> Iterator[Any]:
+    """Rows (mappings, or tuples) from a server-side cursor, fetched in batches."""
+    result = conn.execution_options(yield_per=STREAM_ROWS).execute(text(query), dict(params))
+    yield from (result.mappings() if mappings else result)
+
+
+def _write_population(
+    conn: Connection, pack: Pack, files: PackDir, wanted: set[int], tracker: Tracker
+) -> dict[int, dict[str, Any]]:
+    """Population (CSV, JSON with nested trails) and the trail CSV; the sampled MR rows."""
+    advance = tracker.task("population", pack.population)
+    # Plain tuples, in TRAIL_CSV_COLUMNS order: half a million of them for a year.
+    trail = _stream(conn, _TRAIL, {}, mappings=False)
+    pending = next(trail, None)
+    sampled: dict[int, dict[str, Any]] = {}
+    with (
+        files.json_array("population.json") as as_json,
+        files.csv_table("population.csv", POPULATION_COLUMNS) as as_csv,
+        files.csv_table("decision-trail.csv", TRAIL_CSV_COLUMNS) as trail_csv,
+    ):
+        for row in _stream(conn, _POPULATION_ROWS, {"now": pack.generated_at}):
+            mr = dict(row)
+            events = []
+            while pending is not None and pending[0] == mr["position"]:
+                trail_csv.add_values(pending)
+                events.append(dict(zip(TRAIL_COLUMNS, pending[_FIRST_EVENT_COLUMN:], strict=True)))
+                pending = next(trail, None)
+            pack.events += len(events)
+            as_csv.add(mr)
+            as_json.add({**mr, "trail": events})
+            if mr["position"] in wanted:
+                sampled[mr["position"]] = mr
+            advance(1)
+    return sampled
+
+
+def _write_findings(conn: Connection, files: PackDir) -> int:
+    """Every finding (open and resolved) of the population's MRs."""
+    count = 0
+    with (
+        files.json_array("findings.json") as as_json,
+        files.csv_table("findings.csv", FINDING_COLUMNS) as as_csv,
+    ):
+        for finding in findings.of_mrs(conn, POPULATION):
+            item = finding.to_json()
+            as_json.add(item)
+            as_csv.add(item)
+            count += 1
+    return count
+
+
+def _write_sla(conn: Connection, pack: Pack, files: PackDir) -> None:
+    """Per tier and per reviewer, from ``reports`` with the pack's period and filters."""
+    options = pack.options
+    filters = reports.Filters(
+        since=options.since,
+        until=options.until,
+        project=options.project,
+        tier=options.tier,
+        now=pack.generated_at,
+    )
+    tiers = [row.as_dict() for row in reports.tiers(conn, filters)]
+    reviewers = [row.as_dict() for row in reports.reviewers(conn, filters)]
+    files.write_json("sla-summary.json", {"tiers": tiers, "reviewers": reviewers})
+    files.write_csv("sla-tiers.csv", reports.TierRow.columns(), tiers)
+    files.write_csv("sla-reviewers.csv", reports.ReviewerRow.columns(), reviewers)
+
+
+def _write_sample(
+    conn: Connection,
+    pack: Pack,
+    files: PackDir,
+    sampled: dict[int, dict[str, Any]],
+    tracker: Tracker,
+) -> None:
+    """One JSON file per sampled MR: its ledger row and every log row, raw payload included."""
+    advance = tracker.task("sample", len(sampled))
+    positions = sorted(sampled)
+    history: dict[int, list[dict[str, Any]]] = {position: [] for position in positions}
+    for row in conn.execute(text(_SAMPLE), {"positions": positions}).mappings():
+        history[row["position"]].append(_sample_event(row))
+    for rank, position in enumerate(positions, start=1):
+        mr = sampled[position]
+        name = f"sample/{rank:03d}-p{mr['project_id']}-mr{mr['mr_iid']}.json"
+        events = history[position]
+        files.write_json(
+            name,
+            {
+                "rank": rank,
+                "position": position,
+                "seed": pack.options.seed,
+                "mr": mr,
+                "events": events,
+            },
+        )
+        pack.sample.append(
+            Sampled(
+                rank, position, mr["instance"], mr["project_id"], mr["mr_iid"], name, len(events)
+            )
+        )
+        advance(1)
+    index_columns = tuple(f.name for f in fields(Sampled))
+    files.write_csv("sample/index.csv", index_columns, (asdict(s) for s in pack.sample))
+
+
+def _sample_event(row: RowMapping) -> dict[str, Any]:
+    """One event with the exact log row it came from (the canonical fields and hashes)."""
+    payload = bytes(row["payload"])
+    return {
+        "seq": row["seq"],
+        "event_at": row["event_at"],
+        "kind": row["kind"],
+        "decision": row["decision"],
+        "actor": row["actor"],
+        "facts": row["facts"],
+        "log": {
+            "seq": row["seq"],
+            "received_at": time_text(row["received_at"]),
+            "source": row["source"],
+            "event": row["event"],
+            "instance": row["log_instance"],
+            "dedup_key": row["dedup_key"],
+            "headers": row["headers"],
+            "payload_base64": base64.b64encode(payload).decode(),
+            "payload_bytes": len(payload),
+            "prev_hash": bytes(row["prev_hash"]).hex(),
+            "hash": row["hash"],
+        },
+    }

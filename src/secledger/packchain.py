@@ -1,0 +1,72 @@
+"""The chain part of an evidence pack: the verification at pack time and the newest checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine
+
+from secledger import checkpoint as signing
+from secledger.checkpoint import Checkpoint
+from secledger.packfiles import PackDir
+from secledger.store.verify import ChainBroken, Summary, verify
+from secledger.times import isoformat, utcnow
+
+
+def verify_now(
+    engine: Engine, files: PackDir, snapshot_head_seq: int, progress: Callable[[int], None]
+) -> dict[str, Any]:
+    """Walk the whole chain, write ``chain/verify.json``; a broken chain is recorded too."""
+    result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
+    try:
+        summary = verify(engine, progress=progress)
+    except ChainBroken as exc:
+        result |= {"ok": False, "failure": {"seq": exc.seq, "reason": exc.reason}}
+    else:
+        result |= {"ok": True, "failure": None, **_summary(summary)}
+    result["snapshot_head_seq"] = snapshot_head_seq
+    files.write_json("chain/verify.json", result)
+    return result
+
+
+def _summary(summary: Summary) -> dict[str, Any]:
+    return {
+        "rows": summary.rows,
+        "first_seq": summary.first_seq,
+        "last_seq": summary.last_seq,
+        "head_hash": summary.head_hash.hex(),
+        "seconds": round(summary.seconds, 3),
+        "checkpoints_stored": len(summary.stored),
+        "checkpoints_matched": summary.matched,
+    }
+
+
+def add_checkpoint(
+    files: PackDir, latest: Checkpoint | None, public: Ed25519PublicKey | None
+) -> dict[str, Any] | None:
+    """Write the public key and the newest checkpoint; what the pack says about them."""
+    if public is not None:
+        files.write_bytes("chain/checkpoint-key.pem.pub", signing.public_pem(public))
+    if latest is None:
+        return None
+    name = f"chain/checkpoint-{latest.seq:012d}.json"
+    files.write_json(name, latest.to_json())
+    return {
+        "file": name,
+        "seq": latest.seq,
+        "head_hash": latest.head_hash.hex(),
+        "key_id": latest.key_id,
+        "signature": _signature(latest, public),
+    }
+
+
+def _signature(latest: Checkpoint, public: Ed25519PublicKey | None) -> str:
+    if public is None:
+        return "not checked: no public key configured"
+    try:
+        signing.check_signature(latest, public)
+    except signing.BadCheckpoint as exc:
+        return f"INVALID: {exc}"
+    return "verified"

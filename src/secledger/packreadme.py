@@ -1,0 +1,205 @@
+"""The README.md of an evidence pack: what each file is, and how to re-verify it by hand."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from secledger import __version__
+from secledger.times import isoformat
+
+if TYPE_CHECKING:
+    from secledger.evidence import Pack
+
+FILES = (
+    ("README.md", "this file"),
+    ("pack.json", "the facts of this README, machine-readable (period, filters, seed, counts)"),
+    (
+        "population.csv",
+        "one row per security MR decided in the period, numbered by `position`",
+    ),
+    ("population.json", "the same MRs, each with its decision trail (`trail`)"),
+    (
+        "decision-trail.csv",
+        "every recorded event of those MRs: kind, decision, actor, event time, log `seq`"
+        " and the log row's chain `hash` (hex)",
+    ),
+    ("findings.csv, findings.json", "every finding of those MRs, open and resolved"),
+    (
+        "sla-summary.json, sla-tiers.csv, sla-reviewers.csv",
+        "SLA figures per risk tier and per reviewer (`secledger report tiers|reviewers`)",
+    ),
+    ("sample/index.csv", "the sampled MRs: rank, population position, key, file"),
+    (
+        "sample/NNN-pP-mrM.json",
+        "one sampled MR: its ledger row and every log row in full, raw payload in base64",
+    ),
+    ("chain/verify.json", "the hash-chain verification run when the pack was made"),
+    ("chain/checkpoint-*.json", "the newest signed checkpoint, when one exists"),
+    ("chain/checkpoint-key.pem.pub", "the checkpoint public key, when configured"),
+    ("MANIFEST.sha256", "SHA-256 of every other file (`sha256sum -c` format)"),
+)
+
+REHASH = """\
+import base64, csv, hashlib, json, pathlib
+
+def field(name, value):
+    return name.encode() + b" " + str(len(value)).encode() + b"\\n" + value + b"\\n"
+
+with open("decision-trail.csv", newline="", encoding="utf-8") as handle:
+    trail = {row["seq"]: row["hash"] for row in csv.DictReader(handle)}
+bad = 0
+for path in sorted(pathlib.Path("sample").glob("*.json")):
+    for event in json.loads(path.read_text("utf-8"))["events"]:
+        log = event["log"]
+        canonical = b"secledger.log.v1\\n"
+        for name in ("seq", "received_at", "source", "event", "instance", "dedup_key", "headers"):
+            canonical += field(name, str(log[name]).encode("utf-8"))
+        canonical += field("payload", base64.b64decode(log["payload_base64"]))
+        digest = hashlib.sha256(bytes.fromhex(log["prev_hash"]) + canonical).hexdigest()
+        ok = digest == log["hash"] == trail.get(str(log["seq"]))
+        bad += not ok
+        print(path.name, log["seq"], "ok" if ok else "MISMATCH")
+print("every sampled row rehashes" if bad == 0 else f"{bad} sampled rows do NOT rehash")
+"""
+
+REDRAW = """\
+import csv, random
+with open("population.csv", newline="", encoding="utf-8") as handle:
+    n = sum(1 for _ in csv.DictReader(handle))
+print(sorted(i + 1 for i in random.Random({seed}).sample(range(n), min({size}, n))))
+"""
+
+
+def _filters(pack: Pack) -> str:
+    options = pack.options
+    chosen = [f"project = `{options.project}`"] if options.project else []
+    chosen += [f"risk tier = `{options.tier}`"] if options.tier else []
+    return ", ".join(chosen) or "none (every project and tier)"
+
+
+def _chain(pack: Pack) -> str:
+    chain = pack.chain
+    if not chain.get("ok"):
+        failure = chain.get("failure") or {}
+        return (
+            f"**BROKEN** at log row seq {failure.get('seq')}: {failure.get('reason')}."
+            " Treat every row from there on as unproven."
+        )
+    text = (
+        f"OK: {chain['rows']} rows, seq {chain['first_seq']}..{chain['last_seq']},"
+        f" head hash `{chain['head_hash']}` (verified {chain['verified_at']})."
+    )
+    if pack.checkpoint:
+        cp = pack.checkpoint
+        text += (
+            f" Newest signed checkpoint: seq {cp['seq']}, key `{cp['key_id']}`,"
+            f" signature {cp['signature']}."
+        )
+    else:
+        text += " No signed checkpoint is stored."
+    return text
+
+
+def _scope(pack: Pack) -> str:
+    options = pack.options
+    return f"""\
+- **Period:** final decisions at or after {isoformat(options.since)} and before
+  {isoformat(options.until)} (UTC).
+- **Filters:** {_filters(pack)}.
+- **Population:** {pack.population} security merge requests (MRs) whose final decision (merge
+  or close) falls in the period, with {pack.events} recorded events. An MR merged or closed
+  and later reopened is not in it; the decision time is the merge (or close) event's time.
+- **Findings:** {pack.findings} separation-of-duties findings of those MRs (open and resolved).
+- **Sample:** {len(pack.sample)} of {pack.population} MRs, **seed {options.seed}**
+  (requested size {options.sample}).
+- **Ledger snapshot:** log rows up to seq {pack.snapshot_head_seq} were committed when the
+  pack was read (one consistent snapshot for every file except `chain/`).
+- **Hash chain:** {_chain(pack)}
+"""
+
+
+def _files() -> str:
+    rows = "\n".join(f"| `{name}` | {meaning} |" for name, meaning in FILES)
+    return f"| file | content |\n| --- | --- |\n{rows}\n"
+
+
+def _checkpoint_steps(pack: Pack) -> str:
+    if pack.checkpoint is None:
+        return "No checkpoint was stored when the pack was made, so there is none to check.\n"
+    name = pack.checkpoint["file"]
+    key = (
+        "`chain/checkpoint-key.pem.pub` (compare its key id with the one the organisation"
+        " gave you independently; a key shipped with the evidence proves nothing alone)"
+        if pack.public_key
+        else "the organisation's checkpoint public key (PEM)"
+    )
+    return f"""\
+The checkpoint signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at <time> LF`
+with Ed25519. With {key} and OpenSSL 3:
+
+```sh
+jq -j .message {name} > message
+jq -r .signature {name} | base64 -d > signature
+openssl pkeyutl -verify -pubin -inkey chain/checkpoint-key.pem.pub -rawin \\
+  -in message -sigfile signature
+```
+
+Check that `message` spells the file's `seq`, `head_hash` and `signed_at`, and that the chain
+still has that hash at that seq (`chain/verify.json`, or with database access
+`SELECT encode(hash, 'hex') FROM delivery_log WHERE seq = <seq>`).
+"""
+
+
+def render(pack: Pack) -> str:
+    """The pack's README.md."""
+    options = pack.options
+    redraw = REDRAW.format(seed=options.seed, size=options.sample)
+    return f"""\
+# Evidence pack: security code reviews
+
+Generated {isoformat(pack.generated_at)} by secledger {__version__} (format
+`secledger.evidence.v1`) from a tamper-evident ledger of GitLab merge-request reviews.
+
+## Scope
+
+{_scope(pack)}
+## Files
+
+{_files()}
+Times are ISO 8601 UTC. In CSV files, lists are space-separated and objects are JSON.
+`sla_status` is `met`/`breached` (first review decision by/after the deadline),
+`overdue`/`running` (no decision yet) or `no_clock`. SLA figures follow the report
+definitions: per tier, MRs whose security label was applied in the period; per reviewer,
+decisions made in the period.
+
+## How the sample was drawn
+
+{pack.sample_algorithm}. The same seed and the same population always give the same sample.
+To re-draw it (Python 3 standard library), run in this directory:
+
+```python
+{redraw}```
+
+The printed positions equal the `position` column of `sample/index.csv`.
+
+## Re-verifying this pack without secledger
+
+1. **Nothing was changed since the pack was made:** `sha256sum -c MANIFEST.sha256` prints
+   `OK` for every file. Record `sha256sum MANIFEST.sha256` in your working papers.
+2. **The sampled rows are the ledger's evidence:** each log row's hash is
+   `SHA-256(prev_hash || canonical bytes)`, where the canonical bytes are the header
+   `secledger.log.v1` LF followed, for `seq, received_at, source, event, instance,
+   dedup_key, headers, payload` in this order, by `<name> SP <byte length> LF <value> LF`
+   (the payload is the request body exactly as received). This script (Python 3, standard
+   library only) recomputes every sampled row's hash and compares it with the stored one
+   and with `decision-trail.csv`:
+
+```python
+{REHASH}```
+
+3. **The whole chain:** with read access to the database (`secledger_readonly`), the
+   canonical-SQL query in secledger's `docs/integrity.md` recomputes every row with `psql`
+   alone; `chain/verify.json` is the result of the same walk at pack time.
+4. **The signed checkpoint:**
+
+{_checkpoint_steps(pack)}"""

@@ -1,0 +1,483 @@
+"""The evidence pack, checked against the ledger, the manifest and the docs' canonical encoding.
+
+History (T0 = Monday 2025-08-04 09:00 UTC; the period is [T0 + 11 h, T0 + 200 h)):
+
+MR   project        tier      events                                         in the period?
+1    acme/payments  high      open 0, bob approves 10, carol merges 12       yes (merged 12 h)
+2    acme/payments  critical  open 0, bob approves 30, alice (author) merges yes (merged 32 h)
+3    acme/web       medium    open 24, alice (author) approves 40, merged 50 yes (merged 50 h)
+4    acme/web       high      open 168, dave closes 270                      no (closed later)
+5    acme/payments  low       open 5                                          no (open)
+6    acme/payments  high      open 0, carol merges 5                          no (merged before)
+20-39 acme/payments medium    open, bob approves, carol merges 20..58 h      yes
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from builders import dumps, mr_event
+from chainkit import tamper
+from secledger import checkpoint as signing
+from secledger import evidence, findings, integrity, reports
+from secledger.cli import main
+from secledger.policy import LabelPolicy
+from secledger.service import feed
+from secledger.store import db
+
+T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)
+SINCE = T0 + timedelta(hours=11)
+UNTIL = T0 + timedelta(hours=200)
+IN_PERIOD = {1, 2, 3, *range(20, 40)}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# docs/integrity.md, "The canonical encoding": these fields, in this order, then payload.
+CANONICAL_FIELDS = ("seq", "received_at", "source", "event", "instance", "dedup_key", "headers")
+
+
+def at(hours: float) -> str:
+    return (T0 + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def mr(iid: int, tier: str, opened: float, steps: list[tuple[str, str, float]]) -> list[dict]:
+    project = 15 if iid in {3, 4} else 14
+    common: dict[str, Any] = {
+        "iid": iid,
+        "project_id": project,
+        "labels": [f"sec::{tier}"],
+        "created_at": at(opened),
+    }
+    bodies = [mr_event("open", updated_at=at(opened), **common)]
+    bodies += [mr_event(a, actor=who, updated_at=at(h), **common) for a, who, h in steps]
+    if project == 15:
+        for body in bodies:
+            body["project"]["path_with_namespace"] = "acme/web"
+    return bodies
+
+
+HISTORY = [
+    *mr(1, "high", 0, [("approved", "bob", 10), ("merge", "carol", 12)]),
+    *mr(2, "critical", 0, [("approved", "bob", 30), ("merge", "alice", 32)]),
+    *mr(3, "medium", 24, [("approved", "alice", 40), ("merge", "carol", 50)]),
+    *mr(4, "high", 168, [("close", "dave", 270)]),
+    *mr(5, "low", 5, []),
+    *mr(6, "high", 0, [("merge", "carol", 5)]),
+    *(
+        body
+        for iid in range(20, 40)
+        for body in mr(
+            iid, "medium", iid - 10, [("approved", "bob", iid), ("merge", "carol", 2 * iid)]
+        )
+    ),
+]
+
+
+def record(engine: Engine) -> None:
+    for body in HISTORY:
+        outcome = feed(
+            engine,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=10_000_000,
+            source="replay",
+        )
+        assert outcome.status == "recorded"
+
+
+@pytest.fixture(scope="module")
+def ledger_url(server_url: str, template_url: str) -> Iterator[str]:
+    """One recorded history shared by the read-only tests of this module."""
+    name = f"secledger_evidence_{uuid.uuid4().hex[:8]}"
+    template = make_url(template_url)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template.database}"')
+    url = template.set(database=name).render_as_string(hide_password=False)
+    engine = db.create(url, pool_size=1)
+    record(engine)
+    engine.dispose()
+    yield url
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Engine]:
+    engine = db.create(ledger_url, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+def build(engine: Engine, out: Path, **options: Any) -> evidence.Pack:
+    chosen = evidence.Options(
+        **({"since": SINCE, "until": UNTIL, "seed": 7, "sample": 5} | options)
+    )
+    return evidence.build(engine, chosen, out)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cli(url: str, tmp_path: Path, *args: str, **env: str) -> Result:
+    environment = {
+        "SECLEDGER_DATABASE_URL": url,
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_LOG_LEVEL": "warning",
+    } | {f"SECLEDGER_{k.upper()}": v for k, v in env.items()}
+    return CliRunner().invoke(main, list(args), env=environment, catch_exceptions=False)
+
+
+def test_population_is_exactly_the_mrs_decided_in_the_period(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack")
+    rows = read_csv(tmp_path / "pack" / "population.csv")
+    assert {int(r["mr_iid"]) for r in rows} == IN_PERIOD
+    with ledger.connect() as conn:
+        decided = conn.execute(
+            text(
+                "SELECT instance, project_id, mr_iid FROM security_review_ledger"
+                " WHERE (state = 'merged' AND merged_at >= :s AND merged_at < :u)"
+                " OR (state = 'closed' AND closed_at >= :s AND closed_at < :u)"
+            ),
+            {"s": SINCE, "u": UNTIL},
+        ).all()
+    keys = sorted((r["instance"], int(r["project_id"]), int(r["mr_iid"])) for r in rows)
+    assert keys == sorted(tuple(row) for row in decided)
+    assert [int(r["position"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert pack.population == len(rows) == len(IN_PERIOD)
+    mr2 = next(r for r in rows if r["mr_iid"] == "2")
+    assert (mr2["outcome"], mr2["decided_by"], mr2["decided_at"]) == (
+        "merged",
+        "alice",
+        "2025-08-05T17:00:00Z",
+    )
+    assert mr2["sla_status"] == "breached"  # critical: 24 h, first decision at 30 h
+
+
+def test_each_mr_carries_its_decision_trail_with_log_hashes(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack")
+    population = json.loads((tmp_path / "pack" / "population.json").read_bytes())
+    trail_csv = read_csv(tmp_path / "pack" / "decision-trail.csv")
+    with ledger.connect() as conn:
+        stored = conn.execute(
+            text(
+                "SELECT e.mr_iid, e.seq, e.kind, e.actor, encode(d.hash, 'hex')"
+                " FROM review_events e JOIN delivery_log d USING (seq) ORDER BY e.event_at, e.seq"
+            )
+        ).all()
+    expected: dict[int, list[tuple[Any, ...]]] = {}
+    for iid, seq, kind, actor, digest in stored:
+        expected.setdefault(iid, []).append((seq, kind, actor, digest))
+    for item in population:
+        got = [(e["seq"], e["kind"], e["actor"], e["hash"]) for e in item["trail"]]
+        assert got == expected[item["mr_iid"]]
+    assert len(trail_csv) == pack.events == sum(len(expected[i]) for i in IN_PERIOD)
+    first = population[0]["trail"][0]
+    assert {"seq", "event_at", "kind", "decision", "actor", "hash"} <= set(first)
+    assert first["event_at"] == "2025-08-04T09:00:00Z"  # the CSV's spelling too
+
+
+def test_findings_and_sla_summary_match_list_findings_and_reports(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack")
+    with ledger.connect() as conn:
+        listed = findings.list_findings(conn, include_resolved=True)
+        filters = reports.Filters(since=SINCE, until=UNTIL, now=pack.generated_at)
+        tiers = [row.as_dict() for row in reports.tiers(conn, filters)]
+        reviewers = [row.as_dict() for row in reports.reviewers(conn, filters)]
+    ours = [f.to_json() for f in listed if f.mr_iid in IN_PERIOD]
+    packed = json.loads((tmp_path / "pack" / "findings.json").read_bytes())
+    assert sorted(packed, key=lambda f: f["id"]) == sorted(ours, key=lambda f: f["id"])
+    assert {(f["mr_iid"], f["rule"]) for f in packed} >= {
+        (2, "insufficient-approvals"),
+        (2, "sla-breached"),
+        (3, "author-approved"),
+    }
+    assert len(read_csv(tmp_path / "pack" / "findings.csv")) == len(packed) == pack.findings
+    summary = json.loads((tmp_path / "pack" / "sla-summary.json").read_bytes())
+    assert summary == {"tiers": tiers, "reviewers": reviewers}
+    tier_csv = read_csv(tmp_path / "pack" / "sla-tiers.csv")
+    assert [r["tier"] for r in tier_csv] == [t["tier"] for t in tiers]
+
+
+def test_filters_narrow_the_population_and_are_recorded(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack", project="acme/web")
+    rows = read_csv(tmp_path / "pack" / "population.csv")
+    assert [int(r["mr_iid"]) for r in rows] == [3]
+    tiered = build(ledger, tmp_path / "tier", tier="critical")
+    assert tiered.population == 1
+    readme = (tmp_path / "pack" / "README.md").read_text()
+    assert "project = `acme/web`" in readme
+    assert json.loads((tmp_path / "pack" / "pack.json").read_bytes())["options"]["project"] == (
+        "acme/web"
+    )
+    assert pack.population == 1
+
+
+def test_manifest_passes_sha256sum_and_catches_a_tampered_file(ledger, tmp_path) -> None:
+    out = tmp_path / "pack"
+    pack = build(ledger, out)
+    listed = [line.split("  ", 1)[1] for line in (out / "MANIFEST.sha256").read_text().splitlines()]
+    on_disk = sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and p.name != "MANIFEST.sha256"
+    )
+    assert listed == on_disk == pack.files
+    ok = subprocess.run(
+        ["sha256sum", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    target = out / "findings.csv"
+    target.write_bytes(target.read_bytes().replace(b"high", b"low", 1))
+    bad = subprocess.run(
+        ["sha256sum", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
+    )
+    assert bad.returncode == 1
+    assert b"findings.csv: FAILED" in bad.stdout
+
+
+def sample_positions(out: Path) -> list[int]:
+    return [int(r["position"]) for r in read_csv(out / "sample" / "index.csv")]
+
+
+def test_sample_is_reproducible_with_its_seed_and_follows_the_documented_algorithm(
+    ledger, tmp_path
+) -> None:
+    first = build(ledger, tmp_path / "a", seed=12345)
+    again = build(ledger, tmp_path / "b", seed=12345)
+    other = build(ledger, tmp_path / "c", seed=54321)
+    assert sample_positions(tmp_path / "a") == sample_positions(tmp_path / "b")
+    assert sample_positions(tmp_path / "a") != sample_positions(tmp_path / "c")
+    for name in (s.file for s in first.sample):
+        a = json.loads((tmp_path / "a" / name).read_bytes())
+        b = json.loads((tmp_path / "b" / name).read_bytes())
+        assert a == b
+    # The README's algorithm, re-run from population.csv alone.
+    n = len(read_csv(tmp_path / "a" / "population.csv"))
+    picked = random.Random(12345).sample(range(n), min(5, n))  # noqa: S311 - the documented draw
+    assert sample_positions(tmp_path / "a") == sorted(i + 1 for i in picked)
+    assert len(other.sample) == len(again.sample) == 5
+    population = read_csv(tmp_path / "a" / "population.csv")
+    for sampled in first.sample:
+        row = population[sampled.position - 1]
+        assert (int(row["project_id"]), int(row["mr_iid"])) == (sampled.project_id, sampled.mr_iid)
+    assert "seed 12345" in (tmp_path / "a" / "README.md").read_text()
+
+
+def rehash(log: dict[str, Any]) -> str:
+    """docs/integrity.md's canonical encoding, with hashlib only."""
+    canonical = b"secledger.log.v1\n"
+    values = [(name, str(log[name]).encode("utf-8")) for name in CANONICAL_FIELDS]
+    values.append(("payload", base64.b64decode(log["payload_base64"])))
+    for name, value in values:
+        canonical += name.encode() + b" " + str(len(value)).encode() + b"\n" + value + b"\n"
+    return hashlib.sha256(bytes.fromhex(log["prev_hash"]) + canonical).hexdigest()
+
+
+def test_sampled_raw_payloads_rehash_to_the_stored_chain(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack", sample=50)
+    assert len(pack.sample) == len(IN_PERIOD)  # a sample larger than the population takes all
+    checked = 0
+    with ledger.connect() as conn:
+        for sampled in pack.sample:
+            story = json.loads((tmp_path / "pack" / sampled.file).read_bytes())
+            seqs = conn.execute(
+                text(
+                    "SELECT seq FROM review_events"
+                    " WHERE project_id = :p AND mr_iid = :i ORDER BY seq"
+                ),
+                {"p": sampled.project_id, "i": sampled.mr_iid},
+            ).scalars()
+            assert sorted(e["seq"] for e in story["events"]) == list(seqs)
+            for event in story["events"]:
+                log = event["log"]
+                digest, payload = conn.execute(
+                    text("SELECT encode(hash, 'hex'), payload FROM delivery_log WHERE seq = :s"),
+                    {"s": log["seq"]},
+                ).one()
+                assert base64.b64decode(log["payload_base64"]) == bytes(payload)
+                assert rehash(log) == log["hash"] == digest
+                checked += 1
+    assert checked == pack.events
+
+
+def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_path) -> None:
+    out = tmp_path / "pack"
+    build(ledger, out)
+    readme = (out / "README.md").read_text()
+    scripts = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    assert len(scripts) == 2
+    redraw = subprocess.run(
+        [sys.executable, "-I", "-c", scripts[0]], cwd=out, capture_output=True, check=False
+    )
+    assert redraw.returncode == 0, redraw.stderr
+    assert json.loads(redraw.stdout) == sample_positions(out)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "every sampled row rehashes"
+    # Tamper with one sampled payload: the script notices.
+    story_path = next((out / "sample").glob("*.json"))
+    story = json.loads(story_path.read_bytes())
+    body = base64.b64decode(story["events"][0]["log"]["payload_base64"]).replace(
+        b"Harden", b"Soften"
+    )
+    story["events"][0]["log"]["payload_base64"] = base64.b64encode(body).decode()
+    story_path.write_text(json.dumps(story))
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
+    )
+    assert "1 sampled rows do NOT rehash" in result.stdout.decode()
+
+
+def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url, tmp_path) -> None:
+    record(engine)
+    key_path = tmp_path / "key.pem"
+    signing.generate(key_path)
+    signed, _ = integrity.take_checkpoint(engine, signing.load_private(key_path), None)
+    out = tmp_path / "pack"
+    result = cli(
+        database_url,
+        tmp_path,
+        "evidence",
+        "--since",
+        "2025-08-04T20:00:00Z",
+        "--until",
+        "2025-08-13",
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+        checkpoint_key_file=str(key_path),
+    )
+    assert result.exit_code == 0, result.output
+    assert "seed 3" in result.output
+    chain = json.loads((out / "chain" / "verify.json").read_bytes())
+    assert chain["ok"] is True
+    assert (chain["rows"], chain["first_seq"], chain["last_seq"]) == (len(HISTORY), 1, len(HISTORY))
+    assert chain["head_hash"] == signed.head_hash.hex()
+    assert chain["checkpoints_matched"] == [f"stored checkpoint #1 (seq {len(HISTORY)})"]
+    name = f"checkpoint-{signed.seq:012d}.json"
+    assert signing.read_file(out / "chain" / name) == signed
+    packed = json.loads((out / "pack.json").read_bytes())
+    assert packed["checkpoint"]["signature"] == "verified"
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to check the README's signature step")
+    message = tmp_path / "message"
+    signature = tmp_path / "signature"
+    content = json.loads((out / "chain" / name).read_bytes())
+    message.write_text(content["message"])
+    signature.write_bytes(base64.b64decode(content["signature"]))
+    checked = subprocess.run(
+        [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            "chain/checkpoint-key.pem.pub",
+            "-rawin",
+            "-in",
+            str(message),
+            "-sigfile",
+            str(signature),
+        ],
+        cwd=out,
+        capture_output=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert b"Signature Verified Successfully" in checked.stdout
+
+
+def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url, tmp_path) -> None:
+    record(engine)
+    tamper(engine, "UPDATE delivery_log SET payload = payload || '\\x20'::bytea WHERE seq = 4")
+    out = tmp_path / "pack"
+    result = cli(
+        database_url,
+        tmp_path,
+        "evidence",
+        "--since",
+        "2025-08-04",
+        "--until",
+        "2025-08-20",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=4" in result.output
+    chain = json.loads((out / "chain" / "verify.json").read_bytes())
+    assert chain["ok"] is False
+    assert chain["failure"]["seq"] == 4
+    assert "BROKEN" in (out / "README.md").read_text()
+    assert (out / "MANIFEST.sha256").exists()
+
+
+def test_refuses_a_non_empty_directory_unless_forced(ledger_url, tmp_path) -> None:
+    out = tmp_path / "pack"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["evidence", "--since", "2025-08-04", "--until", "2025-08-20", "--out", str(out)]
+    refused = cli(ledger_url, tmp_path, *args)
+    assert refused.exit_code == 2
+    assert "is not empty" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    forced = cli(ledger_url, tmp_path, *args, "--force", "--seed", "1")
+    assert forced.exit_code == 0, forced.output
+    assert "notes.txt" not in (out / "MANIFEST.sha256").read_text()
+    assert (out / "notes.txt").read_text() == "mine"
+    backwards = cli(
+        ledger_url,
+        tmp_path,
+        *args[:1],
+        "--since",
+        "2025-08-20",
+        "--until",
+        "2025-08-04",
+        "--out",
+        str(tmp_path / "other"),
+    )
+    assert backwards.exit_code == 2
+
+
+def test_evidence_has_help_with_an_example_and_docs() -> None:
+    result = CliRunner().invoke(main, ["evidence", "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output
+    assert "secledger evidence --since" in result.output
+    assert "`secledger evidence" in (DOCS / "evidence.md").read_text()
+
+
+def test_an_empty_period_still_gives_a_complete_verifiable_pack(ledger, tmp_path) -> None:
+    out = tmp_path / "pack"
+    pack = build(ledger, out, since=T0 - timedelta(days=30), until=T0)
+    assert (pack.population, pack.events, pack.findings, pack.sample) == (0, 0, 0, [])
+    assert json.loads((out / "population.json").read_bytes()) == []
+    assert read_csv(out / "population.csv") == []
+    assert (out / "population.csv").read_text().startswith("position,instance,project_id")
+    assert pack.chain_ok
+    ok = subprocess.run(
+        ["sha256sum", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
+    )
+    assert ok.returncode == 0, ok.stdout
