@@ -3,58 +3,24 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from secledger import checkpoint as signing
 from secledger import evidence
 from secledger.commands.compliance import _when
 from secledger.errors import SecledgerError
 from secledger.packfiles import MANIFEST
+from secledger.progress import RichTracker, stderr_progress
 
 if TYPE_CHECKING:
     from secledger.cli import Context
 
 SEED_LIMIT = 2**32
-
-
-class RichTracker:
-    """Progress bars on stderr (shown only on a terminal)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-
-    def task(self, description: str, total: int | None) -> Callable[[int], None]:
-        """Add a bar; the callback advances it (thread-safe, verify calls it from a thread)."""
-        task_id = self._progress.add_task(description, total=total)
-        return lambda count: self._progress.advance(task_id, count)
-
-
-def _progress() -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description:<14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -160,7 +126,7 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
     click.echo(f"sample seed: {options.seed}", err=True)
     try:
         public = _public_key(context)
-        with context.engine() as engine, _progress() as progress:
+        with context.engine() as engine, stderr_progress() as progress:
             pack = evidence.build(
                 engine, options, out, public_key=public, tracker=RichTracker(progress)
             )

@@ -15,8 +15,9 @@ from secledger import checkpoint as signing
 from secledger import integrity
 from secledger.errors import SecledgerError
 from secledger.policy import LabelPolicy
+from secledger.progress import RichTracker, stderr_progress
 from secledger.store import db
-from secledger.store.verify import ChainBroken, Expected, Summary, verify
+from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, verify
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -113,8 +114,9 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
     try:
         public = _public_key(context, public_key)
         vouched = _vouched(files, public)
-        with _engine(context.database.url) as engine:
-            summary = verify(engine, vouched)
+        with _engine(context.database.url) as engine, stderr_progress() as bar:
+            advance = RichTracker(bar).task("verifying", log_rows(engine))
+            summary = verify(engine, vouched, progress=advance)
         signatures = _check_stored(summary, public)
     except ChainBroken as exc:
         click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)

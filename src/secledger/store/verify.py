@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
@@ -143,6 +143,14 @@ def _with_stored(
             Expected(checkpoint.seq, checkpoint.head_hash, label)
         )
     return expected
+
+
+def log_rows(engine: Engine) -> int:
+    """How many rows the log should hold: its highest sequence number (for progress)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(text("SELECT coalesce(max(seq), 0) FROM delivery_log")).scalar_one()
+        )
 
 
 def verify(
