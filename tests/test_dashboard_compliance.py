@@ -189,3 +189,14 @@ def test_demo_creates_one_dashboard_user_with_a_private_password_file(
         )
         assert login.status_code == 303
         assert "security MRs" in app.get("/").text
+
+
+def test_every_report_route_and_the_sla_setting_are_documented() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    dashboard, policy = (docs / "dashboard.md").read_text(), (docs / "policy.md").read_text()
+    read_api = dashboard.split("## Read API")[1].split("## Metrics")[0]
+    for kind in reports.REPORTS:
+        assert kind in read_api, kind
+        assert f"| `{kind}` |" in policy, kind
+    assert "SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS" in policy
+    assert "cron" not in policy.split("**SLA breaches of open MRs.**")[1].split("## Reports")[0]

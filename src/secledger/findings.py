@@ -143,8 +143,8 @@ def _sql_stamp(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
-# Open MRs whose deadline passed since their last event: found at report time (and by
-# `secledger findings --refresh-only` from cron), set-based, with the evidence
+# Open MRs whose deadline passed since their last event: found by serve's periodic
+# check (overdue.py) and at report time, set-based, with the evidence
 # ``rules.breach_evidence`` builds, so record-time re-evaluation changes nothing.
 _OVERDUE = text(
     "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"

@@ -94,8 +94,9 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     """List separation-of-duties findings (open ones unless --all).
 
     First records `sla-breached` for open merge requests whose deadline has passed
-    since their last event; run `secledger findings --refresh-only` from cron to keep
-    the findings table current for BI tools.
+    since their last event (a running `secledger serve` also does this every
+    SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS; --refresh-only does only that, for
+    deployments without serve).
 
     \b
     Example:

@@ -122,7 +122,9 @@ def time_to_decision_chart(
     ]
     if ordered:
         traces.append(_sla_marker(ordered, policy))
+    # Log scale: decisions in minutes and SLAs of two weeks both stay readable.
     layout = _layout("Label to first review decision, per tier, against its SLA", "tier", "hours")
+    layout["yaxis"] = {"title": {"text": "hours (log scale)"}, "type": "log"}
     return {"data": traces, "layout": layout}
 
 

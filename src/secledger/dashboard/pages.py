@@ -46,7 +46,7 @@ def evidence_text(evidence: dict[str, Any]) -> str:
     for key, value in evidence.items():
         if value is None:
             continue
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        shown = (", ".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
         parts.append(f"{key.replace('_', ' ')}: {shown}")
     return "; ".join(parts)
 
