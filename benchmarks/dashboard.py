@@ -1,6 +1,8 @@
 """Dashboard page load time with a 100,000-MR ledger.
 
-Fills a fresh database with set-based SQL (ledger rows, review events, log rows),
+Fills a fresh database with set-based SQL (ledger rows, review events, log rows, SLA
+clocks per MR with the default tier policy, sla-breached findings for every late or
+overdue MR, author-approved findings for 2% of MRs),
 starts a real `secledger serve` on a free loopback port, logs in, and times the pages
 and read-API calls people use. With Debian's chromium present it also times a full
 browser load of the dashboard (HTML, plotly.js, charts drawn).
@@ -81,6 +83,38 @@ FROM generate_series(1, %(mrs)s) AS m,
        timestamptz '2025-01-01' + make_interval(mins => m * 10) AS labeled,
        (600 + ((m * 7919) %% 1000) ^ 2 / 4.0)::float8 AS ttd) AS x;
 
+INSERT INTO review_sla
+  (instance, project_id, mr_iid, risk_tier, sla_hours, business_hours, required_approvals,
+   labeled_at, label_seq, deadline, first_decision_at, first_decision, first_decision_by,
+   first_decision_seq, updated_at)
+SELECT l.instance, l.project_id, l.mr_iid, l.risk_tier, h, false, 1, l.labeled_at,
+       l.last_seq - 3, l.labeled_at + make_interval(hours => h),
+       CASE WHEN l.state <> 'opened' THEN l.decided_at END,
+       CASE WHEN l.state <> 'opened' THEN l.decision END,
+       CASE WHEN l.state <> 'opened' THEN l.decided_by END,
+       CASE WHEN l.state <> 'opened' THEN l.last_seq END, now()
+FROM security_review_ledger l,
+     LATERAL (SELECT CASE l.risk_tier WHEN 'critical' THEN 24 WHEN 'high' THEN 72
+                     WHEN 'low' THEN 336 ELSE 168 END AS h) AS x;
+
+INSERT INTO findings
+  (instance, project_id, mr_iid, rule, subject, severity, seqs, evidence, detected_at,
+   updated_at)
+SELECT s.instance, s.project_id, s.mr_iid, 'sla-breached', '', 'medium', ARRAY[s.label_seq],
+       jsonb_build_object('tier', s.risk_tier, 'sla_hours', s.sla_hours,
+                          'deadline', s.deadline, 'decided_at', s.first_decision_at),
+       coalesce(s.first_decision_at, s.deadline), now()
+FROM review_sla s
+WHERE coalesce(s.first_decision_at, now()) > s.deadline;
+
+INSERT INTO findings
+  (instance, project_id, mr_iid, rule, subject, severity, seqs, evidence, detected_at,
+   updated_at)
+SELECT l.instance, l.project_id, l.mr_iid, 'author-approved', '', 'high', ARRAY[l.last_seq - 2],
+       jsonb_build_object('author_id', l.author_id, 'approver', l.approvers[1]),
+       l.labeled_at + interval '1 hour', now()
+FROM security_review_ledger l WHERE l.mr_iid %% 50 = 0;
+
 ANALYZE
 """
 
@@ -104,7 +138,12 @@ def fresh_database(admin: str, mrs: int) -> str:
         for statement in FILL.split(";\n\n"):
             conn.execute(statement, params)  # type: ignore[arg-type]
     elapsed = time.perf_counter() - started
-    print(f"filled {mrs:,} MRs, {mrs * EVENTS_PER_MR:,} events in {elapsed:.1f} s")
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT count(*) FROM findings").fetchone()
+    print(
+        f"filled {mrs:,} MRs, {mrs * EVENTS_PER_MR:,} events, {found[0] if found else 0:,}"
+        f" findings in {elapsed:.1f} s"
+    )
     return url
 
 
@@ -162,7 +201,11 @@ def http_figures(base: str, mrs: int, repeat: int) -> None:
                 "dashboard, one project, 2025",
                 "/?project=group/project-3&since=2025-01-01&until=2025-12-31",
             ),
-            ("MR page with timeline", mr),
+            ("MR page with timeline and findings", mr),
+            ("GET /api/reports/reviewers", "/api/reports/reviewers"),
+            ("GET /api/reports/open (refreshes overdue)", "/api/reports/open"),
+            ("GET /api/reports/decision-times", "/api/reports/decision-times"),
+            ("GET /api/findings?limit=100", "/api/findings?limit=100"),
             ("GET /api/ledger?limit=100", "/api/ledger?limit=100"),
             (
                 "GET /api/ledger?limit=100, 90% deep",

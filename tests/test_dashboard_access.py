@@ -50,10 +50,14 @@ READ_PATHS = [
     ENCODED_MR,
     "/api/reports/summary",
     "/api/reports/volume",
-    "/api/reports/time-to-decision",
     "/api/reports/reviewers",
+    "/api/reports/tiers",
+    "/api/reports/projects",
+    "/api/reports/periods",
     "/api/reports/open",
     "/api/reports/findings",
+    "/api/reports/decision-times",
+    "/api/findings",
     "/api/whoami",
 ]
 

@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from builders import dumps, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, reader_client, reader_settings
-from secledger.dashboard.queries import ComplianceHooks, Filters, Finding, open_mrs
 from secledger.dashboard.trail import instance_from_path
 from secledger.intake import Ignored, parse_delivery
 from secledger.store import db
@@ -36,10 +35,14 @@ READ_PATHS = {
     "/api/ledger/{instance}/{project_id}/{mr_iid}",
     "/api/reports/summary",
     "/api/reports/volume",
-    "/api/reports/time-to-decision",
     "/api/reports/reviewers",
+    "/api/reports/tiers",
+    "/api/reports/projects",
+    "/api/reports/periods",
     "/api/reports/open",
     "/api/reports/findings",
+    "/api/reports/decision-times",
+    "/api/findings",
     "/api/whoami",
 }
 
@@ -89,8 +92,21 @@ def test_openapi_describes_the_response_bodies(reader) -> None:
     trail = models["MRTrail"]["properties"]
     assert trail["timeline"]["items"]["$ref"].endswith("/TimelineEvent")
     assert trail["chain"]["items"]["$ref"].endswith("/ChainCheck")
-    for name in ("TierDistribution", "ReviewerFigures", "OpenMR", "FindingsPanel", "Summary"):
+    for name in ("DecisionTimesRow", "ReviewerRow", "OpenRow", "FindingsRow", "Finding", "Summary"):
         assert name in models
+    assert trail["findings"]["items"]["$ref"].endswith("/Finding")
+    reviewers = schema["paths"]["/api/reports/reviewers"]["get"]
+    assert reviewers["responses"]["200"]["content"]["application/json"]["schema"]["items"][
+        "$ref"
+    ].endswith("/ReviewerRow")
+    assert {p["name"] for p in reviewers["parameters"]} >= {
+        "since",
+        "until",
+        "project",
+        "tier",
+        "reviewer",
+        "period",
+    }
     params = {p["name"] for p in schema["paths"]["/api/ledger"]["get"]["parameters"]}
     assert params >= {"since", "until", "project", "tier", "reviewer", "state", "limit", "offset"}
 
@@ -155,7 +171,7 @@ def test_instance_from_path_restores_a_merged_double_slash() -> None:
     assert instance_from_path("http:/10.0.0.1:8080") == "http://10.0.0.1:8080"
 
 
-def test_reports_tell_what_the_core_ledger_holds(reader) -> None:
+def test_dashboard_figures_of_the_core_ledger(reader) -> None:
     get = lambda path: reader.get(f"/api/reports/{path}", headers=bearer()).json()  # noqa: E731
     assert get("summary") == {
         "total": 5,
@@ -164,44 +180,9 @@ def test_reports_tell_what_the_core_ledger_holds(reader) -> None:
         "closed": 1,
         "median_seconds": (10500.0 + 18310.0) / 2,  # !12 2h55m, !11 5h05m10s
     }
-    by_tier = {d["tier"]: d for d in get("time-to-decision")}
-    assert by_tier["critical"]["count"] == 1
-    assert by_tier["critical"]["median"] == 10500.0  # 08:20 label -> 11:15 merge
-    assert by_tier["critical"]["sla_seconds"] is None
-    people = {p["reviewer"]: p for p in get("reviewers")}
-    assert (people["bob"]["approvals"], people["bob"]["revocations"]) == (2, 0)
-    assert (people["carol"]["approvals"], people["carol"]["revocations"]) == (0, 1)
-    assert people["bob"]["sla_adherence"] is None
-    assert [m["mr_iid"] for m in get("open")] == [16]
     volume = get("volume?bucket=month")
     assert sum(p["count"] for p in volume) == 5
     assert {p["bucket"] for p in volume} == {"2026-11-01"}
-    assert get("findings") == {"available": False, "items": [], "note": get("findings")["note"]}
-
-
-def test_open_mrs_sort_by_sla_time_left_once_a_policy_exists(reader, engine) -> None:
-    post(
-        reader, mr_event("open", iid=40, labels=["sec::low"], created_at="2026-11-01 00:00:00 UTC")
-    )
-    hooks = ComplianceHooks(sla_seconds={"critical": 3600.0, "low": 365 * 86400.0})
-    with engine.connect() as conn:
-        without = open_mrs(conn, Filters(), utcnow())
-        with_sla = open_mrs(conn, Filters(), utcnow(), hooks)
-    assert [m.mr_iid for m in without] == [40, 16]  # oldest first
-    assert [m.mr_iid for m in with_sla] == [16, 40]  # critical is past its SLA
-    assert with_sla[0].sla_seconds_left is not None and with_sla[0].sla_seconds_left < 0
-
-
-def test_findings_come_from_the_plugged_in_provider(database_url, tmp_path, engine) -> None:
-
-    finding = Finding(INSTANCE, 14, 14, "self-approval", "high", "approved by its author")
-    hooks = ComplianceHooks(findings=lambda _conn, _filters: [finding])
-    settings = reader_settings(database_url, tmp_path / "data")
-    app = create_app(settings, db.Database(database_url, embedded=False), hooks)
-    with TestClient(app) as client:
-        body = client.get("/api/reports/findings", headers=bearer()).json()
-    assert body["available"] is True
-    assert body["items"][0]["rule"] == "self-approval"
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple], float]:
@@ -235,7 +216,7 @@ def test_metrics_change_as_deliveries_arrive(client) -> None:
     assert ("secledger_open_security_mrs", (("tier", "high"),)) not in after  # merged
 
 
-def test_spool_gauge_reads_the_spool_and_sla_setter(client) -> None:
+def test_spool_gauge_reads_the_spool(client) -> None:
     runtime = client.app.api.state.runtime
     assert samples(client)[("secledger_spool_depth", ())] == 0
     delivery = parse_delivery(
@@ -248,10 +229,8 @@ def test_spool_gauge_reads_the_spool_and_sla_setter(client) -> None:
     )
     assert not isinstance(delivery, Ignored)
     runtime.spool.write([delivery, dataclasses.replace(delivery, dedup_key="sha256:other")])
-    runtime.metrics.set_sla_breaches("critical", 2)
     found = samples(client)
     assert found[("secledger_spool_depth", ())] == 2
-    assert found[("secledger_sla_breaches", (("tier", "critical"),))] == 2
 
 
 def test_unknown_event_headers_share_one_label(client) -> None:

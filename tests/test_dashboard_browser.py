@@ -132,9 +132,17 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             assert page.locator("#volume-chart .legend .traces").count() == 4
             # Four tiers have a decision: one box each.
             assert chart_points(page, "ttd-chart", ".boxlayer path.box") == 4
+            # The configured SLA of each tier with a box: a black bar per tier.
+            assert chart_points(page, "ttd-chart", ".scatterlayer .point") == 4
+            assert "critical 24 h" in page.inner_text("#sla-policy")
             assert chart_points(page, "reviewer-chart", ".barlayer .point") >= 2
             assert "bob" in page.inner_text("#reviewers")
-            assert "Findings needs the compliance reports" in page.inner_text("#findings")
+            adherence = page.locator("#reviewers td.adherence").all_inner_texts()
+            assert adherence and all(a.endswith("%") for a in adherence)
+            findings = page.inner_text("#finding-list")
+            assert "author-approved" in findings and "merged-by-author" in findings
+            assert "acme/payments!14" in findings
+            assert "overdue" in page.inner_text("#open-mrs")  # !16: critical, 24 h SLA
             save(page, "dashboard.png", capsys)
 
             page.select_option("select[name=tier]", "critical")
@@ -163,6 +171,16 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             ]
             assert "carol" in rows.nth(2).inner_text()
             save(page, "mr-timeline.png", capsys)
+
+            page.goto(f"{served}/")
+            page.click("#finding-list a:has-text('!14')")
+            page.wait_for_url("**/14/14")
+            mr_findings = page.inner_text("#findings")
+            assert "author-approved" in mr_findings and "merged-by-author" in mr_findings
+            # Each finding links the log rows that prove it to their timeline row.
+            proof = page.locator("#findings a[href^='#seq-']").first
+            assert page.locator(proof.get_attribute("href") or "#none").count() == 1
+            save(page, "mr-findings.png", capsys)
 
             page.goto(f"{served}/?tier=critical")
             page.wait_for_selector("#ttd-chart[data-rendered=true]")

@@ -324,8 +324,9 @@ def _free(host: str, port: int) -> bool:
 def demo(context: Context, port: int, no_serve: bool) -> None:
     """Start the embedded database, replay a sample history, print the ledger, serve.
 
-    This is what `make demo` runs. The webhook secret is generated once and kept in
-    the data directory; the command prints where, never the secret itself.
+    This is what `make demo` runs. The webhook secret and the dashboard password of
+    user `demo` are generated once and kept in the data directory; the command prints
+    where, never the secrets themselves.
 
     \b
     Example:
@@ -339,6 +340,11 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
         replay_files(context, engine, demo_files(), "Merge Request Hook")
         rows = ledger_rows(engine)
     render(rows, "table", TABLE_COLUMNS, title=f"security_review_ledger ({len(rows)} rows)")
+    password_file = _users.ensure_demo_user(settings)
+    click.echo(
+        f"\nDashboard: http://127.0.0.1:{port}/  (user {_users.DEMO_USER},"
+        f" password in {password_file})"
+    )
     if no_serve:
         return
     secret_file = settings.data_dir / "webhook-secret"
@@ -377,6 +383,7 @@ def run() -> None:
 # Commands from other areas register here, one line each.
 from secledger.commands import compliance as _compliance  # noqa: E402
 from secledger.commands import integrity as _integrity  # noqa: E402
+from secledger.commands import users as _users  # noqa: E402
 from secledger.commands.backfill import backfill, enrich, reconcile  # noqa: E402
 from secledger.commands.downstream import sink_group, watch_command  # noqa: E402
 from secledger.commands.evidence import evidence_command  # noqa: E402

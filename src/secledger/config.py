@@ -233,6 +233,11 @@ class Settings(BaseSettings):
     tier_policy: dict[str, TierPolicyConfig] = Field(default_factory=dict)
     business_hours: BusinessHoursConfig = Field(default_factory=BusinessHoursConfig)
 
+    # Compliance in serve (dashboard integration): the periodic SLA check of open MRs.
+    sla_refresh_interval_seconds: float = Field(
+        default=300.0, ge=0, description="How often serve records overdue open MRs; 0 disables."
+    )
+
     # Hardening (issue 8): signed webhooks, several instances, hostile clients.
     webhook_signing_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     webhook_auth: AuthPolicy = "either"

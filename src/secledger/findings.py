@@ -143,8 +143,8 @@ def _sql_stamp(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
-# Open MRs whose deadline passed since their last event: found at report time (and by
-# `secledger findings --refresh-only` from cron), set-based, with the evidence
+# Open MRs whose deadline passed since their last event: found by serve's periodic
+# check (overdue.py) and at report time, set-based, with the evidence
 # ``rules.breach_evidence`` builds, so record-time re-evaluation changes nothing.
 _OVERDUE = text(
     "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
@@ -164,8 +164,15 @@ _OVERDUE = text(
 )
 
 
+# serve's periodic refresh, the CLI and the read API may refresh at the same moment:
+# ON CONFLICT locks rows in scan order, so two refreshes could deadlock; they queue.
+REFRESH_LOCK_KEY = 0x5EC1EDB5
+_REFRESH_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=REFRESH_LOCK_KEY)
+
+
 def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
     """Record ``sla-breached`` for open MRs now past their deadline; how many rows changed."""
+    conn.execute(_REFRESH_LOCK)
     top = policy.tiers[0] if policy.tiers else ""
     return conn.execute(_OVERDUE, {"now": now, "top_tier": top}).rowcount or 0
 
@@ -209,6 +216,14 @@ _LIST = (
 )
 
 
+# The reviewer filter of `secledger report findings`: MRs the reviewer approved.
+_APPROVED_BY = (
+    "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = bi_findings.instance"
+    " AND r.project_id = bi_findings.project_id AND r.mr_iid = bi_findings.mr_iid"
+    " AND :reviewer = ANY(r.approvers))"
+)
+
+
 def list_findings(
     conn: Connection,
     *,
@@ -218,10 +233,14 @@ def list_findings(
     project: str | None = None,
     tier: str | None = None,
     rule: str | None = None,
+    reviewer: str | None = None,
+    mr: MRKey | None = None,
+    limit: int | None = None,
 ) -> list[Finding]:
-    """Findings, newest first, filtered on detection time, project (id or path), tier, rule."""
+    """Findings, newest first, filtered on detection time, project (id or path), tier, rule,
+    approver (as ``report findings`` filters) or one merge request; the first ``limit``."""
     where = ["TRUE"]
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = {"limit": limit}
     if not include_resolved:
         where.append("resolved_at IS NULL")
     for name, value, clause in (
@@ -230,11 +249,17 @@ def list_findings(
         ("project", project, "(project_path = :project OR project_id::text = :project)"),
         ("tier", tier, "risk_tier = :tier"),
         ("rule", rule, "rule = :rule"),
+        ("reviewer", reviewer, _APPROVED_BY),
     ):
         if value is not None:
             where.append(clause)
             params[name] = value
-    query = text(f"{_LIST} WHERE {' AND '.join(where)} ORDER BY detected_at DESC, id DESC")
+    if mr is not None:
+        where.append(_KEY)
+        params.update(ledger.key_params(mr))
+    query = text(
+        f"{_LIST} WHERE {' AND '.join(where)} ORDER BY detected_at DESC, id DESC LIMIT :limit"
+    )
     return [_finding(row) for row in conn.execute(query, params).mappings()]
 
 

@@ -1,13 +1,13 @@
 """Prometheus metrics, one registry per running receiver (``GET /metrics``).
 
 The hot path pays one cached counter child increment and one histogram observation
-per delivery. Figures that live in the database (open MRs by tier, chain head) are
-read when Prometheus scrapes, never on the hot path.
+per delivery. Figures that live in the database (open MRs and SLA breaches by tier,
+chain head) are read when Prometheus scrapes, never on the hot path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,6 +28,14 @@ _OPEN_BY_TIER = text(
     " WHERE state = 'opened' GROUP BY risk_tier"
 )
 _HEAD = text("SELECT coalesce(max(seq), 0) FROM delivery_log")
+# Open MRs holding an unresolved `sla-breached` finding: overdue ones (recorded by
+# serve's periodic check) and ones decided late but not yet merged or closed.
+_BREACHED_BY_TIER = text(
+    "SELECT l.risk_tier, count(*) FROM findings f"
+    " JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
+    " WHERE f.rule = 'sla-breached' AND f.resolved_at IS NULL"
+    " AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed') GROUP BY l.risk_tier"
+)
 
 
 def event_label(event: str | None) -> str:
@@ -40,14 +48,20 @@ def event_label(event: str | None) -> str:
 class LedgerCollector(Collector):
     """Gauges read from the database at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tiers: Sequence[str] = ()) -> None:
         self._engine = engine
+        self._tiers = tuple(tiers)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Open security MRs by tier and the chain head sequence number."""
+        """Open security MRs and SLA breaches by tier, and the chain head sequence number."""
         open_mrs = GaugeMetricFamily(
             "secledger_open_security_mrs",
             "Security merge requests currently open, by risk tier.",
+            labels=["tier"],
+        )
+        breaches = GaugeMetricFamily(
+            "secledger_sla_breaches",
+            "Open security merge requests with an unresolved sla-breached finding, by tier.",
             labels=["tier"],
         )
         head = GaugeMetricFamily(
@@ -57,6 +71,11 @@ class LedgerCollector(Collector):
             with self._engine.connect() as conn:
                 for tier, count in conn.execute(_OPEN_BY_TIER):
                     open_mrs.add_metric([tier], count)
+                # Every configured tier has a sample, so "no breach" reads 0, not "no data".
+                breached = dict.fromkeys(self._tiers, 0)
+                breached.update(dict(conn.execute(_BREACHED_BY_TIER).all()))
+                for tier, count in breached.items():
+                    breaches.add_metric([tier], count)
                 head.add_metric([], conn.execute(_HEAD).scalar_one())
         except SQLAlchemyError as exc:
             # A scrape must not fail because the database blinked: the series go
@@ -64,13 +83,14 @@ class LedgerCollector(Collector):
             log.warning("metrics_database_unavailable", error=type(exc).__name__)
             return
         yield open_mrs
+        yield breaches
         yield head
 
 
 class Metrics:
     """The receiver's metrics; ``registry`` is what ``/metrics`` exposes."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, tiers: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.deliveries = Counter(
             "secledger_deliveries",
@@ -89,17 +109,9 @@ class Metrics:
             "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",
             registry=self.registry,
         )
-        # Fed by the compliance reports (issue 5) through set_sla_breaches; until then
-        # the family is declared with no samples.
-        self.sla_breaches = Gauge(
-            "secledger_sla_breaches",
-            "Security merge requests past their tier's review SLA, by tier.",
-            ["tier"],
-            registry=self.registry,
-        )
         self._children: dict[tuple[str, str], Counter] = {}
         if engine is not None:
-            self.registry.register(LedgerCollector(engine))
+            self.registry.register(LedgerCollector(engine, tiers))
 
     def delivery(self, event: str | None, outcome: str, seconds: float) -> None:
         """Count one answered delivery and its processing time (hot path: keep it cheap)."""
@@ -109,10 +121,6 @@ class Metrics:
             child = self._children[key] = self.deliveries.labels(*key)
         child.inc()
         self.latency.observe(seconds)
-
-    def set_sla_breaches(self, tier: str, count: int) -> None:
-        """Publish how many MRs of ``tier`` are past their SLA."""
-        self.sla_breaches.labels(tier).set(count)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

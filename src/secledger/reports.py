@@ -10,15 +10,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, text
 
-from secledger.times import isoformat, utcnow
+from secledger import findings as store
+from secledger.errors import TimestampError
+from secledger.tierpolicy import CompliancePolicy
+from secledger.times import isoformat, parse_time, utcnow
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
+# Reports that first record `sla-breached` for open MRs whose deadline has passed.
+REFRESHING = frozenset({"open", "findings"})
+
+
+def parse_bound(value: str) -> datetime:
+    """A ``--since``/``--until`` value: ``YYYY-MM-DD`` (midnight UTC) or any timestamp."""
+    try:
+        if len(value) == 10:
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return parse_time(value)
+    except (TimestampError, ValueError) as exc:
+        raise ValueError(f"{value!r} is not a date (YYYY-MM-DD) or timestamp") from exc
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,20 @@ class PeriodRow(MRMetrics):
 
 
 @dataclass(frozen=True)
+class DecisionTimesRow(Row):
+    """Hours from label to first review decision in one tier: the distribution's quantiles."""
+
+    tier: str
+    decided: int
+    min_hours: float
+    q1_hours: float
+    median_hours: float
+    q3_hours: float
+    p90_hours: float
+    max_hours: float
+
+
+@dataclass(frozen=True)
 class OpenRow(Row):
     """One open security MR and its SLA clock."""
 
@@ -173,6 +202,8 @@ def _mr_filters(
     return " AND ".join(clauses), params
 
 
+# Label to first review decision: what the SLA clock measures.
+HOURS = "(extract(epoch FROM s.first_decision_at - s.labeled_at) / 3600.0)::float8"
 _METRICS = """
 count(*) AS mrs,
 count(s.first_decision_at) AS decided,
@@ -184,7 +215,7 @@ count(*) FILTER (WHERE NOT {met}) AS sla_breached,
 round(100.0 * count(*) FILTER (WHERE {met}) / nullif(count({met}), 0), 1)::float
     AS sla_adherence_pct
 """.format(
-    hours="extract(epoch FROM s.first_decision_at - s.labeled_at) / 3600.0",
+    hours=HOURS,
     # NULL while the clock runs: neither met nor breached yet.
     met="(CASE WHEN s.first_decision_at IS NOT NULL THEN s.first_decision_at <= s.deadline"
     " WHEN :now > s.deadline THEN false END)",
@@ -223,6 +254,25 @@ def periods(conn: Connection, filters: Filters) -> list[PeriodRow]:
     return [row for row in rows if row.period_start is not None]
 
 
+def decision_times(conn: Connection, filters: Filters) -> list[DecisionTimesRow]:
+    """Per tier, quantiles of hours from label to first review decision (MRs labelled then)."""
+    where, params = _mr_filters(filters, "s.labeled_at")
+    query = f"""
+SELECT l.risk_tier AS tier, count(*) AS decided, min({HOURS}) AS min_hours,
+       percentile_cont(ARRAY[0.25, 0.5, 0.75, 0.9]) WITHIN GROUP (ORDER BY {HOURS}) AS q,
+       max({HOURS}) AS max_hours
+{_MR_FROM}
+WHERE s.first_decision_at IS NOT NULL AND s.labeled_at IS NOT NULL AND {where}
+GROUP BY l.risk_tier ORDER BY l.risk_tier"""
+    rows = []
+    for row in conn.execute(text(query), params).mappings():
+        q1, median, q3, p90 = row["q"]
+        values = {k: v for k, v in row.items() if k != "q"}
+        quantiles = {"q1_hours": q1, "median_hours": median, "q3_hours": q3, "p90_hours": p90}
+        rows.append(DecisionTimesRow(**values, **quantiles))
+    return rows
+
+
 def reviewers(conn: Connection, filters: Filters) -> list[ReviewerRow]:
     """Per reviewer: their decision events in the period (by event time)."""
     where, params = _mr_filters(filters, "e.event_at", reviewer="e.actor = :reviewer")
@@ -247,8 +297,8 @@ GROUP BY e.actor ORDER BY e.actor"""
     return [ReviewerRow(**row) for row in conn.execute(text(query), params).mappings()]
 
 
-def open_mrs(conn: Connection, filters: Filters) -> list[OpenRow]:
-    """Open security MRs with their SLA clock, most urgent first."""
+def open_mrs(conn: Connection, filters: Filters, limit: int | None = None) -> list[OpenRow]:
+    """Open security MRs with their SLA clock, most urgent first (the first ``limit``)."""
     where, params = _mr_filters(filters, "s.labeled_at")
     query = f"""
 SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url, l.risk_tier,
@@ -259,10 +309,12 @@ SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url, l.ris
             WHEN :now > s.deadline THEN 'overdue'
             ELSE 'running' END AS sla_status,
        CASE WHEN s.first_decision_at IS NULL
-            THEN extract(epoch FROM s.deadline - :now) / 3600.0 END AS hours_left
+            THEN (extract(epoch FROM s.deadline - :now) / 3600.0)::float8 END AS hours_left
 {_MR_FROM}
 WHERE coalesce(l.state, 'opened') NOT IN ('merged', 'closed') AND {where}
-ORDER BY s.first_decision_at IS NOT NULL, s.deadline NULLS LAST, l.project_id, l.mr_iid"""
+ORDER BY s.first_decision_at IS NOT NULL, s.deadline NULLS LAST, l.project_id, l.mr_iid
+LIMIT :limit"""
+    params["limit"] = limit
     return [OpenRow(**row) for row in conn.execute(text(query), params).mappings()]
 
 
@@ -287,4 +339,17 @@ REPORTS: dict[str, tuple[Callable[[Connection, Filters], Sequence[Row]], type[Ro
     "periods": (periods, PeriodRow),
     "open": (open_mrs, OpenRow),
     "findings": (findings, FindingsRow),
+    "decision-times": (decision_times, DecisionTimesRow),
 }
+
+
+def run(conn: Connection, kind: str, filters: Filters, policy: CompliancePolicy) -> list[Row]:
+    """One report as `secledger report` and ``/api/reports/...`` both produce it.
+
+    ``open`` and ``findings`` first record `sla-breached` for open MRs past their
+    deadline at ``filters.now`` (a write: run it in a transaction).
+    """
+    query, _row_type = REPORTS[kind]
+    if kind in REFRESHING:
+        store.refresh_overdue(conn, policy, filters.now)
+    return list(query(conn, filters))

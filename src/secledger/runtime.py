@@ -50,7 +50,7 @@ class Runtime:
             recording=recording,
         )
         recorder.start()
-        metrics = Metrics(engine)
+        metrics = Metrics(engine, [*settings.risk_tiers, settings.unclassified_tier])
         # Read at scrape time, so the gauge can never be stale.
         metrics.spool_depth.set_function(lambda: spool.depth)
         return cls(

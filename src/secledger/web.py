@@ -11,10 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from secledger import __version__, dashboard, enrich, integrity, sink, webhook
+from secledger import __version__, dashboard, enrich, integrity, overdue, sink, webhook
 from secledger.config import Settings
 from secledger.dashboard.access import api_reader
-from secledger.dashboard.queries import ComplianceHooks
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
 
@@ -23,7 +22,6 @@ def create_api(
     runtime_ref: dict[str, Runtime],
     settings: Settings,
     database: db.Database,
-    hooks: ComplianceHooks | None = None,
 ) -> FastAPI:
     """FastAPI routes: health, readiness, metrics, the dashboard and the read API."""
 
@@ -34,11 +32,14 @@ def create_api(
         enricher = enrich.start_background(settings, runtime.engine)  # label times, off-path
         sender = sink.start_worker(settings, runtime.engine, db.libpq_url(database.url))
         checkpointing = integrity.schedule(settings, runtime.engine)
+        # Open MRs become overdue without any event: found every few minutes.
+        sla_refresh = overdue.schedule(settings, runtime.engine)
         _app.state.runtime = runtime
         try:
             yield
         finally:
             _app.state.runtime = None
+            await overdue.stop(sla_refresh)
             await integrity.stop(checkpointing)
             if sender is not None:
                 sender.close()
@@ -86,16 +87,14 @@ def create_api(
             raise HTTPException(503, "the receiver is not running")
         return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    dashboard.install(api, settings, hooks)
+    dashboard.install(api, settings)
     return api
 
 
-def create_app(
-    settings: Settings, database: db.Database, hooks: ComplianceHooks | None = None
-) -> Any:
+def create_app(settings: Settings, database: db.Database) -> Any:
     """The ASGI application ``secledger serve`` runs."""
     runtime_ref: dict[str, Runtime] = {}
-    api = create_api(runtime_ref, settings, database, hooks)
+    api = create_api(runtime_ref, settings, database)
     handler: list[webhook.WebhookHandler] = []
 
     async def app(scope: webhook.Scope, receive: webhook.Receive, send: webhook.Send) -> None:

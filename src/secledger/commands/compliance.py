@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -10,11 +10,10 @@ import orjson
 
 from secledger import findings as store
 from secledger import reports
-from secledger.errors import TimestampError
 from secledger.output import FORMATS, render
 from secledger.rules import RULES
 from secledger.tierpolicy import CompliancePolicy
-from secledger.times import parse_time, utcnow
+from secledger.times import utcnow
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -52,11 +51,9 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> date
     if value is None:
         return None
     try:
-        if len(value) == 10:
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return parse_time(value)
-    except (TimestampError, ValueError) as exc:
-        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or timestamp") from exc
+        return reports.parse_bound(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title: str) -> None:
@@ -97,8 +94,9 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     """List separation-of-duties findings (open ones unless --all).
 
     First records `sla-breached` for open merge requests whose deadline has passed
-    since their last event; run `secledger findings --refresh-only` from cron to keep
-    the findings table current for BI tools.
+    since their last event (a running `secledger serve` also does this every
+    SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS; --refresh-only does only that, for
+    deployments without serve).
 
     \b
     Example:
@@ -159,13 +157,14 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
     reviewer: str | None,
     period: str,
 ) -> None:
-    """Compliance reports: reviewers, tiers, projects, periods, open, findings.
+    """Compliance reports: reviewers, tiers, projects, periods, open, findings, decision-times.
 
     reviewers: decisions (approve, merge, close), approvals, revocations, median and
     p90 hours from label to decision, SLA adherence, by decision time. tiers, projects,
     periods: security MRs by label time, with SLA met/breached. open: open security
     MRs with their SLA clock (hours left; negative when overdue). findings: counts
-    per rule and severity. See docs/policy.md for the exact definitions.
+    per rule and severity. decision-times: per tier, quantiles of hours from label
+    to first review decision. See docs/policy.md for the exact definitions.
 
     \b
     Example:
@@ -176,11 +175,8 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
     filters = reports.Filters(
         since=since, until=until, project=project, tier=tier, reviewer=reviewer, period=period
     )
-    query, row_type = reports.REPORTS[kind]
+    policy = CompliancePolicy.from_settings(context.settings)
     with context.engine() as engine, engine.begin() as conn:
-        if kind in {"open", "findings"}:
-            store.refresh_overdue(
-                conn, CompliancePolicy.from_settings(context.settings), filters.now
-            )
-        rows = [row.as_dict() for row in query(conn, filters)]
-    _emit(rows, fmt, row_type.columns(), f"{kind} ({len(rows)})")
+        # The same function serves /api/reports/KIND.
+        rows = [row.as_dict() for row in reports.run(conn, kind, filters, policy)]
+    _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")

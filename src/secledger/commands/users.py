@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
 import click
 
-from secledger.dashboard.auth import hash_password, read_users_file
+from secledger.config import Settings
+from secledger.dashboard.auth import (
+    hash_password,
+    read_users_file,
+    verify_password,
+    write_users_file,
+)
 from secledger.errors import ConfigError
 
 
@@ -77,9 +84,32 @@ def add_command(name: str, password_stdin: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     verb = "updated" if name in users else "added"
     users[name] = hash_password(_ask_password(password_stdin))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("# secledger dashboard users: name:scrypt hash\n")
-        out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+    write_users_file(path, users)
     click.echo(f"{verb} {name} in {path}")
+
+
+DEMO_USER = "demo"
+
+
+def ensure_demo_user(settings: Settings) -> Path:
+    """Give `secledger demo` a dashboard login, once: user ``demo``, a random password
+    kept in ``data_dir/demo-password`` (0600). Returns that file's path; re-running
+    keeps the password and rewrites nothing."""
+    path = settings.data_dir / "demo-password"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(18) + "\n")
+    password = path.read_text().strip()
+    if not password:
+        raise ConfigError(f"{path} is empty; delete it to create a new demo password")
+    users = read_users_file(settings.users_path)
+    known = users.get(DEMO_USER)
+    if known is None or not verify_password(password, known):
+        users[DEMO_USER] = hash_password(password)
+        write_users_file(settings.users_path, users)
+    return path

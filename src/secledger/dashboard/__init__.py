@@ -13,7 +13,7 @@ from secledger.dashboard import api, pages
 from secledger.dashboard.access import Dashboard, LoginRequired
 from secledger.dashboard.assets import plotly_js_path
 from secledger.dashboard.auth import Authenticator
-from secledger.dashboard.queries import ComplianceHooks
+from secledger.tierpolicy import CompliancePolicy
 
 # Everything is served by secledger itself, so the policy can forbid any other origin.
 CSP = (
@@ -52,10 +52,11 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def install(app: FastAPI, settings: Settings, hooks: ComplianceHooks | None = None) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Mount pages and read API on ``app``; fails early if users or plotly.js are unusable."""
     plotly_js_path()
-    app.state.dashboard = Dashboard(settings, Authenticator(settings), hooks or ComplianceHooks())
+    policy = CompliancePolicy.from_settings(settings)
+    app.state.dashboard = Dashboard(settings, Authenticator(settings), policy)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(SecurityHeaders)

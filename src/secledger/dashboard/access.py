@@ -14,7 +14,8 @@ from sqlalchemy import Connection, Engine
 
 from secledger.config import Settings
 from secledger.dashboard.auth import COOKIE, Authenticator, Principal
-from secledger.dashboard.queries import ComplianceHooks, FilterOptions, Filters, filter_options
+from secledger.dashboard.queries import FilterOptions, Filters, filter_options
+from secledger.tierpolicy import CompliancePolicy
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
 bearer_scheme = HTTPBearer(auto_error=False, description="SECLEDGER_READ_TOKEN")
@@ -30,7 +31,7 @@ class Dashboard:
 
     settings: Settings
     auth: Authenticator
-    hooks: ComplianceHooks
+    policy: CompliancePolicy
     _options: tuple[float, FilterOptions] | None = None
 
     def options(self, conn: Connection) -> FilterOptions:

@@ -1,20 +1,26 @@
-"""The read API: ``/api/ledger`` and ``/api/reports/...``, authenticated, documented in OpenAPI."""
+"""The read API: ``/api/ledger``, ``/api/reports/...``, ``/api/findings``, authenticated.
+
+The compliance reports are ``secledger.reports.run``, the function `secledger report`
+calls, with the CLI's filter semantics; ``summary`` and ``volume`` are the dashboard's own.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
+from secledger import findings, reports
 from secledger.dashboard import queries, trail
 from secledger.dashboard.access import Dashboard, api_reader, build_filters, dashboard, engine
 from secledger.dashboard.auth import Principal
 from secledger.extract import MRKey
+from secledger.rules import RULES
 from secledger.service import ledger_json
-from secledger.times import utcnow
 
 router = APIRouter(prefix="/api", tags=["read"], dependencies=[Depends(api_reader)])
 MAX_LIMIT = 500
@@ -65,11 +71,12 @@ class LedgerList(BaseModel):
 
 
 class MRTrail(BaseModel):
-    """One merge request: its ledger row, its events and the chain status of its log rows."""
+    """One merge request: ledger row, events, chain status of its log rows, findings."""
 
     row: LedgerRow
     timeline: list[trail.TimelineEvent]
     chain: list[trail.ChainCheck]
+    findings: list[findings.Finding]
 
 
 def filters(
@@ -124,7 +131,8 @@ def get_mr(instance: str, project_id: int, mr_iid: int, db: DB) -> dict[str, Any
             raise HTTPException(404, "this merge request is not in the ledger")
         events = trail.timeline(conn, key)
         chain = trail.chain_status(conn, [e.seq for e in events])
-    return {"row": ledger_json(row), "timeline": events, "chain": chain}
+        found = findings.list_findings(conn, mr=key, include_resolved=True)
+    return {"row": ledger_json(row), "timeline": events, "chain": chain, "findings": found}
 
 
 @router.get("/reports/summary", summary="Counts by state and median time to decision")
@@ -143,34 +151,77 @@ def report_volume(
         return queries.volume(conn, where, bucket)
 
 
-@router.get("/reports/time-to-decision", summary="Time-to-decision quantiles per tier")
-def report_time_to_decision(
-    db: DB, where: Filtered, state: State
-) -> list[queries.TierDistribution]:
-    """Seconds from security label to decision; ``sla_seconds`` once a policy is configured."""
-    with db.connect() as conn:
-        return queries.time_to_decision(conn, where, state.hooks)
+Bound = Annotated[
+    str | None,
+    Query(description="YYYY-MM-DD (midnight UTC) or a timestamp, as `secledger report` takes"),
+]
 
 
-@router.get("/reports/reviewers", summary="Figures per reviewer")
-def report_reviewers(db: DB, where: Filtered, state: State) -> list[queries.ReviewerFigures]:
-    """Approvals, revocations, MRs reviewed and median time per reviewer."""
-    with db.connect() as conn:
-        return queries.reviewers(conn, where, state.hooks)
+def report_filters(  # noqa: PLR0917 - one query parameter each
+    since: Bound = None,
+    until: Annotated[str | None, Query(description="exclusive; same spellings as since")] = None,
+    project: Annotated[str | None, Query(description="project id or path")] = None,
+    tier: str | None = None,
+    reviewer: Annotated[str | None, Query(description="GitLab username")] = None,
+    period: Literal["week", "month"] = "week",
+) -> reports.Filters:
+    """The filters of `secledger report` (each report's time column: docs/policy.md)."""
+    try:
+        start = reports.parse_bound(since) if since else None
+        end = reports.parse_bound(until) if until else None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return reports.Filters(start, end, project or None, tier or None, reviewer or None, period)
 
 
-@router.get("/reports/open", summary="Open security MRs, most urgent first")
-def report_open(db: DB, where: Filtered, state: State) -> list[queries.OpenMR]:
-    """Least SLA time left first when a policy is configured, else oldest first."""
-    with db.connect() as conn:
-        return queries.open_mrs(conn, where, utcnow(), state.hooks)
+ReportFiltered = Annotated[reports.Filters, Depends(report_filters)]
 
 
-@router.get("/reports/findings", summary="Compliance findings")
-def report_findings(db: DB, where: Filtered, state: State) -> queries.FindingsPanel:
-    """``available`` is false until the compliance reports are plugged in."""
-    with db.connect() as conn:
-        return queries.findings(conn, where, state.hooks)
+def _report_route(kind: str) -> Callable[..., list[dict[str, Any]]]:
+    def route(db: DB, where: ReportFiltered, state: State) -> list[dict[str, Any]]:
+        # A transaction: `open` and `findings` first record overdue breaches, as the CLI does.
+        with db.begin() as conn:
+            rows = reports.run(conn, kind, where, state.policy)
+        return [row.as_dict() for row in rows]
+
+    route.__name__ = f"report_{kind.replace('-', '_')}"
+    route.__doc__ = f"`secledger report {kind} --format json`, as JSON."
+    return route
+
+
+for _kind, (_query, _row) in reports.REPORTS.items():
+    router.add_api_route(
+        f"/reports/{_kind}",
+        _report_route(_kind),
+        methods=["GET"],
+        response_model=list[_row],  # type: ignore[valid-type]
+        summary=(_query.__doc__ or _kind).splitlines()[0],
+    )
+
+
+@router.get("/findings", summary="Separation-of-duties findings, newest first")
+def get_findings(  # noqa: PLR0917 - one query parameter each
+    db: DB,
+    state: State,
+    where: ReportFiltered,
+    rule: Annotated[str | None, Query(description=", ".join(sorted(RULES)))] = None,
+    include_resolved: Annotated[bool, Query(alias="all")] = False,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[findings.Finding]:
+    """`secledger findings --format json`: overdue breaches recorded first; times = detection."""
+    with db.begin() as conn:
+        findings.refresh_overdue(conn, state.policy, where.now)
+        return findings.list_findings(
+            conn,
+            include_resolved=include_resolved,
+            since=where.since,
+            until=where.until,
+            project=where.project,
+            tier=where.tier,
+            rule=rule,
+            reviewer=where.reviewer,
+            limit=limit,
+        )
 
 
 @router.get("/whoami", summary="The authenticated principal")

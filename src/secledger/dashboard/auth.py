@@ -97,6 +97,15 @@ def read_users_file(path: Path) -> dict[str, str]:
     return users
 
 
+def write_users_file(path: Path, users: dict[str, str]) -> None:
+    """Replace the users file (mode 0600) with ``users``, sorted by name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("# secledger dashboard users: name:scrypt hash\n")
+        out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+
+
 def load_users(settings: Settings) -> dict[str, str]:
     """Users from the users file, then from settings (settings win); hashes checked."""
     users = read_users_file(settings.users_path) | dict(settings.users)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from secledger.dashboard.queries import ReviewerFigures, TierDistribution, VolumePoint
+from secledger.dashboard.queries import VolumePoint
+from secledger.reports import DecisionTimesRow, ReviewerRow
+from secledger.tierpolicy import CompliancePolicy
 
-HOUR = 3600.0
 # Colour-blind-safe palette (Okabe-Ito), highest tier first; prints legibly in grey.
 PALETTE = ("#D55E00", "#E69F00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#999999")
 
@@ -79,48 +80,58 @@ def volume_chart(points: Sequence[VolumePoint], tiers: Sequence[str]) -> dict[st
     }
 
 
+def _sla_marker(rows: Sequence[DecisionTimesRow], policy: CompliancePolicy) -> dict[str, Any]:
+    """The tier's SLA as a black bar across its box (hours; business hours say so)."""
+    rules = [policy.rule(row.tier) for row in rows]
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "name": "SLA",
+        "x": [row.tier for row in rows],
+        "y": [rule.sla_hours for rule in rules],
+        "text": [
+            f"SLA {rule.sla_hours:g} {'business ' if rule.business_hours else ''}hours"
+            for rule in rules
+        ],
+        "hoverinfo": "text",
+        "marker": {"symbol": "line-ew-open", "size": 40, "color": "#000", "line": {"width": 3}},
+    }
+
+
 def time_to_decision_chart(
-    dists: Sequence[TierDistribution], tiers: Sequence[str]
+    rows: Sequence[DecisionTimesRow], policy: CompliancePolicy, tiers: Sequence[str]
 ) -> dict[str, Any]:
-    """Box per tier from precomputed quantiles (hours), with the SLA marked when known."""
+    """Box per tier from precomputed quantiles (hours to first decision), with its SLA."""
     colours = _colours(tiers)
-    by_tier = {d.tier: d for d in dists}
-    traces: list[dict[str, Any]] = []
-    for tier in _ordered(set(by_tier), tiers):
-        d = by_tier[tier]
-        traces.append(
-            {
-                "type": "box",
-                "name": f"{tier} (n={d.count})",
-                "x": [tier],
-                "q1": [d.q1 / HOUR],
-                "median": [d.median / HOUR],
-                "q3": [d.q3 / HOUR],
-                "lowerfence": [d.min / HOUR],
-                "upperfence": [d.max / HOUR],
-                "marker": {"color": colours.get(tier, PALETTE[-1])},
-                "showlegend": False,
-            }
-        )
-    with_sla = [by_tier[t] for t in _ordered(set(by_tier), tiers) if by_tier[t].sla_seconds]
-    if with_sla:
-        traces.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "SLA",
-                "x": [d.tier for d in with_sla],
-                "y": [(d.sla_seconds or 0) / HOUR for d in with_sla],
-                "marker": {"symbol": "line-ew-open", "size": 40, "color": "#000"},
-            }
-        )
-    layout = _layout("Time to decision per tier", "tier", "hours")
+    by_tier = {row.tier: row for row in rows}
+    ordered = [by_tier[tier] for tier in _ordered(set(by_tier), tiers)]
+    traces: list[dict[str, Any]] = [
+        {
+            "type": "box",
+            "name": f"{row.tier} (n={row.decided})",
+            "x": [row.tier],
+            "q1": [row.q1_hours],
+            "median": [row.median_hours],
+            "q3": [row.q3_hours],
+            "lowerfence": [row.min_hours],
+            "upperfence": [row.max_hours],
+            "marker": {"color": colours.get(row.tier, PALETTE[-1])},
+            "showlegend": False,
+        }
+        for row in ordered
+    ]
+    if ordered:
+        traces.append(_sla_marker(ordered, policy))
+    # Log scale: decisions in minutes and SLAs of two weeks both stay readable.
+    layout = _layout("Label to first review decision, per tier, against its SLA", "tier", "hours")
+    layout["yaxis"] = {"title": {"text": "hours (log scale)"}, "type": "log"}
     return {"data": traces, "layout": layout}
 
 
-def reviewer_chart(people: Sequence[ReviewerFigures]) -> dict[str, Any]:
-    """Horizontal bars: approvals and revocations per reviewer."""
-    shown = list(people)[:15][::-1]  # most active at the top
+def reviewer_chart(people: Sequence[ReviewerRow]) -> dict[str, Any]:
+    """Horizontal bars: approvals and revocations per reviewer (the 15 most decisive)."""
+    busiest = sorted(people, key=lambda p: (-p.decisions, -p.approvals, p.reviewer))
+    shown = busiest[:15][::-1]  # most active at the top
     names = [p.reviewer for p in shown]
     traces = [
         {
@@ -147,13 +158,14 @@ def reviewer_chart(people: Sequence[ReviewerFigures]) -> dict[str, Any]:
 
 def dashboard_charts(
     volume: Sequence[VolumePoint],
-    ttd: Sequence[TierDistribution],
-    people: Sequence[ReviewerFigures],
-    tiers: Sequence[str],
+    ttd: Sequence[DecisionTimesRow],
+    people: Sequence[ReviewerRow],
+    policy: CompliancePolicy,
 ) -> dict[str, Any]:
     """Every chart on the dashboard, keyed by the id of the element that shows it."""
+    tiers = [*policy.tiers, policy.unclassified]
     return {
         "volume-chart": volume_chart(volume, tiers),
-        "ttd-chart": time_to_decision_chart(ttd, tiers),
+        "ttd-chart": time_to_decision_chart(ttd, policy, tiers),
         "reviewer-chart": reviewer_chart(people),
     }

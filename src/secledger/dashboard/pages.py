@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
+from secledger import findings, reports
 from secledger.dashboard import assets, charts, queries, trail
 from secledger.dashboard.access import (
     Dashboard,
@@ -39,8 +40,29 @@ def mr_path(instance: str, project_id: int, mr_iid: int) -> str:
     return f"/mr/{quote(instance, safe='')}/{project_id}/{mr_iid}"
 
 
+def evidence_text(evidence: dict[str, Any]) -> str:
+    """A finding's evidence on one line: ``key: value; ...`` (lists comma-separated)."""
+    parts = []
+    for key, value in evidence.items():
+        if value is None:
+            continue
+        shown = (", ".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+        parts.append(f"{key.replace('_', ' ')}: {shown}")
+    return "; ".join(parts)
+
+
+def hours_left(hours: float | None) -> str:
+    """``5h 10m left``, ``2d 3h overdue``; an em dash when the clock has stopped."""
+    if hours is None:
+        return "—"
+    text = charts.duration(abs(hours) * 3600)
+    return f"{text} left" if hours >= 0 else f"{text} overdue"
+
+
 templates.env.globals["mr_path"] = mr_path
 templates.env.filters["duration"] = charts.duration
+templates.env.filters["evidence"] = evidence_text
+templates.env.filters["hours_left"] = hours_left
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -96,24 +118,42 @@ def logout() -> Response:
     return response
 
 
+OPEN_SHOWN = 100
+FINDINGS_SHOWN = 50
+
+
 def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket: str) -> Any:
-    hooks = state.hooks
     chosen: queries.Bucket = "week"
     for known in queries.BUCKETS:
         chosen = known if bucket == known else chosen
+    # The compliance panels are the reports `secledger report` prints, with its filters.
+    # They do not refresh overdue findings: a page view stays read-only, and serve's
+    # periodic check (overdue.py) records them; the open-MR clock is computed live.
+    scope = filters.for_reports(utcnow())
     volume = queries.volume(conn, filters, chosen)
-    ttd = queries.time_to_decision(conn, filters, hooks)
-    people = queries.reviewers(conn, filters, hooks)
+    ttd = reports.decision_times(conn, scope)
+    people = reports.reviewers(conn, scope)
+    listed = findings.list_findings(
+        conn,
+        since=scope.since,
+        until=scope.until,
+        project=scope.project,
+        tier=scope.tier,
+        reviewer=scope.reviewer,
+        limit=FINDINGS_SHOWN,
+    )
     return {
         "summary": queries.summary(conn, filters),
         "reviewers": people,
-        "open_mrs": queries.open_mrs(conn, filters, utcnow(), hooks),
-        "findings": queries.findings(conn, filters, hooks),
+        "open_mrs": reports.open_mrs(conn, scope, limit=OPEN_SHOWN),
+        "open_shown": OPEN_SHOWN,
+        "finding_counts": reports.findings(conn, scope),
+        "findings": listed,
+        "findings_shown": FINDINGS_SHOWN,
+        "policy": state.policy,
         "options": state.options(conn),
-        "charts": charts.dashboard_charts(volume, ttd, people, state.tiers),
+        "charts": charts.dashboard_charts(volume, ttd, people, state.policy),
         "bucket": chosen,
-        "has_sla": bool(hooks.sla_seconds),
-        "has_adherence": hooks.reviewer_adherence is not None,
     }
 
 
@@ -130,7 +170,6 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
         principal=principal,
         params=params,
         errors=errors,
-        no_compliance=queries.NO_COMPLIANCE,
         **panels,
     )
 
@@ -143,7 +182,6 @@ def mr_page(
     mr_iid: int,
     *,
     principal: Reader,
-    state: State,
 ) -> HTMLResponse:
     """One merge request: ledger row, timeline of events, chain status of its log rows."""
     key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
@@ -153,7 +191,8 @@ def mr_page(
             return render(request, "missing.html", 404, principal=principal, key=key)
         events = trail.timeline(conn, key)
         chain = {c.seq: c for c in trail.chain_status(conn, [e.seq for e in events])}
-        findings = queries.mr_findings(conn, key, state.hooks)
+        # Resolved ones too: the MR page is the audit trail.
+        found = findings.list_findings(conn, mr=key, include_resolved=True)
     return render(
         request,
         "mr.html",
@@ -162,7 +201,8 @@ def mr_page(
         events=events,
         chain=chain,
         chain_ok=all(c.ok for c in chain.values()),
-        findings=findings,
+        findings=found,
+        logged={e.seq for e in events},
     )
 
 

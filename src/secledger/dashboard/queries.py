@@ -1,29 +1,26 @@
-"""What the dashboard and the read API show, read from the core ledger in SQL.
+"""The dashboard's own figures, read from the core ledger in SQL: summary, volume, filters.
 
-Every panel is one function taking a connection and :class:`Filters`. Figures that
-need the compliance policy (SLA per tier, SLA adherence per reviewer, findings) come
-from :class:`ComplianceHooks`, which the compliance reports plug in; without them the
-panels show what the core ledger alone can tell.
+Every panel is one function taking a connection and :class:`Filters`. The compliance
+figures (time to first decision against the SLA, reviewers, open MRs and their SLA
+clock, findings) are not computed here: the dashboard shows ``secledger.reports`` and
+``secledger.findings`` as the CLI does, through :meth:`Filters.for_reports`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Connection, RowMapping, text
 
-from secledger.extract import MRKey
+from secledger import reports
 
 Bucket = Literal["day", "week", "month"]
 BUCKETS: tuple[Bucket, ...] = ("day", "week", "month")
 
 # When a review started: the first security label, or the first event we saw.
 STARTED = "coalesce(l.labeled_at, l.last_event_at)"
-NO_COMPLIANCE = "needs the compliance reports (SLA policy and findings), not configured yet"
 
 
 @dataclass(frozen=True)
@@ -61,32 +58,20 @@ class Filters:
             params["reviewer"] = self.reviewer
         return " AND ".join(clauses), params
 
+    def for_reports(self, now: datetime) -> reports.Filters:
+        """The same choices as ``secledger report`` filters (``until`` is already exclusive).
 
-@dataclass(frozen=True)
-class Finding:
-    """One compliance finding about a merge request (produced by the compliance reports)."""
-
-    instance: str
-    project_id: int
-    mr_iid: int
-    rule: str
-    severity: str
-    message: str
-
-
-FindingsProvider = Callable[[Connection, Filters], Sequence[Finding]]
-MRFindingsProvider = Callable[[Connection, MRKey], Sequence[Finding]]
-ReviewerAdherence = Callable[[Connection, Filters], Mapping[str, float]]
-
-
-@dataclass(frozen=True)
-class ComplianceHooks:
-    """Compliance figures the dashboard shows once the compliance reports provide them."""
-
-    sla_seconds: Mapping[str, float] | None = None
-    findings: FindingsProvider | None = None
-    mr_findings: MRFindingsProvider | None = None
-    reviewer_adherence: ReviewerAdherence | None = None
+        Each report applies them its own way (decision time, label time, detection
+        time; see docs/policy.md), exactly as the CLI and ``/api/reports/...`` do.
+        """
+        return reports.Filters(
+            since=self.since,
+            until=self.until,
+            project=self.project,
+            tier=self.tier,
+            reviewer=self.reviewer,
+            now=now,
+        )
 
 
 @dataclass(frozen=True)
@@ -96,60 +81,6 @@ class VolumePoint:
     bucket: date
     tier: str
     count: int
-
-
-@dataclass(frozen=True)
-class TierDistribution:
-    """Time-to-decision quantiles (seconds) for one tier; ``sla_seconds`` from the policy."""
-
-    tier: str
-    count: int
-    min: float
-    q1: float
-    median: float
-    q3: float
-    p90: float
-    max: float
-    sla_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class ReviewerFigures:
-    """What one reviewer did within the filters."""
-
-    reviewer: str
-    approvals: int
-    revocations: int
-    reviewed: int
-    median_seconds: float | None
-    sla_adherence: float | None = None
-
-
-@dataclass(frozen=True)
-class OpenMR:
-    """A security MR still open, with its age and (with a policy) SLA time left."""
-
-    instance: str
-    project_id: int
-    mr_iid: int
-    project_path: str | None
-    title: str | None
-    url: str | None
-    risk_tier: str
-    labeled_at: datetime | None
-    age_seconds: float
-    approvers: list[str]
-    assigned_reviewers: list[str]
-    sla_seconds_left: float | None = None
-
-
-@dataclass(frozen=True)
-class FindingsPanel:
-    """Findings, or why there are none to show."""
-
-    available: bool
-    items: list[Finding] = field(default_factory=list)
-    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,127 +127,6 @@ def volume(conn: Connection, filters: Filters, bucket: Bucket = "week") -> list[
         params,
     )
     return [VolumePoint(**row._asdict()) for row in rows]
-
-
-def time_to_decision(
-    conn: Connection, filters: Filters, hooks: ComplianceHooks | None = None
-) -> list[TierDistribution]:
-    """Quantiles of time to decision per tier (computed in SQL: no raw values shipped)."""
-    where, params = filters.where()
-    rows = conn.execute(
-        text(
-            "SELECT l.risk_tier AS tier, count(*) AS n,"
-            " min(l.time_to_decision_seconds) AS min,"
-            " percentile_cont(ARRAY[0.25, 0.5, 0.75, 0.9]) WITHIN GROUP"
-            "   (ORDER BY l.time_to_decision_seconds) AS q,"
-            " max(l.time_to_decision_seconds) AS max"
-            f" FROM security_review_ledger l WHERE {where}"
-            " AND l.time_to_decision_seconds IS NOT NULL"
-            " GROUP BY 1 ORDER BY 1"
-        ),
-        params,
-    )
-    sla = hooks.sla_seconds if hooks and hooks.sla_seconds else {}
-    return [
-        TierDistribution(
-            tier=r.tier,
-            count=r.n,
-            min=r.min,
-            q1=r.q[0],
-            median=r.q[1],
-            q3=r.q[2],
-            p90=r.q[3],
-            max=r.max,
-            sla_seconds=sla.get(r.tier),
-        )
-        for r in rows
-    ]
-
-
-_REVIEWERS = """
-WITH scope AS (
-    SELECT l.instance, l.project_id, l.mr_iid, l.approvers, l.reviewer,
-           l.time_to_decision_seconds
-    FROM security_review_ledger l WHERE {where}),
-approvals AS (
-    SELECT a.name AS reviewer, count(*) AS approvals
-    FROM scope, unnest(scope.approvers) AS a(name) GROUP BY 1),
-revocations AS (
-    SELECT e.actor AS reviewer, count(*) AS revocations
-    FROM review_events e JOIN scope s USING (instance, project_id, mr_iid)
-    WHERE e.decision = 'unapproved' AND e.actor IS NOT NULL GROUP BY 1),
-reviewed AS (
-    SELECT reviewer, count(*) AS reviewed,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY time_to_decision_seconds) AS median
-    FROM scope WHERE reviewer IS NOT NULL GROUP BY 1),
-names AS (
-    SELECT reviewer FROM approvals UNION SELECT reviewer FROM revocations
-    UNION SELECT reviewer FROM reviewed)
-SELECT n.reviewer, coalesce(a.approvals, 0) AS approvals,
-       coalesce(r.revocations, 0) AS revocations,
-       coalesce(d.reviewed, 0) AS reviewed, d.median AS median_seconds
-FROM names n
-LEFT JOIN approvals a USING (reviewer)
-LEFT JOIN revocations r USING (reviewer)
-LEFT JOIN reviewed d USING (reviewer)
-ORDER BY approvals DESC, reviewed DESC, n.reviewer
-LIMIT :limit
-"""
-
-
-def reviewers(
-    conn: Connection, filters: Filters, hooks: ComplianceHooks | None = None, limit: int = 50
-) -> list[ReviewerFigures]:
-    """Approvals held, approvals revoked, MRs reviewed and median time per reviewer."""
-    where, params = filters.where()
-    rows = conn.execute(text(_REVIEWERS.format(where=where)), {**params, "limit": limit})
-    adherence: Mapping[str, float] = {}
-    if hooks and hooks.reviewer_adherence:
-        adherence = hooks.reviewer_adherence(conn, filters)
-    return [ReviewerFigures(**r._asdict(), sla_adherence=adherence.get(r.reviewer)) for r in rows]
-
-
-def open_mrs(
-    conn: Connection,
-    filters: Filters,
-    now: datetime,
-    hooks: ComplianceHooks | None = None,
-    limit: int = 100,
-) -> list[OpenMR]:
-    """Open security MRs, least SLA time left first (oldest first without a policy)."""
-    where, params = filters.where()
-    sla = dict(hooks.sla_seconds) if hooks and hooks.sla_seconds else {}
-    rows = conn.execute(
-        text(
-            "SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url,"
-            " l.risk_tier, l.labeled_at, l.approvers, l.assigned_reviewers,"
-            f" extract(epoch FROM (:now - {STARTED}))::float8 AS age_seconds,"
-            f" (CAST(:sla AS jsonb) ->> l.risk_tier)::float8"
-            f"   - extract(epoch FROM (:now - {STARTED}))::float8 AS sla_seconds_left"
-            f" FROM security_review_ledger l WHERE {where} AND l.state = 'opened'"
-            f" ORDER BY sla_seconds_left NULLS LAST, {STARTED}, l.mr_iid LIMIT :limit"
-        ),
-        {**params, "now": now, "sla": json.dumps(sla), "limit": limit},
-    )
-    return [OpenMR(**row._asdict()) for row in rows]
-
-
-def findings(
-    conn: Connection, filters: Filters, hooks: ComplianceHooks | None = None
-) -> FindingsPanel:
-    """Compliance findings within the filters, once a provider is plugged in."""
-    if hooks is None or hooks.findings is None:
-        return FindingsPanel(available=False, note=f"Findings {NO_COMPLIANCE}.")
-    return FindingsPanel(available=True, items=list(hooks.findings(conn, filters)))
-
-
-def mr_findings(
-    conn: Connection, key: MRKey, hooks: ComplianceHooks | None = None
-) -> FindingsPanel:
-    """Compliance findings about one merge request, once a provider is plugged in."""
-    if hooks is None or hooks.mr_findings is None:
-        return FindingsPanel(available=False, note=f"Findings {NO_COMPLIANCE}.")
-    return FindingsPanel(available=True, items=list(hooks.mr_findings(conn, key)))
 
 
 @dataclass(frozen=True)
