@@ -15,6 +15,7 @@ from secledger.cli import main
 from secledger.store.chain import LogRow, link
 
 APP_LOGIN = "secledger_test_app"
+READONLY_LOGIN = "secledger_test_auditor"
 APP_PASSWORD = "test-app-password"  # ignored by the embedded server's trust auth
 HISTORY_ROWS = 6
 
@@ -93,12 +94,22 @@ def cli(database_url: str, *args: str, **env: str) -> Result:
 
 def app_url(database_url: str) -> str:
     """A login in secledger_app (created once per server) on the test's database."""
+    return login_url(database_url, APP_LOGIN, "secledger_app")
+
+
+def readonly_url(database_url: str) -> str:
+    """A login in secledger_readonly (created once per server) on the test's database."""
+    return login_url(database_url, READONLY_LOGIN, "secledger_readonly")
+
+
+def login_url(database_url: str, login: str, role: str) -> str:
+    """A login that is a member of ``role``, created once per server."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "DO $$ BEGIN"
-            f" IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') THEN"
-            f" CREATE ROLE {APP_LOGIN} LOGIN PASSWORD '{APP_PASSWORD}' IN ROLE secledger_app;"
+            f" IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{login}') THEN"
+            f" CREATE ROLE {login} LOGIN PASSWORD '{APP_PASSWORD}' IN ROLE {role};"
             " END IF; END $$"
         )
-    url = make_url(database_url).set(username=APP_LOGIN, password=APP_PASSWORD)
+    url = make_url(database_url).set(username=login, password=APP_PASSWORD)
     return url.render_as_string(hide_password=False)

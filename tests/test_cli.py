@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from builders import dumps, mr_event
-from secledger.cli import demo_files, main
+from secledger.cli import demo_files, main, try_it_command
 from secledger.config import Settings
 
 LEDGER_KEYS = {
@@ -155,6 +156,22 @@ def test_demo_replays_the_bundled_history(run) -> None:
     assert by_iid[12]["labeled_at_source"] == "label_added"
     assert by_iid[16]["risk_tier"] == "critical"
     assert 15 not in by_iid
+
+
+def test_demo_curl_command_pastes_as_one_command(tmp_path: Path) -> None:
+    """The printed command spans two lines; without the backslash the shell runs two."""
+    secret_file = tmp_path / "webhook-secret"
+    printed = try_it_command(8080, secret_file, demo_files()[0])
+    # The shell ends a command at a newline unless a backslash continues it.
+    first_command = printed.replace("\\\n", " ").splitlines()[0]
+    words = shlex.split(first_command)
+    assert words[0] == "curl"
+    assert words[-3:] == [
+        "--data-binary",
+        f"@{demo_files()[0]}",
+        "http://127.0.0.1:8080/webhooks/gitlab",
+    ]
+    assert words[words.index("-H", 3) + 1] == f"X-Gitlab-Token: $(cat {secret_file})"
 
 
 def test_serve_refuses_to_start_without_a_secret(run) -> None:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from builders import dumps, mr_event
 from conftest import post
-from dashboard_fixtures import bearer, demo_bodies, reader_client, reader_settings
+from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
 from secledger.dashboard.trail import instance_from_path
 from secledger.intake import Ignored, parse_delivery
 from secledger.store import db
@@ -261,3 +261,40 @@ def test_grafana_sample_uses_only_metrics_secledger_exposes(client) -> None:
     exposed = set(re.findall(r"secledger_\w+", client.get("/metrics").text))
     assert used
     assert used <= exposed
+
+
+HOSTILE_QUERIES = [
+    "/api/ledger?offset=99999999999999999999",
+    "/api/ledger?until=9999-12-31",
+    "/api/ledger?tier=%00",
+    "/api/ledger?project=a%00b",
+    "/api/reports/summary?until=9999-12-31",
+    "/api/reports/volume?reviewer=%00",
+    "/api/reports/projects?project=%00",
+    "/api/reports/open?reviewer=%00",
+    "/api/reports/tiers?tier=%00",
+    "/api/findings?project=%00",
+    "/api/ledger/https%3A%2F%2Fgitlab.example.com/99999999999999999999/1",
+    "/api/ledger/https%3A%2F%2Fgitlab.example.com/14/-1",
+    "/api/ledger/%00/14/11",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_QUERIES)
+def test_hostile_query_values_are_a_client_error_or_an_answer_never_a_5xx(reader, path) -> None:
+    """NUL (which PostgreSQL text cannot hold), ids past bigint and the last date
+    once reached the database or date arithmetic and answered 500."""
+    response = reader.get(path, headers=bearer())
+    assert response.status_code in {200, 404, 422}, response.text
+
+
+def test_hostile_page_values_are_never_a_5xx(reader) -> None:
+    log_in(reader)
+    for path in (
+        "/?until=9999-12-31",
+        "/?project=%00&tier=%00&reviewer=%00",
+        "/mr/https%3A%2F%2Fgitlab.example.com/99999999999999999999/1",
+        "/mr/%00/14/11",
+    ):
+        response = reader.get(path)
+        assert response.status_code in {200, 404, 422}, (path, response.text[:300])

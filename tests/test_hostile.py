@@ -132,3 +132,14 @@ def test_stored_headers_keep_no_credential(client, engine) -> None:
     assert "webhook-signature" not in headers
     assert SECRET not in json.dumps(headers)
     assert headers["webhook-id"] == "m1"
+
+
+def test_a_creation_time_at_the_end_of_time_is_recorded_not_a_503(client) -> None:
+    """A forged created_at of 9999-12-31 once overflowed the SLA deadline (503 forever)."""
+    body = mr_event("open", labels=["sec::high"], created_at="9999-12-31T23:59:59Z")
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    row = response.json()["ledger"]
+    assert response.json()["status"] == "recorded"
+    assert row["labeled_at"] is not None
+    assert not row["labeled_at"].startswith("9999")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
-from chainkit import app_url, cli, record_history
+from chainkit import app_url, cli, readonly_url, record_history
+from secledger.cli import main
 from secledger.config import Settings
 from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
@@ -127,3 +131,23 @@ def test_app_login_cannot_migrate_and_says_how(server_url, database_url) -> None
 
 def _database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def test_reports_and_findings_run_as_a_readonly_login(engine, database_url) -> None:
+    """SECURITY.md has auditors report as secledger_readonly; the SLA refresh is skipped."""
+    feed_one(engine)  # an open MR labelled in 2025: overdue by now
+    auditor = readonly_url(database_url)
+    for args in (["report", "open"], ["report", "findings"], ["findings"]):
+        result = cli(auditor, *args, "--format", "json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) is not None
+        assert "may not write findings" in result.stderr
+    refused = CliRunner().invoke(
+        main, ["findings", "--refresh-only"], env={"SECLEDGER_DATABASE_URL": auditor}
+    )
+    assert refused.exit_code == 1
+    assert "may not write findings" in refused.output
+    # The owner's run records the breach the auditor's run only read.
+    assert cli(database_url, "findings", "--refresh-only").exit_code == 0
+    result = cli(auditor, "findings", "--format", "json")
+    assert [item["rule"] for item in json.loads(result.stdout)] == ["sla-breached"]

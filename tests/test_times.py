@@ -31,6 +31,9 @@ def test_every_gitlab_spelling_becomes_aware_utc(spelling: str, expected: dateti
         "2025-13-01 00:00:00 UTC",
         "2025-02-30T00:00:00Z",
         "2025-01-01 00:00:00 +9900",
+        "9999-12-31T23:59:59Z",
+        "0001-01-01 00:00:00 UTC",
+        "1969-12-31T23:59:59Z",
     ],
 )
 def test_unknown_spellings_raise_a_typed_error(bad: str) -> None:

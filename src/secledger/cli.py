@@ -362,13 +362,20 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
         f"  Secret token: the contents of {secret_file}\n"
         "  Trigger:      Merge request events\n"
         "Try it from another terminal:\n"
-        "  curl -s -H 'X-Gitlab-Event: Merge Request Hook'"
-        f' -H "X-Gitlab-Token: $(cat {secret_file})"\n'
-        f"       --data-binary @{demo_files()[0]} http://127.0.0.1:{port}/webhooks/gitlab\n"
+        f"{try_it_command(port, secret_file, demo_files()[0])}\n"
         "Stop with Ctrl-C.\n"
     )
     context.settings = settings.model_copy(update={"webhook_secrets": [SecretStr(secret)]})
     _serve(context, "127.0.0.1", port, allow_open=False)
+
+
+def try_it_command(port: int, secret_file: Path, body: Path) -> str:
+    """The curl command `demo` prints: two lines joined by a backslash, ready to paste."""
+    return (
+        "  curl -s -H 'X-Gitlab-Event: Merge Request Hook'"
+        f' -H "X-Gitlab-Token: $(cat {secret_file})" \\\n'
+        f"       --data-binary @{body} http://127.0.0.1:{port}/webhooks/gitlab"
+    )
 
 
 def run() -> None:

@@ -3,9 +3,11 @@
 Most deliveries are for merge requests that never carried a security label; they
 must be answered without a database round trip. A merge request that *was* a
 security MR stays one after its label is removed, so the receiver remembers every
-ledger key: loaded at start, added on each local write, and on every
-``NOTIFY secledger_ledger`` from other replicas. The database stays the authority:
-``service.record`` checks it again before deciding to ignore.
+ledger key: loaded at start, added on each local write, on every
+``NOTIFY secledger_ledger`` from other replicas, and read again whenever the listener
+(re)connects. A delivery without a security label for a key missing here is answered
+``ignored`` without reaching ``service.record``, so a missed key would lose, for
+example, the merge of an MR whose label was removed: the set must not miss one.
 """
 
 from __future__ import annotations
@@ -67,12 +69,21 @@ class KnownMRs:
             try:
                 with psycopg.connect(libpq_url, autocommit=True) as conn:
                     conn.execute("LISTEN secledger_ledger")
+                    # Notifications sent before LISTEN (between load() and now, or while
+                    # the connection was lost) are gone: read the keys again once listening.
+                    self._reload(conn)
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self._take(note.payload)
             except psycopg.Error as exc:
                 log.warning("listen_lost", error=type(exc).__name__)
                 self._stop.wait(2.0)
+
+    def _reload(self, conn: psycopg.Connection[Any]) -> None:
+        rows = conn.execute("SELECT instance, project_id, mr_iid FROM security_review_ledger")
+        keys = {MRKey(instance, project_id, mr_iid) for instance, project_id, mr_iid in rows}
+        with self._lock:
+            self._keys |= keys
 
     def _take(self, payload: str) -> None:
         try:

@@ -347,9 +347,24 @@ def run(conn: Connection, kind: str, filters: Filters, policy: CompliancePolicy)
     """One report as `secledger report` and ``/api/reports/...`` both produce it.
 
     ``open`` and ``findings`` first record `sla-breached` for open MRs past their
-    deadline at ``filters.now`` (a write: run it in a transaction).
+    deadline at ``filters.now`` (a write: run it in a transaction), when the login may.
     """
     query, _row_type = REPORTS[kind]
-    if kind in REFRESHING:
+    if kind in REFRESHING and may_record_findings(conn):
         store.refresh_overdue(conn, policy, filters.now)
     return list(query(conn, filters))
+
+
+def may_record_findings(conn: Connection) -> bool:
+    """True when this login may write findings; a ``secledger_readonly`` login may not.
+
+    SECURITY.md tells auditors to run reports as the read-only role: for them the
+    reports read what `serve` (or `secledger findings --refresh-only`) last recorded.
+    """
+    granted = conn.execute(
+        text(
+            "SELECT has_table_privilege('findings', 'INSERT')"
+            " AND has_table_privilege('findings', 'UPDATE')"
+        )
+    ).scalar_one()
+    return bool(granted)

@@ -21,6 +21,11 @@ _PATTERN = re.compile(
     \s*$""",
     re.VERBOSE | re.IGNORECASE,
 )
+# GitLab did not exist before 1970, and an instant near year 9999 overflows Python's date
+# arithmetic as soon as an SLA deadline is added to it (a forged `created_at` of
+# 9999-12-31 made every delivery of that MR fail with 503).
+MIN_YEAR = 1970
+MAX_YEAR = 2999
 
 
 def _offset(zone: str | None) -> timezone:
@@ -46,9 +51,12 @@ def parse_time(value: str) -> datetime:
     try:
         naive = datetime.fromisoformat(f"{match['date']}T{hms}.{frac}")
         # Year 1 with a positive offset (or 9999 with a negative one) leaves the range.
-        return naive.replace(tzinfo=_offset(match["zone"])).astimezone(UTC)
+        parsed = naive.replace(tzinfo=_offset(match["zone"])).astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise TimestampError(f"impossible timestamp: {value[:64]!r}") from exc
+    if not MIN_YEAR <= parsed.year <= MAX_YEAR:
+        raise TimestampError(f"timestamp outside {MIN_YEAR}-{MAX_YEAR}: {value[:64]!r}")
+    return parsed
 
 
 def parse_optional(value: object) -> datetime | None:

@@ -44,6 +44,10 @@ JSON_FINDING_COLUMNS = (
     "resolved_at",
     "evidence",
 )
+READ_ONLY = (
+    "this login may not write findings (a secledger_readonly login?), so SLA breaches of"
+    " open MRs are not refreshed"
+)
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -107,10 +111,15 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     policy = CompliancePolicy.from_settings(context.settings)
     with context.engine() as engine, engine.begin() as conn:
         now = utcnow()
-        if reevaluate:
-            count = store.reevaluate_all(conn, policy, now)
-            click.echo(f"re-evaluated {count} merge requests", err=True)
-        store.refresh_overdue(conn, policy, now)
+        if reports.may_record_findings(conn):
+            if reevaluate:
+                count = store.reevaluate_all(conn, policy, now)
+                click.echo(f"re-evaluated {count} merge requests", err=True)
+            store.refresh_overdue(conn, policy, now)
+        elif refresh_only or reevaluate:
+            raise click.ClickException(READ_ONLY)
+        else:
+            click.echo(f"note: {READ_ONLY}; listing what is recorded", err=True)
         if refresh_only:
             return
         rows = store.list_findings(
@@ -177,6 +186,8 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
     )
     policy = CompliancePolicy.from_settings(context.settings)
     with context.engine() as engine, engine.begin() as conn:
+        if kind in reports.REFRESHING and not reports.may_record_findings(conn):
+            click.echo(f"note: {READ_ONLY}; reporting what is recorded", err=True)
         # The same function serves /api/reports/KIND.
         rows = [row.as_dict() for row in reports.run(conn, kind, filters, policy)]
     _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyCookie, HTTPBearer
 from sqlalchemy import Connection, Engine
 
 from secledger.config import Settings
 from secledger.dashboard.auth import COOKIE, Authenticator, Principal
 from secledger.dashboard.queries import FilterOptions, Filters, filter_options
+from secledger.extract import NUL_REPLACEMENT
+from secledger.intake import MAX_ID
 from secledger.tierpolicy import CompliancePolicy
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
@@ -23,6 +25,13 @@ cookie_scheme = APIKeyCookie(name=COOKIE, auto_error=False, description="dashboa
 
 
 OPTIONS_TTL_SECONDS = 60.0
+# Project ids and MR iids are PostgreSQL bigints; a larger number is a 422, not a 500.
+StoredId = Annotated[int, Path(ge=0, le=MAX_ID)]
+
+
+def storable(value: str | None) -> str | None:
+    """A text filter as the ledger stores text: PostgreSQL cannot hold NUL (U+FFFD is kept)."""
+    return value.replace("\x00", NUL_REPLACEMENT) if value else None
 
 
 @dataclass
@@ -123,8 +132,11 @@ def build_filters(
 ) -> Filters:
     """Filters from calendar days (UTC); ``until`` is inclusive."""
     start = datetime.combine(since, time.min, UTC) if since else None
-    end = datetime.combine(until + timedelta(days=1), time.min, UTC) if until else None
-    return Filters(start, end, project or None, tier or None, reviewer or None)
+    # The day after the last representable date does not exist: no upper bound then.
+    end = None
+    if until is not None and until < date.max:
+        end = datetime.combine(until + timedelta(days=1), time.min, UTC)
+    return Filters(start, end, storable(project), storable(tier), storable(reviewer))
 
 
 def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:

@@ -16,9 +16,18 @@ from sqlalchemy import Engine
 
 from secledger import findings, reports
 from secledger.dashboard import queries, trail
-from secledger.dashboard.access import Dashboard, api_reader, build_filters, dashboard, engine
+from secledger.dashboard.access import (
+    Dashboard,
+    StoredId,
+    api_reader,
+    build_filters,
+    dashboard,
+    engine,
+    storable,
+)
 from secledger.dashboard.auth import Principal
 from secledger.extract import MRKey
+from secledger.intake import MAX_ID
 from secledger.rules import RULES
 from secledger.service import ledger_json
 
@@ -101,7 +110,7 @@ def list_ledger(
     where: Filtered,
     state: Annotated[str | None, Query(description="opened, merged or closed")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> dict[str, Any]:
     """Offset pagination; ``total`` counts every row matching the filters."""
     with db.connect() as conn:
@@ -122,7 +131,7 @@ def list_ledger(
     response_model=MRTrail,
     responses={404: {"description": "not in the ledger"}},
 )
-def get_mr(instance: str, project_id: int, mr_iid: int, db: DB) -> dict[str, Any]:
+def get_mr(instance: str, project_id: StoredId, mr_iid: StoredId, db: DB) -> dict[str, Any]:
     """``instance`` is the GitLab URL percent-encoded as one segment (``https%3A%2F%2Fhost``)."""
     key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
     with db.connect() as conn:
@@ -171,7 +180,9 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
         end = reports.parse_bound(until) if until else None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
-    return reports.Filters(start, end, project or None, tier or None, reviewer or None, period)
+    return reports.Filters(
+        start, end, storable(project), storable(tier), storable(reviewer), period
+    )
 
 
 ReportFiltered = Annotated[reports.Filters, Depends(report_filters)]

@@ -17,6 +17,7 @@ from secledger import findings, reports
 from secledger.dashboard import assets, charts, queries, trail
 from secledger.dashboard.access import (
     Dashboard,
+    StoredId,
     dashboard,
     engine,
     page_reader,
@@ -178,8 +179,8 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
 def mr_page(
     request: Request,
     instance: str,
-    project_id: int,
-    mr_iid: int,
+    project_id: StoredId,
+    mr_iid: StoredId,
     *,
     principal: Reader,
 ) -> HTMLResponse:

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, text
 
-from secledger.extract import MRKey
+from secledger.extract import NUL_REPLACEMENT, MRKey
 from secledger.store import ledger
 from secledger.store.chain import GENESIS, LogRow, link
 
@@ -33,7 +33,8 @@ _LOG_ROWS = text(
 
 def instance_from_path(value: str) -> str:
     """The instance URL from a path segment (percent-decoded by the server already)."""
-    return _COLLAPSED_SCHEME.sub(r"\1://", value)
+    # PostgreSQL text cannot hold NUL; stored instances never contain one.
+    return _COLLAPSED_SCHEME.sub(r"\1://", value.replace("\x00", NUL_REPLACEMENT))
 
 
 @dataclass(frozen=True)
