@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from psycopg import Cursor
 from sqlalchemy import Connection, Engine, RowMapping
 
 from secledger import findings
@@ -19,9 +20,10 @@ from secledger.config import Settings
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.projection import fold
-from secledger.store import ledger, outbox
-from secledger.store.log import Chain, seq_of
+from secledger.projection import SequencedEvent, fold
+from secledger.store import ledger, log, outbox
+from secledger.store.log import Chain
+from secledger.store.pipeline import pipeline, send_many
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
@@ -89,6 +91,17 @@ def record(
     return record_batch(conn, chain, [(delivery, facts)], recording=recording)[0]
 
 
+def record_locked(
+    conn: Connection,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    *,
+    recording: Recording = DEFAULT_RECORDING,
+) -> list[Outcome]:
+    """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
+    the lock, the head and the batch's reads sent in one round trip (the writer's path)."""
+    return _record(conn, None, items, recording)
+
+
 def record_batch(
     conn: Connection,
     chain: Chain,
@@ -98,28 +111,41 @@ def record_batch(
 ) -> list[Outcome]:
     """Record deliveries in order, with the outcomes ``record`` would give one at a time.
 
-    The statements are per batch, not per delivery (about nine round trips whatever the
-    batch size), which is what lets one writer keep up: the answer for each delivery is
-    the fold of its merge request's events up to its own seq, exactly as if the
-    deliveries had been recorded one after the other.
+    Two round trips whatever the batch size (one pipeline of reads, one of writes),
+    which is what lets one writer keep up: the answer for each delivery is the fold of
+    its merge request's events up to its own seq, exactly as if the deliveries had been
+    recorded one after the other.
 
     In the same transaction, each merge request's findings are re-evaluated under
     ``recording.compliance`` and, with ``recording.emit`` (an HTTP sink is configured), each
     new row is queued in the outbox, so the sink gets every row that was committed.
     """
+    return _record(conn, chain, items, recording)
+
+
+def _record(
+    conn: Connection,
+    opened: Chain | None,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    recording: Recording,
+) -> list[Outcome]:
     outcomes: list[Outcome] = [IGNORED] * len(items)
-    kept = _kept(conn, items)
-    seqs = chain.append_many(conn, [items[i][0] for i in kept])
+    seen = _read(conn, items, lock=opened is None)
+    chain = opened or seen.opened()
+    kept = _kept(items, seen.known)
+    seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)
     logged = [(i, seq) for i, seq in zip(kept, seqs, strict=True) if seq is not None]
-    ledger.add_events(conn, [(seq, items[i][1]) for i, seq in logged])
-    events = ledger.events_by_mr(conn, {items[i][1].key for i, _ in logged}) if logged else {}
+    events = seen.events
+    for i, appended in logged:
+        events.setdefault(items[i][1].key, []).append(SequencedEvent(appended, items[i][1]))
     latest: dict[MRKey, dict[str, Any]] = {}
     queued: list[tuple[int, str, str]] = []
     now = utcnow()
     for i, seq in zip(kept, seqs, strict=True):
         delivery, facts = items[i]
         if seq is None:
-            outcomes[i] = _duplicate(conn, delivery, facts.key, latest.get(facts.key))
+            logged_as = seen.logged[delivery.dedup_key]
+            outcomes[i] = _duplicate(conn, logged_as, facts.key, latest.get(facts.key))
             continue
         row = fold(event for event in events[facts.key] if event.seq <= seq)
         row["updated_at"] = now
@@ -130,20 +156,58 @@ def record_batch(
             # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
             body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
             queued.append((seq, chain.appended[seq].hex(), body))
-    ledger.upsert_rows(conn, list(latest.values()))
-    for key, row in latest.items():
-        findings.evaluate_mr(
-            conn, row, recording.compliance, now, as_of=row["last_event_at"], events=events[key]
-        )
-    outbox.add_many(conn, queued)
-    ledger.notify_many(conn, [_notice(items[i][1], seq) for i, seq in logged])
+    if logged:
+        assessments = [
+            findings.assess(row, events[key], recording.compliance, now, as_of=row["last_event_at"])
+            for key, row in latest.items()
+        ]
+        with pipeline(conn) as pg:
+            send_many(pg, log.INSERT, log_rows)
+            ledger.send_events(pg, [(seq, items[i][1]) for i, seq in logged])
+            ledger.send_upserts(pg, list(latest.values()))
+            findings.send(pg, assessments)
+            outbox.send(pg, queued)
+            ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in logged])
     return outcomes
 
 
-def _kept(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]]) -> list[int]:
-    """Indexes of the items to log: security MRs, and MRs that were security MRs once."""
+@dataclass
+class _Seen:
+    """What the database holds about a batch's deliveries, read under the chain lock."""
+
+    head: Cursor[Any] | None
+    known: set[MRKey]
+    logged: dict[str, int]
+    events: dict[MRKey, list[SequencedEvent]]
+
+    def opened(self) -> Chain:
+        """The chain whose lock and head this read took."""
+        if self.head is None:
+            raise RuntimeError("this read did not take the chain lock")
+        return Chain.opened(self.head)
+
+
+def _read(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]], *, lock: bool) -> _Seen:
+    """In one round trip: the chain lock and head (with ``lock``), which doubtful
+    MRs have a ledger row, which deliveries are already logged, and every event of each MR
+    in the batch."""
     doubtful = {facts.key for _, facts in items if not facts.is_security}
-    known = ledger.known_among(conn, doubtful) if doubtful else set()
+    keys = ledger.keys_params({facts.key for _, facts in items})
+    with pipeline(conn) as pg:
+        head = Chain.send_open(pg) if lock else None
+        known = pg.execute(ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
+        logged = pg.execute(log.LOGGED, {"keys": [delivery.dedup_key for delivery, _ in items]})
+        events = pg.execute(ledger.EVENTS_OF_MANY, keys)
+    return _Seen(
+        head=head,
+        known=ledger.known_from(known.fetchall()) if known is not None else set(),
+        logged={str(key): int(seq) for key, seq in logged.fetchall()},
+        events=ledger.events_from(events.fetchall()),
+    )
+
+
+def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> list[int]:
+    """Indexes of the items to log: security MRs, and MRs that were security MRs once."""
     kept: list[int] = []
     for i, (_, facts) in enumerate(items):
         if facts.is_security or facts.key in known:
@@ -152,15 +216,13 @@ def _kept(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]]) -> lis
     return kept
 
 
-def _duplicate(
-    conn: Connection, delivery: Delivery, key: MRKey, latest: dict[str, Any] | None
-) -> Outcome:
+def _duplicate(conn: Connection, seq: int, key: MRKey, latest: dict[str, Any] | None) -> Outcome:
     """The answer to a delivery already logged: its seq and the MR's row as it stands."""
     existing = latest if latest is not None else ledger.get(conn, key)
     return Outcome(
         "duplicate",
         reason="this delivery was already recorded",
-        seq=seq_of(conn, delivery.dedup_key),
+        seq=seq,
         row=ledger_json(existing) if existing else None,
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from secledger.store.pipeline import Pg, pipeline, send_many
 from secledger.times import isoformat
 
 # One sender at a time across every process (serve replicas, `sink drain`), held for
@@ -82,11 +83,18 @@ def add(conn: Connection, seq: int, idempotency_key: str, body: str) -> None:
     conn.execute(_INSERT, {"seq": seq, "key": idempotency_key, "body": body})
 
 
+INSERT = "INSERT INTO outbox (seq, idempotency_key, body) VALUES (%(seq)s, %(key)s, %(body)s)"
+
+
 def add_many(conn: Connection, rows: list[tuple[int, str, str]]) -> None:
     """Queue several ``(seq, idempotency_key, body)`` rows in one round trip."""
-    if rows:
-        params = [{"seq": seq, "key": key, "body": body} for seq, key, body in rows]
-        conn.execute(_INSERT, params)
+    with pipeline(conn) as pg:
+        send(pg, rows)
+
+
+def send(pg: Pg, rows: list[tuple[int, str, str]]) -> None:
+    """Queue the inserts of ``add_many`` on a pipeline."""
+    send_many(pg, INSERT, [{"seq": seq, "key": key, "body": body} for seq, key, body in rows])
 
 
 def try_lock(conn: Connection) -> bool:
