@@ -314,6 +314,7 @@ class Loader:
             clock_rows.append((*clock.values(), self.now))
             for hit in evaluate(history, self.policy, row["last_event_at"]):
                 values = finding_row(history.key, hit)
+                values["evidence"] = orjson.dumps(values["evidence"]).decode()
                 finding_rows.append((*values.values(), self.now, self.now))
         self.copy("security_review_ledger", ", ".join(columns), ledger_rows)
         self.copy("review_sla", CLOCK_COLUMNS, clock_rows)

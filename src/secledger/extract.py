@@ -219,8 +219,13 @@ def mr_key(delivery: Delivery) -> MRKey:
 
 
 def is_security_event(delivery: Delivery, policy: LabelPolicy) -> bool:
-    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path."""
-    return label_facts(delivery.payload, policy)[4]
+    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path:
+    a security label now, or one before this delivery changed the labels."""
+    payload = delivery.payload
+    if policy.any_security(p.current_labels(payload)):
+        return True
+    previous = p.previous_labels(payload)
+    return previous is not None and policy.any_security(previous)
 
 
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:

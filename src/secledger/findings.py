@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
 from secledger.projection import SequencedEvent
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
-from secledger.store.pipeline import Pg, pipeline, send_many
+from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
 
@@ -37,19 +36,19 @@ CLOCK_COLUMNS = (
     "first_decision_by",
     "first_decision_seq",
 )
+_CLOCK_KEY = ("instance", "project_id", "mr_iid", *CLOCK_COLUMNS)
 UPSERT_CLOCK = (
-    f"INSERT INTO review_sla (instance, project_id, mr_iid, {', '.join(CLOCK_COLUMNS)},"
-    " updated_at)"
-    f" VALUES (%(instance)s, %(project_id)s, %(mr_iid)s,"
-    f" {', '.join(f'%({c})s' for c in CLOCK_COLUMNS)}, %(now)s)"
+    f"INSERT INTO review_sla ({', '.join(_CLOCK_KEY)}, updated_at)"
+    f" SELECT {', '.join(_CLOCK_KEY)}, updated_at"
+    " FROM jsonb_populate_recordset(NULL::review_sla, %(rows)s::jsonb)"
     " ON CONFLICT (instance, project_id, mr_iid) DO UPDATE SET"
     f" {', '.join(f'{c} = excluded.{c}' for c in CLOCK_COLUMNS)}, updated_at = excluded.updated_at"
 )
+_FINDING = "instance, project_id, mr_iid, rule, subject, severity, seqs, evidence"
 UPSERT_FINDING = (
-    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
-    " evidence, detected_at, updated_at)"
-    " VALUES (%(instance)s, %(project_id)s, %(mr_iid)s, %(rule)s, %(subject)s, %(severity)s,"
-    " %(seqs)s::bigint[], %(evidence)s::jsonb, %(now)s, %(now)s)"
+    f"INSERT INTO findings ({_FINDING}, detected_at, updated_at)"
+    f" SELECT {_FINDING}, updated_at, updated_at"
+    " FROM jsonb_populate_recordset(NULL::findings, %(rows)s::jsonb)"
     " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
     " severity = excluded.severity, seqs = excluded.seqs, evidence = excluded.evidence,"
     " resolved_at = NULL, updated_at = excluded.updated_at"
@@ -57,11 +56,15 @@ UPSERT_FINDING = (
     " WHERE (findings.severity, findings.seqs, findings.evidence, findings.resolved_at)"
     " IS DISTINCT FROM (excluded.severity, excluded.seqs, excluded.evidence, NULL)"
 )
+# Per MR: resolve what no longer holds (every finding not in ``held``).
 RESOLVE = (
-    "UPDATE findings SET resolved_at = %(now)s, updated_at = %(now)s"
-    " WHERE instance = %(instance)s AND project_id = %(project_id)s AND mr_iid = %(mr_iid)s"
-    " AND resolved_at IS NULL AND NOT (rule || ' ' || subject = ANY(%(held)s::text[]))"
-    " AND NOT (%(keep_running_breach)s AND rule = 'sla-breached')"
+    "UPDATE findings SET resolved_at = r.now, updated_at = r.now"
+    " FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(instance text, project_id bigint,"
+    " mr_iid bigint, now timestamptz, held text[], keep_running_breach boolean)"
+    " WHERE findings.instance = r.instance AND findings.project_id = r.project_id"
+    " AND findings.mr_iid = r.mr_iid AND findings.resolved_at IS NULL"
+    " AND NOT (findings.rule || ' ' || findings.subject = ANY(r.held))"
+    " AND NOT (r.keep_running_breach AND findings.rule = 'sla-breached')"
 )
 
 
@@ -101,7 +104,7 @@ def finding_row(key: MRKey, hit: Hit) -> dict[str, Any]:
         "subject": hit.subject,
         "severity": hit.severity,
         "seqs": list(hit.seqs),
-        "evidence": orjson.dumps(hit.evidence).decode(),
+        "evidence": hit.evidence,
     }
 
 
@@ -129,8 +132,8 @@ def assess(
     resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
     return Assessment(
         hits=hits,
-        clock={**clock_row(key, clock), "now": now},
-        findings=[{**finding_row(key, h), "now": now} for h in hits],
+        clock={**clock_row(key, clock), "updated_at": now},
+        findings=_unique([{**finding_row(key, h), "updated_at": now} for h in hits]),
         resolve=resolve,
     )
 
@@ -138,9 +141,15 @@ def assess(
 def send(pg: Pg, assessments: Sequence[Assessment]) -> None:
     """Queue the writes of ``assessments`` on a pipeline: clocks, findings that hold, the rest
     resolved."""
-    send_many(pg, UPSERT_CLOCK, [a.clock for a in assessments])
-    send_many(pg, UPSERT_FINDING, [f for a in assessments for f in a.findings])
-    send_many(pg, RESOLVE, [a.resolve for a in assessments])
+    send_rows(pg, UPSERT_CLOCK, [a.clock for a in assessments])
+    send_rows(pg, UPSERT_FINDING, [f for a in assessments for f in a.findings])
+    send_rows(pg, RESOLVE, [a.resolve for a in assessments])
+
+
+def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (rule, subject), the last one winning, as upserting them in turn would:
+    one INSERT may not touch the same row twice."""
+    return list({(row["rule"], row["subject"]): row for row in rows}.values())
 
 
 def evaluate_mr(
@@ -176,9 +185,10 @@ def store(
     """Upsert the findings that hold and resolve the ones of this MR that no longer do."""
     resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep_running_breach}
     resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
+    rows = _unique([{**finding_row(key, h), "updated_at": now} for h in hits])
     with pipeline(conn) as pg:
-        send_many(pg, UPSERT_FINDING, [{**finding_row(key, h), "now": now} for h in hits])
-        send_many(pg, RESOLVE, [resolve])
+        send_rows(pg, UPSERT_FINDING, rows)
+        send_rows(pg, RESOLVE, [resolve])
 
 
 def _sql_stamp(column: str) -> str:

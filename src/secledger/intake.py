@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -301,6 +302,12 @@ def origin(url: object) -> str | None:
     """``scheme://host[:port]`` of a URL, or None when it has none."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         return None
+    return _origin(url)
+
+
+# Each delivery asks up to three times, mostly about the same few instance URLs.
+@functools.lru_cache(maxsize=1024)
+def _origin(url: str) -> str | None:
     try:
         parts = urlsplit(url)
     except ValueError:  # "http://[" and friends

@@ -23,7 +23,7 @@ from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold
 from secledger.store import ledger, log, outbox
 from secledger.store.log import Chain
-from secledger.store.pipeline import pipeline, send_many
+from secledger.store.pipeline import pipeline
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
@@ -129,46 +129,97 @@ def _record(
     items: Sequence[tuple[Delivery, EventFacts]],
     recording: Recording,
 ) -> list[Outcome]:
-    outcomes: list[Outcome] = [IGNORED] * len(items)
     seen = _read(conn, items, lock=opened is None)
     chain = opened or seen.opened()
     kept = _kept(items, seen.known)
     seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)
-    logged = [(i, seq) for i, seq in zip(kept, seqs, strict=True) if seq is not None]
-    events = seen.events
-    for i, appended in logged:
-        events.setdefault(items[i][1].key, []).append(SequencedEvent(appended, items[i][1]))
-    latest: dict[MRKey, dict[str, Any]] = {}
-    queued: list[tuple[int, str, str]] = []
-    now = utcnow()
-    for i, seq in zip(kept, seqs, strict=True):
-        delivery, facts = items[i]
-        if seq is None:
-            logged_as = seen.logged[delivery.dedup_key]
-            outcomes[i] = _duplicate(conn, logged_as, facts.key, latest.get(facts.key))
-            continue
-        row = fold(event for event in events[facts.key] if event.seq <= seq)
-        row["updated_at"] = now
-        latest[facts.key] = row
+    batch = _Batch(items, list(zip(kept, seqs, strict=True)), chain, seen, recording)
+    stored = _stored_rows(conn, batch)
+    if not batch.logged:
+        return batch.answer(stored)
+    with pipeline(conn) as pg:
+        # Sent first: PostgreSQL stores the payloads while the folds and findings are
+        # computed below, instead of the two waiting for each other.
+        log.send_rows(pg, log_rows)
+        ledger.send_events(pg, [(seq, items[i][1]) for i, seq in batch.logged])
+        outcomes = batch.answer(stored)
+        ledger.send_upserts(pg, list(batch.latest.values()))
+        findings.send(pg, batch.assess())
+        outbox.send(pg, batch.queued)
+        ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
+    return outcomes
+
+
+class _Batch:
+    """The answers and derived rows of one batch, computed from what was read. No I/O."""
+
+    def __init__(
+        self,
+        items: Sequence[tuple[Delivery, EventFacts]],
+        placed: list[tuple[int, int | None]],
+        chain: Chain,
+        seen: _Seen,
+        recording: Recording,
+    ) -> None:
+        # ``placed``: (index in items, new seq or None for a duplicate) of each kept item.
+        self.items, self.chain, self.seen, self.recording = items, chain, seen, recording
+        self.placed = placed
+        self.logged = [(i, seq) for i, seq in self.placed if seq is not None]
+        self.events = seen.events
+        for i, seq in self.logged:
+            self.events.setdefault(items[i][1].key, []).append(SequencedEvent(seq, items[i][1]))
+        self.latest: dict[MRKey, dict[str, Any]] = {}
+        self.queued: list[tuple[int, str, str]] = []
+        self.now = utcnow()
+
+    def duplicates_without_row(self) -> set[MRKey]:
+        """MRs of duplicates with no delivery recorded before them in this batch."""
+        recorded: set[MRKey] = set()
+        wanted: set[MRKey] = set()
+        for i, seq in self.placed:
+            key = self.items[i][1].key
+            if seq is not None:
+                recorded.add(key)
+            elif key not in recorded:
+                wanted.add(key)
+        return wanted
+
+    def answer(self, stored: dict[MRKey, RowMapping | None]) -> list[Outcome]:
+        """Each delivery's outcome, as recording them one at a time would answer."""
+        outcomes: list[Outcome] = [IGNORED] * len(self.items)
+        for i, seq in self.placed:
+            delivery, facts = self.items[i]
+            if seq is None:
+                logged_as = self.seen.logged[delivery.dedup_key]
+                current = self.latest.get(facts.key) or stored.get(facts.key)
+                outcomes[i] = _duplicate(logged_as, current)
+            else:
+                outcomes[i] = self._recorded(seq, facts)
+        return outcomes
+
+    def _recorded(self, seq: int, facts: EventFacts) -> Outcome:
+        row = fold(event for event in self.events[facts.key] if event.seq <= seq)
+        row["updated_at"] = self.now
+        self.latest[facts.key] = row
         rendered = ledger_json(row)
-        outcomes[i] = Outcome("recorded", seq=seq, row=rendered)
-        if recording.emit:
+        if self.recording.emit:
             # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
             body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
-            queued.append((seq, chain.appended[seq].hex(), body))
-    if logged:
-        assessments = [
-            findings.assess(row, events[key], recording.compliance, now, as_of=row["last_event_at"])
-            for key, row in latest.items()
+            self.queued.append((seq, self.chain.appended[seq].hex(), body))
+        return Outcome("recorded", seq=seq, row=rendered)
+
+    def assess(self) -> list[findings.Assessment]:
+        """Each touched MR's findings, from all of its events (after ``answer``)."""
+        policy = self.recording.compliance
+        return [
+            findings.assess(row, self.events[key], policy, self.now, as_of=row["last_event_at"])
+            for key, row in self.latest.items()
         ]
-        with pipeline(conn) as pg:
-            send_many(pg, log.INSERT, log_rows)
-            ledger.send_events(pg, [(seq, items[i][1]) for i, seq in logged])
-            ledger.send_upserts(pg, list(latest.values()))
-            findings.send(pg, assessments)
-            outbox.send(pg, queued)
-            ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in logged])
-    return outcomes
+
+
+def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, RowMapping | None]:
+    """Ledger rows as they stood before this batch, for the answers to duplicates (rare)."""
+    return {key: ledger.get(conn, key) for key in batch.duplicates_without_row()}
 
 
 @dataclass
@@ -216,9 +267,8 @@ def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> li
     return kept
 
 
-def _duplicate(conn: Connection, seq: int, key: MRKey, latest: dict[str, Any] | None) -> Outcome:
+def _duplicate(seq: int, existing: Mapping[str, Any] | RowMapping | None) -> Outcome:
     """The answer to a delivery already logged: its seq and the MR's row as it stands."""
-    existing = latest if latest is not None else ledger.get(conn, key)
     return Outcome(
         "duplicate",
         reason="this delivery was already recorded",

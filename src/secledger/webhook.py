@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -133,18 +132,16 @@ class WebhookHandler:
         )
         return status, body, outcome.status, ()
 
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Bound the deliveries in progress; wait a little for a slot, then refuse."""
+    async def _acquire(self) -> None:
+        """Take a delivery slot; wait a little for one, then refuse."""
+        if not self.slots.locked():
+            await self.slots.acquire()  # free: returns at once, no timer needed
+            return
         try:
             async with asyncio.timeout(self.wait):
                 await self.slots.acquire()
         except TimeoutError:
             raise Saturated(f"{self.concurrency} deliveries are in progress; retry later") from None
-        try:
-            yield
-        finally:
-            self.slots.release()
 
     async def _body(self, receive: Receive) -> bytes:
         try:
@@ -160,8 +157,11 @@ class WebhookHandler:
         declared = headers.get("content-length", "")
         if declared.isdigit():
             check_size(int(declared), self.limit)
-        async with self._slot():
+        await self._acquire()
+        try:
             return await self._process(headers, await self._body(receive))
+        finally:
+            self.slots.release()
 
     async def _process(
         self, headers: dict[str, str], body: bytes

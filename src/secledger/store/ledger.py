@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from secledger.extract import EventFacts, MRKey
 from secledger.projection import LEDGER_COLUMNS, SequencedEvent, fold
-from secledger.store.pipeline import Pg, pipeline, send_many
+from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.store.schema import security_review_ledger
 from secledger.times import utcnow
 
@@ -37,11 +37,11 @@ _KEYS = (
 # cost of reading a batch's events back.
 EVENTS_OF_MANY = "SELECT seq, facts::text FROM review_events WHERE" + _KEYS
 KNOWN_AMONG = "SELECT instance, project_id, mr_iid FROM security_review_ledger WHERE" + _KEYS
-INSERT_EVENT = (
+INSERT_EVENTS = (
     "INSERT INTO review_events"
     " (seq, instance, project_id, mr_iid, event_at, kind, decision, actor, facts)"
-    " VALUES (%(seq)s, %(instance)s, %(project_id)s, %(mr_iid)s, %(event_at)s, %(kind)s,"
-    " %(decision)s, %(actor)s, %(facts)s::jsonb)"
+    " SELECT seq, instance, project_id, mr_iid, event_at, kind, decision, actor, facts"
+    " FROM jsonb_populate_recordset(NULL::review_events, %(rows)s::jsonb)"
 )
 _KEY_COLUMNS = ("instance", "project_id", "mr_iid")
 
@@ -88,7 +88,7 @@ def _event_params(seq: int, facts: EventFacts) -> dict[str, Any]:
         "kind": facts.kind,
         "decision": facts.decision,
         "actor": facts.actor,
-        "facts": orjson.dumps(facts.to_json()).decode(),
+        "facts": facts.to_json(),
     }
 
 
@@ -105,7 +105,7 @@ def add_events(conn: Connection, events: Sequence[tuple[int, EventFacts]]) -> No
 
 def send_events(pg: Pg, events: Sequence[tuple[int, EventFacts]]) -> None:
     """Queue the inserts of ``add_events`` on a pipeline."""
-    send_many(pg, INSERT_EVENT, [_event_params(seq, f) for seq, f in events])
+    send_rows(pg, INSERT_EVENTS, [_event_params(seq, f) for seq, f in events])
 
 
 def events_by_mr(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, list[SequencedEvent]]:
@@ -161,7 +161,8 @@ _SET = ", ".join(
 )
 UPSERT = (
     f"INSERT INTO security_review_ledger ({', '.join(LEDGER_COLUMNS)}, updated_at)"
-    f" VALUES ({', '.join(f'%({name})s' for name in LEDGER_COLUMNS)}, %(updated_at)s)"
+    f" SELECT {', '.join(LEDGER_COLUMNS)}, updated_at"
+    " FROM jsonb_populate_recordset(NULL::security_review_ledger, %(rows)s::jsonb)"
     f" ON CONFLICT (instance, project_id, mr_iid) DO UPDATE SET {_SET}"
     # The fold covers every event up to last_seq, so a row never moves backwards.
     " WHERE security_review_ledger.last_seq <= excluded.last_seq"
@@ -176,7 +177,7 @@ def upsert_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 def send_upserts(pg: Pg, rows: Sequence[dict[str, Any]]) -> None:
     """Queue the upserts of ``upsert_rows`` on a pipeline."""
-    send_many(pg, UPSERT, rows)
+    send_rows(pg, UPSERT, rows)
 
 
 def notify_many(conn: Connection, messages: Sequence[str]) -> None:

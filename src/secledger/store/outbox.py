@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from secledger.store.pipeline import Pg, pipeline, send_many
+from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.times import isoformat
 
 # One sender at a time across every process (serve replicas, `sink drain`), held for
@@ -83,7 +83,10 @@ def add(conn: Connection, seq: int, idempotency_key: str, body: str) -> None:
     conn.execute(_INSERT, {"seq": seq, "key": idempotency_key, "body": body})
 
 
-INSERT = "INSERT INTO outbox (seq, idempotency_key, body) VALUES (%(seq)s, %(key)s, %(body)s)"
+INSERT = (
+    "INSERT INTO outbox (seq, idempotency_key, body) SELECT seq, idempotency_key, body"
+    " FROM jsonb_populate_recordset(NULL::outbox, %(rows)s::jsonb)"
+)
 
 
 def add_many(conn: Connection, rows: list[tuple[int, str, str]]) -> None:
@@ -94,7 +97,8 @@ def add_many(conn: Connection, rows: list[tuple[int, str, str]]) -> None:
 
 def send(pg: Pg, rows: list[tuple[int, str, str]]) -> None:
     """Queue the inserts of ``add_many`` on a pipeline."""
-    send_many(pg, INSERT, [{"seq": seq, "key": key, "body": body} for seq, key, body in rows])
+    params = [{"seq": seq, "idempotency_key": key, "body": body} for seq, key, body in rows]
+    send_rows(pg, INSERT, params)
 
 
 def try_lock(conn: Connection) -> bool:

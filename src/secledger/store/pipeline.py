@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
@@ -48,7 +49,14 @@ def pipeline(conn: Connection) -> Iterator[Pg]:
         ) from exc
 
 
-def send_many(pg: Pg, sql: str, rows: Sequence[Params]) -> None:
-    """Queue ``sql`` once per row (no round trip of its own in pipeline mode)."""
+def send_rows(pg: Pg, sql: str, rows: Sequence[Params]) -> None:
+    """Queue ``sql`` once for all ``rows``, passed as one JSON array in ``%(rows)s``.
+
+    One statement per table per batch, whatever the batch size: executing a statement
+    per row cost psycopg a send-and-poll cycle each, which was half the writer's CPU.
+    The statement reads the rows with ``jsonb_populate_recordset`` (the table's own
+    column types) or ``jsonb_to_recordset``; datetimes travel as RFC 3339 with their
+    offset, lists as JSON arrays.
+    """
     if rows:
-        pg.cursor().executemany(sql, rows)
+        pg.execute(sql, {"rows": orjson.dumps(rows).decode()})
