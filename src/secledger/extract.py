@@ -10,7 +10,7 @@ from secledger import payloads as p
 from secledger.errors import TimestampError
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
-from secledger.times import isoformat, parse_optional
+from secledger.times import isoformat, parse_optional, parse_stored
 
 # GitLab's action → the decision it records. EE sends approval/unapproval per user,
 # CE always approved/unapproved; both mean the same thing for the ledger.
@@ -111,7 +111,7 @@ class EventFacts:
         """Inverse of :meth:`to_json`."""
         values = dict(data)
         for name in _TIME_FIELDS:
-            values[name] = parse_optional(values.get(name))
+            values[name] = parse_stored(values.get(name))
         for name in ("labels", "security_labels", "security_added", "security_removed"):
             values[name] = tuple(values.get(name) or ())
         if values.get("reviewers") is not None:

@@ -27,6 +27,7 @@ from secledger.extract import EventFacts
 from secledger.intake import Delivery
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import DrainBusy, SpoolUnavailable
+from secledger.store.eventcache import EventCache
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -94,6 +95,7 @@ class Recorder:
         # The writer keeps one connection across batches: checking one out of the pool
         # per batch cost a pre-ping round trip each time.
         self._conn: Connection | None = None
+        self._cache = EventCache()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -222,9 +224,17 @@ class Recorder:
     def _transaction(self, jobs: list[_Job]) -> list[Outcome]:
         if self._conn is None:
             self._conn = self._engine.connect()
-        with self._conn.begin():
-            items = [(job.delivery, job.facts) for job in jobs]
-            return record_locked(self._conn, items, recording=self._recording)
+        items = [(job.delivery, job.facts) for job in jobs]
+        try:
+            with self._conn.begin():
+                outcomes = record_locked(
+                    self._conn, items, recording=self._recording, cache=self._cache
+                )
+        except BaseException:
+            self._cache.discard()  # not committed: nothing it staged may be kept
+            raise
+        self._cache.commit()
+        return outcomes
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

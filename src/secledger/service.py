@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from psycopg import Cursor
 from sqlalchemy import Connection, Engine, RowMapping
 
 from secledger import findings
@@ -21,7 +20,8 @@ from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold
-from secledger.store import ledger, log, outbox
+from secledger.store import batchread, ledger, log, outbox
+from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
 from secledger.store.pipeline import pipeline
 from secledger.tierpolicy import CompliancePolicy
@@ -96,10 +96,16 @@ def record_locked(
     items: Sequence[tuple[Delivery, EventFacts]],
     *,
     recording: Recording = DEFAULT_RECORDING,
+    cache: EventCache | None = None,
 ) -> list[Outcome]:
     """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
-    the lock, the head and the batch's reads sent in one round trip (the writer's path)."""
-    return _record(conn, None, items, recording)
+    the lock, the head and the batch's reads sent in one round trip (the writer's path).
+
+    With ``cache``, events of merge requests it holds (and the table still agrees with)
+    are not read back; what this batch wrote is staged in it, for the caller to
+    ``commit`` once the transaction has committed (or ``discard``).
+    """
+    return _record(conn, None, items, recording, cache)
 
 
 def record_batch(
@@ -120,7 +126,7 @@ def record_batch(
     ``recording.compliance`` and, with ``recording.emit`` (an HTTP sink is configured), each
     new row is queued in the outbox, so the sink gets every row that was committed.
     """
-    return _record(conn, chain, items, recording)
+    return _record(conn, chain, items, recording, None)
 
 
 def _record(
@@ -128,8 +134,9 @@ def _record(
     opened: Chain | None,
     items: Sequence[tuple[Delivery, EventFacts]],
     recording: Recording,
+    cache: EventCache | None,
 ) -> list[Outcome]:
-    seen = _read(conn, items, lock=opened is None)
+    seen = batchread.read(conn, items, lock=opened is None, cache=cache)
     chain = opened or seen.opened()
     kept = _kept(items, seen.known)
     seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)
@@ -147,6 +154,11 @@ def _record(
         findings.send(pg, batch.assess())
         outbox.send(pg, batch.queued)
         ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
+    if cache is not None:
+        added: dict[MRKey, list[int]] = {}
+        for i, seq in batch.logged:
+            added.setdefault(items[i][1].key, []).append(seq)
+        seen.remember(cache, added)
     return outcomes
 
 
@@ -158,7 +170,7 @@ class _Batch:
         items: Sequence[tuple[Delivery, EventFacts]],
         placed: list[tuple[int, int | None]],
         chain: Chain,
-        seen: _Seen,
+        seen: batchread.Seen,
         recording: Recording,
     ) -> None:
         # ``placed``: (index in items, new seq or None for a duplicate) of each kept item.
@@ -220,41 +232,6 @@ class _Batch:
 def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, RowMapping | None]:
     """Ledger rows as they stood before this batch, for the answers to duplicates (rare)."""
     return {key: ledger.get(conn, key) for key in batch.duplicates_without_row()}
-
-
-@dataclass
-class _Seen:
-    """What the database holds about a batch's deliveries, read under the chain lock."""
-
-    head: Cursor[Any] | None
-    known: set[MRKey]
-    logged: dict[str, int]
-    events: dict[MRKey, list[SequencedEvent]]
-
-    def opened(self) -> Chain:
-        """The chain whose lock and head this read took."""
-        if self.head is None:
-            raise RuntimeError("this read did not take the chain lock")
-        return Chain.opened(self.head)
-
-
-def _read(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]], *, lock: bool) -> _Seen:
-    """In one round trip: the chain lock and head (with ``lock``), which doubtful
-    MRs have a ledger row, which deliveries are already logged, and every event of each MR
-    in the batch."""
-    doubtful = {facts.key for _, facts in items if not facts.is_security}
-    keys = ledger.keys_params({facts.key for _, facts in items})
-    with pipeline(conn) as pg:
-        head = Chain.send_open(pg) if lock else None
-        known = pg.execute(ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
-        logged = pg.execute(log.LOGGED, {"keys": [delivery.dedup_key for delivery, _ in items]})
-        events = pg.execute(ledger.EVENTS_OF_MANY, keys)
-    return _Seen(
-        head=head,
-        known=ledger.known_from(known.fetchall()) if known is not None else set(),
-        logged={str(key): int(seq) for key, seq in logged.fetchall()},
-        events=ledger.events_from(events.fetchall()),
-    )
 
 
 def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> list[int]:

@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 import structlog
 
-from secledger.errors import BodyTimeout, IntakeError, Saturated, StoreUnavailable
+from secledger.admission import Admission
+from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
 from secledger.extract import extract_facts, is_security_event, mr_key
 from secledger.intake import Ignored, authenticate, check_size, parse_delivery, precheck
 from secledger.replay import ReplayGuard
@@ -84,9 +85,11 @@ class WebhookHandler:
         self.guard = ReplayGuard(settings.webhook_tolerance_seconds)
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.body_timeout_seconds
-        self.concurrency = settings.max_concurrent_deliveries
-        self.wait = settings.concurrency_wait_seconds
-        self.slots = asyncio.Semaphore(self.concurrency)
+        self.admission = Admission(
+            settings.max_concurrent_deliveries,
+            settings.max_inflight_body_bytes,
+            settings.concurrency_wait_seconds,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -132,17 +135,6 @@ class WebhookHandler:
         )
         return status, body, outcome.status, ()
 
-    async def _acquire(self) -> None:
-        """Take a delivery slot; wait a little for one, then refuse."""
-        if not self.slots.locked():
-            await self.slots.acquire()  # free: returns at once, no timer needed
-            return
-        try:
-            async with asyncio.timeout(self.wait):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise Saturated(f"{self.concurrency} deliveries are in progress; retry later") from None
-
     async def _body(self, receive: Receive) -> bytes:
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -155,13 +147,15 @@ class WebhookHandler:
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
         precheck(headers, self.sources, now=utcnow())
         declared = headers.get("content-length", "")
+        size = self.limit  # a body of unknown length may be as large as allowed
         if declared.isdigit():
-            check_size(int(declared), self.limit)
-        await self._acquire()
+            size = int(declared)
+            check_size(size, self.limit)
+        await self.admission.enter(size)
         try:
             return await self._process(headers, await self._body(receive))
         finally:
-            self.slots.release()
+            self.admission.leave(size)
 
     async def _process(
         self, headers: dict[str, str], body: bytes
