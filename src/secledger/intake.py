@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,6 +65,11 @@ class Delivery:
     dedup_key: str
     received_at: datetime
     source: str = "webhook"
+
+    def without_payload(self) -> Delivery:
+        """This delivery without its decoded JSON: what logging it needs (the raw body
+        stays), once the facts have been extracted."""
+        return replace(self, payload={})
 
 
 @dataclass(frozen=True)

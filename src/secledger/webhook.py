@@ -190,6 +190,10 @@ class WebhookHandler:
         ):
             return _answer(200, IGNORED)
         facts = extract_facts(delivery, policy)
+        # The decoded JSON (hundreds of objects) is not needed past this point: dropped
+        # now, it dies young instead of being promoted and re-scanned by the collector
+        # while the delivery waits for its batch to commit.
+        delivery = delivery.without_payload()
         outcome = await recorder.submit(delivery, facts)
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)
