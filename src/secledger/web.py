@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,11 +35,6 @@ def create_api(
         sender = sink.start_worker(settings, runtime.engine, db.libpq_url(database.url))
         checkpointing = integrity.schedule(settings, runtime.engine)
         _app.state.runtime = runtime
-        # What start-up created (modules, FastAPI, SQLAlchemy, settings) lives as long as the
-        # process. Frozen, the collector stops re-scanning it: a full collection of it took
-        # ~80 ms on the benchmark machine, a pause in answering every request.
-        gc.collect()
-        gc.freeze()
         try:
             yield
         finally:
