@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 import pytest
 
 from secledger.errors import TimestampError
-from secledger.times import isoformat, parse_time
+from secledger.times import isoformat, parse_stored, parse_time
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,17 @@ def test_unknown_spellings_raise_a_typed_error(bad: str) -> None:
 
 def test_isoformat_writes_utc_with_z() -> None:
     assert isoformat(parse_time("2026-07-28 15:09:25 -0700")) == "2026-07-28T22:09:25Z"
+
+
+def test_a_stored_time_reads_back_as_it_was_written() -> None:
+    """``parse_stored`` (the writer's fast path) agrees with ``parse_time`` on every spelling."""
+    written = datetime(2025, 1, 2, 3, 4, 5, 6789, tzinfo=UTC)
+    assert parse_stored(isoformat(written)) == written
+    assert parse_stored(isoformat(written)).tzinfo is UTC  # type: ignore[union-attr]
+    for spelling in (
+        "2025-08-05 21:48:25 UTC",
+        "2026-07-28 15:09:25 -0700",
+        "2018-08-20T06:17:28.394Z",
+    ):
+        assert parse_stored(spelling) == parse_time(spelling)
+    assert parse_stored(None) is None

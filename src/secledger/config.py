@@ -243,9 +243,13 @@ class Settings(BaseSettings):
     webhook_auth: AuthPolicy = "either"
     webhook_tolerance_seconds: int = Field(default=300, ge=1, le=86_400)
     webhook_sources: list[WebhookSource] = Field(default_factory=list)
-    max_concurrent_deliveries: int = Field(default=32, ge=1, le=10_000)
+    max_concurrent_deliveries: int = Field(default=128, ge=1, le=10_000)
     concurrency_wait_seconds: float = Field(default=5.0, ge=0, le=60)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
+    # Performance (issue 7): the sum of declared body sizes in progress; bounds memory
+    # whatever the count, so the count can let the group commit gather large batches.
+    max_inflight_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     # Dashboard, read API and metrics (docs/dashboard.md).
     users: Annotated[dict[str, str], NoDecode] = Field(

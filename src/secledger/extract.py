@@ -10,7 +10,7 @@ from secledger import payloads as p
 from secledger.errors import TimestampError
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
-from secledger.times import isoformat, parse_optional
+from secledger.times import isoformat, parse_optional, parse_stored
 
 # GitLab's action → the decision it records. EE sends approval/unapproval per user,
 # CE always approved/unapproved; both mean the same thing for the ledger.
@@ -111,7 +111,7 @@ class EventFacts:
         """Inverse of :meth:`to_json`."""
         values = dict(data)
         for name in _TIME_FIELDS:
-            values[name] = parse_optional(values.get(name))
+            values[name] = parse_stored(values.get(name))
         for name in ("labels", "security_labels", "security_added", "security_removed"):
             values[name] = tuple(values.get(name) or ())
         if values.get("reviewers") is not None:
@@ -219,8 +219,13 @@ def mr_key(delivery: Delivery) -> MRKey:
 
 
 def is_security_event(delivery: Delivery, policy: LabelPolicy) -> bool:
-    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path."""
-    return label_facts(delivery.payload, policy)[4]
+    """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path:
+    a security label now, or one before this delivery changed the labels."""
+    payload = delivery.payload
+    if policy.any_security(p.current_labels(payload)):
+        return True
+    previous = p.previous_labels(payload)
+    return previous is not None and policy.any_security(previous)
 
 
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:

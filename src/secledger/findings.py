@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.types import BigInteger, Text
+from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
 from secledger.projection import SequencedEvent
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
+from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
 
@@ -37,32 +36,46 @@ CLOCK_COLUMNS = (
     "first_decision_by",
     "first_decision_seq",
 )
-_KEY = "instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
-_UPSERT_CLOCK = text(
-    f"INSERT INTO review_sla (instance, project_id, mr_iid, {', '.join(CLOCK_COLUMNS)},"
-    " updated_at)"
-    f" VALUES (:instance, :project_id, :mr_iid, {', '.join(':' + c for c in CLOCK_COLUMNS)},"
-    " :now)"
+_CLOCK_KEY = ("instance", "project_id", "mr_iid", *CLOCK_COLUMNS)
+UPSERT_CLOCK = (
+    f"INSERT INTO review_sla ({', '.join(_CLOCK_KEY)}, updated_at)"
+    f" SELECT {', '.join(_CLOCK_KEY)}, updated_at"
+    " FROM jsonb_populate_recordset(NULL::review_sla, %(rows)s::jsonb)"
     " ON CONFLICT (instance, project_id, mr_iid) DO UPDATE SET"
     f" {', '.join(f'{c} = excluded.{c}' for c in CLOCK_COLUMNS)}, updated_at = excluded.updated_at"
 )
-_UPSERT_FINDING = text(
-    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
-    " evidence, detected_at, updated_at)"
-    " VALUES (:instance, :project_id, :mr_iid, :rule, :subject, :severity, :seqs, :evidence,"
-    " :now, :now)"
+_FINDING = "instance, project_id, mr_iid, rule, subject, severity, seqs, evidence"
+UPSERT_FINDING = (
+    f"INSERT INTO findings ({_FINDING}, detected_at, updated_at)"
+    f" SELECT {_FINDING}, updated_at, updated_at"
+    " FROM jsonb_populate_recordset(NULL::findings, %(rows)s::jsonb)"
     " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
     " severity = excluded.severity, seqs = excluded.seqs, evidence = excluded.evidence,"
     " resolved_at = NULL, updated_at = excluded.updated_at"
     # Re-evaluation that changes nothing writes nothing.
     " WHERE (findings.severity, findings.seqs, findings.evidence, findings.resolved_at)"
     " IS DISTINCT FROM (excluded.severity, excluded.seqs, excluded.evidence, NULL)"
-).bindparams(bindparam("seqs", type_=ARRAY(BigInteger)), bindparam("evidence", type_=JSONB))
-_RESOLVE = text(
-    f"UPDATE findings SET resolved_at = :now, updated_at = :now WHERE {_KEY}"
-    " AND resolved_at IS NULL AND NOT (rule || ' ' || subject = ANY(:held))"
-    " AND NOT (:keep_running_breach AND rule = 'sla-breached')"
-).bindparams(bindparam("held", type_=ARRAY(Text)))
+)
+# Per MR: resolve what no longer holds (every finding not in ``held``).
+RESOLVE = (
+    "UPDATE findings SET resolved_at = r.now, updated_at = r.now"
+    " FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(instance text, project_id bigint,"
+    " mr_iid bigint, now timestamptz, held text[], keep_running_breach boolean)"
+    " WHERE findings.instance = r.instance AND findings.project_id = r.project_id"
+    " AND findings.mr_iid = r.mr_iid AND findings.resolved_at IS NULL"
+    " AND NOT (findings.rule || ' ' || findings.subject = ANY(r.held))"
+    " AND NOT (r.keep_running_breach AND findings.rule = 'sla-breached')"
+)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One MR's clock and findings as evaluated, ready to store (bind parameters)."""
+
+    hits: list[Hit]
+    clock: dict[str, Any]
+    findings: list[dict[str, Any]]
+    resolve: dict[str, Any]
 
 
 def history_of(events: Sequence[SequencedEvent], row: RowMapping | dict[str, Any]) -> MRHistory:
@@ -95,6 +108,50 @@ def finding_row(key: MRKey, hit: Hit) -> dict[str, Any]:
     }
 
 
+def assess(
+    row: RowMapping | dict[str, Any],
+    events: Sequence[SequencedEvent],
+    policy: CompliancePolicy,
+    now: datetime,
+    *,
+    as_of: datetime | None = None,
+) -> Assessment:
+    """Evaluate one MR from its ledger row and every one of its events. Pure: no I/O.
+
+    ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
+    latest event time, so replaying an old history does not flag (then resolve) a
+    breach at every step. An open-past-deadline finding already recorded by the
+    wall-clock check is kept while the clock still runs.
+    """
+    key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
+    history = history_of(events, row)
+    clock = sla_clock(history, policy)
+    hits = evaluate(history, policy, as_of or now)
+    keep = as_of is not None and clock.first_decision_at is None
+    resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep}
+    resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
+    return Assessment(
+        hits=hits,
+        clock={**clock_row(key, clock), "updated_at": now},
+        findings=_unique([{**finding_row(key, h), "updated_at": now} for h in hits]),
+        resolve=resolve,
+    )
+
+
+def send(pg: Pg, assessments: Sequence[Assessment]) -> None:
+    """Queue the writes of ``assessments`` on a pipeline: clocks, findings that hold, the rest
+    resolved."""
+    send_rows(pg, UPSERT_CLOCK, [a.clock for a in assessments])
+    send_rows(pg, UPSERT_FINDING, [f for a in assessments for f in a.findings])
+    send_rows(pg, RESOLVE, [a.resolve for a in assessments])
+
+
+def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (rule, subject), the last one winning, as upserting them in turn would:
+    one INSERT may not touch the same row twice."""
+    return list({(row["rule"], row["subject"]): row for row in rows}.values())
+
+
 def evaluate_mr(
     conn: Connection,
     row: RowMapping | dict[str, Any],
@@ -106,20 +163,15 @@ def evaluate_mr(
 ) -> list[Hit]:
     """Re-evaluate one MR after its ledger row was projected (same transaction).
 
-    ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
-    latest event time, so replaying an old history does not flag (then resolve) a
-    breach at every step. An open-past-deadline finding already recorded by the
-    wall-clock check is kept while the clock still runs. ``events``, when the caller
-    already read them, saves reading them again.
+    See :func:`assess`; ``events``, when the caller already read them, saves reading
+    them again.
     """
-    key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
-    history = history_of(ledger.events_of(conn, key) if events is None else events, row)
-    clock = sla_clock(history, policy)
-    conn.execute(_UPSERT_CLOCK, {**clock_row(key, clock), "now": now})
-    hits = evaluate(history, policy, as_of or now)
-    keep = as_of is not None and clock.first_decision_at is None
-    store(conn, key, hits, now, keep_running_breach=keep)
-    return hits
+    if events is None:
+        events = ledger.events_of(conn, MRKey(row["instance"], row["project_id"], row["mr_iid"]))
+    assessment = assess(row, events, policy, now, as_of=as_of)
+    with pipeline(conn) as pg:
+        send(pg, [assessment])
+    return assessment.hits
 
 
 def store(
@@ -131,11 +183,12 @@ def store(
     keep_running_breach: bool = False,
 ) -> None:
     """Upsert the findings that hold and resolve the ones of this MR that no longer do."""
-    if hits:
-        conn.execute(_UPSERT_FINDING, [{**finding_row(key, h), "now": now} for h in hits])
-    params = {"now": now, "held": [f"{h.rule} {h.subject}" for h in hits]}
-    params["keep_running_breach"] = keep_running_breach
-    conn.execute(_RESOLVE, {**ledger.key_params(key), **params})
+    resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep_running_breach}
+    resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
+    rows = _unique([{**finding_row(key, h), "updated_at": now} for h in hits])
+    with pipeline(conn) as pg:
+        send_rows(pg, UPSERT_FINDING, rows)
+        send_rows(pg, RESOLVE, [resolve])
 
 
 def _sql_stamp(column: str) -> str:

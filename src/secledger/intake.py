@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,6 +65,11 @@ class Delivery:
     dedup_key: str
     received_at: datetime
     source: str = "webhook"
+
+    def without_payload(self) -> Delivery:
+        """This delivery without its decoded JSON: what logging it needs (the raw body
+        stays), once the facts have been extracted."""
+        return replace(self, payload={})
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,12 @@ def origin(url: object) -> str | None:
     """``scheme://host[:port]`` of a URL, or None when it has none."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         return None
+    return _origin(url)
+
+
+# Each delivery asks up to three times, mostly about the same few instance URLs.
+@functools.lru_cache(maxsize=1024)
+def _origin(url: str) -> str | None:
     try:
         parts = urlsplit(url)
     except ValueError:  # "http://[" and friends

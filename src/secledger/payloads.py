@@ -41,7 +41,7 @@ def label_titles(items: object) -> list[str]:
     titles: list[str] = []
     for item in items:
         if isinstance(item, dict):
-            title = item.get("title", item.get("name"))
+            title = item["title"] if "title" in item else item.get("name")
             if isinstance(title, str):
                 titles.append(title)
         elif isinstance(item, str):
@@ -68,6 +68,12 @@ def current_labels(payload: Mapping[str, Any]) -> list[str]:
     if isinstance(attrs.get("labels"), list):
         return label_titles(attrs["labels"])
     return label_titles(obj(obj(payload, "changes"), "labels").get("current"))
+
+
+def previous_labels(payload: Mapping[str, Any]) -> list[str] | None:
+    """The label titles before this delivery changed them; None when it did not."""
+    change = obj(obj(payload, "changes"), "labels")
+    return label_titles(change.get("previous")) if change else None
 
 
 def label_change(payload: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:

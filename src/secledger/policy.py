@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from secledger.config import Settings
 
+MEMO_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class LabelPolicy:
@@ -19,6 +21,8 @@ class LabelPolicy:
     unclassified: str = "unclassified"
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Label titles already classified: a handful of titles recur in every delivery.
+    _known: dict[str, bool] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         joined = "|".join(f"(?:{fnmatch.translate(p.lower())})" for p in self.patterns)
@@ -40,7 +44,17 @@ class LabelPolicy:
 
     def is_security_label(self, title: str) -> bool:
         """True when a label title matches any security pattern."""
-        return self._regex.match(title.lower()) is not None
+        known = self._known.get(title)
+        if known is None:
+            known = self._regex.match(title.lower()) is not None
+            if len(self._known) >= MEMO_SIZE:
+                self._known.clear()  # bounded: titles are sender-controlled
+            self._known[title] = known
+        return known
+
+    def any_security(self, titles: Iterable[str]) -> bool:
+        """True when any of ``titles`` is a security label."""
+        return any(self.is_security_label(t) for t in titles)
 
     def security_labels(self, titles: Iterable[str]) -> tuple[str, ...]:
         """The security labels among ``titles``, in their given order."""

@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts
 from secledger.intake import Delivery
-from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_batch
+from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import DrainBusy, SpoolUnavailable
-from secledger.store.log import Chain
+from secledger.store.eventcache import EventCache
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -41,6 +41,20 @@ class _Job:
 
     def resolve(self, result: Outcome | BaseException) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+def _resolve_all(jobs: list[_Job], outcomes: list[Outcome]) -> None:
+    """Answer a batch with one wake-up of each event loop, not one per delivery."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Outcome], Outcome]]] = {}
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.future, outcome))
+    for loop, settled in by_loop.items():
+        loop.call_soon_threadsafe(_settle_many, settled)
+
+
+def _settle_many(settled: list[tuple[asyncio.Future[Outcome], Outcome]]) -> None:
+    for future, outcome in settled:
+        _settle(future, outcome)
 
 
 def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) -> None:
@@ -78,6 +92,10 @@ class Recorder:
         self._next_drain = 0.0
         self._recording = recording
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        # The writer keeps one connection across batches: checking one out of the pool
+        # per batch cost a pre-ping round trip each time.
+        self._conn: Connection | None = None
+        self._cache = EventCache()
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -112,6 +130,7 @@ class Recorder:
             if jobs:
                 self._dispatch(jobs)
             if _STOP in batch:
+                self._drop_connection()
                 return
 
     def _next_batch(self) -> list[_Job | object]:
@@ -172,14 +191,7 @@ class Recorder:
 
     def _record_batch(self, jobs: list[_Job]) -> None:
         try:
-            with self._engine.begin() as conn:
-                chain = Chain.open(conn)
-                outcomes = record_batch(
-                    conn,
-                    chain,
-                    [(job.delivery, job.facts) for job in jobs],
-                    recording=self._recording,
-                )
+            outcomes = self._write(jobs)
         except Exception as exc:  # noqa: BLE001 - every failure is sorted below
             if is_transient(exc) and self._drainer is not None:
                 self._next_drain = time.monotonic() + self._retry_seconds
@@ -193,8 +205,44 @@ class Recorder:
             return
         self.batches += 1
         self.recorded += len(jobs)
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            job.resolve(outcome)
+        _resolve_all(jobs, outcomes)
+
+    def _write(self, jobs: list[_Job]) -> list[Outcome]:
+        """Record ``jobs`` in one transaction on the held connection, committed on return."""
+        fresh = self._conn is None
+        try:
+            return self._transaction(jobs)
+        except Exception as exc:
+            self._drop_connection()
+            if fresh or not is_transient(exc):
+                raise
+        # The held connection went stale while idle (a database restart, a proxy's idle
+        # timeout): once more on a new, pre-pinged one before calling it unavailable.
+        # Nothing was committed, and the dedup key makes a retry safe anyway.
+        return self._transaction(jobs)
+
+    def _transaction(self, jobs: list[_Job]) -> list[Outcome]:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        items = [(job.delivery, job.facts) for job in jobs]
+        try:
+            with self._conn.begin():
+                outcomes = record_locked(
+                    self._conn, items, recording=self._recording, cache=self._cache
+                )
+        except BaseException:
+            self._cache.discard()  # not committed: nothing it staged may be kept
+            raise
+        self._cache.commit()
+        return outcomes
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()  # back to the pool, which discards it if it is broken
+            except Exception as exc:  # noqa: BLE001 - the writer thread must survive
+                log.warning("writer_connection_close_failed", error=type(exc).__name__)
 
     def _spool(self, jobs: list[_Job]) -> None:
         assert self._drainer is not None  # noqa: S101 - only called with a spool

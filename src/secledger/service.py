@@ -19,9 +19,11 @@ from secledger.config import Settings
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.projection import fold
-from secledger.store import ledger, outbox
-from secledger.store.log import Chain, seq_of
+from secledger.projection import SequencedEvent, fold
+from secledger.store import batchread, ledger, log, outbox
+from secledger.store.eventcache import EventCache
+from secledger.store.log import Chain
+from secledger.store.pipeline import pipeline
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
@@ -89,6 +91,23 @@ def record(
     return record_batch(conn, chain, [(delivery, facts)], recording=recording)[0]
 
 
+def record_locked(
+    conn: Connection,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    *,
+    recording: Recording = DEFAULT_RECORDING,
+    cache: EventCache | None = None,
+) -> list[Outcome]:
+    """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
+    the lock, the head and the batch's reads sent in one round trip (the writer's path).
+
+    With ``cache``, events of merge requests it holds (and the table still agrees with)
+    are not read back; what this batch wrote is staged in it, for the caller to
+    ``commit`` once the transaction has committed (or ``discard``).
+    """
+    return _record(conn, None, items, recording, cache)
+
+
 def record_batch(
     conn: Connection,
     chain: Chain,
@@ -98,52 +117,125 @@ def record_batch(
 ) -> list[Outcome]:
     """Record deliveries in order, with the outcomes ``record`` would give one at a time.
 
-    The statements are per batch, not per delivery (about nine round trips whatever the
-    batch size), which is what lets one writer keep up: the answer for each delivery is
-    the fold of its merge request's events up to its own seq, exactly as if the
-    deliveries had been recorded one after the other.
+    Two round trips whatever the batch size (one pipeline of reads, one of writes),
+    which is what lets one writer keep up: the answer for each delivery is the fold of
+    its merge request's events up to its own seq, exactly as if the deliveries had been
+    recorded one after the other.
 
     In the same transaction, each merge request's findings are re-evaluated under
     ``recording.compliance`` and, with ``recording.emit`` (an HTTP sink is configured), each
     new row is queued in the outbox, so the sink gets every row that was committed.
     """
-    outcomes: list[Outcome] = [IGNORED] * len(items)
-    kept = _kept(conn, items)
-    seqs = chain.append_many(conn, [items[i][0] for i in kept])
-    logged = [(i, seq) for i, seq in zip(kept, seqs, strict=True) if seq is not None]
-    ledger.add_events(conn, [(seq, items[i][1]) for i, seq in logged])
-    events = ledger.events_by_mr(conn, {items[i][1].key for i, _ in logged}) if logged else {}
-    latest: dict[MRKey, dict[str, Any]] = {}
-    queued: list[tuple[int, str, str]] = []
-    now = utcnow()
-    for i, seq in zip(kept, seqs, strict=True):
-        delivery, facts = items[i]
-        if seq is None:
-            outcomes[i] = _duplicate(conn, delivery, facts.key, latest.get(facts.key))
-            continue
-        row = fold(event for event in events[facts.key] if event.seq <= seq)
-        row["updated_at"] = now
-        latest[facts.key] = row
-        rendered = ledger_json(row)
-        outcomes[i] = Outcome("recorded", seq=seq, row=rendered)
-        if recording.emit:
-            # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
-            body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
-            queued.append((seq, chain.appended[seq].hex(), body))
-    ledger.upsert_rows(conn, list(latest.values()))
-    for key, row in latest.items():
-        findings.evaluate_mr(
-            conn, row, recording.compliance, now, as_of=row["last_event_at"], events=events[key]
-        )
-    outbox.add_many(conn, queued)
-    ledger.notify_many(conn, [_notice(items[i][1], seq) for i, seq in logged])
+    return _record(conn, chain, items, recording, None)
+
+
+def _record(
+    conn: Connection,
+    opened: Chain | None,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    recording: Recording,
+    cache: EventCache | None,
+) -> list[Outcome]:
+    seen = batchread.read(conn, items, lock=opened is None, cache=cache)
+    chain = opened or seen.opened()
+    kept = _kept(items, seen.known)
+    seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)
+    batch = _Batch(items, list(zip(kept, seqs, strict=True)), chain, seen, recording)
+    stored = _stored_rows(conn, batch)
+    if not batch.logged:
+        return batch.answer(stored)
+    with pipeline(conn) as pg:
+        # Sent first: PostgreSQL stores the payloads while the folds and findings are
+        # computed below, instead of the two waiting for each other.
+        log.send_rows(pg, log_rows)
+        ledger.send_events(pg, [(seq, items[i][1]) for i, seq in batch.logged])
+        outcomes = batch.answer(stored)
+        ledger.send_upserts(pg, list(batch.latest.values()))
+        findings.send(pg, batch.assess())
+        outbox.send(pg, batch.queued)
+        ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
+    if cache is not None:
+        added: dict[MRKey, list[int]] = {}
+        for i, seq in batch.logged:
+            added.setdefault(items[i][1].key, []).append(seq)
+        seen.remember(cache, added)
     return outcomes
 
 
-def _kept(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]]) -> list[int]:
+class _Batch:
+    """The answers and derived rows of one batch, computed from what was read. No I/O."""
+
+    def __init__(
+        self,
+        items: Sequence[tuple[Delivery, EventFacts]],
+        placed: list[tuple[int, int | None]],
+        chain: Chain,
+        seen: batchread.Seen,
+        recording: Recording,
+    ) -> None:
+        # ``placed``: (index in items, new seq or None for a duplicate) of each kept item.
+        self.items, self.chain, self.seen, self.recording = items, chain, seen, recording
+        self.placed = placed
+        self.logged = [(i, seq) for i, seq in self.placed if seq is not None]
+        self.events = seen.events
+        for i, seq in self.logged:
+            self.events.setdefault(items[i][1].key, []).append(SequencedEvent(seq, items[i][1]))
+        self.latest: dict[MRKey, dict[str, Any]] = {}
+        self.queued: list[tuple[int, str, str]] = []
+        self.now = utcnow()
+
+    def duplicates_without_row(self) -> set[MRKey]:
+        """MRs of duplicates with no delivery recorded before them in this batch."""
+        recorded: set[MRKey] = set()
+        wanted: set[MRKey] = set()
+        for i, seq in self.placed:
+            key = self.items[i][1].key
+            if seq is not None:
+                recorded.add(key)
+            elif key not in recorded:
+                wanted.add(key)
+        return wanted
+
+    def answer(self, stored: dict[MRKey, RowMapping | None]) -> list[Outcome]:
+        """Each delivery's outcome, as recording them one at a time would answer."""
+        outcomes: list[Outcome] = [IGNORED] * len(self.items)
+        for i, seq in self.placed:
+            delivery, facts = self.items[i]
+            if seq is None:
+                logged_as = self.seen.logged[delivery.dedup_key]
+                current = self.latest.get(facts.key) or stored.get(facts.key)
+                outcomes[i] = _duplicate(logged_as, current)
+            else:
+                outcomes[i] = self._recorded(seq, facts)
+        return outcomes
+
+    def _recorded(self, seq: int, facts: EventFacts) -> Outcome:
+        row = fold(event for event in self.events[facts.key] if event.seq <= seq)
+        row["updated_at"] = self.now
+        self.latest[facts.key] = row
+        rendered = ledger_json(row)
+        if self.recording.emit:
+            # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
+            body = orjson.dumps({"seq": seq, "ledger": rendered}).decode()
+            self.queued.append((seq, self.chain.appended[seq].hex(), body))
+        return Outcome("recorded", seq=seq, row=rendered)
+
+    def assess(self) -> list[findings.Assessment]:
+        """Each touched MR's findings, from all of its events (after ``answer``)."""
+        policy = self.recording.compliance
+        return [
+            findings.assess(row, self.events[key], policy, self.now, as_of=row["last_event_at"])
+            for key, row in self.latest.items()
+        ]
+
+
+def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, RowMapping | None]:
+    """Ledger rows as they stood before this batch, for the answers to duplicates (rare)."""
+    return {key: ledger.get(conn, key) for key in batch.duplicates_without_row()}
+
+
+def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> list[int]:
     """Indexes of the items to log: security MRs, and MRs that were security MRs once."""
-    doubtful = {facts.key for _, facts in items if not facts.is_security}
-    known = ledger.known_among(conn, doubtful) if doubtful else set()
     kept: list[int] = []
     for i, (_, facts) in enumerate(items):
         if facts.is_security or facts.key in known:
@@ -152,15 +244,12 @@ def _kept(conn: Connection, items: Sequence[tuple[Delivery, EventFacts]]) -> lis
     return kept
 
 
-def _duplicate(
-    conn: Connection, delivery: Delivery, key: MRKey, latest: dict[str, Any] | None
-) -> Outcome:
+def _duplicate(seq: int, existing: Mapping[str, Any] | RowMapping | None) -> Outcome:
     """The answer to a delivery already logged: its seq and the MR's row as it stands."""
-    existing = latest if latest is not None else ledger.get(conn, key)
     return Outcome(
         "duplicate",
         reason="this delivery was already recorded",
-        seq=seq_of(conn, delivery.dedup_key),
+        seq=seq,
         row=ledger_json(existing) if existing else None,
     )
 

@@ -66,6 +66,19 @@ def parse_optional(value: object) -> datetime | None:
     return parse_time(value)  # type: ignore[arg-type]
 
 
+def parse_stored(value: object) -> datetime | None:
+    """A time secledger wrote itself (``isoformat``), read back fast; any other spelling
+    goes through ``parse_optional``."""
+    if isinstance(value, str) and value.endswith("Z"):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return parse_optional(value)
+        if parsed.utcoffset() == timedelta(0):
+            return parsed.astimezone(UTC)
+    return parse_optional(value)
+
+
 def isoformat(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with a Z, the one spelling secledger writes."""
     if value is None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 import structlog
 
-from secledger.errors import BodyTimeout, IntakeError, Saturated, StoreUnavailable
+from secledger.admission import Admission
+from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
 from secledger.extract import extract_facts, is_security_event, mr_key
 from secledger.intake import Ignored, authenticate, check_size, parse_delivery, precheck
 from secledger.replay import ReplayGuard
@@ -85,9 +85,11 @@ class WebhookHandler:
         self.guard = ReplayGuard(settings.webhook_tolerance_seconds)
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.body_timeout_seconds
-        self.concurrency = settings.max_concurrent_deliveries
-        self.wait = settings.concurrency_wait_seconds
-        self.slots = asyncio.Semaphore(self.concurrency)
+        self.admission = Admission(
+            settings.max_concurrent_deliveries,
+            settings.max_inflight_body_bytes,
+            settings.concurrency_wait_seconds,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -133,19 +135,6 @@ class WebhookHandler:
         )
         return status, body, outcome.status, ()
 
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Bound the deliveries in progress; wait a little for a slot, then refuse."""
-        try:
-            async with asyncio.timeout(self.wait):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise Saturated(f"{self.concurrency} deliveries are in progress; retry later") from None
-        try:
-            yield
-        finally:
-            self.slots.release()
-
     async def _body(self, receive: Receive) -> bytes:
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -158,10 +147,15 @@ class WebhookHandler:
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
         precheck(headers, self.sources, now=utcnow())
         declared = headers.get("content-length", "")
+        size = self.limit  # a body of unknown length may be as large as allowed
         if declared.isdigit():
-            check_size(int(declared), self.limit)
-        async with self._slot():
+            size = int(declared)
+            check_size(size, self.limit)
+        await self.admission.enter(size)
+        try:
             return await self._process(headers, await self._body(receive))
+        finally:
+            self.admission.leave(size)
 
     async def _process(
         self, headers: dict[str, str], body: bytes
@@ -196,6 +190,10 @@ class WebhookHandler:
         ):
             return _answer(200, IGNORED)
         facts = extract_facts(delivery, policy)
+        # The decoded JSON (hundreds of objects) is not needed past this point: dropped
+        # now, it dies young instead of being promoted and re-scanned by the collector
+        # while the delivery waits for its batch to commit.
+        delivery = delivery.without_payload()
         outcome = await recorder.submit(delivery, facts)
         if outcome.status == "recorded":
             self.runtime.known.add(facts.key)

@@ -11,7 +11,8 @@ from sqlalchemy.dialects.postgresql import insert
 
 from secledger.extract import EventFacts, MRKey
 from secledger.projection import LEDGER_COLUMNS, SequencedEvent, fold
-from secledger.store.schema import review_events, security_review_ledger
+from secledger.store.pipeline import Pg, pipeline, send_rows
+from secledger.store.schema import security_review_ledger
 from secledger.times import utcnow
 
 _EVENTS_OF = text(
@@ -24,21 +25,24 @@ _EXISTS = text(
     " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
 )
 _NOTIFY = text("SELECT pg_notify('secledger_ledger', :message)")
-_NOTIFY_MANY = text(
-    "SELECT pg_notify('secledger_ledger', message)"
-    " FROM unnest(CAST(:messages AS text[])) AS message"
+NOTIFY_MANY = (
+    "SELECT pg_notify('secledger_ledger', message) FROM unnest(%(messages)s::text[]) AS message"
 )
 # Keys are passed as three parallel arrays so one statement serves any batch size.
 _KEYS = (
-    " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(CAST(:instances AS text[]),"
-    " CAST(:project_ids AS bigint[]), CAST(:mr_iids AS bigint[])))"
+    " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(%(instances)s::text[],"
+    " %(project_ids)s::bigint[], %(mr_iids)s::bigint[]))"
 )
 # facts as text, decoded with orjson: the driver's stdlib JSON loader was the largest
 # cost of reading a batch's events back.
-_EVENTS_OF_MANY = text(
-    "SELECT seq, facts::text FROM review_events WHERE" + _KEYS + " ORDER BY event_at, seq"
+EVENTS_OF_MANY = "SELECT seq, facts::text FROM review_events WHERE" + _KEYS
+KNOWN_AMONG = "SELECT instance, project_id, mr_iid FROM security_review_ledger WHERE" + _KEYS
+INSERT_EVENTS = (
+    "INSERT INTO review_events"
+    " (seq, instance, project_id, mr_iid, event_at, kind, decision, actor, facts)"
+    " SELECT seq, instance, project_id, mr_iid, event_at, kind, decision, actor, facts"
+    " FROM jsonb_populate_recordset(NULL::review_events, %(rows)s::jsonb)"
 )
-_KNOWN_AMONG = text("SELECT instance, project_id, mr_iid FROM security_review_ledger WHERE" + _KEYS)
 _KEY_COLUMNS = ("instance", "project_id", "mr_iid")
 
 
@@ -64,7 +68,13 @@ def keys_params(keys: Iterable[MRKey]) -> dict[str, list[Any]]:
 
 def known_among(conn: Connection, keys: Iterable[MRKey]) -> set[MRKey]:
     """The merge requests among ``keys`` that already have a ledger row."""
-    rows = conn.execute(_KNOWN_AMONG, keys_params(keys))
+    with pipeline(conn) as pg:
+        found = pg.execute(KNOWN_AMONG, keys_params(keys))
+    return known_from(found.fetchall())
+
+
+def known_from(rows: Iterable[tuple[Any, ...]]) -> set[MRKey]:
+    """Keys from ``KNOWN_AMONG`` rows."""
     return {MRKey(instance, project_id, mr_iid) for instance, project_id, mr_iid in rows}
 
 
@@ -84,21 +94,35 @@ def _event_params(seq: int, facts: EventFacts) -> dict[str, Any]:
 
 def add_event(conn: Connection, seq: int, facts: EventFacts) -> None:
     """Store the facts one log row tells, for folding."""
-    conn.execute(review_events.insert(), _event_params(seq, facts))
+    add_events(conn, [(seq, facts)])
 
 
 def add_events(conn: Connection, events: Sequence[tuple[int, EventFacts]]) -> None:
-    """Store the facts of several log rows in one statement."""
-    if events:
-        conn.execute(review_events.insert(), [_event_params(seq, f) for seq, f in events])
+    """Store the facts of several log rows in one round trip."""
+    with pipeline(conn) as pg:
+        send_events(pg, events)
+
+
+def send_events(pg: Pg, events: Sequence[tuple[int, EventFacts]]) -> None:
+    """Queue the inserts of ``add_events`` on a pipeline."""
+    send_rows(pg, INSERT_EVENTS, [_event_params(seq, f) for seq, f in events])
 
 
 def events_by_mr(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, list[SequencedEvent]]:
     """Every event of each merge request in ``keys``, in event-time order, in one query."""
+    with pipeline(conn) as pg:
+        found = pg.execute(EVENTS_OF_MANY, keys_params(keys))
+    return events_from(found.fetchall())
+
+
+def events_from(rows: Iterable[tuple[Any, ...]]) -> dict[MRKey, list[SequencedEvent]]:
+    """``EVENTS_OF_MANY`` rows grouped by merge request, each list in event-time order."""
     found: dict[MRKey, list[SequencedEvent]] = {}
-    for seq, data in conn.execute(_EVENTS_OF_MANY, keys_params(keys)):
+    for seq, data in rows:
         facts = EventFacts.from_json(orjson.loads(data))
         found.setdefault(facts.key, []).append(SequencedEvent(seq, facts))
+    for events in found.values():
+        events.sort(key=lambda e: (e.facts.event_at, e.seq))
     return found
 
 
@@ -130,16 +154,42 @@ def project(conn: Connection, key: MRKey) -> RowMapping | None:
     return conn.execute(_UPSERT, row).mappings().first()
 
 
+_SET = ", ".join(
+    f"{name} = excluded.{name}"
+    for name in (*LEDGER_COLUMNS, "updated_at")
+    if name not in _KEY_COLUMNS
+)
+UPSERT = (
+    f"INSERT INTO security_review_ledger ({', '.join(LEDGER_COLUMNS)}, updated_at)"
+    f" SELECT {', '.join(LEDGER_COLUMNS)}, updated_at"
+    " FROM jsonb_populate_recordset(NULL::security_review_ledger, %(rows)s::jsonb)"
+    f" ON CONFLICT (instance, project_id, mr_iid) DO UPDATE SET {_SET}"
+    # The fold covers every event up to last_seq, so a row never moves backwards.
+    " WHERE security_review_ledger.last_seq <= excluded.last_seq"
+)
+
+
 def upsert_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Upsert several folded rows (each must cover every event up to its last_seq)."""
-    if rows:
-        conn.execute(_UPSERT_MANY, list(rows))
+    with pipeline(conn) as pg:
+        send_upserts(pg, rows)
+
+
+def send_upserts(pg: Pg, rows: Sequence[dict[str, Any]]) -> None:
+    """Queue the upserts of ``upsert_rows`` on a pipeline."""
+    send_rows(pg, UPSERT, rows)
 
 
 def notify_many(conn: Connection, messages: Sequence[str]) -> None:
     """``notify`` for several messages in one statement."""
+    with pipeline(conn) as pg:
+        send_notices(pg, messages)
+
+
+def send_notices(pg: Pg, messages: Sequence[str]) -> None:
+    """Queue ``notify_many`` on a pipeline."""
     if messages:
-        conn.execute(_NOTIFY_MANY, {"messages": list(messages)})
+        pg.execute(NOTIFY_MANY, {"messages": list(messages)})
 
 
 def notify(conn: Connection, message: str) -> None:

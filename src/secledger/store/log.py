@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
+from psycopg import Cursor
 from sqlalchemy import Connection, text
 
 from secledger.intake import Delivery
 from secledger.store.chain import GENESIS, LogRow, link
+from secledger.store.pipeline import Pg, pipeline
 
 # One lock serialises appends across every process writing to this database, so the
 # chain cannot fork. It is transaction-scoped: released by commit or rollback, after
@@ -19,25 +22,49 @@ from secledger.store.chain import GENESIS, LogRow, link
 # would turn that stale head into an error, never a fork.
 CHAIN_LOCK_KEY = 0x5EC1ED6E
 
-_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=CHAIN_LOCK_KEY)
-_HEAD = text("SELECT seq, hash FROM delivery_log ORDER BY seq DESC LIMIT 1")
-_INSERT = text(
-    "INSERT INTO delivery_log"
-    " (seq, received_at, source, event, instance, dedup_key, headers, payload, prev_hash, hash)"
-    " VALUES (:seq, :received_at, :source, :event, :instance, :dedup_key, :headers, :payload,"
-    " :prev_hash, :hash)"
-    " ON CONFLICT (dedup_key) DO NOTHING RETURNING seq"
-)
+_LOCK = "SELECT pg_advisory_xact_lock(%(key)s::bigint)"
+_HEAD = "SELECT seq, hash FROM delivery_log ORDER BY seq DESC LIMIT 1"
 _BY_KEY = text("SELECT seq FROM delivery_log WHERE dedup_key = :dedup_key")
-_BY_KEYS = text("SELECT dedup_key, seq FROM delivery_log WHERE dedup_key = ANY(:keys)")
-# No ON CONFLICT: append_many has already excluded logged keys under the chain lock, so
-# a conflict here means something wrote without the lock, and the batch must fail.
-_INSERT_MANY = text(
-    "INSERT INTO delivery_log"
-    " (seq, received_at, source, event, instance, dedup_key, headers, payload, prev_hash, hash)"
-    " VALUES (:seq, :received_at, :source, :event, :instance, :dedup_key, :headers, :payload,"
-    " :prev_hash, :hash)"
+LOGGED = "SELECT dedup_key, seq FROM delivery_log WHERE dedup_key = ANY(%(keys)s::text[])"
+_COLUMNS = (
+    "seq",
+    "received_at",
+    "source",
+    "event",
+    "instance",
+    "dedup_key",
+    "headers",
+    "payload",
+    "prev_hash",
+    "hash",
 )
+_TYPES = (
+    "bigint",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bytea",
+    "bytea",
+    "bytea",
+)
+# One statement for the whole batch: a column of each as an array (bytea does not
+# travel in JSON). No ON CONFLICT: extend has already excluded logged keys under the
+# chain lock, so a conflict here means something wrote without the lock, and the batch
+# must fail.
+INSERT = (
+    f"INSERT INTO delivery_log ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%({name})b::{kind}[]" for name, kind in zip(_COLUMNS, _TYPES, strict=True))
+    + ")"
+)
+
+
+def send_rows(pg: Pg, rows: Sequence[dict[str, object]]) -> None:
+    """Queue the insert of ``rows`` (from ``Chain.extend``) on a pipeline."""
+    if rows:
+        pg.execute(INSERT, {name: [row[name] for row in rows] for name in _COLUMNS})
 
 
 def headers_text(headers: dict[str, str]) -> str:
@@ -56,16 +83,35 @@ class Chain:
 
     @classmethod
     def open(cls, conn: Connection) -> Chain:
-        """Take the chain lock for this transaction and read the head."""
-        conn.execute(_LOCK)
+        """Take the chain lock for this transaction and read the head (one round trip)."""
+        with pipeline(conn) as pg:
+            head = cls.send_open(pg)
+        return cls.opened(head)
+
+    @staticmethod
+    def send_open(pg: Pg) -> Cursor[Any]:
+        """Queue the lock and the head read on a pipeline; pass the cursor to ``opened``."""
+        # Pipelined, the head is still read by a statement that starts after the lock
+        # statement has returned, so it sees the previous holder's rows (see above).
+        pg.execute(_LOCK, {"key": CHAIN_LOCK_KEY})
+        return pg.execute(_HEAD)
+
+    @classmethod
+    def opened(cls, head: Cursor[Any]) -> Chain:
+        """The chain, from the head read by ``send_open`` once the pipeline has synced."""
         chain = cls(0, GENESIS)
-        chain.reload(conn)
+        chain.take_head(head.fetchone())
         return chain
 
     def reload(self, conn: Connection) -> None:
         """Re-read the head, after a savepoint was rolled back."""
-        row = conn.execute(_HEAD).first()
-        self.seq, self.hash = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        with pipeline(conn) as pg:
+            head = pg.execute(_HEAD)
+        self.take_head(head.fetchone())
+
+    def take_head(self, row: tuple[Any, ...] | None) -> None:
+        """Start from the newest row (``seq, hash``), or from the genesis for an empty log."""
+        self.seq, self.hash = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
 
     def append(self, conn: Connection, delivery: Delivery) -> int | None:
         """Append ``delivery``; its new sequence number, or None when already logged."""
@@ -77,7 +123,21 @@ class Chain:
         A delivery already logged (before, or earlier in this batch) gets None.
         """
         logged = logged_seqs(conn, [d.dedup_key for d in deliveries])
-        params: list[dict[str, object]] = []
+        seqs, rows = self.extend(deliveries, logged)
+        with pipeline(conn) as pg:
+            send_rows(pg, rows)
+        return seqs
+
+    def extend(
+        self, deliveries: Sequence[Delivery], logged: dict[str, int]
+    ) -> tuple[list[int | None], list[dict[str, object]]]:
+        """Chain ``deliveries`` onto the head in memory: their seqs and the rows to insert.
+
+        ``logged`` maps the keys already in the log to their seqs; a delivery found there
+        (or earlier in ``deliveries``) gets None, and each new one is added to it. The
+        rows must be inserted (``INSERT``) in this transaction, under the lock.
+        """
+        rows: list[dict[str, object]] = []
         seqs: list[int | None] = []
         for delivery in deliveries:
             if delivery.dedup_key in logged:
@@ -85,14 +145,12 @@ class Chain:
                 continue
             row = _log_row(self.seq + 1, delivery)
             digest = link(self.hash, row)
-            params.append(_params(row, self.hash, digest))
+            rows.append(_params(row, self.hash, digest))
             logged[row.dedup_key] = row.seq
             self.seq, self.hash = row.seq, digest
             self.appended[row.seq] = digest
             seqs.append(row.seq)
-        if params:
-            conn.execute(_INSERT_MANY, params)
-        return seqs
+        return seqs, rows
 
 
 def _log_row(seq: int, delivery: Delivery) -> LogRow:
@@ -125,8 +183,9 @@ def _params(row: LogRow, prev_hash: bytes, digest: bytes) -> dict[str, object]:
 
 def logged_seqs(conn: Connection, dedup_keys: Sequence[str]) -> dict[str, int]:
     """Sequence numbers of the keys among ``dedup_keys`` that are already logged."""
-    rows = conn.execute(_BY_KEYS, {"keys": list(dedup_keys)})
-    return {str(row[0]): int(row[1]) for row in rows}
+    with pipeline(conn) as pg:
+        found = pg.execute(LOGGED, {"keys": list(dedup_keys)})
+    return {str(key): int(seq) for key, seq in found.fetchall()}
 
 
 def seq_of(conn: Connection, dedup_key: str) -> int | None:

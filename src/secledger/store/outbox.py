@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.times import isoformat
 
 # One sender at a time across every process (serve replicas, `sink drain`), held for
@@ -82,11 +83,22 @@ def add(conn: Connection, seq: int, idempotency_key: str, body: str) -> None:
     conn.execute(_INSERT, {"seq": seq, "key": idempotency_key, "body": body})
 
 
+INSERT = (
+    "INSERT INTO outbox (seq, idempotency_key, body) SELECT seq, idempotency_key, body"
+    " FROM jsonb_populate_recordset(NULL::outbox, %(rows)s::jsonb)"
+)
+
+
 def add_many(conn: Connection, rows: list[tuple[int, str, str]]) -> None:
     """Queue several ``(seq, idempotency_key, body)`` rows in one round trip."""
-    if rows:
-        params = [{"seq": seq, "key": key, "body": body} for seq, key, body in rows]
-        conn.execute(_INSERT, params)
+    with pipeline(conn) as pg:
+        send(pg, rows)
+
+
+def send(pg: Pg, rows: list[tuple[int, str, str]]) -> None:
+    """Queue the inserts of ``add_many`` on a pipeline."""
+    params = [{"seq": seq, "idempotency_key": key, "body": body} for seq, key, body in rows]
+    send_rows(pg, INSERT, params)
 
 
 def try_lock(conn: Connection) -> bool:

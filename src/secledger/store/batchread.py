@@ -1,0 +1,98 @@
+"""What the writer reads under the chain lock before recording a batch, in one round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import Cursor
+from sqlalchemy import Connection
+
+from secledger.extract import EventFacts, MRKey
+from secledger.intake import Delivery
+from secledger.projection import SequencedEvent
+from secledger.store import eventcache, ledger, log
+from secledger.store.eventcache import EMPTY, EventCache, Fingerprint
+from secledger.store.log import Chain
+from secledger.store.pipeline import pipeline
+
+
+@dataclass
+class Seen:
+    """What the database holds about a batch's deliveries."""
+
+    head: Cursor[Any] | None
+    known: set[MRKey]
+    logged: dict[str, int]
+    events: dict[MRKey, list[SequencedEvent]]
+    # With a cache: each MR's fingerprint before this batch, and this transaction's xid.
+    prints: dict[MRKey, Fingerprint] = field(default_factory=dict)
+    xid: int = 0
+
+    def opened(self) -> Chain:
+        """The chain whose lock and head this read took."""
+        if self.head is None:
+            raise RuntimeError("this read did not take the chain lock")
+        return Chain.opened(self.head)
+
+    def remember(self, cache: EventCache, added: dict[MRKey, list[int]]) -> None:
+        """Stage every MR's events (``added``: the seqs this batch gave each) in ``cache``."""
+        for key, events in self.events.items():
+            before = self.prints.get(key, EMPTY)
+            cache.stage(key, events, before.after(added.get(key, []), self.xid))
+
+
+def read(
+    conn: Connection,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    *,
+    lock: bool,
+    cache: EventCache | None = None,
+) -> Seen:
+    """The chain lock and head (with ``lock``), which doubtful MRs have a ledger row, which
+    deliveries are already logged, and every event of each MR in the batch.
+
+    With ``cache``, events come from it for each MR whose fingerprint still matches; the
+    rest are read, in the same round trip unless a cached MR turns out to have changed.
+    """
+    doubtful = {facts.key for _, facts in items if not facts.is_security}
+    keys = {facts.key for _, facts in items}
+    cached = {key for key in keys if key in cache} if cache is not None else set()
+    fetch = keys - cached
+    with pipeline(conn) as pg:
+        head = Chain.send_open(pg) if lock else None
+        known = pg.execute(ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
+        logged = pg.execute(log.LOGGED, {"keys": [delivery.dedup_key for delivery, _ in items]})
+        prints = pg.execute(eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
+        events = pg.execute(ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
+        xid = pg.execute(eventcache.XID) if cache else None
+    seen = Seen(
+        head=head,
+        known=ledger.known_from(known.fetchall()) if known is not None else set(),
+        logged={str(key): int(seq) for key, seq in logged.fetchall()},
+        events=ledger.events_from(events.fetchall()) if events is not None else {},
+    )
+    if cache is not None and prints is not None and xid is not None:
+        _from_cache(conn, seen, cache, cached, prints.fetchall())
+        seen.xid = int(xid.fetchone()[0])  # type: ignore[index]
+    return seen
+
+
+def _from_cache(
+    conn: Connection,
+    seen: Seen,
+    cache: EventCache,
+    cached: set[MRKey],
+    rows: list[tuple[Any, ...]],
+) -> None:
+    seen.prints = eventcache.fingerprints(rows)
+    stale: list[MRKey] = []
+    for key in cached:
+        events = cache.valid(key, seen.prints.get(key, EMPTY))
+        if events is None:
+            stale.append(key)
+        else:
+            seen.events[key] = list(events)
+    if stale:  # written by someone else since: read again (one more round trip)
+        seen.events |= ledger.events_by_mr(conn, stale)

@@ -1,0 +1,75 @@
+"""Admission: a count and a byte budget for deliveries in progress, first come first served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from secledger.admission import Admission
+from secledger.errors import Saturated
+
+MIB = 1024 * 1024
+
+
+def test_a_body_larger_than_the_budget_is_admitted_when_alone() -> None:
+    async def scenario() -> None:
+        gate = Admission(count=8, budget=MIB, wait=0)
+        await gate.enter(25 * MIB)
+        with pytest.raises(Saturated):
+            await gate.enter(10)  # nothing else fits beside it
+        gate.leave(25 * MIB)
+        await gate.enter(10)
+
+    asyncio.run(scenario())
+
+
+def test_small_deliveries_share_the_budget_up_to_the_count() -> None:
+    async def scenario() -> None:
+        gate = Admission(count=3, budget=MIB, wait=0)
+        for _ in range(3):
+            await gate.enter(10 * 1024)
+        with pytest.raises(Saturated, match="3 deliveries"):
+            await gate.enter(10 * 1024)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_large_delivery_is_not_overtaken_by_later_small_ones() -> None:
+    async def scenario() -> list[str]:
+        gate = Admission(count=8, budget=MIB, wait=5)
+        order: list[str] = []
+        await gate.enter(MIB // 2)
+
+        async def deliver(name: str, size: int) -> None:
+            await gate.enter(size)
+            order.append(name)
+
+        large = asyncio.create_task(deliver("large", MIB))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(deliver("small", 10))
+        await asyncio.sleep(0)
+        assert order == []  # the small one would fit, but the large one came first
+        gate.leave(MIB // 2)
+        await large
+        assert order == ["large"]
+        gate.leave(MIB)
+        await small
+        return order
+
+    assert asyncio.run(scenario()) == ["large", "small"]
+
+
+def test_a_sender_that_goes_away_while_waiting_gives_nothing_back_it_did_not_take() -> None:
+    async def scenario() -> tuple[int, int]:
+        gate = Admission(count=1, budget=MIB, wait=5)
+        await gate.enter(10)
+        waiting = asyncio.create_task(gate.enter(10))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        gate.leave(10)
+        return gate.active, gate.held
+
+    assert asyncio.run(scenario()) == (0, 0)
