@@ -36,6 +36,7 @@ CLOCK_COLUMNS = (
     "first_decision_by",
     "first_decision_seq",
 )
+_KEY = "instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
 _CLOCK_KEY = ("instance", "project_id", "mr_iid", *CLOCK_COLUMNS)
 UPSERT_CLOCK = (
     f"INSERT INTO review_sla ({', '.join(_CLOCK_KEY)}, updated_at)"
