@@ -274,3 +274,34 @@ def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine
     assert [r[1] for r in log_rows(engine)] == ["idem:c-1", "idem:c-2"]
     text_status = runner.invoke(main, ["spool", "status"], env=env)
     assert "depth:     0" in text_status.output
+
+
+def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
+    receiver: TestClient, engine, spool_settings
+) -> None:
+    """GitLab counts a 5xx against the hook; a refused delivery is kept, not lost."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_iid_7 BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
+            )
+        )
+    refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
+    accepted = post(receiver, mr_event("open", iid=8), Idempotency_Key="r-8")
+    assert refused.status_code == 202
+    assert refused.json()["status"] == "spooled"
+    assert "failed/" in refused.json()["reason"]
+    assert accepted.json()["status"] == "recorded"
+    kept = list((spool_settings.spool_path / "failed").glob("*.dlv"))
+    assert len(kept) == 1
+    assert decode(kept[0].read_bytes()).dedup_key == "idem:r-7"
+    assert [row[1] for row in log_rows(engine)] == ["idem:r-8"]
+    assert receiver.get("/readyz").json()["spool"]["failed"] == 1

@@ -26,7 +26,7 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts
 from secledger.intake import Delivery
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
-from secledger.spool import DrainBusy, SpoolUnavailable
+from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store.eventcache import EventCache
 
 log = structlog.get_logger("secledger.recorder")
@@ -67,6 +67,10 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
 
 
 _STOP = object()
+REFUSED = (
+    "the database refused this delivery; it is kept in the spool's failed/ folder for an"
+    " operator (secledger spool status)"
+)
 SPOOLED = (
     "kept in the durable spool; it will be recorded with this receipt time"
     " as soon as the database takes it"
@@ -196,6 +200,8 @@ class Recorder:
             if is_transient(exc) and self._drainer is not None:
                 self._next_drain = time.monotonic() + self._retry_seconds
                 self._spool(jobs)
+            elif len(jobs) == 1 and not is_transient(exc) and self._drainer is not None:
+                self._keep_refused(jobs[0], exc)
             elif is_transient(exc) or len(jobs) == 1:
                 self._fail(jobs, exc)
             else:
@@ -261,6 +267,24 @@ class Recorder:
         log.warning("deliveries_spooled", deliveries=len(jobs), spool_depth=depth)
         for job in jobs:
             job.resolve(Outcome("spooled", reason=SPOOLED))
+
+    def _keep_refused(self, job: _Job, exc: BaseException) -> None:
+        """Keep a delivery the database refuses in the spool's failed/ folder, and say so.
+
+        Answering 503 would make GitLab count a failure for a delivery it cannot fix by
+        resending (and disable the hook after four); kept on disk it is not lost, shows in
+        ``spool status`` and /readyz, and ``spool drain`` records it once the cause is fixed.
+        """
+        assert self._drainer is not None  # noqa: S101 - only called with a spool
+        spool = self._drainer.spool
+        try:
+            (path,) = spool.write([job.delivery])
+            spool.set_aside(path, FAILED, f"the database refused it: {type(exc).__name__}")
+        except (SpoolUnavailable, OSError):
+            self._fail([job], exc)
+            return
+        log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
+        job.resolve(Outcome("spooled", reason=REFUSED))
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:
