@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from secledger.policy import LabelPolicy  # noqa: E402
 from secledger.service import record  # noqa: E402
 from secledger.store import db, migrate  # noqa: E402
 from secledger.store.chain import GENESIS, LogRow, link  # noqa: E402
-from secledger.store.log import _INSERT, Chain, headers_text  # noqa: E402
+from secledger.store.log import Chain, headers_text  # noqa: E402
 from secledger.store.verify import verify  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "payloads" / "webhook_events_mr_open.json"
@@ -49,32 +50,45 @@ BATCH = 128
 
 
 class PlainLog(Chain):
-    """The same INSERT with no lock, no head read and no hashing: the unchained baseline."""
+    """The same rows and INSERT with no lock, no head read and no hashing: the baseline."""
+
+    next_seq = 0
 
     @classmethod
     def open(cls, conn: Connection) -> Chain:
         """Start from an in-memory counter kept across batches."""
         return cls(PlainLog.next_seq, GENESIS)
 
-    next_seq = 0
-
-    def append(self, conn: Connection, delivery: Delivery) -> int | None:
-        """Insert with a counter seq and zero hashes."""
-        PlainLog.next_seq += 1
-        params = {
-            "seq": PlainLog.next_seq,
-            "received_at": delivery.received_at,
-            "source": delivery.source,
-            "event": delivery.event,
-            "instance": delivery.instance,
-            "dedup_key": delivery.dedup_key,
-            "headers": headers_text(delivery.headers),
-            "payload": delivery.body,
-            "prev_hash": GENESIS,
-            "hash": GENESIS,
-        }
-        conn.execute(_INSERT, params)
-        return PlainLog.next_seq
+    def extend(
+        self, deliveries: Sequence[Delivery], logged: dict[str, int]
+    ) -> tuple[list[int | None], list[dict[str, object]]]:
+        """Counter seqs and zero hashes instead of chaining (dedup stays the same)."""
+        rows: list[dict[str, object]] = []
+        seqs: list[int | None] = []
+        for delivery in deliveries:
+            if delivery.dedup_key in logged:
+                seqs.append(None)
+                continue
+            PlainLog.next_seq += 1
+            rows.append(
+                {
+                    "seq": PlainLog.next_seq,
+                    "received_at": delivery.received_at,
+                    "source": delivery.source,
+                    "event": delivery.event,
+                    "instance": delivery.instance,
+                    "dedup_key": delivery.dedup_key,
+                    "headers": headers_text(delivery.headers),
+                    "payload": delivery.body,
+                    "prev_hash": GENESIS,
+                    "hash": GENESIS,
+                }
+            )
+            logged[delivery.dedup_key] = PlainLog.next_seq
+            self.seq = PlainLog.next_seq
+            self.appended[PlainLog.next_seq] = GENESIS
+            seqs.append(PlainLog.next_seq)
+        return seqs, rows
 
 
 def server_url(args: argparse.Namespace) -> str:
