@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import secrets
 import socket
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from sqlalchemy import Engine
 from secledger import __version__, logs
 from secledger.config import Settings
 from secledger.errors import IntakeError, SecledgerError
+from secledger.keyfiles import ensure_secret_file
 from secledger.output import FORMATS, render
 from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
@@ -355,11 +355,8 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
     if no_serve:
         return
     secret_file = settings.data_dir / "webhook-secret"
-    if not secret_file.exists():
-        secret_file.parent.mkdir(parents=True, exist_ok=True)
-        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
-        secret_file.chmod(0o600)
-    secret = secret_file.read_text().strip()
+    # Created with mode 0600 from the start: never readable by others, even briefly.
+    secret = ensure_secret_file(secret_file, 32)
     if not _free("127.0.0.1", port):
         raise click.ClickException(f"port {port} on 127.0.0.1 is taken; try --port 8081")
     click.echo(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from secledger.dashboard.auth import (
     write_users_file,
 )
 from secledger.errors import ConfigError
+from secledger.keyfiles import ensure_secret_file
 
 
 def _users_path() -> Path:
@@ -96,17 +95,7 @@ def ensure_demo_user(settings: Settings) -> Path:
     kept in ``data_dir/demo-password`` (0600). Returns that file's path; re-running
     keeps the password and rewrites nothing."""
     path = settings.data_dir / "demo-password"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(18) + "\n")
-    password = path.read_text().strip()
-    if not password:
-        raise ConfigError(f"{path} is empty; delete it to create a new demo password")
+    password = ensure_secret_file(path, 18)
     users = read_users_file(settings.users_path)
     known = users.get(DEMO_USER)
     if known is None or not verify_password(password, known):

@@ -24,6 +24,7 @@ from starlette.requests import Request
 
 from secledger.config import Settings
 from secledger.errors import ConfigError
+from secledger.keyfiles import ensure_secret_file
 
 SCHEME = "scrypt"
 # OWASP's floor for scrypt is N=2^17 with r=8; 2^15 keeps a login near 0.1 s on a
@@ -118,20 +119,7 @@ def session_secret(settings: Settings) -> bytes:
     """The cookie signing key: configured, or generated once into the data directory."""
     if settings.session_secret is not None:
         return settings.session_secret.get_secret_value().encode()
-    path = settings.data_dir / "session-secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # O_EXCL: replicas starting together on one data dir agree on the first key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(48) + "\n")
-    key = path.read_text().strip()
-    if not key:
-        raise ConfigError(f"{path} is empty; delete it to generate a new session key")
-    return key.encode()
+    return ensure_secret_file(settings.data_dir / "session-secret", 48).encode()
 
 
 class LoginThrottle:

@@ -119,17 +119,7 @@ def chain_status(conn: Connection, seqs: list[int]) -> list[ChainCheck]:
 def _check(r: RowMapping) -> ChainCheck:
     stored = bytes(r["hash"])
     prev = bytes(r["prev_hash"])
-    log_row = LogRow(
-        seq=r["seq"],
-        received_at=r["received_at"],
-        source=r["source"],
-        event=r["event"],
-        instance=r["instance"],
-        dedup_key=r["dedup_key"],
-        headers=r["headers"],
-        payload=bytes(r["payload"]),
-    )
-    if not hmac.compare_digest(link(prev, log_row), stored):
+    if not hmac.compare_digest(link(prev, LogRow.from_row(r)), stored):
         return ChainCheck(r["seq"], False, "row content does not match its stored hash")
     expected_prev = GENESIS if r["seq"] == 1 else r["previous_row_hash"]
     if expected_prev is None:

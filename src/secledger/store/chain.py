@@ -9,8 +9,12 @@ docs/integrity.md for how to recompute it with psql and sha256sum alone.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import RowMapping
 
 GENESIS = bytes(32)
 FORMAT = b"secledger.log.v1\n"
@@ -29,6 +33,20 @@ class LogRow:
     dedup_key: str
     headers: str
     payload: bytes
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | RowMapping) -> LogRow:
+        """The hashed columns of a ``delivery_log`` row read from the database."""
+        return cls(
+            seq=row["seq"],
+            received_at=row["received_at"],
+            source=row["source"],
+            event=row["event"],
+            instance=row["instance"],
+            dedup_key=row["dedup_key"],
+            headers=row["headers"],
+            payload=bytes(row["payload"]),
+        )
 
 
 def time_text(value: datetime) -> str:

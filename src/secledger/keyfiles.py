@@ -1,0 +1,29 @@
+"""Secrets that secledger generates once and keeps in the data directory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from secledger.errors import ConfigError
+
+
+def ensure_secret_file(path: Path, nbytes: int) -> str:
+    """The secret kept in ``path``, created first (mode 0600) when it does not exist.
+
+    O_EXCL makes processes starting together on one data directory agree on the first
+    value; an existing file is never rewritten.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(nbytes) + "\n")
+    value = path.read_text().strip()
+    if not value:
+        raise ConfigError(f"{path} is empty; delete it and secledger will generate a new one")
+    return value
