@@ -282,16 +282,7 @@ def chain_is_intact(rows: list[dict[str, Any]]) -> bool:
     """Recompute the hash chain over ``rows`` (from seq 1, no gaps)."""
     previous = GENESIS
     for expected_seq, row in enumerate(rows, start=1):
-        entry = LogRow(
-            seq=row["seq"],
-            received_at=row["received_at"],
-            source=row["source"],
-            event=row["event"],
-            instance=row["instance"],
-            dedup_key=row["dedup_key"],
-            headers=row["headers"],
-            payload=bytes(row["payload"]),
-        )
+        entry = LogRow.from_row(row)
         if row["seq"] != expected_seq or bytes(row["prev_hash"]) != previous:
             return False
         previous = link(previous, entry)

@@ -46,16 +46,7 @@ def test_each_row_links_to_the_previous_hash(engine: Engine) -> None:
         rows = conn.execute(text("SELECT * FROM delivery_log ORDER BY seq")).mappings().all()
     previous = GENESIS
     for row in rows:
-        as_hashed = LogRow(
-            seq=row["seq"],
-            received_at=row["received_at"],
-            source=row["source"],
-            event=row["event"],
-            instance=row["instance"],
-            dedup_key=row["dedup_key"],
-            headers=row["headers"],
-            payload=bytes(row["payload"]),
-        )
+        as_hashed = LogRow.from_row(row)
         assert bytes(row["prev_hash"]) == previous
         assert bytes(row["hash"]) == link(previous, as_hashed)
         previous = bytes(row["hash"])
