@@ -233,3 +233,13 @@ def test_replay_guard_forgets_after_twice_the_tolerance_and_stays_bounded() -> N
     for index in range(10):
         guard.check("default", f"x{index}", "1", now=NOW + timedelta(seconds=602))
     assert len(guard) == 3
+
+
+def test_precheck_answers_for_a_token_and_leaves_a_signature_to_authenticate() -> None:
+    by_token = sources("token", tokens=(b"t0k3n",), keys=())
+    verified = precheck({"x-gitlab-token": "t0k3n"}, by_token, now=NOW)
+    assert verified == authenticate({"x-gitlab-token": "t0k3n"}, BODY, by_token, now=NOW)
+    assert verified is not None and verified.method == "token"
+    assert precheck(signed(), sources(), now=NOW) is None  # the body is not read yet
+    with pytest.raises(InvalidToken):
+        precheck({"x-gitlab-token": "wrong"}, by_token, now=NOW)

@@ -37,6 +37,14 @@ class Admission:
         self.active += 1
         self.held += size
 
+    def try_enter(self, size: int) -> bool:
+        """Take a slot at once if one is free and nobody waits; False otherwise (then
+        ``await enter``). The usual case, without creating a coroutine."""
+        if not self._waiters and self._fits(size):
+            self._take(size)
+            return True
+        return False
+
     async def enter(self, size: int) -> None:
         """Hold a slot for a delivery of ``size`` body bytes (raise Saturated after ``wait``)."""
         if not self._waiters and self._fits(size):

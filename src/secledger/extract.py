@@ -8,7 +8,7 @@ from typing import Any
 
 from secledger import payloads as p
 from secledger.errors import TimestampError
-from secledger.intake import Delivery
+from secledger.intake import Decoded, Delivery
 from secledger.policy import LabelPolicy
 from secledger.times import isoformat, parse_optional, parse_stored
 
@@ -209,8 +209,10 @@ def label_facts(
     return labels, security, added, removed, bool(security) or was_security
 
 
-def mr_key(delivery: Delivery) -> MRKey:
+def mr_key(delivery: Delivery | Decoded) -> MRKey:
     """The merge request a delivery is about (intake has checked these fields)."""
+    if isinstance(delivery, Decoded):
+        return MRKey(delivery.instance, delivery.project_id, delivery.iid)
     attrs = p.obj(delivery.payload, "object_attributes")
     project_id = p.integer(attrs, "target_project_id")
     if project_id is None:
@@ -218,7 +220,7 @@ def mr_key(delivery: Delivery) -> MRKey:
     return MRKey(delivery.instance, project_id, int(attrs["iid"]))
 
 
-def is_security_event(delivery: Delivery, policy: LabelPolicy) -> bool:
+def is_security_event(delivery: Delivery | Decoded, policy: LabelPolicy) -> bool:
     """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path:
     a security label now, or one before this delivery changed the labels."""
     payload = delivery.payload

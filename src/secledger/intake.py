@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -104,6 +104,29 @@ class Sources:
     default: Source
     instances: Mapping[str, Source] = field(default_factory=dict)
     tolerance: int = 300
+    _reserved: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    _verified: dict[tuple[str, str], Verified] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(self.instances)
+        reserved = {name: names - {name} for name in (*names, self.default.name)}
+        object.__setattr__(self, "_reserved", reserved)
+        # Answers without a signature are the same for every request of a source.
+        verified = {
+            (name, method): Verified(name, method, reserved=others)
+            for name, others in reserved.items()
+            for method in ("open", "token")
+        }
+        object.__setattr__(self, "_verified", verified)
+
+    def reserved(self, name: str) -> frozenset[str]:
+        """Instances with their own secrets, other than ``name``: its credentials may not
+        speak for them."""
+        return self._reserved[name]
+
+    def verified(self, name: str, method: str) -> Verified:
+        """How a request of source ``name`` proved itself without a signature."""
+        return self._verified[name, method]
 
     def select(self, headers: Mapping[str, str]) -> Source:
         """The source a request claims to come from; the default when it names no known one."""
@@ -214,16 +237,23 @@ def verify_signature(signed: SignedHeaders, body: bytes, keys: Sequence[bytes]) 
         raise InvalidSignature("no webhook-signature matches any configured signing secret")
 
 
-def precheck(headers: Mapping[str, str], sources: Sources, *, now: datetime) -> None:
-    """Everything that can be refused before the body is read: token, headers, timestamp."""
+def precheck(headers: Mapping[str, str], sources: Sources, *, now: datetime) -> Verified | None:
+    """Everything that can be refused before the body is read: token, headers, timestamp.
+
+    Returns how the request proved itself when nothing is left to check (a token, or an
+    open source), and None when a signature over the body must still be verified
+    (:func:`authenticate`).
+    """
     source = sources.select(headers)
     if source.open:
-        return
+        return sources.verified(source.name, "open")
     token, signature = _wanted(source, headers)
     if token:
         verify_token(headers, source.tokens)
     if signature:
         signature_headers(headers, now=now, tolerance=sources.tolerance)
+        return None
+    return sources.verified(source.name, "token")
 
 
 def authenticate(
@@ -231,14 +261,14 @@ def authenticate(
 ) -> Verified:
     """Verify a request against its source's policy; how it proved itself, or a 401 error."""
     source = sources.select(headers)
-    reserved = frozenset(sources.instances) - {source.name}
+    reserved = sources.reserved(source.name)
     if source.open:
-        return Verified(source.name, "open", reserved=reserved)
+        return sources.verified(source.name, "open")
     token, signature = _wanted(source, headers)
     if token:
         verify_token(headers, source.tokens)
     if not signature:
-        return Verified(source.name, "token", reserved=reserved)
+        return sources.verified(source.name, "token")
     signed = signature_headers(headers, now=now, tolerance=sources.tolerance)
     verify_signature(signed, body, source.keys)
     method = "token+signature" if token else "signature"
@@ -351,20 +381,76 @@ def _positive_int(container: Mapping[str, Any], key: str, where: str) -> int:
     return value
 
 
-def require_identity(payload: Mapping[str, Any]) -> None:
-    """Raise MissingField unless the payload names its merge request unambiguously."""
+def require_identity(payload: Mapping[str, Any]) -> tuple[int, int]:
+    """``(project_id, iid)`` of the merge request the payload names; MissingField unless it
+    names one unambiguously."""
     attrs = payload.get("object_attributes")
     if not isinstance(attrs, dict):
         raise MissingField("object_attributes is missing or not an object")
-    _positive_int(attrs, "iid", "object_attributes")
+    iid = _positive_int(attrs, "iid", "object_attributes")
     _positive_int(attrs, "id", "object_attributes")
     if "target_project_id" in attrs:
-        _positive_int(attrs, "target_project_id", "object_attributes")
-        return
+        return _positive_int(attrs, "target_project_id", "object_attributes"), iid
     project = payload.get("project")
     if not isinstance(project, dict):
         raise MissingField("neither object_attributes.target_project_id nor project.id is present")
-    _positive_int(project, "id", "project")
+    return _positive_int(project, "id", "project"), iid
+
+
+class Decoded(NamedTuple):
+    """A merge-request delivery's JSON, decoded and checked for identity, not yet a Delivery."""
+
+    event: str
+    instance: str
+    payload: dict[str, Any]
+    project_id: int
+    iid: int
+
+
+def decode_mr(
+    headers: Mapping[str, str], body: bytes, *, verified: Verified | None = None
+) -> Decoded | Ignored:
+    """Decode a merge-request event and check that it names its MR and sender, or say why
+    it is ignored. The cheaper half of :func:`parse_delivery`: enough to decide whether
+    the delivery is kept at all."""
+    event = headers.get("x-gitlab-event", "").strip()
+    if event not in MR_EVENTS:
+        shown = event[:64] or "(none)"
+        return Ignored(f"event {shown!r} is not a merge request event")
+    payload = decode_json(body)
+    kind = payload.get("object_kind", payload.get("event_type"))
+    if kind != "merge_request":
+        return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
+    project_id, iid = require_identity(payload)
+    instance = instance_of(headers, payload)
+    if verified is not None and instance in verified.reserved:
+        raise WrongInstance(
+            f"the payload is from {instance}, which has its own secrets; "
+            "these credentials are not valid for it"
+        )
+    return Decoded(event, instance, payload, project_id, iid)
+
+
+def to_delivery(
+    decoded: Decoded,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    received_at: datetime,
+    source: str = "webhook",
+    verified: Verified | None = None,
+) -> Delivery:
+    """The Delivery of a decoded request: what is logged about it."""
+    return Delivery(
+        event=decoded.event,
+        instance=decoded.instance,
+        headers=kept_headers(headers),
+        body=body,
+        payload=decoded.payload,
+        dedup_key=dedup_key(headers, body, verified),
+        received_at=received_at,
+        source=source,
+    )
 
 
 def parse_delivery(
@@ -386,28 +472,9 @@ def parse_delivery(
     if require_token:
         verify_token(headers, secrets)
     check_size(len(body), max_body_bytes)
-    event = headers.get("x-gitlab-event", "").strip()
-    if event not in MR_EVENTS:
-        shown = event[:64] or "(none)"
-        return Ignored(f"event {shown!r} is not a merge request event")
-    payload = decode_json(body)
-    kind = payload.get("object_kind", payload.get("event_type"))
-    if kind != "merge_request":
-        return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
-    require_identity(payload)
-    instance = instance_of(headers, payload)
-    if verified is not None and instance in verified.reserved:
-        raise WrongInstance(
-            f"the payload is from {instance}, which has its own secrets; "
-            "these credentials are not valid for it"
-        )
-    return Delivery(
-        event=event,
-        instance=instance,
-        headers=kept_headers(headers),
-        body=body,
-        payload=payload,
-        dedup_key=dedup_key(headers, body, verified),
-        received_at=received_at,
-        source=source,
+    decoded = decode_mr(headers, body, verified=verified)
+    if isinstance(decoded, Ignored):
+        return decoded
+    return to_delivery(
+        decoded, headers, body, received_at=received_at, source=source, verified=verified
     )

@@ -1,17 +1,19 @@
 """Prometheus metrics, one registry per running receiver (``GET /metrics``).
 
-The hot path pays one cached counter child increment and one histogram observation
-per delivery. Figures that live in the database (open MRs and SLA breaches by tier,
-chain head) are read when Prometheus scrapes, never on the hot path.
+The hot path adds to plain integers (:class:`DeliveryTally`); they become Prometheus
+families only when Prometheus scrapes, so a delivery pays no lock and no label
+lookup. Figures that live in the database (open MRs and SLA breaches by tier, chain
+head) are read at scrape time too, never on the hot path.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -87,40 +89,73 @@ class LedgerCollector(Collector):
         yield head
 
 
+class DeliveryTally(Collector):
+    """Deliveries by event and outcome, and their processing-time histogram.
+
+    Only the event loop's thread adds (the webhook handler); a scrape copies the
+    figures, which under the GIL is a consistent enough view for counters.
+    """
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self._bounds = tuple(buckets)
+        self._counts: dict[tuple[str, str], int] = {}
+        # One slot per bound plus +Inf; cumulative sums are made at scrape time.
+        self._hist = [0] * (len(self._bounds) + 1)
+        self._sum = 0.0
+
+    def add(self, event: str | None, outcome: str, seconds: float) -> None:
+        """Count one answered delivery and its processing time."""
+        # Mapped here, not at scrape time: the header is sender-controlled, and raw
+        # values as keys would let a sender grow this dict without bound.
+        key = (event_label(event), outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        self._hist[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        """The two families, from a copy of the current figures."""
+        counts = dict(self._counts)
+        hist = list(self._hist)
+        deliveries = CounterMetricFamily(
+            "secledger_deliveries",
+            "Webhook deliveries answered, by X-Gitlab-Event and outcome.",
+            labels=["event", "outcome"],
+        )
+        for labels, n in sorted(counts.items()):
+            deliveries.add_metric(list(labels), n)
+        yield deliveries
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*map(repr, self._bounds), "+Inf"), hist, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        latency = HistogramMetricFamily(
+            "secledger_delivery_processing_seconds",
+            "Time from request start to answer for webhook deliveries.",
+        )
+        latency.add_metric([], cumulative, sum_value=self._sum)
+        yield latency
+
+
 class Metrics:
     """The receiver's metrics; ``registry`` is what ``/metrics`` exposes."""
 
     def __init__(self, engine: Engine | None = None, tiers: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.deliveries = Counter(
-            "secledger_deliveries",
-            "Webhook deliveries answered, by X-Gitlab-Event and outcome.",
-            ["event", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "secledger_delivery_processing_seconds",
-            "Time from request start to answer for webhook deliveries.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.tally = DeliveryTally()
+        self.registry.register(self.tally)
         self.spool_depth = Gauge(
             "secledger_spool_depth",
             "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str], Counter] = {}
         if engine is not None:
             self.registry.register(LedgerCollector(engine, tiers))
 
     def delivery(self, event: str | None, outcome: str, seconds: float) -> None:
         """Count one answered delivery and its processing time (hot path: keep it cheap)."""
-        key = (event_label(event), outcome)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.deliveries.labels(*key)
-        child.inc()
-        self.latency.observe(seconds)
+        self.tally.add(event, outcome, seconds)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

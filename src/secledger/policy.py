@@ -54,7 +54,15 @@ class LabelPolicy:
 
     def any_security(self, titles: Iterable[str]) -> bool:
         """True when any of ``titles`` is a security label."""
-        return any(self.is_security_label(t) for t in titles)
+        # Called for every delivery: the memo is read inline, not through a generator.
+        known = self._known
+        for title in titles:
+            found = known.get(title)
+            if found is None:
+                found = self.is_security_label(title)
+            if found:
+                return True
+        return False
 
     def security_labels(self, titles: Iterable[str]) -> tuple[str, ...]:
         """The security labels among ``titles``, in their given order."""

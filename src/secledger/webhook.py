@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime
 from typing import Any
 
 import orjson
 import structlog
 
 from secledger.admission import Admission
+from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
 from secledger.extract import extract_facts, is_security_event, mr_key
-from secledger.intake import Ignored, authenticate, check_size, parse_delivery, precheck
+from secledger.intake import (
+    KEPT_HEADERS,
+    Delivery,
+    Ignored,
+    Verified,
+    authenticate,
+    check_size,
+    decode_mr,
+    precheck,
+    to_delivery,
+)
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
@@ -33,12 +44,14 @@ class ClientDisconnected(Exception):
     """The sender went away before the body was complete."""
 
 
-async def respond(
-    send: Send, status: int, body: dict[str, Any], extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
-    """Send a JSON response."""
-    data = orjson.dumps(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+Extra = tuple[tuple[bytes, bytes], ...]
+# Summaries of ignored deliveries: at most one line per interval (see IgnoredLog).
+IGNORED_LOG_SECONDS = 60.0
+
+
+async def respond(send: Send, status: int, data: bytes, extra: Extra = ()) -> None:
+    """Send a JSON response whose body is already encoded."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
     headers.extend(extra)
     if status == 405:
         headers.append((b"allow", b"POST"))
@@ -46,15 +59,33 @@ async def respond(
     await send({"type": "http.response.body", "body": data})
 
 
+# Names of the headers GitLab sends, decoded once: most of a request's header names.
+_NAMES = {
+    name.encode(): name
+    for name in (
+        *KEPT_HEADERS,
+        "host",
+        "content-length",
+        "x-gitlab-token",
+        "webhook-signature",
+        "connection",
+        "accept",
+        "accept-encoding",
+    )
+}
+
+
 def header_map(scope: Scope) -> dict[str, str]:
     """Request headers with lower-case names (ASGI already lower-cases them)."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    names = _NAMES
+    return {names.get(k) or k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """Read the body, refusing as soon as it passes ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
+async def read_body(receive: Receive, limit: int, first: bytes = b"") -> bytes:
+    """Read the body (after ``first``, already received), refusing as soon as it passes
+    ``limit`` bytes."""
+    chunks = [first]
+    size = len(first)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -67,9 +98,44 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def rejection(exc: IntakeError) -> dict[str, Any]:
+def rejection(exc: IntakeError) -> bytes:
     """Body of a 4xx answer."""
-    return {"status": "rejected", "error": exc.code, "message": str(exc)}
+    return orjson.dumps({"status": "rejected", "error": exc.code, "message": str(exc)})
+
+
+class IgnoredLog:
+    """One ``deliveries_ignored`` line per interval instead of one line per delivery.
+
+    Nearly all deliveries of a busy GitLab are for merge requests without a security
+    label; a line for each was a quarter of the receiver's CPU per ignored delivery and
+    buries the lines that matter. ``/metrics`` counts every one; at log level debug
+    each still gets its own ``delivery`` line.
+    """
+
+    def __init__(self, interval: float = IGNORED_LOG_SECONDS, *, each: bool = False) -> None:
+        self.interval = interval
+        self.each = each
+        self.count = 0
+        self.since = time.monotonic()
+
+    def note(self, now: float, reason: str | None) -> None:
+        """Count one ignored delivery; write the summary when the interval is over."""
+        if self.each:
+            log.debug("delivery", outcome="ignored", reason=reason)
+        self.count += 1
+        if now - self.since >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Write the summary of what was counted since the last one, if anything."""
+        if self.count:
+            log.info("deliveries_ignored", count=self.count, seconds=round(now - self.since, 1))
+        self.count = 0
+        self.since = now
+
+
+_IGNORED = orjson.dumps(IGNORED.to_json())
+_METHOD = orjson.dumps({"status": "rejected", "error": "method_not_allowed", "message": "use POST"})
 
 
 class WebhookHandler:
@@ -85,6 +151,8 @@ class WebhookHandler:
         self.guard = ReplayGuard(settings.webhook_tolerance_seconds)
         self.limit = settings.max_body_bytes
         self.body_timeout = settings.body_timeout_seconds
+        self.deadlines = Deadlines(settings.body_timeout_seconds)
+        self.ignored = IgnoredLog(each=settings.log_level.lower() == "debug")
         self.admission = Admission(
             settings.max_concurrent_deliveries,
             settings.max_inflight_body_bytes,
@@ -94,101 +162,92 @@ class WebhookHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
-            await respond(
-                send,
-                405,
-                {"status": "rejected", "error": "method_not_allowed", "message": "use POST"},
-            )
+            await respond(send, 405, _METHOD)
             return
-        status, body, outcome_name, extra = await self._respond_to(scope, receive, started)
-        self.runtime.metrics.delivery(
-            _event_header(scope), outcome_name, time.perf_counter() - started
-        )
-        if status:
-            await respond(send, status, body, extra)
-
-    async def _respond_to(
-        self, scope: Scope, receive: Receive, started: float
-    ) -> tuple[int, dict[str, Any], str, tuple[tuple[bytes, bytes], ...]]:
-        """Status, body, metric outcome and extra headers; status 0: the sender went away."""
+        extra: Extra = ()
         try:
-            status, outcome, body = await self._handle(scope, receive)
-        except IntakeError as exc:
-            log.info("delivery_rejected", status=exc.status_code, error=exc.code)
-            retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
-            return exc.status_code, rejection(exc), "rejected", retry
-        except ClientDisconnected:
-            log.info("delivery_abandoned")
-            return 0, {}, "abandoned", ()
-        except StoreUnavailable as exc:
-            log.warning("delivery_unavailable", error=str(exc))
-            return 503, {"status": "unavailable", "message": str(exc)}, "unavailable", ()
-        except Exception as exc:  # a bug must not leak a traceback to the sender
-            log.exception("delivery_failed", error=type(exc).__name__)
-            return 500, {"status": "error", "message": "internal error"}, "error", ()
-        log.info(
-            "delivery",
-            outcome=outcome.status,
-            seq=outcome.seq,
-            ms=round((time.perf_counter() - started) * 1000, 2),
-            **_row_ids(outcome),
-        )
-        return status, body, outcome.status, ()
+            status, outcome, data = await self._handle(scope, receive)
+        except Exception as exc:  # noqa: BLE001 - each kind gets its answer; a bug gets a 500
+            status, data, name, extra = _refusal(exc)
+        else:
+            name = outcome.status
+            if name == "ignored":
+                self.ignored.note(time.monotonic(), outcome.reason)
+            else:
+                log.info(
+                    "delivery",
+                    outcome=name,
+                    seq=outcome.seq,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                    **_row_ids(outcome),
+                )
+        self.runtime.metrics.delivery(_event_header(scope), name, time.perf_counter() - started)
+        if status:  # 0: the sender went away
+            await respond(send, status, data, extra)
 
-    async def _body(self, receive: Receive) -> bytes:
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                return await read_body(receive, self.limit)
-        except TimeoutError:
-            raise BodyTimeout(f"the body was not received within {self.body_timeout:g} s") from None
-
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, dict[str, Any]]:
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, bytes]:
+        received_at = utcnow()
         headers = header_map(scope)
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
-        precheck(headers, self.sources, now=utcnow())
+        verified = precheck(headers, self.sources, now=received_at)
         declared = headers.get("content-length", "")
         size = self.limit  # a body of unknown length may be as large as allowed
         if declared.isdigit():
             size = int(declared)
             check_size(size, self.limit)
-        await self.admission.enter(size)
+        admission = self.admission
+        if not admission.try_enter(size):
+            await admission.enter(size)
         try:
-            return await self._process(headers, await self._body(receive))
-        finally:
-            self.admission.leave(size)
-
-    async def _process(
-        self, headers: dict[str, str], body: bytes
-    ) -> tuple[int, Outcome, dict[str, Any]]:
-        received_at = utcnow()
-        verified = authenticate(headers, body, self.sources, now=received_at)
-        if verified.webhook_id is not None and verified.timestamp is not None:
-            self.guard.check(
-                verified.source, verified.webhook_id, verified.timestamp, now=received_at
+            try:
+                with self.deadlines.limit():
+                    # Nearly always the whole body, already buffered: one message.
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected
+                    body = message.get("body", b"")
+                    check_size(len(body), self.limit)
+                    if message.get("more_body", False):
+                        body = await read_body(receive, self.limit, body)
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the body was not received within {self.body_timeout:g} s"
+                ) from None
+            if verified is None:  # a signature over the body is still to be checked
+                verified = self._authenticate(headers, body, received_at)
+            decoded = decode_mr(headers, body, verified=verified)
+            if isinstance(decoded, Ignored):
+                return _answer(200, Outcome("ignored", reason=decoded.reason))
+            # Most deliveries are for MRs that never carried a security label: decided
+            # from the labels and the in-memory key set before any extraction. While the
+            # spool holds deliveries, a spooled one may be what makes this MR a security
+            # MR; only the drain, reading the database, can tell, so it decides.
+            recorder = self.runtime.recorder
+            policy = self.runtime.policy
+            if (
+                not recorder.spool_depth
+                and mr_key(decoded) not in self.runtime.known
+                and not is_security_event(decoded, policy)
+            ):
+                return 200, IGNORED, _IGNORED
+            delivery = to_delivery(
+                decoded, headers, body, received_at=received_at, verified=verified
             )
-        delivery = parse_delivery(
-            headers,
-            body,
-            secrets=(),
-            max_body_bytes=self.limit,
-            received_at=received_at,
-            require_token=False,
-            verified=verified,
-        )
-        if isinstance(delivery, Ignored):
-            return _answer(200, Outcome("ignored", reason=delivery.reason))
+            return await self._record(delivery, received_at)
+        finally:
+            admission.leave(size)
+
+    def _authenticate(self, headers: dict[str, str], body: bytes, now: datetime) -> Verified:
+        verified = authenticate(headers, body, self.sources, now=now)
+        if verified.webhook_id is not None and verified.timestamp is not None:
+            self.guard.check(verified.source, verified.webhook_id, verified.timestamp, now=now)
+        return verified
+
+    async def _record(
+        self, delivery: Delivery, received_at: datetime
+    ) -> tuple[int, Outcome, bytes]:
         recorder = self.runtime.recorder
-        # Most deliveries are for MRs that never carried a security label: decide that from
-        # the labels and the in-memory key set before the full extraction (times, users).
-        # While the spool holds deliveries, a spooled one may be what makes this MR a
-        # security MR; only the drain, reading the database, can tell, so it decides.
         policy = self.runtime.policy
-        if (
-            not recorder.spool_depth
-            and mr_key(delivery) not in self.runtime.known
-            and not is_security_event(delivery, policy)
-        ):
-            return _answer(200, IGNORED)
         facts = extract_facts(delivery, policy)
         # The decoded JSON (hundreds of objects) is not needed past this point: dropped
         # now, it dies young instead of being promoted and re-scanned by the collector
@@ -199,12 +258,30 @@ class WebhookHandler:
             self.runtime.known.add(facts.key)
         if outcome.status == "spooled":
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
-            return 202, outcome, outcome.to_json() | extra
+            return 202, outcome, orjson.dumps(outcome.to_json() | extra)
         return _answer(200, outcome)
 
 
-def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, dict[str, Any]]:
-    return status, outcome, outcome.to_json()
+def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
+    """Status, body, metric outcome and extra headers for a delivery that was not taken."""
+    if isinstance(exc, IntakeError):
+        log.info("delivery_rejected", status=exc.status_code, error=exc.code)
+        retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
+        return exc.status_code, rejection(exc), "rejected", retry
+    if isinstance(exc, ClientDisconnected):
+        log.info("delivery_abandoned")
+        return 0, b"", "abandoned", ()
+    if isinstance(exc, StoreUnavailable):
+        log.warning("delivery_unavailable", error=str(exc))
+        data = orjson.dumps({"status": "unavailable", "message": str(exc)})
+        return 503, data, "unavailable", ()
+    # A bug must not leak a traceback to the sender; the log has it.
+    log.exception("delivery_failed", error=type(exc).__name__)
+    return 500, b'{"status":"error","message":"internal error"}', "error", ()
+
+
+def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, bytes]:
+    return status, outcome, orjson.dumps(outcome.to_json())
 
 
 def _event_header(scope: Scope) -> str | None:

@@ -1,0 +1,166 @@
+"""The webhook hot path's small parts: body deadlines, the delivery tally, the ignored-
+delivery summary and the queued log writer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from secledger.deadlines import Deadlines
+from secledger.logs import LineWriter
+from secledger.metrics import Metrics
+from secledger.webhook import IgnoredLog
+
+
+def test_a_deadline_turns_a_stalled_await_into_timeout_error() -> None:
+    deadlines = Deadlines(0.2, granularity=0.05)
+
+    async def stalled() -> float:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError), deadlines.limit():
+            await asyncio.Event().wait()  # a body that never arrives
+        return time.monotonic() - started
+
+    waited = asyncio.run(stalled())
+    assert 0.2 <= waited < 0.6
+
+
+def test_work_finished_in_time_is_not_cancelled_and_the_timer_stops() -> None:
+    deadlines = Deadlines(0.2, granularity=0.05)
+
+    async def quick() -> str:
+        with deadlines.limit():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.4)  # past the deadline, outside the block: no cancel
+        return "done"
+
+    assert asyncio.run(quick()) == "done"
+    assert deadlines._running == {}
+    assert deadlines._timer is None  # nothing left to watch: the sweep stopped itself
+
+
+def test_a_cancel_from_outside_still_propagates_as_cancellation() -> None:
+    deadlines = Deadlines(5.0, granularity=0.05)
+
+    async def main() -> None:
+        async def reader() -> None:
+            with deadlines.limit():
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_many_concurrent_deadlines_fire_independently() -> None:
+    deadlines = Deadlines(0.15, granularity=0.05)
+
+    async def one(delay: float) -> str:
+        try:
+            with deadlines.limit():
+                await asyncio.sleep(delay)
+        except TimeoutError:
+            return "timeout"
+        return "ok"
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one(d) for d in (0.01, 1.0, 0.02, 1.0)))
+
+    assert asyncio.run(main()) == ["ok", "timeout", "ok", "timeout"]
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_the_tally_exposes_counts_and_a_cumulative_histogram() -> None:
+    metrics = Metrics()
+    metrics.delivery("Merge Request Hook", "ignored", 0.001)  # on a bound: counted in it
+    metrics.delivery("Merge Request Hook", "ignored", 0.003)
+    metrics.delivery("System Hook", "recorded", 20.0)  # past the last bound: +Inf only
+    found = samples(metrics)
+    ignored = (("event", "Merge Request Hook"), ("outcome", "ignored"))
+    assert found[("secledger_deliveries_total", ignored)] == 2
+    recorded = (("event", "System Hook"), ("outcome", "recorded"))
+    assert found[("secledger_deliveries_total", recorded)] == 1
+    bucket = "secledger_delivery_processing_seconds_bucket"
+    assert found[(bucket, (("le", "0.001"),))] == 1
+    assert found[(bucket, (("le", "0.005"),))] == 2
+    assert found[(bucket, (("le", "10.0"),))] == 2
+    assert found[(bucket, (("le", "+Inf"),))] == 3
+    assert found[("secledger_delivery_processing_seconds_count", ())] == 3
+    assert found[("secledger_delivery_processing_seconds_sum", ())] == pytest.approx(20.004)
+
+
+def test_sender_chosen_event_names_do_not_grow_the_tally() -> None:
+    metrics = Metrics()
+    for n in range(500):
+        metrics.delivery(f"Evil Hook {n}", "ignored", 0.001)
+    metrics.delivery(None, "rejected", 0.001)
+    assert len(metrics.tally._counts) == 2
+    found = samples(metrics)
+    other = (("event", "other"), ("outcome", "ignored"))
+    assert found[("secledger_deliveries_total", other)] == 500
+    assert found[("secledger_deliveries_total", (("event", "none"), ("outcome", "rejected")))] == 1
+
+
+def test_ignored_deliveries_are_summarised_once_per_interval() -> None:
+    summary = IgnoredLog(interval=60.0)
+    summary.since = 1000.0
+    with capture_logs() as logged:
+        for second in range(59):
+            summary.note(1000.0 + second, "no label")
+        assert logged == []
+        summary.note(1060.0, "no label")
+    assert logged == [
+        {"event": "deliveries_ignored", "count": 60, "seconds": 60.0, "log_level": "info"}
+    ]
+    assert summary.count == 0
+
+
+def test_at_debug_level_each_ignored_delivery_gets_its_line() -> None:
+    summary = IgnoredLog(interval=60.0, each=True)
+    with capture_logs() as logged:
+        summary.note(summary.since + 1, "event 'Push Hook' is not a merge request event")
+    assert logged == [
+        {
+            "event": "delivery",
+            "outcome": "ignored",
+            "reason": "event 'Push Hook' is not a merge request event",
+            "log_level": "debug",
+        }
+    ]
+
+
+def test_the_line_writer_keeps_every_line_in_order() -> None:
+    sink = io.BytesIO()
+    writer = LineWriter(sink)  # type: ignore[arg-type]
+    lines = [orjson.dumps({"n": n}) + b"\n" for n in range(5000)]
+    for line in lines:
+        writer.write(line)
+    writer.drain()
+    assert sink.getvalue() == b"".join(lines)
+
+
+def test_the_line_writer_writes_without_being_drained() -> None:
+    sink = io.BytesIO()
+    writer = LineWriter(sink)  # type: ignore[arg-type]
+    writer.write(b"hello\n")
+    deadline = time.monotonic() + 5
+    while sink.getvalue() != b"hello\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.getvalue() == b"hello\n"
