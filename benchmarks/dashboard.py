@@ -203,7 +203,7 @@ def http_figures(base: str, mrs: int, repeat: int) -> None:
             ),
             ("MR page with timeline and findings", mr),
             ("GET /api/reports/reviewers", "/api/reports/reviewers"),
-            ("GET /api/reports/open (refreshes overdue)", "/api/reports/open"),
+            ("GET /api/reports/open", "/api/reports/open"),
             ("GET /api/reports/decision-times", "/api/reports/decision-times"),
             ("GET /api/findings?limit=100", "/api/findings?limit=100"),
             ("GET /api/ledger?limit=100", "/api/ledger?limit=100"),

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from builders import mr_event
 from conftest import post
@@ -46,7 +47,11 @@ QUERIES = ("", "since=2026-11-05&until=2026-11-09", "tier=critical", "reviewer=b
 
 
 def test_report_routes_answer_what_the_cli_prints(reader, database_url, tmp_path) -> None:
-    """One implementation: /api/reports/KIND equals `secledger report KIND --format json`."""
+    """One implementation: /api/reports/KIND equals `secledger report KIND --format json`.
+
+    !16 is open past its deadline with no breach recorded (its last event came before the
+    deadline), and stays so: neither side records it, both count it.
+    """
     for kind in reports.REPORTS:
         for query in QUERIES:
             args = [part for pair in query.split("&") if pair for part in pair.split("=")]
@@ -62,6 +67,41 @@ def test_report_routes_answer_what_the_cli_prints(reader, database_url, tmp_path
                 row["hours_left"] = round(row["hours_left"]) if row.get("hours_left") else None
             assert got == expected, (kind, query)
     assert expected  # the loop compared real rows, not only empty lists
+    counts = cli_json(database_url, tmp_path, "report", "findings", "--format", "json")
+    assert {"rule": "sla-breached", "severity": "high", "open": 1, "resolved": 0, "mrs": 1} in (
+        counts
+    )
+    assert recorded_breaches(database_url) == []
+
+
+def recorded_breaches(database_url: str) -> list[int]:
+    engine = db.create(database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            query = text("SELECT mr_iid FROM findings WHERE rule = 'sla-breached'")
+            return list(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "query", ["all=true", "rule=sla-breached", "tier=critical&since=2026-11-01"]
+)
+def test_findings_route_answers_what_the_cli_prints(reader, database_url, tmp_path, query) -> None:
+    """/api/findings equals `secledger findings --format json`, an unrecorded breach (!16,
+    id null, detected at each call's own "now") included."""
+    args = [part for pair in query.split("&") for part in pair.split("=")]
+    options = [f"--{w}" if i % 2 == 0 else w for i, w in enumerate(args) if w != "true"]
+    expected = cli_json(database_url, tmp_path, "findings", "--format", "json", *options)
+    answer = reader.get(f"/api/findings?{query}", headers=bearer())
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    unrecorded = [f for f in (*expected, *got) if f["id"] is None]
+    assert [(f["mr_iid"], f["rule"]) for f in unrecorded] == [(16, "sla-breached")] * 2
+    for item in unrecorded:
+        detected = datetime.fromisoformat(item.pop("detected_at"))
+        assert abs(detected - datetime.now(UTC)) < timedelta(minutes=1)
+    assert got == expected
 
 
 def test_report_routes_refuse_a_bad_date_like_the_cli(reader) -> None:
@@ -151,7 +191,8 @@ def test_periodic_check_records_a_breach_without_any_event(engine, client) -> No
     assert overdue.refresh_step(engine, policy, deadline + timedelta(minutes=1)) == 1
     assert overdue.refresh_step(engine, policy, deadline + timedelta(hours=1)) == 0  # kept once
     with engine.connect() as conn:
-        found = list_findings(conn, rule="sla-breached")
+        # As of the deadline itself: only what the periodic check recorded can be listed.
+        found = list_findings(conn, policy, deadline, rule="sla-breached")
     assert [(f.mr_iid, f.evidence["status"]) for f in found] == [(8, "open past deadline")]
 
 

@@ -43,6 +43,7 @@ from secledger.cli import main
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
+from secledger.tierpolicy import CompliancePolicy
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)
 SINCE = T0 + timedelta(hours=11)
@@ -199,7 +200,9 @@ def test_each_mr_carries_its_decision_trail_with_log_hashes(ledger, tmp_path) ->
 def test_findings_and_sla_summary_match_list_findings_and_reports(ledger, tmp_path) -> None:
     pack = build(ledger, tmp_path / "pack")
     with ledger.connect() as conn:
-        listed = findings.list_findings(conn, include_resolved=True)
+        listed = findings.list_findings(
+            conn, CompliancePolicy(), pack.generated_at, include_resolved=True
+        )
         filters = reports.Filters(since=SINCE, until=UNTIL, now=pack.generated_at)
         tiers = [row.as_dict() for row in reports.tiers(conn, filters)]
         reviewers = [row.as_dict() for row in reports.reviewers(conn, filters)]

@@ -6,6 +6,7 @@ run where they run in production: inside ``service.record``, after the projectio
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from secledger.extract import MRKey
 from secledger.findings import Finding, list_findings
 from secledger.policy import LabelPolicy
 from secledger.service import Recording, feed
-from secledger.store import ledger
+from secledger.store import db, ledger
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)  # a Monday
@@ -48,9 +49,13 @@ def record(engine: Engine, *bodies: dict[str, Any], policy: CompliancePolicy | N
         assert outcome.status == "recorded", outcome
 
 
-def found(engine: Engine, *, resolved: bool = False) -> dict[tuple[str, str], Finding]:
+def found(
+    engine: Engine, *, resolved: bool = False, now: datetime = T0
+) -> dict[tuple[str, str], Finding]:
+    """Findings as of ``now``; at T0 no history here is past a deadline yet, so this is
+    exactly what recording stored."""
     with engine.connect() as conn:
-        rows = list_findings(conn, include_resolved=resolved)
+        rows = list_findings(conn, CompliancePolicy(), now, include_resolved=resolved)
     return {(f.rule, f.subject): f for f in rows}
 
 
@@ -250,7 +255,7 @@ def test_sla_breached_with_business_hours_honours_the_calendar(engine) -> None:
     assert found(engine)[("sla-breached", "")].mr_iid == 2  # Monday 10:30: late
 
 
-def test_open_mr_past_its_deadline_is_found_at_report_time(engine) -> None:
+def test_open_mr_past_its_deadline_is_recorded_by_the_overdue_check(engine) -> None:
     now = datetime.now(UTC)
     opened = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
     record(engine, mr_event("open", labels=["sec::critical"], created_at=opened, updated_at=opened))
@@ -321,3 +326,72 @@ def test_a_late_older_event_does_not_resolve_a_wall_clock_breach(engine) -> None
         ),
     )
     assert ("sla-breached", "") in found(engine)
+
+
+def listed_as_of(engine: Engine, policy: CompliancePolicy, now: datetime) -> list[Finding]:
+    """Every finding as a read sees it at ``now``, in a READ ONLY transaction."""
+    with db.reading(engine) as conn:
+        return list_findings(conn, policy, now, include_resolved=True)
+
+
+def listed_once_recorded(engine: Engine, policy: CompliancePolicy, now: datetime):
+    """The same, right after serve's check recorded at ``now`` (rolled back afterwards)."""
+    with engine.connect() as conn, conn.begin() as transaction:
+        changed = findings.refresh_overdue(conn, policy, now)
+        listed = list_findings(conn, policy, now, include_resolved=True)
+        transaction.rollback()
+    return changed, listed
+
+
+def stored(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT * FROM findings ORDER BY id")).all())
+
+
+def test_a_read_counts_an_unrecorded_breach_as_recording_it_would(engine) -> None:
+    """!1 is open past its deadline with nothing recorded; !2 was merged in time, !3 (low)
+    is not due yet, !4 has its breach recorded at record time. Only !1 changes."""
+    record(engine, event("open", 0, labels=["sec::critical"]))
+    record(engine, event("open", 0, iid=2), event("merge", 1, iid=2, actor="bob"))
+    record(engine, event("open", 0, iid=3, labels=["sec::low"]))
+    record(engine, event("open", 0, iid=4), event("update", 80, iid=4))  # high: due at 72 h
+    policy, now = CompliancePolicy(), T0 + timedelta(hours=30)
+    before = stored(engine)
+    read = listed_as_of(engine, policy, now)
+    assert stored(engine) == before
+    changed, recorded = listed_once_recorded(engine, policy, now)
+    assert changed == 1
+    [new] = [f for f in read if f.id is None]
+    assert (new.mr_iid, new.rule, new.severity, new.resolved_at) == (
+        1,
+        "sla-breached",
+        "high",
+        None,
+    )
+    assert new.detected_at == "2025-08-05T15:00:00Z"  # now: when recording it would detect it
+    assert new.evidence["status"] == "open past deadline" and new.seqs == [1]
+    assert [replace(f, id=None) if f.mr_iid == 1 else f for f in recorded] == read
+    assert {f.mr_iid for f in read if f.rule == "sla-breached"} == {1, 4}
+
+
+def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None:
+    """The check recorded !1's breach, a longer SLA resolved it, and that SLA passed too:
+    recording would reopen the same row (same id, detected_at kept), so reads do."""
+    record(engine, event("open", 0, labels=["sec::critical"]))
+    with engine.begin() as conn:
+        assert findings.refresh_overdue(conn, CompliancePolicy(), T0 + timedelta(hours=30)) == 1
+    rules_ = dict(CompliancePolicy().rules)
+    rules_["critical"] = TierRule("critical", sla_hours=100, approvals=2)
+    longer = CompliancePolicy(rules=rules_)
+    with engine.begin() as conn:
+        findings.reevaluate_all(conn, longer, T0 + timedelta(hours=31))
+    [resolved] = listed_as_of(engine, longer, T0 + timedelta(hours=99))
+    assert resolved.resolved_at == "2025-08-05T16:00:00Z"
+    now = T0 + timedelta(hours=101)
+    [read] = listed_as_of(engine, longer, now)
+    assert read == replace(resolved, resolved_at=None)
+    changed, recorded = listed_once_recorded(engine, longer, now)
+    assert changed == 1
+    assert recorded == [read]
+    # Nothing was written: before its new deadline it still reads as resolved.
+    assert listed_as_of(engine, longer, T0 + timedelta(hours=99)) == [resolved]

@@ -197,38 +197,88 @@ def _sql_stamp(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
-# Open MRs whose deadline passed since their last event: found by serve's periodic
-# check (overdue.py) and at report time, set-based, with the evidence
-# ``rules.breach_evidence`` builds, so record-time re-evaluation changes nothing.
-_OVERDUE = text(
-    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
-    " evidence, detected_at, updated_at)"
-    " SELECT s.instance, s.project_id, s.mr_iid, 'sla-breached', '',"
-    " CASE WHEN s.risk_tier = :top_tier THEN 'high' ELSE 'medium' END, ARRAY[s.label_seq],"
-    " jsonb_build_object('tier', s.risk_tier, 'sla_hours', s.sla_hours,"
-    f" 'business_hours', s.business_hours, 'labeled_at', {_sql_stamp('s.labeled_at')},"
-    f" 'deadline', {_sql_stamp('s.deadline')}, 'decided_at', NULL, 'decision', NULL,"
-    " 'status', 'open past deadline'), :now, :now"
+# An open MR is overdue at :now while its clock runs (no decision yet) past its deadline.
+_OVERDUE_MRS = (
     " FROM review_sla s JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
     " WHERE s.first_decision_at IS NULL AND s.deadline < :now AND s.label_seq IS NOT NULL"
     " AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
+)
+# Its `sla-breached` finding, with the evidence ``rules.breach_evidence`` builds, so
+# record-time re-evaluation changes nothing. The columns of ``findings`` from instance
+# to evidence, in table order.
+_BREACHES = (
+    "SELECT s.instance, s.project_id, s.mr_iid, 'sla-breached'::text AS rule, ''::text AS subject,"
+    " CASE WHEN s.risk_tier = :top_tier THEN 'high' ELSE 'medium' END AS severity,"
+    " ARRAY[s.label_seq] AS seqs,"
+    " jsonb_build_object('tier', s.risk_tier, 'sla_hours', s.sla_hours,"
+    f" 'business_hours', s.business_hours, 'labeled_at', {_sql_stamp('s.labeled_at')},"
+    f" 'deadline', {_sql_stamp('s.deadline')}, 'decided_at', NULL, 'decision', NULL,"
+    " 'status', 'open past deadline') AS evidence" + _OVERDUE_MRS
+)
+# serve's periodic check (overdue.py) and `secledger findings --refresh-only` write
+# them; nothing else does (reads compute them: FINDINGS_AS_OF).
+_RECORD_OVERDUE = text(
+    "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
+    f" evidence, detected_at, updated_at) SELECT b.*, :now, :now FROM ({_BREACHES}) b"
     " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
     " resolved_at = NULL, updated_at = excluded.updated_at"
     " WHERE findings.resolved_at IS NOT NULL"
 )
+_STORED_BREACH = (
+    "f.instance = b.instance AND f.project_id = b.project_id AND f.mr_iid = b.mr_iid"
+    " AND f.rule = 'sla-breached' AND f.subject = ''"
+)
+# The findings table as _RECORD_OVERDUE would leave it at :now, computed and not
+# written, so a report or a listing never writes and a read-only login sees the same
+# answer. Stored rows as they are, except a resolved breach of an MR overdue again,
+# which reads as reopened; plus the breaches not recorded yet, with id NULL, detected
+# at :now (what recording them now would store). The overdue set comes from the index
+# of running clocks: a read costs about what the check's SELECT costs, without writes.
+FINDINGS_AS_OF = (
+    "(SELECT f.id, f.instance, f.project_id, f.mr_iid, f.rule, f.subject, f.severity,"
+    " f.seqs, f.evidence, f.detected_at, f.resolved_at FROM findings f"
+    " WHERE NOT (f.resolved_at IS NOT NULL AND f.rule = 'sla-breached' AND f.subject = ''"
+    f" AND EXISTS (SELECT FROM ({_BREACHES}) b WHERE {_STORED_BREACH}))"
+    " UNION ALL"
+    " SELECT f.id, b.instance, b.project_id, b.mr_iid, b.rule, b.subject,"
+    " coalesce(f.severity, b.severity), coalesce(f.seqs, b.seqs),"
+    " coalesce(f.evidence, b.evidence), coalesce(f.detected_at, CAST(:now AS timestamptz)),"
+    f" NULL::timestamptz FROM ({_BREACHES}) b LEFT JOIN findings f ON {_STORED_BREACH}"
+    " WHERE f.id IS NULL OR f.resolved_at IS NOT NULL)"
+)
 
 
-# serve's periodic refresh, the CLI and the read API may refresh at the same moment:
-# ON CONFLICT locks rows in scan order, so two refreshes could deadlock; they queue.
+def as_of(policy: CompliancePolicy, now: datetime) -> dict[str, Any]:
+    """Bind parameters of ``FINDINGS_AS_OF``: the instant, and the tier a breach is high in."""
+    return {"now": now, "top_tier": policy.tiers[0] if policy.tiers else ""}
+
+
+# serve's periodic check and `secledger findings --refresh-only` may run at the same
+# moment: ON CONFLICT locks rows in scan order, so two refreshes could deadlock; they queue.
 REFRESH_LOCK_KEY = 0x5EC1EDB5
 _REFRESH_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=REFRESH_LOCK_KEY)
 
 
 def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
-    """Record ``sla-breached`` for open MRs now past their deadline; how many rows changed."""
+    """Record ``sla-breached`` for open MRs now past their deadline; how many rows changed.
+
+    The only writer of those findings besides record-time evaluation: serve's periodic
+    check and `secledger findings --refresh-only` call it; reports and listings read
+    ``FINDINGS_AS_OF`` instead.
+    """
     conn.execute(_REFRESH_LOCK)
-    top = policy.tiers[0] if policy.tiers else ""
-    return conn.execute(_OVERDUE, {"now": now, "top_tier": top}).rowcount or 0
+    return conn.execute(_RECORD_OVERDUE, as_of(policy, now)).rowcount or 0
+
+
+def may_record_findings(conn: Connection) -> bool:
+    """True when this login may write findings; a ``secledger_readonly`` login may not."""
+    granted = conn.execute(
+        text(
+            "SELECT has_table_privilege('findings', 'INSERT')"
+            " AND has_table_privilege('findings', 'UPDATE')"
+        )
+    ).scalar_one()
+    return bool(granted)
 
 
 def reevaluate_all(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
@@ -242,9 +292,13 @@ def reevaluate_all(conn: Connection, policy: CompliancePolicy, now: datetime) ->
 
 @dataclass(frozen=True)
 class Finding:
-    """One stored finding, as `secledger findings` and the reports return it."""
+    """One finding, as `secledger findings` and the reports return it.
 
-    id: int
+    ``id`` is ``None`` for an overdue MR's breach that serve's periodic check has not
+    recorded yet (listings compute it as of the request).
+    """
+
+    id: int | None
     rule: str
     severity: str
     instance: str
@@ -264,22 +318,35 @@ class Finding:
         return asdict(self)
 
 
-_LIST = (
-    "SELECT id, rule, severity, instance, project_id, mr_iid, project_path, url, risk_tier,"
-    " subject, seqs, detected_at, resolved_at, evidence FROM bi_findings"
+_COLUMNS = (
+    "id, rule, severity, instance, project_id, mr_iid, project_path, url, risk_tier,"
+    " subject, seqs, detected_at, resolved_at, evidence"
 )
+# What is recorded, for evidence packs (each finding there has its id).
+_LIST = f"SELECT {_COLUMNS} FROM bi_findings"
+# What holds at :now (FINDINGS_AS_OF), for listings: nothing is written to read it.
+_LIST_AS_OF = (
+    f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier"
+    f" FROM {FINDINGS_AS_OF} f"
+    " LEFT JOIN security_review_ledger l USING (instance, project_id, mr_iid)) AS found"
+)
+# Newest first. A breach not recorded yet has no id: it sorts first among its equals, as
+# the row recording it would (a new id is the highest), then by MR, so the order is stable.
+_ORDER = "detected_at DESC, id DESC NULLS FIRST, instance, project_id, mr_iid"
 
 
 # The reviewer filter of `secledger report findings`: MRs the reviewer approved.
 _APPROVED_BY = (
-    "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = bi_findings.instance"
-    " AND r.project_id = bi_findings.project_id AND r.mr_iid = bi_findings.mr_iid"
+    "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = found.instance"
+    " AND r.project_id = found.project_id AND r.mr_iid = found.mr_iid"
     " AND :reviewer = ANY(r.approvers))"
 )
 
 
 def list_findings(
     conn: Connection,
+    policy: CompliancePolicy,
+    now: datetime,
     *,
     include_resolved: bool = False,
     since: datetime | None = None,
@@ -291,10 +358,14 @@ def list_findings(
     mr: MRKey | None = None,
     limit: int | None = None,
 ) -> list[Finding]:
-    """Findings, newest first, filtered on detection time, project (id or path), tier, rule,
-    approver (as ``report findings`` filters) or one merge request; the first ``limit``."""
+    """Findings as they stand at ``now`` (open MRs past their deadline are breaches, recorded
+    or not), newest first, filtered on detection time, project (id or path), tier, rule,
+    approver (as ``report findings`` filters) or one merge request; the first ``limit``.
+
+    Reads only: a ``secledger_readonly`` login gets the same answer.
+    """
     where = ["TRUE"]
-    params: dict[str, Any] = {"limit": limit}
+    params: dict[str, Any] = {"limit": limit, **as_of(policy, now)}
     if not include_resolved:
         where.append("resolved_at IS NULL")
     for name, value, clause in (
@@ -311,9 +382,7 @@ def list_findings(
     if mr is not None:
         where.append(_KEY)
         params.update(ledger.key_params(mr))
-    query = text(
-        f"{_LIST} WHERE {' AND '.join(where)} ORDER BY detected_at DESC, id DESC LIMIT :limit"
-    )
+    query = text(f"{_LIST_AS_OF} WHERE {' AND '.join(where)} ORDER BY {_ORDER} LIMIT :limit")
     return [_finding(row) for row in conn.execute(query, params).mappings()]
 
 

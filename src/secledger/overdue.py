@@ -1,9 +1,11 @@
 """serve's periodic SLA check: open MRs that passed their deadline without any event.
 
-Time passes without deliveries, so nothing else would notice that an open MR is now
+Time passes without deliveries, so nothing else would record that an open MR is now
 overdue; every ``sla_refresh_interval_seconds`` this records ``sla-breached`` for
 them (``findings.refresh_overdue``, one set-based statement), so the findings table,
-``bi_findings``, the dashboard and ``secledger_sla_breaches`` stay current.
+``bi_findings`` and ``secledger_sla_breaches`` stay current. Reports, the read API and
+the dashboard do not wait for it: they judge overdue MRs as of the request, reading
+only. This task and `secledger findings --refresh-only` are the only writers.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ async def _every(
     interval: float, engine: Engine, policy: CompliancePolicy, clock: Callable[[], datetime]
 ) -> None:
     while True:
-        # Sleep first: a starting receiver is busy (migrations, spool drain), and the
-        # CLI reports refresh by themselves.
+        # Sleep first: a starting receiver is busy (migrations, spool drain), and reads
+        # do not depend on this pass (they compute overdue MRs themselves).
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(refresh_step, engine, policy, clock())

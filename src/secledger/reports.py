@@ -3,7 +3,9 @@
 Each report is a function ``(conn, Filters) -> list[<Row>]`` returning frozen
 dataclasses, so the CLI, the dashboard and the evidence pack share one definition.
 Durations are elapsed wall-clock hours; the SLA verdict (met, breached, overdue) uses
-each MR's stored deadline, which honours business hours when its tier does.
+each MR's stored deadline, which honours business hours when its tier does. Reports
+only read: what is overdue is judged at ``Filters.now`` in the query, so a
+``secledger_readonly`` login gets the same answer as the app's.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from secledger.times import isoformat, parse_time, utcnow
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
-# Reports that first record `sla-breached` for open MRs whose deadline has passed.
-REFRESHING = frozenset({"open", "findings"})
 
 
 def parse_bound(value: str) -> datetime:
@@ -38,7 +38,8 @@ def parse_bound(value: str) -> datetime:
 
 @dataclass(frozen=True)
 class Filters:
-    """Report filters; ``now`` is the instant open clocks are measured against."""
+    """Report filters; ``now`` is the instant open clocks are measured against, and
+    ``policy`` the tier policy that rates a breach serve has not recorded yet."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -47,6 +48,7 @@ class Filters:
     reviewer: str | None = None
     period: str = "week"
     now: datetime = field(default_factory=utcnow)
+    policy: CompliancePolicy = field(default_factory=CompliancePolicy)
 
 
 class Row:
@@ -319,14 +321,16 @@ LIMIT :limit"""
 
 
 def findings(conn: Connection, filters: Filters) -> list[FindingsRow]:
-    """Findings per rule and severity, detected in the period."""
+    """Findings per rule and severity, detected in the period; open MRs past their deadline
+    count as breached whether or not serve has recorded it yet."""
     where, params = _mr_filters(filters, "f.detected_at", reviewer=":reviewer = ANY(l.approvers)")
+    params |= store.as_of(filters.policy, filters.now)
     query = f"""
 SELECT f.rule, f.severity,
        count(*) FILTER (WHERE f.resolved_at IS NULL) AS open,
        count(*) FILTER (WHERE f.resolved_at IS NOT NULL) AS resolved,
        count(DISTINCT (f.instance, f.project_id, f.mr_iid)) AS mrs
-FROM findings f JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+FROM {store.FINDINGS_AS_OF} f JOIN security_review_ledger l USING (instance, project_id, mr_iid)
 WHERE {where}
 GROUP BY f.rule, f.severity ORDER BY f.rule, f.severity"""
     return [FindingsRow(**row) for row in conn.execute(text(query), params).mappings()]
@@ -343,28 +347,7 @@ REPORTS: dict[str, tuple[Callable[[Connection, Filters], Sequence[Row]], type[Ro
 }
 
 
-def run(conn: Connection, kind: str, filters: Filters, policy: CompliancePolicy) -> list[Row]:
-    """One report as `secledger report` and ``/api/reports/...`` both produce it.
-
-    ``open`` and ``findings`` first record `sla-breached` for open MRs past their
-    deadline at ``filters.now`` (a write: run it in a transaction), when the login may.
-    """
+def run(conn: Connection, kind: str, filters: Filters) -> list[Row]:
+    """One report as `secledger report` and ``/api/reports/...`` both produce it. Reads only."""
     query, _row_type = REPORTS[kind]
-    if kind in REFRESHING and may_record_findings(conn):
-        store.refresh_overdue(conn, policy, filters.now)
     return list(query(conn, filters))
-
-
-def may_record_findings(conn: Connection) -> bool:
-    """True when this login may write findings; a ``secledger_readonly`` login may not.
-
-    SECURITY.md tells auditors to run reports as the read-only role: for them the
-    reports read what `serve` (or `secledger findings --refresh-only`) last recorded.
-    """
-    granted = conn.execute(
-        text(
-            "SELECT has_table_privilege('findings', 'INSERT')"
-            " AND has_table_privilege('findings', 'UPDATE')"
-        )
-    ).scalar_one()
-    return bool(granted)

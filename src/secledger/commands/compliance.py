@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
+from sqlalchemy import Engine
 
 from secledger import findings as store
 from secledger import reports
 from secledger.output import FORMATS, render
 from secledger.rules import RULES
+from secledger.store.db import reading
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
 
@@ -45,8 +47,8 @@ JSON_FINDING_COLUMNS = (
     "evidence",
 )
 READ_ONLY = (
-    "this login may not write findings (a secledger_readonly login?), so SLA breaches of"
-    " open MRs are not refreshed"
+    "this login may not write findings (a secledger_readonly login?): --refresh-only and"
+    " --reevaluate record findings; listing them needs no write"
 )
 
 
@@ -77,10 +79,14 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title:
 @click.option("--tier", help="Risk tier of the merge request.")
 @click.option("--rule", type=click.Choice(sorted(RULES)), help="Only this rule.")
 @click.option(
-    "--refresh-only", is_flag=True, help="Record SLA breaches of open MRs now due, print nothing."
+    "--refresh-only",
+    is_flag=True,
+    help="Record SLA breaches of open MRs now due (a write), print nothing.",
 )
 @click.option(
-    "--reevaluate", is_flag=True, help="Re-run every rule on every MR (after a policy change)."
+    "--reevaluate",
+    is_flag=True,
+    help="Re-run every rule on every MR and record the result (after a policy change).",
 )
 @click.pass_obj
 def findings_command(  # noqa: PLR0917 - click passes one argument per option
@@ -97,46 +103,56 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
 ) -> None:
     """List separation-of-duties findings (open ones unless --all).
 
-    First records `sla-breached` for open merge requests whose deadline has passed
-    since their last event (a running `secledger serve` also does this every
-    SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS; --refresh-only does only that, for
-    deployments without serve).
+    Reads only: an open merge request past its SLA deadline is listed as
+    `sla-breached` as of now, whether or not it is recorded yet (then its id is
+    null). A running `secledger serve` records those breaches every
+    SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS; --refresh-only records them once and
+    prints nothing, for deployments without serve.
 
     \b
     Example:
       secledger findings
       secledger findings --format json --rule merged-by-author | jq '.[].url'
       secledger findings --all --since 2025-07-01 --format csv > findings.csv
+      secledger findings --refresh-only
     """
     policy = CompliancePolicy.from_settings(context.settings)
-    with context.engine() as engine, engine.begin() as conn:
-        now = utcnow()
-        if reports.may_record_findings(conn):
-            if reevaluate:
-                count = store.reevaluate_all(conn, policy, now)
-                click.echo(f"re-evaluated {count} merge requests", err=True)
-            store.refresh_overdue(conn, policy, now)
-        elif refresh_only or reevaluate:
-            raise click.ClickException(READ_ONLY)
-        else:
-            click.echo(f"note: {READ_ONLY}; listing what is recorded", err=True)
+    now = utcnow()
+    with context.engine() as engine:
+        if refresh_only or reevaluate:
+            _record(engine, policy, now, reevaluate=reevaluate)
         if refresh_only:
             return
-        rows = store.list_findings(
-            conn,
-            include_resolved=include_resolved,
-            since=since,
-            until=until,
-            project=project,
-            tier=tier,
-            rule=rule,
-        )
+        with reading(engine) as conn:
+            rows = store.list_findings(
+                conn,
+                policy,
+                now,
+                include_resolved=include_resolved,
+                since=since,
+                until=until,
+                project=project,
+                tier=tier,
+                rule=rule,
+            )
     items = [row.to_json() for row in rows]
     if fmt == "csv":
         for item in items:
             item["evidence"] = orjson.dumps(item["evidence"]).decode()
     columns = FINDING_COLUMNS if fmt == "table" else JSON_FINDING_COLUMNS
     _emit(items, fmt, columns, f"findings ({len(items)})")
+
+
+def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevaluate: bool) -> None:
+    """The explicit writes of `secledger findings`: re-evaluation, then overdue breaches."""
+    with engine.begin() as conn:
+        if not store.may_record_findings(conn):
+            raise click.ClickException(READ_ONLY)
+        if reevaluate:
+            count = store.reevaluate_all(conn, policy, now)
+            click.echo(f"re-evaluated {count} merge requests", err=True)
+        changed = store.refresh_overdue(conn, policy, now)
+        click.echo(f"sla-breached findings recorded or reopened: {changed}", err=True)
 
 
 @click.command(name="report")
@@ -182,12 +198,15 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
       secledger report open --project acme/payments --format json
     """
     filters = reports.Filters(
-        since=since, until=until, project=project, tier=tier, reviewer=reviewer, period=period
+        since=since,
+        until=until,
+        project=project,
+        tier=tier,
+        reviewer=reviewer,
+        period=period,
+        policy=CompliancePolicy.from_settings(context.settings),
     )
-    policy = CompliancePolicy.from_settings(context.settings)
-    with context.engine() as engine, engine.begin() as conn:
-        if kind in reports.REFRESHING and not reports.may_record_findings(conn):
-            click.echo(f"note: {READ_ONLY}; reporting what is recorded", err=True)
+    with context.engine() as engine, reading(engine) as conn:
         # The same function serves /api/reports/KIND.
-        rows = [row.as_dict() for row in reports.run(conn, kind, filters, policy)]
+        rows = [row.as_dict() for row in reports.run(conn, kind, filters)]
     _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")

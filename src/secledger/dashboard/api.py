@@ -30,6 +30,8 @@ from secledger.extract import MRKey
 from secledger.intake import MAX_ID
 from secledger.rules import RULES
 from secledger.service import ledger_json
+from secledger.store.db import reading
+from secledger.times import utcnow
 
 router = APIRouter(prefix="/api", tags=["read"], dependencies=[Depends(api_reader)])
 MAX_LIMIT = 500
@@ -113,7 +115,7 @@ def list_ledger(
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> dict[str, Any]:
     """Offset pagination; ``total`` counts every row matching the filters."""
-    with db.connect() as conn:
+    with reading(db) as conn:
         page = queries.ledger_page(conn, where, limit=limit, offset=offset, state=state)
     following = offset + limit
     return {
@@ -131,23 +133,26 @@ def list_ledger(
     response_model=MRTrail,
     responses={404: {"description": "not in the ledger"}},
 )
-def get_mr(instance: str, project_id: StoredId, mr_iid: StoredId, db: DB) -> dict[str, Any]:
+def get_mr(
+    instance: str, project_id: StoredId, mr_iid: StoredId, db: DB, state: State
+) -> dict[str, Any]:
     """``instance`` is the GitLab URL percent-encoded as one segment (``https%3A%2F%2Fhost``)."""
     key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
-    with db.connect() as conn:
+    now = utcnow()
+    with reading(db) as conn:
         row = trail.row(conn, key)
         if row is None:
             raise HTTPException(404, "this merge request is not in the ledger")
         events = trail.timeline(conn, key)
         chain = trail.chain_status(conn, [e.seq for e in events])
-        found = findings.list_findings(conn, mr=key, include_resolved=True)
+        found = findings.list_findings(conn, state.policy, now, mr=key, include_resolved=True)
     return {"row": ledger_json(row), "timeline": events, "chain": chain, "findings": found}
 
 
 @router.get("/reports/summary", summary="Counts by state and median time to decision")
 def report_summary(db: DB, where: Filtered) -> queries.Summary:
     """Headline numbers."""
-    with db.connect() as conn:
+    with reading(db) as conn:
         return queries.summary(conn, where)
 
 
@@ -156,7 +161,7 @@ def report_volume(
     db: DB, where: Filtered, bucket: queries.Bucket = "week"
 ) -> list[queries.VolumePoint]:
     """Counted by the day, week or month in which review started."""
-    with db.connect() as conn:
+    with reading(db) as conn:
         return queries.volume(conn, where, bucket)
 
 
@@ -167,6 +172,7 @@ Bound = Annotated[
 
 
 def report_filters(  # noqa: PLR0917 - one query parameter each
+    state: State,
     since: Bound = None,
     until: Annotated[str | None, Query(description="exclusive; same spellings as since")] = None,
     project: Annotated[str | None, Query(description="project id or path")] = None,
@@ -181,7 +187,13 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
     return reports.Filters(
-        start, end, storable(project), storable(tier), storable(reviewer), period
+        start,
+        end,
+        storable(project),
+        storable(tier),
+        storable(reviewer),
+        period,
+        policy=state.policy,
     )
 
 
@@ -189,10 +201,9 @@ ReportFiltered = Annotated[reports.Filters, Depends(report_filters)]
 
 
 def _report_route(kind: str) -> Callable[..., list[dict[str, Any]]]:
-    def route(db: DB, where: ReportFiltered, state: State) -> list[dict[str, Any]]:
-        # A transaction: `open` and `findings` first record overdue breaches, as the CLI does.
-        with db.begin() as conn:
-            rows = reports.run(conn, kind, where, state.policy)
+    def route(db: DB, where: ReportFiltered) -> list[dict[str, Any]]:
+        with reading(db) as conn:
+            rows = reports.run(conn, kind, where)
         return [row.as_dict() for row in rows]
 
     route.__name__ = f"report_{kind.replace('-', '_')}"
@@ -211,19 +222,20 @@ for _kind, (_query, _row) in reports.REPORTS.items():
 
 
 @router.get("/findings", summary="Separation-of-duties findings, newest first")
-def get_findings(  # noqa: PLR0917 - one query parameter each
+def get_findings(
     db: DB,
-    state: State,
     where: ReportFiltered,
     rule: Annotated[str | None, Query(description=", ".join(sorted(RULES)))] = None,
     include_resolved: Annotated[bool, Query(alias="all")] = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[findings.Finding]:
-    """`secledger findings --format json`: overdue breaches recorded first; times = detection."""
-    with db.begin() as conn:
-        findings.refresh_overdue(conn, state.policy, where.now)
+    """`secledger findings --format json`: open MRs past their deadline count as breached,
+    recorded or not (``id`` null until serve records it); times = detection."""
+    with reading(db) as conn:
         return findings.list_findings(
             conn,
+            where.policy,
+            where.now,
             include_resolved=include_resolved,
             since=where.since,
             until=where.until,

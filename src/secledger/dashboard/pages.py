@@ -26,6 +26,7 @@ from secledger.dashboard.access import (
 )
 from secledger.dashboard.auth import COOKIE, Principal
 from secledger.extract import MRKey
+from secledger.store.db import reading
 from secledger.times import utcnow
 
 log = structlog.get_logger("secledger.dashboard")
@@ -127,15 +128,16 @@ def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket
     chosen: queries.Bucket = "week"
     for known in queries.BUCKETS:
         chosen = known if bucket == known else chosen
-    # The compliance panels are the reports `secledger report` prints, with its filters.
-    # They do not refresh overdue findings: a page view stays read-only, and serve's
-    # periodic check (overdue.py) records them; the open-MR clock is computed live.
-    scope = filters.for_reports(utcnow())
+    # The compliance panels are the reports `secledger report` prints, with its filters,
+    # as of now: overdue MRs show as breached whether or not serve recorded it yet.
+    scope = filters.for_reports(utcnow(), state.policy)
     volume = queries.volume(conn, filters, chosen)
     ttd = reports.decision_times(conn, scope)
     people = reports.reviewers(conn, scope)
     listed = findings.list_findings(
         conn,
+        scope.policy,
+        scope.now,
         since=scope.since,
         until=scope.until,
         project=scope.project,
@@ -163,7 +165,7 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
     """The dashboard."""
     params = dict(request.query_params)
     filters, errors = parse_filters(params)
-    with engine(request).connect() as conn:
+    with reading(engine(request)) as conn:
         panels = _panels(conn, state, filters, params.get("bucket", "week"))
     return render(
         request,
@@ -183,17 +185,18 @@ def mr_page(
     mr_iid: StoredId,
     *,
     principal: Reader,
+    state: State,
 ) -> HTMLResponse:
     """One merge request: ledger row, timeline of events, chain status of its log rows."""
     key = MRKey(trail.instance_from_path(instance), project_id, mr_iid)
-    with engine(request).connect() as conn:
+    with reading(engine(request)) as conn:
         row = trail.row(conn, key)
         if row is None:
             return render(request, "missing.html", 404, principal=principal, key=key)
         events = trail.timeline(conn, key)
         chain = {c.seq: c for c in trail.chain_status(conn, [e.seq for e in events])}
         # Resolved ones too: the MR page is the audit trail.
-        found = findings.list_findings(conn, mr=key, include_resolved=True)
+        found = findings.list_findings(conn, state.policy, utcnow(), mr=key, include_resolved=True)
     return render(
         request,
         "mr.html",

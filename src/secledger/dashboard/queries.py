@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger import reports
+from secledger.tierpolicy import CompliancePolicy
 
 Bucket = Literal["day", "week", "month"]
 BUCKETS: tuple[Bucket, ...] = ("day", "week", "month")
@@ -58,7 +59,7 @@ class Filters:
             params["reviewer"] = self.reviewer
         return " AND ".join(clauses), params
 
-    def for_reports(self, now: datetime) -> reports.Filters:
+    def for_reports(self, now: datetime, policy: CompliancePolicy) -> reports.Filters:
         """The same choices as ``secledger report`` filters (``until`` is already exclusive).
 
         Each report applies them its own way (decision time, label time, detection
@@ -71,6 +72,7 @@ class Filters:
             tier=self.tier,
             reviewer=self.reviewer,
             now=now,
+            policy=policy,
         )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 
 from secledger import embedded
@@ -31,6 +33,20 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
         json_serializer=_json_text,
     )
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection whose transactions are ``READ ONLY``, for reports, listings and pages.
+
+    A read that would write (as reports once did, recording SLA breaches) is then refused
+    by PostgreSQL for every login, not only for ``secledger_readonly``.
+    """
+    with engine.connect() as conn:
+        # psycopg opens the transaction with BEGIN READ ONLY: no extra round trip; the
+        # pool resets the flag when the connection is returned.
+        conn.execution_options(postgresql_readonly=True)
+        yield conn
 
 
 def _json_text(value: object) -> str:
