@@ -1,9 +1,12 @@
-"""One GitLab event delivered by several hooks is logged once.
+"""One GitLab event delivered by several hooks is logged once and counted once.
 
 A project hook and a group hook send one event's body byte for byte, each with its own
 ``Idempotency-Key`` and ``X-Gitlab-Webhook-UUID`` (they share ``X-Gitlab-Event-UUID``).
 The second copy is answered ``duplicate`` with the first one's seq, whichever way it
 comes in: the endpoint, one batch, a later batch, another replica, the spool, a replay.
+
+A system hook sends the same event in other bytes: both are logged (the log keeps what
+was received), and the ledger, findings and reports count the event once.
 """
 
 from __future__ import annotations
@@ -14,19 +17,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine, text
 
-from builders import dumps, mr_event
+from builders import dumps, mr_event, system_hook_event
 from chainkit import app_url
 from conftest import post
+from secledger import findings, reports
 from secledger.drain import Drainer
 from secledger.extract import EventFacts, extract_facts
 from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.service import Outcome, feed, record_batch, record_locked
 from secledger.spool import Spool
-from secledger.store import db, ledger
+from secledger.store import db, ledger, migrate
 from secledger.store.log import Chain, Logged, send_rows
 from secledger.store.pipeline import pipeline
 
@@ -170,3 +175,57 @@ def test_replaying_a_delivered_body_is_a_duplicate(engine: Engine) -> None:
     outcome = feed(engine, POLICY, replayed, APPROVAL, max_body_bytes=1 << 20, source="replay")
     assert (outcome.status, outcome.seq) == ("duplicate", 1)
     assert log_keys(engine) == [(1, "idem:p-1")]
+
+
+def test_system_hook_copy_is_logged_but_the_approval_counts_once(client: TestClient, engine):
+    opened = mr_event("open", updated_at="2025-08-05 21:00:00 UTC")
+    assert post(client, opened, Idempotency_Key="p-0").json()["status"] == "recorded"
+    project = post(client, APPROVAL, Idempotency_Key="p-1", X_Gitlab_Event_UUID="event-1")
+    system = post(
+        client,
+        system_hook_event("approved", actor="bob"),
+        event="System Hook",
+        Idempotency_Key="s-1",
+        X_Gitlab_Event_UUID="event-1",
+    )
+    assert [project.json()["status"], system.json()["status"]] == ["recorded", "recorded"]
+    row = system.json()["ledger"]
+    assert row["approvers"] == ["bob"]
+    assert row["event_count"] == 2  # the open and one approval
+    assert row["decided_at"] == "2025-08-05T21:48:25Z"
+    assert row["time_to_decision_seconds"] == 6505  # from creation, 20:00:00, opened labelled
+    later = post(client, MERGE, Idempotency_Key="p-2").json()
+    assert (later["status"], later["ledger"]["event_count"]) == ("recorded", 3)
+    assert len(log_keys(engine)) == 4
+
+    now = datetime(2025, 8, 6, tzinfo=UTC)
+    with engine.connect() as conn:
+        rows = {r.reviewer: r for r in reports.reviewers(conn, reports.Filters(now=now))}
+        metrics = conn.execute(
+            text("SELECT reviewer, decisions, approvals FROM bi_reviewer_metrics ORDER BY 1")
+        ).all()
+        decisions = conn.execute(text("SELECT count(*) FROM bi_decisions")).scalar_one()
+    assert (rows["bob"].decisions, rows["bob"].approvals) == (1, 1)
+    assert (rows["carol"].decisions, rows["carol"].approvals) == (1, 0)
+    assert [tuple(m) for m in metrics] == [("bob", 1, 1), ("carol", 1, 0)]
+    assert decisions == 2
+
+
+def test_an_author_approving_through_two_hooks_is_one_approval_in_the_finding(
+    client: TestClient, engine: Engine
+) -> None:
+    own = post(client, mr_event("approved", actor="alice"), Idempotency_Key="p-1").json()
+    post(client, system_hook_event("approved", actor="alice"), event="System Hook")
+    with engine.connect() as conn:
+        [finding] = findings.list_findings(conn, rule="author-approved")
+    assert finding.seqs == [own["seq"]]
+    assert finding.evidence["approved_at"] == ["2025-08-05T21:48:25Z"]
+
+
+def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
+    """Migration 0010 wrote ``NOT reports.REPEATED`` into bi_decisions: the two must agree,
+    or a change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0010")
+    assert revision is not None
+    written = " ".join(revision.module._REPEAT.split())
+    assert written == "AND NOT " + " ".join(reports.REPEATED.split())

@@ -1,4 +1,4 @@
-"""One GitLab event delivered through several hooks is logged once.
+"""One GitLab event delivered through several hooks is logged once and counted once.
 
 * ``delivery_log.body_sha256`` and the index ``delivery_log_body``: a project hook and a
   group hook send the same event's body byte for byte, each with its own
@@ -11,6 +11,10 @@
   payloads once. Not a generated column: adding one rewrites the whole log under an
   exclusive lock and hashes in PostgreSQL at every insert. The column is not part of the
   chain: it is derived from ``payload``, which is.
+* ``bi_decisions`` (and so ``bi_reviewer_metrics``) count a decision once when a system
+  hook repeats it with a different body: a decision event of an MR with the same kind,
+  decision, actor and event time as an earlier one (lower seq) is left out, the rule
+  ``projection.fact_identity`` applies to the fold.
 
 Revision ID: 0010
 Revises: 0009
@@ -26,7 +30,7 @@ down_revision = "0009"
 branch_labels = None
 depends_on = None
 
-UPGRADE = """
+_BODY = """
 ALTER TABLE delivery_log ADD COLUMN body_sha256 bytea;
 -- NOT VALID: existing rows are all NULL; every new row is checked.
 ALTER TABLE delivery_log ADD CONSTRAINT delivery_log_body_sha256_length
@@ -36,10 +40,33 @@ COMMENT ON COLUMN delivery_log.body_sha256 IS
 CREATE INDEX delivery_log_body ON delivery_log ((coalesce(body_sha256, sha256(payload))));
 """
 
-DOWNGRADE = """
+_DECISIONS = """
+CREATE OR REPLACE VIEW bi_decisions AS
+SELECT e.seq, e.instance, e.project_id, e.mr_iid, l.project_path, l.url, l.risk_tier,
+       e.decision, e.actor, e.event_at, s.labeled_at, s.deadline,
+       extract(epoch FROM e.event_at - s.labeled_at) / 3600.0 AS hours_to_decision,
+       e.event_at <= s.deadline AS within_sla
+FROM review_events e
+JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
+WHERE e.decision IS NOT NULL{repeat};
+"""
+# ``NOT reports.REPEATED`` as it stood at this revision (a test keeps them equal).
+_REPEAT = """
+  AND NOT EXISTS (SELECT 1 FROM review_events t
+      WHERE t.instance = e.instance AND t.project_id = e.project_id AND t.mr_iid = e.mr_iid
+      AND t.event_at = e.event_at AND t.seq < e.seq AND t.kind = e.kind
+      AND t.decision = e.decision AND t.actor IS NOT DISTINCT FROM e.actor)"""
+
+UPGRADE = _BODY + _DECISIONS.format(repeat=_REPEAT)
+
+DOWNGRADE = (
+    _DECISIONS.format(repeat="")
+    + """
 DROP INDEX delivery_log_body;
 ALTER TABLE delivery_log DROP COLUMN body_sha256;
 """
+)
 
 
 def upgrade() -> None:
