@@ -42,7 +42,7 @@ from secledger.policy import LabelPolicy  # noqa: E402
 from secledger.service import record  # noqa: E402
 from secledger.store import db, migrate  # noqa: E402
 from secledger.store.chain import GENESIS, LogRow, link  # noqa: E402
-from secledger.store.log import Chain, headers_text  # noqa: E402
+from secledger.store.log import Chain, Logged, headers_text  # noqa: E402
 from secledger.store.verify import verify  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "payloads" / "webhook_events_mr_open.json"
@@ -60,13 +60,13 @@ class PlainLog(Chain):
         return cls(PlainLog.next_seq, GENESIS)
 
     def extend(
-        self, deliveries: Sequence[Delivery], logged: dict[str, int]
+        self, deliveries: Sequence[Delivery], logged: Logged
     ) -> tuple[list[int | None], list[dict[str, object]]]:
         """Counter seqs and zero hashes instead of chaining (dedup stays the same)."""
         rows: list[dict[str, object]] = []
         seqs: list[int | None] = []
         for delivery in deliveries:
-            if delivery.dedup_key in logged:
+            if logged.first(delivery) is not None:
                 seqs.append(None)
                 continue
             PlainLog.next_seq += 1
@@ -82,9 +82,10 @@ class PlainLog(Chain):
                     "payload": delivery.body,
                     "prev_hash": GENESIS,
                     "hash": GENESIS,
+                    "body_sha256": delivery.body_sha256,
                 }
             )
-            logged[delivery.dedup_key] = PlainLog.next_seq
+            logged.add(delivery, PlainLog.next_seq)
             self.seq = PlainLog.next_seq
             self.appended[PlainLog.next_seq] = GENESIS
             seqs.append(PlainLog.next_seq)

@@ -104,6 +104,47 @@ def mr_event(
     return body
 
 
+def system_hook_event(
+    action: str,
+    *,
+    iid: int = 1,
+    project_id: int = 14,
+    labels: list[str] | None = None,
+    actor: str = "root",
+    author: str = "alice",
+    updated_at: str = "2025-08-05T21:48:25Z",
+    created_at: str = "2025-08-05T20:00:00Z",
+) -> dict[str, Any]:
+    """A System Hook body for the MR ``mr_event`` builds, from GitLab's system-hook example.
+
+    It tells the same event in other bytes: the example's own field set (no
+    ``object_attributes.labels``, no ``reviewers``) and ISO times (``...T...Z``).
+    """
+    body = sample("system_hook_mr_open.json")
+    attrs = body["object_attributes"]
+    attrs.update(
+        id=1000 + iid,
+        iid=iid,
+        target_project_id=project_id,
+        author_id=USERS.get(author, 999),
+        title="Harden session cookies",
+        created_at=created_at,
+        updated_at=updated_at,
+        url=f"https://gitlab.example.com/acme/payments/-/merge_requests/{iid}",
+        action=action,
+        state={"merge": "merged", "close": "closed"}.get(action, "opened"),
+    )
+    body["project"].update(
+        id=project_id,
+        web_url="https://gitlab.example.com/acme/payments",
+        path_with_namespace="acme/payments",
+    )
+    body["labels"] = [label(t) for t in (labels if labels is not None else ["sec::high"])]
+    body["user"] = user(actor)
+    body["changes"] = {}
+    return body
+
+
 def label_change(previous: list[str], current: list[str], at: str) -> dict[str, Any]:
     """``changes`` for a label edit at ``at``."""
     return {

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from secledger.extract import EventFacts
-from secledger.projection import SequencedEvent, fold
+from secledger.projection import SequencedEvent, distinct_facts, fold
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -92,3 +92,55 @@ def test_tier_and_labels_follow_the_latest_event_but_tier_survives_label_removal
     assert row["security_labels"] == []
     assert row["event_count"] == 3
     assert row["last_seq"] == 3
+
+
+def test_a_decision_delivered_by_two_hooks_counts_once_and_the_first_copy_stands() -> None:
+    """A system hook repeats a project hook's approval in other bytes: fewer fields
+    (no reviewers), the time read from another field."""
+    project_hook = event(2, "approved", "bob", 10, reviewers=("carol",))
+    system_hook = event(
+        3, "approved", "bob", 10, reviewers=(), event_at_source="changes.updated_at"
+    )
+    history = [
+        event(1, "open", "alice", 0),
+        project_hook,
+        system_hook,
+        event(4, "merged", "dave", 20),
+    ]
+    row = fold(history)
+    assert row == fold([e for e in history if e is not system_hook])
+    assert row["approvers"] == ["bob"]
+    assert row["assigned_reviewers"] == ["carol"]
+    assert row["event_count"] == 3
+    assert row["last_seq"] == 4
+    assert distinct_facts(history) == [e for e in history if e is not system_hook]
+    assert distinct_facts(reversed(history)) == [
+        e for e in reversed(history) if e is not system_hook
+    ]
+
+
+def test_the_same_decision_again_later_is_another_fact() -> None:
+    row = fold(
+        [
+            event(1, "approved", "bob", 10),
+            event(2, "unapproved", "bob", 11),
+            event(3, "approved", "bob", 12),
+            event(4, "approved", "carol", 12),
+        ]
+    )
+    assert row["approvers"] == ["bob", "carol"]
+    assert row["event_count"] == 4
+
+
+def test_two_edits_by_one_user_in_one_second_are_two_events() -> None:
+    """GitLab's times are whole seconds: events that are not decisions must agree on every
+    fact to be one event."""
+    label = {"security_added": ("sec::high",), "labeled_at": T0 + timedelta(minutes=10)}
+    labelled = event(2, "update", "erin", 10, labeled_at_source="label_added", **label)
+    assigned = event(3, "update", "erin", 10, reviewers=("bob",))
+    repeated = replace(assigned, seq=4)
+    repeated = replace(repeated, facts=replace(assigned.facts, source="replay"))
+    row = fold([event(1, "open", "alice", 0), labelled, assigned, repeated])
+    assert row["event_count"] == 3
+    assert row["assigned_reviewers"] == ["bob"]
+    assert (row["labeled_at_source"], row["labeled_by"]) == ("label_added", "erin")

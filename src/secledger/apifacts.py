@@ -18,11 +18,11 @@ import orjson
 
 from secledger import payloads as p
 from secledger.extract import EventFacts, bounded
-from secledger.intake import Delivery
+from secledger.intake import API_SOURCE, Delivery
 from secledger.policy import LabelPolicy
 from secledger.times import isoformat, parse_optional, parse_time
 
-SOURCE = "api"
+SOURCE = API_SOURCE
 EVENT = "GitLab API"
 LABEL_EVENT, STATE_EVENT, APPROVAL = "label_event", "state_event", "approval"
 # resource_state_events.state → the decision it records ("locked" records none).

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
-from secledger.projection import SequencedEvent
+from secledger.projection import SequencedEvent, distinct_facts
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
@@ -80,11 +80,13 @@ class Assessment:
 
 
 def history_of(events: Sequence[SequencedEvent], row: RowMapping | dict[str, Any]) -> MRHistory:
-    """The rules' view of one MR from its events and its ledger row."""
+    """The rules' view of one MR from its events and its ledger row; an event delivered
+    twice (system hook and project hook) is seen once, as the fold sees it."""
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
+    distinct = distinct_facts(events)
     return MRHistory(
         key=key,
-        events=tuple(sorted(events, key=lambda e: (e.facts.event_at, e.seq))),
+        events=tuple(sorted(distinct, key=lambda e: (e.facts.event_at, e.seq))),
         author_id=row["author_id"],
         tier=row["risk_tier"],
         labeled_at=row["labeled_at"],

@@ -45,6 +45,9 @@ MAX_URL_CHARS = 2048
 MAX_WEBHOOK_ID_CHARS = 256
 MAX_SIGNATURES = 16
 DEFAULT_SOURCE = "default"
+# Log rows built from GitLab's REST API rather than received (apifacts): their dedup keys
+# already name the fact, so they take no part in deduplication by body.
+API_SOURCE = "api"
 # PostgreSQL bigint: a larger id would make the insert fail instead of the intake.
 MAX_ID = 2**63 - 1
 # Origins only: a host name or bracketed IPv6 address, an optional port. Anything
@@ -66,10 +69,18 @@ class Delivery:
     received_at: datetime
     source: str = "webhook"
 
+    @functools.cached_property
+    def body_sha256(self) -> bytes:
+        """SHA-256 of the raw body: the same body logged twice is the same GitLab event."""
+        return hashlib.sha256(self.body).digest()
+
     def without_payload(self) -> Delivery:
         """This delivery without its decoded JSON: what logging it needs (the raw body
         stays), once the facts have been extracted."""
-        return replace(self, payload={})
+        stripped = replace(self, payload={})
+        # Hashed here, on the request's own task, rather than later on the one writer.
+        object.__setattr__(stripped, "body_sha256", self.body_sha256)
+        return stripped
 
 
 @dataclass(frozen=True)

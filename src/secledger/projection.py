@@ -8,7 +8,7 @@ ties), which is why a late, older delivery can never roll a row back.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -126,6 +126,38 @@ def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
     ]
 
 
+# Where a fact was read from, not what it says: a system hook and a project hook may
+# spell one event differently (the time in another field, no reviewers in older ones).
+_PROVENANCE = frozenset({"event_at_source", "source", "extra"})
+_TOLD = tuple(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE)
+
+
+def fact_identity(facts: EventFacts) -> tuple[object, ...]:
+    """What one GitLab event tells, whichever hook delivered it.
+
+    A decision is who decided what, and when (``reports.REPEATED`` is the same rule in
+    SQL). Any other event must agree on every fact: GitLab's times are whole seconds, and
+    two edits by one user within a second may differ in what they change.
+    """
+    if facts.decision is not None:
+        return facts.kind, facts.decision, facts.actor, facts.event_at
+    return tuple(getattr(facts, name) for name in _TOLD)
+
+
+def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
+    """Drop each event that repeats an earlier one (lower seq) of the same MR.
+
+    A system hook repeats what a project or group hook delivered, in a body that is not
+    byte for byte the same (identical bodies are never logged twice). The first delivery
+    stands for the event, so every later copy counts for nothing.
+    """
+    listed = [(event, fact_identity(event.facts)) for event in events]
+    first: dict[tuple[object, ...], int] = {}
+    for event, identity in listed:
+        first[identity] = min(event.seq, first.get(identity, event.seq))
+    return [event for event, identity in listed if first[identity] == event.seq]
+
+
 def _carries_labels(facts: EventFacts) -> bool:
     # API state and approval facts do not know the label set; API label facts do.
     return facts.source != "api" or facts.kind in API_LABEL_KINDS
@@ -136,7 +168,7 @@ def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
     every = list(events)
     if not every:
         raise ValueError("fold needs at least one event")
-    ordered = sorted(merge_sources(every), key=_order)
+    ordered = sorted(distinct_facts(merge_sources(every)), key=_order)
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
     approvers: list[str] = []
     tier: str | None = None

@@ -202,7 +202,7 @@ class _Batch:
         for i, seq in self.placed:
             delivery, facts = self.items[i]
             if seq is None:
-                logged_as = self.seen.logged[delivery.dedup_key]
+                logged_as = self.seen.logged.first(delivery)
                 current = self.latest.get(facts.key) or stored.get(facts.key)
                 outcomes[i] = _duplicate(logged_as, current)
             else:
@@ -244,7 +244,7 @@ def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> li
     return kept
 
 
-def _duplicate(seq: int, existing: Mapping[str, Any] | RowMapping | None) -> Outcome:
+def _duplicate(seq: int | None, existing: Mapping[str, Any] | RowMapping | None) -> Outcome:
     """The answer to a delivery already logged: its seq and the MR's row as it stands."""
     return Outcome(
         "duplicate",

@@ -12,9 +12,9 @@ from sqlalchemy import Connection
 from secledger.extract import EventFacts, MRKey
 from secledger.intake import Delivery
 from secledger.projection import SequencedEvent
-from secledger.store import eventcache, ledger, log
+from secledger.store import eventcache, ledger
 from secledger.store.eventcache import EMPTY, EventCache, Fingerprint
-from secledger.store.log import Chain
+from secledger.store.log import Chain, Logged
 from secledger.store.pipeline import pipeline
 
 
@@ -24,7 +24,7 @@ class Seen:
 
     head: Cursor[Any] | None
     known: set[MRKey]
-    logged: dict[str, int]
+    logged: Logged
     events: dict[MRKey, list[SequencedEvent]]
     # With a cache: each MR's fingerprint before this batch, and this transaction's xid.
     prints: dict[MRKey, Fingerprint] = field(default_factory=dict)
@@ -51,7 +51,8 @@ def read(
     cache: EventCache | None = None,
 ) -> Seen:
     """The chain lock and head (with ``lock``), which doubtful MRs have a ledger row, which
-    deliveries are already logged, and every event of each MR in the batch.
+    deliveries are already logged (by dedup key or body), and every event of each MR in
+    the batch.
 
     With ``cache``, events come from it for each MR whose fingerprint still matches; the
     rest are read, in the same round trip unless a cached MR turns out to have changed.
@@ -63,14 +64,14 @@ def read(
     with pipeline(conn) as pg:
         head = Chain.send_open(pg) if lock else None
         known = pg.execute(ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
-        logged = pg.execute(log.LOGGED, {"keys": [delivery.dedup_key for delivery, _ in items]})
+        logged = Logged.send_lookup(pg, [delivery for delivery, _ in items])
         prints = pg.execute(eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
         events = pg.execute(ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
         xid = pg.execute(eventcache.XID) if cache else None
     seen = Seen(
         head=head,
         known=ledger.known_from(known.fetchall()) if known is not None else set(),
-        logged={str(key): int(seq) for key, seq in logged.fetchall()},
+        logged=Logged.from_rows(logged.fetchall()),
         events=ledger.events_from(events.fetchall()) if events is not None else {},
     )
     if cache is not None and prints is not None and xid is not None:

@@ -30,6 +30,7 @@ delivery_log = Table(
     Column("payload", LargeBinary, nullable=False),
     Column("prev_hash", LargeBinary, nullable=False),
     Column("hash", LargeBinary, nullable=False),
+    Column("body_sha256", LargeBinary),
 )
 
 review_events = Table(
