@@ -34,6 +34,8 @@ from secledger.spool import Spool
 from secledger.store import db, ledger, migrate
 from secledger.store.log import Chain, Logged, send_rows
 from secledger.store.pipeline import pipeline
+from secledger.tierpolicy import CompliancePolicy
+from secledger.times import utcnow
 
 POLICY = LabelPolicy()
 RECEIVED = datetime(2025, 8, 5, 21, 48, 30, tzinfo=UTC)
@@ -217,7 +219,8 @@ def test_an_author_approving_through_two_hooks_is_one_approval_in_the_finding(
     own = post(client, mr_event("approved", actor="alice"), Idempotency_Key="p-1").json()
     post(client, system_hook_event("approved", actor="alice"), event="System Hook")
     with engine.connect() as conn:
-        [finding] = findings.list_findings(conn, rule="author-approved")
+        listed = findings.list_findings(conn, CompliancePolicy(), utcnow(), rule="author-approved")
+        [finding] = listed
     assert finding.seqs == [own["seq"]]
     assert finding.evidence["approved_at"] == ["2025-08-05T21:48:25Z"]
 

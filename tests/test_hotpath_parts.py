@@ -9,9 +9,11 @@ import time
 
 import orjson
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from secledger import webhook
 from secledger.deadlines import Deadlines
 from secledger.logs import LineWriter
 from secledger.metrics import Metrics
@@ -118,6 +120,13 @@ def test_sender_chosen_event_names_do_not_grow_the_tally() -> None:
     assert found[("secledger_deliveries_total", (("event", "none"), ("outcome", "rejected")))] == 1
 
 
+@pytest.fixture
+def fresh_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webhook module's logger, not cached by an earlier test, so capture_logs sees it."""
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+
+
+@pytest.mark.usefixtures("fresh_log")
 def test_ignored_deliveries_are_summarised_once_per_interval() -> None:
     summary = IgnoredLog(interval=60.0)
     summary.since = 1000.0
@@ -132,6 +141,7 @@ def test_ignored_deliveries_are_summarised_once_per_interval() -> None:
     assert summary.count == 0
 
 
+@pytest.mark.usefixtures("fresh_log")
 def test_at_debug_level_each_ignored_delivery_gets_its_line() -> None:
     summary = IgnoredLog(interval=60.0, each=True)
     with capture_logs() as logged:
