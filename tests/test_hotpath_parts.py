@@ -4,8 +4,11 @@ delivery summary and the queued log writer."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import io
 import time
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -13,10 +16,11 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from secledger import webhook
+from secledger import digest, webhook
 from secledger.deadlines import Deadlines
 from secledger.logs import LineWriter
 from secledger.metrics import Metrics
+from secledger.store.chain import LogRow, canonical, link
 from secledger.webhook import IgnoredLog
 
 
@@ -174,3 +178,42 @@ def test_the_line_writer_writes_without_being_drained() -> None:
     while sink.getvalue() != b"hello\n" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sink.getvalue() == b"hello\n"
+
+
+@pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 10_000, 100_003])
+def test_digests_in_pieces_equal_hashlib(size: int) -> None:
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    assert digest.sha256(body) == hashlib.sha256(body).digest()
+    assert (
+        digest.sha256(b"head", body, b"tail") == hashlib.sha256(b"head" + body + b"tail").digest()
+    )
+    expected = hmac.new(b"key", b"id.1." + body, hashlib.sha256).digest()
+    assert digest.hmac_sha256(b"key", b"id.1.", body) == expected
+
+
+def test_the_chain_link_is_the_hash_of_the_canonical_bytes() -> None:
+    row = LogRow(
+        7,
+        datetime(2026, 11, 29, 12, 0, tzinfo=UTC),
+        "webhook",
+        "Merge Request Hook",
+        "https://gitlab.example.com",
+        "idem:x",
+        "{}",
+        b"{" + b"x" * 9000 + b"}",
+    )
+    prev = bytes(range(32))
+    assert link(prev, row) == hashlib.sha256(prev + canonical(row)).digest()
+
+
+def test_no_piece_reaches_the_size_at_which_hashlib_lets_go_of_the_lock() -> None:
+    fed: list[int] = []
+
+    class Recorder:
+        def update(self, data: bytes | memoryview) -> None:
+            fed.append(len(data))
+
+    digest._feed(Recorder(), (b"x" * 10_000, b"y" * 2047, b"z"))  # type: ignore[arg-type]
+    assert sum(fed) == 12_048
+    assert max(fed) < 2048  # hashlib's HASHLIB_GIL_MINSIZE

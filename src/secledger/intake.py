@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from secledger import digest
 from secledger.errors import (
     BodyTooLarge,
     InvalidSignature,
@@ -72,7 +73,7 @@ class Delivery:
     @functools.cached_property
     def body_sha256(self) -> bytes:
         """SHA-256 of the raw body: the same body logged twice is the same GitLab event."""
-        return hashlib.sha256(self.body).digest()
+        return digest.sha256(self.body)
 
     def without_payload(self) -> Delivery:
         """This delivery without its decoded JSON: what logging it needs (the raw body
@@ -238,8 +239,8 @@ def verify_signature(signed: SignedHeaders, body: bytes, keys: Sequence[bytes]) 
 
     Every (signature, key) pair is compared, so timing does not reveal which matched.
     """
-    message = f"{signed.webhook_id}.{signed.timestamp}.".encode("ascii") + body
-    expected = [hmac.new(key, message, hashlib.sha256).digest() for key in keys]
+    prefix = f"{signed.webhook_id}.{signed.timestamp}.".encode("ascii")
+    expected = [digest.hmac_sha256(key, prefix, body) for key in keys]
     matched = False
     for given in signed.signatures:
         for wanted in expected:
@@ -336,7 +337,7 @@ def dedup_key(headers: Mapping[str, str], body: bytes, verified: Verified | None
         return "idem:" + key
     if key:
         return "idem-sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
-    return "sha256:" + hashlib.sha256(body).hexdigest()
+    return "sha256:" + digest.sha256(body).hex()
 
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:

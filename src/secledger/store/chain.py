@@ -8,13 +8,14 @@ docs/integrity.md for how to recompute it with psql and sha256sum alone.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import RowMapping
+
+from secledger import digest
 
 GENESIS = bytes(32)
 FORMAT = b"secledger.log.v1\n"
@@ -64,6 +65,11 @@ def _field(name: bytes, value: bytes) -> bytes:
 
 def canonical(row: LogRow) -> bytes:
     """The bytes that are hashed for ``row``."""
+    return b"".join(_canonical_parts(row))
+
+
+def _canonical_parts(row: LogRow) -> list[bytes]:
+    # The payload is passed on as it is, not copied into a field: it is most of the bytes.
     values = (
         str(row.seq),
         time_text(row.received_at),
@@ -78,10 +84,10 @@ def canonical(row: LogRow) -> bytes:
         _field(name, value.encode("utf-8", "surrogatepass"))
         for name, value in zip(_NAMES, values, strict=True)
     )
-    parts.append(_field(_PAYLOAD, row.payload))
-    return b"".join(parts)
+    parts.extend((b"%s %d\n" % (_PAYLOAD, len(row.payload)), row.payload, b"\n"))
+    return parts
 
 
 def link(prev_hash: bytes, row: LogRow) -> bytes:
     """The hash of ``row`` chained onto ``prev_hash``."""
-    return hashlib.sha256(prev_hash + canonical(row)).digest()
+    return digest.sha256(prev_hash, *_canonical_parts(row))

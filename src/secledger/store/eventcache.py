@@ -25,7 +25,7 @@ from secledger.projection import SequencedEvent
 FINGERPRINTS = (
     "SELECT instance, project_id, mr_iid, count(*), max(seq), max(xmin::text::bigint)"
     " FROM review_events WHERE (instance, project_id, mr_iid) IN (SELECT * FROM unnest("
-    "%(instances)s::text[], %(project_ids)s::bigint[], %(mr_iids)s::bigint[]))"
+    "%(instances)b::text[], %(project_ids)s::bigint[], %(mr_iids)s::bigint[]))"
     " GROUP BY instance, project_id, mr_iid"
 )
 # The xid this transaction's rows get as xmin (32 bits, as the xmin column shows it).

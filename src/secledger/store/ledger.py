@@ -26,11 +26,11 @@ _EXISTS = text(
 )
 _NOTIFY = text("SELECT pg_notify('secledger_ledger', :message)")
 NOTIFY_MANY = (
-    "SELECT pg_notify('secledger_ledger', message) FROM unnest(%(messages)s::text[]) AS message"
+    "SELECT pg_notify('secledger_ledger', message) FROM unnest(%(messages)b::text[]) AS message"
 )
 # Keys are passed as three parallel arrays so one statement serves any batch size.
 _KEYS = (
-    " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(%(instances)s::text[],"
+    " (instance, project_id, mr_iid) IN (SELECT * FROM unnest(%(instances)b::text[],"
     " %(project_ids)s::bigint[], %(mr_iids)s::bigint[]))"
 )
 # facts as text, decoded with orjson: the driver's stdlib JSON loader was the largest

@@ -36,8 +36,8 @@ _BY_KEY = text("SELECT seq FROM delivery_log WHERE dedup_key = :dedup_key")
 _BODY_SHA256 = "coalesce(body_sha256, sha256(payload))"
 LOGGED = (
     f"SELECT dedup_key, seq, instance, CASE WHEN source <> 'api' THEN {_BODY_SHA256} END"
-    " FROM delivery_log WHERE dedup_key = ANY(%(keys)s::text[])"
-    f" OR (source <> 'api' AND {_BODY_SHA256} = ANY(%(digests)s::bytea[]))"
+    " FROM delivery_log WHERE dedup_key = ANY(%(keys)b::text[])"
+    f" OR (source <> 'api' AND {_BODY_SHA256} = ANY(%(digests)b::bytea[]))"
 )
 _COLUMNS = (
     "seq",
