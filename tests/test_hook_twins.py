@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine, text
 
@@ -31,7 +30,7 @@ from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.service import Outcome, feed, record_batch, record_locked
 from secledger.spool import Spool
-from secledger.store import db, ledger, migrate
+from secledger.store import db, ledger
 from secledger.store.log import Chain, Logged, send_rows
 from secledger.store.pipeline import pipeline
 from secledger.tierpolicy import CompliancePolicy
@@ -223,12 +222,3 @@ def test_an_author_approving_through_two_hooks_is_one_approval_in_the_finding(
         [finding] = listed
     assert finding.seqs == [own["seq"]]
     assert finding.evidence["approved_at"] == ["2025-08-05T21:48:25Z"]
-
-
-def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
-    """Migration 0010 wrote ``NOT reports.REPEATED`` into bi_decisions: the two must agree,
-    or a change to one needs a migration for the other."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0010")
-    assert revision is not None
-    written = " ".join(revision.module._REPEAT.split())
-    assert written == "AND NOT " + " ".join(reports.REPEATED.split())

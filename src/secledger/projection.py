@@ -117,7 +117,8 @@ def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
     """Drop API facts that a webhook event already tells, so either way counts once.
 
     Depends only on the set of events, never on their log order, so backfill before
-    or after the webhooks folds to the same row.
+    or after the webhooks folds to the same row. ``copies.api_twin`` is the same rule
+    for decisions, in SQL: a change here needs one there, and a migration.
     """
     told = [e.facts for e in events if e.facts.source != "api"]
     return [
@@ -137,7 +138,7 @@ _TOLD = attrgetter(*(f.name for f in fields(EventFacts) if f.name not in _PROVEN
 def fact_identity(facts: EventFacts) -> tuple[object, ...]:
     """What one GitLab event tells, whichever hook delivered it.
 
-    A decision is who decided what, and when (``reports.REPEATED`` is the same rule in
+    A decision is who decided what, and when (``copies.REPEATED`` is the same rule in
     SQL). Any other event must agree on every fact: GitLab's times are whole seconds, and
     two edits by one user within a second may differ in what they change.
     """

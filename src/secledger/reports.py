@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, text
 
 from secledger import findings as store
+from secledger.copies import COUNTED
 from secledger.errors import TimestampError
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
@@ -275,20 +276,9 @@ GROUP BY l.risk_tier ORDER BY l.risk_tier"""
     return rows
 
 
-# A decision event ``e`` that repeats an earlier one of its MR: one GitLab event delivered
-# by a system hook and a project hook, in bodies that differ (``projection.fact_identity``
-# says the same for the fold; migration 0010 puts it in ``bi_decisions``).
-REPEATED = (
-    "EXISTS (SELECT 1 FROM review_events t"
-    " WHERE t.instance = e.instance AND t.project_id = e.project_id AND t.mr_iid = e.mr_iid"
-    " AND t.event_at = e.event_at AND t.seq < e.seq AND t.kind = e.kind"
-    " AND t.decision = e.decision AND t.actor IS NOT DISTINCT FROM e.actor)"
-)
-
-
 def reviewers(conn: Connection, filters: Filters) -> list[ReviewerRow]:
-    """Per reviewer: their decision events in the period (by event time), each GitLab
-    event once however many hooks delivered it."""
+    """Per reviewer: their decision events in the period (by event time), each decision
+    once however many hooks, and the GitLab API, told it (the copy the ledger fold keeps)."""
     where, params = _mr_filters(filters, "e.event_at", reviewer="e.actor = :reviewer")
     stop = f"e.decision IN {STOPPERS} AND e.event_at >= s.labeled_at"
     hours = "extract(epoch FROM e.event_at - s.labeled_at) / 3600.0"
@@ -306,7 +296,7 @@ SELECT e.actor AS reviewer,
 FROM review_events e
 JOIN review_sla s USING (instance, project_id, mr_iid)
 JOIN security_review_ledger l USING (instance, project_id, mr_iid)
-WHERE e.decision IS NOT NULL AND e.actor IS NOT NULL AND NOT {REPEATED} AND {where}
+WHERE e.decision IS NOT NULL AND e.actor IS NOT NULL AND {COUNTED} AND {where}
 GROUP BY e.actor ORDER BY e.actor"""
     return [ReviewerRow(**row) for row in conn.execute(text(query), params).mappings()]
 

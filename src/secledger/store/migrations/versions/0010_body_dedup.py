@@ -51,7 +51,7 @@ JOIN security_review_ledger l USING (instance, project_id, mr_iid)
 LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
 WHERE e.decision IS NOT NULL{repeat};
 """
-# ``NOT reports.REPEATED`` as it stood at this revision (a test keeps them equal).
+# ``NOT reports.REPEATED`` as it stood at this revision (0011 replaced it).
 _REPEAT = """
   AND NOT EXISTS (SELECT 1 FROM review_events t
       WHERE t.instance = e.instance AND t.project_id = e.project_id AND t.mr_iid = e.mr_iid

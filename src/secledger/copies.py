@@ -1,0 +1,58 @@
+"""Copies of one decision in ``review_events``, and which one counts: the fold's rules in SQL.
+
+One decision can be logged more than once: told by a webhook and again by the GitLab API
+(backfill, ``reconcile --fix``, enrichment), or delivered by a project hook and again by
+a system hook. The ledger fold counts it once: ``projection.merge_sources`` drops an API
+fact a webhook event tells, then ``projection.distinct_facts`` keeps the first of the
+events that repeat one another. :data:`COUNTED` says the same of a decision event ``e``,
+so the reviewers report and the ``bi_decisions`` view (migration 0011 holds a copy of the
+text; a test keeps the two equal) count the events the ledger row was folded from.
+"""
+
+from __future__ import annotations
+
+from secledger.intake import API_SOURCE
+from secledger.projection import MATCH_TOLERANCE, UNDATED_APPROVAL
+
+_WINDOW = f"interval '{MATCH_TOLERANCE.total_seconds():g} seconds'"
+
+
+def api_twin(alias: str) -> str:
+    """SQL: the decision event ``alias`` is an API fact that a webhook (or replayed) event
+    of its MR already tells, as ``projection.same_fact`` decides for a decision.
+
+    The same decision, by the same user when both name one, at event times at most
+    ``MATCH_TOLERANCE`` apart; an undated API approval matches any earlier one. The
+    source test comes first, so a webhook event costs no index probe, and the time
+    window is one range on ``review_events_mr``.
+    """
+    x = alias
+    undated = f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
+    return (
+        f'({x}.facts @> \'{{"source": "{API_SOURCE}"}}\' AND EXISTS (SELECT 1'
+        " FROM review_events w"
+        f" WHERE w.instance = {x}.instance AND w.project_id = {x}.project_id"
+        f" AND w.mr_iid = {x}.mr_iid"
+        f" AND w.event_at BETWEEN CASE WHEN {undated} THEN '-infinity'"
+        f" ELSE {x}.event_at - {_WINDOW} END"
+        f" AND CASE WHEN {undated} THEN {x}.event_at ELSE {x}.event_at + {_WINDOW} END"
+        f" AND w.decision = {x}.decision"
+        f" AND (nullif(w.actor, '') IS NULL OR nullif({x}.actor, '') IS NULL"
+        f" OR w.actor = {x}.actor)"
+        f' AND NOT w.facts @> \'{{"source": "{API_SOURCE}"}}\'))'
+    )
+
+
+# An earlier event of the MR that tells the same decision (``projection.fact_identity``)
+# and is not itself an API twin. Without that last test, an API copy logged first at the
+# webhook's very second would hide the webhook, and be dropped for it: neither counting.
+REPEATED = (
+    "EXISTS (SELECT 1 FROM review_events t"
+    " WHERE t.instance = e.instance AND t.project_id = e.project_id AND t.mr_iid = e.mr_iid"
+    " AND t.event_at = e.event_at AND t.seq < e.seq AND t.kind = e.kind"
+    " AND t.decision = e.decision AND t.actor IS NOT DISTINCT FROM e.actor"
+    f" AND NOT {api_twin('t')})"
+)
+
+# The decision event ``e`` counts: it is the copy the ledger fold keeps.
+COUNTED = f"NOT {api_twin('e')} AND NOT {REPEATED}"

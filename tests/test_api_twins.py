@@ -1,0 +1,252 @@
+"""A decision told by a webhook and again by the GitLab API counts once, in SQL too.
+
+The ledger fold keeps the webhook's copy and drops the API's (``projection.merge_sources``),
+then counts an event repeated by another hook once (``projection.distinct_facts``). The
+reviewers report and the ``bi_decisions``/``bi_reviewer_metrics`` views count the same
+events (``copies.COUNTED``, which migration 0011 wrote into ``bi_decisions``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
+
+from apihelpers import POLICY, ledger_rows, replay
+from apistory import WEB, Story, api_user
+from builders import mr_event
+from fakegitlab import FakeGitLab
+from secledger import apifacts, copies, reports
+from secledger.backfill import Backfill, Period, record_envelopes
+from secledger.extract import MRKey
+from secledger.gitlab_api import GitLabAPI, Scope
+from secledger.projection import distinct_facts, merge_sources
+from secledger.store import ledger, migrate
+
+pytest_plugins = ("gitlabfixtures",)
+SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+NOW = datetime(2025, 8, 7, tzinfo=UTC)
+Counts = dict[str, tuple[int, int, int]]  # reviewer → (decisions, approvals, revocations)
+
+
+def run_backfill(engine: Engine, api: GitLabAPI) -> int:
+    """``secledger backfill --project acme/payments``: how many API facts were new."""
+    scopes = [Scope("projects", "acme/payments")]
+    return Backfill(engine, api, POLICY, scopes, Period(SINCE), workers=1).run().recorded_facts
+
+
+def report_counts(engine: Engine) -> Counts:
+    with engine.connect() as conn:
+        rows = reports.reviewers(conn, reports.Filters(now=NOW))
+    return {r.reviewer: (r.decisions, r.approvals, r.revocations) for r in rows}
+
+
+def view_counts(engine: Engine) -> Counts:
+    query = "SELECT reviewer, decisions, approvals, revocations FROM bi_reviewer_metrics"
+    with engine.connect() as conn:
+        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute(text(query))}
+
+
+def decisions(engine: Engine) -> list[tuple[int, str, str, str]]:
+    """``bi_decisions`` as (iid, decision, actor, where the counted copy came from)."""
+    query = text(
+        "SELECT b.mr_iid, b.decision, b.actor, d.source FROM bi_decisions b"
+        " JOIN delivery_log d USING (seq) ORDER BY b.mr_iid, b.event_at, b.seq"
+    )
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(query)]
+
+
+def assert_counted(engine: Engine, expected: Counts) -> None:
+    assert report_counts(engine) == expected
+    assert view_counts(engine) == expected
+
+
+def approvals_in_view(engine: Engine, iid: int) -> list[str]:
+    return [
+        actor for i, decision, actor, _ in decisions(engine) if i == iid and decision == "approved"
+    ]
+
+
+@pytest.mark.parametrize("api_first", [False, True], ids=["webhooks-first", "backfill-first"])
+def test_a_webhook_approval_and_its_backfilled_copy_count_once(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab, api_first: bool
+) -> None:
+    """bob's approval and carol's merge, each told by a webhook and by the API."""
+    story = Story(iid=1)
+    story.publish(fake)
+    if api_first:
+        assert run_backfill(engine, api) == 3
+    assert set(replay(engine, fake.url, story.webhooks())) == {"recorded"}
+    if not api_first:
+        assert run_backfill(engine, api) == 3
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == ["bob"]
+    assert_counted(engine, {"bob": (1, 1, 0), "carol": (1, 0, 0)})
+    # The copies the fold keeps: the webhooks', whichever was logged first.
+    assert decisions(engine) == [(1, "approved", "bob", "replay"), (1, "merged", "carol", "replay")]
+    assert approvals_in_view(engine, 1) == row["approvers"]
+
+
+def test_an_api_copy_at_the_webhooks_very_second_counts_once(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab
+) -> None:
+    """Logged first and at the same event time, the API copy still gives way to the webhook.
+
+    The API copy is not a second hook's delivery that the webhook repeats: it is dropped
+    for the webhook, so the webhook is what counts (not neither).
+    """
+    story = Story(iid=1)
+    story.publish(fake)
+    project = fake.projects[14]
+    project.approvals[1][0]["approved_at"] = "2025-08-05T21:00:00.000Z"
+    project.state_events[1][0]["created_at"] = "2025-08-05T21:48:25.000Z"
+    assert run_backfill(engine, api) == 3
+    replay(engine, fake.url, story.webhooks())
+    [row] = ledger_rows(engine)
+    assert (row["approvers"], row["event_count"]) == (["bob"], 3)
+    assert_counted(engine, {"bob": (1, 1, 0), "carol": (1, 0, 0)})
+    assert decisions(engine) == [(1, "approved", "bob", "replay"), (1, "merged", "carol", "replay")]
+
+
+def test_an_api_fact_with_no_webhook_twin_counts(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab
+) -> None:
+    """dave's approval reached only the API; MR 2 is known only through the API."""
+    told = Story(iid=1)
+    Story(
+        iid=1, approvals=[("bob", told.approvals[0][1]), ("dave", "2025-08-05 21:10:00 UTC")]
+    ).publish(fake)
+    Story(iid=2, decision=("close", "erin", "2025-08-06 10:00:00 UTC")).publish(fake)
+    replay(engine, fake.url, told.webhooks())
+    run_backfill(engine, api)
+    rows = ledger_rows(engine)
+    assert [row["approvers"] for row in rows] == [["bob", "dave"], ["bob"]]
+    assert_counted(
+        engine, {"bob": (2, 2, 0), "carol": (1, 0, 0), "dave": (1, 1, 0), "erin": (1, 0, 0)}
+    )
+    assert decisions(engine) == [
+        (1, "approved", "bob", "replay"),
+        (1, "approved", "dave", "api"),
+        (1, "merged", "carol", "replay"),
+        (2, "approved", "bob", "api"),
+        (2, "closed", "erin", "api"),
+    ]
+    assert approvals_in_view(engine, 1) == rows[0]["approvers"]
+
+
+@pytest.mark.parametrize("dated", [True, False], ids=["approved_at", "undated"])
+def test_one_users_approvals_far_apart_count_twice(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab, dated: bool
+) -> None:
+    """bob approves, revokes, and approves again half an hour later; the API (which shows
+    only standing approvals) tells the second approval again."""
+    story = Story(
+        iid=1,
+        approvals=[("bob", "2025-08-05 21:30:00 UTC")],
+        approved_at_in_api=dated,
+    )
+    story.publish(fake)
+    bodies = story.webhooks()
+    first = [
+        mr_event("approved", actor="bob", updated_at="2025-08-05 21:00:00 UTC"),
+        mr_event("unapproved", actor="bob", updated_at="2025-08-05 21:10:00 UTC"),
+    ]
+    replay(engine, fake.url, [*bodies[:1], *first, *bodies[1:]])
+    run_backfill(engine, api)
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == ["bob"]
+    assert_counted(engine, {"bob": (2, 2, 1), "carol": (1, 0, 0)})
+    assert [source for *_, source in decisions(engine)] == ["replay"] * 4
+
+
+def api_approval(iid: int, actor: str, approved_at: str | None, *, decided: bool) -> dict[str, Any]:
+    """The envelope backfill builds for one approval (undated when ``approved_at`` is None)."""
+    story = Story(
+        iid=iid, decision=("merge", "carol", "2025-08-05 21:48:25 UTC") if decided else None
+    )
+    item: dict[str, Any] = {"user": api_user(actor)}
+    if approved_at is not None:
+        item["approved_at"] = approved_at
+    [envelope] = apifacts.approval_envelopes(story.mr(), {"approved_by": [item]})
+    return envelope
+
+
+# (API approver, its approved_at or None for undated, whether the MR is merged): each
+# against bob's webhook approval at 21:00:00 in an MR of its own. The API fact is logged
+# after the webhook in odd-numbered MRs, before it in even-numbered ones.
+CASES = [
+    ("bob", "2025-08-05T21:00:00.000Z", False),
+    ("bob", "2025-08-05T21:00:00.000Z", False),
+    ("bob", "2025-08-05T21:00:00.450Z", False),
+    ("bob", "2025-08-05T21:00:05.000Z", False),  # the tolerance is inclusive
+    ("bob", "2025-08-05T21:00:05.000001Z", False),
+    ("bob", "2025-08-05T20:59:55.000Z", False),
+    ("bob", "2025-08-05T20:59:54.999999Z", False),
+    ("bob", "2025-08-05T21:30:00.000Z", False),
+    ("dave", "2025-08-05T21:00:00.450Z", False),
+    ("bob", None, True),  # undated: just before the merge, after the webhook's approval
+    ("bob", None, False),  # undated: at updated_at, before the webhook's approval
+]
+
+
+def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> None:
+    """Around every edge of the matching rule, ``bi_decisions`` and the reviewers report
+    keep the events the fold keeps."""
+    for iid, (actor, approved_at, decided) in enumerate(CASES, start=1):
+        story = Story(iid=iid, approvals=[("bob", "2025-08-05 21:00:00 UTC")], decision=None)
+        if iid % 2:
+            replay(engine, WEB, story.webhooks())
+        with engine.begin() as conn:
+            envelope = api_approval(iid, actor, approved_at, decided=decided)
+            assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
+        if not iid % 2:
+            replay(engine, WEB, story.webhooks())
+    kept: list[tuple[int, str, str, str]] = []
+    with engine.connect() as conn:
+        for iid in range(1, len(CASES) + 1):
+            events = ledger.events_of(conn, MRKey(WEB, 14, iid))
+            counted = distinct_facts(merge_sources(events))
+            for event in sorted(counted, key=lambda e: (e.facts.event_at, e.seq)):
+                facts = event.facts
+                if facts.decision is not None:
+                    kept.append((iid, facts.decision, facts.actor or "", facts.source))
+    assert decisions(engine) == kept
+    # Twins in cases 1-4, 6 and 10; the other API approvals count as well as bob's.
+    approvals = sum(1 for _, decision, *_ in kept if decision == "approved")
+    assert approvals == 2 * len(CASES) - 6
+    assert report_counts(engine) == {"bob": (approvals - 1, approvals - 1, 0), "dave": (1, 1, 0)}
+
+
+def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
+    """Migration 0011 wrote ``copies.COUNTED`` into bi_decisions: the two must agree, or a
+    change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0011")
+    assert revision is not None
+    written = " ".join(revision.module.COUNTED.split())
+    assert written == " ".join(copies.COUNTED.split())
+
+
+def test_migration_0011_downgrades_to_0010s_view_and_back(engine: Engine) -> None:
+    """The downgrade restores the view 0010 wrote, and the upgrade applies again."""
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    restored = scripts.get_revision("0011")
+    written = scripts.get_revision("0010")
+    assert restored is not None
+    assert written is not None
+    assert " ".join(restored.module.DOWNGRADE.split()) == " ".join(
+        written.module._DECISIONS.format(repeat=written.module._REPEAT).split()
+    )
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0010")
+        assert migrate.current_revision(conn) == "0010"
+        command.upgrade(config, "head")
+        conn.commit()
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)
