@@ -28,16 +28,25 @@ _BY_KEY = text("SELECT seq FROM delivery_log WHERE dedup_key = :dedup_key")
 # A delivery is already logged when its dedup key is, or when the same instance's exact
 # body is: a project hook and a group hook send one event's body byte for byte, each with
 # its own Idempotency-Key. API rows name their fact in their key and take no part in the
-# body match. The body hash is the writer's own (``body_sha256``), or for rows logged
-# before migration 0010 the payload's, which its index computed once: hashing every
-# payload in PostgreSQL at insert (~30 us per 6 KB body, its sha256 being unaccelerated
-# in some builds) made recording a batch 20-30 % slower.
-# One statement, so the lookup stays one predicate of the batch's pipelined read.
-_BODY_SHA256 = "coalesce(body_sha256, sha256(payload))"
+# body match. The body hash is the writer's own (``body_sha256``): hashing every payload
+# in PostgreSQL at insert (~30 us per 6 KB body, its sha256 being unaccelerated in some
+# builds) made recording a batch 20-30 % slower. Rows logged before migration 0010 have
+# none; their payloads were hashed once, into an index of their own.
+# Three lookups in one statement, each on a unique or tiny index, so the plan is an index
+# probe per delivery whatever the statistics say: one OR over an expression index was
+# planned as a scan of the whole log while the table was young and not yet analysed
+# (a few milliseconds per batch, growing with the log).
+_BODIES = "(SELECT * FROM unnest(%(instances)b::text[], %(digests)b::bytea[]))"
 LOGGED = (
-    f"SELECT dedup_key, seq, instance, CASE WHEN source <> 'api' THEN {_BODY_SHA256} END"
+    "SELECT dedup_key, seq, instance, CASE WHEN source <> 'api'"
+    " THEN coalesce(body_sha256, sha256(payload)) END"
     " FROM delivery_log WHERE dedup_key = ANY(%(keys)b::text[])"
-    f" OR (source <> 'api' AND {_BODY_SHA256} = ANY(%(digests)b::bytea[]))"
+    " UNION ALL SELECT dedup_key, seq, instance, body_sha256 FROM delivery_log"
+    " WHERE body_sha256 IS NOT NULL AND source <> 'api'"
+    f" AND (instance, body_sha256) IN {_BODIES}"
+    " UNION ALL SELECT dedup_key, seq, instance, sha256(payload) FROM delivery_log"
+    " WHERE body_sha256 IS NULL AND source <> 'api'"
+    f" AND (instance, sha256(payload)) IN {_BODIES}"
 )
 _COLUMNS = (
     "seq",
@@ -216,8 +225,10 @@ class Logged:
     def send_lookup(pg: Pg, deliveries: Sequence[Delivery]) -> Cursor[Any]:
         """Queue the read of ``LOGGED`` for ``deliveries``; pass its rows to ``from_rows``."""
         keys = [delivery.dedup_key for delivery in deliveries]
-        digests = [body[1] for body in map(body_key, deliveries) if body is not None]
-        return pg.execute(LOGGED, {"keys": keys, "digests": digests})
+        bodies = [body for body in map(body_key, deliveries) if body is not None]
+        instances = [instance for instance, _ in bodies]
+        digests = [digest for _, digest in bodies]
+        return pg.execute(LOGGED, {"keys": keys, "instances": instances, "digests": digests})
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> Logged:

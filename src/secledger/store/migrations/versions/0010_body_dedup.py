@@ -1,14 +1,16 @@
 """One GitLab event delivered through several hooks is logged once and counted once.
 
-* ``delivery_log.body_sha256`` and the index ``delivery_log_body``: a project hook and a
-  group hook send the same event's body byte for byte, each with its own
+* ``delivery_log.body_sha256`` and the unique index ``delivery_log_body``: a project hook
+  and a group hook send the same event's body byte for byte, each with its own
   ``Idempotency-Key``; the recording path looks the body's SHA-256 up, under the chain
   lock, and answers ``duplicate``. The writer stores the hash it computed anyway for that
   lookup, so PostgreSQL hashes no payload at insert (its ``sha256`` measured ~30 µs per
-  6 KB body, which made recording a batch 20-30 % slower). Rows logged before this
-  revision keep a NULL (the log refuses UPDATE, and needs none): the index is on
-  ``coalesce(body_sha256, sha256(payload))``, so building it hashes each of their
-  payloads once. Not a generated column: adding one rewrites the whole log under an
+  6 KB body, which made recording a batch 20-30 % slower). The index is unique per
+  instance (API rows aside): the database refuses a second copy even from a writer that
+  skipped the lookup, and the planner knows a probe finds at most one row. Rows logged
+  before this revision keep a NULL (the log refuses UPDATE, and needs none); the index
+  ``delivery_log_body_before`` holds their payloads' hashes, so building it hashes each
+  of them once. Not a generated column: adding one rewrites the whole log under an
   exclusive lock and hashes in PostgreSQL at every insert. The column is not part of the
   chain: it is derived from ``payload``, which is.
 * ``bi_decisions`` (and so ``bi_reviewer_metrics``) count a decision once when a system
@@ -37,7 +39,10 @@ ALTER TABLE delivery_log ADD CONSTRAINT delivery_log_body_sha256_length
     CHECK (octet_length(body_sha256) = 32) NOT VALID;
 COMMENT ON COLUMN delivery_log.body_sha256 IS
   'SHA-256 of payload, written with each row since revision 0010 (NULL before); not chained.';
-CREATE INDEX delivery_log_body ON delivery_log ((coalesce(body_sha256, sha256(payload))));
+CREATE UNIQUE INDEX delivery_log_body ON delivery_log (instance, body_sha256)
+    WHERE body_sha256 IS NOT NULL AND source <> 'api';
+CREATE INDEX delivery_log_body_before ON delivery_log (instance, sha256(payload))
+    WHERE body_sha256 IS NULL AND source <> 'api';
 """
 
 _DECISIONS = """
@@ -63,6 +68,7 @@ UPGRADE = _BODY + _DECISIONS.format(repeat=_REPEAT)
 DOWNGRADE = (
     _DECISIONS.format(repeat="")
     + """
+DROP INDEX delivery_log_body_before;
 DROP INDEX delivery_log_body;
 ALTER TABLE delivery_log DROP COLUMN body_sha256;
 """
