@@ -8,8 +8,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import structlog
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from conftest import post
 from dashboard_fixtures import (
@@ -25,6 +27,7 @@ from dashboard_fixtures import (
     reader_settings,
 )
 from secledger.config import Settings
+from secledger.dashboard import pages
 from secledger.dashboard.auth import (
     COOKIE,
     hash_password,
@@ -125,20 +128,22 @@ def test_login_redirects_only_to_local_paths(reader) -> None:
 
 
 def test_failed_logins_are_logged_without_the_password_and_then_rate_limited(
-    reader, capsys
+    reader, monkeypatch
 ) -> None:
-    for _ in range(5):
-        wrong = post_login(reader, USER, "guess-123456")
-        assert wrong.status_code == 401
-    blocked = post_login(reader, USER, PASSWORD)
+    # A logger of its own: one cached by an earlier test would bypass capture_logs.
+    monkeypatch.setattr(pages, "log", structlog.get_logger("secledger.dashboard"))
+    with capture_logs() as logged:
+        for _ in range(5):
+            wrong = post_login(reader, USER, "guess-123456")
+            assert wrong.status_code == 401
+        blocked = post_login(reader, USER, PASSWORD)
     assert blocked.status_code == 429
     assert COOKIE not in blocked.cookies
-    logged = capsys.readouterr()
-    text = logged.out + logged.err
-    assert text.count("login_failed") == 5
-    assert "login_rate_limited" in text
-    assert "guess-123456" not in text
-    assert PASSWORD not in text
+    events = [line["event"] for line in logged]
+    assert events == ["login_failed"] * 5 + ["login_rate_limited"]
+    assert logged[-1]["user_failures"] == 5
+    assert "guess-123456" not in repr(logged)
+    assert PASSWORD not in repr(logged)
 
 
 def test_unknown_users_fail_like_wrong_passwords(reader) -> None:
