@@ -11,7 +11,7 @@ The application role may delete here (pruning) and change only ``outcome``: no o
 table grants it DELETE except ``backfill_cursor``.
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-02
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
