@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from httpx import Response
 from pydantic import SecretStr
 
 from conftest import SECRET, post
@@ -57,11 +59,23 @@ def bearer() -> dict[str, str]:
     return {"Authorization": f"Bearer {READ_TOKEN}"}
 
 
+def form_token(client: TestClient, path: str = "/login") -> str:
+    """The CSRF field of the form on ``path`` (fetching it sets the nonce cookie)."""
+    page = client.get(path)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found, f"no CSRF field on {path}"
+    return found.group(1)
+
+
+def post_login(client: TestClient, username: str, password: str, next_path: str = "/") -> Response:
+    """Submit the login form as a browser does: with the token of the page it came from."""
+    fields = {"username": username, "password": password, "next": next_path}
+    return client.post(
+        "/login", data={**fields, "csrf_token": form_token(client)}, follow_redirects=False
+    )
+
+
 def log_in(client: TestClient) -> None:
     """Log the test client in with the configured user."""
-    response = client.post(
-        "/login",
-        data={"username": USER, "password": PASSWORD, "next": "/"},
-        follow_redirects=False,
-    )
+    response = post_login(client, USER, PASSWORD)
     assert response.status_code == 303, response.text

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from builders import mr_event
 from conftest import post
-from dashboard_fixtures import bearer, log_in, reader_client, reader_settings
+from dashboard_fixtures import bearer, log_in, post_login, reader_client, reader_settings
 from secledger import overdue, reports
 from secledger.cli import main
 from secledger.dashboard.auth import read_users_file, verify_password
@@ -225,10 +225,7 @@ def test_demo_creates_one_dashboard_user_with_a_private_password_file(
     assert (data / "users").read_text() == before  # idempotent: nothing rewritten
     settings = reader_settings(database_url, data)  # its users file now holds demo
     with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as app:
-        login = app.post(
-            "/login", data={"username": "demo", "password": password}, follow_redirects=False
-        )
-        assert login.status_code == 303
+        assert post_login(app, "demo", password).status_code == 303
         assert "security MRs" in app.get("/").text
 
 

@@ -12,7 +12,9 @@ from secledger.config import Settings
 from secledger.dashboard import api, pages
 from secledger.dashboard.access import Dashboard, LoginRequired
 from secledger.dashboard.assets import plotly_js_path
-from secledger.dashboard.auth import Authenticator
+from secledger.dashboard.auth import Authenticator, session_secret
+from secledger.dashboard.csrf import CsrfTokens
+from secledger.dashboard.throttle import LoginThrottle
 from secledger.tierpolicy import CompliancePolicy
 
 # Everything is served by secledger itself, so the policy can forbid any other origin.
@@ -56,7 +58,10 @@ def install(app: FastAPI, settings: Settings) -> None:
     """Mount pages and read API on ``app``; fails early if users or plotly.js are unusable."""
     plotly_js_path()
     policy = CompliancePolicy.from_settings(settings)
-    app.state.dashboard = Dashboard(settings, Authenticator(settings), policy)
+    auth = Authenticator(settings)
+    csrf = CsrfTokens(session_secret(settings), settings.session_max_age_seconds)
+    throttle = LoginThrottle.from_settings(settings)
+    app.state.dashboard = Dashboard(settings, auth, policy, throttle, csrf)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(SecurityHeaders)

@@ -14,7 +14,9 @@ from sqlalchemy import Connection, Engine
 
 from secledger.config import Settings
 from secledger.dashboard.auth import COOKIE, Authenticator, Principal
+from secledger.dashboard.csrf import CsrfTokens
 from secledger.dashboard.queries import FilterOptions, Filters, filter_options
+from secledger.dashboard.throttle import LoginThrottle
 from secledger.extract import NUL_REPLACEMENT
 from secledger.intake import MAX_ID
 from secledger.tierpolicy import CompliancePolicy
@@ -41,6 +43,8 @@ class Dashboard:
     settings: Settings
     auth: Authenticator
     policy: CompliancePolicy
+    throttle: LoginThrottle
+    csrf: CsrfTokens
     _options: tuple[float, FilterOptions] | None = None
 
     def options(self, conn: Connection) -> FilterOptions:

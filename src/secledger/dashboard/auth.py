@@ -13,9 +13,7 @@ import hmac
 import ipaddress
 import os
 import secrets
-import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,38 +120,6 @@ def session_secret(settings: Settings) -> bytes:
     return ensure_secret_file(settings.data_dir / "session-secret", 48).encode()
 
 
-class LoginThrottle:
-    """At most ``limit`` failed logins per user name and per client in ``window`` seconds."""
-
-    def __init__(
-        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._limit = limit
-        self._window = window
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
-
-    def _recent(self, key: str) -> deque[float]:
-        stamps = self._failures.setdefault(key, deque())
-        horizon = self._clock() - self._window
-        while stamps and stamps[0] <= horizon:
-            stamps.popleft()
-        return stamps
-
-    def blocked(self, keys: Iterable[str]) -> bool:
-        """True when any key has used up its failures."""
-        return any(len(self._recent(key)) >= self._limit for key in keys)
-
-    def fail(self, keys: Iterable[str]) -> None:
-        """Count one failure against every key."""
-        now = self._clock()
-        for key in keys:
-            self._recent(key).append(now)
-        if len(self._failures) > 10_000:  # forget quiet keys so memory stays bounded
-            for key in [k for k, v in self._failures.items() if not v]:
-                del self._failures[key]
-
-
 @dataclass(frozen=True)
 class Principal:
     """An authenticated reader and how they proved it."""
@@ -181,7 +147,6 @@ class Authenticator:
         self.cookie_secure = settings.cookie_secure
         self._header = (settings.trusted_user_header or "").lower() or None
         self._proxies = _networks(settings.trusted_proxies)
-        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_seconds)
 
     def check_password(self, name: str, password: str) -> bool:
         """True when ``name`` is a user and ``password`` is theirs."""

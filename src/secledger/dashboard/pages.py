@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote
 
 import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from starlette.concurrency import run_in_threadpool
 
 from secledger import findings, reports
@@ -25,6 +25,9 @@ from secledger.dashboard.access import (
     safe_next,
 )
 from secledger.dashboard.auth import COOKIE, Principal
+from secledger.dashboard.csrf import COOKIE as CSRF_COOKIE
+from secledger.dashboard.csrf import FIELD as CSRF_FIELD
+from secledger.dashboard.csrf import REFUSED as CSRF_REFUSED
 from secledger.extract import MRKey
 from secledger.store.db import reading
 from secledger.times import utcnow
@@ -35,6 +38,7 @@ router = APIRouter(include_in_schema=False)
 Reader = Annotated[Principal, Depends(page_reader)]
 State = Annotated[Dashboard, Depends(dashboard)]
 MAX_FORM_BYTES = 8192
+Outcome = Literal["ok", "failed", "limited"]
 
 
 def mr_path(instance: str, project_id: int, mr_iid: int) -> str:
@@ -68,10 +72,36 @@ templates.env.filters["hours_left"] = hours_left
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    """A template with the common context."""
+    """A template with the common context, including the CSRF field for its forms."""
+    csrf = dashboard(request).csrf
+    nonce, fresh = csrf.nonce(request)
     context.setdefault("principal", None)
     context["plotly_src"] = f"/static/vendor/plotly-{assets.plotly_version()}.min.js"
-    return templates.TemplateResponse(request, name, context, status_code=status)
+    context["csrf_field"] = CSRF_FIELD
+    context["csrf_token"] = csrf.token(nonce)
+    response = templates.TemplateResponse(request, name, context, status_code=status)
+    if fresh:
+        csrf.set_cookie(response, nonce, secure=_secure(request))
+    return response
+
+
+def _secure(request: Request) -> bool:
+    return bool(dashboard(request).auth.cookie_secure or request.url.scheme == "https")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    text = body[:MAX_FORM_BYTES].decode(errors="replace")
+    return {k: v[0] for k, v in parse_qs(text).items()}
+
+
+def _refused(request: Request, form: dict[str, str]) -> bool:
+    """True (and logged) when a POST lacks a valid CSRF token."""
+    if dashboard(request).csrf.valid(request, form.get(CSRF_FIELD)):
+        return False
+    client = request.client.host if request.client else "unknown"
+    log.warning("csrf_refused", path=request.url.path, client=client)
+    return True
 
 
 @router.get("/login")
@@ -80,23 +110,40 @@ def login_form(request: Request, next: str = "/") -> HTMLResponse:
     return render(request, "login.html", next=safe_next(next), error=None)
 
 
+def _attempt(state: Dashboard, database: Engine, name: str, password: str, client: str) -> Outcome:
+    """``ok``, ``failed`` or ``limited``: one password check, counted in the database."""
+    reservation = state.throttle.reserve(database, name, client)
+    if not reservation.allowed:
+        log.warning(
+            "login_rate_limited",
+            user=name,
+            client=client,
+            user_failures=reservation.user_failures,
+            client_failures=reservation.client_failures,
+        )
+        return "limited"
+    ok = state.auth.check_password(name, password)
+    state.throttle.settle(database, reservation, succeeded=ok)
+    if not ok:
+        log.warning("login_failed", user=name, client=client)
+    return "ok" if ok else "failed"
+
+
 @router.post("/login")
 async def login(request: Request, state: State) -> Response:
     """Check the password; rate-limited per user name and per client address."""
-    body = await request.body()
-    form = {k: v[0] for k, v in parse_qs(body[:MAX_FORM_BYTES].decode(errors="replace")).items()}
+    form = await _form(request)
     name = form.get("username", "").strip()
     target = safe_next(form.get("next"))
+    if _refused(request, form):
+        return render(request, "login.html", 403, next=target, error=CSRF_REFUSED)
     client = request.client.host if request.client else "unknown"
-    keys = (f"user:{name}", f"client:{client}")
-    if state.auth.throttle.blocked(keys):
-        log.warning("login_rate_limited", user=name, client=client)
+    password = form.get("password", "")
+    outcome = await run_in_threadpool(_attempt, state, engine(request), name, password, client)
+    if outcome == "limited":
         error = "Too many failed logins. Wait a few minutes and try again."
         return render(request, "login.html", 429, next=target, error=error)
-    ok = await run_in_threadpool(state.auth.check_password, name, form.get("password", ""))
-    if not ok:
-        state.auth.throttle.fail(keys)
-        log.warning("login_failed", user=name, client=client)
+    if outcome == "failed":
         error = "Wrong user name or password."
         return render(request, "login.html", 401, next=target, error=error)
     log.info("login", user=name, client=client)
@@ -107,16 +154,22 @@ async def login(request: Request, state: State) -> Response:
         max_age=state.auth.max_age,
         httponly=True,
         samesite="lax",
-        secure=state.auth.cookie_secure or request.url.scheme == "https",
+        secure=_secure(request),
     )
+    # Each session starts with a nonce of its own (rotation at login, as OWASP advises).
+    state.csrf.set_cookie(response, state.csrf.new_nonce(), secure=_secure(request))
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+async def logout(request: Request) -> Response:
     """Forget the session cookie."""
+    form = await _form(request)
+    if _refused(request, form):
+        return render(request, "refused.html", 403, message=CSRF_REFUSED)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
+    response.delete_cookie(CSRF_COOKIE)
     return response
 
 

@@ -1,0 +1,111 @@
+"""Every dashboard form POST carries a CSRF token; one without a valid token gets 403."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from dashboard_fixtures import PASSWORD, USER, form_token, log_in, reader_settings
+from secledger.dashboard import csrf, pages
+from secledger.dashboard.auth import COOKIE
+from secledger.store import db
+from secledger.web import create_app
+
+REFUSED = "did not come from secledger"
+
+
+@pytest.fixture
+def browser(database_url, tmp_path) -> Iterator[TestClient]:
+    """A dashboard without history: only its forms matter here."""
+    app = create_app(
+        reader_settings(database_url, tmp_path / "data"), db.Database(database_url, embedded=False)
+    )
+    with TestClient(app) as client:
+        yield client
+
+
+def login_fields(token: str | None) -> dict[str, str]:
+    fields = {"username": USER, "password": PASSWORD, "next": "/"}
+    return fields if token is None else {**fields, "csrf_token": token}
+
+
+def test_the_login_form_carries_a_token_for_its_cookie(browser) -> None:
+    token = form_token(browser)
+    assert browser.cookies.get(csrf.COOKIE)
+    page = browser.get("/login")
+    assert 'name="csrf_token"' in page.text
+    assert "set-cookie" not in page.headers  # the nonce is kept while the cookie lives
+    answer = browser.post("/login", data=login_fields(token), follow_redirects=False)
+    assert answer.status_code == 303
+    assert browser.cookies.get(COOKIE)
+
+
+def test_a_login_without_a_token_is_refused_and_not_counted(browser, engine, monkeypatch) -> None:
+    # A logger of its own: one cached by an earlier test would bypass capture_logs.
+    monkeypatch.setattr(pages, "log", structlog.get_logger("secledger.dashboard"))
+    form_token(browser)  # the cookie alone, as a cross-site form would send it
+    with capture_logs() as logged:
+        answer = browser.post("/login", data=login_fields(None), follow_redirects=False)
+    assert answer.status_code == 403
+    assert REFUSED in answer.text
+    assert COOKIE not in answer.cookies
+    assert 'name="csrf_token"' in answer.text  # a fresh form to try again with
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM login_attempts")).scalar_one() == 0
+    assert [line["event"] for line in logged] == ["csrf_refused"]
+    assert PASSWORD not in repr(logged)
+
+
+@pytest.mark.parametrize("case", ["no cookie", "other browser", "tampered", "expired"])
+def test_a_login_with_a_token_that_does_not_hold_is_refused(
+    browser, database_url, tmp_path, monkeypatch, case
+) -> None:
+    token = form_token(browser)
+    if case == "no cookie":
+        browser.cookies.clear()
+    elif case == "other browser":
+        settings = reader_settings(database_url, tmp_path / "data")
+        with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as other:
+            token = form_token(other)  # valid, signed, but for the other browser's cookie
+    elif case == "tampered":
+        token = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    else:
+        later = time.time() + 8 * 3600 + 5  # past SECLEDGER_SESSION_MAX_AGE_SECONDS
+        monkeypatch.setattr(time, "time", lambda: later)
+    answer = browser.post("/login", data=login_fields(token), follow_redirects=False)
+    assert answer.status_code == 403
+    assert REFUSED in answer.text
+    assert COOKIE not in answer.cookies
+
+
+def test_logout_without_a_token_is_refused_and_keeps_the_session(browser) -> None:
+    log_in(browser)
+    refused = browser.post("/logout", follow_redirects=False)
+    assert refused.status_code == 403
+    assert REFUSED in refused.text
+    assert browser.get("/api/whoami").status_code == 200
+
+
+def test_logout_with_the_pages_token_ends_the_session(browser) -> None:
+    log_in(browser)
+    token = form_token(browser, "/")
+    answer = browser.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert answer.status_code == 303
+    assert browser.get("/api/whoami").status_code == 401
+
+
+def test_logging_in_starts_a_new_nonce(browser) -> None:
+    """A token from before the login is not valid after it."""
+    before = form_token(browser)
+    nonce = browser.cookies.get(csrf.COOKIE)
+    answer = browser.post("/login", data=login_fields(before), follow_redirects=False)
+    assert answer.status_code == 303
+    assert browser.cookies.get(csrf.COOKIE) not in {None, nonce}
+    stale = browser.post("/logout", data={"csrf_token": before}, follow_redirects=False)
+    assert stale.status_code == 403
