@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from builders import mr_event
 from secledger import payloads
 from secledger.errors import IntakeError, SecledgerError, TimestampError
-from secledger.extract import LIST_LIMITS, MAX_LIST_ITEMS, TEXT_LIMITS, extract_facts
+from secledger.extract import (
+    LIST_LIMITS,
+    MAX_LIST_ITEMS,
+    TEXT_LIMITS,
+    extract_facts,
+    is_security_event,
+)
 from secledger.intake import Delivery, Ignored, Source, Sources, authenticate, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.times import parse_optional, parse_time
@@ -107,7 +113,8 @@ def test_payload_readers_never_raise(payload) -> None:
     payloads.state_change(container)
     payloads.state_of(container)
     payloads.usernames(container.get("x"))
-    payloads.label_titles(container.get("x"))
+    titles = payloads.label_titles(container.get("x"))
+    assert POLICY.any_security_in(container.get("x")) == POLICY.any_security(titles)
     value = payloads.integer(container, "x")
     assert value is None or -(2**63) <= value < 2**63
 
@@ -156,6 +163,8 @@ def test_any_mutated_payload_extracts_to_storable_bounded_facts(changes, labels)
     if isinstance(delivery, Ignored):
         return
     facts = extract_facts(delivery, POLICY)
+    # The ignore fast path decides from the labels alone, exactly as extraction does.
+    assert is_security_event(delivery, POLICY) == facts.is_security
     stored = orjson.dumps(facts.to_json()).decode()
     assert "\\u0000" not in stored  # PostgreSQL jsonb would refuse it
     for name, limit in TEXT_LIMITS.items():

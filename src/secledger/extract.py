@@ -224,10 +224,19 @@ def is_security_event(delivery: Delivery | Decoded, policy: LabelPolicy) -> bool
     """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path:
     a security label now, or one before this delivery changed the labels."""
     payload = delivery.payload
-    if policy.any_security(p.current_labels(payload)):
+    # Where payloads.current_labels looks, in the same order, without copying the titles.
+    if isinstance(payload.get("labels"), list):
+        now = payload["labels"]
+    else:
+        attrs = p.obj(payload, "object_attributes")
+        if isinstance(attrs.get("labels"), list):
+            now = attrs["labels"]
+        else:
+            now = p.obj(p.obj(payload, "changes"), "labels").get("current")
+    if policy.any_security_in(now):
         return True
-    previous = p.previous_labels(payload)
-    return previous is not None and policy.any_security(previous)
+    change = p.obj(p.obj(payload, "changes"), "labels")
+    return bool(change) and policy.any_security_in(change.get("previous"))
 
 
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:

@@ -64,6 +64,26 @@ class LabelPolicy:
                 return True
         return False
 
+    def any_security_in(self, items: object) -> bool:
+        """``any_security(payloads.label_titles(items))`` without building the list: the
+        ignore decision asks this of nearly every delivery."""
+        if not isinstance(items, list):
+            return False
+        known = self._known
+        for item in items:
+            if isinstance(item, dict):
+                title = item["title"] if "title" in item else item.get("name")
+            else:
+                title = item
+            if not isinstance(title, str):
+                continue
+            found = known.get(title)
+            if found is None:
+                found = self.is_security_label(title)
+            if found:
+                return True
+        return False
+
     def security_labels(self, titles: Iterable[str]) -> tuple[str, ...]:
         """The security labels among ``titles``, in their given order."""
         return tuple(t for t in titles if self.is_security_label(t))

@@ -116,7 +116,7 @@ class IgnoredLog:
         self.interval = interval
         self.each = each
         self.count = 0
-        self.since = time.monotonic()
+        self.since = time.perf_counter()
 
     def note(self, now: float, reason: str | None) -> None:
         """Count one ignored delivery; write the summary when the interval is over."""
@@ -165,14 +165,15 @@ class WebhookHandler:
             await respond(send, 405, _METHOD)
             return
         extra: Extra = ()
+        headers = header_map(scope)
         try:
-            status, outcome, data = await self._handle(scope, receive)
+            status, outcome, data = await self._handle(headers, receive)
         except Exception as exc:  # noqa: BLE001 - each kind gets its answer; a bug gets a 500
             status, data, name, extra = _refusal(exc)
         else:
             name = outcome.status
             if name == "ignored":
-                self.ignored.note(time.monotonic(), outcome.reason)
+                self.ignored.note(time.perf_counter(), outcome.reason)
             else:
                 log.info(
                     "delivery",
@@ -181,13 +182,15 @@ class WebhookHandler:
                     ms=round((time.perf_counter() - started) * 1000, 2),
                     **_row_ids(outcome),
                 )
-        self.runtime.metrics.delivery(_event_header(scope), name, time.perf_counter() - started)
+        event = headers.get("x-gitlab-event")
+        self.runtime.metrics.delivery(event, name, time.perf_counter() - started)
         if status:  # 0: the sender went away
             await respond(send, status, data, extra)
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Outcome, bytes]:
+    async def _handle(
+        self, headers: dict[str, str], receive: Receive
+    ) -> tuple[int, Outcome, bytes]:
         received_at = utcnow()
-        headers = header_map(scope)
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
         verified = precheck(headers, self.sources, now=received_at)
         declared = headers.get("content-length", "")
@@ -282,13 +285,6 @@ def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
 
 def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, bytes]:
     return status, outcome, orjson.dumps(outcome.to_json())
-
-
-def _event_header(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-gitlab-event":
-            return str(value.decode("latin-1"))
-    return None
 
 
 def _row_ids(outcome: Outcome) -> dict[str, Any]:
