@@ -229,3 +229,16 @@ def test_login_attempts_is_the_only_new_table_the_app_role_may_delete_from(engin
             )
         ).scalars()
         assert list(deletable) == ["backfill_cursor", "login_attempts"]
+
+
+def test_a_trusted_proxys_forwarded_address_is_the_client_counted(
+    database_url, tmp_path, engine
+) -> None:
+    """serve runs uvicorn without proxy headers; the app applies them to the dashboard."""
+    with instance(database_url, tmp_path / "a", "127.0.0.1") as proxied:
+        proxied.headers["x-forwarded-for"] = "203.0.113.9"
+        assert post_login(proxied, USER, GUESS).status_code == 401
+    with instance(database_url, tmp_path / "b", "10.0.0.7") as untrusted:
+        untrusted.headers["x-forwarded-for"] = "203.0.113.10"  # not from a trusted proxy
+        assert post_login(untrusted, USER, GUESS).status_code == 401
+    assert [client for _, client, _ in attempts(engine)] == ["203.0.113.9", "10.0.0.7"]

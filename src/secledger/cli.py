@@ -156,6 +156,8 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         # A backstop above the handler's own limit: uvicorn answers 503 at once past it.
         limit_concurrency=max(64, 4 * settings.max_concurrent_deliveries),
         server_header=False,
+        # Applied by create_app to the dashboard and API only; the webhook needs none.
+        proxy_headers=False,
     )
 
 

@@ -14,8 +14,8 @@ from secledger.admission import Admission
 from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
 from secledger.extract import extract_facts, is_security_event, mr_key
+from secledger.headers import RequestHeaders
 from secledger.intake import (
-    KEPT_HEADERS,
     Delivery,
     Ignored,
     Verified,
@@ -59,26 +59,9 @@ async def respond(send: Send, status: int, data: bytes, extra: Extra = ()) -> No
     await send({"type": "http.response.body", "body": data})
 
 
-# Names of the headers GitLab sends, decoded once: most of a request's header names.
-_NAMES = {
-    name.encode(): name
-    for name in (
-        *KEPT_HEADERS,
-        "host",
-        "content-length",
-        "x-gitlab-token",
-        "webhook-signature",
-        "connection",
-        "accept",
-        "accept-encoding",
-    )
-}
-
-
-def header_map(scope: Scope) -> dict[str, str]:
-    """Request headers with lower-case names (ASGI already lower-cases them)."""
-    names = _NAMES
-    return {names.get(k) or k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+def header_map(scope: Scope) -> RequestHeaders:
+    """Request headers by lower-case name (ASGI already lower-cases them)."""
+    return RequestHeaders(scope["headers"])
 
 
 async def read_body(receive: Receive, limit: int, first: bytes = b"") -> bytes:
@@ -188,7 +171,7 @@ class WebhookHandler:
             await respond(send, status, data, extra)
 
     async def _handle(
-        self, headers: dict[str, str], receive: Receive
+        self, headers: RequestHeaders, receive: Receive
     ) -> tuple[int, Outcome, bytes]:
         received_at = utcnow()
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
@@ -240,7 +223,7 @@ class WebhookHandler:
         finally:
             admission.leave(size)
 
-    def _authenticate(self, headers: dict[str, str], body: bytes, now: datetime) -> Verified:
+    def _authenticate(self, headers: RequestHeaders, body: bytes, now: datetime) -> Verified:
         verified = authenticate(headers, body, self.sources, now=now)
         if verified.webhook_id is not None and verified.timestamp is not None:
             self.guard.check(verified.source, verified.webhook_id, verified.timestamp, now=now)
