@@ -129,11 +129,13 @@ def clean_text(value: str, limit: int) -> str:
 
 def bounded(facts: EventFacts) -> EventFacts:
     """``facts`` with every string bounded and storable; cut fields named in extra.truncated."""
+    # Nearly every delivery needs no change: copying the facts only when one is needed
+    # saves rebuilding a frozen dataclass of ~30 fields per delivery.
     changes: dict[str, Any] = {}
     truncated: list[str] = []
     for name, limit in TEXT_LIMITS.items():
         value = getattr(facts, name)
-        if isinstance(value, str):
+        if isinstance(value, str) and (len(value) > limit or "\x00" in value):
             if len(value) > limit:
                 truncated.append(name)
             changes[name] = clean_text(value, limit)
@@ -141,12 +143,14 @@ def bounded(facts: EventFacts) -> EventFacts:
         values: tuple[str, ...] | None = getattr(facts, name)
         if values is None:
             continue
-        if len(values) > MAX_LIST_ITEMS or any(len(v) > limit for v in values):
+        over = len(values) > MAX_LIST_ITEMS or any(len(v) > limit for v in values)
+        if over:
             truncated.append(name)
-        changes[name] = tuple(clean_text(v, limit) for v in values[:MAX_LIST_ITEMS])
+        if over or type(values) is not tuple or any("\x00" in v for v in values):
+            changes[name] = tuple(clean_text(v, limit) for v in values[:MAX_LIST_ITEMS])
     if truncated:
         changes["extra"] = {**facts.extra, "truncated": truncated}
-    return replace(facts, **changes)
+    return replace(facts, **changes) if changes else facts
 
 
 def _safe_time(value: object) -> datetime | None:

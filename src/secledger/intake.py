@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -78,7 +78,16 @@ class Delivery:
     def without_payload(self) -> Delivery:
         """This delivery without its decoded JSON: what logging it needs (the raw body
         stays), once the facts have been extracted."""
-        stripped = replace(self, payload={})
+        stripped = Delivery(
+            self.event,
+            self.instance,
+            self.headers,
+            self.body,
+            {},
+            self.dedup_key,
+            self.received_at,
+            self.source,
+        )
         # Hashed here, on the request's own task, rather than later on the one writer.
         object.__setattr__(stripped, "body_sha256", self.body_sha256)
         return stripped
