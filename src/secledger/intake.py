@@ -151,6 +151,8 @@ class Sources:
 
     def select(self, headers: Mapping[str, str]) -> Source:
         """The source a request claims to come from; the default when it names no known one."""
+        if not self.instances:
+            return self.default
         claimed = origin(headers.get("x-gitlab-instance", "").strip())
         return self.instances.get(claimed or "", self.default)
 
@@ -395,6 +397,8 @@ def instance_of(headers: Mapping[str, str], payload: Mapping[str, Any]) -> str:
 
 def _positive_int(container: Mapping[str, Any], key: str, where: str) -> int:
     value = container.get(key)
+    if type(value) is int and 0 <= value <= MAX_ID:  # the usual case, checked first
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise MissingField(f"{where}.{key} must be an integer, got {value!r}"[:200])
     if value < 0 or value > MAX_ID:

@@ -49,13 +49,18 @@ Extra = tuple[tuple[bytes, bytes], ...]
 IGNORED_LOG_SECONDS = 60.0
 
 
-async def respond(send: Send, status: int, data: bytes, extra: Extra = ()) -> None:
-    """Send a JSON response whose body is already encoded."""
+def response_start(status: int, data: bytes, extra: Extra = ()) -> Message:
+    """The ``http.response.start`` message of a JSON response with body ``data``."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
     headers.extend(extra)
     if status == 405:
         headers.append((b"allow", b"POST"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+async def respond(send: Send, status: int, data: bytes, extra: Extra = ()) -> None:
+    """Send a JSON response whose body is already encoded."""
+    await send(response_start(status, data, extra))
     await send({"type": "http.response.body", "body": data})
 
 
@@ -136,6 +141,7 @@ class WebhookHandler:
         self.body_timeout = settings.body_timeout_seconds
         self.deadlines = Deadlines(settings.body_timeout_seconds)
         self.ignored = IgnoredLog(each=settings.log_level.lower() == "debug")
+        self.tally = runtime.metrics.tally
         self.admission = Admission(
             settings.max_concurrent_deliveries,
             settings.max_inflight_body_bytes,
@@ -153,22 +159,25 @@ class WebhookHandler:
             status, outcome, data = await self._handle(headers, receive)
         except Exception as exc:  # noqa: BLE001 - each kind gets its answer; a bug gets a 500
             status, data, name, extra = _refusal(exc)
+            ended = time.perf_counter()
         else:
             name = outcome.status
+            ended = time.perf_counter()
             if name == "ignored":
-                self.ignored.note(time.perf_counter(), outcome.reason)
+                self.ignored.note(ended, outcome.reason)
             else:
                 log.info(
                     "delivery",
                     outcome=name,
                     seq=outcome.seq,
-                    ms=round((time.perf_counter() - started) * 1000, 2),
+                    ms=round((ended - started) * 1000, 2),
                     **_row_ids(outcome),
                 )
-        event = headers.get("x-gitlab-event")
-        self.runtime.metrics.delivery(event, name, time.perf_counter() - started)
+        self.tally.add(headers.get("x-gitlab-event"), name, ended - started)
         if status:  # 0: the sender went away
-            await respond(send, status, data, extra)
+            # Sent here rather than through respond(): one coroutine less per delivery.
+            await send(response_start(status, data, extra))
+            await send({"type": "http.response.body", "body": data})
 
     async def _handle(
         self, headers: RequestHeaders, receive: Receive
