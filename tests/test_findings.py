@@ -14,9 +14,11 @@ from sqlalchemy import Engine, text
 
 from builders import dumps, label_change, mr_event
 from secledger import findings
-from secledger.extract import MRKey
+from secledger.extract import MRKey, extract_facts
 from secledger.findings import Finding, list_findings
+from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
+from secledger.projection import SequencedEvent, fold
 from secledger.service import Recording, feed
 from secledger.store import db, ledger
 from secledger.tierpolicy import CompliancePolicy, TierRule
@@ -395,3 +397,22 @@ def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None
     assert recorded == [read]
     # Nothing was written: before its new deadline it still reads as resolved.
     assert listed_as_of(engine, longer, T0 + timedelta(hours=99)) == [resolved]
+
+
+def test_a_decision_told_by_a_webhook_and_by_the_api_is_one_event_for_the_rules() -> None:
+    """The rules see what the fold sees: the API's copy of a webhook approval is dropped."""
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook"},
+        dumps(mr_event("approved", actor="bob")),
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=datetime(2025, 8, 6, tzinfo=UTC),
+        require_token=False,
+    )
+    assert not isinstance(parsed, Ignored)
+    webhook = extract_facts(parsed, LabelPolicy())
+    # The API's time is its own, a few seconds off: only the source merge matches them.
+    api = replace(webhook, source="api", event_at=webhook.event_at + timedelta(seconds=2))
+    row = {**fold([SequencedEvent(1, webhook)]), "instance": webhook.instance}
+    history = findings.history_of([SequencedEvent(1, webhook), SequencedEvent(2, api)], row)
+    assert [event.seq for event in history.events] == [1]

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
-from secledger.projection import SequencedEvent, distinct_facts
+from secledger.projection import SequencedEvent, distinct_facts, merge_sources
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
@@ -83,7 +83,7 @@ def history_of(events: Sequence[SequencedEvent], row: RowMapping | dict[str, Any
     """The rules' view of one MR from its events and its ledger row; an event delivered
     twice (system hook and project hook) is seen once, as the fold sees it."""
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
-    distinct = distinct_facts(events)
+    distinct = distinct_facts(merge_sources(list(events)))
     return MRHistory(
         key=key,
         events=tuple(sorted(distinct, key=lambda e: (e.facts.event_at, e.seq))),
