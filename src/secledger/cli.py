@@ -118,6 +118,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+SWITCH_INTERVAL_SECONDS = 0.001
+
+
 def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
 
@@ -145,6 +148,11 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     # ~80 ms on the benchmark machine, a pause in answering every request.
     gc.collect()
     gc.freeze()
+    # The writer thread gives up the interpreter lock for every database round trip and
+    # then waits for the busy event loop to hand it back, by default up to 5 ms each
+    # time: a fifth of a batch's time under load. At 1 ms recorded deliveries went ~6 %
+    # faster (benchmarks/RESULTS.md); ignored ones, with no writer at work, did not change.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     uvicorn.run(
         app,
         host=host,
