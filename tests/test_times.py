@@ -57,3 +57,22 @@ def test_a_stored_time_reads_back_as_it_was_written() -> None:
     ):
         assert parse_stored(spelling) == parse_time(spelling)
     assert parse_stored(None) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2025-08-05 21:48+05 UTC",
+        "2025-08-05 21:48:2x UTC",
+        "2025-13-05 21:48:25 UTC",
+        "0001-01-01 00:00:00 UTC",
+    ],
+)
+def test_near_misses_of_the_webhook_spelling_are_refused(value: str) -> None:
+    with pytest.raises(TimestampError):
+        parse_time(value)
+
+
+def test_the_webhook_spelling_parses_as_the_general_pattern_does() -> None:
+    assert parse_time("2025-08-05 21:48:25 UTC") == parse_time("2025-08-05T21:48:25Z")
+    assert parse_time("2025-08-05 21:48:25 UTC") == datetime(2025, 8, 5, 21, 48, 25, tzinfo=UTC)
