@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import io
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
@@ -20,7 +20,8 @@ from secledger import digest, webhook
 from secledger.deadlines import Deadlines
 from secledger.logs import LineWriter
 from secledger.metrics import Metrics
-from secledger.store.chain import LogRow, canonical, link
+from secledger.rules import stamp
+from secledger.store.chain import LogRow, canonical, link, time_text
 from secledger.webhook import IgnoredLog
 
 
@@ -217,3 +218,18 @@ def test_no_piece_reaches_the_size_at_which_hashlib_lets_go_of_the_lock() -> Non
     digest._feed(Recorder(), (b"x" * 10_000, b"y" * 2047, b"z"))  # type: ignore[arg-type]
     assert sum(fed) == 12_048
     assert max(fed) < 2048  # hashlib's HASHLIB_GIL_MINSIZE
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2025, 8, 5, 21, 48, 25, 123456, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
+def test_time_spellings_are_the_strftime_ones_they_replace(when: datetime) -> None:
+    """The chain's canonical bytes and the evidence stamps must never change spelling."""
+    assert time_text(when) == when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert stamp(when) == when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -24,7 +24,10 @@ CLOCK_STOPPERS = frozenset({"approved", "merged", "closed"})
 
 def stamp(value: datetime | None) -> str | None:
     """Evidence time spelling (whole seconds, UTC, Z); SQL writes the same."""
-    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if value is None:
+        return None
+    # isoformat spells years 1000-9999 as strftime("%Y-%m-%dT%H:%M:%S") does, faster.
+    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ class LogRow:
 
 def time_text(value: datetime) -> str:
     """Microsecond UTC spelling used in the canonical bytes (PostgreSQL keeps microseconds)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same characters as strftime("%Y-%m-%dT%H:%M:%S.%fZ") for years 1000-9999.
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 _PAYLOAD = b"payload"
