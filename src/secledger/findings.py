@@ -129,7 +129,7 @@ def assess(
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
     history = history_of(events, row)
     clock = sla_clock(history, policy)
-    hits = evaluate(history, policy, as_of or now)
+    hits = evaluate(history, policy, as_of or now, clock)
     keep = as_of is not None and clock.first_decision_at is None
     resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep}
     resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]

@@ -168,9 +168,11 @@ def _label_seq(history: MRHistory) -> int | None:
     return history.events[0].seq if history.events else None
 
 
-def evaluate(history: MRHistory, policy: CompliancePolicy, now: datetime) -> list[Hit]:
-    """Run every registered rule over one MR."""
-    context = Context(history, policy, sla_clock(history, policy), now)
+def evaluate(
+    history: MRHistory, policy: CompliancePolicy, now: datetime, clock: SlaClock | None = None
+) -> list[Hit]:
+    """Run every registered rule over one MR (``clock``: its ``sla_clock``, if known)."""
+    context = Context(history, policy, clock or sla_clock(history, policy), now)
     hits: list[Hit] = []
     for registered in RULES.values():
         for found in registered.check(context):

@@ -101,6 +101,14 @@ def isoformat(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with a Z, the one spelling secledger writes."""
     if value is None:
         return None
+    return _isoformat(value)
+
+
+# The same instants are written again and again (an event's time in its facts, in the
+# ledger row, in each answer). Equal aware datetimes are the same instant, so one
+# spelling serves them all.
+@functools.lru_cache(maxsize=4096)
+def _isoformat(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
