@@ -11,7 +11,7 @@ from builders import dumps, label_change, mr_event
 from secledger.extract import extract_facts
 from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.service import Outcome, record_batch
+from secledger.service import Outcome, record_batch, record_locked
 from secledger.store.log import Chain
 
 RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
@@ -104,3 +104,43 @@ def test_batch_gives_the_answers_and_rows_of_one_at_a_time(engine) -> None:
     log, rows = batched[1]
     assert [key for _, key, _ in log] == ["idem:earlier", "idem:a", "idem:b", "idem:c", "idem:e"]
     assert [row["mr_iid"] for row in rows] == [1, 2]
+
+
+def test_a_commit_sent_with_the_writes_is_the_transactions_commit(engine) -> None:
+    """The writer's COMMIT travels with its writes: done when record_locked returns."""
+    first = delivery(mr_event("open", labels=["sec::high"]), "c-1")
+    with engine.connect() as conn, conn.begin():
+        [outcome] = record_locked(conn, [(first, extract_facts(first, POLICY))], commit=True)
+        assert outcome.status == "recorded"
+        # Already visible to another session before the caller's own commit, a no-op.
+        with engine.connect() as other:
+            seqs = other.execute(text("SELECT seq FROM delivery_log")).scalars().all()
+        assert seqs == [outcome.seq]
+
+
+def test_a_batch_that_fails_with_its_commit_queued_commits_nothing(engine) -> None:
+    """A write refused by the database aborts the queued COMMIT: nothing is kept."""
+    good = delivery(mr_event("open", labels=["sec::high"]), "c-2")
+    with engine.begin() as conn:  # events are written after the log row, in the same pipeline
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN"
+                " RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        )
+    with engine.connect() as conn:
+        try:
+            with conn.begin():
+                record_locked(conn, [(good, extract_facts(good, POLICY))], commit=True)
+        except Exception as exc:  # noqa: BLE001 - any refusal will do
+            assert "refused" in str(exc)
+        else:
+            raise AssertionError("the refused write should have failed the batch")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one() == 0

@@ -234,7 +234,7 @@ class Recorder:
         try:
             with self._conn.begin():
                 outcomes = record_locked(
-                    self._conn, items, recording=self._recording, cache=self._cache
+                    self._conn, items, recording=self._recording, cache=self._cache, commit=True
                 )
         except BaseException:
             self._cache.discard()  # not committed: nothing it staged may be kept

@@ -97,6 +97,7 @@ def record_locked(
     *,
     recording: Recording = DEFAULT_RECORDING,
     cache: EventCache | None = None,
+    commit: bool = False,
 ) -> list[Outcome]:
     """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
     the lock, the head and the batch's reads sent in one round trip (the writer's path).
@@ -104,8 +105,12 @@ def record_locked(
     With ``cache``, events of merge requests it holds (and the table still agrees with)
     are not read back; what this batch wrote is staged in it, for the caller to
     ``commit`` once the transaction has committed (or ``discard``).
+
+    With ``commit``, the caller asks for its COMMIT to travel in the round trip of the
+    writes rather than one of its own: when this returns, the transaction has committed
+    (its own commit then has nothing left to do); when it raises, nothing was.
     """
-    return _record(conn, None, items, recording, cache)
+    return _record(conn, None, items, recording, cache, commit=commit)
 
 
 def record_batch(
@@ -135,6 +140,8 @@ def _record(
     items: Sequence[tuple[Delivery, EventFacts]],
     recording: Recording,
     cache: EventCache | None,
+    *,
+    commit: bool = False,
 ) -> list[Outcome]:
     seen = batchread.read(conn, items, lock=opened is None, cache=cache)
     chain = opened or seen.opened()
@@ -154,6 +161,8 @@ def _record(
         findings.send(pg, batch.assess())
         outbox.send(pg, batch.queued)
         ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
+        if commit:
+            pg.execute("COMMIT")
     if cache is not None:
         added: dict[MRKey, list[int]] = {}
         for i, seq in batch.logged:
