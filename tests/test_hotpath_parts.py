@@ -18,6 +18,8 @@ from structlog.testing import capture_logs
 
 from secledger import digest, webhook
 from secledger.deadlines import Deadlines
+from secledger.headers import RequestHeaders
+from secledger.intake import MAX_HEADER_CHARS, kept_headers
 from secledger.logs import LineWriter
 from secledger.metrics import Metrics
 from secledger.rules import stamp
@@ -233,3 +235,21 @@ def test_time_spellings_are_the_strftime_ones_they_replace(when: datetime) -> No
     """The chain's canonical bytes and the evidence stamps must never change spelling."""
     assert time_text(when) == when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert stamp(when) == when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_request_headers_read_like_the_dict_they_replace() -> None:
+    pairs = [
+        (b"x-gitlab-event", b"Merge Request Hook"),
+        (b"idempotency-key", b"k" * 600),  # cut to MAX_HEADER_CHARS when kept
+        (b"x-gitlab-token", b"secret"),
+        (b"user-agent", b"GitLab/18.3.0 \xe9"),
+        (b"x-gitlab-event", b"System Hook"),  # repeated: the last wins, as in a dict
+    ]
+    plain = {k.decode("latin-1"): v.decode("latin-1") for k, v in pairs}
+    lazy = RequestHeaders(pairs)
+    assert dict(lazy) == plain
+    assert lazy.get("x-gitlab-instance") is None and lazy.get("x-gitlab-instance", "") == ""
+    assert "x-gitlab-token" in lazy and "content-length" not in lazy
+    assert kept_headers(lazy) == kept_headers(plain)
+    assert "x-gitlab-token" not in kept_headers(lazy)
+    assert len(kept_headers(lazy)["idempotency-key"]) == MAX_HEADER_CHARS

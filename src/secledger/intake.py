@@ -26,6 +26,7 @@ from secledger.errors import (
     StaleTimestamp,
     WrongInstance,
 )
+from secledger.headers import RequestHeaders
 
 MR_EVENTS = frozenset({"Merge Request Hook", "System Hook"})
 
@@ -353,6 +354,8 @@ def dedup_key(headers: Mapping[str, str], body: bytes, verified: Verified | None
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers stored with a delivery, bounded in length."""
+    if isinstance(headers, RequestHeaders):  # the HTTP edge's: one pass over the raw pairs
+        return headers.pick(KEPT_HEADERS, MAX_HEADER_CHARS)
     return {k: headers[k][:MAX_HEADER_CHARS] for k in KEPT_HEADERS if k in headers}
 
 
