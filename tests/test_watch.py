@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from builders import dumps, mr_event
+from secledger import watch as watch_module
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
@@ -264,3 +265,135 @@ def test_a_notification_wakes_the_watcher(engine: Engine, database_url: str) -> 
         stop.set()
         thread.join(timeout=LINE_TIMEOUT)
     assert not thread.is_alive()
+
+
+class CountingState(StateFile):
+    """A real state file that also records each save and what stdout had flushed by then."""
+
+    def __init__(self, path: Path, out: FlushedLines, crash_on_save: int | None = None) -> None:
+        super().__init__(path)
+        self.out = out
+        self.crash_on_save = crash_on_save
+        self.saves: list[tuple[int, int]] = []  # (seq saved, highest seq flushed at the time)
+
+    def save(self, seq: int) -> None:
+        self.saves.append((seq, max(self.out.flushed_seqs(), default=0)))
+        if len(self.saves) == self.crash_on_save:
+            raise SimulatedCrash(seq)
+        super().save(seq)
+
+
+class SimulatedCrash(Exception):
+    """The process dies after flushing a read's lines, before their seq is saved."""
+
+
+class FlushedLines(io.StringIO):
+    """A TextIO that only counts text as delivered once flushed, as a pipe does."""
+
+    def __init__(self, stop: threading.Event | None = None, stop_after: int = 0) -> None:
+        super().__init__()
+        self.flushed = ""
+        self.stop = stop
+        self.stop_after = stop_after
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+        if self.stop is not None and len(self.flushed.splitlines()) == self.stop_after:
+            self.stop.set()  # as SIGTERM does between two lines
+
+    def flushed_seqs(self) -> list[int]:
+        return [json.loads(line)["seq"] for line in self.flushed.splitlines()]
+
+
+def watcher_with_state(
+    engine: Engine, database_url: str, state: StateFile, out: io.StringIO, stop: threading.Event
+) -> Watcher:
+    after = state.load() or 0
+    return Watcher(engine, db.libpq_url(database_url), out, after, stop, state=state)
+
+
+@pytest.fixture
+def page_of_three(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads of 3 seqs, so a few recordings make a catch-up of several reads."""
+    monkeypatch.setattr(watch_module, "PAGE", 3)
+
+
+def test_catch_up_saves_the_state_once_per_read_after_flushing_its_lines(
+    engine: Engine, database_url: str, tmp_path: Path, page_of_three: None
+) -> None:
+    """10 changes read 3 at a time: 4 saves (not 10), each after the lines it covers."""
+    for n in range(1, 11):
+        record(engine, event(n, iid=n))
+    out = FlushedLines()
+    state = CountingState(tmp_path / "watch.state", out)
+    watcher = watcher_with_state(engine, database_url, state, out, threading.Event())
+    watcher.catch_up()
+    assert out.flushed_seqs() == list(range(1, 11))
+    assert state.saves == [(3, 3), (6, 6), (9, 9), (10, 10)]
+    assert StateFile(state.path).load() == 10
+
+    watcher.catch_up()  # a wake-up with nothing new writes nothing
+    assert len(state.saves) == 4
+
+
+def test_crash_before_saving_a_read_repeats_at_most_that_read_and_skips_nothing(
+    engine: Engine, database_url: str, tmp_path: Path, page_of_three: None
+) -> None:
+    """Lines 4-6 flushed, then the process dies before saving 6: a restart repeats 4-6."""
+    for n in range(1, 11):
+        record(engine, event(n, iid=n))
+    path = tmp_path / "watch.state"
+    out = FlushedLines()
+    crashing = CountingState(path, out, crash_on_save=2)
+    with pytest.raises(SimulatedCrash):
+        watcher_with_state(engine, database_url, crashing, out, threading.Event()).catch_up()
+    assert out.flushed_seqs() == [1, 2, 3, 4, 5, 6]
+    assert StateFile(path).load() == 3
+
+    again = FlushedLines()
+    restarted = CountingState(path, again)
+    watcher_with_state(engine, database_url, restarted, again, threading.Event()).catch_up()
+    assert again.flushed_seqs() == [4, 5, 6, 7, 8, 9, 10]
+    assert sorted(set(out.flushed_seqs()) | set(again.flushed_seqs())) == list(range(1, 11))
+    assert StateFile(path).load() == 10
+
+
+def test_stop_in_the_middle_of_a_read_saves_the_lines_already_written(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM after 2 of 5 lines of one read: 2 is saved, so a restart starts at 3."""
+    for n in range(1, 6):
+        record(engine, event(n, iid=n))
+    path = tmp_path / "watch.state"
+    stop = threading.Event()
+    out = FlushedLines(stop, stop_after=2)
+    watcher_with_state(engine, database_url, StateFile(path), out, stop).catch_up()
+    assert out.flushed_seqs() == [1, 2]
+    assert StateFile(path).load() == 2
+
+
+class BrokenAfter(FlushedLines):
+    """A pipe whose reader goes away after ``lines`` lines."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def flush(self) -> None:
+        if len(self.getvalue().splitlines()) > self.lines:
+            raise BrokenPipeError
+        super().flush()
+
+
+def test_broken_pipe_saves_the_lines_delivered_before_it(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """The reader leaves during the third line: 2 is saved, the third is written again."""
+    for n in range(1, 6):
+        record(engine, event(n, iid=n))
+    path = tmp_path / "watch.state"
+    out = BrokenAfter(2)
+    with pytest.raises(BrokenPipeError):
+        watcher_with_state(engine, database_url, StateFile(path), out, threading.Event()).catch_up()
+    assert out.flushed_seqs() == [1, 2]
+    assert StateFile(path).load() == 2

@@ -2,9 +2,10 @@
 
 The database is the source: on start, after every wake-up and after every reconnect the
 watcher reads every seq above the last one it emitted (``store.changes.after``);
-``LISTEN`` only tells it when to look again. Each line is flushed and only then is its
-seq written to the state file, so a restarted watcher resumes after the last line it
-delivered: no gap, and no repeat after a clean stop.
+``LISTEN`` only tells it when to look again. Each line is flushed; the state file is
+written once per read (a page of the catch-up, or one wake-up), after its lines, so a
+restarted watcher resumes after the last saved line: no gap, no repeat after a clean
+stop, and after a crash at most the lines of the read in hand again.
 
 Several seqs of one merge request read together (a catch-up, or one group commit) make
 one line: the MR's row as it is now, at the position of its highest seq, listing every
@@ -142,22 +143,33 @@ class Watcher:
                 self.catch_up()
 
     def catch_up(self) -> None:
-        """Emit every change after ``last_seq`` committed so far."""
+        """Emit every change after ``last_seq`` committed so far, saving once per read."""
         while not self.stop.is_set():
             with self.engine.connect() as conn:
                 rows = changes.after(conn, self.last_seq, PAGE)
-            for change in coalesce(rows):
-                if self.stop.is_set():
-                    return
-                self.emit(change)
+            saved = self.last_seq
+            # One fsync per read instead of per line (it bounded a catch-up at a few
+            # hundred lines/s). The finally also saves the lines flushed before a stop or
+            # a broken pipe, so neither repeats them.
+            try:
+                for change in coalesce(rows):
+                    if self.stop.is_set():
+                        return
+                    self.emit(change)
+            finally:
+                if self.last_seq != saved:
+                    self.save()
             if len(rows) < PAGE:
                 return
 
     def emit(self, change: Change) -> None:
-        """Write one line, flush it, then remember its seq."""
+        """Write one line, flush it, then remember its seq (saved by ``save``)."""
         self.out.write(orjson.dumps(change.to_json()).decode() + "\n")
         self.out.flush()
         self.last_seq = change.seq
         self.emitted += 1
+
+    def save(self) -> None:
+        """Save ``last_seq``; every line up to it has been flushed by ``emit``."""
         if self.state is not None:
-            self.state.save(change.seq)
+            self.state.save(self.last_seq)

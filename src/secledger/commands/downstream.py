@@ -63,7 +63,7 @@ def start_after(engine: Engine, from_seq: int | None, state: StateFile | None) -
     "--state-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Resume after the seq saved here, and save each emitted seq (atomic replace).",
+    help="Resume after the seq saved here; save the last emitted seq after each read.",
 )
 @click.pass_obj
 def watch_command(context: Context, from_seq: int | None, state_file: Path | None) -> None:
