@@ -23,7 +23,7 @@ from secledger.projection import SequencedEvent, fold
 from secledger.store import batchread, ledger, log, outbox
 from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
-from secledger.store.pipeline import pipeline, queue
+from secledger.store.pipeline import pipeline
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
@@ -162,7 +162,7 @@ def _record(
         outbox.send(pg, batch.queued)
         ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
         if commit:
-            queue(pg, "COMMIT")
+            pg.execute("COMMIT")
     if cache is not None:
         added: dict[MRKey, list[int]] = {}
         for i, seq in batch.logged:

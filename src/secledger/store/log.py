@@ -12,7 +12,7 @@ from sqlalchemy import Connection, text
 
 from secledger.intake import API_SOURCE, Delivery
 from secledger.store.chain import GENESIS, LogRow, link
-from secledger.store.pipeline import Pg, pipeline, queue
+from secledger.store.pipeline import Pg, pipeline
 
 # One lock serialises appends across every process writing to this database, so the
 # chain cannot fork. It is transaction-scoped: released by commit or rollback, after
@@ -88,7 +88,7 @@ INSERT = (
 def send_rows(pg: Pg, rows: Sequence[dict[str, object]]) -> None:
     """Queue the insert of ``rows`` (from ``Chain.extend``) on a pipeline."""
     if rows:
-        queue(pg, INSERT, {name: [row[name] for row in rows] for name in _COLUMNS})
+        pg.execute(INSERT, {name: [row[name] for row in rows] for name in _COLUMNS})
 
 
 def headers_text(headers: dict[str, str]) -> str:
@@ -117,8 +117,8 @@ class Chain:
         """Queue the lock and the head read on a pipeline; pass the cursor to ``opened``."""
         # Pipelined, the head is still read by a statement that starts after the lock
         # statement has returned, so it sees the previous holder's rows (see above).
-        queue(pg, _LOCK, {"key": CHAIN_LOCK_KEY})
-        return queue(pg, _HEAD)
+        pg.execute(_LOCK, {"key": CHAIN_LOCK_KEY})
+        return pg.execute(_HEAD)
 
     @classmethod
     def opened(cls, head: Cursor[Any]) -> Chain:
@@ -130,7 +130,7 @@ class Chain:
     def reload(self, conn: Connection) -> None:
         """Re-read the head, after a savepoint was rolled back."""
         with pipeline(conn) as pg:
-            head = queue(pg, _HEAD)
+            head = pg.execute(_HEAD)
         self.take_head(head.fetchone())
 
     def take_head(self, row: tuple[Any, ...] | None) -> None:
@@ -228,7 +228,7 @@ class Logged:
         bodies = [body for body in map(body_key, deliveries) if body is not None]
         instances = [instance for instance, _ in bodies]
         digests = [digest for _, digest in bodies]
-        return queue(pg, LOGGED, {"keys": keys, "instances": instances, "digests": digests})
+        return pg.execute(LOGGED, {"keys": keys, "instances": instances, "digests": digests})
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> Logged:

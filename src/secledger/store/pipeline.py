@@ -9,14 +9,12 @@ they were sent, each with its own snapshot, exactly as if sent one by one.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg import Cursor
-from psycopg.generators import READY_W, WAIT_RW
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -51,39 +49,6 @@ def pipeline(conn: Connection) -> Iterator[Pg]:
         ) from exc
 
 
-def _sent_without_waiting(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
-    """``gen`` (psycopg's execute in pipeline mode) told the socket is writable at once.
-
-    Queuing a statement makes psycopg poll the socket for "readable or writable", and a
-    poll gives up the interpreter lock: the writer then waited for the busy event loop
-    to hand it back, once per statement, about half of a batch's time. The connection is
-    non-blocking, so "writable" only lets libpq send what the socket takes now and keep
-    the rest buffered; every result is still read, with real waits, when the pipeline
-    syncs. Any other wait is passed through.
-    """
-    try:
-        state = next(gen)
-        while True:
-            ready = READY_W if state == WAIT_RW else (yield state)
-            state = gen.send(ready)
-    except StopIteration as stop:
-        return stop.value
-
-
-def queue(pg: Pg, sql: str, params: Params | None = None) -> Cursor[Any]:
-    """``pg.execute(sql, params)`` inside a pipeline, without polling the socket."""
-    cursor = pg.cursor()
-    execute_gen = getattr(cursor, "_execute_gen", None)
-    if execute_gen is None or getattr(pg, "_pipeline", None) is None:
-        return cursor.execute(sql, params)  # psycopg changed, or no pipeline: the usual way
-    try:
-        with pg.lock:
-            pg.wait(_sent_without_waiting(execute_gen(sql, params)))
-    except psycopg.Error as exc:
-        raise exc.with_traceback(None) from None
-    return cursor
-
-
 def send_rows(pg: Pg, sql: str, rows: Sequence[Params]) -> None:
     """Queue ``sql`` once for all ``rows``, passed as one JSON array in ``%(rows)s``.
 
@@ -94,4 +59,4 @@ def send_rows(pg: Pg, sql: str, rows: Sequence[Params]) -> None:
     offset, lists as JSON arrays.
     """
     if rows:
-        queue(pg, sql, {"rows": orjson.dumps(rows).decode()})
+        pg.execute(sql, {"rows": orjson.dumps(rows).decode()})
