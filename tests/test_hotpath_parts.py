@@ -98,9 +98,9 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def test_the_tally_exposes_counts_and_a_cumulative_histogram() -> None:
     metrics = Metrics()
-    metrics.delivery("Merge Request Hook", "ignored", 0.001)  # on a bound: counted in it
-    metrics.delivery("Merge Request Hook", "ignored", 0.003)
-    metrics.delivery("System Hook", "recorded", 20.0)  # past the last bound: +Inf only
+    metrics.tally.add("Merge Request Hook", "ignored", 0.001)  # on a bound: counted in it
+    metrics.tally.add("Merge Request Hook", "ignored", 0.003)
+    metrics.tally.add("System Hook", "recorded", 20.0)  # past the last bound: +Inf only
     found = samples(metrics)
     ignored = (("event", "Merge Request Hook"), ("outcome", "ignored"))
     assert found[("secledger_deliveries_total", ignored)] == 2
@@ -118,8 +118,8 @@ def test_the_tally_exposes_counts_and_a_cumulative_histogram() -> None:
 def test_sender_chosen_event_names_do_not_grow_the_tally() -> None:
     metrics = Metrics()
     for n in range(500):
-        metrics.delivery(f"Evil Hook {n}", "ignored", 0.001)
-    metrics.delivery(None, "rejected", 0.001)
+        metrics.tally.add(f"Evil Hook {n}", "ignored", 0.001)
+    metrics.tally.add(None, "rejected", 0.001)
     assert len(metrics.tally._counts) == 2
     found = samples(metrics)
     other = (("event", "other"), ("outcome", "ignored"))

@@ -231,16 +231,8 @@ def is_security_event(delivery: Delivery | Decoded, policy: LabelPolicy) -> bool
     """``extract_facts(...).is_security`` from the labels alone, for the ignore fast path:
     a security label now, or one before this delivery changed the labels."""
     payload = delivery.payload
-    # Where payloads.current_labels looks, in the same order, without copying the titles.
-    if isinstance(payload.get("labels"), list):
-        now = payload["labels"]
-    else:
-        attrs = p.obj(payload, "object_attributes")
-        if isinstance(attrs.get("labels"), list):
-            now = attrs["labels"]
-        else:
-            now = p.obj(p.obj(payload, "changes"), "labels").get("current")
-    if policy.any_security_in(now):
+    # The label lists as sent, checked without copying their titles into new lists.
+    if policy.any_security_in(p.current_label_items(payload)):
         return True
     change = p.obj(p.obj(payload, "changes"), "labels")
     return bool(change) and policy.any_security_in(change.get("previous"))

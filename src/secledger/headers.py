@@ -45,7 +45,7 @@ class RequestHeaders(Mapping[str, str]):
 
     def get(self, name: str, default: object = None, /) -> object:
         """The decoded value of ``name``, or ``default``."""
-        value = self._raw.get(_ENCODED.get(name) or _key(name))
+        value = self._raw.get(_key(name))
         return default if value is None else value.decode("latin-1")
 
     def pick(self, names: tuple[str, ...], limit: int) -> dict[str, str]:
@@ -53,19 +53,19 @@ class RequestHeaders(Mapping[str, str]):
         raw = self._raw
         picked: dict[str, str] = {}
         for name in names:
-            value = raw.get(_ENCODED.get(name) or _key(name))
+            value = raw.get(_key(name))
             if value is not None:
                 picked[name] = value.decode("latin-1")[:limit]
         return picked
 
     def __getitem__(self, name: str) -> str:
-        value = self._raw.get(_ENCODED.get(name) or _key(name))
+        value = self._raw.get(_key(name))
         if value is None:
             raise KeyError(name)
         return value.decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (_ENCODED.get(name) or _key(name)) in self._raw
+        return isinstance(name, str) and (_key(name)) in self._raw
 
     def __iter__(self) -> Iterator[str]:
         return (name.decode("latin-1") for name in self._raw)

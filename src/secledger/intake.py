@@ -79,15 +79,16 @@ class Delivery:
     def without_payload(self) -> Delivery:
         """This delivery without its decoded JSON: what logging it needs (the raw body
         stays), once the facts have been extracted."""
+        # Built directly: dataclasses.replace inspects the fields on every call.
         stripped = Delivery(
-            self.event,
-            self.instance,
-            self.headers,
-            self.body,
-            {},
-            self.dedup_key,
-            self.received_at,
-            self.source,
+            event=self.event,
+            instance=self.instance,
+            headers=self.headers,
+            body=self.body,
+            payload={},
+            dedup_key=self.dedup_key,
+            received_at=self.received_at,
+            source=self.source,
         )
         # Hashed here, on the request's own task, rather than later on the one writer.
         object.__setattr__(stripped, "body_sha256", self.body_sha256)

@@ -153,10 +153,6 @@ class Metrics:
         if engine is not None:
             self.registry.register(LedgerCollector(engine, tiers))
 
-    def delivery(self, event: str | None, outcome: str, seconds: float) -> None:
-        """Count one answered delivery and its processing time (hot path: keep it cheap)."""
-        self.tally.add(event, outcome, seconds)
-
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)

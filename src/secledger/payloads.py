@@ -60,14 +60,19 @@ def usernames(items: object) -> list[str]:
     ]
 
 
-def current_labels(payload: Mapping[str, Any]) -> list[str]:
-    """The merge request's labels now: top-level, else under attributes, else from changes."""
+def current_label_items(payload: Mapping[str, Any]) -> object:
+    """The label list now, as sent: top-level, else under attributes, else from changes."""
     if isinstance(payload.get("labels"), list):
-        return label_titles(payload["labels"])
+        return payload["labels"]
     attrs = obj(payload, "object_attributes")
     if isinstance(attrs.get("labels"), list):
-        return label_titles(attrs["labels"])
-    return label_titles(obj(obj(payload, "changes"), "labels").get("current"))
+        return attrs["labels"]
+    return obj(obj(payload, "changes"), "labels").get("current")
+
+
+def current_labels(payload: Mapping[str, Any]) -> list[str]:
+    """The merge request's label titles now (see ``current_label_items``)."""
+    return label_titles(current_label_items(payload))
 
 
 def previous_labels(payload: Mapping[str, Any]) -> list[str] | None:
