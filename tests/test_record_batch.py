@@ -12,6 +12,7 @@ from secledger.extract import extract_facts
 from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.service import Outcome, record_batch, record_locked
+from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
 
 RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
@@ -144,3 +145,26 @@ def test_a_batch_that_fails_with_its_commit_queued_commits_nothing(engine) -> No
             raise AssertionError("the refused write should have failed the batch")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one() == 0
+
+
+def test_the_writers_reads_are_planned_afresh_however_often_they_run(engine: Engine) -> None:
+    """Lookups whose plan depends on the table's size are never prepared on the connection.
+
+    psycopg prepares a statement after five runs, and PostgreSQL may keep a generic plan
+    made while the log was empty; the writer holds its connection for days.
+    """
+    cache = EventCache()
+    with engine.connect() as conn:
+        for n in range(8):
+            first = delivery(mr_event("open", iid=100 + n, labels=["sec::high"]), f"p-{n}")
+            dup = delivery(mr_event("open", iid=100 + n, labels=["sec::high"]), f"p-{n}")
+            plain = delivery(mr_event("open", iid=200 + n, labels=["frontend"]), f"q-{n}")
+            items = [(d, extract_facts(d, POLICY)) for d in (first, dup, plain)]
+            with conn.begin():
+                record_locked(conn, items, cache=cache if n % 2 else None, commit=True)
+            cache.commit()
+        prepared = conn.execute(text("SELECT statement FROM pg_prepared_statements")).scalars()
+        statements = " ".join(prepared.all())
+    assert "INSERT INTO delivery_log" in statements  # the writes are prepared, as before
+    for table_read in ("FROM delivery_log WHERE dedup_key", "FROM review_events WHERE"):
+        assert table_read not in statements

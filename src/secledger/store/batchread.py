@@ -15,7 +15,7 @@ from secledger.projection import SequencedEvent
 from secledger.store import eventcache, ledger
 from secledger.store.eventcache import EMPTY, EventCache, Fingerprint
 from secledger.store.log import Chain, Logged
-from secledger.store.pipeline import pipeline
+from secledger.store.pipeline import lookup, pipeline
 
 
 @dataclass
@@ -63,10 +63,10 @@ def read(
     fetch = keys - cached
     with pipeline(conn) as pg:
         head = Chain.send_open(pg) if lock else None
-        known = pg.execute(ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
+        known = lookup(pg, ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
         logged = Logged.send_lookup(pg, [delivery for delivery, _ in items])
-        prints = pg.execute(eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
-        events = pg.execute(ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
+        prints = lookup(pg, eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
+        events = lookup(pg, ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
         xid = pg.execute(eventcache.XID) if cache else None
     seen = Seen(
         head=head,

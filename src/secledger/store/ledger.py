@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from secledger.extract import EventFacts, MRKey
 from secledger.projection import LEDGER_COLUMNS, SequencedEvent, fold
-from secledger.store.pipeline import Pg, pipeline, send_rows
+from secledger.store.pipeline import Pg, lookup, pipeline, send_rows
 from secledger.store.schema import security_review_ledger
 from secledger.times import utcnow
 
@@ -69,7 +69,7 @@ def keys_params(keys: Iterable[MRKey]) -> dict[str, list[Any]]:
 def known_among(conn: Connection, keys: Iterable[MRKey]) -> set[MRKey]:
     """The merge requests among ``keys`` that already have a ledger row."""
     with pipeline(conn) as pg:
-        found = pg.execute(KNOWN_AMONG, keys_params(keys))
+        found = lookup(pg, KNOWN_AMONG, keys_params(keys))
     return known_from(found.fetchall())
 
 
@@ -111,7 +111,7 @@ def send_events(pg: Pg, events: Sequence[tuple[int, EventFacts]]) -> None:
 def events_by_mr(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, list[SequencedEvent]]:
     """Every event of each merge request in ``keys``, in event-time order, in one query."""
     with pipeline(conn) as pg:
-        found = pg.execute(EVENTS_OF_MANY, keys_params(keys))
+        found = lookup(pg, EVENTS_OF_MANY, keys_params(keys))
     return events_from(found.fetchall())
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, text
 
 from secledger.intake import API_SOURCE, Delivery
 from secledger.store.chain import GENESIS, LogRow, link
-from secledger.store.pipeline import Pg, pipeline
+from secledger.store.pipeline import Pg, lookup, pipeline
 
 # One lock serialises appends across every process writing to this database, so the
 # chain cannot fork. It is transaction-scoped: released by commit or rollback, after
@@ -228,7 +228,7 @@ class Logged:
         bodies = [body for body in map(body_key, deliveries) if body is not None]
         instances = [instance for instance, _ in bodies]
         digests = [digest for _, digest in bodies]
-        return pg.execute(LOGGED, {"keys": keys, "instances": instances, "digests": digests})
+        return lookup(pg, LOGGED, {"keys": keys, "instances": instances, "digests": digests})
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> Logged:
