@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import structlog
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from structlog.testing import capture_logs
 
 from builders import dumps, label_change, mr_event, sample
 from conftest import post
+from secledger import webhook
+from secledger.config import Settings
 from secledger.store import db
 from secledger.web import create_app
 
@@ -199,3 +204,20 @@ def test_get_on_the_webhook_is_405(client) -> None:
     response = client.get("/webhooks/gitlab")
     assert response.status_code == 405
     assert json.loads(response.content)["error"] == "method_not_allowed"
+
+
+def test_shutdown_logs_the_ignored_deliveries_of_the_last_partial_minute(
+    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with capture_logs() as logged:
+        with TestClient(app) as client:
+            for iid in (1, 2):
+                assert (
+                    post(client, mr_event("open", iid=iid, labels=["frontend"])).status_code == 200
+                )
+            assert not [line for line in logged if line["event"] == "deliveries_ignored"]
+        summaries = [line for line in logged if line["event"] == "deliveries_ignored"]
+    assert len(summaries) == 1
+    assert summaries[0]["count"] == 2
