@@ -2,7 +2,10 @@
 
 Each request waits for the commit that covers its delivery before it is answered, so
 a 2xx still means "durably recorded". Batching makes the chain lock and the WAL flush
-cost once per batch instead of once per delivery.
+cost once per batch instead of once per delivery. Under load a batch costs one round
+trip: what is queued when a batch's writes have been sent becomes the next batch, and
+its BEGIN, chain lock and reads follow the COMMIT in the same round trip (the writer's
+connection is in autocommit mode and sends both itself).
 
 When the database is unreachable, the batch goes to the durable spool instead and is
 answered ``spooled`` once its files are fsync'd. While the spool holds anything, new
@@ -27,7 +30,9 @@ from secledger.extract import EventFacts
 from secledger.intake import Delivery
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
+from secledger.store import batchread
 from secledger.store.eventcache import EventCache
+from secledger.store.pipeline import Pg
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -100,6 +105,10 @@ class Recorder:
         # per batch cost a pre-ping round trip each time.
         self._conn: Connection | None = None
         self._cache = EventCache()
+        # Jobs taken while the previous batch's writes were being queued, and their reads,
+        # sent in that batch's round trip after its COMMIT (in their own transaction).
+        self._carry: list[_Job | object] = []
+        self._pending: batchread.Pending | None = None
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -127,7 +136,7 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            batch, self._carry = self._carry or self._next_batch(), []
             if self.spool_depth:
                 self._drain_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
@@ -229,18 +238,48 @@ class Recorder:
 
     def _transaction(self, jobs: list[_Job]) -> list[Outcome]:
         if self._conn is None:
-            self._conn = self._engine.connect()
+            # Autocommit: the writer sends BEGIN and COMMIT itself, so that the next
+            # batch's transaction can start in the round trip that commits this one.
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn = self._conn
         items = [(job.delivery, job.facts) for job in jobs]
+        pending, self._pending = self._pending, None
         try:
-            with self._conn.begin():
-                outcomes = record_locked(
-                    self._conn, items, recording=self._recording, cache=self._cache, commit=True
-                )
+            seen = pending.finish(conn) if pending is not None else None
+            outcomes = record_locked(
+                conn,
+                items,
+                recording=self._recording,
+                cache=self._cache,
+                commit=True,
+                seen=seen,
+                begin=seen is None,
+                then=self._prefetch,
+            )
         except BaseException:
             self._cache.discard()  # not committed: nothing it staged may be kept
+            self._pending = None  # the next batch's reads were aborted with this batch
             raise
         self._cache.commit()
         return outcomes
+
+    def _prefetch(self, pg: Pg) -> None:
+        """Take what is queued now as the next batch, and queue its BEGIN and reads."""
+        if self._carry:  # taken before, not recorded yet (this batch is a retry)
+            return
+        taken: list[_Job | object] = []
+        while len(taken) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            taken.append(item)
+            if item is _STOP:
+                break
+        self._carry = taken
+        items = [(job.delivery, job.facts) for job in taken if isinstance(job, _Job)]
+        if items:
+            self._pending = batchread.send(pg, items, lock=True, cache=self._cache, begin=True)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

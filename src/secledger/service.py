@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,7 +23,7 @@ from secledger.projection import SequencedEvent, fold
 from secledger.store import batchread, ledger, log, outbox
 from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
-from secledger.store.pipeline import pipeline
+from secledger.store.pipeline import Pg, pipeline
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
@@ -98,6 +98,9 @@ def record_locked(
     recording: Recording = DEFAULT_RECORDING,
     cache: EventCache | None = None,
     commit: bool = False,
+    seen: batchread.Seen | None = None,
+    begin: bool = False,
+    then: Callable[[Pg], None] | None = None,
 ) -> list[Outcome]:
     """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
     the lock, the head and the batch's reads sent in one round trip (the writer's path).
@@ -109,8 +112,16 @@ def record_locked(
     With ``commit``, the caller asks for its COMMIT to travel in the round trip of the
     writes rather than one of its own: when this returns, the transaction has committed
     (its own commit then has nothing left to do); when it raises, nothing was.
+
+    The writer's pipelining, on a connection in autocommit mode: ``begin`` sends a BEGIN
+    before the reads; ``seen`` is what ``batchread.send`` already read for ``items``
+    (lock taken, in an open transaction), so no read round trip is made; ``then`` is
+    called with the write pipeline after its COMMIT, to queue the next batch's BEGIN and
+    reads in the same round trip.
     """
-    return _record(conn, None, items, recording, cache, commit=commit)
+    return _record(
+        conn, None, items, recording, cache, commit=commit, seen=seen, begin=begin, then=then
+    )
 
 
 def record_batch(
@@ -142,15 +153,25 @@ def _record(
     cache: EventCache | None,
     *,
     commit: bool = False,
+    seen: batchread.Seen | None = None,
+    begin: bool = False,
+    then: Callable[[Pg], None] | None = None,
 ) -> list[Outcome]:
-    seen = batchread.read(conn, items, lock=opened is None, cache=cache)
+    if seen is None:
+        seen = batchread.read(conn, items, lock=opened is None, cache=cache, begin=begin)
     chain = opened or seen.opened()
     kept = _kept(items, seen.known)
     seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)
     batch = _Batch(items, list(zip(kept, seqs, strict=True)), chain, seen, recording)
     stored = _stored_rows(conn, batch)
     if not batch.logged:
-        return batch.answer(stored)
+        outcomes = batch.answer(stored)
+        if commit:  # nothing to write, but the transaction (and its lock) must end
+            with pipeline(conn) as pg:
+                pg.execute("COMMIT")
+                if then is not None:
+                    then(pg)
+        return outcomes
     with pipeline(conn) as pg:
         # Sent first: PostgreSQL stores the payloads while the folds and findings are
         # computed below, instead of the two waiting for each other.
@@ -163,6 +184,8 @@ def _record(
         ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
         if commit:
             pg.execute("COMMIT")
+            if then is not None:
+                then(pg)
     if cache is not None:
         added: dict[MRKey, list[int]] = {}
         for i, seq in batch.logged:

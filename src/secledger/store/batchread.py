@@ -15,7 +15,7 @@ from secledger.projection import SequencedEvent
 from secledger.store import eventcache, ledger
 from secledger.store.eventcache import EMPTY, EventCache, Fingerprint
 from secledger.store.log import Chain, Logged
-from secledger.store.pipeline import lookup, pipeline
+from secledger.store.pipeline import Pg, lookup, pipeline
 
 
 @dataclass
@@ -49,6 +49,7 @@ def read(
     *,
     lock: bool,
     cache: EventCache | None = None,
+    begin: bool = False,
 ) -> Seen:
     """The chain lock and head (with ``lock``), which doubtful MRs have a ledger row, which
     deliveries are already logged (by dedup key or body), and every event of each MR in
@@ -56,28 +57,62 @@ def read(
 
     With ``cache``, events come from it for each MR whose fingerprint still matches; the
     rest are read, in the same round trip unless a cached MR turns out to have changed.
+    With ``begin``, a BEGIN goes first (a writer connection in autocommit mode).
     """
+    with pipeline(conn) as pg:
+        pending = send(pg, items, lock=lock, cache=cache, begin=begin)
+    return pending.finish(conn)
+
+
+@dataclass
+class Pending:
+    """The reads of ``send``, sent but not yet synced; ``finish`` once they have been."""
+
+    cache: EventCache | None
+    cached: set[MRKey]
+    head: Cursor[Any] | None
+    known: Cursor[Any] | None
+    logged: Cursor[Any]
+    prints: Cursor[Any] | None
+    events: Cursor[Any] | None
+    xid: Cursor[Any] | None
+
+    def finish(self, conn: Connection) -> Seen:
+        """What was read (one more round trip only when a cached MR has changed)."""
+        seen = Seen(
+            head=self.head,
+            known=ledger.known_from(self.known.fetchall()) if self.known is not None else set(),
+            logged=Logged.from_rows(self.logged.fetchall()),
+            events=ledger.events_from(self.events.fetchall()) if self.events is not None else {},
+        )
+        if self.cache is not None and self.prints is not None and self.xid is not None:
+            _from_cache(conn, seen, self.cache, self.cached, self.prints.fetchall())
+            seen.xid = int(self.xid.fetchone()[0])  # type: ignore[index]
+        return seen
+
+
+def send(
+    pg: Pg,
+    items: Sequence[tuple[Delivery, EventFacts]],
+    *,
+    lock: bool,
+    cache: EventCache | None = None,
+    begin: bool = False,
+) -> Pending:
+    """Queue the reads of ``read`` on a pipeline (after a BEGIN, with ``begin``)."""
     doubtful = {facts.key for _, facts in items if not facts.is_security}
     keys = {facts.key for _, facts in items}
     cached = {key for key in keys if key in cache} if cache is not None else set()
     fetch = keys - cached
-    with pipeline(conn) as pg:
-        head = Chain.send_open(pg) if lock else None
-        known = lookup(pg, ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
-        logged = Logged.send_lookup(pg, [delivery for delivery, _ in items])
-        prints = lookup(pg, eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
-        events = lookup(pg, ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
-        xid = pg.execute(eventcache.XID) if cache else None
-    seen = Seen(
-        head=head,
-        known=ledger.known_from(known.fetchall()) if known is not None else set(),
-        logged=Logged.from_rows(logged.fetchall()),
-        events=ledger.events_from(events.fetchall()) if events is not None else {},
-    )
-    if cache is not None and prints is not None and xid is not None:
-        _from_cache(conn, seen, cache, cached, prints.fetchall())
-        seen.xid = int(xid.fetchone()[0])  # type: ignore[index]
-    return seen
+    if begin:
+        pg.execute("BEGIN")
+    head = Chain.send_open(pg) if lock else None
+    known = lookup(pg, ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
+    logged = Logged.send_lookup(pg, [delivery for delivery, _ in items])
+    prints = lookup(pg, eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
+    events = lookup(pg, ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
+    xid = pg.execute(eventcache.XID) if cache else None
+    return Pending(cache, cached, head, known, logged, prints, events, xid)
 
 
 def _from_cache(

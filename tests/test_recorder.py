@@ -1,0 +1,132 @@
+"""The writer thread: batches, the next batch's reads sent with this batch's commit, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, text
+
+from builders import dumps, mr_event
+from secledger.errors import StoreUnavailable
+from secledger.extract import EventFacts, extract_facts
+from secledger.intake import Delivery, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.recorder import Recorder
+from secledger.service import Outcome
+from secledger.store.log import CHAIN_LOCK_KEY
+
+POLICY = LabelPolicy()
+RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
+
+
+def item(iid: int, key: str, action: str = "open") -> tuple[Delivery, EventFacts]:
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
+        dumps(mr_event(action, iid=iid, labels=["sec::high"])),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=RECEIVED,
+        require_token=False,
+    )
+    assert isinstance(parsed, Delivery)
+    return parsed, extract_facts(parsed, POLICY)
+
+
+def record_queued(
+    engine: Engine, items: list[tuple[Delivery, EventFacts]], max_batch: int
+) -> tuple[list[Outcome | BaseException], bool]:
+    """Queue every item before the writer starts, so batches (and carries) are deterministic.
+
+    The answers, and whether the chain lock was free once the writer was idle again.
+    """
+
+    async def scenario() -> tuple[list[Outcome | BaseException], bool]:
+        recorder = Recorder(engine, max_batch=max_batch)
+        tasks = [asyncio.create_task(recorder.submit(d, f)) for d, f in items]
+        await asyncio.sleep(0)  # every task has queued its job
+        recorder.start()
+        try:
+            # A job the writer lost would never be answered: fail rather than hang.
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            return outcomes, lock_is_free(engine)  # the writer still holds its connection
+        finally:
+            recorder.close()
+
+    return asyncio.run(scenario())
+
+
+def lock_is_free(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        free = conn.execute(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY}
+        ).scalar()
+        conn.rollback()
+    return bool(free)
+
+
+def test_batches_whose_reads_travel_with_the_previous_commit_record_everything_in_order(
+    engine: Engine,
+) -> None:
+    # Five queued, two a batch: the second and third batches are read in the round trip
+    # that commits the batch before them.
+    items = [item(iid, f"k{iid}") for iid in range(1, 6)]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    assert [o.status for o in outcomes if isinstance(o, Outcome)] == ["recorded"] * 5
+    assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4, 5]
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
+        assert list(keys) == [f"idem:k{iid}" for iid in range(1, 6)]
+        rows = conn.execute(text("SELECT count(*) FROM security_review_ledger")).scalar()
+        assert rows == 5
+    assert idle_lock_free  # idle: no transaction left open with the chain lock
+
+
+def test_a_carried_batch_sees_what_the_batch_before_it_committed(engine: Engine) -> None:
+    # The same MR in consecutive batches, and a resend of a delivery from the batch
+    # before: the carried reads run after that batch's COMMIT, so they see its rows.
+    items = [item(7, "a"), item(8, "b"), item(7, "c", "approved"), item(7, "a")]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    statuses = [o.status for o in outcomes if isinstance(o, Outcome)]
+    assert statuses == ["recorded", "recorded", "recorded", "duplicate"]
+    third, fourth = outcomes[2], outcomes[3]
+    assert isinstance(third, Outcome) and isinstance(fourth, Outcome)
+    assert third.row is not None and third.row["approvers"]
+    assert fourth.seq == 1
+    assert idle_lock_free
+
+
+def test_a_carried_batch_of_resends_only_still_ends_its_transaction(engine: Engine) -> None:
+    items = [item(1, "a"), item(2, "b"), item(1, "a"), item(2, "b")]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    statuses = [o.status for o in outcomes if isinstance(o, Outcome)]
+    assert statuses == ["recorded", "recorded", "duplicate", "duplicate"]
+    assert idle_lock_free  # nothing to write, yet its BEGIN and lock were ended
+
+
+def test_a_failed_batch_loses_none_of_the_jobs_taken_with_its_commit(engine: Engine) -> None:
+    """The second delivery is refused: its batch is retried one by one, and the batches
+    whose reads were queued behind the failed COMMIT are recorded afterwards, in order."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_two() RETURNS trigger AS $$ BEGIN"
+                " IF NEW.mr_iid = 2 THEN RAISE EXCEPTION 'refused'; END IF;"
+                " RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_two BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_two()"
+            )
+        )
+    items = [item(iid, f"f{iid}") for iid in range(1, 6)]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    assert isinstance(outcomes[1], StoreUnavailable)  # no spool here: refused is 503
+    recorded = [o for o in outcomes if isinstance(o, Outcome)]
+    assert [o.status for o in recorded] == ["recorded"] * 4
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
+        assert list(keys) == ["idem:f1", "idem:f3", "idem:f4", "idem:f5"]
+    assert idle_lock_free
