@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, text
@@ -130,3 +133,61 @@ def test_a_failed_batch_loses_none_of_the_jobs_taken_with_its_commit(engine: Eng
         keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
         assert list(keys) == ["idem:f1", "idem:f3", "idem:f4", "idem:f5"]
     assert idle_lock_free
+
+
+def test_the_next_batch_yields_the_chain_lock_to_a_writer_already_waiting(engine: Engine) -> None:
+    """Another writer (a replica) waiting for the chain lock gets it when a batch commits;
+    the next batch's lock, sent behind that COMMIT, is only tried, so the commit's answers
+    are not held back: the writer rolls back and waits its turn like any other."""
+    items = [item(iid, f"w{iid}") for iid in range(1, 5)]
+    holder = engine.connect()
+    holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+    rival_done = threading.Event()
+    first_answered_while_rival_held: list[bool] = []
+
+    def rival() -> None:  # queues for the lock behind the writer, then holds it a moment
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+            time.sleep(1.0)
+            conn.commit()
+        rival_done.set()
+
+    def waiting() -> int:
+        with engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            ).scalar()
+        return int(found or 0)
+
+    async def scenario() -> list[Outcome | BaseException]:
+        recorder = Recorder(engine, max_batch=2)
+        tasks = [asyncio.create_task(recorder.submit(d, f)) for d, f in items]
+        tasks[0].add_done_callback(
+            lambda _: first_answered_while_rival_held.append(not rival_done.is_set())
+        )
+        await asyncio.sleep(0)
+        recorder.start()
+        try:
+            await wait_until(lambda: waiting() == 1)  # the writer's first batch waits
+            threading.Thread(target=rival, daemon=True).start()
+            await wait_until(lambda: waiting() == 2)  # and the rival behind it
+            holder.commit()
+            return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        finally:
+            recorder.close()
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        holder.close()
+    assert rival_done.wait(5)
+    assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4]
+    assert first_answered_while_rival_held == [True]
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")

@@ -5,7 +5,8 @@ a 2xx still means "durably recorded". Batching makes the chain lock and the WAL 
 cost once per batch instead of once per delivery. Under load a batch costs one round
 trip: what is queued when a batch's writes have been sent becomes the next batch, and
 its BEGIN, chain lock and reads follow the COMMIT in the same round trip (the writer's
-connection is in autocommit mode and sends both itself).
+connection is in autocommit mode and sends both itself). That lock is only tried: when
+another writer was already waiting for it, this one rolls back and waits its turn.
 
 When the database is unreachable, the batch goes to the durable spool instead and is
 answered ``spooled`` once its files are fsync'd. While the spool holds anything, new
@@ -32,7 +33,7 @@ from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_lock
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store.eventcache import EventCache
-from secledger.store.pipeline import Pg
+from secledger.store.pipeline import Pg, pipeline
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -246,6 +247,9 @@ class Recorder:
         pending, self._pending = self._pending, None
         try:
             seen = pending.finish(conn) if pending is not None else None
+            if pending is not None and seen is None:  # another writer took the lock first
+                with pipeline(conn) as pg:
+                    pg.execute("ROLLBACK")
             outcomes = record_locked(
                 conn,
                 items,
@@ -279,7 +283,9 @@ class Recorder:
         self._carry = taken
         items = [(job.delivery, job.facts) for job in taken if isinstance(job, _Job)]
         if items:
-            self._pending = batchread.send(pg, items, lock=True, cache=self._cache, begin=True)
+            self._pending = batchread.send(
+                pg, items, lock=True, cache=self._cache, begin=True, wait=False
+            )
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

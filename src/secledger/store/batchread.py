@@ -61,7 +61,9 @@ def read(
     """
     with pipeline(conn) as pg:
         pending = send(pg, items, lock=lock, cache=cache, begin=begin)
-    return pending.finish(conn)
+    seen = pending.finish(conn)
+    assert seen is not None  # noqa: S101 - the lock was waited for, not tried
+    return seen
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Pending:
 
     cache: EventCache | None
     cached: set[MRKey]
+    taken: Cursor[Any] | None  # whether a lock that was tried without waiting was taken
     head: Cursor[Any] | None
     known: Cursor[Any] | None
     logged: Cursor[Any]
@@ -77,8 +80,11 @@ class Pending:
     events: Cursor[Any] | None
     xid: Cursor[Any] | None
 
-    def finish(self, conn: Connection) -> Seen:
-        """What was read (one more round trip only when a cached MR has changed)."""
+    def finish(self, conn: Connection) -> Seen | None:
+        """What was read (one more round trip only when a cached MR has changed); None
+        when the lock was tried and another session held it (the reads are void)."""
+        if self.taken is not None and not self.taken.fetchone()[0]:  # type: ignore[index]
+            return None
         seen = Seen(
             head=self.head,
             known=ledger.known_from(self.known.fetchall()) if self.known is not None else set(),
@@ -98,21 +104,30 @@ def send(
     lock: bool,
     cache: EventCache | None = None,
     begin: bool = False,
+    wait: bool = True,
 ) -> Pending:
-    """Queue the reads of ``read`` on a pipeline (after a BEGIN, with ``begin``)."""
+    """Queue the reads of ``read`` on a pipeline (after a BEGIN, with ``begin``).
+
+    Without ``wait`` the lock is only tried: a statement waiting for it would hold back
+    every result before it in the same round trip (the writer's previous commit).
+    """
     doubtful = {facts.key for _, facts in items if not facts.is_security}
     keys = {facts.key for _, facts in items}
     cached = {key for key in keys if key in cache} if cache is not None else set()
     fetch = keys - cached
     if begin:
         pg.execute("BEGIN")
-    head = Chain.send_open(pg) if lock else None
+    taken = head = None
+    if lock and wait:
+        head = Chain.send_open(pg)
+    elif lock:
+        taken, head = Chain.send_try_open(pg)
     known = lookup(pg, ledger.KNOWN_AMONG, ledger.keys_params(doubtful)) if doubtful else None
     logged = Logged.send_lookup(pg, [delivery for delivery, _ in items])
     prints = lookup(pg, eventcache.FINGERPRINTS, ledger.keys_params(keys)) if cache else None
     events = lookup(pg, ledger.EVENTS_OF_MANY, ledger.keys_params(fetch)) if fetch else None
     xid = pg.execute(eventcache.XID) if cache else None
-    return Pending(cache, cached, head, known, logged, prints, events, xid)
+    return Pending(cache, cached, taken, head, known, logged, prints, events, xid)
 
 
 def _from_cache(

@@ -23,6 +23,7 @@ from secledger.store.pipeline import Pg, lookup, pipeline
 CHAIN_LOCK_KEY = 0x5EC1ED6E
 
 _LOCK = "SELECT pg_advisory_xact_lock(%(key)s::bigint)"
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s::bigint)"
 _HEAD = "SELECT seq, hash FROM delivery_log ORDER BY seq DESC LIMIT 1"
 _BY_KEY = text("SELECT seq FROM delivery_log WHERE dedup_key = :dedup_key")
 # A delivery is already logged when its dedup key is, or when the same instance's exact
@@ -119,6 +120,12 @@ class Chain:
         # statement has returned, so it sees the previous holder's rows (see above).
         pg.execute(_LOCK, {"key": CHAIN_LOCK_KEY})
         return pg.execute(_HEAD)
+
+    @staticmethod
+    def send_try_open(pg: Pg) -> tuple[Cursor[Any], Cursor[Any]]:
+        """Like ``send_open`` without waiting: the first cursor says whether the lock was
+        taken; only then is the head (the second) the head under the lock."""
+        return pg.execute(_TRY_LOCK, {"key": CHAIN_LOCK_KEY}), pg.execute(_HEAD)
 
     @classmethod
     def opened(cls, head: Cursor[Any]) -> Chain:
