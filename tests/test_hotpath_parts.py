@@ -253,3 +253,25 @@ def test_request_headers_read_like_the_dict_they_replace() -> None:
     assert kept_headers(lazy) == kept_headers(plain)
     assert "x-gitlab-token" not in kept_headers(lazy)
     assert len(kept_headers(lazy)["idempotency-key"]) == MAX_HEADER_CHARS
+
+
+@pytest.mark.usefixtures("fresh_log")
+def test_rejections_of_one_kind_are_logged_up_to_a_limit_then_counted() -> None:
+    rejected = webhook.RejectedLog(interval=60.0, each=3)
+    rejected.since = 1000.0
+    with capture_logs() as logged:
+        for second in range(5):
+            rejected.note(1000.0 + second, 401, "invalid_token")
+        rejected.note(1010.0, 413, "body_too_large")  # another kind has its own allowance
+        rejected.note(1070.0, 401, "invalid_token")  # a new interval: logged again
+    assert [(line["event"], line.get("error")) for line in logged] == [
+        ("delivery_rejected", "invalid_token"),
+        ("delivery_rejected", "invalid_token"),
+        ("delivery_rejected", "invalid_token"),
+        ("delivery_rejected", "body_too_large"),
+        ("deliveries_rejected_suppressed", "invalid_token"),
+        ("delivery_rejected", "invalid_token"),
+    ]
+    summary = logged[4]
+    assert (summary["status"], summary["count"], summary["seconds"]) == (401, 2, 70.0)
+    assert summary["log_level"] == "warning"

@@ -221,3 +221,18 @@ def test_shutdown_logs_the_ignored_deliveries_of_the_last_partial_minute(
         summaries = [line for line in logged if line["event"] == "deliveries_ignored"]
     assert len(summaries) == 1
     assert summaries[0]["count"] == 2
+
+
+def test_a_flood_of_bad_tokens_logs_twenty_lines_and_then_a_count(
+    settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with capture_logs() as logged, TestClient(app) as client:
+        for _ in range(25):
+            assert post(client, mr_event("open"), token="wrong").status_code == 401
+    rejected = [line for line in logged if line["event"] == "delivery_rejected"]
+    assert len(rejected) == 20
+    [summary] = [line for line in logged if line["event"] == "deliveries_rejected_suppressed"]
+    # Written at shutdown: the minute was not over.
+    assert (summary["status"], summary["error"], summary["count"]) == (401, "invalid_token", 5)

@@ -117,8 +117,10 @@ def create_app(settings: Settings, database: db.Database) -> Any:
             return
         await forwarded(scope, receive, send)
         if scope["type"] == "lifespan" and handler:
-            # Shut down: the ignored deliveries of the last, partial interval still count.
-            handler[0].ignored.flush(time.perf_counter())
+            # Shut down: the counts of the last, partial interval are still logged.
+            now = time.perf_counter()
+            handler[0].ignored.flush(now)
+            handler[0].rejected.flush(now)
 
     app.api = api  # type: ignore[attr-defined]
     return app

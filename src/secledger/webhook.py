@@ -122,6 +122,51 @@ class IgnoredLog:
         self.since = now
 
 
+class RejectedLog:
+    """A ``delivery_rejected`` line for each of the first rejections of a kind in an
+    interval, then a count: a sender hammering the endpoint with a wrong token must not
+    flood the log (or the disk under it).
+
+    Kinds are (status, error code), a small fixed set. Each interval, the first ``each``
+    of a kind get their own line; the rest are counted and summarised in one
+    ``deliveries_rejected_suppressed`` line per kind when the interval ends (or at
+    shutdown). ``/metrics`` counts every rejection.
+    """
+
+    def __init__(self, interval: float = IGNORED_LOG_SECONDS, *, each: int = 20) -> None:
+        self.interval = interval
+        self.each = each
+        self.logged: dict[tuple[int, str], int] = {}
+        self.suppressed: dict[tuple[int, str], int] = {}
+        self.since = time.perf_counter()
+
+    def note(self, now: float, status: int, error: str) -> None:
+        """Log this rejection, or count it once ``each`` of its kind were logged."""
+        if now - self.since >= self.interval:
+            self.flush(now)
+        kind = (status, error)
+        seen = self.logged.get(kind, 0)
+        if seen < self.each:
+            self.logged[kind] = seen + 1
+            log.info("delivery_rejected", status=status, error=error)
+        else:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+
+    def flush(self, now: float) -> None:
+        """Write one summary per kind with suppressed lines, and start a new interval."""
+        for (status, error), count in sorted(self.suppressed.items()):
+            log.warning(
+                "deliveries_rejected_suppressed",
+                status=status,
+                error=error,
+                count=count,
+                seconds=round(now - self.since, 1),
+            )
+        self.logged.clear()
+        self.suppressed.clear()
+        self.since = now
+
+
 _IGNORED = orjson.dumps(IGNORED.to_json())
 _METHOD = orjson.dumps({"status": "rejected", "error": "method_not_allowed", "message": "use POST"})
 
@@ -141,6 +186,7 @@ class WebhookHandler:
         self.body_timeout = settings.body_timeout_seconds
         self.deadlines = Deadlines(settings.body_timeout_seconds)
         self.ignored = IgnoredLog(each=settings.log_level.lower() == "debug")
+        self.rejected = RejectedLog()
         self.tally = runtime.metrics.tally
         self.admission = Admission(
             settings.max_concurrent_deliveries,
@@ -158,8 +204,10 @@ class WebhookHandler:
         try:
             status, outcome, data = await self._handle(headers, receive)
         except Exception as exc:  # noqa: BLE001 - each kind gets its answer; a bug gets a 500
-            status, data, name, extra = _refusal(exc)
             ended = time.perf_counter()
+            status, data, name, extra = _refusal(exc)
+            if isinstance(exc, IntakeError):
+                self.rejected.note(ended, exc.status_code, exc.code)
         else:
             name = outcome.status
             ended = time.perf_counter()
@@ -259,8 +307,7 @@ class WebhookHandler:
 
 def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
     """Status, body, metric outcome and extra headers for a delivery that was not taken."""
-    if isinstance(exc, IntakeError):
-        log.info("delivery_rejected", status=exc.status_code, error=exc.code)
+    if isinstance(exc, IntakeError):  # logged by the handler's RejectedLog
         retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
         return exc.status_code, rejection(exc), "rejected", retry
     if isinstance(exc, ClientDisconnected):
