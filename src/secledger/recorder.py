@@ -33,7 +33,7 @@ from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_lock
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store.eventcache import EventCache
-from secledger.store.pipeline import Pg, pipeline
+from secledger.store.pipeline import Pg
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -247,9 +247,6 @@ class Recorder:
         pending, self._pending = self._pending, None
         try:
             seen = pending.finish(conn) if pending is not None else None
-            if pending is not None and seen is None:  # another writer took the lock first
-                with pipeline(conn) as pg:
-                    pg.execute("ROLLBACK")
             outcomes = record_locked(
                 conn,
                 items,
@@ -258,6 +255,8 @@ class Recorder:
                 commit=True,
                 seen=seen,
                 begin=seen is None,
+                # Another writer took the lock first: end the transaction the reads began.
+                rollback=pending is not None and seen is None,
                 then=self._prefetch,
             )
         except BaseException:

@@ -100,6 +100,7 @@ def record_locked(
     commit: bool = False,
     seen: batchread.Seen | None = None,
     begin: bool = False,
+    rollback: bool = False,
     then: Callable[[Pg], None] | None = None,
 ) -> list[Outcome]:
     """Take the chain lock and record ``items``: ``Chain.open`` then ``record_batch``, with
@@ -114,13 +115,22 @@ def record_locked(
     (its own commit then has nothing left to do); when it raises, nothing was.
 
     The writer's pipelining, on a connection in autocommit mode: ``begin`` sends a BEGIN
-    before the reads; ``seen`` is what ``batchread.send`` already read for ``items``
-    (lock taken, in an open transaction), so no read round trip is made; ``then`` is
-    called with the write pipeline after its COMMIT, to queue the next batch's BEGIN and
-    reads in the same round trip.
+    before the reads (after a ROLLBACK, with ``rollback``); ``seen`` is what
+    ``batchread.send`` already read for ``items`` (lock taken, in an open transaction),
+    so no read round trip is made; ``then`` is called with the write pipeline after its
+    COMMIT, to queue the next batch's BEGIN and reads in the same round trip.
     """
     return _record(
-        conn, None, items, recording, cache, commit=commit, seen=seen, begin=begin, then=then
+        conn,
+        None,
+        items,
+        recording,
+        cache,
+        commit=commit,
+        seen=seen,
+        begin=begin,
+        rollback=rollback,
+        then=then,
     )
 
 
@@ -155,10 +165,12 @@ def _record(
     commit: bool = False,
     seen: batchread.Seen | None = None,
     begin: bool = False,
+    rollback: bool = False,
     then: Callable[[Pg], None] | None = None,
 ) -> list[Outcome]:
     if seen is None:
-        seen = batchread.read(conn, items, lock=opened is None, cache=cache, begin=begin)
+        lock = opened is None
+        seen = batchread.read(conn, items, lock=lock, cache=cache, begin=begin, rollback=rollback)
     chain = opened or seen.opened()
     kept = _kept(items, seen.known)
     seqs, log_rows = chain.extend([items[i][0] for i in kept], seen.logged)

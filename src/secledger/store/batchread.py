@@ -50,6 +50,7 @@ def read(
     lock: bool,
     cache: EventCache | None = None,
     begin: bool = False,
+    rollback: bool = False,
 ) -> Seen:
     """The chain lock and head (with ``lock``), which doubtful MRs have a ledger row, which
     deliveries are already logged (by dedup key or body), and every event of each MR in
@@ -57,9 +58,12 @@ def read(
 
     With ``cache``, events come from it for each MR whose fingerprint still matches; the
     rest are read, in the same round trip unless a cached MR turns out to have changed.
-    With ``begin``, a BEGIN goes first (a writer connection in autocommit mode).
+    With ``begin``, a BEGIN goes first (a writer connection in autocommit mode), after a
+    ROLLBACK of the transaction left open, with ``rollback``.
     """
     with pipeline(conn) as pg:
+        if rollback:
+            pg.execute("ROLLBACK")
         pending = send(pg, items, lock=lock, cache=cache, begin=begin)
     seen = pending.finish(conn)
     assert seen is not None  # noqa: S101 - the lock was waited for, not tried
