@@ -73,6 +73,9 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
 
 
 _STOP = object()
+# Batches recorded without prefetching after the tried lock went to another writer
+# doubles each time it happens again, up to this many.
+MAX_PREFETCH_BACKOFF = 64
 REFUSED = (
     "the database refused this delivery; it is kept in the spool's failed/ folder for an"
     " operator (secledger spool status)"
@@ -110,6 +113,10 @@ class Recorder:
         # sent in that batch's round trip after its COMMIT (in their own transaction).
         self._carry: list[_Job | object] = []
         self._pending: batchread.Pending | None = None
+        # After another writer (a replica) won the lock a next batch tried for, that many
+        # batches go without: under steady contention the tried reads are wasted work.
+        self._no_prefetch = 0
+        self._backoff = 1
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -247,6 +254,8 @@ class Recorder:
         pending, self._pending = self._pending, None
         try:
             seen = pending.finish(conn) if pending is not None else None
+            if pending is not None:
+                self._contended(lost=seen is None)
             outcomes = record_locked(
                 conn,
                 items,
@@ -266,9 +275,19 @@ class Recorder:
         self._cache.commit()
         return outcomes
 
+    def _contended(self, *, lost: bool) -> None:
+        if lost:
+            self._no_prefetch = self._backoff
+            self._backoff = min(2 * self._backoff, MAX_PREFETCH_BACKOFF)
+        else:
+            self._backoff = 1
+
     def _prefetch(self, pg: Pg) -> None:
         """Take what is queued now as the next batch, and queue its BEGIN and reads."""
         if self._carry:  # taken before, not recorded yet (this batch is a retry)
+            return
+        if self._no_prefetch:
+            self._no_prefetch -= 1
             return
         taken: list[_Job | object] = []
         while len(taken) < self._max_batch:
