@@ -7,16 +7,20 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
 from builders import dumps, mr_event
+from secledger import recorder as recorder_module
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, extract_facts
 from secledger.intake import Delivery, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.service import Outcome
+from secledger.store import batchread, db
 from secledger.store.log import CHAIN_LOCK_KEY
 
 POLICY = LabelPolicy()
@@ -37,7 +41,10 @@ def item(iid: int, key: str, action: str = "open") -> tuple[Delivery, EventFacts
 
 
 def record_queued(
-    engine: Engine, items: list[tuple[Delivery, EventFacts]], max_batch: int
+    engine: Engine,
+    items: list[tuple[Delivery, EventFacts]],
+    max_batch: int,
+    make: Callable[..., Recorder] = Recorder,
 ) -> tuple[list[Outcome | BaseException], bool]:
     """Queue every item before the writer starts, so batches (and carries) are deterministic.
 
@@ -45,7 +52,7 @@ def record_queued(
     """
 
     async def scenario() -> tuple[list[Outcome | BaseException], bool]:
-        recorder = Recorder(engine, max_batch=max_batch)
+        recorder = make(engine, max_batch=max_batch)
         tasks = [asyncio.create_task(recorder.submit(d, f)) for d, f in items]
         await asyncio.sleep(0)  # every task has queued its job
         recorder.start()
@@ -68,13 +75,28 @@ def lock_is_free(engine: Engine) -> bool:
     return bool(free)
 
 
+@pytest.fixture
+def read_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the reads made in a round trip of their own (not carried)."""
+    calls: list[int] = []
+    real = batchread.read
+
+    def counted(*args: Any, **kwargs: Any) -> batchread.Seen:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batchread, "read", counted)
+    return calls
+
+
 def test_batches_whose_reads_travel_with_the_previous_commit_record_everything_in_order(
-    engine: Engine,
+    engine: Engine, read_round_trips: list[int]
 ) -> None:
     # Five queued, two a batch: the second and third batches are read in the round trip
     # that commits the batch before them.
     items = [item(iid, f"k{iid}") for iid in range(1, 6)]
     outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    assert len(read_round_trips) == 1  # the first batch's; the others were carried
     assert [o.status for o in outcomes if isinstance(o, Outcome)] == ["recorded"] * 5
     assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4, 5]
     with engine.connect() as conn:
@@ -95,6 +117,7 @@ def test_a_carried_batch_sees_what_the_batch_before_it_committed(engine: Engine)
     third, fourth = outcomes[2], outcomes[3]
     assert isinstance(third, Outcome) and isinstance(fourth, Outcome)
     assert third.row is not None and third.row["approvers"]
+    assert third.row["event_count"] == 2  # the open from the batch before is in its fold
     assert fourth.seq == 1
     assert idle_lock_free
 
@@ -135,27 +158,35 @@ def test_a_failed_batch_loses_none_of_the_jobs_taken_with_its_commit(engine: Eng
     assert idle_lock_free
 
 
-def test_the_next_batch_yields_the_chain_lock_to_a_writer_already_waiting(engine: Engine) -> None:
+def test_the_next_batch_yields_the_chain_lock_to_a_writer_already_waiting(
+    engine: Engine, database_url: str
+) -> None:
     """Another writer (a replica) waiting for the chain lock gets it when a batch commits;
     the next batch's lock, sent behind that COMMIT, is only tried, so the commit's answers
     are not held back: the writer rolls back and waits its turn like any other."""
     items = [item(iid, f"w{iid}") for iid in range(1, 5)]
-    holder = engine.connect()
+    others = db.create(database_url)  # the writer keeps the test engine's pool to itself
+    holder = others.connect()
     holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
     rival_done = threading.Event()
     first_answered_while_rival_held: list[bool] = []
 
     def rival() -> None:  # queues for the lock behind the writer, then holds it a moment
-        with engine.connect() as conn:
+        with others.connect() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
-            time.sleep(1.0)
+            time.sleep(2.0)
             conn.commit()
         rival_done.set()
 
     def waiting() -> int:
-        with engine.connect() as conn:
+        with others.connect() as conn:
             found = conn.execute(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND objid = CAST(:key AS oid) AND database ="
+                    " (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+                {"key": CHAIN_LOCK_KEY},
             ).scalar()
         return int(found or 0)
 
@@ -180,9 +211,119 @@ def test_the_next_batch_yields_the_chain_lock_to_a_writer_already_waiting(engine
         outcomes = asyncio.run(scenario())
     finally:
         holder.close()
+        others.dispose()
     assert rival_done.wait(5)
     assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4]
     assert first_answered_while_rival_held == [True]
+
+
+def test_jobs_arriving_during_a_one_by_one_retry_wait_for_their_own_reads(
+    engine: Engine,
+) -> None:
+    """After a refused batch each job is retried alone; a job queued meanwhile must not
+    lend its reads to the next retry (a non-security update for an MR with a ledger row
+    was answered ``ignored`` that way, never logged)."""
+    refuse_mr(engine, 3)
+    record_queued(engine, [item(1, "first")], max_batch=8)  # MR 1 has a ledger row
+    late = item(4, "late")
+    unlabelled = label_update(1, "update-1")
+    injected: list[bool] = []
+
+    class LateArrival(Recorder):
+        def _dispatch(self, jobs: list[Any]) -> None:
+            if len(jobs) == 1 and not injected:  # the first retry: one more delivery arrives
+                injected.append(True)
+                self._queue.put(recorder_module._Job(*late, *self._late_future))
+            super()._dispatch(jobs)
+
+    async def scenario() -> list[Outcome | BaseException]:
+        writer = LateArrival(engine, max_batch=8)
+        loop = asyncio.get_running_loop()
+        late_future: asyncio.Future[Outcome] = loop.create_future()
+        writer._late_future = (loop, late_future)  # type: ignore[attr-defined]
+        batch = [item(2, "a"), unlabelled, item(3, "refused")]
+        tasks = [asyncio.create_task(writer.submit(d, f)) for d, f in batch]
+        await asyncio.sleep(0)
+        writer.start()
+        try:
+            answers = await asyncio.wait_for(
+                asyncio.gather(*tasks, late_future, return_exceptions=True), 30
+            )
+        finally:
+            writer.close()
+        return answers
+
+    a, update, refused, late_answer = asyncio.run(scenario())
+    assert injected == [True]
+    assert isinstance(refused, StoreUnavailable)
+    assert [o.status for o in (a, update, late_answer) if isinstance(o, Outcome)] == [
+        "recorded",
+        "recorded",
+        "recorded",
+    ]
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
+        assert list(keys) == ["idem:first", "idem:a", "idem:update-1", "idem:late"]
+
+
+def test_a_batch_whose_commit_went_through_is_recorded_though_the_carried_reads_fail(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in the next batch's reads, behind this batch's COMMIT in the same round
+    trip, is raised at the sync; this batch has committed all the same and is answered
+    ``recorded``, and the carried batch is read again on a fresh connection."""
+    real = batchread.send
+    failed: list[bool] = []
+
+    def failing(pg: Any, *args: Any, **kwargs: Any) -> batchread.Pending:
+        pending = real(pg, *args, **kwargs)
+        if not kwargs.get("wait", True) and not failed:
+            failed.append(True)
+            pg.execute("SELECT 1/0")  # the carried reads fail once
+        return pending
+
+    monkeypatch.setattr(batchread, "send", failing)
+    items = [item(iid, f"c{iid}") for iid in range(1, 5)]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    assert failed == [True]
+    assert [o.status for o in outcomes if isinstance(o, Outcome)] == ["recorded"] * 4
+    assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4]
+    assert idle_lock_free
+
+
+def refuse_mr(engine: Engine, iid: int) -> None:
+    """A trigger that refuses review events of one merge request (a non-transient error)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_mr() RETURNS trigger AS $$ BEGIN"
+                f" IF NEW.mr_iid = {iid} THEN RAISE EXCEPTION 'refused'; END IF;"
+                " RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_mr BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_mr()"
+            )
+        )
+
+
+def label_update(iid: int, key: str) -> tuple[Delivery, EventFacts]:
+    """An update without a security label: only a known MR (a ledger row) makes it recorded."""
+    body = mr_event("update", iid=iid, labels=["backend"])
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
+        dumps(body),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=RECEIVED,
+        require_token=False,
+    )
+    assert isinstance(parsed, Delivery)
+    facts = extract_facts(parsed, POLICY)
+    assert not facts.is_security
+    return parsed, facts
 
 
 async def wait_until(check: Callable[[], bool]) -> None:

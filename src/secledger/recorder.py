@@ -33,7 +33,7 @@ from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_lock
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store.eventcache import EventCache
-from secledger.store.pipeline import Pg
+from secledger.store.pipeline import Pg, in_transaction
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -86,6 +86,11 @@ SPOOLED = (
 )
 
 
+def _same(carried: list[_Job], jobs: list[_Job]) -> bool:
+    """Whether ``jobs`` are the very jobs whose reads were carried."""
+    return len(carried) == len(jobs) and all(a is b for a, b in zip(carried, jobs, strict=True))
+
+
 class Recorder:
     """Owns the writer thread. ``submit`` from the event loop; ``close`` on shutdown."""
 
@@ -112,7 +117,9 @@ class Recorder:
         # Jobs taken while the previous batch's writes were being queued, and their reads,
         # sent in that batch's round trip after its COMMIT (in their own transaction).
         self._carry: list[_Job | object] = []
-        self._pending: batchread.Pending | None = None
+        self._pending: tuple[list[_Job], batchread.Pending] | None = None
+        self._retrying = False  # one by one after a refused batch: nothing is carried
+        self._stopping = False
         # After another writer (a replica) won the lock a next batch tried for, that many
         # batches go without: under steady contention the tried reads are wasted work.
         self._no_prefetch = 0
@@ -145,14 +152,26 @@ class Recorder:
     def _run(self) -> None:
         while True:
             batch, self._carry = self._carry or self._next_batch(), []
+            self._stopping = _STOP in batch
             if self.spool_depth:
                 self._drain_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
             if jobs:
                 self._dispatch(jobs)
-            if _STOP in batch:
+            if self._stopping:
                 self._drop_connection()
+                self._refuse_late()
                 return
+
+    def _refuse_late(self) -> None:
+        """Answer what was submitted after the stop (503: GitLab may resend it)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, _Job):
+                job.resolve(StoreUnavailable("the receiver is shutting down"))
 
     def _next_batch(self) -> list[_Job | object]:
         """Wait for work; while the spool is not empty, wake up in time to drain it."""
@@ -223,8 +242,12 @@ class Recorder:
                 self._fail(jobs, exc)
             else:
                 # One bad delivery must not sink the others: retry each on its own.
-                for job in jobs:
-                    self._dispatch([job])
+                self._retrying = True
+                try:
+                    for job in jobs:
+                        self._dispatch([job])
+                finally:
+                    self._retrying = False
             return
         self.batches += 1
         self.recorded += len(jobs)
@@ -251,7 +274,10 @@ class Recorder:
             self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         conn = self._conn
         items = [(job.delivery, job.facts) for job in jobs]
-        pending, self._pending = self._pending, None
+        carried, self._pending = self._pending, None
+        pending = None
+        if carried is not None and _same(carried[0], jobs):
+            pending = carried[1]
         try:
             seen = pending.finish(conn) if pending is not None else None
             if pending is not None:
@@ -264,8 +290,9 @@ class Recorder:
                 commit=True,
                 seen=seen,
                 begin=seen is None,
-                # Another writer took the lock first: end the transaction the reads began.
-                rollback=pending is not None and seen is None,
+                # Reads were carried for these jobs but another writer took the lock
+                # first, or for other jobs: end the transaction they began.
+                rollback=carried is not None and seen is None,
                 then=self._prefetch,
             )
         except BaseException:
@@ -273,6 +300,11 @@ class Recorder:
             self._pending = None  # the next batch's reads were aborted with this batch
             raise
         self._cache.commit()
+        if self._pending is not None and not in_transaction(conn):
+            # This batch committed, but the next one's reads, behind its COMMIT, failed:
+            # their jobs stay carried and are read again on a fresh connection.
+            self._pending = None
+            self._drop_connection()
         return outcomes
 
     def _contended(self, *, lost: bool) -> None:
@@ -284,8 +316,8 @@ class Recorder:
 
     def _prefetch(self, pg: Pg) -> None:
         """Take what is queued now as the next batch, and queue its BEGIN and reads."""
-        if self._carry:  # taken before, not recorded yet (this batch is a retry)
-            return
+        if self._carry or self._retrying or self._stopping:
+            return  # jobs taken before and not recorded yet, or no next batch to start
         if self._no_prefetch:
             self._no_prefetch -= 1
             return
@@ -299,11 +331,13 @@ class Recorder:
             if item is _STOP:
                 break
         self._carry = taken
-        items = [(job.delivery, job.facts) for job in taken if isinstance(job, _Job)]
-        if items:
-            self._pending = batchread.send(
+        jobs = [job for job in taken if isinstance(job, _Job)]
+        if jobs:
+            items = [(job.delivery, job.facts) for job in jobs]
+            pending = batchread.send(
                 pg, items, lock=True, cache=self._cache, begin=True, wait=False
             )
+            self._pending = (jobs, pending)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

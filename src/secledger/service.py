@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
+import structlog
+from psycopg import Cursor
 from sqlalchemy import Connection, Engine, RowMapping
+from sqlalchemy.exc import DBAPIError
 
 from secledger import findings
 from secledger.config import Settings
@@ -28,6 +32,7 @@ from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, utcnow
 
 NOT_SECURITY = "merge request carries no security label"
+logger = structlog.get_logger("secledger.service")
 
 
 @dataclass(frozen=True)
@@ -179,12 +184,10 @@ def _record(
     if not batch.logged:
         outcomes = batch.answer(stored)
         if commit:  # nothing to write, but the transaction (and its lock) must end
-            with pipeline(conn) as pg:
-                pg.execute("COMMIT")
-                if then is not None:
-                    then(pg)
+            with _committing(conn, commit, then):
+                pass
         return outcomes
-    with pipeline(conn) as pg:
+    with _committing(conn, commit, then) as pg:
         # Sent first: PostgreSQL stores the payloads while the folds and findings are
         # computed below, instead of the two waiting for each other.
         log.send_rows(pg, log_rows)
@@ -194,16 +197,36 @@ def _record(
         findings.send(pg, batch.assess())
         outbox.send(pg, batch.queued)
         ledger.send_notices(pg, [_notice(items[i][1], seq) for i, seq in batch.logged])
-        if commit:
-            pg.execute("COMMIT")
-            if then is not None:
-                then(pg)
     if cache is not None:
         added: dict[MRKey, list[int]] = {}
         for i, seq in batch.logged:
             added.setdefault(items[i][1].key, []).append(seq)
         seen.remember(cache, added)
     return outcomes
+
+
+@contextmanager
+def _committing(conn: Connection, commit: bool, then: Callable[[Pg], None] | None) -> Iterator[Pg]:
+    """A pipeline for the batch's writes, ended (with ``commit``) by its COMMIT and what
+    ``then`` queues behind it: the next batch's BEGIN and reads.
+
+    An error raised at the sync by a statement after a COMMIT that went through belongs
+    to the next transaction: this one has committed, and its answers stand. It is not
+    raised here; the connection is left in that failed transaction, for ``then``'s owner
+    to notice (its reads have no results) and roll back.
+    """
+    committed: Cursor[Any] | None = None
+    try:
+        with pipeline(conn) as pg:
+            yield pg
+            if commit:
+                committed = pg.execute("COMMIT")
+                if then is not None:
+                    then(pg)
+    except DBAPIError as exc:
+        if committed is None or committed.statusmessage != "COMMIT":
+            raise
+        logger.warning("next_batch_reads_failed", error=type(exc.orig).__name__)
 
 
 class _Batch:

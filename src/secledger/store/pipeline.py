@@ -3,8 +3,9 @@
 The writer records a whole batch in a handful of round trips instead of one per
 statement; on a busy machine each round trip costs two context switches and a
 scheduling delay, which was most of the writer's time. The statements run in the
-caller's transaction (the chain lock stays held, nothing commits here), in the order
-they were sent, each with its own snapshot, exactly as if sent one by one.
+caller's transaction, in the order they were sent, each with its own snapshot, exactly
+as if sent one by one; nothing here commits or begins one (the writer sends its own
+BEGIN and COMMIT statements, see ``secledger.recorder``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def pipeline(conn: Connection) -> Iterator[Pg]:
         raise DBAPIError.instance(
             None, None, exc, psycopg.Error, connection_invalidated=broken
         ) from exc
+
+
+def in_transaction(conn: Connection) -> bool:
+    """Whether the session is inside a transaction block that has not failed."""
+    return driver(conn).info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
 
 
 def lookup(pg: Pg, sql: str, params: Params) -> psycopg.Cursor[Any]:
