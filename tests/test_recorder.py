@@ -24,6 +24,7 @@ from secledger.store import batchread, db
 from secledger.store.log import CHAIN_LOCK_KEY
 
 POLICY = LabelPolicy()
+TERMINATE = "SELECT pg_terminate_backend(pg_backend_pid())"
 RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
 
 
@@ -266,8 +267,9 @@ def test_jobs_arriving_during_a_one_by_one_retry_wait_for_their_own_reads(
         assert list(keys) == ["idem:first", "idem:a", "idem:update-1", "idem:late"]
 
 
+@pytest.mark.parametrize("failure", ["SELECT 1/0", TERMINATE])
 def test_a_batch_whose_commit_went_through_is_recorded_though_the_carried_reads_fail(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, read_round_trips: list[int], failure: str
 ) -> None:
     """An error in the next batch's reads, behind this batch's COMMIT in the same round
     trip, is raised at the sync; this batch has committed all the same and is answered
@@ -279,16 +281,90 @@ def test_a_batch_whose_commit_went_through_is_recorded_though_the_carried_reads_
         pending = real(pg, *args, **kwargs)
         if not kwargs.get("wait", True) and not failed:
             failed.append(True)
-            pg.execute("SELECT 1/0")  # the carried reads fail once
+            pg.execute(failure)  # the carried reads fail once (an error, or the session dies)
         return pending
 
     monkeypatch.setattr(batchread, "send", failing)
-    items = [item(iid, f"c{iid}") for iid in range(1, 5)]
-    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    # A resend in the first batch: its answer needs a read on the writer's connection.
+    items = [item(1, "c1"), item(2, "c2"), item(1, "c1"), item(3, "c3"), item(4, "c4")]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=3)
     assert failed == [True]
-    assert [o.status for o in outcomes if isinstance(o, Outcome)] == ["recorded"] * 4
-    assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3, 4]
+    assert [(o.status, o.seq) for o in outcomes if isinstance(o, Outcome)] == [
+        ("recorded", 1),
+        ("recorded", 2),
+        ("duplicate", 1),
+        ("recorded", 3),
+        ("recorded", 4),
+    ]
+    # The first batch's read, and the carried batch's read again on a fresh connection
+    # (not retried one delivery at a time after a failure it did not have).
+    assert len(read_round_trips) == 2
     assert idle_lock_free
+
+
+def test_a_session_that_dies_after_a_commit_is_replaced_before_the_next_batch(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing carried, and the connection is found broken after the COMMIT went through:
+    the batch is answered, and the next one runs on a fresh connection (not a silently
+    reconnected one out of autocommit, nor a refused write)."""
+    real = Recorder._prefetch
+    killed: list[bool] = []
+
+    def prefetch(self: Recorder, pg: Any) -> None:
+        if not killed:
+            killed.append(True)
+            pg.execute(TERMINATE)
+        real(self, pg)
+
+    monkeypatch.setattr(Recorder, "_prefetch", prefetch)
+    record_queued(engine, [item(1, "d1")], max_batch=8)
+    killed.clear()
+
+    async def scenario() -> tuple[list[Outcome | BaseException], ...]:
+        writer = Recorder(engine, max_batch=8)
+        writer.start()
+        try:
+            # A resend: its answer reads the stored row on the writer's connection.
+            first = await asyncio.gather(
+                writer.submit(*item(1, "d1")), writer.submit(*item(2, "d2")), return_exceptions=True
+            )
+            second = await asyncio.gather(writer.submit(*item(3, "d3")), return_exceptions=True)
+        finally:
+            writer.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert killed == [True]
+    assert [(o.status, o.seq) for o in first + second if isinstance(o, Outcome)] == [
+        ("duplicate", 1),
+        ("recorded", 2),
+        ("recorded", 3),
+    ]
+
+
+def test_jobs_queued_behind_the_stop_are_answered_not_forgotten(engine: Engine) -> None:
+    async def scenario() -> list[Outcome | BaseException]:
+        writer = Recorder(engine, max_batch=2)
+        tasks = [asyncio.create_task(writer.submit(*item(iid, f"s{iid}"))) for iid in (1, 2, 3)]
+        await asyncio.sleep(0)
+        writer._queue.put(recorder_module._STOP)  # close() would also wait for the thread
+        late = asyncio.create_task(writer.submit(*item(4, "s4")))
+        await asyncio.sleep(0)
+        writer.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*tasks, late, return_exceptions=True), 30)
+        finally:
+            writer.close()
+
+    *recorded, late = asyncio.run(scenario())
+    assert [(o.status, o.seq) for o in recorded if isinstance(o, Outcome)] == [
+        ("recorded", 1),
+        ("recorded", 2),
+        ("recorded", 3),
+    ]
+    assert isinstance(late, StoreUnavailable)
+    assert lock_is_free(engine)
 
 
 def refuse_mr(engine: Engine, iid: int) -> None:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import structlog
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
 from secledger.drain import Drainer, DrainResult, is_transient
@@ -33,7 +34,7 @@ from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_lock
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store.eventcache import EventCache
-from secledger.store.pipeline import Pg, in_transaction
+from secledger.store.pipeline import Pg, transaction_status
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -120,6 +121,7 @@ class Recorder:
         self._pending: tuple[list[_Job], batchread.Pending] | None = None
         self._retrying = False  # one by one after a refused batch: nothing is carried
         self._stopping = False
+        self._closed = False
         # After another writer (a replica) won the lock a next batch tried for, that many
         # batches go without: under steady contention the tried reads are wasted work.
         self._no_prefetch = 0
@@ -134,11 +136,14 @@ class Recorder:
 
     def close(self) -> None:
         """Finish queued work, then stop the writer thread."""
+        self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
 
     async def submit(self, delivery: Delivery, facts: EventFacts) -> Outcome:
         """Record (or spool) a delivery; returns once it is durable."""
+        if self._closed:  # nobody would ever answer it
+            raise StoreUnavailable("the receiver is shutting down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._queue.put(_Job(delivery, facts, loop, future))
@@ -264,7 +269,8 @@ class Recorder:
                 raise
         # The held connection went stale while idle (a database restart, a proxy's idle
         # timeout): once more on a new, pre-pinged one before calling it unavailable.
-        # Nothing was committed, and the dedup key makes a retry safe anyway.
+        # Nothing was committed (or, if the connection broke while the COMMIT's answer was
+        # on its way, it was: the dedup key then answers the retry "duplicate").
         return self._transaction(jobs)
 
     def _transaction(self, jobs: list[_Job]) -> list[Outcome]:
@@ -300,9 +306,10 @@ class Recorder:
             self._pending = None  # the next batch's reads were aborted with this batch
             raise
         self._cache.commit()
-        if self._pending is not None and not in_transaction(conn):
-            # This batch committed, but the next one's reads, behind its COMMIT, failed:
-            # their jobs stay carried and are read again on a fresh connection.
+        expected = TransactionStatus.IDLE if self._pending is None else TransactionStatus.INTRANS
+        if transaction_status(conn) != expected:
+            # This batch committed, but what followed its COMMIT failed (the next batch's
+            # reads, or the session itself): carried jobs are read again on a fresh one.
             self._pending = None
             self._drop_connection()
         return outcomes

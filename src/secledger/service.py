@@ -263,7 +263,7 @@ class _Batch:
                 wanted.add(key)
         return wanted
 
-    def answer(self, stored: dict[MRKey, RowMapping | None]) -> list[Outcome]:
+    def answer(self, stored: dict[MRKey, dict[str, Any] | None]) -> list[Outcome]:
         """Each delivery's outcome, as recording them one at a time would answer."""
         outcomes: list[Outcome] = [IGNORED] * len(self.items)
         for i, seq in self.placed:
@@ -296,9 +296,9 @@ class _Batch:
         ]
 
 
-def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, RowMapping | None]:
+def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, dict[str, Any] | None]:
     """Ledger rows as they stood before this batch, for the answers to duplicates (rare)."""
-    return {key: ledger.get(conn, key) for key in batch.duplicates_without_row()}
+    return ledger.get_many(conn, batch.duplicates_without_row())
 
 
 def _kept(items: Sequence[tuple[Delivery, EventFacts]], known: set[MRKey]) -> list[int]:

@@ -197,6 +197,28 @@ def notify(conn: Connection, message: str) -> None:
     conn.execute(_NOTIFY, {"message": message})
 
 
+_GET = (
+    "SELECT * FROM security_review_ledger"
+    " WHERE instance = %(instance)s AND project_id = %(project_id)s AND mr_iid = %(mr_iid)s"
+)
+
+
+def get_many(conn: Connection, keys: Iterable[MRKey]) -> dict[MRKey, dict[str, Any] | None]:
+    """The ledger rows of ``keys`` (None for a key without one) in one round trip, through
+    the psycopg connection: the writer's connection runs no SQLAlchemy transaction."""
+    listed = list(keys)
+    if not listed:
+        return {}
+    with pipeline(conn) as pg:
+        cursors = [pg.execute(_GET, key_params(key)) for key in listed]
+    found: dict[MRKey, dict[str, Any] | None] = {}
+    for key, cursor in zip(listed, cursors, strict=True):
+        row = cursor.fetchone()
+        names = [column.name for column in cursor.description or ()]
+        found[key] = dict(zip(names, row, strict=True)) if row is not None else None
+    return found
+
+
 def get(conn: Connection, key: MRKey) -> RowMapping | None:
     """One ledger row."""
     query = select(security_review_ledger).where(

@@ -50,9 +50,12 @@ def pipeline(conn: Connection) -> Iterator[Pg]:
         ) from exc
 
 
-def in_transaction(conn: Connection) -> bool:
-    """Whether the session is inside a transaction block that has not failed."""
-    return driver(conn).info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+def transaction_status(conn: Connection) -> psycopg.pq.TransactionStatus | None:
+    """The session's transaction status; None when the connection was found broken
+    (SQLAlchemy would silently reconnect if it were used again)."""
+    if conn.invalidated or conn.closed:
+        return None
+    return driver(conn).info.transaction_status
 
 
 def lookup(pg: Pg, sql: str, params: Params) -> psycopg.Cursor[Any]:
