@@ -74,8 +74,8 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
 
 
 _STOP = object()
-# Batches recorded without prefetching after the tried lock went to another writer
-# doubles each time it happens again, up to this many.
+# When the tried lock goes to another writer, the next batches are recorded without
+# carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
 MAX_PREFETCH_BACKOFF = 64
 REFUSED = (
     "the database refused this delivery; it is kept in the spool's failed/ folder for an"
