@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from secledger.intake import Delivery, parse_delivery
 
 PAYLOADS = Path(__file__).parent / "payloads"
 _BASE = json.loads((PAYLOADS / "webhook_events_mr_open.json").read_text())
@@ -159,3 +162,17 @@ def label_change(previous: list[str], current: list[str], at: str) -> dict[str, 
 def dumps(body: dict[str, Any]) -> bytes:
     """Encode a body as GitLab would send it."""
     return json.dumps(body).encode()
+
+
+def delivery_of(body: dict[str, Any], key: str, received_at: datetime) -> Delivery:
+    """``body`` as a merge-request delivery with Idempotency-Key ``key`` (no token check)."""
+    parsed = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
+        dumps(body),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=received_at,
+        require_token=False,
+    )
+    assert isinstance(parsed, Delivery)
+    return parsed

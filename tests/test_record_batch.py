@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from builders import dumps, label_change, mr_event
+from builders import delivery_of, label_change, mr_event
 from secledger.extract import extract_facts
-from secledger.intake import Delivery, parse_delivery
+from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.service import Outcome, record_batch, record_locked
 from secledger.store.eventcache import EventCache
@@ -20,16 +20,7 @@ POLICY = LabelPolicy(patterns=("sec/*", "sec::*"), tiers=("critical", "high", "m
 
 
 def delivery(body: dict[str, Any], key: str) -> Delivery:
-    parsed = parse_delivery(
-        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
-        dumps(body),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=RECEIVED,
-        require_token=False,
-    )
-    assert isinstance(parsed, Delivery)
-    return parsed
+    return delivery_of(body, key, RECEIVED)
 
 
 def history() -> list[Delivery]:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from builders import dumps, mr_event
+from builders import delivery_of, mr_event
 from secledger import recorder as recorder_module
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, extract_facts
-from secledger.intake import Delivery, parse_delivery
+from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.service import Outcome
@@ -29,15 +29,7 @@ RECEIVED = datetime(2025, 8, 6, 9, 0, tzinfo=UTC)
 
 
 def item(iid: int, key: str, action: str = "open") -> tuple[Delivery, EventFacts]:
-    parsed = parse_delivery(
-        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
-        dumps(mr_event(action, iid=iid, labels=["sec::high"])),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=RECEIVED,
-        require_token=False,
-    )
-    assert isinstance(parsed, Delivery)
+    parsed = delivery_of(mr_event(action, iid=iid, labels=["sec::high"]), key, RECEIVED)
     return parsed, extract_facts(parsed, POLICY)
 
 
@@ -387,16 +379,7 @@ def refuse_mr(engine: Engine, iid: int) -> None:
 
 def label_update(iid: int, key: str) -> tuple[Delivery, EventFacts]:
     """An update without a security label: only a known MR (a ledger row) makes it recorded."""
-    body = mr_event("update", iid=iid, labels=["backend"])
-    parsed = parse_delivery(
-        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
-        dumps(body),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=RECEIVED,
-        require_token=False,
-    )
-    assert isinstance(parsed, Delivery)
+    parsed = delivery_of(mr_event("update", iid=iid, labels=["backend"]), key, RECEIVED)
     facts = extract_facts(parsed, POLICY)
     assert not facts.is_security
     return parsed, facts

@@ -187,14 +187,14 @@ class Recorder:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return []
-        batch = [first]
-        while first is not _STOP and len(batch) < self._max_batch:
+        return self._take_queued([first])
+
+    def _take_queued(self, batch: list[_Job | object]) -> list[_Job | object]:
+        """Add what is queued now to ``batch``, up to the batch size or a stop."""
+        while (not batch or batch[-1] is not _STOP) and len(batch) < self._max_batch:
             try:
-                item = self._queue.get_nowait()
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
-                break
-            batch.append(item)
-            if item is _STOP:
                 break
         return batch
 
@@ -328,15 +328,7 @@ class Recorder:
         if self._no_prefetch:
             self._no_prefetch -= 1
             return
-        taken: list[_Job | object] = []
-        while len(taken) < self._max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            taken.append(item)
-            if item is _STOP:
-                break
+        taken = self._take_queued([])
         self._carry = taken
         jobs = [job for job in taken if isinstance(job, _Job)]
         if jobs:
