@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -23,3 +26,29 @@ def test_benchmark_script_imports_and_entry_points_show_help(script: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     if 'if __name__ == "__main__":' in script.read_text():
         assert "usage" in result.stdout.lower()
+
+
+def test_a_pair_alternates_its_order_and_shows_the_round_with_the_median_ratio() -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    try:
+        import run  # noqa: PLC0415 - the benchmarks folder is not a package
+        from servers import Load  # noqa: PLC0415
+    finally:
+        sys.path.pop(0)
+    calls: list[str] = []
+    ceilings = iter([100.0, 100.0, 100.0])
+    mine = iter([70.0, 90.0, 60.0])  # the secledger run of each round, in the order run
+
+    def measured(name: str, rates: Any) -> Callable[[str], tuple[Load, int]]:
+        def one(stamp: str) -> tuple[Load, int]:
+            calls.append(f"{name}-{stamp.rsplit('-', 1)[1]}")
+            return Load(measured=int(next(rates)), window=1.0), 0
+
+        return one
+
+    bench = SimpleNamespace(args=SimpleNamespace(rounds=3))
+    pair = run.pair(bench, ("c", "s"), measured("ceiling", ceilings), measured("mine", mine), "")
+    assert calls == ["ceiling-0", "mine-0", "mine-1", "ceiling-1", "ceiling-2", "mine-2"]
+    assert [round(r, 2) for r in pair.ratios()] == [0.7, 0.9, 0.6]
+    assert pair.secledger.load.rate == 70.0  # the median round, not the best or the last
+    assert pair.secledger.ceiling is pair.ceiling.load
