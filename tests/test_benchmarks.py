@@ -50,5 +50,6 @@ def test_a_pair_alternates_its_order_and_shows_the_round_with_the_median_ratio()
     pair = run.pair(bench, ("c", "s"), measured("ceiling", ceilings), measured("mine", mine), "")
     assert calls == ["ceiling-0", "mine-0", "mine-1", "ceiling-1", "ceiling-2", "mine-2"]
     assert [round(r, 2) for r in pair.ratios()] == [0.7, 0.9, 0.6]
-    assert pair.secledger.load.rate == 70.0  # the median round, not the best or the last
-    assert pair.secledger.ceiling is pair.ceiling.load
+    ceiling, shown = pair.median
+    assert shown.load.rate == 70.0  # the median round, not the best or the last
+    assert shown.ceiling is ceiling.load

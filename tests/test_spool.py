@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from builders import dumps, label_change, mr_event
+from builders import delivery_of, label_change, mr_event
 from conftest import post
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer
-from secledger.intake import Delivery, parse_delivery
+from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, decode, encode
 from secledger.store import db
@@ -33,16 +33,7 @@ RECEIVED = datetime(2025, 8, 5, 21, 48, 25, 123456, tzinfo=UTC)
 
 
 def delivery(body: dict[str, Any], key: str, received_at: datetime = RECEIVED) -> Delivery:
-    parsed = parse_delivery(
-        {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
-        dumps(body),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=received_at,
-        require_token=False,
-    )
-    assert isinstance(parsed, Delivery)
-    return parsed
+    return delivery_of(body, key, received_at)
 
 
 def log_rows(engine: Engine) -> list[tuple[int, str, datetime, str]]:
