@@ -46,7 +46,7 @@ def record_queued(
 
     async def scenario() -> tuple[list[Outcome | BaseException], bool]:
         recorder = make(engine, max_batch=max_batch)
-        tasks = [asyncio.create_task(recorder.submit(d, f)) for d, f in items]
+        tasks = [asyncio.create_task(recorder.submit(d)) for d, _ in items]
         await asyncio.sleep(0)  # every task has queued its job
         recorder.start()
         try:
@@ -98,6 +98,33 @@ def test_batches_whose_reads_travel_with_the_previous_commit_record_everything_i
         rows = conn.execute(text("SELECT count(*) FROM security_review_ledger")).scalar()
         assert rows == 5
     assert idle_lock_free  # idle: no transaction left open with the chain lock
+
+
+def test_the_writer_extracts_and_answers_an_extraction_failure_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Facts are extracted on the writer thread: one delivery that cannot be extracted
+    # gets its own error, in the first batch and in a carried one, and the rest record.
+    def extract(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
+        if delivery.dedup_key.startswith("idem:bad"):
+            raise ValueError("cannot extract")
+        return extract_facts(delivery, policy)
+
+    monkeypatch.setattr(recorder_module, "extract_facts", extract)
+    items = [item(1, "k1"), item(2, "bad2"), item(3, "k3"), item(4, "bad4"), item(5, "k5")]
+    outcomes, idle_lock_free = record_queued(engine, items, max_batch=2)
+    assert [type(o).__name__ for o in outcomes] == [
+        "Outcome",
+        "ValueError",
+        "Outcome",
+        "ValueError",
+        "Outcome",
+    ]
+    assert [o.seq for o in outcomes if isinstance(o, Outcome)] == [1, 2, 3]
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
+        assert list(keys) == ["idem:k1", "idem:k3", "idem:k5"]
+    assert idle_lock_free
 
 
 def test_a_carried_batch_sees_what_the_batch_before_it_committed(engine: Engine) -> None:
@@ -185,7 +212,7 @@ def test_the_next_batch_yields_the_chain_lock_to_a_writer_already_waiting(
 
     async def scenario() -> list[Outcome | BaseException]:
         recorder = Recorder(engine, max_batch=2)
-        tasks = [asyncio.create_task(recorder.submit(d, f)) for d, f in items]
+        tasks = [asyncio.create_task(recorder.submit(d)) for d, _ in items]
         tasks[0].add_done_callback(
             lambda _: first_answered_while_rival_held.append(not rival_done.is_set())
         )
@@ -226,7 +253,7 @@ def test_jobs_arriving_during_a_one_by_one_retry_wait_for_their_own_reads(
         def _dispatch(self, jobs: list[Any]) -> None:
             if len(jobs) == 1 and not injected:  # the first retry: one more delivery arrives
                 injected.append(True)
-                self._queue.put(recorder_module._Job(*late, *self._late_future))
+                self._queue.put(recorder_module._Submitted(late[0], *self._late_future))
             super()._dispatch(jobs)
 
     async def scenario() -> list[Outcome | BaseException]:
@@ -235,7 +262,7 @@ def test_jobs_arriving_during_a_one_by_one_retry_wait_for_their_own_reads(
         late_future: asyncio.Future[Outcome] = loop.create_future()
         writer._late_future = (loop, late_future)  # type: ignore[attr-defined]
         batch = [item(2, "a"), unlabelled, item(3, "refused")]
-        tasks = [asyncio.create_task(writer.submit(d, f)) for d, f in batch]
+        tasks = [asyncio.create_task(writer.submit(d)) for d, _ in batch]
         await asyncio.sleep(0)
         writer.start()
         try:
@@ -319,9 +346,11 @@ def test_a_session_that_dies_after_a_commit_is_replaced_before_the_next_batch(
         try:
             # A resend: its answer reads the stored row on the writer's connection.
             first = await asyncio.gather(
-                writer.submit(*item(1, "d1")), writer.submit(*item(2, "d2")), return_exceptions=True
+                writer.submit(item(1, "d1")[0]),
+                writer.submit(item(2, "d2")[0]),
+                return_exceptions=True,
             )
-            second = await asyncio.gather(writer.submit(*item(3, "d3")), return_exceptions=True)
+            second = await asyncio.gather(writer.submit(item(3, "d3")[0]), return_exceptions=True)
         finally:
             writer.close()
         return first, second
@@ -338,10 +367,10 @@ def test_a_session_that_dies_after_a_commit_is_replaced_before_the_next_batch(
 def test_jobs_queued_behind_the_stop_are_answered_not_forgotten(engine: Engine) -> None:
     async def scenario() -> list[Outcome | BaseException]:
         writer = Recorder(engine, max_batch=2)
-        tasks = [asyncio.create_task(writer.submit(*item(iid, f"s{iid}"))) for iid in (1, 2, 3)]
+        tasks = [asyncio.create_task(writer.submit(item(iid, f"s{iid}")[0])) for iid in (1, 2, 3)]
         await asyncio.sleep(0)
         writer._queue.put(recorder_module._STOP)  # close() would also wait for the thread
-        late = asyncio.create_task(writer.submit(*item(4, "s4")))
+        late = asyncio.create_task(writer.submit(item(4, "s4")[0]))
         await asyncio.sleep(0)
         writer.start()
         try:

@@ -90,8 +90,8 @@ class Delivery:
             received_at=self.received_at,
             source=self.source,
         )
-        # Hashed here, on the request's own task, rather than later on the one writer.
-        object.__setattr__(stripped, "body_sha256", self.body_sha256)
+        if "body_sha256" in self.__dict__:  # already hashed: not twice
+            object.__setattr__(stripped, "body_sha256", self.body_sha256)
         return stripped
 
 

@@ -28,8 +28,9 @@ from sqlalchemy import Connection, Engine
 
 from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
-from secledger.extract import EventFacts
+from secledger.extract import EventFacts, extract_facts
 from secledger.intake import Delivery
+from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
@@ -40,14 +41,22 @@ log = structlog.get_logger("secledger.recorder")
 
 
 @dataclass
-class _Job:
+class _Submitted:
+    """A delivery as the event loop hands it over: decoded, not extracted yet."""
+
     delivery: Delivery
-    facts: EventFacts
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Outcome]
 
     def resolve(self, result: Outcome | BaseException) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+@dataclass
+class _Job(_Submitted):
+    """A delivery the writer has extracted (``facts``), ready for a batch."""
+
+    facts: EventFacts
 
 
 def _resolve_all(jobs: list[_Job], outcomes: list[Outcome]) -> None:
@@ -103,14 +112,16 @@ class Recorder:
         drainer: Drainer | None = None,
         retry_seconds: float = 1.0,
         recording: Recording = DEFAULT_RECORDING,
+        policy: LabelPolicy | None = None,
     ) -> None:
         self._engine = engine
+        self._policy = policy or LabelPolicy()
         self._max_batch = max_batch
         self._drainer = drainer
         self._retry_seconds = retry_seconds
         self._next_drain = 0.0
         self._recording = recording
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Submitted | object] = queue.SimpleQueue()
         # The writer keeps one connection across batches: checking one out of the pool
         # per batch cost a pre-ping round trip each time.
         self._conn: Connection | None = None
@@ -140,13 +151,19 @@ class Recorder:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
 
-    async def submit(self, delivery: Delivery, facts: EventFacts) -> Outcome:
-        """Record (or spool) a delivery; returns once it is durable."""
+    async def submit(self, delivery: Delivery) -> Outcome:
+        """Record (or spool) a decoded delivery; returns once it is durable.
+
+        The facts are extracted on the writer thread, and an extraction error (an
+        ``IntakeError``) is raised here. Work moved off the event loop is worth more
+        than the same work on the writer: the loop's time per delivery is what every
+        request in flight waits behind (benchmarks/RESULTS.md).
+        """
         if self._closed:  # nobody would ever answer it
             raise StoreUnavailable("the receiver is shutting down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
-        self._queue.put(_Job(delivery, facts, loop, future))
+        self._queue.put(_Submitted(delivery, loop, future))
         return await future
 
     @property
@@ -175,7 +192,7 @@ class Recorder:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(job, _Job):
+            if isinstance(job, _Submitted):
                 job.resolve(StoreUnavailable("the receiver is shutting down"))
 
     def _next_batch(self) -> list[_Job | object]:
@@ -187,16 +204,36 @@ class Recorder:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return []
+        if isinstance(first, _Submitted):
+            first = self._extracted(first)
+            if first is None:
+                return []
         return self._take_queued([first])
 
     def _take_queued(self, batch: list[_Job | object]) -> list[_Job | object]:
         """Add what is queued now to ``batch``, up to the batch size or a stop."""
         while (not batch or batch[-1] is not _STOP) and len(batch) < self._max_batch:
             try:
-                batch.append(self._queue.get_nowait())
+                taken = self._queue.get_nowait()
             except queue.Empty:
                 break
+            ready = self._extracted(taken) if isinstance(taken, _Submitted) else taken
+            if ready is not None:
+                batch.append(ready)
         return batch
+
+    def _extracted(self, submitted: _Submitted) -> _Job | None:
+        """The job of a submitted delivery, or None once its extraction error is answered."""
+        delivery = submitted.delivery
+        try:
+            facts = extract_facts(delivery, self._policy)
+        except Exception as exc:  # noqa: BLE001 - the sender gets its 4xx (or a bug its 500)
+            submitted.resolve(exc)
+            return None
+        # The decoded JSON is not needed past this point: dropped now, it dies before the
+        # collector can promote it while the batch waits for its commit.
+        stripped = delivery.without_payload()
+        return _Job(stripped, submitted.loop, submitted.future, facts)
 
     def _dispatch(self, jobs: list[_Job]) -> None:
         if self.spool_depth:

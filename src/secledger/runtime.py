@@ -48,6 +48,7 @@ class Runtime:
             drainer=Drainer(engine, spool, policy, known, recording=recording),
             retry_seconds=settings.spool_retry_seconds,
             recording=recording,
+            policy=policy,
         )
         recorder.start()
         metrics = Metrics(engine, [*settings.risk_tiers, settings.unclassified_tier])

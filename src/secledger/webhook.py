@@ -13,7 +13,7 @@ import structlog
 from secledger.admission import Admission
 from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
-from secledger.extract import extract_facts, is_security_event, mr_key
+from secledger.extract import MRKey, is_security_event, mr_key
 from secledger.headers import RequestHeaders
 from secledger.intake import (
     Delivery,
@@ -265,18 +265,17 @@ class WebhookHandler:
             # from the labels and the in-memory key set before any extraction. While the
             # spool holds deliveries, a spooled one may be what makes this MR a security
             # MR; only the drain, reading the database, can tell, so it decides.
-            recorder = self.runtime.recorder
-            policy = self.runtime.policy
+            key = mr_key(decoded)
             if (
-                not recorder.spool_depth
-                and mr_key(decoded) not in self.runtime.known
-                and not is_security_event(decoded, policy)
+                not self.runtime.recorder.spool_depth
+                and key not in self.runtime.known
+                and not is_security_event(decoded, self.runtime.policy)
             ):
                 return 200, IGNORED, _IGNORED
             delivery = to_delivery(
                 decoded, headers, body, received_at=received_at, verified=verified
             )
-            return await self._record(delivery, received_at)
+            return await self._record(delivery, key, received_at)
         finally:
             admission.leave(size)
 
@@ -287,18 +286,12 @@ class WebhookHandler:
         return verified
 
     async def _record(
-        self, delivery: Delivery, received_at: datetime
+        self, delivery: Delivery, key: MRKey, received_at: datetime
     ) -> tuple[int, Outcome, bytes]:
         recorder = self.runtime.recorder
-        policy = self.runtime.policy
-        facts = extract_facts(delivery, policy)
-        # The decoded JSON (hundreds of objects) is not needed past this point: dropped
-        # now, it dies young instead of being promoted and re-scanned by the collector
-        # while the delivery waits for its batch to commit.
-        delivery = delivery.without_payload()
-        outcome = await recorder.submit(delivery, facts)
+        outcome = await recorder.submit(delivery)
         if outcome.status == "recorded":
-            self.runtime.known.add(facts.key)
+            self.runtime.known.add(key)
         if outcome.status == "spooled":
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
             return 202, outcome, orjson.dumps(outcome.to_json() | extra)
