@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import Engine, text
+from structlog.testing import capture_logs
 
 from builders import delivery_of, mr_event
 from secledger import recorder as recorder_module
@@ -125,6 +127,28 @@ def test_the_writer_extracts_and_answers_an_extraction_failure_alone(
         keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
         assert list(keys) == ["idem:k1", "idem:k3", "idem:k5"]
     assert idle_lock_free
+
+
+def test_the_writer_logs_one_delivery_line_per_answer_it_gives(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not cached by an earlier test, so capture_logs sees it.
+    monkeypatch.setattr(recorder_module, "log", structlog.get_logger("secledger.recorder"))
+    items = [item(1, "k1"), item(2, "k2"), item(1, "k1")]
+    with capture_logs() as logged:
+        outcomes, _ = record_queued(engine, items, max_batch=8)
+    assert [o.status for o in outcomes if isinstance(o, Outcome)] == [
+        "recorded",
+        "recorded",
+        "duplicate",
+    ]
+    lines = [line for line in logged if line["event"] == "delivery"]
+    assert [(line["outcome"], line["seq"], line["mr_iid"]) for line in lines] == [
+        ("recorded", 1, 1),
+        ("recorded", 2, 2),
+        ("duplicate", 1, 1),
+    ]
+    assert all(line["ms"] >= 0 and line["log_level"] == "info" for line in lines)
 
 
 def test_a_carried_batch_sees_what_the_batch_before_it_committed(engine: Engine) -> None:

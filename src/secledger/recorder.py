@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 from psycopg.pq import TransactionStatus
@@ -36,6 +37,7 @@ from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store.eventcache import EventCache
 from secledger.store.pipeline import Pg, transaction_status
+from secledger.times import utcnow
 
 log = structlog.get_logger("secledger.recorder")
 
@@ -66,6 +68,30 @@ def _resolve_all(jobs: list[_Job], outcomes: list[Outcome]) -> None:
         by_loop.setdefault(job.loop, []).append((job.future, outcome))
     for loop, settled in by_loop.items():
         loop.call_soon_threadsafe(_settle_many, settled)
+    now = utcnow()  # the answers are on their way: the lines need not hold them up
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        _log_answer(job, outcome, now)
+
+
+def _log_answer(job: _Submitted, outcome: Outcome, now: datetime) -> None:
+    """The ``delivery`` line of a delivery answered from here (all but ``ignored``).
+
+    Written on the writer thread rather than by the request on the event loop, like the
+    extraction (see ``Recorder.submit``); ``ms`` is the time from receipt to this answer.
+    """
+    if outcome.status == "ignored":
+        return  # counted by the web edge's summary line
+    row = outcome.row or {}
+    log.info(
+        "delivery",
+        outcome=outcome.status,
+        seq=outcome.seq,
+        ms=round((now - job.delivery.received_at).total_seconds() * 1000, 2),
+        **{key: row[key] for key in _ROW_IDS if key in row},
+    )
+
+
+_ROW_IDS = ("instance", "project_id", "mr_iid", "decision")
 
 
 def _settle_many(settled: list[tuple[asyncio.Future[Outcome], Outcome]]) -> None:
@@ -398,8 +424,10 @@ class Recorder:
             return
         depth = self._drainer.spool.depth
         log.warning("deliveries_spooled", deliveries=len(jobs), spool_depth=depth)
+        spooled, now = Outcome("spooled", reason=SPOOLED), utcnow()
         for job in jobs:
-            job.resolve(Outcome("spooled", reason=SPOOLED))
+            _log_answer(job, spooled, now)
+            job.resolve(spooled)
 
     def _keep_refused(self, job: _Job, exc: BaseException) -> None:
         """Keep a delivery the database refuses in the spool's failed/ folder, and say so.
@@ -417,7 +445,9 @@ class Recorder:
             self._fail([job], exc)
             return
         log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
-        job.resolve(Outcome("spooled", reason=REFUSED))
+        kept = Outcome("spooled", reason=REFUSED)
+        _log_answer(job, kept, utcnow())
+        job.resolve(kept)
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:

@@ -213,14 +213,7 @@ class WebhookHandler:
             ended = time.perf_counter()
             if name == "ignored":
                 self.ignored.note(ended, outcome.reason)
-            else:
-                log.info(
-                    "delivery",
-                    outcome=name,
-                    seq=outcome.seq,
-                    ms=round((ended - started) * 1000, 2),
-                    **_row_ids(outcome),
-                )
+            # Any other outcome comes from the writer, which logged its ``delivery`` line.
         self.tally.add(headers.get("x-gitlab-event"), name, ended - started)
         if status:  # 0: the sender went away
             # Sent here rather than through respond(): one coroutine less per delivery.
@@ -317,8 +310,3 @@ def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
 
 def _answer(status: int, outcome: Outcome) -> tuple[int, Outcome, bytes]:
     return status, outcome, orjson.dumps(outcome.to_json())
-
-
-def _row_ids(outcome: Outcome) -> dict[str, Any]:
-    row = outcome.row or {}
-    return {k: row[k] for k in ("instance", "project_id", "mr_iid", "decision") if k in row}
