@@ -180,8 +180,8 @@ class Recorder:
     async def submit(self, delivery: Delivery) -> Outcome:
         """Record (or spool) a decoded delivery; returns once it is durable.
 
-        The facts are extracted on the writer thread, and an extraction error (an
-        ``IntakeError``) is raised here. Work moved off the event loop is worth more
+        The facts are extracted on the writer thread; an error extracting them is
+        raised here, for this request alone. Work moved off the event loop is worth more
         than the same work on the writer: the loop's time per delivery is what every
         request in flight waits behind (benchmarks/RESULTS.md).
         """
