@@ -230,11 +230,8 @@ class Recorder:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return []
-        if isinstance(first, _Submitted):
-            first = self._extracted(first)
-            if first is None:
-                return []
-        return self._take_queued([first])
+        ready = self._ready(first)
+        return self._take_queued([] if ready is None else [ready])
 
     def _take_queued(self, batch: list[_Job | object]) -> list[_Job | object]:
         """Add what is queued now to ``batch``, up to the batch size or a stop."""
@@ -243,14 +240,17 @@ class Recorder:
                 taken = self._queue.get_nowait()
             except queue.Empty:
                 break
-            ready = self._extracted(taken) if isinstance(taken, _Submitted) else taken
+            ready = self._ready(taken)
             if ready is not None:
                 batch.append(ready)
         return batch
 
-    def _extracted(self, submitted: _Submitted) -> _Job | None:
-        """The job of a submitted delivery, or None once its extraction error is answered."""
-        delivery = submitted.delivery
+    def _ready(self, taken: _Submitted | object) -> _Job | object | None:
+        """What was taken from the queue, a submitted delivery made a job (extracted), or
+        None once its extraction error is answered."""
+        if not isinstance(taken, _Submitted):
+            return taken  # the stop
+        submitted, delivery = taken, taken.delivery
         try:
             facts = extract_facts(delivery, self._policy)
         except Exception as exc:  # noqa: BLE001 - the sender gets its 4xx (or a bug its 500)
@@ -424,10 +424,12 @@ class Recorder:
             return
         depth = self._drainer.spool.depth
         log.warning("deliveries_spooled", deliveries=len(jobs), spool_depth=depth)
-        spooled, now = Outcome("spooled", reason=SPOOLED), utcnow()
+        spooled = Outcome("spooled", reason=SPOOLED)
+        for job in jobs:
+            job.resolve(spooled)
+        now = utcnow()
         for job in jobs:
             _log_answer(job, spooled, now)
-            job.resolve(spooled)
 
     def _keep_refused(self, job: _Job, exc: BaseException) -> None:
         """Keep a delivery the database refuses in the spool's failed/ folder, and say so.
