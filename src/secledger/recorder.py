@@ -448,8 +448,8 @@ class Recorder:
             return
         log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
         kept = Outcome("spooled", reason=REFUSED)
-        _log_answer(job, kept, utcnow())
         job.resolve(kept)
+        _log_answer(job, kept, utcnow())
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:
