@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-dashboard fmt clean
+.PHONY: demo test lint bench bench-cpu bench-dashboard fmt clean
 
 $(BIN)/python:
 	@bash scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
@@ -34,6 +34,9 @@ fmt: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/run.py
+
+bench-cpu: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/cpu.py
 
 bench-dashboard: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/dashboard.py

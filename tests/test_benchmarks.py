@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,3 +54,24 @@ def test_a_pair_alternates_its_order_and_shows_the_round_with_the_median_ratio()
     ceiling, shown = pair.median
     assert shown.load.rate == 70.0  # the median round, not the best or the last
     assert shown.ceiling is ceiling.load
+
+
+def test_cpu_counters_read_this_process_and_grow_with_work() -> None:
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    try:
+        import cpu  # noqa: PLC0415 - the benchmarks folder is not a package
+    finally:
+        sys.path.pop(0)
+    me = Path("/proc/self")
+    before, (on_cpu, _) = cpu.cpu_seconds(me / "stat"), cpu.schedstat(me / "schedstat")
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after, (on_cpu_after, _) = cpu.cpu_seconds(me / "stat"), cpu.schedstat(me / "schedstat")
+    assert 0.2 <= after - before < 5
+    assert 0.2 <= on_cpu_after - on_cpu < 5
+    busiest = cpu._deltas(
+        {1: (1.0, 2.0, 0.5), 2: (0.0, 0.0, 0.0)}, {1: (1.5, 2.4, 0.6), 3: (9, 9, 9)}
+    )
+    assert len(busiest) == 1  # only ids present in both samples
+    assert busiest[0] == pytest.approx((0.5, 0.4, 0.1))

@@ -1,0 +1,210 @@
+"""Where the CPU goes: CPU time per recorded delivery, by process, secledger against its ceiling.
+
+Throughput says how fast; this says why. It shows how far apart the two apps' costs
+per delivery are in one run (the host's speed moves both), and whether a run is limited
+by the CPU or by waiting: processes that together use less than the machine's cores,
+with one thread on a CPU most of the time, are bound by that thread.
+
+Starts an embedded PostgreSQL, the ceiling app and `secledger serve` (as run.py does),
+runs the recorded-security mix against each in turn and, over the middle of each run,
+reads /proc (Linux only):
+
+- CPU time (user + system) per delivery of the serving process and of all PostgreSQL
+  processes, and the cores they used together;
+- for the busiest PostgreSQL backend and the serving process's two busiest threads, the
+  share of the wall time each spent on a CPU and waiting in the run queue for one
+  (``/proc/.../schedstat``). Waiting for the interpreter lock is sleeping, not queueing.
+
+Usage: python benchmarks/cpu.py [--duration 12] [--rate 0] [--conns 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import servers
+
+from secledger import embedded
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(stat: Path) -> float:
+    """utime + stime of one process or thread, from its ``stat`` file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def schedstat(path: Path) -> tuple[float, float]:
+    """Seconds on a CPU and seconds waiting in the run queue."""
+    on_cpu, queued, _ = path.read_text().split()
+    return int(on_cpu) / 1e9, int(queued) / 1e9
+
+
+def postgres_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@dataclass
+class Sample:
+    """Counters read at one instant."""
+
+    at: float
+    server: dict[int, tuple[float, float, float]]  # thread id: cpu, on cpu, queued
+    postgres: dict[int, tuple[float, float, float]]  # pid: the same
+
+    @classmethod
+    def take(cls, server_pid: int) -> Sample:
+        threads: dict[int, tuple[float, float, float]] = {}
+        for task in Path(f"/proc/{server_pid}/task").iterdir():
+            threads[int(task.name)] = _counters(task)
+        backends: dict[int, tuple[float, float, float]] = {}
+        for pid in postgres_pids():
+            try:
+                backends[pid] = _counters(Path(f"/proc/{pid}"))
+            except OSError:  # exited between pgrep and the read
+                continue
+        return cls(time.monotonic(), threads, backends)
+
+
+def _counters(path: Path) -> tuple[float, float, float]:
+    return (cpu_seconds(path / "stat"), *schedstat(path / "schedstat"))
+
+
+def _deltas(
+    before: dict[int, tuple[float, float, float]], after: dict[int, tuple[float, float, float]]
+) -> list[tuple[float, float, float]]:
+    """Per id present in both samples, busiest first."""
+    out = [
+        (after[key][0] - old[0], after[key][1] - old[1], after[key][2] - old[2])
+        for key, old in before.items()
+        if key in after
+    ]
+    return sorted(out, reverse=True)
+
+
+@dataclass
+class Row:
+    name: str
+    rate: float
+    server_us: float
+    postgres_us: float
+    cores: float
+    backend: tuple[float, float]  # busiest PostgreSQL backend: on CPU, queued (share of wall)
+    threads: list[tuple[float, float]]  # the serving process's two busiest threads
+
+    def cells(self) -> list[str]:
+        shares = "; ".join(f"{on:.2f} / {queued:.2f}" for on, queued in self.threads)
+        return [
+            self.name,
+            f"{self.rate:,.0f}",
+            f"{self.server_us:.0f}",
+            f"{self.postgres_us:.0f}",
+            f"{self.server_us + self.postgres_us:.0f}",
+            f"{self.cores:.2f}",
+            f"{self.backend[0]:.2f} / {self.backend[1]:.2f}",
+            shares,
+        ]
+
+
+def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths: str) -> Row:
+    """Load ``server`` with the security mix; sample over the middle of the run."""
+    window: list[Sample] = []
+
+    def sample() -> None:
+        time.sleep(1.5 + args.warmup + args.duration * 0.2)
+        window.append(Sample.take(server.process.pid))
+        time.sleep(args.duration * 0.6)
+        window.append(Sample.take(server.process.pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    load = servers.load(
+        run=f"cpu-{name}-{int(time.time())}",
+        mix="security",
+        ports=[server.port],
+        project=int(time.time()) % 1_000_000,
+        clients=2,
+        conns=args.conns,
+        duration=args.duration,
+        warmup=args.warmup,
+        rate=args.rate,
+        **paths,
+    )
+    sampler.join()
+    first, last = window
+    wall = last.at - first.at
+    deliveries = load.rate * wall
+    threads = _deltas(first.server, last.server)
+    backends = _deltas(first.postgres, last.postgres)
+    return Row(
+        name,
+        load.rate,
+        sum(t[0] for t in threads) / deliveries * 1e6,
+        sum(b[0] for b in backends) / deliveries * 1e6,
+        (sum(t[0] for t in threads) + sum(b[0] for b in backends)) / wall,
+        (backends[0][1] / wall, backends[0][2] / wall),
+        [(t[1] / wall, t[2] / wall) for t in threads[:2]],
+    )
+
+
+HEADERS = [
+    "app",
+    "deliveries/s",
+    "serving process us/delivery",
+    "PostgreSQL us/delivery",
+    "total us/delivery",
+    "cores used",
+    "busiest backend on CPU / queued",
+    "two busiest threads on CPU / queued",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--rate", type=float, default=0.0, help="offered rate (0: saturate)")
+    parser.add_argument("--conns", type=int, default=64, help="keep-alive connections")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="secledger-cpu-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # the embedded server may run as its own user (as root)
+        url = embedded.start(workdir / "pg")
+        try:
+            ceiling = servers.start_ceiling(url, workdir, 10)
+            try:
+                rows = [measure("ceiling", ceiling, args, path="/parse", security_path="/insert")]
+            finally:
+                ceiling.stop()
+            serve = servers.start_secledger("serve", url, workdir)
+            try:
+                rows.append(measure("secledger", serve, args))
+            finally:
+                serve.stop()
+        finally:
+            embedded.stop(workdir / "pg")
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    ceiling, mine = rows
+    cpu_ratio = ceiling.server_us / mine.server_us
+    print(f"{os.cpu_count()} cores; shares are of the wall time\n")
+    print("\n".join(lines))
+    print(
+        f"\nthroughput, secledger / ceiling: {mine.rate / ceiling.rate:.0%}; serving"
+        f" process's CPU per delivery, ceiling / secledger: {cpu_ratio:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
