@@ -65,7 +65,10 @@ class Sample:
     def take(cls, server_pid: int) -> Sample:
         threads: dict[int, tuple[float, float, float]] = {}
         for task in Path(f"/proc/{server_pid}/task").iterdir():
-            threads[int(task.name)] = _counters(task)
+            try:
+                threads[int(task.name)] = _counters(task)
+            except OSError:  # the thread ended while listed
+                continue
         backends: dict[int, tuple[float, float, float]] = {}
         for pid in postgres_pids():
             try:
@@ -145,6 +148,8 @@ def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths
     deliveries = load.rate * wall
     threads = _deltas(first.server, last.server)
     backends = _deltas(first.postgres, last.postgres)
+    if not backends:
+        raise SystemExit("no process named 'postgres' was found to measure")
     return Row(
         name,
         load.rate,
