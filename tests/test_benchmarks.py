@@ -75,3 +75,14 @@ def test_cpu_counters_read_this_process_and_grow_with_work() -> None:
     )
     assert len(busiest) == 1  # only ids present in both samples
     assert busiest[0] == pytest.approx((0.5, 0.4, 0.1))
+    # The main thread is reported by its id even when another thread is busier.
+    main, other = cpu.split_threads(
+        {7: (1.0, 1.0, 0.0), 8: (1.0, 1.0, 0.0), 9: (0.0, 0.0, 0.0)},
+        {7: (1.2, 1.1, 0.1), 8: (1.9, 1.8, 0.2), 9: (0.1, 0.1, 0.0)},
+        7,
+    )
+    assert main == pytest.approx((0.2, 0.1, 0.1))
+    assert other == pytest.approx((0.9, 0.8, 0.2))
+    alone, nobody = cpu.split_threads({7: (1.0, 1.0, 0.0)}, {7: (1.5, 1.5, 0.0)}, 7)
+    assert alone == pytest.approx((0.5, 0.5, 0.0))
+    assert nobody == (0.0, 0.0, 0.0)
