@@ -6,7 +6,8 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from builders import delivery_of, mr_event
+from commitcut import CommitCutter
 from secledger import recorder as recorder_module
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, extract_facts
@@ -444,3 +446,50 @@ async def wait_until(check: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
+
+
+def test_a_batch_whose_commit_answer_is_lost_is_answered_recorded_once(
+    database_url: str, engine: Engine
+) -> None:
+    """The connection breaks after PostgreSQL committed a batch and before its answer
+    reached the writer. The retry on a new connection finds the rows written: each
+    delivery is logged once and answered ``recorded`` with its seq, and a resend of one
+    of them in the same batch stays a duplicate."""
+    cutter = CommitCutter(db.libpq_url(database_url))
+    through = db.create(cutter.url, pool_size=2)
+
+    async def scenario() -> list[Outcome | BaseException]:
+        writer = Recorder(through, max_batch=8)
+        writer.start()
+        try:
+            # The writer first holds a connection: only then is a broken one retried.
+            await writer.submit(item(1, "k1")[0])
+            cutter.armed.set()
+            resend = delivery_of(mr_event("approved", iid=3, labels=["sec::high"]), "k3", RECEIVED)
+            late = replace(resend, received_at=RECEIVED + timedelta(seconds=1))
+            return await asyncio.gather(
+                writer.submit(item(2, "k2")[0]),
+                writer.submit(resend),
+                writer.submit(late),
+                return_exceptions=True,
+            )
+        finally:
+            writer.close()
+
+    try:
+        with capture_logs() as logs:
+            outcomes = asyncio.run(scenario())
+    finally:
+        through.dispose()
+        cutter.close()
+    assert cutter.cut.is_set()  # the answer to a COMMIT really was lost
+    assert [(o.status, o.seq) for o in outcomes if isinstance(o, Outcome)] == [
+        ("recorded", 2),
+        ("recorded", 3),
+        ("duplicate", 3),
+    ]
+    assert len([line for line in logs if line["event"] == "commit_answer_lost"]) == 1
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
+        assert list(keys) == ["idem:k1", "idem:k2", "idem:k3"]
+    assert lock_is_free(engine)

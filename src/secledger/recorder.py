@@ -35,6 +35,7 @@ from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
+from secledger.store import log as log_store
 from secledger.store.eventcache import EventCache
 from secledger.store.pipeline import Pg, transaction_status
 from secledger.times import utcnow
@@ -332,9 +333,41 @@ class Recorder:
                 raise
         # The held connection went stale while idle (a database restart, a proxy's idle
         # timeout): once more on a new, pre-pinged one before calling it unavailable.
-        # Nothing was committed (or, if the connection broke while the COMMIT's answer was
-        # on its way, it was: the dedup key then answers the retry "duplicate").
-        return self._transaction(jobs)
+        # Nothing was committed, or, if the connection broke while the COMMIT's answer was
+        # on its way, everything was: the retry then finds each delivery already logged.
+        return self._own_rows(jobs, self._transaction(jobs))
+
+    def _own_rows(self, jobs: list[_Job], outcomes: list[Outcome]) -> list[Outcome]:
+        """After a retry: ``recorded``, not ``duplicate``, for each delivery whose row was
+        written by the attempt whose COMMIT's answer was lost.
+
+        A row is the request's own when it has the same dedup key and the same receipt
+        time (to the microsecond): a resend by GitLab is another request, received at
+        another instant, and stays a duplicate. When this cannot be read, the answers
+        stay ``duplicate``: a 200 all the same, with the right seq.
+        """
+        seqs = [o.seq for o in outcomes if o.status == "duplicate" and o.seq is not None]
+        if not seqs:
+            return outcomes
+        try:
+            with self._engine.connect() as conn:
+                found = log_store.receipts(conn, seqs)
+        except Exception as exc:  # noqa: BLE001 - the answers stand as they are
+            log.warning("in_doubt_check_failed", error=type(exc).__name__)
+            return outcomes
+        owned: list[Outcome] = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            mine = (job.delivery.dedup_key, job.delivery.received_at)
+            seq = outcome.seq
+            if outcome.status == "duplicate" and seq is not None and found.get(seq) == mine:
+                del found[seq]  # a second copy of this request in the batch is a duplicate
+                owned.append(Outcome("recorded", seq=seq, row=outcome.row))
+            else:
+                owned.append(outcome)
+        recovered = sum(a is not b for a, b in zip(owned, outcomes, strict=True))
+        if recovered:
+            log.warning("commit_answer_lost", deliveries=len(jobs), recorded_by_it=recovered)
+        return owned
 
     def _transaction(self, jobs: list[_Job]) -> list[Outcome]:
         if self._conn is None:

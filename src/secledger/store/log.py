@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -90,6 +91,17 @@ def send_rows(pg: Pg, rows: Sequence[dict[str, object]]) -> None:
     """Queue the insert of ``rows`` (from ``Chain.extend``) on a pipeline."""
     if rows:
         pg.execute(INSERT, {name: [row[name] for row in rows] for name in _COLUMNS})
+
+
+_RECEIPTS = text("SELECT seq, dedup_key, received_at FROM delivery_log WHERE seq = ANY(:seqs)")
+
+
+def receipts(conn: Connection, seqs: Sequence[int]) -> dict[int, tuple[str, datetime]]:
+    """The dedup key and receipt time of each of ``seqs`` that is logged."""
+    if not seqs:
+        return {}
+    rows = conn.execute(_RECEIPTS, {"seqs": list(seqs)})
+    return {int(seq): (str(key), received_at) for seq, key, received_at in rows}
 
 
 def headers_text(headers: dict[str, str]) -> str:
