@@ -16,7 +16,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from secledger import digest, webhook
+from secledger import digest, logs, webhook
 from secledger.deadlines import Deadlines
 from secledger.headers import RequestHeaders
 from secledger.intake import MAX_HEADER_CHARS, kept_headers
@@ -181,6 +181,64 @@ def test_the_line_writer_writes_without_being_drained() -> None:
     while sink.getvalue() != b"hello\n" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sink.getvalue() == b"hello\n"
+
+
+def _json_logs_to(monkeypatch: pytest.MonkeyPatch, level: str) -> tuple[io.BytesIO, LineWriter]:
+    """``logs.configure`` as ``serve`` runs it, writing JSON lines to a buffer."""
+    sink = io.BytesIO()
+    writer = LineWriter(sink)  # type: ignore[arg-type]
+    monkeypatch.setattr(logs, "_writer", writer)
+    monkeypatch.setattr("sys.stderr", io.TextIOWrapper(io.BytesIO()))
+    logs.configure(level)
+    return sink, writer
+
+
+def _without_time(lines: bytes) -> list[dict[str, object]]:
+    parsed = [orjson.loads(line) for line in lines.splitlines()]
+    for line in parsed:
+        assert str(line.pop("timestamp")).endswith("Z")
+    return parsed
+
+
+def test_lines_written_together_are_the_lines_logger_info_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink, writer = _json_logs_to(monkeypatch, "info")
+    logger = structlog.get_logger("secledger.test")
+    records: list[dict[str, object]] = [
+        {"outcome": "recorded", "seq": 7, "ms": 1.5, "instance": "https://g", "mr_iid": 3},
+        {"outcome": "duplicate", "seq": None, "token": "s3cret"},  # never in a log line
+    ]
+    for record in records:
+        logger.info("delivery", **record)
+    writer.drain()
+    one_by_one = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    with structlog.contextvars.bound_contextvars(request="r1"):
+        logs.info_lines(logger, "delivery", records)
+    writer.drain()
+    together = sink.getvalue()
+    assert b"s3cret" not in one_by_one + together
+    expected = _without_time(one_by_one)
+    assert [list(line) for line in expected][0][-2:] == ["event", "level"]
+    assert _without_time(together) == [{"request": "r1", **line} for line in expected]
+
+
+def test_lines_written_together_follow_the_level_and_a_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink, writer = _json_logs_to(monkeypatch, "warning")
+    logger = structlog.get_logger("secledger.test")
+    logs.info_lines(logger, "delivery", [{"seq": 1}])
+    writer.drain()
+    assert sink.getvalue() == b""  # below the level
+    logs.configure("info")
+    with capture_logs() as captured:
+        logs.info_lines(logger, "delivery", [{"seq": 1}, {"seq": 2}])
+    writer.drain()
+    assert sink.getvalue() == b""
+    assert [(line["event"], line["seq"]) for line in captured] == [("delivery", 1), ("delivery", 2)]
 
 
 @pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 10_000, 100_003])

@@ -20,13 +20,15 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from typing import Any
 
 import structlog
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine
 
+from secledger import logs
 from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, extract_facts
@@ -69,27 +71,30 @@ def _resolve_all(jobs: list[_Job], outcomes: list[Outcome]) -> None:
         by_loop.setdefault(job.loop, []).append((job.future, outcome))
     for loop, settled in by_loop.items():
         loop.call_soon_threadsafe(_settle_many, settled)
-    now = utcnow()  # the answers are on their way: the lines need not hold them up
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        _log_answer(job, outcome, now)
+    # The answers are on their way: the lines need not hold them up.
+    _log_answers(jobs, outcomes)
 
 
-def _log_answer(job: _Submitted, outcome: Outcome, now: datetime) -> None:
-    """The ``delivery`` line of a delivery answered from here (all but ``ignored``).
+def _log_answers(jobs: Sequence[_Submitted], outcomes: Sequence[Outcome]) -> None:
+    """The ``delivery`` line of each delivery answered from here (all but ``ignored``).
 
     Written on the writer thread rather than by the request on the event loop, like the
     extraction (see ``Recorder.submit``); ``ms`` is the time from receipt to this answer.
     """
-    if outcome.status == "ignored":
-        return  # counted by the web edge's summary line
-    row = outcome.row or {}
-    log.info(
-        "delivery",
-        outcome=outcome.status,
-        seq=outcome.seq,
-        ms=round((now - job.delivery.received_at).total_seconds() * 1000, 2),
-        **{key: row[key] for key in _ROW_IDS if key in row},
-    )
+    now = utcnow()
+    records: list[dict[str, Any]] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if outcome.status == "ignored":
+            continue  # counted by the web edge's summary line
+        row = outcome.row or {}
+        record = {
+            "outcome": outcome.status,
+            "seq": outcome.seq,
+            "ms": round((now - job.delivery.received_at).total_seconds() * 1000, 2),
+        }
+        record.update((key, row[key]) for key in _ROW_IDS if key in row)
+        records.append(record)
+    logs.info_lines(log, "delivery", records)
 
 
 _ROW_IDS = ("instance", "project_id", "mr_iid", "decision")
@@ -460,9 +465,7 @@ class Recorder:
         spooled = Outcome("spooled", reason=SPOOLED)
         for job in jobs:
             job.resolve(spooled)
-        now = utcnow()
-        for job in jobs:
-            _log_answer(job, spooled, now)
+        _log_answers(jobs, [spooled] * len(jobs))
 
     def _keep_refused(self, job: _Job, exc: BaseException) -> None:
         """Keep a delivery the database refuses in the spool's failed/ folder, and say so.
@@ -482,7 +485,7 @@ class Recorder:
         log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
         kept = Outcome("spooled", reason=REFUSED)
         job.resolve(kept)
-        _log_answer(job, kept, utcnow())
+        _log_answers([job], [kept])
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:

@@ -9,6 +9,7 @@ deduplicates on ``(MR, rule, subject)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,6 +85,11 @@ class Context:
     policy: CompliancePolicy
     clock: SlaClock
     now: datetime
+
+    @functools.cached_property
+    def first_merge(self) -> SequencedEvent | None:
+        """The first merge event, if the MR was merged (several rules ask)."""
+        return next((e for e in self.history.events if e.facts.decision == "merged"), None)
 
     @property
     def tier_rule(self) -> TierRule:
@@ -183,7 +189,7 @@ def evaluate(
 
 def first_merge(context: Context) -> SequencedEvent | None:
     """The first merge event, if the MR was merged."""
-    return next((e for e in context.history.events if e.facts.decision == "merged"), None)
+    return context.first_merge
 
 
 def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int]:
@@ -358,12 +364,12 @@ def sla_breached(context: Context) -> Iterator[Finding]:
     if clock.deadline is None or clock.label_seq is None:
         return
     severity = "high" if context.policy.rank(clock.tier) == 0 else "medium"
-    evidence = breach_evidence(clock)
     if clock.first_decision_at is not None and clock.first_decision_seq is not None:
         if clock.first_decision_at > clock.deadline:
-            yield "", (clock.label_seq, clock.first_decision_seq), evidence, severity
+            seqs = (clock.label_seq, clock.first_decision_seq)
+            yield "", seqs, breach_evidence(clock), severity
     elif context.now > clock.deadline:
-        yield "", (clock.label_seq,), evidence, severity
+        yield "", (clock.label_seq,), breach_evidence(clock), severity
 
 
 def breach_evidence(clock: SlaClock) -> dict[str, Any]:
