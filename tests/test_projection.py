@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from secledger.extract import EventFacts
-from secledger.projection import SequencedEvent, distinct_facts, fold
+from secledger.projection import SequencedEvent, distinct_facts, fact_identity, fold
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -144,3 +147,33 @@ def test_two_edits_by_one_user_in_one_second_are_two_events() -> None:
     assert row["event_count"] == 3
     assert row["assigned_reviewers"] == ["bob"]
     assert (row["labeled_at_source"], row["labeled_by"]) == ("label_added", "erin")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["open", "update", "approved", "unapproved", "merged"]),
+            st.sampled_from(["bob", "carol"]),
+            st.integers(0, 2),
+            st.sampled_from([(), ("bob",)]),
+        ),
+        max_size=8,
+    )
+)
+def test_distinct_facts_keeps_the_first_copy_of_each_identity(
+    drawn: list[tuple[str, str, int, tuple[str, ...]]],
+) -> None:
+    """Whatever the history: the events kept are those whose whole identity no earlier
+    event has (the shortcut for histories without a shared kind, actor and time too)."""
+    history = [
+        event(seq, kind, actor, minutes, reviewers=reviewers)
+        for seq, (kind, actor, minutes, reviewers) in enumerate(drawn, 1)
+    ]
+    seen: set[tuple[object, ...]] = set()
+    expected = []
+    for item in history:
+        identity = fact_identity(item.facts)
+        if identity not in seen:
+            seen.add(identity)
+            expected.append(item)
+    assert distinct_facts(history) == expected

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
-from secledger.projection import SequencedEvent, distinct_facts, merge_sources
+from secledger.projection import SequencedEvent, ordered_facts
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
@@ -79,14 +79,20 @@ class Assessment:
     resolve: dict[str, Any]
 
 
-def history_of(events: Sequence[SequencedEvent], row: RowMapping | dict[str, Any]) -> MRHistory:
+def history_of(
+    events: Sequence[SequencedEvent],
+    row: RowMapping | dict[str, Any],
+    ordered: Sequence[SequencedEvent] | None = None,
+) -> MRHistory:
     """The rules' view of one MR from its events and its ledger row; an event delivered
-    twice (system hook and project hook) is seen once, as the fold sees it."""
+    twice (system hook and project hook) is seen once, as the fold sees it. ``ordered``:
+    what the fold of these very events read (``projection.fold_read``), when at hand."""
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
-    distinct = distinct_facts(merge_sources(list(events)))
+    if ordered is None:
+        ordered = ordered_facts(list(events))
     return MRHistory(
         key=key,
-        events=tuple(sorted(distinct, key=lambda e: (e.facts.event_at, e.seq))),
+        events=tuple(ordered),
         author_id=row["author_id"],
         tier=row["risk_tier"],
         labeled_at=row["labeled_at"],
@@ -118,6 +124,7 @@ def assess(
     now: datetime,
     *,
     as_of: datetime | None = None,
+    ordered: Sequence[SequencedEvent] | None = None,
 ) -> Assessment:
     """Evaluate one MR from its ledger row and every one of its events. Pure: no I/O.
 
@@ -127,7 +134,7 @@ def assess(
     wall-clock check is kept while the clock still runs.
     """
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
-    history = history_of(events, row)
+    history = history_of(events, row, ordered)
     clock = sla_clock(history, policy)
     hits = evaluate(history, policy, as_of or now, clock)
     keep = as_of is not None and clock.first_decision_at is None

@@ -148,6 +148,10 @@ def fact_identity(facts: EventFacts) -> tuple[object, ...]:
     return told
 
 
+def _brief(facts: EventFacts) -> tuple[object, ...]:
+    return facts.kind, facts.decision, facts.actor, facts.event_at
+
+
 def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
     """Drop each event that repeats an earlier one (lower seq) of the same MR.
 
@@ -155,6 +159,11 @@ def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
     byte for byte the same (identical bodies are never logged twice). The first delivery
     stands for the event, so every later copy counts for nothing.
     """
+    events = list(events)
+    # Every identity starts with what this key holds (a decision's identity is this key):
+    # when no two events share it, none repeats another, and no identity need be built.
+    if len({_brief(event.facts) for event in events}) == len(events):
+        return events
     listed = [(event, fact_identity(event.facts)) for event in events]
     first: dict[tuple[object, ...], int] = {}
     for event, identity in listed:
@@ -167,12 +176,22 @@ def _carries_labels(facts: EventFacts) -> bool:
     return facts.source != "api" or facts.kind in API_LABEL_KINDS
 
 
+def ordered_facts(events: list[SequencedEvent]) -> list[SequencedEvent]:
+    """The events a fold (and the findings rules) read: API facts a webhook event tells
+    and repeats dropped, in event-time order."""
+    return sorted(distinct_facts(merge_sources(events)), key=_order)
+
+
 def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
     """Compute one ledger row from every event of one merge request."""
-    every = list(events)
+    return fold_read(list(events))[0]
+
+
+def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[SequencedEvent]]:
+    """``fold`` of ``every``, and the events it read (``ordered_facts``)."""
     if not every:
         raise ValueError("fold needs at least one event")
-    ordered = sorted(distinct_facts(merge_sources(every)), key=_order)
+    ordered = ordered_facts(every)
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
     approvers: list[str] = []
     tier: str | None = None
@@ -207,7 +226,7 @@ def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
     row["last_event_at"] = ordered[-1].facts.event_at
     row["last_seq"] = max(e.seq for e in every)
     row["event_count"] = len(ordered)
-    return row
+    return row, ordered
 
 
 def _apply_decision(row: dict[str, Any], approvers: list[str], facts: EventFacts) -> None:

@@ -23,7 +23,7 @@ from secledger.config import Settings
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
-from secledger.projection import SequencedEvent, fold
+from secledger.projection import SequencedEvent, fold_read
 from secledger.store import batchread, ledger, log, outbox
 from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
@@ -248,6 +248,8 @@ class _Batch:
         for i, seq in self.logged:
             self.events.setdefault(items[i][1].key, []).append(SequencedEvent(seq, items[i][1]))
         self.latest: dict[MRKey, dict[str, Any]] = {}
+        # What each latest row's fold read: every event of the MR, for its findings.
+        self.read: dict[MRKey, list[SequencedEvent]] = {}
         self.queued: list[tuple[int, str, str]] = []
         self.now = utcnow()
 
@@ -277,9 +279,10 @@ class _Batch:
         return outcomes
 
     def _recorded(self, seq: int, facts: EventFacts) -> Outcome:
-        row = fold(event for event in self.events[facts.key] if event.seq <= seq)
+        row, read = fold_read([event for event in self.events[facts.key] if event.seq <= seq])
         row["updated_at"] = self.now
         self.latest[facts.key] = row
+        self.read[facts.key] = read
         rendered = ledger_json(row)
         if self.recording.emit:
             # The log row's hash is unique to this ledger and this seq: the sink's dedup key.
@@ -291,9 +294,22 @@ class _Batch:
         """Each touched MR's findings, from all of its events (after ``answer``)."""
         policy = self.recording.compliance
         return [
-            findings.assess(row, self.events[key], policy, self.now, as_of=row["last_event_at"])
+            findings.assess(
+                row,
+                self.events[key],
+                policy,
+                self.now,
+                as_of=row["last_event_at"],
+                ordered=self._read_all(key, row),
+            )
             for key, row in self.latest.items()
         ]
+
+    def _read_all(self, key: MRKey, row: dict[str, Any]) -> list[SequencedEvent] | None:
+        """What the fold of ``row`` read, when that fold read every event of the MR (its
+        seq is the newest: always so under the chain lock); None to sort them again."""
+        newest = max(event.seq for event in self.events[key])
+        return self.read[key] if row["last_seq"] == newest else None
 
 
 def _stored_rows(conn: Connection, batch: _Batch) -> dict[MRKey, dict[str, Any] | None]:
