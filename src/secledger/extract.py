@@ -146,10 +146,11 @@ def bounded(facts: EventFacts) -> EventFacts:
         values: tuple[str, ...] | None = getattr(facts, name)
         if values is None:
             continue
-        over = len(values) > MAX_LIST_ITEMS or any(len(v) > limit for v in values)
+        # max() over map() and one joined string: C loops, not a generator per item.
+        over = len(values) > MAX_LIST_ITEMS or (bool(values) and max(map(len, values)) > limit)
         if over:
             truncated.append(name)
-        if over or type(values) is not tuple or any("\x00" in v for v in values):
+        if over or type(values) is not tuple or "\x00" in "".join(values):
             changes[name] = tuple(clean_text(v, limit) for v in values[:MAX_LIST_ITEMS])
     if truncated:
         changes["extra"] = {**facts.extra, "truncated": truncated}
