@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime
 
 import pytest
@@ -180,3 +181,4 @@ def test_removing_the_last_security_label_keeps_the_event_security_relevant() ->
 def test_facts_survive_a_json_round_trip() -> None:
     facts = facts_of(mr_event("approved", reviewers=["bob"]))
     assert EventFacts.from_json(facts.to_json()) == facts
+    assert list(facts.to_json()) == [f.name for f in fields(EventFacts)]  # fields, in order

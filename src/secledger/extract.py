@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -104,7 +104,8 @@ class EventFacts:
         """A JSON-ready dict (times as ISO 8601 UTC)."""
         # A shallow copy: dataclasses.asdict deep-copies every field and was the largest
         # cost of recording a batch; the values here are immutable or rendered as-is.
-        data = {name: getattr(self, name) for name in _FIELD_NAMES}
+        # An instance's __dict__ holds exactly its fields, in their order.
+        data = dict(self.__dict__)
         for name in _TIME_FIELDS:
             data[name] = isoformat(data[name])
         return data
@@ -120,9 +121,6 @@ class EventFacts:
         if values.get("reviewers") is not None:
             values["reviewers"] = tuple(values["reviewers"])
         return cls(**values)
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(EventFacts))
 
 
 def clean_text(value: str, limit: int) -> str:
