@@ -43,6 +43,8 @@ class KnownMRs:
 
     def add(self, key: MRKey) -> None:
         """Remember one key."""
+        if key in self._keys:  # nearly always, on the hot path: no lock to take
+            return
         with self._lock:
             self._keys.add(key)
 
