@@ -109,3 +109,55 @@ def test_logging_in_starts_a_new_nonce(browser) -> None:
     assert browser.cookies.get(csrf.COOKIE) not in {None, nonce}
     stale = browser.post("/logout", data={"csrf_token": before}, follow_redirects=False)
     assert stale.status_code == 403
+
+
+def test_a_planted_nonce_and_its_token_do_not_pass_for_a_logged_in_visitor(
+    browser, database_url, tmp_path
+) -> None:
+    """Someone who can set cookies for the host (a sibling subdomain) plants the nonce of
+    a token they fetched themselves: the nonce matches, but the token was issued for no
+    session, and the visitor's form names theirs."""
+    log_in(browser)
+    own = form_token(browser, "/")
+    settings = reader_settings(database_url, tmp_path / "data")
+    with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as attacker:
+        planted = form_token(attacker)
+        nonce = attacker.cookies.get(csrf.COOKIE)
+    mine = browser.cookies.get(csrf.COOKIE)
+    browser.cookies.delete(csrf.COOKIE)
+    browser.cookies.set(csrf.COOKIE, nonce)
+    refused = browser.post("/logout", data={"csrf_token": planted}, follow_redirects=False)
+    assert refused.status_code == 403
+    assert browser.get("/api/whoami").status_code == 200
+    browser.cookies.delete(csrf.COOKIE)
+    browser.cookies.set(csrf.COOKIE, mine)
+    answer = browser.post("/logout", data={"csrf_token": own}, follow_redirects=False)
+    assert answer.status_code == 303
+
+
+def test_over_https_the_nonce_cookie_is_one_only_this_host_can_set(database_url, tmp_path) -> None:
+    settings = reader_settings(database_url, tmp_path / "data")
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app, base_url="https://testserver") as secure:
+        page = secure.get("/login")
+        set_cookie = page.headers["set-cookie"]
+        assert set_cookie.startswith(f"{csrf.SECURE_COOKIE}=")
+        assert "; Secure" in set_cookie
+        assert "; Path=/" in set_cookie
+        assert "Domain" not in set_cookie
+        token = form_token(secure)
+        # The same nonce under the plain name, as a sibling host could set it, is no cookie.
+        nonce = secure.cookies.get(csrf.SECURE_COOKIE)
+        secure.cookies.delete(csrf.SECURE_COOKIE)
+        secure.cookies.set(csrf.COOKIE, nonce)
+        refused = secure.post("/login", data=login_fields(token), follow_redirects=False)
+        assert refused.status_code == 403
+        secure.cookies.delete(csrf.COOKIE)
+        log_in(secure)
+        token = form_token(secure, "/")
+        answer = secure.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+        assert answer.status_code == 303
+        assert any(
+            value.startswith(f"{csrf.SECURE_COOKIE}=;") or f'{csrf.SECURE_COOKIE}=""' in value
+            for value in answer.headers.get_list("set-cookie")
+        )

@@ -25,7 +25,6 @@ from secledger.dashboard.access import (
     safe_next,
 )
 from secledger.dashboard.auth import COOKIE, Principal
-from secledger.dashboard.csrf import COOKIE as CSRF_COOKIE
 from secledger.dashboard.csrf import FIELD as CSRF_FIELD
 from secledger.dashboard.csrf import REFUSED as CSRF_REFUSED
 from secledger.extract import MRKey
@@ -74,14 +73,15 @@ templates.env.filters["hours_left"] = hours_left
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     """A template with the common context, including the CSRF field for its forms."""
     csrf = dashboard(request).csrf
-    nonce, fresh = csrf.nonce(request)
+    secure = _secure(request)
+    nonce, fresh = csrf.nonce(request, secure=secure)
     context.setdefault("principal", None)
     context["plotly_src"] = f"/static/vendor/plotly-{assets.plotly_version()}.min.js"
     context["csrf_field"] = CSRF_FIELD
-    context["csrf_token"] = csrf.token(nonce)
+    context["csrf_token"] = csrf.token(nonce, request.cookies.get(COOKIE))
     response = templates.TemplateResponse(request, name, context, status_code=status)
     if fresh:
-        csrf.set_cookie(response, nonce, secure=_secure(request))
+        csrf.set_cookie(response, nonce, secure=secure)
     return response
 
 
@@ -97,7 +97,9 @@ async def _form(request: Request) -> dict[str, str]:
 
 def _refused(request: Request, form: dict[str, str]) -> bool:
     """True (and logged) when a POST lacks a valid CSRF token."""
-    if dashboard(request).csrf.valid(request, form.get(CSRF_FIELD)):
+    csrf = dashboard(request).csrf
+    session = request.cookies.get(COOKIE)
+    if csrf.valid(request, form.get(CSRF_FIELD), secure=_secure(request), session=session):
         return False
     client = request.client.host if request.client else "unknown"
     log.warning("csrf_refused", path=request.url.path, client=client)
@@ -169,7 +171,7 @@ async def logout(request: Request) -> Response:
         return render(request, "refused.html", 403, message=CSRF_REFUSED)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
-    response.delete_cookie(CSRF_COOKIE)
+    dashboard(request).csrf.delete_cookie(response, secure=_secure(request))
     return response
 
 
