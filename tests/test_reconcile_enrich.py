@@ -107,3 +107,36 @@ def test_serve_starts_enrichment_only_with_a_token(engine, api_settings, setting
     assert enricher is not None
     enricher.close()
     assert not enricher._thread.is_alive()
+
+
+def test_an_mr_whose_label_was_removed_is_looked_up_not_left_extra(engine, api, fake) -> None:
+    """GitLab's labelled list no longer has an MR the ledger decided in the period: it is
+    asked of GitLab by its iid. Decided as recorded: ``unlabelled``, nothing to fix, and
+    the run succeeds; decided otherwise: ``different``, and --fix records its history;
+    gone from GitLab: still ``extra``."""
+    agrees, disagrees, gone, listed = Story(iid=1), Story(iid=2), Story(iid=3), Story(iid=4)
+    for story in (agrees, disagrees, gone, listed):
+        story.publish(fake)
+    told = disagrees.webhooks()
+    told[-1]["user"]["username"] = "mallory"  # the ledger was told someone else merged
+    replay(engine, fake.url, agrees.webhooks() + told + gone.webhooks() + listed.webhooks())
+    project = fake.projects[14]
+    for iid in (1, 2):
+        project.mrs[iid]["labels"] = []  # the security label removed after the merge
+    del project.mrs[3]
+
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (report.gitlab_count, report.ledger_count) == (1, 4)
+    assert [(d.kind, d.mr_iid) for d in report.differences] == [
+        ("unlabelled", 1),
+        ("different", 2),
+        ("extra", 3),
+    ]
+    assert report.differences[1].fields == {"merged_by": {"gitlab": "carol", "ledger": "mallory"}}
+    assert [d.mr_iid for d in report.remaining] == [2, 3]
+
+    fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, apply_fix=True)
+    assert fixed.fixed == 1
+    assert [(d.kind, d.mr_iid) for d in fixed.remaining] == [("extra", 3)]
+    row = next(r for r in ledger_rows(engine) if r["mr_iid"] == 2)
+    assert row["merged_by"] == "carol"

@@ -55,6 +55,10 @@ class StoreUnavailable(SecledgerError):
 class GitLabAPIError(SecledgerError):
     """The GitLab REST API refused a request or could not be reached."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status GitLab answered, when it answered
+
 
 class InvalidSignature(IntakeError):
     """The webhook-signature headers are missing, malformed or match no signing secret."""

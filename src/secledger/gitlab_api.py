@@ -51,7 +51,8 @@ def _call(action: Callable[[], T]) -> T:
         return action()
     except gitlab.exceptions.GitlabError as exc:
         code = getattr(exc, "response_code", None)
-        raise GitLabAPIError(f"GitLab API: {code or 'error'}: {exc.error_message}") from None
+        message = f"GitLab API: {code or 'error'}: {exc.error_message}"
+        raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         raise GitLabAPIError(f"GitLab API unreachable: {type(exc).__name__}") from None
 

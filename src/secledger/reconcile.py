@@ -3,7 +3,10 @@
 GitLab's population is every MR carrying a security label (listed per label, since the
 filter has no wildcard) that was merged or closed in the period. Each is looked up in
 the ledger: absent is ``missing``; a different state, decider or decision time is
-``different``. ``--fix`` records the history of those MRs through the backfill path.
+``different``. An MR the ledger has decided in the period that GitLab does not list is
+asked of GitLab by its iid: ``unlabelled`` when GitLab agrees (its label was removed
+since), ``different`` when it does not, ``extra`` when GitLab no longer has it.
+``--fix`` records the history of missing and different MRs through the backfill path.
 The result is stored in ``reconciliations`` (append-only) as evidence that
 completeness was checked, and when.
 """
@@ -20,6 +23,7 @@ from sqlalchemy import Engine, RowMapping, text
 
 from secledger import payloads as p
 from secledger.backfill import MRRef, Period, fetch_history, find_merge_requests, record_envelopes
+from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
@@ -48,7 +52,7 @@ class Difference:
 
     project_id: int
     mr_iid: int
-    kind: str  # missing | different | extra
+    kind: str  # missing | different | extra | unlabelled
     url: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +147,39 @@ def differences(
     return found, len(decided)
 
 
+def look_up_extras(
+    engine: Engine, api: GitLabAPI, found: list[Difference]
+) -> tuple[list[Difference], dict[MRRef, dict[str, Any]]]:
+    """Each ``extra`` MR asked of GitLab by its iid (the labelled list no longer has it),
+    and the MRs found.
+
+    When GitLab agrees with the ledger (same state, decider and time) the MR is
+    ``unlabelled``: decided as recorded, its security label removed since. When it
+    does not (reopened, or decided otherwise), it is ``different``, and ``--fix`` can
+    record its history. Only an MR GitLab no longer has (404) stays ``extra``.
+    """
+    out: list[Difference] = []
+    fetched: dict[MRRef, dict[str, Any]] = {}
+    with engine.connect() as conn:
+        for difference in found:
+            if difference.kind != "extra":
+                out.append(difference)
+                continue
+            ref = (difference.project_id, difference.mr_iid)
+            try:
+                mr = api.merge_request(*ref)
+            except GitLabAPIError as exc:
+                if exc.status != 404:
+                    raise
+                out.append(difference)
+                continue
+            fetched[ref] = mr
+            row = ledger.get(conn, MRKey(api.instance, *ref))
+            changed = compare(mr, row)
+            out.append(changed or Difference(*ref, "unlabelled", p.text(mr, "web_url")))
+    return out, fetched
+
+
 def fix(
     engine: Engine,
     api: GitLabAPI,
@@ -197,10 +234,16 @@ def reconcile(
     listed = find_merge_requests(api, scopes, policy, Period(closed_period.since))
     gitlab = decided_in(listed, closed_period)
     found, ledger_count = differences(engine, api.instance, gitlab, closed_period)
+    found, fetched = look_up_extras(engine, api, found)
+    known = {**fetched, **gitlab}
     fixed, remaining = 0, found
-    to_fix = [gitlab[(d.project_id, d.mr_iid)] for d in found if d.kind != "extra"]
+    fixable = ("missing", "different")
+    to_fix = [known[(d.project_id, d.mr_iid)] for d in found if d.kind in fixable]
     if apply_fix and to_fix:
         fixed = fix(engine, api, policy, to_fix, recording=recording)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period)
+        remaining, _ = look_up_extras(engine, api, remaining)
+    # Informational: decided as recorded, the label removed since (nothing to fix).
+    remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
     return store(engine, api.instance, scopes, report)

@@ -186,8 +186,8 @@ def reconcile(
     click.echo(
         f"reconciliation {report.id}: GitLab {report.gitlab_count} decided security MRs, "
         f"ledger {report.ledger_count}; missing {report.count('missing')}, different "
-        f"{report.count('different')}, extra {report.count('extra')}; fixed {report.fixed}; "
-        f"remaining {len(report.remaining)}"
+        f"{report.count('different')}, extra {report.count('extra')}, unlabelled "
+        f"{report.count('unlabelled')}; fixed {report.fixed}; remaining {len(report.remaining)}"
     )
     if report.remaining:
         raise SystemExit(1)
