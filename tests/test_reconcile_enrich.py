@@ -135,8 +135,10 @@ def test_an_mr_whose_label_was_removed_is_looked_up_not_left_extra(engine, api, 
     assert report.differences[1].fields == {"merged_by": {"gitlab": "carol", "ledger": "mallory"}}
     assert [d.mr_iid for d in report.remaining] == [2, 3]
 
+    asked = fake.count("/merge_requests/1")
     fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, apply_fix=True)
     assert fixed.fixed == 1
+    assert fake.count("/merge_requests/1") == asked + 1  # once, not again after the fix
     assert [(d.kind, d.mr_iid) for d in fixed.remaining] == [("extra", 3)]
     row = next(r for r in ledger_rows(engine) if r["mr_iid"] == 2)
     assert row["merged_by"] == "carol"

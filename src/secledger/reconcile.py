@@ -148,10 +148,13 @@ def differences(
 
 
 def look_up_extras(
-    engine: Engine, api: GitLabAPI, found: list[Difference]
+    engine: Engine,
+    api: GitLabAPI,
+    found: list[Difference],
+    fetched: dict[MRRef, dict[str, Any]] | None = None,
 ) -> tuple[list[Difference], dict[MRRef, dict[str, Any]]]:
     """Each ``extra`` MR asked of GitLab by its iid (the labelled list no longer has it),
-    and the MRs found.
+    unless ``fetched`` already holds it, and the MRs found.
 
     When GitLab agrees with the ledger (same state, decider and time) the MR is
     ``unlabelled``: decided as recorded, its security label removed since. When it
@@ -159,18 +162,15 @@ def look_up_extras(
     record its history. Only an MR GitLab no longer has (404) stays ``extra``.
     """
     out: list[Difference] = []
-    fetched: dict[MRRef, dict[str, Any]] = {}
+    fetched = dict(fetched or {})
     with engine.connect() as conn:
         for difference in found:
             if difference.kind != "extra":
                 out.append(difference)
                 continue
             ref = (difference.project_id, difference.mr_iid)
-            try:
-                mr = api.merge_request(*ref)
-            except GitLabAPIError as exc:
-                if exc.status != 404:
-                    raise
+            mr = fetched.get(ref) or _merge_request(api, ref)
+            if mr is None:  # gone from GitLab
                 out.append(difference)
                 continue
             fetched[ref] = mr
@@ -178,6 +178,16 @@ def look_up_extras(
             changed = compare(mr, row)
             out.append(changed or Difference(*ref, "unlabelled", p.text(mr, "web_url")))
     return out, fetched
+
+
+def _merge_request(api: GitLabAPI, ref: MRRef) -> dict[str, Any] | None:
+    """One MR from GitLab, or None when GitLab answers 404."""
+    try:
+        return api.merge_request(*ref)
+    except GitLabAPIError as exc:
+        if exc.status != 404:
+            raise
+    return None
 
 
 def fix(
@@ -242,7 +252,7 @@ def reconcile(
     if apply_fix and to_fix:
         fixed = fix(engine, api, policy, to_fix, recording=recording)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period)
-        remaining, _ = look_up_extras(engine, api, remaining)
+        remaining, _ = look_up_extras(engine, api, remaining, fetched)
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)

@@ -187,11 +187,6 @@ def evaluate(
     return hits
 
 
-def first_merge(context: Context) -> SequencedEvent | None:
-    """The first merge event, if the MR was merged."""
-    return context.first_merge
-
-
 def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int]:
     """Approver → approval seq, for approvals standing just before ``until``."""
     standing: dict[str, int] = {}
@@ -235,7 +230,7 @@ def author_approved(context: Context) -> Iterator[Finding]:
 @rule("merged-by-author", "high")
 def merged_by_author(context: Context) -> Iterator[Finding]:
     """The author merged without a standing approval from anyone else."""
-    merge = first_merge(context)
+    merge = context.first_merge
     if merge is None or not context.by_author(merge.facts):
         return
     if not others(context, standing_approvals(context, merge)):
@@ -253,7 +248,7 @@ def merged_by_author(context: Context) -> Iterator[Finding]:
 @rule("insufficient-approvals", "high")
 def insufficient_approvals(context: Context) -> Iterator[Finding]:
     """Merged with fewer standing non-author approvals than the tier requires."""
-    merge = first_merge(context)
+    merge = context.first_merge
     if merge is None:
         return
     standing = others(context, standing_approvals(context, merge))
@@ -275,7 +270,7 @@ def insufficient_approvals(context: Context) -> Iterator[Finding]:
 @rule("approval-revoked-before-merge", "medium")
 def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
     """An approval was revoked and the MR merged with no approval given after it."""
-    merge = first_merge(context)
+    merge = context.first_merge
     if merge is None:
         return
     revoked: list[SequencedEvent] = []
@@ -323,7 +318,7 @@ def approver_not_in_group(context: Context) -> Iterator[Finding]:
 @rule("label-removed-before-merge", "high")
 def label_removed_before_merge(context: Context) -> Iterator[Finding]:
     """A security label was removed (tier lowered or dropped) and then merged unreviewed."""
-    merge = first_merge(context)
+    merge = context.first_merge
     if merge is None:
         return
     policy = context.policy
