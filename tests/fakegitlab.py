@@ -179,6 +179,9 @@ def _labels_matching(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[d
 
 def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
     seg = _segments(path)
+    if len(seg) == 2 and seg[0] == "projects":
+        found = fake.project(seg[1])
+        return None if found is None else _project_json(found)
     if len(seg) < 3:
         return None
     kind, ref, rest = seg[0], seg[1], seg[2:]
@@ -186,6 +189,8 @@ def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
         projects = fake.group_projects(ref)
         if projects is None:
             return None
+        if rest == ["projects"]:
+            return [_project_json(p) for p in projects]
         if rest == ["labels"]:
             return [
                 {"id": i, "name": n}
@@ -200,6 +205,12 @@ def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
     if kind != "projects" or project is None:
         return None
     return _project_get(project, rest, query)
+
+
+def _project_json(project: Project) -> dict[str, Any]:
+    """A project as GitLab's ``simple`` representation has it (the fields tests use)."""
+    name = project.path.rsplit("/", 1)[-1]
+    return {"id": project.id, "path_with_namespace": project.path, "path": name, "name": name}
 
 
 def _project_get(project: Project, rest: list[str], query: dict[str, str]) -> Any:

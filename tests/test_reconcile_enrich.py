@@ -142,3 +142,25 @@ def test_an_mr_whose_label_was_removed_is_looked_up_not_left_extra(engine, api, 
     assert [(d.kind, d.mr_iid) for d in fixed.remaining] == [("extra", 3)]
     row = next(r for r in ledger_rows(engine) if r["mr_iid"] == 2)
     assert row["merged_by"] == "carol"
+
+
+def test_a_project_with_no_labelled_mr_left_is_still_checked(engine, api, fake) -> None:
+    """GitLab lists no security MR of a project any more (every label removed since):
+    its MRs the ledger decided are still looked up, because the projects checked are the
+    scope's, not only those GitLab's labelled list names."""
+    listed = Story(iid=1)
+    relabelled = Story(iid=7, project_id=15, path="acme/billing")
+    fake.add_project(15, "acme/billing", group="acme")
+    for story in (listed, relabelled):
+        story.publish(fake)
+    replay(engine, fake.url, listed.webhooks() + relabelled.webhooks())
+    fake.projects[15].mrs[7]["labels"] = []  # the security label removed after the merge
+
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (report.gitlab_count, report.ledger_count) == (1, 2)
+    assert [(d.kind, d.project_id, d.mr_iid) for d in report.differences] == [("unlabelled", 15, 7)]
+    assert report.remaining == []
+
+    alone = reconcile(engine, api, POLICY, [Scope("projects", "acme/billing")], PERIOD)
+    assert (alone.gitlab_count, alone.ledger_count) == (0, 1)
+    assert [(d.kind, d.mr_iid) for d in alone.differences] == [("unlabelled", 7)]

@@ -110,6 +110,20 @@ class GitLabAPI:
         """Labels of a project (with its groups') or of a group (with its ancestors')."""
         return self._list(f"{scope.path}/labels", {"include_ancestor_groups": "true"})
 
+    def project_ids(self, scope: Scope) -> list[int]:
+        """The projects a scope covers: a project itself, or every project of a group and
+        its subgroups. Projects only shared with a group are left out, as GitLab's list of
+        a group's merge requests leaves them out."""
+        if scope.kind == "projects":
+            found = [self._get(scope.path)]
+        else:
+            query = {"include_subgroups": "true", "with_shared": "false", "simple": "true"}
+            found = list(self._list(f"{scope.path}/projects", query))
+        ids = [project.get("id") for project in found]
+        if not all(type(pid) is int for pid in ids):
+            raise GitLabAPIError(f"GitLab API: {scope} answered a project without a numeric id")
+        return ids  # type: ignore[return-value]
+
     def merge_requests(
         self, scope: Scope, label: str, since: datetime, until: datetime | None
     ) -> Iterator[dict[str, Any]]:

@@ -3,9 +3,10 @@
 GitLab's population is every MR carrying a security label (listed per label, since the
 filter has no wildcard) that was merged or closed in the period. Each is looked up in
 the ledger: absent is ``missing``; a different state, decider or decision time is
-``different``. An MR the ledger has decided in the period that GitLab does not list is
-asked of GitLab by its iid: ``unlabelled`` when GitLab agrees (its label was removed
-since), ``different`` when it does not, ``extra`` when GitLab no longer has it.
+``different``. An MR the ledger has decided in the period, in a project of the scope,
+that GitLab does not list is asked of GitLab by its iid: ``unlabelled`` when GitLab
+agrees (its label was removed since), ``different`` when it does not, ``extra`` when
+GitLab no longer has it.
 ``--fix`` records the history of missing and different MRs through the backfill path.
 The result is stored in ``reconciliations`` (append-only) as evidence that
 completeness was checked, and when.
@@ -127,9 +128,14 @@ def compare(mr: Mapping[str, Any], row: Mapping[str, Any] | RowMapping | None) -
 
 
 def differences(
-    engine: Engine, instance: str, gitlab: Mapping[MRRef, dict[str, Any]], period: Period
+    engine: Engine,
+    instance: str,
+    gitlab: Mapping[MRRef, dict[str, Any]],
+    period: Period,
+    projects: Iterable[int] = (),
 ) -> tuple[list[Difference], int]:
-    """Every difference, and how many ledger rows were decided in the period."""
+    """Every difference, and how many ledger rows were decided in the period, in
+    ``projects`` (the scope's) and the projects of the MRs GitLab listed."""
     found: list[Difference] = []
     until = period.until or utcnow()
     with engine.connect() as conn:
@@ -137,8 +143,10 @@ def differences(
             difference = compare(mr, ledger.get(conn, MRKey(instance, pid, iid)))
             if difference is not None:
                 found.append(difference)
-        projects = sorted({pid for pid, _ in gitlab})
-        params = {"instance": instance, "projects": projects, "since": period.since}
+        # The scope's projects, not only those GitLab still lists an MR of: in a project
+        # whose every security label was removed, the ledger's MRs would go unchecked.
+        covered = sorted({*projects, *(pid for pid, _ in gitlab)})
+        params = {"instance": instance, "projects": covered, "since": period.since}
         decided = {
             (int(a), int(b)) for a, b in conn.execute(_LEDGER_DECIDED, params | {"until": until})
         }
@@ -243,7 +251,8 @@ def reconcile(
     closed_period = Period(period.since, period.until or utcnow())
     listed = find_merge_requests(api, scopes, policy, Period(closed_period.since))
     gitlab = decided_in(listed, closed_period)
-    found, ledger_count = differences(engine, api.instance, gitlab, closed_period)
+    projects = {pid for scope in scopes for pid in api.project_ids(scope)}
+    found, ledger_count = differences(engine, api.instance, gitlab, closed_period, projects)
     found, fetched = look_up_extras(engine, api, found)
     known = {**fetched, **gitlab}
     fixed, remaining = 0, found
@@ -251,7 +260,7 @@ def reconcile(
     to_fix = [known[(d.project_id, d.mr_iid)] for d in found if d.kind in fixable]
     if apply_fix and to_fix:
         fixed = fix(engine, api, policy, to_fix, recording=recording)
-        remaining, _ = differences(engine, api.instance, gitlab, closed_period)
+        remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
         remaining, _ = look_up_extras(engine, api, remaining, fetched)
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]

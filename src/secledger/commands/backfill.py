@@ -160,8 +160,10 @@ def reconcile(
 ) -> None:
     """Check the ledger against GitLab: every security MR merged or closed in the period.
 
-    Prints what is missing or different and stores the result (period, counts,
-    differences, time) in the reconciliations table. Exits 1 while differences remain.
+    Prints what is missing or different, and what the ledger decided in the scope's
+    projects that GitLab no longer lists with a security label, and stores the result
+    (period, counts, differences, time) in the reconciliations table. Exits 1 while
+    differences other than `unlabelled` remain.
 
     \b
     Example:
