@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from pydantic import SecretStr
@@ -182,3 +183,37 @@ def test_bad_token_is_a_clear_error_without_the_token(engine, api_settings, fake
         run_backfill(engine, GitLabAPI.from_settings(bad))
     assert "401" in str(caught.value)
     assert "nope-123" not in str(caught.value)
+
+
+def test_label_history_finds_an_mr_whose_security_label_was_removed(engine, api, fake) -> None:
+    """GitLab's label filter matches the labels an MR carries now: an MR whose security
+    label was removed before secledger recorded anything is found only by reading its
+    label events, and an MR that never carried one is not taken."""
+    removed = Story(iid=5, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC"))
+    never = Story(iid=6, label="frontend")
+    for story in (Story(iid=1), removed, never):
+        story.publish(fake)
+    scopes = [Scope("groups", "acme")]
+
+    plain = Backfill(engine, api, POLICY, scopes, Period(SINCE)).run()
+    assert plain.found == 1
+    assert [row["mr_iid"] for row in ledger_rows(engine)] == [1]
+
+    before = len(fake.seen)
+    calls: list[str] = []
+    bar = SimpleNamespace(
+        start=lambda n: calls.append(f"start {n}"), advance=lambda: calls.append("+")
+    )
+    deep = Backfill(engine, api, POLICY, scopes, Period(SINCE), label_history=True).run(bar)
+    assert deep.found == 2
+    # Two phases on one bar: the label histories of MRs 5 and 6, then MRs 1 and 5 recorded.
+    assert calls == ["start 2", "+", "+", "start 2", "+", "+"]
+    # MRs 5 and 6 are not in the labelled list: their label events are read to decide.
+    asked = {s.path for s in fake.seen[before:] if s.path.endswith("/resource_label_events")}
+    assert asked == {
+        f"/api/v4/projects/14/merge_requests/{iid}/resource_label_events" for iid in (1, 5, 6)
+    }
+    rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
+    assert sorted(rows) == [1, 5]
+    assert (rows[5]["decision"], rows[5]["merged_by"]) == ("merged", "carol")
+    assert (rows[5]["labeled_by"], rows[5]["security_labels"]) == ("alice", [])

@@ -130,6 +130,21 @@ def test_backfill_and_reconcile_commands(database_url, fake) -> None:
     assert TOKEN not in result.output
 
 
+def test_label_history_option_of_both_commands(database_url, fake) -> None:
+    Story(iid=5, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC")).publish(fake)
+    since = ("--group", "acme", "--since", "2025-08-01")
+    assert invoke(database_url, fake, "reconcile", *since).exit_code == 0  # not seen at all
+    result = invoke(database_url, fake, "reconcile", *since, "--label-history")
+    assert result.exit_code == 1
+    assert "missing 1" in result.output
+    result = invoke(database_url, fake, "backfill", *since, "--label-history")
+    assert result.exit_code == 0, result.output
+    assert "1 security merge requests found" in result.output
+    result = invoke(database_url, fake, "reconcile", *since, "--label-history")
+    assert result.exit_code == 0, result.output
+    assert "missing 0, different 0, extra 0" in result.output
+
+
 def test_missing_token_is_a_clear_error(database_url, fake) -> None:
     result = invoke(
         database_url, fake, "enrich", SECLEDGER_GITLAB_TOKEN="", SECLEDGER_GITLAB_URL=fake.url

@@ -164,3 +164,26 @@ def test_a_project_with_no_labelled_mr_left_is_still_checked(engine, api, fake) 
     alone = reconcile(engine, api, POLICY, [Scope("projects", "acme/billing")], PERIOD)
     assert (alone.gitlab_count, alone.ledger_count) == (0, 1)
     assert [(d.kind, d.mr_iid) for d in alone.differences] == [("unlabelled", 7)]
+
+
+def test_label_history_puts_an_mr_whose_label_was_removed_in_the_population(
+    engine, api, fake
+) -> None:
+    """Removed before secledger saw it: outside GitLab's labelled list, and outside the
+    ledger, so a plain run cannot see it. With label history it is ``missing``, and
+    ``--fix`` records it."""
+    removed = Story(iid=5, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC"))
+    removed.publish(fake)
+    Story(iid=6, label="frontend").publish(fake)  # never a security MR
+
+    plain = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (plain.gitlab_count, plain.ledger_count, plain.differences) == (0, 0, [])
+
+    deep = reconcile(engine, api, POLICY, SCOPE, PERIOD, label_history=True)
+    assert (deep.gitlab_count, deep.ledger_count) == (1, 0)
+    assert [(d.kind, d.mr_iid) for d in deep.differences] == [("missing", 5)]
+
+    fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, label_history=True, apply_fix=True)
+    assert (fixed.fixed, fixed.remaining) == (1, [])
+    assert [row["mr_iid"] for row in ledger_rows(engine)] == [5]
+    assert stored(engine)[-1]["scope"] == "group acme (with label history)"

@@ -66,10 +66,10 @@ class Progress(Protocol):
     """Where a backfill reports how far it got (a rich progress bar in the CLI)."""
 
     def start(self, total: int) -> None:
-        """``total`` merge requests are to be recorded."""
+        """``total`` merge requests are to be read (a new phase starts from zero)."""
 
     def advance(self) -> None:
-        """One more merge request was recorded."""
+        """One more merge request was read."""
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,71 @@ def security_labels(api: GitLabAPI, scope: Scope, policy: LabelPolicy) -> list[s
 
 
 def find_merge_requests(
-    api: GitLabAPI, scopes: Iterable[Scope], policy: LabelPolicy, period: Period
+    api: GitLabAPI,
+    scopes: Iterable[Scope],
+    policy: LabelPolicy,
+    period: Period,
+    *,
+    label_history: bool = False,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
-    """Every MR updated in the period that carries a security label, once each."""
+    """Every MR updated in the period that carries a security label, once each; with
+    ``label_history``, also every one that carried one once (see ``once_labelled``,
+    which reports to ``progress``)."""
+    scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for label in security_labels(api, scope, policy):
             for mr in api.merge_requests(scope, label, period.since, period.until):
-                found.setdefault((int(mr["project_id"]), int(mr["iid"])), mr)
+                found.setdefault(_ref(mr), mr)
+    if label_history:
+        found |= once_labelled(
+            api, scopes, policy, period, set(found), workers=workers, progress=progress
+        )
     return found
+
+
+def once_labelled(
+    api: GitLabAPI,
+    scopes: Iterable[Scope],
+    policy: LabelPolicy,
+    period: Period,
+    listed: set[MRRef],
+    *,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> dict[MRRef, dict[str, Any]]:
+    """MRs updated in the period, not in ``listed``, whose label events show a security
+    label added at some time: GitLab's label filter matches the labels an MR carries
+    now, so an MR whose security label was removed is found only this way. Every MR of
+    the scopes is listed and each one's label events are read: one request per MR."""
+    candidates: dict[MRRef, dict[str, Any]] = {}
+    for scope in scopes:
+        for mr in api.merge_requests(scope, None, period.since, period.until):
+            if _ref(mr) not in listed:
+                candidates.setdefault(_ref(mr), mr)
+    refs = sorted(candidates)
+    if progress:
+        progress.start(len(refs))
+    once: dict[MRRef, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        histories = pool.map(lambda ref: api.label_events(*ref), refs)
+        for ref, events in zip(refs, histories, strict=True):
+            if any(_adds_security(event, policy) for event in events):
+                once[ref] = candidates[ref]
+            if progress:
+                progress.advance()
+    return once
+
+
+def _adds_security(event: dict[str, Any], policy: LabelPolicy) -> bool:
+    name = apifacts.label_name(event)
+    return event.get("action") == "add" and name is not None and policy.is_security_label(name)
+
+
+def _ref(mr: dict[str, Any]) -> MRRef:
+    return int(mr["project_id"]), int(mr["iid"])
 
 
 def fetch_history(api: GitLabAPI, mr: dict[str, Any], policy: LabelPolicy) -> list[dict[str, Any]]:
@@ -164,17 +220,27 @@ class Backfill:
         *,
         workers: int = 4,
         recording: Recording = DEFAULT_RECORDING,
+        label_history: bool = False,
     ) -> None:
         self.engine, self.api, self.policy = engine, api, policy
-        self.recording = recording
+        self.recording, self.label_history = recording, label_history
         self.scopes, self.period, self.workers = scopes, period, workers
         self.key = run_key(api.instance, scopes, period)
 
-    def plan(self) -> tuple[list[dict[str, Any]], int]:
-        """MRs still to record, and how many a resumed run skips."""
+    def plan(self, progress: Progress | None = None) -> tuple[list[dict[str, Any]], int]:
+        """MRs still to record, and how many a resumed run skips (``progress``: the
+        label histories read, with ``label_history``)."""
         scope_text = ", ".join(str(s) for s in self.scopes)
         done = open_run(self.engine, self.key, self.api.instance, scope_text, self.period)
-        found = find_merge_requests(self.api, self.scopes, self.policy, self.period)
+        found = find_merge_requests(
+            self.api,
+            self.scopes,
+            self.policy,
+            self.period,
+            label_history=self.label_history,
+            workers=self.workers,
+            progress=progress,
+        )
         todo = [mr for ref, mr in found.items() if ref not in done]
         return todo, len(found) - len(todo)
 
@@ -199,7 +265,7 @@ class Backfill:
 
     def run(self, progress: Progress | None = None) -> Result:
         """Plan, then record every merge request still to do."""
-        todo, skipped = self.plan()
+        todo, skipped = self.plan(progress)
         if progress:
             progress.start(len(todo))
         facts = 0

@@ -125,17 +125,19 @@ class GitLabAPI:
         return ids  # type: ignore[return-value]
 
     def merge_requests(
-        self, scope: Scope, label: str, since: datetime, until: datetime | None
+        self, scope: Scope, label: str | None, since: datetime, until: datetime | None
     ) -> Iterator[dict[str, Any]]:
-        """MRs carrying ``label`` updated in the period, any state, oldest update first."""
+        """MRs carrying ``label`` (every MR, with None) updated in the period, any state,
+        oldest update first."""
         query: dict[str, Any] = {
-            "labels": label,
             "state": "all",
             "updated_after": isoformat(since),
             "order_by": "updated_at",
             "sort": "asc",
             "scope": "all",
         }
+        if label is not None:
+            query["labels"] = label
         if until is not None:
             query["updated_before"] = isoformat(until)
         return self._list(f"{scope.path}/merge_requests", query)

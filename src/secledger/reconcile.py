@@ -23,7 +23,14 @@ import orjson
 from sqlalchemy import Engine, RowMapping, text
 
 from secledger import payloads as p
-from secledger.backfill import MRRef, Period, fetch_history, find_merge_requests, record_envelopes
+from secledger.backfill import (
+    MRRef,
+    Period,
+    Progress,
+    fetch_history,
+    find_merge_requests,
+    record_envelopes,
+)
 from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
@@ -216,13 +223,22 @@ def fix(
     return count
 
 
-def store(engine: Engine, instance: str, scopes: list[Scope], report: Report) -> Report:
-    """Keep the result as evidence; the report with its id and time."""
+def store(
+    engine: Engine,
+    instance: str,
+    scopes: list[Scope],
+    report: Report,
+    *,
+    label_history: bool = False,
+) -> Report:
+    """Keep the result as evidence; the report with its id and time. The scope says
+    whether GitLab's population held the MRs found by their label history."""
     stored = [d.to_json() for d in report.differences]
     remaining = [d.to_json() for d in report.remaining]
+    scope = ", ".join(str(s) for s in scopes) + (" (with label history)" if label_history else "")
     params = {
         "instance": instance,
-        "scope": ", ".join(str(s) for s in scopes),
+        "scope": scope,
         "period_start": report.period.since,
         "period_end": report.period.until,
         "gitlab_count": report.gitlab_count,
@@ -246,10 +262,25 @@ def reconcile(
     *,
     apply_fix: bool = False,
     recording: Recording = DEFAULT_RECORDING,
+    label_history: bool = False,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> Report:
-    """Compare, optionally fix, compare again, and store the result."""
+    """Compare, optionally fix, compare again, and store the result.
+
+    With ``label_history``, GitLab's population also holds the MRs that carried a
+    security label once and carry none now (``backfill.once_labelled``).
+    """
     closed_period = Period(period.since, period.until or utcnow())
-    listed = find_merge_requests(api, scopes, policy, Period(closed_period.since))
+    listed = find_merge_requests(
+        api,
+        scopes,
+        policy,
+        Period(closed_period.since),
+        label_history=label_history,
+        workers=workers,
+        progress=progress,
+    )
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}
     found, ledger_count = differences(engine, api.instance, gitlab, closed_period, projects)
@@ -265,4 +296,4 @@ def reconcile(
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
-    return store(engine, api.instance, scopes, report)
+    return store(engine, api.instance, scopes, report, label_history=label_history)

@@ -53,6 +53,19 @@ def scope_options(function: Any) -> Any:
     )(function)
 
 
+def label_history_option(function: Any) -> Any:
+    """``--label-history``: also the MRs whose security label was removed."""
+    return click.option(
+        "--label-history",
+        is_flag=True,
+        help=(
+            "Also find MRs that carried a security label once and carry none now: lists"
+            " every MR updated in the period and reads each one's label events (one more"
+            " API request per MR)."
+        ),
+    )(function)
+
+
 def period_options(function: Any) -> Any:
     """``--since`` (required) and ``--until``."""
     function = click.option("--until", type=DATE, help="End of the period (exclusive).")(function)
@@ -90,15 +103,22 @@ class _Bar:
         self.task = progress.add_task("merge requests", total=None)
 
     def start(self, total: int) -> None:
-        self.progress.update(self.task, total=total)
+        self.progress.reset(self.task, total=total)
 
     def advance(self) -> None:
         self.progress.advance(self.task)
 
 
+def _progress() -> Progress:
+    """A transient bar: what it counts, done of total, time left."""
+    columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*Progress.get_default_columns()[:1], *columns, transient=True)
+
+
 @click.command()
 @scope_options
 @period_options
+@label_history_option
 @click.option("--workers", type=click.IntRange(1, 32), default=None, help="Parallel API readers.")
 @click.pass_obj
 def backfill(
@@ -108,6 +128,7 @@ def backfill(
     groups: tuple[str, ...],
     since: datetime,
     until: datetime | None,
+    label_history: bool,
     workers: int | None,
 ) -> None:
     """Record the history of security MRs from the GitLab API (label, state, approval events).
@@ -116,12 +137,15 @@ def backfill(
     wildcard), then every MR carrying one that was updated in the period. Facts go
     through the same recording path as webhooks and are keyed by their GitLab id, so
     running it twice, or after the webhooks, changes nothing. Interrupted, it resumes
-    where it stopped. Needs SECLEDGER_GITLAB_URL and SECLEDGER_GITLAB_TOKEN.
+    where it stopped. GitLab's filter matches the labels an MR carries now: an MR whose
+    security label was removed is found only with --label-history. Needs
+    SECLEDGER_GITLAB_URL and SECLEDGER_GITLAB_TOKEN.
 
     \b
     Example:
       secledger backfill --group acme --since 2025-01-01
       secledger backfill --project acme/payments --project 42 --since 2025-01-01 --until 2025-07-01
+      secledger backfill --group acme --since 2025-01-01 --label-history
     """
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
@@ -134,9 +158,9 @@ def backfill(
             Period(since, until),
             workers=workers or context.settings.gitlab_workers,
             recording=Recording.from_settings(context.settings),
+            label_history=label_history,
         )
-        columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*Progress.get_default_columns()[:1], *columns, transient=True) as bar:
+        with _progress() as bar:
             result = job.run(_Bar(bar))
     click.echo(
         f"{result.found} security merge requests found, {result.skipped} already done by an "
@@ -147,6 +171,7 @@ def backfill(
 @click.command()
 @scope_options
 @period_options
+@label_history_option
 @click.option("--fix", "apply_fix", is_flag=True, help="Record what is missing via backfill.")
 @click.pass_obj
 def reconcile(
@@ -156,6 +181,7 @@ def reconcile(
     groups: tuple[str, ...],
     since: datetime,
     until: datetime | None,
+    label_history: bool,
     apply_fix: bool,
 ) -> None:
     """Check the ledger against GitLab: every security MR merged or closed in the period.
@@ -169,10 +195,11 @@ def reconcile(
     Example:
       secledger reconcile --group acme --since 2025-07-01 --until 2025-10-01
       secledger reconcile --project acme/payments --since 2025-07-01 --fix
+      secledger reconcile --group acme --since 2025-07-01 --label-history
     """
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
-    with context.engine() as engine, edge():
+    with context.engine() as engine, edge(), _progress() as bar:
         report = reconciliation.reconcile(
             engine,
             api,
@@ -181,6 +208,9 @@ def reconcile(
             Period(since, until),
             apply_fix=apply_fix,
             recording=Recording.from_settings(context.settings),
+            label_history=label_history,
+            workers=context.settings.gitlab_workers,
+            progress=_Bar(bar),
         )
     rows = [d.to_json() for d in report.differences]
     if rows:
