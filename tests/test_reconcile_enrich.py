@@ -12,6 +12,7 @@ from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
 from secledger.backfill import Backfill, Period
 from secledger.enrich import enrich, start_background
+from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import Scope
 from secledger.reconcile import reconcile
 
@@ -187,3 +188,9 @@ def test_label_history_puts_an_mr_whose_label_was_removed_in_the_population(
     assert (fixed.fixed, fixed.remaining) == (1, [])
     assert [row["mr_iid"] for row in ledger_rows(engine)] == [5]
     assert stored(engine)[-1]["scope"] == "group acme (with label history)"
+
+
+def test_a_project_answered_without_an_id_is_a_clear_error(api, fake, monkeypatch) -> None:
+    monkeypatch.setattr("fakegitlab._project_json", lambda project: {"path": project.path})
+    with pytest.raises(GitLabAPIError, match="group acme answered a project without a numeric id"):
+        api.project_ids(Scope("groups", "acme"))

@@ -119,10 +119,13 @@ class GitLabAPI:
         else:
             query = {"include_subgroups": "true", "with_shared": "false", "simple": "true"}
             found = list(self._list(f"{scope.path}/projects", query))
-        ids = [project.get("id") for project in found]
-        if not all(type(pid) is int for pid in ids):
-            raise GitLabAPIError(f"GitLab API: {scope} answered a project without a numeric id")
-        return ids  # type: ignore[return-value]
+        ids: list[int] = []
+        for project in found:
+            pid = project.get("id")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise GitLabAPIError(f"GitLab API: {scope} answered a project without a numeric id")
+            ids.append(pid)
+        return ids
 
     def merge_requests(
         self, scope: Scope, label: str | None, since: datetime, until: datetime | None
