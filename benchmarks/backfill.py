@@ -4,6 +4,10 @@ Every API request waits 30-80 ms, like a real GitLab across a network. The datab
 the embedded PostgreSQL (or SECLEDGER_BENCH_DATABASE_URL). Run once: it prints figures.
 
     .venv/bin/python benchmarks/backfill.py [--mrs 200] [--workers 1 4 8]
+    .venv/bin/python benchmarks/backfill.py --label-history --plain 800
+
+With --label-history, ``--plain`` MRs that never carried a security label are added and
+the run also reads the label events of every MR the label filter did not return.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def fresh_database(server: str) -> str:
     return make_url(server).set(database=name).render_as_string(hide_password=False)
 
 
-def run(server: str, fake: FakeGitLab, workers: int) -> tuple[int, int, float, int]:
+def run(
+    server: str, fake: FakeGitLab, workers: int, *, label_history: bool = False
+) -> tuple[int, int, float, int]:
     url = fresh_database(server)
     engine = db.create(url, pool_size=2)
     migrate.upgrade(engine)
@@ -57,6 +63,7 @@ def run(server: str, fake: FakeGitLab, workers: int) -> tuple[int, int, float, i
         [Scope("groups", "acme")],
         Period(datetime(2025, 8, 1, tzinfo=UTC)),
         workers=workers,
+        label_history=label_history,
     )
     started = time.perf_counter()
     result = job.run()
@@ -71,6 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mrs", type=int, default=200)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--plain", type=int, default=0, help="MRs without a security label")
+    parser.add_argument(
+        "--label-history", action="store_true", help="run backfill with --label-history"
+    )
     args = parser.parse_args()
     server = os.environ.get("SECLEDGER_BENCH_DATABASE_URL")
     if not server:
@@ -81,9 +92,16 @@ def main() -> None:
         fake.add_project(14, "acme/payments", group="acme")
         for iid in range(1, args.mrs + 1):
             Story(iid=iid).publish(fake)
-        print(f"fake GitLab API: {args.mrs} security MRs, 30-80 ms per request")
+        for iid in range(args.mrs + 1, args.mrs + args.plain + 1):
+            Story(iid=iid, label="frontend").publish(fake)
+        print(
+            f"fake GitLab API: {args.mrs} security MRs, {args.plain} others, 30-80 ms per"
+            f" request; label history {'on' if args.label_history else 'off'}"
+        )
         for workers in args.workers:
-            mrs, rows, elapsed, requests = run(server, fake, workers)
+            mrs, rows, elapsed, requests = run(
+                server, fake, workers, label_history=args.label_history
+            )
             print(
                 f"workers={workers}: {mrs} MRs ({rows} ledger rows, {requests} requests) in "
                 f"{elapsed:.2f} s = {mrs / elapsed:.1f} MRs/s"
