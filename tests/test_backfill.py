@@ -202,12 +202,13 @@ def test_label_history_finds_an_mr_whose_security_label_was_removed(engine, api,
     before = len(fake.seen)
     calls: list[str] = []
     bar = SimpleNamespace(
-        start=lambda n: calls.append(f"start {n}"), advance=lambda: calls.append("+")
+        start=lambda n, what="merge requests": calls.append(f"{what} {n}"),
+        advance=lambda: calls.append("+"),
     )
     deep = Backfill(engine, api, POLICY, scopes, Period(SINCE), label_history=True).run(bar)
     assert deep.found == 2
     # Two phases on one bar: the label histories of MRs 5 and 6, then MRs 1 and 5 recorded.
-    assert calls == ["start 2", "+", "+", "start 2", "+", "+"]
+    assert calls == ["label histories 2", "+", "+", "merge requests 2", "+", "+"]
     # MRs 5 and 6 are not in the labelled list: their label events are read to decide.
     asked = {s.path for s in fake.seen[before:] if s.path.endswith("/resource_label_events")}
     assert asked == {

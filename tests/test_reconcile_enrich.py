@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
-from secledger.backfill import Backfill, Period
+from secledger.backfill import Backfill, Period, find_merge_requests
 from secledger.enrich import enrich, start_background
 from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import Scope
@@ -162,6 +162,18 @@ def test_a_project_with_no_labelled_mr_left_is_still_checked(engine, api, fake) 
     assert [(d.kind, d.project_id, d.mr_iid) for d in report.differences] == [("unlabelled", 15, 7)]
     assert report.remaining == []
 
+    [projects] = [seen for seen in fake.seen if seen.path == "/api/v4/groups/acme/projects"]
+    assert {k: projects.query.get(k) for k in ("include_subgroups", "with_shared")} == {
+        "include_subgroups": "true",
+        "with_shared": "false",
+    }
+    listings = [seen for seen in fake.seen if seen.path == "/api/v4/groups/acme/merge_requests"]
+    # Archived projects' MRs too (GitLab leaves them out of a group's list by default),
+    # in creation order, which an update during the listing does not change.
+    assert {(q.query.get("non_archived"), q.query.get("order_by")) for q in listings} == {
+        ("false", "created_at")
+    }
+
     alone = reconcile(engine, api, POLICY, [Scope("projects", "acme/billing")], PERIOD)
     assert (alone.gitlab_count, alone.ledger_count) == (0, 1)
     assert [(d.kind, d.mr_iid) for d in alone.differences] == [("unlabelled", 7)]
@@ -184,6 +196,16 @@ def test_label_history_puts_an_mr_whose_label_was_removed_in_the_population(
     assert (deep.gitlab_count, deep.ledger_count) == (1, 0)
     assert [(d.kind, d.mr_iid) for d in deep.differences] == [("missing", 5)]
 
+    # Only MRs decided in the period are in the population: an open one's label history
+    # is not read.
+    Story(iid=8, label="frontend", decision=None).publish(fake)
+    before = len(fake.seen)
+    reconcile(engine, api, POLICY, SCOPE, PERIOD, label_history=True)
+    read = {s.path for s in fake.seen[before:] if s.path.endswith("/resource_label_events")}
+    assert read == {
+        f"/api/v4/projects/14/merge_requests/{iid}/resource_label_events" for iid in (5, 6)
+    }
+
     fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, label_history=True, apply_fix=True)
     assert (fixed.fixed, fixed.remaining) == (1, [])
     assert [row["mr_iid"] for row in ledger_rows(engine)] == [5]
@@ -194,3 +216,26 @@ def test_a_project_answered_without_an_id_is_a_clear_error(api, fake, monkeypatc
     monkeypatch.setattr("fakegitlab._project_json", lambda project: {"path": project.path})
     with pytest.raises(GitLabAPIError, match="group acme answered a project without a numeric id"):
         api.project_ids(Scope("groups", "acme"))
+
+
+def test_an_mr_deleted_before_its_label_history_is_read_is_skipped(api, fake, monkeypatch) -> None:
+    removed = Story(iid=5, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC"))
+    for story in (removed, Story(iid=6, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC"))):
+        story.publish(fake)
+    read = api.label_events
+
+    def deleted_meanwhile(project_id: int, iid: int) -> list[dict]:
+        if iid == 6:
+            raise GitLabAPIError("GitLab API: 404: 404 Not found", 404)
+        return read(project_id, iid)
+
+    monkeypatch.setattr(api, "label_events", deleted_meanwhile)
+    found = find_merge_requests(api, SCOPE, POLICY, PERIOD, label_history=True)
+    assert sorted(found) == [(14, 5)]
+
+    def broken(project_id: int, iid: int) -> list[dict]:
+        raise GitLabAPIError("GitLab API: 500: Internal Server Error", 500)
+
+    monkeypatch.setattr(api, "label_events", broken)  # any other error stops the run
+    with pytest.raises(GitLabAPIError, match="500"):
+        find_merge_requests(api, SCOPE, POLICY, PERIOD, label_history=True)

@@ -52,6 +52,7 @@ def test_sigterm_drains_logs_and_stops_the_embedded_server(workdir: Path) -> Non
     receiver = Receiver(workdir, "unused")
     del receiver.env["SECLEDGER_DATABASE_URL"]  # the embedded default, as a user starts it
     receiver.start(seconds=120)
+    assert receiver.process is not None
     try:
         headers = {
             "X-Gitlab-Event": "Merge Request Hook",
@@ -68,7 +69,6 @@ def test_sigterm_drains_logs_and_stops_the_embedded_server(workdir: Path) -> Non
         postgres = Postgres(workdir / "data" / "pg")
         assert postgres.running()
     finally:
-        assert receiver.process is not None
         receiver.process.send_signal(signal.SIGTERM)
         code = receiver.process.wait(timeout=60)
     assert code == 0, receiver.log_tail()

@@ -9,7 +9,7 @@ cursor row, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, text
 
 from secledger import apifacts
+from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording, record
@@ -65,8 +66,8 @@ class Period:
 class Progress(Protocol):
     """Where a backfill reports how far it got (a rich progress bar in the CLI)."""
 
-    def start(self, total: int) -> None:
-        """``total`` merge requests are to be read (a new phase starts from zero)."""
+    def start(self, total: int, what: str = "merge requests") -> None:
+        """``total`` of ``what`` are to be read (a new phase starts from zero)."""
 
     def advance(self) -> None:
         """One more merge request was read."""
@@ -97,10 +98,11 @@ def find_merge_requests(
     label_history: bool = False,
     workers: int = 1,
     progress: Progress | None = None,
+    wanted: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """Every MR updated in the period that carries a security label, once each; with
-    ``label_history``, also every one that carried one once (see ``once_labelled``,
-    which reports to ``progress``)."""
+    ``label_history``, also every one that carried one once (see ``once_labelled``, to
+    which ``progress`` and ``wanted`` are passed)."""
     scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
@@ -109,7 +111,14 @@ def find_merge_requests(
                 found.setdefault(_ref(mr), mr)
     if label_history:
         found |= once_labelled(
-            api, scopes, policy, period, set(found), workers=workers, progress=progress
+            api,
+            scopes,
+            policy,
+            period,
+            set(found),
+            workers=workers,
+            progress=progress,
+            wanted=wanted,
         )
     return found
 
@@ -123,28 +132,39 @@ def once_labelled(
     *,
     workers: int = 1,
     progress: Progress | None = None,
+    wanted: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """MRs updated in the period, not in ``listed``, whose label events show a security
     label added at some time: GitLab's label filter matches the labels an MR carries
     now, so an MR whose security label was removed is found only this way. Every MR of
-    the scopes is listed and each one's label events are read: one request per MR."""
+    the scopes is listed and the label events of each one ``wanted`` accepts (all, by
+    default) are read: one request per MR. An MR deleted meanwhile (404) is skipped."""
     candidates: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for mr in api.merge_requests(scope, None, period.since, period.until):
-            if _ref(mr) not in listed:
+            if _ref(mr) not in listed and (wanted is None or wanted(mr)):
                 candidates.setdefault(_ref(mr), mr)
     refs = sorted(candidates)
     if progress:
-        progress.start(len(refs))
+        progress.start(len(refs), "label histories")
     once: dict[MRRef, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        histories = pool.map(lambda ref: api.label_events(*ref), refs)
+        histories = pool.map(lambda ref: _label_events(api, ref), refs)
         for ref, events in zip(refs, histories, strict=True):
             if any(_adds_security(event, policy) for event in events):
                 once[ref] = candidates[ref]
             if progress:
                 progress.advance()
     return once
+
+
+def _label_events(api: GitLabAPI, ref: MRRef) -> list[dict[str, Any]]:
+    try:
+        return api.label_events(*ref)
+    except GitLabAPIError as exc:
+        if exc.status != 404:
+            raise
+    return []
 
 
 def _adds_security(event: dict[str, Any], policy: LabelPolicy) -> bool:

@@ -60,6 +60,8 @@ def _forget_dead_handles(pg_data: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    # A pid the kernel has given to another process since reads as alive: that handle is
+    # kept, as before this check, and only delays the stop until a start after it ends.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -131,14 +131,23 @@ class GitLabAPI:
         self, scope: Scope, label: str | None, since: datetime, until: datetime | None
     ) -> Iterator[dict[str, Any]]:
         """MRs carrying ``label`` (every MR, with None) updated in the period, any state,
-        oldest update first."""
+        oldest first.
+
+        Ordered by creation, which an update does not change: listed by offset, an MR
+        updated while the pages are read would move to the end of an update-ordered
+        list and shift another across a page boundary, unseen. A group's list includes
+        its archived projects' MRs (GitLab leaves them out by default); an audit of the
+        period needs them.
+        """
         query: dict[str, Any] = {
             "state": "all",
             "updated_after": isoformat(since),
-            "order_by": "updated_at",
+            "order_by": "created_at",
             "sort": "asc",
             "scope": "all",
         }
+        if scope.kind == "groups":
+            query["non_archived"] = "false"
         if label is not None:
             query["labels"] = label
         if until is not None:

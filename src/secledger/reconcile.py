@@ -105,14 +105,15 @@ def decision_of(mr: Mapping[str, Any]) -> tuple[str, datetime | None, str | None
     return None
 
 
+def decided_during(mr: Mapping[str, Any], period: Period) -> bool:
+    """Whether the MR was merged or closed inside the period."""
+    decision = decision_of(mr)
+    return decision is not None and period.contains(decision[1])
+
+
 def decided_in(mrs: Mapping[MRRef, dict[str, Any]], period: Period) -> dict[MRRef, dict[str, Any]]:
     """The MRs merged or closed inside the period."""
-    out = {}
-    for ref, mr in mrs.items():
-        decision = decision_of(mr)
-        if decision is not None and period.contains(decision[1]):
-            out[ref] = mr
-    return out
+    return {ref: mr for ref, mr in mrs.items() if decided_during(mr, period)}
 
 
 def compare(mr: Mapping[str, Any], row: Mapping[str, Any] | RowMapping | None) -> Difference | None:
@@ -280,6 +281,9 @@ def reconcile(
         label_history=label_history,
         workers=workers,
         progress=progress,
+        # Only MRs merged or closed in the period are in the population: the label
+        # history of the others need not be read.
+        wanted=lambda mr: decided_during(mr, closed_period),
     )
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}

@@ -102,17 +102,19 @@ class _Bar:
         self.progress = progress
         self.task = progress.add_task("merge requests", total=None)
 
-    def start(self, total: int) -> None:
-        self.progress.reset(self.task, total=total)
+    def start(self, total: int, what: str = "merge requests") -> None:
+        self.progress.reset(self.task, total=total, description=what)
 
     def advance(self) -> None:
         self.progress.advance(self.task)
 
 
-def _progress() -> Progress:
+def _progress(*, visible: bool = True) -> Progress:
     """A transient bar: what it counts, done of total, time left."""
     columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*Progress.get_default_columns()[:1], *columns, transient=True)
+    return Progress(
+        *Progress.get_default_columns()[:1], *columns, transient=True, disable=not visible
+    )
 
 
 @click.command()
@@ -199,7 +201,8 @@ def reconcile(
     """
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
-    with context.engine() as engine, edge(), _progress() as bar:
+    # The bar follows the reading of label histories, the long part with --label-history.
+    with context.engine() as engine, edge(), _progress(visible=label_history) as bar:
         report = reconciliation.reconcile(
             engine,
             api,
