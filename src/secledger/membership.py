@@ -13,6 +13,7 @@ example, the merge of an MR whose label was removed: the set must not miss one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -34,6 +35,9 @@ class KnownMRs:
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        # Told the keys added after load(), from whichever thread adds them (the web
+        # edge records ignored deliveries of an MR that has just become known).
+        self.on_new: Callable[[list[MRKey]], None] | None = None
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -46,7 +50,10 @@ class KnownMRs:
         if key in self._keys:  # nearly always, on the hot path: no lock to take
             return
         with self._lock:
+            new = key not in self._keys
             self._keys.add(key)
+        if new:
+            self._tell([key])
 
     def load(self, engine: Engine) -> None:
         """Read every key from the ledger."""
@@ -85,7 +92,19 @@ class KnownMRs:
         rows = conn.execute("SELECT instance, project_id, mr_iid FROM security_review_ledger")
         keys = {MRKey(instance, project_id, mr_iid) for instance, project_id, mr_iid in rows}
         with self._lock:
+            new = keys - self._keys
             self._keys |= keys
+        if new:
+            self._tell(sorted(new))
+
+    def _tell(self, keys: list[MRKey]) -> None:
+        told = self.on_new
+        if told is None:
+            return
+        try:
+            told(keys)
+        except RuntimeError:  # the event loop is closing: nothing is held any more
+            log.debug("new_keys_not_told", keys=len(keys))
 
     def _take(self, payload: str) -> None:
         try:

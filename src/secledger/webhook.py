@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
@@ -25,10 +26,12 @@ from secledger.intake import (
     precheck,
     to_delivery,
 )
+from secledger.recentignored import Held, RecentlyIgnored
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
 from secledger.service import IGNORED, Outcome
+from secledger.store import ledger
 from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
@@ -193,6 +196,14 @@ class WebhookHandler:
             settings.max_inflight_body_bytes,
             settings.concurrency_wait_seconds,
         )
+        self.recent = RecentlyIgnored()
+        self._recovering: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        def reconsider_soon(keys: list[MRKey]) -> None:  # from any thread
+            loop.call_soon_threadsafe(self._reconsider, keys)
+
+        runtime.known.on_new = reconsider_soon
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -264,6 +275,8 @@ class WebhookHandler:
                 and key not in self.runtime.known
                 and not is_security_event(decoded, self.runtime.policy)
             ):
+                held = Held(time.monotonic(), key, headers, body, received_at, verified)
+                self.recent.hold(held)
                 return 200, IGNORED, _IGNORED
             delivery = to_delivery(
                 decoded, headers, body, received_at=received_at, verified=verified
@@ -271,6 +284,50 @@ class WebhookHandler:
             return await self._record(delivery, key, received_at)
         finally:
             admission.leave(size)
+
+    def _reconsider(self, keys: list[MRKey]) -> None:
+        """Look again at what was ignored, a moment ago, for MRs that have just become known."""
+        by_key: dict[MRKey, list[Held]] = {}
+        for held in self.recent.take(set(keys), time.monotonic()):
+            by_key.setdefault(held.key, []).append(held)
+        for key, deliveries in by_key.items():
+            task = asyncio.get_running_loop().create_task(self._record_held(key, deliveries))
+            self._recovering.add(task)
+            task.add_done_callback(self._recovering.discard)
+
+    async def _record_held(self, key: MRKey, held: list[Held]) -> None:
+        """Record each delivery that would have been kept had this replica known the MR
+        when it arrived: received after the MR's first logged delivery was (by whichever
+        replica; their clocks are assumed to agree). One received before it was rightly
+        ignored: the MR was not a security MR anywhere yet."""
+        where = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
+        try:
+            first = await asyncio.to_thread(self._first_receipt, key)
+            for one in held:
+                if first is None or one.received_at <= first:
+                    log.info(
+                        "ignored_delivery_left", reason="received before the MR was known", **where
+                    )
+                    continue
+                outcome = await self.runtime.recorder.submit(self._delivery(one))
+                log.warning(
+                    "ignored_delivery_recorded", outcome=outcome.status, seq=outcome.seq, **where
+                )
+        except Exception as exc:  # the sender was answered already: logged, with the trace
+            log.exception("ignored_delivery_not_recorded", error=type(exc).__name__, **where)
+
+    def _first_receipt(self, key: MRKey) -> datetime | None:
+        with self.runtime.engine.connect() as conn:
+            return ledger.first_receipt(conn, key)
+
+    @staticmethod
+    def _delivery(held: Held) -> Delivery:
+        decoded = decode_mr(held.headers, held.body, verified=held.verified)
+        if isinstance(decoded, Ignored):  # it was decoded the same way once
+            raise TypeError("a held delivery no longer decodes as a merge request")
+        return to_delivery(
+            decoded, held.headers, held.body, received_at=held.received_at, verified=held.verified
+        )
 
     def _authenticate(self, headers: RequestHeaders, body: bytes, now: datetime) -> Verified:
         verified = authenticate(headers, body, self.sources, now=now)

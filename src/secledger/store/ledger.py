@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -49,6 +50,19 @@ _KEY_COLUMNS = ("instance", "project_id", "mr_iid")
 def key_params(key: MRKey) -> dict[str, Any]:
     """Bind parameters naming one merge request."""
     return {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
+
+
+_FIRST_RECEIPT = text(
+    "SELECT min(l.received_at) FROM review_events e JOIN delivery_log l ON l.seq = e.seq"
+    " WHERE e.instance = :instance AND e.project_id = :project_id AND e.mr_iid = :mr_iid"
+)
+
+
+def first_receipt(conn: Connection, key: MRKey) -> datetime | None:
+    """When the first delivery logged for the merge request was received (by whichever
+    replica logged it): from then on, every delivery for it is kept."""
+    value: datetime | None = conn.execute(_FIRST_RECEIPT, key_params(key)).scalar()
+    return value
 
 
 def is_known(conn: Connection, key: MRKey) -> bool:

@@ -1,0 +1,73 @@
+"""Deliveries answered ``ignored`` a moment ago, held in case their MR turns out known.
+
+The receiver ignores a delivery without a security label when its MR is not in the
+known set (``membership``). An MR recorded for the first time elsewhere (another
+replica) is missing from that set until its NOTIFY arrives, and one recorded by this
+replica's writer until the write commits. A delivery for it without a security label in
+that window (its label removed in between, say) would be lost. Held here for a few
+seconds, bounded in bytes, it is recorded once its MR's key is learnt.
+
+Only the event loop's thread touches a ``RecentlyIgnored``: no lock on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection
+from datetime import datetime
+from typing import NamedTuple
+
+from secledger.extract import MRKey
+from secledger.headers import RequestHeaders
+from secledger.intake import Verified
+
+# Long enough for a batch to commit and its NOTIFY to arrive under load, and for the
+# writer of another replica to get through a spool drain's first batches.
+HOLD_SECONDS = 5.0
+# About 1,600 deliveries of 10 KB: five seconds of 300 ignored deliveries a second.
+HOLD_BYTES = 16 * 2**20
+
+
+class Held(NamedTuple):
+    """An ignored delivery, as it was received."""
+
+    at: float  # time.monotonic() when it was held
+    key: MRKey
+    headers: RequestHeaders
+    body: bytes
+    received_at: datetime
+    verified: Verified | None
+
+
+class RecentlyIgnored:
+    """The ignored deliveries of the last ``seconds``, at most ``max_bytes`` of bodies."""
+
+    def __init__(self, seconds: float = HOLD_SECONDS, max_bytes: int = HOLD_BYTES) -> None:
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self._held: deque[Held] = deque()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, held: Held) -> None:
+        """Keep one ignored delivery; forget the oldest past the age or size limit."""
+        self._held.append(held)
+        self._bytes += len(held.body)
+        self._expire(held.at)
+
+    def take(self, keys: Collection[MRKey], now: float) -> list[Held]:
+        """Remove and return, oldest first, the held deliveries of MRs in ``keys``."""
+        self._expire(now)
+        taken = [held for held in self._held if held.key in keys]
+        if taken:
+            self._held = deque(held for held in self._held if held.key not in keys)
+            self._bytes = sum(len(held.body) for held in self._held)
+        return taken
+
+    def _expire(self, now: float) -> None:
+        held = self._held
+        oldest = now - self.seconds
+        while held and (self._bytes > self.max_bytes or held[0].at < oldest):
+            self._bytes -= len(held.popleft().body)

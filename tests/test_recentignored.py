@@ -1,0 +1,117 @@
+"""Ignored deliveries held for a moment, and recorded when their MR turns out known:
+another replica's first write of an MR reaches this one's known set only with its
+NOTIFY, and a delivery without a security label in between was answered ``ignored``."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from builders import dumps, mr_event
+from conftest import post
+from secledger import webhook
+from secledger.config import Settings
+from secledger.extract import MRKey, extract_facts
+from secledger.headers import RequestHeaders
+from secledger.intake import Ignored, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.recentignored import Held, RecentlyIgnored
+from secledger.service import record_one
+from secledger.times import utcnow
+
+NOW = datetime(2025, 8, 5, tzinfo=UTC)
+
+
+def held(at: float, iid: int, size: int = 10) -> Held:
+    key = MRKey("https://gitlab.example.com", 14, iid)
+    return Held(at, key, RequestHeaders([]), b"x" * size, NOW, None)
+
+
+def test_held_deliveries_are_taken_by_key_and_forgotten_by_age_and_size() -> None:
+    recent = RecentlyIgnored(seconds=5.0, max_bytes=100)
+    for at, iid in ((0.0, 1), (1.0, 2), (2.0, 1)):
+        recent.hold(held(at, iid))
+    taken = recent.take({held(0, 1).key}, now=3.0)
+    assert [(h.at, h.key.mr_iid) for h in taken] == [(0.0, 1), (2.0, 1)]
+    assert recent.take({held(0, 1).key}, now=3.0) == []  # taken once
+    assert len(recent) == 1
+    assert recent.take({held(0, 2).key}, now=6.5) == []  # held at 1.0: older than 5 s
+    for n in range(12):
+        recent.hold(held(10.0 + n / 100, 3))  # 120 bytes against a limit of 100
+    assert len(recent) == 10
+    assert [h.at for h in recent.take({held(0, 3).key}, now=10.5)] == [
+        10.0 + n / 100 for n in range(2, 12)
+    ]
+
+
+def wait_for(condition, seconds: float = 20.0) -> bool:
+    pause = threading.Event()
+    for _ in range(int(seconds * 10)):  # bounded: a loaded machine may take a while
+        if condition():
+            return True
+        pause.wait(0.1)
+    return condition()
+
+
+def logged_keys(engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(text("SELECT dedup_key FROM delivery_log")).scalars())
+
+
+def first_delivery(engine, iid: int, key: str, received_at: datetime) -> None:
+    """The MR's first delivery, recorded by another replica, received at ``received_at``."""
+    headers = {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key}
+    delivery = parse_delivery(
+        headers,
+        dumps(mr_event("open", iid=iid)),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=received_at,
+        require_token=False,
+        source="webhook",
+    )
+    assert not isinstance(delivery, Ignored)
+    policy = LabelPolicy.from_settings(Settings())
+    outcome = record_one(engine, delivery, extract_facts(delivery, policy))
+    assert outcome.status == "recorded"
+
+
+def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
+    client, engine, monkeypatch
+) -> None:
+    """Another replica received MR 7's first delivery (with its security label) just
+    before this one received an update without it, and committed just after: this
+    replica did not know MR 7 yet and answered ``ignored``. The NOTIFY of that commit
+    makes it record what it ignored."""
+    # A logger not cached by an earlier test's configuration, so capture_logs sees it.
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+    received_elsewhere = utcnow()
+    plain = mr_event("update", iid=7, labels=["backend"], updated_at="2025-08-05 22:00:00 UTC")
+    assert post(client, plain, **{"Idempotency-Key": "late-7"}).json()["status"] == "ignored"
+    # Ignored before MR 8 became a security MR anywhere: rightly ignored, and it stays so.
+    early = mr_event("open", iid=8, labels=["backend"])
+    assert post(client, early, **{"Idempotency-Key": "early-8"}).json()["status"] == "ignored"
+    assert logged_keys(engine) == set()
+
+    with capture_logs() as logs:
+        first_delivery(engine, 7, "first-7", received_elsewhere)
+        first_delivery(engine, 8, "first-8", utcnow())
+        assert wait_for(lambda: "idem:late-7" in logged_keys(engine))
+        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 2)
+    assert logged_keys(engine) == {"idem:first-7", "idem:late-7", "idem:first-8"}
+    told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["mr_iid"])
+    assert [(e["event"], e["mr_iid"], e["log_level"]) for e in told] == [
+        ("ignored_delivery_recorded", 7, "warning"),
+        ("ignored_delivery_left", 8, "info"),
+    ]
+    assert told[0]["outcome"] == "recorded"
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT event_count, last_event_at FROM security_review_ledger WHERE mr_iid = 7")
+        ).one()
+    assert row.event_count == 2
+    assert row.last_event_at == datetime(2025, 8, 5, 22, 0, tzinfo=UTC)
