@@ -7,7 +7,9 @@ replica's writer until the write commits. A delivery for it without a security l
 that window (its label removed in between, say) would be lost. Held here for a few
 seconds, bounded in bytes, it is recorded once its MR's key is learnt.
 
-Only the event loop's thread touches a ``RecentlyIgnored``: no lock on the hot path.
+Only the event loop's thread changes a ``RecentlyIgnored``: no lock on the hot path.
+Other threads may ask its length (atomic under the interpreter lock) before they
+disturb the event loop.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from secledger.intake import Verified
 # Long enough for a batch to commit and its NOTIFY to arrive under load, and for the
 # writer of another replica to get through a spool drain's first batches.
 HOLD_SECONDS = 5.0
-# About 100 bodies of 10 KB: a third of a second at 300 ignored deliveries a second, far
-# longer than a commit and its notification take. Held bodies are memory the allocator
-# cannot hand out again: 16 MiB cost the ignored path 12 points of its ratio to the
-# ceiling under `make bench` load (89 % to 77 %), 1 MiB about 4 (84 % to 80 %).
-HOLD_BYTES = 2**20
+# About 25 bodies of 10 KB: a tenth of a second at 250 ignored deliveries a second, many
+# times what a commit and its notification take. Held bodies are memory the allocator
+# cannot hand out again while they are held: 16 MiB cost the ignored path 12 points of
+# its ratio to the ceiling under `make bench` load (89 % to 77 %).
+HOLD_BYTES = 2**18
 
 
 class Held(NamedTuple):
@@ -42,35 +44,44 @@ class Held(NamedTuple):
     verified: Verified | None
 
 
+Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None]
+
+
 class RecentlyIgnored:
     """The ignored deliveries of the last ``seconds``, at most ``max_bytes`` of bodies."""
 
     def __init__(self, seconds: float = HOLD_SECONDS, max_bytes: int = HOLD_BYTES) -> None:
         self.seconds = seconds
         self.max_bytes = max_bytes
-        self._held: deque[Held] = deque()
+        # Plain tuples: holding is on the path of every ignored delivery.
+        self._held: deque[Entry] = deque()
         self._bytes = 0
 
     def __len__(self) -> int:
+        """How many deliveries are held (safe to ask from any thread)."""
         return len(self._held)
 
-    def hold(self, held: Held) -> None:
-        """Keep one ignored delivery; forget the oldest past the age or size limit."""
-        self._held.append(held)
-        self._bytes += len(held.body)
-        self._expire(held.at)
+    def hold(self, entry: Entry) -> None:
+        """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified)``
+        as ``Held`` names them; forget the oldest past the age or size limit."""
+        held = self._held
+        held.append(entry)
+        at = entry[0]
+        self._bytes += len(entry[3])
+        if self._bytes > self.max_bytes or held[0][0] < at - self.seconds:
+            self._expire(at)
 
     def take(self, keys: Collection[MRKey], now: float) -> list[Held]:
         """Remove and return, oldest first, the held deliveries of MRs in ``keys``."""
         self._expire(now)
-        taken = [held for held in self._held if held.key in keys]
+        taken = [Held(*entry) for entry in self._held if entry[1] in keys]
         if taken:
-            self._held = deque(held for held in self._held if held.key not in keys)
-            self._bytes = sum(len(held.body) for held in self._held)
+            self._held = deque(entry for entry in self._held if entry[1] not in keys)
+            self._bytes = sum(len(entry[3]) for entry in self._held)
         return taken
 
     def _expire(self, now: float) -> None:
         held = self._held
         oldest = now - self.seconds
-        while held and (self._bytes > self.max_bytes or held[0].at < oldest):
-            self._bytes -= len(held.popleft().body)
+        while held and (self._bytes > self.max_bytes or held[0][0] < oldest):
+            self._bytes -= len(held.popleft()[3])

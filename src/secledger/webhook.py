@@ -201,7 +201,8 @@ class WebhookHandler:
         loop = asyncio.get_running_loop()
 
         def reconsider_soon(keys: list[MRKey]) -> None:  # from any thread
-            loop.call_soon_threadsafe(self._reconsider, keys)
+            if len(self.recent):  # nothing held (no ignored traffic): nothing to look at
+                loop.call_soon_threadsafe(self._reconsider, keys)
 
         runtime.known.on_new = reconsider_soon
 
@@ -275,8 +276,11 @@ class WebhookHandler:
                 and key not in self.runtime.known
                 and not is_security_event(decoded, self.runtime.policy)
             ):
-                held = Held(time.monotonic(), key, headers, body, received_at, verified)
-                self.recent.hold(held)
+                self.recent.hold((time.monotonic(), key, headers, body, received_at, verified))
+                # Learnt by another thread since the test above, which then found nothing
+                # held for it: looked at again here (each side sees the other's write).
+                if key in self.runtime.known:
+                    self._reconsider([key])
                 return 200, IGNORED, _IGNORED
             delivery = to_delivery(
                 decoded, headers, body, received_at=received_at, verified=verified
