@@ -43,6 +43,8 @@ def test_held_deliveries_are_taken_by_key_and_forgotten_by_age_and_size() -> Non
     for n in range(12):
         recent.hold(held(10.0 + n / 100, 3))  # 120 bytes against a limit of 100
     assert len(recent) == 10
+    recent.hold(held(10.5, 4, size=101))  # larger than the limit: not held, nothing pushed out
+    assert len(recent) == 10
     assert [h.at for h in recent.take({held(0, 3).key}, now=10.5)] == [
         10.0 + n / 100 for n in range(2, 12)
     ]
@@ -95,18 +97,28 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
     # Ignored before MR 8 became a security MR anywhere: rightly ignored, and it stays so.
     early = mr_event("open", iid=8, labels=["backend"])
     assert post(client, early, **{"Idempotency-Key": "early-8"}).json()["status"] == "ignored"
+    # MR 9's first delivery reads as received just after this one, by another replica's
+    # clock (within the clocks' margin); GitLab's event times say this one came later.
+    skewed = mr_event("update", iid=9, labels=["backend"], updated_at="2025-08-05 22:00:00 UTC")
+    assert post(client, skewed, **{"Idempotency-Key": "skewed-9"}).json()["status"] == "ignored"
+    received_after_by_its_clock = utcnow()
     assert logged_keys(engine) == set()
 
     with capture_logs() as logs:
         first_delivery(engine, 7, "first-7", received_elsewhere)
         first_delivery(engine, 8, "first-8", utcnow())
+        first_delivery(engine, 9, "first-9", received_after_by_its_clock)
         assert wait_for(lambda: "idem:late-7" in logged_keys(engine))
-        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 2)
-    assert logged_keys(engine) == {"idem:first-7", "idem:late-7", "idem:first-8"}
+        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 3)
+    assert logged_keys(engine) == {
+        *("idem:first-7", "idem:late-7", "idem:first-8"),
+        *("idem:first-9", "idem:skewed-9"),
+    }
     told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["mr_iid"])
     assert [(e["event"], e["mr_iid"], e["log_level"]) for e in told] == [
         ("ignored_delivery_recorded", 7, "warning"),
         ("ignored_delivery_left", 8, "info"),
+        ("ignored_delivery_recorded", 9, "warning"),
     ]
     assert told[0]["outcome"] == "recorded"
     with engine.connect() as conn:

@@ -63,7 +63,10 @@ class RecentlyIgnored:
 
     def hold(self, entry: Entry) -> None:
         """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified)``
-        as ``Held`` names them; forget the oldest past the age or size limit."""
+        as ``Held`` names them; forget the oldest past the age or size limit. A body
+        larger than the limit is not held: it would push out everything else."""
+        if len(entry[3]) > self.max_bytes:
+            return
         held = self._held
         held.append(entry)
         at = entry[0]

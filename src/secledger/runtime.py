@@ -67,6 +67,8 @@ class Runtime:
 
     def close(self) -> None:
         """Drain the writer, stop listening, close connections."""
+        # Held ignored deliveries are not looked at again once the writer stops.
+        self.known.on_new = None
         self.recorder.close()
         self.known.close()
         self.engine.dispose()

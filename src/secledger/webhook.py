@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -14,7 +14,7 @@ import structlog
 from secledger.admission import Admission
 from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
-from secledger.extract import MRKey, is_security_event, mr_key
+from secledger.extract import MRKey, event_time, is_security_event, mr_key
 from secledger.headers import RequestHeaders
 from secledger.intake import (
     Delivery,
@@ -50,6 +50,9 @@ class ClientDisconnected(Exception):
 Extra = tuple[tuple[bytes, bytes], ...]
 # Summaries of ignored deliveries: at most one line per interval (see IgnoredLog).
 IGNORED_LOG_SECONDS = 60.0
+# How far the replicas' clocks may disagree when a held delivery's receipt is compared
+# with the MR's first logged one (another replica's clock).
+CLOCK_MARGIN = timedelta(seconds=1)
 
 
 def response_start(status: int, data: bytes, extra: Extra = ()) -> Message:
@@ -301,26 +304,30 @@ class WebhookHandler:
 
     async def _record_held(self, key: MRKey, held: list[Held]) -> None:
         """Record each delivery that would have been kept had this replica known the MR
-        when it arrived: received after the MR's first logged delivery was (by whichever
-        replica; their clocks are assumed to agree). One received before it was rightly
-        ignored: the MR was not a security MR anywhere yet."""
+        when it arrived: received after the MR's first logged delivery was, by whichever
+        replica. One received before it was rightly ignored: the MR was not a security
+        MR anywhere yet. The replicas' clocks may disagree by up to ``CLOCK_MARGIN``: in
+        that margin GitLab's own event times, from one clock, decide."""
         where = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
         try:
             first = await asyncio.to_thread(self._first_receipt, key)
             for one in held:
-                if first is None or one.received_at <= first:
+                delivery = self._delivery(one)
+                if first is None or not _after(delivery, *first):
                     log.info(
                         "ignored_delivery_left", reason="received before the MR was known", **where
                     )
                     continue
-                outcome = await self.runtime.recorder.submit(self._delivery(one))
+                outcome = await self.runtime.recorder.submit(delivery)
                 log.warning(
                     "ignored_delivery_recorded", outcome=outcome.status, seq=outcome.seq, **where
                 )
+        except StoreUnavailable as exc:  # shutting down, or the database and spool failed
+            log.warning("ignored_delivery_not_recorded", error=str(exc), **where)
         except Exception as exc:  # the sender was answered already: logged, with the trace
             log.exception("ignored_delivery_not_recorded", error=type(exc).__name__, **where)
 
-    def _first_receipt(self, key: MRKey) -> datetime | None:
+    def _first_receipt(self, key: MRKey) -> tuple[datetime, datetime] | None:
         with self.runtime.engine.connect() as conn:
             return ledger.first_receipt(conn, key)
 
@@ -350,6 +357,16 @@ class WebhookHandler:
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
             return 202, outcome, orjson.dumps(outcome.to_json() | extra)
         return _answer(200, outcome)
+
+
+def _after(delivery: Delivery, first_received: datetime, first_event: datetime) -> bool:
+    """Whether ``delivery`` came after the MR's first logged delivery: received later,
+    or, within the clocks' margin, about a later event in GitLab."""
+    if delivery.received_at > first_received:
+        return True
+    if delivery.received_at <= first_received - CLOCK_MARGIN:
+        return False
+    return event_time(delivery.payload, delivery.received_at)[0] > first_event
 
 
 def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:

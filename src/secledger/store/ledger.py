@@ -53,16 +53,18 @@ def key_params(key: MRKey) -> dict[str, Any]:
 
 
 _FIRST_RECEIPT = text(
-    "SELECT min(l.received_at) FROM review_events e JOIN delivery_log l ON l.seq = e.seq"
+    "SELECT l.received_at, e.event_at FROM review_events e JOIN delivery_log l ON l.seq = e.seq"
     " WHERE e.instance = :instance AND e.project_id = :project_id AND e.mr_iid = :mr_iid"
+    " ORDER BY l.received_at, l.seq LIMIT 1"
 )
 
 
-def first_receipt(conn: Connection, key: MRKey) -> datetime | None:
+def first_receipt(conn: Connection, key: MRKey) -> tuple[datetime, datetime] | None:
     """When the first delivery logged for the merge request was received (by whichever
-    replica logged it): from then on, every delivery for it is kept."""
-    value: datetime | None = conn.execute(_FIRST_RECEIPT, key_params(key)).scalar()
-    return value
+    replica logged it; from then on every delivery for it is kept), and the time of
+    its event in GitLab."""
+    row = conn.execute(_FIRST_RECEIPT, key_params(key)).first()
+    return None if row is None else (row[0], row[1])
 
 
 def is_known(conn: Connection, key: MRKey) -> bool:
