@@ -75,3 +75,4 @@ def test_sigterm_drains_logs_and_stops_the_embedded_server(workdir: Path) -> Non
     wait_until(lambda: not postgres.running(), 30, "the embedded PostgreSQL to stop")
     log = receiver.log_path.read_text()
     assert '"outcome":"recorded"' in log, log[-2000:]
+    assert "listen_lost" not in log  # the server stopped after the listener was closed

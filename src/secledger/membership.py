@@ -85,6 +85,8 @@ class KnownMRs:
                         for note in conn.notifies(timeout=1.0):
                             self._take(note.payload)
             except psycopg.Error as exc:
+                if self._stop.is_set():  # closed, and the server went first (at exit)
+                    return
                 log.warning("listen_lost", error=type(exc).__name__)
                 self._stop.wait(2.0)
 
