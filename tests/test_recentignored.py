@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 from sqlalchemy import text
@@ -18,6 +19,7 @@ from secledger.config import Settings
 from secledger.extract import MRKey, extract_facts
 from secledger.headers import RequestHeaders
 from secledger.intake import Ignored, parse_delivery
+from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.recentignored import Held, RecentlyIgnored
 from secledger.service import record_one
@@ -28,7 +30,7 @@ NOW = datetime(2025, 8, 5, tzinfo=UTC)
 
 def held(at: float, iid: int, size: int = 10) -> Held:
     key = MRKey("https://gitlab.example.com", 14, iid)
-    return Held(at, key, RequestHeaders([]), b"x" * size, NOW, None)
+    return Held(at, key, RequestHeaders([]), b"x" * size, NOW, None, NOW)
 
 
 def test_held_deliveries_are_taken_by_key_and_forgotten_by_age_and_size() -> None:
@@ -127,3 +129,92 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
         ).one()
     assert row.event_count == 2
     assert row.last_event_at == datetime(2025, 8, 5, 22, 0, tzinfo=UTC)
+
+
+def test_forgotten_deliveries_leave_their_mr_and_newest_times() -> None:
+    recent = RecentlyIgnored(seconds=5.0, max_bytes=100, forgotten_keys=2)
+    assert not recent.watching
+    early = datetime(2025, 8, 5, 10, tzinfo=UTC)
+    for at, iid, received_at in ((0.0, 1, early), (1.0, 1, NOW), (2.0, 2, NOW)):
+        recent.hold(held(at, iid)._replace(received_at=received_at))
+    assert recent.take_forgotten({held(0, 1).key}) == {}  # all still held
+    recent.hold(held(6.5, 3))  # MR 1's two deliveries are older than 5 s now
+    assert recent.take_forgotten({held(0, 1).key, held(0, 2).key}) == {held(0, 1).key: (NOW, NOW)}
+    assert recent.take_forgotten({held(0, 1).key}) == {}  # taken once
+    recent.hold(held(7.0, 4, size=101))  # never held, forgotten at once
+    assert recent.watching and len(recent) == 2
+    for iid in (5, 6):
+        recent.hold(held(20.0, iid, size=101))
+    # At most two MRs are remembered: the oldest ones go first.
+    assert set(recent.take_forgotten([held(0, n).key for n in range(1, 7)])) == {
+        held(0, 5).key,
+        held(0, 6).key,
+    }
+
+
+def test_an_ignored_delivery_no_longer_held_is_reported_lost_when_its_mr_becomes_known(
+    client, engine, monkeypatch
+) -> None:
+    """Nothing is held here (a limit of 0 bytes): each ignored delivery is forgotten at
+    once. When its MR becomes known, one received after the MR's first logged delivery
+    is reported lost, with a metric to alert on. One received just before it (within the
+    clocks' margin), about an earlier event in GitLab, is not."""
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+    monkeypatch.setattr(webhook, "RecentlyIgnored", partial(RecentlyIgnored, max_bytes=0))
+    received_elsewhere = utcnow()
+    late = mr_event("update", iid=20, labels=["backend"])
+    assert post(client, late, **{"Idempotency-Key": "late-20"}).json()["status"] == "ignored"
+    early = mr_event("open", iid=21, labels=["backend"])
+    assert post(client, early, **{"Idempotency-Key": "early-21"}).json()["status"] == "ignored"
+    with capture_logs() as logs:
+        first_delivery(engine, 20, "first-20", received_elsewhere)
+        first_delivery(engine, 21, "first-21", utcnow())
+        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 2)
+    told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["mr_iid"])
+    assert [(e["event"], e["mr_iid"], e["log_level"]) for e in told] == [
+        ("ignored_delivery_lost", 20, "error"),
+        ("ignored_delivery_left", 21, "info"),
+    ]
+    assert "reconcile" in told[0]["hint"]
+    assert logged_keys(engine) == {"idem:first-20", "idem:first-21"}  # nothing to record it from
+    metrics = client.get("/metrics").text
+    assert 'secledger_ignored_rechecked_total{outcome="lost"} 1.0' in metrics
+    assert 'secledger_ignored_rechecked_total{outcome="left"} 1.0' in metrics
+    assert 'secledger_ignored_rechecked_total{outcome="recorded"} 0.0' in metrics
+
+
+class LearntMeanwhile(KnownMRs):
+    """A known set that learns ``key`` (as the writer or the listener would, on another
+    thread) just after the handler found it missing, before the handler holds the
+    delivery: when it is told, nothing is held yet."""
+
+    def __init__(self, key: MRKey) -> None:
+        super().__init__()
+        self.key = key
+
+    def __contains__(self, key: object) -> bool:
+        found = super().__contains__(key)
+        if key == self.key and not found:
+            self.add(self.key)
+        return found
+
+
+def test_a_key_learnt_between_the_test_and_the_hold_is_looked_at_again(
+    client, engine, monkeypatch
+) -> None:
+    monkeypatch.setattr(webhook, "log", structlog.get_logger("secledger.webhook"))
+    # The handler is made on the first webhook request; this one is not held.
+    assert post(client, {"object_kind": "push"}, event="Push Hook").json()["status"] == "ignored"
+    runtime = client.app.api.state.runtime
+    key = MRKey("https://gitlab.example.com", 14, 30)
+    first_delivery(engine, 30, "first-30", utcnow())  # recorded elsewhere, received first
+    meanwhile = LearntMeanwhile(key)
+    meanwhile.on_new = runtime.known.on_new
+    monkeypatch.setattr(runtime, "known", meanwhile)
+    plain = mr_event("update", iid=30, labels=["backend"])
+    with capture_logs() as logs:
+        assert post(client, plain, **{"Idempotency-Key": "late-30"}).json()["status"] == "ignored"
+        assert wait_for(lambda: "idem:late-30" in logged_keys(engine))
+    assert [e["event"] for e in logs if e["event"].startswith("ignored_")] == [
+        "ignored_delivery_recorded"
+    ]

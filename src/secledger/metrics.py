@@ -138,6 +138,33 @@ class DeliveryTally(Collector):
         yield latency
 
 
+class RecheckTally(Collector):
+    """Ignored deliveries looked at again when their MR became known, by outcome:
+    ``recorded``, ``left`` (received before the MR was known), ``lost`` (no longer held:
+    run ``secledger reconcile``) and ``not_recorded`` (the store refused it). Only the
+    event loop's thread adds."""
+
+    OUTCOMES = ("recorded", "left", "lost", "not_recorded")
+
+    def __init__(self) -> None:
+        self._counts = dict.fromkeys(self.OUTCOMES, 0)
+
+    def note(self, outcome: str) -> None:
+        """Count one delivery looked at again."""
+        self._counts[outcome] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Every outcome, 0 included, so an alert on ``lost`` has a series from the start."""
+        family = CounterMetricFamily(
+            "secledger_ignored_rechecked",
+            "Ignored deliveries looked at again when their merge request became known.",
+            labels=["outcome"],
+        )
+        for outcome, n in dict(self._counts).items():
+            family.add_metric([outcome], n)
+        yield family
+
+
 class Metrics:
     """The receiver's metrics; ``registry`` is what ``/metrics`` exposes."""
 
@@ -145,6 +172,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tally = DeliveryTally()
         self.registry.register(self.tally)
+        self.held = RecheckTally()
+        self.registry.register(self.held)
         self.spool_depth = Gauge(
             "secledger_spool_depth",
             "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",

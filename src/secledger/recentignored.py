@@ -5,7 +5,9 @@ known set (``membership``). An MR recorded for the first time elsewhere (another
 replica) is missing from that set until its NOTIFY arrives, and one recorded by this
 replica's writer until the write commits. A delivery for it without a security label in
 that window (its label removed in between, say) would be lost. Held here for a few
-seconds, bounded in bytes, it is recorded once its MR's key is learnt.
+seconds, bounded in bytes, it is recorded once its MR's key is learnt. Of one forgotten
+before that (too old, or pushed out by newer ones), the MR and receipt time are kept a
+while longer, so that a loss is reported instead of passing unseen.
 
 Only the event loop's thread changes a ``RecentlyIgnored``: no lock on the hot path.
 Other threads may ask its length (atomic under the interpreter lock) before they
@@ -14,7 +16,7 @@ disturb the event loop.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Collection
 from datetime import datetime
 from typing import NamedTuple
@@ -31,6 +33,9 @@ HOLD_SECONDS = 5.0
 # cannot hand out again while they are held: 16 MiB cost the ignored path 12 points of
 # its ratio to the ceiling under `make bench` load (89 % to 77 %).
 HOLD_BYTES = 2**18
+# MRs of forgotten deliveries, with the newest one's receipt and event times: 4096 keys are about
+# 20 s of ignored deliveries at 217 a second, each for another MR.
+FORGOTTEN_KEYS = 4096
 
 
 class Held(NamedTuple):
@@ -42,30 +47,47 @@ class Held(NamedTuple):
     body: bytes
     received_at: datetime
     verified: Verified | None
+    event_at: datetime  # the event's time in GitLab (``extract.event_time``)
 
 
-Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None]
+Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, datetime]
 
 
 class RecentlyIgnored:
     """The ignored deliveries of the last ``seconds``, at most ``max_bytes`` of bodies."""
 
-    def __init__(self, seconds: float = HOLD_SECONDS, max_bytes: int = HOLD_BYTES) -> None:
+    def __init__(
+        self,
+        seconds: float = HOLD_SECONDS,
+        max_bytes: int = HOLD_BYTES,
+        forgotten_keys: int = FORGOTTEN_KEYS,
+    ) -> None:
         self.seconds = seconds
         self.max_bytes = max_bytes
+        self.forgotten_keys = forgotten_keys
         # Plain tuples: holding is on the path of every ignored delivery.
         self._held: deque[Entry] = deque()
         self._bytes = 0
+        # Oldest first; C-implemented, so dropping the oldest stays O(1) under churn.
+        self._forgotten: OrderedDict[MRKey, tuple[datetime, datetime]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many deliveries are held (safe to ask from any thread)."""
         return len(self._held)
 
+    @property
+    def watching(self) -> bool:
+        """Whether a key learnt now could concern anything here, held or forgotten (safe
+        to ask from any thread)."""
+        return bool(self._held) or bool(self._forgotten)
+
     def hold(self, entry: Entry) -> None:
-        """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified)``
-        as ``Held`` names them; forget the oldest past the age or size limit. A body
-        larger than the limit is not held: it would push out everything else."""
+        """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified,
+        event_at)`` as ``Held`` names them; forget the oldest past the age or size limit. A body
+        larger than the limit is not held, only noted as forgotten: it would push out
+        everything else."""
         if len(entry[3]) > self.max_bytes:
+            self._forget(entry)
             return
         held = self._held
         held.append(entry)
@@ -83,8 +105,24 @@ class RecentlyIgnored:
             self._bytes = sum(len(entry[3]) for entry in self._held)
         return taken
 
+    def take_forgotten(self, keys: Collection[MRKey]) -> dict[MRKey, tuple[datetime, datetime]]:
+        """Remove and return, of the MRs in ``keys``, the receipt time and event time of
+        the newest delivery forgotten (not held any more, or never held)."""
+        forgotten = self._forgotten
+        return {key: forgotten.pop(key) for key in keys if key in forgotten}
+
     def _expire(self, now: float) -> None:
         held = self._held
         oldest = now - self.seconds
         while held and (self._bytes > self.max_bytes or held[0][0] < oldest):
-            self._bytes -= len(held.popleft()[3])
+            entry = held.popleft()
+            self._bytes -= len(entry[3])
+            self._forget(entry)
+
+    def _forget(self, entry: Entry) -> None:
+        forgotten = self._forgotten
+        key = entry[1]
+        forgotten[key] = (entry[4], entry[6])
+        forgotten.move_to_end(key)
+        if len(forgotten) > self.forgotten_keys:
+            forgotten.popitem(last=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -200,11 +200,12 @@ class WebhookHandler:
             settings.concurrency_wait_seconds,
         )
         self.recent = RecentlyIgnored()
+        self.held_tally = runtime.metrics.held
         self._recovering: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
         def reconsider_soon(keys: list[MRKey]) -> None:  # from any thread
-            if len(self.recent):  # nothing held (no ignored traffic): nothing to look at
+            if self.recent.watching:  # no ignored traffic: nothing to look at
                 loop.call_soon_threadsafe(self._reconsider, keys)
 
         runtime.known.on_new = reconsider_soon
@@ -279,7 +280,9 @@ class WebhookHandler:
                 and key not in self.runtime.known
                 and not is_security_event(decoded, self.runtime.policy)
             ):
-                self.recent.hold((time.monotonic(), key, headers, body, received_at, verified))
+                event_at = event_time(decoded.payload, received_at)[0]
+                held = (time.monotonic(), key, headers, body, received_at, verified, event_at)
+                self.recent.hold(held)
                 # Learnt by another thread since the test above, which then found nothing
                 # held for it: looked at again here (each side sees the other's write).
                 if key in self.runtime.known:
@@ -298,9 +301,14 @@ class WebhookHandler:
         for held in self.recent.take(set(keys), time.monotonic()):
             by_key.setdefault(held.key, []).append(held)
         for key, deliveries in by_key.items():
-            task = asyncio.get_running_loop().create_task(self._record_held(key, deliveries))
-            self._recovering.add(task)
-            task.add_done_callback(self._recovering.discard)
+            self._start(self._record_held(key, deliveries))
+        for key, times in self.recent.take_forgotten(keys).items():
+            self._start(self._check_forgotten(key, *times))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
 
     async def _record_held(self, key: MRKey, held: list[Held]) -> None:
         """Record each delivery that would have been kept had this replica known the MR
@@ -314,18 +322,45 @@ class WebhookHandler:
             for one in held:
                 delivery = self._delivery(one)
                 if first is None or not _after(delivery, *first):
+                    self.held_tally.note("left")
                     log.info(
                         "ignored_delivery_left", reason="received before the MR was known", **where
                     )
                     continue
                 outcome = await self.runtime.recorder.submit(delivery)
+                self.held_tally.note("recorded")
                 log.warning(
                     "ignored_delivery_recorded", outcome=outcome.status, seq=outcome.seq, **where
                 )
         except StoreUnavailable as exc:  # shutting down, or the database and spool failed
+            self.held_tally.note("not_recorded")
             log.warning("ignored_delivery_not_recorded", error=str(exc), **where)
         except Exception as exc:  # the sender was answered already: logged, with the trace
+            self.held_tally.note("not_recorded")
             log.exception("ignored_delivery_not_recorded", error=type(exc).__name__, **where)
+
+    async def _check_forgotten(self, key: MRKey, received_at: datetime, event_at: datetime) -> None:
+        """Say whether a delivery ignored for an MR that has just become known, and no
+        longer held, was one to record (by ``_record_held``'s rule): then it is lost,
+        and ``secledger reconcile`` finds what it told."""
+        where = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
+        try:
+            first = await asyncio.to_thread(self._first_receipt, key)
+        except Exception as exc:  # noqa: BLE001 - a check, after the answer: logged, not raised
+            log.warning("ignored_delivery_unchecked", error=type(exc).__name__, **where)
+            return
+        if first is None or not _came_after(received_at, event_at, *first):
+            self.held_tally.note("left")
+            log.info("ignored_delivery_left", reason="received before the MR was known", **where)
+            return
+        self.held_tally.note("lost")
+        log.error(
+            "ignored_delivery_lost",
+            received_at=isoformat(received_at),
+            first_received_at=isoformat(first[0]),
+            hint="no longer held when the MR became known; run secledger reconcile --fix",
+            **where,
+        )
 
     def _first_receipt(self, key: MRKey) -> tuple[datetime, datetime] | None:
         with self.runtime.engine.connect() as conn:
@@ -362,11 +397,18 @@ class WebhookHandler:
 def _after(delivery: Delivery, first_received: datetime, first_event: datetime) -> bool:
     """Whether ``delivery`` came after the MR's first logged delivery: received later,
     or, within the clocks' margin, about a later event in GitLab."""
-    if delivery.received_at > first_received:
+    event_at = event_time(delivery.payload, delivery.received_at)[0]
+    return _came_after(delivery.received_at, event_at, first_received, first_event)
+
+
+def _came_after(
+    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
+) -> bool:
+    if received_at > first_received:
         return True
-    if delivery.received_at <= first_received - CLOCK_MARGIN:
+    if received_at <= first_received - CLOCK_MARGIN:
         return False
-    return event_time(delivery.payload, delivery.received_at)[0] > first_event
+    return event_at > first_event
 
 
 def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
