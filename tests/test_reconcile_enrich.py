@@ -206,8 +206,18 @@ def test_label_history_puts_an_mr_whose_label_was_removed_in_the_population(
         f"/api/v4/projects/14/merge_requests/{iid}/resource_label_events" for iid in (5, 6)
     }
 
+    before = len(fake.seen)
     fixed = reconcile(engine, api, POLICY, SCOPE, PERIOD, label_history=True, apply_fix=True)
     assert (fixed.fixed, fixed.remaining) == (1, [])
+    # MR 5 is recorded from the label events read to find it, not read a second time.
+    fix_read = [
+        s.path
+        for s in fake.seen[before:]
+        if s.path.endswith("/resource_label_events") and s.query.get("page", "1") == "1"
+    ]
+    assert sorted(fix_read) == [
+        f"/api/v4/projects/14/merge_requests/{iid}/resource_label_events" for iid in (5, 6)
+    ]
     assert [row["mr_iid"] for row in ledger_rows(engine)] == [5]
     assert stored(engine)[-1]["scope"] == "group acme (with label history)"
 

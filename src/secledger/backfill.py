@@ -26,6 +26,7 @@ from secledger.store.log import Chain
 from secledger.times import isoformat, utcnow
 
 MRRef = tuple[int, int]  # (project_id, iid)
+LabelEvents = dict[MRRef, list[dict[str, Any]]]
 
 _START = text(
     "INSERT INTO backfill_runs (run_key, instance, scope, since, until)"
@@ -99,10 +100,11 @@ def find_merge_requests(
     workers: int = 1,
     progress: Progress | None = None,
     wanted: Callable[[dict[str, Any]], bool] | None = None,
+    read: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """Every MR updated in the period that carries a security label, once each; with
     ``label_history``, also every one that carried one once (see ``once_labelled``, to
-    which ``progress`` and ``wanted`` are passed)."""
+    which ``progress``, ``wanted`` and ``read`` are passed)."""
     scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
@@ -119,6 +121,7 @@ def find_merge_requests(
             workers=workers,
             progress=progress,
             wanted=wanted,
+            read=read,
         )
     return found
 
@@ -133,12 +136,14 @@ def once_labelled(
     workers: int = 1,
     progress: Progress | None = None,
     wanted: Callable[[dict[str, Any]], bool] | None = None,
+    read: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """MRs updated in the period, not in ``listed``, whose label events show a security
     label added at some time: GitLab's label filter matches the labels an MR carries
     now, so an MR whose security label was removed is found only this way. Every MR of
     the scopes is listed and the label events of each one ``wanted`` accepts (all, by
-    default) are read: one request per MR. An MR deleted meanwhile (404) is skipped."""
+    default) are read: one request per MR. An MR deleted meanwhile (404) is skipped.
+    The label events of each MR found are put in ``read``, for ``fetch_history``."""
     candidates: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for mr in api.merge_requests(scope, None, period.since, period.until):
@@ -153,6 +158,8 @@ def once_labelled(
         for ref, events in zip(refs, histories, strict=True):
             if any(_adds_security(event, policy) for event in events):
                 once[ref] = candidates[ref]
+                if read is not None:
+                    read[ref] = events
             if progress:
                 progress.advance()
     return once
@@ -176,10 +183,18 @@ def _ref(mr: dict[str, Any]) -> MRRef:
     return int(mr["project_id"]), int(mr["iid"])
 
 
-def fetch_history(api: GitLabAPI, mr: dict[str, Any], policy: LabelPolicy) -> list[dict[str, Any]]:
-    """The envelopes of every API fact about one merge request."""
+def fetch_history(
+    api: GitLabAPI,
+    mr: dict[str, Any],
+    policy: LabelPolicy,
+    label_events: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The envelopes of every API fact about one merge request; ``label_events``, when
+    they were read already (``once_labelled``), are not asked for again."""
     pid, iid = int(mr["project_id"]), int(mr["iid"])
-    envelopes = apifacts.label_envelopes(mr, api.label_events(pid, iid), policy)
+    if label_events is None:
+        label_events = api.label_events(pid, iid)
+    envelopes = apifacts.label_envelopes(mr, label_events, policy)
     envelopes += apifacts.state_envelopes(mr, api.state_events(pid, iid))
     envelopes += apifacts.approval_envelopes(mr, api.approvals(pid, iid))
     return envelopes
@@ -246,6 +261,7 @@ class Backfill:
         self.recording, self.label_history = recording, label_history
         self.scopes, self.period, self.workers = scopes, period, workers
         self.key = run_key(api.instance, scopes, period)
+        self._read: LabelEvents = {}  # label events read while planning, by MR
 
     def plan(self, progress: Progress | None = None) -> tuple[list[dict[str, Any]], int]:
         """MRs still to record, and how many a resumed run skips (``progress``: the
@@ -260,6 +276,7 @@ class Backfill:
             label_history=self.label_history,
             workers=self.workers,
             progress=progress,
+            read=self._read,
         )
         todo = [mr for ref, mr in found.items() if ref not in done]
         return todo, len(found) - len(todo)
@@ -279,8 +296,11 @@ class Backfill:
         self, mrs: list[dict[str, Any]]
     ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Fetch histories concurrently (the API is the slow part), yielded in order."""
+        read = [self._read.pop(_ref(mr), None) for mr in mrs]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            fetched = pool.map(lambda mr: fetch_history(self.api, mr, self.policy), mrs)
+            fetched = pool.map(
+                lambda mr, events: fetch_history(self.api, mr, self.policy, events), mrs, read
+            )
             yield from zip(mrs, fetched, strict=True)
 
     def run(self, progress: Progress | None = None) -> Result:

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, RowMapping, text
 
 from secledger import payloads as p
 from secledger.backfill import (
+    LabelEvents,
     MRRef,
     Period,
     Progress,
@@ -213,11 +214,14 @@ def fix(
     mrs: Iterable[dict[str, Any]],
     *,
     recording: Recording = DEFAULT_RECORDING,
+    read: LabelEvents | None = None,
 ) -> int:
-    """Record the API history of each MR, through the backfill path; how many MRs."""
+    """Record the API history of each MR, through the backfill path; how many MRs.
+    ``read`` holds label events read already (``find_merge_requests``)."""
     count = 0
     for mr in mrs:
-        envelopes = fetch_history(api, mr, policy)
+        events = read.get((int(mr["project_id"]), int(mr["iid"]))) if read else None
+        envelopes = fetch_history(api, mr, policy, events)
         with engine.begin() as conn:
             record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
         count += 1
@@ -273,6 +277,7 @@ def reconcile(
     security label once and carry none now (``backfill.once_labelled``).
     """
     closed_period = Period(period.since, period.until or utcnow())
+    read: LabelEvents = {}
     listed = find_merge_requests(
         api,
         scopes,
@@ -284,6 +289,7 @@ def reconcile(
         # Only MRs merged or closed in the period are in the population: the label
         # history of the others need not be read.
         wanted=lambda mr: decided_during(mr, closed_period),
+        read=read,
     )
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}
@@ -294,7 +300,7 @@ def reconcile(
     fixable = ("missing", "different")
     to_fix = [known[(d.project_id, d.mr_iid)] for d in found if d.kind in fixable]
     if apply_fix and to_fix:
-        fixed = fix(engine, api, policy, to_fix, recording=recording)
+        fixed = fix(engine, api, policy, to_fix, recording=recording, read=read)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
         remaining, _ = look_up_extras(engine, api, remaining, fetched)
     # Informational: decided as recorded, the label removed since (nothing to fix).
