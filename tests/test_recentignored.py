@@ -26,11 +26,12 @@ from secledger.service import record_one
 from secledger.times import utcnow
 
 NOW = datetime(2025, 8, 5, tzinfo=UTC)
+STAMPS = (None, "2025-08-05 00:00:00 UTC")
 
 
 def held(at: float, iid: int, size: int = 10) -> Held:
     key = MRKey("https://gitlab.example.com", 14, iid)
-    return Held(at, key, RequestHeaders([]), b"x" * size, NOW, None, NOW)
+    return Held(at, key, RequestHeaders([]), b"x" * size, NOW, None, STAMPS)
 
 
 def test_held_deliveries_are_taken_by_key_and_forgotten_by_age_and_size() -> None:
@@ -132,24 +133,28 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
 
 
 def test_forgotten_deliveries_leave_their_mr_and_newest_times() -> None:
-    recent = RecentlyIgnored(seconds=5.0, max_bytes=100, forgotten_keys=2)
+    recent = RecentlyIgnored(seconds=5.0, max_bytes=100, forgotten_keys=4)
     assert not recent.watching
     early = datetime(2025, 8, 5, 10, tzinfo=UTC)
+    key = [held(0, n).key for n in range(10)]
     for at, iid, received_at in ((0.0, 1, early), (1.0, 1, NOW), (2.0, 2, NOW)):
         recent.hold(held(at, iid)._replace(received_at=received_at))
-    assert recent.take_forgotten({held(0, 1).key}) == {}  # all still held
+    assert recent.take_forgotten({key[1]}) == {}  # all still held
     recent.hold(held(6.5, 3))  # MR 1's two deliveries are older than 5 s now
-    assert recent.take_forgotten({held(0, 1).key, held(0, 2).key}) == {held(0, 1).key: (NOW, NOW)}
-    assert recent.take_forgotten({held(0, 1).key}) == {}  # taken once
+    assert recent.take_forgotten({key[1], key[2]}) == {key[1]: (NOW, STAMPS)}
+    assert recent.take_forgotten({key[1]}) == {}  # taken once
     recent.hold(held(7.0, 4, size=101))  # never held, forgotten at once
     assert recent.watching and len(recent) == 2
-    for iid in (5, 6):
+    for iid in (5, 6, 7):
         recent.hold(held(20.0, iid, size=101))
-    # At most two MRs are remembered: the oldest ones go first.
-    assert set(recent.take_forgotten([held(0, n).key for n in range(1, 7)])) == {
-        held(0, 5).key,
-        held(0, 6).key,
-    }
+    # Two generations of two keys each here: MRs 4 and 5 went with the older one.
+    assert set(recent.take_forgotten(key)) == {key[6], key[7]}
+    # The newest delivery's times are kept, in whichever generation it is.
+    recent.hold(held(21.0, 8, size=101)._replace(received_at=early))
+    recent.hold(held(21.0, 9, size=101))  # the generation of MR 8's first one is full
+    recent.hold(held(22.0, 8, size=101))
+    assert recent.take_forgotten({key[8]}) == {key[8]: (NOW, STAMPS)}
+    assert recent.take_forgotten({key[8]}) == {}
 
 
 def test_an_ignored_delivery_no_longer_held_is_reported_lost_when_its_mr_becomes_known(

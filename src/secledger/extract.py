@@ -164,10 +164,26 @@ def _safe_time(value: object) -> datetime | None:
 
 def event_time(payload: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
     """``changes.updated_at.current``, else ``object_attributes.updated_at``, else receipt."""
-    changed = _safe_time(p.obj(p.obj(payload, "changes"), "updated_at").get("current"))
+    return event_time_of(event_stamps(payload), received_at)
+
+
+def event_stamps(payload: dict[str, Any]) -> tuple[object, object]:
+    """The two values ``event_time`` reads, unparsed: cheap to keep for later (on the
+    path of every ignored delivery, hence no helper calls)."""
+    changes, attrs = payload.get("changes"), payload.get("object_attributes")
+    updated = changes.get("updated_at") if isinstance(changes, dict) else None
+    return (
+        updated.get("current") if isinstance(updated, dict) else None,
+        attrs.get("updated_at") if isinstance(attrs, dict) else None,
+    )
+
+
+def event_time_of(stamps: tuple[object, object], received_at: datetime) -> tuple[datetime, str]:
+    """``event_time`` from what ``event_stamps`` read."""
+    changed = _safe_time(stamps[0])
     if changed is not None:
         return changed, "changes.updated_at"
-    updated = _safe_time(p.obj(payload, "object_attributes").get("updated_at"))
+    updated = _safe_time(stamps[1])
     if updated is not None:
         return updated, "object_attributes.updated_at"
     return received_at, "received_at"

@@ -16,7 +16,7 @@ disturb the event loop.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Collection
 from datetime import datetime
 from typing import NamedTuple
@@ -33,8 +33,9 @@ HOLD_SECONDS = 5.0
 # cannot hand out again while they are held: 16 MiB cost the ignored path 12 points of
 # its ratio to the ceiling under `make bench` load (89 % to 77 %).
 HOLD_BYTES = 2**18
-# MRs of forgotten deliveries, with the newest one's receipt and event times: 4096 keys are about
-# 20 s of ignored deliveries at 217 a second, each for another MR.
+# MRs of forgotten deliveries, with the newest one's receipt and event times: at least
+# half of this many (2048 keys: about 10 s of ignored deliveries at 217 a second, each
+# for another MR), at most all of it.
 FORGOTTEN_KEYS = 4096
 
 
@@ -47,10 +48,12 @@ class Held(NamedTuple):
     body: bytes
     received_at: datetime
     verified: Verified | None
-    event_at: datetime  # the event's time in GitLab (``extract.event_time``)
+    stamps: Stamps  # what the event's time in GitLab is read from (``extract.event_stamps``)
 
 
-Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, datetime]
+Stamps = tuple[object, object]
+Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, Stamps]
+Forgotten = tuple[datetime, Stamps]  # receipt time, event time stamps
 
 
 class RecentlyIgnored:
@@ -68,8 +71,10 @@ class RecentlyIgnored:
         # Plain tuples: holding is on the path of every ignored delivery.
         self._held: deque[Entry] = deque()
         self._bytes = 0
-        # Oldest first; C-implemented, so dropping the oldest stays O(1) under churn.
-        self._forgotten: OrderedDict[MRKey, tuple[datetime, datetime]] = OrderedDict()
+        # Two generations, the newer one first: forgetting is one dict store, and the
+        # older generation is dropped whole when the newer one is full.
+        self._forgotten: dict[MRKey, Forgotten] = {}
+        self._forgotten_before: dict[MRKey, Forgotten] = {}
 
     def __len__(self) -> int:
         """How many deliveries are held (safe to ask from any thread)."""
@@ -79,11 +84,11 @@ class RecentlyIgnored:
     def watching(self) -> bool:
         """Whether a key learnt now could concern anything here, held or forgotten (safe
         to ask from any thread)."""
-        return bool(self._held) or bool(self._forgotten)
+        return bool(self._held) or bool(self._forgotten) or bool(self._forgotten_before)
 
     def hold(self, entry: Entry) -> None:
         """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified,
-        event_at)`` as ``Held`` names them; forget the oldest past the age or size limit. A body
+        stamps)`` as ``Held`` names them; forget the oldest past the age or size limit. A body
         larger than the limit is not held, only noted as forgotten: it would push out
         everything else."""
         if len(entry[3]) > self.max_bytes:
@@ -105,11 +110,13 @@ class RecentlyIgnored:
             self._bytes = sum(len(entry[3]) for entry in self._held)
         return taken
 
-    def take_forgotten(self, keys: Collection[MRKey]) -> dict[MRKey, tuple[datetime, datetime]]:
-        """Remove and return, of the MRs in ``keys``, the receipt time and event time of
-        the newest delivery forgotten (not held any more, or never held)."""
-        forgotten = self._forgotten
-        return {key: forgotten.pop(key) for key in keys if key in forgotten}
+    def take_forgotten(self, keys: Collection[MRKey]) -> dict[MRKey, Forgotten]:
+        """Remove and return, of the MRs in ``keys``, the receipt time and event time
+        stamps of the newest delivery forgotten (not held any more, or never held)."""
+        taken: dict[MRKey, Forgotten] = {}
+        for generation in (self._forgotten_before, self._forgotten):  # newer ones win
+            taken |= {key: generation.pop(key) for key in keys if key in generation}
+        return taken
 
     def _expire(self, now: float) -> None:
         held = self._held
@@ -121,8 +128,6 @@ class RecentlyIgnored:
 
     def _forget(self, entry: Entry) -> None:
         forgotten = self._forgotten
-        key = entry[1]
-        forgotten[key] = (entry[4], entry[6])
-        forgotten.move_to_end(key)
-        if len(forgotten) > self.forgotten_keys:
-            forgotten.popitem(last=False)
+        forgotten[entry[1]] = (entry[4], entry[6])
+        if len(forgotten) * 2 >= self.forgotten_keys:
+            self._forgotten_before, self._forgotten = forgotten, {}

@@ -14,7 +14,14 @@ import structlog
 from secledger.admission import Admission
 from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
-from secledger.extract import MRKey, event_time, is_security_event, mr_key
+from secledger.extract import (
+    MRKey,
+    event_stamps,
+    event_time,
+    event_time_of,
+    is_security_event,
+    mr_key,
+)
 from secledger.headers import RequestHeaders
 from secledger.intake import (
     Delivery,
@@ -26,7 +33,7 @@ from secledger.intake import (
     precheck,
     to_delivery,
 )
-from secledger.recentignored import Held, RecentlyIgnored
+from secledger.recentignored import Held, RecentlyIgnored, Stamps
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
@@ -280,8 +287,8 @@ class WebhookHandler:
                 and key not in self.runtime.known
                 and not is_security_event(decoded, self.runtime.policy)
             ):
-                event_at = event_time(decoded.payload, received_at)[0]
-                held = (time.monotonic(), key, headers, body, received_at, verified, event_at)
+                stamps = event_stamps(decoded.payload)
+                held = (time.monotonic(), key, headers, body, received_at, verified, stamps)
                 self.recent.hold(held)
                 # Learnt by another thread since the test above, which then found nothing
                 # held for it: looked at again here (each side sees the other's write).
@@ -339,7 +346,7 @@ class WebhookHandler:
             self.held_tally.note("not_recorded")
             log.exception("ignored_delivery_not_recorded", error=type(exc).__name__, **where)
 
-    async def _check_forgotten(self, key: MRKey, received_at: datetime, event_at: datetime) -> None:
+    async def _check_forgotten(self, key: MRKey, received_at: datetime, stamps: Stamps) -> None:
         """Say whether a delivery ignored for an MR that has just become known, and no
         longer held, was one to record (by ``_record_held``'s rule): then it is lost,
         and ``secledger reconcile`` finds what it told."""
@@ -349,6 +356,7 @@ class WebhookHandler:
         except Exception as exc:  # noqa: BLE001 - a check, after the answer: logged, not raised
             log.warning("ignored_delivery_unchecked", error=type(exc).__name__, **where)
             return
+        event_at = event_time_of(stamps, received_at)[0]
         if first is None or not _came_after(received_at, event_at, *first):
             self.held_tally.note("left")
             log.info("ignored_delivery_left", reason="received before the MR was known", **where)
