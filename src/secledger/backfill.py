@@ -100,11 +100,11 @@ def find_merge_requests(
     workers: int = 1,
     progress: Progress | None = None,
     wanted: Callable[[dict[str, Any]], bool] | None = None,
-    read: LabelEvents | None = None,
+    found_events: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """Every MR updated in the period that carries a security label, once each; with
     ``label_history``, also every one that carried one once (see ``once_labelled``, to
-    which ``progress``, ``wanted`` and ``read`` are passed)."""
+    which ``progress``, ``wanted`` and ``found_events`` are passed)."""
     scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
@@ -121,7 +121,7 @@ def find_merge_requests(
             workers=workers,
             progress=progress,
             wanted=wanted,
-            read=read,
+            found_events=found_events,
         )
     return found
 
@@ -136,14 +136,14 @@ def once_labelled(
     workers: int = 1,
     progress: Progress | None = None,
     wanted: Callable[[dict[str, Any]], bool] | None = None,
-    read: LabelEvents | None = None,
+    found_events: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
     """MRs updated in the period, not in ``listed``, whose label events show a security
     label added at some time: GitLab's label filter matches the labels an MR carries
     now, so an MR whose security label was removed is found only this way. Every MR of
     the scopes is listed and the label events of each one ``wanted`` accepts (all, by
     default) are read: one request per MR. An MR deleted meanwhile (404) is skipped.
-    The label events of each MR found are put in ``read``, for ``fetch_history``."""
+    The label events of each MR found are put in ``found_events``, for ``fetch_history``."""
     candidates: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for mr in api.merge_requests(scope, None, period.since, period.until):
@@ -158,8 +158,8 @@ def once_labelled(
         for ref, events in zip(refs, histories, strict=True):
             if any(_adds_security(event, policy) for event in events):
                 once[ref] = candidates[ref]
-                if read is not None:
-                    read[ref] = events
+                if found_events is not None:
+                    found_events[ref] = events
             if progress:
                 progress.advance()
     return once
@@ -261,7 +261,7 @@ class Backfill:
         self.recording, self.label_history = recording, label_history
         self.scopes, self.period, self.workers = scopes, period, workers
         self.key = run_key(api.instance, scopes, period)
-        self._read: LabelEvents = {}  # label events read while planning, by MR
+        self._found_events: LabelEvents = {}  # read while planning, by MR
 
     def plan(self, progress: Progress | None = None) -> tuple[list[dict[str, Any]], int]:
         """MRs still to record, and how many a resumed run skips (``progress``: the
@@ -276,9 +276,11 @@ class Backfill:
             label_history=self.label_history,
             workers=self.workers,
             progress=progress,
-            read=self._read,
+            found_events=self._found_events,
         )
         todo = [mr for ref, mr in found.items() if ref not in done]
+        for ref in done:  # recorded by the interrupted run: not needed
+            self._found_events.pop(ref, None)
         return todo, len(found) - len(todo)
 
     def record_one(self, mr: dict[str, Any], envelopes: list[dict[str, Any]]) -> int:
@@ -296,10 +298,10 @@ class Backfill:
         self, mrs: list[dict[str, Any]]
     ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Fetch histories concurrently (the API is the slow part), yielded in order."""
-        read = [self._read.pop(_ref(mr), None) for mr in mrs]
+        events = [self._found_events.pop(_ref(mr), None) for mr in mrs]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             fetched = pool.map(
-                lambda mr, events: fetch_history(self.api, mr, self.policy, events), mrs, read
+                lambda mr, read: fetch_history(self.api, mr, self.policy, read), mrs, events
             )
             yield from zip(mrs, fetched, strict=True)
 

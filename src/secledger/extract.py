@@ -162,23 +162,32 @@ def _safe_time(value: object) -> datetime | None:
         return None
 
 
+# ``changes.updated_at.current`` and ``object_attributes.updated_at``, unparsed.
+Stamps = tuple[str | None, str | None]
+# GitLab's longest spelling, "2025-08-05 20:30:00.123456789 +0000" and the like, with room.
+MAX_STAMP_CHARS = 64
+
+
 def event_time(payload: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
     """``changes.updated_at.current``, else ``object_attributes.updated_at``, else receipt."""
     return event_time_of(event_stamps(payload), received_at)
 
 
-def event_stamps(payload: dict[str, Any]) -> tuple[object, object]:
+def event_stamps(payload: dict[str, Any]) -> Stamps:
     """The two values ``event_time`` reads, unparsed: cheap to keep for later (on the
-    path of every ignored delivery, hence no helper calls)."""
+    path of every ignored delivery, hence no helper calls). Kept only as short strings:
+    a sender's value may be anything, and it would stay in memory as long as kept."""
     changes, attrs = payload.get("changes"), payload.get("object_attributes")
     updated = changes.get("updated_at") if isinstance(changes, dict) else None
+    changed = updated.get("current") if isinstance(updated, dict) else None
+    stamp = attrs.get("updated_at") if isinstance(attrs, dict) else None
     return (
-        updated.get("current") if isinstance(updated, dict) else None,
-        attrs.get("updated_at") if isinstance(attrs, dict) else None,
+        changed if type(changed) is str and len(changed) <= MAX_STAMP_CHARS else None,
+        stamp if type(stamp) is str and len(stamp) <= MAX_STAMP_CHARS else None,
     )
 
 
-def event_time_of(stamps: tuple[object, object], received_at: datetime) -> tuple[datetime, str]:
+def event_time_of(stamps: Stamps, received_at: datetime) -> tuple[datetime, str]:
     """``event_time`` from what ``event_stamps`` read."""
     changed = _safe_time(stamps[0])
     if changed is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import structlog
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
@@ -23,6 +24,22 @@ log = structlog.get_logger("secledger.metrics")
 # X-Gitlab-Event is sender-controlled: only these become label values, so a hostile
 # sender cannot grow the number of series without bound.
 KNOWN_EVENTS = frozenset({"Merge Request Hook", "System Hook", "Service Hook"})
+# What became of an ignored delivery looked at again when its MR became known
+# (``recheck``): a held one's answer from the writer (``recorded``, ``duplicate``,
+# ``spooled``), ``left`` (it came before the MR was known), ``lost`` (no longer held),
+# ``not_recorded`` (the store refused it) or ``unchecked`` (the database could not say).
+RecheckOutcome = Literal[
+    "recorded", "duplicate", "spooled", "left", "lost", "not_recorded", "unchecked"
+]
+RECHECK_OUTCOMES: tuple[RecheckOutcome, ...] = (
+    "recorded",
+    "duplicate",
+    "spooled",
+    "left",
+    "lost",
+    "not_recorded",
+    "unchecked",
+)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _OPEN_BY_TIER = text(
@@ -138,31 +155,23 @@ class DeliveryTally(Collector):
         yield latency
 
 
-class RecheckTally(Collector):
-    """Ignored deliveries looked at again when their MR became known, by outcome:
-    ``recorded``, ``left`` (received before the MR was known), ``lost`` (no longer held:
-    run ``secledger reconcile``) and ``not_recorded`` (the store refused it). Only the
-    event loop's thread adds."""
+class RecheckTally:
+    """``secledger_ignored_rechecked_total{outcome}``; rare, so a locked counter."""
 
-    OUTCOMES = ("recorded", "left", "lost", "not_recorded")
-
-    def __init__(self) -> None:
-        self._counts = dict.fromkeys(self.OUTCOMES, 0)
-
-    def note(self, outcome: str) -> None:
-        """Count one delivery looked at again."""
-        self._counts[outcome] += 1
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        """Every outcome, 0 included, so an alert on ``lost`` has a series from the start."""
-        family = CounterMetricFamily(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counter = Counter(
             "secledger_ignored_rechecked",
-            "Ignored deliveries looked at again when their merge request became known.",
-            labels=["outcome"],
+            "Ignored deliveries looked at again when their merge request became known"
+            " (forgotten ones: the newest per merge request), by outcome.",
+            ["outcome"],
+            registry=registry,
         )
-        for outcome, n in dict(self._counts).items():
-            family.add_metric([outcome], n)
-        yield family
+        for outcome in RECHECK_OUTCOMES:  # every series from the start: 0, not missing
+            self._counter.labels(outcome)
+
+    def note(self, outcome: RecheckOutcome, count: int = 1) -> None:
+        """Count ``count`` deliveries with ``outcome``."""
+        self._counter.labels(outcome).inc(count)
 
 
 class Metrics:
@@ -172,8 +181,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tally = DeliveryTally()
         self.registry.register(self.tally)
-        self.held = RecheckTally()
-        self.registry.register(self.held)
+        self.rechecked = RecheckTally(self.registry)
         self.spool_depth = Gauge(
             "secledger_spool_depth",
             "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",

@@ -7,11 +7,12 @@ replica's writer until the write commits. A delivery for it without a security l
 that window (its label removed in between, say) would be lost. Held here for a few
 seconds, bounded in bytes, it is recorded once its MR's key is learnt. Of one forgotten
 before that (too old, or pushed out by newer ones), the MR and receipt time are kept a
-while longer, so that a loss is reported instead of passing unseen.
+while longer with its receipt and event times, so that a loss is reported instead of
+passing unseen (``recheck``).
 
 Only the event loop's thread changes a ``RecentlyIgnored``: no lock on the hot path.
-Other threads may ask its length (atomic under the interpreter lock) before they
-disturb the event loop.
+Other threads may ask whether it is ``watching`` (atomic under the interpreter lock)
+before they disturb the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import NamedTuple
 
-from secledger.extract import MRKey
+from secledger.extract import MRKey, Stamps
 from secledger.headers import RequestHeaders
 from secledger.intake import Verified
 
@@ -34,7 +35,7 @@ HOLD_SECONDS = 5.0
 # its ratio to the ceiling under `make bench` load (89 % to 77 %).
 HOLD_BYTES = 2**18
 # MRs of forgotten deliveries, with the newest one's receipt and event times: at least
-# half of this many (2048 keys: about 10 s of ignored deliveries at 217 a second, each
+# half of this many (2048 keys: about 8 s of ignored deliveries at 250 a second, each
 # for another MR), at most all of it.
 FORGOTTEN_KEYS = 4096
 
@@ -51,7 +52,6 @@ class Held(NamedTuple):
     stamps: Stamps  # what the event's time in GitLab is read from (``extract.event_stamps``)
 
 
-Stamps = tuple[object, object]
 Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, Stamps]
 Forgotten = tuple[datetime, Stamps]  # receipt time, event time stamps
 
@@ -83,7 +83,9 @@ class RecentlyIgnored:
     @property
     def watching(self) -> bool:
         """Whether a key learnt now could concern anything here, held or forgotten (safe
-        to ask from any thread)."""
+        to ask from any thread). Forgotten MRs are not let go by age: once anything was
+        ignored, every MR learnt is looked at (one database read each: new security
+        MRs are few)."""
         return bool(self._held) or bool(self._forgotten) or bool(self._forgotten_before)
 
     def hold(self, entry: Entry) -> None:
@@ -101,9 +103,9 @@ class RecentlyIgnored:
         if self._bytes > self.max_bytes or held[0][0] < at - self.seconds:
             self._expire(at)
 
-    def take(self, keys: Collection[MRKey], now: float) -> list[Held]:
-        """Remove and return, oldest first, the held deliveries of MRs in ``keys``."""
-        self._expire(now)
+    def take(self, keys: Collection[MRKey]) -> list[Held]:
+        """Remove and return, oldest first, the held deliveries of MRs in ``keys``, of
+        any age: a body still here is recorded rather than reported lost."""
         taken = [Held(*entry) for entry in self._held if entry[1] in keys]
         if taken:
             self._held = deque(entry for entry in self._held if entry[1] not in keys)
@@ -122,9 +124,9 @@ class RecentlyIgnored:
         held = self._held
         oldest = now - self.seconds
         while held and (self._bytes > self.max_bytes or held[0][0] < oldest):
-            entry = held.popleft()
-            self._bytes -= len(entry[3])
-            self._forget(entry)
+            # Remembered before it leaves: another thread must never find both empty.
+            self._forget(held[0])
+            self._bytes -= len(held.popleft()[3])
 
     def _forget(self, entry: Entry) -> None:
         forgotten = self._forgotten

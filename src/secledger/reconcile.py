@@ -214,13 +214,14 @@ def fix(
     mrs: Iterable[dict[str, Any]],
     *,
     recording: Recording = DEFAULT_RECORDING,
-    read: LabelEvents | None = None,
+    found_events: LabelEvents | None = None,
 ) -> int:
     """Record the API history of each MR, through the backfill path; how many MRs.
-    ``read`` holds label events read already (``find_merge_requests``)."""
+    ``found_events`` holds label events read already (``find_merge_requests``)."""
     count = 0
     for mr in mrs:
-        events = read.get((int(mr["project_id"]), int(mr["iid"]))) if read else None
+        ref = (int(mr["project_id"]), int(mr["iid"]))
+        events = found_events.get(ref) if found_events else None
         envelopes = fetch_history(api, mr, policy, events)
         with engine.begin() as conn:
             record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
@@ -277,7 +278,7 @@ def reconcile(
     security label once and carry none now (``backfill.once_labelled``).
     """
     closed_period = Period(period.since, period.until or utcnow())
-    read: LabelEvents = {}
+    found_events: LabelEvents = {}
     listed = find_merge_requests(
         api,
         scopes,
@@ -289,7 +290,7 @@ def reconcile(
         # Only MRs merged or closed in the period are in the population: the label
         # history of the others need not be read.
         wanted=lambda mr: decided_during(mr, closed_period),
-        read=read,
+        found_events=found_events,
     )
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}
@@ -300,7 +301,7 @@ def reconcile(
     fixable = ("missing", "different")
     to_fix = [known[(d.project_id, d.mr_iid)] for d in found if d.kind in fixable]
     if apply_fix and to_fix:
-        fixed = fix(engine, api, policy, to_fix, recording=recording, read=read)
+        fixed = fix(engine, api, policy, to_fix, recording=recording, found_events=found_events)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
         remaining, _ = look_up_extras(engine, api, remaining, fetched)
     # Informational: decided as recorded, the label removed since (nothing to fix).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -14,14 +14,7 @@ import structlog
 from secledger.admission import Admission
 from secledger.deadlines import Deadlines
 from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
-from secledger.extract import (
-    MRKey,
-    event_stamps,
-    event_time,
-    event_time_of,
-    is_security_event,
-    mr_key,
-)
+from secledger.extract import MRKey, event_stamps, is_security_event, mr_key
 from secledger.headers import RequestHeaders
 from secledger.intake import (
     Delivery,
@@ -33,12 +26,12 @@ from secledger.intake import (
     precheck,
     to_delivery,
 )
-from secledger.recentignored import Held, RecentlyIgnored, Stamps
+from secledger.recentignored import RecentlyIgnored
+from secledger.recheck import Recheck
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
 from secledger.service import IGNORED, Outcome
-from secledger.store import ledger
 from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
@@ -57,9 +50,6 @@ class ClientDisconnected(Exception):
 Extra = tuple[tuple[bytes, bytes], ...]
 # Summaries of ignored deliveries: at most one line per interval (see IgnoredLog).
 IGNORED_LOG_SECONDS = 60.0
-# How far the replicas' clocks may disagree when a held delivery's receipt is compared
-# with the MR's first logged one (another replica's clock).
-CLOCK_MARGIN = timedelta(seconds=1)
 
 
 def response_start(status: int, data: bytes, extra: Extra = ()) -> Message:
@@ -207,13 +197,12 @@ class WebhookHandler:
             settings.concurrency_wait_seconds,
         )
         self.recent = RecentlyIgnored()
-        self.held_tally = runtime.metrics.held
-        self._recovering: set[asyncio.Task[None]] = set()
+        self.recheck = Recheck(runtime, self.recent)
         loop = asyncio.get_running_loop()
 
         def reconsider_soon(keys: list[MRKey]) -> None:  # from any thread
-            if self.recent.watching:  # no ignored traffic: nothing to look at
-                loop.call_soon_threadsafe(self._reconsider, keys)
+            if self.recent.watching:  # nothing ignored yet: nothing to look at
+                loop.call_soon_threadsafe(self.recheck.reconsider, keys)
 
         runtime.known.on_new = reconsider_soon
 
@@ -293,7 +282,7 @@ class WebhookHandler:
                 # Learnt by another thread since the test above, which then found nothing
                 # held for it: looked at again here (each side sees the other's write).
                 if key in self.runtime.known:
-                    self._reconsider([key])
+                    self.recheck.reconsider([key])
                 return 200, IGNORED, _IGNORED
             delivery = to_delivery(
                 decoded, headers, body, received_at=received_at, verified=verified
@@ -301,87 +290,6 @@ class WebhookHandler:
             return await self._record(delivery, key, received_at)
         finally:
             admission.leave(size)
-
-    def _reconsider(self, keys: list[MRKey]) -> None:
-        """Look again at what was ignored, a moment ago, for MRs that have just become known."""
-        by_key: dict[MRKey, list[Held]] = {}
-        for held in self.recent.take(set(keys), time.monotonic()):
-            by_key.setdefault(held.key, []).append(held)
-        for key, deliveries in by_key.items():
-            self._start(self._record_held(key, deliveries))
-        for key, times in self.recent.take_forgotten(keys).items():
-            self._start(self._check_forgotten(key, *times))
-
-    def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._recovering.add(task)
-        task.add_done_callback(self._recovering.discard)
-
-    async def _record_held(self, key: MRKey, held: list[Held]) -> None:
-        """Record each delivery that would have been kept had this replica known the MR
-        when it arrived: received after the MR's first logged delivery was, by whichever
-        replica. One received before it was rightly ignored: the MR was not a security
-        MR anywhere yet. The replicas' clocks may disagree by up to ``CLOCK_MARGIN``: in
-        that margin GitLab's own event times, from one clock, decide."""
-        where = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
-        try:
-            first = await asyncio.to_thread(self._first_receipt, key)
-            for one in held:
-                delivery = self._delivery(one)
-                if first is None or not _after(delivery, *first):
-                    self.held_tally.note("left")
-                    log.info(
-                        "ignored_delivery_left", reason="received before the MR was known", **where
-                    )
-                    continue
-                outcome = await self.runtime.recorder.submit(delivery)
-                self.held_tally.note("recorded")
-                log.warning(
-                    "ignored_delivery_recorded", outcome=outcome.status, seq=outcome.seq, **where
-                )
-        except StoreUnavailable as exc:  # shutting down, or the database and spool failed
-            self.held_tally.note("not_recorded")
-            log.warning("ignored_delivery_not_recorded", error=str(exc), **where)
-        except Exception as exc:  # the sender was answered already: logged, with the trace
-            self.held_tally.note("not_recorded")
-            log.exception("ignored_delivery_not_recorded", error=type(exc).__name__, **where)
-
-    async def _check_forgotten(self, key: MRKey, received_at: datetime, stamps: Stamps) -> None:
-        """Say whether a delivery ignored for an MR that has just become known, and no
-        longer held, was one to record (by ``_record_held``'s rule): then it is lost,
-        and ``secledger reconcile`` finds what it told."""
-        where = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
-        try:
-            first = await asyncio.to_thread(self._first_receipt, key)
-        except Exception as exc:  # noqa: BLE001 - a check, after the answer: logged, not raised
-            log.warning("ignored_delivery_unchecked", error=type(exc).__name__, **where)
-            return
-        event_at = event_time_of(stamps, received_at)[0]
-        if first is None or not _came_after(received_at, event_at, *first):
-            self.held_tally.note("left")
-            log.info("ignored_delivery_left", reason="received before the MR was known", **where)
-            return
-        self.held_tally.note("lost")
-        log.error(
-            "ignored_delivery_lost",
-            received_at=isoformat(received_at),
-            first_received_at=isoformat(first[0]),
-            hint="no longer held when the MR became known; run secledger reconcile --fix",
-            **where,
-        )
-
-    def _first_receipt(self, key: MRKey) -> tuple[datetime, datetime] | None:
-        with self.runtime.engine.connect() as conn:
-            return ledger.first_receipt(conn, key)
-
-    @staticmethod
-    def _delivery(held: Held) -> Delivery:
-        decoded = decode_mr(held.headers, held.body, verified=held.verified)
-        if isinstance(decoded, Ignored):  # it was decoded the same way once
-            raise TypeError("a held delivery no longer decodes as a merge request")
-        return to_delivery(
-            decoded, held.headers, held.body, received_at=held.received_at, verified=held.verified
-        )
 
     def _authenticate(self, headers: RequestHeaders, body: bytes, now: datetime) -> Verified:
         verified = authenticate(headers, body, self.sources, now=now)
@@ -400,23 +308,6 @@ class WebhookHandler:
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
             return 202, outcome, orjson.dumps(outcome.to_json() | extra)
         return _answer(200, outcome)
-
-
-def _after(delivery: Delivery, first_received: datetime, first_event: datetime) -> bool:
-    """Whether ``delivery`` came after the MR's first logged delivery: received later,
-    or, within the clocks' margin, about a later event in GitLab."""
-    event_at = event_time(delivery.payload, delivery.received_at)[0]
-    return _came_after(delivery.received_at, event_at, first_received, first_event)
-
-
-def _came_after(
-    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
-) -> bool:
-    if received_at > first_received:
-        return True
-    if received_at <= first_received - CLOCK_MARGIN:
-        return False
-    return event_at > first_event
 
 
 def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:

@@ -1,0 +1,173 @@
+"""Ignored deliveries looked at again when their merge request becomes known.
+
+The receiver answers ``ignored`` for a delivery without a security label whose MR it
+does not know (``membership``), and holds it for a moment (``recentignored``). When the
+MR's key is learnt (its first delivery recorded here or by another replica), each
+delivery held for it is recorded if it came after that first delivery; of one no longer
+held, only the time it was received is left, and if it should have been recorded it is
+reported lost, so an operator can recover it from GitLab's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from secledger.errors import StoreUnavailable
+from secledger.extract import MRKey, Stamps, event_time, event_time_of
+from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
+from secledger.metrics import RECHECK_OUTCOMES, RecheckOutcome
+from secledger.recentignored import Held, RecentlyIgnored
+from secledger.runtime import Runtime
+from secledger.store import ledger
+from secledger.times import isoformat
+
+log = structlog.get_logger("secledger.recheck")
+
+# How far the replicas' clocks may disagree when a delivery's receipt is compared with
+# the MR's first logged one (perhaps another replica's clock).
+CLOCK_MARGIN = timedelta(seconds=1)
+_LOST_HINT = (
+    "no longer held when the MR became known; GitLab's API still has the event:"
+    " run secledger backfill --label-history for this project over the days around it"
+)
+
+
+class Recheck:
+    """Looks again, on the event loop, at what ``recent`` holds or remembers."""
+
+    def __init__(self, runtime: Runtime, recent: RecentlyIgnored) -> None:
+        self.runtime, self.recent = runtime, recent
+        self.tally = runtime.metrics.rechecked
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconsider(self, keys: list[MRKey]) -> None:
+        """Start looking at the deliveries ignored for ``keys``, MRs just learnt."""
+        by_key: dict[MRKey, list[Held]] = {}
+        for held in self.recent.take(set(keys)):
+            by_key.setdefault(held.key, []).append(held)
+        for key, deliveries in by_key.items():
+            self._start(self._record_held(key, deliveries))
+        for key, (received_at, stamps) in self.recent.take_forgotten(keys).items():
+            self._start(self._check_forgotten(key, received_at, stamps))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # a task only weakly referenced could be collected midway
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_held(self, key: MRKey, held: list[Held]) -> None:
+        """Record each delivery that would have been kept had this replica known the MR
+        when it arrived (``came_after``); one received before was rightly ignored."""
+        where = _where(key)
+        done = 0
+        try:
+            first = await asyncio.to_thread(self._first_receipt, key)
+            for one in held:
+                delivery = _delivery(one)
+                event_at = event_time(delivery.payload, delivery.received_at)[0]
+                if first is None or not came_after(delivery.received_at, event_at, *first):
+                    self._note("left", "ignored_delivery_left", where)
+                else:
+                    outcome = await self.runtime.recorder.submit(delivery)
+                    self.tally.note(_as_outcome(outcome.status))
+                    log.warning(
+                        "ignored_delivery_recorded",
+                        outcome=outcome.status,
+                        seq=outcome.seq,
+                        **where,
+                    )
+                done += 1
+        except StoreUnavailable as exc:  # shutting down, or the database and spool failed
+            self.tally.note("not_recorded", len(held) - done)
+            log.warning(
+                "ignored_delivery_not_recorded", error=str(exc), count=len(held) - done, **where
+            )
+        except Exception as exc:  # the sender was answered already: logged, with the trace
+            self.tally.note("not_recorded", len(held) - done)
+            log.exception(
+                "ignored_delivery_not_recorded",
+                error=type(exc).__name__,
+                count=len(held) - done,
+                **where,
+            )
+
+    async def _check_forgotten(self, key: MRKey, received_at: datetime, stamps: Stamps) -> None:
+        """Report the newest delivery ignored for the MR and no longer held as lost when
+        it surely came after the MR's first logged delivery (``surely_after``)."""
+        where = _where(key)
+        try:
+            first = await asyncio.to_thread(self._first_receipt, key)
+        except Exception as exc:  # a check, after the answer: logged with the trace, not raised
+            self.tally.note("unchecked")
+            log.exception("ignored_delivery_unchecked", error=type(exc).__name__, **where)
+            return
+        event_at = event_time_of(stamps, received_at)[0]
+        if first is None or not surely_after(received_at, event_at, *first):
+            self._note("left", "ignored_delivery_left", where)
+            return
+        self.tally.note("lost")
+        log.error(
+            "ignored_delivery_lost",
+            received_at=isoformat(received_at),
+            first_received_at=isoformat(first[0]),
+            hint=_LOST_HINT,
+            **where,
+        )
+
+    def _note(self, outcome: RecheckOutcome, event: str, where: dict[str, Any]) -> None:
+        self.tally.note(outcome)
+        log.info(event, reason="received before the MR was known", **where)
+
+    def _first_receipt(self, key: MRKey) -> tuple[datetime, datetime] | None:
+        with self.runtime.engine.connect() as conn:
+            return ledger.first_receipt(conn, key)
+
+
+def came_after(
+    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
+) -> bool:
+    """Whether a delivery came after the MR's first logged one: received later, or, up
+    to ``CLOCK_MARGIN`` before it (the replicas' clocks), about a later event in GitLab,
+    whose times come from one clock. Leaning towards recording: an extra event from
+    just before the MR was known changes no decision."""
+    if received_at > first_received:
+        return True
+    if received_at <= first_received - CLOCK_MARGIN:
+        return False
+    return event_at > first_event
+
+
+def surely_after(
+    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
+) -> bool:
+    """``came_after`` with the margin on both sides: an error is raised on it, and an
+    MR labelled by a bot a moment after it was opened must not raise one when this
+    replica's clock is ahead of the one that recorded the MR first."""
+    if abs(received_at - first_received) < CLOCK_MARGIN:
+        return event_at > first_event
+    return received_at > first_received
+
+
+def _delivery(held: Held) -> Delivery:
+    decoded = decode_mr(held.headers, held.body, verified=held.verified)
+    if isinstance(decoded, Ignored):  # it was decoded the same way once
+        raise TypeError("a held delivery no longer decodes as a merge request")
+    return to_delivery(
+        decoded, held.headers, held.body, received_at=held.received_at, verified=held.verified
+    )
+
+
+def _as_outcome(status: str) -> RecheckOutcome:
+    for outcome in RECHECK_OUTCOMES:
+        if outcome == status:
+            return outcome
+    return "not_recorded"
+
+
+def _where(key: MRKey) -> dict[str, Any]:
+    return {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
