@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from builders import label_change, mr_event, sample
-from secledger.extract import EventFacts, classify, extract_facts
+from secledger.extract import EventFacts, classify, event_stamps, event_time, extract_facts
 from secledger.intake import Delivery, dedup_key, instance_of
 from secledger.policy import LabelPolicy
 
@@ -182,3 +182,22 @@ def test_facts_survive_a_json_round_trip() -> None:
     facts = facts_of(mr_event("approved", reviewers=["bob"]))
     assert EventFacts.from_json(facts.to_json()) == facts
     assert list(facts.to_json()) == [f.name for f in fields(EventFacts)]  # fields, in order
+
+
+def test_event_stamps_keep_only_short_strings() -> None:
+    """Kept for seconds or longer per ignored delivery: a sender's huge or odd value is
+    not; the event time then comes from the next source, as it would anyway."""
+    long = "2025-08-05 21:48:25 UTC" + " " * 60
+    payload = mr_event("update", updated_at="2025-08-05 21:00:00 UTC")
+    payload["changes"] = {"updated_at": {"current": long}}
+    assert event_stamps(payload) == (None, "2025-08-05 21:00:00 UTC")
+    payload["changes"] = {"updated_at": {"current": ["2025-08-05 22:00:00 UTC"]}}
+    payload["object_attributes"]["updated_at"] = 1754430000
+    assert event_stamps(payload) == (None, None)
+    received = datetime(2025, 8, 6, tzinfo=UTC)
+    assert event_time(payload, received) == (received, "received_at")
+    payload["changes"] = {"updated_at": {"current": "2025-08-05 22:00:00 UTC"}}
+    assert event_time(payload, received) == (
+        datetime(2025, 8, 5, 22, tzinfo=UTC),
+        "changes.updated_at",
+    )

@@ -4,11 +4,14 @@ NOTIFY, and a delivery without a security label in between was answered ``ignore
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from types import SimpleNamespace
 
 import structlog
+from prometheus_client import generate_latest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
@@ -20,9 +23,11 @@ from secledger.extract import MRKey, extract_facts
 from secledger.headers import RequestHeaders
 from secledger.intake import Ignored, parse_delivery
 from secledger.membership import KnownMRs
+from secledger.metrics import Metrics
 from secledger.policy import LabelPolicy
 from secledger.recentignored import Held, RecentlyIgnored
 from secledger.service import record_one
+from secledger.store import db
 from secledger.times import utcnow
 
 NOW = datetime(2025, 8, 5, tzinfo=UTC)
@@ -106,6 +111,8 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
     received_elsewhere = utcnow()
     plain = mr_event("update", iid=7, labels=["backend"], updated_at="2025-08-05 22:00:00 UTC")
     assert post(client, plain, **{"Idempotency-Key": "late-7"}).json()["status"] == "ignored"
+    # Sent again (GitLab's "Resend request"): held twice, logged once.
+    assert post(client, plain, **{"Idempotency-Key": "late-7"}).json()["status"] == "ignored"
     # Ignored before MR 8 became a security MR anywhere: rightly ignored, and it stays so.
     early = mr_event("open", iid=8, labels=["backend"])
     assert post(client, early, **{"Idempotency-Key": "early-8"}).json()["status"] == "ignored"
@@ -121,7 +128,7 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
         first_delivery(engine, 8, "first-8", utcnow())
         first_delivery(engine, 9, "first-9", received_after_by_its_clock)
         assert wait_for(lambda: "idem:late-7" in logged_keys(engine))
-        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 3)
+        assert wait_for(lambda: len([e for e in logs if e["event"].startswith("ignored_")]) == 4)
     assert logged_keys(engine) == {
         *("idem:first-7", "idem:late-7", "idem:first-8"),
         *("idem:first-9", "idem:skewed-9"),
@@ -129,12 +136,14 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
     told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["mr_iid"])
     assert [(e["event"], e["mr_iid"], e["log_level"]) for e in told] == [
         ("ignored_delivery_recorded", 7, "warning"),
+        ("ignored_delivery_recorded", 7, "warning"),
         ("ignored_delivery_left", 8, "info"),
         ("ignored_delivery_recorded", 9, "warning"),
     ]
-    assert told[0]["outcome"] == "recorded"
+    assert [told[0]["outcome"], told[1]["outcome"]] == ["recorded", "duplicate"]
     metrics = client.get("/metrics").text
     assert 'secledger_ignored_rechecked_total{outcome="recorded"} 2.0' in metrics
+    assert 'secledger_ignored_rechecked_total{outcome="duplicate"} 1.0' in metrics
     assert 'secledger_ignored_rechecked_total{outcome="left"} 1.0' in metrics
     with engine.connect() as conn:
         row = conn.execute(
@@ -147,8 +156,8 @@ def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(
 def test_forgotten_deliveries_leave_their_mr_and_newest_times() -> None:
     recent = RecentlyIgnored(seconds=5.0, max_bytes=100, forgotten_keys=4)
     assert not recent.watching
-    early = datetime(2025, 8, 5, 10, tzinfo=UTC)
-    key = [held(0, n).key for n in range(10)]
+    early = datetime(2025, 8, 4, 10, tzinfo=UTC)
+    key = [held(0, n).key for n in range(13)]
     for at, iid, received_at in ((0.0, 1, early), (1.0, 1, NOW), (2.0, 2, NOW)):
         recent.hold(held(at, iid)._replace(received_at=received_at))
     assert recent.take_forgotten({key[1]}) == {}  # all still held
@@ -167,6 +176,12 @@ def test_forgotten_deliveries_leave_their_mr_and_newest_times() -> None:
     recent.hold(held(22.0, 8, size=101))
     assert recent.take_forgotten({key[8]}) == {key[8]: (NOW, STAMPS)}
     assert recent.take_forgotten({key[8]}) == {}
+    # Newest by receipt, not by when it was let go: a body too large to hold goes at
+    # once, before an older one held for the same MR.
+    recent.hold(held(23.0, 11, size=20)._replace(received_at=early))
+    recent.hold(held(23.1, 11, size=101))  # received at NOW
+    recent.hold(held(29.0, 12, size=20))  # MR 11's held one is older than 5 s now
+    assert recent.take_forgotten({key[11]}) == {key[11]: (NOW, STAMPS)}
 
 
 def test_an_ignored_delivery_no_longer_held_is_reported_lost_when_its_mr_becomes_known(
@@ -269,3 +284,30 @@ def test_a_key_learnt_between_the_test_and_the_hold_is_looked_at_again(
     assert [e["event"] for e in logs if e["event"].startswith("ignored_")] == [
         "ignored_delivery_recorded"
     ]
+
+
+def test_deliveries_are_counted_unchecked_when_the_database_cannot_say(monkeypatch) -> None:
+    """Nothing listens on port 1: the MR's first delivery cannot be read, so neither the
+    held deliveries nor the forgotten one can be decided; each is counted."""
+    monkeypatch.setattr(recheck, "log", structlog.get_logger("secledger.recheck"))
+    metrics = Metrics()
+    engine = db.create("postgresql://postgres@127.0.0.1:1/none", pool_size=1)
+    runtime = SimpleNamespace(metrics=metrics, engine=engine, recorder=None)
+    recent = RecentlyIgnored(max_bytes=25)
+
+    async def look_again() -> None:
+        again = recheck.Recheck(runtime, recent)  # type: ignore[arg-type]
+        for one in (held(0.0, 1), held(0.1, 1), held(0.2, 2, size=30)):  # MR 2's: too large
+            recent.hold(one)
+        again.reconsider([held(0, 1).key, held(0, 2).key])
+        while again._tasks:
+            await asyncio.sleep(0.01)
+
+    with capture_logs() as logs:
+        asyncio.run(asyncio.wait_for(look_again(), 60))
+    engine.dispose()
+    assert sorted((e["event"], e["mr_iid"], e["count"]) for e in logs) == [
+        ("ignored_delivery_unchecked", 1, 2),
+        ("ignored_delivery_unchecked", 2, 1),
+    ]
+    assert 'outcome="unchecked"} 3.0' in generate_latest(metrics.registry).decode()

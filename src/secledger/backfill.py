@@ -268,6 +268,14 @@ class Backfill:
         label histories read, with ``label_history``)."""
         scope_text = ", ".join(str(s) for s in self.scopes)
         done = open_run(self.engine, self.key, self.api.instance, scope_text, self.period)
+        passed_over: set[MRRef] = set()
+
+        def wanted(mr: dict[str, Any]) -> bool:  # recorded by the interrupted run: no need
+            if _ref(mr) in done:
+                passed_over.add(_ref(mr))
+                return False
+            return True
+
         found = find_merge_requests(
             self.api,
             self.scopes,
@@ -276,12 +284,11 @@ class Backfill:
             label_history=self.label_history,
             workers=self.workers,
             progress=progress,
+            wanted=wanted,
             found_events=self._found_events,
         )
         todo = [mr for ref, mr in found.items() if ref not in done]
-        for ref in done:  # recorded by the interrupted run: not needed
-            self._found_events.pop(ref, None)
-        return todo, len(found) - len(todo)
+        return todo, len((set(found) & done) | passed_over)
 
     def record_one(self, mr: dict[str, Any], envelopes: list[dict[str, Any]]) -> int:
         """Record one MR's facts and its cursor row in one transaction."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
@@ -155,23 +155,28 @@ class DeliveryTally(Collector):
         yield latency
 
 
-class RecheckTally:
-    """``secledger_ignored_rechecked_total{outcome}``; rare, so a locked counter."""
+class RecheckTally(Collector):
+    """``secledger_ignored_rechecked_total{outcome}``. Only the event loop's thread adds;
+    a scrape copies the figures, as ``DeliveryTally``'s."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._counter = Counter(
-            "secledger_ignored_rechecked",
-            "Ignored deliveries looked at again when their merge request became known"
-            " (forgotten ones: the newest per merge request), by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        for outcome in RECHECK_OUTCOMES:  # every series from the start: 0, not missing
-            self._counter.labels(outcome)
+    def __init__(self) -> None:
+        self._counts: dict[RecheckOutcome, int] = dict.fromkeys(RECHECK_OUTCOMES, 0)
 
     def note(self, outcome: RecheckOutcome, count: int = 1) -> None:
         """Count ``count`` deliveries with ``outcome``."""
-        self._counter.labels(outcome).inc(count)
+        self._counts[outcome] += count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Every outcome, 0 included, so an alert on ``lost`` has a series from the start."""
+        family = CounterMetricFamily(
+            "secledger_ignored_rechecked",
+            "Ignored deliveries looked at again when their merge request became known"
+            " (of those no longer held, the newest per merge request), by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, n in dict(self._counts).items():
+            family.add_metric([outcome], n)
+        yield family
 
 
 class Metrics:
@@ -181,7 +186,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tally = DeliveryTally()
         self.registry.register(self.tally)
-        self.rechecked = RecheckTally(self.registry)
+        self.rechecked = RecheckTally()
+        self.registry.register(self.rechecked)
         self.spool_depth = Gauge(
             "secledger_spool_depth",
             "Deliveries waiting in the local spool (set by the spool, 0 when there is none).",

@@ -4,11 +4,10 @@ The receiver ignores a delivery without a security label when its MR is not in t
 known set (``membership``). An MR recorded for the first time elsewhere (another
 replica) is missing from that set until its NOTIFY arrives, and one recorded by this
 replica's writer until the write commits. A delivery for it without a security label in
-that window (its label removed in between, say) would be lost. Held here for a few
-seconds, bounded in bytes, it is recorded once its MR's key is learnt. Of one forgotten
-before that (too old, or pushed out by newer ones), the MR and receipt time are kept a
-while longer with its receipt and event times, so that a loss is reported instead of
-passing unseen (``recheck``).
+that window (its label removed in between, say) would be lost. Held here, bounded in
+bytes and (while newer ones come) in age, it is recorded once its MR's key is learnt.
+Of one forgotten before that, the MR and the receipt and event times are kept a while
+longer, so that a loss is reported instead of passing unseen (``recheck``).
 
 Only the event loop's thread changes a ``RecentlyIgnored``: no lock on the hot path.
 Other threads may ask whether it is ``watching`` (atomic under the interpreter lock)
@@ -84,8 +83,8 @@ class RecentlyIgnored:
     def watching(self) -> bool:
         """Whether a key learnt now could concern anything here, held or forgotten (safe
         to ask from any thread). Forgotten MRs are not let go by age: once anything was
-        ignored, every MR learnt is looked at (one database read each: new security
-        MRs are few)."""
+        ignored, every MR learnt wakes the event loop, and the database is read for each
+        one held or forgotten here (new security MRs are few)."""
         return bool(self._held) or bool(self._forgotten) or bool(self._forgotten_before)
 
     def hold(self, entry: Entry) -> None:
@@ -116,8 +115,11 @@ class RecentlyIgnored:
         """Remove and return, of the MRs in ``keys``, the receipt time and event time
         stamps of the newest delivery forgotten (not held any more, or never held)."""
         taken: dict[MRKey, Forgotten] = {}
-        for generation in (self._forgotten_before, self._forgotten):  # newer ones win
-            taken |= {key: generation.pop(key) for key in keys if key in generation}
+        for generation in (self._forgotten_before, self._forgotten):
+            for key in keys:
+                found = generation.pop(key, None)
+                if found is not None and (key not in taken or found[0] > taken[key][0]):
+                    taken[key] = found
         return taken
 
     def _expire(self, now: float) -> None:
@@ -130,6 +132,10 @@ class RecentlyIgnored:
 
     def _forget(self, entry: Entry) -> None:
         forgotten = self._forgotten
-        forgotten[entry[1]] = (entry[4], entry[6])
+        key, received_at = entry[1], entry[4]
+        kept = forgotten.get(key)
+        # A body too large to hold is forgotten on arrival, before older held ones.
+        if kept is None or kept[0] <= received_at:
+            forgotten[key] = (received_at, entry[6])
         if len(forgotten) * 2 >= self.forgotten_keys:
             self._forgotten_before, self._forgotten = forgotten, {}

@@ -4,8 +4,8 @@ The receiver answers ``ignored`` for a delivery without a security label whose M
 does not know (``membership``), and holds it for a moment (``recentignored``). When the
 MR's key is learnt (its first delivery recorded here or by another replica), each
 delivery held for it is recorded if it came after that first delivery; of one no longer
-held, only the time it was received is left, and if it should have been recorded it is
-reported lost, so an operator can recover it from GitLab's API.
+held, only its receipt and event times are left, and if it should have been recorded it
+is reported lost, so an operator can recover it from GitLab's API.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from secledger.errors import StoreUnavailable
 from secledger.extract import MRKey, Stamps, event_time, event_time_of
 from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
-from secledger.metrics import RECHECK_OUTCOMES, RecheckOutcome
+from secledger.metrics import RecheckOutcome
 from secledger.recentignored import Held, RecentlyIgnored
 from secledger.runtime import Runtime
+from secledger.service import Outcome
 from secledger.store import ledger
 from secledger.times import isoformat
 
@@ -31,9 +32,15 @@ log = structlog.get_logger("secledger.recheck")
 # How far the replicas' clocks may disagree when a delivery's receipt is compared with
 # the MR's first logged one (perhaps another replica's clock).
 CLOCK_MARGIN = timedelta(seconds=1)
-_LOST_HINT = (
-    "no longer held when the MR became known; GitLab's API still has the event:"
-    " run secledger backfill --label-history for this project over the days around it"
+# The writer's answers to a held delivery it took, as counted.
+_WRITER_ANSWERS: dict[str, RecheckOutcome] = {
+    "recorded": "recorded",
+    "duplicate": "duplicate",
+    "spooled": "spooled",
+}
+RECOVER_HINT = (
+    "GitLab's API still has the event: run secledger backfill --label-history for this"
+    " project over the days around it"
 )
 
 
@@ -64,28 +71,27 @@ class Recheck:
         """Record each delivery that would have been kept had this replica known the MR
         when it arrived (``came_after``); one received before was rightly ignored."""
         where = _where(key)
+        first = await self._first_or_unchecked(key, len(held), where)
+        if first is False:
+            return
         done = 0
         try:
-            first = await asyncio.to_thread(self._first_receipt, key)
             for one in held:
                 delivery = _delivery(one)
                 event_at = event_time(delivery.payload, delivery.received_at)[0]
                 if first is None or not came_after(delivery.received_at, event_at, *first):
-                    self._note("left", "ignored_delivery_left", where)
+                    self._left(where)
                 else:
-                    outcome = await self.runtime.recorder.submit(delivery)
-                    self.tally.note(_as_outcome(outcome.status))
-                    log.warning(
-                        "ignored_delivery_recorded",
-                        outcome=outcome.status,
-                        seq=outcome.seq,
-                        **where,
-                    )
+                    self._answered(await self.runtime.recorder.submit(delivery), where)
                 done += 1
         except StoreUnavailable as exc:  # shutting down, or the database and spool failed
             self.tally.note("not_recorded", len(held) - done)
             log.warning(
-                "ignored_delivery_not_recorded", error=str(exc), count=len(held) - done, **where
+                "ignored_delivery_not_recorded",
+                error=str(exc),
+                count=len(held) - done,
+                hint=RECOVER_HINT,
+                **where,
             )
         except Exception as exc:  # the sender was answered already: logged, with the trace
             self.tally.note("not_recorded", len(held) - done)
@@ -93,6 +99,7 @@ class Recheck:
                 "ignored_delivery_not_recorded",
                 error=type(exc).__name__,
                 count=len(held) - done,
+                hint=RECOVER_HINT,
                 **where,
             )
 
@@ -100,28 +107,56 @@ class Recheck:
         """Report the newest delivery ignored for the MR and no longer held as lost when
         it surely came after the MR's first logged delivery (``surely_after``)."""
         where = _where(key)
-        try:
-            first = await asyncio.to_thread(self._first_receipt, key)
-        except Exception as exc:  # a check, after the answer: logged with the trace, not raised
-            self.tally.note("unchecked")
-            log.exception("ignored_delivery_unchecked", error=type(exc).__name__, **where)
+        first = await self._first_or_unchecked(key, 1, where)
+        if first is False:
             return
-        event_at = event_time_of(stamps, received_at)[0]
-        if first is None or not surely_after(received_at, event_at, *first):
-            self._note("left", "ignored_delivery_left", where)
+        event_at, source = event_time_of(stamps, received_at)
+        in_gitlab = None if source == "received_at" else event_at  # GitLab gave no time
+        if first is None or not surely_after(received_at, in_gitlab, *first):
+            self._left(where)
             return
         self.tally.note("lost")
         log.error(
             "ignored_delivery_lost",
             received_at=isoformat(received_at),
             first_received_at=isoformat(first[0]),
-            hint=_LOST_HINT,
+            hint=RECOVER_HINT,
             **where,
         )
 
-    def _note(self, outcome: RecheckOutcome, event: str, where: dict[str, Any]) -> None:
-        self.tally.note(outcome)
-        log.info(event, reason="received before the MR was known", **where)
+    async def _first_or_unchecked(
+        self, key: MRKey, count: int, where: dict[str, Any]
+    ) -> tuple[datetime, datetime] | Literal[False] | None:
+        """The MR's first logged receipt and event times (``ledger.first_receipt``), or
+        False, once ``count`` deliveries are counted ``unchecked``, when the database
+        cannot say."""
+        try:
+            return await asyncio.to_thread(self._first_receipt, key)
+        except Exception as exc:  # after the answer: logged with the trace, not raised
+            self.tally.note("unchecked", count)
+            log.exception(
+                "ignored_delivery_unchecked",
+                error=type(exc).__name__,
+                count=count,
+                hint=RECOVER_HINT,
+                **where,
+            )
+            return False
+
+    def _answered(self, outcome: Outcome, where: dict[str, Any]) -> None:
+        status = outcome.status
+        counted = _WRITER_ANSWERS.get(status)
+        if counted is not None:
+            self.tally.note(counted)
+            log.warning("ignored_delivery_recorded", outcome=status, seq=outcome.seq, **where)
+            return
+        # The writer keeps every delivery of a known MR: not expected, but not hidden.
+        self.tally.note("not_recorded")
+        log.error("ignored_delivery_not_recorded", outcome=status, hint=RECOVER_HINT, **where)
+
+    def _left(self, where: dict[str, Any]) -> None:
+        self.tally.note("left")
+        log.info("ignored_delivery_left", reason="came before the MR was known", **where)
 
     def _first_receipt(self, key: MRKey) -> tuple[datetime, datetime] | None:
         with self.runtime.engine.connect() as conn:
@@ -143,13 +178,17 @@ def came_after(
 
 
 def surely_after(
-    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
+    received_at: datetime,
+    event_at: datetime | None,
+    first_received: datetime,
+    first_event: datetime,
 ) -> bool:
-    """``came_after`` with the margin on both sides: an error is raised on it, and an
-    MR labelled by a bot a moment after it was opened must not raise one when this
-    replica's clock is ahead of the one that recorded the MR first."""
+    """``came_after`` with the margin on both sides: an error is logged on it, and an
+    MR labelled by a bot a moment after it was opened must not log one when this
+    replica's clock is ahead of the one that recorded the MR first. Within the margin,
+    without GitLab's time for the event (``event_at`` None), it is not sure."""
     if abs(received_at - first_received) < CLOCK_MARGIN:
-        return event_at > first_event
+        return event_at is not None and event_at > first_event
     return received_at > first_received
 
 
@@ -160,13 +199,6 @@ def _delivery(held: Held) -> Delivery:
     return to_delivery(
         decoded, held.headers, held.body, received_at=held.received_at, verified=held.verified
     )
-
-
-def _as_outcome(status: str) -> RecheckOutcome:
-    for outcome in RECHECK_OUTCOMES:
-        if outcome == status:
-            return outcome
-    return "not_recorded"
 
 
 def _where(key: MRKey) -> dict[str, Any]:
