@@ -186,6 +186,11 @@ class Settings(BaseSettings):
     gitlab_max_retries: int = Field(default=10, ge=0, le=100)
     gitlab_workers: int = Field(default=4, ge=1, le=32)
     enrich_interval_seconds: float = Field(default=300.0, ge=0)
+    recover_lost_deliveries: bool = Field(
+        default=True,
+        description="Record from GitLab's API the MR of a delivery found lost (needs the URL"
+        " and a token).",
+    )
 
     # Durable spool (issue 4): where verified deliveries wait while PostgreSQL is down.
     spool_dir: Path | None = Field(

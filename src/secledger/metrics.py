@@ -8,6 +8,7 @@ head) are read at scrape time too, never on the hot path.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -26,16 +27,19 @@ log = structlog.get_logger("secledger.metrics")
 KNOWN_EVENTS = frozenset({"Merge Request Hook", "System Hook", "Service Hook"})
 # What became of an ignored delivery looked at again when its MR became known
 # (``recheck``): a held one's answer from the writer (``recorded``, ``duplicate``,
-# ``spooled``), ``left`` (it came before the MR was known), ``lost`` (no longer held),
-# ``not_recorded`` (the store refused it) or ``unchecked`` (the database could not say).
+# ``spooled``), ``left`` (it came before the MR was known), ``recovered`` (no longer
+# held; its MR recorded from GitLab's API, ``recovery``), ``lost`` (no longer held, not
+# recovered), ``not_recorded`` (the store refused it) or ``unchecked`` (the database
+# could not say).
 RecheckOutcome = Literal[
-    "recorded", "duplicate", "spooled", "left", "lost", "not_recorded", "unchecked"
+    "recorded", "duplicate", "spooled", "left", "recovered", "lost", "not_recorded", "unchecked"
 ]
 RECHECK_OUTCOMES: tuple[RecheckOutcome, ...] = (
     "recorded",
     "duplicate",
     "spooled",
     "left",
+    "recovered",
     "lost",
     "not_recorded",
     "unchecked",
@@ -156,15 +160,17 @@ class DeliveryTally(Collector):
 
 
 class RecheckTally(Collector):
-    """``secledger_ignored_rechecked_total{outcome}``. Only the event loop's thread adds;
-    a scrape copies the figures, as ``DeliveryTally``'s."""
+    """``secledger_ignored_rechecked_total{outcome}``: the event loop and the recovery
+    thread add, rarely, so under a lock."""
 
     def __init__(self) -> None:
         self._counts: dict[RecheckOutcome, int] = dict.fromkeys(RECHECK_OUTCOMES, 0)
+        self._lock = threading.Lock()
 
     def note(self, outcome: RecheckOutcome, count: int = 1) -> None:
         """Count ``count`` deliveries with ``outcome``."""
-        self._counts[outcome] += count
+        with self._lock:
+            self._counts[outcome] += count
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         """Every outcome, 0 included, so an alert on ``lost`` has a series from the start."""
@@ -174,7 +180,9 @@ class RecheckTally(Collector):
             " (of those no longer held, the newest per merge request), by outcome.",
             labels=["outcome"],
         )
-        for outcome, n in dict(self._counts).items():
+        with self._lock:
+            counts = dict(self._counts)
+        for outcome, n in counts.items():
             family.add_metric([outcome], n)
         yield family
 

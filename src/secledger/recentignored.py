@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
 from secledger.extract import MRKey, Stamps
 from secledger.headers import RequestHeaders
 from secledger.intake import Verified
+from secledger.times import isoformat
 
 # Long enough for a batch to commit and its NOTIFY to arrive under load, and for the
 # writer of another replica to get through a spool drain's first batches.
@@ -53,6 +55,25 @@ class Held(NamedTuple):
 
 Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, Stamps]
 Forgotten = tuple[datetime, Stamps]  # receipt time, event time stamps
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A forgotten delivery that should have been recorded (``recheck``), for recovery."""
+
+    key: MRKey
+    received_at: datetime
+    first_received_at: datetime  # the MR's first logged delivery's
+
+    def fields(self) -> dict[str, object]:
+        """What a log line says of it."""
+        return {
+            "instance": self.key.instance,
+            "project_id": self.key.project_id,
+            "mr_iid": self.key.mr_iid,
+            "received_at": isoformat(self.received_at),
+            "first_received_at": isoformat(self.first_received_at),
+        }
 
 
 class RecentlyIgnored:

@@ -4,8 +4,9 @@ The receiver answers ``ignored`` for a delivery without a security label whose M
 does not know (``membership``), and holds it for a moment (``recentignored``). When the
 MR's key is learnt (its first delivery recorded here or by another replica), each
 delivery held for it is recorded if it came after that first delivery; of one no longer
-held, only its receipt and event times are left, and if it should have been recorded it
-is reported lost, so an operator can recover it from GitLab's API.
+held, only its receipt and event times are left, and if it should have been recorded,
+its MR is recorded from GitLab's API (``recovery``, when a token is configured) or the
+delivery is reported lost, for an operator to look for it there.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import MRKey, Stamps, event_time, event_time_of
 from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
 from secledger.metrics import RecheckOutcome
-from secledger.recentignored import Held, RecentlyIgnored
+from secledger.recentignored import Held, Lost, RecentlyIgnored
 from secledger.runtime import Runtime
 from secledger.service import Outcome
 from secledger.store import ledger
-from secledger.times import isoformat
 
 log = structlog.get_logger("secledger.recheck")
 
@@ -115,14 +115,14 @@ class Recheck:
         if first is None or not surely_after(received_at, in_gitlab, *first):
             self._left(where)
             return
+        lost = Lost(key, received_at, first[0])
+        recover = self.runtime.recover
+        refused = recover(lost) if recover is not None else "no GitLab API token is configured"
+        if refused is None:  # ``recovery`` logs and counts the rest
+            log.warning("ignored_delivery_recovering", **lost.fields())
+            return
         self.tally.note("lost")
-        log.error(
-            "ignored_delivery_lost",
-            received_at=isoformat(received_at),
-            first_received_at=isoformat(first[0]),
-            hint=RECOVER_HINT,
-            **where,
-        )
+        log.error("ignored_delivery_lost", error=refused, hint=RECOVER_HINT, **lost.fields())
 
     async def _first_or_unchecked(
         self, key: MRKey, count: int, where: dict[str, Any]

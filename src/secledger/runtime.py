@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -11,6 +12,7 @@ from secledger.drain import Drainer
 from secledger.membership import KnownMRs
 from secledger.metrics import Metrics
 from secledger.policy import LabelPolicy
+from secledger.recentignored import Lost
 from secledger.recorder import Recorder
 from secledger.service import Recording
 from secledger.spool import Spool
@@ -29,6 +31,9 @@ class Runtime:
     known: KnownMRs
     spool: Spool
     metrics: Metrics
+    # Records a lost delivery's MR from GitLab's API (``recovery``), when one is set up:
+    # None once queued, else why not.
+    recover: Callable[[Lost], str | None] | None = None
 
     @classmethod
     def open(cls, settings: Settings, database: db.Database) -> Runtime:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -14,11 +16,46 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from secledger import __version__, dashboard, enrich, integrity, overdue, sink, webhook
+from secledger import __version__, dashboard, enrich, integrity, overdue, recovery, sink, webhook
 from secledger.config import Settings
 from secledger.dashboard.access import api_reader
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
+
+
+@dataclass
+class _Beside:
+    """What ``serve`` runs beside the receiver, each off the request path."""
+
+    recoverer: recovery.Recoverer | None
+    enricher: enrich.Enricher | None
+    sender: sink.SinkWorker | None
+    checkpointing: asyncio.Task[None] | None
+    sla_refresh: asyncio.Task[None] | None
+
+    @classmethod
+    def start(cls, settings: Settings, database: db.Database, runtime: Runtime) -> _Beside:
+        recoverer = recovery.start(settings, runtime.engine, runtime.metrics.rechecked)
+        runtime.recover = recoverer.recover if recoverer is not None else None
+        return cls(
+            recoverer=recoverer,
+            enricher=enrich.start_background(settings, runtime.engine),  # label times
+            sender=sink.start_worker(settings, runtime.engine, db.libpq_url(database.url)),
+            checkpointing=integrity.schedule(settings, runtime.engine),
+            # Open MRs become overdue without any event: found every few minutes.
+            sla_refresh=overdue.schedule(settings, runtime.engine),
+        )
+
+    async def stop(self, runtime: Runtime) -> None:
+        await overdue.stop(self.sla_refresh)
+        await integrity.stop(self.checkpointing)
+        if self.sender is not None:
+            self.sender.close()
+        if self.enricher is not None:
+            self.enricher.close()
+        runtime.recover = None
+        if self.recoverer is not None:
+            self.recoverer.close()
 
 
 def create_api(
@@ -32,22 +69,17 @@ def create_api(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime.open(settings, database)
         runtime_ref["runtime"] = runtime
-        enricher = enrich.start_background(settings, runtime.engine)  # label times, off-path
-        sender = sink.start_worker(settings, runtime.engine, db.libpq_url(database.url))
-        checkpointing = integrity.schedule(settings, runtime.engine)
-        # Open MRs become overdue without any event: found every few minutes.
-        sla_refresh = overdue.schedule(settings, runtime.engine)
+        try:  # a token file that cannot be read stops the start, with the writer drained
+            beside = _Beside.start(settings, database, runtime)
+        except Exception:
+            runtime.close()
+            raise
         _app.state.runtime = runtime
         try:
             yield
         finally:
             _app.state.runtime = None
-            await overdue.stop(sla_refresh)
-            await integrity.stop(checkpointing)
-            if sender is not None:
-                sender.close()
-            if enricher is not None:
-                enricher.close()
+            await beside.stop(runtime)
             runtime.close()
 
     # No /docs or /redoc: FastAPI's viewers load their JavaScript from a CDN, which an

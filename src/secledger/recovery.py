@@ -1,0 +1,159 @@
+"""Recovering, from GitLab's REST API, a merge request whose webhook delivery was lost.
+
+When the receiver finds that it ignored a delivery it should have recorded, and no
+longer has its body (``recheck``), GitLab's API still knows the MR's label, state and
+approval events. With an API token configured, ``serve`` records them at once, by the
+backfill path, in a thread of its own: the facts ``secledger backfill --label-history``
+would record, without waiting for an operator. What the API does not keep (an approval
+withdrawn: the approvals endpoint tells who approves now) cannot come back this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+
+from secledger.backfill import fetch_history, record_envelopes
+from secledger.config import Settings
+from secledger.errors import GitLabAPIError
+from secledger.extract import MRKey
+from secledger.gitlab_api import GitLabAPI
+from secledger.metrics import RecheckTally
+from secledger.policy import LabelPolicy
+from secledger.recentignored import Lost
+from secledger.recheck import RECOVER_HINT
+from secledger.service import DEFAULT_RECORDING, Recording
+
+log = structlog.get_logger("secledger.recovery")
+
+# At most this many MRs wait: more would mean GitLab's API is down or far too slow; each
+# one turned away is reported lost, for `secledger backfill`.
+MAX_WAITING = 1000
+# How long shutdown waits for the MR in hand (the writer still has to drain after it).
+CLOSE_SECONDS = 5.0
+
+
+def recover_one(
+    engine: Engine,
+    api: GitLabAPI,
+    policy: LabelPolicy,
+    key: MRKey,
+    *,
+    recording: Recording = DEFAULT_RECORDING,
+) -> int:
+    """Record what the API tells of one MR's history; how many facts were new."""
+    mr = api.merge_request(key.project_id, key.mr_iid)
+    envelopes = fetch_history(api, mr, policy)
+    with engine.begin() as conn:
+        return record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
+
+
+class Recoverer:
+    """A daemon thread recording, from the API, the MRs of lost deliveries."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        api: GitLabAPI,
+        policy: LabelPolicy,
+        tally: RecheckTally,
+        *,
+        recording: Recording = DEFAULT_RECORDING,
+    ) -> None:
+        self.engine, self.api, self.policy, self.recording = engine, api, policy, recording
+        self.tally = tally
+        self._waiting: queue.Queue[Lost | None] = queue.Queue(MAX_WAITING)
+        self._stopping = threading.Event()
+        self._in_hand: Lost | None = None
+        self._thread = threading.Thread(target=self._run, name="secledger-recover", daemon=True)
+
+    def start(self) -> None:
+        """Begin taking MRs."""
+        self._thread.start()
+
+    def recover(self, lost: Lost) -> str | None:
+        """Queue the MR of ``lost`` (from any thread): None once queued, else why not."""
+        if lost.key.instance != self.api.instance:
+            return f"the MR is on {lost.key.instance}; SECLEDGER_GITLAB_URL is {self.api.instance}"
+        if self._stopping.is_set():
+            return "the receiver is shutting down"
+        try:
+            self._waiting.put_nowait(lost)
+        except queue.Full:
+            return f"{MAX_WAITING} recoveries are already waiting for GitLab's API"
+        return None
+
+    def close(self) -> None:
+        """Stop after the MR in hand, waiting a little for it; each MR not recovered by
+        then is reported lost."""
+        self._stopping.set()
+        # Wakes the thread if it waits for work; when full, it is busy, and sees the stop
+        # before taking another.
+        with contextlib.suppress(queue.Full):
+            self._waiting.put_nowait(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=CLOSE_SECONDS)
+        cut_off = self._in_hand if self._thread.is_alive() else None
+        while True:
+            try:
+                lost = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if lost is not None:
+                self._lost(lost, "the receiver shut down before GitLab's API was asked")
+        if cut_off is not None:
+            self._lost(cut_off, "the receiver shut down while GitLab's API was being asked")
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            lost = self._waiting.get()
+            if lost is None:
+                return
+            self._in_hand = lost
+            self._recover(lost)
+            self._in_hand = None
+
+    def _recover(self, lost: Lost) -> None:
+        try:
+            facts = recover_one(
+                self.engine, self.api, self.policy, lost.key, recording=self.recording
+            )
+        except GitLabAPIError as exc:  # in GitLab's own words
+            self._lost(lost, str(exc), gone=exc.status == 404)
+            return
+        except Exception as exc:  # noqa: BLE001 - a background thread must not end: lost
+            self._lost(lost, type(exc).__name__)
+            return
+        self.tally.note("recovered")
+        # Nothing new: the MR's API history was known already, and what was lost, if it
+        # mattered to the ledger, is not in the API (a withdrawn approval, say).
+        log.warning("ignored_delivery_recovered", new_facts=facts, **lost.fields())
+
+    def _lost(self, lost: Lost, error: str, *, gone: bool = False) -> None:
+        self.tally.note("lost")
+        hint: Any = "GitLab no longer has this MR" if gone else RECOVER_HINT
+        log.error("ignored_delivery_lost", error=error, hint=hint, **lost.fields())
+
+
+def start(settings: Settings, engine: Engine, tally: RecheckTally) -> Recoverer | None:
+    """A running ``Recoverer`` when recovery is on and a GitLab URL and token are
+    configured, else None."""
+    if not settings.recover_lost_deliveries or not settings.gitlab_url:
+        return None
+    if settings.gitlab_token is None and settings.gitlab_token_file is None:
+        return None
+    recoverer = Recoverer(
+        engine,
+        GitLabAPI.from_settings(settings),
+        LabelPolicy.from_settings(settings),
+        tally,
+        recording=Recording.from_settings(settings),
+    )
+    recoverer.start()
+    log.info("recovery_started", instance=recoverer.api.instance)
+    return recoverer

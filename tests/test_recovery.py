@@ -1,0 +1,192 @@
+"""A lost ignored delivery's MR recorded from GitLab's API by ``serve`` itself, against a
+fake GitLab over real HTTP and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import pytest
+import structlog
+from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
+from pydantic import SecretStr
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from apihelpers import POLICY
+from apistory import Story
+from conftest import SECRET, post
+from secledger import recheck, recovery, webhook
+from secledger.config import Settings
+from secledger.extract import MRKey, extract_facts
+from secledger.intake import Ignored, parse_delivery
+from secledger.metrics import Metrics
+from secledger.policy import LabelPolicy
+from secledger.recentignored import Lost, RecentlyIgnored
+from secledger.service import record_one
+from secledger.store import db
+from secledger.times import utcnow
+from secledger.web import create_app
+
+pytest_plugins = ("gitlabfixtures",)
+
+
+@pytest.fixture
+def serving(api_settings: Settings, database_url: str, monkeypatch) -> Iterator[TestClient]:
+    """A receiver with GitLab's API configured, that holds no ignored body (a limit of 0
+    bytes): each ignored delivery is forgotten at once."""
+    monkeypatch.setattr(recheck, "log", structlog.get_logger("secledger.recheck"))
+    monkeypatch.setattr(recovery, "log", structlog.get_logger("secledger.recovery"))
+    monkeypatch.setattr(webhook, "RecentlyIgnored", partial(RecentlyIgnored, max_bytes=0))
+    settings = api_settings.model_copy(update={"webhook_secrets": [SecretStr(SECRET)]})
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        yield client
+
+
+def wait_for(condition: Any, seconds: float = 20.0) -> bool:
+    pause = threading.Event()
+    for _ in range(int(seconds * 10)):  # bounded: a loaded machine may take a while
+        if condition():
+            return True
+        pause.wait(0.1)
+    return condition()
+
+
+def recorded_elsewhere(engine, instance: str, body: dict[str, Any], received_at: datetime) -> None:
+    """The MR's first delivery, recorded by another replica, received at ``received_at``."""
+    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-instance": instance}
+    delivery = parse_delivery(
+        headers,
+        json.dumps(body).encode(),
+        secrets=(),
+        max_body_bytes=1 << 20,
+        received_at=received_at,
+        require_token=False,
+    )
+    assert not isinstance(delivery, Ignored)
+    facts = extract_facts(delivery, LabelPolicy.from_settings(Settings()))
+    assert record_one(engine, delivery, facts).status == "recorded"
+
+
+def unlabelled(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` after its security label was removed."""
+    body = json.loads(json.dumps(body))
+    body["labels"] = []
+    body["object_attributes"]["labels"] = []
+    return body
+
+
+def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> None:
+    """MR 20's security label was removed and it was merged. This replica received the
+    merge before it knew the MR, and had let it go when another replica's record of the
+    MR's opening reached it. GitLab's API tells the merge: it is recorded from there."""
+    story = Story(iid=20)
+    story.publish(fake)
+    opened, _, merged = story.webhooks()
+    received_elsewhere = utcnow()
+    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
+    assert answer.json()["status"] == "ignored"
+    with capture_logs() as logs:
+        recorded_elsewhere(engine, fake.url, opened, received_elsewhere)
+        assert wait_for(lambda: any(e["event"] == "ignored_delivery_recovered" for e in logs))
+    told = [e for e in logs if e["event"].startswith("ignored_")]
+    assert [(e["event"], e["log_level"]) for e in told] == [
+        ("ignored_delivery_recovering", "warning"),
+        ("ignored_delivery_recovered", "warning"),
+    ]
+    # The label's addition (the webhook told its state, not who added it), the approval
+    # and the merge; nothing told twice.
+    assert told[1]["new_facts"] == 3
+    assert told[1]["first_received_at"] == told[0]["first_received_at"]
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT decision, merged_by, approvers FROM security_review_ledger"
+                " WHERE mr_iid = 20"
+            )
+        ).one()
+    assert (row.decision, row.merged_by, row.approvers) == ("merged", "carol", ["bob"])
+    metrics = serving.get("/metrics").text
+    assert 'secledger_ignored_rechecked_total{outcome="recovered"} 1.0' in metrics
+    assert 'secledger_ignored_rechecked_total{outcome="lost"} 0.0' in metrics
+
+
+def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> None:
+    """GitLab answers 404 for the MR (deleted since): the delivery stays lost, and the
+    log says why."""
+    story = Story(iid=21)
+    opened, _, merged = story.webhooks()  # not published: the API does not know MR 21
+    received_elsewhere = utcnow()
+    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
+    assert answer.json()["status"] == "ignored"
+    with capture_logs() as logs:
+        recorded_elsewhere(engine, fake.url, opened, received_elsewhere)
+        assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
+    lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
+    assert (lost["log_level"], lost["mr_iid"]) == ("error", 21)
+    assert "404" in lost["error"]
+    assert lost["hint"] == "GitLab no longer has this MR"
+    metrics = serving.get("/metrics").text
+    assert 'secledger_ignored_rechecked_total{outcome="lost"} 1.0' in metrics
+
+
+def test_an_mr_of_another_instance_is_not_asked_of_this_api(serving, engine, fake) -> None:
+    """The API knows one GitLab instance; an MR of another is reported lost at once."""
+    story = Story(iid=22)
+    story.publish(fake)
+    opened, _, merged = story.webhooks()
+    other = "https://gitlab.other.example"
+    received_elsewhere = utcnow()
+    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": other})
+    assert answer.json()["status"] == "ignored"
+    before = fake.count("/merge_requests/22")
+    with capture_logs() as logs:
+        recorded_elsewhere(engine, other, opened, received_elsewhere)
+        assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
+    assert fake.count("/merge_requests/22") == before
+    told = [e for e in logs if e["event"].startswith("ignored_")]
+    assert [e["event"] for e in told] == ["ignored_delivery_lost"]
+    assert told[0]["error"] == f"the MR is on {other}; SECLEDGER_GITLAB_URL is {fake.url}"
+
+
+def lost(iid: int, instance: str) -> Lost:
+    now = utcnow()
+    return Lost(MRKey(instance, 14, iid), now, now)
+
+
+def test_what_waits_at_shutdown_or_finds_no_room_is_reported_lost(engine, api, monkeypatch) -> None:
+    """Nothing is taken here (the thread is not started): one MR waits, the next finds
+    the queue full, and shutdown reports the one that waited."""
+    monkeypatch.setattr(recovery, "log", structlog.get_logger("secledger.recovery"))
+    monkeypatch.setattr(recovery, "MAX_WAITING", 1)
+    metrics = Metrics()
+    recoverer = recovery.Recoverer(engine, api, POLICY, metrics.rechecked)
+    assert recoverer.recover(lost(30, api.instance)) is None
+    assert recoverer.recover(lost(31, api.instance)) == (
+        "1 recoveries are already waiting for GitLab's API"
+    )
+    with capture_logs() as logs:
+        recoverer.close()
+    assert [(e["event"], e["mr_iid"], e["error"]) for e in logs] == [
+        ("ignored_delivery_lost", 30, "the receiver shut down before GitLab's API was asked")
+    ]
+    assert recoverer.recover(lost(32, api.instance)) == "the receiver is shutting down"
+    assert 'outcome="lost"} 1.0' in generate_latest(metrics.registry).decode()
+
+
+def test_recovery_runs_only_with_a_token_and_not_turned_off(api_settings, engine) -> None:
+    tally = Metrics().rechecked
+    off = api_settings.model_copy(update={"recover_lost_deliveries": False})
+    assert recovery.start(off, engine, tally) is None
+    no_token = api_settings.model_copy(update={"gitlab_token": None})
+    assert recovery.start(no_token, engine, tally) is None
+    running = recovery.start(api_settings, engine, tally)
+    assert running is not None
+    running.close()
+    assert not running._thread.is_alive()
