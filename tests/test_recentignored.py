@@ -5,7 +5,6 @@ NOTIFY, and a delivery without a security label in between was answered ``ignore
 from __future__ import annotations
 
 import asyncio
-import threading
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import SimpleNamespace
@@ -15,18 +14,15 @@ from prometheus_client import generate_latest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from builders import dumps, mr_event
+from builders import mr_event
 from conftest import post
+from replicas import recorded_elsewhere, wait_for
 from secledger import recheck, webhook
-from secledger.config import Settings
-from secledger.extract import MRKey, extract_facts
+from secledger.extract import MRKey
 from secledger.headers import RequestHeaders
-from secledger.intake import Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.metrics import Metrics
-from secledger.policy import LabelPolicy
 from secledger.recentignored import Held, RecentlyIgnored
-from secledger.service import record_one
 from secledger.store import db
 from secledger.times import utcnow
 
@@ -67,15 +63,6 @@ def test_a_body_still_held_is_taken_whatever_its_age() -> None:
     assert recent.take_forgotten({held(0, 1).key}) == {}
 
 
-def wait_for(condition, seconds: float = 20.0) -> bool:
-    pause = threading.Event()
-    for _ in range(int(seconds * 10)):  # bounded: a loaded machine may take a while
-        if condition():
-            return True
-        pause.wait(0.1)
-    return condition()
-
-
 def logged_keys(engine) -> set[str]:
     with engine.connect() as conn:
         return set(conn.execute(text("SELECT dedup_key FROM delivery_log")).scalars())
@@ -83,20 +70,7 @@ def logged_keys(engine) -> set[str]:
 
 def first_delivery(engine, iid: int, key: str, received_at: datetime) -> None:
     """The MR's first delivery, recorded by another replica, received at ``received_at``."""
-    headers = {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key}
-    delivery = parse_delivery(
-        headers,
-        dumps(mr_event("open", iid=iid)),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=received_at,
-        require_token=False,
-        source="webhook",
-    )
-    assert not isinstance(delivery, Ignored)
-    policy = LabelPolicy.from_settings(Settings())
-    outcome = record_one(engine, delivery, extract_facts(delivery, policy))
-    assert outcome.status == "recorded"
+    recorded_elsewhere(engine, mr_event("open", iid=iid), received_at, **{"idempotency-key": key})
 
 
 def test_an_ignored_delivery_is_recorded_when_another_replica_records_its_mr(

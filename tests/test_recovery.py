@@ -4,9 +4,7 @@ fake GitLab over real HTTP and a real PostgreSQL."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -21,14 +19,12 @@ from structlog.testing import capture_logs
 from apihelpers import POLICY
 from apistory import Story
 from conftest import SECRET, post
+from replicas import recorded_elsewhere, wait_for
 from secledger import recheck, recovery, webhook
 from secledger.config import Settings
-from secledger.extract import MRKey, extract_facts
-from secledger.intake import Ignored, parse_delivery
+from secledger.extract import MRKey
 from secledger.metrics import Metrics
-from secledger.policy import LabelPolicy
 from secledger.recentignored import Lost, RecentlyIgnored
-from secledger.service import record_one
 from secledger.store import db
 from secledger.times import utcnow
 from secledger.web import create_app
@@ -47,31 +43,6 @@ def serving(api_settings: Settings, database_url: str, monkeypatch) -> Iterator[
     app = create_app(settings, db.Database(database_url, embedded=False))
     with TestClient(app) as client:
         yield client
-
-
-def wait_for(condition: Any, seconds: float = 20.0) -> bool:
-    pause = threading.Event()
-    for _ in range(int(seconds * 10)):  # bounded: a loaded machine may take a while
-        if condition():
-            return True
-        pause.wait(0.1)
-    return condition()
-
-
-def recorded_elsewhere(engine, instance: str, body: dict[str, Any], received_at: datetime) -> None:
-    """The MR's first delivery, recorded by another replica, received at ``received_at``."""
-    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-instance": instance}
-    delivery = parse_delivery(
-        headers,
-        json.dumps(body).encode(),
-        secrets=(),
-        max_body_bytes=1 << 20,
-        received_at=received_at,
-        require_token=False,
-    )
-    assert not isinstance(delivery, Ignored)
-    facts = extract_facts(delivery, LabelPolicy.from_settings(Settings()))
-    assert record_one(engine, delivery, facts).status == "recorded"
 
 
 def unlabelled(body: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +64,7 @@ def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> Non
     answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
     assert answer.json()["status"] == "ignored"
     with capture_logs() as logs:
-        recorded_elsewhere(engine, fake.url, opened, received_elsewhere)
+        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
         assert wait_for(lambda: any(e["event"] == "ignored_delivery_recovered" for e in logs))
     told = [e for e in logs if e["event"].startswith("ignored_")]
     assert [(e["event"], e["log_level"]) for e in told] == [
@@ -126,7 +97,7 @@ def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> N
     answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
     assert answer.json()["status"] == "ignored"
     with capture_logs() as logs:
-        recorded_elsewhere(engine, fake.url, opened, received_elsewhere)
+        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
         assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
     lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
     assert (lost["log_level"], lost["mr_iid"]) == ("error", 21)
@@ -147,7 +118,7 @@ def test_an_mr_of_another_instance_is_not_asked_of_this_api(serving, engine, fak
     assert answer.json()["status"] == "ignored"
     before = fake.count("/merge_requests/22")
     with capture_logs() as logs:
-        recorded_elsewhere(engine, other, opened, received_elsewhere)
+        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": other})
         assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
     assert fake.count("/merge_requests/22") == before
     told = [e for e in logs if e["event"].startswith("ignored_")]
