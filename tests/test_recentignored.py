@@ -5,6 +5,7 @@ NOTIFY, and a delivery without a security label in between was answered ``ignore
 from __future__ import annotations
 
 import asyncio
+import socket
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import SimpleNamespace
@@ -285,3 +286,36 @@ def test_deliveries_are_counted_unchecked_when_the_database_cannot_say(monkeypat
         ("ignored_delivery_unchecked", 2, 1),
     ]
     assert 'outcome="unchecked"} 3.0' in generate_latest(metrics.registry).decode()
+
+
+def test_a_check_cut_off_by_shutdown_is_counted_unchecked(monkeypatch) -> None:
+    """The database does not answer (a socket that never speaks) when the receiver
+    stops: the check is cancelled, and says so before it ends."""
+    monkeypatch.setattr(recheck, "log", structlog.get_logger("secledger.recheck"))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/none?connect_timeout=3"
+        engine = db.create(url, pool_size=1)
+        metrics = Metrics()
+        runtime = SimpleNamespace(metrics=metrics, engine=engine, recorder=None)
+        recent = RecentlyIgnored(max_bytes=25)
+
+        async def stop_midway() -> None:
+            again = recheck.Recheck(runtime, recent)  # type: ignore[arg-type]
+            recent.hold(held(0.0, 2, size=30))  # too large: forgotten at once
+            again.reconsider([held(0, 2).key])
+            await asyncio.sleep(0.3)  # the read of the MR's first delivery waits
+            tasks = list(again._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with capture_logs() as logs:
+            asyncio.run(stop_midway())
+        engine.dispose()
+    assert [(e["event"], e["error"], e["count"]) for e in logs] == [
+        ("ignored_delivery_unchecked", recheck.SHUT_DOWN, 1)
+    ]
+    assert 'outcome="unchecked"} 1.0' in generate_latest(metrics.registry).decode()

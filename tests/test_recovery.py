@@ -4,6 +4,7 @@ fake GitLab over real HTTP and a real PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -16,7 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from apihelpers import POLICY
+from apihelpers import POLICY, log_count
 from apistory import Story
 from conftest import SECRET, post
 from replicas import recorded_elsewhere, wait_for
@@ -26,7 +27,7 @@ from secledger.extract import MRKey
 from secledger.metrics import Metrics
 from secledger.recentignored import Lost, RecentlyIgnored
 from secledger.store import db
-from secledger.times import utcnow
+from secledger.times import isoformat, utcnow
 from secledger.web import create_app
 
 pytest_plugins = ("gitlabfixtures",)
@@ -66,15 +67,15 @@ def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> Non
     with capture_logs() as logs:
         recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
         assert wait_for(lambda: any(e["event"] == "ignored_delivery_recovered" for e in logs))
-    told = [e for e in logs if e["event"].startswith("ignored_")]
+    told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["event"])
     assert [(e["event"], e["log_level"]) for e in told] == [
-        ("ignored_delivery_recovering", "warning"),
         ("ignored_delivery_recovered", "warning"),
+        ("ignored_delivery_recovering", "warning"),
     ]
     # The label's addition (the webhook told its state, not who added it), the approval
     # and the merge; nothing told twice.
-    assert told[1]["new_facts"] == 3
-    assert told[1]["first_received_at"] == told[0]["first_received_at"]
+    assert told[0]["new_facts"] == 3
+    assert told[0]["first_received_at"] == isoformat(received_elsewhere)
     with engine.connect() as conn:
         row = conn.execute(
             text(
@@ -89,8 +90,8 @@ def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> Non
 
 
 def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> None:
-    """GitLab answers 404 for the MR (deleted since): the delivery stays lost, and the
-    log says why."""
+    """GitLab answers 404 for the MR (deleted since, or out of the token's reach): the
+    delivery stays lost, and the log says why."""
     story = Story(iid=21)
     opened, _, merged = story.webhooks()  # not published: the API does not know MR 21
     received_elsewhere = utcnow()
@@ -102,7 +103,7 @@ def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> N
     lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
     assert (lost["log_level"], lost["mr_iid"]) == ("error", 21)
     assert "404" in lost["error"]
-    assert lost["hint"] == "GitLab no longer has this MR"
+    assert lost["hint"] == recovery.HIDDEN_HINT
     metrics = serving.get("/metrics").text
     assert 'secledger_ignored_rechecked_total{outcome="lost"} 1.0' in metrics
 
@@ -152,12 +153,58 @@ def test_what_waits_at_shutdown_or_finds_no_room_is_reported_lost(engine, api, m
 
 
 def test_recovery_runs_only_with_a_token_and_not_turned_off(api_settings, engine) -> None:
+    """Each way recovery is off says so in the lost line's ``error``."""
     tally = Metrics().rechecked
     off = api_settings.model_copy(update={"recover_lost_deliveries": False})
     assert recovery.start(off, engine, tally) is None
     no_token = api_settings.model_copy(update={"gitlab_token": None})
     assert recovery.start(no_token, engine, tally) is None
+    anything = lost(40, api_settings.gitlab_url or "")
+    assert recovery.off(off)(anything) == "SECLEDGER_RECOVER_LOST_DELIVERIES is false"
+    assert recovery.off(no_token)(anything) == "no GitLab API token is configured"
+    no_url = api_settings.model_copy(update={"gitlab_url": None})
+    assert recovery.off(no_url)(anything) == "SECLEDGER_GITLAB_URL is not set"
     running = recovery.start(api_settings, engine, tally)
     assert running is not None
     running.close()
     assert not running._thread.is_alive()
+
+
+def test_an_mr_shutdown_stops_waiting_for_ends_once(engine, api, fake, monkeypatch) -> None:
+    """GitLab answers slowly (a second a request); shutdown waits a tenth of a second,
+    reports the MR in hand lost, and the thread, when its answer comes, writes nothing
+    and reports nothing more."""
+    monkeypatch.setattr(recovery, "log", structlog.get_logger("secledger.recovery"))
+    monkeypatch.setattr(recovery, "CLOSE_SECONDS", 0.1)
+    Story(iid=41).publish(fake)
+    fake.latency = (1.0, 1.0)
+    metrics = Metrics()
+    recoverer = recovery.Recoverer(engine, api, POLICY, metrics.rechecked)
+    recoverer.start()
+    before = log_count(engine)
+    with capture_logs() as logs:
+        assert recoverer.recover(lost(41, api.instance)) is None
+        assert wait_for(lambda: recoverer._in_hand is not None)
+        recoverer.close()
+        recoverer._thread.join(timeout=30)
+    assert not recoverer._thread.is_alive()
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("ignored_delivery_lost", "the receiver shut down while GitLab's API was being asked")
+    ]
+    assert log_count(engine) == before
+    exposed = generate_latest(metrics.registry).decode()
+    assert 'outcome="lost"} 1.0' in exposed
+    assert 'outcome="recovered"} 0.0' in exposed
+
+
+def test_a_failed_start_stops_what_had_started(api_settings, database_url, tmp_path) -> None:
+    """The checkpoint key cannot be read: serve does not start, and the recovery and
+    enrichment threads started before it are stopped."""
+    missing = tmp_path / "no-such-key.pem"
+    settings = api_settings.model_copy(update={"checkpoint_key_file": missing})
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    named = ("secledger-recover", "secledger-enrich")
+    before = sum(t.name in named for t in threading.enumerate())
+    with pytest.raises(Exception, match=r"no-such-key"), TestClient(app):
+        pass
+    assert sum(t.name in named and t.is_alive() for t in threading.enumerate()) == before

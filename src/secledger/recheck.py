@@ -38,6 +38,7 @@ _WRITER_ANSWERS: dict[str, RecheckOutcome] = {
     "duplicate": "duplicate",
     "spooled": "spooled",
 }
+SHUT_DOWN = "the receiver shut down first"
 RECOVER_HINT = (
     "GitLab's API still has the event: run secledger backfill --label-history for this"
     " project over the days around it"
@@ -84,6 +85,16 @@ class Recheck:
                 else:
                     self._answered(await self.runtime.recorder.submit(delivery), where)
                 done += 1
+        except asyncio.CancelledError:  # the receiver stops: said, then stopped
+            self.tally.note("not_recorded", len(held) - done)
+            log.warning(
+                "ignored_delivery_not_recorded",
+                error=SHUT_DOWN,
+                count=len(held) - done,
+                hint=RECOVER_HINT,
+                **where,
+            )
+            raise
         except StoreUnavailable as exc:  # shutting down, or the database and spool failed
             self.tally.note("not_recorded", len(held) - done)
             log.warning(
@@ -93,7 +104,7 @@ class Recheck:
                 hint=RECOVER_HINT,
                 **where,
             )
-        except Exception as exc:  # the sender was answered already: logged, with the trace
+        except Exception as exc:  # the sender was answered already: logged as an error
             self.tally.note("not_recorded", len(held) - done)
             log.exception(
                 "ignored_delivery_not_recorded",
@@ -117,7 +128,7 @@ class Recheck:
             return
         lost = Lost(key, received_at, first[0])
         recover = self.runtime.recover
-        refused = recover(lost) if recover is not None else "no GitLab API token is configured"
+        refused = recover(lost) if recover is not None else "recovery is not set up"
         if refused is None:  # ``recovery`` logs and counts the rest
             log.warning("ignored_delivery_recovering", **lost.fields())
             return
@@ -132,16 +143,18 @@ class Recheck:
         cannot say."""
         try:
             return await asyncio.to_thread(self._first_receipt, key)
-        except Exception as exc:  # after the answer: logged with the trace, not raised
-            self.tally.note("unchecked", count)
-            log.exception(
-                "ignored_delivery_unchecked",
-                error=type(exc).__name__,
-                count=count,
-                hint=RECOVER_HINT,
-                **where,
-            )
+        except asyncio.CancelledError:  # the receiver stops: said, then stopped
+            self._unchecked(SHUT_DOWN, count, where)
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the answer: logged, not raised
+            self._unchecked(type(exc).__name__, count, where)
             return False
+
+    def _unchecked(self, error: str, count: int, where: dict[str, Any]) -> None:
+        self.tally.note("unchecked", count)
+        log.error(
+            "ignored_delivery_unchecked", error=error, count=count, hint=RECOVER_HINT, **where
+        )
 
     def _answered(self, outcome: Outcome, where: dict[str, Any]) -> None:
         status = outcome.status

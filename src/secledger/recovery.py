@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -36,25 +37,25 @@ log = structlog.get_logger("secledger.recovery")
 MAX_WAITING = 1000
 # How long shutdown waits for the MR in hand (the writer still has to drain after it).
 CLOSE_SECONDS = 5.0
+# GitLab answers 404 for an MR deleted, and for one in a project the token cannot read.
+HIDDEN_HINT = (
+    "GitLab's API does not show this MR: deleted, or in a project the token cannot read"
+    " (then run secledger backfill --label-history for it with a token that can)"
+)
 
 
-def recover_one(
-    engine: Engine,
-    api: GitLabAPI,
-    policy: LabelPolicy,
-    key: MRKey,
-    *,
-    recording: Recording = DEFAULT_RECORDING,
-) -> int:
-    """Record what the API tells of one MR's history; how many facts were new."""
-    mr = api.merge_request(key.project_id, key.mr_iid)
-    envelopes = fetch_history(api, mr, policy)
-    with engine.begin() as conn:
-        return record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
+def fetch(api: GitLabAPI, policy: LabelPolicy, key: MRKey) -> list[dict[str, Any]]:
+    """What the API tells of one MR's history, as backfill envelopes."""
+    return fetch_history(api, api.merge_request(key.project_id, key.mr_iid), policy)
 
 
 class Recoverer:
-    """A daemon thread recording, from the API, the MRs of lost deliveries."""
+    """A daemon thread recording, from the API, the MRs of lost deliveries.
+
+    Each MR ends with exactly one outcome, ``recovered`` or ``lost``: the thread claims
+    the MR in hand before writing or reporting it, and a shutdown that stops waiting
+    for it reports it only if it claims it first.
+    """
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class Recoverer:
         self.tally = tally
         self._waiting: queue.Queue[Lost | None] = queue.Queue(MAX_WAITING)
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self._in_hand: Lost | None = None
         self._thread = threading.Thread(target=self._run, name="secledger-recover", daemon=True)
 
@@ -77,7 +79,8 @@ class Recoverer:
         self._thread.start()
 
     def recover(self, lost: Lost) -> str | None:
-        """Queue the MR of ``lost`` (from any thread): None once queued, else why not."""
+        """Queue the MR of ``lost`` (on the event loop, where ``close`` runs too): None
+        once queued, else why not."""
         if lost.key.instance != self.api.instance:
             return f"the MR is on {lost.key.instance}; SECLEDGER_GITLAB_URL is {self.api.instance}"
         if self._stopping.is_set():
@@ -88,17 +91,20 @@ class Recoverer:
             return f"{MAX_WAITING} recoveries are already waiting for GitLab's API"
         return None
 
-    def close(self) -> None:
-        """Stop after the MR in hand, waiting a little for it; each MR not recovered by
-        then is reported lost."""
+    def stopping(self) -> None:
+        """Take no more MRs (``close`` then waits for the one in hand)."""
         self._stopping.set()
         # Wakes the thread if it waits for work; when full, it is busy, and sees the stop
         # before taking another.
         with contextlib.suppress(queue.Full):
             self._waiting.put_nowait(None)
+
+    def close(self) -> None:
+        """Stop, waiting a little for the MR in hand; each MR not recovered by then is
+        reported lost."""
+        self.stopping()
         if self._thread.is_alive():
             self._thread.join(timeout=CLOSE_SECONDS)
-        cut_off = self._in_hand if self._thread.is_alive() else None
         while True:
             try:
                 lost = self._waiting.get_nowait()
@@ -106,6 +112,7 @@ class Recoverer:
                 break
             if lost is not None:
                 self._lost(lost, "the receiver shut down before GitLab's API was asked")
+        cut_off = self._claim()
         if cut_off is not None:
             self._lost(cut_off, "the receiver shut down while GitLab's API was being asked")
 
@@ -114,18 +121,34 @@ class Recoverer:
             lost = self._waiting.get()
             if lost is None:
                 return
-            self._in_hand = lost
+            with self._lock:
+                self._in_hand = lost
             self._recover(lost)
-            self._in_hand = None
+
+    def _claim(self) -> Lost | None:
+        """The MR in hand, now this caller's to end, or None when another caller has it."""
+        with self._lock:
+            lost, self._in_hand = self._in_hand, None
+        return lost
 
     def _recover(self, lost: Lost) -> None:
         try:
-            facts = recover_one(
-                self.engine, self.api, self.policy, lost.key, recording=self.recording
-            )
+            envelopes = fetch(self.api, self.policy, lost.key)
         except GitLabAPIError as exc:  # in GitLab's own words
-            self._lost(lost, str(exc), gone=exc.status == 404)
+            if self._claim() is not None:
+                self._lost(lost, str(exc), hidden=exc.status == 404)
             return
+        except Exception as exc:  # noqa: BLE001 - a background thread must not end: lost
+            if self._claim() is not None:
+                self._lost(lost, type(exc).__name__)
+            return
+        if self._claim() is None:  # shutdown stopped waiting, and reported it
+            return
+        try:
+            with self.engine.begin() as conn:
+                facts = record_envelopes(
+                    conn, self.api.instance, envelopes, self.policy, recording=self.recording
+                )
         except Exception as exc:  # noqa: BLE001 - a background thread must not end: lost
             self._lost(lost, type(exc).__name__)
             return
@@ -134,10 +157,21 @@ class Recoverer:
         # mattered to the ledger, is not in the API (a withdrawn approval, say).
         log.warning("ignored_delivery_recovered", new_facts=facts, **lost.fields())
 
-    def _lost(self, lost: Lost, error: str, *, gone: bool = False) -> None:
+    def _lost(self, lost: Lost, error: str, *, hidden: bool = False) -> None:
         self.tally.note("lost")
-        hint: Any = "GitLab no longer has this MR" if gone else RECOVER_HINT
+        hint = HIDDEN_HINT if hidden else RECOVER_HINT
         log.error("ignored_delivery_lost", error=error, hint=hint, **lost.fields())
+
+
+def off(settings: Settings) -> Callable[[Lost], str | None]:
+    """``Runtime.recover`` when no ``Recoverer`` runs: it says why."""
+    if not settings.recover_lost_deliveries:
+        reason = "SECLEDGER_RECOVER_LOST_DELIVERIES is false"
+    elif not settings.gitlab_url:
+        reason = "SECLEDGER_GITLAB_URL is not set"
+    else:
+        reason = "no GitLab API token is configured"
+    return lambda _lost: reason
 
 
 def start(settings: Settings, engine: Engine, tally: RecheckTally) -> Recoverer | None:

@@ -27,33 +27,43 @@ from secledger.store import db, migrate
 class _Beside:
     """What ``serve`` runs beside the receiver, each off the request path."""
 
-    recoverer: recovery.Recoverer | None
-    enricher: enrich.Enricher | None
-    sender: sink.SinkWorker | None
-    checkpointing: asyncio.Task[None] | None
-    sla_refresh: asyncio.Task[None] | None
+    recoverer: recovery.Recoverer | None = None
+    enricher: enrich.Enricher | None = None
+    sender: sink.SinkWorker | None = None
+    checkpointing: asyncio.Task[None] | None = None
+    sla_refresh: asyncio.Task[None] | None = None
 
     @classmethod
-    def start(cls, settings: Settings, database: db.Database, runtime: Runtime) -> _Beside:
-        recoverer = recovery.start(settings, runtime.engine, runtime.metrics.rechecked)
-        runtime.recover = recoverer.recover if recoverer is not None else None
-        return cls(
-            recoverer=recoverer,
-            enricher=enrich.start_background(settings, runtime.engine),  # label times
-            sender=sink.start_worker(settings, runtime.engine, db.libpq_url(database.url)),
-            checkpointing=integrity.schedule(settings, runtime.engine),
+    async def start(cls, settings: Settings, database: db.Database, runtime: Runtime) -> _Beside:
+        """Start each; when one cannot start (a key or token file unreadable, say), stop
+        those already started and raise."""
+        beside = cls()
+        try:
+            beside.recoverer = recovery.start(settings, runtime.engine, runtime.metrics.rechecked)
+            runtime.recover = (
+                beside.recoverer.recover if beside.recoverer else recovery.off(settings)
+            )
+            beside.enricher = enrich.start_background(settings, runtime.engine)  # label times
+            libpq = db.libpq_url(database.url)
+            beside.sender = sink.start_worker(settings, runtime.engine, libpq)
+            beside.checkpointing = integrity.schedule(settings, runtime.engine)
             # Open MRs become overdue without any event: found every few minutes.
-            sla_refresh=overdue.schedule(settings, runtime.engine),
-        )
+            beside.sla_refresh = overdue.schedule(settings, runtime.engine)
+        except BaseException:
+            await beside.stop()
+            raise
+        return beside
 
-    async def stop(self, runtime: Runtime) -> None:
+    async def stop(self) -> None:
+        """Stop each; the recoverer is told first, so its wait overlaps the others'."""
+        if self.recoverer is not None:
+            self.recoverer.stopping()
         await overdue.stop(self.sla_refresh)
         await integrity.stop(self.checkpointing)
         if self.sender is not None:
             self.sender.close()
         if self.enricher is not None:
             self.enricher.close()
-        runtime.recover = None
         if self.recoverer is not None:
             self.recoverer.close()
 
@@ -69,9 +79,9 @@ def create_api(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime.open(settings, database)
         runtime_ref["runtime"] = runtime
-        try:  # a token file that cannot be read stops the start, with the writer drained
-            beside = _Beside.start(settings, database, runtime)
-        except Exception:
+        try:  # a key or token file that cannot be read stops the start, the writer drained
+            beside = await _Beside.start(settings, database, runtime)
+        except BaseException:
             runtime.close()
             raise
         _app.state.runtime = runtime
@@ -79,7 +89,7 @@ def create_api(
             yield
         finally:
             _app.state.runtime = None
-            await beside.stop(runtime)
+            await beside.stop()
             runtime.close()
 
     # No /docs or /redoc: FastAPI's viewers load their JavaScript from a CDN, which an
