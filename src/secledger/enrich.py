@@ -137,6 +137,10 @@ class Enricher:
         """Begin enriching in the background."""
         self._thread.start()
 
+    def stopping(self) -> None:
+        """Start no other pass (``close`` then waits for the current one)."""
+        self._stop.set()
+
     def close(self) -> None:
         """Stop after the current pass."""
         self._stop.set()

@@ -175,6 +175,10 @@ class SinkWorker:
         """Start the sender thread."""
         self._thread.start()
 
+    def stopping(self) -> None:
+        """Take no more rows (``close`` then waits for the one in flight)."""
+        self._stop.set()
+
     def close(self) -> None:
         """Stop after the row in flight (bounded by the sink timeout)."""
         self._stop.set()

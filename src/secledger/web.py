@@ -55,9 +55,11 @@ class _Beside:
         return beside
 
     async def stop(self) -> None:
-        """Stop each; the recoverer is told first, so its wait overlaps the others'."""
-        if self.recoverer is not None:
-            self.recoverer.stopping()
+        """Stop each. The threads are all told first, so that their waits for the work
+        in hand overlap instead of adding up before the writer drains."""
+        for worker in (self.recoverer, self.enricher, self.sender):
+            if worker is not None:
+                worker.stopping()
         await overdue.stop(self.sla_refresh)
         await integrity.stop(self.checkpointing)
         if self.sender is not None:
