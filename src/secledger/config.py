@@ -338,6 +338,14 @@ class Settings(BaseSettings):
         check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
         return self
 
+    @property
+    def gitlab_api_set(self) -> bool:
+        """Whether a GitLab URL and a token (or token file) are configured, without
+        reading the file: ``serve``'s background API work starts only then."""
+        return bool(self.gitlab_url) and (
+            self.gitlab_token is not None or self.gitlab_token_file is not None
+        )
+
     def gitlab_token_value(self) -> str | None:
         """The GitLab token from ``gitlab_token``, else the first line of ``gitlab_token_file``."""
         if self.gitlab_token is not None and self.gitlab_token.get_secret_value().strip():

@@ -159,9 +159,7 @@ class Enricher:
 
 def start_background(settings: Settings, engine: Engine) -> Enricher | None:
     """Start enrichment for ``serve`` when a GitLab URL and token are configured."""
-    if settings.enrich_interval_seconds <= 0 or not settings.gitlab_url:
-        return None
-    if settings.gitlab_token is None and settings.gitlab_token_file is None:
+    if settings.enrich_interval_seconds <= 0 or not settings.gitlab_api_set:
         return None
     api = GitLabAPI.from_settings(settings)
     enricher = Enricher(

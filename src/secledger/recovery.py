@@ -163,23 +163,26 @@ class Recoverer:
         log.error("ignored_delivery_lost", error=error, hint=hint, **lost.fields())
 
 
+def why_off(settings: Settings) -> str | None:
+    """Why ``serve`` recovers nothing from the API, or None when it does."""
+    if not settings.recover_lost_deliveries:
+        return "SECLEDGER_RECOVER_LOST_DELIVERIES is false"
+    if not settings.gitlab_url:
+        return "SECLEDGER_GITLAB_URL is not set"
+    if not settings.gitlab_api_set:
+        return "no GitLab API token is configured"
+    return None
+
+
 def off(settings: Settings) -> Callable[[Lost], str | None]:
     """``Runtime.recover`` when no ``Recoverer`` runs: it says why."""
-    if not settings.recover_lost_deliveries:
-        reason = "SECLEDGER_RECOVER_LOST_DELIVERIES is false"
-    elif not settings.gitlab_url:
-        reason = "SECLEDGER_GITLAB_URL is not set"
-    else:
-        reason = "no GitLab API token is configured"
+    reason = why_off(settings) or "recovery is not running"
     return lambda _lost: reason
 
 
 def start(settings: Settings, engine: Engine, tally: RecheckTally) -> Recoverer | None:
-    """A running ``Recoverer`` when recovery is on and a GitLab URL and token are
-    configured, else None."""
-    if not settings.recover_lost_deliveries or not settings.gitlab_url:
-        return None
-    if settings.gitlab_token is None and settings.gitlab_token_file is None:
+    """A running ``Recoverer``, unless ``why_off`` says why not (then None)."""
+    if why_off(settings) is not None:
         return None
     recoverer = Recoverer(
         engine,
