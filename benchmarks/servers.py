@@ -67,14 +67,21 @@ class Server:
             self.process.wait()
 
 
-def start_secledger(name: str, database_url: str, workdir: Path) -> Server:
-    """`secledger serve` exactly as a user runs it, configured through the environment."""
+def start_secledger(
+    name: str, database_url: str, workdir: Path, env: dict[str, str] | None = None
+) -> Server:
+    """`secledger serve` exactly as a user runs it, configured through the environment
+    (``env`` adds to it)."""
     port = free_port()
-    env = os.environ | {
-        "SECLEDGER_DATABASE_URL": database_url,
-        "SECLEDGER_WEBHOOK_SECRETS": TOKEN,
-        "SECLEDGER_DATA_DIR": str(workdir / name),
-    }
+    env = (
+        os.environ
+        | (env or {})
+        | {
+            "SECLEDGER_DATABASE_URL": database_url,
+            "SECLEDGER_WEBHOOK_SECRETS": TOKEN,
+            "SECLEDGER_DATA_DIR": str(workdir / name),
+        }
+    )
     log = workdir / f"{name}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
