@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
+
+import psycopg
+import structlog
 
 from builders import dumps, mr_event
+from secledger import membership
 from secledger.config import Settings
 from secledger.extract import MRKey
 from secledger.membership import KnownMRs
@@ -38,3 +43,45 @@ def test_keys_written_before_listening_are_not_missed(engine, database_url) -> N
         assert KEY in known
     finally:
         known.close()
+
+
+def test_the_follower_goes_on_after_an_error_that_is_not_the_database(
+    engine, database_url, monkeypatch
+) -> None:
+    """A follower thread that died on an unexpected error would let every later key of
+    another replica go unseen, with no sign of it; it logs the error and starts over."""
+    real = psycopg.Connection.notifies
+    calls = {"n": 0}
+
+    def flaky(self: psycopg.Connection[Any], *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TypeError("notifies() got an unexpected keyword argument 'timeout'")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "notifies", flaky)
+    monkeypatch.setattr(membership, "log", structlog.get_logger("secledger.membership"))
+    known = KnownMRs()
+    known.load(engine)
+    with structlog.testing.capture_logs() as lines:
+        known.listen(db.libpq_url(database_url))
+        try:
+            pause = threading.Event()
+            for _ in range(100):  # bounded: the first attempt fails at once
+                if calls["n"] >= 2:
+                    break
+                pause.wait(0.1)
+            policy = LabelPolicy.from_settings(Settings())
+            headers = {"x-gitlab-event": "Merge Request Hook"}
+            body = dumps(mr_event("open"))
+            outcome = feed(engine, policy, headers, body, max_body_bytes=1 << 20, source="replay")
+            assert outcome.status == "recorded"
+            for _ in range(200):  # bounded: at most 20 s on a loaded machine
+                if KEY in known:
+                    break
+                pause.wait(0.1)
+            assert KEY in known
+        finally:
+            known.close()
+    failed = [line for line in lines if line["event"] == "listen_failed"]
+    assert failed and failed[0]["error"] == "TypeError"

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from builders import delivery_of, mr_event
 from commitcut import CommitCutter
+from secledger import findings
 from secledger import recorder as recorder_module
 from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, extract_facts
@@ -493,3 +494,49 @@ def test_a_batch_whose_commit_answer_is_lost_is_answered_recorded_once(
         keys = conn.execute(text("SELECT dedup_key FROM delivery_log ORDER BY seq")).scalars()
         assert list(keys) == ["idem:k1", "idem:k2", "idem:k3"]
     assert lock_is_free(engine)
+
+
+def test_a_retry_that_fails_does_not_keep_its_transaction_and_the_chain_lock(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held connection went stale, and the retry on a new one failed after taking the
+    chain lock. Its session must not be kept: left in its aborted transaction, it held the
+    lock (a drain or another replica waited for it forever) and refused the next batch."""
+    failing: list[bool] = []
+    real_send = findings.send
+
+    def send(pg: Any, assessed: Any) -> None:
+        if failing:
+            failing.clear()
+            pg.execute("SELECT 1 / 0")  # refused by PostgreSQL, inside the batch's transaction
+        real_send(pg, assessed)
+
+    monkeypatch.setattr(findings, "send", send)
+
+    async def scenario() -> tuple[list[Outcome | BaseException], bool, Outcome]:
+        writer = Recorder(engine, max_batch=8)
+        writer.start()
+        try:
+            await writer.submit(item(1, "k1")[0])  # the writer now holds a connection
+            with engine.connect() as conn:  # ...which goes stale while idle
+                conn.execute(text(TERMINATE_OTHERS))
+                conn.commit()
+            failing.append(True)
+            failed = await asyncio.gather(writer.submit(item(2, "k2")[0]), return_exceptions=True)
+            free = lock_is_free(engine)
+            after = await writer.submit(item(3, "k3")[0])
+            return failed, free, after
+        finally:
+            writer.close()
+
+    failed, free, after = asyncio.run(scenario())
+    assert isinstance(failed[0], StoreUnavailable)  # refused: nothing was kept
+    assert free  # no session left holding the chain lock
+    assert (after.status, after.seq) == ("recorded", 2)
+
+
+TERMINATE_OTHERS = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND backend_type = 'client backend'"
+)

@@ -89,6 +89,11 @@ class KnownMRs:
                     return
                 log.warning("listen_lost", error=type(exc).__name__)
                 self._stop.wait(2.0)
+            except Exception as exc:
+                # Not a database error: a bug, or a driver unlike the one tested. A dead
+                # follower would miss keys silently: it goes on all the same, and says so.
+                log.exception("listen_failed", error=type(exc).__name__, detail=str(exc)[:300])
+                self._stop.wait(2.0)
 
     def _reload(self, conn: psycopg.Connection[Any]) -> None:
         rows = conn.execute("SELECT instance, project_id, mr_iid FROM security_review_ledger")

@@ -340,7 +340,14 @@ class Recorder:
         # timeout): once more on a new, pre-pinged one before calling it unavailable.
         # Nothing was committed, or, if the connection broke while the COMMIT's answer was
         # on its way, everything was: the retry then finds each delivery already logged.
-        return self._own_rows(jobs, self._transaction(jobs))
+        try:
+            outcomes = self._transaction(jobs)
+        except Exception:
+            # Its transaction may be left open, aborted and holding the chain lock, which
+            # the drain's connection (or another replica) would then wait for forever.
+            self._drop_connection()
+            raise
+        return self._own_rows(jobs, outcomes)
 
     def _own_rows(self, jobs: list[_Job], outcomes: list[Outcome]) -> list[Outcome]:
         """After a retry: ``recorded``, not ``duplicate``, for each delivery whose row was
