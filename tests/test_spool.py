@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,12 +21,13 @@ from sqlalchemy.engine import make_url
 
 from builders import delivery_of, label_change, mr_event
 from conftest import post
+from secledger import spool as spool_module
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
-from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, decode, encode
+from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, SpoolUnavailable, decode, encode
 from secledger.store import db
 from secledger.web import create_app
 
@@ -241,6 +243,59 @@ def test_unwritable_spool_answers_503_never_2xx(
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     assert log_rows(engine) == []
+
+
+def test_a_write_that_fails_part_way_keeps_none_of_its_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every delivery of a failed write is answered 503, which must mean "not kept": the
+    files written before the failure are taken back, not drained later behind a refusal."""
+    spool = Spool.open(tmp_path / "spool")
+    spool.write([delivery(mr_event("open"), "before")])
+    real = spool_module._write_synced
+    calls: list[Path] = []
+
+    def disk_fills(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(spool_module, "_write_synced", disk_fills)
+    with pytest.raises(SpoolUnavailable, match="No space left"):
+        spool.write([delivery(mr_event("update"), f"k-{i}") for i in range(5)])
+    assert [spool.read(p).dedup_key for p in spool.entries()] == ["idem:before"]
+    assert spool.depth == 1
+    assert not list((tmp_path / "spool").glob(TEMP_PREFIX + "*"))
+
+
+def test_a_refused_delivery_that_cannot_be_set_aside_is_answered_503_and_blocks_nothing(
+    receiver: TestClient, engine, spool_settings: Settings
+) -> None:
+    """Kept in the spool instead of failed/, the drain would meet it again at every retry,
+    and every later delivery would be spooled behind it for good."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_iid_7 BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
+            )
+        )
+    # A file where the failed/ folder would be made: setting aside fails (also as root).
+    (spool_settings.spool_path / "failed").write_text("in the way\n")
+    refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
+    assert refused.status_code == 503
+    assert spool_depth(receiver) == 0
+    accepted = post(receiver, mr_event("open", iid=8), Idempotency_Key="r-8")
+    assert accepted.json()["status"] == "recorded"
+    assert [row[1] for row in log_rows(engine)] == ["idem:r-8"]
 
 
 def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine) -> None:

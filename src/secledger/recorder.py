@@ -479,14 +479,22 @@ class Recorder:
 
         Answering 503 would make GitLab count a failure for a delivery it cannot fix by
         resending (and disable the hook after four); kept on disk it is not lost, shows in
-        ``spool status`` and /readyz, and ``spool drain`` records it once the cause is fixed.
+        ``spool status`` and /readyz, and is recorded once the cause is fixed and the file
+        moved back into the spool (docs/operations.md).
         """
         assert self._drainer is not None  # noqa: S101 - only called with a spool
         spool = self._drainer.spool
         try:
             (path,) = spool.write([job.delivery])
+        except SpoolUnavailable:
+            self._fail([job], exc)
+            return
+        try:
             spool.set_aside(path, FAILED, f"the database refused it: {type(exc).__name__}")
-        except (SpoolUnavailable, OSError):
+        except OSError:
+            # Left in the spool, the drain would meet it again and again, and every
+            # delivery after it would wait behind it: taken back, and answered 503.
+            spool.discard([path])
             self._fail([job], exc)
             return
         log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")

@@ -189,17 +189,39 @@ class Spool:
             return []  # the directory is gone: nothing in it can be drained
 
     def write(self, deliveries: Sequence[Delivery]) -> list[Path]:
-        """Durably add ``deliveries`` in order; raises SpoolUnavailable if it cannot."""
+        """Durably add ``deliveries`` in order; raises SpoolUnavailable if it cannot.
+
+        All or nothing, as far as the disk allows: when one cannot be written, those
+        this call already wrote are removed again, so that the 503 every one of them is
+        then answered means that none is kept.
+        """
         with self._lock:
+            paths: list[Path] = []
             try:
-                paths = [self._write_one(d) for d in deliveries]
+                for delivery in deliveries:
+                    paths.append(self._write_one(delivery))
                 fsync_dir(self.directory)
             except OSError as exc:
-                # Files renamed before the failure are still drained, so count them.
-                self.depth = len(self.entries())
+                self._take_back(paths)
                 raise SpoolUnavailable(f"cannot write to the spool: {exc.strerror}") from exc
             self.depth += len(paths)
             return paths
+
+    def discard(self, paths: Sequence[Path]) -> None:
+        """Remove files just written whose deliveries are answered as not kept after all."""
+        with self._lock:
+            self._take_back(paths)
+
+    def _take_back(self, paths: Sequence[Path]) -> None:
+        try:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
+        except OSError:
+            # What stays is drained like any file; GitLab's resend, which the refusal
+            # asks for, is then answered ``duplicate``. Nothing is lost or doubled.
+            pass
+        self.depth = len(self.entries())
 
     def _write_one(self, delivery: Delivery) -> Path:
         # Names sort in arrival order: a nanosecond clock that never goes backwards here,
