@@ -7,6 +7,7 @@ import json
 import pytest
 import structlog
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
@@ -70,6 +71,23 @@ def test_wrong_token_is_401(client, engine) -> None:
     assert response.status_code == 401
     assert response.json()["message"] == "X-Gitlab-Token does not match any configured secret"
     assert log_count(engine) == 0
+
+
+def test_a_secret_with_characters_beyond_ascii_is_matched_as_gitlab_sends_it(
+    settings: Settings, database_url: str, engine
+) -> None:
+    """GitLab sends the token's UTF-8 bytes; the configured secret is compared as UTF-8."""
+    secret = "pässwört-ß-🔐"
+    own = settings.model_copy(update={"webhook_secrets": [SecretStr(secret)]})
+    with TestClient(create_app(own, db.Database(database_url, embedded=False))) as client:
+        sent = {"X-Gitlab-Event": "Merge Request Hook", "X-Gitlab-Token": secret.encode()}
+        right = client.post("/webhooks/gitlab", content=dumps(mr_event("open")), headers=sent)
+        sent["X-Gitlab-Token"] = "pässwört-ß-🔒".encode()
+        wrong = client.post("/webhooks/gitlab", content=dumps(mr_event("open")), headers=sent)
+    assert right.status_code == 200, right.text
+    assert right.json()["status"] == "recorded"
+    assert wrong.status_code == 401
+    assert log_count(engine) == 1
 
 
 def test_malformed_json_is_400_with_a_precise_message(client, engine) -> None:

@@ -48,6 +48,10 @@ class RequestHeaders(Mapping[str, str]):
         value = self._raw.get(_key(name))
         return default if value is None else value.decode("latin-1")
 
+    def raw(self, name: str) -> bytes | None:
+        """The value of ``name`` as sent, undecoded."""
+        return self._raw.get(_key(name))
+
     def pick(self, names: tuple[str, ...], limit: int) -> dict[str, str]:
         """Those of ``names`` present, each value cut to ``limit`` characters, in one pass."""
         raw = self._raw

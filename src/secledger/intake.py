@@ -301,7 +301,10 @@ def verify_token(headers: Mapping[str, str], secrets: Sequence[bytes]) -> None:
     supplied = headers.get("x-gitlab-token")
     if supplied is None:
         raise InvalidToken("X-Gitlab-Token header is missing")
-    given = supplied.encode("utf-8", "surrogateescape")
+    # The HTTP edge decodes header values as Latin-1; GitLab sends the token's UTF-8
+    # bytes, and the secrets are UTF-8: compare bytes as sent, not a re-encoding.
+    raw = headers.raw("x-gitlab-token") if isinstance(headers, RequestHeaders) else None
+    given = raw if raw is not None else supplied.encode("utf-8", "surrogateescape")
     matched = False
     for secret in secrets:
         matched |= hmac.compare_digest(given, secret)
