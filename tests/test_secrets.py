@@ -113,7 +113,7 @@ def test_tls_parameters_survive_every_url_rewrite() -> None:
         "sslkey": "/k.pem",
     }
     for rewritten in (db.sqlalchemy_url(url), db.libpq_url(db.sqlalchemy_url(url))):
-        assert dict(make_url(rewritten).query) == wanted
+        assert dict(make_url(rewritten).query) == wanted | db.CONNECTION_DEFAULTS
         assert conninfo_to_dict(db.libpq_url(rewritten))["sslrootcert"] == "/etc/ssl/ca.pem"
     redacted = db.Database(url, embedded=False).redacted()
     assert "sslmode=verify-full" in redacted

@@ -7,6 +7,7 @@ import threading
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from builders import dumps, mr_event
@@ -14,6 +15,7 @@ from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
 from secledger.store.chain import GENESIS, LogRow, link
+from secledger.store.pipeline import driver
 
 POLICY = LabelPolicy()
 HEADERS = {"x-gitlab-event": "Merge Request Hook"}
@@ -115,3 +117,25 @@ def test_an_ignored_delivery_is_not_notified(engine: Engine, database_url: str) 
         listener.execute("LISTEN secledger_ledger")
         assert record(engine, mr_event("open", labels=["docs"])) == "ignored"
         assert list(listener.notifies(timeout=0.5)) == []
+
+
+def test_connections_give_up_on_a_silent_server_unless_the_url_says_otherwise(
+    database_url: str,
+) -> None:
+    """libpq waits forever by default for a server that does not answer: the writer would
+    hang with its batch instead of spooling it. Timeouts and keepalives are set on every
+    connection, and one the configured URL sets is kept."""
+    url = make_url(database_url).update_query_dict({"connect_timeout": "3"})
+    configured = url.render_as_string(hide_password=False)
+    engine = db.create(configured)
+    try:
+        with engine.connect() as conn:
+            pooled = driver(conn).info.get_parameters()
+    finally:
+        engine.dispose()
+    with psycopg.connect(db.libpq_url(configured)) as conn:
+        plain = conn.info.get_parameters()
+    for applied in (pooled, plain):
+        assert applied["connect_timeout"] == "3"
+        for name in ("keepalives", "keepalives_idle", "tcp_user_timeout"):
+            assert applied[name] == db.CONNECTION_DEFAULTS[name]

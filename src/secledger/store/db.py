@@ -8,18 +8,39 @@ from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from secledger import embedded
 from secledger.config import Settings
 
+# libpq waits forever by default: for a connection to a server that does not answer
+# (a partition, a firewall dropping packets), and for the answer on a connection whose
+# peer is gone. The writer would then hang with its batch instead of spooling it, and a
+# listener would stop hearing other replicas without noticing. These bound both; a
+# parameter already in the configured URL wins. Ignored on Unix sockets (the embedded
+# server), where a dead peer is seen at once.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",  # seconds
+    "keepalives": "1",
+    "keepalives_idle": "30",  # seconds idle before the first probe
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # milliseconds that sent data may stay unacknowledged
+}
+
+
+def _with_defaults(parsed: URL) -> URL:
+    missing = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in parsed.query}
+    return parsed.update_query_dict(missing) if missing else parsed
+
 
 def sqlalchemy_url(url: str) -> str:
-    """Make a libpq URL (``postgresql://``) use the psycopg 3 driver in SQLAlchemy."""
+    """Make a libpq URL (``postgresql://``) use the psycopg 3 driver in SQLAlchemy, with
+    ``CONNECTION_DEFAULTS`` where it sets none."""
     parsed = make_url(url)
     if parsed.drivername in {"postgres", "postgresql"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
+    return _with_defaults(parsed).render_as_string(hide_password=False)
 
 
 def create(url: str, *, pool_size: int = 5) -> Engine:
@@ -85,8 +106,9 @@ def admin_url(settings: Settings, database: Database) -> str:
 
 
 def libpq_url(url: str) -> str:
-    """The same URL as plain libpq understands it (for psycopg connections)."""
+    """The same URL as plain libpq understands it (for psycopg connections), with
+    ``CONNECTION_DEFAULTS`` where it sets none."""
     parsed = make_url(url)
     if "+" in parsed.drivername:
         parsed = parsed.set(drivername=parsed.drivername.split("+", 1)[0])
-    return parsed.render_as_string(hide_password=False)
+    return _with_defaults(parsed).render_as_string(hide_password=False)
