@@ -208,3 +208,39 @@ def test_a_failed_start_stops_what_had_started(api_settings, database_url, tmp_p
     with pytest.raises(Exception, match=r"no-such-key"), TestClient(app):
         pass
     assert sum(t.name in named and t.is_alive() for t in threading.enumerate()) == before
+
+
+def test_an_mr_whose_write_outlasts_shutdown_is_reported_once(
+    engine, api, fake, monkeypatch
+) -> None:
+    """The events are being written (the chain lock is held elsewhere, say) when shutdown
+    stops waiting: the MR is reported lost then, since the process is about to end, and
+    the write, if it commits after all, reports nothing more."""
+    monkeypatch.setattr(recovery, "log", structlog.get_logger("secledger.recovery"))
+    monkeypatch.setattr(recovery, "CLOSE_SECONDS", 0.1)
+    writing, release = threading.Event(), threading.Event()
+    real = recovery.record_envelopes
+
+    def slow(*args: Any, **kwargs: Any) -> int:
+        writing.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "record_envelopes", slow)
+    Story(iid=42).publish(fake)
+    metrics = Metrics()
+    recoverer = recovery.Recoverer(engine, api, POLICY, metrics.rechecked)
+    recoverer.start()
+    with capture_logs() as logs:
+        assert recoverer.recover(lost(42, api.instance)) is None
+        assert writing.wait(30)
+        recoverer.close()
+        release.set()
+        recoverer._thread.join(timeout=30)
+    assert not recoverer._thread.is_alive()
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("ignored_delivery_lost", "the receiver shut down while the MR's events were written")
+    ]
+    exposed = generate_latest(metrics.registry).decode()
+    assert 'outcome="lost"} 1.0' in exposed
+    assert 'outcome="recovered"} 0.0' in exposed

@@ -53,8 +53,10 @@ class Recoverer:
     """A daemon thread recording, from the API, the MRs of lost deliveries.
 
     Each MR ends with exactly one outcome, ``recovered`` or ``lost``: the thread claims
-    the MR in hand before writing or reporting it, and a shutdown that stops waiting
-    for it reports it only if it claims it first.
+    the MR in hand before reporting it, once while GitLab is asked and once while the
+    events are written, and a shutdown that stops waiting for it reports it only if it
+    claims it first. A write that commits after shutdown reported it lost stays silent:
+    backfill, which the report asks for, then finds it recorded.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Recoverer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._in_hand: Lost | None = None
+        self._writing: Lost | None = None  # taken by the thread once GitLab has answered
         self._thread = threading.Thread(target=self._run, name="secledger-recover", daemon=True)
 
     def start(self) -> None:
@@ -115,6 +118,11 @@ class Recoverer:
         cut_off = self._claim()
         if cut_off is not None:
             self._lost(cut_off, "the receiver shut down while GitLab's API was being asked")
+        # A write that outlasted the wait (a chain lock held elsewhere, a slow database)
+        # ends with the process, most likely rolled back: said now, or never.
+        unfinished = self._claim_writing()
+        if unfinished is not None:
+            self._lost(unfinished, "the receiver shut down while the MR's events were written")
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -131,6 +139,12 @@ class Recoverer:
             lost, self._in_hand = self._in_hand, None
         return lost
 
+    def _claim_writing(self) -> Lost | None:
+        """``_claim`` for the MR whose events are being written."""
+        with self._lock:
+            lost, self._writing = self._writing, None
+        return lost
+
     def _recover(self, lost: Lost) -> None:
         try:
             envelopes = fetch(self.api, self.policy, lost.key)
@@ -142,15 +156,22 @@ class Recoverer:
             if self._claim() is not None:
                 self._lost(lost, type(exc).__name__)
             return
-        if self._claim() is None:  # shutdown stopped waiting, and reported it
-            return
+        with self._lock:
+            if self._in_hand is None:  # shutdown stopped waiting, and reported it
+                return
+            self._in_hand, self._writing = None, lost
         try:
             with self.engine.begin() as conn:
                 facts = record_envelopes(
                     conn, self.api.instance, envelopes, self.policy, recording=self.recording
                 )
         except Exception as exc:  # noqa: BLE001 - a background thread must not end: lost
-            self._lost(lost, type(exc).__name__)
+            if self._claim_writing() is not None:
+                self._lost(lost, type(exc).__name__)
+            return
+        if self._claim_writing() is None:
+            # Shutdown gave up waiting and reported it lost; the write went through after
+            # all. Backfill, which the report asks for, finds it recorded: one outcome.
             return
         self.tally.note("recovered")
         # Nothing new: the MR's API history was known already, and what was lost, if it
