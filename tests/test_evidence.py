@@ -484,3 +484,38 @@ def test_an_empty_period_still_gives_a_complete_verifiable_pack(ledger, tmp_path
         ["sha256sum", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
     )
     assert ok.returncode == 0, ok.stdout
+
+
+def test_an_mr_merged_without_a_recorded_merge_event_is_in_one_period(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Its security label was added only after the merge (or the merge webhook was lost):
+    the ledger says merged, with no merge time. It must not fall out of every period."""
+    common: dict[str, Any] = {"iid": 70, "created_at": at(0)}
+    history = [
+        mr_event("update", labels=["backend"], updated_at=at(10), **common),
+        mr_event("merge", actor="carol", labels=["backend"], updated_at=at(12), **common),
+        mr_event("update", labels=["sec::high"], state="merged", updated_at=at(20), **common),
+    ]
+    recorded = [
+        feed(
+            engine,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=10_000_000,
+            source="replay",
+        ).status
+        for body in history
+    ]
+    assert recorded == ["ignored", "ignored", "recorded"]
+    build(engine, tmp_path / "pack")
+    (row,) = read_csv(tmp_path / "pack" / "population.csv")
+    assert (row["mr_iid"], row["outcome"], row["decided_at"], row["decided_at_source"]) == (
+        "70",
+        "merged",
+        "2025-08-05T05:00:00Z",
+        "last_event",
+    )
+    build(engine, tmp_path / "before", since=T0, until=SINCE)
+    assert read_csv(tmp_path / "before" / "population.csv") == []

@@ -49,6 +49,7 @@ POPULATION_COLUMNS = (
     "risk_tier",
     "outcome",
     "decided_at",
+    "decided_at_source",
     "decided_by",
     "author_id",
     "labeled_at",
@@ -66,17 +67,23 @@ TRAIL_CSV_COLUMNS = ("position", "instance", "project_id", "mr_iid", *TRAIL_COLU
 _FIRST_EVENT_COLUMN = TRAIL_CSV_COLUMNS.index("seq")
 FINDING_COLUMNS = tuple(f.name for f in fields(findings.Finding))
 
-_DECIDED_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END"
+_DECISION_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END"
+# A merged or closed MR whose merge or close event was never recorded (its webhook lost,
+# or the security label added only afterwards) has no decision time; its last event's
+# time stands in, so that it falls in one period instead of none.
+_DECIDED_AT = f"COALESCE({_DECISION_AT}, l.last_event_at)"
 _CREATE = f"""
 CREATE TEMPORARY TABLE {POPULATION} ON COMMIT DROP AS
 SELECT row_number() OVER (ORDER BY l.instance COLLATE "C", l.project_id, l.mr_iid) AS position,
-       l.instance, l.project_id, l.mr_iid, l.state AS outcome, {_DECIDED_AT} AS decided_at
+       l.instance, l.project_id, l.mr_iid, l.state AS outcome, {_DECIDED_AT} AS decided_at,
+       CASE WHEN {_DECISION_AT} IS NULL THEN 'last_event' ELSE 'decision' END
+           AS decided_at_source
 FROM security_review_ledger l
 WHERE l.state IN ('merged', 'closed') AND {_DECIDED_AT} >= :since AND {_DECIDED_AT} < :until
 """
 _POPULATION_ROWS = f"""
 SELECT p.position, l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url,
-       l.risk_tier, p.outcome, p.decided_at,
+       l.risk_tier, p.outcome, p.decided_at, p.decided_at_source,
        CASE p.outcome WHEN 'merged' THEN l.merged_by ELSE l.closed_by END AS decided_by,
        l.author_id, l.labeled_at, l.approvers, s.deadline AS sla_deadline,
        s.first_decision_at, s.first_decision_by,
