@@ -339,6 +339,15 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines()[-1] == "every sampled row rehashes"
+    # A file the pack does not list (left by an earlier pack, with --force) is not read.
+    stale = json.loads(next((out / "sample").glob("*.json")).read_bytes())
+    stale["events"][0]["log"]["hash"] = "00" * 32
+    (out / "sample" / "999-p1-mr1.json").write_text(json.dumps(stale))
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
+    )
+    assert result.stdout.decode().splitlines()[-1] == "every sampled row rehashes"
+    (out / "sample" / "999-p1-mr1.json").unlink()
     # Tamper with one sampled payload: the script notices.
     story_path = next((out / "sample").glob("*.json"))
     story = json.loads(story_path.read_bytes())

@@ -47,18 +47,21 @@ def field(name, value):
 
 with open("decision-trail.csv", newline="", encoding="utf-8") as handle:
     trail = {row["seq"]: row["hash"] for row in csv.DictReader(handle)}
+with open("sample/index.csv", newline="", encoding="utf-8") as handle:
+    files = [row["file"] for row in csv.DictReader(handle)]
 bad = 0
-for path in sorted(pathlib.Path("sample").glob("*.json")):
-    for event in json.loads(path.read_text("utf-8"))["events"]:
+for name in files:
+    for event in json.loads(pathlib.Path(name).read_text("utf-8"))["events"]:
         log = event["log"]
         canonical = b"secledger.log.v1\\n"
-        for name in ("seq", "received_at", "source", "event", "instance", "dedup_key", "headers"):
-            canonical += field(name, str(log[name]).encode("utf-8"))
+        for key in ("seq", "received_at", "source", "event", "instance", "dedup_key", "headers"):
+            canonical += field(key, str(log[key]).encode("utf-8"))
         canonical += field("payload", base64.b64decode(log["payload_base64"]))
         digest = hashlib.sha256(bytes.fromhex(log["prev_hash"]) + canonical).hexdigest()
-        ok = digest == log["hash"] == trail.get(str(log["seq"]))
+        before = trail.get(str(int(log["seq"]) - 1), log["prev_hash"])  # when in the trail
+        ok = digest == log["hash"] == trail.get(str(log["seq"])) and before == log["prev_hash"]
         bad += not ok
-        print(path.name, log["seq"], "ok" if ok else "MISMATCH")
+        print(name, log["seq"], "ok" if ok else "MISMATCH")
 print("every sampled row rehashes" if bad == 0 else f"{bad} sampled rows do NOT rehash")
 """
 
@@ -191,11 +194,17 @@ The printed positions equal the `position` column of `sample/index.csv`.
    `secledger.log.v1` LF followed, for `seq, received_at, source, event, instance,
    dedup_key, headers, payload` in this order, by `<name> SP <byte length> LF <value> LF`
    (the payload is the request body exactly as received). This script (Python 3, standard
-   library only) recomputes every sampled row's hash and compares it with the stored one
-   and with `decision-trail.csv`:
+   library only) recomputes the hash of every row of the files `sample/index.csv` lists,
+   compares it with the stored one and with `decision-trail.csv`, and compares each
+   `prev_hash` with the trail's hash of the row before, when the trail has that row:
 
 ```python
 {REHASH}```
+
+   This shows that each sampled row holds what its hash commits to, and that the pack
+   agrees with itself. It does not show alone that these hashes are links of the
+   organisation's chain: that takes every row from the sampled one to the signed
+   checkpoint, which step 3 walks.
 
 3. **The whole chain:** with read access to the database (`secledger_readonly`), the
    canonical-SQL query in secledger's `docs/integrity.md` recomputes every row with `psql`
