@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from chainkit import cli, record_history
+from builders import mr_event
+from chainkit import cli, record_history, tamper
+from conftest import post
 from secledger.rebuild import DECODERS
 
 LEDGER_ROW_1 = "security_review_ledger https://gitlab.example.com project 14 !1"
@@ -93,3 +95,37 @@ def test_a_log_source_without_a_decoder_is_named(history, database_url, engine) 
     assert result.exit_code == 1
     assert "seq=4 has source 'carrier-pigeon', which has no decoder" in result.output
     assert "carrier-pigeon" not in DECODERS
+
+
+def test_rebuild_also_restores_sla_clocks_and_findings(
+    history, client, database_url, engine
+) -> None:
+    """They are derived from the ledger rows: an edited SLA clock or a removed finding
+    comes back from the log, like the rows themselves."""
+    for body in (
+        mr_event("open", iid=3, updated_at="2025-08-06 08:00:00 UTC"),
+        mr_event("approved", iid=3, actor="alice", updated_at="2025-08-06 09:00:00 UTC"),
+    ):
+        assert post(client, body).json()["status"] == "recorded"
+    with engine.connect() as conn:
+        clocks = conn.execute(text("SELECT * FROM review_sla ORDER BY mr_iid")).mappings().all()
+        found = set(conn.execute(text("SELECT mr_iid, rule FROM findings")).all())
+    assert clocks
+    assert found
+    tamper(
+        engine,
+        "DELETE FROM findings",
+        "UPDATE review_sla SET first_decision_at = NULL, first_decision_by = NULL",
+    )
+    fixed = cli(database_url, "rebuild")
+    assert fixed.exit_code == 0, fixed.output
+    with engine.connect() as conn:
+        again = conn.execute(text("SELECT * FROM review_sla ORDER BY mr_iid")).mappings().all()
+        restored = set(conn.execute(text("SELECT mr_iid, rule FROM findings")).all())
+    # Re-run as of now, an open MR's clock has also run out since it was recorded.
+    assert found < restored
+    assert {rule for _, rule in restored - found} == {"sla-breached"}
+    columns = ("mr_iid", "deadline", "first_decision_at", "first_decision_by")
+    assert [tuple(r[c] for c in columns) for r in again] == [
+        tuple(r[c] for c in columns) for r in clocks
+    ]

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 
 from secledger import checkpoint as signing
+from secledger import findings
 from secledger.checkpoint import Checkpoint
 from secledger.config import Settings
 from secledger.errors import SecledgerError
@@ -18,6 +19,7 @@ from secledger.policy import LabelPolicy
 from secledger.rebuild import Difference, rebuild
 from secledger.store import checkpoints, derived
 from secledger.store.log import Chain
+from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
 
 log = structlog.get_logger("secledger.integrity")
@@ -58,14 +60,26 @@ def _checkpoint(
     return signed, path
 
 
-def rebuild_ledger(engine: Engine, policy: LabelPolicy, *, write: bool) -> list[Difference]:
-    """Every derived row that differs from the log; with ``write``, also fix them."""
+def rebuild_ledger(
+    engine: Engine,
+    policy: LabelPolicy,
+    *,
+    write: bool,
+    compliance: CompliancePolicy | None = None,
+) -> list[Difference]:
+    """Every derived row that differs from the log; with ``write``, also fix them, and
+    then re-run every MR's SLA clock and findings under ``compliance`` (they are derived
+    from the rows just fixed)."""
     with engine.begin() as conn:
         if write:
             # Hold the chain lock: no delivery is recorded while the tables are repaired.
             Chain.open(conn)
         rebuilt = rebuild(conn, policy)
-        return derived.repair(conn, rebuilt) if write else derived.differences(conn, rebuilt)
+        if not write:
+            return derived.differences(conn, rebuilt)
+        fixed = derived.repair(conn, rebuilt)
+        findings.reevaluate_all(conn, compliance or CompliancePolicy(), utcnow())
+        return fixed
 
 
 def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:

@@ -18,6 +18,7 @@ from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
 from secledger.store import db
 from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, verify
+from secledger.tierpolicy import CompliancePolicy
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -134,7 +135,8 @@ def rebuild_command(context: Context, check: bool) -> None:
     """Recompute review_events and security_review_ledger from the delivery log alone.
 
     Every log row goes through the same decoding, extraction and fold as a live
-    delivery, under the current label policy. Prints every row that differs; with
+    delivery, under the current label policy; then every MR's SLA clock and findings
+    are re-run under the current tier policy. Prints every row that differs; with
     --check nothing is written and the exit status is 1 when any row differs.
     Writing needs the owner login (SECLEDGER_MIGRATION_DATABASE_URL).
 
@@ -150,7 +152,12 @@ def rebuild_command(context: Context, check: bool) -> None:
         url = db.admin_url(context.settings, context.database)
     try:
         with _engine(url) as engine:
-            found = integrity.rebuild_ledger(engine, policy, write=not check)
+            found = integrity.rebuild_ledger(
+                engine,
+                policy,
+                write=not check,
+                compliance=CompliancePolicy.from_settings(context.settings),
+            )
     except SecledgerError as exc:
         raise click.ClickException(str(exc)) from exc
     for difference in found:
