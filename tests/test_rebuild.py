@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import text
 
 from builders import mr_event
 from chainkit import cli, record_history, tamper
 from conftest import post
+from secledger import integrity
+from secledger.policy import LabelPolicy
 from secledger.rebuild import DECODERS
+from secledger.store import derived
 
 LEDGER_ROW_1 = "security_review_ledger https://gitlab.example.com project 14 !1"
 
@@ -129,3 +134,20 @@ def test_rebuild_also_restores_sla_clocks_and_findings(
     assert [tuple(r[c] for c in columns) for r in again] == [
         tuple(r[c] for c in columns) for r in clocks
     ]
+
+
+def test_check_under_live_traffic_compares_one_snapshot(
+    history, client, database_url, engine, monkeypatch
+) -> None:
+    """A delivery recorded after the log was read and before the tables were compared is
+    in neither side of the comparison, not an unexplained row."""
+    real = derived.differences
+
+    def meanwhile(conn: Any, rebuilt: Any) -> Any:
+        body = mr_event("open", iid=9, updated_at="2025-08-06 08:00:00 UTC")
+        assert post(client, body).json()["status"] == "recorded"
+        return real(conn, rebuilt)
+
+    monkeypatch.setattr(derived, "differences", meanwhile)
+    found = integrity.rebuild_ledger(engine, LabelPolicy(), write=False)
+    assert [d.describe() for d in found] == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from secledger import checkpoint as signing
 from secledger import findings
@@ -70,16 +70,27 @@ def rebuild_ledger(
     """Every derived row that differs from the log; with ``write``, also fix them, and
     then re-run every MR's SLA clock and findings under ``compliance`` (they are derived
     from the rows just fixed)."""
-    with engine.begin() as conn:
-        if write:
-            # Hold the chain lock: no delivery is recorded while the tables are repaired.
-            Chain.open(conn)
-        rebuilt = rebuild(conn, policy)
+    with engine.connect() as conn:
         if not write:
-            return derived.differences(conn, rebuilt)
-        fixed = derived.repair(conn, rebuilt)
-        findings.reevaluate_all(conn, compliance or CompliancePolicy(), utcnow())
-        return fixed
+            # One snapshot for the log and the tables it is compared with: deliveries
+            # recorded meanwhile would otherwise show as rows the log does not explain.
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            return _rebuild_in(conn, policy, write, compliance)
+
+
+def _rebuild_in(
+    conn: Connection, policy: LabelPolicy, write: bool, compliance: CompliancePolicy | None
+) -> list[Difference]:
+    if write:
+        # Hold the chain lock: no delivery is recorded while the tables are repaired.
+        Chain.open(conn)
+    rebuilt = rebuild(conn, policy)
+    if not write:
+        return derived.differences(conn, rebuilt)
+    fixed = derived.repair(conn, rebuilt)
+    findings.reevaluate_all(conn, compliance or CompliancePolicy(), utcnow())
+    return fixed
 
 
 def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:
