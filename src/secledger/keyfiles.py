@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 from secledger.errors import ConfigError
+
+# How long an empty file is given to be written by the process that created it.
+WRITE_WAIT_SECONDS = 2.0
 
 
 def ensure_secret_file(path: Path, nbytes: int) -> str:
@@ -23,7 +27,12 @@ def ensure_secret_file(path: Path, nbytes: int) -> str:
     else:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_urlsafe(nbytes) + "\n")
+    # Another process may have created the file an instant ago and not written it yet.
+    deadline = time.monotonic() + WRITE_WAIT_SECONDS
     value = path.read_text().strip()
+    while not value and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = path.read_text().strip()
     if not value:
         raise ConfigError(f"{path} is empty; delete it and secledger will generate a new one")
     return value
