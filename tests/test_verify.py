@@ -51,6 +51,31 @@ def test_edited_column_is_a_hash_mismatch_at_that_row(history, database_url, eng
     assert "chain BROKEN at row seq=2: hash mismatch" in result.output
 
 
+def test_a_value_python_cannot_read_breaks_the_chain_instead_of_crashing(
+    history, database_url, engine, tmp_path
+) -> None:
+    """PostgreSQL keeps a timestamp of 'infinity'; the driver cannot turn it into a
+    datetime. Only someone writing around secledger puts it there: a broken chain, said
+    as such, in verify and in the evidence pack, not a traceback."""
+    tamper(engine, "UPDATE delivery_log SET received_at = 'infinity' WHERE seq = 2")
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=1: unreadable: this row or one of the next" in result.output
+    pack = cli(
+        database_url,
+        "evidence",
+        "--since",
+        "2025-01-01",
+        "--until",
+        "2026-01-01",
+        "--out",
+        str(tmp_path / "pack"),
+    )
+    assert pack.exit_code == 1
+    assert "cannot be read" in pack.output
+    assert "secledger verify" in pack.output
+
+
 def test_deleted_row_is_a_sequence_gap_at_the_next_row(history, database_url, engine) -> None:
     tamper(engine, "DELETE FROM delivery_log WHERE seq = 4")
     result = cli(database_url, "verify")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.exc import DataError
 
 from secledger import checkpoint as signing
 from secledger import evidence
@@ -132,6 +133,11 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
             )
     except SecledgerError as exc:
         raise click.ClickException(str(exc)) from exc
+    except DataError as exc:  # a value written around secledger: the chain is broken there
+        raise click.ClickException(
+            f"a log row holds a value that cannot be read ({exc.orig}); run `secledger verify`"
+            f" to find it. The pack in {out} is incomplete."
+        ) from exc
     stale = len(before - {out / name for name in [*pack.files, MANIFEST]})
     _report(pack, out, stale)
     if not pack.chain_ok:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, text
 
 from secledger.checkpoint import Checkpoint
@@ -106,7 +107,7 @@ def walk(rows: Iterable[Any], expected: Mapping[int, list[Expected]] | None = No
     summary = Summary()
     prev_hash = GENESIS
     next_seq = 1
-    for values in rows:
+    for values in _readable(rows):
         prev_hash = check_row(values, prev_hash, next_seq)
         if next_seq in expected:
             _check_vouched(next_seq, prev_hash, expected[next_seq], summary)
@@ -116,6 +117,24 @@ def walk(rows: Iterable[Any], expected: Mapping[int, list[Expected]] | None = No
     summary.last_seq, summary.head_hash = next_seq - 1, prev_hash
     _check_coverage(summary, expected)
     return summary
+
+
+def _readable(rows: Iterable[Any]) -> Iterator[Any]:
+    """``rows`` (from seq 1); a value PostgreSQL holds but the driver cannot read (a
+    timestamp of ``infinity``, only ever written around secledger) breaks the chain
+    where it is met. Rows come in batches, so that is at or after the seq named."""
+    iterator = iter(rows)
+    seq = 1
+    while True:
+        try:
+            values = next(iterator)
+        except StopIteration:
+            return
+        except psycopg.DataError as exc:
+            reason = f"unreadable: this row or one of the next {BATCH_ROWS - 1} holds {exc}"
+            raise ChainBroken(seq, reason) from exc
+        seq += 1
+        yield values
 
 
 def _check_coverage(summary: Summary, expected: Mapping[int, list[Expected]]) -> None:
