@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from secledger import apifacts
 from secledger.backfill import record_envelopes
@@ -29,12 +29,16 @@ from secledger.service import DEFAULT_RECORDING, Recording
 log = structlog.get_logger("secledger.enrich")
 
 FALLBACK = "created_at_fallback"
+API_ERROR = "api_error"
+# Not asked yet first, then those the API refused, longest ago first: MRs it keeps
+# refusing (deleted, out of the token's reach) must not hold up the rest for good.
 _CANDIDATES = text(
     "SELECT l.project_id, l.mr_iid FROM security_review_ledger l"
+    " LEFT JOIN enrichment_checks c"
+    "  ON c.instance = l.instance AND c.project_id = l.project_id AND c.mr_iid = l.mr_iid"
     " WHERE l.instance = :instance AND l.labeled_at_source = :fallback"
-    " AND (:recheck OR NOT EXISTS (SELECT 1 FROM enrichment_checks c"
-    "  WHERE c.instance = l.instance AND c.project_id = l.project_id AND c.mr_iid = l.mr_iid))"
-    " ORDER BY l.last_event_at LIMIT :limit"
+    " AND (:recheck OR c.outcome IS NULL OR c.outcome = :api_error)"
+    " ORDER BY c.checked_at NULLS FIRST, l.last_event_at LIMIT :limit"
 )
 _CHECKED = text(
     "INSERT INTO enrichment_checks (instance, project_id, mr_iid, outcome)"
@@ -48,6 +52,7 @@ def candidates(engine: Engine, instance: str, *, limit: int, recheck: bool) -> l
     """Ledger rows of ``instance`` still on the created_at fallback (not yet asked, unless
     ``recheck``)."""
     params = {"instance": instance, "fallback": FALLBACK, "recheck": recheck, "limit": limit}
+    params["api_error"] = API_ERROR
     with engine.connect() as conn:
         return [MRKey(instance, pid, iid) for pid, iid in conn.execute(_CANDIDATES, params)]
 
@@ -76,9 +81,18 @@ def enrich_one(
             else 0
         )
         outcome = "no_label_event" if not envelopes else "recorded" if recorded else "known"
-        params = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
-        conn.execute(_CHECKED, params | {"outcome": outcome})
+        _note_in(conn, key, outcome)
     return outcome
+
+
+def _note(engine: Engine, key: MRKey, outcome: str) -> None:
+    with engine.begin() as conn:
+        _note_in(conn, key, outcome)
+
+
+def _note_in(conn: Connection, key: MRKey, outcome: str) -> None:
+    params = {"instance": key.instance, "project_id": key.project_id, "mr_iid": key.mr_iid}
+    conn.execute(_CHECKED, params | {"outcome": outcome})
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,8 @@ def enrich(
             log.warning(
                 "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
             )
-            outcome = "api_error"
+            outcome = API_ERROR
+            _note(engine, key, outcome)
         counts[outcome] += 1
     return EnrichResult(dict(counts))
 
