@@ -235,6 +235,23 @@ def test_sla_breached_positive_when_decided_late(engine) -> None:
     assert hit.evidence["status"] == "decided late"
 
 
+def test_a_review_given_before_a_later_label_addition_stops_the_clock(engine) -> None:
+    """The label was on the MR at 3 h (its addition never delivered) when bob approved at
+    4 h; adding sec/critical at 10 h must not restart the clock past that review."""
+    review = {"labels": ["sec/review"]}
+    both = ["sec/review", "sec/critical"]
+    record(
+        engine,
+        event("update", 3, **review),
+        event("approved", 4, actor="bob", **review),
+        event("update", 10, labels=both, changes=label_change(["sec/review"], both, at(10))),
+    )
+    with engine.connect() as conn:
+        clock = conn.execute(text("SELECT labeled_at, first_decision_by FROM review_sla")).one()
+    assert tuple(clock) == (T0, "bob")
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+
+
 def test_sla_breached_negative_when_decided_in_time(engine) -> None:
     record(engine, event("open", 0), event("approved", 71, actor="bob"))
     assert "sla-breached" not in rules(engine)

@@ -143,10 +143,45 @@ def test_two_edits_by_one_user_in_one_second_are_two_events() -> None:
     assigned = event(3, "update", "erin", 10, reviewers=("bob",))
     repeated = replace(assigned, seq=4)
     repeated = replace(repeated, facts=replace(assigned.facts, source="replay"))
-    row = fold([event(1, "open", "alice", 0), labelled, assigned, repeated])
+    opened = event(1, "open", "alice", 0, security_labels=(), labels=())
+    row = fold([opened, labelled, assigned, repeated])
     assert row["event_count"] == 3
     assert row["assigned_reviewers"] == ["bob"]
     assert (row["labeled_at_source"], row["labeled_by"]) == ("label_added", "erin")
+
+
+def added(seq: int, minutes: int, actor: str = "erin") -> SequencedEvent:
+    """A webhook edit that adds ``sec::high`` (its ``changes.labels`` say so)."""
+    at = T0 + timedelta(minutes=minutes)
+    told = {"security_added": ("sec::high",), "labeled_at": at}
+    return event(seq, "update", actor, minutes, labeled_at_source="label_added", **told)
+
+
+def test_a_label_carried_before_the_first_told_addition_starts_the_clock_earlier() -> None:
+    """An edit at 3 min already carries a security label (no ``changes.labels``: its
+    addition was never delivered); a later addition must not start the clock after bob's
+    review. The start falls back to the creation time, at or before the first sighting."""
+    row = fold(
+        [
+            event(1, "update", "erin", 3),
+            event(2, "approved", "bob", 4),
+            added(3, 10),
+        ]
+    )
+    assert (row["labeled_at"], row["labeled_at_source"]) == (T0, "created_at_fallback")
+    assert row["labeled_by"] is None
+    assert row["time_to_decision_seconds"] == 4 * 60
+
+
+def test_a_removed_and_re_added_label_starts_at_its_first_addition() -> None:
+    unlabelled = {"security_labels": (), "labels": ()}
+    removed = event(3, "update", "erin", 8, security_removed=("sec::high",), **unlabelled)
+    row = fold([event(1, "open", "alice", 0, **unlabelled), added(2, 5), removed, added(4, 12)])
+    assert (row["labeled_at"], row["labeled_at_source"]) == (
+        T0 + timedelta(minutes=5),
+        "label_added",
+    )
+    assert row["labeled_by"] == "erin"
 
 
 @given(

@@ -69,15 +69,30 @@ def _order(event: SequencedEvent) -> tuple[datetime, int]:
 
 def _label_start(events: list[SequencedEvent]) -> tuple[datetime | None, str | None, str | None]:
     """The first time a security label was applied, where that came from, and by whom."""
-    seen = [e.facts for e in events if e.facts.labeled_at is not None]
-    if seen:
-        first = min(seen, key=lambda f: f.labeled_at)  # type: ignore[arg-type,return-value]
-        by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
-        return first.labeled_at, first.labeled_at_source, by
+    added = [e.facts for e in events if e.facts.labeled_at is not None]
+    first: EventFacts | None = min(added, key=attrgetter("labeled_at"), default=None)
     created = [e.facts.created_at for e in events if e.facts.created_at is not None]
+    start = first.labeled_at if first is not None else None
+    # Without a creation time to fall back on, a late start is better than no clock.
+    if first is not None and start is not None and not (created and _shown_before(start, events)):
+        by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
+        return start, first.labeled_at_source, by
     if created:
         return min(created), "created_at_fallback", None
     return None, None, None
+
+
+def _shown_before(labeled_at: datetime, events: list[SequencedEvent]) -> bool:
+    # An event that already carried (or removed) a security label before the first add
+    # told proves an earlier add no delivery told: starting the clock at the later add
+    # would ignore every review given in between. The tolerance covers an API add
+    # (milliseconds) that a webhook (whole seconds) shows in the same second.
+    shown = [e.facts.event_at for e in events if _shows_security_label(e.facts)]
+    return bool(shown) and labeled_at > min(shown) + MATCH_TOLERANCE
+
+
+def _shows_security_label(facts: EventFacts) -> bool:
+    return _carries_labels(facts) and bool(facts.security_labels or facts.security_removed)
 
 
 def _close(a: datetime, b: datetime) -> bool:
