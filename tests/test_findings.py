@@ -158,6 +158,18 @@ def test_approval_revoked_before_merge_negative_after_a_new_approval(engine) -> 
     assert rules(engine) == set()
 
 
+def test_approval_revoked_before_merge_is_not_answered_by_the_authors_approval(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("unapproved", 1.5, actor="bob"),
+        event("approved", 1.7, actor="alice"),  # the author: no review
+        event("merge", 2, actor="carol"),
+    )
+    assert found(engine)[("approval-revoked-before-merge", "")].seqs == [3, 5]
+
+
 def group_policy() -> CompliancePolicy:
     rules_ = dict(CompliancePolicy().rules)
     rules_["high"] = TierRule("high", sla_hours=72, approvals=1, reviewers=frozenset({"bob"}))
@@ -224,6 +236,18 @@ def test_label_removed_before_merge_negative_when_reviewed_after_removal(engine)
         event("merge", 2, iid=2, actor="carol"),
     )
     assert "label-removed-before-merge" not in rules(engine)
+
+
+def test_label_removed_before_merge_is_not_answered_by_the_authors_approval(engine) -> None:
+    removed = label_change(["sec::high"], [], at(1))
+    record(
+        engine,
+        event("open", 0),
+        event("update", 1, actor="erin", labels=[], changes=removed),
+        event("approved", 1.5, actor="alice", labels=[]),  # the author: no review
+        event("merge", 2, actor="carol", labels=[]),
+    )
+    assert found(engine)[("label-removed-before-merge", "")].seqs == [2, 4]
 
 
 def test_sla_breached_positive_when_decided_late(engine) -> None:

@@ -269,7 +269,7 @@ def insufficient_approvals(context: Context) -> Iterator[Finding]:
 
 @rule("approval-revoked-before-merge", "medium")
 def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
-    """An approval was revoked and the MR merged with no approval given after it."""
+    """An approval was revoked and the MR merged with no non-author approval after it."""
     merge = context.first_merge
     if merge is None:
         return
@@ -279,7 +279,7 @@ def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
             break
         if event.facts.decision == "unapproved":
             revoked.append(event)
-        elif _approval(event):
+        elif _review(context, event):
             revoked.clear()  # a new approval after the revocation answers it
     if revoked:
         yield (
@@ -333,7 +333,7 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         lowered = after is None or policy.rank(after) > policy.rank(current)
         if facts.security_removed and current is not None and lowered:
             downgrade, before = event, current
-        elif downgrade is not None and _approval(event):
+        elif downgrade is not None and _review(context, event):
             downgrade = None  # reviewed after the downgrade
         if facts.security_labels or facts.security_removed:
             current = after
@@ -383,3 +383,8 @@ def breach_evidence(clock: SlaClock) -> dict[str, Any]:
 
 def _approval(event: SequencedEvent) -> bool:
     return event.facts.decision == "approved"
+
+
+def _review(context: Context, event: SequencedEvent) -> bool:
+    # The author's own approval is no review: it cannot answer a revocation or a removal.
+    return _approval(event) and not context.by_author(event.facts)
