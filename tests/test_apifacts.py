@@ -124,6 +124,15 @@ def test_tier_change_matches_both_label_events() -> None:
     assert all(any(same_fact(a, h) for h in hooks) for a in label_facts)
 
 
+def test_an_api_removal_seen_first_tells_the_tier_it_lowered() -> None:
+    story = Story(iid=3, relabel=("sec::critical", "erin", "2025-08-05 20:30:00 UTC"))
+    removal, added = story.label_events()[1:]  # the addition at creation is not listed
+    envelopes = apifacts.label_envelopes(story.mr(), [removal, added], POLICY)
+    first, then = (apifacts.facts(INSTANCE, env, POLICY) for env in envelopes)
+    assert (first.kind, first.security_labels, first.tier_before) == ("label_removed", (), "high")
+    assert (then.kind, then.tier_before) == ("label_added", None)
+
+
 def test_merge_does_not_depend_on_log_order() -> None:
     story = Story(iid=1)
     hooks = [webhook_facts(b) for b in story.webhooks()]

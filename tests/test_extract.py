@@ -176,12 +176,34 @@ def test_removing_the_last_security_label_keeps_the_event_security_relevant() ->
     assert facts.is_security is True
     assert facts.security_labels == ()
     assert facts.security_removed == ("sec/high",)
+    assert facts.tier_before == "high"  # what the removal lowered, whatever came before
+
+
+def test_a_removal_tells_the_tier_of_the_labels_it_changed() -> None:
+    scoped = label_change(["sec::high"], ["sec::critical"], "2025-08-05 22:00:00 UTC")
+    assert facts_of(mr_event("update", labels=["sec::critical"], changes=scoped)).tier_before == (
+        "high"
+    )
+    partial = label_change(["sec/low", "sec/critical"], ["sec/low"], "2025-08-05 22:00:00 UTC")
+    facts = facts_of(mr_event("update", labels=["sec/low"], changes=partial))
+    assert (facts.tier_before, facts.tier) == ("critical", "low")
+    added = label_change(["sec/low"], ["sec/low", "sec/high"], "2025-08-05 22:00:00 UTC")
+    assert (
+        facts_of(mr_event("update", labels=["sec/low", "sec/high"], changes=added)).tier_before
+        is None
+    )
 
 
 def test_facts_survive_a_json_round_trip() -> None:
     facts = facts_of(mr_event("approved", reviewers=["bob"]))
     assert EventFacts.from_json(facts.to_json()) == facts
-    assert list(facts.to_json()) == [f.name for f in fields(EventFacts)]  # fields, in order
+    # Fields, in order; tier_before only when known, so facts stored before it existed
+    # still equal what rebuild extracts from their log rows.
+    assert list(facts.to_json()) == [f.name for f in fields(EventFacts) if f.name != "tier_before"]
+    removed = label_change(["sec/high"], [], "2025-08-05 22:00:00 UTC")
+    removal = facts_of(mr_event("update", labels=[], changes=removed))
+    assert removal.to_json()["tier_before"] == "high"
+    assert EventFacts.from_json(removal.to_json()) == removal
 
 
 def test_event_stamps_keep_only_short_strings() -> None:

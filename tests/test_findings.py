@@ -205,6 +205,26 @@ def test_label_removed_before_merge_positive(engine) -> None:
     assert hit.evidence["tier_after"] is None
 
 
+def test_label_removed_before_merge_when_the_removal_is_the_first_event_seen(engine) -> None:
+    """The label was added before secledger saw the MR: the removal alone tells the tier."""
+    removed = label_change(["sec::high"], [], at(1))
+    record(
+        engine,
+        event("update", 1, actor="erin", labels=[], changes=removed),
+        event("merge", 2, actor="carol", labels=[]),
+    )
+    hit = found(engine)[("label-removed-before-merge", "")]
+    assert (hit.seqs, hit.evidence["tier_before"], hit.evidence["tier_after"]) == (
+        [1, 2],
+        "high",
+        None,
+    )
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert row["risk_tier"] == "high"
+
+
 def test_label_removed_before_merge_positive_for_a_scoped_downgrade(engine) -> None:
     lowered = label_change(["sec::high"], ["sec::low"], at(1))
     record(

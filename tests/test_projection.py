@@ -184,6 +184,16 @@ def test_a_removed_and_re_added_label_starts_at_its_first_addition() -> None:
     assert row["labeled_by"] == "erin"
 
 
+def test_a_removal_stored_before_it_told_its_tier_is_the_same_event() -> None:
+    """Facts of one removal stored by an older version lack tier_before; a later copy from
+    another hook has it. Still one event, whose tier the fold keeps."""
+    removal = {"security_labels": (), "labels": (), "security_removed": ("sec::high",)}
+    older = event(1, "update", "erin", 5, tier="unclassified", **removal)
+    newer = replace(older, seq=2, facts=replace(older.facts, tier_before="high"))
+    assert distinct_facts([older, newer]) == [older]
+    assert fold([newer])["risk_tier"] == "high"
+
+
 @given(
     st.lists(
         st.tuples(

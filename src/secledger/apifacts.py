@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from secledger import payloads as p
-from secledger.extract import EventFacts, bounded
+from secledger.extract import EventFacts, bounded, tier_before
 from secledger.intake import API_SOURCE, Delivery
 from secledger.policy import LabelPolicy
 from secledger.times import isoformat, parse_optional, parse_time
@@ -183,6 +183,7 @@ def _label_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
     labels = tuple(str(label) for label in env.get("labels_after") or ())
     at = parse_time(item["created_at"])
     added = item.get("action") == "add"
+    security = policy.security_labels(labels)
     return {
         "kind": "label_added" if added else "label_removed",
         "decision": None,
@@ -190,9 +191,10 @@ def _label_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
         "event_at_source": "api.label_event",
         "tier": policy.tier(labels),
         "labels": labels,
-        "security_labels": policy.security_labels(labels),
+        "security_labels": security,
         "security_added": (name,) if added else (),
         "security_removed": () if added else (name,),
+        "tier_before": None if added else tier_before(policy, security, (), (name,)),
         "labeled_at": at if added else None,
         "labeled_at_source": "api" if added else None,
     } | _actor(item)

@@ -89,6 +89,9 @@ class EventFacts:
     security_labels: tuple[str, ...] = ()
     security_added: tuple[str, ...] = ()
     security_removed: tuple[str, ...] = ()
+    # The tier of the security labels just before this event removed one: a removal seen
+    # first (or alone) still tells the tier it lowered.
+    tier_before: str | None = None
     reviewers: tuple[str, ...] | None = None
     labeled_at: datetime | None = None
     labeled_at_source: str | None = None
@@ -108,6 +111,10 @@ class EventFacts:
         data = dict(self.__dict__)
         for name in _TIME_FIELDS:
             data[name] = isoformat(data[name])
+        # Facts stored before tier_before existed lack the key: leaving it out when it
+        # says nothing keeps them equal to what rebuild extracts again (rebuild --check).
+        if data["tier_before"] is None:
+            del data["tier_before"]
         return data
 
     @classmethod
@@ -240,6 +247,19 @@ def label_facts(
     return labels, security, added, removed, bool(security) or was_security
 
 
+def tier_before(
+    policy: LabelPolicy,
+    security: tuple[str, ...],
+    added: tuple[str, ...],
+    removed: tuple[str, ...],
+) -> str | None:
+    """The tier of the security labels before a change that removed ``removed``."""
+    if not removed:
+        return None
+    # What was there before: what stayed, and what went. Only security labels name a tier.
+    return policy.tier((*(label for label in security if label not in added), *removed))
+
+
 def mr_key(delivery: Delivery | Decoded) -> MRKey:
     """The merge request a delivery is about (intake has checked these fields)."""
     if isinstance(delivery, Decoded):
@@ -304,6 +324,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
             security_labels=security,
             security_added=added,
             security_removed=removed,
+            tier_before=tier_before(policy, security, added, removed),
             # GitLab omits the key when nobody is assigned: absence means "none".
             reviewers=tuple(p.usernames(payload.get("reviewers"))),
             labeled_at=labeled_at,

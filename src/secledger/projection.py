@@ -146,8 +146,11 @@ def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
 # Where a fact was read from, not what it says: a system hook and a project hook may
 # spell one event differently (the time in another field, no reviewers in older ones).
 _PROVENANCE = frozenset({"event_at_source", "source", "extra"})
+# Follows from the labels and the labels removed, and copies stored before it was
+# extracted lack it: one event recorded before and after that must stay one event.
+_DERIVED = frozenset({"tier_before"})
 # attrgetter builds the tuple in C: this runs for every event of an MR at each fold.
-_TOLD = attrgetter(*(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE))
+_TOLD = attrgetter(*(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE | _DERIVED))
 
 
 def fact_identity(facts: EventFacts) -> tuple[object, ...]:
@@ -222,6 +225,8 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             row["assigned_reviewers"] = list(facts.reviewers)
         if facts.security_labels:
             tier = facts.tier
+        elif facts.tier_before is not None:
+            tier = facts.tier_before  # the labels a removal took away named it
         if facts.state is not None:
             row["state"] = facts.state
         elif facts.kind in _STATE_AFTER:

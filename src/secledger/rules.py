@@ -330,9 +330,12 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
             break
         facts = event.facts
         after = facts.tier if facts.security_labels else None
-        lowered = after is None or policy.rank(after) > policy.rank(current)
-        if facts.security_removed and current is not None and lowered:
-            downgrade, before = event, current
+        # GitLab's previous labels tell the tier a removal lowered, even when it is the
+        # first event seen; events stored before that was extracted tell none.
+        prior = facts.tier_before or current
+        lowered = after is None or policy.rank(after) > policy.rank(prior)
+        if facts.security_removed and prior is not None and lowered:
+            downgrade, before = event, prior
         elif downgrade is not None and _review(context, event):
             downgrade = None  # reviewed after the downgrade
         if facts.security_labels or facts.security_removed:
