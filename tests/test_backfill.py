@@ -224,3 +224,17 @@ def test_label_history_finds_an_mr_whose_security_label_was_removed(engine, api,
     assert sorted(rows) == [1, 5]
     assert (rows[5]["decision"], rows[5]["merged_by"]) == ("merged", "carol")
     assert (rows[5]["labeled_by"], rows[5]["security_labels"]) == ("alice", [])
+
+
+def test_every_listing_asks_for_pages_of_100(engine, api, fake) -> None:
+    """GitLab answers 20 items a page unless asked: every listing asks for its maximum,
+    100, so a long listing takes a fifth of the requests against the rate limit."""
+    for iid in (1, 2, 3):
+        Story(iid=iid).publish(fake)
+    run_backfill(engine, api, Scope("groups", "acme"))
+    listings = ("/labels", "/merge_requests", "/resource_label_events", "/resource_state_events")
+    first_pages = [s for s in fake.seen if s.path.endswith(listings) and "page" not in s.query]
+    assert {s.path.rsplit("/", 1)[-1] for s in first_pages} == {
+        name.lstrip("/") for name in listings
+    }
+    assert {s.query.get("per_page") for s in first_pages} == {"100"}
