@@ -55,7 +55,8 @@ class FakeGitLab:
         self.group_ids: dict[int, str] = {}
         self.max_per_page = max_per_page
         self.latency = latency
-        self.throttle: dict[str, int] = {}  # path fragment -> Retry-After, answered once
+        # path fragment -> Retry-After (seconds, or an HTTP-date as proxies send), answered once
+        self.throttle: dict[str, int | str] = {}
         self.seen: list[Seen] = []
         self.hook_tokens: dict[int, str] = {}  # GitLab never returns a hook's token
         self.lock = threading.Lock()

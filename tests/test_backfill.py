@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +161,27 @@ def test_backfill_waits_out_a_429_and_retries(engine, api, fake) -> None:
     calls = [s for s in fake.seen if s.path.endswith("resource_state_events")]
     assert [c.status for c in calls] == [429, 200]
     assert calls[1].at - calls[0].at >= 0.9  # it waited Retry-After (1 s), not less
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "least_wait"),
+    [
+        (lambda: format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True), 0.9),
+        (lambda: "in a while", 0.0),  # neither form: python-gitlab's own back-off
+    ],
+    ids=["http-date", "unreadable"],
+)
+def test_a_retry_after_date_is_waited_out_too(engine, api, fake, retry_after, least_wait) -> None:
+    """Retry-After may be an HTTP-date (RFC 9110; proxies in front of GitLab send it):
+    python-gitlab reads only seconds and raised ValueError, a traceback out of the run.
+    The date is waited out; a value that is neither is retried after a back-off."""
+    Story(iid=1).publish(fake)
+    fake.throttle["resource_state_events"] = retry_after()
+    result = run_backfill(engine, api)
+    assert result.recorded_facts == 3
+    calls = [s for s in fake.seen if s.path.endswith("resource_state_events")]
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[1].at - calls[0].at >= least_wait
 
 
 def test_interrupted_backfill_resumes_without_reading_done_mrs_again(engine, api, fake) -> None:

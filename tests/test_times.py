@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 import pytest
 
 from secledger.errors import TimestampError
-from secledger.times import isoformat, parse_stored, parse_time
+from secledger.times import isoformat, parse_http_date, parse_stored, parse_time
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,18 @@ def test_near_misses_of_the_webhook_spelling_are_refused(value: str) -> None:
 def test_the_webhook_spelling_parses_as_the_general_pattern_does() -> None:
     assert parse_time("2025-08-05 21:48:25 UTC") == parse_time("2025-08-05T21:48:25Z")
     assert parse_time("2025-08-05 21:48:25 UTC") == datetime(2025, 8, 5, 21, 48, 25, tzinfo=UTC)
+
+
+def test_an_http_date_becomes_aware_utc() -> None:
+    """Retry-After may name a moment: RFC 9110's IMF-fixdate or an obsolete form."""
+    expected = datetime(2015, 10, 21, 7, 28, tzinfo=UTC)
+    for spelling in (
+        "Wed, 21 Oct 2015 07:28:00 GMT",
+        "Wed, 21 Oct 2015 07:28:00 -0000",
+        "Wednesday, 21-Oct-15 07:28:00 GMT",
+        "Wed Oct 21 07:28:00 2015",
+    ):
+        assert parse_http_date(spelling) == expected
+        assert parse_http_date(spelling).tzinfo is UTC
+    assert parse_http_date("120") is None
+    assert parse_http_date("in a while") is None

@@ -1,16 +1,18 @@
 """The GitLab REST API client: python-gitlab, configured once, answering plain dicts.
 
 python-gitlab owns authentication, pagination (it follows ``Link: rel="next"``) and
-retries: it sleeps for ``Retry-After`` on 429 and, with ``retry_transient_errors``, backs
-off on 5xx. The token lives only inside the client; it is never logged or printed.
+retries: it sleeps for ``Retry-After`` on 429 (given as a date, it is rewritten as
+seconds first) and, with ``retry_transient_errors``, backs off on 5xx. The token lives
+only inside the client; it is never logged or printed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gitlab
 import gitlab.exceptions
@@ -19,7 +21,10 @@ from gitlab.utils import EncodedId
 from secledger.config import Settings
 from secledger.errors import ConfigError, GitLabAPIError
 from secledger.intake import origin
-from secledger.times import isoformat
+from secledger.times import isoformat, parse_http_date, utcnow
+
+if TYPE_CHECKING:
+    from requests import Response
 
 PER_PAGE = 100
 T = TypeVar("T")
@@ -44,6 +49,26 @@ class Scope:
 def scopes(projects: tuple[str, ...], groups: tuple[str, ...]) -> list[Scope]:
     """Scopes from repeated ``--project`` and ``--group`` options."""
     return [Scope("projects", p) for p in projects] + [Scope("groups", g) for g in groups]
+
+
+def _retry_after_in_seconds(response: Response, *_args: Any, **_kwargs: Any) -> Response:
+    """Rewrite a ``Retry-After`` HTTP-date as the seconds it names; drop any other value
+    that is not whole seconds.
+
+    python-gitlab (8.6) reads the header with ``int()``: the date form RFC 9110 allows,
+    which a proxy in front of GitLab may send, raised ValueError out of the client.
+    Without the header python-gitlab waits for ``RateLimit-Reset`` or backs off.
+    """
+    value = response.headers.get("Retry-After")
+    if value is None or value.strip().isdigit():
+        return response
+    until = parse_http_date(value)
+    if until is None:
+        del response.headers["Retry-After"]
+    else:
+        wait = max(0, math.ceil((until - utcnow()).total_seconds()))
+        response.headers["Retry-After"] = str(wait)
+    return response
 
 
 def _call(action: Callable[[], T]) -> T:
@@ -84,6 +109,7 @@ class GitLabAPI:
             retry_transient_errors=True,
             ssl_verify=True,
         )
+        client.session.hooks["response"].append(_retry_after_in_seconds)
         return cls(client, instance, settings.gitlab_max_retries)
 
     def _list(self, path: str, query: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -110,6 +111,17 @@ def isoformat(value: datetime | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _isoformat(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_http_date(value: str) -> datetime | None:
+    """An HTTP-date (``Wed, 21 Oct 2015 07:28:00 GMT``, RFC 9110) as an aware UTC
+    datetime, or None when ``value`` is not one."""
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    # Always GMT by definition; the obsolete "-0000" zone comes back naive.
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def utcnow() -> datetime:
