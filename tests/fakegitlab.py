@@ -1,6 +1,9 @@
 """A small GitLab REST API on 127.0.0.1 for tests and benchmarks: real HTTP, recorded shapes.
 
-Responses follow GitLab's documented shapes (``tests/payloads/api_*.json``). Lists are
+Responses follow GitLab's documented shapes (``tests/payloads/api_*.json``). Groups nest
+by path (``acme/platform`` is a subgroup of ``acme``) and hold group-level labels; the
+label lists answer with GitLab's defaults (a group's: its own labels and its ancestors',
+no subgroup's, no project's). Lists are
 paginated like GitLab's offset pagination (``x-next-page``, ``x-total``, ``Link``), with
 a page size the server caps, and any path can be made to answer 429 with
 ``Retry-After`` once. Every request is logged for assertions.
@@ -51,7 +54,8 @@ class FakeGitLab:
 
     def __init__(self, *, max_per_page: int = 100, latency: tuple[float, float] = (0, 0)) -> None:
         self.projects: dict[int, Project] = {}
-        self.groups: dict[str, list[int]] = {}  # group path -> project ids
+        self.groups: dict[str, list[int]] = {}  # group path -> ids of its own projects
+        self.group_labels: dict[str, list[str]] = {}  # group path -> group-level labels
         self.group_ids: dict[int, str] = {}
         self.max_per_page = max_per_page
         self.latency = latency
@@ -80,13 +84,28 @@ class FakeGitLab:
         self.thread.join(timeout=5)
 
     def add_project(self, pid: int, path: str, group: str | None = None) -> Project:
-        """A project, optionally in a group."""
+        """A project, optionally in a group (created with its parents if need be)."""
         project = Project(pid, path)
         self.projects[pid] = project
         if group is not None:
-            self.groups.setdefault(group, []).append(pid)
+            self.add_group(group)
+            self.groups[group].append(pid)
             self.group_ids.setdefault(900 + len(self.group_ids), group)
         return project
+
+    def add_group(self, path: str, labels: tuple[str, ...] = ()) -> None:
+        """A group (with its parents), and labels defined at its level."""
+        for known in (*ancestors(path), path):
+            self.groups.setdefault(known, [])
+        self.group_labels.setdefault(path, []).extend(labels)
+
+    def self_and_descendants(self, path: str) -> list[str]:
+        """A group and its subgroups, at any depth."""
+        return [g for g in self.groups if g == path or g.startswith(f"{path}/")]
+
+    def group_of(self, project: Project) -> str | None:
+        """The group a project sits in directly, if any."""
+        return next((g for g, pids in self.groups.items() if project.id in pids), None)
 
     def project(self, ref: str) -> Project | None:
         """A project by numeric ID or full path."""
@@ -94,12 +113,15 @@ class FakeGitLab:
             return self.projects.get(int(ref))
         return next((p for p in self.projects.values() if p.path == ref), None)
 
-    def group_projects(self, ref: str) -> list[Project] | None:
-        """The projects of a group by ID or path."""
+    def group_path(self, ref: str) -> str | None:
+        """A group's path from its ID or path; None for an unknown group."""
         path = self.group_ids.get(int(ref)) if ref.isdigit() else ref
-        if path not in self.groups:
-            return None
-        return [self.projects[pid] for pid in self.groups[path]]
+        return path if path in self.groups else None
+
+    def group_projects(self, path: str, *, subgroups: bool = True) -> list[Project]:
+        """The projects of a group, with those of its subgroups by default."""
+        paths = self.self_and_descendants(path) if subgroups else [path]
+        return [self.projects[pid] for g in paths for pid in self.groups[g]]
 
     def count(self, fragment: str) -> int:
         """How many requests had ``fragment`` in their path."""
@@ -158,6 +180,16 @@ def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def ancestors(path: str) -> list[str]:
+    """The parent groups of a group path, outermost first."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _flag(query: dict[str, str], name: str, default: bool) -> bool:
+    return query.get(name, str(default)).lower() in {"true", "1"}
+
+
 def _segments(path: str) -> list[str]:
     return [unquote(s) for s in path.removeprefix(API).strip("/").split("/")]
 
@@ -187,25 +219,53 @@ def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:
         return None
     kind, ref, rest = seg[0], seg[1], seg[2:]
     if kind == "groups":
-        projects = fake.group_projects(ref)
-        if projects is None:
+        group = fake.group_path(ref)
+        if group is None:
             return None
-        if rest == ["projects"]:
-            return [_project_json(p) for p in projects]
-        if rest == ["labels"]:
-            return [
-                {"id": i, "name": n}
-                for i, n in enumerate(sorted({n for p in projects for n in p.labels}))
-            ]
-        if rest == ["merge_requests"]:
-            return _labels_matching([m for p in projects for m in p.mrs.values()], query)
-        if rest == ["hooks"]:
-            return []
-        return None
+        return _group_get(fake, group, rest, query)
     project = fake.project(ref)
     if kind != "projects" or project is None:
         return None
-    return _project_get(project, rest, query)
+    return _project_get(fake, project, rest, query)
+
+
+def _group_get(fake: FakeGitLab, group: str, rest: list[str], query: dict[str, str]) -> Any:
+    if rest == ["projects"]:
+        projects = fake.group_projects(group, subgroups=_flag(query, "include_subgroups", False))
+        return [_project_json(p) for p in projects]
+    if rest == ["labels"]:
+        return _group_labels(fake, group, query)
+    if rest == ["merge_requests"]:  # a group's MRs include its subgroups'
+        mrs = [m for p in fake.group_projects(group) for m in p.mrs.values()]
+        return _labels_matching(mrs, query)
+    if rest == ["hooks"]:
+        return []
+    return None
+
+
+def _group_labels(fake: FakeGitLab, group: str, query: dict[str, str]) -> list[dict[str, Any]]:
+    """GitLab's LabelsFinder behind ``GET /groups/:id/labels``, with the API's defaults:
+    include_ancestor_groups=true, include_descendant_groups=false, only_group_labels=true.
+    Asked for descendants, the project labels read are those of the subgroups' projects too."""
+    descendants = _flag(query, "include_descendant_groups", False)
+    groups = fake.self_and_descendants(group) if descendants else [group]
+    if _flag(query, "include_ancestor_groups", True):
+        groups += ancestors(group)
+    names = {n for g in groups for n in fake.group_labels.get(g, [])}
+    if not _flag(query, "only_group_labels", True):
+        projects = fake.group_projects(group, subgroups=descendants)
+        names |= {n for p in projects for n in p.labels}
+    return [{"id": i, "name": n} for i, n in enumerate(sorted(names))]
+
+
+def _project_labels(fake: FakeGitLab, project: Project, query: dict[str, str]) -> list[str]:
+    """A project's labels, with its groups' by default (include_ancestor_groups=true)."""
+    names = list(project.labels)
+    group = fake.group_of(project)
+    if group is not None and _flag(query, "include_ancestor_groups", True):
+        for known in (group, *ancestors(group)):
+            names += [n for n in fake.group_labels.get(known, []) if n not in names]
+    return names
 
 
 def _project_json(project: Project) -> dict[str, Any]:
@@ -214,9 +274,10 @@ def _project_json(project: Project) -> dict[str, Any]:
     return {"id": project.id, "path_with_namespace": project.path, "path": name, "name": name}
 
 
-def _project_get(project: Project, rest: list[str], query: dict[str, str]) -> Any:
+def _project_get(fake: FakeGitLab, project: Project, rest: list[str], query: dict[str, str]) -> Any:
     if rest == ["labels"]:
-        return [{"id": i, "name": name} for i, name in enumerate(project.labels)]
+        names = _project_labels(fake, project, query)
+        return [{"id": i, "name": name} for i, name in enumerate(names)]
     if rest == ["merge_requests"]:
         return _labels_matching(list(project.mrs.values()), query)
     if rest == ["hooks"]:

@@ -152,6 +152,44 @@ def test_group_backfill_lists_labels_first_and_paginates(engine, api, fake) -> N
     assert first_label_listing < first_mr_listing
 
 
+def test_a_group_backfill_finds_labels_of_its_subgroups_and_projects(engine, api, fake) -> None:
+    """GitLab lists a group's labels without its subgroups' or any project's unless asked
+    (only_group_labels and include_descendant_groups default to the narrow side): a
+    security label defined there was never queried, and its MRs were never found."""
+    fake.add_project(15, "acme/platform/api", group="acme/platform")
+    api_project = {"project_id": 15, "path": "acme/platform/api"}
+    for story in (
+        Story(iid=1, label="sec::medium"),  # to become a label of acme itself
+        Story(iid=2),  # sec::high, a project label of acme/payments
+        Story(iid=3, label="sec::critical", **api_project),  # to become acme/platform's
+        Story(iid=4, label="sec/pci", **api_project),  # a project label in a subgroup
+    ):
+        story.publish(fake)  # publishing defines each label in the MR's project
+    for group, label, project in (
+        ("acme", "sec::medium", 14),
+        ("acme/platform", "sec::critical", 15),
+    ):
+        fake.add_group(group, (label,))
+        fake.projects[project].labels.remove(label)
+
+    result = run_backfill(engine, api, Scope("groups", "acme"))
+    assert result.recorded_mrs == 4
+    assert {(row["project_id"], row["mr_iid"]) for row in ledger_rows(engine)} == {
+        (14, 1),
+        (14, 2),
+        (15, 3),
+        (15, 4),
+    }
+    listings = [s for s in fake.seen if s.path.endswith("/groups/acme/merge_requests")]
+    assert {s.query["labels"] for s in listings} == {
+        "sec::critical",
+        "sec::high",
+        "sec::low",
+        "sec::medium",
+        "sec/pci",
+    }
+
+
 def test_backfill_waits_out_a_429_and_retries(engine, api, fake) -> None:
     """GitLab's rate limit answers 429 with Retry-After; the client waits and goes on."""
     Story(iid=1).publish(fake)

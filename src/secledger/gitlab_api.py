@@ -136,8 +136,14 @@ class GitLabAPI:
         return result
 
     def labels(self, scope: Scope) -> Iterator[dict[str, Any]]:
-        """Labels of a project (with its groups') or of a group (with its ancestors')."""
-        return self._list(f"{scope.path}/labels", {"include_ancestor_groups": "true"})
+        """Labels of a project (with its groups'), or of a group with its ancestors', its
+        subgroups' and those of the projects in it and in its subgroups."""
+        query = {"include_ancestor_groups": "true"}
+        if scope.kind == "groups":
+            # GitLab's defaults (only_group_labels=true, include_descendant_groups=false)
+            # leave out every label defined in a subgroup or a project (GitLab 13.6+).
+            query |= {"include_descendant_groups": "true", "only_group_labels": "false"}
+        return self._list(f"{scope.path}/labels", query)
 
     def project_ids(self, scope: Scope) -> list[int]:
         """The projects a scope covers: a project itself, or every project of a group and
