@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -196,18 +197,27 @@ def _segments(path: str) -> list[str]:
 
 def _labels_matching(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
     wanted = [label for label in query.get("labels", "").split(",") if label]
-    after = query.get("updated_after")
-    before = query.get("updated_before")
+    bounds = [
+        (name, field, query.get(f"{field.removesuffix('_at')}_{name}"))
+        for name in ("after", "before")
+        for field in ("created_at", "updated_at")
+    ]
     out = []
     for mr in mrs:
         if not all(label in mr["labels"] for label in wanted):
             continue
-        if after and mr["updated_at"] < after:
-            continue
-        if before and mr["updated_at"] >= before:
-            continue
-        out.append(mr)
+        if all(_within(mr[field], name, bound) for name, field, bound in bounds):
+            out.append(mr)
     return sorted(out, key=lambda m: m["updated_at"])
+
+
+def _within(moment: str, name: str, bound: str | None) -> bool:
+    """``created_after``/``updated_after`` and their ``_before``: GitLab includes both
+    ends (``CreatedAtFilterable``: ``gteq``/``lteq``)."""
+    if bound is None:
+        return True
+    at, edge = datetime.fromisoformat(moment), datetime.fromisoformat(bound)
+    return at >= edge if name == "after" else at <= edge
 
 
 def _get(fake: FakeGitLab, path: str, query: dict[str, str]) -> Any:

@@ -190,6 +190,25 @@ def test_a_group_backfill_finds_labels_of_its_subgroups_and_projects(engine, api
     }
 
 
+def test_until_keeps_an_mr_updated_again_after_the_period(engine, api, fake) -> None:
+    """An MR merged in the period and touched again after it (a comment) has an
+    ``updated_at`` past ``--until``: listed with ``updated_before`` it was never found,
+    and its facts in the period were lost. An MR created after the period is not read."""
+    Story(iid=1).publish(fake)  # merged 2025-08-05
+    fake.projects[14].mrs[1]["updated_at"] = "2025-09-15T10:00:00.000Z"
+    Story(iid=2, created="2025-09-10 08:00:00 UTC", approvals=[], decision=None).publish(fake)
+    until = datetime(2025, 9, 1, tzinfo=UTC)
+
+    job = Backfill(engine, api, POLICY, [Scope("groups", "acme")], Period(SINCE, until))
+    result = job.run()
+    assert (result.found, result.recorded_facts) == (1, 3)
+    [row] = ledger_rows(engine)
+    assert (row["mr_iid"], row["decision"], row["merged_by"]) == (1, "merged", "carol")
+    listings = [s for s in fake.seen if s.path.endswith("/merge_requests")]
+    assert {s.query.get("created_before") for s in listings} == {"2025-09-01T00:00:00Z"}
+    assert all("updated_before" not in s.query for s in listings)
+
+
 def test_backfill_waits_out_a_429_and_retries(engine, api, fake) -> None:
     """GitLab's rate limit answers 429 with Retry-After; the client waits and goes on."""
     Story(iid=1).publish(fake)

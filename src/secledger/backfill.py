@@ -102,9 +102,10 @@ def find_merge_requests(
     wanted: Callable[[dict[str, Any]], bool] | None = None,
     found_events: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
-    """Every MR updated in the period that carries a security label, once each; with
-    ``label_history``, also every one that carried one once (see ``once_labelled``, to
-    which ``progress``, ``wanted`` and ``found_events`` are passed)."""
+    """Every MR that carries a security label and may have been active in the period
+    (``GitLabAPI.merge_requests``), once each; with ``label_history``, also every one
+    that carried one once (see ``once_labelled``, to which ``progress``, ``wanted`` and
+    ``found_events`` are passed)."""
     scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
@@ -138,12 +139,13 @@ def once_labelled(
     wanted: Callable[[dict[str, Any]], bool] | None = None,
     found_events: LabelEvents | None = None,
 ) -> dict[MRRef, dict[str, Any]]:
-    """MRs updated in the period, not in ``listed``, whose label events show a security
-    label added at some time: GitLab's label filter matches the labels an MR carries
-    now, so an MR whose security label was removed is found only this way. Every MR of
-    the scopes is listed and the label events of each one ``wanted`` accepts (all, by
-    default) are read: one request per MR. An MR deleted meanwhile (404) is skipped.
-    The label events of each MR found are put in ``found_events``, for ``fetch_history``."""
+    """MRs that may have been active in the period, not in ``listed``, whose label events
+    show a security label added at some time: GitLab's label filter matches the labels
+    an MR carries now, so an MR whose security label was removed is found only this
+    way. Every MR of the scopes is listed and the label events of each one ``wanted``
+    accepts (all, by default) are read: one request per MR. An MR deleted meanwhile
+    (404) is skipped. The label events of each MR found are put in ``found_events``,
+    for ``fetch_history``."""
     candidates: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for mr in api.merge_requests(scope, None, period.since, period.until):

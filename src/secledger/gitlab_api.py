@@ -165,8 +165,12 @@ class GitLabAPI:
     def merge_requests(
         self, scope: Scope, label: str | None, since: datetime, until: datetime | None
     ) -> Iterator[dict[str, Any]]:
-        """MRs carrying ``label`` (every MR, with None) updated in the period, any state,
-        oldest first.
+        """MRs carrying ``label`` (every MR, with None) that may have been active in the
+        period, any state, oldest first: updated since its start and, with ``until``,
+        created before its end.
+
+        Not ``updated_before``: an MR active in the period and updated again after it
+        would be left out, and its facts in the period with it.
 
         Ordered by creation, which an update does not change: listed by offset, an MR
         updated while the pages are read would move to the end of an update-ordered
@@ -186,7 +190,7 @@ class GitLabAPI:
         if label is not None:
             query["labels"] = label
         if until is not None:
-            query["updated_before"] = isoformat(until)
+            query["created_before"] = isoformat(until)
         return self._list(f"{scope.path}/merge_requests", query)
 
     def _mr_path(self, project_id: int, iid: int) -> str:

@@ -60,7 +60,7 @@ def label_history_option(function: Any) -> Any:
         is_flag=True,
         help=(
             "Also find MRs that carried a security label once and carry none now: lists"
-            " every MR updated in the period and reads each one's label events (one more"
+            " every MR active in the period and reads each one's label events (one more"
             " API request per MR)."
         ),
     )(function)
@@ -136,7 +136,8 @@ def backfill(
     """Record the history of security MRs from the GitLab API (label, state, approval events).
 
     Lists the security labels of each project or group first (the MR filter has no
-    wildcard), then every MR carrying one that was updated in the period. Facts go
+    wildcard), then every MR carrying one that was updated since --since (and created
+    before --until), and records all its facts. Facts go
     through the same recording path as webhooks and are keyed by their GitLab id, so
     running it twice, or after the webhooks, changes nothing. Interrupted, it resumes
     where it stopped. GitLab's filter matches the labels an MR carries now: an MR whose
