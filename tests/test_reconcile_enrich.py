@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+import fakegitlab
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
 from secledger.backfill import Backfill, Period, find_merge_requests
@@ -143,6 +144,32 @@ def test_an_mr_whose_label_was_removed_is_looked_up_not_left_extra(engine, api, 
     assert [(d.kind, d.mr_iid) for d in fixed.remaining] == [("extra", 3)]
     row = next(r for r in ledger_rows(engine) if r["mr_iid"] == 2)
     assert row["merged_by"] == "carol"
+
+
+def test_an_unlisted_mr_that_still_carries_its_label_is_not_unlabelled(
+    engine, api, fake, monkeypatch
+) -> None:
+    """GitLab's labelled list can leave out an MR for another reason than a removed label.
+    Asked by its iid, it still carries its security label: calling it ``unlabelled``
+    because it was decided as recorded would pass the run as complete. It stays
+    ``extra``, with the labels it carries, and the run does not pass, even with --fix."""
+    listed, missed = Story(iid=1), Story(iid=2)
+    for story in (listed, missed):
+        story.publish(fake)
+    replay(engine, fake.url, listed.webhooks() + missed.webhooks())
+    matching = fakegitlab._labels_matching
+    monkeypatch.setattr(
+        "fakegitlab._labels_matching",
+        lambda mrs, query: [mr for mr in matching(mrs, query) if mr["iid"] != 2],
+    )
+
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD, apply_fix=True)
+    assert (report.gitlab_count, report.ledger_count) == (1, 2)
+    assert [(d.kind, d.mr_iid, d.fields) for d in report.remaining] == [
+        ("extra", 2, {"security_labels": ["sec::high"]})
+    ]
+    assert report.fixed == 0
+    assert [d["kind"] for d in stored(engine)[-1]["differences"]["after_fix"]] == ["extra"]
 
 
 def test_a_project_with_no_labelled_mr_left_is_still_checked(engine, api, fake) -> None:

@@ -5,8 +5,9 @@ filter has no wildcard) that was merged or closed in the period. Each is looked 
 the ledger: absent is ``missing``; a different state, decider or decision time is
 ``different``. An MR the ledger has decided in the period, in a project of the scope,
 that GitLab does not list is asked of GitLab by its iid: ``unlabelled`` when GitLab
-agrees (its label was removed since), ``different`` when it does not, ``extra`` when
-GitLab no longer has it.
+agrees and the MR carries no security label now (its label was removed since),
+``different`` when GitLab does not agree, ``extra`` when GitLab no longer has it or
+still has it with a security label (the list missed it).
 ``--fix`` records the history of missing and different MRs through the backfill path.
 The result is stored in ``reconciliations`` (append-only) as evidence that
 completeness was checked, and when.
@@ -167,16 +168,13 @@ def differences(
 def look_up_extras(
     engine: Engine,
     api: GitLabAPI,
+    policy: LabelPolicy,
     found: list[Difference],
     fetched: dict[MRRef, dict[str, Any]] | None = None,
 ) -> tuple[list[Difference], dict[MRRef, dict[str, Any]]]:
     """Each ``extra`` MR asked of GitLab by its iid (the labelled list no longer has it),
-    unless ``fetched`` already holds it, and the MRs found.
-
-    When GitLab agrees with the ledger (same state, decider and time) the MR is
-    ``unlabelled``: decided as recorded, its security label removed since. When it
-    does not (reopened, or decided otherwise), it is ``different``, and ``--fix`` can
-    record its history. Only an MR GitLab no longer has (404) stays ``extra``.
+    unless ``fetched`` already holds it, and the MRs found; ``unlisted`` says what each
+    one is. An MR GitLab no longer has (404) stays ``extra``.
     """
     out: list[Difference] = []
     fetched = dict(fetched or {})
@@ -191,10 +189,26 @@ def look_up_extras(
                 out.append(difference)
                 continue
             fetched[ref] = mr
-            row = ledger.get(conn, MRKey(api.instance, *ref))
-            changed = compare(mr, row)
-            out.append(changed or Difference(*ref, "unlabelled", p.text(mr, "web_url")))
+            out.append(unlisted(mr, ledger.get(conn, MRKey(api.instance, *ref)), policy))
     return out, fetched
+
+
+def unlisted(mr: Mapping[str, Any], row: RowMapping | None, policy: LabelPolicy) -> Difference:
+    """What an MR the ledger decided in the period is, when GitLab's labelled list left
+    it out: ``different`` when GitLab disagrees (reopened, or decided otherwise: ``--fix``
+    records its history); ``unlabelled`` when it agrees and the MR carries no security
+    label now (decided as recorded, the label removed since); otherwise ``extra``."""
+    ref, url = (int(mr["project_id"]), int(mr["iid"])), p.text(mr, "web_url")
+    changed = compare(mr, row)
+    if changed is not None:
+        return changed
+    carried = policy.security_labels(p.label_titles(mr.get("labels")))
+    if carried:
+        # Still labelled yet not listed: the listing missed it for some other reason
+        # (a label the scope's label list lacks, say). Calling it unlabelled would let
+        # the run pass as complete with a gap nobody looked at.
+        return Difference(*ref, "extra", url, {"security_labels": list(carried)})
+    return Difference(*ref, "unlabelled", url)
 
 
 def _merge_request(api: GitLabAPI, ref: MRRef) -> dict[str, Any] | None:
@@ -295,7 +309,7 @@ def reconcile(
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}
     found, ledger_count = differences(engine, api.instance, gitlab, closed_period, projects)
-    found, fetched = look_up_extras(engine, api, found)
+    found, fetched = look_up_extras(engine, api, policy, found)
     known = {**fetched, **gitlab}
     fixed, remaining = 0, found
     fixable = ("missing", "different")
@@ -303,7 +317,7 @@ def reconcile(
     if apply_fix and to_fix:
         fixed = fix(engine, api, policy, to_fix, recording=recording, found_events=found_events)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
-        remaining, _ = look_up_extras(engine, api, remaining, fetched)
+        remaining, _ = look_up_extras(engine, api, policy, remaining, fetched)
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
