@@ -73,6 +73,27 @@ def test_connect_registers_a_merge_request_hook_and_stores_the_secret(
     assert len(fake.projects[14].hooks) == 1
 
 
+def test_a_hook_gitlab_refuses_leaves_no_secret_behind(database_url, fake, tmp_path) -> None:
+    """The secret is stored before GitLab is asked; when GitLab refuses the hook, a
+    secret the receiver would accept, with no hook behind it, is taken out again."""
+    config = tmp_path / "secledger.toml"
+    config.write_text('webhook_secrets = ["old-secret"]\n')
+    result = invoke(
+        database_url,
+        fake,
+        "gitlab",
+        "connect",
+        "--group",
+        "acme",  # the fake answers 404 to a group hook
+        "--url",
+        RECEIVER,
+        "--config",
+        str(config),
+    )
+    assert result.exit_code == 1
+    assert tomllib.loads(config.read_text())["webhook_secrets"] == ["old-secret"]
+
+
 def test_check_reports_last_success_and_resendable_failures(database_url, fake) -> None:
     project = fake.projects[14]
     project.hooks.append(

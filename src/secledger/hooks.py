@@ -14,7 +14,7 @@ from typing import Any
 
 import tomlkit
 
-from secledger.errors import ConfigError
+from secledger.errors import ConfigError, GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
 
 # GitLab turns push events on unless told otherwise; secledger wants merge requests only.
@@ -47,6 +47,16 @@ def add_secret(config: Path, secret: str) -> None:
     config.write_text(tomlkit.dumps(document))
 
 
+def remove_secret(config: Path, secret: str) -> None:
+    """Take ``secret`` out of ``webhook_secrets`` again, keeping everything else."""
+    document = tomlkit.parse(config.read_text())
+    current = document.get("webhook_secrets", [])
+    if isinstance(current, str):
+        current = [part.strip() for part in current.split(",") if part.strip()]
+    document["webhook_secrets"] = [kept for kept in current if kept != secret]
+    config.write_text(tomlkit.dumps(document))
+
+
 def find_hooks(hooks: list[dict[str, Any]], url: str | None) -> list[dict[str, Any]]:
     """Hooks pointing at ``url``, or at any ``/webhooks/gitlab`` receiver when none is given."""
     if url is not None:
@@ -67,7 +77,15 @@ def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, A
     secret = secrets.token_urlsafe(32)
     add_secret(config, secret)  # first, so the receiver accepts GitLab's first delivery
     data = {"url": url, "token": secret, "enable_ssl_verification": True, **HOOK_EVENTS}
-    return api.add_hook(scope, data)
+    try:
+        return api.add_hook(scope, data)
+    except GitLabAPIError as exc:
+        # GitLab answered and refused: no hook will ever send this secret, and a secret
+        # the receiver accepts should belong to one. With no answer (a timeout), the hook
+        # may exist: the secret stays.
+        if exc.status is not None and 400 <= exc.status < 500:
+            remove_secret(config, secret)
+        raise
 
 
 def succeeded(event: Mapping[str, Any]) -> bool:
