@@ -96,6 +96,30 @@ def test_truncated_tail_is_caught_by_a_stored_checkpoint(
     assert "stored checkpoint #1" in result.output
 
 
+def test_a_checkpoint_forged_into_the_table_is_named_as_such(
+    client, key, database_url, engine, tmp_path
+):
+    """A row inserted into checkpoints (the app's login may insert there) claiming a seq
+    beyond the tail: with the public key it is a bad signature, not rows removed."""
+    record_history(client)
+    _checkpoint(database_url, key, tmp_path / "cp")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
+                " SELECT seq + 100, head_hash, signed_at, key_id, signature FROM checkpoints"
+            )
+        )
+    plain = cli(database_url, "verify")
+    assert plain.exit_code == 1
+    assert "were removed" in plain.output  # without the key, nothing tells them apart
+    keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
+    assert keyed.exit_code == 1
+    assert "stored checkpoint #2" in keyed.output
+    assert "signature does not verify" in keyed.output
+    assert "were removed" not in keyed.output
+
+
 def test_rewritten_history_with_recomputed_hashes_is_caught(
     client, key, database_url, engine, tmp_path
 ):

@@ -13,10 +13,11 @@ from sqlalchemy import Engine
 
 from secledger import checkpoint as signing
 from secledger import integrity
+from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
-from secledger.store import db
+from secledger.store import checkpoints, db
 from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, verify
 from secledger.tierpolicy import CompliancePolicy
 
@@ -57,13 +58,20 @@ def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[E
     return vouched
 
 
-def _check_stored(summary: Summary, public: Ed25519PublicKey | None) -> int:
-    """Check signatures of stored checkpoints made with ``public``; how many were checked."""
+def _check_stored(
+    stored_checkpoints: list[tuple[int, Checkpoint]], public: Ed25519PublicKey | None
+) -> int:
+    """Check signatures of stored checkpoints made with ``public``; how many were checked.
+
+    Done before the walk too: a row forged into the table (anyone who may insert there
+    can) would otherwise be taken at its word, and a seq beyond the tail reported as
+    rows removed rather than as the forgery it is.
+    """
     if public is None:
         return 0
     own = signing.key_id(public)
     checked = 0
-    for ident, stored in summary.stored:
+    for ident, stored in stored_checkpoints:
         if stored.key_id != own:
             continue
         try:
@@ -116,9 +124,11 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
         public = _public_key(context, public_key)
         vouched = _vouched(files, public)
         with _engine(context.database.url) as engine, stderr_progress() as bar:
+            with engine.connect() as conn:
+                _check_stored(checkpoints.stored(conn), public)
             advance = RichTracker(bar).task("verifying", log_rows(engine))
             summary = verify(engine, vouched, progress=advance)
-        signatures = _check_stored(summary, public)
+        signatures = _check_stored(summary.stored, public)
     except ChainBroken as exc:
         click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)
         raise SystemExit(1) from None
