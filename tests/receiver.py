@@ -29,6 +29,7 @@ class Receiver:
 
     port: int = 0
     failures: int = 0
+    flaky: bool = False  # answer 500 to the first request of each seq, then 200
     requests: list[Received] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -73,6 +74,8 @@ class Receiver:
         with self._changed:
             status = 500 if self.failures > 0 else 200
             self.failures = max(0, self.failures - 1)
+            if self.flaky and all(int(r.body["seq"]) != int(body["seq"]) for r in self.requests):
+                status = 500
             self.requests.append(Received(headers, body, status))
             self._changed.notify_all()
             return status

@@ -190,6 +190,21 @@ def test_outage_then_recovery_delivers_every_row_once_in_order(
     assert status["last_error"] is None
 
 
+def test_attempts_are_counted_per_row_not_across_rows(
+    engine: Engine, sink_cli, receiver: Receiver
+) -> None:
+    """Each row fails once and then goes through: with 3 attempts allowed, none of them
+    is stuck, however many rows there are."""
+    for body in history(4):
+        assert record_body(engine, body) == "recorded"
+    receiver.flaky = True
+    drained = sink_cli(receiver.url, "sink", "drain")
+    assert drained.exit_code == 0, drained.output
+    assert drained.output.strip() == "delivered 4, pending 0"
+    assert [r.seq for r in receiver.accepted()] == [1, 2, 3, 4]
+    assert len(receiver.requests) == 8
+
+
 def test_a_second_sender_waits_for_the_first(engine: Engine, sink_cli, receiver: Receiver) -> None:
     """While another sender holds the sink lock, drain sends nothing and says so."""
     record_body(engine, mr_event("open"))

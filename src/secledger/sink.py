@@ -104,7 +104,7 @@ class Sender:
     def drain(self) -> DrainResult:
         """Deliver rows in order until none is pending, one keeps failing, or stop."""
         result = DrainResult()
-        failures = 0
+        failures, failing = 0, None  # consecutive failed attempts of row ``failing``
         while not self._stop.is_set():
             step = self._batch()
             result.delivered += step.delivered
@@ -115,8 +115,11 @@ class Sender:
                 if step.delivered == 0:
                     break
                 continue
-            # A failure after some deliveries is the first failure of a new head row.
-            failures = 1 if step.delivered else failures + 1
+            # Attempts count per row: one that went through after failing does not make
+            # the next row's first failure its second.
+            if step.seq != failing:
+                failures, failing = 0, step.seq
+            failures += 1
             log.warning("sink_failed", seq=step.seq, error=step.error, attempt=failures)
             if failures >= self._config.max_attempts:
                 result.stuck_seq, result.error = step.seq, step.error

@@ -25,7 +25,8 @@ _INSERT = text("INSERT INTO outbox (seq, idempotency_key, body) VALUES (:seq, :k
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(key=SINK_LOCK_KEY)
 _HIGH_WATER = "(SELECT COALESCE(max(seq), 0) FROM outbox_delivered)"
 _NEXT = text(
-    f"SELECT seq, idempotency_key, body FROM outbox WHERE seq > {_HIGH_WATER} ORDER BY seq LIMIT 1"
+    f"SELECT seq, idempotency_key, body FROM outbox WHERE seq > {_HIGH_WATER}"
+    " ORDER BY seq LIMIT :limit"
 )
 _DELIVERED = text("INSERT INTO outbox_delivered (seq, status) VALUES (:seq, :status)")
 _FAILED = text("INSERT INTO outbox_failures (seq, status, error) VALUES (:seq, :status, :error)")
