@@ -179,6 +179,16 @@ def test_trusted_proxy_header_works_only_from_a_trusted_address(database_url, tm
     with TestClient(app, client=("127.0.0.1", 50000)) as proxied:
         answer = proxied.get("/api/whoami", headers={"X-Forwarded-User": "carol"})
         assert answer.json() == {"name": "carol", "method": "proxy"}
+        # A proxy also names the user's own address: the proxy is still the one trusted.
+        forwarded = {"X-Forwarded-User": "carol", "X-Forwarded-For": "198.51.100.7"}
+        answer = proxied.get("/api/whoami", headers=forwarded)
+        assert answer.json() == {"name": "carol", "method": "proxy"}
+    # And an address a client names for itself does not make it a trusted proxy.
+    settings = settings.model_copy(update={"trusted_proxies": ["198.51.100.0/24"]})
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app, client=("127.0.0.1", 50000)) as spoofing:
+        forwarded = {"X-Forwarded-User": "carol", "X-Forwarded-For": "198.51.100.7"}
+        assert spoofing.get("/api/whoami", headers=forwarded).status_code == 401
 
 
 def test_password_hashes_verify_and_are_salted() -> None:

@@ -19,6 +19,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from secledger import __version__, dashboard, enrich, integrity, overdue, recovery, sink, webhook
 from secledger.config import Settings
 from secledger.dashboard.access import api_reader
+from secledger.dashboard.auth import PEER
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
 
@@ -159,6 +160,10 @@ def create_app(settings: Settings, database: db.Database) -> Any:
                 handler.append(webhook.WebhookHandler(runtime_ref["runtime"]))
             await handler[0](scope, receive, send)
             return
+        if scope["type"] == "http":
+            # The forwarding middleware replaces the client with X-Forwarded-For's address;
+            # proxy login must check who sent the headers (auth.PEER), not whom they name.
+            cast(dict[str, Any], scope)[PEER] = scope.get("client")
         await forwarded(scope, receive, send)
         if scope["type"] == "lifespan" and handler:
             # Shut down: the counts of the last, partial interval are still logged.

@@ -32,6 +32,10 @@ _MAXMEM = 256 * 1024 * 1024
 COOKIE = "secledger_session"
 _SALT = "secledger.session.v1"
 
+# The ASGI scope key where the app keeps the TCP peer, before X-Forwarded-For replaces
+# the client: a trusted proxy is the machine that connected, not the address it names.
+PEER = "secledger.peer"
+
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -183,13 +187,14 @@ class Authenticator:
         return Principal(name, "session")
 
     def _from_proxy(self, request: Request) -> Principal | None:
-        if self._header is None or request.client is None:
+        peer = request.scope.get(PEER, request.scope.get("client"))
+        if self._header is None or not peer:
             return None
         name = request.headers.get(self._header, "").strip()
         if not name:
             return None
         try:
-            address = ipaddress.ip_address(request.client.host)
+            address = ipaddress.ip_address(peer[0])
         except ValueError:
             return None
         if not any(address in network for network in self._proxies):
