@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -161,3 +163,35 @@ def test_over_https_the_nonce_cookie_is_one_only_this_host_can_set(database_url,
             value.startswith(f"{csrf.SECURE_COOKIE}=;") or f'{csrf.SECURE_COOKIE}=""' in value
             for value in answer.headers.get_list("set-cookie")
         )
+
+
+def test_a_login_form_past_its_size_is_refused_without_reading_the_rest(browser) -> None:
+    """The login route is open to anyone: a huge body is not buffered to be cut later."""
+    read = 0
+    answers: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": b"a" * 16384, "more_body": read < 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "root_path": "",
+    }
+    asyncio.run(browser.app(scope, receive, send))  # type: ignore[arg-type]
+    assert answers[0]["status"] == 413
+    assert read <= 2  # 16 MiB offered; one chunk past the limit was enough

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote
 
 import structlog
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection, Engine
@@ -90,8 +90,16 @@ def _secure(request: Request) -> bool:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    body = await request.body()
-    text = body[:MAX_FORM_BYTES].decode(errors="replace")
+    """The form's fields; 413 past MAX_FORM_BYTES, read no further (these routes are
+    open to anyone, before any login)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            raise HTTPException(413, f"a form is at most {MAX_FORM_BYTES} bytes")
+        chunks.append(chunk)
+    text = b"".join(chunks).decode(errors="replace")
     return {k: v[0] for k, v in parse_qs(text).items()}
 
 
