@@ -73,3 +73,23 @@ def test_a_sender_that_goes_away_while_waiting_gives_nothing_back_it_did_not_tak
         return gate.active, gate.held
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_when_the_first_in_line_gives_up_those_behind_it_who_fit_go_in() -> None:
+    """Only a delivery leaving used to admit waiters: a small one behind a large one that
+    timed out went on waiting for a slow delivery to end, and could be refused."""
+
+    async def scenario() -> None:
+        gate = Admission(count=8, budget=1000, wait=0.2)
+        await gate.enter(600)  # a slow delivery in progress
+        large = asyncio.create_task(gate.enter(500))
+        await asyncio.sleep(0.1)
+        small = asyncio.create_task(gate.enter(10))
+        with pytest.raises(Saturated):
+            await large
+        await asyncio.sleep(0)  # one turn of the loop: no time for its own wait to end
+        assert small.done()
+        await small  # admitted, not refused
+        assert (gate.active, gate.held) == (2, 610)
+
+    asyncio.run(scenario())

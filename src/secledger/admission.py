@@ -64,6 +64,7 @@ class Admission:
                 self.leave(size)  # admitted just as the sender went away
             elif entry in self._waiters:
                 self._waiters.remove(entry)
+                self._admit()  # those behind it may fit now that it no longer waits
             if isinstance(exc, TimeoutError):
                 raise Saturated(
                     f"{self.active} deliveries ({self.held} body bytes) are in progress;"
@@ -75,6 +76,9 @@ class Admission:
         """Give back the slot ``enter(size)`` took, and admit whoever now fits, in order."""
         self.active -= 1
         self.held -= size
+        self._admit()
+
+    def _admit(self) -> None:
         while self._waiters and self._fits(self._waiters[0][0]):
             size_next, waiter = self._waiters.popleft()
             if waiter.done():
