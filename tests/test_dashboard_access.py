@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from builders import mr_event
 from conftest import post
 from dashboard_fixtures import (
     PASSWORD,
@@ -225,3 +226,17 @@ def test_session_key_is_generated_once_into_the_data_dir(tmp_path: Path) -> None
     assert len(first) >= 48
     configured = settings.model_copy(update={"session_secret": SecretStr("from-settings")})
     assert session_secret(configured) == b"from-settings"
+
+
+def test_an_mr_url_off_its_gitlab_is_shown_but_not_linked(reader) -> None:
+    """object_attributes.url is the sender's word: a javascript: URL stays text."""
+    body = mr_event("open", iid=77)
+    body["object_attributes"]["url"] = "javascript:alert(document.cookie)"
+    assert post(reader, body).json()["status"] == "recorded"
+    log_in(reader)
+    page = reader.get("/mr/https%3A%2F%2Fgitlab.example.com/14/77")
+    assert page.status_code == 200
+    assert "javascript:alert(document.cookie)" in page.text
+    assert 'href="javascript:' not in page.text
+    good = reader.get("/mr/https%3A%2F%2Fgitlab.example.com/14/12")
+    assert 'href="https://gitlab.example.com/' in good.text
