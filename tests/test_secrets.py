@@ -93,6 +93,21 @@ def test_cli_reports_a_bad_setting_without_its_value(monkeypatch) -> None:
     assert SECRET not in result.output
 
 
+def test_a_database_url_that_does_not_parse_is_named_not_shown(monkeypatch) -> None:
+    """A password typed where the port belongs: the URL parser's own error quotes it."""
+    for setting in ("SECLEDGER_DATABASE_URL", "SECLEDGER_MIGRATION_DATABASE_URL"):
+        monkeypatch.setenv("SECLEDGER_DATABASE_URL", "postgresql://app@db/secledger")
+        monkeypatch.setenv(setting, f"postgresql://secledger:{SECRET}/secledger")
+        with pytest.raises(ConfigError) as caught:
+            settings = Settings()
+            db.migration_url(settings)
+            db.resolve(settings)
+        assert setting in str(caught.value)
+        assert SECRET not in str(caught.value)
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+        monkeypatch.delenv(setting)
+
+
 def test_help_shows_no_configured_secret(monkeypatch) -> None:
     monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS", SECRET)
     for args in (["--help"], ["serve", "--help"], ["ledger", "--help"]):

@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL, make_url
 
 from secledger import embedded
 from secledger.config import Settings
+from secledger.errors import ConfigError
 
 # libpq waits forever by default: for a connection to a server that does not answer
 # (a partition, a firewall dropping packets), and for the answer on a connection whose
@@ -89,7 +90,8 @@ class Database:
 def resolve(settings: Settings) -> Database:
     """The configured server, or the embedded one started on demand."""
     if settings.database_url is not None:
-        return Database(settings.database_url.get_secret_value(), embedded=False)
+        url = _parsed(settings.database_url.get_secret_value(), "SECLEDGER_DATABASE_URL")
+        return Database(url, embedded=False)
     return Database(embedded.start(settings.pg_data_dir), embedded=True)
 
 
@@ -97,7 +99,19 @@ def migration_url(settings: Settings) -> str | None:
     """The owner login for migrations and rebuilds, when one is configured apart."""
     if settings.migration_database_url is None:
         return None
-    return settings.migration_database_url.get_secret_value()
+    url = settings.migration_database_url.get_secret_value()
+    return _parsed(url, "SECLEDGER_MIGRATION_DATABASE_URL")
+
+
+def _parsed(url: str, setting: str) -> str:
+    """``url`` once it parses; ConfigError otherwise, without the parser's message, which
+    may quote it: a password typed where the port belongs came out in a traceback."""
+    try:
+        make_url(url)
+    except Exception:  # noqa: BLE001 - whatever the parser raises, its text is unsafe
+        message = f"{setting} is not a valid database URL (not shown: it may hold a password)"
+        raise ConfigError(message) from None
+    return url
 
 
 def admin_url(settings: Settings, database: Database) -> str:
