@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -11,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from builders import dumps, mr_event
-from secledger.cli import demo_files, main, try_it_command
+from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import Settings
 
 LEDGER_KEYS = {
@@ -221,3 +225,33 @@ def test_every_setting_is_documented(name: str) -> None:
     assert variable in documented or f"`{name}`" in documented or f"{name} =" in documented, (
         f"{variable} is not documented in README.md or docs/"
     )
+
+
+def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: Path) -> None:
+    """Not a traceback, and not exit 1, which verify and reconcile give their findings:
+    a scheduled job can tell an outage from tampering."""
+    port = _unused_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "SECLEDGER_DATABASE_URL": f"postgresql://app:pw-9f3@127.0.0.1:{port}/x?connect_timeout=5",
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    for args in (["ledger"], ["verify"]):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "secledger"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == DATABASE_UNREACHABLE, done.stderr
+        assert done.stderr.startswith("Error: cannot reach the database: connection failed")
+        assert "Traceback" not in done.stderr
+        assert "pw-9f3" not in done.stderr
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

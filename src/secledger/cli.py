@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psycopg
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from secledger import __version__, logs
 from secledger.config import Settings
@@ -416,6 +418,12 @@ def try_it_command(port: int, secret_file: Path, body: Path) -> str:
     )
 
 
+# The exit status when the database cannot be reached: a scheduled `verify` or
+# `reconcile` must tell an outage (try again) from what its exit 1 means (tampering,
+# differences).
+DATABASE_UNREACHABLE = 3
+
+
 def run() -> None:
     """Console entry point that turns library errors into clean exits."""
     try:
@@ -423,6 +431,12 @@ def run() -> None:
     except SecledgerError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except (OperationalError, psycopg.OperationalError) as exc:
+        # libpq's first line says what failed (refused, timed out, authentication);
+        # it names the host and the user, never the password.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        click.echo(f"Error: cannot reach the database: {reason}", err=True)
+        sys.exit(DATABASE_UNREACHABLE)
 
 
 # Commands from other areas register here, one line each.
