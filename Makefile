@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/secledger demo
 
 test: $(VENV)/.installed-test
-	@bash scripts/ensure-chromium.sh
+	@bash scripts/ensure-test-tools.sh
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
