@@ -361,7 +361,9 @@ def _free(host: str, port: int) -> bool:
 
 
 @main.command()
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option(
+    "--port", type=int, default=8080, show_default=True, help="Port on 127.0.0.1 to serve on."
+)
 @click.option("--no-serve", is_flag=True, help="Replay and print the ledger, then exit.")
 @pass_context
 def demo(context: Context, port: int, no_serve: bool) -> None:

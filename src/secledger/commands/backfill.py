@@ -230,7 +230,13 @@ def reconcile(
 
 
 @click.command()
-@click.option("--limit", type=click.IntRange(1), default=500, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=500,
+    show_default=True,
+    help="Look up at most this many MRs in this run.",
+)
 @click.option("--recheck", is_flag=True, help="Ask again about MRs already looked up.")
 @click.pass_obj
 def enrich(context: Context, limit: int, recheck: bool) -> None:

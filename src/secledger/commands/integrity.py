@@ -117,7 +117,7 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
     \b
     Example:
       secledger verify
-      secledger verify --checkpoint /mnt/worm/checkpoint-000000001234-20261129T120000Z.json \\
+      secledger verify --checkpoint /mnt/worm/checkpoint-000000001234-20261129T120000123456Z.json \\
         --public-key checkpoint-key.pem.pub
     """
     try:

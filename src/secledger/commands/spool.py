@@ -79,7 +79,13 @@ def summary(result: DrainResult) -> str:
 
 
 @spool_group.command(name="drain")
-@click.option("--batch", type=click.IntRange(1, 10_000), default=128, show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 10_000),
+    default=128,
+    show_default=True,
+    help="Deliveries recorded per transaction.",
+)
 @click.pass_obj
 def drain_command(context: Context, batch: int) -> None:
     """Record every spooled delivery, oldest first, through the normal recording path.
