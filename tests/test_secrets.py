@@ -108,6 +108,16 @@ def test_a_database_url_that_does_not_parse_is_named_not_shown(monkeypatch) -> N
         monkeypatch.delenv(setting)
 
 
+def test_a_log_level_is_one_of_the_documented_names(monkeypatch) -> None:
+    """A typo used to fall back to info in silence."""
+    monkeypatch.setenv("SECLEDGER_LOG_LEVEL", "WARNING")
+    assert Settings().log_level == "warning"
+    monkeypatch.setenv("SECLEDGER_LOG_LEVEL", "verbose")
+    result = CliRunner().invoke(main, ["ledger"])
+    assert result.exit_code != 0
+    assert "log_level" in result.output
+
+
 def test_help_shows_no_configured_secret(monkeypatch) -> None:
     monkeypatch.setenv("SECLEDGER_WEBHOOK_SECRETS", SECRET)
     for args in (["--help"], ["serve", "--help"], ["ledger", "--help"]):

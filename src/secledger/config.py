@@ -25,6 +25,7 @@ DEFAULT_TIERS = ("critical", "high", "medium", "low")
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
 ENV_PREFIX = "SECLEDGER_"
 AuthPolicy = Literal["token", "signature", "either", "both"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 def default_data_dir() -> Path:
@@ -168,7 +169,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     max_batch: int = Field(default=128, ge=1, le=10_000)
 
     # GitLab REST API (issue 4): backfill, label-time enrichment, reconciliation, hooks.
@@ -208,6 +209,12 @@ class Settings(BaseSettings):
     sink_max_attempts: int = Field(default=5, ge=1, le=100)
     sink_backoff_seconds: float = Field(default=1.0, ge=0, le=3600)
     sink_backoff_max_seconds: float = Field(default=60.0, ge=0, le=86400)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        # A typo used to fall back to info in silence.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("sink_url")
     @classmethod
