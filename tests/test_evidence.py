@@ -505,6 +505,8 @@ def test_an_mr_merged_without_a_recorded_merge_event_is_in_one_period(
         mr_event("update", labels=["backend"], updated_at=at(10), **common),
         mr_event("merge", actor="carol", labels=["backend"], updated_at=at(12), **common),
         mr_event("update", labels=["sec::high"], state="merged", updated_at=at(20), **common),
+        # A later event must not move it into another period.
+        mr_event("update", labels=["sec::high", "x"], state="merged", updated_at=at(250), **common),
     ]
     recorded = [
         feed(
@@ -517,14 +519,14 @@ def test_an_mr_merged_without_a_recorded_merge_event_is_in_one_period(
         ).status
         for body in history
     ]
-    assert recorded == ["ignored", "ignored", "recorded"]
+    assert recorded == ["ignored", "ignored", "recorded", "recorded"]
     build(engine, tmp_path / "pack")
     (row,) = read_csv(tmp_path / "pack" / "population.csv")
     assert (row["mr_iid"], row["outcome"], row["decided_at"], row["decided_at_source"]) == (
         "70",
         "merged",
         "2025-08-05T05:00:00Z",
-        "last_event",
+        "state_seen",
     )
     build(engine, tmp_path / "before", since=T0, until=SINCE)
     assert read_csv(tmp_path / "before" / "population.csv") == []

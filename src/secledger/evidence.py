@@ -69,14 +69,19 @@ FINDING_COLUMNS = tuple(f.name for f in fields(findings.Finding))
 
 _DECISION_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END"
 # A merged or closed MR whose merge or close event was never recorded (its webhook lost,
-# or the security label added only afterwards) has no decision time; its last event's
-# time stands in, so that it falls in one period instead of none.
-_DECIDED_AT = f"COALESCE({_DECISION_AT}, l.last_event_at)"
+# or the security label added only afterwards) has no decision time. The first recorded
+# event that shows it in that state stands in: it falls in one period instead of none,
+# and later events do not move it to another.
+_STATE_SEEN_AT = (
+    "(SELECT min(e.event_at) FROM review_events e WHERE e.instance = l.instance"
+    " AND e.project_id = l.project_id AND e.mr_iid = l.mr_iid AND e.facts->>'state' = l.state)"
+)
+_DECIDED_AT = f"COALESCE({_DECISION_AT}, {_STATE_SEEN_AT})"
 _CREATE = f"""
 CREATE TEMPORARY TABLE {POPULATION} ON COMMIT DROP AS
 SELECT row_number() OVER (ORDER BY l.instance COLLATE "C", l.project_id, l.mr_iid) AS position,
        l.instance, l.project_id, l.mr_iid, l.state AS outcome, {_DECIDED_AT} AS decided_at,
-       CASE WHEN {_DECISION_AT} IS NULL THEN 'last_event' ELSE 'decision' END
+       CASE WHEN {_DECISION_AT} IS NULL THEN 'state_seen' ELSE 'decision' END
            AS decided_at_source
 FROM security_review_ledger l
 WHERE l.state IN ('merged', 'closed') AND {_DECIDED_AT} >= :since AND {_DECIDED_AT} < :until
