@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from builders import dumps, mr_event
+from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import Settings
 
@@ -255,3 +256,17 @@ def _unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_only_a_connection_failure_is_called_unreachable() -> None:
+    """A lock timeout or a full disk is an OperationalError too, but no outage to wait out."""
+
+    class Failed(Exception):
+        def __init__(self, sqlstate: str | None) -> None:
+            self.sqlstate = sqlstate
+
+    assert cli_module._unreachable(Failed(None))
+    assert cli_module._unreachable(Failed("08006"))
+    assert cli_module._unreachable(Failed("57P01"))
+    assert not cli_module._unreachable(Failed("55P03"))  # lock not available
+    assert not cli_module._unreachable(Failed("53100"))  # disk full

@@ -434,11 +434,21 @@ def run() -> None:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     except (OperationalError, psycopg.OperationalError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        if not _unreachable(cause):
+            raise  # a timeout, a deadlock, a full disk: not an outage to wait out
         # libpq's first line says what failed (refused, timed out, authentication);
         # it names the host and the user, never the password.
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = str(cause).strip().splitlines()[0]
         click.echo(f"Error: cannot reach the database: {reason}", err=True)
         sys.exit(DATABASE_UNREACHABLE)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """No connection, or one the server ended: no SQLSTATE (libpq's own failure),
+    class 08 (connection exception), or 57P01-57P03 (shut down, cannot connect now)."""
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
 # Commands from other areas register here, one line each.
