@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from builders import dumps, mr_event
 from conftest import post
 from receiver import Receiver, unused_port
+from secledger import sink
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.extract import extract_facts
@@ -191,10 +193,12 @@ def test_outage_then_recovery_delivers_every_row_once_in_order(
 
 
 def test_attempts_are_counted_per_row_not_across_rows(
-    engine: Engine, sink_cli, receiver: Receiver
+    engine: Engine, sink_cli, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each row fails once and then goes through: with 3 attempts allowed, none of them
-    is stuck, however many rows there are."""
+    is stuck, however many rows there are. One row a transaction, so that no success
+    in the same batch resets the count by the way."""
+    monkeypatch.setattr(sink, "SEND_BATCH", 1)
     for body in history(4):
         assert record_body(engine, body) == "recorded"
     receiver.flaky = True
@@ -203,6 +207,25 @@ def test_attempts_are_counted_per_row_not_across_rows(
     assert drained.output.strip() == "delivered 4, pending 0"
     assert [r.seq for r in receiver.accepted()] == [1, 2, 3, 4]
     assert len(receiver.requests) == 8
+
+
+def test_a_transaction_posts_up_to_a_hundred_rows(
+    engine: Engine, sink_cli, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit for the markers of many rows, as docs/downstream.md says."""
+    taken: list[int] = []
+    real = outbox.next_pending
+
+    def counted(conn: Any, limit: int) -> list[outbox.Pending]:
+        rows = real(conn, limit)
+        taken.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(outbox, "next_pending", counted)
+    for body in history(5):
+        assert record_body(engine, body) == "recorded"
+    assert sink_cli(receiver.url, "sink", "drain").exit_code == 0
+    assert taken[0] == 5
 
 
 def test_a_second_sender_waits_for_the_first(engine: Engine, sink_cli, receiver: Receiver) -> None:
