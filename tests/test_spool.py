@@ -269,6 +269,24 @@ def test_a_write_that_fails_part_way_keeps_none_of_its_deliveries(
     assert not list((tmp_path / "spool").glob(TEMP_PREFIX + "*"))
 
 
+def test_a_file_that_cannot_be_taken_back_does_not_keep_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    paths = spool.write([delivery(mr_event("update"), f"k-{i}") for i in range(3)])
+    real = Path.unlink
+
+    def stuck(self: Path, missing_ok: bool = False) -> None:
+        if self == paths[0]:
+            raise PermissionError("held")
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", stuck)
+    spool.discard(paths)
+    assert spool.entries() == [paths[0]]
+    assert spool.depth == 1
+
+
 def test_a_refused_delivery_that_cannot_be_set_aside_is_answered_503_and_blocks_nothing(
     receiver: TestClient, engine, spool_settings: Settings
 ) -> None:

@@ -492,11 +492,13 @@ class Recorder:
         try:
             spool.set_aside(path, FAILED, f"the database refused it: {type(exc).__name__}")
         except OSError:
-            # Left in the spool, the drain would meet it again and again, and every
-            # delivery after it would wait behind it: taken back, and answered 503.
-            spool.discard([path])
-            self._fail([job], exc)
-            return
+            if not (spool.directory / FAILED / path.name).exists():
+                # Left in the spool, the drain would meet it again and again, and every
+                # delivery after it would wait behind it: taken back, and answered 503.
+                spool.discard([path])
+                self._fail([job], exc)
+                return
+            # Moved, though not every fsync after the move went through: kept.
         log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
         kept = Outcome("spooled", reason=REFUSED)
         job.resolve(kept)

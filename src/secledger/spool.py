@@ -10,6 +10,7 @@ dropped. No database here: :mod:`secledger.drain` records what this module keeps
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -213,14 +214,14 @@ class Spool:
             self._take_back(paths)
 
     def _take_back(self, paths: Sequence[Path]) -> None:
-        try:
-            for path in paths:
+        # Each on its own: one that cannot be removed must not keep the others. What
+        # stays is drained like any file; GitLab's resend, which the refusal asks for,
+        # is then answered ``duplicate``. Nothing is lost or doubled.
+        for path in paths:
+            with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
             fsync_dir(self.directory)
-        except OSError:
-            # What stays is drained like any file; GitLab's resend, which the refusal
-            # asks for, is then answered ``duplicate``. Nothing is lost or doubled.
-            pass
         self.depth = len(self.entries())
 
     def _write_one(self, delivery: Delivery) -> Path:
