@@ -60,7 +60,10 @@ def test_a_value_python_cannot_read_breaks_the_chain_instead_of_crashing(
     tamper(engine, "UPDATE delivery_log SET received_at = 'infinity' WHERE seq = 2")
     result = cli(database_url, "verify")
     assert result.exit_code == 1
-    assert "chain BROKEN at row seq=1: unreadable: this row or one of the next" in result.output
+    assert "chain BROKEN at row seq=2: unreadable: received_at is 'infinity'" in result.output
+    rebuilt = cli(database_url, "rebuild", "--check")
+    assert rebuilt.exit_code == 1
+    assert "secledger verify" in rebuilt.output
     pack = cli(
         database_url,
         "evidence",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 
 from secledger import checkpoint as signing
 from secledger import integrity
@@ -170,6 +171,10 @@ def rebuild_command(context: Context, check: bool) -> None:
             )
     except SecledgerError as exc:
         raise click.ClickException(str(exc)) from exc
+    except DataError as exc:  # a value written around secledger: verify names the row
+        raise click.ClickException(
+            f"a log row holds a value that cannot be read ({exc.orig}); run `secledger verify`"
+        ) from exc
     for difference in found:
         click.echo(difference.describe())
     verb = "differ from" if check else "were rewritten from"

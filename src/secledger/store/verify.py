@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
@@ -119,6 +119,23 @@ def walk(rows: Iterable[Any], expected: Mapping[int, list[Expected]] | None = No
     return summary
 
 
+UNREADABLE = "unreadable: "
+# The values PostgreSQL keeps and Python's datetime cannot hold.
+_UNREADABLE_AT = text(
+    "SELECT seq, received_at::text FROM delivery_log WHERE seq >= :seq"
+    " AND (NOT isfinite(received_at) OR received_at >= '10000-01-01')"
+    " ORDER BY seq LIMIT 1"
+)
+
+
+def _unreadable_row(conn: Connection, broken: ChainBroken) -> ChainBroken:
+    """``broken`` narrowed from a batch of rows to the row itself, when it can be found."""
+    found = conn.execute(_UNREADABLE_AT, {"seq": broken.seq}).first()
+    if found is None:
+        return broken
+    return ChainBroken(int(found[0]), f"{UNREADABLE}received_at is {found[1]!r}")
+
+
 def _readable(rows: Iterable[Any]) -> Iterator[Any]:
     """``rows`` (from seq 1); a value PostgreSQL holds but the driver cannot read (a
     timestamp of ``infinity``, only ever written around secledger) breaks the chain
@@ -131,7 +148,7 @@ def _readable(rows: Iterable[Any]) -> Iterator[Any]:
         except StopIteration:
             return
         except psycopg.DataError as exc:
-            reason = f"unreadable: this row or one of the next {BATCH_ROWS - 1} holds {exc}"
+            reason = f"{UNREADABLE}this row or one of the next {BATCH_ROWS - 1} holds {exc}"
             raise ChainBroken(seq, reason) from exc
         seq += 1
         yield values
@@ -191,13 +208,18 @@ def verify(
             # psycopg's binary protocol directly: bytea travels as raw bytes, not hex text,
             # which halves what the server sends for a log that is mostly payload.
             raw = conn.connection.driver_connection
-            with raw.cursor(name="secledger_verify", binary=True) as cursor:  # type: ignore[union-attr]
-                cursor.execute(_ROWS)
-                batches = iter(lambda: cursor.fetchmany(BATCH_ROWS), [])
-                if progress is not None:
-                    batches = _counted(batches, progress)
-                with _Prefetch(batches) as rows:
-                    summary = walk(rows, expected)
+            try:
+                with raw.cursor(name="secledger_verify", binary=True) as cursor:  # type: ignore[union-attr]
+                    cursor.execute(_ROWS)
+                    batches = iter(lambda: cursor.fetchmany(BATCH_ROWS), [])
+                    if progress is not None:
+                        batches = _counted(batches, progress)
+                    with _Prefetch(batches) as rows:
+                        summary = walk(rows, expected)
+            except ChainBroken as exc:
+                if not exc.reason.startswith(UNREADABLE):
+                    raise
+                raise _unreadable_row(conn, exc) from None
     summary.stored = stored
     summary.seconds = time.perf_counter() - started
     return summary
