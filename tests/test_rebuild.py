@@ -14,6 +14,7 @@ from secledger import integrity
 from secledger.policy import LabelPolicy
 from secledger.rebuild import DECODERS
 from secledger.store import derived
+from secledger.tierpolicy import CompliancePolicy
 
 LEDGER_ROW_1 = "security_review_ledger https://gitlab.example.com project 14 !1"
 
@@ -127,6 +128,11 @@ def test_rebuild_also_restores_sla_clocks_and_findings(
     with engine.connect() as conn:
         again = conn.execute(text("SELECT * FROM review_sla ORDER BY mr_iid")).mappings().all()
         restored = set(conn.execute(text("SELECT mr_iid, rule FROM findings")).all())
+    # Each edited clock, and each finding (all were deleted), came back different.
+    edited = sum(1 for clock in clocks if clock["first_decision_at"] is not None)
+    assert edited
+    rederived = f"{edited + len(restored)} SLA clocks and findings came out different"
+    assert rederived in fixed.output
     # Re-run as of now, an open MR's clock has also run out since it was recorded.
     assert found < restored
     assert {rule for _, rule in restored - found} == {"sla-breached"}
@@ -149,5 +155,7 @@ def test_check_under_live_traffic_compares_one_snapshot(
         return real(conn, rebuilt)
 
     monkeypatch.setattr(derived, "differences", meanwhile)
-    found = integrity.rebuild_ledger(engine, LabelPolicy(), write=False)
-    assert [d.describe() for d in found] == []
+    found = integrity.rebuild_ledger(
+        engine, LabelPolicy(), write=False, compliance=CompliancePolicy()
+    )
+    assert [d.describe() for d in found.differences] == []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
 from secledger import checkpoint as signing
 from secledger import findings
@@ -60,16 +61,31 @@ def _checkpoint(
     return signed, path
 
 
+@dataclass(frozen=True)
+class Rebuilt:
+    """What ``rebuild_ledger`` found (and, writing, fixed)."""
+
+    differences: list[Difference]
+    # Writing: SLA clocks and findings that came out different when re-run (0 checking).
+    rederived: int = 0
+
+
+# What an SLA clock and a finding say, without when they were last written.
+_CLOCKS = text(
+    "SELECT md5((instance, project_id, mr_iid, risk_tier, sla_hours, business_hours,"
+    " required_approvals, labeled_at, label_seq, deadline, first_decision_at, first_decision,"
+    " first_decision_by, first_decision_seq)::text) FROM review_sla"
+    " UNION ALL SELECT md5((instance, project_id, mr_iid, rule, subject, severity, seqs,"
+    " evidence, resolved_at IS NULL)::text) FROM findings"
+)
+
+
 def rebuild_ledger(
-    engine: Engine,
-    policy: LabelPolicy,
-    *,
-    write: bool,
-    compliance: CompliancePolicy | None = None,
-) -> list[Difference]:
+    engine: Engine, policy: LabelPolicy, *, write: bool, compliance: CompliancePolicy
+) -> Rebuilt:
     """Every derived row that differs from the log; with ``write``, also fix them, and
     then re-run every MR's SLA clock and findings under ``compliance`` (they are derived
-    from the rows just fixed)."""
+    from the rows just fixed), counting those that came out different."""
     with engine.connect() as conn:
         if not write:
             # One snapshot for the log and the tables it is compared with: deliveries
@@ -80,17 +96,19 @@ def rebuild_ledger(
 
 
 def _rebuild_in(
-    conn: Connection, policy: LabelPolicy, write: bool, compliance: CompliancePolicy | None
-) -> list[Difference]:
+    conn: Connection, policy: LabelPolicy, write: bool, compliance: CompliancePolicy
+) -> Rebuilt:
     if write:
         # Hold the chain lock: no delivery is recorded while the tables are repaired.
         Chain.open(conn)
     rebuilt = rebuild(conn, policy)
     if not write:
-        return derived.differences(conn, rebuilt)
+        return Rebuilt(derived.differences(conn, rebuilt))
     fixed = derived.repair(conn, rebuilt)
-    findings.reevaluate_all(conn, compliance or CompliancePolicy(), utcnow())
-    return fixed
+    before = set(conn.execute(_CLOCKS).scalars())
+    findings.reevaluate_all(conn, compliance, utcnow())
+    after = set(conn.execute(_CLOCKS).scalars())
+    return Rebuilt(fixed, len(after - before))
 
 
 def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:
