@@ -118,6 +118,11 @@ def test_a_checkpoint_forged_into_the_table_is_named_as_such(
     assert "stored checkpoint #2" in keyed.output
     assert "signature does not verify" in keyed.output
     assert "were removed" not in keyed.output
+    # Under another key id, the forgery cannot be checked: it is not trusted either.
+    tamper(engine, "UPDATE checkpoints SET key_id = 'someone-else' WHERE id = 2")
+    other = cli(database_url, "verify", "--public-key", f"{key}.pub")
+    assert other.exit_code == 0, other.output
+    assert "1 signed by another key not used" in other.output
 
 
 def test_rewritten_history_with_recomputed_hashes_is_caught(

@@ -18,8 +18,8 @@ from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
-from secledger.store import checkpoints, db
-from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, verify
+from secledger.store import db
+from secledger.store.verify import ChainBroken, Expected, Screen, Summary, log_rows, verify
 from secledger.tierpolicy import CompliancePolicy
 
 if TYPE_CHECKING:
@@ -59,39 +59,43 @@ def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[E
     return vouched
 
 
-def _check_stored(
-    stored_checkpoints: list[tuple[int, Checkpoint]], public: Ed25519PublicKey | None
-) -> int:
-    """Check signatures of stored checkpoints made with ``public``; how many were checked.
-
-    Done before the walk too: a row forged into the table (anyone who may insert there
-    can) would otherwise be taken at its word, and a seq beyond the tail reported as
-    rows removed rather than as the forgery it is.
-    """
+def _screen(public: Ed25519PublicKey | None) -> Screen | None:
+    """With ``public``, what ``verify`` may trust of the stored checkpoints: those it
+    signed, once their signatures hold. A bad one is a forgery (anyone who may insert
+    into the table can add one) and is named as such, not taken at its word (a seq
+    beyond the tail would read as rows removed). One made with another key cannot be
+    checked here, so it is not trusted either (``_report`` counts it)."""
     if public is None:
-        return 0
+        return None
     own = signing.key_id(public)
-    checked = 0
-    for ident, stored in stored_checkpoints:
-        if stored.key_id != own:
-            continue
-        try:
-            signing.check_signature(stored, public)
-        except signing.BadCheckpoint as exc:
-            raise ChainBroken(stored.seq, f"stored checkpoint #{ident}: {exc}") from None
-        checked += 1
-    return checked
+
+    def trusted(stored: list[tuple[int, Checkpoint]]) -> list[tuple[int, Checkpoint]]:
+        kept = []
+        for ident, checkpoint in stored:
+            if checkpoint.key_id != own:
+                continue
+            try:
+                signing.check_signature(checkpoint, public)
+            except signing.BadCheckpoint as exc:
+                raise ChainBroken(checkpoint.seq, f"stored checkpoint #{ident}: {exc}") from None
+            kept.append((ident, checkpoint))
+        return kept
+
+    return trusted
 
 
-def _report(summary: Summary, signatures: int) -> None:
+def _report(summary: Summary, checked: bool) -> None:
     span = f"seq {summary.first_seq}..{summary.last_seq}" if summary.rows else "empty log"
     click.echo(
         f"chain OK: {summary.rows} rows, {span}, head {summary.head_hash.hex()},"
         f" {summary.seconds:.2f} s"
     )
+    signatures = len(summary.trusted) if checked else 0
+    other = len(summary.stored) - signatures if checked else 0
+    note = f", {other} signed by another key not used" if other else ""
     click.echo(
         f"checkpoints: {len(summary.matched)} matched"
-        f" ({len(summary.stored)} stored, {signatures} stored signatures verified)"
+        f" ({len(summary.stored)} stored, {signatures} stored signatures verified{note})"
     )
     for label in summary.matched:
         click.echo(f"  matches {label}")
@@ -125,18 +129,15 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
         public = _public_key(context, public_key)
         vouched = _vouched(files, public)
         with _engine(context.database.url) as engine, stderr_progress() as bar:
-            with engine.connect() as conn:
-                _check_stored(checkpoints.stored(conn), public)
             advance = RichTracker(bar).task("verifying", log_rows(engine))
-            summary = verify(engine, vouched, progress=advance)
-        signatures = _check_stored(summary.stored, public)
+            summary = verify(engine, vouched, progress=advance, screen=_screen(public))
     except ChainBroken as exc:
         click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)
         raise SystemExit(1) from None
     except SecledgerError as exc:
         click.echo(f"verify failed: {exc}", err=True)
         raise SystemExit(1) from None
-    _report(summary, signatures)
+    _report(summary, public is not None)
 
 
 @click.command(name="rebuild")

@@ -58,6 +58,12 @@ class Summary:
     seconds: float = 0.0
     matched: list[str] = field(default_factory=list)
     stored: list[tuple[int, Checkpoint]] = field(default_factory=list)
+    # The stored checkpoints the walk held the chain to (all of them, without a screen).
+    trusted: list[tuple[int, Checkpoint]] = field(default_factory=list)
+
+
+# Picks the stored checkpoints to trust, or raises ChainBroken for a forged one.
+Screen = Callable[[list[tuple[int, Checkpoint]]], list[tuple[int, Checkpoint]]]
 
 
 def _sequence_problem(seq: int, expected_seq: int) -> str:
@@ -194,17 +200,21 @@ def verify(
     vouched: Iterable[Expected] = (),
     *,
     progress: Callable[[int], None] | None = None,
+    screen: Screen | None = None,
 ) -> Summary:
     """Walk the whole log in one snapshot against ``vouched`` heads and stored checkpoints.
 
     ``progress``, when given, is called with the size of each batch of rows fetched.
+    ``screen``, when given, picks the stored checkpoints to trust (in the same snapshot),
+    or raises ChainBroken for a forged one; without it every stored one is trusted.
     """
     started = time.perf_counter()
     with engine.connect() as plain:
         conn = plain.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             stored = checkpoints.stored(conn)
-            expected = _with_stored(vouched, stored)
+            trusted = screen(stored) if screen is not None else stored
+            expected = _with_stored(vouched, trusted)
             # psycopg's binary protocol directly: bytea travels as raw bytes, not hex text,
             # which halves what the server sends for a log that is mostly payload.
             raw = conn.connection.driver_connection
@@ -220,7 +230,7 @@ def verify(
                 if not exc.reason.startswith(UNREADABLE):
                     raise
                 raise _unreadable_row(conn, exc) from None
-    summary.stored = stored
+    summary.stored, summary.trusted = stored, trusted
     summary.seconds = time.perf_counter() - started
     return summary
 
