@@ -139,3 +139,17 @@ def test_connections_give_up_on_a_silent_server_unless_the_url_says_otherwise(
         assert applied["connect_timeout"] == "3"
         for name in ("keepalives", "keepalives_idle", "tcp_user_timeout"):
             assert applied[name] == db.CONNECTION_DEFAULTS[name]
+
+
+def test_the_environment_and_a_service_file_keep_their_connection_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value in the URL would override libpq's environment and service file."""
+    url = "postgresql://app@db.internal/secledger"
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
+    assert "connect_timeout" not in make_url(db.libpq_url(url)).query
+    assert "keepalives" in make_url(db.libpq_url(url)).query
+    monkeypatch.setenv("PGSERVICE", "ledger")
+    assert dict(make_url(db.libpq_url(url)).query) == {}
+    monkeypatch.delenv("PGSERVICE")
+    assert dict(make_url(db.libpq_url(url + "?service=ledger")).query) == {"service": "ledger"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +31,18 @@ CONNECTION_DEFAULTS = {
 }
 
 
+# libpq reads these from the environment; a value in the URL would override them.
+_FROM_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}
+
+
 def _with_defaults(parsed: URL) -> URL:
-    missing = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in parsed.query}
+    if "service" in parsed.query or os.environ.get("PGSERVICE"):
+        return parsed  # a service file's settings are the operator's: none added
+    missing = {
+        name: value
+        for name, value in CONNECTION_DEFAULTS.items()
+        if name not in parsed.query and not os.environ.get(_FROM_ENVIRONMENT.get(name, ""))
+    }
     return parsed.update_query_dict(missing) if missing else parsed
 
 
