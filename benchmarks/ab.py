@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,51 +51,18 @@ class Runs:
     postgres_us: list[float] = field(default_factory=list)
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds so far of the process ``pid`` (all threads) and of all PostgreSQL processes."""
-    own = sum(cpu.cpu_seconds(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir())
-    postgres = 0.0
-    for backend in cpu.postgres_pids():
-        try:
-            postgres += cpu.cpu_seconds(Path(f"/proc/{backend}/stat"))
-        except OSError:  # exited between pgrep and the read
-            continue
-    return own, postgres
-
-
 def run_once(name: str, server: servers.Server, runs: Runs, args: argparse.Namespace) -> None:
     """Load ``server`` once; add its rate and CPU per delivery to ``runs``."""
-    window: list[tuple[float, tuple[float, float]]] = []
-
-    def sample() -> None:
-        time.sleep(1.5 + args.warmup + args.duration * 0.2)
-        window.append((time.monotonic(), _cpu(server.process.pid)))
-        time.sleep(args.duration * 0.6)
-        window.append((time.monotonic(), _cpu(server.process.pid)))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     paths = {"path": "/parse", "security_path": "/insert"} if name == "C" else {}
-    load = servers.load(
-        run=f"ab-{name}-{time.time_ns()}",
-        mix=args.mix,
-        ports=[server.port],
-        project=time.time_ns() // 1000 % 1_000_000,
-        clients=2,
-        conns=args.conns,
-        duration=args.duration,
-        warmup=args.warmup,
-        rate=args.rate,
-        **paths,
-    )
-    sampler.join()
+    load, first, last = cpu.sampled_load(f"ab-{name}", server, args, args.mix, **paths)
     if load.ok != load.sent:
         raise SystemExit(f"{name}: {load.sent - load.ok} of {load.sent} requests were not 2xx")
-    (start, before), (end, after) = window
-    deliveries = load.rate * (end - start)
+    deliveries = load.rate * (last.at - first.at)
+    serving = sum(t[0] for t in cpu.deltas(first.server, last.server))
+    postgres = sum(b[0] for b in cpu.deltas(first.postgres, last.postgres))
     runs.rates.append(load.rate)
-    runs.serving_us.append((after[0] - before[0]) / deliveries * 1e6)
-    runs.postgres_us.append((after[1] - before[1]) / deliveries * 1e6)
+    runs.serving_us.append(serving / deliveries * 1e6)
+    runs.postgres_us.append(postgres / deliveries * 1e6)
 
 
 def report(results: dict[str, Runs], saturate: bool) -> None:

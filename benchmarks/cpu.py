@@ -84,7 +84,7 @@ def _counters(path: Path) -> tuple[float, float, float]:
     return (cpu_seconds(path / "stat"), *schedstat(path / "schedstat"))
 
 
-def _deltas(
+def deltas(
     before: dict[int, tuple[float, float, float]], after: dict[int, tuple[float, float, float]]
 ) -> list[tuple[float, float, float]]:
     """Per id present in both samples, busiest first."""
@@ -110,8 +110,8 @@ def split_threads(
     """
     zero = (0.0, 0.0, 0.0)
     both = main in before and main in after
-    mine = _deltas({main: before[main]}, {main: after[main]}) if both else []
-    others = _deltas(
+    mine = deltas({main: before[main]}, {main: after[main]}) if both else []
+    others = deltas(
         {k: v for k, v in before.items() if k != main},
         {k: v for k, v in after.items() if k != main},
     )
@@ -148,8 +148,11 @@ def _thread_cell(thread: tuple[float, float, float]) -> str:
     return f"{us:.0f} us; {on:.2f} / {queued:.2f}"
 
 
-def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths: str) -> Row:
-    """Load ``server`` with the security mix; sample over the middle of the run."""
+def sampled_load(
+    name: str, server: servers.Server, args: argparse.Namespace, mix: str, **paths: str
+) -> tuple[servers.Load, Sample, Sample]:
+    """Load ``server`` with ``mix``; its counters at the start and end of the middle 60 %
+    of the measured run (the window that leaves out warm-up and wind-down)."""
     window: list[Sample] = []
 
     def sample() -> None:
@@ -161,10 +164,10 @@ def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths
     sampler = threading.Thread(target=sample)
     sampler.start()
     load = servers.load(
-        run=f"cpu-{name}-{int(time.time())}",
-        mix="security",
+        run=f"{name}-{time.time_ns()}",
+        mix=mix,
         ports=[server.port],
-        project=int(time.time()) % 1_000_000,
+        project=time.time_ns() // 1000 % 1_000_000,
         clients=2,
         conns=args.conns,
         duration=args.duration,
@@ -174,10 +177,16 @@ def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths
     )
     sampler.join()
     first, last = window
+    return load, first, last
+
+
+def measure(name: str, server: servers.Server, args: argparse.Namespace, **paths: str) -> Row:
+    """Load ``server`` with the security mix; sample over the middle of the run."""
+    load, first, last = sampled_load(f"cpu-{name}", server, args, "security", **paths)
     wall = last.at - first.at
     deliveries = load.rate * wall
-    threads = _deltas(first.server, last.server)
-    backends = _deltas(first.postgres, last.postgres)
+    threads = deltas(first.server, last.server)
+    backends = deltas(first.postgres, last.postgres)
     if not backends:
         raise SystemExit("no process named 'postgres' was found to measure")
     loop, other = split_threads(first.server, last.server, server.process.pid)

@@ -70,7 +70,7 @@ def test_cpu_counters_read_this_process_and_grow_with_work() -> None:
     after, (on_cpu_after, _) = cpu.cpu_seconds(me / "stat"), cpu.schedstat(me / "schedstat")
     assert 0.2 <= after - before < 5
     assert 0.2 <= on_cpu_after - on_cpu < 5
-    busiest = cpu._deltas(
+    busiest = cpu.deltas(
         {1: (1.0, 2.0, 0.5), 2: (0.0, 0.0, 0.0)}, {1: (1.5, 2.4, 0.6), 3: (9, 9, 9)}
     )
     assert len(busiest) == 1  # only ids present in both samples

@@ -91,17 +91,18 @@ HISTORY = [
 ]
 
 
+def fed(engine: Engine, body: dict[str, Any]) -> str:
+    """The status of ``body`` fed as a replayed delivery."""
+    headers = {"x-gitlab-event": "Merge Request Hook"}
+    outcome = feed(
+        engine, LabelPolicy(), headers, dumps(body), max_body_bytes=10_000_000, source="replay"
+    )
+    return outcome.status
+
+
 def record(engine: Engine) -> None:
     for body in HISTORY:
-        outcome = feed(
-            engine,
-            LabelPolicy(),
-            {"x-gitlab-event": "Merge Request Hook"},
-            dumps(body),
-            max_body_bytes=10_000_000,
-            source="replay",
-        )
-        assert outcome.status == "recorded"
+        assert fed(engine, body) == "recorded"
 
 
 @pytest.fixture(scope="module")
@@ -508,17 +509,7 @@ def test_an_mr_merged_without_a_recorded_merge_event_is_in_one_period(
         # A later event must not move it into another period.
         mr_event("update", labels=["sec::high", "x"], state="merged", updated_at=at(250), **common),
     ]
-    recorded = [
-        feed(
-            engine,
-            LabelPolicy(),
-            {"x-gitlab-event": "Merge Request Hook"},
-            dumps(body),
-            max_body_bytes=10_000_000,
-            source="replay",
-        ).status
-        for body in history
-    ]
+    recorded = [fed(engine, body) for body in history]
     assert recorded == ["ignored", "ignored", "recorded", "recorded"]
     build(engine, tmp_path / "pack")
     (row,) = read_csv(tmp_path / "pack" / "population.csv")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import psycopg
 import structlog
 
 from builders import dumps, mr_event
+from replicas import recorded_elsewhere, wait_for
 from secledger import membership
 from secledger.config import Settings
 from secledger.extract import MRKey
@@ -16,6 +16,7 @@ from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
+from secledger.times import utcnow
 
 KEY = MRKey("https://gitlab.example.com", 14, 1)
 
@@ -35,12 +36,7 @@ def test_keys_written_before_listening_are_not_missed(engine, database_url) -> N
     assert outcome.status == "recorded"
     known.listen(db.libpq_url(database_url))
     try:
-        pause = threading.Event()
-        for _ in range(200):  # bounded: at most 20 s on a loaded machine
-            if KEY in known:
-                break
-            pause.wait(0.1)
-        assert KEY in known
+        assert wait_for(lambda: KEY in known)
     finally:
         known.close()
 
@@ -66,21 +62,9 @@ def test_the_follower_goes_on_after_an_error_that_is_not_the_database(
     with structlog.testing.capture_logs() as lines:
         known.listen(db.libpq_url(database_url))
         try:
-            pause = threading.Event()
-            for _ in range(100):  # bounded: the first attempt fails at once
-                if calls["n"] >= 2:
-                    break
-                pause.wait(0.1)
-            policy = LabelPolicy.from_settings(Settings())
-            headers = {"x-gitlab-event": "Merge Request Hook"}
-            body = dumps(mr_event("open"))
-            outcome = feed(engine, policy, headers, body, max_body_bytes=1 << 20, source="replay")
-            assert outcome.status == "recorded"
-            for _ in range(200):  # bounded: at most 20 s on a loaded machine
-                if KEY in known:
-                    break
-                pause.wait(0.1)
-            assert KEY in known
+            assert wait_for(lambda: calls["n"] >= 2, 10)  # the first attempt fails at once
+            recorded_elsewhere(engine, mr_event("open"), utcnow())
+            assert wait_for(lambda: KEY in known)
         finally:
             known.close()
     failed = [line for line in lines if line["event"] == "listen_failed"]

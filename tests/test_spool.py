@@ -44,6 +44,24 @@ def log_rows(engine: Engine) -> list[tuple[int, str, datetime, str]]:
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 
+def refuse_iid_7(engine: Engine) -> None:
+    """Make the database refuse any delivery of MR !7 (a trigger on review_events)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_iid_7 BEFORE INSERT ON review_events"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
+            )
+        )
+
+
 @contextmanager
 def database_down(server_url: str, database_url: str) -> Iterator[None]:
     """Refuse every connection to the test's database, as if its server were gone."""
@@ -292,20 +310,7 @@ def test_a_refused_delivery_that_cannot_be_set_aside_is_answered_503_and_blocks_
 ) -> None:
     """Kept in the spool instead of failed/, the drain would meet it again at every retry,
     and every later delivery would be spooled behind it for good."""
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
-                " RETURN NEW; END $$"
-            )
-        )
-        conn.execute(
-            text(
-                "CREATE TRIGGER refuse_iid_7 BEFORE INSERT ON review_events"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
-            )
-        )
+    refuse_iid_7(engine)
     # A file where the failed/ folder would be made: setting aside fails (also as root).
     (spool_settings.spool_path / "failed").write_text("in the way\n")
     refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
@@ -344,20 +349,7 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     receiver: TestClient, engine, spool_settings
 ) -> None:
     """GitLab counts a 5xx against the hook; a refused delivery is kept, not lost."""
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
-                " RETURN NEW; END $$"
-            )
-        )
-        conn.execute(
-            text(
-                "CREATE TRIGGER refuse_iid_7 BEFORE INSERT ON review_events"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
-            )
-        )
+    refuse_iid_7(engine)
     refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
     accepted = post(receiver, mr_event("open", iid=8), Idempotency_Key="r-8")
     assert refused.status_code == 202
