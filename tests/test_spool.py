@@ -198,6 +198,9 @@ def test_receiver_spools_with_202_while_the_database_is_down_and_drains_after(
         ready = receiver.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["spool"]["depth"] == 3
+        # Anyone may ask /readyz: it must not say where the spool lives.
+        assert "directory" not in ready.json()["spool"]
+        assert str(spool_settings.spool_path) not in ready.text
         assert len(list(spool_settings.spool_path.glob("*.dlv"))) == 3
     assert [a.status_code for a in answers] == [202, 202, 202]
     assert {a.json()["status"] for a in answers} == {"spooled"}

@@ -119,7 +119,10 @@ def create_api(
                 checks["error"] = type(exc).__name__
             # Deliveries waiting for the database: acknowledged, not yet in the ledger.
             try:
-                checks["spool"] = runtime.spool.status().to_json()
+                # Open to anyone: counts only, not where the spool lives on the host.
+                spool = runtime.spool.status().to_json()
+                spool.pop("directory", None)
+                checks["spool"] = spool
             except OSError as exc:
                 checks["spool"] = {"error": exc.strerror or type(exc).__name__}
         ready = checks["database"] and checks["migrations"]
