@@ -147,6 +147,21 @@ def test_failed_logins_are_logged_without_the_password_and_then_rate_limited(
     assert PASSWORD not in repr(logged)
 
 
+def test_a_name_that_is_no_user_is_not_logged(reader, monkeypatch) -> None:
+    # Often a password typed into the user field: it must not reach the log.
+    monkeypatch.setattr(pages, "log", structlog.get_logger("secledger.dashboard"))
+    typed = "Tr0ub4dor&3-typed-in-the-wrong-field"
+    with capture_logs() as logged:
+        for _ in range(6):
+            post_login(reader, typed, "anything-123456")
+        post_login(reader, USER, "guess-123456")
+    events = [line["event"] for line in logged]
+    # The address is limited by then too; a real user's name is still logged.
+    assert events == ["login_failed"] * 5 + ["login_rate_limited"] * 2
+    assert typed not in repr(logged)
+    assert [line["user"] for line in logged] == [None] * 6 + [USER]
+
+
 def test_unknown_users_fail_like_wrong_passwords(reader) -> None:
     response = post_login(reader, "mallory", "x" * 12)
     assert response.status_code == 401

@@ -158,6 +158,11 @@ class Authenticator:
         matched = verify_password(password, encoded or _dummy_hash())
         return encoded is not None and matched
 
+    def logged_name(self, name: str) -> str | None:
+        """``name`` for a log line when it is a user; None otherwise: a name that is no
+        user is often a password typed into the wrong field."""
+        return name if name in self.users else None
+
     def session_cookie(self, name: str) -> str:
         """A signed, timestamped cookie value naming ``name``."""
         return self._signer.dumps({"u": name})

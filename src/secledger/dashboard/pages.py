@@ -126,7 +126,7 @@ def _attempt(state: Dashboard, database: Engine, name: str, password: str, clien
     if not reservation.allowed:
         log.warning(
             "login_rate_limited",
-            user=name,
+            user=state.auth.logged_name(name),
             client=client,
             user_failures=reservation.user_failures,
             client_failures=reservation.client_failures,
@@ -135,7 +135,7 @@ def _attempt(state: Dashboard, database: Engine, name: str, password: str, clien
     ok = state.auth.check_password(name, password)
     state.throttle.settle(database, reservation, succeeded=ok)
     if not ok:
-        log.warning("login_failed", user=name, client=client)
+        log.warning("login_failed", user=state.auth.logged_name(name), client=client)
     return "ok" if ok else "failed"
 
 
