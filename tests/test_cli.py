@@ -199,6 +199,19 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     assert "invalid configuration" in result.output
 
 
+def test_help_works_with_a_broken_configuration() -> None:
+    # Help is what someone reaches for to fix the configuration.
+    broken = {"SECLEDGER_PORT": "not-a-port"}
+    for args in (["serve", "--help"], ["spool", "status", "--help"], ["--help"]):
+        result = CliRunner().invoke(main, args, env=broken)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage:" in result.output
+    # The error still comes as soon as a command runs.
+    result = CliRunner().invoke(main, ["spool", "status"], env=broken)
+    assert result.exit_code == 1
+    assert "invalid configuration" in result.output
+
+
 def all_commands(group: click.Group, prefix: str = "secledger") -> list[tuple[str, click.Command]]:
     found: list[tuple[str, click.Command]] = []
     for name, command in sorted(group.commands.items()):

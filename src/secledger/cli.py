@@ -43,11 +43,27 @@ TABLE_COLUMNS = (
 
 
 class Context:
-    """Settings built once per invocation, and the database opened on demand."""
+    """Settings read once per invocation when a command first needs them, and the
+    database opened on demand.
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    Read lazily so that ``secledger COMMAND --help`` works with a broken configuration:
+    the group runs before a subcommand's ``--help`` is seen.
+    """
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
         self._database: db.Database | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = _load_settings()
+            logs.configure(self._settings.log_level)
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self._settings = settings
 
     @property
     def database(self) -> db.Database:
@@ -86,14 +102,16 @@ def main(ctx: click.Context) -> None:
     Example:
       SECLEDGER_WEBHOOK_SECRETS=s3cret secledger serve --port 8080
     """
+    ctx.obj = Context()
+
+
+def _load_settings() -> Settings:
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:
         raise click.ClickException(f"invalid configuration: {describe(exc)}") from None
     except ValueError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
-    logs.configure(settings.log_level)
-    ctx.obj = Context(settings)
 
 
 def describe(exc: ValidationError) -> str:
