@@ -10,6 +10,7 @@ from secledger import payloads as p
 from secledger.errors import TimestampError
 from secledger.intake import Decoded, Delivery
 from secledger.policy import LabelPolicy
+from secledger.quickinit import quick
 from secledger.times import isoformat, parse_optional, parse_stored
 
 # GitLab's action → the decision it records. EE sends approval/unapproval per user,
@@ -63,6 +64,7 @@ class MRKey(NamedTuple):
     mr_iid: int
 
 
+@quick
 @dataclass(frozen=True)
 class EventFacts:
     """What one event says about a security merge request."""

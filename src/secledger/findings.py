@@ -17,6 +17,7 @@ from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
 from secledger.projection import SequencedEvent, ordered_facts
+from secledger.quickinit import quick
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
@@ -69,6 +70,7 @@ RESOLVE = (
 )
 
 
+@quick
 @dataclass(frozen=True)
 class Assessment:
     """One MR's clock and findings as evaluated, ready to store (bind parameters)."""
@@ -299,6 +301,7 @@ def reevaluate_all(conn: Connection, policy: CompliancePolicy, now: datetime) ->
     return count
 
 
+@quick
 @dataclass(frozen=True)
 class Finding:
     """One finding, as `secledger findings` and the reports return it.

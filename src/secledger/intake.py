@@ -27,6 +27,7 @@ from secledger.errors import (
     WrongInstance,
 )
 from secledger.headers import RequestHeaders
+from secledger.quickinit import quick
 
 MR_EVENTS = frozenset({"Merge Request Hook", "System Hook"})
 
@@ -58,6 +59,7 @@ _HOST = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|\[[0-9a-f:.]+
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
 
+@quick
 @dataclass(frozen=True)
 class Delivery:
     """A verified, decoded merge-request delivery, ready for extraction."""
@@ -152,6 +154,7 @@ class Sources:
         return self.instances.get(claimed or "", self.default)
 
 
+@quick
 @dataclass(frozen=True)
 class Verified:
     """How a request proved where it came from."""

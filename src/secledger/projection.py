@@ -14,6 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 from secledger.extract import EventFacts
+from secledger.quickinit import quick
 
 # Webhook times are MR updated_at with second precision; the API has the fact's own
 # time in milliseconds. The two clocks differ by well under this for one action.
@@ -55,6 +56,7 @@ LEDGER_COLUMNS = (
 )
 
 
+@quick
 @dataclass(frozen=True)
 class SequencedEvent:
     """An event with its position in the log."""

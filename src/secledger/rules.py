@@ -17,6 +17,7 @@ from typing import Any
 
 from secledger.extract import EventFacts, MRKey
 from secledger.projection import SequencedEvent
+from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
 SEVERITIES = ("critical", "high", "medium", "low")
@@ -31,6 +32,7 @@ def stamp(value: datetime | None) -> str | None:
     return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
+@quick
 @dataclass(frozen=True)
 class SlaClock:
     """When one MR's review was due and when (and by what) its clock stopped."""
@@ -55,6 +57,7 @@ class SlaClock:
         return self.first_decision_at <= self.deadline
 
 
+@quick
 @dataclass(frozen=True)
 class MRHistory:
     """One merge request: its events in event-time order and what the ledger folded."""
@@ -66,6 +69,7 @@ class MRHistory:
     labeled_at: datetime | None
 
 
+@quick
 @dataclass(frozen=True)
 class Hit:
     """One finding as a rule reports it."""
@@ -77,6 +81,7 @@ class Hit:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+@quick
 @dataclass(frozen=True)
 class Context:
     """Everything a rule may read."""

@@ -24,6 +24,7 @@ from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold_read
+from secledger.quickinit import quick
 from secledger.store import batchread, ledger, log, outbox
 from secledger.store.eventcache import EventCache
 from secledger.store.log import Chain
@@ -52,6 +53,7 @@ class Recording:
 DEFAULT_RECORDING = Recording()
 
 
+@quick
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one delivery, as answered to its sender."""

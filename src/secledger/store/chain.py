@@ -16,12 +16,14 @@ from typing import Any
 from sqlalchemy import RowMapping
 
 from secledger import digest
+from secledger.quickinit import quick
 
 GENESIS = bytes(32)
 FORMAT = b"secledger.log.v1\n"
 FIELDS = ("seq", "received_at", "source", "event", "instance", "dedup_key", "headers")
 
 
+@quick
 @dataclass(frozen=True)
 class LogRow:
     """One delivery-log row as it is hashed."""

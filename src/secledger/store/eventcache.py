@@ -19,6 +19,7 @@ from typing import Any
 
 from secledger.extract import MRKey
 from secledger.projection import SequencedEvent
+from secledger.quickinit import quick
 
 # Read in the same pipeline as the events, and before them, so that a fingerprint can
 # only be older than the events it is stored with (a later check then reads again).
@@ -33,6 +34,7 @@ XID = "SELECT txid_current() % 4294967296"
 DEFAULT_SIZE = 4096
 
 
+@quick
 @dataclass(frozen=True)
 class Fingerprint:
     """What the table says about one merge request's events."""
@@ -59,6 +61,7 @@ def fingerprints(rows: Iterable[tuple[Any, ...]]) -> dict[MRKey, Fingerprint]:
     }
 
 
+@quick
 @dataclass(frozen=True)
 class Cached:
     """One merge request's events and the fingerprint they were read or written under."""
