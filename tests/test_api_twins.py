@@ -3,7 +3,7 @@
 The ledger fold keeps the webhook's copy and drops the API's (``projection.merge_sources``),
 then counts an event repeated by another hook once (``projection.distinct_facts``). The
 reviewers report and the ``bi_decisions``/``bi_reviewer_metrics`` views count the same
-events (``copies.COUNTED``, which migration 0011 wrote into ``bi_decisions``).
+events (``copies.COUNTED``, which migration 0013 wrote into ``bi_decisions``).
 """
 
 from __future__ import annotations
@@ -194,6 +194,18 @@ CASES = [
 ]
 
 
+def folded_decisions(engine: Engine, iid: int) -> list[tuple[int, str, str, str]]:
+    """The decisions the fold counts in MR ``iid``, as ``decisions`` lists them."""
+    with engine.connect() as conn:
+        events = ledger.events_of(conn, MRKey(WEB, 14, iid))
+    counted = sorted(distinct_facts(merge_sources(events)), key=lambda e: (e.facts.event_at, e.seq))
+    return [
+        (iid, e.facts.decision, e.facts.actor or "", e.facts.source)
+        for e in counted
+        if e.facts.decision is not None
+    ]
+
+
 def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> None:
     """Around every edge of the matching rule, ``bi_decisions`` and the reviewers report
     keep the events the fold keeps."""
@@ -206,15 +218,7 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
             assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
         if not iid % 2:
             replay(engine, WEB, story.webhooks())
-    kept: list[tuple[int, str, str, str]] = []
-    with engine.connect() as conn:
-        for iid in range(1, len(CASES) + 1):
-            events = ledger.events_of(conn, MRKey(WEB, 14, iid))
-            counted = distinct_facts(merge_sources(events))
-            for event in sorted(counted, key=lambda e: (e.facts.event_at, e.seq)):
-                facts = event.facts
-                if facts.decision is not None:
-                    kept.append((iid, facts.decision, facts.actor or "", facts.source))
+    kept = [row for iid in range(1, len(CASES) + 1) for row in folded_decisions(engine, iid)]
     assert decisions(engine) == kept
     # Twins in cases 1-4, 6 and 10; the other API approvals count as well as bob's.
     approvals = sum(1 for _, decision, *_ in kept if decision == "approved")
@@ -223,9 +227,9 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
 
 
 def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
-    """Migration 0011 wrote ``copies.COUNTED`` into bi_decisions: the two must agree, or a
+    """Migration 0013 wrote ``copies.COUNTED`` into bi_decisions: the two must agree, or a
     change to one needs a migration for the other."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0011")
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0013")
     assert revision is not None
     written = " ".join(revision.module.COUNTED.split())
     assert written == " ".join(copies.COUNTED.split())
@@ -250,3 +254,85 @@ def test_migration_0011_downgrades_to_0010s_view_and_back(engine: Engine) -> Non
         conn.commit()
     with engine.connect() as conn:
         assert migrate.is_current(conn)
+
+
+def test_migration_0013_downgrades_to_0011s_view_and_back(engine: Engine) -> None:
+    """The downgrade restores the view 0011 wrote, and the upgrade applies again."""
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    restored, written = scripts.get_revision("0013"), scripts.get_revision("0011")
+    assert restored is not None
+    assert written is not None
+    assert restored.module.DOWNGRADE == written.module.UPGRADE
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0011")
+        assert migrate.current_revision(conn) == "0011"
+        command.upgrade(config, "head")
+        conn.commit()
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)
+
+
+def undated_approval(iid: int, actor: str, updated_at: str) -> dict[str, Any]:
+    """The envelope of an approval the API gives no time, for an open MR last updated at
+    ``updated_at`` (its upper bound)."""
+    mr = Story(iid=iid, decision=None).mr() | {"updated_at": updated_at}
+    [envelope] = apifacts.approval_envelopes(mr, {"approved_by": [{"user": api_user(actor)}]})
+    return envelope
+
+
+# After bob's webhook approval at 21:00: (what the webhooks told next, the MR's updated_at
+# when the API was asked, the approvers, whether the API's undated approval by bob counts).
+STANDING = {
+    "revoked-before-the-api-was-asked": (
+        [("unapproved", "bob", "21:10:00")],
+        "2025-08-05T21:20:00.394Z",
+        ["bob"],
+        True,
+    ),
+    "revoked-after-the-api-was-asked": (
+        [("unapproved", "bob", "21:10:00")],
+        "2025-08-05T21:05:00.394Z",
+        [],
+        False,
+    ),
+    "revoked-then-approved-again": (
+        [("unapproved", "bob", "21:10:00"), ("approved", "bob", "21:15:00")],
+        "2025-08-05T21:20:00.394Z",
+        ["bob"],
+        False,
+    ),
+    "another-users-revocation": (
+        [("approved", "dave", "21:05:00"), ("unapproved", "dave", "21:10:00")],
+        "2025-08-05T21:20:00.394Z",
+        ["bob"],
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("api_first", [False, True], ids=["webhooks-first", "api-first"])
+@pytest.mark.parametrize("case", list(STANDING))
+def test_an_undated_api_approval_copies_only_an_approval_still_standing(
+    engine: Engine, case: str, api_first: bool
+) -> None:
+    """An approval the API gives no time is the copy of the same user's latest approval
+    before its bound only while that approval stands then: bob approves, revokes, and
+    approves again with no webhook telling it, and the API's approval is that new one."""
+    then, updated_at, approvers, api_counts = STANDING[case]
+    story = Story(iid=1, decision=None)
+    bodies = story.webhooks()
+    for action, who, at in then:
+        bodies.append(mr_event(action, actor=who, updated_at=f"2025-08-05 {at} UTC"))
+    if not api_first:
+        replay(engine, WEB, bodies)
+    with engine.begin() as conn:
+        assert record_envelopes(conn, WEB, [undated_approval(1, "bob", updated_at)], POLICY) == 1
+    if api_first:
+        replay(engine, WEB, bodies)
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == approvers
+    kept = folded_decisions(engine, 1)
+    assert ((1, "approved", "bob", "api") in kept) is api_counts
+    assert decisions(engine) == kept

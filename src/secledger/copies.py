@@ -5,7 +5,7 @@ One decision can be logged more than once: told by a webhook and again by the Gi
 a system hook. The ledger fold counts it once: ``projection.merge_sources`` drops an API
 fact a webhook event tells, then ``projection.distinct_facts`` keeps the first of the
 events that repeat one another. :data:`COUNTED` says the same of a decision event ``e``,
-so the reviewers report and the ``bi_decisions`` view (migration 0011 holds a copy of the
+so the reviewers report and the ``bi_decisions`` view (migration 0013 holds a copy of the
 text; a test keeps the two equal) count the events the ledger row was folded from.
 """
 
@@ -17,19 +17,24 @@ from secledger.projection import MATCH_TOLERANCE, UNDATED_APPROVAL
 _WINDOW = f"interval '{MATCH_TOLERANCE.total_seconds():g} seconds'"
 
 
+def _from_api(alias: str) -> str:
+    return f'{alias}.facts @> \'{{"source": "{API_SOURCE}"}}\''
+
+
 def api_twin(alias: str) -> str:
     """SQL: the decision event ``alias`` is an API fact that a webhook (or replayed) event
-    of its MR already tells, as ``projection.same_fact`` decides for a decision.
+    of its MR already tells, as ``projection.merge_sources`` decides for a decision.
 
     The same decision, by the same user when both name one, at event times at most
-    ``MATCH_TOLERANCE`` apart; an undated API approval matches any earlier one. The
-    source test comes first, so a webhook event costs no index probe, and the time
-    window is one range on ``review_events_mr``.
+    ``MATCH_TOLERANCE`` apart; an undated API approval matches an earlier one that its
+    user has not revoked by the API fact's time (``_revoked``). The source test comes
+    first, so a webhook event costs no index probe, and the time window is one range
+    on ``review_events_mr``.
     """
     x = alias
     undated = f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
     return (
-        f'({x}.facts @> \'{{"source": "{API_SOURCE}"}}\' AND EXISTS (SELECT 1'
+        f"({_from_api(x)} AND EXISTS (SELECT 1"
         " FROM review_events w"
         f" WHERE w.instance = {x}.instance AND w.project_id = {x}.project_id"
         f" AND w.mr_iid = {x}.mr_iid"
@@ -39,7 +44,21 @@ def api_twin(alias: str) -> str:
         f" AND w.decision = {x}.decision"
         f" AND (nullif(w.actor, '') IS NULL OR nullif({x}.actor, '') IS NULL"
         f" OR w.actor = {x}.actor)"
-        f' AND NOT w.facts @> \'{{"source": "{API_SOURCE}"}}\'))'
+        f" AND NOT {_from_api('w')}"
+        f" AND NOT ({undated} AND {_revoked(x)})))"
+    )
+
+
+def _revoked(x: str) -> str:
+    # ``projection._standing``: the approval ``w`` is revoked, after it in fold order and
+    # by the API fact ``x``'s time, by its user (or the API fact's, when ``w`` names none).
+    return (
+        "EXISTS (SELECT 1 FROM review_events r"
+        " WHERE r.instance = w.instance AND r.project_id = w.project_id"
+        f" AND r.mr_iid = w.mr_iid AND r.event_at BETWEEN w.event_at AND {x}.event_at"
+        " AND (r.event_at, r.seq) > (w.event_at, w.seq) AND r.decision = 'unapproved'"
+        f" AND r.actor = coalesce(nullif(w.actor, ''), nullif({x}.actor, ''))"
+        f" AND NOT {_from_api('r')})"
     )
 
 

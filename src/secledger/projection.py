@@ -104,9 +104,30 @@ def _close(a: datetime, b: datetime) -> bool:
 def _same_decision(api: EventFacts, other: EventFacts) -> bool:
     if other.decision != api.decision:
         return False
-    if api.event_at_source == UNDATED_APPROVAL:  # any earlier approval by the same user
+    if api.event_at_source == UNDATED_APPROVAL:  # an earlier approval (``_standing`` too)
         return other.event_at <= api.event_at
     return _close(api.event_at, other.event_at)
+
+
+def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEvent]) -> bool:
+    """``approval`` still stands at the undated API approval's bound: its user did not
+    revoke it before then (in fold order), so the API's approval can be that one."""
+    user = approval.facts.actor or api.actor
+    return not user or not any(
+        t.facts.decision == "unapproved"
+        and t.facts.actor == user
+        and _order(approval) < _order(t)
+        and t.facts.event_at <= api.event_at
+        for t in told
+    )
+
+
+def _tells(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -> bool:
+    if not same_fact(api, other.facts):
+        return False
+    # The API lists standing approvals only: one without a time is never a copy of an
+    # approval revoked before its bound, but of one given again after that revocation.
+    return api.event_at_source != UNDATED_APPROVAL or _standing(api, other, told)
 
 
 def _same_label_change(api: EventFacts, other: EventFacts) -> bool:
@@ -122,7 +143,11 @@ def _same_label_change(api: EventFacts, other: EventFacts) -> bool:
 
 
 def same_fact(api: EventFacts, other: EventFacts) -> bool:
-    """True when a webhook (or replayed) event tells what an API fact tells."""
+    """True when a webhook (or replayed) event may tell what an API fact tells.
+
+    Enough for every fact but an API approval without a time, which ``merge_sources``
+    matches only to an approval still standing at its bound.
+    """
     if api.actor and other.actor and api.actor != other.actor:
         return False
     if api.decision is not None:
@@ -133,15 +158,20 @@ def same_fact(api: EventFacts, other: EventFacts) -> bool:
 def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
     """Drop API facts that a webhook event already tells, so either way counts once.
 
-    Depends only on the set of events, never on their log order, so backfill before
-    or after the webhooks folds to the same row. ``copies.api_twin`` is the same rule
-    for decisions, in SQL: a change here needs one there, and a migration.
+    An API approval without a time tells an earlier approval by the same user only if
+    that approval still stands at the API fact's bound: the API lists standing approvals,
+    so when the user revoked it by then, the API's is a later approval no webhook told.
+
+    Does not depend on when the API facts were logged, so backfill before or after the
+    webhooks folds to the same row (an approval and its revocation in one second keep
+    their arrival order, as in the fold). ``copies.api_twin`` is the same rule for
+    decisions, in SQL: a change here needs one there, and a migration.
     """
-    told = [e.facts for e in events if e.facts.source != "api"]
+    told = [e for e in events if e.facts.source != "api"]
     return [
         e
         for e in events
-        if e.facts.source != "api" or not any(same_fact(e.facts, other) for other in told)
+        if e.facts.source != "api" or not any(_tells(e.facts, other, told) for other in told)
     ]
 
 
