@@ -78,6 +78,47 @@ def test_arrival_order_does_not_matter() -> None:
     assert out_of_order["state"] == "merged"
 
 
+def test_a_reopen_clears_the_close() -> None:
+    """Reopened, the MR is open: the close it undid is no decision of the row any more."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "closed", "bob", 5),
+            event(3, "reopened", "carol", 10),
+        ]
+    )
+    assert (row["state"], row["decision"], row["decided_by"]) == ("opened", "reopened", "carol")
+    assert (row["closed_by"], row["closed_at"]) == (None, None)
+
+
+def test_a_close_after_a_reopen_is_the_close_and_an_untold_one_has_no_time() -> None:
+    """Closed, reopened and closed again: the second close is the row's. When only a later
+    event shows it closed again (that close's webhook lost), no close time is known."""
+    history = [
+        event(1, "open", "alice", 0),
+        event(2, "closed", "bob", 5),
+        event(3, "reopened", "carol", 10),
+    ]
+    closed_again = fold([*history, event(4, "closed", "dave", 20)])
+    twenty = T0 + timedelta(minutes=20)
+    assert (closed_again["closed_by"], closed_again["closed_at"]) == ("dave", twenty)
+    seen_closed = fold([*history, event(4, "update", "dave", 20, state="closed")])
+    assert seen_closed["state"] == "closed"
+    assert (seen_closed["closed_by"], seen_closed["closed_at"]) == (None, None)
+
+
+def test_an_event_showing_the_mr_open_after_its_close_clears_the_close() -> None:
+    """The reopen's webhook was lost, but a later event shows the MR open again."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "closed", "bob", 5),
+            event(3, "update", "carol", 10),
+        ]
+    )
+    assert (row["state"], row["closed_by"], row["closed_at"]) == ("opened", None, None)
+
+
 def test_same_second_events_keep_arrival_order() -> None:
     row = fold([event(1, "approved", "bob", 10), event(2, "merged", "alice", 10)])
     assert row["decision"] == "merged"

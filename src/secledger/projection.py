@@ -264,6 +264,8 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
         elif facts.kind in _STATE_AFTER:
             row["state"] = _STATE_AFTER[facts.kind]
         _apply_decision(row, approvers, facts)
+        if row["state"] != "closed":  # reopened since, told or not: that close was undone
+            row.update(closed_by=None, closed_at=None)
     first = ordered[0].facts
     row.update(instance=first.instance, project_id=first.project_id, mr_iid=first.mr_iid)
     row["risk_tier"] = tier or first.tier
