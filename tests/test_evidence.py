@@ -521,3 +521,31 @@ def test_an_mr_merged_without_a_recorded_merge_event_is_in_one_period(
     )
     build(engine, tmp_path / "before", since=T0, until=SINCE)
     assert read_csv(tmp_path / "before" / "population.csv") == []
+
+
+def test_an_mr_closed_reopened_and_seen_closed_again_is_in_the_period_of_its_last_close(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """dave closes it before the period, erin reopens it in the period, and it is closed
+    again with that close's webhook lost: only a later edit shows it closed. Its decision
+    is that last close, seen at the edit, not dave's close that the reopen undid."""
+    common: dict[str, Any] = {"iid": 71, "created_at": at(0)}
+    history = [
+        mr_event("open", updated_at=at(0), **common),
+        mr_event("close", actor="dave", updated_at=at(5), **common),
+        mr_event("reopen", actor="erin", updated_at=at(30), **common),
+        mr_event("update", labels=["sec::high", "x"], state="closed", updated_at=at(40), **common),
+        mr_event("update", labels=["sec::high"], state="closed", updated_at=at(250), **common),
+    ]
+    assert {fed(engine, body) for body in history} == {"recorded"}
+    build(engine, tmp_path / "pack")
+    (row,) = read_csv(tmp_path / "pack" / "population.csv")
+    assert (row["mr_iid"], row["outcome"], row["decided_at"], row["decided_at_source"]) == (
+        "71",
+        "closed",
+        "2025-08-06T01:00:00Z",
+        "state_seen",
+    )
+    assert row["decided_by"] == ""
+    build(engine, tmp_path / "before", since=T0, until=SINCE)
+    assert read_csv(tmp_path / "before" / "population.csv") == []

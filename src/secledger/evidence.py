@@ -69,12 +69,17 @@ FINDING_COLUMNS = tuple(f.name for f in fields(findings.Finding))
 
 _DECISION_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END"
 # A merged or closed MR whose merge or close event was never recorded (its webhook lost,
-# or the security label added only afterwards) has no decision time. The first recorded
-# event that shows it in that state stands in: it falls in one period instead of none,
-# and later events do not move it to another.
+# or the security label added only afterwards) has no decision time; nor has one closed
+# again after a reopen with that close untold (the fold clears the undone close). The
+# first recorded event that shows it in that state since it was last in another (in fold
+# order) stands in: it falls in one period instead of none, later events do not move it
+# to another, and a close that a reopen undid is not it.
+_SAME_MR = "{0}.instance = l.instance AND {0}.project_id = l.project_id AND {0}.mr_iid = l.mr_iid"
 _STATE_SEEN_AT = (
-    "(SELECT min(e.event_at) FROM review_events e WHERE e.instance = l.instance"
-    " AND e.project_id = l.project_id AND e.mr_iid = l.mr_iid AND e.facts->>'state' = l.state)"
+    f"(SELECT min(e.event_at) FROM review_events e WHERE {_SAME_MR.format('e')}"
+    " AND e.facts->>'state' = l.state AND NOT EXISTS (SELECT 1 FROM review_events o"
+    f" WHERE {_SAME_MR.format('o')} AND o.facts->>'state' <> l.state"
+    " AND (o.event_at, o.seq) > (e.event_at, e.seq)))"
 )
 _DECIDED_AT = f"COALESCE({_DECISION_AT}, {_STATE_SEEN_AT})"
 _CREATE = f"""

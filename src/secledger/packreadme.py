@@ -112,8 +112,8 @@ def _scope(pack: Pack) -> str:
 - **Population:** {pack.population} security merge requests (MRs) whose final decision (merge
   or close) falls in the period, with {pack.events} recorded events. An MR merged or closed
   and later reopened is not in it; the decision time is the merge (or close) event's time,
-  or, when none was recorded, that of the first event showing the MR merged (or closed):
-  `decided_at_source` says which.
+  or, when none was recorded, that of the first event showing the MR merged (or closed)
+  since it was last shown open: `decided_at_source` says which.
 - **Findings:** {pack.findings} separation-of-duties findings of those MRs (open and resolved).
 - **Sample:** {len(pack.sample)} of {pack.population} MRs, **seed {options.seed}**
   (requested size {options.sample}).
