@@ -19,6 +19,7 @@ from secledger.findings import Finding, list_findings
 from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold
+from secledger.rules import evaluate, sla_clock
 from secledger.service import Recording, feed
 from secledger.store import db, ledger
 from secledger.tierpolicy import CompliancePolicy, TierRule
@@ -389,6 +390,141 @@ def test_a_late_older_event_does_not_resolve_a_wall_clock_breach(engine) -> None
         ),
     )
     assert ("sla-breached", "") in found(engine)
+
+
+TITLE_EDIT = {"title": {"previous": "a", "current": "b"}}
+
+
+def labelled_after(action: str, iid: int = 1) -> list[dict[str, Any]]:
+    """!iid merged or closed (``action``) by bob at 2 h, labelled sec::high at 10 h (due at
+    82 h). The merge or close, ignored then (no security label), arrives again after the
+    label made the MR known (a retry), so it is recorded, before the label in event time."""
+    state = {"merge": "merged", "close": "closed"}[action]
+    labelled = event(
+        "update", 10, iid=iid, state=state, changes=label_change([], ["sec::high"], at(10))
+    )
+    return [labelled, event(action, 2, iid=iid, actor="bob", labels=[])]
+
+
+def test_an_mr_merged_before_its_label_is_never_overdue(engine) -> None:
+    """Nothing was left to review when the label came: no breach at record time (an edit
+    at 90 h is past the deadline), from the overdue check or in a read, ever. The merge
+    without approval is what `insufficient-approvals` reports."""
+    record(
+        engine, *labelled_after("merge"), event("update", 90, state="merged", changes=TITLE_EDIT)
+    )
+    later = T0 + timedelta(days=30)
+    with engine.begin() as conn:
+        assert findings.refresh_overdue(conn, CompliancePolicy(), later) == 0
+    listed = found(engine, resolved=True, now=later)
+    assert ("sla-breached", "") not in listed
+    assert listed[("insufficient-approvals", "")].evidence["merged_by"] == "bob"
+    with engine.connect() as conn:
+        clock = conn.execute(text("SELECT labeled_at, first_decision_at FROM review_sla")).one()
+    assert tuple(clock) == (T0 + timedelta(hours=10), None)
+
+
+def test_a_stored_breach_of_an_mr_merged_before_its_label_is_resolved_at_record_time(
+    engine,
+) -> None:
+    """Recording used to store `open past deadline` for such an MR (the row inserted here
+    stands for one). A wall-clock breach is kept only while the clock runs, and this one
+    never ran: the MR's next event resolves it."""
+    record(engine, *labelled_after("merge"))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO findings (instance, project_id, mr_iid, rule, severity, seqs,"
+                " evidence, detected_at, updated_at) VALUES (:instance, :project_id, :mr_iid,"
+                " 'sla-breached', 'medium', '{1}', '{\"status\": \"open past deadline\"}',"
+                " now(), now())"
+            ),
+            ledger.key_params(KEY),
+        )
+    record(engine, event("update", 90, state="merged", changes=TITLE_EDIT))
+    [breach] = [f for f in found(engine, resolved=True).values() if f.rule == "sla-breached"]
+    assert breach.resolved_at is not None
+
+
+def test_an_mr_reopened_after_its_label_runs_its_clock_from_the_label(engine) -> None:
+    """Closed at 2 h, labelled at 10 h, reopened at 50 h: open again, due at 82 h (label
+    + 72 h, not reopen + 72 h), as the overdue check and a read both judge it."""
+    record(engine, *labelled_after("close"), event("reopen", 50))
+    policy = CompliancePolicy()
+    assert listed_as_of(engine, policy, T0 + timedelta(hours=82)) == []
+    [read] = listed_as_of(engine, policy, T0 + timedelta(hours=83))
+    assert (read.rule, read.evidence["status"]) == ("sla-breached", "open past deadline")
+    assert read.evidence["deadline"] == "2025-08-07T19:00:00Z"
+    changed, recorded = listed_once_recorded(engine, policy, T0 + timedelta(hours=83))
+    assert changed == 1
+    assert [replace(f, id=None) for f in recorded] == [read]
+
+
+def python_verdicts(
+    engine: Engine, policy: CompliancePolicy, now: datetime
+) -> tuple[dict[int, str], set[int]]:
+    """Per MR: ``SlaClock.status`` at ``now``, and which MRs `sla-breached` finds open past
+    their deadline then (the rules as recording runs them, judged at ``now``)."""
+    statuses: dict[int, str] = {}
+    overdue: set[int] = set()
+    with engine.connect() as conn:
+        for row in list(ledger.rows(conn)):
+            key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
+            history = findings.history_of(ledger.events_of(conn, key), row)
+            clock = sla_clock(history, policy)
+            statuses[key.mr_iid] = clock.status(now)
+            for hit in evaluate(history, policy, now, clock):
+                if hit.rule == "sla-breached" and hit.evidence["status"] == "open past deadline":
+                    overdue.add(key.mr_iid)
+    return statuses, overdue
+
+
+def sql_overdue(
+    engine: Engine, policy: CompliancePolicy, now: datetime
+) -> tuple[set[int], set[int]]:
+    """The MRs the SQL overdue check records at ``now`` (rolled back), and those a read
+    counts as open past their deadline then."""
+    recorded = text("SELECT mr_iid FROM findings WHERE rule = 'sla-breached' AND updated_at = :now")
+    with engine.connect() as conn, conn.begin() as transaction:
+        findings.refresh_overdue(conn, policy, now)
+        overdue = set(conn.execute(recorded, {"now": now}).scalars())
+        transaction.rollback()
+    listed = listed_as_of(engine, policy, now)
+    read = {f.mr_iid for f in listed if f.evidence.get("status") == "open past deadline"}
+    return overdue, read
+
+
+def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_or_close(
+    engine,
+) -> None:
+    """!1 merged and !2 closed before the label; !3 closed before it and reopened after; !4
+    open; !5 approved in time; !6 low, open. Every event precedes every deadline, so nothing
+    was recorded at record time: at each instant the rules, the SQL overdue check and a
+    read find the same MRs overdue."""
+    record(engine, *labelled_after("merge", iid=1), *labelled_after("close", iid=2))
+    record(engine, *labelled_after("close", iid=3), event("reopen", 20, iid=3))
+    record(engine, event("open", 10, iid=4, created_at=at(10)))
+    record(
+        engine,
+        event("open", 10, iid=5, created_at=at(10)),
+        event("approved", 60, iid=5, actor="bob"),
+    )
+    record(engine, event("open", 10, iid=6, created_at=at(10), labels=["sec::low"]))
+    policy = CompliancePolicy()
+    for hours in (70, 83, 400):
+        now = T0 + timedelta(hours=hours)
+        _, overdue = python_verdicts(engine, policy, now)
+        assert sql_overdue(engine, policy, now) == (overdue, overdue), hours
+    statuses, overdue = python_verdicts(engine, policy, T0 + timedelta(hours=83))
+    assert statuses == {
+        1: "labeled_after_merge",
+        2: "labeled_after_close",
+        3: "overdue",
+        4: "overdue",
+        5: "met",
+        6: "running",
+    }
+    assert overdue == {3, 4}
 
 
 def listed_as_of(engine: Engine, policy: CompliancePolicy, now: datetime) -> list[Finding]:

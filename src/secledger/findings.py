@@ -98,6 +98,7 @@ def history_of(
         author_id=row["author_id"],
         tier=row["risk_tier"],
         labeled_at=row["labeled_at"],
+        state=row["state"],
     )
 
 
@@ -133,13 +134,14 @@ def assess(
     ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
     latest event time, so replaying an old history does not flag (then resolve) a
     breach at every step. An open-past-deadline finding already recorded by the
-    wall-clock check is kept while the clock still runs.
+    wall-clock check is kept while the clock still runs (not once the MR turns out to
+    have been merged or closed before its label: it never ran).
     """
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
     history = history_of(events, row, ordered)
     clock = sla_clock(history, policy)
     hits = evaluate(history, policy, as_of or now, clock)
-    keep = as_of is not None and clock.first_decision_at is None
+    keep = as_of is not None and clock.running
     resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep}
     resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
     return Assessment(
@@ -209,6 +211,8 @@ def _sql_stamp(column: str) -> str:
 
 
 # An open MR is overdue at :now while its clock runs (no decision yet) past its deadline.
+# Merged or closed with no decision after the label, it was so before the label: its
+# clock never ran (``rules.SlaClock.running``); reopened after the label, it runs again.
 _OVERDUE_MRS = (
     " FROM review_sla s JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
     " WHERE s.first_decision_at IS NULL AND s.deadline < :now AND s.label_seq IS NOT NULL"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,8 @@ from secledger.tierpolicy import CompliancePolicy, TierRule
 
 SEVERITIES = ("critical", "high", "medium", "low")
 CLOCK_STOPPERS = frozenset({"approved", "merged", "closed"})
+# The states of an MR nobody can review any more (the ledger's ``state``).
+ENDED_STATES = frozenset({"merged", "closed"})
 
 
 def stamp(value: datetime | None) -> str | None:
@@ -48,6 +50,10 @@ class SlaClock:
     first_decision: str | None = None
     first_decision_by: str | None = None
     first_decision_seq: int | None = None
+    # "merged" or "closed" when the MR is so and no review decision followed the label:
+    # it was merged or closed before it was labelled (or that event was never recorded),
+    # so nothing is left to wait for and the clock never runs (policy.md, "The SLA clock").
+    ended_before_label: str | None = None
 
     @property
     def met(self) -> bool | None:
@@ -55,6 +61,24 @@ class SlaClock:
         if self.deadline is None or self.first_decision_at is None:
             return None
         return self.first_decision_at <= self.deadline
+
+    @property
+    def running(self) -> bool:
+        """True while the MR awaits its first review decision (it may be past due)."""
+        stopped = self.first_decision_at is not None or self.ended_before_label is not None
+        return self.deadline is not None and not stopped
+
+    def status(self, now: datetime) -> str:
+        """The verdict at ``now``, as SQL spells it (``reports.SLA_STATUS``)."""
+        if self.deadline is None:
+            return "no_clock"
+        if self.met is not None:
+            return "met" if self.met else "breached"
+        if self.ended_before_label == "merged":
+            return "labeled_after_merge"
+        if self.ended_before_label == "closed":
+            return "labeled_after_close"
+        return "overdue" if now > self.deadline else "running"
 
 
 @quick
@@ -67,6 +91,8 @@ class MRHistory:
     author_id: int | None
     tier: str
     labeled_at: datetime | None
+    # The ledger's state (opened, merged, closed); None (not known) counts as open.
+    state: str | None = None
 
 
 @quick
@@ -139,7 +165,12 @@ def rule(rule_id: str, severity: str) -> Callable[[RuleFunction], RuleFunction]:
 
 
 def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
-    """The SLA clock: from the label to the first non-author approval, merge or close."""
+    """The SLA clock: from the label to the first non-author approval, merge or close.
+
+    Decisions before the label do not stop it: an MR still merged or closed with no
+    decision after the label ended before it, and its clock never runs. One closed
+    before the label and reopened after it is open again: its clock runs from the label.
+    """
     tier_rule = policy.rule(history.tier)
     labeled_at = history.labeled_at
     clock = SlaClock(
@@ -169,6 +200,8 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
                 "first_decision_seq": event.seq,
             }
         )
+    if history.state in ENDED_STATES:
+        return replace(clock, ended_before_label=history.state)
     return clock
 
 
@@ -362,16 +395,20 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
 
 @rule("sla-breached", "medium")
 def sla_breached(context: Context) -> Iterator[Finding]:
-    """No decision by the tier's deadline (decided late, or still open past it)."""
+    """No decision by the tier's deadline (decided late, or still open past it).
+
+    An MR merged or closed before it was labelled has no breach (the SQL overdue check,
+    ``findings._OVERDUE_MRS``, skips it too); ``insufficient-approvals`` judges its merge.
+    """
     clock = context.clock
-    if clock.deadline is None or clock.label_seq is None:
+    if clock.label_seq is None:
         return
     severity = "high" if context.policy.rank(clock.tier) == 0 else "medium"
-    if clock.first_decision_at is not None and clock.first_decision_seq is not None:
-        if clock.first_decision_at > clock.deadline:
-            seqs = (clock.label_seq, clock.first_decision_seq)
-            yield "", seqs, breach_evidence(clock), severity
-    elif context.now > clock.deadline:
+    status = clock.status(context.now)
+    if status == "breached" and clock.first_decision_seq is not None:
+        seqs = (clock.label_seq, clock.first_decision_seq)
+        yield "", seqs, breach_evidence(clock), severity
+    elif status == "overdue":
         yield "", (clock.label_seq,), breach_evidence(clock), severity
 
 
