@@ -35,7 +35,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from builders import dumps, mr_event
+from builders import dumps, label_change, mr_event
 from chainkit import tamper
 from secledger import checkpoint as signing
 from secledger import evidence, findings, integrity, reports
@@ -549,3 +549,32 @@ def test_an_mr_closed_reopened_and_seen_closed_again_is_in_the_period_of_its_las
     assert row["decided_by"] == ""
     build(engine, tmp_path / "before", since=T0, until=SINCE)
     assert read_csv(tmp_path / "before" / "population.csv") == []
+
+
+def test_an_mr_labelled_after_its_merge_is_not_overdue_in_the_pack(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Merged at 12 h, labelled sec::high at 20 h: nothing was left to review, so its clock
+    never ran. The pack says so (not `overdue`, though the deadline has long passed),
+    records no breach for it, and counts it apart in the tier's SLA figures."""
+    common: dict[str, Any] = {"iid": 70, "created_at": at(0)}
+    history = [
+        mr_event("merge", actor="carol", labels=["backend"], updated_at=at(12), **common),
+        mr_event(
+            "update",
+            labels=["sec::high"],
+            state="merged",
+            updated_at=at(20),
+            changes=label_change(["backend"], ["sec::high"], at(20)),
+            **common,
+        ),
+        mr_event("update", labels=["sec::high", "x"], state="merged", updated_at=at(150), **common),
+    ]
+    assert [fed(engine, body) for body in history] == ["ignored", "recorded", "recorded"]
+    build(engine, tmp_path / "pack")
+    (row,) = read_csv(tmp_path / "pack" / "population.csv")
+    assert (row["mr_iid"], row["sla_status"]) == ("70", "labeled_after_merge")
+    assert read_csv(tmp_path / "pack" / "findings.csv") == []
+    (tier,) = read_csv(tmp_path / "pack" / "sla-tiers.csv")
+    assert (tier["tier"], tier["mrs"], tier["sla_breached"]) == ("high", "1", "0")
+    assert tier["labeled_after_merge_or_close"] == "1"

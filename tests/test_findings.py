@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from builders import dumps, label_change, mr_event
-from secledger import findings
+from secledger import findings, reports
 from secledger.extract import MRKey, extract_facts
 from secledger.findings import Finding, list_findings
 from secledger.intake import Ignored, parse_delivery
@@ -494,13 +494,23 @@ def sql_overdue(
     return overdue, read
 
 
+def sql_statuses(engine: Engine, now: datetime) -> dict[int, str]:
+    """Per MR, the verdict the reports, the evidence pack and bi_sla_status read at ``now``."""
+    status = text(
+        f"SELECT l.mr_iid, {reports.SLA_STATUS} FROM security_review_ledger l"
+        " JOIN review_sla s USING (instance, project_id, mr_iid)"
+    )
+    with db.reading(engine) as conn:
+        return dict(conn.execute(status, {"now": now}).all())
+
+
 def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_or_close(
     engine,
 ) -> None:
     """!1 merged and !2 closed before the label; !3 closed before it and reopened after; !4
     open; !5 approved in time; !6 low, open. Every event precedes every deadline, so nothing
     was recorded at record time: at each instant the rules, the SQL overdue check and a
-    read find the same MRs overdue."""
+    read find the same MRs overdue, and the rules and SQL give each MR the same verdict."""
     record(engine, *labelled_after("merge", iid=1), *labelled_after("close", iid=2))
     record(engine, *labelled_after("close", iid=3), event("reopen", 20, iid=3))
     record(engine, event("open", 10, iid=4, created_at=at(10)))
@@ -513,8 +523,9 @@ def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_o
     policy = CompliancePolicy()
     for hours in (70, 83, 400):
         now = T0 + timedelta(hours=hours)
-        _, overdue = python_verdicts(engine, policy, now)
+        statuses, overdue = python_verdicts(engine, policy, now)
         assert sql_overdue(engine, policy, now) == (overdue, overdue), hours
+        assert sql_statuses(engine, now) == statuses, hours
     statuses, overdue = python_verdicts(engine, policy, T0 + timedelta(hours=83))
     assert statuses == {
         1: "labeled_after_merge",

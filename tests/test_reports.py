@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import ProgrammingError
 
-from builders import dumps, mr_event
+from builders import dumps, label_change, mr_event
 from secledger import findings, reports
 from secledger.cli import main
 from secledger.policy import LabelPolicy
 from secledger.service import feed
-from secledger.store import db
+from secledger.store import db, migrate
 from secledger.tierpolicy import CompliancePolicy
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)
@@ -171,6 +173,7 @@ def test_tiers_report(history) -> None:
         "sla_met": 0,
         "sla_breached": 2,
         "sla_adherence_pct": 0.0,
+        "labeled_after_merge_or_close": 0,
     }
     assert rows["high"] == {
         "mrs": 2,
@@ -181,6 +184,7 @@ def test_tiers_report(history) -> None:
         "sla_met": 1,
         "sla_breached": 1,
         "sla_adherence_pct": 50.0,
+        "labeled_after_merge_or_close": 0,
     }
     assert rows["medium"] == {
         "mrs": 1,
@@ -191,6 +195,7 @@ def test_tiers_report(history) -> None:
         "sla_met": 1,
         "sla_breached": 0,
         "sla_adherence_pct": 100.0,
+        "labeled_after_merge_or_close": 0,
     }
     # The low MR's clock still runs: neither met nor breached.
     assert rows["low"] == {
@@ -202,6 +207,7 @@ def test_tiers_report(history) -> None:
         "sla_met": 0,
         "sla_breached": 0,
         "sla_adherence_pct": None,
+        "labeled_after_merge_or_close": 0,
     }
 
 
@@ -218,6 +224,7 @@ def test_projects_report_and_project_filter(history) -> None:
         "sla_met": 2,
         "sla_breached": 1,
         "sla_adherence_pct": 66.7,
+        "labeled_after_merge_or_close": 0,
     }
     assert rows["acme/web"]["mrs"] == 3
     assert rows["acme/web"]["sla_breached"] == 2
@@ -275,6 +282,115 @@ def test_bi_views_are_readable_by_the_read_only_role_which_cannot_write(history)
         # Auditors may read everything (the log included, to verify it); nothing else.
         with pytest.raises(ProgrammingError, match="permission denied"):
             conn.execute(text("UPDATE findings SET resolved_at = now()"))
+
+
+def ended_then_labelled(iid: int, action: str, reopened: float | None = None) -> list[dict]:
+    """!iid on acme/web, merged or closed (``action``) at 100 h without a security label,
+    labelled sec::high at 110 h (due at 182 h) and, when told, reopened then. GitLab ignored
+    the merge or close (no security label yet); a retry delivered it after the label."""
+    state = {"merge": "merged", "close": "closed"}[action]
+    common: dict[str, Any] = {"iid": iid, "project_id": 15, "created_at": at(90)}
+    change = label_change([], ["sec::high"], at(110))
+    bodies = [
+        mr_event("update", state=state, updated_at=at(110), changes=change, **common),
+        mr_event(action, actor="dave", labels=[], updated_at=at(100), **common),
+    ]
+    if reopened is not None:
+        bodies.append(mr_event("reopen", updated_at=at(reopened), **common))
+    for body in bodies:
+        body["project"]["path_with_namespace"] = "acme/web"
+    return bodies
+
+
+@pytest.fixture
+def labelled_late(history: Engine) -> Engine:
+    """The history, and !7 merged and !8 closed before their label; !9 closed before it
+    and reopened after it, at 120 h: open, overdue at NOW."""
+    bodies = [
+        *ended_then_labelled(7, "merge"),
+        *ended_then_labelled(8, "close"),
+        *ended_then_labelled(9, "close", reopened=120),
+    ]
+    for body in bodies:
+        outcome = feed(
+            history,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=10_000_000,
+            source="replay",
+        )
+        assert outcome.status == "recorded"
+    return history
+
+
+def test_mrs_merged_or_closed_before_their_label_are_counted_apart(labelled_late) -> None:
+    """!7 and !8 are neither met nor breached: the tier counts them in `mrs` and in
+    `labeled_after_merge_or_close`. !9, reopened, is open and overdue."""
+    rows = by(run(labelled_late, reports.tiers), "tier")
+    assert rows["high"] == {
+        "mrs": 5,
+        "decided": 2,
+        "open": 1,
+        "median_hours": 55.0,
+        "p90_hours": 91.0,
+        "sla_met": 1,
+        "sla_breached": 2,
+        "sla_adherence_pct": 33.3,
+        "labeled_after_merge_or_close": 2,
+    }
+    rows = run(labelled_late, reports.open_mrs)
+    assert [(r["mr_iid"], r["sla_status"], r["hours_left"]) for r in rows] == [
+        (9, "overdue", -18.0),
+        (6, "overdue", -4.0),
+        (5, "running", 306.0),
+    ]
+    rows = run(labelled_late, reports.findings)
+    assert [(r["rule"], r["severity"], r["open"], r["mrs"]) for r in rows] == [
+        ("insufficient-approvals", "high", 1, 1),  # MR 7, merged unapproved, says it
+        ("sla-breached", "high", 2, 2),
+        ("sla-breached", "medium", 2, 2),  # MR 4 decided late, MR 9 open past due
+    ]
+
+
+def test_bi_sla_status_says_labelled_after_merge_or_close(labelled_late) -> None:
+    with labelled_late.connect() as conn:
+        conn.execute(text("SET ROLE secledger_readonly"))
+        rows = conn.execute(
+            text(
+                "SELECT mr_iid, sla_status, hours_left FROM bi_sla_status"
+                " WHERE mr_iid IN (7, 8, 9) ORDER BY mr_iid"
+            )
+        ).all()
+    assert [tuple(row[:2]) for row in rows] == [
+        (7, "labeled_after_merge"),
+        (8, "labeled_after_close"),
+        (9, "overdue"),  # now() is long past its deadline
+    ]
+    assert [row[2] is None for row in rows] == [True, True, False]
+
+
+def test_bi_sla_status_judges_as_the_reports_do() -> None:
+    """Migration 0014 wrote ``reports.SLA_STATUS`` into bi_sla_status, with now() for :now:
+    the two must agree, or a change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0014")
+    assert revision is not None
+    written = " ".join(revision.module.SLA_STATUS.split())
+    assert written == " ".join(reports.SLA_STATUS.replace(":now", "now()").split())
+
+
+def test_migration_0014_downgrades_to_0004s_view_and_back(labelled_late) -> None:
+    config = migrate.alembic_config()
+    query = text("SELECT sla_status FROM bi_sla_status WHERE mr_iid = 7")
+    with labelled_late.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0013")
+        assert conn.execute(query).scalar_one() == "overdue"
+        command.upgrade(config, "head")
+        conn.commit()
+    with labelled_late.connect() as conn:
+        assert migrate.is_current(conn)
+        assert conn.execute(query).scalar_one() == "labeled_after_merge"
 
 
 def test_cli_findings_json_and_report_csv(history, database_url, monkeypatch, tmp_path) -> None:

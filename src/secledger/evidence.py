@@ -96,12 +96,7 @@ SELECT p.position, l.instance, l.project_id, l.mr_iid, l.project_path, l.title, 
        l.risk_tier, p.outcome, p.decided_at, p.decided_at_source,
        CASE p.outcome WHEN 'merged' THEN l.merged_by ELSE l.closed_by END AS decided_by,
        l.author_id, l.labeled_at, l.approvers, s.deadline AS sla_deadline,
-       s.first_decision_at, s.first_decision_by,
-       CASE WHEN s.deadline IS NULL THEN 'no_clock'
-            WHEN s.first_decision_at IS NULL
-                THEN CASE WHEN :now > s.deadline THEN 'overdue' ELSE 'running' END
-            WHEN s.first_decision_at <= s.deadline THEN 'met'
-            ELSE 'breached' END AS sla_status,
+       s.first_decision_at, s.first_decision_by, {reports.SLA_STATUS} AS sla_status,
        (SELECT count(*) FROM findings f WHERE f.instance = l.instance
             AND f.project_id = l.project_id AND f.mr_iid = l.mr_iid) AS findings,
        l.event_count, l.last_seq

@@ -173,7 +173,8 @@ Generated {isoformat(pack.generated_at)} by secledger {__version__} (format
 {_files()}
 Times are ISO 8601 UTC. In CSV files, lists are space-separated and objects are JSON.
 `sla_status` is `met`/`breached` (first review decision by/after the deadline),
-`overdue`/`running` (no decision yet) or `no_clock`. SLA figures follow the report
+`labeled_after_merge`/`labeled_after_close` (merged or closed before the security label:
+the clock never ran) or `no_clock`. SLA figures follow the report
 definitions: per tier, MRs whose security label was applied in the period; per reviewer,
 decisions made in the period.
 

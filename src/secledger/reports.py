@@ -25,6 +25,19 @@ from secledger.times import isoformat, parse_time, utcnow
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
+# Ledger ``l`` is of an MR still open (a state not known counts as open).
+OPEN = "coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
+# One MR's SLA verdict at :now, over ledger ``l`` and clock ``s``, as ``SlaClock.status``
+# gives it (bi_sla_status, migration 0014, spells it with now()). A merged or closed MR
+# with no decision after its label was so before the label: its clock never ran, so it
+# is never overdue (an MR reopened after the label is open, its clock running).
+SLA_STATUS = """CASE WHEN s.deadline IS NULL THEN 'no_clock'
+            WHEN s.first_decision_at IS NOT NULL AND s.first_decision_at <= s.deadline THEN 'met'
+            WHEN s.first_decision_at IS NOT NULL THEN 'breached'
+            WHEN l.state = 'merged' THEN 'labeled_after_merge'
+            WHEN l.state = 'closed' THEN 'labeled_after_close'
+            WHEN :now > s.deadline THEN 'overdue'
+            ELSE 'running' END"""
 
 
 def parse_bound(value: str) -> datetime:
@@ -103,6 +116,7 @@ class MRMetrics(Row):
     sla_met: int
     sla_breached: int
     sla_adherence_pct: float | None
+    labeled_after_merge_or_close: int
 
     @classmethod
     def columns(cls) -> tuple[str, ...]:
@@ -210,18 +224,23 @@ HOURS = "(extract(epoch FROM s.first_decision_at - s.labeled_at) / 3600.0)::floa
 _METRICS = """
 count(*) AS mrs,
 count(s.first_decision_at) AS decided,
-count(*) FILTER (WHERE coalesce(l.state, 'opened') NOT IN ('merged', 'closed')) AS open,
+count(*) FILTER (WHERE {open}) AS open,
 percentile_cont(0.5) WITHIN GROUP (ORDER BY {hours}) AS median_hours,
 percentile_cont(0.9) WITHIN GROUP (ORDER BY {hours}) AS p90_hours,
 count(*) FILTER (WHERE {met}) AS sla_met,
 count(*) FILTER (WHERE NOT {met}) AS sla_breached,
 round(100.0 * count(*) FILTER (WHERE {met}) / nullif(count({met}), 0), 1)::float
-    AS sla_adherence_pct
+    AS sla_adherence_pct,
+count(*) FILTER (WHERE ({status}) IN ('labeled_after_merge', 'labeled_after_close'))
+    AS labeled_after_merge_or_close
 """.format(
     hours=HOURS,
-    # NULL while the clock runs: neither met nor breached yet.
-    met="(CASE WHEN s.first_decision_at IS NOT NULL THEN s.first_decision_at <= s.deadline"
-    " WHEN :now > s.deadline THEN false END)",
+    open=OPEN,
+    status=SLA_STATUS,
+    # NULL while the clock runs, and for an MR merged or closed before its label: neither
+    # met nor breached.
+    met=f"(CASE ({SLA_STATUS}) WHEN 'met' THEN true WHEN 'breached' THEN false"
+    " WHEN 'overdue' THEN false END)",
 )
 _MR_FROM = "FROM security_review_ledger l JOIN review_sla s USING (instance, project_id, mr_iid)"
 
@@ -306,16 +325,11 @@ def open_mrs(conn: Connection, filters: Filters, limit: int | None = None) -> li
     where, params = _mr_filters(filters, "s.labeled_at")
     query = f"""
 SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url, l.risk_tier,
-       s.labeled_at, s.deadline, s.first_decision,
-       CASE WHEN s.deadline IS NULL THEN 'no_clock'
-            WHEN s.first_decision_at IS NOT NULL AND s.first_decision_at <= s.deadline THEN 'met'
-            WHEN s.first_decision_at IS NOT NULL THEN 'breached'
-            WHEN :now > s.deadline THEN 'overdue'
-            ELSE 'running' END AS sla_status,
+       s.labeled_at, s.deadline, s.first_decision, {SLA_STATUS} AS sla_status,
        CASE WHEN s.first_decision_at IS NULL
             THEN (extract(epoch FROM s.deadline - :now) / 3600.0)::float8 END AS hours_left
 {_MR_FROM}
-WHERE coalesce(l.state, 'opened') NOT IN ('merged', 'closed') AND {where}
+WHERE {OPEN} AND {where}
 ORDER BY s.first_decision_at IS NOT NULL, s.deadline NULLS LAST, l.project_id, l.mr_iid
 LIMIT :limit"""
     params["limit"] = limit

@@ -186,7 +186,8 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
 
     reviewers: decisions (approve, merge, close), approvals, revocations, median and
     p90 hours from label to decision, SLA adherence, by decision time. tiers, projects,
-    periods: security MRs by label time, with SLA met/breached. open: open security
+    periods: security MRs by label time, with SLA met/breached (and those labelled
+    only after their merge or close, which have no SLA clock). open: open security
     MRs with their SLA clock (hours left; negative when overdue). findings: counts
     per rule and severity. decision-times: per tier, quantiles of hours from label
     to first review decision. See docs/policy.md for the exact definitions.
