@@ -8,6 +8,7 @@ from email.utils import format_datetime
 from types import SimpleNamespace
 
 import pytest
+from alembic import command
 from pydantic import SecretStr
 from sqlalchemy import text
 
@@ -16,6 +17,7 @@ from apistory import Story
 from secledger.backfill import Backfill, Period, fetch_history
 from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
+from secledger.store import migrate
 
 pytest_plugins = ("gitlabfixtures",)
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -241,20 +243,82 @@ def test_a_retry_after_date_is_waited_out_too(engine, api, fake, retry_after, le
     assert calls[1].at - calls[0].at >= least_wait
 
 
-def test_interrupted_backfill_resumes_without_reading_done_mrs_again(engine, api, fake) -> None:
-    for iid in (1, 2, 3):
-        Story(iid=iid).publish(fake)
+def interrupt_after_first(engine, api) -> dict:
+    """Plan a run over project 14, record its first MR, and stop there (a crash)."""
     job = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1)
     todo, _ = job.plan()
     job.record_one(todo[0], fetch_history(api, todo[0], POLICY))
+    return todo[0]
+
+
+def test_interrupted_backfill_resumes_without_reading_done_mrs_again(engine, api, fake) -> None:
+    for iid in (1, 2, 3):
+        Story(iid=iid).publish(fake)
+    done = interrupt_after_first(engine, api)
     # The process dies here; a new run with the same scope and period resumes.
     fake.seen.clear()
     result = Backfill(
         engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1
     ).run()
     assert (result.found, result.skipped, result.recorded_mrs) == (3, 1, 2)
-    assert fake.count(f"/merge_requests/{todo[0]['iid']}/") == 0
+    assert fake.count(f"/merge_requests/{done['iid']}/") == 0
     assert len(ledger_rows(engine)) == 3
+
+
+def test_a_resumed_backfill_reads_again_an_mr_updated_since_it_was_done(engine, api, fake) -> None:
+    """The cursor kept which MRs were done, not as of when: an MR approved and merged
+    after the interrupted run recorded it was skipped on resume, and its approval and
+    merge were never imported by that run. It is read again; one not updated is not."""
+    first = {"iid": 1, "created": "2025-08-05 19:00:00 UTC"}  # listed first, oldest
+    Story(**first, approvals=[], decision=None).publish(fake)  # open, nothing decided yet
+    Story(iid=2).publish(fake)
+    assert interrupt_after_first(engine, api)["iid"] == 1
+    Story(**first).publish(fake)  # approved and merged since: updated_at moved on
+
+    result = Backfill(
+        engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1
+    ).run()
+    assert (result.found, result.skipped, result.recorded_mrs) == (2, 0, 2)
+    rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
+    assert (rows[1]["decision"], rows[1]["merged_by"], rows[1]["approvers"]) == (
+        "merged",
+        "carol",
+        ["bob"],
+    )
+
+    # Interrupted again after both: the new updated_at is what the cursor keeps now.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE backfill_runs SET finished_at = NULL"))
+    fake.seen.clear()
+    again = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE)).run()
+    assert (again.found, again.skipped, again.recorded_mrs) == (2, 2, 0)
+    assert fake.count("/merge_requests/1/") == 0
+
+
+def test_a_cursor_row_from_before_0015_is_read_again_on_resume(engine, api, fake) -> None:
+    """A run interrupted before migration 0015 kept no updated_at: whether its MRs
+    changed since cannot be told, so a resumed run reads them again (recording only
+    what is new) rather than trusting them done."""
+    for iid in (1, 2):
+        Story(iid=iid).publish(fake)
+    done = interrupt_after_first(engine, api)
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0014")
+        command.upgrade(config, "head")
+        conn.commit()
+    with engine.connect() as conn:
+        kept = conn.execute(text("SELECT mr_iid, mr_updated_at FROM backfill_cursor")).all()
+    assert [tuple(row) for row in kept] == [(done["iid"], None)]
+
+    result = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE)).run()
+    assert (result.found, result.skipped, result.recorded_mrs, result.recorded_facts) == (
+        2,
+        0,
+        2,
+        3,  # the other MR's; the first one's three were recorded before
+    )
 
 
 def test_bad_token_is_a_clear_error_without_the_token(engine, api_settings, fake) -> None:

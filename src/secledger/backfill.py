@@ -23,10 +23,11 @@ from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording, record
 from secledger.store.log import Chain
-from secledger.times import isoformat, utcnow
+from secledger.times import isoformat, parse_optional, utcnow
 
 MRRef = tuple[int, int]  # (project_id, iid)
 LabelEvents = dict[MRRef, list[dict[str, Any]]]
+Done = dict[MRRef, datetime | None]  # MRs a run recorded, with updated_at as then listed
 
 _START = text(
     "INSERT INTO backfill_runs (run_key, instance, scope, since, until)"
@@ -38,10 +39,16 @@ _RESTART = text(
     " fact_count = 0 WHERE run_key = :run_key"
 )
 _FORGET = text("DELETE FROM backfill_cursor WHERE run_key = :run_key")
-_DONE = text("SELECT project_id, mr_iid FROM backfill_cursor WHERE run_key = :run_key")
+_DONE = text(
+    "SELECT project_id, mr_iid, mr_updated_at FROM backfill_cursor WHERE run_key = :run_key"
+)
+# Replaced, not updated: the application role may delete here but not update (0015).
+_UNMARK = text(
+    "DELETE FROM backfill_cursor WHERE run_key = :run_key AND project_id = :pid AND mr_iid = :iid"
+)
 _MARK = text(
-    "INSERT INTO backfill_cursor (run_key, project_id, mr_iid) VALUES (:run_key, :pid, :iid)"
-    " ON CONFLICT DO NOTHING"
+    "INSERT INTO backfill_cursor (run_key, project_id, mr_iid, mr_updated_at)"
+    " VALUES (:run_key, :pid, :iid, :updated_at)"
 )
 _COUNT = text(
     "UPDATE backfill_runs SET mr_count = mr_count + 1, fact_count = fact_count + :facts"
@@ -232,7 +239,7 @@ def run_key(instance: str, scopes: Iterable[Scope], period: Period) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def open_run(engine: Engine, key: str, instance: str, scope: str, period: Period) -> set[MRRef]:
+def open_run(engine: Engine, key: str, instance: str, scope: str, period: Period) -> Done:
     """Start or resume a run; the MRs a resumed run already recorded."""
     with engine.begin() as conn:
         params = {"run_key": key, "instance": instance, "scope": scope}
@@ -241,7 +248,18 @@ def open_run(engine: Engine, key: str, instance: str, scope: str, period: Period
             # A finished run is started afresh: new facts may have happened since.
             conn.execute(_FORGET, {"run_key": key})
             conn.execute(_RESTART, {"run_key": key})
-        return {(int(pid), int(iid)) for pid, iid in conn.execute(_DONE, {"run_key": key})}
+        rows = conn.execute(_DONE, {"run_key": key})
+        return {(int(pid), int(iid)): updated for pid, iid, updated in rows}
+
+
+def is_done(done: Done, mr: dict[str, Any]) -> bool:
+    """True when the run recorded ``mr`` and GitLab lists it unchanged since: an MR
+    updated since (approved, merged, relabelled) may have new facts, and one recorded
+    before its time was kept (NULL, before migration 0015) is read again."""
+    if _ref(mr) not in done:
+        return False
+    recorded, listed = done[_ref(mr)], parse_optional(mr.get("updated_at"))
+    return recorded is not None and listed is not None and listed <= recorded
 
 
 class Backfill:
@@ -273,7 +291,7 @@ class Backfill:
         passed_over: set[MRRef] = set()
 
         def wanted(mr: dict[str, Any]) -> bool:  # recorded by the interrupted run: no need
-            if _ref(mr) in done:
+            if is_done(done, mr):
                 passed_over.add(_ref(mr))
                 return False
             return True
@@ -289,17 +307,23 @@ class Backfill:
             wanted=wanted,
             found_events=self._found_events,
         )
-        todo = [mr for ref, mr in found.items() if ref not in done]
-        return todo, len((set(found) & done) | passed_over)
+        todo = [mr for mr in found.values() if not is_done(done, mr)]
+        skipped = {ref for ref, mr in found.items() if is_done(done, mr)} | passed_over
+        return todo, len(skipped)
 
     def record_one(self, mr: dict[str, Any], envelopes: list[dict[str, Any]]) -> int:
-        """Record one MR's facts and its cursor row in one transaction."""
+        """Record one MR's facts and its cursor row in one transaction.
+
+        The cursor keeps ``updated_at`` as the plan listed it, not as the history read
+        later may show it: a change made between the two is read again on resume.
+        """
         with self.engine.begin() as conn:
             recorded = record_envelopes(
                 conn, self.api.instance, envelopes, self.policy, recording=self.recording
             )
             params = {"run_key": self.key, "pid": int(mr["project_id"]), "iid": int(mr["iid"])}
-            conn.execute(_MARK, params)
+            conn.execute(_UNMARK, params)
+            conn.execute(_MARK, params | {"updated_at": parse_optional(mr.get("updated_at"))})
             conn.execute(_COUNT, {"run_key": self.key, "facts": recorded})
         return recorded
 

@@ -13,7 +13,7 @@ is one range on ``review_events_mr``. Ledger rows change at their MR's next even
 
 Revision ID: 0013
 Revises: 0012
-Create Date: 2026-12-03
+Create Date: 2026-11-30
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ label is open again, its clock running from the label.
 
 Revision ID: 0014
 Revises: 0013
-Create Date: 2026-12-03
+Create Date: 2026-11-30
 """
 
 from __future__ import annotations
