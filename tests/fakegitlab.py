@@ -6,7 +6,10 @@ label lists answer with GitLab's defaults (a group's: its own labels and its anc
 no subgroup's, no project's). Lists are
 paginated like GitLab's offset pagination (``x-next-page``, ``x-total``, ``Link``), with
 a page size the server caps, and any path can be made to answer 429 with
-``Retry-After`` once. Every request is logged for assertions.
+``Retry-After`` once. MR lists are ordered as GitLab orders them (``order_by``,
+``sort``, ties broken by id, descending). Every request is logged for assertions, and
+``after`` is called with each one answered, so a test can change GitLab between two
+requests (an MR leaving a list while its pages are read).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +67,7 @@ class FakeGitLab:
         # path fragment -> Retry-After (seconds, or an HTTP-date as proxies send), answered once
         self.throttle: dict[str, int | str] = {}
         self.seen: list[Seen] = []
+        self.after: Callable[[Seen], None] | None = None  # called with each request answered
         self.hook_tokens: dict[int, str] = {}  # GitLab never returns a hook's token
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -144,8 +149,11 @@ def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
             status, body, headers = self._answer(method, parts.path, query)
+            seen = Seen(method, parts.path, query, status, time.monotonic())
             with fake.lock:
-                fake.seen.append(Seen(method, parts.path, query, status, time.monotonic()))
+                fake.seen.append(seen)
+            if fake.after is not None:
+                fake.after(seen)
             low, high = fake.latency
             if high:
                 time.sleep(low + (high - low) * (hash(self.path) % 1000) / 1000)
@@ -208,7 +216,16 @@ def _labels_matching(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[d
             continue
         if all(_within(mr[field], name, bound) for name, field, bound in bounds):
             out.append(mr)
-    return sorted(out, key=lambda m: m["updated_at"])
+    return _ordered(out, query)
+
+
+def _ordered(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
+    """GitLab's order: ``order_by`` (default created_at), ``sort`` (default desc), then
+    ``id`` descending whatever the sort (``Issuable.sort_by_attribute`` breaks ties so)."""
+    column = query.get("order_by", "created_at")
+    if query.get("sort", "desc") == "asc":
+        return sorted(mrs, key=lambda m: (datetime.fromisoformat(m[column]), -m["id"]))
+    return sorted(mrs, key=lambda m: (datetime.fromisoformat(m[column]), m["id"]), reverse=True)
 
 
 def _within(moment: str, name: str, bound: str | None) -> bool:

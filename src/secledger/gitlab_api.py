@@ -1,9 +1,10 @@
 """The GitLab REST API client: python-gitlab, configured once, answering plain dicts.
 
-python-gitlab owns authentication, pagination (it follows ``Link: rel="next"``) and
-retries: it sleeps for ``Retry-After`` on 429 (given as a date, it is rewritten as
-seconds first) and, with ``retry_transient_errors``, backs off on 5xx. The token lives
-only inside the client; it is never logged or printed.
+python-gitlab owns authentication, pagination (it follows ``Link: rel="next"``; MR
+listings page themselves, from the last MR read) and retries: it sleeps for
+``Retry-After`` on 429 (given as a date, it is rewritten as seconds first) and, with
+``retry_transient_errors``, backs off on 5xx. The token lives only inside the client;
+it is never logged or printed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import gitlab.exceptions
 from gitlab.utils import EncodedId
 
 from secledger.config import Settings
-from secledger.errors import ConfigError, GitLabAPIError
+from secledger.errors import ConfigError, GitLabAPIError, TimestampError
 from secledger.intake import origin
-from secledger.times import isoformat, parse_http_date, utcnow
+from secledger.times import isoformat, parse_http_date, parse_time, utcnow
 
 if TYPE_CHECKING:
     from requests import Response
@@ -69,6 +70,13 @@ def _retry_after_in_seconds(response: Response, *_args: Any, **_kwargs: Any) -> 
         wait = max(0, math.ceil((until - utcnow()).total_seconds()))
         response.headers["Retry-After"] = str(wait)
     return response
+
+
+def _created_at(mr: dict[str, Any], path: str) -> datetime:
+    try:
+        return parse_time(mr["created_at"])
+    except (KeyError, TypeError, TimestampError):
+        raise GitLabAPIError(f"GitLab API: {path} answered an MR without created_at") from None
 
 
 def _call(action: Callable[[], T]) -> T:
@@ -172,11 +180,10 @@ class GitLabAPI:
         Not ``updated_before``: an MR active in the period and updated again after it
         would be left out, and its facts in the period with it.
 
-        Ordered by creation, which an update does not change: listed by offset, an MR
-        updated while the pages are read would move to the end of an update-ordered
-        list and shift another across a page boundary, unseen. A group's list includes
-        its archived projects' MRs (GitLab leaves them out by default); an audit of the
-        period needs them.
+        Ordered by creation, which an update does not change (an MR updated while the
+        pages are read keeps its place), and paged from the last MR read, not by offset
+        (``_list_by_creation``). A group's list includes its archived projects' MRs
+        (GitLab leaves them out by default); an audit of the period needs them.
         """
         query: dict[str, Any] = {
             "state": "all",
@@ -191,7 +198,60 @@ class GitLabAPI:
             query["labels"] = label
         if until is not None:
             query["created_before"] = isoformat(until)
-        return self._list(f"{scope.path}/merge_requests", query)
+        return self._list_by_creation(f"{scope.path}/merge_requests", query)
+
+    def _list_by_creation(self, path: str, query: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every MR of an MR listing ordered by ``created_at`` ascending, each once."""
+        # By offset, an MR leaving the list while its pages are read (label removed, MR
+        # deleted) moves every later one a place back, and the first of the next page is
+        # never seen. MR lists offer no keyset pagination (GitLab's docs list the
+        # endpoints that do: projects, groups, users, jobs, audit events, issues since
+        # 18.3), and listing again what was updated during the run would not find the MR
+        # that was skipped, which did not change. So each page asks for MRs created at or
+        # after the last one read (``created_after`` is inclusive and GitLab writes times
+        # truncated to the millisecond: none is left out), and those read already are
+        # dropped. Only MRs created in one and the same millisecond, more than a page of
+        # them, are still read by offset, the page number counting within that instant.
+        after: datetime | None = None  # created_at of the last MR read
+        page, seen = 1, set[tuple[int, int]]()
+        while True:
+            bounds: dict[str, Any] = {} if after is None else {"created_after": isoformat(after)}
+            if page > 1:
+                bounds["page"] = page
+            items, more = self._page(path, {**query, **bounds})
+            times = [_created_at(mr, path) for mr in items]
+            if times != sorted(times) or (after is not None and times and times[0] < after):
+                raise GitLabAPIError(f"GitLab API: {path} did not answer in creation order")
+            for mr in items:
+                ref = (int(mr["project_id"]), int(mr["iid"]))
+                if ref not in seen:
+                    seen.add(ref)
+                    yield mr
+            if not more or not items:
+                return
+            if times[-1] == after:
+                page += 1
+            else:
+                after, page = times[-1], 1
+
+    def _page(self, path: str, query: Mapping[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """One page of a listing, and whether GitLab has another after it."""
+        response = _call(
+            lambda: self.client.http_request(
+                "get",
+                path,
+                query_data={"per_page": PER_PAGE, **query},
+                max_retries=self.max_retries,
+            )
+        )
+        try:
+            items = response.json()
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise GitLabAPIError(f"GitLab API: {path} did not answer a JSON list")
+        more = "next" in response.links or bool(response.headers.get("x-next-page"))
+        return items, more
 
     def _mr_path(self, project_id: int, iid: int) -> str:
         return f"/projects/{project_id}/merge_requests/{iid}"
