@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
+from fakegitlab import Seen
 from secledger.backfill import Backfill, Period, fetch_history
 from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
@@ -263,6 +264,21 @@ def test_interrupted_backfill_resumes_without_reading_done_mrs_again(engine, api
     assert (result.found, result.skipped, result.recorded_mrs) == (3, 1, 2)
     assert fake.count(f"/merge_requests/{done['iid']}/") == 0
     assert len(ledger_rows(engine)) == 3
+
+
+def test_an_mr_deleted_after_the_listing_is_passed_over_not_fatal(engine, api, fake) -> None:
+    for iid in (1, 2, 3):
+        Story(iid=iid).publish(fake)
+
+    def delete_after_listing(seen: Seen) -> None:
+        if seen.path.endswith("/merge_requests") and 2 in fake.projects[14].mrs:
+            del fake.projects[14].mrs[2]  # gone before its history is read
+
+    fake.after = delete_after_listing
+    job = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1)
+    result = job.run()
+    assert (result.found, result.recorded_mrs, result.gone) == (3, 2, 1)
+    assert sorted(row["mr_iid"] for row in ledger_rows(engine)) == [1, 3]
 
 
 def test_a_resumed_backfill_reads_again_an_mr_updated_since_it_was_done(engine, api, fake) -> None:

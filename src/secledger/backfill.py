@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import structlog
 from sqlalchemy import Connection, Engine, text
 
 from secledger import apifacts
@@ -24,6 +25,8 @@ from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording, record
 from secledger.store.log import Chain
 from secledger.times import isoformat, parse_optional, utcnow
+
+log = structlog.get_logger("secledger.backfill")
 
 MRRef = tuple[int, int]  # (project_id, iid)
 LabelEvents = dict[MRRef, list[dict[str, Any]]]
@@ -89,6 +92,7 @@ class Result:
     skipped: int
     recorded_mrs: int
     recorded_facts: int
+    gone: int = 0  # deleted between the listing and the reading of their history
 
 
 def security_labels(api: GitLabAPI, scope: Scope, policy: LabelPolicy) -> list[str]:
@@ -329,25 +333,40 @@ class Backfill:
 
     def histories(
         self, mrs: list[dict[str, Any]]
-    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Fetch histories concurrently (the API is the slow part), yielded in order."""
+    ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """Fetch histories concurrently (the API is the slow part), yielded in order;
+        None for an MR deleted since it was listed."""
         events = [self._found_events.pop(_ref(mr), None) for mr in mrs]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            fetched = pool.map(
-                lambda mr, read: fetch_history(self.api, mr, self.policy, read), mrs, events
-            )
+            fetched = pool.map(self._history, mrs, events)
             yield from zip(mrs, fetched, strict=True)
+
+    def _history(
+        self, mr: dict[str, Any], label_events: list[dict[str, Any]] | None
+    ) -> list[dict[str, Any]] | None:
+        try:
+            return fetch_history(self.api, mr, self.policy, label_events)
+        except GitLabAPIError as exc:
+            # Deleted while the run went on: nothing left to read, and one MR must not
+            # end a run of thousands. Not marked done; a rerun no longer lists it.
+            if exc.status != 404:
+                raise
+        log.warning("backfill_mr_gone", project_id=mr.get("project_id"), mr_iid=mr.get("iid"))
+        return None
 
     def run(self, progress: Progress | None = None) -> Result:
         """Plan, then record every merge request still to do."""
         todo, skipped = self.plan(progress)
         if progress:
             progress.start(len(todo))
-        facts = 0
+        facts = gone = 0
         for mr, envelopes in self.histories(todo):
-            facts += self.record_one(mr, envelopes)
+            if envelopes is None:
+                gone += 1
+            else:
+                facts += self.record_one(mr, envelopes)
             if progress:
                 progress.advance()
         with self.engine.begin() as conn:
             conn.execute(_FINISH, {"run_key": self.key})
-        return Result(len(todo) + skipped, skipped, len(todo), facts)
+        return Result(len(todo) + skipped, skipped, len(todo) - gone, facts, gone)

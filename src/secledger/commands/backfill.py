@@ -165,9 +165,11 @@ def backfill(
         )
         with _progress() as bar:
             result = job.run(_Bar(bar))
+    gone = f", {result.gone} deleted while the run went on" if result.gone else ""
     click.echo(
         f"{result.found} security merge requests found, {result.skipped} already done by an "
-        f"interrupted run, {result.recorded_mrs} read, {result.recorded_facts} new facts recorded"
+        f"interrupted run, {result.recorded_mrs} read, {result.recorded_facts} new facts"
+        f" recorded{gone}"
     )
 
 
