@@ -54,7 +54,7 @@ EVENT_COLUMNS = "seq, instance, project_id, mr_iid, event_at, kind, decision, ac
 CLOCK_COLUMNS = (
     "instance, project_id, mr_iid, risk_tier, sla_hours, business_hours, required_approvals,"
     " labeled_at, label_seq, deadline, first_decision_at, first_decision, first_decision_by,"
-    " first_decision_seq, updated_at"
+    " first_decision_seq, ended_before_label, updated_at"
 )
 FINDING_COLUMNS = (
     "instance, project_id, mr_iid, rule, subject, severity, seqs, evidence, detected_at, updated_at"

@@ -508,12 +508,19 @@ def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_o
     engine,
 ) -> None:
     """!1 merged and !2 closed before the label; !3 closed before it and reopened after; !4
-    open; !5 approved in time; !6 low, open. Every event precedes every deadline, so nothing
-    was recorded at record time: at each instant the rules, the SQL overdue check and a
-    read find the same MRs overdue, and the rules and SQL give each MR the same verdict."""
+    open; !5 approved in time; !6 low, open; !7 labelled while open and merged unreviewed,
+    its merge never delivered (an edit shows it merged). Every event precedes every
+    deadline, so nothing was recorded at record time: at each instant the rules, the SQL
+    overdue check and a read find the same MRs overdue, and the rules and SQL give each MR
+    the same verdict."""
     record(engine, *labelled_after("merge", iid=1), *labelled_after("close", iid=2))
     record(engine, *labelled_after("close", iid=3), event("reopen", 20, iid=3))
     record(engine, event("open", 10, iid=4, created_at=at(10)))
+    record(
+        engine,
+        event("open", 10, iid=7, created_at=at(10)),
+        event("update", 60, iid=7, created_at=at(10), state="merged", changes=TITLE_EDIT),
+    )
     record(
         engine,
         event("open", 10, iid=5, created_at=at(10)),
@@ -534,8 +541,23 @@ def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_o
         4: "overdue",
         5: "met",
         6: "running",
+        7: "overdue",
     }
-    assert overdue == {3, 4}
+    assert overdue == {3, 4, 7}
+
+
+def test_an_mr_labelled_open_whose_merge_was_never_delivered_is_overdue(engine) -> None:
+    """Labelled while open (due at 72 h), nobody reviews, the merge webhook is lost, and an
+    edit at 200 h shows the MR merged. The ledger's state cannot tell this from an MR
+    merged before its label; the events can: the label found it open. Still an
+    unreviewed change past due: recorded as a breach, overdue in every read."""
+    record(engine, event("open", 0), event("update", 200, state="merged", changes=TITLE_EDIT))
+    listed = found(engine, now=T0 + timedelta(hours=300))
+    assert listed[("sla-breached", "")].evidence["status"] == "open past deadline"
+    assert sql_statuses(engine, T0 + timedelta(hours=300)) == {1: "overdue"}
+    with engine.connect() as conn:
+        ended = conn.execute(text("SELECT ended_before_label FROM review_sla")).scalar_one()
+    assert ended is None
 
 
 def listed_as_of(engine: Engine, policy: CompliancePolicy, now: datetime) -> list[Finding]:

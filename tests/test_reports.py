@@ -387,6 +387,10 @@ def test_migration_0014_downgrades_to_0004s_view_and_back(labelled_late) -> None
         command.downgrade(config, "0013")
         assert conn.execute(query).scalar_one() == "overdue"
         command.upgrade(config, "head")
+        # A clock stored before 0014 has no ended_before_label: judged as before, until
+        # its MR is evaluated again (here, as `findings --reevaluate` does).
+        assert conn.execute(query).scalar_one() == "overdue"
+        findings.reevaluate_all(conn, CompliancePolicy(), NOW)
         conn.commit()
     with labelled_late.connect() as conn:
         assert migrate.is_current(conn)

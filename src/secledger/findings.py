@@ -36,6 +36,7 @@ CLOCK_COLUMNS = (
     "first_decision",
     "first_decision_by",
     "first_decision_seq",
+    "ended_before_label",
 )
 _KEY = "instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
 _CLOCK_KEY = ("instance", "project_id", "mr_iid", *CLOCK_COLUMNS)
@@ -98,7 +99,6 @@ def history_of(
         author_id=row["author_id"],
         tier=row["risk_tier"],
         labeled_at=row["labeled_at"],
-        state=row["state"],
     )
 
 
@@ -210,13 +210,14 @@ def _sql_stamp(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
-# An open MR is overdue at :now while its clock runs (no decision yet) past its deadline.
-# Merged or closed with no decision after the label, it was so before the label: its
-# clock never ran (``rules.SlaClock.running``); reopened after the label, it runs again.
+# An MR is overdue at :now while its clock runs (no decision yet) past its deadline. One
+# already merged or closed when labelled never had a running clock
+# (``rules.SlaClock.running``, stored as ``ended_before_label``); one labelled while open
+# and merged or closed since without that event recorded is still undecided, and overdue.
 _OVERDUE_MRS = (
     " FROM review_sla s JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
     " WHERE s.first_decision_at IS NULL AND s.deadline < :now AND s.label_seq IS NOT NULL"
-    " AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
+    " AND s.ended_before_label IS NULL"
 )
 # Its `sla-breached` finding, with the evidence ``rules.breach_evidence`` builds, so
 # record-time re-evaluation changes nothing. The columns of ``findings`` from instance

@@ -174,7 +174,8 @@ Generated {isoformat(pack.generated_at)} by secledger {__version__} (format
 Times are ISO 8601 UTC. In CSV files, lists are space-separated and objects are JSON.
 `sla_status` is `met`/`breached` (first review decision by/after the deadline),
 `labeled_after_merge`/`labeled_after_close` (merged or closed before the security label:
-the clock never ran) or `no_clock`. SLA figures follow the report
+the clock never ran), `overdue` (labelled while open, merged or closed since with no
+review decision recorded, and past the deadline) or `no_clock`. SLA figures follow the report
 definitions: per tier, MRs whose security label was applied in the period; per reviewer,
 decisions made in the period.
 

@@ -27,15 +27,16 @@ PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
 # Ledger ``l`` is of an MR still open (a state not known counts as open).
 OPEN = "coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
-# One MR's SLA verdict at :now, over ledger ``l`` and clock ``s``, as ``SlaClock.status``
-# gives it (bi_sla_status, migration 0014, spells it with now()). A merged or closed MR
-# with no decision after its label was so before the label: its clock never ran, so it
-# is never overdue (an MR reopened after the label is open, its clock running).
+# One MR's SLA verdict at :now, over clock ``s``, as ``SlaClock.status`` gives it
+# (bi_sla_status, migration 0014, spells it with now()). An MR already merged or closed
+# when labelled (``ended_before_label``, judged from its events) never had a running
+# clock, so it is never overdue; one labelled while open is judged by its clock whatever
+# its state now (its merge or close may never have been recorded).
 SLA_STATUS = """CASE WHEN s.deadline IS NULL THEN 'no_clock'
             WHEN s.first_decision_at IS NOT NULL AND s.first_decision_at <= s.deadline THEN 'met'
             WHEN s.first_decision_at IS NOT NULL THEN 'breached'
-            WHEN l.state = 'merged' THEN 'labeled_after_merge'
-            WHEN l.state = 'closed' THEN 'labeled_after_close'
+            WHEN s.ended_before_label = 'merged' THEN 'labeled_after_merge'
+            WHEN s.ended_before_label = 'closed' THEN 'labeled_after_close'
             WHEN :now > s.deadline THEN 'overdue'
             ELSE 'running' END"""
 

@@ -22,7 +22,7 @@ from secledger.tierpolicy import CompliancePolicy, TierRule
 
 SEVERITIES = ("critical", "high", "medium", "low")
 CLOCK_STOPPERS = frozenset({"approved", "merged", "closed"})
-# The states of an MR nobody can review any more (the ledger's ``state``).
+# The states of an MR nobody can review any more.
 ENDED_STATES = frozenset({"merged", "closed"})
 
 
@@ -50,9 +50,9 @@ class SlaClock:
     first_decision: str | None = None
     first_decision_by: str | None = None
     first_decision_seq: int | None = None
-    # "merged" or "closed" when the MR is so and no review decision followed the label:
-    # it was merged or closed before it was labelled (or that event was never recorded),
-    # so nothing is left to wait for and the clock never runs (policy.md, "The SLA clock").
+    # "merged" or "closed" when the MR already was so when labelled and no review
+    # decision followed the label: nothing is left to wait for and the clock never runs
+    # (policy.md, "The SLA clock"). Stored in review_sla, where SQL reads it.
     ended_before_label: str | None = None
 
     @property
@@ -91,8 +91,6 @@ class MRHistory:
     author_id: int | None
     tier: str
     labeled_at: datetime | None
-    # The ledger's state (opened, merged, closed); None (not known) counts as open.
-    state: str | None = None
 
 
 @quick
@@ -167,9 +165,10 @@ def rule(rule_id: str, severity: str) -> Callable[[RuleFunction], RuleFunction]:
 def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
     """The SLA clock: from the label to the first non-author approval, merge or close.
 
-    Decisions before the label do not stop it: an MR still merged or closed with no
-    decision after the label ended before it, and its clock never runs. One closed
-    before the label and reopened after it is open again: its clock runs from the label.
+    Decisions before the label do not stop it: an MR already merged or closed when it
+    was labelled, with no decision after the label, has nothing left to wait for, and its
+    clock never runs. One closed before the label and reopened after it is open again:
+    its clock runs from the label.
     """
     tier_rule = policy.rule(history.tier)
     labeled_at = history.labeled_at
@@ -200,9 +199,32 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
                 "first_decision_seq": event.seq,
             }
         )
-    if history.state in ENDED_STATES:
-        return replace(clock, ended_before_label=history.state)
-    return clock
+    ended = _ended_before_label(history, clock.label_seq)
+    return replace(clock, ended_before_label=ended) if ended else clock
+
+
+# The state a decision leaves an MR in, for events that carry no state of their own.
+_STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened"}
+
+
+def _ended_before_label(history: MRHistory, label_seq: int | None) -> str | None:
+    """``merged`` or ``closed`` when the MR already was so at its label event (its own
+    state, else the last one an earlier event showed) and no later event shows it open.
+
+    Judged from the events, not from the ledger's state now: an MR labelled while open
+    whose merge or close was never recorded is still an unreviewed change past due.
+    """
+    state: str | None = None
+    labelled = False
+    for event in history.events:
+        facts = event.facts
+        shown = facts.state or _STATE_AFTER.get(facts.decision or "")
+        if not labelled:
+            state = shown or state
+            labelled = event.seq == label_seq
+        elif shown == "opened":
+            return None  # reopened after the label: its clock runs from the label
+    return state if labelled and state in ENDED_STATES else None
 
 
 def _label_seq(history: MRHistory) -> int | None:
@@ -395,10 +417,11 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
 
 @rule("sla-breached", "medium")
 def sla_breached(context: Context) -> Iterator[Finding]:
-    """No decision by the tier's deadline (decided late, or still open past it).
+    """No decision by the tier's deadline (decided late, or still undecided past it).
 
-    An MR merged or closed before it was labelled has no breach (the SQL overdue check,
-    ``findings._OVERDUE_MRS``, skips it too); ``insufficient-approvals`` judges its merge.
+    An MR already merged or closed when labelled has no breach (the SQL overdue check,
+    ``findings._OVERDUE_MRS``, skips it too). The status "open past deadline" keeps its
+    name for the evidence's readers, also for an MR merged since without a recorded merge.
     """
     clock = context.clock
     if clock.label_seq is None:

@@ -1,13 +1,19 @@
-"""``bi_sla_status``: an MR merged or closed before its security label is not overdue.
+"""``review_sla.ended_before_label``, and ``bi_sla_status`` reads it.
 
 The SLA clock runs from the label to the first review decision while the MR can still
-be reviewed. A merged or closed MR with no decision after its label was merged or closed
-before the label: nothing is left to wait for, so its clock never runs. Its
-``sla_status`` is now ``labeled_after_merge`` or ``labeled_after_close`` (it was
-``overdue`` once past the deadline) and its ``hours_left`` is NULL, as the reports
-(``reports.SLA_STATUS``, which a test keeps equal to ``SLA_STATUS`` here), the rules
-(``rules.SlaClock.status``) and the overdue check judge it. An MR reopened after the
-label is open again, its clock running from the label.
+be reviewed. An MR already merged or closed when its security label was applied has
+nothing left to wait for: its clock never runs. Which MRs those are is judged from the
+events (``rules.sla_clock``: the state at the label event, and no later event showing
+the MR open) and stored with the clock, because the ledger's state now cannot tell an
+MR merged before its label from one labelled while open whose merge was never recorded
+(still an unreviewed change past due). ``bi_sla_status`` says ``labeled_after_merge``
+or ``labeled_after_close`` for them (it said ``overdue`` once past the deadline) and
+leaves ``hours_left`` NULL, as the reports (``reports.SLA_STATUS``, which a test keeps
+equal to ``SLA_STATUS`` here), the rules (``rules.SlaClock.status``) and the overdue
+check judge it.
+
+Clocks stored before this revision have no value (NULL: judged as before) until their
+MR's next event or ``secledger findings --reevaluate``.
 
 Revision ID: 0014
 Revises: 0013
@@ -39,11 +45,17 @@ LEFT JOIN review_sla s USING (instance, project_id, mr_iid);
 SLA_STATUS = """CASE WHEN s.deadline IS NULL THEN 'no_clock'
             WHEN s.first_decision_at IS NOT NULL AND s.first_decision_at <= s.deadline THEN 'met'
             WHEN s.first_decision_at IS NOT NULL THEN 'breached'
-            WHEN l.state = 'merged' THEN 'labeled_after_merge'
-            WHEN l.state = 'closed' THEN 'labeled_after_close'
+            WHEN s.ended_before_label = 'merged' THEN 'labeled_after_merge'
+            WHEN s.ended_before_label = 'closed' THEN 'labeled_after_close'
             WHEN now() > s.deadline THEN 'overdue'
             ELSE 'running' END"""
-RUNNING = "s.first_decision_at IS NULL AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed')"
+RUNNING = "s.first_decision_at IS NULL AND s.ended_before_label IS NULL"
+_COLUMN = """
+ALTER TABLE review_sla ADD COLUMN ended_before_label text
+    CHECK (ended_before_label IN ('merged', 'closed'));
+COMMENT ON COLUMN review_sla.ended_before_label IS
+    'merged or closed: the MR already was when labelled, so its clock never ran';
+"""
 
 # What 0004 wrote.
 _STATUS_0004 = """CASE WHEN s.deadline IS NULL THEN 'no_clock'
@@ -52,8 +64,10 @@ _STATUS_0004 = """CASE WHEN s.deadline IS NULL THEN 'no_clock'
             WHEN now() > s.deadline THEN 'overdue'
             ELSE 'running' END"""
 
-UPGRADE = _VIEW.format(running=RUNNING, status=SLA_STATUS)
-DOWNGRADE = _VIEW.format(running="s.first_decision_at IS NULL", status=_STATUS_0004)
+UPGRADE = _COLUMN + _VIEW.format(running=RUNNING, status=SLA_STATUS)
+DOWNGRADE = _VIEW.format(running="s.first_decision_at IS NULL", status=_STATUS_0004) + (
+    "ALTER TABLE review_sla DROP COLUMN ended_before_label;"
+)
 
 
 def upgrade() -> None:
