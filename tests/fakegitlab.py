@@ -5,8 +5,9 @@ by path (``acme/platform`` is a subgroup of ``acme``) and hold group-level label
 label lists answer with GitLab's defaults (a group's: its own labels and its ancestors',
 no subgroup's, no project's). Lists are
 paginated like GitLab's offset pagination (``x-next-page``, ``x-total``, ``Link``), with
-a page size the server caps, and any path can be made to answer 429 with
-``Retry-After`` once. MR lists are ordered as GitLab orders them (``order_by``,
+a page size the server caps, any path can be made to answer 429 with ``Retry-After``
+once, and any endpoint can be made missing (404, as on a GitLab too old to have it, or
+behind a proxy). MR lists are ordered as GitLab orders them (``order_by``,
 ``sort``, ties broken by id, descending). Every request is logged for assertions, and
 ``after`` is called with each one answered, so a test can change GitLab between two
 requests (an MR leaving a list while its pages are read).
@@ -66,6 +67,7 @@ class FakeGitLab:
         self.latency = latency
         # path fragment -> Retry-After (seconds, or an HTTP-date as proxies send), answered once
         self.throttle: dict[str, int | str] = {}
+        self.missing: set[str] = set()  # path endings that answer 404 whatever they name
         self.seen: list[Seen] = []
         self.after: Callable[[Seen], None] | None = None  # called with each request answered
         self.hook_tokens: dict[int, str] = {}  # GitLab never returns a hook's token
@@ -176,6 +178,8 @@ def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
                     if fragment in path:
                         del fake.throttle[fragment]
                         return 429, {"message": "Retry later"}, {"Retry-After": str(wait)}
+            if any(path.endswith(ending) for ending in fake.missing):
+                return 404, {"message": "404 Not found"}, {}
             if method == "POST":
                 length = int(self.headers.get("Content-Length") or 0)
                 return _post(fake, path, json.loads(self.rfile.read(length) or b"{}"))

@@ -281,6 +281,25 @@ def test_an_mr_deleted_after_the_listing_is_passed_over_not_fatal(engine, api, f
     assert sorted(row["mr_iid"] for row in ledger_rows(engine)) == [1, 3]
 
 
+def test_a_404_from_a_history_endpoint_of_an_existing_mr_ends_the_run(engine, api, fake) -> None:
+    """A 404 from a sub-resource does not prove the MR deleted: GitLab before 13.2 has
+    no resource_state_events, a proxy may answer 404. Taken as deleted, every MR was
+    passed over and the run marked finished with nothing recorded. The MR itself still
+    answers, so the error ends the run, unfinished."""
+    for iid in (1, 2):
+        Story(iid=iid).publish(fake)
+    fake.missing.add("/resource_state_events")
+    job = Backfill(engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1)
+    with pytest.raises(GitLabAPIError) as caught:
+        job.run()
+    assert caught.value.status == 404
+    assert fake.count("/merge_requests/1") > fake.count("/merge_requests/1/")  # asked about it
+    assert ledger_rows(engine) == []
+    with engine.connect() as conn:
+        finished = conn.execute(text("SELECT finished_at FROM backfill_runs")).scalars().all()
+    assert finished == [None]
+
+
 def test_a_resumed_backfill_reads_again_an_mr_updated_since_it_was_done(engine, api, fake) -> None:
     """The cursor kept which MRs were done, not as of when: an MR approved and merged
     after the interrupted run recorded it was skipped on resume, and its approval and
