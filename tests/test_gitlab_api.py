@@ -100,3 +100,26 @@ def test_a_listing_not_in_creation_order_is_an_error(api, fake, monkeypatch) -> 
     )
     with pytest.raises(GitLabAPIError, match="creation order"):
         listed(api)
+
+
+def test_a_server_that_ignores_page_is_an_error_not_an_endless_listing(
+    api, fake, monkeypatch
+) -> None:
+    """The MRs of one instant, more than a page of them, are read by offset. A GitLab or
+    a proxy that honours created_after but ignores page answered the same page again,
+    and the listing asked for the page after it without end: a page read by offset that
+    brings no MR not read already is refused."""
+    publish(fake, 5, same_time=True)
+    pages: list[str | None] = []
+    serve_page = fakegitlab._page
+
+    def ignoring_page(fake_: FakeGitLab, path: str, query: dict[str, str], items: list):
+        pages.append(query.get("page"))
+        if len(pages) > 20:  # end the listing, so that the test fails rather than hangs
+            items = []
+        return serve_page(fake_, path, {k: v for k, v in query.items() if k != "page"}, items)
+
+    monkeypatch.setattr(fakegitlab, "_page", ignoring_page)
+    with pytest.raises(GitLabAPIError, match="ignore"):
+        listed(api)
+    assert pages == [None, None, "2"]

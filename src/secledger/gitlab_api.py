@@ -79,6 +79,17 @@ def _created_at(mr: dict[str, Any], path: str) -> datetime:
         raise GitLabAPIError(f"GitLab API: {path} answered an MR without created_at") from None
 
 
+def _unseen(mrs: list[dict[str, Any]], seen: set[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The MRs not in ``seen``, which now holds them too."""
+    fresh = []
+    for mr in mrs:
+        ref = (int(mr["project_id"]), int(mr["iid"]))
+        if ref not in seen:
+            seen.add(ref)
+            fresh.append(mr)
+    return fresh
+
+
 def _call(action: Callable[[], T]) -> T:
     try:
         return action()
@@ -222,13 +233,18 @@ class GitLabAPI:
             times = [_created_at(mr, path) for mr in items]
             if times != sorted(times) or (after is not None and times and times[0] < after):
                 raise GitLabAPIError(f"GitLab API: {path} did not answer in creation order")
-            for mr in items:
-                ref = (int(mr["project_id"]), int(mr["iid"]))
-                if ref not in seen:
-                    seen.add(ref)
-                    yield mr
+            fresh = _unseen(items, seen)
+            yield from fresh
             if not more or not items:
                 return
+            # A first page may bring only MRs read already (all of one instant, they
+            # filled the page before); a page read by offset that does shows the server
+            # did not move on: one ignoring ``page`` would be asked page + 1 forever.
+            if page > 1 and not fresh:
+                raise GitLabAPIError(
+                    f"GitLab API: {path} answered page {page} with only MRs read already"
+                    " (does it ignore the page parameter?)"
+                )
             if times[-1] == after:
                 page += 1
             else:
