@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import FrozenInstanceError, dataclass, field
+from collections.abc import Callable
+from dataclasses import FrozenInstanceError, InitVar, dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 import pytest
 
+from secledger import quickinit
 from secledger.extract import EventFacts
 from secledger.findings import Assessment, Finding
 from secledger.intake import Delivery, Verified
@@ -109,24 +112,96 @@ def test_refuses_what_it_cannot_build() -> None:
         n: int
         m: int = field(default=0, init=False)
 
-    for cls in (Mutable, Hidden, int):
+    @dataclass(frozen=True, init=False)
+    class Uninitialised:
+        n: int
+
+    for cls in (Mutable, Hidden, Uninitialised, int):
         with pytest.raises(TypeError):
             quick(cls)
 
 
-@pytest.mark.parametrize("cls", QUICK, ids=lambda cls: cls.__name__)
+def test_refuses_an_init_var() -> None:
+    """An InitVar is a parameter of the dataclass's __init__, handed to __post_init__,
+    but not a field: quick's __init__ did not take it, and every construction failed."""
+
+    @dataclass(frozen=True)
+    class Salted:
+        n: int
+        salt: InitVar[str]
+
+        def __post_init__(self, salt: str) -> None:
+            pass
+
+    assert Salted(1, "pepper").n == 1  # a working dataclass, as it stands
+    with pytest.raises(TypeError, match="InitVar"):
+        quick(Salted)
+
+
+def test_refuses_fields_kept_in_slots_of_a_base() -> None:
+    """Fields in slots, the class's own or a base's, hide what quick puts in __dict__."""
+
+    @dataclass(frozen=True, slots=True)
+    class Slotted:
+        n: int
+
+    @dataclass(frozen=True)
+    class Child(Slotted):
+        m: int = 0
+
+    for cls in (Slotted, Child):
+        with pytest.raises(TypeError, match="slots"):
+            quick(cls)
+
+
+def test_takes_a_class_whose_bases_declare_empty_slots() -> None:
+    """A base declaring ``__slots__ = ()``, as typing.Generic does, leaves instances
+    their __dict__ and keeps no field: accepted."""
+    item = TypeVar("item")
+
+    @quick
+    @dataclass(frozen=True)
+    class Boxed(Generic[item]):
+        value: item
+
+    assert Boxed(3).value == 3
+
+
+def test_the_generated_init_belongs_to_the_class_module() -> None:
+    assert Quick.__init__.__module__ == Plain.__init__.__module__ == __name__
+    for cls in QUICK:
+        assert cls.__init__.__module__ == cls.__module__
+
+
+def dataclass_twin(cls: type) -> type:
+    """The class ``dataclass(frozen=True)`` makes of ``cls``'s fields, without quick."""
+    specs = [
+        (
+            f.name,
+            f.type,
+            field(default=f.default, default_factory=f.default_factory, kw_only=f.kw_only),
+        )
+        for f in dataclasses.fields(cls)
+    ]
+    return dataclasses.make_dataclass(cls.__name__, specs, frozen=True)
+
+
+def parameters(init: Callable[..., object]) -> list[tuple[str, Any, object]]:
+    """Each parameter after ``self``: name, kind, and default (a default factory's
+    stand-in, dataclass's or quick's, as one marker)."""
+    found = list(inspect.signature(init).parameters.values())[1:]
+    return [(p.name, p.kind, "factory" if _is_factory(p.default) else p.default) for p in found]
+
+
+def _is_factory(default: object) -> bool:
+    return default is quickinit._FACTORY or repr(default) == "<factory>"
+
+
+@pytest.mark.parametrize("cls", [*QUICK, Quick], ids=lambda cls: cls.__name__)
 def test_hot_path_classes_keep_their_signature(cls: type) -> None:
-    # The same parameters, in the same order, with the same defaults as the dataclass's.
-    quick_sig = inspect.signature(cls.__init__)
-    fields = dataclasses.fields(cls)
-    names = [name for name in quick_sig.parameters if name != "self"]
-    assert names == [f.name for f in fields]
-    for f in fields:
-        default = quick_sig.parameters[f.name].default
-        if f.default is not dataclasses.MISSING:
-            assert default == f.default
-        elif f.default_factory is dataclasses.MISSING:
-            assert default is inspect.Parameter.empty
+    """The parameters of the __init__ dataclass itself would give the class: names,
+    order, kinds (keyword-only after ``*``) and defaults."""
+    assert parameters(cls.__init__) == parameters(dataclass_twin(cls).__init__)
 
 
 def test_event_facts_round_trip() -> None:

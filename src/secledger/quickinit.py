@@ -11,6 +11,8 @@ own; the class stays frozen (assignment still raises), equal and hashable as bef
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -18,19 +20,45 @@ T = TypeVar("T")
 _FACTORY = object()  # stands for "no value given" where a default factory applies
 
 
-def quick(cls: type[T]) -> type[T]:
-    """Class decorator, placed above ``@dataclass(frozen=True)``."""
+def _refuse_what_it_cannot_build(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> None:
+    """TypeError unless ``quick`` can build the same objects as the dataclass's ``__init__``."""
     params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen or "__slots__" in cls.__dict__:
-        raise TypeError(f"{cls.__name__}: quick() takes a frozen dataclass without slots")
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if params is None or not params.frozen or not params.init:
+        raise TypeError(f"{cls.__name__}: quick() takes a frozen dataclass with its __init__")
+    names = [f.name for f in fields]
+    for f in fields:
+        if not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: quick() needs every field in __init__")
+    # An InitVar is a parameter of the dataclass's __init__ that fields() leaves out,
+    # handed to __post_init__: the __init__ built from fields() would not take it.
+    own = list(inspect.signature(vars(cls)["__init__"]).parameters)[1:]  # after self
+    extra = [p for p in own if p not in names]
+    if extra:
+        raise TypeError(f"{cls.__name__}.{extra[0]}: quick() takes no InitVar")
+    # The fields go into the instance's __dict__: there must be one (some class of the
+    # MRO without __slots__), and no field may be a slot of the class or of a base, whose
+    # descriptor would hide the value put there.
+    has_dict = any("__dict__" in vars(k) for k in cls.__mro__)
+    slot = types.MemberDescriptorType
+    if not has_dict or any(isinstance(inspect.getattr_static(cls, n, None), slot) for n in names):
+        raise TypeError(f"{cls.__name__}: quick() needs fields kept in __dict__, not __slots__")
+
+
+def quick(cls: type[T]) -> type[T]:
+    """Class decorator, placed above ``@dataclass(frozen=True)``.
+
+    TypeError, when decorating, for a class it cannot build: a field left out of
+    ``__init__``, an ``InitVar``, a field kept in ``__slots__`` (the class's or a base's).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__}: quick() takes a frozen dataclass")
+    fields = dataclasses.fields(cls)
+    _refuse_what_it_cannot_build(cls, fields)
     scope: dict[str, Any] = {"_FACTORY": _FACTORY}
     signature: list[str] = []
     keyword_only: list[str] = []
     made: list[str] = []
     for f in fields:
-        if not f.init:
-            raise TypeError(f"{cls.__name__}.{f.name}: quick() needs every field in __init__")
         name = f.name
         if f.default is not dataclasses.MISSING:
             scope[f"_default_{name}"] = f.default
@@ -52,6 +80,7 @@ def quick(cls: type[T]) -> type[T]:
     exec("\n".join(lines), scope)  # noqa: S102 - our own text, as dataclasses builds it
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
     init.__doc__ = cls.__init__.__doc__
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
