@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,26 +11,45 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
 from chainkit import app_url
 from dashboard_fixtures import PASSWORD, USER, post_login, reader_settings
-from secledger.dashboard.auth import COOKIE
-from secledger.dashboard.throttle import LoginThrottle, client_key, user_key
-from secledger.store import db, logins
+from secledger.dashboard.auth import COOKIE, Authenticator
+from secledger.dashboard.throttle import (
+    LoginThrottle,
+    client_key,
+    name_key,
+    user_digest,
+    user_key,
+)
+from secledger.store import db, logins, migrate
 from secledger.web import create_app
 
 GUESS = "guess-0123456789"
 LIMIT = 5
+# Replicas share the session secret (docs/deployment.md), and with it the name digests.
+SESSION_SECRET = "replicas-share-this-session-secret"
+KEY = name_key(SESSION_SECRET.encode())
+WINDOW = timedelta(seconds=300)
+TYPED = "Tr0ub4dor&3-typed-in-the-wrong-field"  # a password in the user name field
+DIGEST = re.compile("[0-9a-f]{64}")
+
+
+def digest_of(name: str) -> str:
+    """The user name as login_attempts keeps it."""
+    return user_digest(KEY, name)
 
 
 @contextmanager
 def instance(database_url: str, data_dir: Path, address: str) -> Iterator[TestClient]:
     """One `serve` replica, as the app login, seen from one client address."""
     url = app_url(database_url)
-    settings = reader_settings(database_url, data_dir)
+    settings = reader_settings(database_url, data_dir, session_secret=SecretStr(SESSION_SECRET))
     settings = settings.model_copy(update={"database_url": SecretStr(url)})
     app = create_app(settings, db.Database(url, embedded=False))
     with TestClient(app, client=(address, 50000)) as client:
@@ -95,7 +115,7 @@ def test_the_limit_survives_a_restart(database_url, tmp_path) -> None:
 
 def test_failures_leave_the_count_after_the_window_and_are_pruned(engine) -> None:
     clock = Clock()
-    throttle = LoginThrottle(2, timedelta(seconds=300), clock)
+    throttle = LoginThrottle(2, WINDOW, clock, key=KEY)
     for _ in range(2):
         throttle.settle(engine, throttle.reserve(engine, "alice", "10.0.0.1"), succeeded=False)
     clock.now += timedelta(seconds=299)
@@ -105,12 +125,12 @@ def test_failures_leave_the_count_after_the_window_and_are_pruned(engine) -> Non
     again = throttle.reserve(engine, "alice", "10.0.0.2")
     assert again.allowed
     assert (again.user_failures, again.client_failures) == (0, 0)
-    assert attempts(engine) == [("alice", "10.0.0.2", "pending")]  # the old two deleted
+    assert attempts(engine) == [(digest_of("alice"), "10.0.0.2", "pending")]  # old two deleted
 
 
 def test_a_success_restarts_the_users_count_and_keeps_the_rows(engine) -> None:
     """Decided: success resets the user's count (not the address's); no row is removed."""
-    throttle = LoginThrottle(3, timedelta(seconds=300), Clock())
+    throttle = LoginThrottle(3, WINDOW, Clock(), key=KEY)
 
     def attempt(name: str, host: str, *, ok: bool) -> bool:
         reservation = throttle.reserve(engine, name, host)
@@ -138,7 +158,7 @@ def test_checks_in_progress_count_so_concurrent_guesses_stay_within_the_limit(
     engine, database_url
 ) -> None:
     """A reserved check is a failure until settled: twenty at once get three checks."""
-    throttle = LoginThrottle(3, timedelta(seconds=300), Clock())
+    throttle = LoginThrottle(3, WINDOW, Clock(), key=KEY)
     for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
         assert throttle.reserve(engine, "alice", host).allowed
     assert not throttle.reserve(engine, "alice", "10.0.0.4").allowed
@@ -167,13 +187,13 @@ def test_an_attempt_holds_its_users_lock_until_it_commits(engine, database_url) 
     at = datetime(2026, 12, 1, tzinfo=UTC)
     horizon = at - timedelta(minutes=5)
     with engine.begin() as conn:
-        logins.reserve(conn, logins.Attempt("alice", "10.0.0.1", at), horizon, 5)
+        logins.reserve(conn, logins.Attempt(digest_of("alice"), "10.0.0.1", at), horizon, 5)
         with psycopg.connect(database_url, autocommit=True) as other:
             other.execute("SET lock_timeout = '200ms'")
-            key = logins._lock_key("user", "alice")
+            key = logins._lock_key("user", digest_of("alice"))
             with pytest.raises(psycopg.errors.LockNotAvailable):
                 other.execute("SELECT pg_advisory_lock(%s, %s)", (logins.LOCK_CLASS, key))
-            unrelated = logins._lock_key("user", "bob")
+            unrelated = logins._lock_key("user", digest_of("bob"))
             other.execute("SELECT pg_advisory_lock(%s, %s)", (logins.LOCK_CLASS, unrelated))
 
 
@@ -199,8 +219,8 @@ def test_the_password_is_never_stored(database_url, tmp_path, engine) -> None:
     assert GUESS not in dump
     assert PASSWORD not in dump
     assert [(user, outcome) for user, _, outcome in attempts(engine)] == [
-        ("auditor", "failed"),
-        ("auditor", "succeeded"),
+        (digest_of(USER), "failed"),
+        (digest_of(USER), "succeeded"),
     ]
 
 
@@ -242,3 +262,121 @@ def test_a_trusted_proxys_forwarded_address_is_the_client_counted(
         untrusted.headers["x-forwarded-for"] = "203.0.113.10"  # not from a trusted proxy
         assert post_login(untrusted, USER, GUESS).status_code == 401
     assert [client for _, client, _ in attempts(engine)] == ["203.0.113.9", "10.0.0.7"]
+
+
+def test_a_name_typed_at_the_form_is_stored_only_as_a_keyed_digest(
+    database_url, tmp_path, engine
+) -> None:
+    """A password typed into the user name field never reaches login_attempts, in any
+    spelling; a configured user's name is digested too."""
+    with instance(database_url, tmp_path / "a", "10.0.0.1") as client:
+        assert post_login(client, TYPED, GUESS).status_code == 401
+        assert post_login(client, TYPED.upper(), GUESS).status_code == 401
+        assert post_login(client, USER, PASSWORD).status_code == 303
+    with engine.connect() as conn:
+        dump = "\n".join(
+            conn.execute(text("SELECT login_attempts::text FROM login_attempts")).scalars()
+        )
+    for secret in (TYPED, TYPED.upper(), user_key(TYPED), GUESS, PASSWORD, USER):
+        assert secret not in dump
+    names = [user for user, _, _ in attempts(engine)]
+    assert names == [digest_of(TYPED), digest_of(TYPED), digest_of(USER)]
+    assert all(DIGEST.fullmatch(name) for name in names)
+
+
+def test_typed_names_trip_the_limit_at_the_same_counts(engine) -> None:
+    """Digests count exactly as names did: spellings of one name share its count, from
+    any address, until the limit; another name and the client's count are untouched."""
+    throttle = LoginThrottle(LIMIT, WINDOW, Clock(), key=KEY)
+    spellings = [TYPED, TYPED.upper(), f"  {TYPED} ", TYPED.lower(), TYPED.swapcase()]
+    for number, spelling in enumerate(spellings):
+        answer = throttle.reserve(engine, spelling, f"10.0.0.{number}")
+        assert (answer.allowed, answer.user_failures) == (True, number)
+        throttle.settle(engine, answer, succeeded=False)
+    refused = throttle.reserve(engine, TYPED, "10.0.0.9")
+    assert (refused.allowed, refused.user_failures, refused.client_failures) == (False, 5, 0)
+    assert throttle.reserve(engine, "another-name", "10.0.0.9").allowed
+
+
+def test_a_users_limit_holds_across_authenticators_that_share_the_secret(
+    database_url, tmp_path, engine
+) -> None:
+    """Two replicas (their own data directories, one SECLEDGER_SESSION_SECRET) share a
+    user's failures; a replica with another secret would count the user apart, which
+    is why replicas need the same secret."""
+
+    def replica(name: str, secret: str) -> tuple[Authenticator, LoginThrottle]:
+        settings = reader_settings(database_url, tmp_path / name, session_secret=SecretStr(secret))
+        return Authenticator(settings), LoginThrottle.from_settings(settings)
+
+    first, second = replica("a", SESSION_SECRET), replica("b", SESSION_SECRET)
+    for number, (auth, throttle) in enumerate([first, second] * 2 + [first]):
+        reservation = throttle.reserve(engine, USER, f"10.0.0.{number}")
+        assert reservation.allowed
+        throttle.settle(engine, reservation, succeeded=auth.check_password(USER, GUESS))
+    for _, throttle in (first, second):
+        refused = throttle.reserve(engine, USER, "10.0.0.9")
+        assert (refused.allowed, refused.user_failures) == (False, LIMIT)
+    _, elsewhere = replica("c", "another-secret")
+    assert elsewhere.reserve(engine, USER, "10.0.0.9").allowed
+    assert {user for user, _, _ in attempts(engine)} == {
+        digest_of(USER),
+        user_digest(name_key(b"another-secret"), USER),
+    }
+
+
+def test_postgresql_refuses_a_user_name_that_is_not_a_digest(database_url) -> None:
+    """Whatever the code, no plain name can be stored: not even the owner may."""
+    with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "INSERT INTO login_attempts (attempted_at, user_name, client)"
+            " VALUES (now(), %s, '10.0.0.1')",
+            (user_key(TYPED),),
+        )
+
+
+def test_the_readonly_role_cannot_read_login_attempts(database_url) -> None:
+    """BI logins (secledger_readonly) read the ledger, not the login counter."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET ROLE secledger_readonly")
+        conn.execute("SELECT count(*) FROM delivery_log")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM login_attempts")
+
+
+MIGRATION = "0016"  # login_attempts keeps name digests
+
+
+def test_the_migration_overwrites_stored_names_and_keeps_the_clients_count(engine) -> None:
+    """Rows from before keep counting for their client; their names are gone; the
+    downgrade gives the read back and the upgrade applies again."""
+    script = ScriptDirectory.from_config(migrate.alembic_config()).get_revision(MIGRATION)
+    assert script is not None
+    before = script.down_revision
+    assert isinstance(before, str)
+    config = migrate.alembic_config()
+    insert = text(
+        "INSERT INTO login_attempts (attempted_at, user_name, client, outcome)"
+        " VALUES (now(), :name, '10.0.0.5', 'failed')"
+    )
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, before)
+        for name in (user_key(TYPED), USER, "alice"):
+            conn.execute(insert, {"name": name})
+        command.upgrade(config, "head")
+        conn.commit()
+    assert [user for user, _, _ in attempts(engine)] == ["0" * 64] * 3
+    throttle = LoginThrottle(LIMIT, WINDOW, key=KEY)
+    counted = throttle.reserve(engine, USER, "10.0.0.5")
+    assert (counted.user_failures, counted.client_failures) == (0, 3)
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, before)
+        conn.execute(text("SET ROLE secledger_readonly"))
+        assert conn.execute(text("SELECT count(*) FROM login_attempts")).scalar_one() == 4
+        conn.execute(text("RESET ROLE"))
+        command.upgrade(config, "head")
+        conn.commit()
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)

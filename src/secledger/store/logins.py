@@ -16,7 +16,7 @@ from sqlalchemy import Connection, text
 
 # The two-int4 form of the advisory lock: its key space is separate from the bigint
 # keys of the chain, sink, refresh and migration locks, so a hash can never collide
-# with them. The second key is a hash of the user name or the client; two that share
+# with them. The second key is a hash of the user digest or the client; two that share
 # a hash only wait for each other a few milliseconds.
 LOCK_CLASS = 0x5EC1
 _LOCK = text("SELECT pg_advisory_xact_lock(:cls, :key)")
@@ -44,7 +44,7 @@ _SETTLE = text(
 
 @dataclass(frozen=True)
 class Attempt:
-    """Who is trying to log in, as counted: normalised user name and client key."""
+    """Who is trying to log in, as counted: the user name's digest and the client key."""
 
     user: str
     client: str
