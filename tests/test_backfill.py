@@ -300,6 +300,22 @@ def test_a_404_from_a_history_endpoint_of_an_existing_mr_ends_the_run(engine, ap
     assert finished == [None]
 
 
+def test_label_history_stops_when_label_events_are_missing_not_finding_nothing(
+    engine, api, fake
+) -> None:
+    """With resource_label_events answering 404 for MRs that exist (a proxy, an old
+    GitLab), --label-history took every MR for deleted and silently found none. The
+    error names the endpoint."""
+    Story(iid=5, relabel=("frontend", "bob", "2025-08-05 20:30:00 UTC")).publish(fake)
+    fake.missing.add("/resource_label_events")
+    job = Backfill(
+        engine, api, POLICY, [Scope("groups", "acme")], Period(SINCE), label_history=True
+    )
+    with pytest.raises(GitLabAPIError, match="resource_label_events: 404") as caught:
+        job.run()
+    assert caught.value.status == 404
+
+
 def test_a_resumed_backfill_reads_again_an_mr_updated_since_it_was_done(engine, api, fake) -> None:
     """The cursor kept which MRs were done, not as of when: an MR approved and merged
     after the interrupted run recorded it was skipped on resume, and its approval and

@@ -262,8 +262,8 @@ def test_an_mr_deleted_before_its_label_history_is_read_is_skipped(api, fake, mo
     read = api.label_events
 
     def deleted_meanwhile(project_id: int, iid: int) -> list[dict]:
-        if iid == 6:
-            raise GitLabAPIError("GitLab API: 404: 404 Not found", 404)
+        if iid == 6:  # listed, then deleted: its label events and the MR itself are 404
+            fake.projects[project_id].mrs.pop(iid, None)
         return read(project_id, iid)
 
     monkeypatch.setattr(api, "label_events", deleted_meanwhile)

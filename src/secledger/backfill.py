@@ -182,9 +182,23 @@ def _label_events(api: GitLabAPI, ref: MRRef) -> list[dict[str, Any]]:
     try:
         return api.label_events(*ref)
     except GitLabAPIError as exc:
-        if exc.status != 404:
+        if exc.status != 404 or not mr_gone(api, *ref):
             raise
     return []
+
+
+def mr_gone(api: GitLabAPI, project_id: int, iid: int) -> bool:
+    """True when the MR itself answers 404. A sub-resource's 404 does not prove it
+    deleted: resource_state_events exists from GitLab 13.2, an approvals endpoint may
+    be missing, a proxy may answer 404; taken as deleted, every MR would be passed
+    over and the run marked finished. Any other error of this request propagates."""
+    try:
+        api.merge_request(project_id, iid)
+    except GitLabAPIError as exc:
+        if exc.status != 404:
+            raise
+        return True
+    return False
 
 
 def _adds_security(event: dict[str, Any], policy: LabelPolicy) -> bool:
@@ -349,23 +363,10 @@ class Backfill:
         except GitLabAPIError as exc:
             # Deleted while the run went on: nothing left to read, and one MR must not
             # end a run of thousands. Not marked done; a rerun no longer lists it.
-            if exc.status != 404 or not self._gone(mr):
+            if exc.status != 404 or not mr_gone(self.api, int(mr["project_id"]), int(mr["iid"])):
                 raise
         log.warning("backfill_mr_gone", project_id=mr.get("project_id"), mr_iid=mr.get("iid"))
         return None
-
-    def _gone(self, mr: dict[str, Any]) -> bool:
-        """True when the MR itself answers 404. A sub-resource's 404 does not prove it
-        deleted: resource_state_events exists from GitLab 13.2, an approvals endpoint may
-        be missing, a proxy may answer 404; taken as deleted, every MR would be passed
-        over and the run marked finished. Any other error of this request propagates."""
-        try:
-            self.api.merge_request(int(mr["project_id"]), int(mr["iid"]))
-        except GitLabAPIError as exc:
-            if exc.status != 404:
-                raise
-            return True
-        return False
 
     def run(self, progress: Progress | None = None) -> Result:
         """Plan, then record every merge request still to do."""

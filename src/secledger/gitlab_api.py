@@ -90,12 +90,13 @@ def _unseen(mrs: list[dict[str, Any]], seen: set[tuple[int, int]]) -> list[dict[
     return fresh
 
 
-def _call(action: Callable[[], T]) -> T:
+def _call(action: Callable[[], T], path: str) -> T:
     try:
         return action()
     except gitlab.exceptions.GitlabError as exc:
         code = getattr(exc, "response_code", None)
-        message = f"GitLab API: {code or 'error'}: {exc.error_message}"
+        # The path says which endpoint: an old GitLab lacks some (resource_state_events).
+        message = f"GitLab API: {path}: {code or 'error'}: {exc.error_message}"
         raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         raise GitLabAPIError(f"GitLab API unreachable: {type(exc).__name__}") from None
@@ -139,17 +140,18 @@ class GitLabAPI:
         listing = _call(
             lambda: self.client.http_list(
                 path, first_page, iterator=True, max_retries=self.max_retries
-            )
+            ),
+            path,
         )
         iterator = iter(listing)
         while True:
-            item = _call(lambda: next(iterator, None))
+            item = _call(lambda: next(iterator, None), path)
             if item is None:
                 return
             yield item
 
     def _get(self, path: str) -> dict[str, Any]:
-        result = _call(lambda: self.client.http_get(path, max_retries=self.max_retries))
+        result = _call(lambda: self.client.http_get(path, max_retries=self.max_retries), path)
         if not isinstance(result, dict):
             raise GitLabAPIError(f"GitLab API: {path} did not answer a JSON object")
         return result
@@ -258,7 +260,8 @@ class GitLabAPI:
                 path,
                 query_data={"per_page": PER_PAGE, **query},
                 max_retries=self.max_retries,
-            )
+            ),
+            path,
         )
         try:
             items = response.json()
@@ -297,7 +300,8 @@ class GitLabAPI:
         result = _call(
             lambda: self.client.http_post(
                 f"{scope.path}/hooks", post_data=dict(data), max_retries=self.max_retries
-            )
+            ),
+            f"{scope.path}/hooks",
         )
         if not isinstance(result, dict):
             raise GitLabAPIError("GitLab API: creating the hook did not answer a JSON object")
