@@ -551,6 +551,35 @@ def test_an_mr_closed_reopened_and_seen_closed_again_is_in_the_period_of_its_las
     assert read_csv(tmp_path / "before" / "population.csv") == []
 
 
+def test_a_state_seen_decision_time_orders_events_of_the_same_second_by_arrival(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """As in the fold, events of the same second are ordered by their log seq. MR 72 is
+    reopened and seen closed in the same second, in that order: that edit is its decision
+    time. MR 73 is seen closed and reopened in the same second, in that order, then seen
+    closed at 40 h: the edit the reopen undid is not its decision time."""
+    first: dict[str, Any] = {"iid": 72, "created_at": at(0)}
+    second: dict[str, Any] = {"iid": 73, "created_at": at(0)}
+    history = [
+        mr_event("open", updated_at=at(0), **first),
+        mr_event("close", actor="dave", updated_at=at(5), **first),
+        mr_event("reopen", actor="erin", updated_at=at(30), **first),
+        mr_event("update", labels=["sec::high", "x"], state="closed", updated_at=at(30), **first),
+        mr_event("update", labels=["sec::high"], state="closed", updated_at=at(250), **first),
+        mr_event("open", updated_at=at(0), **second),
+        mr_event("update", labels=["sec::high", "x"], state="closed", updated_at=at(30), **second),
+        mr_event("reopen", actor="erin", updated_at=at(30), **second),
+        mr_event("update", labels=["sec::high"], state="closed", updated_at=at(40), **second),
+    ]
+    assert {fed(engine, body) for body in history} == {"recorded"}
+    build(engine, tmp_path / "pack")
+    rows = read_csv(tmp_path / "pack" / "population.csv")
+    assert [(r["mr_iid"], r["outcome"], r["decided_at"], r["decided_at_source"]) for r in rows] == [
+        ("72", "closed", "2025-08-05T15:00:00Z", "state_seen"),
+        ("73", "closed", "2025-08-06T01:00:00Z", "state_seen"),
+    ]
+
+
 def test_an_mr_labelled_after_its_merge_is_not_overdue_in_the_pack(
     engine: Engine, tmp_path: Path
 ) -> None:
