@@ -75,20 +75,32 @@ _DECISION_AT = "CASE l.state WHEN 'merged' THEN l.merged_at ELSE l.closed_at END
 # order) stands in: it falls in one period instead of none, later events do not move it
 # to another, and a close that a reopen undid is not it.
 _SAME_MR = "{0}.instance = l.instance AND {0}.project_id = l.project_id AND {0}.mr_iid = l.mr_iid"
-_STATE_SEEN_AT = (
-    f"(SELECT min(e.event_at) FROM review_events e WHERE {_SAME_MR.format('e')}"
-    " AND e.facts->>'state' = l.state AND NOT EXISTS (SELECT 1 FROM review_events o"
-    f" WHERE {_SAME_MR.format('o')} AND o.facts->>'state' <> l.state"
-    " AND (o.event_at, o.seq) > (e.event_at, e.seq)))"
-)
-_DECIDED_AT = f"COALESCE({_DECISION_AT}, {_STATE_SEEN_AT})"
+# Found once per ledger row, and only for a row with no decision time (the gate each
+# subquery opens with), in two probes of review_events_mr: the MR's last event in another
+# state (a backward scan), then its first event in the ledger state after that one. As a
+# scalar subquery it would be evaluated again in the SELECT list and in each bound, and a
+# NOT EXISTS per event is quadratic in the MR's events. Every seq is above 0 (delivery_log's
+# CHECK), so with no event in another state, ('-infinity', 0) comes before every event.
+_STATE_SEEN = f"""
+LEFT JOIN LATERAL (
+    SELECT o.event_at, o.seq FROM review_events o
+    WHERE {_DECISION_AT} IS NULL AND {_SAME_MR.format("o")} AND o.facts->>'state' <> l.state
+    ORDER BY o.event_at DESC, o.seq DESC LIMIT 1
+) other ON true
+LEFT JOIN LATERAL (
+    SELECT e.event_at FROM review_events e
+    WHERE {_DECISION_AT} IS NULL AND {_SAME_MR.format("e")} AND e.facts->>'state' = l.state
+      AND (e.event_at, e.seq) > (coalesce(other.event_at, '-infinity'), coalesce(other.seq, 0))
+    ORDER BY e.event_at, e.seq LIMIT 1
+) seen ON true"""
+_DECIDED_AT = f"COALESCE({_DECISION_AT}, seen.event_at)"
 _CREATE = f"""
 CREATE TEMPORARY TABLE {POPULATION} ON COMMIT DROP AS
 SELECT row_number() OVER (ORDER BY l.instance COLLATE "C", l.project_id, l.mr_iid) AS position,
        l.instance, l.project_id, l.mr_iid, l.state AS outcome, {_DECIDED_AT} AS decided_at,
        CASE WHEN {_DECISION_AT} IS NULL THEN 'state_seen' ELSE 'decision' END
            AS decided_at_source
-FROM security_review_ledger l
+FROM security_review_ledger l{_STATE_SEEN}
 WHERE l.state IN ('merged', 'closed') AND {_DECIDED_AT} >= :since AND {_DECIDED_AT} < :until
 """
 _POPULATION_ROWS = f"""
