@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 
 from builders import dumps, label_change, mr_event
 from secledger import findings, reports
-from secledger.extract import MRKey, extract_facts
+from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.findings import Finding, list_findings
 from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
@@ -544,6 +544,69 @@ def test_the_rules_and_the_sql_overdue_check_agree_on_mrs_labelled_after_merge_o
         7: "overdue",
     }
     assert overdue == {3, 4, 7}
+
+
+def test_with_no_recorded_label_event_a_merged_mr_is_judged_overdue(engine) -> None:
+    """Opened with sec::high at 0 h (hook lost), merged unreviewed at 100 h (hook lost);
+    an edit at 200 h is all that was recorded. The clock starts at created_at (no label
+    event), when the MR was open: nothing shows it merged by then, so it ran, and the
+    MR is overdue, not "labelled after merge" (that would be before its own creation)."""
+    record(engine, event("update", 200, state="merged", changes=TITLE_EDIT))
+    with engine.connect() as conn:
+        start, ended = conn.execute(
+            text("SELECT labeled_at, ended_before_label FROM review_sla")
+        ).one()
+    assert (start, ended) == (T0, None)
+    assert sql_statuses(engine, T0 + timedelta(hours=300)) == {1: "overdue"}
+    assert ("sla-breached", "") in found(engine, now=T0 + timedelta(hours=300))
+
+
+def api_facts(kind: str, hours: float, **values: Any) -> EventFacts:
+    """An API fact about !1 (no state unless given, as a label event carries none)."""
+    return EventFacts(
+        instance="https://gitlab.example.com",
+        project_id=1,
+        mr_iid=1,
+        mr_id=None,
+        kind=kind,
+        decision=values.pop("decision", None),
+        event_at=at_time(hours),
+        event_at_source="api",
+        is_security=True,
+        tier="high",
+        source="api",
+        **values,
+    )
+
+
+def at_time(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+def clock_of(*facts: EventFacts) -> Any:
+    events = [SequencedEvent(seq, f) for seq, f in enumerate(facts, start=1)]
+    history = findings.history_of(events, fold(events))
+    return sla_clock(history, CompliancePolicy())
+
+
+def test_state_at_the_label_comes_from_earlier_events_when_the_label_event_has_none() -> None:
+    """Backfilled from the API: a state event (merged at 2 h), then a label event with no
+    state of its own (added at 10 h). The MR was merged when labelled."""
+    merged = api_facts("merged", 2, decision="merged", state="merged")
+    labelled = api_facts(
+        "label_added",
+        10,
+        labeled_at=at_time(10),
+        security_added=("sec::high",),
+        security_labels=("sec::high",),
+        labels=("sec::high",),
+    )
+    assert clock_of(merged, labelled).ended_before_label == "merged"
+    # An edit after the label showing the MR open again: it was reopened, the clock runs.
+    reopened = api_facts("update", 20, state="opened")
+    clock = clock_of(merged, labelled, reopened)
+    assert clock.ended_before_label is None
+    assert clock.status(at_time(200)) == "overdue"
 
 
 def test_an_mr_labelled_open_whose_merge_was_never_delivered_is_overdue(engine) -> None:

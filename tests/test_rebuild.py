@@ -103,6 +103,21 @@ def test_a_log_source_without_a_decoder_is_named(history, database_url, engine) 
     assert "carrier-pigeon" not in DECODERS
 
 
+def test_rebuild_counts_a_clock_that_differs_only_in_ended_before_label(
+    history, database_url, engine
+) -> None:
+    with engine.connect() as conn:
+        clocks = conn.execute(text("SELECT count(*) FROM review_sla")).scalar_one()
+    assert clocks
+    tamper(engine, "UPDATE review_sla SET ended_before_label = 'closed'")
+    fixed = cli(database_url, "rebuild")
+    assert fixed.exit_code == 0, fixed.output
+    assert f"{clocks} SLA clocks and findings came out different" in fixed.output
+    with engine.connect() as conn:
+        left = conn.execute(text("SELECT count(ended_before_label) FROM review_sla")).scalar_one()
+    assert left == 0
+
+
 def test_rebuild_also_restores_sla_clocks_and_findings(
     history, client, database_url, engine
 ) -> None:

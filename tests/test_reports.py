@@ -387,9 +387,15 @@ def test_migration_0014_downgrades_to_0004s_view_and_back(labelled_late) -> None
         command.downgrade(config, "0013")
         assert conn.execute(query).scalar_one() == "overdue"
         command.upgrade(config, "head")
-        # A clock stored before 0014 has no ended_before_label: judged as before, until
-        # its MR is evaluated again (here, as `findings --reevaluate` does).
-        assert conn.execute(query).scalar_one() == "overdue"
+        # A clock stored before 0014 gets what the periodic check assumed (merged or
+        # closed now: never ran), so the upgrade records no new breach; re-evaluation
+        # (`findings --reevaluate`) then judges it from its events, here the same.
+        assert conn.execute(query).scalar_one() == "labeled_after_merge"
+        findings.refresh_overdue(conn, CompliancePolicy(), NOW)
+        breached = text(
+            "SELECT mr_iid FROM findings WHERE rule = 'sla-breached' AND mr_iid IN (7, 8)"
+        )
+        assert conn.execute(breached).all() == []
         findings.reevaluate_all(conn, CompliancePolicy(), NOW)
         conn.commit()
     with labelled_late.connect() as conn:

@@ -276,7 +276,7 @@ _REFRESH_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=REFRES
 
 
 def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
-    """Record ``sla-breached`` for open MRs now past their deadline; how many rows changed.
+    """Record ``sla-breached`` for running clocks now past their deadline; how many rows changed.
 
     The only writer of those findings besides record-time evaluation: serve's periodic
     check and `secledger findings --refresh-only` call it; reports and listings read
@@ -375,7 +375,7 @@ def list_findings(
     mr: MRKey | None = None,
     limit: int | None = None,
 ) -> list[Finding]:
-    """Findings as they stand at ``now`` (open MRs past their deadline are breaches, recorded
+    """Findings as they stand at ``now`` (running clocks past their deadline are breaches, recorded
     or not), newest first, filtered on detection time, project (id or path), tier, rule,
     approver (as ``report findings`` filters) or one merge request; the first ``limit``.
 

@@ -74,7 +74,7 @@ class Rebuilt:
 _CLOCKS = text(
     "SELECT md5((instance, project_id, mr_iid, risk_tier, sla_hours, business_hours,"
     " required_approvals, labeled_at, label_seq, deadline, first_decision_at, first_decision,"
-    " first_decision_by, first_decision_seq)::text) FROM review_sla"
+    " first_decision_by, first_decision_seq, ended_before_label)::text) FROM review_sla"
     " UNION ALL SELECT md5((instance, project_id, mr_iid, rule, subject, severity, seqs,"
     " evidence, resolved_at IS NULL)::text) FROM findings"
 )

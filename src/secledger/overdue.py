@@ -1,7 +1,8 @@
-"""serve's periodic SLA check: open MRs that passed their deadline without any event.
+"""serve's periodic SLA check: running clocks that passed their deadline without any event.
 
-Time passes without deliveries, so nothing else would record that an open MR is now
-overdue; every ``sla_refresh_interval_seconds`` this records ``sla-breached`` for
+Time passes without deliveries, so nothing else would record that an MR still awaiting
+its review is now overdue (an open MR, or one merged or closed since without that
+event recorded); every ``sla_refresh_interval_seconds`` this records ``sla-breached`` for
 them (``findings.refresh_overdue``, one set-based statement), so the findings table,
 ``bi_findings`` and ``secledger_sla_breaches`` stay current. Reports, the read API and
 the dashboard do not wait for it: they judge overdue MRs as of the request, reading

@@ -22,7 +22,8 @@ MATCH_TOLERANCE = timedelta(seconds=5)
 API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
 UNDATED_APPROVAL = "api.approval_upper_bound"
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
-_STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
+# The state an event of this kind leaves an MR in, for events that carry none of their own.
+STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
 
 LEDGER_COLUMNS = (
     "instance",
@@ -261,8 +262,8 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             tier = facts.tier_before  # the labels a removal took away named it
         if facts.state is not None:
             row["state"] = facts.state
-        elif facts.kind in _STATE_AFTER:
-            row["state"] = _STATE_AFTER[facts.kind]
+        elif facts.kind in STATE_AFTER:
+            row["state"] = STATE_AFTER[facts.kind]
         _apply_decision(row, approvers, facts)
         if row["state"] != "closed":  # reopened since, told or not: that close was undone
             row.update(closed_by=None, closed_at=None)

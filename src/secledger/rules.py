@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import EventFacts, MRKey
-from secledger.projection import SequencedEvent
+from secledger.projection import STATE_AFTER, SequencedEvent
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -199,32 +199,36 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
                 "first_decision_seq": event.seq,
             }
         )
-    ended = _ended_before_label(history, clock.label_seq)
+    ended = _ended_before_label(history)
     return replace(clock, ended_before_label=ended) if ended else clock
 
 
-# The state a decision leaves an MR in, for events that carry no state of their own.
-_STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened"}
-
-
-def _ended_before_label(history: MRHistory, label_seq: int | None) -> str | None:
-    """``merged`` or ``closed`` when the MR already was so at its label event (its own
-    state, else the last one an earlier event showed) and no later event shows it open.
+def _ended_before_label(history: MRHistory) -> str | None:
+    """``merged`` or ``closed`` when the MR already was so at its label (the state the
+    label event shows, else the last one an event before it showed) and no later event
+    shows it open.
 
     Judged from the events, not from the ledger's state now: an MR labelled while open
-    whose merge or close was never recorded is still an unreviewed change past due.
+    whose merge or close was never recorded is still an unreviewed change past due. When
+    no recorded event is the label's (its time came from ``created_at`` or the API),
+    only events up to the label time count; none showing a state, the clock runs: an
+    audit trail errs on the side of a breach.
     """
+    labeled_at = history.labeled_at
+    label = next((e.seq for e in history.events if e.facts.labeled_at == labeled_at), None)
     state: str | None = None
-    labelled = False
+    before = True
     for event in history.events:
         facts = event.facts
-        shown = facts.state or _STATE_AFTER.get(facts.decision or "")
-        if not labelled:
+        shown = facts.state or STATE_AFTER.get(facts.kind)
+        if before and label is None and labeled_at is not None and facts.event_at > labeled_at:
+            before = False
+        if before:
             state = shown or state
-            labelled = event.seq == label_seq
+            before = event.seq != label
         elif shown == "opened":
             return None  # reopened after the label: its clock runs from the label
-    return state if labelled and state in ENDED_STATES else None
+    return state if state in ENDED_STATES else None
 
 
 def _label_seq(history: MRHistory) -> int | None:

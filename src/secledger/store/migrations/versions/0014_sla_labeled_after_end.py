@@ -12,8 +12,10 @@ leaves ``hours_left`` NULL, as the reports (``reports.SLA_STATUS``, which a test
 equal to ``SLA_STATUS`` here), the rules (``rules.SlaClock.status``) and the overdue
 check judge it.
 
-Clocks stored before this revision have no value (NULL: judged as before) until their
-MR's next event or ``secledger findings --reevaluate``.
+Clocks stored before this revision get, until their MR's next event or ``secledger
+findings --reevaluate`` judges them from their events, what the periodic check assumed
+until now: an undecided clock of an MR merged or closed now never ran. So the upgrade
+records no breach the check did not record before.
 
 Revision ID: 0014
 Revises: 0013
@@ -55,6 +57,10 @@ ALTER TABLE review_sla ADD COLUMN ended_before_label text
     CHECK (ended_before_label IN ('merged', 'closed'));
 COMMENT ON COLUMN review_sla.ended_before_label IS
     'merged or closed: the MR already was when labelled, so its clock never ran';
+UPDATE review_sla s SET ended_before_label = l.state
+FROM security_review_ledger l
+WHERE l.instance = s.instance AND l.project_id = s.project_id AND l.mr_iid = s.mr_iid
+  AND s.first_decision_at IS NULL AND l.state IN ('merged', 'closed');
 """
 
 # What 0004 wrote.
