@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 import fakegitlab
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
+from builders import mr_event
 from secledger.backfill import Backfill, Period, find_merge_requests
 from secledger.enrich import enrich, start_background
 from secledger.errors import GitLabAPIError
@@ -101,6 +102,44 @@ def test_enrich_replaces_the_created_at_fallback_with_the_api_label_time(engine,
     assert {k: v for k, v in ledger_rows(engine)[0].items() if k != "last_seq"} == {
         k: v for k, v in after.items() if k != "last_seq"
     }
+
+
+def test_enrich_tells_an_mr_merged_before_its_label_from_one_merged_unreviewed(
+    engine, api, fake
+) -> None:
+    """Merged at 20:30 while unlabelled (that webhook ignored), labelled at 21:00 (that
+    webhook lost); an edit at 22:00 is all that was recorded. On the created_at fallback
+    its clock runs (it may have been labelled while open). Enrichment records the label
+    event and the merge's state event before it: it was merged when labelled."""
+    story = Story(
+        iid=1,
+        opened_with_label=False,
+        approvals=[],
+        decision=("merge", "carol", "2025-08-05 20:30:00 UTC"),
+    )
+    story.publish(fake)
+    fake.projects[14].label_events[1] = [
+        story._label_event("add", story.label, "bob", "2025-08-05T21:00:00.000Z")
+    ]
+    edit = mr_event(
+        "update",
+        iid=1,
+        project_id=14,
+        created_at=story.created,
+        updated_at="2025-08-05 22:00:00 UTC",
+        labels=[story.label],
+        state="merged",
+        changes={"title": {"previous": "a", "current": "b"}},
+    )
+    replay(engine, fake.url, [edit])
+
+    def ended() -> object:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT ended_before_label FROM review_sla")).scalar_one()
+
+    assert ended() is None
+    assert enrich(engine, api, POLICY).outcomes == {"recorded": 1}
+    assert ended() == "merged"
 
 
 def test_serve_starts_enrichment_only_with_a_token(engine, api_settings, settings) -> None:

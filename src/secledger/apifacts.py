@@ -69,7 +69,12 @@ def mr_summary(mr: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _when(item: Mapping[str, Any]) -> tuple[datetime, int]:
-    return parse_time(str(item["created_at"])), p.integer(item, "id") or 0
+    return event_time(item), p.integer(item, "id") or 0
+
+
+def event_time(item: Mapping[str, Any]) -> datetime:
+    """When a ``resource_*_events`` item happened."""
+    return parse_time(str(item["created_at"]))
 
 
 def label_name(item: Mapping[str, Any]) -> str | None:

@@ -3,9 +3,10 @@
 A ledger row whose ``labeled_at_source`` is ``created_at_fallback`` only knows when
 the MR was created. GitLab's ``resource_label_events`` know when the first security
 label was added and by whom; that event is recorded as an ``api`` log entry (the same
-entry backfill would write for it), and the fold then reports ``labeled_at_source =
-"api"``. Runs from ``secledger enrich`` and in the background of ``serve``, never on the
-request path.
+entry backfill would write for it), with the MR's state events up to it (whether it was
+already merged or closed then decides whether its SLA clock ever ran), and the fold then
+reports ``labeled_at_source = "api"``. Runs from ``secledger enrich`` and in the
+background of ``serve``, never on the request path.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def enrich_one(
         for env in apifacts.label_envelopes(mr, events, policy)
         if first is not None and env["event"].get("id") == first.get("id")
     ]
+    if envelopes and first is not None:
+        # Whether the MR was already merged or closed when labelled decides whether its
+        # SLA clock ever ran; an API label event carries no state, its state events do.
+        added = apifacts.event_time(first)
+        envelopes += [
+            env
+            for env in apifacts.state_envelopes(mr, api.state_events(key.project_id, key.mr_iid))
+            if apifacts.event_time(env["event"]) <= added
+        ]
     with engine.begin() as conn:
         recorded = (
             record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
