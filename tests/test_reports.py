@@ -73,9 +73,9 @@ HISTORY = [
 ]
 
 
-@pytest.fixture
-def history(engine: Engine) -> Engine:
-    for body in HISTORY:
+def record(engine: Engine, bodies: list[dict[str, Any]]) -> Engine:
+    """Feed webhook ``bodies`` as a replay; each must be recorded."""
+    for body in bodies:
         outcome = feed(
             engine,
             LabelPolicy(),
@@ -86,6 +86,11 @@ def history(engine: Engine) -> Engine:
         )
         assert outcome.status == "recorded"
     return engine
+
+
+@pytest.fixture
+def history(engine: Engine) -> Engine:
+    return record(engine, HISTORY)
 
 
 def run(engine: Engine, report, **filters: Any) -> list[dict[str, Any]]:
@@ -311,17 +316,7 @@ def labelled_late(history: Engine) -> Engine:
         *ended_then_labelled(8, "close"),
         *ended_then_labelled(9, "close", reopened=120),
     ]
-    for body in bodies:
-        outcome = feed(
-            history,
-            LabelPolicy(),
-            {"x-gitlab-event": "Merge Request Hook"},
-            dumps(body),
-            max_body_bytes=10_000_000,
-            source="replay",
-        )
-        assert outcome.status == "recorded"
-    return history
+    return record(history, bodies)
 
 
 def test_mrs_merged_or_closed_before_their_label_are_counted_apart(labelled_late) -> None:
