@@ -245,15 +245,7 @@ def test_migration_0011_downgrades_to_0010s_view_and_back(engine: Engine) -> Non
     assert " ".join(restored.module.DOWNGRADE.split()) == " ".join(
         written.module._DECISIONS.format(repeat=written.module._REPEAT).split()
     )
-    config = migrate.alembic_config()
-    with engine.connect() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0010")
-        assert migrate.current_revision(conn) == "0010"
-        command.upgrade(config, "head")
-        conn.commit()
-    with engine.connect() as conn:
-        assert migrate.is_current(conn)
+    down_and_up(engine, "0010")
 
 
 def test_migration_0013_downgrades_to_0011s_view_and_back(engine: Engine) -> None:
@@ -263,15 +255,7 @@ def test_migration_0013_downgrades_to_0011s_view_and_back(engine: Engine) -> Non
     assert restored is not None
     assert written is not None
     assert restored.module.DOWNGRADE == written.module.UPGRADE
-    config = migrate.alembic_config()
-    with engine.connect() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0011")
-        assert migrate.current_revision(conn) == "0011"
-        command.upgrade(config, "head")
-        conn.commit()
-    with engine.connect() as conn:
-        assert migrate.is_current(conn)
+    down_and_up(engine, "0011")
 
 
 def undated_approval(iid: int, actor: str, updated_at: str) -> dict[str, Any]:
@@ -336,3 +320,16 @@ def test_an_undated_api_approval_copies_only_an_approval_still_standing(
     kept = folded_decisions(engine, 1)
     assert ((1, "approved", "bob", "api") in kept) is api_counts
     assert decisions(engine) == kept
+
+
+def down_and_up(engine: Engine, revision: str) -> None:
+    """Downgrade to ``revision``, then upgrade to head again, on data."""
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+        assert migrate.current_revision(conn) == revision
+        command.upgrade(config, "head")
+        conn.commit()
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)
