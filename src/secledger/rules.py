@@ -215,7 +215,7 @@ def _ended_before_label(history: MRHistory) -> str | None:
     audit trail errs on the side of a breach.
     """
     labeled_at = history.labeled_at
-    label = next((e.seq for e in history.events if e.facts.labeled_at == labeled_at), None)
+    label = _label_event(history)
     state: str | None = None
     before = True
     for event in history.events:
@@ -232,10 +232,20 @@ def _ended_before_label(history: MRHistory) -> str | None:
 
 
 def _label_seq(history: MRHistory) -> int | None:
+    """The label event's seq, else the first event's (the clock's evidence needs one)."""
+    label = _label_event(history)
+    if label is not None:
+        return label
+    return history.events[0].seq if history.events else None
+
+
+def _label_event(history: MRHistory) -> int | None:
+    """The seq of the event that set ``labeled_at``; None when it came from elsewhere
+    (``created_at``, the API)."""
     for event in history.events:
         if event.facts.labeled_at is not None and event.facts.labeled_at == history.labeled_at:
             return event.seq
-    return history.events[0].seq if history.events else None
+    return None
 
 
 def evaluate(
