@@ -167,6 +167,29 @@ def test_reviewers_report_filters_on_reviewer_and_decision_time(history) -> None
     ]
 
 
+def test_reviewers_report_filters_on_the_mrs_tier_and_project(history) -> None:
+    """Tier and project filter the decisions' MRs, joined only for these filters."""
+
+    def row(decisions: int, approvals: int, hours: float) -> dict[str, Any]:
+        return {
+            "decisions": decisions,
+            "approvals": approvals,
+            "revocations": 0,
+            "median_hours": hours,
+            "p90_hours": hours,
+            "sla_met": 0,
+            "sla_missed": 1,
+            "sla_adherence_pct": 0.0,
+        }
+
+    # MR 2 (critical, 24 h): bob approves at 30 h, dave at 31, carol merges at 32.
+    critical = by(run(history, reports.reviewers, tier="critical"), "reviewer")
+    assert critical == {"bob": row(1, 1, 30.0), "carol": row(1, 0, 32.0), "dave": row(1, 1, 31.0)}
+    # acme/web holds MR 4 (high, 72 h): bob approves 100 h after the label, dave closes at 102.
+    web = by(run(history, reports.reviewers, project="acme/web"), "reviewer")
+    assert web == {"bob": row(1, 1, 100.0), "dave": row(1, 0, 102.0)}
+
+
 def test_tiers_report(history) -> None:
     rows = by(run(history, reports.tiers), "tier")
     assert rows["critical"] == {

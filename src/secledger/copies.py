@@ -5,8 +5,9 @@ One decision can be logged more than once: told by a webhook and again by the Gi
 a system hook. The ledger fold counts it once: ``projection.merge_sources`` drops an API
 fact a webhook event tells, then ``projection.distinct_facts`` keeps the first of the
 events that repeat one another. :data:`COUNTED` says the same of a decision event ``e``,
-so the reviewers report and the ``bi_decisions`` view (migration 0013 holds a copy of the
-text; a test keeps the two equal) count the events the ledger row was folded from.
+so the ``bi_decisions`` view (migration 0013 holds a copy of the text; a test keeps the
+two equal) counts the events the ledger row was folded from; the reviewers report
+counts the same, read as groups (:func:`counted_groups`).
 """
 
 from __future__ import annotations
@@ -75,3 +76,29 @@ REPEATED = (
 
 # The decision event ``e`` counts: it is the copy the ledger fold keeps.
 COUNTED = f"NOT {api_twin('e')} AND NOT {REPEATED}"
+
+# What tells decision events apart in the fold: events alike in all of these repeat one
+# another (``REPEATED``). The order of migration 0017's two indexes.
+GROUP = ("instance", "project_id", "mr_iid", "event_at", "kind", "decision", "actor")
+
+
+def counted_groups(where: str) -> str:
+    """SQL: one row of ``GROUP``'s columns per counted decision that has an actor, among
+    the decision events ``e`` that pass ``where`` (a condition on those columns only).
+
+    The events ``COUNTED`` keeps, read as a set: within one group, the first event that
+    is not an API twin counts and the others repeat it, so a group holds exactly one
+    counted event when it holds any event that is not an API twin, and none otherwise.
+    A report that reads no column outside the group then needs no probe per event:
+    webhook events (never API twins) come from an index-only scan of migration 0017's
+    ``review_events_webhook_decisions`` and the API ones from its small twin, both in
+    group order, which PostgreSQL merges and rids of repeats without sorting.
+    """
+    columns = ", ".join(f"e.{name}" for name in GROUP)
+    decided = "e.decision IS NOT NULL AND e.actor IS NOT NULL"
+    return (
+        f"SELECT {columns} FROM review_events e"
+        f" WHERE {decided} AND NOT {_from_api('e')} AND {where}"
+        f" UNION SELECT {columns} FROM review_events e"
+        f" WHERE {decided} AND {_from_api('e')} AND NOT {api_twin('e')} AND {where}"
+    )

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, text
 
 from secledger import findings as store
-from secledger.copies import COUNTED
+from secledger.copies import counted_groups
 from secledger.errors import TimestampError
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
@@ -299,26 +299,34 @@ GROUP BY l.risk_tier ORDER BY l.risk_tier"""
 def reviewers(conn: Connection, filters: Filters) -> list[ReviewerRow]:
     """Per reviewer: their decision events in the period (by event time), each decision
     once however many hooks, and the GitLab API, told it (the copy the ledger fold keeps)."""
-    where, params = _mr_filters(filters, "e.event_at", reviewer="e.actor = :reviewer")
-    stop = f"e.decision IN {STOPPERS} AND e.event_at >= s.labeled_at"
-    hours = "extract(epoch FROM e.event_at - s.labeled_at) / 3600.0"
+    # Time and reviewer filter the events; project and tier, their MRs (once each).
+    by_event = Filters(since=filters.since, until=filters.until, reviewer=filters.reviewer)
+    by_mr = Filters(project=filters.project, tier=filters.tier)
+    events, params = _mr_filters(by_event, "e.event_at", reviewer="e.actor = :reviewer")
+    mrs, mr_params = _mr_filters(by_mr, "")
+    ledger = ""
+    if filters.project is not None or filters.tier is not None:
+        ledger = "JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
+    stop = f"c.decision IN {STOPPERS} AND c.event_at >= s.labeled_at"
+    hours = "extract(epoch FROM c.event_at - s.labeled_at) / 3600.0"
     query = f"""
-SELECT e.actor AS reviewer,
-       count(*) FILTER (WHERE e.decision IN {STOPPERS}) AS decisions,
-       count(*) FILTER (WHERE e.decision = 'approved') AS approvals,
-       count(*) FILTER (WHERE e.decision = 'unapproved') AS revocations,
+SELECT c.actor AS reviewer,
+       count(*) FILTER (WHERE c.decision IN {STOPPERS}) AS decisions,
+       count(*) FILTER (WHERE c.decision = 'approved') AS approvals,
+       count(*) FILTER (WHERE c.decision = 'unapproved') AS revocations,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY {hours}) FILTER (WHERE {stop}) AS median_hours,
        percentile_cont(0.9) WITHIN GROUP (ORDER BY {hours}) FILTER (WHERE {stop}) AS p90_hours,
-       count(*) FILTER (WHERE {stop} AND e.event_at <= s.deadline) AS sla_met,
-       count(*) FILTER (WHERE {stop} AND e.event_at > s.deadline) AS sla_missed,
-       round(100.0 * count(*) FILTER (WHERE {stop} AND e.event_at <= s.deadline)
+       count(*) FILTER (WHERE {stop} AND c.event_at <= s.deadline) AS sla_met,
+       count(*) FILTER (WHERE {stop} AND c.event_at > s.deadline) AS sla_missed,
+       round(100.0 * count(*) FILTER (WHERE {stop} AND c.event_at <= s.deadline)
              / nullif(count(*) FILTER (WHERE {stop}), 0), 1)::float AS sla_adherence_pct
-FROM review_events e
+FROM ({counted_groups(events)}) c
 JOIN review_sla s USING (instance, project_id, mr_iid)
-JOIN security_review_ledger l USING (instance, project_id, mr_iid)
-WHERE e.decision IS NOT NULL AND e.actor IS NOT NULL AND {COUNTED} AND {where}
-GROUP BY e.actor ORDER BY e.actor"""
-    return [ReviewerRow(**row) for row in conn.execute(text(query), params).mappings()]
+{ledger}
+WHERE {mrs}
+GROUP BY c.actor ORDER BY c.actor"""
+    rows = conn.execute(text(query), params | mr_params).mappings()
+    return [ReviewerRow(**row) for row in rows]
 
 
 def open_mrs(conn: Connection, filters: Filters, limit: int | None = None) -> list[OpenRow]:
