@@ -382,3 +382,39 @@ def test_migration_0017_downgrades_and_back(engine: Engine) -> None:
     assert report_counts(engine) == before
     down_and_up(engine, "0016")
     assert report_counts(engine) == before
+
+
+def test_bi_reviewer_metrics_reads_the_groups_the_report_reads() -> None:
+    """Migration 0018 wrote ``copies.counted_groups`` into bi_reviewer_metrics: the two
+    must agree, or a change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0018")
+    assert revision is not None
+    written = " ".join(revision.module.GROUPS.split())
+    assert written == " ".join(copies.counted_groups("TRUE").split())
+
+
+def test_migration_0018_downgrades_to_0004s_view_and_back(engine: Engine) -> None:
+    """The downgrade restores the view 0004 wrote; both give the same figures."""
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    restored, written = scripts.get_revision("0018"), scripts.get_revision("0004")
+    assert restored is not None
+    assert written is not None
+    view = " ".join(restored.module.DOWNGRADE.replace("OR REPLACE ", "").split())
+    assert view in " ".join(written.module.VIEWS.split())
+    story = Story(iid=1)
+    replay(engine, WEB, story.webhooks())
+    dave = apifacts.approval_envelopes(story.mr(), {"approved_by": [{"user": api_user("dave")}]})
+    with engine.begin() as conn:
+        assert record_envelopes(conn, WEB, dave, POLICY) == 1
+    query = text("SELECT * FROM bi_reviewer_metrics ORDER BY reviewer")
+    with engine.connect() as conn:
+        before = conn.execute(query).all()
+    assert [row.reviewer for row in before] == ["bob", "carol", "dave"]
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0017")
+        assert conn.execute(query).all() == before
+        command.upgrade(config, "head")
+        assert conn.execute(query).all() == before
+        conn.commit()
