@@ -51,7 +51,7 @@ WHERE e.decision IS NOT NULL AND e.actor IS NOT NULL AND e.facts @> '{"source": 
 _STOPPERS = "('approved', 'merged', 'closed')"
 _METRICS = """
 CREATE OR REPLACE VIEW bi_reviewer_metrics AS
-{groups}SELECT {actor} AS reviewer,
+SELECT {actor} AS reviewer,
        count(*) FILTER (WHERE {decision} IN {stoppers}) AS decisions,
        count(*) FILTER (WHERE {decision} = 'approved') AS approvals,
        count(*) FILTER (WHERE {decision} = 'unapproved') AS revocations,
@@ -66,26 +66,22 @@ FROM {source}
 GROUP BY {actor};
 """
 
-# bi_decisions' hours_to_decision and within_sla, over each group ``c`` and its MR's
-# clock. The groups meet their clocks first, and apart: joined to the ledger in the same
-# step, PostgreSQL guessed a few thousand rows instead of every decision and probed the
-# clocks one decision at a time (4 s instead of 2 over 1,000,000 log rows).
+# bi_decisions' hours_to_decision and within_sla, over the group ``c`` and its MR's clock.
+# No CTE of its own: a filter on the view (``WHERE reviewer = 'bob'``) then reaches the
+# index scan (0.1 s for one reviewer over 1,000,000 log rows, 2.7 s for all of them).
 UPGRADE = _METRICS.format(
-    groups=f"""WITH c AS MATERIALIZED (
-SELECT g.*, s.labeled_at, s.deadline FROM ({GROUPS}) g
-LEFT JOIN review_sla s USING (instance, project_id, mr_iid))
-""",
     actor="c.actor",
     decision="c.decision",
     stoppers=_STOPPERS,
-    hours="extract(epoch FROM c.event_at - c.labeled_at) / 3600.0",
-    within="(c.event_at <= c.deadline)",
-    source="c JOIN security_review_ledger l USING (instance, project_id, mr_iid)",
+    hours="extract(epoch FROM c.event_at - s.labeled_at) / 3600.0",
+    within="(c.event_at <= s.deadline)",
+    source=f"""({GROUPS}) c
+JOIN security_review_ledger l USING (instance, project_id, mr_iid)
+LEFT JOIN review_sla s USING (instance, project_id, mr_iid)""",
 )
 
 # As migration 0004 wrote it.
 DOWNGRADE = _METRICS.format(
-    groups="",
     actor="actor",
     decision="decision",
     stoppers=_STOPPERS,
