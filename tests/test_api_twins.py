@@ -420,3 +420,37 @@ def test_migration_0018_downgrades_to_0004s_view_and_back(engine: Engine) -> Non
         command.upgrade(config, "head")
         assert conn.execute(query).all() == before
         conn.commit()
+
+
+def test_an_undated_approval_shown_again_after_a_revocation_is_a_new_approval(
+    engine: Engine,
+) -> None:
+    """bob approves (the API shows it undated and it is logged as the webhook's copy),
+    revokes, and approves again with no webhook telling it: the API's next look shows an
+    approval that must be logged and counted, not taken for the first one's repeat; a
+    look after that, with no new revocation, adds nothing."""
+    story = Story(iid=1, decision=None)
+    replay(engine, WEB, story.webhooks())
+
+    def look(updated_at: str) -> int:
+        with engine.begin() as conn:
+            envelope = undated_approval(1, "bob", updated_at)
+            return record_envelopes(conn, WEB, [envelope], POLICY)
+
+    assert look("2025-08-05T21:05:00.394Z") == 1
+    revoke = mr_event("unapproved", actor="bob", updated_at="2025-08-05 21:10:00 UTC")
+    replay(engine, WEB, [revoke])
+    assert ledger_rows(engine)[0]["approvers"] == []
+    assert look("2025-08-05T21:20:00.394Z") == 1
+    assert look("2025-08-05T21:30:00.394Z") == 0
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == ["bob"]
+    kept = folded_decisions(engine, 1)
+    assert [(d, source) for _, d, who, source in kept if who == "bob"] == [
+        ("approved", "replay"),
+        ("unapproved", "replay"),
+        ("approved", "api"),
+    ]
+    assert decisions(engine) == kept
+    assert report_counts(engine)["bob"] == (2, 2, 1)
+    assert view_counts(engine)["bob"] == (2, 2, 1)

@@ -64,6 +64,21 @@ def test_published_approvals_sample_without_approved_at_is_placed_before_the_mer
     assert apifacts.dedup_key(INSTANCE, env).endswith(":approval:1:undated")
 
 
+def test_an_undated_approval_after_a_revocation_has_a_key_of_its_own() -> None:
+    """The revocation it follows names it; a dated approval is named by its time alone."""
+    approvals = sample("api_mr_approvals.json")
+    [env] = apifacts.approval_envelopes(Story(iid=5).mr(), approvals)
+    assert apifacts.undated_approver(env) is not None
+    assert apifacts.after_revocation(env, None) is env
+    marked = apifacts.after_revocation(env, 42)
+    assert apifacts.dedup_key(INSTANCE, marked).endswith(":approval:1:undated:after:42")
+    received = datetime(2025, 8, 6, tzinfo=UTC)
+    assert b'"after_revocation":42' in apifacts.delivery(INSTANCE, marked, received).body
+    dated = marked | {"event": env["event"] | {"approved_at": "2025-08-05T21:00:00.000Z"}}
+    assert apifacts.undated_approver(dated) is None
+    assert apifacts.dedup_key(INSTANCE, dated).endswith(":approval:1:2025-08-05T21:00:00.000Z")
+
+
 def test_the_same_history_gives_the_same_dedup_keys() -> None:
     first, _ = api_facts(Story(iid=1))
     second, _ = api_facts(Story(iid=1))

@@ -136,13 +136,34 @@ def approval_envelopes(mr: Mapping[str, Any], approvals: Mapping[str, Any]) -> l
     return out
 
 
+def undated_approver(env: Mapping[str, Any]) -> str | None:
+    """The username of an approval envelope the API gives no time, else None."""
+    if env["fact"] != APPROVAL or p.text(env["event"], "approved_at"):
+        return None
+    return p.text(p.obj(env["event"], "user"), "username")
+
+
+def after_revocation(env: dict[str, Any], seq: int | None) -> dict[str, Any]:
+    """An undated approval ``env``, marked as standing after its user's revocation logged
+    at ``seq`` (None: no revocation of theirs is logged for the MR).
+
+    Without a time, the same user's approvals differ only by the revocations between
+    them: an approval the API shows after one is another approval, with a key of its
+    own, and one shown again with no new revocation is the same (``dedup_key``).
+    """
+    return env if seq is None else env | {"after_revocation": seq}
+
+
 def dedup_key(instance: str, env: Mapping[str, Any]) -> str:
     """The identity of an API fact, stable across runs and across backfill and enrichment."""
     mr, item = env["mr"], env["event"]
     prefix = f"api:{instance}:{mr['project_id']}:{mr['iid']}:{env['fact']}"
     if env["fact"] == APPROVAL:
         user_id = p.obj(item, "user")["id"]
-        return f"{prefix}:{user_id}:{p.text(item, 'approved_at') or 'undated'}"
+        when = p.text(item, "approved_at") or "undated"
+        if "after_revocation" in env and when == "undated":
+            when += f":after:{int(env['after_revocation'])}"
+        return f"{prefix}:{user_id}:{when}"
     return f"{prefix}:{item['id']}"
 
 

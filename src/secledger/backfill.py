@@ -20,9 +20,11 @@ from sqlalchemy import Connection, Engine, text
 
 from secledger import apifacts
 from secledger.errors import GitLabAPIError
+from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording, record
+from secledger.store import ledger
 from secledger.store.log import Chain
 from secledger.times import isoformat, parse_optional, utcnow
 
@@ -242,12 +244,22 @@ def record_envelopes(
     chain = Chain.open(conn)
     received_at = utcnow()
     recorded = 0
-    for env in envelopes:
+    for envelope in envelopes:
+        env = _placed(conn, instance, envelope)
         delivery = apifacts.delivery(instance, env, received_at)
         facts = apifacts.facts(instance, env, policy)
         outcome = record(conn, chain, delivery, facts, recording=recording)
         recorded += outcome.status == "recorded"
     return recorded
+
+
+def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, Any]:
+    """``env``, an undated approval marked with the revocation it follows, if any."""
+    approver = apifacts.undated_approver(env)
+    if approver is None:
+        return env
+    key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
+    return apifacts.after_revocation(env, ledger.last_revocation(conn, key, approver))
 
 
 def run_key(instance: str, scopes: Iterable[Scope], period: Period) -> str:

@@ -59,6 +59,19 @@ _FIRST_RECEIPT = text(
 )
 
 
+_LAST_REVOCATION = text(
+    "SELECT max(seq) FROM review_events"
+    " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
+    " AND actor = :actor AND decision = 'unapproved'"
+)
+
+
+def last_revocation(conn: Connection, key: MRKey, actor: str) -> int | None:
+    """The log seq of ``actor``'s latest revoked approval of the MR, if one is logged."""
+    seq = conn.execute(_LAST_REVOCATION, key_params(key) | {"actor": actor}).scalar()
+    return None if seq is None else int(seq)
+
+
 def first_receipt(conn: Connection, key: MRKey) -> tuple[datetime, datetime] | None:
     """When the first delivery logged for the merge request was received (by whichever
     replica logged it; from then on every delivery for it is kept), and the time of
