@@ -9,6 +9,7 @@ groups by the report and, since migration 0018, by ``bi_reviewer_metrics``).
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,13 +20,14 @@ from sqlalchemy import Engine, event, text
 
 from apihelpers import POLICY, ledger_rows, replay
 from apistory import WEB, Story, api_user
-from builders import mr_event
+from builders import mr_event, system_hook_event
 from fakegitlab import FakeGitLab
 from secledger import apifacts, copies, reports
 from secledger.backfill import Backfill, Period, record_envelopes
 from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
 from secledger.projection import distinct_facts, merge_sources
+from secledger.service import feed
 from secledger.store import ledger, migrate
 
 pytest_plugins = ("gitlabfixtures",)
@@ -422,27 +424,66 @@ def test_migration_0018_downgrades_to_0004s_view_and_back(engine: Engine) -> Non
         conn.commit()
 
 
-def test_an_undated_approval_shown_again_after_a_revocation_is_a_new_approval(
-    engine: Engine,
-) -> None:
-    """bob approves (the API shows it undated and it is logged as the webhook's copy),
-    revokes, and approves again with no webhook telling it: the API's next look shows an
-    approval that must be logged and counted, not taken for the first one's repeat; a
-    look after that, with no new revocation, adds nothing."""
-    story = Story(iid=1, decision=None)
-    replay(engine, WEB, story.webhooks())
+def bob(action: str, at: str) -> dict[str, Any]:
+    return mr_event(action, actor="bob", updated_at=f"2025-08-05 {at} UTC")
 
-    def look(updated_at: str) -> int:
+
+def system_hook_revocation(at: str) -> list[dict[str, Any]]:
+    """The system hook's copy of bob's revocation (the fold counts it once)."""
+    return [system_hook_event("unapproved", actor="bob", updated_at=f"2025-08-05T{at}Z")]
+
+
+def deliver(engine: Engine, body: dict[str, Any]) -> None:
+    """A replayed webhook body, a system hook's when it looks like one."""
+    event = "System Hook" if "event_name" in body else "Merge Request Hook"
+    headers = {"x-gitlab-event": event, "x-gitlab-instance": WEB}
+    data = json.dumps(body).encode()
+    outcome = feed(engine, POLICY, headers, data, max_body_bytes=1 << 20, source="replay")
+    assert outcome.status == "recorded"
+
+
+# After bob's webhook approval at 21:00, in the order they reach secledger: webhooks,
+# or ("look", the MR's updated_at) for an API look showing bob's undated approval, and
+# whether the look logs it. In each, bob approves, revokes at 21:10 and approves again
+# with no webhook telling it: two approvals, one revocation.
+REAPPROVED = {
+    "revoked-then-looked-twice": [
+        ("look", "21:05:00.394", True),
+        [bob("unapproved", "21:10:00")],
+        ("look", "21:20:00.394", True),
+        ("look", "21:30:00.394", False),
+    ],
+    # The API's approval logged first comes after the revocation in event time: it is
+    # the approval that followed it.
+    "revocation-webhook-late": [
+        ("look", "21:20:00.394", True),
+        [bob("unapproved", "21:10:00")],
+        ("look", "21:30:00.394", False),
+    ],
+    "copy-of-the-revocation-between-looks": [
+        [bob("unapproved", "21:10:00")],
+        ("look", "21:20:00.394", True),
+        system_hook_revocation("21:10:00"),
+        ("look", "21:30:00.394", False),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(REAPPROVED))
+def test_an_undated_approval_after_a_revocation_is_logged_once(engine: Engine, case: str) -> None:
+    """An approval the API gives no time that follows bob's latest revocation (in event
+    order, up to its bound) is a new approval, logged once however often the API shows
+    it; one already logged after that revocation is the same approval."""
+    replay(engine, WEB, Story(iid=1, decision=None).webhooks())
+    for step in REAPPROVED[case]:
+        if isinstance(step, list):
+            for body in step:
+                deliver(engine, body)
+            continue
+        _, updated_at, logged = step
         with engine.begin() as conn:
-            envelope = undated_approval(1, "bob", updated_at)
-            return record_envelopes(conn, WEB, [envelope], POLICY)
-
-    assert look("2025-08-05T21:05:00.394Z") == 1
-    revoke = mr_event("unapproved", actor="bob", updated_at="2025-08-05 21:10:00 UTC")
-    replay(engine, WEB, [revoke])
-    assert ledger_rows(engine)[0]["approvers"] == []
-    assert look("2025-08-05T21:20:00.394Z") == 1
-    assert look("2025-08-05T21:30:00.394Z") == 0
+            envelope = undated_approval(1, "bob", f"2025-08-05T{updated_at}Z")
+            assert record_envelopes(conn, WEB, [envelope], POLICY) == int(logged)
     [row] = ledger_rows(engine)
     assert row["approvers"] == ["bob"]
     kept = folded_decisions(engine, 1)

@@ -246,6 +246,8 @@ def record_envelopes(
     recorded = 0
     for envelope in envelopes:
         env = _placed(conn, instance, envelope)
+        if env is None:
+            continue  # an approval already logged as the API told it before
         delivery = apifacts.delivery(instance, env, received_at)
         facts = apifacts.facts(instance, env, policy)
         outcome = record(conn, chain, delivery, facts, recording=recording)
@@ -253,13 +255,24 @@ def record_envelopes(
     return recorded
 
 
-def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, Any]:
-    """``env``, an undated approval marked with the revocation it follows, if any."""
+def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, Any] | None:
+    """``env``, an undated approval marked with the revocation it follows, if any; None
+    when an undated approval of that user already follows that revocation in the log.
+
+    Without a time, one user's approvals differ only by the revocations between them,
+    taken in the fold's order (event time, then seq) up to this approval's bound, not in
+    the order they were logged: a revocation whose webhook came late can fall before an
+    API approval logged earlier, which is then the approval that followed it.
+    """
     approver = apifacts.undated_approver(env)
-    if approver is None:
+    bound = parse_optional(env.get("upper_bound"))
+    if approver is None or bound is None:
         return env
     key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
-    return apifacts.after_revocation(env, ledger.last_revocation(conn, key, approver))
+    revoked, told = ledger.undated_standing(conn, key, approver, bound, apifacts.UNDATED_APPROVAL)
+    if told:
+        return None
+    return apifacts.after_revocation(env, revoked)
 
 
 def run_key(instance: str, scopes: Iterable[Scope], period: Period) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -60,16 +60,34 @@ _FIRST_RECEIPT = text(
 
 
 _LAST_REVOCATION = text(
-    "SELECT max(seq) FROM review_events"
+    "SELECT seq, event_at FROM review_events"
     " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
-    " AND actor = :actor AND decision = 'unapproved'"
+    " AND actor = :actor AND decision = 'unapproved' AND event_at <= :bound"
+    " ORDER BY event_at DESC, seq DESC LIMIT 1"
+)
+_UNDATED_SINCE = text(
+    "SELECT 1 FROM review_events"
+    " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
+    " AND actor = :actor AND decision = 'approved' AND event_at <= :bound"
+    " AND facts @> CAST(:undated AS jsonb) AND (event_at, seq) > (:after_at, :after_seq)"
+    " LIMIT 1"
 )
 
 
-def last_revocation(conn: Connection, key: MRKey, actor: str) -> int | None:
-    """The log seq of ``actor``'s latest revoked approval of the MR, if one is logged."""
-    seq = conn.execute(_LAST_REVOCATION, key_params(key) | {"actor": actor}).scalar()
-    return None if seq is None else int(seq)
+def undated_standing(
+    conn: Connection, key: MRKey, actor: str, bound: datetime, undated: str
+) -> tuple[int | None, bool]:
+    """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
+    their latest revocation before it in fold order (None if none is logged), and whether
+    an undated API approval of theirs (``event_at_source`` ``undated``) already follows
+    that revocation by ``bound``, so that this approval is the one it told."""
+    params = key_params(key) | {"actor": actor, "bound": bound}
+    revoked = conn.execute(_LAST_REVOCATION, params).first()
+    after = {"after_at": revoked[1], "after_seq": revoked[0]} if revoked else {}
+    after = after or {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
+    told = orjson.dumps({"source": "api", "event_at_source": undated}).decode()
+    seen = conn.execute(_UNDATED_SINCE, params | after | {"undated": told}).first()
+    return (int(revoked[0]) if revoked else None), seen is not None
 
 
 def first_receipt(conn: Connection, key: MRKey) -> tuple[datetime, datetime] | None:
