@@ -460,6 +460,14 @@ REAPPROVED = {
         [bob("unapproved", "21:10:00")],
         ("look", "21:30:00.394", False),
     ],
+    # A look after the merge logs the approval first; a look whose MR was read before
+    # the merge (a smaller bound), recorded after the late revocation, is the same one.
+    "stale-look-after-a-later-one": [
+        [mr_event("merge", actor="carol", updated_at="2025-08-05 21:48:25 UTC")],
+        ("merged", "2025-08-05 21:48:25 UTC", True),
+        [bob("unapproved", "21:10:00")],
+        ("look", "21:20:00.394", False),
+    ],
     "copy-of-the-revocation-between-looks": [
         [bob("unapproved", "21:10:00")],
         ("look", "21:20:00.394", True),
@@ -480,9 +488,14 @@ def test_an_undated_approval_after_a_revocation_is_logged_once(engine: Engine, c
             for body in step:
                 deliver(engine, body)
             continue
-        _, updated_at, logged = step
+        kind, when, logged = step
+        if kind == "merged":
+            mr = Story(iid=1, decision=("merge", "carol", when)).mr()
+            approvers = {"approved_by": [{"user": api_user("bob")}]}
+            [envelope] = apifacts.approval_envelopes(mr, approvers)
+        else:
+            envelope = undated_approval(1, "bob", f"2025-08-05T{when}Z")
         with engine.begin() as conn:
-            envelope = undated_approval(1, "bob", f"2025-08-05T{updated_at}Z")
             assert record_envelopes(conn, WEB, [envelope], POLICY) == int(logged)
     [row] = ledger_rows(engine)
     assert row["approvers"] == ["bob"]
@@ -495,3 +508,28 @@ def test_an_undated_approval_after_a_revocation_is_logged_once(engine: Engine, c
     assert decisions(engine) == kept
     assert report_counts(engine)["bob"] == (2, 2, 1)
     assert view_counts(engine)["bob"] == (2, 2, 1)
+
+
+def test_a_stale_look_between_two_revocations_is_the_approval_between_them(
+    engine: Engine,
+) -> None:
+    """bob approves, revokes at 21:10 and 21:20, approving again after each with no
+    webhook telling it. A look at 21:30 logs the last approval; a look read at 21:15 but
+    recorded after it shows the approval between the revocations, another one."""
+    replay(engine, WEB, Story(iid=1, decision=None).webhooks())
+    replay(engine, WEB, [bob("unapproved", "21:10:00"), bob("unapproved", "21:20:00")])
+    for updated_at in ("21:30:00.394", "21:15:00.394"):
+        with engine.begin() as conn:
+            envelope = undated_approval(1, "bob", f"2025-08-05T{updated_at}Z")
+            assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
+    kept = folded_decisions(engine, 1)
+    assert [(d, source) for _, d, who, source in kept if who == "bob"] == [
+        ("approved", "replay"),
+        ("unapproved", "replay"),
+        ("approved", "api"),
+        ("unapproved", "replay"),
+        ("approved", "api"),
+    ]
+    assert decisions(engine) == kept
+    assert report_counts(engine)["bob"] == (3, 3, 2)
+    assert view_counts(engine)["bob"] == (3, 3, 2)

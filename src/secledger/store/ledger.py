@@ -65,11 +65,19 @@ _LAST_REVOCATION = text(
     " AND actor = :actor AND decision = 'unapproved' AND event_at <= :bound"
     " ORDER BY event_at DESC, seq DESC LIMIT 1"
 )
+# An undated API approval of the user after that revocation, with no other revocation
+# of theirs between: the approval that followed it, whatever its own bound (a look read
+# before a later one may be recorded after it).
 _UNDATED_SINCE = text(
-    "SELECT 1 FROM review_events"
-    " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
-    " AND actor = :actor AND decision = 'approved' AND event_at <= :bound"
-    " AND facts @> CAST(:undated AS jsonb) AND (event_at, seq) > (:after_at, :after_seq)"
+    "SELECT 1 FROM review_events a"
+    " WHERE a.instance = :instance AND a.project_id = :project_id AND a.mr_iid = :mr_iid"
+    " AND a.actor = :actor AND a.decision = 'approved'"
+    " AND a.facts @> CAST(:undated AS jsonb) AND (a.event_at, a.seq) > (:after_at, :after_seq)"
+    " AND NOT EXISTS (SELECT 1 FROM review_events r"
+    " WHERE r.instance = a.instance AND r.project_id = a.project_id AND r.mr_iid = a.mr_iid"
+    " AND r.actor = a.actor AND r.decision = 'unapproved'"
+    " AND (r.event_at, r.seq) > (:after_at, :after_seq)"
+    " AND (r.event_at, r.seq) < (a.event_at, a.seq))"
     " LIMIT 1"
 )
 
@@ -80,7 +88,7 @@ def undated_standing(
     """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
     their latest revocation before it in fold order (None if none is logged), and whether
     an undated API approval of theirs (``event_at_source`` ``undated``) already follows
-    that revocation by ``bound``, so that this approval is the one it told."""
+    that revocation with no other between, so that this approval is the one it told."""
     params = key_params(key) | {"actor": actor, "bound": bound}
     revoked = conn.execute(_LAST_REVOCATION, params).first()
     after = {"after_at": revoked[1], "after_seq": revoked[0]} if revoked else {}
