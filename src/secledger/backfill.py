@@ -257,7 +257,8 @@ def record_envelopes(
 
 def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, Any] | None:
     """``env``, an undated approval marked with the revocation it follows, if any; None
-    when an undated approval of that user already follows that revocation in the log.
+    when an undated approval of that user already follows that revocation in the log,
+    with no other revocation of theirs between (``ledger.undated_standing``).
 
     Without a time, one user's approvals differ only by the revocations between them,
     taken in the fold's order (event time, then seq) up to this approval's bound, not in
