@@ -270,7 +270,7 @@ def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, A
     if approver is None or bound is None:
         return env
     key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
-    revoked, told = ledger.undated_standing(conn, key, approver, bound, apifacts.UNDATED_APPROVAL)
+    revoked, told = ledger.undated_standing(conn, key, approver, bound)
     if told:
         return None
     return apifacts.after_revocation(env, revoked)

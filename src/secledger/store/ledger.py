@@ -11,7 +11,8 @@ from sqlalchemy import Connection, RowMapping, select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from secledger.extract import EventFacts, MRKey
-from secledger.projection import LEDGER_COLUMNS, SequencedEvent, fold
+from secledger.intake import API_SOURCE
+from secledger.projection import LEDGER_COLUMNS, UNDATED_APPROVAL, SequencedEvent, fold
 from secledger.store.pipeline import Pg, lookup, pipeline, send_rows
 from secledger.store.schema import security_review_ledger
 from secledger.times import utcnow
@@ -65,6 +66,7 @@ _LAST_REVOCATION = text(
     " AND actor = :actor AND decision = 'unapproved' AND event_at <= :bound"
     " ORDER BY event_at DESC, seq DESC LIMIT 1"
 )
+_UNDATED = orjson.dumps({"source": API_SOURCE, "event_at_source": UNDATED_APPROVAL}).decode()
 # An undated API approval of the user after that revocation, with no other revocation
 # of theirs between: the approval that followed it, whatever its own bound (a look read
 # before a later one may be recorded after it).
@@ -83,19 +85,20 @@ _UNDATED_SINCE = text(
 
 
 def undated_standing(
-    conn: Connection, key: MRKey, actor: str, bound: datetime, undated: str
+    conn: Connection, key: MRKey, actor: str, bound: datetime
 ) -> tuple[int | None, bool]:
     """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
     their latest revocation before it in fold order (None if none is logged), and whether
-    an undated API approval of theirs (``event_at_source`` ``undated``) already follows
-    that revocation with no other between, so that this approval is the one it told."""
+    an undated API approval of theirs already follows that revocation with no other
+    between, so that this approval is the one it told."""
     params = key_params(key) | {"actor": actor, "bound": bound}
     revoked = conn.execute(_LAST_REVOCATION, params).first()
-    after = {"after_at": revoked[1], "after_seq": revoked[0]} if revoked else {}
-    after = after or {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
-    told = orjson.dumps({"source": "api", "event_at_source": undated}).decode()
-    seen = conn.execute(_UNDATED_SINCE, params | after | {"undated": told}).first()
-    return (int(revoked[0]) if revoked else None), seen is not None
+    if revoked is None:
+        after = {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
+    else:
+        after = {"after_at": revoked.event_at, "after_seq": revoked.seq}
+    seen = conn.execute(_UNDATED_SINCE, params | after | {"undated": _UNDATED}).first()
+    return (None if revoked is None else int(revoked.seq)), seen is not None
 
 
 def first_receipt(conn: Connection, key: MRKey) -> tuple[datetime, datetime] | None:
