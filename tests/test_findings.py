@@ -103,6 +103,24 @@ def test_merged_by_author_negative_when_another_user_approved(engine) -> None:
     assert rules(engine) == set()
 
 
+def test_an_approval_delivered_after_a_merge_of_the_same_second_came_before_it(engine) -> None:
+    """Webhook times are whole seconds and deliveries can arrive out of order: the
+    approval's payload shows the MR still open, so it was given before the merge stamped
+    with the same second. No finding, and the ledger lists the approver."""
+    record(
+        engine,
+        event("open", 0),
+        event("merge", 2, actor="carol"),
+        event("approved", 2, actor="bob"),
+    )
+    assert rules(engine) == set()
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT state, decision, approvers FROM security_review_ledger")
+        ).one()
+    assert tuple(row) == ("merged", "merged", ["bob"])
+
+
 def test_insufficient_approvals_positive_for_critical(engine) -> None:
     crit = {"labels": ["sec::critical"]}
     record(

@@ -124,6 +124,92 @@ def test_same_second_events_keep_arrival_order() -> None:
     assert row["decision"] == "merged"
 
 
+def test_an_edit_showing_the_mr_open_goes_before_a_close_of_the_same_second() -> None:
+    """GitLab's times are whole seconds and its hooks can arrive out of order. An edit
+    whose payload still shows the MR open was made before a close stamped with the same
+    second, whichever arrived first; applied after it, it left the MR open."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "closed", "bob", 5),
+            event(3, "update", "carol", 5, title="Edited just before the close"),
+        ]
+    )
+    assert (row["state"], row["closed_by"], row["decision"]) == ("closed", "bob", "closed")
+    assert row["title"] == "Edited just before the close"
+
+
+def test_an_approval_of_the_same_second_counts_before_a_merge_that_arrived_first() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "merged", "carol", 5),
+            event(3, "approved", "bob", 5),
+        ]
+    )
+    assert (row["state"], row["decision"], row["decided_by"]) == ("merged", "merged", "carol")
+    assert row["approvers"] == ["bob"]
+
+
+def test_a_same_second_group_with_a_reopen_keeps_arrival_order() -> None:
+    """With a reopen in the second, an edit showing the MR open may come after it: the
+    events keep the order they arrived in."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "closed", "bob", 5),
+            event(3, "reopened", "carol", 5),
+            event(4, "closed", "dave", 5),
+            event(5, "update", "erin", 5),
+        ]
+    )
+    assert (row["state"], row["closed_by"]) == ("opened", None)
+
+
+def test_an_edit_showing_the_mr_merged_stays_after_its_merge() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "merged", "carol", 5),
+            event(3, "update", "erin", 5, state="merged", security_labels=(), labels=()),
+        ]
+    )
+    assert (row["state"], row["security_labels"]) == ("merged", [])
+
+
+@given(
+    st.permutations(
+        [
+            ("update", "erin"),
+            ("approved", "bob"),
+            ("approved", "carol"),
+            ("unapproved", "carol"),
+            ("merged", "dave"),
+        ]
+    )
+)
+def test_within_one_second_the_fold_does_not_depend_on_when_the_merge_arrived(
+    arrival: list[tuple[str, str]],
+) -> None:
+    """Events showing the MR open (an edit, approvals, a revocation) and its merge, all
+    stamped with one second, in any order of arrival: the row is the one where the merge
+    came last, the others keeping their own order."""
+    kept = [item for item in arrival if item[0] != "merged"]
+    expected = fold(
+        [event(1, "open", "alice", 0)]
+        + [event(seq, kind, actor, 5) for seq, (kind, actor) in enumerate(kept, 2)]
+        + [event(len(arrival) + 1, "merged", "dave", 5)]
+    )
+    row = fold(
+        [event(1, "open", "alice", 0)]
+        + [event(seq, kind, actor, 5) for seq, (kind, actor) in enumerate(arrival, 2)]
+    )
+    expected.pop("last_seq")
+    row.pop("last_seq")
+    assert row == expected
+    assert row["state"] == "merged"
+
+
 def test_tier_and_labels_follow_the_latest_event_but_tier_survives_label_removal() -> None:
     row = fold(
         [

@@ -2,7 +2,8 @@
 
 The same fold serves live recording and ``rebuild``, so the ledger can always be
 recomputed from the log. Events are applied in event-time order (arrival order breaks
-ties), which is why a late, older delivery can never roll a row back.
+ties, but for events that show the MR still open beside its close or merge: see
+``open_before_end``), which is why a late, older delivery can never roll a row back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MATCH_TOLERANCE = timedelta(seconds=5)
 API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
 UNDATED_APPROVAL = "api.approval_upper_bound"
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
+# Kinds that end an MR's review, and the states an MR is in before one of them.
+_ENDS = frozenset({"merged", "closed"})
+_STILL_OPEN = frozenset({"opened", "locked"})
 # The state an event of this kind leaves an MR in, for events that carry none of their own.
 STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
 
@@ -230,7 +234,46 @@ def _carries_labels(facts: EventFacts) -> bool:
 def ordered_facts(events: list[SequencedEvent]) -> list[SequencedEvent]:
     """The events a fold (and the findings rules) read: API facts a webhook event tells
     and repeats dropped, in event-time order."""
-    return sorted(distinct_facts(merge_sources(events)), key=_order)
+    ordered = sorted(distinct_facts(merge_sources(events)), key=_order)
+    if len({event.facts.event_at for event in ordered}) == len(ordered):
+        return ordered  # no two events share a time: nothing to settle
+    return open_before_end(ordered)
+
+
+def open_before_end(ordered: list[SequencedEvent]) -> list[SequencedEvent]:
+    """``ordered`` with, among events of one event time, those that show the MR still open
+    moved before the close or merge of that time.
+
+    GitLab's webhook times are whole seconds and its hooks can arrive in any order. An
+    edit, approval or revocation whose payload shows the MR open was made before a close
+    or merge stamped with the same second: applied after it, an edit reopened the MR in
+    the ledger and an approval came too late for the merge. A second that also holds a
+    reopen keeps arrival order: an event showing the MR open may then follow either.
+    """
+    settled: list[SequencedEvent] = []
+    start = 0
+    for end in range(1, len(ordered) + 1):
+        if end == len(ordered) or ordered[end].facts.event_at != ordered[start].facts.event_at:
+            settled.extend(_open_first(ordered[start:end]))
+            start = end
+    return settled
+
+
+def _open_first(group: list[SequencedEvent]) -> list[SequencedEvent]:
+    kinds = {event.facts.kind for event in group}
+    if len(group) < 2 or "reopened" in kinds or not kinds & _ENDS:
+        return group
+    first_end = next(i for i, event in enumerate(group) if event.facts.kind in _ENDS)
+    after = group[first_end:]
+    moved = [event for event in after if _shows_open(event.facts)]
+    if not moved:
+        return group
+    return group[:first_end] + moved + [event for event in after if not _shows_open(event.facts)]
+
+
+def _shows_open(facts: EventFacts) -> bool:
+    # "locked" is GitLab's state while a merge is under way: the MR is not merged yet.
+    return facts.kind not in _ENDS and facts.state in _STILL_OPEN
 
 
 def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:
