@@ -554,7 +554,8 @@ def test_an_mr_closed_reopened_and_seen_closed_again_is_in_the_period_of_its_las
 def test_a_state_seen_decision_time_orders_events_of_the_same_second_by_arrival(
     engine: Engine, tmp_path: Path
 ) -> None:
-    """As in the fold, events of the same second are ordered by their log seq. MR 72 is
+    """As in the fold, events of the same second are ordered by their log seq (a second
+    with a reopen holds no exception: ``projection.open_before_end``). MR 72 is
     reopened and seen closed in the same second, in that order: that edit is its decision
     time. MR 73 is seen closed and reopened in the same second, in that order, then seen
     closed at 40 h: the edit the reopen undid is not its decision time."""

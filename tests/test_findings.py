@@ -121,6 +121,22 @@ def test_an_approval_delivered_after_a_merge_of_the_same_second_came_before_it(e
     assert tuple(row) == ("merged", "merged", ["bob"])
 
 
+def test_a_revocation_delivered_after_a_merge_of_the_same_second_came_before_it(engine) -> None:
+    """The revocation's payload shows the MR still open: bob revoked before carol merged,
+    so the merge had no standing approval."""
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("merge", 2, actor="carol"),
+        event("unapproved", 2, actor="bob"),
+    )
+    hit = found(engine)[("approval-revoked-before-merge", "")]
+    assert hit.seqs == [4, 3]  # the fold's order: the revocation, then the merge
+    assert hit.evidence["revoked_by"] == ["bob"]
+    assert "insufficient-approvals" in rules(engine)
+
+
 def test_insufficient_approvals_positive_for_critical(engine) -> None:
     crit = {"labels": ["sec::critical"]}
     record(

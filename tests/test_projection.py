@@ -151,6 +151,18 @@ def test_an_approval_of_the_same_second_counts_before_a_merge_that_arrived_first
     assert row["approvers"] == ["bob"]
 
 
+def test_an_edit_made_while_the_merge_was_under_way_goes_before_the_merge() -> None:
+    """GitLab shows an MR ``locked`` while it merges it: not merged yet."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "merged", "carol", 5),
+            event(3, "update", "erin", 5, state="locked"),
+        ]
+    )
+    assert (row["state"], row["merged_by"]) == ("merged", "carol")
+
+
 def test_a_same_second_group_with_a_reopen_keeps_arrival_order() -> None:
     """With a reopen in the second, an edit showing the MR open may come after it: the
     events keep the order they arrived in."""

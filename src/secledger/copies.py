@@ -51,8 +51,9 @@ def api_twin(alias: str) -> str:
 
 
 def _revoked(x: str) -> str:
-    # ``projection._standing``: the approval ``w`` is revoked, after it in fold order and
-    # by the API fact ``x``'s time, by its user (or the API fact's, when ``w`` names none).
+    # ``projection._standing``: the approval ``w`` is revoked, after it in event-time order
+    # (then log seq) and by the API fact ``x``'s time, by its user (or the API fact's, when
+    # ``w`` names none).
     return (
         "EXISTS (SELECT 1 FROM review_events r"
         " WHERE r.instance = w.instance AND r.project_id = w.project_id"

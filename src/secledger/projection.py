@@ -116,7 +116,8 @@ def _same_decision(api: EventFacts, other: EventFacts) -> bool:
 
 def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEvent]) -> bool:
     """``approval`` still stands at the undated API approval's bound: its user did not
-    revoke it before then (in fold order), so the API's approval can be that one."""
+    revoke it before then (in event-time order, then log seq), so the API's approval can
+    be that one."""
     user = approval.facts.actor or api.actor
     return not user or not any(
         t.facts.decision == "unapproved"
@@ -273,7 +274,8 @@ def _open_first(group: list[SequencedEvent]) -> list[SequencedEvent]:
 
 def _shows_open(facts: EventFacts) -> bool:
     # "locked" is GitLab's state while a merge is under way: the MR is not merged yet.
-    return facts.kind not in _ENDS and facts.state in _STILL_OPEN
+    state = facts.state or STATE_AFTER.get(facts.kind)
+    return facts.kind not in _ENDS and state in _STILL_OPEN
 
 
 def fold(events: Iterable[SequencedEvent]) -> dict[str, Any]:

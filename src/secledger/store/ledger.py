@@ -88,9 +88,9 @@ def undated_standing(
     conn: Connection, key: MRKey, actor: str, bound: datetime
 ) -> tuple[int | None, bool]:
     """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
-    their latest revocation before it in fold order (None if none is logged), and whether
-    an undated API approval of theirs already follows that revocation with no other
-    between, so that this approval is the one it told."""
+    their latest revocation before it in event-time order, then log seq (None if none is
+    logged), and whether an undated API approval of theirs already follows that
+    revocation with no other between, so that this approval is the one it told."""
     params = key_params(key) | {"actor": actor, "bound": bound}
     revoked = conn.execute(_LAST_REVOCATION, params).first()
     if revoked is None:
