@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from builders import dumps, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
-from secledger.dashboard.trail import instance_from_path
+from secledger.dashboard.trail import describe, instance_from_path
 from secledger.intake import Ignored, parse_delivery
 from secledger.store import db
 from secledger.times import utcnow
@@ -158,6 +158,14 @@ def test_one_merge_request_by_instance_url(reader, instance_part) -> None:
     assert [e["actor"] for e in body["timeline"]] == ["erin", "carol", "carol", "bob", "dave"]
     assert all(c["ok"] for c in body["chain"])
     assert [c["seq"] for c in body["chain"]] == [e["seq"] for e in body["timeline"]]
+
+
+def test_the_timeline_tells_an_approval_reset_from_a_revocation() -> None:
+    assert describe("unapproved", "unapproved", {}) == "revoked approval"
+    assert describe("approvals_reset", None, {}) == "pushed; GitLab reset the approvals"
+    assert describe("code_owner_approvals_reset", None, {}) == (
+        "pushed; GitLab reset Code Owners' approvals"
+    )
 
 
 def test_unknown_merge_request_is_404(reader) -> None:

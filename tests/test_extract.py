@@ -50,6 +50,34 @@ def test_each_action_maps_to_its_decision(action: str, kind: str, decision: str 
     assert facts.actor == "bob"
 
 
+@pytest.mark.parametrize(
+    ("action", "system_action", "kind"),
+    [
+        ("unapproved", "approvals_reset_on_push", "approvals_reset"),
+        ("unapproval", "approvals_reset_on_push", "approvals_reset"),
+        ("unapproval", "code_owner_approvals_reset_on_push", "code_owner_approvals_reset"),
+        ("unapproved", None, "approvals_reset"),  # system-started, reason not given
+    ],
+)
+def test_an_approval_reset_by_gitlab_is_no_ones_revocation(
+    action: str, system_action: str | None, kind: str
+) -> None:
+    """GitLab 18.6+ tells a reset after a push as ``unapproved``/``unapproval`` marked
+    ``system``, its user the person who pushed: not a revocation by that person."""
+    body = mr_event(action, actor="dave")
+    body["object_attributes"]["system"] = True
+    if system_action is not None:
+        body["object_attributes"]["system_action"] = system_action
+    facts = facts_of(body)
+    assert (facts.kind, facts.decision, facts.actor) == (kind, None, "dave")
+
+
+def test_a_users_own_revocation_is_not_marked_system() -> None:
+    body = mr_event("unapproval", actor="bob")
+    body["object_attributes"]["system"] = False
+    assert classify(body) == ("unapproved", "unapproved")
+
+
 def test_unknown_future_action_is_kept_as_a_non_decision() -> None:
     assert classify(mr_event("mark_as_draft")) == ("mark_as_draft", None)
 

@@ -137,6 +137,48 @@ def test_a_revocation_delivered_after_a_merge_of_the_same_second_came_before_it(
     assert "insufficient-approvals" in rules(engine)
 
 
+def reset_on_push(
+    hours: float, *, pusher: str, action: str = "unapproved", **kwargs: Any
+) -> dict[str, Any]:
+    """GitLab 18.6+'s webhook for approvals reset by a push (its user is the pusher)."""
+    body = event(action, hours, actor=pusher, **kwargs)
+    body["object_attributes"].update(system=True, system_action="approvals_reset_on_push")
+    return body
+
+
+def test_approvals_reset_by_a_push_do_not_stand_at_the_merge(engine) -> None:
+    """bob and carol approved, alice's push reset both approvals, erin merged: no approval
+    stood. Read as alice revoking her own (absent) approval, the ledger kept both
+    approvers and the critical tier's requirement looked met."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approval", 1, actor="bob", **crit),
+        event("approved", 1.5, actor="carol", **crit),
+        reset_on_push(2, pusher="alice", **crit),
+        event("merge", 3, actor="erin", **crit),
+    )
+    hit = found(engine)[("insufficient-approvals", "")]
+    assert hit.evidence["standing_approvers"] == []
+    assert "approval-revoked-before-merge" not in rules(engine)
+    with engine.connect() as conn:
+        approvers = conn.execute(text("SELECT approvers FROM security_review_ledger")).scalar()
+    assert approvers == []
+
+
+def test_an_approval_after_the_reset_stands(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        reset_on_push(2, pusher="alice", action="unapproval"),
+        event("approved", 2.5, actor="carol"),
+        event("merge", 3, actor="erin"),
+    )
+    assert rules(engine) == set()
+
+
 def test_insufficient_approvals_positive_for_critical(engine) -> None:
     crit = {"labels": ["sec::critical"]}
     record(

@@ -52,6 +52,42 @@ def test_approvers_stand_in_approval_order_until_revoked() -> None:
     assert row["time_to_decision_seconds"] == 40 * 60
 
 
+def test_an_approval_reset_after_a_push_clears_every_approver_but_decides_nothing() -> None:
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "approved", "bob", 10),
+            event(3, "approved", "carol", 20),
+            event(4, "approvals_reset", "alice", 30),
+            event(5, "approved", "erin", 40),
+        ]
+    )
+    assert row["approvers"] == ["erin"]
+    assert (row["decision"], row["decided_by"]) == ("approved", "erin")
+    reset = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "approved", "bob", 10),
+            event(3, "approvals_reset", "alice", 30),
+        ]
+    )
+    assert reset["approvers"] == []
+    assert (reset["decision"], reset["decided_by"]) == ("approved", "bob")
+    assert reset["reviewer"] == "bob"
+
+
+def test_a_code_owner_reset_keeps_the_approvers_it_does_not_name() -> None:
+    """GitLab does not say whose approvals a Code Owners reset removed."""
+    row = fold(
+        [
+            event(1, "open", "alice", 0),
+            event(2, "approved", "bob", 10),
+            event(3, "code_owner_approvals_reset", "alice", 30),
+        ]
+    )
+    assert row["approvers"] == ["bob"]
+
+
 def test_reviewer_is_the_decider_when_no_approval_stands() -> None:
     row = fold(
         [

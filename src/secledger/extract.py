@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -25,6 +26,13 @@ DECISIONS = {
     "reopen": "reopened",
 }
 NON_DECISIONS = {"open": "open", "update": "update"}
+# GitLab 18.6+ tells approvals it removed after a push as ``unapproved``/``unapproval``
+# marked ``system``, its user the person who pushed: nobody's decision. A plain reset
+# removes every approval given on the old diff; a Code Owners reset only those of the
+# owners of the changed files, without saying whose.
+APPROVALS_RESET = "approvals_reset"
+CODE_OWNER_RESET = "code_owner_approvals_reset"
+_RESETS = {"code_owner_approvals_reset_on_push": CODE_OWNER_RESET}
 _STATE_DECISIONS = {"closed": "closed", "merged": "merged"}
 _TIME_FIELDS = ("event_at", "created_at", "labeled_at")
 
@@ -207,14 +215,23 @@ def event_time_of(stamps: Stamps, received_at: datetime) -> tuple[datetime, str]
     return received_at, "received_at"
 
 
+def _from_action(attrs: Mapping[str, Any], action: str) -> tuple[str, str | None]:
+    decision = DECISIONS.get(action)
+    if decision == "unapproved" and attrs.get("system") is True:
+        # Another system-started removal is read as a full reset: standing approvals are
+        # then understated, never overstated.
+        return _RESETS.get(str(attrs.get("system_action")), APPROVALS_RESET), None
+    if decision is not None:
+        return decision, decision
+    return NON_DECISIONS.get(action, action[:32]), None
+
+
 def classify(payload: dict[str, Any]) -> tuple[str, str | None]:
     """``(kind, decision)`` from the action, or from state changes when there is no action."""
     attrs = p.obj(payload, "object_attributes")
     action = p.text(attrs, "action")
     if action:
-        if action in DECISIONS:
-            return DECISIONS[action], DECISIONS[action]
-        return NON_DECISIONS.get(action, action[:32]), None
+        return _from_action(attrs, action)
     # System hooks before 2017 carry no action: read what the state change says.
     change = p.state_change(payload)
     if change is not None:

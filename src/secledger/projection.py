@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
-from secledger.extract import EventFacts
+from secledger.extract import APPROVALS_RESET, EventFacts
 from secledger.quickinit import quick
 
 # Webhook times are MR updated_at with second precision; the API has the fact's own
@@ -330,6 +330,9 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
 
 
 def _apply_decision(row: dict[str, Any], approvers: list[str], facts: EventFacts) -> None:
+    if facts.kind == APPROVALS_RESET:
+        approvers.clear()  # nobody's decision: ``decision`` keeps the last one made
+        return
     decision = facts.decision
     if decision not in DECISION_KINDS:
         return

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from secledger.extract import EventFacts, MRKey
+from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
 from secledger.projection import STATE_AFTER, SequencedEvent
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
@@ -272,6 +272,8 @@ def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int
             standing.setdefault(actor, event.seq)
         elif event.facts.decision == "unapproved":
             standing.pop(actor, None)
+        elif event.facts.kind == APPROVALS_RESET:
+            standing.clear()
     return standing
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, text
 
-from secledger.extract import NUL_REPLACEMENT, MRKey
+from secledger.extract import APPROVALS_RESET, CODE_OWNER_RESET, NUL_REPLACEMENT, MRKey
 from secledger.store import ledger
 from secledger.store.chain import GENESIS, LogRow, link
 
@@ -69,11 +69,18 @@ _VERBS = {
     "reopened": "reopened",
 }
 
+_RESETS = {
+    APPROVALS_RESET: "pushed; GitLab reset the approvals",
+    CODE_OWNER_RESET: "pushed; GitLab reset Code Owners' approvals",
+}
+
 
 def describe(kind: str, decision: str | None, facts: dict[str, Any]) -> str:
     """A short sentence for an event: what the actor did."""
     if decision in _VERBS:
         return _VERBS[decision]
+    if kind in _RESETS:
+        return _RESETS[kind]
     added = facts.get("security_added") or []
     removed = facts.get("security_removed") or []
     parts = []
