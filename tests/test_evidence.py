@@ -447,6 +447,16 @@ def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url
     assert (out / "MANIFEST.sha256").exists()
 
 
+def test_an_out_directory_that_cannot_be_created_is_a_usage_error(ledger_url, tmp_path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "pack"
+    args = ["evidence", "--since", "2025-08-04", "--until", "2025-08-20", "--out", str(out)]
+    result = cli(ledger_url, tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert f"cannot create {out}: Not a directory" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_refuses_a_non_empty_directory_unless_forced(ledger_url, tmp_path) -> None:
     out = tmp_path / "pack"
     out.mkdir()

@@ -31,7 +31,11 @@ def _check_out(out: Path, force: bool) -> None:
         raise click.BadParameter(
             f"{out} is not empty; choose a new directory or pass --force", param_hint="--out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission, a read-only place
+        reason = exc.strerror or type(exc).__name__
+        raise click.BadParameter(f"cannot create {out}: {reason}", param_hint="--out") from None
 
 
 def _public_key(context: Context) -> Ed25519PublicKey | None:
