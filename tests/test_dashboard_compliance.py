@@ -214,7 +214,8 @@ def test_demo_creates_one_dashboard_user_with_a_private_password_file(
     password = password_file.read_text().strip()
     assert os.stat(password_file).st_mode & 0o777 == 0o600
     assert f"password in {password_file}" in first.output
-    assert "http://127.0.0.1:8080/" in first.output
+    assert "Not serving (--no-serve)" in first.output
+    assert "http://127.0.0.1:8080/" not in first.output  # nothing listens there
     assert password not in first.output
     users = read_users_file(data / "users")
     assert verify_password(password, users["demo"])

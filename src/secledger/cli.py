@@ -404,12 +404,11 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
         rows = ledger_rows(engine)
     render(rows, "table", TABLE_COLUMNS, title=f"security_review_ledger ({len(rows)} rows)")
     password_file = _users.ensure_demo_user(settings)
-    click.echo(
-        f"\nDashboard: http://127.0.0.1:{port}/  (user {_users.DEMO_USER},"
-        f" password in {password_file})"
-    )
+    login = f"(user {_users.DEMO_USER}, password in {password_file})"
     if no_serve:
+        click.echo(f"\nNot serving (--no-serve). `secledger serve` shows the dashboard {login}.")
         return
+    click.echo(f"\nDashboard: http://127.0.0.1:{port}/  {login}")
     secret_file = settings.data_dir / "webhook-secret"
     # Created with mode 0600 from the start: never readable by others, even briefly.
     secret = ensure_secret_file(secret_file, 32)
