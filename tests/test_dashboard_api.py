@@ -16,8 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from builders import dumps, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
+from secledger.dashboard.queries import Filters, summary
 from secledger.dashboard.trail import describe, instance_from_path
 from secledger.intake import Ignored, parse_delivery
+from secledger.policy import LabelPolicy
+from secledger.service import feed
 from secledger.store import db
 from secledger.times import utcnow
 from secledger.web import create_app
@@ -191,6 +194,38 @@ def test_dashboard_figures_of_the_core_ledger(reader) -> None:
     volume = get("volume?bucket=month")
     assert sum(p["count"] for p in volume) == 5
     assert {p["bucket"] for p in volume} == {"2026-11-01"}
+
+
+def test_the_summary_median_leaves_out_open_mrs(engine) -> None:
+    """An open MR has no final decision: its approval (or a reopen) is not one."""
+
+    def fed(body: dict) -> None:
+        outcome = feed(
+            engine,
+            LabelPolicy(),
+            {"x-gitlab-event": "Merge Request Hook"},
+            dumps(body),
+            max_body_bytes=1_000_000,
+            source="replay",
+        )
+        assert outcome.status == "recorded", outcome
+
+    created = "2026-11-02 09:00:00 UTC"
+    fed(mr_event("open", iid=1, created_at=created, updated_at=created))
+    fed(
+        mr_event(
+            "approved", iid=1, actor="bob", created_at=created, updated_at="2026-11-02 10:00:00 UTC"
+        )
+    )
+    fed(mr_event("open", iid=2, created_at=created, updated_at=created))
+    fed(
+        mr_event(
+            "merge", iid=2, actor="carol", created_at=created, updated_at="2026-11-02 13:00:00 UTC"
+        )
+    )
+    with engine.connect() as conn:
+        got = summary(conn, Filters())
+    assert (got.open, got.merged, got.median_seconds) == (1, 1, 4 * 3600.0)
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple], float]:

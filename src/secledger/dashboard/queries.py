@@ -97,7 +97,9 @@ class Summary:
 
 
 def summary(conn: Connection, filters: Filters) -> Summary:
-    """Counts by state and the median time to decision."""
+    """Counts by state and the median time to the final decision, over merged and closed
+    MRs: an open one has no final decision yet (its latest may be an approval or a
+    reopen)."""
     where, params = filters.where()
     row = conn.execute(
         text(
@@ -106,7 +108,7 @@ def summary(conn: Connection, filters: Filters) -> Summary:
             " count(*) FILTER (WHERE l.state = 'merged') AS merged,"
             " count(*) FILTER (WHERE l.state = 'closed') AS closed,"
             " percentile_cont(0.5) WITHIN GROUP (ORDER BY l.time_to_decision_seconds)"
-            "   AS median_seconds"
+            "   FILTER (WHERE l.state IN ('merged', 'closed')) AS median_seconds"
             f" FROM security_review_ledger l WHERE {where}"
         ),
         params,
