@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy import Connection, Engine, text
 
-from secledger import apifacts
+from secledger import apifacts, earlyapprovals
 from secledger.backfill import record_envelopes
 from secledger.config import Settings
 from secledger.errors import GitLabAPIError
@@ -175,11 +175,16 @@ class Enricher:
         while not self._stop.wait(self.interval):
             try:
                 result = enrich(self.engine, self.api, self.policy, recording=self.recording)
+                early = earlyapprovals.check(
+                    self.engine, self.api, self.policy, recording=self.recording
+                )
             except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
                 log.warning("enrich_pass_failed", error=type(exc).__name__)
                 continue
             if result.total:
                 log.info("enrich_pass", **result.outcomes)
+            if early:
+                log.info("early_approvals_pass", **early)
 
 
 def start_background(settings: Settings, engine: Engine) -> Enricher | None:

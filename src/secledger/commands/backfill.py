@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from secledger import earlyapprovals
 from secledger import enrich as enrichment
 from secledger import reconcile as reconciliation
 from secledger.backfill import Backfill, Period
@@ -242,7 +243,12 @@ def reconcile(
 @click.option("--recheck", is_flag=True, help="Ask again about MRs already looked up.")
 @click.pass_obj
 def enrich(context: Context, limit: int, recheck: bool) -> None:
-    """Find when the security label was really added, for rows that only know created_at.
+    """Find when the security label was really added, for rows that only know created_at,
+    and record approvals given before an MR's security label.
+
+    An approval given while the MR had no security label was not recorded (its webhook
+    was ignored), yet GitLab counts it at the merge: each MR labelled after its creation
+    has its approvals read once, and those dated before the label are recorded.
 
     `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
     GitLab token is configured; this command does one pass now.
@@ -263,5 +269,15 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
             recheck=recheck,
             recording=Recording.from_settings(context.settings),
         )
+        early = earlyapprovals.check(
+            engine,
+            api,
+            policy,
+            limit=limit,
+            recheck=recheck,
+            recording=Recording.from_settings(context.settings),
+        )
     detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
-    click.echo(f"{result.total} merge requests looked up: {detail}")
+    click.echo(f"label times: {result.total} merge requests looked up: {detail}")
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(early.items())) or "nothing to do"
+    click.echo(f"approvals before the label: {sum(early.values())} looked up: {detail}")
