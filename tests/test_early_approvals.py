@@ -138,3 +138,44 @@ def test_migration_0019_downgrades_and_back(engine) -> None:
     with engine.connect() as conn:
         assert migrate.is_current(conn)
         assert conn.execute(text("SELECT count(*) FROM approval_checks")).scalar() == 0
+
+
+def test_an_approval_in_the_second_the_label_was_added_may_have_come_first(
+    engine, api, fake
+) -> None:
+    """The label webhook says 21:30:00; GitLab dates bob's approval 21:30:00.450. Its
+    webhook, sent before the label, was ignored: only the API can tell it."""
+    Story(iid=1, opened_with_label=False, approvals=[("bob", LABELLED)]).publish(fake)
+    bodies = history("2025-08-05 21:00:00 UTC", labels_when_approved=[])
+    bodies[1]["object_attributes"]["updated_at"] = LABELLED  # approved in the label's second
+    assert replay(engine, fake.url, bodies) == ["ignored", "ignored", "recorded", "recorded"]
+    assert earlyapprovals.check(engine, api, POLICY) == {"recorded": 1}
+    assert ledger_rows(engine)[0]["approvers"] == ["bob"]
+
+
+def test_an_mr_that_fails_otherwise_is_noted_and_does_not_stop_the_rest(
+    engine, api, fake, monkeypatch
+) -> None:
+    for iid in (1, 2):
+        story = Story(iid=iid, opened_with_label=False, approvals=[("bob", CREATED)])
+        story.publish(fake)
+        replay(engine, fake.url, history_of(iid))
+    real = earlyapprovals.apifacts.approval_envelopes
+
+    def broken(mr: dict[str, Any], approvals: dict[str, Any]) -> list[dict[str, Any]]:
+        if mr["iid"] == 1:
+            raise KeyError("user")
+        return real(mr, approvals)
+
+    monkeypatch.setattr(earlyapprovals.apifacts, "approval_envelopes", broken)
+    assert earlyapprovals.check(engine, api, POLICY) == {"failed": 1, "recorded": 1}
+    assert earlyapprovals.check(engine, api, POLICY) == {}  # not asked again on its own
+    assert [r["approvers"] for r in ledger_rows(engine)] == [[], ["bob"]]
+
+
+def history_of(iid: int) -> list[dict[str, Any]]:
+    bodies = history("2025-08-05 21:00:00 UTC", labels_when_approved=[])
+    for body in bodies:
+        body["object_attributes"]["iid"] = iid
+        body["object_attributes"]["id"] = 1000 + iid
+    return bodies

@@ -76,6 +76,16 @@ def test_an_approval_reset_after_a_push_clears_every_approver_but_decides_nothin
     assert reset["reviewer"] == "bob"
 
 
+def test_a_reset_delivered_by_two_hooks_counts_once_and_the_first_copy_stands() -> None:
+    """A system hook repeats a project hook's reset without the reviewers key."""
+    project_hook = event(3, "approvals_reset", "alice", 30, reviewers=("carol",))
+    system_hook = event(4, "approvals_reset", "alice", 30, reviewers=())
+    history = [event(1, "open", "alice", 0, reviewers=("carol",)), event(2, "approved", "bob", 10)]
+    row = fold([*history, project_hook, system_hook])
+    assert row == fold([*history, project_hook]) | {"last_seq": 4}
+    assert (row["approvers"], row["assigned_reviewers"], row["event_count"]) == ([], ["carol"], 3)
+
+
 def test_a_code_owner_reset_keeps_the_approvers_it_does_not_name() -> None:
     """GitLab does not say whose approvals a Code Owners reset removed."""
     row = fold(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -33,6 +33,8 @@ from secledger.times import parse_optional
 log = structlog.get_logger("secledger.earlyapprovals")
 
 API_ERROR = "api_error"  # as label-time enrichment notes it: asked again on later passes
+FAILED = "failed"  # anything else went wrong with this MR: not asked again unless --recheck
+_SECOND = timedelta(seconds=1)
 
 # Label times a webhook or the API told, after the MR's creation: it existed unlabelled
 # before them (``opened_with_label`` MRs never did; on ``created_at_fallback`` the label
@@ -91,8 +93,11 @@ def check_one(
 
 
 def _before(env: Mapping[str, Any], labeled_at: datetime) -> bool:
+    # A webhook's label time is a whole second: an approval within that second may have
+    # come first. One that came after it was delivered by a webhook, and the fold counts
+    # the two once (an API approval within ``MATCH_TOLERANCE`` of it is its copy).
     approved_at = parse_optional(env["event"].get("approved_at"))
-    return approved_at is not None and approved_at < labeled_at
+    return approved_at is not None and approved_at < labeled_at + _SECOND
 
 
 def _note(conn: Connection, key: MRKey, outcome: str) -> None:
@@ -115,14 +120,15 @@ def check(
     for key, labeled_at in candidates(engine, api.instance, limit=limit, recheck=recheck):
         try:
             outcome = check_one(engine, api, policy, key, labeled_at, recording=recording)
-        except GitLabAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - one MR must not stop (or starve) the rest
+            outcome = API_ERROR if isinstance(exc, GitLabAPIError) else FAILED
             log.warning(
                 "early_approvals_failed",
                 project_id=key.project_id,
                 mr_iid=key.mr_iid,
-                error=str(exc),
+                outcome=outcome,
+                error=str(exc)[:300] if outcome == API_ERROR else type(exc).__name__,
             )
-            outcome = API_ERROR
             with engine.begin() as conn:
                 _note(conn, key, outcome)
         counts[outcome] += 1

@@ -175,16 +175,20 @@ class Enricher:
         while not self._stop.wait(self.interval):
             try:
                 result = enrich(self.engine, self.api, self.policy, recording=self.recording)
+            except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
+                log.warning("enrich_pass_failed", error=type(exc).__name__)
+            else:
+                if result.total:
+                    log.info("enrich_pass", **result.outcomes)
+            try:
                 early = earlyapprovals.check(
                     self.engine, self.api, self.policy, recording=self.recording
                 )
             except Exception as exc:  # noqa: BLE001 - a background pass must not end the loop
-                log.warning("enrich_pass_failed", error=type(exc).__name__)
-                continue
-            if result.total:
-                log.info("enrich_pass", **result.outcomes)
-            if early:
-                log.info("early_approvals_pass", **early)
+                log.warning("early_approvals_pass_failed", error=type(exc).__name__)
+            else:
+                if early:
+                    log.info("early_approvals_pass", **early)
 
 
 def start_background(settings: Settings, engine: Engine) -> Enricher | None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
-from secledger.extract import APPROVALS_RESET, EventFacts
+from secledger.extract import APPROVALS_RESET, CODE_OWNER_RESET, EventFacts
 from secledger.quickinit import quick
 
 # Webhook times are MR updated_at with second precision; the API has the fact's own
@@ -23,6 +23,8 @@ MATCH_TOLERANCE = timedelta(seconds=5)
 API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
 UNDATED_APPROVAL = "api.approval_upper_bound"
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
+# Approvals GitLab withdrew after a push: no one's decision, but one event per push.
+RESET_KINDS = frozenset({APPROVALS_RESET, CODE_OWNER_RESET})
 # Kinds that end an MR's review, and the states an MR is in before one of them.
 _ENDS = frozenset({"merged", "closed"})
 _STILL_OPEN = frozenset({"opened", "locked"})
@@ -195,10 +197,11 @@ def fact_identity(facts: EventFacts) -> tuple[object, ...]:
     """What one GitLab event tells, whichever hook delivered it.
 
     A decision is who decided what, and when (``copies.REPEATED`` is the same rule in
-    SQL). Any other event must agree on every fact: GitLab's times are whole seconds, and
-    two edits by one user within a second may differ in what they change.
+    SQL); so is an approval reset, told by whose push and when. Any other event must agree
+    on every fact: GitLab's times are whole seconds, and two edits by one user within a
+    second may differ in what they change.
     """
-    if facts.decision is not None:
+    if facts.decision is not None or facts.kind in RESET_KINDS:
         return facts.kind, facts.decision, facts.actor, facts.event_at
     told: tuple[object, ...] = _TOLD(facts)
     return told
