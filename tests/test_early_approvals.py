@@ -123,7 +123,7 @@ def test_enrich_command_records_them_and_says_so(database_url, engine, fake) -> 
     result = CliRunner().invoke(main, ["enrich"], env=environment, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "label times: 0 merge requests looked up: nothing to do" in result.output
-    assert "approvals before the label: 1 looked up: recorded 1" in result.output
+    assert "approvals before the label: 1 merge requests looked up: recorded 1" in result.output
     assert ledger_rows(engine)[0]["approvers"] == ["bob"]
 
 

@@ -260,24 +260,18 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     """
     api = _api(context)
     policy = LabelPolicy.from_settings(context.settings)
+    recording = Recording.from_settings(context.settings)
     with context.engine() as engine, edge():
-        result = enrichment.enrich(
-            engine,
-            api,
-            policy,
-            limit=limit,
-            recheck=recheck,
-            recording=Recording.from_settings(context.settings),
-        )
+        labels = enrichment.enrich(
+            engine, api, policy, limit=limit, recheck=recheck, recording=recording
+        ).outcomes
         early = earlyapprovals.check(
-            engine,
-            api,
-            policy,
-            limit=limit,
-            recheck=recheck,
-            recording=Recording.from_settings(context.settings),
+            engine, api, policy, limit=limit, recheck=recheck, recording=recording
         )
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())) or "nothing to do"
-    click.echo(f"label times: {result.total} merge requests looked up: {detail}")
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(early.items())) or "nothing to do"
-    click.echo(f"approvals before the label: {sum(early.values())} looked up: {detail}")
+    click.echo(f"label times: {_looked_up(labels)}")
+    click.echo(f"approvals before the label: {_looked_up(early)}")
+
+
+def _looked_up(outcomes: dict[str, int]) -> str:
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "nothing to do"
+    return f"{sum(outcomes.values())} merge requests looked up: {detail}"
