@@ -165,6 +165,8 @@ def test_reviewers_report_filters_on_reviewer_and_decision_time(history) -> None
             "sla_adherence_pct": 0.0,
         }
     ]
+    # As GitLab writes a user: the same rows.
+    assert run(history, reports.reviewers, reviewer="@bob", since=T0 + timedelta(hours=100)) == rows
 
 
 def test_reviewers_report_filters_on_the_mrs_tier_and_project(history) -> None:

@@ -65,6 +65,11 @@ class Filters:
     now: datetime = field(default_factory=utcnow)
     policy: CompliancePolicy = field(default_factory=CompliancePolicy)
 
+    def __post_init__(self) -> None:
+        # GitLab writes a user as @name; the username is what is stored.
+        if self.reviewer is not None:
+            object.__setattr__(self, "reviewer", self.reviewer.removeprefix("@"))
+
 
 class Row:
     """Shared by every report row: a JSON-ready dict."""

@@ -34,6 +34,11 @@ class Filters:
     tier: str | None = None
     reviewer: str | None = None
 
+    def __post_init__(self) -> None:
+        # GitLab writes a user as @name; the username is what is stored.
+        if self.reviewer is not None:
+            object.__setattr__(self, "reviewer", self.reviewer.removeprefix("@"))
+
     def where(self) -> tuple[str, dict[str, Any]]:
         """A WHERE clause over ``security_review_ledger l`` and its bound values."""
         clauses = ["TRUE"]
