@@ -785,3 +785,20 @@ def test_a_decision_told_by_a_webhook_and_by_the_api_is_one_event_for_the_rules(
     row = {**fold([SequencedEvent(1, webhook)]), "instance": webhook.instance}
     history = findings.history_of([SequencedEvent(1, webhook), SequencedEvent(2, api)], row)
     assert [event.seq for event in history.events] == [1]
+
+
+def test_findings_of_an_approver_as_gitlab_writes_the_user(engine) -> None:
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("merge", 2, actor="carol", **crit),
+    )
+    with engine.connect() as conn:
+        named = list_findings(conn, CompliancePolicy(), T0, reviewer="bob")
+        written = list_findings(conn, CompliancePolicy(), T0, reviewer="@bob")
+        other = list_findings(conn, CompliancePolicy(), T0, reviewer="@carol")
+    assert [f.rule for f in named] == ["insufficient-approvals"]
+    assert written == named
+    assert other == []

@@ -383,6 +383,8 @@ def list_findings(
     """
     where = ["TRUE"]
     params: dict[str, Any] = {"limit": limit, **as_of(policy, now)}
+    if reviewer is not None:
+        reviewer = reviewer.removeprefix("@")  # as GitLab writes a user
     if not include_resolved:
         where.append("resolved_at IS NULL")
     for name, value, clause in (
