@@ -313,6 +313,41 @@ def test_label_removed_before_merge_positive_for_a_scoped_downgrade(engine) -> N
     assert found(engine)[("label-removed-before-merge", "")].evidence["tier_after"] == "low"
 
 
+def test_a_downgrade_the_changes_do_not_name_is_seen_from_the_labels(engine) -> None:
+    """GitLab's ``changes.labels.previous`` is sometimes wrong (empty here, after a
+    rebase): the open event showed sec::critical, the update shows sec::low. Read from
+    the changes alone, no label was removed and the merge raised nothing."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event(
+            "update",
+            2,
+            actor="erin",
+            labels=["sec::low"],
+            changes=label_change([], ["sec::low"], at(2)),
+        ),
+        event("merge", 3, actor="bob", labels=["sec::low"]),
+    )
+    hit = found(engine)[("label-removed-before-merge", "")]
+    assert (hit.evidence["tier_before"], hit.evidence["tier_after"]) == ("critical", "low")
+    assert hit.evidence["removed_by"] is None  # the changes do not say who removed it
+    assert hit.seqs == [3, 4]
+
+
+def test_an_edit_keeping_the_tier_is_no_downgrade(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("update", 1, labels=["sec::high", "docs"]),
+        event("approved", 1.5, actor="bob", labels=["sec::high", "docs"]),
+        event("merge", 2, actor="carol", labels=["sec::high", "docs"]),
+    )
+    assert rules(engine) == set()
+
+
 def test_label_removed_before_merge_negative_when_reviewed_after_removal(engine) -> None:
     removed = label_change(["sec::high"], [], at(1))
     raised = label_change(["sec::low"], ["sec::high"], at(1))
@@ -371,6 +406,40 @@ def test_a_review_given_before_a_later_label_addition_stops_the_clock(engine) ->
         clock = conn.execute(text("SELECT labeled_at, first_decision_by FROM review_sla")).one()
     assert tuple(clock) == (T0, "bob")
     assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+
+
+def test_a_close_undone_by_a_reopen_does_not_stop_the_clock(engine) -> None:
+    """alice closed her MR and reopened it a minute later: it was open for review again,
+    and nobody reviewed it by the deadline. Stopped by that close, the clock said `met`."""
+    record(
+        engine,
+        event("open", 0),
+        event("close", 0.01, actor="alice"),
+        event("reopen", 0.02, actor="alice"),
+    )
+    with engine.connect() as conn:
+        clock = conn.execute(text("SELECT first_decision, first_decision_at FROM review_sla")).one()
+    assert tuple(clock) == (None, None)
+    late = found(engine, now=T0 + timedelta(hours=400))[("sla-breached", "")]
+    assert late.evidence["status"] == "open past deadline"
+
+
+def test_a_review_after_an_undone_close_is_what_stops_the_clock(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("close", 0.01, actor="bob"),
+        event("reopen", 0.02, actor="alice"),
+        event("approved", 80, actor="bob"),  # high: due at 72 h
+    )
+    hit = found(engine)[("sla-breached", "")]
+    assert hit.evidence["status"] == "decided late"
+    assert hit.seqs == [1, 4]
+
+
+def test_a_close_that_stands_stops_the_clock(engine) -> None:
+    record(engine, event("open", 0), event("close", 1, actor="alice"))
+    assert "sla-breached" not in {r for r, _ in found(engine, now=T0 + timedelta(hours=400))}
 
 
 def test_sla_breached_negative_when_decided_in_time(engine) -> None:

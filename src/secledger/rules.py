@@ -10,13 +10,13 @@ deduplicates on ``(MR, rule, subject)``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
-from secledger.projection import STATE_AFTER, SequencedEvent
+from secledger.projection import STATE_AFTER, SequencedEvent, carries_labels
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -183,13 +183,16 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
     )
     if labeled_at is None:
         return clock
-    for event in history.events:
+    events = history.events
+    for position, event in enumerate(events):
         facts = event.facts
         if facts.decision not in CLOCK_STOPPERS or facts.event_at < labeled_at:
             continue
         author = history.author_id
         if facts.decision == "approved" and author is not None and facts.actor_id == author:
             continue  # an author approving their own change is not a review
+        if facts.decision == "closed" and _reopened(events[position + 1 :]):
+            continue  # the MR was open for review again: that close decided nothing
         return SlaClock(
             **{
                 **clock.__dict__,
@@ -201,6 +204,12 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
         )
     ended = _ended_before_label(history)
     return replace(clock, ended_before_label=ended) if ended else clock
+
+
+def _reopened(later: Sequence[SequencedEvent]) -> bool:
+    """Whether an event after a close shows the MR open again (its reopen, or any event
+    showing it open when the reopen's webhook was lost), as the fold reads it."""
+    return any((e.facts.state or STATE_AFTER.get(e.facts.kind)) == "opened" for e in later)
 
 
 def _ended_before_label(history: MRHistory) -> str | None:
@@ -409,12 +418,15 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         # GitLab's previous labels tell the tier a removal lowered, even when it is the
         # first event seen; events stored before that was extracted tell none.
         prior = facts.tier_before or current
-        lowered = after is None or policy.rank(after) > policy.rank(prior)
-        if facts.security_removed and prior is not None and lowered:
+        lowered = prior is not None and (after is None or policy.rank(after) > policy.rank(prior))
+        # Those previous labels are sometimes wrong (after a rebase, say): a label set
+        # lower than the last one an event showed is a downgrade, named or not.
+        shows = carries_labels(facts)
+        if lowered and (facts.security_removed or shows):
             downgrade, before = event, prior
         elif downgrade is not None and _review(context, event):
             downgrade = None  # reviewed after the downgrade
-        if facts.security_labels or facts.security_removed:
+        if shows or facts.security_removed:
             current = after
     if downgrade is not None:
         yield (
@@ -422,7 +434,8 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
             (downgrade.seq, merge.seq),
             {
                 "removed_labels": list(downgrade.facts.security_removed),
-                "removed_by": downgrade.facts.actor,
+                # Only a change that names the removal tells who made it.
+                "removed_by": downgrade.facts.actor if downgrade.facts.security_removed else None,
                 "removed_at": stamp(downgrade.facts.event_at),
                 "tier_before": before,
                 "tier_after": downgrade.facts.tier if downgrade.facts.security_labels else None,
