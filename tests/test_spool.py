@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, SpoolUnavailable, decode, encode
 from secledger.store import db
+from secledger.store.log import CHAIN_LOCK_KEY
 from secledger.web import create_app
 
 RECEIVED = datetime(2025, 8, 5, 21, 48, 25, 123456, tzinfo=UTC)
@@ -364,3 +366,37 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     assert decode(kept[0].read_bytes()).dedup_key == "idem:r-7"
     assert [row[1] for row in log_rows(engine)] == ["idem:r-8"]
     assert receiver.get("/readyz").json()["spool"]["failed"] == 1
+
+
+def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded_once(
+    settings: Settings, engine, database_url: str
+) -> None:
+    """Another session holds the chain lock (a long `rebuild`, a stuck tool): the database
+    answers but commits nothing. GitLab would give up after 10 s and count a failure; the
+    receiver spools the delivery after `spool_after_seconds` and answers 202. When the lock
+    is released, the writer's commit and the drain record it once between them."""
+    quick = settings.model_copy(update={"spool_after_seconds": 0.5, "spool_retry_seconds": 0.05})
+    app = create_app(quick, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        assert post(client, mr_event("open"), Idempotency_Key="first").status_code == 200
+        answers: list[Any] = []
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+            sender = threading.Thread(
+                target=lambda: answers.append(
+                    post(client, mr_event("approved", actor="bob"), Idempotency_Key="late")
+                )
+            )
+            sender.start()
+            sender.join(timeout=30)
+            answered_while_held = not sender.is_alive()
+            ready = client.get("/readyz")
+            holder.rollback()  # releases the lock
+        sender.join()
+        assert answered_while_held
+        assert (answers[0].status_code, answers[0].json()["status"]) == (202, "spooled")
+        assert ready.status_code == 503
+        assert ready.json()["writer"]["stalled"] is True
+        wait_for(lambda: spool_depth(client) == 0)
+        assert [r[1] for r in log_rows(engine)] == ["idem:first", "idem:late"]
+        assert client.get("/readyz").json()["writer"] == {"waiting_seconds": 0.0, "stalled": False}

@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         default=None, description="Spool directory; unset means <data_dir>/spool."
     )
     spool_retry_seconds: float = Field(default=1.0, gt=0, le=300)
+    spool_after_seconds: float = Field(
+        default=7.0,
+        ge=0,
+        le=600,
+        description="A delivery the database has not committed within this many seconds is"
+        " spooled and answered 202 (GitLab waits 10 s); 0 waits for the database.",
+    )
 
     # Downstream emit: the optional HTTP sink (secledger sink, docs/downstream.md).
     sink_url: str | None = Field(

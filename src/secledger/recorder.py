@@ -114,6 +114,13 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
         future.set_result(result)
 
 
+def _settled(future: asyncio.Future[Outcome]) -> None:
+    """Retrieve the writer's late answer to a delivery already answered ``spooled``, so
+    that an error in it is not reported as never retrieved (the drain meets it again)."""
+    if not future.cancelled():
+        future.exception()
+
+
 _STOP = object()
 # When the tried lock goes to another writer, the next batches are recorded without
 # carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
@@ -124,7 +131,7 @@ REFUSED = (
 )
 SPOOLED = (
     "kept in the durable spool; it will be recorded with this receipt time"
-    " as soon as the database takes it"
+    " as soon as the database takes it (if its merge request is a security one)"
 )
 
 
@@ -145,8 +152,10 @@ class Recorder:
         retry_seconds: float = 1.0,
         recording: Recording = DEFAULT_RECORDING,
         policy: LabelPolicy | None = None,
+        spool_after: float = 0.0,
     ) -> None:
         self._engine = engine
+        self._spool_after = spool_after
         self._policy = policy or LabelPolicy()
         self._max_batch = max_batch
         self._drainer = drainer
@@ -172,6 +181,8 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
+        # When the writer began the database work it is still in (None: it waits for work).
+        self._busy_since: float | None = None
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -196,12 +207,53 @@ class Recorder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._queue.put(_Submitted(delivery, loop, future))
-        return await future
+        if not self._spool_after or self._drainer is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._spool_after)
+        except TimeoutError:
+            return await self._spool_waiting(delivery, future)
+
+    async def _spool_waiting(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> Outcome:
+        """Keep a delivery the database has not committed in time in the spool, and say so.
+
+        GitLab waits 10 s and does not retry; a database that answers nothing (a stalled
+        disk, a failover, a long ``rebuild`` holding the chain lock) would otherwise cost
+        a failure per delivery until it disables the hook. The writer still has the job:
+        whichever of its commit and the drain comes second finds the delivery logged (its
+        dedup key), so it is recorded once either way.
+        """
+        assert self._drainer is not None  # noqa: S101 - checked by submit
+        if future.done():
+            return future.result()
+        spool = self._drainer.spool
+        failure: SpoolUnavailable | None = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, spool.write, [delivery])
+        except SpoolUnavailable as exc:
+            failure = exc
+        if failure is not None:
+            log.error("spool_write_failed", deliveries=1, error=str(failure))
+            return await future  # kept nowhere else: the database's answer is the answer
+        future.add_done_callback(_settled)
+        log.warning(
+            "delivery_spooled_waiting",
+            waited_seconds=self._spool_after,
+            spool_depth=spool.depth,
+            dedup_key=delivery.dedup_key,
+        )
+        return Outcome("spooled", reason=SPOOLED)
 
     @property
     def spool_depth(self) -> int:
         """Deliveries waiting in the spool (0 without a spool)."""
         return self._drainer.spool.depth if self._drainer else 0
+
+    @property
+    def waiting_seconds(self) -> float:
+        """How long the writer has been in its current database work (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def _run(self) -> None:
         while True:
@@ -211,7 +263,11 @@ class Recorder:
                 self._drain_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
             if jobs:
-                self._dispatch(jobs)
+                self._busy_since = time.monotonic()
+                try:
+                    self._dispatch(jobs)
+                finally:
+                    self._busy_since = None
             if self._stopping:
                 self._drop_connection()
                 self._refuse_late()
@@ -277,7 +333,11 @@ class Recorder:
         assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one
         if time.monotonic() < self._next_drain:
             return
-        result = self._drain_locked()
+        self._busy_since = time.monotonic()
+        try:
+            result = self._drain_locked()
+        finally:
+            self._busy_since = None
         if result is None or result.unavailable:
             self._next_drain = time.monotonic() + self._retry_seconds
             return

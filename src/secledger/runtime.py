@@ -54,6 +54,7 @@ class Runtime:
             retry_seconds=settings.spool_retry_seconds,
             recording=recording,
             policy=policy,
+            spool_after=settings.spool_after_seconds,
         )
         recorder.start()
         metrics = Metrics(engine, [*settings.risk_tiers, settings.unclassified_tier])
