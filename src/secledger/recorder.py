@@ -114,13 +114,6 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
         future.set_result(result)
 
 
-def _settled(future: asyncio.Future[Outcome]) -> None:
-    """Retrieve the writer's late answer to a delivery already answered ``spooled``, so
-    that an error in it is not reported as never retrieved (the drain meets it again)."""
-    if not future.cancelled():
-        future.exception()
-
-
 _STOP = object()
 # When the tried lock goes to another writer, the next batches are recorded without
 # carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
@@ -183,6 +176,8 @@ class Recorder:
         self.recorded = 0
         # When the writer began the database work it is still in (None: it waits for work).
         self._busy_since: float | None = None
+        # Deliveries being spooled because the database did not commit them in time.
+        self._late: set[asyncio.Future[None]] = set()
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -207,42 +202,50 @@ class Recorder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._queue.put(_Submitted(delivery, loop, future))
-        if not self._spool_after or self._drainer is None:
-            return await future
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self._spool_after)
-        except TimeoutError:
-            return await self._spool_waiting(delivery, future)
+        if self._spool_after and self._drainer is not None:
+            # A timer, not wait_for: this runs for every security delivery, on the loop.
+            timer = loop.call_later(self._spool_after, self._spool_waiting, delivery, future)
+            future.add_done_callback(lambda _: timer.cancel())
+        return await future
 
-    async def _spool_waiting(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> Outcome:
-        """Keep a delivery the database has not committed in time in the spool, and say so.
+    def _spool_waiting(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> None:
+        """Keep a delivery the database has not committed in time in the spool, and answer
+        it ``spooled`` (on the event loop, when its time is up).
 
         GitLab waits 10 s and does not retry; a database that answers nothing (a stalled
         disk, a failover, a long ``rebuild`` holding the chain lock) would otherwise cost
         a failure per delivery until it disables the hook. The writer still has the job:
         whichever of its commit and the drain comes second finds the delivery logged (its
-        dedup key), so it is recorded once either way.
+        dedup key), so it is recorded once either way, and the writer's own answer, once
+        this one is given, is dropped (``_settle``).
         """
-        assert self._drainer is not None  # noqa: S101 - checked by submit
         if future.done():
-            return future.result()
+            return
+        self._late.add(asyncio.ensure_future(self._spool_late(delivery, future)))
+
+    async def _spool_late(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> None:
+        assert self._drainer is not None  # noqa: S101 - only timed with a spool
         spool = self._drainer.spool
         failure: SpoolUnavailable | None = None
         try:
             await asyncio.get_running_loop().run_in_executor(None, spool.write, [delivery])
         except SpoolUnavailable as exc:
             failure = exc
+        finally:
+            self._late.discard(asyncio.current_task())
         if failure is not None:
+            # Kept nowhere else: the database's answer, whenever it comes, is the answer.
             log.error("spool_write_failed", deliveries=1, error=str(failure))
-            return await future  # kept nowhere else: the database's answer is the answer
-        future.add_done_callback(_settled)
+            return
+        if future.done():
+            return  # committed meanwhile: the drain will find it logged
         log.warning(
             "delivery_spooled_waiting",
             waited_seconds=self._spool_after,
             spool_depth=spool.depth,
             dedup_key=delivery.dedup_key,
         )
-        return Outcome("spooled", reason=SPOOLED)
+        future.set_result(Outcome("spooled", reason=SPOOLED))
 
     @property
     def spool_depth(self) -> int:
