@@ -199,6 +199,15 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     assert "invalid configuration" in result.output
 
 
+def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
+    """Not a driver's import error at the first connection; and never the password."""
+    for name in ("SECLEDGER_DATABASE_URL", "SECLEDGER_MIGRATION_DATABASE_URL"):
+        result = CliRunner().invoke(main, ["ledger"], env={name: "mysql://u:hunter2@db/x"})
+        assert result.exit_code == 1
+        assert "must be a PostgreSQL URL" in result.output
+        assert "hunter2" not in result.output
+
+
 def test_help_works_with_a_broken_configuration() -> None:
     # Help is what someone reaches for to fix the configuration.
     broken = {"SECLEDGER_PORT": "not-a-port"}
@@ -249,8 +258,11 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
         "PATH": os.environ["PATH"],
         "SECLEDGER_DATABASE_URL": f"postgresql://app:pw-9f3@127.0.0.1:{port}/x?connect_timeout=5",
         "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
     }
-    for args in (["ledger"], ["verify"]):
+    # serve, too: reached before it says it is receiving, not uvicorn's start-up traceback.
+    serve = ["serve", "--port", str(_unused_port())]
+    for args in (["ledger"], ["verify"], serve):
         done = subprocess.run(
             [str(Path(sys.executable).parent / "secledger"), *args],
             env=env,
@@ -260,8 +272,10 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
             check=False,
         )
         assert done.returncode == DATABASE_UNREACHABLE, done.stderr
-        assert done.stderr.startswith("Error: cannot reach the database: connection failed")
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: cannot reach the database: connection failed")
         assert "Traceback" not in done.stderr
+        assert "receiving on" not in done.stderr
         assert "pw-9f3" not in done.stderr
 
 

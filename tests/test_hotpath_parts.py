@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import io
+import logging
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -239,6 +240,22 @@ def test_lines_written_together_follow_the_level_and_a_capture(
     writer.drain()
     assert sink.getvalue() == b""
     assert [(line["event"], line["seq"]) for line in captured] == [("delivery", 1), ("delivery", 2)]
+
+
+def test_a_librarys_warning_is_a_json_line_like_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg and uvicorn log through the standard library; libpq's messages span lines."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    sink, writer = _json_logs_to(monkeypatch, "info")
+    logging.getLogger("psycopg").warning("flush request failed: %s\n", "server closed\nit")
+    logging.getLogger("psycopg").info("below the libraries' level")
+    writer.drain()
+    assert _without_time(sink.getvalue()) == [
+        {
+            "logger": "psycopg",
+            "event": "flush request failed: server closed\nit",
+            "level": "warning",
+        }
+    ]
 
 
 @pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 10_000, 100_003])

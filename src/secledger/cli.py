@@ -179,6 +179,10 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     sources_from_settings(settings)  # refuse a bad signing secret or policy before serving
     database = context.database
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
+    # Reached and migrated before serving: an outage or a wrong database is then one line
+    # and exit 3 (``run``), not uvicorn's start-up traceback after a "receiving on".
+    with context.engine():
+        pass
     click.echo(f"receiving on http://{host}:{port}/webhooks/gitlab", err=True)
     app = create_app(settings, database)
     # What start-up created (modules, FastAPI, SQLAlchemy, settings) lives as long as the
@@ -202,6 +206,8 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         host=host,
         port=port,
         log_level="warning",
+        # uvicorn's own formatters write plain text; its records go to ours (logs.py).
+        log_config=None,
         access_log=False,
         # Idle keep-alive connections are closed after 5 s (slow or idle clients).
         timeout_keep_alive=5,

@@ -145,6 +145,9 @@ def _user_pair(item: str) -> tuple[str, str]:
     return name.strip(), hashed.strip()
 
 
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
 class Settings(BaseSettings):
     """Every knob secledger has. Environment variables use the prefix ``SECLEDGER_``."""
 
@@ -222,6 +225,15 @@ class Settings(BaseSettings):
     def _level_in_any_case(cls, value: object) -> object:
         # A typo used to fall back to info in silence.
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url", "migration_database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, not at the first connection: another scheme ended in a driver's
+        # import error. The URL itself is never echoed (it may hold a password).
+        if value is not None and not value.get_secret_value().startswith(_POSTGRESQL_SCHEMES):
+            raise ValueError("must be a PostgreSQL URL (postgresql://user@host:port/database)")
+        return value
 
     @field_validator("sink_url")
     @classmethod

@@ -6,6 +6,7 @@ import atexit
 import logging
 import sys
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,31 @@ def info_lines(logger: Any, event: str, records: Sequence[dict[str, Any]]) -> No
     direct.writer.write(b"\n".join(lines))
 
 
+class _Libraries(logging.Handler):
+    """Records of the libraries' own loggers (uvicorn, psycopg, SQLAlchemy) as our lines.
+
+    Without it Python's last-resort handler printed their warnings as bare text, some
+    spanning lines (libpq's messages), in a log that promises one JSON object a line.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exception"] = "".join(traceback.format_exception(*record.exc_info))
+            log = structlog.get_logger("secledger.libraries")
+            log.log(record.levelno, record.getMessage().strip(), **fields)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def _forward_libraries() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(handler, _Libraries) for handler in root.handlers):
+        root.addHandler(_Libraries())
+    root.setLevel(logging.WARNING)  # their info lines would drown ours
+
+
 def configure(level: str = "info", *, json: bool = True) -> None:
     """Configure structlog once, at an entry point."""
     numeric = logging.getLevelName(level.upper())
@@ -164,6 +190,8 @@ def configure(level: str = "info", *, json: bool = True) -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    if json:
+        _forward_libraries()
     _direct = None
     if writer is not None and direct is not None:
         kept = structlog.get_config()["processors"]  # the list structlog holds
