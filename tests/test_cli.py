@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
-from secledger.config import Settings
+from secledger.config import Settings, unknown_variables
 
 LEDGER_KEYS = {
     "instance",
@@ -206,6 +206,21 @@ def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
         assert result.exit_code == 1
         assert "must be a PostgreSQL URL" in result.output
         assert "hunter2" not in result.output
+
+
+def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
+    environ = {
+        "SECLEDGER_SPOOL_DIRR": "/srv/spool",
+        "SECLEDGER_WEBHOOK_SECRETZ": "s3cret",
+        "SECLEDGER_WEBHOOK_SECRETS_FILE": "/run/secrets/hook",  # a secret's file: a setting
+        "SECLEDGER_CONFIG": "/etc/secledger.toml",
+        "SECLEDGER_PORT": "8080",
+        "HOME": "/root",
+    }
+    assert unknown_variables(Settings, environ) == [
+        ("SECLEDGER_SPOOL_DIRR", "SECLEDGER_SPOOL_DIR"),
+        ("SECLEDGER_WEBHOOK_SECRETZ", "SECLEDGER_WEBHOOK_SECRETS"),
+    ]
 
 
 def test_help_works_with_a_broken_configuration() -> None:

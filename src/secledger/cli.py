@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -15,12 +16,13 @@ from typing import Any
 
 import click
 import psycopg
+import structlog
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from secledger import __version__, logs
-from secledger.config import Settings
+from secledger.config import Settings, unknown_variables
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
 from secledger.output import FORMATS, render
@@ -28,6 +30,8 @@ from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
 from secledger.service import Recording, feed, ledger_json
 from secledger.store import db, ledger, migrate
+
+log = structlog.get_logger("secledger.cli")
 
 TABLE_COLUMNS = (
     "project_path",
@@ -59,6 +63,9 @@ class Context:
         if self._settings is None:
             self._settings = _load_settings()
             logs.configure(self._settings.log_level)
+            for variable, close in unknown_variables(Settings, os.environ):
+                # The name only: its value may be a secret.
+                log.warning("unknown_setting_ignored", variable=variable, did_you_mean=close)
         return self._settings
 
     @settings.setter

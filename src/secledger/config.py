@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -75,6 +77,33 @@ def read_secret_file(variable: str, path: str) -> str:
     if not value.strip():
         raise ConfigError(f"{variable}: {path} is empty")
     return value
+
+
+# SECLEDGER_ variables read outside the settings: the config file, and the tools'.
+OTHER_VARIABLES = frozenset(
+    {
+        "SECLEDGER_CONFIG",
+        "SECLEDGER_TEST_DATABASE_URL",
+        "SECLEDGER_BENCH_DATABASE_URL",
+        "SECLEDGER_CHROMIUM",
+    }
+)
+
+
+def unknown_variables(
+    settings_cls: type[BaseSettings], environ: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
+    """``SECLEDGER_`` variables no setting reads, each with the closest name that one does
+    (or None): a misspelt variable is otherwise ignored without a word."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in settings_cls.model_fields}
+    known |= {f"{ENV_PREFIX}{name.upper()}_FILE" for name in secret_field_names(settings_cls)}
+    known |= OTHER_VARIABLES
+    found = []
+    for variable in sorted(environ):
+        if variable.upper().startswith(ENV_PREFIX) and variable.upper() not in known:
+            close = difflib.get_close_matches(variable.upper(), sorted(known), n=1)
+            found.append((variable, close[0] if close else None))
+    return found
 
 
 class SecretFileSource(PydanticBaseSettingsSource):
