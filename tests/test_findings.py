@@ -337,6 +337,34 @@ def test_a_downgrade_the_changes_do_not_name_is_seen_from_the_labels(engine) -> 
     assert hit.seqs == [3, 4]
 
 
+def test_a_hook_built_before_the_label_and_delivered_after_it_is_no_downgrade(engine) -> None:
+    """A bot labels the MR in the second it is opened; the open's hook, built before the
+    label, arrives after the label's. It changed no label: nothing was removed."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("update", 0, actor="erin", changes=label_change([], crit["labels"], at(0)), **crit),
+        event("open", 0, labels=[]),
+        event("merge", 2, actor="dave", **crit),
+    )
+    assert "label-removed-before-merge" not in rules(engine)
+
+
+def test_an_old_system_hook_without_labels_is_no_downgrade(engine) -> None:
+    crit = {"labels": ["sec::critical"]}
+    bare = event("update", 1.5, actor="erin", **crit)
+    bare.pop("labels")
+    bare["object_attributes"].pop("labels")
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        bare,
+        event("merge", 2, actor="dave", **crit),
+    )
+    assert "label-removed-before-merge" not in rules(engine)
+
+
 def test_an_edit_keeping_the_tier_is_no_downgrade(engine) -> None:
     record(
         engine,

@@ -380,23 +380,56 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
     with TestClient(app) as client:
         assert post(client, mr_event("open"), Idempotency_Key="first").status_code == 200
         answers: list[Any] = []
-        with psycopg.connect(database_url) as holder:
-            holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+
+        def send(key: str, body: dict[str, Any]) -> threading.Thread:
             sender = threading.Thread(
-                target=lambda: answers.append(
-                    post(client, mr_event("approved", actor="bob"), Idempotency_Key="late")
-                )
+                target=lambda: answers.append(post(client, body, Idempotency_Key=key))
             )
             sender.start()
-            sender.join(timeout=30)
-            answered_while_held = not sender.is_alive()
+            return sender
+
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+            # Two in flight: the second is taken (its reads carried) while the first waits.
+            senders = [send("late", mr_event("approved", actor="bob"))]
+            time.sleep(0.2)
+            senders.append(send("later", mr_event("update", updated_at="2025-08-06 09:00:00 UTC")))
+            for sender in senders:
+                sender.join(timeout=30)
+            answered_while_held = not any(sender.is_alive() for sender in senders)
             ready = client.get("/readyz")
             holder.rollback()  # releases the lock
-        sender.join()
+        for sender in senders:
+            sender.join()
         assert answered_while_held
-        assert (answers[0].status_code, answers[0].json()["status"]) == (202, "spooled")
+        assert [(a.status_code, a.json()["status"]) for a in answers] == [(202, "spooled")] * 2
         assert ready.status_code == 503
         assert ready.json()["writer"]["stalled"] is True
+        # The writer's carried reads held the chain lock the drain waits for: released.
         wait_for(lambda: spool_depth(client) == 0)
-        assert [r[1] for r in log_rows(engine)] == ["idem:first", "idem:late"]
+        assert sorted(r[1] for r in log_rows(engine)) == ["idem:first", "idem:late", "idem:later"]
         assert client.get("/readyz").json()["writer"] == {"waiting_seconds": 0.0, "stalled": False}
+
+
+def test_a_write_during_a_recount_is_not_lost_from_the_depth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver spools a late delivery from another thread while the writer recounts:
+    a count taken before that write and stored after it left its file undrained."""
+    spool = Spool.open(tmp_path / "spool")
+    listing = spool.entries
+    writers: list[threading.Thread] = []
+
+    def entries_then_a_write() -> list[Path]:
+        found = listing()
+        if not writers:  # the first listing only
+            late = delivery(mr_event("open"), "late")
+            writers.append(threading.Thread(target=spool.write, args=([late],)))
+            writers[0].start()
+            writers[0].join(timeout=1)  # blocks on the spool's lock while it is held
+        return found
+
+    monkeypatch.setattr(spool, "entries", entries_then_a_write)
+    spool.recount()
+    writers[0].join()
+    assert spool.depth == len(listing()) == 1

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from secledger import __version__, logs
-from secledger.config import Settings, unknown_variables
+from secledger.config import Settings, describe, unknown_variables
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
 from secledger.output import FORMATS, render
@@ -119,16 +119,6 @@ def _load_settings() -> Settings:
         raise click.ClickException(f"invalid configuration: {describe(exc)}") from None
     except ValueError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
-
-
-def describe(exc: ValidationError) -> str:
-    """Each problem as ``field: message``; pydantic's own text would echo the input,
-    which for a secret field is the secret."""
-    problems = exc.errors(include_input=False, include_url=False, include_context=False)
-    return "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: {problem['msg']}"
-        for problem in problems
-    )
 
 
 def _has_credentials(settings: Settings) -> bool:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -104,6 +112,16 @@ def unknown_variables(
             close = difflib.get_close_matches(variable.upper(), sorted(known), n=1)
             found.append((variable, close[0] if close else None))
     return found
+
+
+def describe(exc: ValidationError) -> str:
+    """Each problem as ``field: message``; pydantic's own text would echo the input,
+    which for a secret field is the secret."""
+    problems = exc.errors(include_input=False, include_url=False, include_context=False)
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: {problem['msg']}"
+        for problem in problems
+    )
 
 
 class SecretFileSource(PydanticBaseSettingsSource):

@@ -263,6 +263,7 @@ class Recorder:
             batch, self._carry = self._carry or self._next_batch(), []
             self._stopping = _STOP in batch
             if self.spool_depth:
+                self._release_carried_reads()
                 self._drain_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
             if jobs:
@@ -275,6 +276,14 @@ class Recorder:
                 self._drop_connection()
                 self._refuse_late()
                 return
+
+    def _release_carried_reads(self) -> None:
+        """End the transaction of reads carried for the next batch before draining: it
+        holds the chain lock, which the drain, on a connection of its own, would wait for
+        behind this very thread forever. The carried jobs are dispatched as usual."""
+        if self._pending is not None:
+            self._pending = None
+            self._drop_connection()
 
     def _refuse_late(self) -> None:
         """Answer what was submitted after the stop (503: GitLab may resend it)."""

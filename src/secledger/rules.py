@@ -419,14 +419,17 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         # first event seen; events stored before that was extracted tell none.
         prior = facts.tier_before or current
         lowered = prior is not None and (after is None or policy.rank(after) > policy.rank(prior))
-        # Those previous labels are sometimes wrong (after a rebase, say): a label set
-        # lower than the last one an event showed is a downgrade, named or not.
-        shows = carries_labels(facts)
-        if lowered and (facts.security_removed or shows):
+        # Those previous labels are sometimes wrong (after a rebase, say): a label change
+        # that leaves a label set lower than the last one an event showed is a downgrade,
+        # whatever it says was removed. An event that changed no label tells nothing:
+        # old system hooks carry no labels, and a hook built before a label was added
+        # can arrive after it, stamped with the same second.
+        changed = carries_labels(facts) and bool(facts.security_added)
+        if lowered and (facts.security_removed or changed):
             downgrade, before = event, prior
         elif downgrade is not None and _review(context, event):
             downgrade = None  # reviewed after the downgrade
-        if shows or facts.security_removed:
+        if facts.security_labels or facts.security_removed:
             current = after
     if downgrade is not None:
         yield (

@@ -263,8 +263,11 @@ class Spool:
 
     def recount(self) -> int:
         """Re-read the depth from the directory (another process may have drained)."""
-        self.depth = len(self.entries())
-        return self.depth
+        # Under the lock: a write from another thread between the listing and the
+        # assignment would otherwise be lost from the count, and its file left undrained.
+        with self._lock:
+            self.depth = len(self.entries())
+            return self.depth
 
     def status(self) -> SpoolStatus:
         """Depth, total bytes, oldest receipt time, and files set aside."""

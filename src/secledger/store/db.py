@@ -63,6 +63,9 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         connect_args={"application_name": "secledger"},
+        # An error's text must not carry a statement's parameters into a log: payloads,
+        # headers, user names.
+        hide_parameters=True,
         # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
         json_serializer=_json_text,
     )

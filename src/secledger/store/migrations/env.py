@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
+from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from secledger.config import Settings
+from secledger.config import Settings, describe
 from secledger.store import db
 
 
@@ -21,7 +22,11 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = db.create(db.resolve(Settings()).url, pool_size=1)
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # pydantic's own text would quote a URL's password
+        raise SystemExit(f"invalid configuration: {describe(exc)}") from None
+    engine = db.create(db.resolve(settings).url, pool_size=1)
     with engine.begin() as conn:
         _run(conn)
 
