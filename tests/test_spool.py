@@ -259,8 +259,13 @@ def test_unwritable_spool_answers_503_never_2xx(
     receiver: TestClient, spool_settings: Settings, server_url: str, database_url: str, engine
 ) -> None:
     directory = spool_settings.spool_path
+    assert receiver.get("/readyz").json()["spool"]["writable"] is True
     shutil.rmtree(directory)
     directory.write_text("a file where the spool directory should be\n")
+    # Seen before an outage needs it: /readyz is not ready while the database is up.
+    ready = receiver.get("/readyz")
+    assert (ready.status_code, ready.json()["spool"]["writable"]) == (503, False)
+    assert ready.json()["database"] is True
     with database_down(server_url, database_url):
         response = post(receiver, mr_event("open"))
     assert response.status_code == 503

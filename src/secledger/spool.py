@@ -73,6 +73,9 @@ class SpoolStatus:
     oldest: datetime | None
     corrupt: int
     failed: int
+    # Whether a delivery could be written now: the spool's protection is lost while it
+    # cannot, which otherwise shows only once the database is down (as 503s).
+    writable: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """For /readyz and ``spool status --format json``."""
@@ -83,6 +86,7 @@ class SpoolStatus:
             "oldest": isoformat(self.oldest),
             "corrupt": self.corrupt,
             "failed": self.failed,
+            "writable": self.writable,
         }
 
 
@@ -286,6 +290,7 @@ class Spool:
             oldest=oldest,
             corrupt=_count(self.directory / CORRUPT),
             failed=_count(self.directory / FAILED),
+            writable=self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK),
         )
 
     @contextmanager

@@ -109,7 +109,7 @@ def create_api(
     def readyz() -> JSONResponse:
         runtime = runtime_ref.get("runtime")
         checks: dict[str, Any] = {"database": False, "migrations": False}
-        stalled = False
+        stalled = unwritable = False
         if runtime is not None:
             try:
                 with runtime.engine.connect() as conn:
@@ -124,14 +124,16 @@ def create_api(
                 spool = runtime.spool.status().to_json()
                 spool.pop("directory", None)
                 checks["spool"] = spool
+                unwritable = not spool["writable"]
             except OSError as exc:
                 checks["spool"] = {"error": exc.strerror or type(exc).__name__}
+                unwritable = True
             # A database that answers SELECT 1 may still not commit (a stall, a held
             # chain lock): deliveries then go to the spool after spool_after_seconds.
             waiting = runtime.recorder.waiting_seconds
             stalled = 0 < settings.spool_after_seconds <= waiting
             checks["writer"] = {"waiting_seconds": round(waiting, 1), "stalled": stalled}
-        ready = checks["database"] and checks["migrations"] and not stalled
+        ready = checks["database"] and checks["migrations"] and not (stalled or unwritable)
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
     # Metrics carry counts, never names; scraping is open unless metrics_require_auth.
