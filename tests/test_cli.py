@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
-from secledger.config import Settings, unknown_variables
+from secledger.config import Settings, loose_secret_files, unknown_variables
 
 LEDGER_KEYS = {
     "instance",
@@ -221,6 +221,19 @@ def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
         ("SECLEDGER_SPOOL_DIRR", "SECLEDGER_SPOOL_DIR"),
         ("SECLEDGER_WEBHOOK_SECRETZ", "SECLEDGER_WEBHOOK_SECRETS"),
     ]
+
+
+def test_a_secret_file_others_may_read_is_named(tmp_path: Path) -> None:
+    loose, tight = tmp_path / "loose", tmp_path / "tight"
+    for path, mode in ((loose, 0o644), (tight, 0o400)):
+        path.write_text("s3cret\n")
+        path.chmod(mode)
+    environ = {
+        "SECLEDGER_WEBHOOK_SECRETS_FILE": str(loose),
+        "SECLEDGER_READ_TOKEN_FILE": str(tight),
+        "SECLEDGER_SESSION_SECRET_FILE": str(tmp_path / "missing"),  # reading it will say
+    }
+    assert loose_secret_files(Settings, environ) == [("SECLEDGER_WEBHOOK_SECRETS_FILE", 0o644)]
 
 
 def test_help_works_with_a_broken_configuration() -> None:

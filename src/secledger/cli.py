@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from secledger import __version__, logs
-from secledger.config import Settings, describe, unknown_variables
+from secledger.config import Settings, describe, loose_secret_files, unknown_variables
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
 from secledger.output import FORMATS, render
@@ -66,6 +66,8 @@ class Context:
             for variable, close in unknown_variables(Settings, os.environ):
                 # The name only: its value may be a secret.
                 log.warning("unknown_setting_ignored", variable=variable, did_you_mean=close)
+            for variable, mode in loose_secret_files(Settings, os.environ):
+                log.warning("secret_file_readable_by_others", variable=variable, mode=f"{mode:o}")
         return self._settings
 
     @settings.setter

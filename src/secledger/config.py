@@ -114,6 +114,26 @@ def unknown_variables(
     return found
 
 
+def loose_secret_files(
+    settings_cls: type[BaseSettings], environ: Mapping[str, str]
+) -> list[tuple[str, int]]:
+    """``SECLEDGER_<NAME>_FILE`` variables whose file others may read (group or world
+    bits set), each with its permission bits: SECURITY.md asks for mode 0400 or 0600."""
+    found = []
+    for name in secret_field_names(settings_cls):
+        variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+        path = environ.get(variable)
+        if not path:
+            continue
+        try:
+            mode = Path(path).stat().st_mode & 0o777
+        except OSError:
+            continue  # reading it reports what is wrong
+        if mode & 0o077:
+            found.append((variable, mode))
+    return found
+
+
 def describe(exc: ValidationError) -> str:
     """Each problem as ``field: message``; pydantic's own text would echo the input,
     which for a secret field is the secret."""
