@@ -157,6 +157,15 @@ def test_configured_patterns_and_tiers() -> None:
     assert policy.tier(["appsec-p2"]) == "p2"
 
 
+def test_a_tier_is_read_from_a_patterns_last_wildcard_after_another() -> None:
+    """``*::sec-*`` made ``team::sec-critical`` a security label but gave it no tier."""
+    policy = LabelPolicy(patterns=("*::sec-*", "security/*"))
+    assert policy.tier(["team::sec-critical", "other"]) == "critical"
+    assert policy.tier(["Team::Sec-Low"]) == "low"
+    assert policy.tier(["security/HIGH "]) == "high"
+    assert policy.tier(["team::sec-triage"]) == "unclassified"
+
+
 def test_scoped_label_tier_change_arrives_as_one_update() -> None:
     body = mr_event(
         "update",

@@ -20,18 +20,17 @@ class LabelPolicy:
     tiers: tuple[str, ...] = ("critical", "high", "medium", "low")
     unclassified: str = "unclassified"
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
-    _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _tails: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
     # Label titles already classified: a handful of titles recur in every delivery.
     _known: dict[str, bool] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         joined = "|".join(f"(?:{fnmatch.translate(p.lower())})" for p in self.patterns)
         object.__setattr__(self, "_regex", re.compile(joined))
-        # A tier is read from what follows a pattern's fixed prefix ("sec/" in "sec/*").
-        prefixes = tuple(
-            p.lower()[:-1] for p in self.patterns if p.endswith("*") and "*" not in p[:-1]
-        )
-        object.__setattr__(self, "_prefixes", prefixes)
+        # A tier is what a pattern's last "*" matched, when the pattern ends with it
+        # ("high" in "sec::high" for "sec::*", in "team::sec-high" for "*::sec-*").
+        tails = tuple(_tail(p.lower()) for p in self.patterns if p.endswith("*"))
+        object.__setattr__(self, "_tails", tails)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LabelPolicy:
@@ -91,9 +90,10 @@ class LabelPolicy:
     def tier_of_label(self, title: str) -> str | None:
         """The tier one security label names, if any."""
         lowered = title.lower()
-        for prefix in self._prefixes:
-            if lowered.startswith(prefix):
-                suffix = lowered[len(prefix) :].strip()
+        for tail in self._tails:
+            matched = tail.match(lowered)
+            if matched is not None:
+                suffix = matched.group(1).strip()
                 if suffix in self.tiers:
                     return suffix
         return None
@@ -106,3 +106,9 @@ class LabelPolicy:
             if tier is not None
         ]
         return self.tiers[min(ranks)] if ranks else self.unclassified
+
+
+def _tail(pattern: str) -> re.Pattern[str]:
+    """A regex for ``pattern`` (ending with "*") whose group 1 is what that "*" matched."""
+    head = fnmatch.translate(pattern[:-1])  # ends with \Z, which the group goes before
+    return re.compile(head.removesuffix(r"\Z") + r"(.*)\Z", re.DOTALL)
