@@ -101,7 +101,7 @@ def _shown_before(labeled_at: datetime, events: list[SequencedEvent]) -> bool:
 
 
 def _shows_security_label(facts: EventFacts) -> bool:
-    return carries_labels(facts) and bool(facts.security_labels or facts.security_removed)
+    return _carries_labels(facts) and bool(facts.security_labels or facts.security_removed)
 
 
 def _close(a: datetime, b: datetime) -> bool:
@@ -230,9 +230,8 @@ def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
     return [event for event, identity in listed if first[identity] == event.seq]
 
 
-def carries_labels(facts: EventFacts) -> bool:
-    """Whether the event shows the MR's whole label set: every webhook does; of the API's
-    facts only label events (state and approval facts do not know the labels)."""
+def _carries_labels(facts: EventFacts) -> bool:
+    # API state and approval facts do not know the label set; API label facts do.
     return facts.source != "api" or facts.kind in API_LABEL_KINDS
 
 
@@ -301,7 +300,7 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             value = getattr(facts, name)
             if value is not None:
                 row[name] = value
-        if carries_labels(facts):
+        if _carries_labels(facts):
             row["security_labels"] = list(facts.security_labels)
         if facts.reviewers is not None:
             row["assigned_reviewers"] = list(facts.reviewers)

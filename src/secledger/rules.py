@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
-from secledger.projection import STATE_AFTER, SequencedEvent, carries_labels
+from secledger.projection import STATE_AFTER, SequencedEvent
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -424,8 +424,7 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         # whatever it says was removed. An event that changed no label tells nothing:
         # old system hooks carry no labels, and a hook built before a label was added
         # can arrive after it, stamped with the same second.
-        changed = carries_labels(facts) and bool(facts.security_added)
-        if lowered and (facts.security_removed or changed):
+        if lowered and (facts.security_removed or facts.security_added):
             downgrade, before = event, prior
         elif downgrade is not None and _review(context, event):
             downgrade = None  # reviewed after the downgrade
