@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import Settings, loose_secret_files, unknown_variables
+from secledger.runtime import Runtime
 
 LEDGER_KEYS = {
     "instance",
@@ -305,6 +308,92 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
         assert "Traceback" not in done.stderr
         assert "receiving on" not in done.stderr
         assert "pw-9f3" not in done.stderr
+
+
+def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
+    """Refused before the database is touched (its URL here reaches nothing), with the
+    address and the reason; not uvicorn's line after "receiving on", nor exit 3."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "SECLEDGER_DATABASE_URL": f"postgresql://app@127.0.0.1:{_unused_port()}/x",
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "secledger"), "serve", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "database" not in done.stderr
+    assert "receiving on" not in done.stderr
+
+
+def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_path: Path) -> None:
+    """Read when the background lookups would start; before, it was uvicorn's traceback
+    after "receiving on", and exit 3 as if the database were down."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "SECLEDGER_DATABASE_URL": f"postgresql://app@127.0.0.1:{_unused_port()}/x",
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
+        "SECLEDGER_GITLAB_URL": "https://gitlab.example.com",
+        "SECLEDGER_GITLAB_TOKEN_FILE": str(tmp_path / "missing-token"),
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "secledger"), "serve", "--port", str(_unused_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"Error: cannot read gitlab_token_file {tmp_path / 'missing-token'}"
+    ]
+
+
+def test_a_start_up_failure_of_the_receiver_is_not_called_an_outage(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn exits 3 when the application's start-up fails; 3 is secledger's status for
+    an unreachable database, which this is not."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a start-up failure")
+
+    monkeypatch.setattr(Runtime, "open", broken)
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
+    }
+    # serve tunes the process (signals, collector, switch interval): put back after.
+    handler, thresholds, interval = (
+        signal.getsignal(signal.SIGTERM),
+        gc.get_threshold(),
+        sys.getswitchinterval(),
+    )
+    try:
+        result = CliRunner().invoke(main, ["serve", "--port", str(_unused_port())], env=env)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)
+    assert result.exit_code == 1, result.output
+    assert "Error: the receiver did not start; the log says why" in result.output
 
 
 def _unused_port() -> int:

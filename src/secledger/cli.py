@@ -158,9 +158,10 @@ def _exit_after_drain(signum: int, frame: object) -> None:
 
 def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
+    from uvicorn.config import STARTUP_FAILURE  # noqa: PLC0415
 
     from secledger.senders import sources_from_settings  # noqa: PLC0415
-    from secledger.web import create_app  # noqa: PLC0415
+    from secledger.web import check_settings, create_app  # noqa: PLC0415
 
     # From the start: a stop while the database starts or migrates also exits cleanly.
     signal.signal(signal.SIGTERM, _exit_after_drain)
@@ -176,13 +177,19 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
             "--allow-open to accept unauthenticated deliveries on loopback"
         )
     sources_from_settings(settings)  # refuse a bad signing secret or policy before serving
+    check_settings(settings)  # and a token or key file that cannot be read
+    # Bound before the database starts: a port in use is one line at once, not uvicorn's
+    # log line after "receiving on" (and exit 3, the status of an unreachable database).
+    sock = _bind(host, port)
     database = context.database
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
     # Reached and migrated before serving: an outage or a wrong database is then one line
     # and exit 3 (``run``), not uvicorn's start-up traceback after a "receiving on".
     with context.engine():
         pass
-    click.echo(f"receiving on http://{host}:{port}/webhooks/gitlab", err=True)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"receiving on http://{shown}:{bound}/webhooks/gitlab", err=True)
     app = create_app(settings, database)
     # What start-up created (modules, FastAPI, SQLAlchemy, settings) lives as long as the
     # process. Frozen, the collector stops re-scanning it: a full collection of it took
@@ -200,10 +207,10 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     # time: a fifth of a batch's time under load. At 1 ms recorded deliveries went ~6 %
     # faster (benchmarks/RESULTS.md); ignored ones, with no writer at work, did not change.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
-        port=port,
+        port=bound,
         log_level="warning",
         # uvicorn's own formatters write plain text; its records go to ours (logs.py).
         log_config=None,
@@ -216,6 +223,30 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         # Applied by create_app to the dashboard and API only; the webhook needs none.
         proxy_headers=False,
     )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as exc:
+        # uvicorn's own start-up failure is 3, the status of an unreachable database.
+        if server.started or exc.code != STARTUP_FAILURE:
+            raise
+        raise click.ClickException("the receiver did not start; the log says why") from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (listening is uvicorn's), or a usage-level error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @main.command()

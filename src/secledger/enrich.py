@@ -191,9 +191,14 @@ class Enricher:
                     log.info("early_approvals_pass", **early)
 
 
+def would_start(settings: Settings) -> bool:
+    """Whether ``serve`` enriches in the background: a GitLab token and an interval set."""
+    return settings.enrich_interval_seconds > 0 and settings.gitlab_api_set
+
+
 def start_background(settings: Settings, engine: Engine) -> Enricher | None:
     """Start enrichment for ``serve`` when a GitLab URL and token are configured."""
-    if settings.enrich_interval_seconds <= 0 or not settings.gitlab_api_set:
+    if not would_start(settings):
         return None
     api = GitLabAPI.from_settings(settings)
     enricher = Enricher(

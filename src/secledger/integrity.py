@@ -113,11 +113,18 @@ def _rebuild_in(
 
 def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:
     """Start writing checkpoints every ``checkpoint_interval_minutes`` when a key is set."""
-    if settings.checkpoint_key_file is None or settings.checkpoint_interval_minutes <= 0:
+    key = scheduled_key(settings)
+    if key is None:
         return None
-    key = signing.load_private(settings.checkpoint_key_file)  # fail at start-up, not later
     interval = settings.checkpoint_interval_minutes * 60
     return asyncio.create_task(_every(interval, engine, key, settings.checkpoint_dir))
+
+
+def scheduled_key(settings: Settings) -> Ed25519PrivateKey | None:
+    """The key ``schedule`` signs with, read now so that a bad one fails at start-up."""
+    if settings.checkpoint_key_file is None or settings.checkpoint_interval_minutes <= 0:
+        return None
+    return signing.load_private(settings.checkpoint_key_file)
 
 
 async def _every(

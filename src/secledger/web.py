@@ -20,6 +20,7 @@ from secledger import __version__, dashboard, enrich, integrity, overdue, recove
 from secledger.config import Settings
 from secledger.dashboard.access import api_reader
 from secledger.dashboard.auth import PEER
+from secledger.gitlab_api import GitLabAPI
 from secledger.runtime import Runtime
 from secledger.store import db, migrate
 
@@ -54,6 +55,14 @@ class _Beside:
             await beside.stop()
             raise
         return beside
+
+    @staticmethod
+    def check(settings: Settings) -> None:
+        """Raise what ``start`` would for a token or key file that cannot be read, starting
+        nothing: ``serve`` asks before the database starts, so the error is one line."""
+        if recovery.why_off(settings) is None or enrich.would_start(settings):
+            GitLabAPI.from_settings(settings)
+        integrity.scheduled_key(settings)
 
     async def stop(self) -> None:
         """Stop each. The threads are all told first, so that their waits for the work
@@ -148,6 +157,11 @@ def create_api(
 
     dashboard.install(api, settings)
     return api
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse, before anything starts, a token or key file the receiver could not read."""
+    _Beside.check(settings)
 
 
 def create_app(settings: Settings, database: db.Database) -> Any:
