@@ -211,6 +211,36 @@ def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
         assert "hunter2" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("sslmode=requir", "has sslmode=requir; use one of disable, allow, prefer"),
+        ("target_session_attrs=rw", "has target_session_attrs=rw; use one of any"),
+        ("ssl_mode=require", 'not a valid PostgreSQL URL: invalid URI query parameter: "ssl_mode"'),
+    ],
+)
+def test_a_database_url_option_libpq_would_refuse_is_a_configuration_error(
+    query: str, message: str
+) -> None:
+    """libpq checks these only when it connects: a typo was exit 3, "cannot reach the
+    database" (the outage status), or a traceback."""
+    url = f"postgresql+psycopg://u:hunter2@127.0.0.1:1/x?connect_timeout=1&{query}"
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_DATABASE_URL": url})
+    assert result.exit_code == 1, result.output
+    assert "invalid configuration: database_url" in result.output
+    assert message in result.output
+    assert "hunter2" not in result.output
+
+
+def test_a_database_url_that_libpq_cannot_parse_never_shows_its_password() -> None:
+    result = CliRunner().invoke(
+        main, ["ledger"], env={"SECLEDGER_DATABASE_URL": "postgresql://u:hunter2%zz@db/x"}
+    )
+    assert result.exit_code == 1, result.output
+    assert "not a valid PostgreSQL URL" in result.output
+    assert "hunter2" not in result.output
+
+
 def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
     environ = {
         "SECLEDGER_SPOOL_DIRR": "/srv/spool",

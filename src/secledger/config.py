@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -213,6 +215,45 @@ def _user_pair(item: str) -> tuple[str, str]:
 
 
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+# libpq checks these values only when it connects, and calls a bad one a failed
+# connection: the outage status, not a configuration error.
+_ENUMERATED_OPTIONS = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+}
+
+
+def _check_options(url: str) -> None:
+    """Refuse a query option libpq does not know, or a value it would refuse later."""
+    plain = "postgresql://" + url.split("://", 1)[1]
+    try:
+        options = conninfo_to_dict(plain)
+    except psycopg.Error as exc:
+        reason = str(exc)
+        password = _password(plain)
+        if password and password in reason:
+            reason = "it cannot be parsed"
+        raise ValueError(f"is not a valid PostgreSQL URL: {reason}") from None
+    for name, allowed in _ENUMERATED_OPTIONS.items():
+        value = options.get(name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"has {name}={value}; use one of {', '.join(allowed)}")
+
+
+def _password(url: str) -> str | None:
+    """The password part of a URL, to keep it out of error messages."""
+    userinfo = url.split("://", 1)[1].split("@", 1)
+    if len(userinfo) < 2 or ":" not in userinfo[0]:
+        return None
+    return userinfo[0].split(":", 1)[1] or None
 
 
 class Settings(BaseSettings):
@@ -298,8 +339,11 @@ class Settings(BaseSettings):
     def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
         # Checked here, not at the first connection: another scheme ended in a driver's
         # import error. The URL itself is never echoed (it may hold a password).
-        if value is not None and not value.get_secret_value().startswith(_POSTGRESQL_SCHEMES):
+        if value is None:
+            return None
+        if not value.get_secret_value().startswith(_POSTGRESQL_SCHEMES):
             raise ValueError("must be a PostgreSQL URL (postgresql://user@host:port/database)")
+        _check_options(value.get_secret_value())
         return value
 
     @field_validator("sink_url")
