@@ -145,6 +145,14 @@ def test_tls_parameters_survive_every_url_rewrite() -> None:
     assert "pw" not in redacted
 
 
+def test_a_password_given_as_a_query_option_is_not_shown() -> None:
+    """libpq takes ``?password=`` (and ``sslpassword``) too: ``serve``, ``db upgrade`` and
+    ``demo`` print the redacted URL."""
+    url = "postgresql://app@db:5432/ledger?password=S3CRETpw&sslpassword=K3Ypw&sslmode=require"
+    redacted = db.Database(url, embedded=False).redacted()
+    assert redacted == "postgresql://app@db:5432/ledger?sslmode=require"
+
+
 def test_sslmode_reaches_libpq_on_a_real_connection(database_url) -> None:
     # "allow", not libpq's default, connects with or without TLS: over the embedded
     # server's Unix socket (where libpq ignores sslmode) and over TCP to a server without

@@ -97,8 +97,13 @@ class Database:
     embedded: bool
 
     def redacted(self) -> str:
-        """The URL without its password, for messages and logs."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        """The URL without its password, for messages and logs: also one given as a
+        query option, which libpq accepts as well."""
+        parsed = make_url(self.url).difference_update_query(_SECRET_OPTIONS)
+        return parsed.render_as_string(hide_password=True)
+
+
+_SECRET_OPTIONS = ("password", "sslpassword")
 
 
 def resolve(settings: Settings) -> Database:
