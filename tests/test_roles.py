@@ -129,6 +129,38 @@ def test_app_login_cannot_migrate_and_says_how(server_url, database_url) -> None
             conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
 
 
+def test_the_documented_migrator_login_migrates_a_database_it_owns(
+    server_url: str, template_url: str
+) -> None:
+    """docs/integrity.md: a CREATEROLE login in secledger_owner that owns the database
+    (the roles exist: the template database's migration made them).
+    PostgreSQL 15 and later give nobody CREATE on schema public, which a new table owner
+    needs: 0002 was refused with "permission denied for schema public"."""
+    fresh, login = "secledger_test_migrator_db", "secledger_test_migrator"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+        conn.execute(f'CREATE ROLE "{login}" LOGIN CREATEROLE IN ROLE secledger_owner')
+        conn.execute(f'CREATE DATABASE "{fresh}" OWNER "{login}"')
+    url = make_url(_database(server_url, fresh)).set(username=login, password=None)
+    as_migrator = url.render_as_string(hide_password=False)
+    try:
+        result = CliRunner().invoke(
+            main, ["db", "upgrade"], env={"SECLEDGER_DATABASE_URL": as_migrator}
+        )
+        assert result.exit_code == 0, result.output
+        assert f"is at revision {migrate.head_revision()}" in result.output
+        with psycopg.connect(_database(server_url, fresh)) as conn:
+            owner = conn.execute(
+                "SELECT tableowner FROM pg_tables WHERE tablename = 'delivery_log'"
+            ).fetchone()
+        assert owner == ("secledger_owner",)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+
+
 def _database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 

@@ -64,6 +64,11 @@ CREATE TRIGGER checkpoints_no_truncate
 """
 
 PRIVILEGES = """
+-- A new owner needs CREATE on the schema, which PostgreSQL 15 and later no longer give
+-- everyone on public: without it a migrator that is not a superuser (the database's
+-- owner, docs/integrity.md) was refused here. Its grantor is the schema's owner: the
+-- database owner from 15 on; before 15 everyone has it, and this grants nothing.
+GRANT CREATE ON SCHEMA public TO secledger_owner;
 ALTER TABLE delivery_log OWNER TO secledger_owner;
 ALTER TABLE review_events OWNER TO secledger_owner;
 ALTER TABLE security_review_ledger OWNER TO secledger_owner;
