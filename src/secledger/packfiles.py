@@ -17,13 +17,14 @@ from typing import IO, Any
 
 import orjson
 
+from secledger.output import spreadsheet_text
 from secledger.times import isoformat
 
 MANIFEST = "MANIFEST.sha256"
 _CHUNK = 1 << 20
 # UTC datetimes end in "Z" as in CSV; the pack reads the database in UTC (evidence.py).
 _JSON = orjson.OPT_UTC_Z
-_PLAIN = frozenset({str, int, float, bool})
+_NUMBERS = frozenset({int, float, bool})
 
 
 def json_value(value: Any) -> Any:
@@ -40,14 +41,16 @@ def json_value(value: Any) -> Any:
 def csv_cell(value: Any) -> Any:
     """One CSV cell: lists space-separated, nested objects as compact JSON, None empty."""
     # Fast path: the csv module writes these itself (None as an empty cell).
-    if value is None or type(value) in _PLAIN:
+    if value is None or type(value) in _NUMBERS:
         return value
+    if type(value) is str:
+        return spreadsheet_text(value)
     value = json_value(value)
     if isinstance(value, list):
-        return " ".join(str(item) for item in value)
+        return spreadsheet_text(" ".join(str(item) for item in value))
     if isinstance(value, dict):
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    return str(value)
+    return spreadsheet_text(str(value))
 
 
 class JsonArray:
