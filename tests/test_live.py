@@ -289,3 +289,46 @@ def test_slow_bodies_are_cut_off_and_saturation_is_a_503_with_retry_after(
         assert b"the body was not received within 1 s" in answer
         body = dumps(mr_event("open", iid=801, labels=["sec::high"]))
         assert deliver(running, body, **{"X-Gitlab-Token": TOKENS[0]}).status_code == 200
+
+
+def _unsigned_partial(url: str) -> socket.socket:
+    """Well-formed signature headers over no real signature (anyone can send them), and
+    100 bytes of body declared, 10 sent: the signature cannot be checked, the slot held."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    forged = f"webhook-signature: v1,{'A' * 43}=\r\n".encode()
+    conn.sendall(
+        b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Event: Merge Request Hook\r\n"
+        + f"webhook-id: {uuid.uuid4()}\r\nwebhook-timestamp: {int(time.time())}\r\n".encode()
+        + forged
+        + b"Content-Length: 100\r\n\r\n0123456789"
+    )
+    return conn
+
+
+def test_requests_with_unchecked_signatures_cannot_take_the_places_of_token_deliveries(
+    database_url, tmp_path
+) -> None:
+    """Signature headers prove nothing until the body is read: such requests share a
+    quarter of the limits, so a sender without any secret cannot get a token-carrying
+    GitLab delivery refused 503 (and the hook disabled after four)."""
+    env = {
+        "SECLEDGER_WEBHOOK_SECRETS": TOKENS[0],
+        "SECLEDGER_WEBHOOK_SIGNING_SECRETS": SIGNING_SECRET,
+        "SECLEDGER_BODY_TIMEOUT_SECONDS": "5",
+        "SECLEDGER_MAX_CONCURRENT_DELIVERIES": "4",
+        "SECLEDGER_CONCURRENCY_WAIT_SECONDS": "0",
+    }
+    with live_server(database_url, tmp_path, env) as running:
+        forged = [_unsigned_partial(running.url) for _ in range(4)]
+        try:
+            time.sleep(0.5)  # all four are in (or refused) before the genuine one comes
+            body = dumps(mr_event("open", iid=802, labels=["sec::high"]))
+            answer = deliver(running, body, **{"X-Gitlab-Token": TOKENS[0]})
+            refused = [read_answer(conn) for conn in forged[1:]]  # the pool holds one
+        finally:
+            for conn in forged:
+                conn.close()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "recorded"
+    assert all(a.startswith(b"HTTP/1.1 503") and b'"saturated"' in a for a in refused), refused

@@ -50,6 +50,8 @@ class ClientDisconnected(Exception):
 Extra = tuple[tuple[bytes, bytes], ...]
 # Summaries of ignored deliveries: at most one line per interval (see IgnoredLog).
 IGNORED_LOG_SECONDS = 60.0
+# Requests not yet authenticated get this fraction of the admission limits.
+UNVERIFIED_SHARE = 4
 
 
 def response_start(status: int, data: bytes, extra: Extra = ()) -> Message:
@@ -196,6 +198,15 @@ class WebhookHandler:
             settings.max_inflight_body_bytes,
             settings.concurrency_wait_seconds,
         )
+        # Requests whose signature is still to be checked have proved nothing yet: anyone
+        # can send well-formed signature headers. They share a pool of their own, a
+        # quarter of the limits, so they can never take the places of deliveries a token
+        # authenticated before their body was read.
+        self.unverified = Admission(
+            max(1, settings.max_concurrent_deliveries // UNVERIFIED_SHARE),
+            max(self.limit, settings.max_inflight_body_bytes // UNVERIFIED_SHARE),
+            settings.concurrency_wait_seconds,
+        )
         self.recent = RecentlyIgnored()
         self.recheck = Recheck(runtime, self.recent)
         loop = asyncio.get_running_loop()
@@ -243,7 +254,7 @@ class WebhookHandler:
         if declared.isdigit():
             size = int(declared)
             check_size(size, self.limit)
-        admission = self.admission
+        admission = self.admission if verified is not None else self.unverified
         if not admission.try_enter(size):
             await admission.enter(size)
         try:
