@@ -18,7 +18,7 @@ from secledger.errors import (
     StaleTimestamp,
     WrongInstance,
 )
-from secledger.intake import Source, Sources, authenticate, parse_delivery, precheck
+from secledger.intake import Source, Sources, authenticate, origin, parse_delivery, precheck
 from secledger.replay import ReplayGuard
 from secledger.senders import sources_from_settings
 
@@ -182,6 +182,46 @@ def test_default_credentials_cannot_record_for_an_instance_with_its_own_secrets(
             require_token=False,
             verified=verified,
         )
+
+
+@pytest.mark.parametrize(
+    "claimed", ["https://gitlab.example.com:443", "https://GITLAB.example.com:0443"]
+)
+def test_a_default_port_names_the_same_instance_and_its_policy(claimed) -> None:
+    """Before, "host:443" was another instance: default credentials were accepted for it."""
+    headers = {"x-gitlab-token": "default-token", "x-gitlab-instance": claimed}
+    with pytest.raises(InvalidSignature, match="webhook-signature header is missing"):
+        authenticate(headers, BODY, _multi(), now=NOW)
+
+
+def test_default_credentials_cannot_file_a_payload_under_another_instance_header() -> None:
+    """The payload's own URLs name gitlab.example.com: a made-up header may not file its
+    MR (its links, its paths) under a new instance name."""
+    headers = {
+        "x-gitlab-event": "Merge Request Hook",
+        "x-gitlab-token": "default-token",
+        "x-gitlab-instance": "https://x.test",
+    }
+    verified = authenticate(headers, BODY, _multi(), now=NOW)
+    with pytest.raises(WrongInstance, match=r"gitlab\.example\.com, which has its own secrets"):
+        parse_delivery(
+            headers,
+            BODY,
+            secrets=(),
+            max_body_bytes=10**6,
+            received_at=NOW,
+            require_token=False,
+            verified=verified,
+        )
+
+
+def test_an_origin_has_one_spelling() -> None:
+    assert origin("https://gitlab.example.com:443/group/p") == "https://gitlab.example.com"
+    assert origin("HTTP://Host:0080") == "http://host"
+    assert origin("https://host:8443/") == "https://host:8443"
+    assert origin("https://[::1]:443") == "https://[::1]"
+    assert origin("https://[::1]") == "https://[::1]"
+    assert origin("http://host:443") == "http://host:443"
 
 
 def test_signed_delivery_is_deduplicated_on_its_signed_webhook_id() -> None:

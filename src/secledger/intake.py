@@ -376,7 +376,17 @@ def _origin(url: str) -> str | None:
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     if scheme not in {"http", "https"} or not _HOST.match(netloc):
         return None
-    return f"{scheme}://{netloc}"
+    # One spelling per origin: "host:443" and "host:0443" are "host" to a browser and
+    # to GitLab, and must not pass for another instance than "host".
+    host, port = netloc, ""
+    if netloc.rfind(":") > netloc.rfind("]"):
+        host, _, port = netloc.rpartition(":")
+    if port and int(port) != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{int(port)}"
+    return f"{scheme}://{host}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def instance_of(headers: Mapping[str, str], payload: Mapping[str, Any]) -> str:
@@ -451,12 +461,29 @@ def decode_mr(
         return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
     project_id, iid = require_identity(payload)
     instance = instance_of(headers, payload)
-    if verified is not None and instance in verified.reserved:
+    if verified is not None and verified.reserved:
+        _refuse_reserved(instance, headers, payload, verified.reserved)
+    return Decoded(event, instance, payload, project_id, iid)
+
+
+def _refuse_reserved(
+    instance: str, headers: Mapping[str, str], payload: Mapping[str, Any], reserved: frozenset[str]
+) -> None:
+    """WrongInstance when the header or any URL of the payload names an instance with
+    secrets of its own: a payload that carries its MR links may not be filed elsewhere."""
+    project = payload.get("project")
+    attrs = payload.get("object_attributes")
+    named = {
+        instance,
+        origin(headers.get("x-gitlab-instance", "").strip()),
+        origin(project.get("web_url")) if isinstance(project, dict) else None,
+        origin(attrs.get("url")) if isinstance(attrs, dict) else None,
+    }
+    for found in sorted(n for n in named if n in reserved):
         raise WrongInstance(
-            f"the payload is from {instance}, which has its own secrets; "
+            f"the payload is from {found}, which has its own secrets; "
             "these credentials are not valid for it"
         )
-    return Decoded(event, instance, payload, project_id, iid)
 
 
 def to_delivery(
