@@ -141,3 +141,30 @@ def test_appended_row_with_a_made_up_hash_is_named(history, database_url, engine
     result = cli(database_url, "verify")
     assert result.exit_code == 1
     assert "chain BROKEN at row seq=7: hash mismatch" in result.output
+
+
+def test_a_copy_of_the_log_in_the_logins_own_schema_is_not_what_is_walked(
+    history, database_url, engine
+) -> None:
+    """The default search_path looks in "$user" first: the database's owner could leave
+    a pristine copy of the log there, edit the real one, and verify would walk the copy."""
+    with engine.connect() as conn:
+        login = conn.execute(text("SELECT current_user")).scalar_one()
+    tamper(
+        engine,
+        f'CREATE SCHEMA "{login}"',
+        f'CREATE TABLE "{login}".delivery_log AS TABLE public.delivery_log',
+        f'CREATE TABLE "{login}".checkpoints AS TABLE public.checkpoints',
+        "UPDATE public.delivery_log SET received_at = received_at - interval '1 day' WHERE seq = 2",
+    )
+    with engine.connect() as conn:  # what an unpinned reader sees: the untouched copy
+        schema = conn.execute(
+            text(
+                "SELECT relnamespace::regnamespace::text FROM pg_class"
+                " WHERE oid = to_regclass('delivery_log')"
+            )
+        ).scalar_one()
+        assert schema.strip('"') == login
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1, result.output
+    assert "chain BROKEN at row seq=2: hash mismatch" in result.output

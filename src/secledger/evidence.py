@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import findings, packchain, packreadme, reports
 from secledger.packfiles import PackDir
-from secledger.store import checkpoints
+from secledger.store import checkpoints, db
 from secledger.store.chain import time_text
 from secledger.times import utcnow
 
@@ -232,6 +232,7 @@ def build(
     with engine.connect() as plain:
         conn = plain.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
+            db.pin_search_path(conn)
             _snapshot(conn, pack, files, tracker)
             latest = checkpoints.stored(conn)
     advance = tracker.task("verify chain", pack.snapshot_head_seq or None)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from secledger import embedded
@@ -83,6 +83,18 @@ def reading(engine: Engine) -> Iterator[Connection]:
         # pool resets the flag when the connection is returned.
         conn.execution_options(postgresql_readonly=True)
         yield conn
+
+
+# Readers that prove history (verify, the evidence pack) resolve names here: the tables
+# the migrations made in public, after PostgreSQL's own functions. A login's default
+# search_path searches "$user" first, where whoever may create a schema of that name
+# (the database's owner) could leave a pristine copy of the log for the auditor to walk.
+PINNED_SEARCH_PATH = "pg_catalog, public, pg_temp"
+
+
+def pin_search_path(conn: Connection) -> None:
+    """For the rest of ``conn``'s transaction, read secledger's own tables only."""
+    conn.execute(text(f"SET LOCAL search_path = {PINNED_SEARCH_PATH}"))
 
 
 def _json_text(value: object) -> str:

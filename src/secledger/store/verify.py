@@ -21,6 +21,7 @@ from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
 from secledger.store import checkpoints
 from secledger.store.chain import GENESIS, LogRow, link
+from secledger.store.db import pin_search_path
 
 BATCH_ROWS = 5000
 _ROWS = (
@@ -212,6 +213,7 @@ def verify(
     with engine.connect() as plain:
         conn = plain.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
+            pin_search_path(conn)
             stored = checkpoints.stored(conn)
             trusted = screen(stored) if screen is not None else stored
             expected = _with_stored(vouched, trusted)
