@@ -207,6 +207,24 @@ def test_trusted_proxy_header_works_only_from_a_trusted_address(database_url, tm
         assert spoofing.get("/api/whoami", headers=forwarded).status_code == 401
 
 
+def test_a_new_password_ends_the_sessions_opened_with_the_old_one(
+    reader, database_url, tmp_path
+) -> None:
+    """A copied cookie was good for its whole max age after the password was changed
+    (``secledger user add`` and a restart); a restart alone keeps it."""
+    log_in(reader)
+    cookie = reader.cookies.get(COOKIE)
+    for password, status in (("the same password", 200), ("a new password!", 401)):
+        hashed = USER_HASH if status == 200 else hash_password(password, n=2**10)
+        settings = reader_settings(database_url, tmp_path / "data").model_copy(
+            update={"users": {USER: hashed}}
+        )
+        app = create_app(settings, db.Database(database_url, embedded=False))
+        with TestClient(app) as restarted:
+            restarted.cookies.set(COOKIE, cookie)
+            assert restarted.get("/api/whoami").status_code == status, password
+
+
 def test_password_hashes_verify_and_are_salted() -> None:
     first, second = (
         hash_password("a long passphrase", n=2**10),

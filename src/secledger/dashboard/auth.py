@@ -146,7 +146,9 @@ class Authenticator:
         self.users = load_users(settings)
         token = settings.read_token
         self._token = token.get_secret_value().encode() if token else b""
-        self._signer = URLSafeTimedSerializer(session_secret(settings), salt=_SALT)
+        secret = session_secret(settings)
+        self._signer = URLSafeTimedSerializer(secret, salt=_SALT)
+        self._stamp_key = hmac.new(secret, b"secledger password stamp", hashlib.sha256).digest()
         self.max_age = settings.session_max_age_seconds
         self.cookie_secure = settings.cookie_secure
         self._header = (settings.trusted_user_header or "").lower() or None
@@ -164,8 +166,15 @@ class Authenticator:
         return name if name in self.users else None
 
     def session_cookie(self, name: str) -> str:
-        """A signed, timestamped cookie value naming ``name``."""
-        return self._signer.dumps({"u": name})
+        """A signed, timestamped cookie value naming ``name`` and their password's stamp."""
+        return self._signer.dumps({"u": name, "p": self._stamp(name)})
+
+    def _stamp(self, name: str) -> str:
+        """A keyed digest of the user's stored password hash: a new password (``secledger
+        user add``) ends every session opened with the old one. Keyed, so the cookie,
+        which anyone holding it can read, tells nothing about the hash."""
+        encoded = self.users.get(name, "")
+        return hmac.new(self._stamp_key, encoded.encode(), hashlib.sha256).hexdigest()[:32]
 
     def identify(self, request: Request, *, allow_token: bool) -> Principal | None:
         """The principal behind ``request``, or None."""
@@ -186,8 +195,11 @@ class Authenticator:
         except BadSignature:
             return None
         name = data.get("u") if isinstance(data, dict) else None
-        # A user removed from the configuration loses access at once.
+        # A user removed from the configuration loses access at once; one whose password
+        # changed, too.
         if not isinstance(name, str) or name not in self.users:
+            return None
+        if not hmac.compare_digest(str(data.get("p", "")), self._stamp(name)):
             return None
         return Principal(name, "session")
 
