@@ -17,6 +17,7 @@ from dashboard_fixtures import PASSWORD, USER, form_token, log_in, reader_settin
 from secledger.dashboard import csrf, pages
 from secledger.dashboard.auth import COOKIE
 from secledger.store import db
+from secledger.throttle import Throttle
 from secledger.web import create_app
 
 REFUSED = "did not come from secledger"
@@ -46,6 +47,21 @@ def test_the_login_form_carries_a_token_for_its_cookie(browser) -> None:
     answer = browser.post("/login", data=login_fields(token), follow_redirects=False)
     assert answer.status_code == 303
     assert browser.cookies.get(COOKIE)
+
+
+def test_refused_forms_are_logged_twenty_a_minute_then_counted(browser, monkeypatch) -> None:
+    """Anyone can post a form without its token: 300 such posts were 300 lines."""
+    monkeypatch.setattr(pages, "log", structlog.get_logger("secledger.dashboard"))
+    monkeypatch.setattr(pages, "CSRF_REFUSALS", Throttle("csrf_refused_suppressed"))
+    with capture_logs() as logged:
+        for _ in range(30):
+            answer = browser.post("/login", data=login_fields(None), follow_redirects=False)
+            assert answer.status_code == 403
+        pages.CSRF_REFUSALS.flush(time.monotonic())
+    events = [line["event"] for line in logged]
+    assert events.count("csrf_refused") == 20
+    (summary,) = [line for line in logged if line["event"] == "csrf_refused_suppressed"]
+    assert (summary["count"], summary["path"]) == (10, "/login")
 
 
 def test_a_login_without_a_token_is_refused_and_not_counted(browser, engine, monkeypatch) -> None:

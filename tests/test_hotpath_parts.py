@@ -25,6 +25,7 @@ from secledger.logs import LineWriter
 from secledger.metrics import Metrics
 from secledger.rules import stamp
 from secledger.store.chain import LogRow, canonical, link, time_text
+from secledger.throttle import MAX_KINDS, Throttle
 from secledger.webhook import IgnoredLog
 
 
@@ -258,6 +259,34 @@ def test_a_librarys_warning_is_a_json_line_like_ours(monkeypatch: pytest.MonkeyP
     ]
 
 
+def test_a_librarys_line_anyone_can_cause_is_counted_after_twenty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn warns of each malformed request: 2,000 garbage requests were 2,000 lines."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logs, "LIBRARIES", Throttle("library_lines_suppressed"))
+    sink, writer = _json_logs_to(monkeypatch, "info")
+    for _ in range(500):
+        logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+    logging.getLogger("psycopg").warning("another line")
+    logs.LIBRARIES.flush(time.monotonic())
+    writer.drain()
+    lines = _without_time(sink.getvalue())
+    assert [line["event"] for line in lines].count("Invalid HTTP request received.") == 20
+    assert lines[-2]["event"] == "another line"
+    summary = lines[-1]
+    assert (summary["event"], summary["count"]) == ("library_lines_suppressed", 480)
+    assert summary["line"] == "Invalid HTTP request received."
+
+
+def test_a_throttle_keeps_no_more_kinds_than_its_limit() -> None:
+    """A kind made of a sender's input must not grow the table without end."""
+    throttle = Throttle("x_suppressed", each=1)
+    allowed = [throttle.note(1.0, (("line", str(n)),)) for n in range(MAX_KINDS + 50)]
+    assert allowed.count(True) == MAX_KINDS + 1  # the kinds it keeps, then one for the rest
+    assert len(throttle._logged) == MAX_KINDS + 1
+
+
 @pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 10_000, 100_003])
 def test_digests_in_pieces_equal_hashlib(size: int) -> None:
     body = bytes(range(256)) * (size // 256 + 1)
@@ -336,9 +365,9 @@ def test_rejections_of_one_kind_are_logged_up_to_a_limit_then_counted() -> None:
     rejected.since = 1000.0
     with capture_logs() as logged:
         for second in range(5):
-            rejected.note(1000.0 + second, 401, "invalid_token")
-        rejected.note(1010.0, 413, "body_too_large")  # another kind has its own allowance
-        rejected.note(1070.0, 401, "invalid_token")  # a new interval: logged again
+            rejected.refused(1000.0 + second, 401, "invalid_token")
+        rejected.refused(1010.0, 413, "body_too_large")  # another kind has its own allowance
+        rejected.refused(1070.0, 401, "invalid_token")  # a new interval: logged again
     assert [(line["event"], line.get("error")) for line in logged] == [
         ("delivery_rejected", "invalid_token"),
         ("delivery_rejected", "invalid_token"),

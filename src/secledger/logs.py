@@ -6,6 +6,7 @@ import atexit
 import logging
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -14,6 +15,8 @@ from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
+
+from secledger.throttle import Throttle
 
 # Keys that must never reach a log line, whatever a caller binds by mistake.
 _SECRET_KEYS = frozenset({"token", "x-gitlab-token", "password", "secret", "body", "payload"})
@@ -140,13 +143,21 @@ class _Libraries(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            message = record.getMessage().strip()
+            # uvicorn warns of every malformed request, which anyone can send.
+            if not LIBRARIES.note(time.monotonic(), (("logger", record.name), ("line", message))):
+                return
             fields: dict[str, Any] = {"logger": record.name}
             if record.exc_info:
                 fields["exception"] = "".join(traceback.format_exception(*record.exc_info))
             log = structlog.get_logger("secledger.libraries")
-            log.log(record.levelno, record.getMessage().strip(), **fields)
+            log.log(record.levelno, message, **fields)
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
+
+
+# The libraries' lines: the first 20 alike per minute, then a count.
+LIBRARIES = Throttle("library_lines_suppressed")
 
 
 def _forward_libraries() -> None:

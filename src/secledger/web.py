@@ -16,8 +16,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from secledger import __version__, dashboard, enrich, integrity, overdue, recovery, sink, webhook
+from secledger import (
+    __version__,
+    dashboard,
+    enrich,
+    integrity,
+    logs,
+    overdue,
+    recovery,
+    sink,
+    webhook,
+)
 from secledger.config import Settings
+from secledger.dashboard import pages
 from secledger.dashboard.access import api_reader
 from secledger.dashboard.auth import PEER
 from secledger.gitlab_api import GitLabAPI
@@ -190,11 +201,14 @@ def create_app(settings: Settings, database: db.Database) -> Any:
             # proxy login must check who sent the headers (auth.PEER), not whom they name.
             cast(dict[str, Any], scope)[PEER] = scope.get("client")
         await forwarded(scope, receive, send)
-        if scope["type"] == "lifespan" and handler:
+        if scope["type"] == "lifespan":
             # Shut down: the counts of the last, partial interval are still logged.
             now = time.perf_counter()
-            handler[0].ignored.flush(now)
-            handler[0].rejected.flush(now)
+            if handler:
+                handler[0].ignored.flush(now)
+                handler[0].rejected.flush(now)
+            for throttle in (logs.LIBRARIES, pages.CSRF_REFUSALS):
+                throttle.flush(time.monotonic())
 
     app.api = api  # type: ignore[attr-defined]
     return app

@@ -32,6 +32,7 @@ from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
 from secledger.service import IGNORED, Outcome
+from secledger.throttle import Throttle
 from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
@@ -127,49 +128,20 @@ class IgnoredLog:
         self.since = now
 
 
-class RejectedLog:
-    """A ``delivery_rejected`` line for each of the first rejections of a kind in an
-    interval, then a count: a sender hammering the endpoint with a wrong token must not
-    flood the log (or the disk under it).
-
-    Kinds are (status, error code), a small fixed set. Each interval, the first ``each``
-    of a kind get their own line; the rest are counted and summarised in one
-    ``deliveries_rejected_suppressed`` line per kind when the interval ends (or at
-    shutdown). ``/metrics`` counts every rejection.
-    """
+class RejectedLog(Throttle):
+    """A ``delivery_rejected`` line for each of the first rejections of a kind (status,
+    error code: a small fixed set) in an interval, then one
+    ``deliveries_rejected_suppressed`` line per kind with the count: a sender hammering
+    the endpoint with a wrong token must not flood the log (or the disk under it).
+    ``/metrics`` counts every rejection."""
 
     def __init__(self, interval: float = IGNORED_LOG_SECONDS, *, each: int = 20) -> None:
-        self.interval = interval
-        self.each = each
-        self.logged: dict[tuple[int, str], int] = {}
-        self.suppressed: dict[tuple[int, str], int] = {}
-        self.since = time.perf_counter()
+        super().__init__("deliveries_rejected_suppressed", interval=interval, each=each)
 
-    def note(self, now: float, status: int, error: str) -> None:
+    def refused(self, now: float, status: int, error: str) -> None:
         """Log this rejection, or count it once ``each`` of its kind were logged."""
-        if now - self.since >= self.interval:
-            self.flush(now)
-        kind = (status, error)
-        seen = self.logged.get(kind, 0)
-        if seen < self.each:
-            self.logged[kind] = seen + 1
+        if self.note(now, (("status", status), ("error", error))):
             log.info("delivery_rejected", status=status, error=error)
-        else:
-            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
-
-    def flush(self, now: float) -> None:
-        """Write one summary per kind with suppressed lines, and start a new interval."""
-        for (status, error), count in sorted(self.suppressed.items()):
-            log.warning(
-                "deliveries_rejected_suppressed",
-                status=status,
-                error=error,
-                count=count,
-                seconds=round(now - self.since, 1),
-            )
-        self.logged.clear()
-        self.suppressed.clear()
-        self.since = now
 
 
 _IGNORED = orjson.dumps(IGNORED.to_json())
@@ -230,7 +202,9 @@ class WebhookHandler:
             ended = time.perf_counter()
             status, data, name, extra = _refusal(exc)
             if isinstance(exc, IntakeError):
-                self.rejected.note(ended, exc.status_code, exc.code)
+                self.rejected.refused(ended, exc.status_code, exc.code)
+            elif name == "abandoned" and self.rejected.note(ended, (("error", "abandoned"),)):
+                log.info("delivery_abandoned")
         else:
             name = outcome.status
             ended = time.perf_counter()
@@ -326,8 +300,7 @@ def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
     if isinstance(exc, IntakeError):  # logged by the handler's RejectedLog
         retry = ((b"retry-after", b"5"),) if exc.status_code == 503 else ()
         return exc.status_code, rejection(exc), "rejected", retry
-    if isinstance(exc, ClientDisconnected):
-        log.info("delivery_abandoned")
+    if isinstance(exc, ClientDisconnected):  # logged by the handler's RejectedLog
         return 0, b"", "abandoned", ()
     if isinstance(exc, StoreUnavailable):
         log.warning("delivery_unavailable", error=str(exc))

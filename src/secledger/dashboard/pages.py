@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote
@@ -29,6 +30,7 @@ from secledger.dashboard.csrf import FIELD as CSRF_FIELD
 from secledger.dashboard.csrf import REFUSED as CSRF_REFUSED
 from secledger.extract import MRKey
 from secledger.store.db import reading
+from secledger.throttle import Throttle
 from secledger.times import utcnow
 
 log = structlog.get_logger("secledger.dashboard")
@@ -110,8 +112,13 @@ def _refused(request: Request, form: dict[str, str]) -> bool:
     if csrf.valid(request, form.get(CSRF_FIELD), secure=_secure(request), session=session):
         return False
     client = request.client.host if request.client else "unknown"
-    log.warning("csrf_refused", path=request.url.path, client=client)
+    # Anyone can post a form without its token: the first few of a minute are logged.
+    if CSRF_REFUSALS.note(time.monotonic(), (("path", request.url.path),)):
+        log.warning("csrf_refused", path=request.url.path, client=client)
     return True
+
+
+CSRF_REFUSALS = Throttle("csrf_refused_suppressed")
 
 
 @router.get("/login")
