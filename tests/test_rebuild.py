@@ -62,6 +62,9 @@ def test_check_lists_an_edited_ledger_row_and_rebuild_fixes_it(history, database
     fixed = cli(database_url, "rebuild")
     assert fixed.exit_code == 0, fixed.output
     assert "1 derived rows were rewritten from the log" in fixed.output
+    # No recording: no seq for watch or the sink to follow, so the operator is told.
+    assert "downstream copies (watch, the HTTP sink) were not told" in fixed.output
+    assert "not told" not in cli(database_url, "rebuild").output  # nothing rewritten
     after = _ledger(engine, 1)
     assert {k: v for k, v in after.items() if k != "updated_at"} == {
         k: v for k, v in before.items() if k != "updated_at"

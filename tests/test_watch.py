@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Engine, text
 
 from builders import dumps, mr_event
 from secledger import watch as watch_module
+from secledger.cli import main
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
@@ -164,6 +166,26 @@ def test_state_file_round_trip_and_errors(tmp_path: Path) -> None:
     state.path.write_text('{"last_seq": -1}')
     with pytest.raises(StateFileError, match="no valid last_seq"):
         state.load()
+
+
+def test_a_state_file_that_cannot_be_saved_is_refused_before_any_line(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """Before, watch wrote its first read's lines, then died with a traceback."""
+    record(engine, event(1))
+    missing = tmp_path / "no-such-dir" / "watch.state"
+    result = CliRunner().invoke(
+        main,
+        ["watch", "--state-file", str(missing)],
+        env={"SECLEDGER_DATABASE_URL": database_url},
+    )
+    assert result.exit_code == 1, result.output
+    assert f"cannot save the state file {missing}: No such file or directory" in result.output
+    assert '"seq"' not in result.output
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    StateFile(writable / "watch.state").probe()  # leaves nothing behind
+    assert list(writable.iterdir()) == []
 
 
 def test_watch_emits_every_change(engine: Engine, database_url: str, watch) -> None:

@@ -93,6 +93,18 @@ class StateFile:
             raise StateFileError(f"{self.path} has no valid last_seq")
         return seq
 
+    def probe(self) -> None:
+        """Raise StateFileError now when the state could not be saved (no such directory,
+        no permission), rather than after the first lines went out."""
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with temp.open("wb"):
+                pass
+            temp.unlink()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise StateFileError(f"cannot save the state file {self.path}: {reason}") from None
+
     def save(self, seq: int) -> None:
         """Replace the file with ``seq``; after a crash it holds the old or the new value."""
         temp = self.path.with_name(f".{self.path.name}.tmp")

@@ -86,6 +86,8 @@ def watch_command(context: Context, from_seq: int | None, state_file: Path | Non
     stop = threading.Event()
     with context.engine() as engine:
         try:
+            if state is not None:
+                state.probe()
             after = start_after(engine, from_seq, state)
         except SecledgerError as exc:
             raise click.ClickException(str(exc)) from exc

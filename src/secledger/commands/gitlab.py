@@ -22,7 +22,8 @@ def gitlab_group() -> None:
 
     \b
     Example:
-      secledger gitlab connect --group acme --url https://secledger.example.com/webhooks/gitlab
+      secledger gitlab connect --group acme --config /etc/secledger.toml \\
+        --url https://secledger.example.com/webhooks/gitlab
       secledger gitlab check --group acme
     """
 

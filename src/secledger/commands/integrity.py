@@ -182,6 +182,13 @@ def rebuild_command(context: Context, check: bool) -> None:
     click.echo(f"{len(found.differences)} derived rows {verb} the log")
     if not check:
         click.echo(f"{found.rederived} SLA clocks and findings came out different when re-run")
+    if not check and found.differences:
+        # No recording happened: no new seq, so watch, the sink and NOTIFY say nothing.
+        click.echo(
+            "downstream copies (watch, the HTTP sink) were not told: re-read the ledger"
+            " there, e.g. `secledger watch --from-seq 1` (docs/downstream.md)",
+            err=True,
+        )
     if check and found.differences:
         raise SystemExit(1)
 

@@ -95,7 +95,10 @@ def filters(
     until: Annotated[date | None, Query(description="last day (UTC), inclusive")] = None,
     project: Annotated[str | None, Query(description="project path, e.g. acme/payments")] = None,
     tier: str | None = None,
-    reviewer: Annotated[str | None, Query(description="approver or assigned reviewer")] = None,
+    reviewer: Annotated[
+        str | None,
+        Query(description="approver, assigned reviewer, or the row's reviewer column"),
+    ] = None,
 ) -> queries.Filters:
     """The filters every read route accepts."""
     return build_filters(since, until, project, tier, reviewer)
