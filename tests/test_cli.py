@@ -356,24 +356,11 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
 def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
     """Refused before the database is touched (its URL here reaches nothing), with the
     address and the reason; not uvicorn's line after "receiving on", nor exit 3."""
-    env = {
-        "PATH": os.environ["PATH"],
-        "SECLEDGER_DATABASE_URL": f"postgresql://app@127.0.0.1:{_unused_port()}/x",
-        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
-        "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
-    }
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "secledger"), "serve", "--port", str(port)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _serve_without_a_database(tmp_path, port)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -385,26 +372,37 @@ def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
 def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_path: Path) -> None:
     """Read when the background lookups would start; before, it was uvicorn's traceback
     after "receiving on", and exit 3 as if the database were down."""
+    done = _serve_without_a_database(
+        tmp_path,
+        _unused_port(),
+        SECLEDGER_GITLAB_URL="https://gitlab.example.com",
+        SECLEDGER_GITLAB_TOKEN_FILE=str(tmp_path / "missing-token"),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"Error: cannot read gitlab_token_file {tmp_path / 'missing-token'}"
+    ]
+
+
+def _serve_without_a_database(
+    tmp_path: Path, port: int, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``secledger serve`` as users run it, with a database URL that reaches nothing."""
     env = {
         "PATH": os.environ["PATH"],
         "SECLEDGER_DATABASE_URL": f"postgresql://app@127.0.0.1:{_unused_port()}/x",
         "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
         "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
-        "SECLEDGER_GITLAB_URL": "https://gitlab.example.com",
-        "SECLEDGER_GITLAB_TOKEN_FILE": str(tmp_path / "missing-token"),
+        **extra,
     }
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "secledger"), "serve", "--port", str(_unused_port())],
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "secledger"), "serve", "--port", str(port)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        f"Error: cannot read gitlab_token_file {tmp_path / 'missing-token'}"
-    ]
 
 
 def test_a_start_up_failure_of_the_receiver_is_not_called_an_outage(
