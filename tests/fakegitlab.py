@@ -299,6 +299,26 @@ def _project_labels(fake: FakeGitLab, project: Project, query: dict[str, str]) -
     return names
 
 
+# GitLab's hook events filter: a code, or a category of codes.
+_STATUS_CATEGORIES = {
+    "successful": range(200, 300),
+    "client_failure": range(400, 500),
+    "server_failure": range(500, 600),
+}
+
+
+def _by_status(events: list[dict[str, Any]], status: str | None) -> list[dict[str, Any]]:
+    """The hook events GitLab answers for ``?status=``: only numeric statuses match."""
+    if status is None:
+        return events
+    wanted = _STATUS_CATEGORIES.get(status) or range(int(status), int(status) + 1)
+    return [
+        e
+        for e in events
+        if str(e.get("response_status")).isdigit() and int(e["response_status"]) in wanted
+    ]
+
+
 def _project_json(project: Project) -> dict[str, Any]:
     """A project as GitLab's ``simple`` representation has it (the fields tests use)."""
     name = project.path.rsplit("/", 1)[-1]
@@ -314,7 +334,7 @@ def _project_get(fake: FakeGitLab, project: Project, rest: list[str], query: dic
     if rest == ["hooks"]:
         return project.hooks
     if len(rest) == 3 and rest[0] == "hooks" and rest[2] == "events":
-        return project.hook_events.get(int(rest[1]), [])
+        return _by_status(project.hook_events.get(int(rest[1]), []), query.get("status"))
     if len(rest) < 2 or rest[0] != "merge_requests" or int(rest[1]) not in project.mrs:
         return None
     iid = int(rest[1])

@@ -130,6 +130,32 @@ def test_check_reports_last_success_and_resendable_failures(database_url, fake) 
     assert invoke(database_url, fake, "gitlab", "check", "--project", "14").exit_code == 0
 
 
+def test_check_finds_failures_older_than_the_newest_hundred_deliveries(database_url, fake) -> None:
+    """A busy hook's newest page may be an hour of deliveries; GitLab keeps a week, and
+    does not resend what failed. A timeout has no status code: found among the newest."""
+    project = fake.projects[14]
+    project.hooks.append({"id": 6, "url": RECEIVER, "merge_requests_events": True})
+
+    def event(n: int, status: str) -> dict[str, object]:
+        stamp = f"2025-08-{6 + n // 1000:02d}T{n % 1000 // 60:02d}:{n % 60:02d}:00.000Z"
+        return {
+            "id": n,
+            "trigger": "merge_request_hooks",
+            "response_status": status,
+            "created_at": stamp,
+        }
+
+    newest_first = [event(n, "200") for n in range(2000, 1850, -1)]
+    newest_first.insert(3, event(9999, "internal error"))
+    newest_first += [event(n, "502") for n in (1200, 1100)] + [event(1000, "404")]
+    project.hook_events[6] = newest_first
+    result = invoke(database_url, fake, "gitlab", "check", "--project", "14")
+    assert result.exit_code == 1, result.output
+    failed = [line.split()[2] for line in result.output.splitlines() if "failed: event" in line]
+    assert failed == ["9999", "1200", "1100", "1000"], result.output
+    assert "problem: 4 failed deliveries in the last 7 days" in result.output
+
+
 def test_check_says_when_there_is_no_hook(database_url, fake) -> None:
     result = invoke(database_url, fake, "gitlab", "check", "--group", "acme")
     assert result.exit_code == 1
@@ -145,6 +171,8 @@ def test_backfill_and_reconcile_commands(database_url, fake) -> None:
     result = invoke(database_url, fake, "backfill", "--group", "acme", "--since", "2025-08-01")
     assert result.exit_code == 0, result.output
     assert "2 security merge requests found" in result.output
+    # The progress display is stderr's: piped, stdout is the summary alone.
+    assert result.stdout.startswith("2 security merge requests found"), repr(result.stdout)
     result = invoke(database_url, fake, "reconcile", "--group", "acme", "--since", "2025-08-01")
     assert result.exit_code == 0, result.output
     assert "missing 0, different 0, extra 0" in result.output

@@ -307,7 +307,12 @@ class GitLabAPI:
             raise GitLabAPIError("GitLab API: creating the hook did not answer a JSON object")
         return result
 
-    def hook_events(self, scope: Scope, hook_id: int, limit: int = 100) -> list[dict[str, Any]]:
-        """The hook's recent deliveries (GitLab keeps 7 days), newest first."""
-        events = self._list(f"{scope.path}/hooks/{hook_id}/events")
+    def hook_events(
+        self, scope: Scope, hook_id: int, *, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The hook's deliveries (GitLab keeps 7 days), newest first, at most ``limit``;
+        with ``status`` (``successful``, ``client_failure``, ``server_failure``), only
+        those, where GitLab filters (older versions ignore it and answer all)."""
+        query = {"status": status} if status else None
+        events = self._list(f"{scope.path}/hooks/{hook_id}/events", query)
         return [event for _, event in zip(range(limit), events, strict=False)]

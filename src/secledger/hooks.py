@@ -124,12 +124,33 @@ class HookHealth:
         return found
 
 
+# Failed deliveries read per kind: a week of them, unless the receiver was down for long.
+MAX_FAILURES_READ = 10_000
+
+
 def check(api: GitLabAPI, scope: Scope, url: str | None) -> list[HookHealth]:
     """The health of every secledger hook of a project or group."""
     report = []
     for hook in find_hooks(api.hooks(scope), url):
-        events = api.hook_events(scope, int(hook["id"]))
-        success = next((e for e in events if succeeded(e)), None)
-        failures = [e for e in events if not succeeded(e)]
-        report.append(HookHealth(hook, success, failures))
+        hook_id = int(hook["id"])
+        newest = api.hook_events(scope, hook_id)
+        success = next((e for e in newest if succeeded(e)), None)
+        report.append(HookHealth(hook, success, _failures(api, scope, hook_id, newest)))
     return report
+
+
+def _failures(
+    api: GitLabAPI, scope: Scope, hook_id: int, newest: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every failed delivery GitLab still keeps, newest first. The newest page alone
+    missed older failures of a busy hook: 100 deliveries may be an hour of them. Those
+    GitLab files under no status (a timeout, a refused connection) are found among the
+    newest ones only."""
+    found: dict[object, dict[str, Any]] = {}
+    for status in ("server_failure", "client_failure"):
+        for event in api.hook_events(scope, hook_id, status=status, limit=MAX_FAILURES_READ):
+            found.setdefault(event.get("id"), event)
+    for event in newest:
+        found.setdefault(event.get("id"), event)
+    failures = [e for e in found.values() if not succeeded(e)]
+    return sorted(failures, key=lambda e: str(e.get("created_at", "")), reverse=True)

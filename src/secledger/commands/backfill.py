@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from secledger import earlyapprovals
@@ -111,10 +112,16 @@ class _Bar:
 
 
 def _progress(*, visible: bool = True) -> Progress:
-    """A transient bar: what it counts, done of total, time left."""
+    """A transient bar on stderr (stdout is the summary's): what it counts, done of
+    total, time left."""
     columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
     return Progress(
-        *Progress.get_default_columns()[:1], *columns, transient=True, disable=not visible
+        *Progress.get_default_columns()[:1],
+        *columns,
+        console=console,
+        transient=True,
+        disable=not visible or not console.is_terminal,
     )
 
 
