@@ -64,6 +64,24 @@ def test_published_approvals_sample_without_approved_at_is_placed_before_the_mer
     assert apifacts.dedup_key(INSTANCE, env).endswith(":approval:1:undated")
 
 
+def test_an_undated_approvals_bound_is_the_mrs_update_as_of_the_approvals_read() -> None:
+    """A large group's listing is read long before each MR's approvals: an approval given
+    in between was dated at the listing's updated_at, before it happened (its webhook
+    then no longer matched it, and it counted twice, once at the label time)."""
+    listed = Story(iid=5, decision=None).mr() | {"updated_at": "2025-08-05T20:00:00.000Z"}
+    approvals = {
+        "updated_at": "2025-08-05T21:00:00.250Z",
+        "approved_by": [{"user": {"id": 102, "username": "bob"}}],
+    }
+    [env] = apifacts.approval_envelopes(listed, approvals)
+    assert env["upper_bound"] == "2025-08-05T21:00:00.250Z"
+    older = approvals | {"updated_at": "2025-08-05T19:00:00.000Z"}  # never before the listing
+    [env] = apifacts.approval_envelopes(listed, older)
+    assert env["upper_bound"] == "2025-08-05T20:00:00.000Z"
+    [env] = apifacts.approval_envelopes(Story(iid=5).mr(), approvals)  # merged: before it
+    assert env["upper_bound"] == "2025-08-05T21:48:25.393999Z"
+
+
 def test_an_undated_approval_after_a_revocation_has_a_key_of_its_own() -> None:
     """The revocation it follows names it; a dated approval is named by its time alone."""
     approvals = sample("api_mr_approvals.json")

@@ -116,19 +116,30 @@ def state_envelopes(
     ]
 
 
-def approval_bound(mr: Mapping[str, Any]) -> str | None:
-    """Latest time an undated approval can have happened: before merge or close."""
+def approval_bound(mr: Mapping[str, Any], approvals: Mapping[str, Any] | None = None) -> str | None:
+    """Latest time an undated approval can have happened: before merge or close, else
+    the MR's last update as of the approvals read (``approvals``, GitLab's answer, carries
+    it). The listing's ``updated_at`` alone can be minutes or hours older on a large
+    group: an approval given since would be dated before it happened, and no longer
+    match its webhook."""
     for name in ("merged_at", "closed_at"):
         decided = parse_optional(mr.get(name))
         if decided is not None:
             return isoformat(decided - _BEFORE_DECISION)
-    return p.text(mr, "updated_at")
+    listed = p.text(mr, "updated_at")
+    current = p.text(approvals, "updated_at") if approvals is not None else None
+    if listed is None or current is None:
+        return current or listed
+    later = parse_optional(current), parse_optional(listed)
+    if later[0] is not None and later[1] is not None and later[0] > later[1]:
+        return current
+    return listed
 
 
 def approval_envelopes(mr: Mapping[str, Any], approvals: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One envelope per current approver in the ``/approvals`` answer."""
     summary = mr_summary(mr)
-    bound = approval_bound(mr)
+    bound = approval_bound(mr, approvals)
     out = []
     for item in approvals.get("approved_by") or []:
         if isinstance(item, dict) and p.integer(p.obj(item, "user"), "id") is not None:
