@@ -67,6 +67,25 @@ def test_reconcile_reports_a_different_decider(engine, api, fake) -> None:
     assert difference.fields == {"merged_by": {"gitlab": "carol", "ledger": "mallory"}}
 
 
+def test_an_mr_merged_at_the_edge_of_the_period_is_in_neither_as_a_difference(
+    engine, api, fake
+) -> None:
+    """GitLab's time has milliseconds, the webhook's whole seconds: 23:59:59.994 and
+    00:00:00 fall either side of midnight. September's run called the MR extra, and
+    every run after it, since nothing can be fixed: they agree."""
+    story = Story(iid=1, decision=("merge", "carol", "2025-09-01 00:00:00 UTC"))
+    story.publish(fake)
+    fake.projects[14].mrs[1]["merged_at"] = "2025-08-31T23:59:59.994Z"
+    replay(engine, fake.url, story.webhooks())
+    august = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (august.gitlab_count, august.ledger_count, august.differences) == (1, 0, [])
+    september = Period(datetime(2025, 9, 1, tzinfo=UTC), datetime(2025, 10, 1, tzinfo=UTC))
+    report = reconcile(engine, api, POLICY, SCOPE, september)
+    assert (report.gitlab_count, report.ledger_count) == (0, 1)
+    assert report.differences == []
+    assert report.remaining == []
+
+
 def test_reconciliation_results_are_append_only(engine, api, fake) -> None:
     reconcile(engine, api, POLICY, SCOPE, PERIOD)
     with pytest.raises(DBAPIError, match="results are evidence"), engine.begin() as conn:

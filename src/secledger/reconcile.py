@@ -169,12 +169,15 @@ def look_up_extras(
     engine: Engine,
     api: GitLabAPI,
     policy: LabelPolicy,
+    period: Period,
     found: list[Difference],
+    *,
     fetched: dict[MRRef, dict[str, Any]] | None = None,
 ) -> tuple[list[Difference], dict[MRRef, dict[str, Any]]]:
     """Each ``extra`` MR asked of GitLab by its iid (the labelled list no longer has it),
     unless ``fetched`` already holds it, and the MRs found; ``unlisted`` says what each
-    one is. An MR GitLab no longer has (404) stays ``extra``.
+    one is (nothing, for one decided at an edge of ``period``). An MR GitLab no longer
+    has (404) stays ``extra``.
     """
     out: list[Difference] = []
     fetched = dict(fetched or {})
@@ -189,19 +192,30 @@ def look_up_extras(
                 out.append(difference)
                 continue
             fetched[ref] = mr
-            out.append(unlisted(mr, ledger.get(conn, MRKey(api.instance, *ref)), policy))
+            row = ledger.get(conn, MRKey(api.instance, *ref))
+            found_now = unlisted(mr, row, policy, period)
+            if found_now is not None:
+                out.append(found_now)
     return out, fetched
 
 
-def unlisted(mr: Mapping[str, Any], row: RowMapping | None, policy: LabelPolicy) -> Difference:
+def unlisted(
+    mr: Mapping[str, Any], row: RowMapping | None, policy: LabelPolicy, period: Period
+) -> Difference | None:
     """What an MR the ledger decided in the period is, when GitLab's labelled list left
     it out: ``different`` when GitLab disagrees (reopened, or decided otherwise: ``--fix``
-    records its history); ``unlabelled`` when it agrees and the MR carries no security
-    label now (decided as recorded, the label removed since); otherwise ``extra``."""
+    records its history); nothing when it agrees and its time falls just outside the
+    period; ``unlabelled`` when it agrees and the MR carries no security label now
+    (decided as recorded, the label removed since); otherwise ``extra``."""
     ref, url = (int(mr["project_id"]), int(mr["iid"])), p.text(mr, "web_url")
     changed = compare(mr, row)
     if changed is not None:
         return changed
+    decision = decision_of(mr)
+    if decision is not None and _beside_an_edge(decision[1], period):
+        # GitLab's time has milliseconds, a webhook's whole seconds: 23:59:59.994 and
+        # 00:00:00 fall either side of midnight. The MR agrees; no run could clear it.
+        return None
     carried = policy.security_labels(p.label_titles(mr.get("labels")))
     if carried:
         # Still labelled yet not listed: the listing missed it for some other reason
@@ -209,6 +223,14 @@ def unlisted(mr: Mapping[str, Any], row: RowMapping | None, policy: LabelPolicy)
         # the run pass as complete with a gap nobody looked at.
         return Difference(*ref, "extra", url, {"security_labels": list(carried)})
     return Difference(*ref, "unlabelled", url)
+
+
+def _beside_an_edge(moment: datetime | None, period: Period) -> bool:
+    """Outside ``period``, within ``MATCH_TOLERANCE`` of one of its ends."""
+    if moment is None or period.contains(moment):
+        return False
+    edges = [period.since] if period.until is None else [period.since, period.until]
+    return any(abs(moment - edge) <= MATCH_TOLERANCE for edge in edges)
 
 
 def _merge_request(api: GitLabAPI, ref: MRRef) -> dict[str, Any] | None:
@@ -309,7 +331,7 @@ def reconcile(
     gitlab = decided_in(listed, closed_period)
     projects = {pid for scope in scopes for pid in api.project_ids(scope)}
     found, ledger_count = differences(engine, api.instance, gitlab, closed_period, projects)
-    found, fetched = look_up_extras(engine, api, policy, found)
+    found, fetched = look_up_extras(engine, api, policy, closed_period, found)
     known = {**fetched, **gitlab}
     fixed, remaining = 0, found
     fixable = ("missing", "different")
@@ -317,7 +339,9 @@ def reconcile(
     if apply_fix and to_fix:
         fixed = fix(engine, api, policy, to_fix, recording=recording, found_events=found_events)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
-        remaining, _ = look_up_extras(engine, api, policy, remaining, fetched)
+        remaining, _ = look_up_extras(
+            engine, api, policy, closed_period, remaining, fetched=fetched
+        )
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)
