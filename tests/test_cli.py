@@ -245,12 +245,20 @@ def test_a_database_url_option_libpq_would_refuse_is_a_configuration_error(
     assert "hunter2" not in result.output
 
 
-def test_a_database_url_that_libpq_cannot_parse_never_shows_its_password() -> None:
-    result = CliRunner().invoke(
-        main, ["ledger"], env={"SECLEDGER_DATABASE_URL": "postgresql://u:hunter2%zz@db/x"}
-    )
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2%zz@db/x",
+        "postgresql://u@db/x?password=hunter2%zz",
+        "postgresql://u@db/x?sslmode=require&password=hunter2 x",
+        "postgresql://u@db/x?sslpassword=hunter2%zz",
+    ],
+)
+def test_a_database_url_that_libpq_cannot_parse_never_shows_its_password(url: str) -> None:
+    """libpq quotes what it could not read: a password in the userinfo or an option."""
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_DATABASE_URL": url})
     assert result.exit_code == 1, result.output
-    assert "not a valid PostgreSQL URL" in result.output
+    assert "not a valid PostgreSQL URL: it cannot be parsed" in result.output
     assert "hunter2" not in result.output
 
 
@@ -367,6 +375,19 @@ def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
     )
     assert "database" not in done.stderr
     assert "receiving on" not in done.stderr
+
+
+def test_a_second_receiver_on_the_port_is_refused_even_when_both_start_at_once() -> None:
+    """With SO_REUSEADDR two sockets may both bind a port while neither listens: the
+    second serve then ran, said it was receiving, and received nothing."""
+    first = cli_module._listen("127.0.0.1", 0)
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(click.ClickException, match="Address already in use"):
+            cli_module._listen("127.0.0.1", port)
+    finally:
+        for sock in first:
+            sock.close()
 
 
 def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_path: Path) -> None:

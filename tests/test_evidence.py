@@ -636,3 +636,15 @@ def test_a_title_a_spreadsheet_would_run_is_written_as_text(engine, tmp_path) ->
     assert exact["title"] == formula
     for line in (tmp_path / "pack" / "population.csv").read_text().splitlines()[1:]:
         assert ',"=' not in line and not line.startswith("=")
+
+
+def test_a_public_table_named_like_the_population_is_not_read(engine, tmp_path) -> None:
+    """The search_path is pinned with pg_temp last: a table of the temporary table's
+    name in public, which the database owner may create, would stand in for it."""
+    for body in mr(1, "high", 0, [("approved", "bob", 10), ("merge", "carol", 12)]):
+        assert fed(engine, body) == "recorded"
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE public.evidence_population (position bigint)"))
+    build(engine, tmp_path / "pack")
+    rows = read_csv(tmp_path / "pack" / "population.csv")
+    assert [row["mr_iid"] for row in rows] == ["1"]

@@ -322,13 +322,20 @@ def test_requests_with_unchecked_signatures_cannot_take_the_places_of_token_deli
     with live_server(database_url, tmp_path, env) as running:
         forged = [_unsigned_partial(running.url) for _ in range(4)]
         try:
-            time.sleep(0.5)  # all four are in (or refused) before the genuine one comes
+            time.sleep(0.5)  # all four are in (or refused) before the genuine ones come
             body = dumps(mr_event("open", iid=802, labels=["sec::high"]))
             answer = deliver(running, body, **{"X-Gitlab-Token": TOKENS[0]})
+            # GitLab with both a secret and a signing token sends both: the token proves
+            # it before the body, though the signature is still checked after.
+            signed_too = dumps(mr_event("open", iid=803, labels=["sec::high"]))
+            both = signed_headers(signed_too, f"msg-{uuid.uuid4()}") | {"X-Gitlab-Token": TOKENS[0]}
+            answer_both = deliver(running, signed_too, **both)
             refused = [read_answer(conn) for conn in forged[1:]]  # the pool holds one
         finally:
             for conn in forged:
                 conn.close()
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "recorded"
+    assert answer_both.status_code == 200, answer_both.text
+    assert answer_both.json()["status"] == "recorded"
     assert all(a.startswith(b"HTTP/1.1 503") and b'"saturated"' in a for a in refused), refused

@@ -18,7 +18,16 @@ from secledger.errors import (
     StaleTimestamp,
     WrongInstance,
 )
-from secledger.intake import Source, Sources, authenticate, origin, parse_delivery, precheck
+from secledger.intake import (
+    TOKEN_PROVEN,
+    UNPROVEN,
+    Source,
+    Sources,
+    authenticate,
+    origin,
+    parse_delivery,
+    precheck,
+)
 from secledger.replay import ReplayGuard
 from secledger.senders import sources_from_settings
 
@@ -174,11 +183,32 @@ def test_default_credentials_cannot_record_for_an_instance_with_its_own_secrets(
     headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "default-token"}
     if claimed is not None:
         headers["x-gitlab-instance"] = claimed
-    verified = authenticate(headers, BODY, _multi(), now=NOW)
+    _refused_for_gitlab_example(headers, BODY)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://gitlab.example.com./acme/p", "https://u@gitlab.example.com/acme/p"]
+)
+def test_a_reserved_instance_is_found_behind_a_trailing_dot_or_a_user_part(url) -> None:
+    """Neither is taken as an instance name, but a browser opens the reserved host."""
+    body = mr_event("approved", labels=["sec::high"], actor="bob")
+    body["project"]["web_url"] = url
+    body["object_attributes"]["url"] = url + "/-/merge_requests/1"
+    headers = {
+        "x-gitlab-event": "Merge Request Hook",
+        "x-gitlab-token": "default-token",
+        "x-gitlab-instance": "https://x.test",
+    }
+    _refused_for_gitlab_example(headers, dumps(body))
+
+
+def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
+    """Authenticated by the default token, then refused: gitlab.example.com is reserved."""
+    verified = authenticate(headers, body, _multi(), now=NOW)
     with pytest.raises(WrongInstance, match=r"gitlab\.example\.com, which has its own secrets"):
         parse_delivery(
             headers,
-            BODY,
+            body,
             secrets=(),
             max_body_bytes=10**6,
             received_at=NOW,
@@ -262,6 +292,9 @@ def test_precheck_answers_for_a_token_and_leaves_a_signature_to_authenticate() -
     verified = precheck({"x-gitlab-token": "t0k3n"}, by_token, now=NOW)
     assert verified == authenticate({"x-gitlab-token": "t0k3n"}, BODY, by_token, now=NOW)
     assert verified is not None and verified.method == "token"
-    assert precheck(signed(), sources(), now=NOW) is None  # the body is not read yet
+    assert precheck(signed(), sources(), now=NOW) == UNPROVEN  # the body is not read yet
+    # Under "both" the token is checked first: the sender is proved before the body.
+    both = sources("both", tokens=(b"t0k3n",))
+    assert precheck(signed() | {"x-gitlab-token": "t0k3n"}, both, now=NOW) == TOKEN_PROVEN
     with pytest.raises(InvalidToken):
         precheck({"x-gitlab-token": "wrong"}, by_token, now=NOW)

@@ -180,14 +180,14 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     check_settings(settings)  # and a token or key file that cannot be read
     # Bound before the database starts: a port in use is one line at once, not uvicorn's
     # log line after "receiving on" (and exit 3, the status of an unreachable database).
-    sock = _bind(host, port)
+    sockets = _listen(host, port)
     database = context.database
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
     # Reached and migrated before serving: an outage or a wrong database is then one line
     # and exit 3 (``run``), not uvicorn's start-up traceback after a "receiving on".
     with context.engine():
         pass
-    bound = sock.getsockname()[1]
+    bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"receiving on http://{shown}:{bound}/webhooks/gitlab", err=True)
     app = create_app(settings, database)
@@ -225,7 +225,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     )
     server = uvicorn.Server(config)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     except SystemExit as exc:
         # uvicorn's own start-up failure is 3, the status of an unreachable database.
         if server.started or exc.code != STARTUP_FAILURE:
@@ -233,20 +233,39 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         raise click.ClickException("the receiver did not start; the log says why") from None
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host``:``port`` (listening is uvicorn's), or a usage-level error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+# uvicorn's default backlog.
+LISTEN_BACKLOG = 2048
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on every address ``host`` names (``localhost`` may be both
+    127.0.0.1 and ::1, as uvicorn would serve them), or a usage-level error."""
     try:
-        sock.bind((host, port))
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio does: "::" is not also 0.0.0.0
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            # Listening now, not when uvicorn starts: with SO_REUSEADDR two processes may
+            # both bind a port, and only listen() tells the second one it is taken.
+            sock.listen(LISTEN_BACKLOG)
+            sock.set_inheritable(True)
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         reason = exc.strerror or str(exc)
         raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
-    sock.set_inheritable(True)
-    return sock
+    return sockets
 
 
 @main.command()

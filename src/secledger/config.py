@@ -8,6 +8,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import platformdirs
 import psycopg
@@ -237,9 +238,9 @@ def _check_options(url: str) -> None:
     try:
         options = conninfo_to_dict(plain)
     except psycopg.Error as exc:
-        reason = str(exc)
-        password = _password(plain)
-        if password and password in reason:
+        reason = str(exc).strip()
+        # libpq quotes the text it could not read, which may be a password.
+        if any(secret in reason for secret in _secrets(plain)):
             reason = "it cannot be parsed"
         raise ValueError(f"is not a valid PostgreSQL URL: {reason}") from None
     for name, allowed in _ENUMERATED_OPTIONS.items():
@@ -248,12 +249,20 @@ def _check_options(url: str) -> None:
             raise ValueError(f"has {name}={value}; use one of {', '.join(allowed)}")
 
 
-def _password(url: str) -> str | None:
-    """The password part of a URL, to keep it out of error messages."""
-    userinfo = url.split("://", 1)[1].split("@", 1)
-    if len(userinfo) < 2 or ":" not in userinfo[0]:
-        return None
-    return userinfo[0].split(":", 1)[1] or None
+def _secrets(url: str) -> set[str]:
+    """The URL's passwords (after ``user:``, and the ``password`` and ``sslpassword``
+    options), as written and decoded, to keep them out of error messages."""
+    rest = url.split("://", 1)[1]
+    found: list[str] = []
+    userinfo = rest.split("@", 1)
+    if len(userinfo) == 2 and ":" in userinfo[0]:
+        found.append(userinfo[0].split(":", 1)[1])
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name in {"password", "sslpassword"}:
+            found.append(value)
+    return {text for raw in found for text in (raw, unquote(raw)) if text}
 
 
 class Settings(BaseSettings):

@@ -30,7 +30,9 @@ from secledger.store.chain import time_text
 from secledger.times import utcnow
 
 FORMAT = "secledger.evidence.v1"
-POPULATION = "evidence_population"
+# Named with its schema: the search_path is pinned with pg_temp last (db.pin_search_path),
+# so a table of this name in public would otherwise be read instead.
+POPULATION = "pg_temp.evidence_population"
 STREAM_ROWS = 5000
 SAMPLE_ALGORITHM = (
     "positions = sorted(i + 1 for i in random.Random(SEED).sample(range(N), min(SIZE, N)))"

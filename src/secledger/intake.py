@@ -258,12 +258,25 @@ def verify_signature(signed: SignedHeaders, body: bytes, keys: Sequence[bytes]) 
         raise InvalidSignature("no webhook-signature matches any configured signing secret")
 
 
-def precheck(headers: Mapping[str, str], sources: Sources, *, now: datetime) -> Verified | None:
+@dataclass(frozen=True)
+class SignaturePending:
+    """A request whose signature can only be checked once its body is read
+    (:func:`authenticate`); ``token`` when a token already proved its sender."""
+
+    token: bool
+
+
+UNPROVEN = SignaturePending(token=False)
+TOKEN_PROVEN = SignaturePending(token=True)
+
+
+def precheck(
+    headers: Mapping[str, str], sources: Sources, *, now: datetime
+) -> Verified | SignaturePending:
     """Everything that can be refused before the body is read: token, headers, timestamp.
 
     Returns how the request proved itself when nothing is left to check (a token, or an
-    open source), and None when a signature over the body must still be verified
-    (:func:`authenticate`).
+    open source), else what is known while a signature over the body waits.
     """
     source = sources.select(headers)
     if source.open:
@@ -273,7 +286,7 @@ def precheck(headers: Mapping[str, str], sources: Sources, *, now: datetime) -> 
         verify_token(headers, source.tokens)
     if signature:
         signature_headers(headers, now=now, tolerance=sources.tolerance)
-        return None
+        return TOKEN_PROVEN if token else UNPROVEN
     return sources.verified(source.name, "token")
 
 
@@ -389,6 +402,26 @@ def _origin(url: str) -> str | None:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def _host_of(url: object) -> str | None:
+    """The origin a browser would open for ``url``, read leniently: also through a
+    ``user@`` part or a trailing dot, which ``origin`` refuses to take as an instance
+    name but which still lead to the host (so they must not hide a reserved one)."""
+    if not isinstance(url, str) or len(url) > MAX_URL_CHARS:
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").rstrip(".")
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{shown}:{port}"
+    return f"{scheme}://{shown}"
+
+
 def instance_of(headers: Mapping[str, str], payload: Mapping[str, Any]) -> str:
     """The sending GitLab: X-Gitlab-Instance, else the origin of the project's URL."""
     header = origin(headers.get("x-gitlab-instance", "").strip())
@@ -475,9 +508,9 @@ def _refuse_reserved(
     attrs = payload.get("object_attributes")
     named = {
         instance,
-        origin(headers.get("x-gitlab-instance", "").strip()),
-        origin(project.get("web_url")) if isinstance(project, dict) else None,
-        origin(attrs.get("url")) if isinstance(attrs, dict) else None,
+        _host_of(headers.get("x-gitlab-instance", "").strip()),
+        _host_of(project.get("web_url")) if isinstance(project, dict) else None,
+        _host_of(attrs.get("url")) if isinstance(attrs, dict) else None,
     }
     for found in sorted(n for n in named if n in reserved):
         raise WrongInstance(

@@ -17,6 +17,7 @@ from secledger.errors import BodyTimeout, IntakeError, StoreUnavailable
 from secledger.extract import MRKey, event_stamps, is_security_event, mr_key
 from secledger.headers import RequestHeaders
 from secledger.intake import (
+    UNPROVEN,
     Delivery,
     Ignored,
     Verified,
@@ -170,10 +171,10 @@ class WebhookHandler:
             settings.max_inflight_body_bytes,
             settings.concurrency_wait_seconds,
         )
-        # Requests whose signature is still to be checked have proved nothing yet: anyone
-        # can send well-formed signature headers. They share a pool of their own, a
-        # quarter of the limits, so they can never take the places of deliveries a token
-        # authenticated before their body was read.
+        # Requests whose signature is still to be checked, with no token that proved them,
+        # have proved nothing yet: anyone can send well-formed signature headers. At most
+        # a quarter of the places and bytes may be theirs; the rest stay for deliveries
+        # a token authenticated before their body was read.
         self.unverified = Admission(
             max(1, settings.max_concurrent_deliveries // UNVERIFIED_SHARE),
             max(self.limit, settings.max_inflight_body_bytes // UNVERIFIED_SHARE),
@@ -222,14 +223,18 @@ class WebhookHandler:
     ) -> tuple[int, Outcome, bytes]:
         received_at = utcnow()
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
-        verified = precheck(headers, self.sources, now=received_at)
+        checked = precheck(headers, self.sources, now=received_at)
+        verified = checked if isinstance(checked, Verified) else None
+        unproven = checked is UNPROVEN
         declared = headers.get("content-length", "")
         size = self.limit  # a body of unknown length may be as large as allowed
         if declared.isdigit():
             size = int(declared)
             check_size(size, self.limit)
-        admission = self.admission if verified is not None else self.unverified
-        if not admission.try_enter(size):
+        admission = self.admission
+        if unproven:
+            await self._admit_unproven(size)
+        elif not admission.try_enter(size):
             await admission.enter(size)
         try:
             try:
@@ -275,6 +280,20 @@ class WebhookHandler:
             return await self._record(delivery, key, received_at)
         finally:
             admission.leave(size)
+            if unproven:
+                self.unverified.leave(size)
+
+    async def _admit_unproven(self, size: int) -> None:
+        """A place in the pool of requests nothing has proved yet, then one among all."""
+        gate = self.unverified
+        if not gate.try_enter(size):
+            await gate.enter(size)
+        try:
+            if not self.admission.try_enter(size):
+                await self.admission.enter(size)
+        except BaseException:
+            gate.leave(size)
+            raise
 
     def _authenticate(self, headers: RequestHeaders, body: bytes, now: datetime) -> Verified:
         verified = authenticate(headers, body, self.sources, now=now)
