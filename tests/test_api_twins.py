@@ -167,6 +167,25 @@ def test_one_users_approvals_far_apart_count_twice(
     assert [source for *_, source in decisions(engine)] == ["replay"] * 4
 
 
+def test_an_approval_an_upgraded_gitlab_dates_is_the_one_it_gave_undated(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab
+) -> None:
+    """GitLab versions before approved_at gave bob's approval no time; after an upgrade
+    it has one, and the dedup key with it. Backfilled again, it was logged a second
+    time: bob had two decisions and two approvals."""
+    story = Story(iid=1, approved_at_in_api=False)
+    story.publish(fake)
+    assert run_backfill(engine, api) > 0
+    before = ledger_rows(engine)
+    story.approved_at_in_api = True  # the upgrade
+    story.publish(fake)
+    run_backfill(engine, api)
+    after = ledger_rows(engine)
+    assert [r["event_count"] for r in after] == [r["event_count"] for r in before]
+    assert after[0]["approvers"] == ["bob"]
+    assert_counted(engine, {"bob": (1, 1, 0), "carol": (1, 0, 0)})
+
+
 def api_approval(iid: int, actor: str, approved_at: str | None, *, decided: bool) -> dict[str, Any]:
     """The envelope backfill builds for one approval (undated when ``approved_at`` is None)."""
     story = Story(

@@ -154,6 +154,15 @@ def undated_approver(env: Mapping[str, Any]) -> str | None:
     return p.text(p.obj(env["event"], "user"), "username")
 
 
+def dated_approval(env: Mapping[str, Any]) -> tuple[str, datetime] | None:
+    """The username and time of an approval envelope the API dates, else None."""
+    if env["fact"] != APPROVAL:
+        return None
+    at = parse_optional(env["event"].get("approved_at"))
+    user = p.text(p.obj(env["event"], "user"), "username")
+    return None if at is None or user is None else (user, at)
+
+
 def after_revocation(env: dict[str, Any], seq: int | None) -> dict[str, Any]:
     """An undated approval ``env``, marked as standing after its user's revocation logged
     at ``seq`` (None: no revocation of theirs is logged for the MR).

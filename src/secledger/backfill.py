@@ -258,18 +258,25 @@ def record_envelopes(
 def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, Any] | None:
     """``env``, an undated approval marked with the revocation it follows, if any; None
     when an undated approval of that user already follows that revocation in the log,
-    with no other revocation of theirs between (``ledger.undated_standing``).
+    with no other revocation of theirs between (``ledger.undated_standing``), and for a
+    dated approval when such an undated one, placed at or after its time, told it.
 
     Without a time, one user's approvals differ only by the revocations between them,
     taken in the fold's order (event time, then seq) up to this approval's bound, not in
     the order they were logged: a revocation whose webhook came late can fall before an
     API approval logged earlier, which is then the approval that followed it.
     """
+    key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
+    dated = apifacts.dated_approval(env)
+    if dated is not None:
+        # GitLab began giving approval times (an upgrade): the approval an older one gave
+        # without a time, logged already, is this one, under a key of its own.
+        _, told = ledger.undated_standing(conn, key, *dated, dated=True)
+        return None if told else env
     approver = apifacts.undated_approver(env)
     bound = parse_optional(env.get("upper_bound"))
     if approver is None or bound is None:
         return env
-    key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
     revoked, told = ledger.undated_standing(conn, key, approver, bound)
     if told:
         return None

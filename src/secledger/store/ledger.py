@@ -75,6 +75,7 @@ _UNDATED_SINCE = text(
     " WHERE a.instance = :instance AND a.project_id = :project_id AND a.mr_iid = :mr_iid"
     " AND a.actor = :actor AND a.decision = 'approved'"
     " AND a.facts @> CAST(:undated AS jsonb) AND (a.event_at, a.seq) > (:after_at, :after_seq)"
+    " AND a.event_at >= :floor"
     " AND NOT EXISTS (SELECT 1 FROM review_events r"
     " WHERE r.instance = a.instance AND r.project_id = a.project_id AND r.mr_iid = a.mr_iid"
     " AND r.actor = a.actor AND r.decision = 'unapproved'"
@@ -85,13 +86,18 @@ _UNDATED_SINCE = text(
 
 
 def undated_standing(
-    conn: Connection, key: MRKey, actor: str, bound: datetime
+    conn: Connection, key: MRKey, actor: str, bound: datetime, *, dated: bool = False
 ) -> tuple[int | None, bool]:
     """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
     their latest revocation before it in event-time order, then log seq (None if none is
     logged), and whether an undated API approval of theirs already follows that
-    revocation with no other between, so that this approval is the one it told."""
-    params = key_params(key) | {"actor": actor, "bound": bound}
+    revocation with no other between, so that this approval is the one it told.
+
+    With ``dated``, ``bound`` is the time GitLab gives the approval (a newer GitLab): an
+    undated one placed at or after it, with no revocation between, is the same approval
+    as an older GitLab showed it."""
+    floor = bound if dated else datetime.min.replace(tzinfo=UTC)
+    params = key_params(key) | {"actor": actor, "bound": bound, "floor": floor}
     revoked = conn.execute(_LAST_REVOCATION, params).first()
     if revoked is None:
         after = {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
