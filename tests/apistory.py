@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from builders import USERS, label_change, mr_event
+from builders import label_change, mr_event, user_id
 from fakegitlab import FakeGitLab
 
 WEB = "https://gitlab.example.com"
@@ -19,7 +19,7 @@ WEB = "https://gitlab.example.com"
 def api_user(username: str) -> dict[str, Any]:
     """A user as the REST API returns it."""
     return {
-        "id": USERS.get(username, 999),
+        "id": user_id(username),
         "name": username.title(),
         "username": username,
         "state": "active",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ USERS = {
     "dave": 104,
     "erin": 105,
 }
+
+
+def user_id(username: str) -> int:
+    """A user's GitLab id: fixed for the usual cast, and one of its own for any other
+    name (the ledger tells users apart by id where both sides carry one)."""
+    return USERS.get(username) or 1000 + zlib.crc32(username.encode()) % 1_000_000
 
 
 def sample(name: str) -> dict[str, Any]:
@@ -47,7 +54,7 @@ def label(title: str) -> dict[str, Any]:
 def user(username: str) -> dict[str, Any]:
     """A user object as webhooks send it."""
     return {
-        "id": USERS.get(username, 999),
+        "id": user_id(username),
         "name": username.title(),
         "username": username,
         "avatar_url": None,
@@ -77,7 +84,7 @@ def mr_event(
         id=1000 + iid,
         iid=iid,
         target_project_id=project_id,
-        author_id=USERS.get(author, 999),
+        author_id=user_id(author),
         title=title,
         created_at=created_at,
         updated_at=updated_at,
@@ -129,7 +136,7 @@ def system_hook_event(
         id=1000 + iid,
         iid=iid,
         target_project_id=project_id,
-        author_id=USERS.get(author, 999),
+        author_id=user_id(author),
         title="Harden session cookies",
         created_at=created_at,
         updated_at=updated_at,

@@ -186,6 +186,60 @@ def test_an_approval_an_upgraded_gitlab_dates_is_the_one_it_gave_undated(
     assert_counted(engine, {"bob": (1, 1, 0), "carol": (1, 0, 0)})
 
 
+def test_a_user_renamed_before_the_backfill_is_still_one_user(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab
+) -> None:
+    """bob (id 102) became robert and carol (103) caroline after the webhooks; the API,
+    read later, names them as they are now. Counted as other people, bob's approval
+    became two approvers and resolved the critical MR's insufficient-approvals."""
+    story = Story(iid=1, label="sec::critical")
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+    assert open_rules(engine) == {"insufficient-approvals"}
+    project = fake.projects[14]
+    renamed = {"bob": "robert", "carol": "caroline"}
+    for item in project.approvals[1]:
+        item["user"] = item["user"] | {"username": renamed[item["user"]["username"]]}
+    for state in project.state_events[1]:
+        state["user"] = state["user"] | {"username": renamed[state["user"]["username"]]}
+    project.mrs[1]["merge_user"] = project.mrs[1]["merged_by"] = api_user("caroline") | {"id": 103}
+    before = ledger_rows(engine)
+    run_backfill(engine, api)
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == ["bob"]
+    assert (row["merged_by"], row["event_count"]) == ("carol", before[0]["event_count"])
+    assert open_rules(engine) == {"insufficient-approvals"}
+    assert_counted(engine, {"bob": (1, 1, 0), "carol": (1, 0, 0)})
+
+
+def test_migration_0020_downgrades_to_the_name_matching_views_and_back(
+    engine: Engine, api: GitLabAPI, fake: FakeGitLab
+) -> None:
+    """Down, the views match users by name again (bob and robert count apart); up, by id."""
+    story = Story(iid=1)
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+    for item in fake.projects[14].approvals[1]:
+        item["user"] = item["user"] | {"username": "robert"}
+    run_backfill(engine, api)
+    expected = {"bob": (1, 1, 0), "carol": (1, 0, 0)}
+    assert view_counts(engine) == expected
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0019")
+        conn.commit()
+    assert view_counts(engine) == expected | {"robert": (1, 1, 0)}
+    down_and_up(engine, "0019")
+    assert view_counts(engine) == expected
+
+
+def open_rules(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        query = text("SELECT rule FROM findings WHERE resolved_at IS NULL")
+        return {row[0] for row in conn.execute(query)}
+
+
 def api_approval(iid: int, actor: str, approved_at: str | None, *, decided: bool) -> dict[str, Any]:
     """The envelope backfill builds for one approval (undated when ``approved_at`` is None)."""
     story = Story(
@@ -249,9 +303,9 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
 
 
 def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
-    """Migration 0013 wrote ``copies.COUNTED`` into bi_decisions: the two must agree, or a
-    change to one needs a migration for the other."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0013")
+    """Migration 0020 (after 0013) wrote ``copies.COUNTED`` into bi_decisions: the two
+    must agree, or a change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0020")
     assert revision is not None
     written = " ".join(revision.module.COUNTED.split())
     assert written == " ".join(copies.COUNTED.split())
@@ -408,9 +462,9 @@ def test_migration_0017_downgrades_and_back(engine: Engine) -> None:
 
 
 def test_bi_reviewer_metrics_reads_the_groups_the_report_reads() -> None:
-    """Migration 0018 wrote ``copies.counted_groups`` into bi_reviewer_metrics: the two
-    must agree, or a change to one needs a migration for the other."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0018")
+    """Migration 0020 (after 0018) wrote ``copies.counted_groups`` into
+    bi_reviewer_metrics: the two must agree, or a change to one needs a migration."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0020")
     assert revision is not None
     written = " ".join(revision.module.GROUPS.split())
     assert written == " ".join(copies.counted_groups("TRUE").split())

@@ -43,23 +43,39 @@ def api_twin(alias: str) -> str:
         f" ELSE {x}.event_at - {_WINDOW} END"
         f" AND CASE WHEN {undated} THEN {x}.event_at ELSE {x}.event_at + {_WINDOW} END"
         f" AND w.decision = {x}.decision"
-        f" AND (nullif(w.actor, '') IS NULL OR nullif({x}.actor, '') IS NULL"
-        f" OR w.actor = {x}.actor)"
+        f" AND {same_user('w', x)} IS NOT FALSE"
         f" AND NOT {_from_api('w')}"
         f" AND NOT ({undated} AND {_revoked(x)})))"
+    )
+
+
+def _id_of(alias: str) -> str:
+    user = f"{alias}.facts -> 'actor_id'"
+    return f"(CASE WHEN jsonb_typeof({user}) = 'number' THEN {user} END)"
+
+
+def same_user(a: str, b: str) -> str:
+    """SQL: ``projection.same_user`` of events ``a`` and ``b``: by user id when both carry
+    one (names change), else by username; NULL when either names nobody."""
+    id_a, id_b = _id_of(a), _id_of(b)
+    return (
+        f"(CASE WHEN {id_a} IS NOT NULL AND {id_b} IS NOT NULL THEN {id_a} = {id_b}"
+        f" WHEN nullif({a}.actor, '') IS NULL OR nullif({b}.actor, '') IS NULL THEN NULL"
+        f" ELSE {a}.actor = {b}.actor END)"
     )
 
 
 def _revoked(x: str) -> str:
     # ``projection._standing``: the approval ``w`` is revoked, after it in event-time order
     # (then log seq) and by the API fact ``x``'s time, by its user (or the API fact's, when
-    # ``w`` names none).
+    # ``w`` names none; ``same_user``).
     return (
         "EXISTS (SELECT 1 FROM review_events r"
         " WHERE r.instance = w.instance AND r.project_id = w.project_id"
         f" AND r.mr_iid = w.mr_iid AND r.event_at BETWEEN w.event_at AND {x}.event_at"
         " AND (r.event_at, r.seq) > (w.event_at, w.seq) AND r.decision = 'unapproved'"
-        f" AND r.actor = coalesce(nullif(w.actor, ''), nullif({x}.actor, ''))"
+        f" AND CASE WHEN nullif(w.actor, '') IS NOT NULL OR {_id_of('w')} IS NOT NULL"
+        f" THEN {same_user('r', 'w')} ELSE {same_user('r', x)} END"
         f" AND NOT {_from_api('r')})"
     )
 

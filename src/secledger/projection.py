@@ -116,14 +116,27 @@ def _same_decision(api: EventFacts, other: EventFacts) -> bool:
     return _close(api.event_at, other.event_at)
 
 
+def same_user(a: EventFacts, b: EventFacts) -> bool | None:
+    """Whether two facts name one GitLab user: by id when both carry one (a username
+    can change, and the API tells the name a user has now, a webhook the name they had
+    then), else by name; None when either names nobody."""
+    if a.actor_id is not None and b.actor_id is not None:
+        return a.actor_id == b.actor_id
+    if not a.actor or not b.actor:
+        return None
+    return a.actor == b.actor
+
+
 def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEvent]) -> bool:
     """``approval`` still stands at the undated API approval's bound: its user did not
     revoke it before then (in event-time order, then log seq), so the API's approval can
     be that one."""
-    user = approval.facts.actor or api.actor
-    return not user or not any(
+    user = approval.facts if approval.facts.actor or approval.facts.actor_id else api
+    if not user.actor and user.actor_id is None:
+        return True
+    return not any(
         t.facts.decision == "unapproved"
-        and t.facts.actor == user
+        and same_user(t.facts, user) is True
         and _order(approval) < _order(t)
         and t.facts.event_at <= api.event_at
         for t in told
@@ -156,7 +169,7 @@ def same_fact(api: EventFacts, other: EventFacts) -> bool:
     Enough for every fact but an API approval without a time, which ``merge_sources``
     matches only to an approval still standing at its bound.
     """
-    if api.actor and other.actor and api.actor != other.actor:
+    if same_user(api, other) is False:
         return False
     if api.decision is not None:
         return _same_decision(api, other)
