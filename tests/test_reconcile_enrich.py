@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 import fakegitlab
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
-from builders import mr_event
+from builders import mr_event, user_id
 from secledger.backfill import Backfill, Period, find_merge_requests
 from secledger.enrich import enrich, start_background
 from secledger.errors import GitLabAPIError
@@ -59,7 +59,8 @@ def test_reconcile_reports_a_different_decider(engine, api, fake) -> None:
     story = Story(iid=1)
     story.publish(fake)
     bodies = story.webhooks()
-    bodies[-1]["user"]["username"] = "mallory"  # the ledger was told someone else merged
+    # The ledger was told someone else merged.
+    bodies[-1]["user"] |= {"username": "mallory", "id": user_id("mallory")}
     replay(engine, fake.url, bodies)
     report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
     [difference] = report.differences
@@ -178,7 +179,8 @@ def test_an_mr_whose_label_was_removed_is_looked_up_not_left_extra(engine, api, 
     for story in (agrees, disagrees, gone, listed):
         story.publish(fake)
     told = disagrees.webhooks()
-    told[-1]["user"]["username"] = "mallory"  # the ledger was told someone else merged
+    # The ledger was told someone else merged.
+    told[-1]["user"] |= {"username": "mallory", "id": user_id("mallory")}
     replay(engine, fake.url, agrees.webhooks() + told + gone.webhooks() + listed.webhooks())
     project = fake.projects[14]
     for iid in (1, 2):
