@@ -386,17 +386,11 @@ def _origin(url: str) -> str | None:
         parts = urlsplit(url)
     except ValueError:  # "http://[" and friends
         return None
-    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
-    if scheme not in {"http", "https"} or not _HOST.match(netloc):
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not _HOST.match(parts.netloc.lower()):
         return None
     # One spelling per origin: "host:443" and "host:0443" are "host" to a browser and
     # to GitLab, and must not pass for another instance than "host".
-    host, port = netloc, ""
-    if netloc.rfind(":") > netloc.rfind("]"):
-        host, _, port = netloc.rpartition(":")
-    if port and int(port) != _DEFAULT_PORTS[scheme]:
-        return f"{scheme}://{host}:{int(port)}"
-    return f"{scheme}://{host}"
+    return _host_of(url)
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
