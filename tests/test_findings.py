@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from builders import dumps, label_change, mr_event
+from builders import USERS, dumps, label_change, mr_event
 from secledger import findings, reports
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.findings import Finding, list_findings
@@ -221,6 +221,47 @@ def test_approval_revoked_before_merge_positive(engine) -> None:
     assert hit.evidence["revoked_by"] == ["bob"]
     # carol's approval still stands, so the tier's one approval is met.
     assert "insufficient-approvals" not in rules(engine)
+
+
+def as_renamed(body: dict[str, Any], was: str) -> dict[str, Any]:
+    """``body`` told by the user ``was`` under the username its actor has now."""
+    body["user"]["id"] = USERS[was]
+    return body
+
+
+def test_a_revocation_under_a_new_username_withdraws_the_approval(engine) -> None:
+    """bob (id 102) approved, was renamed robert, and revoked: the webhook tells the
+    revocation under the new name. Nothing stands at the merge, in the row or the rules."""
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        as_renamed(event("unapproved", 1.5, actor="robert"), was="bob"),
+        event("merge", 2, actor="carol"),
+    )
+    assert "insufficient-approvals" in rules(engine)
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert row["approvers"] == []
+
+
+def test_two_users_who_held_one_username_are_two_approvers(engine) -> None:
+    """bob (id 102) approved; renamed since, his old name went to erin (105), who approved
+    as bob too. Two approvers for the critical tier's two, in the row and the rules."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        as_renamed(event("approved", 1.5, actor="bob", **crit), was="erin"),
+        event("merge", 2, actor="carol", **crit),
+    )
+    assert "insufficient-approvals" not in rules(engine)
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert row["approvers"] == ["bob", "bob"]
 
 
 def test_approval_revoked_before_merge_negative_after_a_new_approval(engine) -> None:

@@ -305,7 +305,7 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
         raise ValueError("fold needs at least one event")
     ordered = ordered_facts(every)
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
-    approvers: list[str] = []
+    approvals: list[EventFacts] = []  # standing, in the order given
     tier: str | None = None
     for event in ordered:
         facts = event.facts
@@ -325,7 +325,7 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             row["state"] = facts.state
         elif facts.kind in STATE_AFTER:
             row["state"] = STATE_AFTER[facts.kind]
-        _apply_decision(row, approvers, facts)
+        _apply_decision(row, approvals, facts)
         if row["state"] != "closed":  # reopened since, told or not: that close was undone
             row.update(closed_by=None, closed_at=None)
     first = ordered[0].facts
@@ -333,6 +333,7 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     row["risk_tier"] = tier or first.tier
     row["security_labels"] = row["security_labels"] or []
     row["assigned_reviewers"] = row["assigned_reviewers"] or []
+    approvers = [str(approval.actor) for approval in approvals]
     row["approvers"] = approvers
     row["reviewer"] = approvers[-1] if approvers else row["decided_by"]
     labeled_at, source, labeled_by = _label_start(ordered)
@@ -345,20 +346,27 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     return row, ordered
 
 
-def _apply_decision(row: dict[str, Any], approvers: list[str], facts: EventFacts) -> None:
+def _apply_decision(row: dict[str, Any], approvals: list[EventFacts], facts: EventFacts) -> None:
     if facts.kind == APPROVALS_RESET:
-        approvers.clear()  # nobody's decision: ``decision`` keeps the last one made
+        approvals.clear()  # nobody's decision: ``decision`` keeps the last one made
         return
     decision = facts.decision
     if decision not in DECISION_KINDS:
         return
     row.update(decision=decision, decided_by=facts.actor, decided_at=facts.event_at)
     actor = facts.actor
-    if decision == "approved" and actor and actor not in approvers:
-        approvers.append(actor)
-    elif decision == "unapproved" and actor in approvers:
-        approvers.remove(actor)
+    if decision == "approved" and actor and _given_by(approvals, facts) is None:
+        approvals.append(facts)
+    elif decision == "unapproved":
+        given = _given_by(approvals, facts)
+        if given is not None:
+            del approvals[given]  # listed under the name they had then, if renamed since
     elif decision == "merged":
         row.update(merged_by=actor, merged_at=facts.event_at)
     elif decision == "closed":
         row.update(closed_by=actor, closed_at=facts.event_at)
+
+
+def _given_by(approvals: list[EventFacts], facts: EventFacts) -> int | None:
+    """Where in ``approvals`` the user of ``facts`` stands (``same_user``), if they do."""
+    return next((i for i, given in enumerate(approvals) if same_user(given, facts)), None)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
-from secledger.projection import STATE_AFTER, SequencedEvent
+from secledger.projection import STATE_AFTER, SequencedEvent, same_user
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -271,19 +271,36 @@ def evaluate(
 
 
 def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int]:
-    """Approver → approval seq, for approvals standing just before ``until``."""
-    standing: dict[str, int] = {}
+    """Approver → approval seq, for approvals standing just before ``until``.
+
+    A revocation withdraws its user's approval by GitLab user id when both carry one, so
+    a user renamed between the two (the webhook tells the name at the time) is one user.
+    """
+    standing: list[SequencedEvent] = []
     for event in context.history.events:
         if event is until:
             break
-        actor = event.facts.actor or ""
-        if event.facts.decision == "approved":
-            standing.setdefault(actor, event.seq)
-        elif event.facts.decision == "unapproved":
-            standing.pop(actor, None)
-        elif event.facts.kind == APPROVALS_RESET:
+        facts = event.facts
+        if facts.decision == "approved":
+            if not any(_one_approver(given.facts, facts) for given in standing):
+                standing.append(event)
+        elif facts.decision == "unapproved":
+            standing = [given for given in standing if not _one_approver(given.facts, facts)]
+        elif facts.kind == APPROVALS_RESET:
             standing.clear()
-    return standing
+    named: dict[str, int] = {}
+    for given in standing:
+        name = given.facts.actor or ""
+        if name in named:  # two users who held one name at different times
+            name = f"{name} (id {given.facts.actor_id})"
+        named[name] = given.seq
+    return named
+
+
+def _one_approver(a: EventFacts, b: EventFacts) -> bool:
+    """``same_user``; facts naming nobody at all count as one unknown user, as before."""
+    same = same_user(a, b)
+    return (a.actor or "") == (b.actor or "") if same is None else same
 
 
 def others(context: Context, approvals: dict[str, int]) -> dict[str, int]:
