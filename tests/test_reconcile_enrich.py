@@ -68,6 +68,25 @@ def test_reconcile_reports_a_different_decider(engine, api, fake) -> None:
     assert difference.fields == {"merged_by": {"gitlab": "carol", "ledger": "mallory"}}
 
 
+@pytest.mark.parametrize("decision", [("merge", "carol"), ("close", "dave")])
+def test_a_decider_renamed_since_the_webhook_is_no_difference(engine, api, fake, decision) -> None:
+    """The webhook told carol's merge (or dave's close); GitLab's API, asked later, names
+    the same user (same id) by the name they took since. A different user is still one."""
+    action, who = decision
+    story = Story(iid=1, decision=(action, who, "2025-08-06 12:00:00 UTC"))
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+    mr = fake.projects[14].mrs[1]
+    field = "merge_user" if action == "merge" else "closed_by"
+    mr[field] = mr[field] | {"username": f"{who}-renamed"}
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD)
+    assert (report.gitlab_count, report.ledger_count, report.differences) == (1, 1, [])
+    mr[field] = mr[field] | {"id": user_id("mallory")}
+    [difference] = reconcile(engine, api, POLICY, SCOPE, PERIOD).differences
+    column = "merged_by" if action == "merge" else "closed_by"
+    assert difference.fields == {column: {"gitlab": f"{who}-renamed", "ledger": who}}
+
+
 def test_an_mr_merged_at_the_edge_of_the_period_is_in_neither_as_a_difference(
     engine, api, fake
 ) -> None:

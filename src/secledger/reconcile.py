@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, RowMapping, text
+from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import payloads as p
 from secledger.backfill import (
@@ -53,6 +53,14 @@ _LEDGER_DECIDED = text(
     "SELECT project_id, mr_iid FROM security_review_ledger WHERE instance = :instance"
     " AND project_id = ANY(:projects) AND coalesce(merged_at, closed_at) >= :since"
     " AND coalesce(merged_at, closed_at) < :until"
+)
+# The GitLab user ids the log gives the ledger's merger and closer: a user renamed since
+# is told under their old name there, and the API tells the new one.
+_DECIDER_IDS = text(
+    "SELECT DISTINCT decision, (facts ->> 'actor_id')::bigint FROM review_events"
+    " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
+    " AND (decision = 'merged' AND actor = :merged_by OR decision = 'closed'"
+    " AND actor = :closed_by) AND jsonb_typeof(facts -> 'actor_id') = 'number'"
 )
 
 
@@ -98,13 +106,16 @@ class Report:
 def decision_of(mr: Mapping[str, Any]) -> tuple[str, datetime | None, str | None] | None:
     """``(state, decided_at, decided_by)`` of a merged or closed MR from the API."""
     state = p.text(mr, "state")
-    if state == "merged":
-        user = p.obj(mr, "merge_user") or p.obj(mr, "merged_by")
-        return "merged", parse_optional(mr.get("merged_at")), p.text(user, "username")
-    if state == "closed":
-        user = p.obj(mr, "closed_by")
-        return "closed", parse_optional(mr.get("closed_at")), p.text(user, "username")
+    if state in ("merged", "closed"):
+        at = parse_optional(mr.get(f"{state}_at"))
+        return state, at, p.text(_decider(mr), "username")
     return None
+
+
+def _decider(mr: Mapping[str, Any]) -> Mapping[str, Any]:
+    if p.text(mr, "state") == "merged":
+        return p.obj(mr, "merge_user") or p.obj(mr, "merged_by")
+    return p.obj(mr, "closed_by")
 
 
 def decided_during(mr: Mapping[str, Any], period: Period) -> bool:
@@ -118,8 +129,14 @@ def decided_in(mrs: Mapping[MRRef, dict[str, Any]], period: Period) -> dict[MRRe
     return {ref: mr for ref, mr in mrs.items() if decided_during(mr, period)}
 
 
-def compare(mr: Mapping[str, Any], row: Mapping[str, Any] | RowMapping | None) -> Difference | None:
-    """How the ledger row differs from GitLab's MR, if it does."""
+def compare(
+    mr: Mapping[str, Any],
+    row: Mapping[str, Any] | RowMapping | None,
+    decider_ids: frozenset[tuple[str, int]] = frozenset(),
+) -> Difference | None:
+    """How the ledger row differs from GitLab's MR, if it does. ``decider_ids``: the
+    (decision, user id) pairs the log gives the row's merger and closer
+    (``decider_ids``), so that a user renamed since is not a different decider."""
     ref = (int(mr["project_id"]), int(mr["iid"]))
     url = p.text(mr, "web_url")
     if row is None:
@@ -132,9 +149,26 @@ def compare(mr: Mapping[str, Any], row: Mapping[str, Any] | RowMapping | None) -
     stored_at, stored_by = row[f"{column}_at"], row[f"{column}_by"]
     if at is not None and (stored_at is None or abs(stored_at - at) > MATCH_TOLERANCE):
         fields[f"{column}_at"] = {"gitlab": isoformat(at), "ledger": isoformat(stored_at)}
-    if by is not None and stored_by != by:
+    by_id = p.integer(_decider(mr), "id")
+    renamed = by_id is not None and (column, by_id) in decider_ids
+    if by is not None and stored_by != by and not renamed:
         fields[f"{column}_by"] = {"gitlab": by, "ledger": stored_by}
     return Difference(*ref, "different", url, fields) if fields else None
+
+
+def decider_ids(conn: Connection, key: MRKey, row: RowMapping | None) -> frozenset[tuple[str, int]]:
+    """(decision, GitLab user id) of the log's merge and close events by the users the
+    ledger row names as merger and closer."""
+    if row is None or (row["merged_by"] is None and row["closed_by"] is None):
+        return frozenset()
+    params = {
+        "instance": key.instance,
+        "project_id": key.project_id,
+        "mr_iid": key.mr_iid,
+        "merged_by": row["merged_by"],
+        "closed_by": row["closed_by"],
+    }
+    return frozenset((str(d), int(i)) for d, i in conn.execute(_DECIDER_IDS, params))
 
 
 def differences(
@@ -150,7 +184,9 @@ def differences(
     until = period.until or utcnow()
     with engine.connect() as conn:
         for (pid, iid), mr in sorted(gitlab.items()):
-            difference = compare(mr, ledger.get(conn, MRKey(instance, pid, iid)))
+            key = MRKey(instance, pid, iid)
+            row = ledger.get(conn, key)
+            difference = compare(mr, row, decider_ids(conn, key, row))
             if difference is not None:
                 found.append(difference)
         # The scope's projects, not only those GitLab still lists an MR of: in a project
@@ -192,15 +228,20 @@ def look_up_extras(
                 out.append(difference)
                 continue
             fetched[ref] = mr
-            row = ledger.get(conn, MRKey(api.instance, *ref))
-            found_now = unlisted(mr, row, policy, period)
+            key = MRKey(api.instance, *ref)
+            row = ledger.get(conn, key)
+            found_now = unlisted(mr, row, policy, period, decider_ids(conn, key, row))
             if found_now is not None:
                 out.append(found_now)
     return out, fetched
 
 
 def unlisted(
-    mr: Mapping[str, Any], row: RowMapping | None, policy: LabelPolicy, period: Period
+    mr: Mapping[str, Any],
+    row: RowMapping | None,
+    policy: LabelPolicy,
+    period: Period,
+    deciders: frozenset[tuple[str, int]] = frozenset(),
 ) -> Difference | None:
     """What an MR the ledger decided in the period is, when GitLab's labelled list left
     it out: ``different`` when GitLab disagrees (reopened, or decided otherwise: ``--fix``
@@ -208,7 +249,7 @@ def unlisted(
     period; ``unlabelled`` when it agrees and the MR carries no security label now
     (decided as recorded, the label removed since); otherwise ``extra``."""
     ref, url = (int(mr["project_id"]), int(mr["iid"])), p.text(mr, "web_url")
-    changed = compare(mr, row)
+    changed = compare(mr, row, deciders)
     if changed is not None:
         return changed
     decision = decision_of(mr)
