@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
 from builders import USERS, dumps, label_change, mr_event
@@ -475,6 +476,37 @@ def test_a_review_given_before_a_later_label_addition_stops_the_clock(engine) ->
         clock = conn.execute(text("SELECT labeled_at, first_decision_by FROM review_sla")).one()
     assert tuple(clock) == (T0, "bob")
     assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+
+
+@pytest.mark.parametrize(
+    "before", [["sec::high"], ["sec/review"]], ids=["tier-change", "second-label"]
+)
+def test_a_first_event_that_changes_one_security_label_to_another_is_no_first_label(
+    engine, before
+) -> None:
+    """The first delivery seen changes the security labels (sec::high to sec::critical, or
+    sec::critical beside sec/review): its own previous labels held one, so the first label
+    came earlier and was never delivered. The clock starts at the MR's creation, not at
+    this change: the approvals at 110 h and 111 h are past the critical 24 h."""
+    after = [label for label in before if label != "sec::high"] + ["sec::critical"]
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event(
+            "update", 100, actor="dave", labels=after, changes=label_change(before, after, at(100))
+        ),
+        event("approved", 110, actor="bob", **crit),
+        event("approved", 111, actor="carol", **crit),
+    )
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert (row["labeled_at"], row["labeled_at_source"], row["labeled_by"]) == (
+        T0,
+        "created_at_fallback",
+        None,
+    )
+    assert ("sla-breached", "") in found(engine)
 
 
 def test_a_close_undone_by_a_reopen_does_not_stop_the_clock(engine) -> None:

@@ -83,12 +83,23 @@ def _label_start(events: list[SequencedEvent]) -> tuple[datetime | None, str | N
     created = [e.facts.created_at for e in events if e.facts.created_at is not None]
     start = first.labeled_at if first is not None else None
     # Without a creation time to fall back on, a late start is better than no clock.
-    if first is not None and start is not None and not (created and _shown_before(start, events)):
+    earlier = first is not None and (_carried_before(first) or _shown_before(start, events))
+    if first is not None and start is not None and not (created and earlier):
         by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
         return start, first.labeled_at_source, by
     if created:
         return min(created), "created_at_fallback", None
     return None, None, None
+
+
+def _carried_before(facts: EventFacts) -> bool:
+    # A webhook's label change whose labels before it already held a security label (a
+    # tier change, a second security label) is not the first labelling: that one was
+    # never delivered, or came before the hook existed.
+    if facts.labeled_at_source != "label_added":
+        return False
+    kept = any(label not in facts.security_added for label in facts.security_labels)
+    return kept or bool(facts.security_removed)
 
 
 def _shown_before(labeled_at: datetime, events: list[SequencedEvent]) -> bool:
