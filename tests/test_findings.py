@@ -207,6 +207,30 @@ def test_insufficient_approvals_negative_with_two_approvals(engine) -> None:
     assert rules(engine) == set()
 
 
+def test_a_relabel_after_the_merge_does_not_change_the_tier_it_merged_under(engine) -> None:
+    """A critical MR merged with one approval of the two required; relabelled sec::low an
+    hour after the merge. The merge is still judged as critical, and the row says so."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("merge", 2, actor="carol", **crit),
+        event(
+            "update",
+            3,
+            state="merged",
+            labels=["sec::low"],
+            changes=label_change(["sec::critical"], ["sec::low"], at(3)),
+        ),
+    )
+    assert found(engine)[("insufficient-approvals", "")].evidence["required"] == 2
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert (row["risk_tier"], row["security_labels"]) == ("critical", ["sec::low"])
+
+
 def test_approval_revoked_before_merge_positive(engine) -> None:
     record(
         engine,

@@ -82,11 +82,12 @@ def _label_start(events: list[SequencedEvent]) -> tuple[datetime | None, str | N
     first: EventFacts | None = min(added, key=attrgetter("labeled_at"), default=None)
     created = [e.facts.created_at for e in events if e.facts.created_at is not None]
     start = first.labeled_at if first is not None else None
-    # Without a creation time to fall back on, a late start is better than no clock.
-    earlier = first is not None and (_carried_before(first) or _shown_before(start, events))
-    if first is not None and start is not None and not (created and earlier):
-        by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
-        return start, first.labeled_at_source, by
+    if first is not None and start is not None:
+        earlier = _carried_before(first) or _shown_before(start, events)
+        # Without a creation time to fall back on, a late start is better than no clock.
+        if not (created and earlier):
+            by = first.actor if first.labeled_at_source in {"label_added", "api"} else None
+            return start, first.labeled_at_source, by
     if created:
         return min(created), "created_at_fallback", None
     return None, None, None
@@ -318,6 +319,7 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
     approvals: list[EventFacts] = []  # standing, in the order given
     tier: str | None = None
+    merged_under: str | None = None  # the tier at the first merge: a relabel cannot undo it
     for event in ordered:
         facts = event.facts
         for name in ("mr_id", "project_path", "title", "url", "author_id"):
@@ -328,15 +330,15 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             row["security_labels"] = list(facts.security_labels)
         if facts.reviewers is not None:
             row["assigned_reviewers"] = list(facts.reviewers)
-        if facts.security_labels:
-            tier = facts.tier
-        elif facts.tier_before is not None:
-            tier = facts.tier_before  # the labels a removal took away named it
+        if merged_under is None:
+            tier = _tier_after(tier, facts)
         if facts.state is not None:
             row["state"] = facts.state
         elif facts.kind in STATE_AFTER:
             row["state"] = STATE_AFTER[facts.kind]
         _apply_decision(row, approvals, facts)
+        if facts.decision == "merged" and merged_under is None:
+            merged_under = tier
         if row["state"] != "closed":  # reopened since, told or not: that close was undone
             row.update(closed_by=None, closed_at=None)
     first = ordered[0].facts
@@ -355,6 +357,14 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     row["last_seq"] = max(e.seq for e in every)
     row["event_count"] = len(ordered)
     return row, ordered
+
+
+def _tier_after(tier: str | None, facts: EventFacts) -> str | None:
+    if facts.security_labels:
+        return facts.tier
+    if facts.tier_before is not None:
+        return facts.tier_before  # the labels a removal took away named it
+    return tier
 
 
 def _apply_decision(row: dict[str, Any], approvals: list[EventFacts], facts: EventFacts) -> None:
