@@ -561,6 +561,30 @@ def test_an_mr_closed_reopened_and_seen_closed_again_is_in_the_period_of_its_las
     assert read_csv(tmp_path / "before" / "population.csv") == []
 
 
+def test_a_breach_serve_has_not_recorded_yet_is_in_the_pack(engine: Engine, tmp_path: Path) -> None:
+    """Closed, reopened, then seen closed by an edit with the close's webhook lost: the
+    clock still runs, past its deadline. No event after the deadline recorded the breach
+    and serve's periodic check has not run, yet the pack lists it, as `secledger findings
+    --all` does, and the population row counts it."""
+    common: dict[str, Any] = {"iid": 72, "created_at": at(0)}
+    history = [
+        mr_event("open", updated_at=at(0), **common),
+        mr_event("close", actor="dave", updated_at=at(5), **common),
+        mr_event("reopen", actor="erin", updated_at=at(30), **common),
+        mr_event("update", labels=["sec::high", "x"], state="closed", updated_at=at(40), **common),
+    ]
+    assert {fed(engine, body) for body in history} == {"recorded"}
+    pack = build(engine, tmp_path / "pack", since=T0, until=UNTIL)
+    (row,) = read_csv(tmp_path / "pack" / "population.csv")
+    assert (row["mr_iid"], row["sla_status"], row["findings"]) == ("72", "overdue", "1")
+    packed = json.loads((tmp_path / "pack" / "findings.json").read_bytes())
+    assert [(f["mr_iid"], f["rule"], f["id"]) for f in packed] == [(72, "sla-breached", None)]
+    assert pack.findings == 1
+    with engine.connect() as conn:
+        listed = findings.list_findings(conn, CompliancePolicy(), pack.generated_at)
+    assert packed == [f.to_json() for f in listed]
+
+
 def test_a_state_seen_decision_time_orders_events_of_the_same_second_by_arrival(
     engine: Engine, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ from secledger import findings, packchain, packreadme, reports
 from secledger.packfiles import PackDir
 from secledger.store import checkpoints, db
 from secledger.store.chain import time_text
+from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
 
 FORMAT = "secledger.evidence.v1"
@@ -111,12 +112,13 @@ SELECT p.position, l.instance, l.project_id, l.mr_iid, l.project_path, l.title, 
        CASE p.outcome WHEN 'merged' THEN l.merged_by ELSE l.closed_by END AS decided_by,
        l.author_id, l.labeled_at, l.approvers, s.deadline AS sla_deadline,
        s.first_decision_at, s.first_decision_by, {reports.SLA_STATUS} AS sla_status,
-       (SELECT count(*) FROM findings f WHERE f.instance = l.instance
-            AND f.project_id = l.project_id AND f.mr_iid = l.mr_iid) AS findings,
-       l.event_count, l.last_seq
+       coalesce(found.findings, 0) AS findings, l.event_count, l.last_seq
 FROM {POPULATION} p
 JOIN security_review_ledger l USING (instance, project_id, mr_iid)
 LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
+LEFT JOIN (SELECT instance, project_id, mr_iid, count(*) AS findings
+           FROM {findings.FINDINGS_AS_OF} f GROUP BY instance, project_id, mr_iid) found
+    USING (instance, project_id, mr_iid)
 ORDER BY p.position
 """
 _EVENTS = f"""
@@ -161,6 +163,8 @@ class Options:
     sample: int = 25
     project: str | None = None
     tier: str | None = None
+    # Which tier's breaches are high: the findings are listed as they stand at the pack.
+    policy: CompliancePolicy = field(default_factory=CompliancePolicy)
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class Pack:
     def to_json(self) -> dict[str, Any]:
         """The content of ``pack.json``."""
         data = asdict(self)
+        data["options"].pop("policy")  # the settings' tier policy, not a choice of the pack's
         data["format"] = FORMAT
         data["sample_algorithm"] = self.sample_algorithm
         data.pop("files")
@@ -257,7 +262,7 @@ def _snapshot(conn: Connection, pack: Pack, files: PackDir, tracker: Tracker) ->
     pack.population = _create_population(conn, pack.options)
     positions = draw(pack.population, pack.options.sample, pack.options.seed)
     sampled = _write_population(conn, pack, files, set(positions), tracker)
-    pack.findings = _write_findings(conn, files)
+    pack.findings = _write_findings(conn, pack, files)
     _write_sla(conn, pack, files)
     _write_sample(conn, pack, files, sampled, tracker)
 
@@ -300,7 +305,8 @@ def _write_population(
         files.csv_table("population.csv", POPULATION_COLUMNS) as as_csv,
         files.csv_table("decision-trail.csv", TRAIL_CSV_COLUMNS) as trail_csv,
     ):
-        for row in _stream(conn, _POPULATION_ROWS, {"now": pack.generated_at}):
+        as_of = findings.as_of(pack.options.policy, pack.generated_at)
+        for row in _stream(conn, _POPULATION_ROWS, as_of):
             mr = dict(row)
             events = []
             while pending is not None and pending[0] == mr["position"]:
@@ -316,14 +322,15 @@ def _write_population(
     return sampled
 
 
-def _write_findings(conn: Connection, files: PackDir) -> int:
-    """Every finding (open and resolved) of the population's MRs."""
+def _write_findings(conn: Connection, pack: Pack, files: PackDir) -> int:
+    """Every finding (open and resolved) of the population's MRs, as they stand when the
+    pack is made: SLA breaches that serve's periodic check has not recorded yet too."""
     count = 0
     with (
         files.json_array("findings.json") as as_json,
         files.csv_table("findings.csv", FINDING_COLUMNS) as as_csv,
     ):
-        for finding in findings.of_mrs(conn, POPULATION):
+        for finding in findings.of_mrs(conn, POPULATION, pack.options.policy, pack.generated_at):
             item = finding.to_json()
             as_json.add(item)
             as_csv.add(item)
@@ -355,7 +362,7 @@ def _write_sample(
     sampled: dict[int, dict[str, Any]],
     tracker: Tracker,
 ) -> None:
-    """One JSON file per sampled MR: its ledger row and every log row, raw payload included."""
+    """One JSON file per sampled MR: its population row and every log row, raw payload included."""
     advance = tracker.task("sample", len(sampled))
     positions = sorted(sampled)
     history: dict[int, list[dict[str, Any]]] = {position: [] for position in positions}

@@ -339,8 +339,6 @@ _COLUMNS = (
     "id, rule, severity, instance, project_id, mr_iid, project_path, url, risk_tier,"
     " subject, seqs, detected_at, resolved_at, evidence"
 )
-# What is recorded, for evidence packs (each finding there has its id).
-_LIST = f"SELECT {_COLUMNS} FROM bi_findings"
 # What holds at :now (FINDINGS_AS_OF), for listings: nothing is written to read it.
 _LIST_AS_OF = (
     f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier"
@@ -405,17 +403,20 @@ def list_findings(
     return [_finding(row) for row in conn.execute(query, params).mappings()]
 
 
-def of_mrs(conn: Connection, keys_table: str) -> Iterator[Finding]:
-    """Every finding, open and resolved, of the MRs listed in table ``keys_table``.
+def of_mrs(
+    conn: Connection, keys_table: str, policy: CompliancePolicy, now: datetime
+) -> Iterator[Finding]:
+    """Every finding, open and resolved, of the MRs listed in table ``keys_table``, as
+    they stand at ``now`` (``list_findings``): a breach not recorded yet has no id.
 
     ``keys_table`` (a trusted name, e.g. a temporary table the caller filled) has the
-    columns ``instance, project_id, mr_iid``. Ordered by MR, then id.
+    columns ``instance, project_id, mr_iid``. Ordered by MR, then id (none last).
     """
     query = text(
-        f"{_LIST} JOIN {keys_table} USING (instance, project_id, mr_iid)"
+        f"{_LIST_AS_OF} JOIN {keys_table} USING (instance, project_id, mr_iid)"
         ' ORDER BY instance COLLATE "C", project_id, mr_iid, id'
     )
-    for row in conn.execute(query).mappings():
+    for row in conn.execute(query, as_of(policy, now)).mappings():
         yield _finding(row)
 
 

@@ -23,7 +23,10 @@ FILES = (
         "every recorded event of those MRs: kind, decision, actor, event time, log `seq`"
         " and the log row's chain `hash` (hex)",
     ),
-    ("findings.csv, findings.json", "every finding of those MRs, open and resolved"),
+    (
+        "findings.csv, findings.json",
+        "every finding of those MRs, open and resolved, as they stood when the pack was made",
+    ),
     (
         "sla-summary.json, sla-tiers.csv, sla-reviewers.csv",
         "SLA figures per risk tier and per reviewer (`secledger report tiers|reviewers`)",
@@ -31,7 +34,7 @@ FILES = (
     ("sample/index.csv", "the sampled MRs: rank, population position, key, file"),
     (
         "sample/NNN-pP-mrM.json",
-        "one sampled MR: its ledger row and every log row in full, raw payload in base64",
+        "one sampled MR: its population row and every log row in full, raw payload in base64",
     ),
     ("chain/verify.json", "the hash-chain verification run when the pack was made"),
     ("chain/checkpoint-*.json", "the newest signed checkpoint, when one exists"),
