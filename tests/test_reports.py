@@ -453,6 +453,37 @@ def test_cli_findings_json_and_report_csv(history, database_url, monkeypatch, tm
     assert "is not a date" in bad.output
 
 
+def test_cli_tier_matches_whatever_its_case_and_an_unknown_one_is_told(
+    history, database_url, monkeypatch, tmp_path
+) -> None:
+    """Tier labels match whatever their case; so does --tier. A name no tier has still
+    runs (rows may carry a tier configured before) but says so, rather than an empty
+    table and nothing else."""
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL", database_url)
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    upper = runner.invoke(main, ["report", "tiers", "--format", "csv", "--tier", "High"])
+    assert upper.exit_code == 0, upper.output
+    assert upper.stdout.splitlines()[1].startswith("high,2,2,0")
+    assert upper.stderr == ""
+    found = runner.invoke(main, ["findings", "--format", "json", "--tier", "HIGH"])
+    assert {item["risk_tier"] for item in json.loads(found.stdout)} == {"high"}
+    typo = runner.invoke(main, ["report", "tiers", "--format", "csv", "--tier", "hihg"])
+    assert typo.exit_code == 0
+    assert typo.stdout.splitlines()[1:] == []
+    assert "no configured tier is named 'hihg' (critical, high, medium, low, unclassified)" in (
+        typo.stderr
+    )
+
+
+@pytest.mark.parametrize("command", ["findings", "report"])
+def test_a_period_that_ends_before_it_starts_is_refused(command) -> None:
+    args = [command] if command == "findings" else [command, "tiers"]
+    result = CliRunner().invoke(main, [*args, "--since", "2026-12-01", "--until", "2026-11-01"])
+    assert result.exit_code == 2
+    assert "--since must be before --until" in result.output
+
+
 @pytest.mark.parametrize("command", ["findings", "report"])
 def test_commands_have_help_with_an_example_and_are_documented(command) -> None:
     result = CliRunner().invoke(main, [command, "--help"])

@@ -40,7 +40,7 @@ business_hours = true
 reviewers = ["@Alice", "bob"]
 
 [business_hours]
-weekdays = ["mon", "tue", "wed", "thu"]
+weekdays = ["mon", "Tuesday", "WED", "4"]
 start = "08:30"
 end = "16:00"
 timezone = "Europe/Paris"
@@ -72,6 +72,8 @@ holidays = [2025-12-25]
         ('[business_hours]\ntimezone = "Mars/Olympus"\n', "unknown time zone"),
         ('[business_hours]\nstart = "18:00"\nend = "09:00"\n', "must be before end"),
         ("[business_hours]\nweekdays = [0]\n", "weekdays must list days"),
+        ('[business_hours]\nweekdays = ["mon", "funday"]\n', "or mon..sun: 'funday'"),
+        ('[business_hours]\nweekdays = ["monkey"]\n', "or mon..sun: 'monkey'"),
     ],
 )
 def test_invalid_policy_is_refused_with_a_clear_message(tmp_path, monkeypatch, toml, message):

@@ -21,6 +21,18 @@ if TYPE_CHECKING:
     from secledger.config import Settings
 
 _DAY_NAMES = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 7}
+_FULL_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_DAY_NAMES |= {name: number for number, name in enumerate(_FULL_DAY_NAMES, start=1)}
+
+
+def _day_number(name: str) -> int:
+    """A weekday by its name (``mon`` or ``monday``, any case) or its ISO number."""
+    found = _DAY_NAMES.get(name.strip().lower())
+    if found is None and name.strip().isdigit():
+        found = int(name)
+    if found is None:
+        raise ValueError(f"weekdays must list days 1 (Monday) to 7 (Sunday), or mon..sun: {name!r}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class BusinessHoursConfig(BaseModel):
     @classmethod
     def _day_names(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [_DAY_NAMES.get(v.lower()[:3], v) if isinstance(v, str) else v for v in value]
+            return [_day_number(v) if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("weekdays")

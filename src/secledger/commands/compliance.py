@@ -19,6 +19,7 @@ from secledger.times import utcnow
 
 if TYPE_CHECKING:
     from secledger.cli import Context
+    from secledger.config import Settings
 
 FINDING_COLUMNS = (
     "rule",
@@ -60,6 +61,25 @@ def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> date
         return reports.parse_bound(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def known_tier(settings: Settings, tier: str | None) -> str | None:
+    """``--tier`` as the settings spell it (tier labels match whatever their case); a
+    name no tier has is kept, since rows may carry a tier configured before, but told."""
+    if tier is None:
+        return None
+    known = [*settings.risk_tiers, settings.unclassified_tier]
+    for name in known:
+        if name.casefold() == tier.strip().casefold():
+            return name
+    click.echo(f"note: no configured tier is named {tier!r} ({', '.join(known)})", err=True)
+    return tier
+
+
+def check_period(since: datetime | None, until: datetime | None) -> None:
+    """Refuse a period that ends before it starts: it would list nothing, silently."""
+    if since is not None and until is not None and since >= until:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
 
 
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title: str) -> None:
@@ -116,6 +136,8 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
       secledger findings --all --since 2025-07-01 --format csv > findings.csv
       secledger findings --refresh-only
     """
+    check_period(since, until)
+    tier = known_tier(context.settings, tier)
     policy = CompliancePolicy.from_settings(context.settings)
     now = utcnow()
     with context.engine() as engine:
@@ -198,11 +220,12 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
       secledger report periods --period month --tier critical --format csv
       secledger report open --project acme/payments --format json
     """
+    check_period(since, until)
     filters = reports.Filters(
         since=since,
         until=until,
         project=project,
-        tier=tier,
+        tier=known_tier(context.settings, tier),
         reviewer=reviewer,
         period=period,
         policy=CompliancePolicy.from_settings(context.settings),

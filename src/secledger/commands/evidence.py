@@ -13,10 +13,11 @@ from sqlalchemy.exc import DataError
 
 from secledger import checkpoint as signing
 from secledger import evidence
-from secledger.commands.compliance import _when
+from secledger.commands.compliance import _when, check_period, known_tier
 from secledger.errors import SecledgerError
 from secledger.packfiles import MANIFEST
 from secledger.progress import RichTracker, stderr_progress
+from secledger.tierpolicy import CompliancePolicy
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -116,8 +117,7 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
         --sample 40 --seed 20260115 --tier critical
       cd evidence-2025q3 && sha256sum -c MANIFEST.sha256
     """
-    if since >= until:
-        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    check_period(since, until)
     _check_out(out, force)
     before = {path for path in out.rglob("*") if path.is_file()}
     options = evidence.Options(
@@ -126,7 +126,8 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
         seed=secrets.randbelow(SEED_LIMIT) if seed is None else seed,
         sample=sample,
         project=project,
-        tier=tier,
+        tier=known_tier(context.settings, tier),
+        policy=CompliancePolicy.from_settings(context.settings),
     )
     click.echo(f"sample seed: {options.seed}", err=True)
     try:
