@@ -567,6 +567,84 @@ def test_a_close_that_stands_stops_the_clock(engine) -> None:
     assert "sla-breached" not in {r for r, _ in found(engine, now=T0 + timedelta(hours=400))}
 
 
+def stored_clock(engine: Engine) -> tuple[Any, ...]:
+    with engine.connect() as conn:
+        query = text("SELECT risk_tier, sla_hours, deadline, first_decision_at FROM review_sla")
+        return tuple(conn.execute(query).one())
+
+
+def relabel(hours: float, before: str, after: str, **kwargs: Any) -> dict[str, Any]:
+    change = label_change([before], [after], at(hours))
+    return event("update", hours, labels=[after], changes=change, **kwargs)
+
+
+def test_a_downgrade_after_the_deadline_passed_does_not_undo_the_breach(engine) -> None:
+    """Critical (24 h) from T0; at 30 h, past its deadline, the author relabels it low
+    (336 h); bob approves at 31 h. The review was late while the MR was critical."""
+    crit = {"labels": ["sec::critical"]}
+    low = {"labels": ["sec::low"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        relabel(30, "sec::critical", "sec::low", actor="alice"),
+        event("approved", 31, actor="bob", **low),
+        event("merge", 32, actor="carol", **low),
+    )
+    hit = found(engine)[("sla-breached", "")]
+    assert (hit.severity, hit.evidence["tier"], hit.evidence["deadline"]) == (
+        "high",
+        "critical",
+        "2025-08-05T09:00:00Z",
+    )
+    hours = timedelta(hours=1)
+    assert stored_clock(engine) == ("critical", 24, T0 + 24 * hours, T0 + 31 * hours)
+
+
+def test_a_downgrade_before_the_deadline_gives_the_lower_tiers_time(engine) -> None:
+    """Critical from T0, corrected to low an hour later: the review at 100 h is in low's
+    336 h, and critical's 24 h never passed while the MR carried it."""
+    record(
+        engine,
+        event("open", 0, labels=["sec::critical"]),
+        relabel(1, "sec::critical", "sec::low"),
+        event("approved", 100, actor="bob", labels=["sec::low"]),
+    )
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+    hours = timedelta(hours=1)
+    assert stored_clock(engine) == ("low", 336, T0 + 336 * hours, T0 + 100 * hours)
+
+
+def test_a_relabel_after_the_review_does_not_make_it_late(engine) -> None:
+    """Low from T0, reviewed at 100 h (in low's 336 h), raised to critical at 110 h: the
+    review was on time for the tier it had; critical's approvals rule still applies."""
+    record(
+        engine,
+        event("open", 0, labels=["sec::low"]),
+        event("approved", 100, actor="bob", labels=["sec::low"]),
+        relabel(110, "sec::low", "sec::critical"),
+    )
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+    assert stored_clock(engine)[:2] == ("low", 336)
+    with engine.connect() as conn:
+        row = ledger.get(conn, KEY)
+    assert row is not None
+    assert row["risk_tier"] == "critical"
+
+
+def test_a_raise_past_the_new_tiers_deadline_is_overdue_from_the_raise(engine) -> None:
+    """Low from T0, raised to critical at 30 h with no review yet: critical's 24 h had
+    passed, so the review is overdue from the raise on, not from before it."""
+    record(
+        engine,
+        event("open", 0, labels=["sec::low"]),
+        relabel(30, "sec::low", "sec::critical"),
+    )
+    assert stored_clock(engine) == ("critical", 24, T0 + timedelta(hours=30), None)
+    hit = found(engine, now=T0 + timedelta(hours=31))[("sla-breached", "")]
+    assert hit.evidence["status"] == "open past deadline"
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(hours=29))
+
+
 def test_sla_breached_negative_when_decided_in_time(engine) -> None:
     record(engine, event("open", 0), event("approved", 71, actor="bob"))
     assert "sla-breached" not in rules(engine)

@@ -318,8 +318,6 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     ordered = ordered_facts(every)
     row: dict[str, Any] = dict.fromkeys(LEDGER_COLUMNS)
     approvals: list[EventFacts] = []  # standing, in the order given
-    tier: str | None = None
-    merged_under: str | None = None  # the tier at the first merge: a relabel cannot undo it
     for event in ordered:
         facts = event.facts
         for name in ("mr_id", "project_path", "title", "url", "author_id"):
@@ -330,20 +328,17 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
             row["security_labels"] = list(facts.security_labels)
         if facts.reviewers is not None:
             row["assigned_reviewers"] = list(facts.reviewers)
-        if merged_under is None:
-            tier = _tier_after(tier, facts)
         if facts.state is not None:
             row["state"] = facts.state
         elif facts.kind in STATE_AFTER:
             row["state"] = STATE_AFTER[facts.kind]
         _apply_decision(row, approvals, facts)
-        if facts.decision == "merged" and merged_under is None:
-            merged_under = tier
         if row["state"] != "closed":  # reopened since, told or not: that close was undone
             row.update(closed_by=None, closed_at=None)
     first = ordered[0].facts
     row.update(instance=first.instance, project_id=first.project_id, mr_iid=first.mr_iid)
-    row["risk_tier"] = tier or first.tier
+    tiers = tier_changes(ordered)
+    row["risk_tier"] = tiers[-1][1] if tiers else first.tier
     row["security_labels"] = row["security_labels"] or []
     row["assigned_reviewers"] = row["assigned_reviewers"] or []
     approvers = [str(approval.actor) for approval in approvals]
@@ -357,6 +352,25 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     row["last_seq"] = max(e.seq for e in every)
     row["event_count"] = len(ordered)
     return row, ordered
+
+
+def tier_changes(ordered: Iterable[SequencedEvent]) -> list[tuple[datetime, str]]:
+    """(event time, tier) at each event of ``ordered`` (``ordered_facts``) that changes
+    the MR's tier: the tier of the latest event with a security label, or of the labels
+    a removal took away. Once the MR merged with a tier, that tier stays: a relabel after
+    the merge cannot change what the merge is judged by."""
+    changes: list[tuple[datetime, str]] = []
+    tier: str | None = None
+    merged_under = False
+    for event in ordered:
+        facts = event.facts
+        if not merged_under:
+            after = _tier_after(tier, facts)
+            if after is not None and after != tier:
+                changes.append((facts.event_at, after))
+                tier = after
+        merged_under = merged_under or (facts.decision == "merged" and tier is not None)
+    return changes
 
 
 def _tier_after(tier: str | None, facts: EventFacts) -> str | None:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
-from secledger.projection import STATE_AFTER, SequencedEvent, same_user
+from secledger.projection import STATE_AFTER, SequencedEvent, same_user, tier_changes
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -169,41 +169,104 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
     was labelled, with no decision after the label, has nothing left to wait for, and its
     clock never runs. One closed before the label and reopened after it is open again:
     its clock runs from the label.
+
+    The deadline is the one of the tier the MR carried while its clock ran. When that
+    tier changed, the review was due at the first moment the tier carried then was past
+    its own deadline (``_due``): a downgrade after the deadline passed does not undo the
+    breach, and a relabel after the decision does not make it late.
     """
-    tier_rule = policy.rule(history.tier)
     labeled_at = history.labeled_at
+    stop = _clock_stop(history)
+    tier, deadline = _due(history, policy, stop.facts.event_at if stop else None)
+    tier_rule = policy.rule(tier)
     clock = SlaClock(
-        tier=history.tier,
+        tier=tier,
         sla_hours=tier_rule.sla_hours,
         business_hours=tier_rule.business_hours,
         required_approvals=tier_rule.approvals,
         labeled_at=labeled_at,
         label_seq=_label_seq(history),
-        deadline=policy.deadline(history.tier, labeled_at) if labeled_at else None,
+        deadline=deadline,
     )
     if labeled_at is None:
         return clock
-    events = history.events
-    for position, event in enumerate(events):
-        facts = event.facts
-        if facts.decision not in CLOCK_STOPPERS or facts.event_at < labeled_at:
-            continue
-        author = history.author_id
-        if facts.decision == "approved" and author is not None and facts.actor_id == author:
-            continue  # an author approving their own change is not a review
-        if facts.decision == "closed" and _reopened(events[position + 1 :]):
-            continue  # the MR was open for review again: that close decided nothing
+    if stop is not None:
         return SlaClock(
             **{
                 **clock.__dict__,
-                "first_decision_at": facts.event_at,
-                "first_decision": facts.decision,
-                "first_decision_by": facts.actor,
-                "first_decision_seq": event.seq,
+                "first_decision_at": stop.facts.event_at,
+                "first_decision": stop.facts.decision,
+                "first_decision_by": stop.facts.actor,
+                "first_decision_seq": stop.seq,
             }
         )
     ended = _ended_before_label(history)
     return replace(clock, ended_before_label=ended) if ended else clock
+
+
+def _clock_stop(history: MRHistory) -> SequencedEvent | None:
+    """The first decision after the label that stops the clock, if one did."""
+    labeled_at = history.labeled_at
+    author = history.author_id
+    events = history.events
+    for position, event in enumerate(events):
+        facts = event.facts
+        if (
+            labeled_at is None
+            or facts.decision not in CLOCK_STOPPERS
+            or facts.event_at < labeled_at
+        ):
+            continue
+        if facts.decision == "approved" and author is not None and facts.actor_id == author:
+            continue  # an author approving their own change is not a review
+        if facts.decision == "closed" and _reopened(events[position + 1 :]):
+            continue  # the MR was open for review again: that close decided nothing
+        return event
+    return None
+
+
+def _due(
+    history: MRHistory, policy: CompliancePolicy, stopped_at: datetime | None
+) -> tuple[str, datetime | None]:
+    """The tier whose deadline applies, and that deadline: the earliest moment the MR,
+    between its label and ``stopped_at``, carried a tier whose deadline had passed; else
+    (decided in time) the tier at the decision and its deadline."""
+    labeled_at = history.labeled_at
+    if labeled_at is None:
+        return history.tier, None
+    periods = _tier_periods(history, labeled_at, stopped_at)
+    late = []
+    for start, end, tier in periods:
+        moment = max(start, policy.deadline(tier, labeled_at))
+        if end is None or moment < end:
+            late.append((moment, tier))
+    if late:
+        moment, tier = min(late, key=lambda due: due[0])
+        return tier, moment
+    tier = periods[-1][2]
+    return tier, policy.deadline(tier, labeled_at)
+
+
+def _tier_periods(
+    history: MRHistory, labeled_at: datetime, stopped_at: datetime | None
+) -> list[tuple[datetime, datetime | None, str]]:
+    """(from, until, tier) from the label to ``stopped_at`` (None: still running). A tier
+    first told after the label stands from the label: nothing told another before it."""
+    changes = tier_changes(history.events)
+    if not changes:
+        return [(labeled_at, stopped_at, history.tier)]
+    periods: list[tuple[datetime, datetime | None, str]] = []
+    for index, (at, tier) in enumerate(changes):
+        until = changes[index + 1][0] if index + 1 < len(changes) else None
+        if until is not None and until <= labeled_at:
+            continue  # replaced before the label
+        start = at if periods else labeled_at
+        if stopped_at is not None and periods and start >= stopped_at:
+            break
+        if stopped_at is not None and (until is None or until > stopped_at):
+            until = stopped_at
+        periods.append((start, until, tier))
+    return periods
 
 
 def _reopened(later: Sequence[SequencedEvent]) -> bool:
