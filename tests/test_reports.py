@@ -165,8 +165,19 @@ def test_reviewers_report_filters_on_reviewer_and_decision_time(history) -> None
             "sla_adherence_pct": 0.0,
         }
     ]
-    # As GitLab writes a user: the same rows.
-    assert run(history, reports.reviewers, reviewer="@bob", since=T0 + timedelta(hours=100)) == rows
+    # As GitLab writes a user, and whatever the case (GitLab ignores it): the same rows.
+    for spelled in ("@bob", "BOB", "@Bob"):
+        assert (
+            run(history, reports.reviewers, reviewer=spelled, since=T0 + timedelta(hours=100))
+            == rows
+        )
+
+
+@pytest.mark.parametrize("report", [reports.tiers, reports.projects, reports.findings])
+def test_the_reviewer_filter_of_every_report_ignores_the_case(history, report) -> None:
+    named = run(history, report, reviewer="bob")
+    assert named
+    assert run(history, report, reviewer="Bob") == named
 
 
 def test_reviewers_report_filters_on_the_mrs_tier_and_project(history) -> None:

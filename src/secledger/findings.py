@@ -23,6 +23,7 @@ from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
+from secledger.usernames import approved_by
 
 CLOCK_COLUMNS = (
     "risk_tier",
@@ -354,7 +355,7 @@ _ORDER = "detected_at DESC, id DESC NULLS FIRST, instance, project_id, mr_iid"
 _APPROVED_BY = (
     "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = found.instance"
     " AND r.project_id = found.project_id AND r.mr_iid = found.mr_iid"
-    " AND :reviewer = ANY(r.approvers))"
+    f" AND {approved_by('r.approvers')})"
 )
 
 

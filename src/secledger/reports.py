@@ -22,6 +22,7 @@ from secledger.copies import counted_groups
 from secledger.errors import TimestampError
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
+from secledger.usernames import approved_by, same_name
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
@@ -198,7 +199,7 @@ class FindingsRow(Row):
     mrs: int
 
 
-MR_REVIEWER = "(:reviewer = ANY(l.approvers) OR s.first_decision_by = :reviewer)"
+MR_REVIEWER = f"({approved_by('l.approvers')} OR {same_name('s.first_decision_by')})"
 
 
 def _mr_filters(
@@ -310,7 +311,7 @@ def reviewers(conn: Connection, filters: Filters) -> list[ReviewerRow]:
     # made PostgreSQL misjudge the rows and probe the clocks one decision at a time.
     by_event = Filters(since=filters.since, until=filters.until, reviewer=filters.reviewer)
     by_mr = Filters(project=filters.project, tier=filters.tier)
-    events, params = _mr_filters(by_event, "e.event_at", reviewer="e.actor = :reviewer")
+    events, params = _mr_filters(by_event, "e.event_at", reviewer=same_name("e.actor"))
     mrs, mr_params = _mr_filters(by_mr, "")
     ledger = ""
     if filters.project is not None or filters.tier is not None:
@@ -356,7 +357,7 @@ LIMIT :limit"""
 def findings(conn: Connection, filters: Filters) -> list[FindingsRow]:
     """Findings per rule and severity, detected in the period; open MRs past their deadline
     count as breached whether or not serve has recorded it yet."""
-    where, params = _mr_filters(filters, "f.detected_at", reviewer=":reviewer = ANY(l.approvers)")
+    where, params = _mr_filters(filters, "f.detected_at", reviewer=approved_by("l.approvers"))
     params |= store.as_of(filters.policy, filters.now)
     query = f"""
 SELECT f.rule, f.severity,

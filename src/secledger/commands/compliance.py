@@ -184,7 +184,7 @@ def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevalua
 @click.option("--until", callback=_when, metavar="DATE", help="To this date (UTC), exclusive.")
 @click.option("--project", help="Project id or path (group/project).")
 @click.option("--tier", help="Risk tier.")
-@click.option("--reviewer", help="GitLab username (a leading @ is ignored; case counts).")
+@click.option("--reviewer", help="GitLab username (a leading @ and the case are ignored).")
 @click.option(
     "--period",
     type=click.Choice(reports.PERIODS),
