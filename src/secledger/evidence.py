@@ -117,7 +117,7 @@ FROM {POPULATION} p
 JOIN security_review_ledger l USING (instance, project_id, mr_iid)
 LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
 LEFT JOIN (SELECT instance, project_id, mr_iid, count(*) AS findings
-           FROM {findings.FINDINGS_AS_OF} f GROUP BY instance, project_id, mr_iid) found
+           FROM {findings.findings_as_of(POPULATION)} f GROUP BY instance, project_id, mr_iid) found
     USING (instance, project_id, mr_iid)
 ORDER BY p.position
 """

@@ -245,24 +245,34 @@ _STORED_BREACH = (
     "f.instance = b.instance AND f.project_id = b.project_id AND f.mr_iid = b.mr_iid"
     " AND f.rule = 'sla-breached' AND f.subject = ''"
 )
+
+
 # The findings table as _RECORD_OVERDUE would leave it at :now, computed and not
 # written, so a report or a listing never writes and a read-only login sees the same
 # answer. Stored rows as they are, except a resolved breach of an MR overdue again,
 # which reads as reopened; plus the breaches not recorded yet, with id NULL, detected
 # at :now (what recording them now would store). The overdue set comes from the index
 # of running clocks: a read costs about what the check's SELECT costs, without writes.
-FINDINGS_AS_OF = (
-    "(SELECT f.id, f.instance, f.project_id, f.mr_iid, f.rule, f.subject, f.severity,"
-    " f.seqs, f.evidence, f.detected_at, f.resolved_at FROM findings f"
-    " WHERE NOT (f.resolved_at IS NOT NULL AND f.rule = 'sla-breached' AND f.subject = ''"
-    f" AND EXISTS (SELECT FROM ({_BREACHES}) b WHERE {_STORED_BREACH}))"
-    " UNION ALL"
-    " SELECT f.id, b.instance, b.project_id, b.mr_iid, b.rule, b.subject,"
-    " coalesce(f.severity, b.severity), coalesce(f.seqs, b.seqs),"
-    " coalesce(f.evidence, b.evidence), coalesce(f.detected_at, CAST(:now AS timestamptz)),"
-    f" NULL::timestamptz FROM ({_BREACHES}) b LEFT JOIN findings f ON {_STORED_BREACH}"
-    " WHERE f.id IS NULL OR f.resolved_at IS NOT NULL)"
-)
+def findings_as_of(keys_table: str | None = None) -> str:
+    """``FINDINGS_AS_OF``, of the MRs listed in table ``keys_table`` only (a trusted name
+    with the columns ``instance, project_id, mr_iid``): each branch joins it before it
+    reads, so a few MRs cost a few index probes, not a pass over every finding."""
+    scope = "" if keys_table is None else f" JOIN {keys_table} USING (instance, project_id, mr_iid)"
+    return (
+        "(SELECT f.id, f.instance, f.project_id, f.mr_iid, f.rule, f.subject, f.severity,"
+        f" f.seqs, f.evidence, f.detected_at, f.resolved_at FROM findings f{scope}"
+        " WHERE NOT (f.resolved_at IS NOT NULL AND f.rule = 'sla-breached' AND f.subject = ''"
+        f" AND EXISTS (SELECT FROM ({_BREACHES}) b WHERE {_STORED_BREACH}))"
+        " UNION ALL"
+        " SELECT f.id, b.instance, b.project_id, b.mr_iid, b.rule, b.subject,"
+        " coalesce(f.severity, b.severity), coalesce(f.seqs, b.seqs),"
+        " coalesce(f.evidence, b.evidence), coalesce(f.detected_at, CAST(:now AS timestamptz)),"
+        f" NULL::timestamptz FROM ({_BREACHES}) b{scope} LEFT JOIN findings f ON {_STORED_BREACH}"
+        " WHERE f.id IS NULL OR f.resolved_at IS NOT NULL)"
+    )
+
+
+FINDINGS_AS_OF = findings_as_of()
 
 
 def as_of(policy: CompliancePolicy, now: datetime) -> dict[str, Any]:
@@ -340,12 +350,18 @@ _COLUMNS = (
     "id, rule, severity, instance, project_id, mr_iid, project_path, url, risk_tier,"
     " subject, seqs, detected_at, resolved_at, evidence"
 )
-# What holds at :now (FINDINGS_AS_OF), for listings: nothing is written to read it.
-_LIST_AS_OF = (
-    f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier"
-    f" FROM {FINDINGS_AS_OF} f"
-    " LEFT JOIN security_review_ledger l USING (instance, project_id, mr_iid)) AS found"
-)
+
+
+def _list_as_of(keys_table: str | None = None) -> str:
+    # What holds at :now (FINDINGS_AS_OF), for listings: nothing is written to read it.
+    return (
+        f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier"
+        f" FROM {findings_as_of(keys_table)} f"
+        " LEFT JOIN security_review_ledger l USING (instance, project_id, mr_iid)) AS found"
+    )
+
+
+_LIST_AS_OF = _list_as_of()
 # Newest first. A breach not recorded yet has no id: it sorts first among its equals, as
 # the row recording it would (a new id is the highest), then by MR, so the order is stable.
 _ORDER = "detected_at DESC, id DESC NULLS FIRST, instance, project_id, mr_iid"
@@ -413,10 +429,7 @@ def of_mrs(
     ``keys_table`` (a trusted name, e.g. a temporary table the caller filled) has the
     columns ``instance, project_id, mr_iid``. Ordered by MR, then id (none last).
     """
-    query = text(
-        f"{_LIST_AS_OF} JOIN {keys_table} USING (instance, project_id, mr_iid)"
-        ' ORDER BY instance COLLATE "C", project_id, mr_iid, id'
-    )
+    query = text(f'{_list_as_of(keys_table)} ORDER BY instance COLLATE "C", project_id, mr_iid, id')
     for row in conn.execute(query, as_of(policy, now)).mappings():
         yield _finding(row)
 
