@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, text
 
 from builders import USERS, dumps, label_change, mr_event
@@ -22,7 +23,7 @@ from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold
 from secledger.rules import evaluate, sla_clock
 from secledger.service import Recording, feed
-from secledger.store import db, ledger
+from secledger.store import db, ledger, migrate
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)  # a Monday
@@ -629,6 +630,48 @@ def test_a_relabel_after_the_review_does_not_make_it_late(engine) -> None:
         row = ledger.get(conn, KEY)
     assert row is not None
     assert row["risk_tier"] == "critical"
+    status = text(
+        "SELECT risk_tier, sla_tier, sla_hours, required_approvals, sla_status FROM bi_sla_status"
+    )
+    with engine.connect() as conn:
+        # The SLA's tier and hours, the MR's tier and the approvals the rules ask of it.
+        assert tuple(conn.execute(status).one()) == ("critical", "low", 336, 2, "met")
+        config = migrate.alembic_config()
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0020")
+        conn.execute(text("SET ROLE secledger_readonly"))
+        assert conn.execute(text("SELECT sla_status FROM bi_sla_status")).scalar_one() == "met"
+        conn.execute(text("RESET ROLE"))
+        command.upgrade(config, "head")
+        assert migrate.is_current(conn)
+        assert conn.execute(status).one()[1] == "low"
+
+
+def test_a_first_seen_relabel_tells_the_tier_it_replaced(engine) -> None:
+    """The first delivery seen relabels critical to low at 100 h (the open, labelled
+    critical, was lost): the MR was critical from its creation, whose 24 h had passed."""
+    record(
+        engine,
+        relabel(100, "sec::critical", "sec::low"),
+        event("approved", 110, actor="bob", labels=["sec::low"]),
+    )
+    hours = timedelta(hours=1)
+    assert stored_clock(engine) == ("critical", 24, T0 + 24 * hours, T0 + 110 * hours)
+    assert ("sla-breached", "") in found(engine)
+
+
+def test_a_lost_raise_is_told_by_the_relabel_after_it(engine) -> None:
+    """Low from T0 (the open delivered), raised to critical with that webhook lost,
+    relabelled low at 30 h (delivered: it removed critical), reviewed at 31 h. The MR was
+    critical after 0 h at the earliest: critical's 24 h passed while it carried it."""
+    record(
+        engine,
+        event("open", 0, labels=["sec::low"]),
+        relabel(30, "sec::critical", "sec::low"),
+        event("approved", 31, actor="bob", labels=["sec::low"]),
+    )
+    hours = timedelta(hours=1)
+    assert stored_clock(engine) == ("critical", 24, T0 + 24 * hours, T0 + 31 * hours)
 
 
 def test_a_raise_past_the_new_tiers_deadline_is_overdue_from_the_raise(engine) -> None:

@@ -355,21 +355,34 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
 
 
 def tier_changes(ordered: Iterable[SequencedEvent]) -> list[tuple[datetime, str]]:
-    """(event time, tier) at each event of ``ordered`` (``ordered_facts``) that changes
-    the MR's tier: the tier of the latest event with a security label, or of the labels
-    a removal took away. Once the MR merged with a tier, that tier stays: a relabel after
-    the merge cannot change what the merge is judged by."""
+    """(from when, tier) each time the MR's tier changes over ``ordered``
+    (``ordered_facts``): the tier of the latest event with a security label, or of the
+    labels a removal took away. Once the MR merged with a tier, that tier stays: a
+    relabel after the merge cannot change what the merge is judged by.
+
+    A change whose removed labels named a tier no event told before (the change that
+    set it was never delivered) shows that tier held before it: from the previous
+    event, since that one showed another, or from the start when none came earlier.
+    """
     changes: list[tuple[datetime, str]] = []
     tier: str | None = None
     merged_under = False
+    previous: datetime | None = None
     for event in ordered:
         facts = event.facts
         if not merged_under:
+            before = facts.tier_before
+            if before is not None and before != tier:
+                changes.append(
+                    (previous if tier is not None and previous else facts.event_at, before)
+                )
+                tier = before
             after = _tier_after(tier, facts)
             if after is not None and after != tier:
                 changes.append((facts.event_at, after))
                 tier = after
         merged_under = merged_under or (facts.decision == "merged" and tier is not None)
+        previous = facts.event_at
     return changes
 
 

@@ -183,7 +183,8 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
         tier=tier,
         sla_hours=tier_rule.sla_hours,
         business_hours=tier_rule.business_hours,
-        required_approvals=tier_rule.approvals,
+        # What ``insufficient-approvals`` asks: the MR's tier's, not the SLA's.
+        required_approvals=policy.rule(history.tier).approvals,
         labeled_at=labeled_at,
         label_seq=_label_seq(history),
         deadline=deadline,
@@ -235,16 +236,18 @@ def _due(
     if labeled_at is None:
         return history.tier, None
     periods = _tier_periods(history, labeled_at, stopped_at)
+    # A business-hours deadline walks the calendar: one per tier, not one per period.
+    deadlines = {tier: policy.deadline(tier, labeled_at) for tier in {p[2] for p in periods}}
     late = []
     for start, end, tier in periods:
-        moment = max(start, policy.deadline(tier, labeled_at))
+        moment = max(start, deadlines[tier])
         if end is None or moment < end:
             late.append((moment, tier))
     if late:
         moment, tier = min(late, key=lambda due: due[0])
         return tier, moment
     tier = periods[-1][2]
-    return tier, policy.deadline(tier, labeled_at)
+    return tier, deadlines[tier]
 
 
 def _tier_periods(

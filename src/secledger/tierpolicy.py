@@ -28,7 +28,7 @@ _DAY_NAMES |= {name: number for number, name in enumerate(_FULL_DAY_NAMES, start
 def _day_number(name: str) -> int:
     """A weekday by its name (``mon`` or ``monday``, any case) or its ISO number."""
     found = _DAY_NAMES.get(name.strip().lower())
-    if found is None and name.strip().isdigit():
+    if found is None and name.strip().isdecimal() and name.strip().isascii():
         found = int(name)
     if found is None:
         raise ValueError(f"weekdays must list days 1 (Monday) to 7 (Sunday), or mon..sun: {name!r}")
