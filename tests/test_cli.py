@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
-from secledger.config import Settings, loose_secret_files, unknown_variables
+from secledger.config import Settings, loose_key_files, loose_secret_files, unknown_variables
 from secledger.output import render
 from secledger.runtime import Runtime
 
@@ -213,6 +213,37 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_PORT": "not-a-port"})
     assert result.exit_code == 1
     assert "invalid configuration" in result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"SECLEDGER_RISK_TIERS": "high,HIGH"},
+            "risk_tiers has a tier twice (tier names ignore case)",
+        ),
+        ({"SECLEDGER_METRICS_REQUIRE_AUTH": "true"}, "metrics_require_auth needs read_token"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(env, message) -> None:
+    result = CliRunner().invoke(main, ["ledger"], env=env)
+    assert result.exit_code == 1
+    assert message in result.output
+
+
+def test_a_key_file_others_may_read_is_found(tmp_path: Path) -> None:
+    """The GitLab token and the checkpoint key have file settings of their own, outside
+    the generic ``SECLEDGER_<NAME>_FILE`` check: they are checked too."""
+    token = tmp_path / "gitlab-token"
+    token.write_text("glpat-x\n")
+    token.chmod(0o644)
+    key = tmp_path / "checkpoint.pem"
+    key.write_text("k")
+    key.chmod(0o600)
+    settings = Settings(gitlab_token_file=token, checkpoint_key_file=key)
+    assert loose_key_files(settings) == [("SECLEDGER_GITLAB_TOKEN_FILE", 0o644)]
+    key.chmod(0o640)
+    assert [name for name, _ in loose_key_files(settings)][1:] == ["SECLEDGER_CHECKPOINT_KEY_FILE"]
 
 
 def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:

@@ -144,12 +144,16 @@ def test_the_documented_migrator_login_migrates_a_database_it_owns(
         conn.execute(f'CREATE DATABASE "{fresh}" OWNER "{login}"')
     url = make_url(_database(server_url, fresh)).set(username=login, password=None)
     as_migrator = url.render_as_string(hide_password=False)
+    # The app's own URL names a login that does not exist: only the migrator's is used,
+    # and the message names the database it migrated through.
+    as_app = url.set(username="secledger_test_no_such_app").render_as_string(hide_password=False)
+    env = {"SECLEDGER_DATABASE_URL": as_app, "SECLEDGER_MIGRATION_DATABASE_URL": as_migrator}
     try:
-        result = CliRunner().invoke(
-            main, ["db", "upgrade"], env={"SECLEDGER_DATABASE_URL": as_migrator}
-        )
+        result = CliRunner().invoke(main, ["db", "upgrade"], env=env)
         assert result.exit_code == 0, result.output
         assert f"is at revision {migrate.head_revision()}" in result.output
+        assert f"//{login}" in result.output
+        assert "no_such_app" not in result.output
         with psycopg.connect(_database(server_url, fresh)) as conn:
             owner = conn.execute(
                 "SELECT tableowner FROM pg_tables WHERE tablename = 'delivery_log'"

@@ -22,7 +22,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from secledger import __version__, logs
-from secledger.config import Settings, describe, loose_secret_files, unknown_variables
+from secledger.config import (
+    Settings,
+    describe,
+    loose_key_files,
+    loose_secret_files,
+    unknown_variables,
+)
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
 from secledger.output import FORMATS, render
@@ -66,7 +72,8 @@ class Context:
             for variable, close in unknown_variables(Settings, os.environ):
                 # The name only: its value may be a secret.
                 log.warning("unknown_setting_ignored", variable=variable, did_you_mean=close)
-            for variable, mode in loose_secret_files(Settings, os.environ):
+            loose = loose_secret_files(Settings, os.environ) + loose_key_files(self._settings)
+            for variable, mode in loose:
                 log.warning("secret_file_readable_by_others", variable=variable, mode=f"{mode:o}")
         return self._settings
 
@@ -322,14 +329,15 @@ def upgrade(context: Context) -> None:
         secledger db upgrade
     """
     # As the owner login when SECLEDGER_MIGRATION_DATABASE_URL is set (docs/integrity.md).
-    engine = db.create(db.admin_url(context.settings, context.database), pool_size=1)
+    admin = db.Database(db.admin_url(context.settings, context.database), embedded=False)
+    engine = db.create(admin.url, pool_size=1)
     try:
         migrate.upgrade(engine)
         with engine.connect() as conn:
             revision = migrate.current_revision(conn)
     finally:
         engine.dispose()
-    click.echo(f"database {context.database.redacted()} is at revision {revision}")
+    click.echo(f"database {admin.redacted()} is at revision {revision}")
 
 
 def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:

@@ -137,6 +137,23 @@ def loose_secret_files(
     return found
 
 
+def loose_key_files(settings: Settings) -> list[tuple[str, int]]:
+    """The settings naming a secret file of their own (the GitLab token, the checkpoint
+    signing key) whose file others may read, each with its permission bits."""
+    found = []
+    for name in ("gitlab_token_file", "checkpoint_key_file"):
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        try:
+            mode = Path(path).stat().st_mode & 0o777
+        except OSError:
+            continue  # reading it reports what is wrong
+        if mode & 0o077:
+            found.append((f"{ENV_PREFIX}{name.upper()}", mode))
+    return found
+
+
 def describe(exc: ValidationError) -> str:
     """Each problem as ``field: message``; pydantic's own text would echo the input,
     which for a secret field is the secret."""
@@ -473,15 +490,19 @@ class Settings(BaseSettings):
     def _tiers_are_names(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("risk_tiers needs at least one tier, highest first")
-        if len(set(value)) != len(value):
-            raise ValueError("risk_tiers has a tier twice")
-        return [tier.strip().lower() for tier in value]
+        tiers = [tier.strip().lower() for tier in value]
+        if len(set(tiers)) != len(tiers):
+            raise ValueError("risk_tiers has a tier twice (tier names ignore case)")
+        return tiers
 
     @model_validator(mode="after")
     def _patterns_present(self) -> Settings:
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
         check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
+        if self.metrics_require_auth and self.read_token is None:
+            # Prometheus has no dashboard session: every scrape would get 401.
+            raise ValueError("metrics_require_auth needs read_token, the scraper's bearer token")
         return self
 
     @property
