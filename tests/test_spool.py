@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from builders import delivery_of, label_change, mr_event
 from conftest import post
 from secledger import spool as spool_module
+from secledger import web
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer
@@ -438,3 +439,34 @@ def test_a_write_during_a_recount_is_not_lost_from_the_depth(
     spool.recount()
     writers[0].join()
     assert spool.depth == len(listing()) == 1
+
+
+def test_readyz_answers_within_its_deadline_while_the_database_does_not(
+    receiver: TestClient, database_url: str, monkeypatch
+) -> None:
+    """A database that takes connections and never answers held each probe until TCP gave
+    up, and each in a thread of the pool /healthz shared: a balancer saw neither. Here a
+    lock keeps the migrations query waiting: /readyz says 503 within its deadline, one
+    query at a time, and /healthz answers meanwhile."""
+    monkeypatch.setattr(web, "READY_TIMEOUT_SECONDS", 0.3)
+    assert receiver.get("/readyz").json()["ready"] is True
+    with psycopg.connect(db.libpq_url(database_url)) as holder:
+        holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        answers = [receiver.get("/readyz") for _ in range(3)]
+        assert time.monotonic() - started < 3
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert {a.json()["error"] for a in answers} == {"timeout"}
+        assert receiver.get("/healthz").json() == {"status": "ok"}
+        holder.rollback()
+    wait_for(lambda: receiver.get("/readyz").status_code == 200)
+
+
+def test_a_spool_on_a_full_disk_is_not_writable(tmp_path: Path, monkeypatch) -> None:
+    """Permission alone said writable on a full disk, where every spooled delivery then
+    got 503: the next outage would lose them."""
+    spool = Spool(tmp_path)
+    assert spool.status().writable is True
+    full = shutil.disk_usage(tmp_path)._replace(free=spool_module.MIN_FREE_BYTES - 1)
+    monkeypatch.setattr(spool_module.shutil, "disk_usage", lambda _path: full)
+    assert spool.status().writable is False

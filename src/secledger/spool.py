@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ TEMP_PREFIX = ".tmp-"
 CORRUPT = "corrupt"
 FAILED = "failed"
 LOCK_FILE = ".drain.lock"
+# Free space below which /readyz calls the spool unwritable: room for a few deliveries.
+MIN_FREE_BYTES = 1 << 20
 _META_KEYS = ("received_at", "source", "event", "instance", "dedup_key", "headers")
 
 
@@ -290,8 +293,19 @@ class Spool:
             oldest=oldest,
             corrupt=_count(self.directory / CORRUPT),
             failed=_count(self.directory / FAILED),
-            writable=self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK),
+            writable=self.writable(),
         )
+
+    def writable(self) -> bool:
+        """Whether a delivery could be spooled now: a directory it may write in, on a
+        file system with room for one (a full disk answered 503 to every delivery while
+        the permission alone said writable)."""
+        if not (self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK)):
+            return False
+        try:
+            return shutil.disk_usage(self.directory).free >= MIN_FREE_BYTES
+        except OSError:
+            return False
 
     @contextmanager
     def draining(self) -> Iterator[None]:

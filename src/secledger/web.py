@@ -13,7 +13,7 @@ from typing import Any, cast
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from secledger import (
@@ -121,27 +121,25 @@ def create_api(
         title="secledger", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
 
+    # On the event loop, not in the thread pool: probes must answer while the pool's
+    # threads wait on a database that stopped answering.
     @api.get("/healthz", summary="The process is alive")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    probe = _DatabaseProbe()
+
     @api.get("/readyz", summary="The database is reachable and migrated; spool depth")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         runtime = runtime_ref.get("runtime")
         checks: dict[str, Any] = {"database": False, "migrations": False}
         stalled = unwritable = False
         if runtime is not None:
-            try:
-                with runtime.engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-                    checks["database"] = True
-                    checks["migrations"] = migrate.is_current(conn)
-            except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
-                checks["error"] = type(exc).__name__
+            checks |= await probe.check(runtime.engine)
             # Deliveries waiting for the database: acknowledged, not yet in the ledger.
             try:
                 # Open to anyone: counts only, not where the spool lives on the host.
-                spool = runtime.spool.status().to_json()
+                spool = (await asyncio.to_thread(runtime.spool.status)).to_json()
                 spool.pop("directory", None)
                 checks["spool"] = spool
                 unwritable = not spool["writable"]
@@ -168,6 +166,43 @@ def create_api(
 
     dashboard.install(api, settings)
     return api
+
+
+# How long /readyz waits for its database query: a balancer's probe gives up after a
+# few seconds, and a database that takes longer is not ready.
+READY_TIMEOUT_SECONDS = 2.0
+
+
+class _DatabaseProbe:
+    """/readyz's database query, one at a time, answered within a deadline.
+
+    A database that accepts connections and never answers held each probe for as long as
+    TCP took to give up, and every probe a thread: one query runs, and the probes that
+    come meanwhile wait on it, each no longer than the deadline.
+    """
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[dict[str, Any]] | None = None
+
+    async def check(self, engine: Engine) -> dict[str, Any]:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(asyncio.to_thread(_query_ready, engine))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), READY_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return {"database": False, "migrations": False, "error": "timeout"}
+
+
+def _query_ready(engine: Engine) -> dict[str, Any]:
+    checks: dict[str, Any] = {"database": False, "migrations": False}
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            checks["database"] = True
+            checks["migrations"] = migrate.is_current(conn)
+    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+        checks["error"] = type(exc).__name__
+    return checks
 
 
 def check_settings(settings: Settings) -> None:
