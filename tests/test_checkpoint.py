@@ -50,6 +50,30 @@ def test_checkpoint_refuses_an_empty_log(key, database_url, tmp_path) -> None:
     assert not (tmp_path / "cp").exists()
 
 
+def test_keygen_to_a_place_it_cannot_write_is_one_line(database_url, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli(database_url, "keygen", "--out", str(blocker / "key.pem"))
+    assert result.exit_code == 1
+    assert f"cannot write {blocker}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_checkpoint_directory_it_cannot_write_is_refused_before_signing(
+    client, key, database_url, engine, tmp_path
+) -> None:
+    """The file was written after the commit and failed with a traceback, leaving a
+    stored checkpoint the command said nothing of: the directory is checked first now."""
+    record_history(client)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(blocker / "cp"))
+    assert result.exit_code == 1
+    assert "cannot use checkpoint directory" in result.output
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 0
+
+
 def test_checkpoint_file_verifies_and_names_the_head(client, key, database_url, engine, tmp_path):
     record_history(client)
     file = _checkpoint(database_url, key, tmp_path / "cp")

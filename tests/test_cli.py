@@ -191,6 +191,41 @@ def test_serve_refuses_to_start_without_a_secret(run) -> None:
     assert "no webhook secret configured" in result.output
 
 
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("SECLEDGER_DATA_DIR", "cannot keep a generated secret in"),
+        ("SECLEDGER_SPOOL_DIR", "cannot use spool directory"),
+    ],
+)
+def test_serve_refuses_a_directory_it_cannot_write_before_anything_starts(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    """A read-only root file system (as SECURITY.md recommends) gave a traceback after
+    "receiving on"; a path through a plain file fails the same way, even for root."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {
+        "SECLEDGER_WEBHOOK_SECRETS": "s3cret",
+        "SECLEDGER_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/never",
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        where: str(blocker / "below"),
+    }
+    secledger = Path(sys.executable).with_name("secledger")
+    result = subprocess.run(
+        [str(secledger), "serve", "--port", "0"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "receiving on" not in result.stderr
+
+
 def test_serve_open_mode_is_loopback_only() -> None:
     result = CliRunner().invoke(
         main, ["serve", "--allow-open", "--host", "0.0.0.0"], env={"SECLEDGER_WEBHOOK_SECRETS": ""}

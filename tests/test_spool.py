@@ -356,6 +356,22 @@ def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine
     assert "depth:     0" in text_status.output
 
 
+def test_a_drain_that_cannot_take_its_lock_is_one_line(tmp_path: Path, database_url: str) -> None:
+    """A spool directory the drain cannot write in (read-only, or here a lock path that
+    is a directory) gave a traceback; nothing is recorded then, so say so plainly."""
+    spool = Spool.open(tmp_path / "spool")
+    spool.write([delivery(mr_event("open"), "l-1")])
+    (tmp_path / "spool" / spool_module.LOCK_FILE).mkdir()
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_SPOOL_DIR": str(tmp_path / "spool"),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    drained = CliRunner().invoke(main, ["spool", "drain"], env=env)
+    assert drained.exit_code == 1
+    assert f"cannot drain {tmp_path / 'spool'}: Is a directory" in drained.output
+
+
 def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     receiver: TestClient, engine, spool_settings
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from secledger import checkpoint as signing
 from secledger import findings
 from secledger.checkpoint import Checkpoint
 from secledger.config import Settings
-from secledger.errors import SecledgerError
+from secledger.errors import ConfigError, SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.rebuild import Difference, rebuild
 from secledger.store import checkpoints, derived
@@ -28,6 +29,10 @@ log = structlog.get_logger("secledger.integrity")
 
 class EmptyChain(SecledgerError):
     """There is nothing to checkpoint yet."""
+
+
+class CheckpointFileFailed(SecledgerError):
+    """The checkpoint was signed and stored, but its copy outside the database was not."""
 
 
 def take_checkpoint(
@@ -54,11 +59,29 @@ def _checkpoint(
         seq, head_hash = checkpoints.head(conn)
         if seq == 0 or (only_if_new and checkpoints.latest_seq(conn) == seq):
             return None
+        if directory is not None:
+            _check_writable(directory)
         signed = signing.sign(key, seq, head_hash, utcnow())
         checkpoints.add(conn, signed)
     # Written after the commit: a file never vouches for a head the database lost.
-    path = signing.write_file(directory, signed) if directory is not None else None
+    try:
+        path = signing.write_file(directory, signed) if directory is not None else None
+    except OSError as exc:
+        raise CheckpointFileFailed(
+            f"checkpoint seq={signed.seq} is stored in the database, but its file in"
+            f" {directory} was not written: {exc.strerror}"
+        ) from exc
     return signed, path
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse, before signing, a checkpoint directory that cannot take the file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use checkpoint directory {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write checkpoints in {directory}")
 
 
 @dataclass(frozen=True)

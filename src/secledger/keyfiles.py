@@ -19,6 +19,16 @@ def ensure_secret_file(path: Path, nbytes: int) -> str:
     O_EXCL makes processes starting together on one data directory agree on the first
     value; an existing file is never rewritten.
     """
+    try:
+        value = _created_or_read(path, nbytes)
+    except OSError as exc:
+        raise ConfigError(f"cannot keep a generated secret in {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"{path} is empty; delete it and secledger will generate a new one")
+    return value
+
+
+def _created_or_read(path: Path, nbytes: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -33,6 +43,4 @@ def ensure_secret_file(path: Path, nbytes: int) -> str:
     while not value and time.monotonic() < deadline:
         time.sleep(0.05)
         value = path.read_text().strip()
-    if not value:
-        raise ConfigError(f"{path} is empty; delete it and secledger will generate a new one")
     return value

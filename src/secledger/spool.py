@@ -310,7 +310,11 @@ class Spool:
     @contextmanager
     def draining(self) -> Iterator[None]:
         """Hold the drain lock, so two processes never drain at once; DrainBusy if held."""
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            # Draining deletes each file it recorded: it needs to write here anyway.
+            raise SpoolUnavailable(f"cannot drain {self.directory}: {exc.strerror}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -30,9 +30,11 @@ from secledger import (
 from secledger.config import Settings
 from secledger.dashboard import pages
 from secledger.dashboard.access import api_reader
-from secledger.dashboard.auth import PEER
+from secledger.dashboard.auth import PEER, session_secret
+from secledger.errors import ConfigError
 from secledger.gitlab_api import GitLabAPI
 from secledger.runtime import Runtime
+from secledger.spool import Spool, SpoolUnavailable
 from secledger.store import db, migrate
 
 
@@ -206,8 +208,19 @@ def _query_ready(engine: Engine) -> dict[str, Any]:
 
 
 def check_settings(settings: Settings) -> None:
-    """Refuse, before anything starts, a token or key file the receiver could not read."""
+    """Refuse, before anything starts, a token or key file the receiver could not read,
+    and a data or spool directory it could not write (a read-only root file system)."""
     _Beside.check(settings)
+    session_secret(settings)  # generated into the data directory once, unless configured
+    try:
+        spool = Spool.open(settings.spool_path, writer=False)
+    except SpoolUnavailable as exc:
+        raise ConfigError(f"{exc}; set SECLEDGER_SPOOL_DIR to a writable directory") from exc
+    if not os.access(spool.directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot write in spool directory {spool.directory}: a delivery that arrives"
+            " while the database is down could not be kept; set SECLEDGER_SPOOL_DIR"
+        )
 
 
 def create_app(settings: Settings, database: db.Database) -> Any:

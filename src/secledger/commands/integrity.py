@@ -214,12 +214,15 @@ def keygen(context: Context, out: Path | None) -> None:
     """
     settings = context.settings
     path = out or settings.checkpoint_key_file or settings.data_dir / "checkpoint-key.pem"
+    public_path = path.with_name(path.name + ".pub")
     try:
         public = signing.generate(path)
-    except FileExistsError:
-        raise click.ClickException(f"{path} exists; refusing to replace a signing key") from None
-    public_path = path.with_name(path.name + ".pub")
-    public_path.write_bytes(signing.public_pem(public))
+        public_path.write_bytes(signing.public_pem(public))
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.filename == str(path):
+            message = f"{path} exists; refusing to replace a signing key"
+            raise click.ClickException(message) from None
+        raise click.ClickException(f"cannot write {exc.filename or path}: {exc.strerror}") from exc
     click.echo(f"private key: {path} (mode 0600)")
     click.echo(f"public key:  {public_path} (key id {signing.key_id(public)})")
     click.echo(signing.public_pem(public).decode(), nl=False)

@@ -110,6 +110,8 @@ def drain_command(context: Context, batch: int) -> None:
                 result = drainer.all(batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
+        except SpoolUnavailable as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(summary(result))
     if result.unavailable and result.remaining:
         raise click.ClickException(
