@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
 from secledger import cli as cli_module
@@ -425,6 +426,37 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
         assert "Traceback" not in done.stderr
         assert "receiving on" not in done.stderr
         assert "pw-9f3" not in done.stderr
+
+
+@pytest.mark.parametrize("wrong", ["database", "user"])
+def test_a_login_the_server_refuses_is_a_configuration_error_not_an_outage(
+    tmp_path: Path, database_url: str, wrong: str
+) -> None:
+    """The server answered: no such database or user is not something to wait out, and
+    exit 3 told a scheduled job it was an outage."""
+    url = make_url(database_url)
+    url = (
+        url.set(database="secledger_no_such_db")
+        if wrong == "database"
+        else url.set(username="secledger_no_such_user")
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "SECLEDGER_DATABASE_URL": url.render_as_string(hide_password=False),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "secledger"), "ledger"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the database refused the login: connection failed")
+    assert "does not exist" in last
 
 
 def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:

@@ -520,6 +520,9 @@ def run() -> None:
         # libpq's first line says what failed (refused, timed out, authentication);
         # it names the host and the user, never the password.
         reason = str(cause).strip().splitlines()[0]
+        if _refused_login(reason):
+            click.echo(f"Error: the database refused the login: {reason}", err=True)
+            sys.exit(1)
         click.echo(f"Error: cannot reach the database: {reason}", err=True)
         sys.exit(DATABASE_UNREACHABLE)
 
@@ -529,6 +532,23 @@ def _unreachable(error: BaseException) -> bool:
     class 08 (connection exception), or 57P01-57P03 (shut down, cannot connect now)."""
     state = getattr(error, "sqlstate", None)
     return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
+
+
+# The server answered and refused this login for a reason waiting will not change (a
+# wrong database, user or password, pg_hba.conf). libpq gives such errors no SQLSTATE,
+# only the server's text; a server whose messages are translated reads as an outage.
+_REFUSED_LOGIN = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "authentication failed",
+    "permission denied for database",
+    "is not permitted to log in",
+)
+
+
+def _refused_login(reason: str) -> bool:
+    return "FATAL:" in reason and any(text in reason for text in _REFUSED_LOGIN)
 
 
 # Commands from other areas register here, one line each.
