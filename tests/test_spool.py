@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import shutil
 import threading
@@ -29,6 +30,8 @@ from secledger.config import Settings
 from secledger.drain import Drainer
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
+from secledger.recorder import Recorder
+from secledger.service import Outcome
 from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, SpoolUnavailable, decode, encode
 from secledger.store import db
 from secledger.store.log import CHAIN_LOCK_KEY
@@ -486,3 +489,32 @@ def test_a_spool_on_a_full_disk_is_not_writable(tmp_path: Path, monkeypatch) -> 
     full = shutil.disk_usage(tmp_path)._replace(free=spool_module.MIN_FREE_BYTES - 1)
     monkeypatch.setattr(spool_module.shutil, "disk_usage", lambda _path: full)
     assert spool.status().writable is False
+
+
+def test_a_copy_spooled_as_the_commit_lands_is_drained_on_a_quiet_receiver(
+    tmp_path: Path, engine
+) -> None:
+    """The spool timer fired an instant before the writer's commit answered: the copy was
+    written after the writer had gone to sleep with nothing to wait for, and sat in the
+    spool (a depth alert, every delivery of its MR past the ignore fast path) until the
+    next delivery woke it. The spool write now wakes the writer, which drains the copy
+    (a duplicate by then)."""
+    spool = Spool.open(tmp_path / "spool")
+    drainer = Drainer(engine, spool, LabelPolicy())
+    recorder = Recorder(engine, drainer=drainer, spool_after=5, retry_seconds=0.05)
+    recorder.start()
+    late = delivery(mr_event("open"), "as-the-commit-lands")
+
+    async def scenario() -> str:
+        outcome = await recorder.submit(late)
+        answered: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        answered.set_result(outcome)
+        await recorder._spool_late(late, answered)  # the timer, losing the race
+        return outcome.status
+
+    try:
+        assert asyncio.run(scenario()) == "recorded"
+        wait_for(lambda: spool.depth == 0, seconds=5)
+        assert [r[1] for r in log_rows(engine)] == ["idem:as-the-commit-lands"]
+    finally:
+        recorder.close()

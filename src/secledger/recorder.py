@@ -115,6 +115,11 @@ def _settle(future: asyncio.Future[Outcome], result: Outcome | BaseException) ->
 
 
 _STOP = object()
+# Wakes a writer waiting for work with no timeout: a delivery spooled from the event loop
+# (``_spool_late``) raised the spool's depth, and only the writer drains it.
+_WAKE = object()
+# How long ``close`` waits for the writer's last batch.
+CLOSE_WAIT_SECONDS = 30.0
 # When the tried lock goes to another writer, the next batches are recorded without
 # carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
 MAX_PREFETCH_BACKOFF = 64
@@ -187,7 +192,17 @@ class Recorder:
         """Finish queued work, then stop the writer thread."""
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=CLOSE_WAIT_SECONDS)
+        if self._thread.is_alive():
+            # Its requests were answered before this (from the spool when they waited
+            # past spool_after_seconds), so this stop loses nothing: say why it waited.
+            log.error(
+                "writer_still_busy_at_stop",
+                waiting_seconds=round(self.waiting_seconds, 1),
+                spool_depth=self.spool_depth,
+                hint="the database did not finish the last batch; the next start drains"
+                " what was spooled",
+            )
 
     async def submit(self, delivery: Delivery) -> Outcome:
         """Record (or spool) a decoded delivery; returns once it is durable.
@@ -237,6 +252,9 @@ class Recorder:
             # Kept nowhere else: the database's answer, whenever it comes, is the answer.
             log.error("spool_write_failed", deliveries=1, error=str(failure))
             return
+        # The writer may be asleep with nothing to wait for: it drains the copy (a
+        # duplicate by then, when the commit came first) only once it knows of it.
+        self._queue.put(_WAKE)
         if future.done():
             return  # committed meanwhile: the drain will find it logged
         log.warning(
