@@ -187,10 +187,16 @@ class _DatabaseProbe:
         self._running: asyncio.Future[dict[str, Any]] | None = None
 
     async def check(self, engine: Engine) -> dict[str, Any]:
-        if self._running is None or self._running.done():
-            self._running = asyncio.ensure_future(asyncio.to_thread(_query_ready, engine))
+        running = self._running
+        # A query of another event loop (a test client's before this one) is not awaited.
+        if (
+            running is None
+            or running.done()
+            or running.get_loop() is not asyncio.get_running_loop()
+        ):
+            running = self._running = asyncio.ensure_future(asyncio.to_thread(_query_ready, engine))
         try:
-            return await asyncio.wait_for(asyncio.shield(self._running), READY_TIMEOUT_SECONDS)
+            return await asyncio.wait_for(asyncio.shield(running), READY_TIMEOUT_SECONDS)
         except TimeoutError:
             return {"database": False, "migrations": False, "error": "timeout"}
 
