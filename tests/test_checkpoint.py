@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from chainkit import cli, record_history, rehash_from, tamper
+from secledger import checkpoint as signing
+from secledger import integrity
 from secledger.store import db
 from secledger.web import create_app
 
@@ -72,6 +74,20 @@ def test_a_checkpoint_directory_it_cannot_write_is_refused_before_signing(
     assert "cannot use checkpoint directory" in result.output
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 0
+
+
+def test_serves_checkpoint_is_stored_though_its_directory_cannot_take_the_file(
+    client, key, engine, tmp_path
+) -> None:
+    """The scheduled checkpoint anchors the head in the database whatever the mount
+    does; the file's failure is raised after (and logged by serve as checkpoint_failed)."""
+    record_history(client)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(integrity.CheckpointFileFailed, match="is stored in the database"):
+        integrity.checkpoint_if_new(engine, signing.load_private(key), blocker / "cp")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 1
 
 
 def test_checkpoint_file_verifies_and_names_the_head(client, key, database_url, engine, tmp_path):

@@ -267,6 +267,11 @@ def test_settings_that_cannot_work_together_are_refused(env, message) -> None:
     assert message in result.output
 
 
+def test_metrics_behind_a_proxy_that_authenticates_the_scraper_need_no_token() -> None:
+    settings = Settings(metrics_require_auth=True, trusted_user_header="X-Forwarded-User")
+    assert settings.read_token is None
+
+
 def test_a_key_file_others_may_read_is_found(tmp_path: Path) -> None:
     """The GitLab token and the checkpoint key have file settings of their own, outside
     the generic ``SECLEDGER_<NAME>_FILE`` check: they are checked too."""

@@ -674,6 +674,21 @@ def test_a_lost_raise_is_told_by_the_relabel_after_it(engine) -> None:
     assert stored_clock(engine) == ("critical", 24, T0 + 24 * hours, T0 + 31 * hours)
 
 
+def test_a_stale_previous_label_does_not_bring_back_a_tier_already_left(engine) -> None:
+    """Critical from T0, corrected to low at 1 h; at 50 h a hook whose previous labels
+    are stale (GitLab gets them wrong after a rebase) still names critical. Critical
+    was told before and left: the review at 100 h is in low's 336 h."""
+    record(
+        engine,
+        event("open", 0, labels=["sec::critical"]),
+        relabel(1, "sec::critical", "sec::low"),
+        relabel(50, "sec::critical", "sec::low"),
+        event("approved", 100, actor="bob", labels=["sec::low"]),
+    )
+    assert stored_clock(engine)[:2] == ("low", 336)
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(days=30))
+
+
 def test_a_raise_past_the_new_tiers_deadline_is_overdue_from_the_raise(engine) -> None:
     """Low from T0, raised to critical at 30 h with no review yet: critical's 24 h had
     passed, so the review is overdue from the raise on, not from before it."""

@@ -87,14 +87,17 @@ def test_a_first_start_stopped_during_initdb_is_set_aside_and_started_afresh(
 ) -> None:
     """SIGTERM while ``serve`` first created its cluster killed initdb after it wrote
     PG_VERSION: every later start failed, since the wheel runs initdb only without that
-    file. Such a cluster (no control file, no pg_hba.conf) is moved aside now. The
+    file. A cluster that never served (no postmaster.opts) is moved aside now. The
     private directory above the data gets the search bits for the server's user, and no
     read bit for anyone (the wheel gave every parent g+rx,o+rx: /root became 0755)."""
     private = workdir / "private"
     private.mkdir(mode=0o700)
     pg = private / "data" / "pg"
-    pg.mkdir(parents=True)
+    (pg / "global").mkdir(parents=True)
+    # Late in initdb: the control file and pg_hba.conf are written, the databases not.
     (pg / "PG_VERSION").write_text("18\n")
+    (pg / "global" / "pg_control").write_bytes(b"\0" * 8192)
+    (pg / "pg_hba.conf").write_text("local all all trust\n")
     url = embedded.start(pg, database="postgres")
     try:
         with psycopg.connect(url) as conn:

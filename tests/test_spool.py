@@ -468,6 +468,14 @@ def test_readyz_answers_within_its_deadline_while_the_database_does_not(
     lock keeps the migrations query waiting: /readyz says 503 within its deadline, one
     query at a time, and /healthz answers meanwhile."""
     monkeypatch.setattr(web, "READY_TIMEOUT_SECONDS", 0.3)
+    queries: list[float] = []
+    query = web._query_ready
+
+    def counted(engine: Any) -> dict[str, Any]:
+        queries.append(time.monotonic())
+        return query(engine)
+
+    monkeypatch.setattr(web, "_query_ready", counted)
     assert receiver.get("/readyz").json()["ready"] is True
     with psycopg.connect(db.libpq_url(database_url)) as holder:
         holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
@@ -477,6 +485,7 @@ def test_readyz_answers_within_its_deadline_while_the_database_does_not(
         assert [a.status_code for a in answers] == [503, 503, 503]
         assert {a.json()["error"] for a in answers} == {"timeout"}
         assert receiver.get("/healthz").json() == {"status": "ok"}
+        assert len(queries) == 2  # the first probe's, then one for all three waiting
         holder.rollback()
     wait_for(lambda: receiver.get("/readyz").status_code == 200)
 
@@ -518,3 +527,19 @@ def test_a_copy_spooled_as_the_commit_lands_is_drained_on_a_quiet_receiver(
         assert [r[1] for r in log_rows(engine)] == ["idem:as-the-commit-lands"]
     finally:
         recorder.close()
+
+
+def test_a_probe_left_pending_by_an_earlier_event_loop_is_not_awaited(
+    spool_settings: Settings, database_url: str, monkeypatch
+) -> None:
+    """A probe still waiting when its event loop closed (one app served by one test
+    client, then another) never completes: awaiting it from the new loop raised."""
+    monkeypatch.setattr(web, "READY_TIMEOUT_SECONDS", 0.3)
+    app = create_app(spool_settings, db.Database(database_url, embedded=False))
+    with psycopg.connect(db.libpq_url(database_url)) as holder:
+        with TestClient(app) as first:
+            holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+            assert first.get("/readyz").json()["error"] == "timeout"
+        holder.rollback()
+    with TestClient(app) as second:
+        wait_for(lambda: second.get("/readyz").status_code == 200, seconds=10)

@@ -541,7 +541,6 @@ _REFUSED_LOGIN = (
     "does not exist",
     "password authentication failed",
     "no pg_hba.conf entry",
-    "authentication failed",
     "permission denied for database",
     "is not permitted to log in",
 )

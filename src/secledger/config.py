@@ -500,9 +500,12 @@ class Settings(BaseSettings):
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
         check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
-        if self.metrics_require_auth and self.read_token is None:
+        if self.metrics_require_auth and self.read_token is None and not self.trusted_user_header:
             # Prometheus has no dashboard session: every scrape would get 401.
-            raise ValueError("metrics_require_auth needs read_token, the scraper's bearer token")
+            raise ValueError(
+                "metrics_require_auth needs read_token (the scraper's bearer token) or"
+                " trusted_user_header (a proxy that authenticates it)"
+            )
         return self
 
     @property

@@ -46,6 +46,11 @@ def start(pg_data: Path, database: str = DATABASE) -> str:
             f"the embedded PostgreSQL in {pg_data} did not start ({Path(exc.cmd[0]).name}"
             f" exited {exc.returncode}); its log is {pg_data / 'log'}"
         ) from exc
+    except subprocess.TimeoutExpired as exc:  # the wheel gives pg_ctl 10 s (crash recovery)
+        raise ConfigError(
+            f"the embedded PostgreSQL in {pg_data} did not start in {exc.timeout:g} s; its log"
+            f" is {pg_data / 'log'}; run the command again once it is up"
+        ) from exc
     admin_url: str = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute(
@@ -76,16 +81,16 @@ def _forget_dead_handles(pg_data: Path) -> None:
 
 
 def _set_aside_unfinished(pg_data: Path) -> None:
-    """Move a cluster whose initdb never finished (the first start stopped by SIGTERM or
-    a crash) out of the way, so this start creates a new one.
+    """Move a cluster that never ran (its initdb stopped by SIGTERM or a crash during the
+    first start) out of the way, so this start creates a new one.
 
     The wheel runs initdb only when ``PG_VERSION`` is missing, and initdb writes it first:
-    an interrupted one left a directory every later start failed on. A cluster that ever
-    ran has its control file and ``pg_hba.conf``; one without them never held data. It is
-    renamed, not deleted. Called under the wheel's lock, so no initdb is under way.
+    an interrupted one left a directory every later start failed on, at whatever step it
+    stopped. The server writes ``postmaster.opts`` each time it starts, and initdb never
+    does: a cluster without it never served, so it holds nothing. It is renamed, not
+    deleted. Called under the wheel's lock, so no initdb is under way.
     """
-    started = (pg_data / "global" / "pg_control").exists() and (pg_data / "pg_hba.conf").exists()
-    if not (pg_data / "PG_VERSION").exists() or started:
+    if not (pg_data / "PG_VERSION").exists() or (pg_data / "postmaster.opts").exists():
         return
     aside = pg_data.with_name(f"{pg_data.name}.unfinished-{time.strftime('%Y%m%dT%H%M%S')}")
     pg_data.rename(aside)

@@ -39,6 +39,8 @@ def take_checkpoint(
     engine: Engine, key: Ed25519PrivateKey, directory: Path | None
 ) -> tuple[Checkpoint, Path | None]:
     """Sign the committed head, store it, and copy it to ``directory``."""
+    if directory is not None:  # refused before signing: nothing is stored then
+        _check_writable(directory)
     written = _checkpoint(engine, key, directory, only_if_new=False)
     if written is None:
         raise EmptyChain("the delivery log is empty: there is no head to sign yet")
@@ -48,7 +50,9 @@ def take_checkpoint(
 def checkpoint_if_new(
     engine: Engine, key: Ed25519PrivateKey, directory: Path | None
 ) -> tuple[Checkpoint, Path | None] | None:
-    """Like :func:`take_checkpoint`, but skip an empty log or an already signed head."""
+    """Like :func:`take_checkpoint`, but skip an empty log or an already signed head; and
+    a directory that cannot take the file does not stop the database's checkpoint (the
+    failed file is raised after it is stored)."""
     return _checkpoint(engine, key, directory, only_if_new=True)
 
 
@@ -59,8 +63,6 @@ def _checkpoint(
         seq, head_hash = checkpoints.head(conn)
         if seq == 0 or (only_if_new and checkpoints.latest_seq(conn) == seq):
             return None
-        if directory is not None:
-            _check_writable(directory)
         signed = signing.sign(key, seq, head_hash, utcnow())
         checkpoints.add(conn, signed)
     # Written after the commit: a file never vouches for a head the database lost.
@@ -75,13 +77,16 @@ def _checkpoint(
 
 
 def _check_writable(directory: Path) -> None:
-    """Refuse, before signing, a checkpoint directory that cannot take the file."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot use checkpoint directory {directory}: {exc.strerror}") from exc
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write checkpoints in {directory}")
+    """Refuse, before signing, a checkpoint directory that cannot take the file (it is
+    made when the file is written: nothing is created here)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(
+            f"cannot use checkpoint directory {directory}: {existing} is not a directory"
+            " this user can write in"
+        )
 
 
 @dataclass(frozen=True)

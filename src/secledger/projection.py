@@ -8,7 +8,7 @@ ties, but for events that show the MR still open beside its close or merge: see
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -354,36 +354,48 @@ def fold_read(every: list[SequencedEvent]) -> tuple[dict[str, Any], list[Sequenc
     return row, ordered
 
 
-def tier_changes(ordered: Iterable[SequencedEvent]) -> list[tuple[datetime, str]]:
+def tier_changes(
+    ordered: Iterable[SequencedEvent], outranks: Callable[[str, str], bool] | None = None
+) -> list[tuple[datetime, str]]:
     """(from when, tier) each time the MR's tier changes over ``ordered``
     (``ordered_facts``): the tier of the latest event with a security label, or of the
     labels a removal took away. Once the MR merged with a tier, that tier stays: a
     relabel after the merge cannot change what the merge is judged by.
 
-    A change whose removed labels named a tier no event told before (the change that
-    set it was never delivered) shows that tier held before it: from the previous
-    event, since that one showed another, or from the start when none came earlier.
+    With ``outranks`` (is the first tier higher than the second), a change whose
+    removed labels name a tier no event told before shows that tier held before it (the
+    change that set it was never delivered): from the previous event, since that one
+    showed another, or from the start when none came earlier. Only a tier above every
+    one shown before counts: GitLab's previous labels are sometimes stale (after a
+    rebase), and a stale one would name a tier already left.
     """
     changes: list[tuple[datetime, str]] = []
     tier: str | None = None
+    shown: set[str] = set()
     merged_under = False
     previous: datetime | None = None
     for event in ordered:
         facts = event.facts
         if not merged_under:
             before = facts.tier_before
-            if before is not None and before != tier:
-                changes.append(
-                    (previous if tier is not None and previous else facts.event_at, before)
-                )
+            if outranks is not None and _untold_above(before, shown, outranks):
+                start = previous if tier is not None and previous else facts.event_at
+                changes.append((start, str(before)))
                 tier = before
+                shown.add(str(before))
             after = _tier_after(tier, facts)
             if after is not None and after != tier:
                 changes.append((facts.event_at, after))
                 tier = after
+                shown.add(after)
         merged_under = merged_under or (facts.decision == "merged" and tier is not None)
         previous = facts.event_at
     return changes
+
+
+def _untold_above(tier: str | None, shown: set[str], outranks: Callable[[str, str], bool]) -> bool:
+    """``tier`` was named by no event so far and is above every tier one named."""
+    return tier is not None and tier not in shown and all(outranks(tier, t) for t in shown)
 
 
 def _tier_after(tier: str | None, facts: EventFacts) -> str | None:

@@ -235,7 +235,7 @@ def _due(
     labeled_at = history.labeled_at
     if labeled_at is None:
         return history.tier, None
-    periods = _tier_periods(history, labeled_at, stopped_at)
+    periods = _tier_periods(history, policy, labeled_at, stopped_at)
     # A business-hours deadline walks the calendar: one per tier, not one per period.
     deadlines = {tier: policy.deadline(tier, labeled_at) for tier in {p[2] for p in periods}}
     late = []
@@ -251,11 +251,14 @@ def _due(
 
 
 def _tier_periods(
-    history: MRHistory, labeled_at: datetime, stopped_at: datetime | None
+    history: MRHistory,
+    policy: CompliancePolicy,
+    labeled_at: datetime,
+    stopped_at: datetime | None,
 ) -> list[tuple[datetime, datetime | None, str]]:
     """(from, until, tier) from the label to ``stopped_at`` (None: still running). A tier
     first told after the label stands from the label: nothing told another before it."""
-    changes = tier_changes(history.events)
+    changes = tier_changes(history.events, policy.outranks)
     if not changes:
         return [(labeled_at, stopped_at, history.tier)]
     periods: list[tuple[datetime, datetime | None, str]] = []

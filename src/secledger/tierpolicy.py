@@ -185,6 +185,10 @@ class CompliancePolicy:
         """0 for the highest tier; unclassified and unknown tiers rank below every tier."""
         return self.tiers.index(tier) if tier in self.tiers else len(self.tiers)
 
+    def outranks(self, tier: str, other: str) -> bool:
+        """Whether ``tier`` is higher than ``other``."""
+        return self.rank(tier) < self.rank(other)
+
     def deadline(self, tier: str, labeled_at: datetime) -> datetime:
         """When a review of ``tier`` labelled at ``labeled_at`` is due."""
         rule = self.rule(tier)

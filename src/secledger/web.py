@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -194,11 +196,31 @@ class _DatabaseProbe:
             or running.done()
             or running.get_loop() is not asyncio.get_running_loop()
         ):
-            running = self._running = asyncio.ensure_future(asyncio.to_thread(_query_ready, engine))
+            running = self._running = _start_query(engine)
         try:
             return await asyncio.wait_for(asyncio.shield(running), READY_TIMEOUT_SECONDS)
         except TimeoutError:
             return {"database": False, "migrations": False, "error": "timeout"}
+
+
+def _start_query(engine: Engine) -> asyncio.Future[dict[str, Any]]:
+    """``_query_ready`` on a daemon thread of its own: the loop's executor would make a
+    stop wait for a query the database never answers (closing a loop joins its threads)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+    def run() -> None:
+        result = _query_ready(engine)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits now
+            loop.call_soon_threadsafe(_settle, future, result)
+
+    threading.Thread(target=run, name="secledger-readyz", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _query_ready(engine: Engine) -> dict[str, Any]:
@@ -222,6 +244,8 @@ def check_settings(settings: Settings) -> None:
         spool = Spool.open(settings.spool_path, writer=False)
     except SpoolUnavailable as exc:
         raise ConfigError(f"{exc}; set SECLEDGER_SPOOL_DIR to a writable directory") from exc
+    except OSError as exc:  # a directory it may not list
+        raise ConfigError(f"cannot use spool directory {settings.spool_path}: {exc}") from exc
     if not os.access(spool.directory, os.W_OK | os.X_OK):
         raise ConfigError(
             f"cannot write in spool directory {spool.directory}: a delivery that arrives"
