@@ -122,10 +122,23 @@ def loose_secret_files(
 ) -> list[tuple[str, int]]:
     """``SECLEDGER_<NAME>_FILE`` variables whose file others may read (group or world
     bits set), each with its permission bits: SECURITY.md asks for mode 0400 or 0600."""
+    named = {
+        variable: environ.get(variable)
+        for variable in (f"{ENV_PREFIX}{n.upper()}_FILE" for n in secret_field_names(settings_cls))
+    }
+    return _loose(named)
+
+
+def loose_key_files(settings: Settings) -> list[tuple[str, int]]:
+    """The settings naming a secret file of their own (the GitLab token, the checkpoint
+    signing key) whose file others may read, each with its permission bits."""
+    names = ("gitlab_token_file", "checkpoint_key_file")
+    return _loose({f"{ENV_PREFIX}{n.upper()}": getattr(settings, n) for n in names})
+
+
+def _loose(paths: Mapping[str, str | Path | None]) -> list[tuple[str, int]]:
     found = []
-    for name in secret_field_names(settings_cls):
-        variable = f"{ENV_PREFIX}{name.upper()}_FILE"
-        path = environ.get(variable)
+    for variable, path in paths.items():
         if not path:
             continue
         try:
@@ -134,23 +147,6 @@ def loose_secret_files(
             continue  # reading it reports what is wrong
         if mode & 0o077:
             found.append((variable, mode))
-    return found
-
-
-def loose_key_files(settings: Settings) -> list[tuple[str, int]]:
-    """The settings naming a secret file of their own (the GitLab token, the checkpoint
-    signing key) whose file others may read, each with its permission bits."""
-    found = []
-    for name in ("gitlab_token_file", "checkpoint_key_file"):
-        path = getattr(settings, name)
-        if path is None:
-            continue
-        try:
-            mode = Path(path).stat().st_mode & 0o777
-        except OSError:
-            continue  # reading it reports what is wrong
-        if mode & 0o077:
-            found.append((f"{ENV_PREFIX}{name.upper()}", mode))
     return found
 
 
