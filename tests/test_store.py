@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import psycopg
 import pytest
+from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -13,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from builders import dumps, mr_event
 from secledger.policy import LabelPolicy
 from secledger.service import feed
-from secledger.store import db
+from secledger.store import db, migrate
 from secledger.store.chain import GENESIS, LogRow, link
 from secledger.store.pipeline import driver
 
@@ -153,3 +155,39 @@ def test_the_environment_and_a_service_file_keep_their_connection_settings(
     assert dict(make_url(db.libpq_url(url)).query) == {}
     monkeypatch.delenv("PGSERVICE")
     assert dict(make_url(db.libpq_url(url + "?service=ledger")).query) == {"service": "ledger"}
+
+
+def test_0021_repairs_databases_that_ran_earlier_texts_of_0010_and_0014(engine: Engine) -> None:
+    """Two migrations changed after some development databases had run them: those are
+    stamped done and never got the new text. One whose 0014 added no column (the view
+    0021 writes reads it) and whose 0010 made a non-unique body index (every dedup probe
+    scanned the log) upgrades to the schema a new database gets."""
+    config = migrate.alembic_config()
+    index = text(
+        "SELECT indisunique FROM pg_index WHERE indexrelid = to_regclass('delivery_log_body')"
+    )
+    old_0014 = importlib.import_module(
+        "secledger.store.migrations.versions.0014_sla_labeled_after_end"
+    )
+    with engine.connect() as conn:
+        assert conn.execute(index).scalar_one() is True
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0020")
+        conn.execute(text(old_0014.DOWNGRADE))  # 0014 as first written: no column
+        conn.execute(text("DROP INDEX delivery_log_body_before; DROP INDEX delivery_log_body"))
+        conn.execute(
+            text(
+                "CREATE INDEX delivery_log_body ON delivery_log"
+                " ((coalesce(body_sha256, sha256(payload))))"
+            )
+        )
+        command.upgrade(config, "head")
+        assert conn.execute(index).scalar_one() is True
+        assert conn.execute(text("SELECT to_regclass('delivery_log_body_before')")).scalar()
+        conn.execute(text("SET ROLE secledger_readonly"))
+        conn.execute(text("SELECT ended_before_label FROM review_sla")).all()
+        conn.execute(text("SELECT sla_tier, sla_status FROM bi_sla_status")).all()
+        conn.execute(text("RESET ROLE"))
+        conn.commit()
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)

@@ -8,6 +8,13 @@ ledger row's ``risk_tier`` (the MR's tier now, or at its merge); ``required_appr
 stays the MR's tier's, what ``insufficient-approvals`` asks. The view kept showing the
 ledger's tier next to the clock's hours; ``sla_tier`` says which tier those hours are.
 
+It also repairs what two migrations changed after some development databases had run
+them (those databases are stamped done and never ran the new text): 0014 gained the
+column ``review_sla.ended_before_label`` and its backfill, which the view reads (it is
+added, and backfilled as 0014 does, where it is missing); 0010's body index became
+unique per instance, with ``delivery_log_body_before`` beside it (a non-unique one is
+replaced, so the writer's dedup probe is an index lookup, not a scan of the log).
+
 Revision ID: 0021
 Revises: 0020
 Create Date: 2026-11-30
@@ -40,7 +47,26 @@ SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.url, l.title, l.ris
 FROM security_review_ledger l
 LEFT JOIN review_sla s USING (instance, project_id, mr_iid);
 """
-UPGRADE = _VIEW.format(running=_0014.RUNNING, status=_0014.SLA_STATUS)
+_REPAIR = f"""
+DO $repair$
+BEGIN
+    IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'review_sla' AND column_name = 'ended_before_label') THEN
+        {_0014._COLUMN}
+    END IF;
+    IF EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('delivery_log_body')
+               AND NOT indisunique) THEN
+        DROP INDEX delivery_log_body;
+        CREATE UNIQUE INDEX delivery_log_body ON delivery_log (instance, body_sha256)
+            WHERE body_sha256 IS NOT NULL AND source <> 'api';
+        CREATE INDEX IF NOT EXISTS delivery_log_body_before
+            ON delivery_log (instance, sha256(payload))
+            WHERE body_sha256 IS NULL AND source <> 'api';
+    END IF;
+END
+$repair$;
+"""
+UPGRADE = _REPAIR + _VIEW.format(running=_0014.RUNNING, status=_0014.SLA_STATUS)
 # A view cannot lose a column in place: drop it, write 0014's again, and give it back
 # its owner and readers (migration 0004).
 DOWNGRADE = (
