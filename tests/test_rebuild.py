@@ -39,6 +39,8 @@ def test_live_ledger_equals_the_rebuild(history, database_url) -> None:
     result = cli(database_url, "rebuild", "--check")
     assert result.exit_code == 0, result.output
     assert "0 derived rows differ from the log" in result.output
+    # What --check leaves out is said, not implied by a clean result.
+    assert "SLA clocks and findings are not compared by --check" in result.output
 
 
 def test_check_lists_an_edited_ledger_row_and_rebuild_fixes_it(history, database_url, engine):
