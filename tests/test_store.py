@@ -8,11 +8,13 @@ import threading
 import psycopg
 import pytest
 from alembic import command
+from click.testing import CliRunner
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from builders import dumps, mr_event
+from secledger.cli import main
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db, migrate
@@ -191,3 +193,21 @@ def test_0021_repairs_databases_that_ran_earlier_texts_of_0010_and_0014(engine: 
         conn.commit()
     with engine.connect() as conn:
         assert migrate.is_current(conn)
+
+
+def test_db_upgrade_of_an_older_database_says_to_rebuild(
+    engine: Engine, database_url: str, tmp_path
+) -> None:
+    """Stored rows follow the rules of the version that wrote them: an upgrade says how
+    to bring them to this version's (a new database has nothing to say it of)."""
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0020")
+        conn.commit()
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
+    upgraded = CliRunner().invoke(main, ["db", "upgrade"], env=env)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "upgraded from 0020: run `secledger rebuild` once" in upgraded.output
+    again = CliRunner().invoke(main, ["db", "upgrade"], env=env)
+    assert "upgraded from" not in again.output

@@ -332,12 +332,22 @@ def upgrade(context: Context) -> None:
     admin = db.Database(db.admin_url(context.settings, context.database), embedded=False)
     engine = db.create(admin.url, pool_size=1)
     try:
+        with engine.connect() as conn:
+            before = migrate.current_revision(conn)
         migrate.upgrade(engine)
         with engine.connect() as conn:
             revision = migrate.current_revision(conn)
     finally:
         engine.dispose()
     click.echo(f"database {admin.redacted()} is at revision {revision}")
+    if before is not None and before != revision:
+        # Stored rows follow the rules of the version that wrote them until re-derived.
+        click.echo(
+            f"upgraded from {before}: run `secledger rebuild` once (with the owner login) so"
+            " that every ledger row, SLA clock and finding follows this version's rules;"
+            " until then each changes at its MR's next event (see the CHANGELOG)",
+            err=True,
+        )
 
 
 def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:
