@@ -378,11 +378,11 @@ def tier_changes(
         facts = event.facts
         if not merged_under:
             before = facts.tier_before
-            if outranks is not None and _untold_above(before, shown, outranks):
+            if outranks and before is not None and _untold_above(before, shown, outranks):
                 start = previous if tier is not None and previous else facts.event_at
-                changes.append((start, str(before)))
+                changes.append((start, before))
                 tier = before
-                shown.add(str(before))
+                shown.add(before)
             after = _tier_after(tier, facts)
             if after is not None and after != tier:
                 changes.append((facts.event_at, after))
@@ -393,9 +393,9 @@ def tier_changes(
     return changes
 
 
-def _untold_above(tier: str | None, shown: set[str], outranks: Callable[[str, str], bool]) -> bool:
+def _untold_above(tier: str, shown: set[str], outranks: Callable[[str, str], bool]) -> bool:
     """``tier`` was named by no event so far and is above every tier one named."""
-    return tier is not None and tier not in shown and all(outranks(tier, t) for t in shown)
+    return tier not in shown and all(outranks(tier, t) for t in shown)
 
 
 def _tier_after(tier: str | None, facts: EventFacts) -> str | None:
@@ -428,5 +428,12 @@ def _apply_decision(row: dict[str, Any], approvals: list[EventFacts], facts: Eve
 
 
 def _given_by(approvals: list[EventFacts], facts: EventFacts) -> int | None:
-    """Where in ``approvals`` the user of ``facts`` stands (``same_user``), if they do."""
-    return next((i for i, given in enumerate(approvals) if same_user(given, facts)), None)
+    """Where in ``approvals`` the user of ``facts`` stands (``same_approver``), if they do."""
+    return next((i for i, given in enumerate(approvals) if same_approver(given, facts)), None)
+
+
+def same_approver(a: EventFacts, b: EventFacts) -> bool:
+    """Whether an approval and a later decision are one user's, as the fold and the rules
+    read standing approvals: ``same_user``, and facts naming nobody are one unknown user."""
+    same = same_user(a, b)
+    return (a.actor or "") == (b.actor or "") if same is None else same

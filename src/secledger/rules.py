@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from secledger.extract import APPROVALS_RESET, EventFacts, MRKey
-from secledger.projection import STATE_AFTER, SequencedEvent, same_user, tier_changes
+from secledger.projection import STATE_AFTER, SequencedEvent, same_approver, tier_changes
 from secledger.quickinit import quick
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
@@ -208,15 +208,13 @@ def sla_clock(history: MRHistory, policy: CompliancePolicy) -> SlaClock:
 def _clock_stop(history: MRHistory) -> SequencedEvent | None:
     """The first decision after the label that stops the clock, if one did."""
     labeled_at = history.labeled_at
+    if labeled_at is None:
+        return None
     author = history.author_id
     events = history.events
     for position, event in enumerate(events):
         facts = event.facts
-        if (
-            labeled_at is None
-            or facts.decision not in CLOCK_STOPPERS
-            or facts.event_at < labeled_at
-        ):
+        if facts.decision not in CLOCK_STOPPERS or facts.event_at < labeled_at:
             continue
         if facts.decision == "approved" and author is not None and facts.actor_id == author:
             continue  # an author approving their own change is not a review
@@ -351,10 +349,10 @@ def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int
             break
         facts = event.facts
         if facts.decision == "approved":
-            if not any(_one_approver(given.facts, facts) for given in standing):
+            if not any(same_approver(given.facts, facts) for given in standing):
                 standing.append(event)
         elif facts.decision == "unapproved":
-            standing = [given for given in standing if not _one_approver(given.facts, facts)]
+            standing = [given for given in standing if not same_approver(given.facts, facts)]
         elif facts.kind == APPROVALS_RESET:
             standing.clear()
     named: dict[str, int] = {}
@@ -364,12 +362,6 @@ def standing_approvals(context: Context, until: SequencedEvent) -> dict[str, int
             name = f"{name} (id {given.facts.actor_id})"
         named[name] = given.seq
     return named
-
-
-def _one_approver(a: EventFacts, b: EventFacts) -> bool:
-    """``same_user``; facts naming nobody at all count as one unknown user, as before."""
-    same = same_user(a, b)
-    return (a.actor or "") == (b.actor or "") if same is None else same
 
 
 def others(context: Context, approvals: dict[str, int]) -> dict[str, int]:
