@@ -23,6 +23,7 @@ from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import Settings, loose_key_files, loose_secret_files, unknown_variables
+from secledger.errors import ConfigError
 from secledger.output import render
 from secledger.runtime import Runtime
 
@@ -285,6 +286,37 @@ def test_a_key_file_others_may_read_is_found(tmp_path: Path) -> None:
     assert loose_key_files(settings) == [("SECLEDGER_GITLAB_TOKEN_FILE", 0o644)]
     key.chmod(0o640)
     assert [name for name, _ in loose_key_files(settings)][1:] == ["SECLEDGER_CHECKPOINT_KEY_FILE"]
+
+
+def test_a_webhook_sources_secret_file_others_may_read_is_found(tmp_path: Path) -> None:
+    """``tokens_file`` and ``signing_secrets_file`` in ``[[webhook_sources]]`` hold webhook
+    secrets as much as ``SECLEDGER_WEBHOOK_SECRETS_FILE`` does."""
+    tokens = tmp_path / "partner-tokens"
+    tokens.write_text("partner-token\n")
+    tokens.chmod(0o644)
+    signing = tmp_path / "partner-signing"
+    signing.write_text("whsec_" + "A" * 32 + "\n")
+    signing.chmod(0o600)
+    sources = [
+        {"instance": "https://a.example", "tokens": ["t"]},
+        {
+            "instance": "https://b.example",
+            "tokens_file": str(tokens),
+            "signing_secrets_file": str(signing),
+        },
+    ]
+    settings = Settings(webhook_sources=sources)
+    assert loose_key_files(settings) == [("webhook_sources[1].tokens_file", 0o644)]
+    signing.chmod(0o604)
+    assert [name for name, _ in loose_key_files(settings)] == [
+        "webhook_sources[1].tokens_file",
+        "webhook_sources[1].signing_secrets_file",
+    ]
+
+
+def test_secret_files_is_not_a_webhook_sources_key() -> None:
+    with pytest.raises(ConfigError, match="unknown key secret_files"):
+        Settings(webhook_sources=[{"instance": "https://a.example", "secret_files": {}}])
 
 
 def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:

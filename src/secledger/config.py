@@ -131,9 +131,16 @@ def loose_secret_files(
 
 def loose_key_files(settings: Settings) -> list[tuple[str, int]]:
     """The settings naming a secret file of their own (the GitLab token, the checkpoint
-    signing key) whose file others may read, each with its permission bits."""
+    signing key, a webhook source's ``tokens_file`` or ``signing_secrets_file``) whose
+    file others may read, each with its permission bits."""
     names = ("gitlab_token_file", "checkpoint_key_file")
-    return _loose({f"{ENV_PREFIX}{n.upper()}": getattr(settings, n) for n in names})
+    paths: dict[str, str | Path | None] = {
+        f"{ENV_PREFIX}{n.upper()}": getattr(settings, n) for n in names
+    }
+    for index, source in enumerate(settings.webhook_sources):
+        for key, path in source.secret_files.items():
+            paths[f"webhook_sources[{index}].{key}"] = path
+    return _loose(paths)
 
 
 def _loose(paths: Mapping[str, str | Path | None]) -> list[tuple[str, int]]:
@@ -197,6 +204,9 @@ class WebhookSource(BaseModel):
     tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     signing_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     auth: AuthPolicy = "either"
+    # Filled from ``tokens_file`` / ``signing_secrets_file`` (key -> path), not a TOML
+    # key of its own: kept so that start-up can warn about a file others may read.
+    secret_files: dict[str, str] = Field(default_factory=dict, exclude=True, repr=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -205,6 +215,9 @@ class WebhookSource(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if "secret_files" in data:
+            raise ConfigError("webhook_sources: unknown key secret_files")
+        files: dict[str, str] = {}
         for name in ("tokens", "signing_secrets"):
             path = data.pop(f"{name}_file", None)
             if path is None:
@@ -212,6 +225,8 @@ class WebhookSource(BaseModel):
             if data.get(name):
                 raise ConfigError(f"webhook_sources: set {name} or {name}_file, not both")
             data[name] = read_secret_file(f"webhook_sources.{name}_file", str(path))
+            files[f"{name}_file"] = str(path)
+        data["secret_files"] = files
         return data
 
     @field_validator("tokens", "signing_secrets", mode="before")
