@@ -23,7 +23,7 @@ from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
-from secledger.usernames import approved_by
+from secledger.usernames import among
 
 CLOCK_COLUMNS = (
     "risk_tier",
@@ -371,7 +371,7 @@ _ORDER = "detected_at DESC, id DESC NULLS FIRST, instance, project_id, mr_iid"
 _APPROVED_BY = (
     "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = found.instance"
     " AND r.project_id = found.project_id AND r.mr_iid = found.mr_iid"
-    f" AND {approved_by('r.approvers')})"
+    f" AND {among('r.approvers')})"
 )
 
 

@@ -22,7 +22,7 @@ from secledger.copies import counted_groups
 from secledger.errors import TimestampError
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
-from secledger.usernames import approved_by, same_name
+from secledger.usernames import among, same_name
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
@@ -199,7 +199,7 @@ class FindingsRow(Row):
     mrs: int
 
 
-MR_REVIEWER = f"({approved_by('l.approvers')} OR {same_name('s.first_decision_by')})"
+MR_REVIEWER = f"({among('l.approvers')} OR {same_name('s.first_decision_by')})"
 
 
 def _mr_filters(
@@ -357,7 +357,7 @@ LIMIT :limit"""
 def findings(conn: Connection, filters: Filters) -> list[FindingsRow]:
     """Findings per rule and severity, detected in the period; open MRs past their deadline
     count as breached whether or not serve has recorded it yet."""
-    where, params = _mr_filters(filters, "f.detected_at", reviewer=approved_by("l.approvers"))
+    where, params = _mr_filters(filters, "f.detected_at", reviewer=among("l.approvers"))
     params |= store.as_of(filters.policy, filters.now)
     query = f"""
 SELECT f.rule, f.severity,

@@ -12,6 +12,6 @@ def same_name(column: str) -> str:
     return f"lower({column}) = lower(:reviewer)"
 
 
-def approved_by(approvers: str) -> str:
-    """SQL: ``:reviewer`` is among the usernames of array ``approvers``, whatever the case."""
-    return f"EXISTS (SELECT FROM unnest({approvers}) AS a(name) WHERE {same_name('a.name')})"
+def among(names: str) -> str:
+    """SQL: ``:reviewer`` is among the usernames of array ``names``, whatever the case."""
+    return f"EXISTS (SELECT FROM unnest({names}) AS a(name) WHERE {same_name('a.name')})"
