@@ -98,6 +98,26 @@ def test_missing_and_extra_rows_are_listed_and_repaired(history, database_url, e
     assert _ledger(engine, 2)["decided_by"] == "erin"
 
 
+def test_check_names_the_json_keys_of_events_that_differ(history, database_url, engine):
+    """A fact a newer version derives (or an edit of one) is named: not two copies of
+    the whole ``facts`` object for the reader to compare."""
+    with engine.begin() as conn:
+        facts = conn.execute(text("SELECT facts FROM review_events WHERE seq = 3")).scalar_one()
+        conn.execute(
+            text(
+                "UPDATE review_events SET facts = facts - 'actor_id'"
+                " || '{\"planted\": 1}'::jsonb WHERE seq = 3"
+            )
+        )
+    check = cli(database_url, "rebuild", "--check")
+    assert check.exit_code == 1
+    line = next(x for x in check.output.splitlines() if x.startswith("review_events seq=3"))
+    assert line == (
+        "review_events seq=3: differs (facts.actor_id: stored nothing, log says"
+        f" {facts['actor_id']!r}; facts.planted: stored 1, log says nothing)"
+    )
+
+
 def test_a_log_source_without_a_decoder_is_named(history, database_url, engine) -> None:
     with engine.begin() as conn:
         conn.execute(text("SET LOCAL session_replication_role = replica"))

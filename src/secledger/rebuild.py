@@ -151,12 +151,34 @@ class Difference:
     ref: Any = None  # the seq or MRKey, for repairs
 
     def describe(self) -> str:
-        """One line for people: which row, and stored vs rebuilt for each column."""
+        """One line for people: which row, and stored vs rebuilt for each column (for a
+        JSON column, for each of its keys that differ)."""
         changed = "; ".join(
-            f"{name}: stored {stored!r}, log says {wanted!r}"
-            for name, (stored, wanted) in self.columns.items()
+            f"{name}: stored {_shown(stored)}, log says {_shown(wanted)}"
+            for column, (stored, wanted) in self.columns.items()
+            for name, (stored, wanted) in _by_key(column, stored, wanted)
         )
         return f"{self.table} {self.key}: {self.kind}" + (f" ({changed})" if changed else "")
+
+
+_ABSENT = object()
+
+
+def _by_key(column: str, stored: Any, wanted: Any) -> list[tuple[str, tuple[Any, Any]]]:
+    """``column``'s difference, split by key when both sides are JSON objects: a fact
+    added by a newer version (``tier_before``) is then named, not shown inside two
+    copies of the whole object."""
+    if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)):
+        return [(column, (stored, wanted))]
+    return [
+        (f"{column}.{key}", (stored.get(key, _ABSENT), wanted.get(key, _ABSENT)))
+        for key in sorted({*stored, *wanted})
+        if stored.get(key, _ABSENT) != wanted.get(key, _ABSENT)
+    ]
+
+
+def _shown(value: Any) -> str:
+    return "nothing" if value is _ABSENT else repr(value)
 
 
 def compare(
