@@ -169,6 +169,18 @@ def _database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
+def test_findings_reevaluate_records_what_it_re_ran(engine, database_url) -> None:
+    """docs/policy.md's step after a policy change. Reading the ledger rows must not
+    leave the connection streaming: the writes after it ran as server-side cursors."""
+    feed_one(engine)  # an open MR labelled in 2025: overdue by now, no breach recorded
+    result = cli(database_url, "findings", "--reevaluate")
+    assert result.exit_code == 0, result.output
+    assert "re-evaluated 1 merge requests" in result.stderr
+    # The re-run itself recorded the breach (id set), so the overdue pass found none.
+    listed = json.loads(cli(database_url, "findings", "--format", "json").stdout)
+    assert [(item["rule"], type(item["id"])) for item in listed] == [("sla-breached", int)]
+
+
 def test_reports_and_findings_run_as_a_readonly_login(engine, database_url) -> None:
     """SECURITY.md has auditors report as secledger_readonly: same answers, nothing to skip."""
     feed_one(engine)  # an open MR labelled in 2025: overdue by now, no breach recorded

@@ -287,7 +287,9 @@ def _stream(
     conn: Connection, query: str, params: Mapping[str, Any], *, mappings: bool = True
 ) -> Iterator[Any]:
     """Rows (mappings, or tuples) from a server-side cursor, fetched in batches."""
-    result = conn.execution_options(yield_per=STREAM_ROWS).execute(text(query), dict(params))
+    # On the statement, not the connection (which would keep it for every later one).
+    statement = text(query).execution_options(yield_per=STREAM_ROWS)
+    result = conn.execute(statement, dict(params))
     yield from (result.mappings() if mappings else result)
 
 

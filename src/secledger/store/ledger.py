@@ -298,7 +298,9 @@ def rows(conn: Connection, order: Sequence[str] = ("last_event_at",)) -> Iterato
     query = select(security_review_ledger).order_by(
         *(security_review_ledger.c[name] for name in order)
     )
-    yield from conn.execution_options(yield_per=1000).execute(query).mappings()
+    # On the statement: Connection.execution_options changes the connection itself, and
+    # every later statement on it (an INSERT too) would run as a server-side cursor.
+    yield from conn.execute(query.execution_options(yield_per=1000)).mappings()
 
 
 def known_keys(conn: Connection) -> Iterator[MRKey]:
