@@ -10,6 +10,7 @@ it is never logged or printed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import gitlab
 import gitlab.exceptions
+import requests
 from gitlab.utils import EncodedId
 
 from secledger.config import Settings
@@ -25,7 +27,7 @@ from secledger.intake import origin
 from secledger.times import isoformat, parse_http_date, parse_time, utcnow
 
 if TYPE_CHECKING:
-    from requests import Response
+    from requests import PreparedRequest, Response
 
 PER_PAGE = 100
 T = TypeVar("T")
@@ -72,6 +74,42 @@ def _retry_after_in_seconds(response: Response, *_args: Any, **_kwargs: Any) -> 
     return response
 
 
+# Every header python-gitlab may authenticate with.
+_TOKEN_HEADERS = ("PRIVATE-TOKEN", "JOB-TOKEN", "Authorization")
+
+
+class _TLSFailed(OSError):
+    """A TLS failure, raised as a type python-gitlab does not retry: no retry mends a
+    certificate, and ten of them took 105 s before the error was shown."""
+
+
+class _OriginBoundSession(requests.Session):
+    """A session that sends the token to the configured GitLab origin only.
+
+    requests strips ``Authorization`` from a redirect to another host, but not
+    ``PRIVATE-TOKEN``: a GitLab (or a proxy in front of it) answering 302 to another
+    host, or from https to http, would have been handed the token.
+    """
+
+    def __init__(self, instance: str) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def request(self, *args: Any, **kwargs: Any) -> Response:
+        try:
+            return super().request(*args, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise _TLSFailed(str(exc)) from None
+
+    def rebuild_auth(self, prepared_request: PreparedRequest, response: Response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        # requests' own rule (another host, port or scheme, but http to https on one
+        # host is fine), applied against the configured origin rather than the last hop.
+        if self.should_strip_auth(self.instance + "/", prepared_request.url or ""):
+            for name in _TOKEN_HEADERS:
+                prepared_request.headers.pop(name, None)
+
+
 def _created_at(mr: dict[str, Any], path: str) -> datetime:
     try:
         return parse_time(mr["created_at"])
@@ -90,16 +128,57 @@ def _unseen(mrs: list[dict[str, Any]], seen: set[tuple[int, int]]) -> list[dict[
     return fresh
 
 
-def _call(action: Callable[[], T], path: str) -> T:
+def _calling(action: Callable[[], T], path: str, instance: str) -> T:
     try:
         return action()
     except gitlab.exceptions.GitlabError as exc:
         code = getattr(exc, "response_code", None)
         # The path says which endpoint: an old GitLab lacks some (resource_state_events).
-        message = f"GitLab API: {path}: {code or 'error'}: {exc.error_message}"
+        message = f"GitLab API: {path}: {code or 'error'}: {_brief(exc.error_message)}"
         raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
-        raise GitLabAPIError(f"GitLab API unreachable: {type(exc).__name__}") from None
+        where = f" at {instance}" if instance else ""
+        raise GitLabAPIError(f"GitLab API unreachable{where}: {unreachable(exc)}") from None
+
+
+# Longest error text of GitLab's kept in a message: a proxy's HTML page is kilobytes.
+MAX_ERROR_CHARS = 200
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _brief(message: object) -> str:
+    """GitLab's error text, or the words of an HTML error page, on one short line."""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    text = str(message)
+    if text.lstrip().startswith("<"):
+        text = _TAG.sub(" ", text)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+# What requests' nested exception texts say, in words people act on.
+_CAUSES = (
+    ("certificate verify failed", "its TLS certificate is not trusted (see REQUESTS_CA_BUNDLE)"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted (see REQUESTS_CA_BUNDLE)"),
+    ("Connection refused", "the connection was refused"),
+    ("Name or service not known", "the host name is not known"),
+    ("Temporary failure in name resolution", "the host name could not be resolved"),
+    ("No route to host", "there is no route to the host"),
+)
+
+
+def unreachable(exc: OSError) -> str:
+    """Why the API could not be reached, in words (the exception's class otherwise)."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "it did not answer in time (SECLEDGER_GITLAB_TIMEOUT_SECONDS)"
+    text = str(exc)
+    for marker, cause in _CAUSES:
+        if marker in text:
+            return cause
+    if isinstance(exc, requests.exceptions.SSLError | _TLSFailed):
+        return "the TLS handshake failed"
+    return type(exc).__name__
 
 
 class GitLabAPI:
@@ -109,6 +188,10 @@ class GitLabAPI:
         self.client = client
         self.instance = instance
         self.max_retries = max_retries
+
+    def _call(self, action: Callable[[], T], path: str) -> T:
+        """``action()``, its failure a GitLabAPIError that says what went wrong."""
+        return _calling(action, path, self.instance)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GitLabAPI:
@@ -128,6 +211,10 @@ class GitLabAPI:
             timeout=settings.gitlab_timeout_seconds,
             retry_transient_errors=True,
             ssl_verify=True,
+            # Next pages stay on the configured URL, whatever host GitLab's Link header
+            # names (its external_url may differ, even be http://): the token goes along.
+            keep_base_url=True,
+            session=_OriginBoundSession(instance),
         )
         client.session.hooks["response"].append(_retry_after_in_seconds)
         return cls(client, instance, settings.gitlab_max_retries)
@@ -137,7 +224,7 @@ class GitLabAPI:
         # managers do): without it GitLab answers 20 a page, five times the requests
         # against its rate limit. Later pages follow the Link header, which keeps it.
         first_page = {"per_page": PER_PAGE, **(query or {})}
-        listing = _call(
+        listing = self._call(
             lambda: self.client.http_list(
                 path, first_page, iterator=True, max_retries=self.max_retries
             ),
@@ -145,13 +232,13 @@ class GitLabAPI:
         )
         iterator = iter(listing)
         while True:
-            item = _call(lambda: next(iterator, None), path)
+            item = self._call(lambda: next(iterator, None), path)
             if item is None:
                 return
             yield item
 
     def _get(self, path: str) -> dict[str, Any]:
-        result = _call(lambda: self.client.http_get(path, max_retries=self.max_retries), path)
+        result = self._call(lambda: self.client.http_get(path, max_retries=self.max_retries), path)
         if not isinstance(result, dict):
             raise GitLabAPIError(f"GitLab API: {path} did not answer a JSON object")
         return result
@@ -254,7 +341,7 @@ class GitLabAPI:
 
     def _page(self, path: str, query: Mapping[str, Any]) -> tuple[list[dict[str, Any]], bool]:
         """One page of a listing, and whether GitLab has another after it."""
-        response = _call(
+        response = self._call(
             lambda: self.client.http_request(
                 "get",
                 path,
@@ -297,7 +384,7 @@ class GitLabAPI:
 
     def add_hook(self, scope: Scope, data: Mapping[str, Any]) -> dict[str, Any]:
         """Register a webhook; the created hook (GitLab never returns its token)."""
-        result = _call(
+        result = self._call(
             lambda: self.client.http_post(
                 f"{scope.path}/hooks", post_data=dict(data), max_retries=self.max_retries
             ),
