@@ -71,6 +71,9 @@ class FakeGitLab:
         self.seen: list[Seen] = []
         self.after: Callable[[Seen], None] | None = None  # called with each request answered
         self.hook_tokens: dict[int, str] = {}  # GitLab never returns a hook's token
+        # The next hook creations answer 502: "after" once GitLab created the hook (its
+        # answer lost on the way back, as through a proxy's timeout), "before" without.
+        self.hook_post_502: list[str] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -182,7 +185,12 @@ def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
                 return 404, {"message": "404 Not found"}, {}
             if method == "POST":
                 length = int(self.headers.get("Content-Length") or 0)
-                return _post(fake, path, json.loads(self.rfile.read(length) or b"{}"))
+                data = json.loads(self.rfile.read(length) or b"{}")
+                fails = fake.hook_post_502.pop(0) if fake.hook_post_502 else None
+                if fails == "before":
+                    return 502, {"message": "502 Bad Gateway"}, {}
+                created = _post(fake, path, data)
+                return (502, {"message": "502 Bad Gateway"}, {}) if fails else created
             found = _get(fake, path, query)
             if found is None:
                 return 404, {"message": "404 Not found"}, {}

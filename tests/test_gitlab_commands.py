@@ -94,6 +94,50 @@ def test_a_hook_gitlab_refuses_leaves_no_secret_behind(database_url, fake, tmp_p
     assert tomllib.loads(config.read_text())["webhook_secrets"] == ["old-secret"]
 
 
+def test_a_lost_answer_to_the_hook_creation_makes_one_hook_not_two(
+    database_url, fake, tmp_path
+) -> None:
+    """A 502 may come after GitLab created the hook: a retry made a second one (every
+    event then arrived twice). It is not retried; GitLab's list says what happened."""
+    config = tmp_path / "secledger.toml"
+    config.write_text('webhook_secrets = ["old-secret"]\n')
+    args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
+    fake.hook_post_502.append("after")
+    created = invoke(database_url, fake, *args)
+    assert created.exit_code == 0, created.output
+    [hook] = fake.projects[14].hooks
+    assert f"hook {hook['id']}" in created.output
+    assert tomllib.loads(config.read_text())["webhook_secrets"] == [
+        "old-secret",
+        fake.hook_tokens[hook["id"]],
+    ]
+
+    fake.projects[14].hooks.clear()
+    config.write_text('webhook_secrets = ["old-secret"]\n')
+    fake.hook_post_502.append("before")
+    refused = invoke(database_url, fake, *args)
+    assert refused.exit_code == 1
+    assert "502" in refused.output
+    assert fake.projects[14].hooks == []
+    # No hook will ever send the new secret: it is not left for the receiver to accept.
+    assert tomllib.loads(config.read_text())["webhook_secrets"] == ["old-secret"]
+
+
+def test_check_reports_two_hooks_that_deliver_to_one_url(database_url, fake) -> None:
+    """What a retried creation used to leave behind: every event delivered twice."""
+    for hook_id in (700, 701):
+        fake.projects[14].hooks.append(
+            {"id": hook_id, "url": RECEIVER, "merge_requests_events": True}
+        )
+    result = invoke(database_url, fake, "gitlab", "check", "--project", "14")
+    assert result.exit_code == 1
+    assert (
+        "problem: hook 701 also delivers to this URL: each event arrives 2 times"
+        " (delete all but one in GitLab)"
+    ) in result.output
+    assert "problem: hook 700 also delivers" in result.output
+
+
 def test_check_reports_last_success_and_resendable_failures(database_url, fake) -> None:
     project = fake.projects[14]
     project.hooks.append(

@@ -386,7 +386,13 @@ class GitLabAPI:
         """Register a webhook; the created hook (GitLab never returns its token)."""
         result = self._call(
             lambda: self.client.http_post(
-                f"{scope.path}/hooks", post_data=dict(data), max_retries=self.max_retries
+                f"{scope.path}/hooks",
+                post_data=dict(data),
+                max_retries=self.max_retries,
+                # A 5xx or a lost answer may come after GitLab created the hook: a retry
+                # would create a second, and every event would arrive twice. 429 is
+                # still retried (nothing was created); ``hooks.connect`` looks.
+                retry_transient_errors=False,
             ),
             f"{scope.path}/hooks",
         )

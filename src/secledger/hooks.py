@@ -80,12 +80,22 @@ def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, A
     try:
         return api.add_hook(scope, data)
     except GitLabAPIError as exc:
-        # GitLab answered and refused: no hook will ever send this secret, and a secret
-        # the receiver accepts should belong to one. With no answer (a timeout), the hook
-        # may exist: the secret stays.
         if exc.status is not None and 400 <= exc.status < 500:
+            # GitLab answered and refused: no hook will ever send this secret, and a
+            # secret the receiver accepts should belong to one.
             remove_secret(config, secret)
-        raise
+            raise
+        failure = exc
+    # No answer, or a 5xx: the hook may have been created all the same (it is not
+    # retried, which would have made a second one). GitLab's list says which.
+    try:
+        created = find_hooks(api.hooks(scope), url)
+    except GitLabAPIError:
+        raise failure from None  # unknown: the secret stays, for a hook that may exist
+    if created:
+        return created[0]
+    remove_secret(config, secret)
+    raise failure
 
 
 def succeeded(event: Mapping[str, Any]) -> bool:
@@ -101,6 +111,8 @@ class HookHealth:
     hook: dict[str, Any]
     last_success: dict[str, Any] | None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # Ids of the scope's other hooks that deliver to the same URL.
+    twins: list[int] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -121,6 +133,12 @@ class HookHealth:
             found.append("SSL verification is off")
         if self.failures:
             found.append(f"{len(self.failures)} failed deliveries in the last 7 days")
+        if self.twins:
+            others = ", ".join(str(twin) for twin in self.twins)
+            found.append(
+                f"hook {others} also delivers to this URL: each event arrives"
+                f" {len(self.twins) + 1} times (delete all but one in GitLab)"
+            )
         return found
 
 
@@ -131,12 +149,18 @@ MAX_FAILURES_READ = 10_000
 def check(api: GitLabAPI, scope: Scope, url: str | None) -> list[HookHealth]:
     """The health of every secledger hook of a project or group."""
     report = []
-    for hook in find_hooks(api.hooks(scope), url):
+    hooks = find_hooks(api.hooks(scope), url)
+    for hook in hooks:
         hook_id = int(hook["id"])
         newest = api.hook_events(scope, hook_id)
         success = next((e for e in newest if succeeded(e)), None)
-        report.append(HookHealth(hook, success, _failures(api, scope, hook_id, newest)))
+        twins = [int(h["id"]) for h in hooks if h is not hook and _same_url(h, hook)]
+        report.append(HookHealth(hook, success, _failures(api, scope, hook_id, newest), twins))
     return report
+
+
+def _same_url(one: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    return str(one.get("url", "")).rstrip("/") == str(other.get("url", "")).rstrip("/")
 
 
 def _failures(
