@@ -123,6 +123,21 @@ def test_a_lost_answer_to_the_hook_creation_makes_one_hook_not_two(
     assert tomllib.loads(config.read_text())["webhook_secrets"] == ["old-secret"]
 
 
+def test_backfill_and_reconcile_refuse_a_period_that_ends_before_it_starts(
+    database_url, fake, engine
+) -> None:
+    """As report and evidence do: reconcile would store a passing check of nothing in
+    the append-only reconciliations table."""
+    for command in ("backfill", "reconcile"):
+        args = (command, "--project", "14", "--since", "2025-06-01", "--until", "2025-01-01")
+        result = invoke(database_url, fake, *args)
+        assert result.exit_code == 2, result.output
+        assert "--since must be before --until" in result.output
+    assert fake.seen == []
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM reconciliations").scalar_one() == 0
+
+
 def test_check_reports_two_hooks_that_deliver_to_one_url(database_url, fake) -> None:
     """What a retried creation used to leave behind: every event delivered twice."""
     for hook_id in (700, 701):

@@ -15,6 +15,7 @@ from secledger import earlyapprovals
 from secledger import enrich as enrichment
 from secledger import reconcile as reconciliation
 from secledger.backfill import Backfill, Period
+from secledger.commands.compliance import check_period
 from secledger.errors import SecledgerError
 from secledger.gitlab_api import GitLabAPI, Scope, scopes
 from secledger.output import render
@@ -158,6 +159,7 @@ def backfill(
       secledger backfill --project acme/payments --project 42 --since 2025-01-01 --until 2025-07-01
       secledger backfill --group acme --since 2025-01-01 --label-history
     """
+    check_period(since, until)
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
     with context.engine() as engine, edge():
@@ -210,6 +212,7 @@ def reconcile(
       secledger reconcile --project acme/payments --since 2025-07-01 --fix
       secledger reconcile --group acme --since 2025-07-01 --label-history
     """
+    check_period(since, until)
     chosen, api = _scopes(projects, groups), _api(context)
     policy = LabelPolicy.from_settings(context.settings)
     # The bar follows the reading of label histories, the long part with --label-history.
