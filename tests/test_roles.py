@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -179,6 +183,39 @@ def test_findings_reevaluate_records_what_it_re_ran(engine, database_url) -> Non
     # The re-run itself recorded the breach (id set), so the overdue pass found none.
     listed = json.loads(cli(database_url, "findings", "--format", "json").stdout)
     assert [(item["rule"], type(item["id"])) for item in listed] == [("sla-breached", int)]
+
+
+def test_a_write_the_login_may_not_make_is_one_line_not_a_traceback(
+    engine, database_url, tmp_path
+) -> None:
+    """``rebuild`` as the receiver's login, ``checkpoint`` as the auditors': each names
+    the login it needs instead of a traceback."""
+    feed_one(engine)
+    with engine.begin() as conn:  # something for rebuild to repair
+        conn.execute(text("UPDATE review_events SET actor = 'mallory'"))
+    key = tmp_path / "key.pem"
+    assert cli(database_url, "keygen", "--out", str(key)).exit_code == 0
+    for url, args in (
+        (app_url(database_url), ["rebuild"]),
+        (readonly_url(database_url), ["checkpoint", "--key", str(key)]),
+    ):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "secledger"), *args],
+            env={
+                "PATH": os.environ["PATH"],
+                "SECLEDGER_DATABASE_URL": url,
+                "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: the database login may not do this: permission denied")
+        assert "SECLEDGER_MIGRATION_DATABASE_URL" in last
 
 
 def test_reports_and_findings_run_as_a_readonly_login(engine, database_url) -> None:

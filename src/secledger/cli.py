@@ -19,7 +19,7 @@ import psycopg
 import structlog
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from secledger import __version__, logs
 from secledger.config import (
@@ -535,6 +535,21 @@ def run() -> None:
             sys.exit(1)
         click.echo(f"Error: cannot reach the database: {reason}", err=True)
         sys.exit(DATABASE_UNREACHABLE)
+    except (ProgrammingError, psycopg.errors.InsufficientPrivilege) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        if getattr(cause, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        reason = str(cause).strip().splitlines()[0]
+        click.echo(f"Error: the database login may not do this: {reason}. {WHICH_LOGIN}", err=True)
+        sys.exit(1)
+
+
+INSUFFICIENT_PRIVILEGE = "42501"
+WHICH_LOGIN = (
+    "Writing commands need the login their docs name: rebuild and db upgrade the owner"
+    " (SECLEDGER_MIGRATION_DATABASE_URL), checkpoint and findings --reevaluate"
+    " secledger_app or the owner (docs/integrity.md, Roles and logins)"
+)
 
 
 def _unreachable(error: BaseException) -> bool:
