@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import json
 import threading
 
 import psycopg
 import pytest
 from alembic import command
 from click.testing import CliRunner
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from structlog.testing import capture_logs
 
 from builders import dumps, mr_event
 from secledger.cli import main
+from secledger.config import Settings
 from secledger.policy import LabelPolicy
+from secledger.runtime import Runtime
 from secledger.service import feed
 from secledger.store import db, migrate
 from secledger.store.chain import GENESIS, LogRow, link
@@ -211,3 +216,36 @@ def test_db_upgrade_of_an_older_database_says_to_rebuild(
     assert "upgraded from 0020: run `secledger rebuild` once" in upgraded.output
     again = CliRunner().invoke(main, ["db", "upgrade"], env=env)
     assert "upgraded from" not in again.output
+
+
+def test_any_command_that_migrates_an_older_database_says_to_rebuild(
+    engine: Engine, database_url: str, tmp_path
+) -> None:
+    """Every command (and ``serve``) migrates a database that is behind before it runs:
+    the advice ``db upgrade`` gives must not be lost when it is not the one that ran."""
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0020")
+        conn.commit()
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
+    listed = CliRunner().invoke(main, ["ledger", "--format", "json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert (
+        "the database was upgraded from revision 0020: run `secledger rebuild` once"
+    ) in listed.stderr
+    assert json.loads(listed.stdout) == []
+    again = CliRunner().invoke(main, ["ledger", "--format", "json"], env=env)
+    assert "upgraded" not in again.stderr
+
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0020")
+        conn.commit()
+    settings = Settings(database_url=SecretStr(database_url), data_dir=tmp_path / "serve")
+    with capture_logs() as logged:
+        runtime = Runtime.open(settings, db.resolve(settings))
+        runtime.close()
+    [line] = [line for line in logged if line["event"] == "schema_upgraded"]
+    assert line["from_revision"] == "0020"
+    assert line["hint"].startswith("run `secledger rebuild` once")

@@ -95,7 +95,13 @@ class Context:
         engine = db.create(self.database.url, pool_size=2)
         try:
             if upgrade:
-                migrate.ensure_current(engine, db.migration_url(self.settings))
+                before = migrate.ensure_current(engine, db.migration_url(self.settings))
+                if before is not None:
+                    click.echo(
+                        f"the database was upgraded from revision {before}: "
+                        + migrate.REBUILD_HINT,
+                        err=True,
+                    )
             yield engine
         finally:
             engine.dispose()
@@ -342,12 +348,7 @@ def upgrade(context: Context) -> None:
     click.echo(f"database {admin.redacted()} is at revision {revision}")
     if before is not None and before != revision:
         # Stored rows follow the rules of the version that wrote them until re-derived.
-        click.echo(
-            f"upgraded from {before}: run `secledger rebuild` once (with the owner login) so"
-            " that every ledger row, SLA clock and finding follows this version's rules;"
-            " until then each changes at its MR's next event (see the CHANGELOG)",
-            err=True,
-        )
+        click.echo(f"upgraded from {before}: {migrate.REBUILD_HINT}", err=True)
 
 
 def replay_files(context: Context, engine: Engine, paths: list[Path], event: str) -> int:

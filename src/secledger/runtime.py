@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy import Engine
 
 from secledger.config import Settings
@@ -17,6 +18,8 @@ from secledger.recorder import Recorder
 from secledger.service import Recording
 from secledger.spool import Spool
 from secledger.store import db, migrate
+
+log = structlog.get_logger("secledger.runtime")
 
 
 @dataclass
@@ -39,7 +42,9 @@ class Runtime:
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
         """Migrate (under the advisory lock), load known MRs, open the spool, start the writer."""
         engine = db.create(database.url)
-        migrate.ensure_current(engine, db.migration_url(settings))
+        before = migrate.ensure_current(engine, db.migration_url(settings))
+        if before is not None:
+            log.warning("schema_upgraded", from_revision=before, hint=migrate.REBUILD_HINT)
         known = KnownMRs()
         known.load(engine)
         known.listen(db.libpq_url(database.url))

@@ -61,8 +61,19 @@ def is_current(conn: Connection) -> bool:
     return current_revision(conn) == head_revision()
 
 
-def ensure_current(engine: Engine, migration_url: str | None) -> None:
-    """Bring the schema to head at start-up, as the owner when a migration URL is given.
+# What to do once migrations ran on a schema that held rows: said by every path that
+# migrates (``db upgrade``, and the start of ``serve`` and of every other command).
+REBUILD_HINT = (
+    "run `secledger rebuild` once (with the owner login) so that every ledger row, SLA"
+    " clock and finding follows this version's rules; until then each changes at its"
+    " MR's next event (see the CHANGELOG)"
+)
+
+
+def ensure_current(engine: Engine, migration_url: str | None) -> str | None:
+    """Bring the schema to head at start-up, as the owner when a migration URL is given;
+    the revision an existing schema was at when it was behind (None when it was current
+    or new), for the caller to give ``REBUILD_HINT``.
 
     ``serve`` runs as a least-privilege login that cannot run DDL. When the schema is
     already current nothing is attempted; when it is behind and no owner URL is
@@ -70,15 +81,16 @@ def ensure_current(engine: Engine, migration_url: str | None) -> None:
     instead of a half-started receiver.
     """
     with engine.connect() as conn:
-        if is_current(conn):
-            return
+        before = current_revision(conn)
+    if before == head_revision():
+        return None
     if migration_url is not None:
         owner = db.create(migration_url, pool_size=1)
         try:
             upgrade(owner)
         finally:
             owner.dispose()
-        return
+        return before
     try:
         upgrade(engine)
     except ProgrammingError as exc:
@@ -89,6 +101,7 @@ def ensure_current(engine: Engine, migration_url: str | None) -> None:
             f"{head_revision()}, and this login may not migrate: run `secledger db upgrade` "
             "as the owner, or set SECLEDGER_MIGRATION_DATABASE_URL"
         ) from None
+    return before
 
 
 def _revision_of(engine: Engine) -> str | None:
