@@ -496,6 +496,14 @@ def test_a_login_the_server_refuses_is_a_configuration_error_not_an_outage(
     assert "does not exist" in last
 
 
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_port_out_of_range_is_a_usage_error(command: str) -> None:
+    """Not wrapped around by the socket layer (70000 bound port 4464)."""
+    result = CliRunner().invoke(main, [command, "--port", "70000"])
+    assert result.exit_code == 2
+    assert "70000 is not in the range 0<=x<=65535" in result.output
+
+
 def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
     """Refused before the database is touched (its URL here reaches nothing), with the
     address and the reason; not uvicorn's line after "receiving on", nor exit 3."""

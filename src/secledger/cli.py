@@ -285,7 +285,12 @@ def _listen(host: str, port: int) -> list[socket.socket]:
 @click.option(
     "--host", default=None, help="Address to bind (default from SECLEDGER_HOST: 127.0.0.1)."
 )
-@click.option("--port", type=int, default=None, help="Port (default from SECLEDGER_PORT: 8080).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default from SECLEDGER_PORT: 8080).",
+)
 @click.option(
     "--allow-open",
     is_flag=True,
@@ -454,7 +459,11 @@ def _free(host: str, port: int) -> bool:
 
 @main.command()
 @click.option(
-    "--port", type=int, default=8080, show_default=True, help="Port on 127.0.0.1 to serve on."
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port on 127.0.0.1 to serve on.",
 )
 @click.option("--no-serve", is_flag=True, help="Replay and print the ledger, then exit.")
 @pass_context
