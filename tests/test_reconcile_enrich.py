@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -13,6 +14,7 @@ from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
 from builders import mr_event, user_id
 from secledger.backfill import Backfill, Period, find_merge_requests
+from secledger.cli import main
 from secledger.enrich import enrich, start_background
 from secledger.errors import GitLabAPIError
 from secledger.gitlab_api import Scope
@@ -141,6 +143,28 @@ def test_enrich_replaces_the_created_at_fallback_with_the_api_label_time(engine,
     assert {k: v for k, v in ledger_rows(engine)[0].items() if k != "last_seq"} == {
         k: v for k, v in after.items() if k != "last_seq"
     }
+
+
+def test_enrich_exits_1_when_the_lookups_fail(engine, database_url, fake) -> None:
+    """A revoked token fails every lookup: a scheduled run must not report success."""
+    story = Story(iid=1, opened_with_label=False, author="alice")
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_GITLAB_URL": fake.url,
+        "SECLEDGER_GITLAB_TOKEN": "glpat-revoked",
+        "SECLEDGER_LOG_LEVEL": "warning",
+    }
+    failed = CliRunner().invoke(main, ["enrich"], env=env)
+    assert failed.exit_code == 1, failed.output
+    assert "label times: 1 merge requests looked up: api_error 1" in failed.stdout
+    assert "lookups failed" in failed.stderr
+    done = CliRunner().invoke(
+        main, ["enrich"], env=env | {"SECLEDGER_GITLAB_TOKEN": fakegitlab.TOKEN}
+    )
+    assert done.exit_code == 0, done.output
+    assert "label times: 1 merge requests looked up: recorded 1" in done.stdout
 
 
 def test_enrich_tells_an_mr_merged_before_its_label_from_one_merged_unreviewed(

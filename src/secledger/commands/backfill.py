@@ -261,7 +261,8 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     has its approvals read once, and those dated before the label are recorded.
 
     `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
-    GitLab token is configured; this command does one pass now.
+    GitLab token is configured; this command does one pass now. Exits 1 when any
+    lookup failed (the API refused or could not be reached).
 
     \b
     Example:
@@ -280,6 +281,19 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
         )
     click.echo(f"label times: {_looked_up(labels)}")
     click.echo(f"approvals before the label: {_looked_up(early)}")
+    failed = sum(
+        outcomes.get(name, 0)
+        for outcomes in (labels, early)
+        for name in (enrichment.API_ERROR, earlyapprovals.FAILED)
+    )
+    if failed:
+        # A cron job must see that the lookups failed (a revoked token fails them all).
+        click.echo(
+            f"{failed} lookups failed (see the enrich_failed and early_approvals_failed lines);"
+            " api_error ones are asked again on the next pass",
+            err=True,
+        )
+        raise SystemExit(1)
 
 
 def _looked_up(outcomes: dict[str, int]) -> str:
