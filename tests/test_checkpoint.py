@@ -46,6 +46,14 @@ def test_keygen_writes_a_private_key_readable_only_by_its_owner(key, database_ur
     assert "refusing to replace" in again.output
 
 
+def test_keygen_says_how_to_sign_with_the_key(database_url, tmp_path) -> None:
+    """serve and checkpoint read the key from SECLEDGER_CHECKPOINT_KEY_FILE only: keygen
+    followed by checkpoint failed with "no signing key" until it was set."""
+    path = tmp_path / "k.pem"
+    made = cli(database_url, "keygen", "--out", str(path))
+    assert f"to sign with it, set SECLEDGER_CHECKPOINT_KEY_FILE={path}" in made.stderr
+
+
 def test_checkpoint_refuses_an_empty_log(key, database_url, tmp_path) -> None:
     result = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(tmp_path / "cp"))
     assert result.exit_code != 0

@@ -238,6 +238,14 @@ def keygen(context: Context, out: Path | None) -> None:
     click.echo(f"private key: {path} (mode 0600)")
     click.echo(f"public key:  {public_path} (key id {signing.key_id(public)})")
     click.echo(signing.public_pem(public).decode(), nl=False)
+    if context.settings.checkpoint_key_file != path:
+        # serve and checkpoint read the key from the setting only, not from keygen's
+        # default place: say how to point them at it.
+        click.echo(
+            f"to sign with it, set SECLEDGER_CHECKPOINT_KEY_FILE={path} (serve then signs"
+            " every SECLEDGER_CHECKPOINT_INTERVAL_MINUTES; `secledger checkpoint` signs now)",
+            err=True,
+        )
 
 
 @click.command(name="checkpoint")
