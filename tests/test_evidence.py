@@ -226,6 +226,7 @@ def test_filters_narrow_the_population_and_are_recorded(ledger, tmp_path) -> Non
     pack = build(ledger, tmp_path / "pack", project="acme/web")
     rows = read_csv(tmp_path / "pack" / "population.csv")
     assert [int(r["mr_iid"]) for r in rows] == [3]
+    assert build(ledger, tmp_path / "cased", project="Acme/WEB").population == 1
     tiered = build(ledger, tmp_path / "tier", tier="critical")
     assert tiered.population == 1
     readme = (tmp_path / "pack" / "README.md").read_text()

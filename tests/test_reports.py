@@ -201,6 +201,8 @@ def test_reviewers_report_filters_on_the_mrs_tier_and_project(history) -> None:
     # acme/web holds MR 4 (high, 72 h): bob approves 100 h after the label, dave closes at 102.
     web = by(run(history, reports.reviewers, project="acme/web"), "reviewer")
     assert web == {"bob": row(1, 1, 100.0), "dave": row(1, 0, 102.0)}
+    # GitLab finds a project by its path whatever the case: so does the filter.
+    assert by(run(history, reports.reviewers, project="ACME/Web"), "reviewer") == web
 
 
 def test_tiers_report(history) -> None:

@@ -271,7 +271,7 @@ def _create_population(conn: Connection, options: Options) -> int:
     query = _CREATE
     params: dict[str, Any] = {"since": options.since, "until": options.until}
     if options.project is not None:
-        query += " AND (l.project_path = :project OR l.project_id::text = :project)"
+        query += " AND (lower(l.project_path) = lower(:project) OR l.project_id::text = :project)"
         params["project"] = options.project
     if options.tier is not None:
         query += " AND l.risk_tier = :tier"

@@ -405,7 +405,11 @@ def list_findings(
     for name, value, clause in (
         ("since", since, "detected_at >= :since"),
         ("until", until, "detected_at < :until"),
-        ("project", project, "(project_path = :project OR project_id::text = :project)"),
+        (
+            "project",
+            project,
+            "(lower(project_path) = lower(:project) OR project_id::text = :project)",
+        ),
         ("tier", tier, "risk_tier = :tier"),
         ("rule", rule, "rule = :rule"),
         ("reviewer", reviewer, _APPROVED_BY),

@@ -214,7 +214,7 @@ def _mr_filters(
         (
             "project",
             filters.project,
-            "(l.project_path = :project OR l.project_id::text = :project)",
+            "(lower(l.project_path) = lower(:project) OR l.project_id::text = :project)",
         ),
         ("tier", filters.tier, "l.risk_tier = :tier"),
         ("reviewer", filters.reviewer, reviewer),

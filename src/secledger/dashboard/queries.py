@@ -50,7 +50,8 @@ class Filters:
             clauses.append(f"{STARTED} < :until")
             params["until"] = self.until
         if self.project:
-            clauses.append("l.project_path = :project")
+            # GitLab finds a project by its path whatever the case (migration 0023).
+            clauses.append("lower(l.project_path) = lower(:project)")
             params["project"] = self.project
         if self.tier:
             clauses.append("l.risk_tier = :tier")
