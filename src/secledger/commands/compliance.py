@@ -95,7 +95,7 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title:
     "--since", callback=_when, metavar="DATE", help="Detected at or after this date (UTC)."
 )
 @click.option("--until", callback=_when, metavar="DATE", help="Detected before this date (UTC).")
-@click.option("--project", help="Project id or path (group/project).")
+@click.option("--project", help="Project id or path (group/project; the case is ignored).")
 @click.option("--tier", help="Risk tier of the merge request.")
 @click.option("--rule", type=click.Choice(sorted(RULES)), help="Only this rule.")
 @click.option(
@@ -182,7 +182,7 @@ def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevalua
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--since", callback=_when, metavar="DATE", help="From this date (UTC), inclusive.")
 @click.option("--until", callback=_when, metavar="DATE", help="To this date (UTC), exclusive.")
-@click.option("--project", help="Project id or path (group/project).")
+@click.option("--project", help="Project id or path (group/project; the case is ignored).")
 @click.option("--tier", help="Risk tier.")
 @click.option("--reviewer", help="GitLab username (a leading @ and the case are ignored).")
 @click.option(
