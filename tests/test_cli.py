@@ -236,6 +236,27 @@ def test_serve_open_mode_is_loopback_only() -> None:
     assert "only allowed on a loopback address" in result.output
 
 
+def test_open_mode_beside_webhook_sources_is_loopback_only_too(tmp_path: Path) -> None:
+    """A [[webhook_sources]] entry is a credential for its own instance only: the
+    default source still took deliveries without any, on every address."""
+    config = tmp_path / "secledger.toml"
+    config.write_text(
+        'allow_open_loopback = true\n[[webhook_sources]]\ninstance = "https://gitlab.partner.org"'
+        '\ntokens = ["partner-token"]\n'
+    )
+    env = {
+        "SECLEDGER_CONFIG": str(config),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        # Were the check missed, serve would stop at this database, not serve forever.
+        "SECLEDGER_DATABASE_URL": f"postgresql://x@127.0.0.1:{_unused_port()}/x",
+    }
+    for args in (["--host", "0.0.0.0"], ["--host", "0.0.0.0", "--allow-open"]):
+        result = CliRunner().invoke(main, ["serve", "--port", "0", *args], env=env)
+        assert result.exit_code == 1, result.output
+        assert "only allowed on a loopback address" in result.output
+        assert "receiving on" not in result.output
+
+
 def test_csv_text_a_spreadsheet_would_run_gets_an_apostrophe_numbers_do_not() -> None:
     """``--format csv`` of ledger, findings and reports: titles and names come from
     GitLab users; a negative number is still a number."""

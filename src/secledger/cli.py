@@ -179,11 +179,18 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     # From the start: a stop while the database starts or migrates also exits cleanly.
     signal.signal(signal.SIGTERM, _exit_after_drain)
     settings = context.settings
-    if allow_open and not _has_credentials(settings):
-        if not _is_loopback(host):
-            raise click.ClickException("--allow-open is only allowed on a loopback address")
+    default_secrets = bool(settings.webhook_secrets or settings.webhook_signing_secrets)
+    if allow_open and not default_secrets:
         settings = settings.model_copy(update={"allow_open_loopback": True})
-    if not _has_credentials(settings) and not (settings.allow_open_loopback and _is_loopback(host)):
+    # The default source takes deliveries without credentials then (webhook.py), also
+    # beside [[webhook_sources]] entries: that is for loopback only, whatever else is set.
+    open_default = settings.allow_open_loopback and not default_secrets
+    if open_default and not _is_loopback(host):
+        raise click.ClickException(
+            "--allow-open (SECLEDGER_ALLOW_OPEN_LOOPBACK) accepts deliveries without"
+            " credentials and is only allowed on a loopback address"
+        )
+    if not _has_credentials(settings) and not open_default:
         raise click.ClickException(
             "no webhook secret configured: set SECLEDGER_WEBHOOK_SECRETS (comma-separated for "
             "rotation), SECLEDGER_WEBHOOK_SIGNING_SECRETS or webhook_sources, or pass "
