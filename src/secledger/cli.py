@@ -173,6 +173,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
     from uvicorn.config import STARTUP_FAILURE  # noqa: PLC0415
 
+    from secledger.headlimit import BoundedHeadProtocol  # noqa: PLC0415
     from secledger.senders import sources_from_settings  # noqa: PLC0415
     from secledger.web import check_settings, create_app  # noqa: PLC0415
 
@@ -242,6 +243,8 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         server_header=False,
         # Applied by create_app to the dashboard and API only; the webhook needs none.
         proxy_headers=False,
+        # httptools, with a bound on each request's head (headlimit.py).
+        http=BoundedHeadProtocol,
     )
     server = uvicorn.Server(config)
     try:
