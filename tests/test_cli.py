@@ -340,6 +340,18 @@ def test_secret_files_is_not_a_webhook_sources_key() -> None:
         Settings(webhook_sources=[{"instance": "https://a.example", "secret_files": {}}])
 
 
+def test_a_password_with_an_unencoded_at_sign_is_refused_without_echoing_it() -> None:
+    """``p@SECRETX`` made ``SECRETX@127.0.0.1`` the host, printed in every message."""
+    for name in ("SECLEDGER_DATABASE_URL", "SECLEDGER_MIGRATION_DATABASE_URL"):
+        url = "postgresql://postgres:p@SECRETX@127.0.0.1:5432/db"
+        result = CliRunner().invoke(main, ["ledger"], env={name: url})
+        assert result.exit_code == 1
+        assert "has an @ in its user name or password: write it as %40" in result.output
+        assert "SECRETX" not in result.output
+    encoded = "postgresql://postgres:p%40SECRETX@127.0.0.1:5432/db"
+    assert Settings(database_url=encoded).database_url is not None
+
+
 def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
     """Not a driver's import error at the first connection; and never the password."""
     for name in ("SECLEDGER_DATABASE_URL", "SECLEDGER_MIGRATION_DATABASE_URL"):

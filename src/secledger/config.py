@@ -380,6 +380,11 @@ class Settings(BaseSettings):
             return None
         if not value.get_secret_value().startswith(_POSTGRESQL_SCHEMES):
             raise ValueError("must be a PostgreSQL URL (postgresql://user@host:port/database)")
+        authority = value.get_secret_value().split("://", 1)[1].split("/", 1)[0]
+        if authority.count("@") > 1:
+            # Read as user:pass@word@host, the rest of the password became the host, and
+            # was then printed in every "failed to resolve host" message and banner.
+            raise ValueError("has an @ in its user name or password: write it as %40")
         _check_options(value.get_secret_value())
         return value
 
