@@ -89,6 +89,20 @@ def test_replay_prints_one_line_per_file_and_fails_on_a_rejection(run, tmp_path:
     assert again.output.startswith(f"{good}: duplicate seq=1")
 
 
+def test_replay_shows_terminal_escapes_in_a_project_path_as_replacements(
+    run, tmp_path: Path
+) -> None:
+    """A GitLab project path is a user's text: it must not retitle or clear the terminal
+    of whoever replays it (ledger, findings and report tables already replace them)."""
+    body = mr_event("approved", actor="bob")
+    body["project"]["path_with_namespace"] = "acme/app\x1b]0;PWNED\x07\x1b[2J"
+    result = run("replay", write(tmp_path, "e.json", dumps(body)))
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert "\x07" not in result.output
+    assert "acme/app\ufffd]0;PWNED\ufffd\ufffd[2J!1 decision=approved" in result.output
+
+
 def test_replay_as_system_hook(run, tmp_path: Path) -> None:
     path = write(tmp_path, "s.json", dumps(mr_event(None, changes={})))
     result = run("replay", "--event", "System Hook", path)

@@ -31,7 +31,7 @@ from secledger.config import (
 )
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
-from secledger.output import FORMATS, render
+from secledger.output import FORMATS, render, terminal_text
 from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
 from secledger.service import Recording, feed, ledger_json
@@ -389,7 +389,8 @@ def replay_files(context: Context, engine: Engine, paths: list[Path], event: str
         detail = f" seq={outcome.seq}" if outcome.seq else ""
         if outcome.row:
             row = outcome.row
-            detail += f" {row['project_path']}!{row['mr_iid']} decision={row['decision']}"
+            path_text = terminal_text(str(row["project_path"]))  # a GitLab user's text
+            detail += f" {path_text}!{row['mr_iid']} decision={row['decision']}"
         if outcome.reason and outcome.status == "ignored":
             detail += f" ({outcome.reason})"
         click.echo(f"{path}: {outcome.status}{detail}")

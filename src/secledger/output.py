@@ -45,8 +45,13 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
+def terminal_text(text: str) -> str:
+    """``text`` with control characters and direction overrides shown as U+FFFD."""
+    return _UNSAFE_ON_TERMINAL.sub("\ufffd", text)
+
+
 def _terminal_cell(value: Any) -> Text:
-    return Text(_UNSAFE_ON_TERMINAL.sub("\ufffd", _cell(value)))
+    return Text(terminal_text(_cell(value)))
 
 
 def wide_console() -> Console:

@@ -119,7 +119,7 @@ def list_ledger(
 ) -> dict[str, Any]:
     """Offset pagination; ``total`` counts every row matching the filters."""
     with reading(db) as conn:
-        page = queries.ledger_page(conn, where, limit=limit, offset=offset, state=state)
+        page = queries.ledger_page(conn, where, limit=limit, offset=offset, state=storable(state))
     following = offset + limit
     return {
         "items": [ledger_json(row) for row in page.rows],
@@ -234,6 +234,9 @@ def get_findings(
 ) -> list[findings.Finding]:
     """`secledger findings --format json`: open MRs past their deadline count as breached,
     recorded or not (``id`` null until serve records it); times = detection."""
+    if rule is not None and rule not in RULES:
+        # As the CLI's --rule choice does; PostgreSQL would refuse a NUL with a 500.
+        raise HTTPException(422, f"rule must be one of {', '.join(sorted(RULES))}")
     with reading(db) as conn:
         return findings.list_findings(
             conn,
