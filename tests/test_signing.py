@@ -281,10 +281,24 @@ def test_replay_guard_refuses_a_message_seen_within_the_window() -> None:
 def test_replay_guard_forgets_after_twice_the_tolerance_and_stays_bounded() -> None:
     guard = ReplayGuard(tolerance=300, capacity=3)
     guard.check("default", "m1", "1", now=NOW)
-    guard.check("default", "m1", "1", now=NOW + timedelta(seconds=601))
+    guard.check("default", "m1", "1", now=NOW + timedelta(seconds=602))
     for index in range(10):
-        guard.check("default", f"x{index}", "1", now=NOW + timedelta(seconds=602))
+        guard.check("default", f"x{index}", "1", now=NOW + timedelta(seconds=603))
     assert len(guard) == 3
+
+
+def test_replay_guard_remembers_a_message_as_long_as_its_timestamp_is_accepted() -> None:
+    """The timestamp check compares whole seconds: a message first seen at the window's
+    start was accepted again 600.3 s later, after the guard had forgotten it."""
+    sources_ = sources()
+    guard = ReplayGuard(tolerance=sources_.tolerance)
+    first = datetime.fromtimestamp(STAMP - sources_.tolerance, UTC)
+    again = first + timedelta(seconds=2 * sources_.tolerance, milliseconds=300)
+    for now in (first, again):  # both within the timestamp's tolerance
+        assert authenticate(signed(), BODY, sources_, now=now).method == "signature"
+    guard.check("default", "m1", str(STAMP), now=first)
+    with pytest.raises(ReplayedDelivery):
+        guard.check("default", "m1", str(STAMP), now=again)
 
 
 def test_precheck_answers_for_a_token_and_leaves_a_signature_to_authenticate() -> None:

@@ -50,8 +50,10 @@ class ReplayGuard:
             self._seen.popitem(last=False)
 
     def _expire(self, clock: float) -> None:
-        # Twice the tolerance: a message may arrive up to `tolerance` early or late.
-        horizon = clock - 2 * self.tolerance
+        # Twice the tolerance, and a second: a message may arrive up to `tolerance` early
+        # or late, and the timestamp check compares whole seconds (``int(now)``), so it
+        # accepts a message for 2 * tolerance + 1 s.
+        horizon = clock - 2 * self.tolerance - 1
         while self._seen:
             key, seen_at = next(iter(self._seen.items()))
             if seen_at >= horizon:
