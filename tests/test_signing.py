@@ -205,7 +205,7 @@ def test_a_reserved_instance_is_found_behind_a_trailing_dot_or_a_user_part(url) 
 def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
     """Authenticated by the default token, then refused: gitlab.example.com is reserved."""
     verified = authenticate(headers, body, _multi(), now=NOW)
-    with pytest.raises(WrongInstance, match=r"gitlab\.example\.com, which has its own secrets"):
+    with pytest.raises(WrongInstance, match=r"gitlab\.example\.com(:\d+)?, whose host has its own"):
         parse_delivery(
             headers,
             body,
@@ -215,6 +215,52 @@ def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
             require_token=False,
             verified=verified,
         )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://gitlab.example.com/acme/p", "https://gitlab.example.com:8443/acme/p"]
+)
+def test_another_scheme_or_port_of_a_reserved_host_is_refused_too(url) -> None:
+    """Filed as http://gitlab.example.com, a default-token holder's rows would stand
+    beside the reserved host's own (same host, project path and MR number)."""
+    body = mr_event("approved", labels=["sec::high"], actor="bob")
+    body["project"]["web_url"] = url
+    body["object_attributes"]["url"] = url + "/-/merge_requests/1"
+    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "default-token"}
+    _refused_for_gitlab_example(headers, dumps(body))
+
+
+def test_two_gitlabs_on_one_host_keep_their_own_deliveries() -> None:
+    """Compared by host, a source would refuse its own host: it is compared by origin."""
+    settings = Settings(
+        webhook_sources=[
+            WebhookSource(instance="https://git.example.com", tokens=[SecretStr("a")]),
+            WebhookSource(instance="https://git.example.com:8443", tokens=[SecretStr("b")]),
+        ],
+    )
+    for instance, token in (
+        ("https://git.example.com", "a"),
+        ("https://git.example.com:8443", "b"),
+    ):
+        body = mr_event("approved", labels=["sec::high"], actor="bob")
+        body["project"]["web_url"] = instance + "/acme/p"
+        body["object_attributes"]["url"] = instance + "/acme/p/-/merge_requests/1"
+        headers = {
+            "x-gitlab-event": "Merge Request Hook",
+            "x-gitlab-token": token,
+            "x-gitlab-instance": instance,
+        }
+        verified = authenticate(headers, dumps(body), sources_from_settings(settings), now=NOW)
+        delivery = parse_delivery(
+            headers,
+            dumps(body),
+            secrets=(),
+            max_body_bytes=10**6,
+            received_at=NOW,
+            require_token=False,
+            verified=verified,
+        )
+        assert delivery.instance == instance
 
 
 @pytest.mark.parametrize(

@@ -489,15 +489,21 @@ def decode_mr(
     project_id, iid = require_identity(payload)
     instance = instance_of(headers, payload)
     if verified is not None and verified.reserved:
-        _refuse_reserved(instance, headers, payload, verified.reserved)
+        _refuse_reserved(instance, headers, payload, verified)
     return Decoded(event, instance, payload, project_id, iid)
 
 
 def _refuse_reserved(
-    instance: str, headers: Mapping[str, str], payload: Mapping[str, Any], reserved: frozenset[str]
+    instance: str, headers: Mapping[str, str], payload: Mapping[str, Any], verified: Verified
 ) -> None:
-    """WrongInstance when the header or any URL of the payload names an instance with
-    secrets of its own: a payload that carries its MR links may not be filed elsewhere."""
+    """WrongInstance when the header or any URL of the payload names a host with secrets
+    of its own: a payload that carries its MR links may not be filed elsewhere.
+
+    Compared by host name, whatever the scheme and port: ``http://`` or ``:8443`` of a
+    reserved host would otherwise file look-alike rows (same host, project and MR
+    number) under another instance name beside that host's real ones. The source's own
+    host is compared by origin only (two GitLabs on one host, on two ports).
+    """
     project = payload.get("project")
     attrs = payload.get("object_attributes")
     named = {
@@ -506,11 +512,24 @@ def _refuse_reserved(
         _host_of(project.get("web_url")) if isinstance(project, dict) else None,
         _host_of(attrs.get("url")) if isinstance(attrs, dict) else None,
     }
-    for found in sorted(n for n in named if n in reserved):
+    reserved = verified.reserved
+    hosts = _hostnames(reserved) - {_hostname(verified.source)}
+    for found in sorted(
+        n for n in named if n is not None and (n in reserved or _hostname(n) in hosts)
+    ):
         raise WrongInstance(
-            f"the payload is from {found}, which has its own secrets; "
+            f"the payload is from {found}, whose host has its own secrets; "
             "these credentials are not valid for it"
         )
+
+
+def _hostname(origin_: str) -> str:
+    return (urlsplit(origin_).hostname or "").rstrip(".")
+
+
+@functools.cache
+def _hostnames(origins: frozenset[str]) -> frozenset[str]:
+    return frozenset(_hostname(o) for o in origins)
 
 
 def to_delivery(
