@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from dashboard_fixtures import PASSWORD, USER, form_token, log_in, reader_settings
-from secledger.dashboard import csrf, pages
+from dashboard_fixtures import PASSWORD, USER, form_token, log_in, post_login, reader_settings
+from secledger.dashboard import auth, csrf, pages
 from secledger.dashboard.auth import COOKIE
 from secledger.store import db
 from secledger.throttle import Throttle
@@ -178,6 +178,39 @@ def test_over_https_the_nonce_cookie_is_one_only_this_host_can_set(database_url,
         assert any(
             value.startswith(f"{csrf.SECURE_COOKIE}=;") or f'{csrf.SECURE_COOKIE}=""' in value
             for value in answer.headers.get_list("set-cookie")
+        )
+
+
+def test_over_https_the_session_cookie_is_one_only_this_host_can_set(database_url, tmp_path):
+    """A sibling subdomain could plant a plain ``secledger_session`` (its own session) in
+    a visitor's browser and so log them in as itself: over HTTPS only the ``__Host-``
+    cookie, which no other host can set, is a session."""
+    settings = reader_settings(database_url, tmp_path / "data")
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app, base_url="https://testserver") as secure:
+        answer = post_login(secure, USER, PASSWORD)
+        assert answer.status_code == 303
+        session = next(
+            value
+            for value in answer.headers.get_list("set-cookie")
+            if value.startswith(f"{auth.SECURE_COOKIE}=")
+        )
+        assert "; Secure" in session
+        assert "; Path=/" in session
+        assert "Domain" not in session
+        assert secure.get("/api/whoami").status_code == 200
+        value = secure.cookies.get(auth.SECURE_COOKIE)
+        secure.cookies.delete(auth.SECURE_COOKIE)
+        secure.cookies.set(auth.COOKIE, value)  # as a sibling host could set it
+        assert secure.get("/api/whoami").status_code == 401
+        secure.cookies.delete(auth.COOKIE)
+        secure.cookies.set(auth.SECURE_COOKIE, value)
+        token = form_token(secure, "/")
+        out = secure.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+        assert out.status_code == 303
+        assert any(
+            value.startswith(f"{auth.SECURE_COOKIE}=;") or f'{auth.SECURE_COOKIE}=""' in value
+            for value in out.headers.get_list("set-cookie")
         )
 
 

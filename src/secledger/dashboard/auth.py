@@ -30,7 +30,15 @@ SCHEME = "scrypt"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _MAXMEM = 256 * 1024 * 1024
 COOKIE = "secledger_session"
+# Over HTTPS: a cookie only this host can set (Secure, Path=/, no Domain), so a sibling
+# subdomain cannot plant a session of its own in a visitor's browser (login CSRF).
+SECURE_COOKIE = "__Host-secledger_session"
 _SALT = "secledger.session.v1"
+
+
+def cookie_name(*, secure: bool) -> str:
+    """The session cookie's name: with the ``__Host-`` prefix whenever it is sent Secure."""
+    return SECURE_COOKIE if secure else COOKIE
 
 # The ASGI scope key where the app keeps the TCP peer, before X-Forwarded-For replaces
 # the client: a trusted proxy is the machine that connected, not the address it names.
@@ -185,7 +193,15 @@ class Authenticator:
         proxied = self._from_proxy(request)
         if proxied is not None:
             return proxied
-        return self._from_cookie(request.cookies.get(COOKIE))
+        return self._from_cookie(self.session_of(request))
+
+    def secure(self, request: Request) -> bool:
+        """Whether cookies go Secure (and ``__Host-``) on this request."""
+        return bool(self.cookie_secure or request.url.scheme == "https")
+
+    def session_of(self, request: Request) -> str | None:
+        """The session cookie of ``request``: over HTTPS only the ``__Host-`` one."""
+        return request.cookies.get(cookie_name(secure=self.secure(request)))
 
     def _from_cookie(self, value: str | None) -> Principal | None:
         if not value:

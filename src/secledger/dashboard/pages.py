@@ -25,7 +25,7 @@ from secledger.dashboard.access import (
     parse_filters,
     safe_next,
 )
-from secledger.dashboard.auth import COOKIE, Principal
+from secledger.dashboard.auth import Principal, cookie_name
 from secledger.dashboard.csrf import FIELD as CSRF_FIELD
 from secledger.dashboard.csrf import REFUSED as CSRF_REFUSED
 from secledger.extract import MRKey
@@ -80,7 +80,7 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
     context.setdefault("principal", None)
     context["plotly_src"] = f"/static/vendor/plotly-{assets.plotly_version()}.min.js"
     context["csrf_field"] = CSRF_FIELD
-    context["csrf_token"] = csrf.token(nonce, request.cookies.get(COOKIE))
+    context["csrf_token"] = csrf.token(nonce, dashboard(request).auth.session_of(request))
     response = templates.TemplateResponse(request, name, context, status_code=status)
     if fresh:
         csrf.set_cookie(response, nonce, secure=secure)
@@ -88,7 +88,7 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
 
 
 def _secure(request: Request) -> bool:
-    return bool(dashboard(request).auth.cookie_secure or request.url.scheme == "https")
+    return dashboard(request).auth.secure(request)
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -108,7 +108,7 @@ async def _form(request: Request) -> dict[str, str]:
 def _refused(request: Request, form: dict[str, str]) -> bool:
     """True (and logged) when a POST lacks a valid CSRF token."""
     csrf = dashboard(request).csrf
-    session = request.cookies.get(COOKIE)
+    session = dashboard(request).auth.session_of(request)
     if csrf.valid(request, form.get(CSRF_FIELD), secure=_secure(request), session=session):
         return False
     client = request.client.host if request.client else "unknown"
@@ -166,7 +166,7 @@ async def login(request: Request, state: State) -> Response:
     log.info("login", user=name, client=client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        COOKIE,
+        cookie_name(secure=_secure(request)),
         state.auth.session_cookie(name),
         max_age=state.auth.max_age,
         httponly=True,
@@ -185,7 +185,9 @@ async def logout(request: Request) -> Response:
     if _refused(request, form):
         return render(request, "refused.html", 403, message=CSRF_REFUSED)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    secure = _secure(request)
+    # A __Host- cookie is only replaced by one set as it was: Secure, Path=/.
+    response.delete_cookie(cookie_name(secure=secure), path="/", secure=secure, httponly=True)
     dashboard(request).csrf.delete_cookie(response, secure=_secure(request))
     return response
 
