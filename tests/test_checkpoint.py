@@ -54,6 +54,24 @@ def test_keygen_says_how_to_sign_with_the_key(database_url, tmp_path) -> None:
     assert f"to sign with it, set SECLEDGER_CHECKPOINT_KEY_FILE={path}" in made.stderr
 
 
+def test_key_and_checkpoint_file_errors_say_what_is_wrong(key, database_url, tmp_path) -> None:
+    """Not an exception's class name (``FileNotFoundError``, ``ValueError``, ``'format'``)."""
+    missing = tmp_path / "nowhere.pem"
+    result = cli(database_url, "checkpoint", checkpoint_key_file=str(missing))
+    assert result.exit_code == 1
+    assert f"cannot read the checkpoint key {missing}: No such file or directory" in result.output
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    result = cli(database_url, "checkpoint", "--key", str(garbage))
+    assert result.exit_code == 1
+    assert "it is not an unencrypted PEM private key" in result.output
+    odd = tmp_path / "odd.json"
+    odd.write_text('{"seq": 1}')
+    result = cli(database_url, "verify", "--checkpoint", str(odd), "--public-key", f"{key}.pub")
+    assert result.exit_code == 1
+    assert "not a secledger checkpoint: it has no 'format'" in result.output
+
+
 def test_checkpoint_refuses_an_empty_log(key, database_url, tmp_path) -> None:
     result = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(tmp_path / "cp"))
     assert result.exit_code != 0

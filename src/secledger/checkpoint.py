@@ -70,7 +70,9 @@ class Checkpoint:
                 key_id=str(data["key_id"]),
                 signature=base64.b64decode(data["signature"], validate=True),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise BadCheckpoint(f"not a secledger checkpoint: it has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
             raise BadCheckpoint(f"not a secledger checkpoint: {exc}") from None
 
 
@@ -129,9 +131,17 @@ def generate(path: Path) -> Ed25519PublicKey:
 def load_private(path: Path) -> Ed25519PrivateKey:
     """Read a private key written by :func:`generate`."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read the checkpoint key {path}: {type(exc).__name__}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the checkpoint key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        # Never the library's text: it could quote the file.
+        raise ConfigError(
+            f"cannot read the checkpoint key {path}: it is not an unencrypted PEM private key"
+            " (secledger keygen writes one)"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 private key")
     return key
