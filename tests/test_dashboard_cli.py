@@ -43,10 +43,15 @@ def test_short_passwords_and_bad_names_are_refused(monkeypatch, tmp_path) -> Non
     monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
     runner = CliRunner()
     short = runner.invoke(main, ["user", "hash-password", "--password-stdin"], "short")
-    assert short.exit_code != 0
+    assert short.exit_code == 2  # a usage error, as README's exit codes say
     assert "at least 12" in short.output
     bad = runner.invoke(main, ["user", "add", "a:b", "--password-stdin"], PASSWORD)
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2
+    assert "a user name has no colon and no white space" in bad.output
+    # Piped in without --password-stdin: no prompt read from the pipe, no "Aborted!".
+    piped = runner.invoke(main, ["user", "add", "dave"], PASSWORD)
+    assert piped.exit_code == 2
+    assert "pass --password-stdin" in piped.output
     assert not (tmp_path / "users").exists()
 
 

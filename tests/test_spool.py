@@ -350,6 +350,8 @@ def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine
     assert status["depth"] == 2
     assert status["oldest"] == "2025-08-05T21:48:25.123456Z"
     assert status["bytes"] == sum(p.stat().st_size for p in spool.entries())
+    text_before = runner.invoke(main, ["spool", "status"], env=env)
+    assert "oldest:    2025-08-05T21:48:25.123456Z" in text_before.output  # one spelling
     drained = runner.invoke(main, ["spool", "drain"], env=env)
     assert drained.exit_code == 0, drained.output
     assert "recorded 2" in drained.output

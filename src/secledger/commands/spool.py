@@ -10,6 +10,7 @@ import orjson
 from secledger.drain import Drainer, DrainResult
 from secledger.policy import LabelPolicy
 from secledger.spool import DrainBusy, Spool, SpoolStatus, SpoolUnavailable
+from secledger.times import isoformat
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -39,7 +40,7 @@ def _open(context: Context) -> Spool:
 
 def status_lines(status: SpoolStatus) -> list[str]:
     """The human-readable status report."""
-    oldest = status.oldest.isoformat() if status.oldest else "-"
+    oldest = isoformat(status.oldest) or "-"
     return [
         f"directory: {status.directory}",
         f"depth:     {status.depth} deliveries waiting",

@@ -28,10 +28,15 @@ def _ask_password(password_stdin: bool) -> str:
     if password_stdin:
         line: str = sys.stdin.readline()
         password = line.rstrip("\n")
+    elif not sys.stdin.isatty():
+        # The prompt would read it unhidden from the pipe, with a GetPassWarning.
+        raise click.UsageError(
+            "standard input is not a terminal: pass --password-stdin to read the password from it"
+        )
     else:
         password = str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
     if len(password) < 12:
-        raise click.ClickException("use a password of at least 12 characters")
+        raise click.BadParameter("use a password of at least 12 characters", param_hint="password")
     return password
 
 
@@ -75,7 +80,7 @@ def add_command(name: str, password_stdin: bool) -> None:
       printf '%s\\n' "$PASSWORD" | secledger user add bob --password-stdin
     """
     if not name or ":" in name or any(c.isspace() for c in name):
-        raise click.ClickException("a user name has no colon and no white space")
+        raise click.BadParameter("a user name has no colon and no white space", param_hint="NAME")
     path = _users_path()
     try:
         users = read_users_file(path)

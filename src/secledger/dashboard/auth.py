@@ -40,6 +40,7 @@ def cookie_name(*, secure: bool) -> str:
     """The session cookie's name: with the ``__Host-`` prefix whenever it is sent Secure."""
     return SECURE_COOKIE if secure else COOKIE
 
+
 # The ASGI scope key where the app keeps the TCP peer, before X-Forwarded-For replaces
 # the client: a trusted proxy is the machine that connected, not the address it names.
 PEER = "secledger.peer"
