@@ -183,9 +183,28 @@ def test_check_reports_last_success_and_resendable_failures(database_url, fake) 
     assert "hook 5 -> " + RECEIVER + ": enabled" in result.output
     assert "last successful delivery: 2025-08-06T09:00:00.000Z" in result.output
     assert "event 31 status 500" in result.output
-    assert "/projects/14/hooks/5/events/31/resend" in result.output
+    # The whole URL, ready for curl: the path alone lacked the API's base.
+    assert f"resend: POST {fake.url}/api/v4/projects/14/hooks/5/events/31/resend" in result.output
 
-    project.hook_events[5] = project.hook_events[5][1:]
+    # Resent from GitLab's page: a later delivery with the same Idempotency-Key went
+    # through. It no longer counts as a failure (it did, for the 7 days GitLab keeps it).
+    project.hook_events[5][0]["request_headers"] = {"Idempotency-Key": "k-31"}
+    resent = {
+        "id": 32,
+        "trigger": "merge_request_hooks",
+        "response_status": "200",
+        "created_at": "2025-08-06T10:05:00.000Z",
+        "request_headers": {"idempotency-key": "k-31"},
+    }
+    project.hook_events[5].insert(0, resent)
+    again = invoke(database_url, fake, "gitlab", "check", "--project", "14")
+    assert again.exit_code == 0, again.output
+    assert "event 31 status 500 2025-08-06T10:00:00.000Z (resent since, and delivered)" in (
+        again.output
+    )
+    assert "problem" not in again.output
+
+    project.hook_events[5] = project.hook_events[5][2:]
     assert invoke(database_url, fake, "gitlab", "check", "--project", "14").exit_code == 0
 
 

@@ -113,6 +113,13 @@ class HookHealth:
     failures: list[dict[str, Any]] = field(default_factory=list)
     # Ids of the scope's other hooks that deliver to the same URL.
     twins: list[int] = field(default_factory=list)
+    # Ids of failures whose Idempotency-Key a later successful delivery carried (resent).
+    resent: frozenset[object] = frozenset()
+
+    @property
+    def unresolved(self) -> list[dict[str, Any]]:
+        """The failures not delivered since by a resend."""
+        return [e for e in self.failures if e.get("id") not in self.resent]
 
     @property
     def enabled(self) -> bool:
@@ -131,8 +138,8 @@ class HookHealth:
             found.append("merge request events are off")
         if not self.hook.get("enable_ssl_verification", True):
             found.append("SSL verification is off")
-        if self.failures:
-            found.append(f"{len(self.failures)} failed deliveries in the last 7 days")
+        if self.unresolved:
+            found.append(f"{len(self.unresolved)} failed deliveries in the last 7 days")
         if self.twins:
             others = ", ".join(str(twin) for twin in self.twins)
             found.append(
@@ -155,8 +162,38 @@ def check(api: GitLabAPI, scope: Scope, url: str | None) -> list[HookHealth]:
         newest = api.hook_events(scope, hook_id)
         success = next((e for e in newest if succeeded(e)), None)
         twins = [int(h["id"]) for h in hooks if h is not hook and _same_url(h, hook)]
-        report.append(HookHealth(hook, success, _failures(api, scope, hook_id, newest), twins))
+        failures = _failures(api, scope, hook_id, newest)
+        report.append(HookHealth(hook, success, failures, twins, _resent(failures, newest)))
     return report
+
+
+def idempotency_key(event: Mapping[str, Any]) -> str | None:
+    """The Idempotency-Key GitLab sent with a delivery (a resend keeps it)."""
+    headers = event.get("request_headers")
+    if not isinstance(headers, Mapping):
+        return None
+    for name, value in headers.items():
+        if str(name).lower() == "idempotency-key" and value:
+            return str(value)
+    return None
+
+
+def _resent(failures: list[dict[str, Any]], newest: list[dict[str, Any]]) -> frozenset[object]:
+    """Failures delivered since: a successful delivery among the newest carries the
+    same Idempotency-Key (a resend, from GitLab's page or the API)."""
+    delivered = {
+        (key, str(e.get("created_at", "")))
+        for e in newest
+        if succeeded(e) and (key := idempotency_key(e)) is not None
+    }
+    return frozenset(
+        failure.get("id")
+        for failure in failures
+        if any(
+            key == idempotency_key(failure) and when > str(failure.get("created_at", ""))
+            for key, when in delivered
+        )
+    )
 
 
 def _same_url(one: Mapping[str, Any], other: Mapping[str, Any]) -> bool:

@@ -93,12 +93,12 @@ def check(
             click.echo(f"{scope}: no secledger hook; run `secledger gitlab connect`")
             trouble = True
         for health in report:
-            trouble |= _print_health(scope.path, health)
+            trouble |= _print_health(api.client.api_url, scope.path, health)
     if trouble:
         raise SystemExit(1)
 
 
-def _print_health(path: str, health: hooks.HookHealth) -> bool:
+def _print_health(api_url: str, path: str, health: hooks.HookHealth) -> bool:
     hook = health.hook
     state = "enabled" if health.enabled else "DISABLED"
     click.echo(f"hook {hook.get('id')} -> {hook.get('url')}: {state}")
@@ -106,11 +106,17 @@ def _print_health(path: str, health: hooks.HookHealth) -> bool:
     when = (last.get("created_at") or f"event {last.get('id')}") if last else "never (7 days)"
     click.echo(f"  last successful delivery: {when}")
     for event in health.failures:
-        click.echo(
+        line = (
             f"  failed: event {event.get('id')} status {event.get('response_status')} "
-            f"{event.get('created_at') or ''} resend: POST {path}/hooks/{hook.get('id')}"
-            f"/events/{event.get('id')}/resend"
+            f"{event.get('created_at') or ''}"
         )
+        if event.get("id") in health.resent:
+            click.echo(f"{line} (resent since, and delivered)")
+        else:
+            click.echo(
+                f"{line} resend: POST {api_url}{path}/hooks/{hook.get('id')}"
+                f"/events/{event.get('id')}/resend"
+            )
     for problem in health.problems:
         click.echo(f"  problem: {problem}")
     return bool(health.problems)
