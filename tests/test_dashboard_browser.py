@@ -202,3 +202,31 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
     assert problems == []
     foreign = [url for url in requested if not url.startswith(served)]
     assert foreign == [], "the dashboard must load nothing from outside secledger"
+
+
+def test_a_reviewer_name_with_markup_is_shown_as_text_not_a_link(served: str) -> None:
+    """plotly reads <a href>, <b> and <br> in chart labels as markup: a username sent as
+    an anchor became a link to another site in the reviewer chart."""
+    body = next(b for b in demo_bodies() if b["object_attributes"]["action"] == "approved")
+    evil = '<a href="https://evil.example/">eve</a>'
+    body["user"]["username"] = evil
+    body["user"]["id"] = 9_999
+    headers = {"X-Gitlab-Event": "Merge Request Hook", "X-Gitlab-Token": SECRET}
+    answer = httpx.post(f"{served}/webhooks/gitlab", json=body, headers=headers, timeout=10)
+    assert answer.json()["status"] == "recorded"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{served}/login")
+            page.fill("input[name=username]", USER)
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{served}/")
+            page.wait_for_selector("#reviewer-chart .ytick text", state="attached")
+            # (the reviewers table links the escaped name to its own filter: no harm)
+            assert page.locator("#reviewer-chart a").count() == 0
+            labels = page.locator("#reviewer-chart .ytick text").all_text_contents()
+            assert evil in labels
+        finally:
+            browser.close()

@@ -31,6 +31,13 @@ def duration(seconds: float | None) -> str:
     return f"{mins}m"
 
 
+def plain(text: str) -> str:
+    """``text`` as plotly shows it literally: plotly reads ``<a href>``, ``<b>``, ``<br>``
+    in labels as markup, so a reviewer named ``<a href="https://...">`` would have been
+    a link in the chart. It decodes these three entities back for display."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _colours(tiers: Sequence[str]) -> dict[str, str]:
     return {tier: PALETTE[i % len(PALETTE)] for i, tier in enumerate(tiers)}
 
@@ -132,7 +139,7 @@ def reviewer_chart(people: Sequence[ReviewerRow]) -> dict[str, Any]:
     """Horizontal bars: approvals and revocations per reviewer (the 15 most decisive)."""
     busiest = sorted(people, key=lambda p: (-p.decisions, -p.approvals, p.reviewer))
     shown = busiest[:15][::-1]  # most active at the top
-    names = [p.reviewer for p in shown]
+    names = [plain(p.reviewer) for p in shown]
     traces = [
         {
             "type": "bar",
