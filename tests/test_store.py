@@ -200,16 +200,21 @@ def test_0021_repairs_databases_that_ran_earlier_texts_of_0010_and_0014(engine: 
         assert migrate.is_current(conn)
 
 
+def _downgrade(engine: Engine, revision: str) -> None:
+    """Take the test database back to ``revision``, as an older version left it."""
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+        conn.commit()
+
+
 def test_db_upgrade_of_an_older_database_says_to_rebuild(
     engine: Engine, database_url: str, tmp_path
 ) -> None:
     """Stored rows follow the rules of the version that wrote them: an upgrade says how
     to bring them to this version's (a new database has nothing to say it of)."""
-    config = migrate.alembic_config()
-    with engine.connect() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0020")
-        conn.commit()
+    _downgrade(engine, "0020")
     env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
     upgraded = CliRunner().invoke(main, ["db", "upgrade"], env=env)
     assert upgraded.exit_code == 0, upgraded.output
@@ -223,11 +228,7 @@ def test_any_command_that_migrates_an_older_database_says_to_rebuild(
 ) -> None:
     """Every command (and ``serve``) migrates a database that is behind before it runs:
     the advice ``db upgrade`` gives must not be lost when it is not the one that ran."""
-    config = migrate.alembic_config()
-    with engine.connect() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0020")
-        conn.commit()
+    _downgrade(engine, "0020")
     env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
     listed = CliRunner().invoke(main, ["ledger", "--format", "json"], env=env)
     assert listed.exit_code == 0, listed.output
@@ -238,10 +239,7 @@ def test_any_command_that_migrates_an_older_database_says_to_rebuild(
     again = CliRunner().invoke(main, ["ledger", "--format", "json"], env=env)
     assert "upgraded" not in again.stderr
 
-    with engine.connect() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0020")
-        conn.commit()
+    _downgrade(engine, "0020")
     settings = Settings(database_url=SecretStr(database_url), data_dir=tmp_path / "serve")
     with capture_logs() as logged:
         runtime = Runtime.open(settings, db.resolve(settings))
