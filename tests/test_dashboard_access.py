@@ -155,11 +155,13 @@ def test_a_name_that_is_no_user_is_not_logged(reader, monkeypatch) -> None:
         for _ in range(6):
             post_login(reader, typed, "anything-123456")
         post_login(reader, USER, "guess-123456")
-    events = [line["event"] for line in logged]
+    # Only the login lines: the app's background work may log meanwhile (under load,
+    # a line of it once fell inside this block).
+    logins = [line for line in logged if line["event"].startswith("login")]
     # The address is limited by then too; a real user's name is still logged.
-    assert events == ["login_failed"] * 5 + ["login_rate_limited"] * 2
+    assert [line["event"] for line in logins] == ["login_failed"] * 5 + ["login_rate_limited"] * 2
     assert typed not in repr(logged)
-    assert [line["user"] for line in logged] == [None] * 6 + [USER]
+    assert [line["user"] for line in logins] == [None] * 6 + [USER]
 
 
 def test_unknown_users_fail_like_wrong_passwords(reader) -> None:
