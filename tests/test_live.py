@@ -254,6 +254,14 @@ def test_a_streamed_request_head_is_refused_at_64_kib(server, part: str) -> None
     # The client's count includes what the kernel buffered on both sides (a few MiB
     # on loopback): far below the 64 MiB it would have streamed.
     assert sent < 16 << 20
+    # A head that comes whole, in a read or two, is measured once complete.
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            b"POST /webhooks/gitlab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+            + b"b" * 100_000
+            + b"\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        assert read_answer(conn).startswith(b"HTTP/1.1 431")
     # A head just under the bound is a request like any other.
     big_but_fine = {"X-Gitlab-Token": TOKENS[0], "X-Filler": "f" * 60_000}
     response = httpx.post(

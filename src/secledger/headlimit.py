@@ -11,23 +11,31 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# The most bytes of one request's head (request line and headers) read before 431.
+# The most bytes of one request's head (request line and headers) before a 431.
 MAX_HEAD_BYTES = 64 * 1024
 _REFUSAL = "Request head too large."
+
+
+class HeadTooLarge(Exception):
+    """Raised in the parser's callback: httptools stops, and uvicorn answers through
+    ``send_400_response``, which sends the 431 instead."""
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """Answers 431 and closes once a request's head passes ``MAX_HEAD_BYTES``.
 
-    The count is of whole reads while the head is incomplete, leaving out the read the
-    request began in (bytes of the request before it are in that read): never too many,
-    at most one read too few.
+    Two checks: while the head streams in, whole reads are counted (leaving out the
+    read the request began in, which may hold the end of the one before), so a head
+    that never ends is cut off after at most one read more than the bound; and once a
+    head is complete, its own size is measured, so one that came in a few large reads
+    is refused too.
     """
 
     # Set on the class: the protocol's __init__ is uvicorn's, and these are read first.
     _head_bytes = 0
     _in_head = True
     _began = False
+    _oversized = False
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -35,6 +43,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # ": " and CRLF of each header line are not in the parsed names and values.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._oversized = True
+            raise HeadTooLarge
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -45,6 +58,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._oversized:
+            self._refuse()
+        else:
+            super().send_400_response(msg)
 
     def _refuse(self) -> None:
         self._in_head = False
