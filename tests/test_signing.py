@@ -218,9 +218,9 @@ def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://gitlab.example.com/acme/p", "https://gitlab.example.com:8443/acme/p"]
+    "url", ["http://gitlab.example.com/acme/p", "HTTP://GitLab.Example.com:80/acme/p"]
 )
-def test_another_scheme_or_port_of_a_reserved_host_is_refused_too(url) -> None:
+def test_another_scheme_of_a_reserved_host_is_refused_too(url) -> None:
     """Filed as http://gitlab.example.com, a default-token holder's rows would stand
     beside the reserved host's own (same host, project path and MR number)."""
     body = mr_event("approved", labels=["sec::high"], actor="bob")
@@ -231,16 +231,20 @@ def test_another_scheme_or_port_of_a_reserved_host_is_refused_too(url) -> None:
 
 
 def test_two_gitlabs_on_one_host_keep_their_own_deliveries() -> None:
-    """Compared by host, a source would refuse its own host: it is compared by origin."""
+    """Host and port are compared, not the host alone: a GitLab on another port of a
+    reserved host, a source of its own or the default one, keeps its deliveries."""
     settings = Settings(
+        webhook_secrets=[SecretStr("default")],
         webhook_sources=[
             WebhookSource(instance="https://git.example.com", tokens=[SecretStr("a")]),
             WebhookSource(instance="https://git.example.com:8443", tokens=[SecretStr("b")]),
+            WebhookSource(instance="https://other.example.com:8443", tokens=[SecretStr("c")]),
         ],
     )
     for instance, token in (
         ("https://git.example.com", "a"),
         ("https://git.example.com:8443", "b"),
+        ("https://other.example.com", "default"),
     ):
         body = mr_event("approved", labels=["sec::high"], actor="bob")
         body["project"]["web_url"] = instance + "/acme/p"

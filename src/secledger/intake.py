@@ -496,13 +496,15 @@ def decode_mr(
 def _refuse_reserved(
     instance: str, headers: Mapping[str, str], payload: Mapping[str, Any], verified: Verified
 ) -> None:
-    """WrongInstance when the header or any URL of the payload names a host with secrets
-    of its own: a payload that carries its MR links may not be filed elsewhere.
+    """WrongInstance when the header or any URL of the payload names a place (host and
+    port) with secrets of its own: a payload that carries its MR links may not be filed
+    elsewhere.
 
-    Compared by host name, whatever the scheme and port: ``http://`` or ``:8443`` of a
-    reserved host would otherwise file look-alike rows (same host, project and MR
-    number) under another instance name beside that host's real ones. The source's own
-    host is compared by origin only (two GitLabs on one host, on two ports).
+    The scheme is left out: ``http://`` of a reserved ``https://`` host would otherwise
+    file look-alike rows (same host, project and MR number, and to the eye the same
+    instance) beside that host's real ones. The port is not, so a GitLab on another
+    port of the same host (a source of its own, or the default one) keeps its
+    deliveries.
     """
     project = payload.get("project")
     attrs = payload.get("object_attributes")
@@ -513,9 +515,9 @@ def _refuse_reserved(
         _host_of(attrs.get("url")) if isinstance(attrs, dict) else None,
     }
     reserved = verified.reserved
-    hosts = _hostnames(reserved) - {_hostname(verified.source)}
+    places = _places(reserved) - {_place(verified.source)}
     for found in sorted(
-        n for n in named if n is not None and (n in reserved or _hostname(n) in hosts)
+        n for n in named if n is not None and (n in reserved or _place(n) in places)
     ):
         raise WrongInstance(
             f"the payload is from {found}, whose host has its own secrets; "
@@ -523,13 +525,18 @@ def _refuse_reserved(
         )
 
 
-def _hostname(origin_: str) -> str:
-    return (urlsplit(origin_).hostname or "").rstrip(".")
+def _place(origin_: str) -> tuple[str, int | None]:
+    """Host and port of an origin, the port None when it is its scheme's default."""
+    parts = urlsplit(origin_)
+    port = parts.port
+    if port == _DEFAULT_PORTS.get(parts.scheme):
+        port = None
+    return (parts.hostname or "").rstrip("."), port
 
 
 @functools.cache
-def _hostnames(origins: frozenset[str]) -> frozenset[str]:
-    return frozenset(_hostname(o) for o in origins)
+def _places(origins: frozenset[str]) -> frozenset[tuple[str, int | None]]:
+    return frozenset(_place(o) for o in origins)
 
 
 def to_delivery(
