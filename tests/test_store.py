@@ -10,17 +10,14 @@ import psycopg
 import pytest
 from alembic import command
 from click.testing import CliRunner
-from pydantic import SecretStr
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from structlog.testing import capture_logs
 
 from builders import dumps, mr_event
+from live import live_server
 from secledger.cli import main
-from secledger.config import Settings
 from secledger.policy import LabelPolicy
-from secledger.runtime import Runtime
 from secledger.service import feed
 from secledger.store import db, migrate
 from secledger.store.chain import GENESIS, LogRow, link
@@ -239,11 +236,10 @@ def test_any_command_that_migrates_an_older_database_says_to_rebuild(
     again = CliRunner().invoke(main, ["ledger", "--format", "json"], env=env)
     assert "upgraded" not in again.stderr
 
+    # serve, as run: its start migrates too, and says so in its JSON log.
     _downgrade(engine, "0020")
-    settings = Settings(database_url=SecretStr(database_url), data_dir=tmp_path / "serve")
-    with capture_logs() as logged:
-        runtime = Runtime.open(settings, db.resolve(settings))
-        runtime.close()
+    with live_server(database_url, tmp_path, {"SECLEDGER_WEBHOOK_SECRETS": "t"}) as server:
+        logged = [json.loads(x) for x in server.stderr().splitlines() if x.startswith("{")]
     [line] = [line for line in logged if line["event"] == "schema_upgraded"]
     assert line["from_revision"] == "0020"
     assert line["hint"].startswith("run `secledger rebuild` once")

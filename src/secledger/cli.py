@@ -91,12 +91,17 @@ class Context:
         return self._database
 
     @contextmanager
-    def engine(self, *, upgrade: bool = True) -> Iterator[Engine]:
+    def engine(self, *, upgrade: bool = True, logged: bool = False) -> Iterator[Engine]:
+        """An engine on the database, migrated first unless ``upgrade`` is False. An
+        upgrade of an older schema is said on stderr, or with ``logged`` (``serve``) as
+        the ``schema_upgraded`` log line."""
         engine = db.create(self.database.url, pool_size=2)
         try:
             if upgrade:
                 before = migrate.ensure_current(engine, db.migration_url(self.settings))
-                if before is not None:
+                if before is not None and logged:
+                    log.warning("schema_upgraded", from_revision=before, hint=migrate.REBUILD_HINT)
+                elif before is not None:
                     click.echo(
                         f"the database was upgraded from revision {before}: "
                         + migrate.REBUILD_HINT,
@@ -206,7 +211,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
     # Reached and migrated before serving: an outage or a wrong database is then one line
     # and exit 3 (``run``), not uvicorn's start-up traceback after a "receiving on".
-    with context.engine():
+    with context.engine(logged=True):
         pass
     bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
