@@ -87,15 +87,21 @@ def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, A
             raise
         failure = exc
     # No answer, or a 5xx: the hook may have been created all the same (it is not
-    # retried, which would have made a second one). GitLab's list says which.
+    # retried, which would have made a second one). GitLab's list says so when it is
+    # there; when it is not, GitLab may still be creating it (a proxy's timeout), so
+    # the secret stays, for a hook that may appear.
     try:
         created = find_hooks(api.hooks(scope), url)
     except GitLabAPIError:
-        raise failure from None  # unknown: the secret stays, for a hook that may exist
+        created = []
     if created:
         return created[0]
-    remove_secret(config, secret)
-    raise failure
+    raise GitLabAPIError(
+        f"{failure}; the hook is not listed (yet): the secret stays in {config}; run"
+        " `secledger gitlab check` in a minute, and `gitlab connect` again if no hook"
+        " appears",
+        failure.status,
+    ) from None
 
 
 def succeeded(event: Mapping[str, Any]) -> bool:
