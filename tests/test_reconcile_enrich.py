@@ -160,9 +160,15 @@ def test_enrich_exits_1_when_the_lookups_fail(engine, database_url, fake) -> Non
     assert failed.exit_code == 1, failed.output
     assert "label times: 1 merge requests looked up: api_error 1" in failed.stdout
     assert "lookups failed" in failed.stderr
-    done = CliRunner().invoke(
-        main, ["enrich"], env=env | {"SECLEDGER_GITLAB_TOKEN": fakegitlab.TOKEN}
-    )
+    env["SECLEDGER_GITLAB_TOKEN"] = fakegitlab.TOKEN
+    # A deleted MR is asked again on every pass: it must not fail every run.
+    fake.missing.add("/merge_requests/1/resource_label_events")
+    gone = CliRunner().invoke(main, ["enrich"], env=env)
+    assert gone.exit_code == 0, gone.output
+    assert "label times: 1 merge requests looked up: gone 1" in gone.stdout
+    assert "deleted or out of the token's reach" in gone.stderr
+    fake.missing.clear()
+    done = CliRunner().invoke(main, ["enrich"], env=env)
     assert done.exit_code == 0, done.output
     assert "label times: 1 merge requests looked up: recorded 1" in done.stdout
 

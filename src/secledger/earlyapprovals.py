@@ -33,6 +33,7 @@ from secledger.times import parse_optional
 log = structlog.get_logger("secledger.earlyapprovals")
 
 API_ERROR = "api_error"  # as label-time enrichment notes it: asked again on later passes
+GONE = "gone"  # as label-time enrichment counts a 403/404 apart from api_error
 FAILED = "failed"  # anything else went wrong with this MR: not asked again unless --recheck
 _SECOND = timedelta(seconds=1)
 
@@ -131,5 +132,7 @@ def check(
             )
             with engine.begin() as conn:
                 _note(conn, key, outcome)
+            if isinstance(exc, GitLabAPIError) and exc.gone:
+                outcome = GONE  # noted as api_error, counted apart
         counts[outcome] += 1
     return dict(counts)

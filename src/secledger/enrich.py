@@ -31,6 +31,9 @@ log = structlog.get_logger("secledger.enrich")
 
 FALLBACK = "created_at_fallback"
 API_ERROR = "api_error"
+# Counted apart from api_error (noted as api_error all the same): the MR was deleted or
+# is out of the token's reach, which no later pass mends unless someone grants access.
+GONE = "gone"
 # Not asked yet first, then those the API refused, longest ago first: MRs it keeps
 # refusing (deleted, out of the token's reach) must not hold up the rest for good.
 _CANDIDATES = text(
@@ -135,8 +138,8 @@ def enrich(
             log.warning(
                 "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
             )
-            outcome = API_ERROR
-            _note(engine, key, outcome)
+            _note(engine, key, API_ERROR)  # asked again on later passes either way
+            outcome = GONE if exc.gone else API_ERROR
         counts[outcome] += 1
     return EnrichResult(dict(counts))
 

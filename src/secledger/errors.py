@@ -59,6 +59,11 @@ class GitLabAPIError(SecledgerError):
         super().__init__(message)
         self.status = status  # the HTTP status GitLab answered, when it answered
 
+    @property
+    def gone(self) -> bool:
+        """GitLab answered 403 or 404: deleted, or out of the token's reach."""
+        return self.status in (403, 404)
+
 
 class InvalidSignature(IntakeError):
     """The webhook-signature headers are missing, malformed or match no signing secret."""

@@ -262,7 +262,8 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
 
     `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
     GitLab token is configured; this command does one pass now. Exits 1 when any
-    lookup failed (the API refused or could not be reached).
+    lookup failed (the token was refused, GitLab failed or could not be reached); an MR
+    deleted or out of the token's reach (403/404) is counted as `gone` instead.
 
     \b
     Example:
@@ -286,8 +287,16 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
         for outcomes in (labels, early)
         for name in (enrichment.API_ERROR, earlyapprovals.FAILED)
     )
+    gone = labels.get(enrichment.GONE, 0) + early.get(earlyapprovals.GONE, 0)
+    if gone:
+        click.echo(
+            f"{gone} merge requests are deleted or out of the token's reach (403/404);"
+            " they are asked again on later passes",
+            err=True,
+        )
     if failed:
-        # A cron job must see that the lookups failed (a revoked token fails them all).
+        # A cron job must see that the lookups failed (a revoked token fails them all);
+        # a deleted MR, asked again on every pass, must not fail every run.
         click.echo(
             f"{failed} lookups failed (see the enrich_failed and early_approvals_failed lines);"
             " api_error ones are asked again on the next pass",
