@@ -542,6 +542,14 @@ def try_it_command(port: int, secret_file: Path, body: Path) -> str:
 DATABASE_UNREACHABLE = 3
 
 
+# Said when a login lacks a privilege (``run``).
+WHICH_LOGIN = (
+    "Writing commands need the login their docs name: rebuild and db upgrade the owner"
+    " (SECLEDGER_MIGRATION_DATABASE_URL), checkpoint and findings --reevaluate"
+    " secledger_app or the owner (docs/integrity.md, Roles and logins)"
+)
+
+
 def run() -> None:
     """Console entry point that turns library errors into clean exits."""
     try:
@@ -563,19 +571,11 @@ def run() -> None:
         sys.exit(DATABASE_UNREACHABLE)
     except (ProgrammingError, psycopg.errors.InsufficientPrivilege) as exc:
         cause = getattr(exc, "orig", None) or exc
-        if getattr(cause, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+        if getattr(cause, "sqlstate", None) != migrate.INSUFFICIENT_PRIVILEGE:
             raise
         reason = str(cause).strip().splitlines()[0]
         click.echo(f"Error: the database login may not do this: {reason}. {WHICH_LOGIN}", err=True)
         sys.exit(1)
-
-
-INSUFFICIENT_PRIVILEGE = "42501"
-WHICH_LOGIN = (
-    "Writing commands need the login their docs name: rebuild and db upgrade the owner"
-    " (SECLEDGER_MIGRATION_DATABASE_URL), checkpoint and findings --reevaluate"
-    " secledger_app or the owner (docs/integrity.md, Roles and logins)"
-)
 
 
 def _unreachable(error: BaseException) -> bool:

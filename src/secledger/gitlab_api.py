@@ -9,8 +9,6 @@ it is never logged or printed.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,16 +16,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import gitlab
 import gitlab.exceptions
-import requests
 from gitlab.utils import EncodedId
 
 from secledger.config import Settings
 from secledger.errors import ConfigError, GitLabAPIError, TimestampError
+from secledger.gitlab_http import OriginBoundSession, brief, retry_after_in_seconds, unreachable
 from secledger.intake import origin
-from secledger.times import isoformat, parse_http_date, parse_time, utcnow
+from secledger.times import isoformat, parse_time
 
 if TYPE_CHECKING:
-    from requests import PreparedRequest, Response
+    pass
 
 PER_PAGE = 100
 T = TypeVar("T")
@@ -54,62 +52,6 @@ def scopes(projects: tuple[str, ...], groups: tuple[str, ...]) -> list[Scope]:
     return [Scope("projects", p) for p in projects] + [Scope("groups", g) for g in groups]
 
 
-def _retry_after_in_seconds(response: Response, *_args: Any, **_kwargs: Any) -> Response:
-    """Rewrite a ``Retry-After`` HTTP-date as the seconds it names; drop any other value
-    that is not whole seconds.
-
-    python-gitlab (8.6) reads the header with ``int()``: the date form RFC 9110 allows,
-    which a proxy in front of GitLab may send, raised ValueError out of the client.
-    Without the header python-gitlab waits for ``RateLimit-Reset`` or backs off.
-    """
-    value = response.headers.get("Retry-After")
-    if value is None or value.strip().isdigit():
-        return response
-    until = parse_http_date(value)
-    if until is None:
-        del response.headers["Retry-After"]
-    else:
-        wait = max(0, math.ceil((until - utcnow()).total_seconds()))
-        response.headers["Retry-After"] = str(wait)
-    return response
-
-
-# Every header python-gitlab may authenticate with.
-_TOKEN_HEADERS = ("PRIVATE-TOKEN", "JOB-TOKEN", "Authorization")
-
-
-class _TLSFailed(OSError):
-    """A TLS failure, raised as a type python-gitlab does not retry: no retry mends a
-    certificate, and ten of them took 105 s before the error was shown."""
-
-
-class _OriginBoundSession(requests.Session):
-    """A session that sends the token to the configured GitLab origin only.
-
-    requests strips ``Authorization`` from a redirect to another host, but not
-    ``PRIVATE-TOKEN``: a GitLab (or a proxy in front of it) answering 302 to another
-    host, or from https to http, would have been handed the token.
-    """
-
-    def __init__(self, instance: str) -> None:
-        super().__init__()
-        self.instance = instance
-
-    def request(self, *args: Any, **kwargs: Any) -> Response:
-        try:
-            return super().request(*args, **kwargs)
-        except requests.exceptions.SSLError as exc:
-            raise _TLSFailed(str(exc)) from None
-
-    def rebuild_auth(self, prepared_request: PreparedRequest, response: Response) -> None:
-        super().rebuild_auth(prepared_request, response)
-        # requests' own rule (another host, port or scheme, but http to https on one
-        # host is fine), applied against the configured origin rather than the last hop.
-        if self.should_strip_auth(self.instance + "/", prepared_request.url or ""):
-            for name in _TOKEN_HEADERS:
-                prepared_request.headers.pop(name, None)
-
-
 def _created_at(mr: dict[str, Any], path: str) -> datetime:
     try:
         return parse_time(mr["created_at"])
@@ -134,51 +76,11 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
     except gitlab.exceptions.GitlabError as exc:
         code = getattr(exc, "response_code", None)
         # The path says which endpoint: an old GitLab lacks some (resource_state_events).
-        message = f"GitLab API: {path}: {code or 'error'}: {_brief(exc.error_message)}"
+        message = f"GitLab API: {path}: {code or 'error'}: {brief(exc.error_message)}"
         raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         where = f" at {instance}" if instance else ""
         raise GitLabAPIError(f"GitLab API unreachable{where}: {unreachable(exc)}") from None
-
-
-# Longest error text of GitLab's kept in a message: a proxy's HTML page is kilobytes.
-MAX_ERROR_CHARS = 200
-_TAG = re.compile(r"<[^>]*>")
-
-
-def _brief(message: object) -> str:
-    """GitLab's error text, or the words of an HTML error page, on one short line."""
-    if isinstance(message, bytes):
-        message = message.decode("utf-8", "replace")
-    text = str(message)
-    if text.lstrip().startswith("<"):
-        text = _TAG.sub(" ", text)
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-# What requests' nested exception texts say, in words people act on.
-_CAUSES = (
-    ("certificate verify failed", "its TLS certificate is not trusted (see REQUESTS_CA_BUNDLE)"),
-    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted (see REQUESTS_CA_BUNDLE)"),
-    ("Connection refused", "the connection was refused"),
-    ("Name or service not known", "the host name is not known"),
-    ("Temporary failure in name resolution", "the host name could not be resolved"),
-    ("No route to host", "there is no route to the host"),
-)
-
-
-def unreachable(exc: OSError) -> str:
-    """Why the API could not be reached, in words (the exception's class otherwise)."""
-    if isinstance(exc, requests.exceptions.Timeout):
-        return "it did not answer in time (SECLEDGER_GITLAB_TIMEOUT_SECONDS)"
-    text = str(exc)
-    for marker, cause in _CAUSES:
-        if marker in text:
-            return cause
-    if isinstance(exc, requests.exceptions.SSLError | _TLSFailed):
-        return "the TLS handshake failed"
-    return type(exc).__name__
 
 
 class GitLabAPI:
@@ -214,9 +116,9 @@ class GitLabAPI:
             # Next pages stay on the configured URL, whatever host GitLab's Link header
             # names (its external_url may differ, even be http://): the token goes along.
             keep_base_url=True,
-            session=_OriginBoundSession(instance),
+            session=OriginBoundSession(instance),
         )
-        client.session.hooks["response"].append(_retry_after_in_seconds)
+        client.session.hooks["response"].append(retry_after_in_seconds)
         return cls(client, instance, settings.gitlab_max_retries)
 
     def _list(self, path: str, query: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:

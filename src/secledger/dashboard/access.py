@@ -23,7 +23,11 @@ from secledger.tierpolicy import CompliancePolicy
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
 bearer_scheme = HTTPBearer(auto_error=False, description="SECLEDGER_READ_TOKEN")
-cookie_scheme = APIKeyCookie(name=COOKIE, auto_error=False, description="dashboard login")
+cookie_scheme = APIKeyCookie(
+    name=COOKIE,
+    auto_error=False,
+    description="dashboard login (over HTTPS the cookie is __Host-secledger_session)",
+)
 
 
 OPTIONS_TTL_SECONDS = 60.0
