@@ -52,6 +52,12 @@ def test_keygen_says_how_to_sign_with_the_key(database_url, tmp_path) -> None:
     path = tmp_path / "k.pem"
     made = cli(database_url, "keygen", "--out", str(path))
     assert f"to sign with it, set SECLEDGER_CHECKPOINT_KEY_FILE={path}" in made.stderr
+    # Set already (here through a path of another spelling): nothing to say.
+    other = tmp_path / "k2.pem"
+    spelled = str(tmp_path / "." / "k2.pem")
+    quiet = cli(database_url, "keygen", "--out", str(other), checkpoint_key_file=spelled)
+    assert quiet.exit_code == 0, quiet.output
+    assert "to sign with it" not in quiet.stderr
 
 
 def test_key_and_checkpoint_file_errors_say_what_is_wrong(key, database_url, tmp_path) -> None:

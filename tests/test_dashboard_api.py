@@ -323,6 +323,7 @@ HOSTILE_QUERIES = [
     "/api/ledger?state=%00",
     "/api/findings?rule=%00",
     "/api/findings?rule=no-such-rule",
+    "/api/findings?rule=",
     "/api/ledger/https%3A%2F%2Fgitlab.example.com/99999999999999999999/1",
     "/api/ledger/https%3A%2F%2Fgitlab.example.com/14/-1",
     "/api/ledger/%00/14/11",

@@ -238,7 +238,8 @@ def keygen(context: Context, out: Path | None) -> None:
     click.echo(f"private key: {path} (mode 0600)")
     click.echo(f"public key:  {public_path} (key id {signing.key_id(public)})")
     click.echo(signing.public_pem(public).decode(), nl=False)
-    if context.settings.checkpoint_key_file != path:
+    configured = context.settings.checkpoint_key_file
+    if configured is None or configured.resolve() != path.resolve():
         # serve and checkpoint read the key from the setting only, not from keygen's
         # default place: say how to point them at it.
         click.echo(
