@@ -20,9 +20,10 @@ def test_an_mr_the_api_keeps_refusing_does_not_hold_up_the_others(engine, api, f
     replay(engine, fake.url, gone.webhooks() + kept.webhooks())
     assert [r["labeled_at_source"] for r in ledger_rows(engine)] == ["created_at_fallback"] * 2
 
-    assert enrich(engine, api, POLICY, limit=1).outcomes == {"api_error": 1}
+    # Counted as gone (a 404), noted as api_error: asked again on later passes.
+    assert enrich(engine, api, POLICY, limit=1).outcomes == {"gone": 1}
     assert enrich(engine, api, POLICY, limit=1).outcomes == {"recorded": 1}
     sources = {r["mr_iid"]: r["labeled_at_source"] for r in ledger_rows(engine)}
     assert sources == {1: "created_at_fallback", 2: "api"}
     # Later passes still ask the refused one again: the API may answer another time.
-    assert enrich(engine, api, POLICY, limit=1).outcomes == {"api_error": 1}
+    assert enrich(engine, api, POLICY, limit=1).outcomes == {"gone": 1}
