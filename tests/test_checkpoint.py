@@ -54,7 +54,8 @@ def test_keygen_says_how_to_sign_with_the_key(database_url, tmp_path) -> None:
     assert f"to sign with it, set SECLEDGER_CHECKPOINT_KEY_FILE={path}" in made.stderr
     # Set already (here through a path of another spelling): nothing to say.
     other = tmp_path / "k2.pem"
-    spelled = str(tmp_path / "." / "k2.pem")
+    (tmp_path / "sub").mkdir()
+    spelled = str(tmp_path / "sub" / ".." / "k2.pem")  # pathlib keeps the ".."
     quiet = cli(database_url, "keygen", "--out", str(other), checkpoint_key_file=spelled)
     assert quiet.exit_code == 0, quiet.output
     assert "to sign with it" not in quiet.stderr

@@ -113,6 +113,9 @@ def test_report_routes_refuse_a_bad_date_like_the_cli(reader) -> None:
 def test_demo_history_findings_are_listed_with_evidence_and_log_rows(reader) -> None:
     """!14 was approved and merged by its author: both findings, proved by log rows."""
     found = reader.get("/api/findings?project=acme/payments", headers=bearer()).json()
+    # An empty rule filters nothing (it matched no finding at all).
+    unruled = reader.get("/api/findings?project=acme/payments&rule=", headers=bearer()).json()
+    assert [(f["rule"], f["mr_iid"]) for f in unruled] == [(f["rule"], f["mr_iid"]) for f in found]
     cased = reader.get("/api/findings?project=Acme/Payments", headers=bearer()).json()
     # (detected_at of a breach not recorded yet is each request's own "now")
     assert [(f["rule"], f["mr_iid"]) for f in cased] == [(f["rule"], f["mr_iid"]) for f in found]

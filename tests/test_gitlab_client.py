@@ -217,3 +217,12 @@ def test_a_proxy_s_html_error_page_is_shown_in_brief() -> None:
     assert message.endswith("...")
     assert "<" not in message
     assert len(message) < 300
+
+
+def test_only_a_404_counts_as_gone() -> None:
+    """GitLab answers 404 for what a token may not see, and for what was deleted; a 403
+    is the token's own problem (a missing scope, a blocked user), for the operator."""
+    assert GitLabAPIError("x", 404).gone
+    assert not GitLabAPIError("x", 403).gone
+    assert not GitLabAPIError("x", 401).gone
+    assert not GitLabAPIError("x").gone

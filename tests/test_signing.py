@@ -218,7 +218,12 @@ def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://gitlab.example.com/acme/p", "HTTP://GitLab.Example.com:80/acme/p"]
+    "url",
+    [
+        "http://gitlab.example.com/acme/p",
+        "HTTP://GitLab.Example.com:80/acme/p",
+        "http://gitlab.example.com:443/acme/p",
+    ],
 )
 def test_another_scheme_of_a_reserved_host_is_refused_too(url) -> None:
     """Filed as http://gitlab.example.com, a default-token holder's rows would stand

@@ -33,7 +33,7 @@ from secledger.times import parse_optional
 log = structlog.get_logger("secledger.earlyapprovals")
 
 API_ERROR = "api_error"  # as label-time enrichment notes it: asked again on later passes
-GONE = "gone"  # as label-time enrichment counts a 403/404 apart from api_error
+GONE = "gone"  # as label-time enrichment counts a 404 apart from api_error
 FAILED = "failed"  # anything else went wrong with this MR: not asked again unless --recheck
 _SECOND = timedelta(seconds=1)
 

@@ -61,8 +61,10 @@ class GitLabAPIError(SecledgerError):
 
     @property
     def gone(self) -> bool:
-        """GitLab answered 403 or 404: deleted, or out of the token's reach."""
-        return self.status in (403, 404)
+        """GitLab answered 404: deleted, or hidden from the token (GitLab answers 404,
+        not 403, for what a token may not see). A 403 is the token's own problem (a
+        missing scope, a blocked user), for the operator to fix."""
+        return self.status == 404
 
 
 class InvalidSignature(IntakeError):

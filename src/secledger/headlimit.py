@@ -14,6 +14,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # The most bytes of one request's head (request line and headers) before a 431.
 MAX_HEAD_BYTES = 64 * 1024
 _REFUSAL = "Request head too large."
+# "POST " + " HTTP/1.1\r\n" + the blank line's "\r\n": as good as exact for a webhook.
+_LINE_BYTES = 18
 
 
 class HeadTooLarge(Exception):
@@ -43,8 +45,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        # ": " and CRLF of each header line are not in the parsed names and values.
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        # ": " and CRLF of each header line, and the request line's method, version and
+        # CRLF and the blank line, are not in the parsed URL, names and values.
+        size = len(self.url) + _LINE_BYTES + sum(len(n) + len(v) + 4 for n, v in self.headers)
         if size > MAX_HEAD_BYTES:
             self._oversized = True
             raise HeadTooLarge

@@ -526,10 +526,11 @@ def _refuse_reserved(
 
 
 def _place(origin_: str) -> tuple[str, int | None]:
-    """Host and port of an origin, the port None when it is its scheme's default."""
+    """Host and port of an origin, the port None when it is a default one (80 or 443,
+    whatever the scheme: ``http://host:443`` is a look-alike of ``https://host``)."""
     parts = urlsplit(origin_)
     port = parts.port
-    if port == _DEFAULT_PORTS.get(parts.scheme):
+    if port in _DEFAULT_PORTS.values():
         port = None
     return (parts.hostname or "").rstrip("."), port
 

@@ -263,7 +263,8 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
     GitLab token is configured; this command does one pass now. Exits 1 when any
     lookup failed (the token was refused, GitLab failed or could not be reached); an MR
-    deleted or out of the token's reach (403/404) is counted as `gone` instead.
+    deleted or hidden from the token (404) is counted as `gone` instead; a 403 (a
+    missing scope, a blocked user) is a failure.
 
     \b
     Example:
@@ -290,7 +291,7 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     gone = labels.get(enrichment.GONE, 0) + early.get(earlyapprovals.GONE, 0)
     if gone:
         click.echo(
-            f"{gone} merge requests are deleted or out of the token's reach (403/404);"
+            f"{gone} merge requests are deleted or hidden from the token (404);"
             " they are asked again on later passes",
             err=True,
         )

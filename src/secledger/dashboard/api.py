@@ -234,7 +234,8 @@ def get_findings(
 ) -> list[findings.Finding]:
     """`secledger findings --format json`: open MRs past their deadline count as breached,
     recorded or not (``id`` null until serve records it); times = detection."""
-    if rule and rule not in RULES:  # an empty value filters nothing, as before
+    rule = rule or None  # an empty value filters nothing
+    if rule is not None and rule not in RULES:
         # As the CLI's --rule choice does; PostgreSQL would refuse a NUL with a 500.
         raise HTTPException(422, f"rule must be one of {', '.join(sorted(RULES))}")
     with reading(db) as conn:
