@@ -97,9 +97,9 @@ def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, A
     if created:
         return created[0]
     raise GitLabAPIError(
-        f"{failure}; the hook is not listed (yet): the secret stays in {config}; run"
-        " `secledger gitlab check` in a minute, and `gitlab connect` again if no hook"
-        " appears",
+        f"{failure}; the hook is not listed (yet): the secret stays in {config} (the"
+        " last of webhook_secrets); run `secledger gitlab check` in a minute, and if no"
+        " hook appears, remove that secret and run `gitlab connect` again",
         failure.status,
     ) from None
 
