@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import gitlab
 import gitlab.exceptions
@@ -23,9 +23,6 @@ from secledger.errors import ConfigError, GitLabAPIError, TimestampError
 from secledger.gitlab_http import OriginBoundSession, brief, retry_after_in_seconds, unreachable
 from secledger.intake import origin
 from secledger.times import isoformat, parse_time
-
-if TYPE_CHECKING:
-    pass
 
 PER_PAGE = 100
 T = TypeVar("T")
