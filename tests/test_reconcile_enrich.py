@@ -166,7 +166,7 @@ def test_enrich_exits_1_when_the_lookups_fail(engine, database_url, fake) -> Non
     gone = CliRunner().invoke(main, ["enrich"], env=env)
     assert gone.exit_code == 0, gone.output
     assert "label times: 1 merge requests looked up: gone 1" in gone.stdout
-    assert "deleted or out of the token's reach" in gone.stderr
+    assert "deleted or hidden from the token (404)" in gone.stderr
     fake.missing.clear()
     done = CliRunner().invoke(main, ["enrich"], env=env)
     assert done.exit_code == 0, done.output
