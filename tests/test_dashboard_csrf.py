@@ -153,6 +153,14 @@ def test_a_planted_nonce_and_its_token_do_not_pass_for_a_logged_in_visitor(
     assert answer.status_code == 303
 
 
+def clears(response: Any, name: str) -> bool:
+    """Whether ``response`` tells the browser to forget cookie ``name``."""
+    return any(
+        value.startswith(f"{name}=;") or f'{name}=""' in value
+        for value in response.headers.get_list("set-cookie")
+    )
+
+
 def test_over_https_the_nonce_cookie_is_one_only_this_host_can_set(database_url, tmp_path) -> None:
     settings = reader_settings(database_url, tmp_path / "data")
     app = create_app(settings, db.Database(database_url, embedded=False))
@@ -175,10 +183,7 @@ def test_over_https_the_nonce_cookie_is_one_only_this_host_can_set(database_url,
         token = form_token(secure, "/")
         answer = secure.post("/logout", data={"csrf_token": token}, follow_redirects=False)
         assert answer.status_code == 303
-        assert any(
-            value.startswith(f"{csrf.SECURE_COOKIE}=;") or f'{csrf.SECURE_COOKIE}=""' in value
-            for value in answer.headers.get_list("set-cookie")
-        )
+        assert clears(answer, csrf.SECURE_COOKIE)
 
 
 def test_over_https_the_session_cookie_is_one_only_this_host_can_set(database_url, tmp_path):
@@ -208,10 +213,7 @@ def test_over_https_the_session_cookie_is_one_only_this_host_can_set(database_ur
         token = form_token(secure, "/")
         out = secure.post("/logout", data={"csrf_token": token}, follow_redirects=False)
         assert out.status_code == 303
-        assert any(
-            value.startswith(f"{auth.SECURE_COOKIE}=;") or f'{auth.SECURE_COOKIE}=""' in value
-            for value in out.headers.get_list("set-cookie")
-        )
+        assert clears(out, auth.SECURE_COOKIE)
 
 
 def test_a_login_form_past_its_size_is_refused_without_reading_the_rest(browser) -> None:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import findings, packchain, packreadme, reports
+from secledger.filtermatch import same_project
 from secledger.packfiles import PackDir
 from secledger.store import checkpoints, db
 from secledger.store.chain import time_text
@@ -271,7 +272,7 @@ def _create_population(conn: Connection, options: Options) -> int:
     query = _CREATE
     params: dict[str, Any] = {"since": options.since, "until": options.until}
     if options.project is not None:
-        query += " AND (lower(l.project_path) = lower(:project) OR l.project_id::text = :project)"
+        query += " AND " + same_project("l.")
         params["project"] = options.project
     if options.tier is not None:
         query += " AND l.risk_tier = :tier"

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
+from secledger.filtermatch import among, same_project
 from secledger.projection import SequencedEvent, ordered_facts
 from secledger.quickinit import quick
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
@@ -23,7 +24,6 @@ from secledger.store import ledger
 from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
-from secledger.usernames import among
 
 CLOCK_COLUMNS = (
     "risk_tier",
@@ -405,11 +405,7 @@ def list_findings(
     for name, value, clause in (
         ("since", since, "detected_at >= :since"),
         ("until", until, "detected_at < :until"),
-        (
-            "project",
-            project,
-            "(lower(project_path) = lower(:project) OR project_id::text = :project)",
-        ),
+        ("project", project, same_project()),
         ("tier", tier, "risk_tier = :tier"),
         ("rule", rule, "rule = :rule"),
         ("reviewer", reviewer, _APPROVED_BY),

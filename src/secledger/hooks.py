@@ -60,8 +60,12 @@ def remove_secret(config: Path, secret: str) -> None:
 def find_hooks(hooks: list[dict[str, Any]], url: str | None) -> list[dict[str, Any]]:
     """Hooks pointing at ``url``, or at any ``/webhooks/gitlab`` receiver when none is given."""
     if url is not None:
-        return [h for h in hooks if str(h.get("url", "")).rstrip("/") == url.rstrip("/")]
-    return [h for h in hooks if str(h.get("url", "")).rstrip("/").endswith("/webhooks/gitlab")]
+        return [h for h in hooks if _url(h) == url.rstrip("/")]
+    return [h for h in hooks if _url(h).endswith("/webhooks/gitlab")]
+
+
+def _url(hook: Mapping[str, Any]) -> str:
+    return str(hook.get("url", "")).rstrip("/")
 
 
 def connect(api: GitLabAPI, scope: Scope, url: str, config: Path) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def check(api: GitLabAPI, scope: Scope, url: str | None) -> list[HookHealth]:
         hook_id = int(hook["id"])
         newest = api.hook_events(scope, hook_id)
         success = next((e for e in newest if succeeded(e)), None)
-        twins = [int(h["id"]) for h in hooks if h is not hook and _same_url(h, hook)]
+        twins = [int(h["id"]) for h in hooks if h is not hook and _url(h) == _url(hook)]
         failures = _failures(api, scope, hook_id, newest)
         report.append(HookHealth(hook, success, failures, twins, _resent(failures, newest)))
     return report
@@ -200,10 +204,6 @@ def _resent(failures: list[dict[str, Any]], newest: list[dict[str, Any]]) -> fro
             for key, when in delivered
         )
     )
-
-
-def _same_url(one: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
-    return str(one.get("url", "")).rstrip("/") == str(other.get("url", "")).rstrip("/")
 
 
 def _failures(

@@ -20,9 +20,9 @@ from sqlalchemy import Connection, text
 from secledger import findings as store
 from secledger.copies import counted_groups
 from secledger.errors import TimestampError
+from secledger.filtermatch import among, same_name, same_project
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
-from secledger.usernames import among, same_name
 
 PERIODS = ("week", "month")
 STOPPERS = "('approved', 'merged', 'closed')"
@@ -211,11 +211,7 @@ def _mr_filters(
     checks = (
         ("since", filters.since, f"{time_column} >= :since"),
         ("until", filters.until, f"{time_column} < :until"),
-        (
-            "project",
-            filters.project,
-            "(lower(l.project_path) = lower(:project) OR l.project_id::text = :project)",
-        ),
+        ("project", filters.project, same_project("l.")),
         ("tier", filters.tier, "l.risk_tier = :tier"),
         ("reviewer", filters.reviewer, reviewer),
     )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, RowMapping, text
 
-from secledger import reports, usernames
+from secledger import filtermatch, reports
 from secledger.tierpolicy import CompliancePolicy
 
 Bucket = Literal["day", "week", "month"]
@@ -60,8 +60,8 @@ class Filters:
             # Whatever the case, as the reports match it (migration 0022 says why no
             # index serves this).
             clauses.append(
-                f"({usernames.among('l.approvers')} OR {usernames.same_name('l.reviewer')}"
-                f" OR {usernames.among('l.assigned_reviewers')})"
+                f"({filtermatch.among('l.approvers')} OR {filtermatch.same_name('l.reviewer')}"
+                f" OR {filtermatch.among('l.assigned_reviewers')})"
             )
             params["reviewer"] = self.reviewer
         return " AND ".join(clauses), params

@@ -2,7 +2,7 @@
 
 GitLab tells usernames apart without their case and sends each as its owner wrote it,
 so ``secledger report --reviewer`` and ``findings --reviewer`` compare them lowered
-(``usernames.py``). The dashboard's ledger, summary and volume filters compared them
+(``filtermatch.py``). The dashboard's ledger, summary and volume filters compared them
 as typed, through the indexes of 0005 on ``approvers``, ``assigned_reviewers`` and
 ``reviewer``. They now compare them lowered too, which those indexes cannot serve; kept,
 they would only cost every ledger upsert their upkeep. Lowered-expression indexes
