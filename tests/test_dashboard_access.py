@@ -31,6 +31,7 @@ from secledger.config import Settings
 from secledger.dashboard import pages
 from secledger.dashboard.auth import (
     COOKIE,
+    Authenticator,
     hash_password,
     read_users_file,
     session_secret,
@@ -121,6 +122,60 @@ def test_logout_forgets_the_session(reader) -> None:
     log_in(reader)
     reader.post("/logout", data={"csrf_token": form_token(reader, "/")}, follow_redirects=False)
     assert reader.get("/", follow_redirects=False).status_code == 303
+
+
+def _log_out(client: TestClient):
+    token = form_token(client, "/")
+    return client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+
+
+def test_a_copied_cookie_is_refused_after_logging_out(reader) -> None:
+    log_in(reader)
+    copied = reader.cookies.get(COOKIE)
+    assert _log_out(reader).headers["location"] == "/login"
+    reader.cookies.set(COOKIE, copied)
+    assert reader.get("/api/whoami").status_code == 401
+    assert reader.get("/", follow_redirects=False).status_code == 303
+
+
+def test_logging_out_ends_only_that_session(reader) -> None:
+    log_in(reader)
+    first = reader.cookies.get(COOKIE)
+    reader.cookies.clear()
+    log_in(reader)
+    second = reader.cookies.get(COOKIE)
+    assert first != second
+    _log_out(reader)
+    reader.cookies.set(COOKIE, second)
+    assert reader.get("/api/whoami").status_code == 401
+    reader.cookies.set(COOKIE, first)
+    assert reader.get("/api/whoami").json() == {"name": USER, "method": "session"}
+
+
+def test_a_session_cookie_without_an_id_is_refused(reader, database_url, tmp_path) -> None:
+    # The form of cookies signed before sessions could be ended on the server.
+    auth = Authenticator(reader_settings(database_url, tmp_path / "data"))
+    reader.cookies.set(COOKIE, auth.session_cookie(USER))
+    assert reader.get("/api/whoami").status_code == 200  # the same key as the receiver's
+    reader.cookies.set(COOKIE, auth._signer.dumps({"u": USER, "p": auth._stamp(USER)}))
+    assert reader.get("/api/whoami").status_code == 401
+
+
+def test_logging_out_without_the_database_says_the_session_is_not_ended(
+    reader, database_url
+) -> None:
+    log_in(reader)
+    token = form_token(reader, "/")
+    engine = db.create(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE ended_sessions RENAME TO ended_sessions_away")
+        response = reader.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+        assert response.status_code == 503
+        assert "a copy of its cookie stays valid" in response.text
+        assert COOKIE + '=""' in response.headers["set-cookie"]
+    finally:
+        engine.dispose()
 
 
 def test_login_redirects_only_to_local_paths(reader) -> None:

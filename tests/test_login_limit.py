@@ -239,7 +239,7 @@ def test_app_role_changes_only_the_outcome(database_url, statement) -> None:
             conn.execute(statement)
 
 
-def test_login_attempts_is_the_only_new_table_the_app_role_may_delete_from(engine) -> None:
+def test_the_app_role_may_delete_only_from_its_bookkeeping_tables(engine) -> None:
     with engine.connect() as conn:
         deletable = conn.execute(
             text(
@@ -248,7 +248,18 @@ def test_login_attempts_is_the_only_new_table_the_app_role_may_delete_from(engin
                 " ORDER BY table_name"
             )
         ).scalars()
-        assert list(deletable) == ["backfill_cursor", "login_attempts"]
+        assert list(deletable) == ["backfill_cursor", "ended_sessions", "login_attempts"]
+
+
+def test_ended_sessions_are_serves_alone(database_url) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET ROLE secledger_app")
+        conn.execute("INSERT INTO ended_sessions VALUES ('abc', now())")
+        conn.execute("DELETE FROM ended_sessions WHERE expires_at <= now()")
+        conn.execute("RESET ROLE")
+        conn.execute("SET ROLE secledger_readonly")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT 1 FROM ended_sessions")
 
 
 def test_a_trusted_proxys_forwarded_address_is_the_client_counted(

@@ -19,6 +19,7 @@ from secledger.dashboard.queries import FilterOptions, Filters, filter_options
 from secledger.dashboard.throttle import LoginThrottle
 from secledger.extract import NUL_REPLACEMENT
 from secledger.intake import MAX_ID
+from secledger.store import sessions
 from secledger.tierpolicy import CompliancePolicy
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
@@ -94,7 +95,7 @@ def api_reader(
     _cookie: Annotated[object, Security(cookie_scheme)],
 ) -> Principal:
     """A principal from the read token, a session or a trusted proxy; else 401."""
-    principal = state.auth.identify(request, allow_token=True)
+    principal = unless_ended(request, state.auth.identify(request, allow_token=True))
     if principal is None:
         raise HTTPException(
             401, "authentication required", headers={"WWW-Authenticate": 'Bearer realm="secledger"'}
@@ -104,7 +105,7 @@ def api_reader(
 
 def page_reader(request: Request, state: Annotated[Dashboard, Depends(dashboard)]) -> Principal:
     """A principal from a session or a trusted proxy; else a redirect to the login page."""
-    principal = state.auth.identify(request, allow_token=False)
+    principal = unless_ended(request, state.auth.identify(request, allow_token=False))
     if principal is None:
         # raw_path keeps the percent-encoded instance URL of /mr/ links intact.
         raw = request.scope.get("raw_path")
@@ -112,6 +113,14 @@ def page_reader(request: Request, state: Annotated[Dashboard, Depends(dashboard)
         target = path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
     return principal
+
+
+def unless_ended(request: Request, principal: Principal | None) -> Principal | None:
+    """``principal``, unless it is a cookie session its user ended by logging out."""
+    if principal is None or principal.session is None:
+        return principal
+    with engine(request).connect() as conn:
+        return None if sessions.ended(conn, principal.session) else principal
 
 
 def safe_next(target: str | None) -> str:

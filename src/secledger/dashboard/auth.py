@@ -15,6 +15,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -34,6 +35,7 @@ COOKIE = "secledger_session"
 # subdomain cannot plant a session of its own in a visitor's browser (login CSRF).
 SECURE_COOKIE = "__Host-secledger_session"
 _SALT = "secledger.session.v1"
+SESSION_ID_BYTES = 18
 
 
 def cookie_name(*, secure: bool) -> str:
@@ -139,6 +141,9 @@ class Principal:
 
     name: str
     method: str
+    # A cookie session's random id and when the cookie expires: what logging out ends.
+    session: str | None = None
+    expires: datetime | None = None
 
 
 def _networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -175,8 +180,10 @@ class Authenticator:
         return name if name in self.users else None
 
     def session_cookie(self, name: str) -> str:
-        """A signed, timestamped cookie value naming ``name`` and their password's stamp."""
-        return self._signer.dumps({"u": name, "p": self._stamp(name)})
+        """A signed, timestamped cookie value naming ``name``, their password's stamp and a
+        random session id (what logging out ends on the server)."""
+        session = secrets.token_urlsafe(SESSION_ID_BYTES)
+        return self._signer.dumps({"u": name, "p": self._stamp(name), "s": session})
 
     def _stamp(self, name: str) -> str:
         """A keyed digest of the user's stored password hash: a new password (``secledger
@@ -208,17 +215,22 @@ class Authenticator:
         if not value:
             return None
         try:
-            data = self._signer.loads(value, max_age=self.max_age)
+            data, signed_at = self._signer.loads(value, max_age=self.max_age, return_timestamp=True)
         except BadSignature:
             return None
         name = data.get("u") if isinstance(data, dict) else None
+        session = data.get("s") if isinstance(data, dict) else None
+        # A cookie without an id (from before 0024) could not be ended: log in again.
+        if not isinstance(session, str) or not session:
+            return None
         # A user removed from the configuration loses access at once; one whose password
         # changed, too.
         if not isinstance(name, str) or name not in self.users:
             return None
         if not hmac.compare_digest(str(data.get("p", "")), self._stamp(name)):
             return None
-        return Principal(name, "session")
+        expires = signed_at + timedelta(seconds=self.max_age)
+        return Principal(name, "session", session, expires)
 
     def _from_proxy(self, request: Request) -> Principal | None:
         peer = request.scope.get(PEER, request.scope.get("client"))

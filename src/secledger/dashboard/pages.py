@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from secledger import findings, reports
@@ -29,6 +31,7 @@ from secledger.dashboard.auth import Principal, cookie_name
 from secledger.dashboard.csrf import FIELD as CSRF_FIELD
 from secledger.dashboard.csrf import REFUSED as CSRF_REFUSED
 from secledger.extract import MRKey
+from secledger.store import sessions
 from secledger.store.db import reading
 from secledger.throttle import Throttle
 from secledger.times import utcnow
@@ -184,12 +187,37 @@ async def logout(request: Request) -> Response:
     form = await _form(request)
     if _refused(request, form):
         return render(request, "refused.html", 403, message=CSRF_REFUSED)
-    response = RedirectResponse("/login", status_code=303)
+    state = dashboard(request)
+    response: Response = RedirectResponse("/login", status_code=303)
+    principal = state.auth.identify(request, allow_token=False)
+    if principal is not None and principal.session and principal.expires:
+        ending = (principal.session, principal.expires)
+        try:
+            await run_in_threadpool(_end_session, engine(request), *ending)
+        except SQLAlchemyError as exc:
+            # The cookie is still deleted below, but a copy of it would stay valid:
+            # the user must know, rather than believe the session is over.
+            log.warning("logout_not_recorded", user=principal.name, error=type(exc).__name__)
+            response = render(request, "refused.html", 503, message=LOGOUT_NOT_RECORDED)
+        else:
+            log.info("logout", user=principal.name)
     secure = _secure(request)
     # A __Host- cookie is only replaced by one set as it was: Secure, Path=/.
     response.delete_cookie(cookie_name(secure=secure), path="/", secure=secure, httponly=True)
-    dashboard(request).csrf.delete_cookie(response, secure=_secure(request))
+    state.csrf.delete_cookie(response, secure=_secure(request))
     return response
+
+
+LOGOUT_NOT_RECORDED = (
+    "You are logged out in this browser, but the database could not be reached to end"
+    " the session on the server: a copy of its cookie stays valid until it expires."
+    " Log in and out again once the database answers."
+)
+
+
+def _end_session(database: Engine, session: str, expires: datetime) -> None:
+    with database.begin() as conn:
+        sessions.end(conn, session, expires, utcnow())
 
 
 OPEN_SHOWN = 100
