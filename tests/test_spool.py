@@ -545,3 +545,21 @@ def test_a_probe_left_pending_by_an_earlier_event_loop_is_not_awaited(
         holder.rollback()
     with TestClient(app) as second:
         wait_for(lambda: second.get("/readyz").status_code == 200, seconds=10)
+
+
+def test_spool_status_reports_a_directory_it_cannot_use_and_creates_none(tmp_path: Path) -> None:
+    missing = tmp_path / "absent"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    runner = CliRunner()
+    for directory, problem in ((missing, "does not exist"), (a_file, "is not a directory")):
+        env = {"SECLEDGER_SPOOL_DIR": str(directory), "SECLEDGER_DATA_DIR": str(tmp_path)}
+        shown = runner.invoke(main, ["spool", "status", "--format", "json"], env=env)
+        assert shown.exit_code == 0, shown.output
+        status = orjson.loads(shown.output)
+        assert (status["writable"], status["depth"]) == (False, 0)
+        assert status["problem"].startswith(problem)
+        text = runner.invoke(main, ["spool", "status"], env=env)
+        assert text.exit_code == 0, text.output
+        assert f"problem:   the directory {problem}" in text.output
+    assert not missing.exists()

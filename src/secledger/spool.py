@@ -79,6 +79,8 @@ class SpoolStatus:
     # Whether a delivery could be written now: the spool's protection is lost while it
     # cannot, which otherwise shows only once the database is down (as 503s).
     writable: bool = True
+    # Why the directory cannot be used as it is (missing, not a directory, unreadable).
+    problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """For /readyz and ``spool status --format json``."""
@@ -90,6 +92,7 @@ class SpoolStatus:
             "corrupt": self.corrupt,
             "failed": self.failed,
             "writable": self.writable,
+            "problem": self.problem,
         }
 
 
@@ -277,7 +280,11 @@ class Spool:
             return self.depth
 
     def status(self) -> SpoolStatus:
-        """Depth, total bytes, oldest receipt time, and files set aside."""
+        """Depth, total bytes, oldest receipt time, and files set aside; a directory that
+        cannot be used is reported (``problem``), not raised: monitoring reads this."""
+        problem = self._problem()
+        if problem is not None:
+            return SpoolStatus(self.directory, 0, 0, None, 0, 0, writable=False, problem=problem)
         names = self.entries()
         size = sum(_size(p) for p in names)
         oldest = None
@@ -295,6 +302,17 @@ class Spool:
             failed=_count(self.directory / FAILED),
             writable=self.writable(),
         )
+
+    def _problem(self) -> str | None:
+        if not self.directory.exists():
+            return "does not exist (serve creates it when it starts)"
+        if not self.directory.is_dir():
+            return "is not a directory"
+        try:
+            next(self.directory.iterdir(), None)
+        except OSError as exc:
+            return f"cannot be listed: {exc.strerror}"
+        return None
 
     def writable(self) -> bool:
         """Whether a delivery could be spooled now: a directory it may write in, on a

@@ -41,6 +41,12 @@ def _open(context: Context) -> Spool:
 def status_lines(status: SpoolStatus) -> list[str]:
     """The human-readable status report."""
     oldest = isoformat(status.oldest) or "-"
+    if status.problem is not None:
+        return [
+            f"directory: {status.directory}",
+            f"problem:   the directory {status.problem}",
+            "writable:  NO (deliveries cannot be kept in an outage)",
+        ]
     return [
         f"directory: {status.directory}",
         f"depth:     {status.depth} deliveries waiting",
@@ -58,14 +64,16 @@ def status_lines(status: SpoolStatus) -> list[str]:
 def status_command(context: Context, fmt: str) -> None:
     """Show how many deliveries wait in the spool, how old the oldest is, and its size.
 
-    Exits 0 whatever the depth; use --format json in monitoring.
+    Exits 0 whatever the depth, also when the directory cannot be used (`writable` is
+    then false and `problem` says why); use --format json in monitoring.
 
     \b
     Example:
       secledger spool status
       secledger spool status --format json | jq .depth
     """
-    status = _open(context).status()
+    # Not Spool.open: looking must not create the directory it reports on.
+    status = Spool(context.settings.spool_path).status()
     if fmt == "json":
         click.echo(orjson.dumps(status.to_json()).decode())
         return
