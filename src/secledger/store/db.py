@@ -6,9 +6,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
 from secledger import embedded
@@ -56,8 +57,9 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def create(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine for ``url`` with a pool sized for one writer and a few readers."""
-    return create_engine(
+    """An engine for ``url`` with a pool sized for one writer and a few readers, whose
+    sessions all run in UTC."""
+    engine = create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -69,6 +71,19 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
         json_serializer=_json_text,
     )
+    event.listen(engine, "connect", _in_utc)
+    return engine
+
+
+def _in_utc(dbapi_connection: Any, _record: object) -> None:
+    # Every time shown (pages, API, CSV) is labelled UTC, but a timestamptz comes back
+    # in the session's zone, and initdb gives a server its host's zone: a dashboard
+    # showed New York times as UTC. Set here rather than through the URL's `options`,
+    # which would replace an operator's own options or PGOPTIONS.
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    dbapi_connection.execute("SET TIME ZONE 'UTC'")
+    dbapi_connection.autocommit = autocommit
 
 
 @contextmanager
