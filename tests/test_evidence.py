@@ -424,6 +424,41 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     assert b"Signature Verified Successfully" in checked.stdout
 
 
+def test_a_checkpoint_forged_into_the_table_breaks_the_packs_chain_as_verify_says(
+    engine, database_url, tmp_path
+) -> None:
+    """The pack's verification is `secledger verify`'s: with the key configured, a stored
+    checkpoint whose signature fails is a broken chain, not a matched checkpoint."""
+    record(engine)
+    key_path = tmp_path / "key.pem"
+    signing.generate(key_path)
+    integrity.take_checkpoint(engine, signing.load_private(key_path), None)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
+                " SELECT seq, head_hash, signed_at, key_id, decode(repeat('00', 64), 'hex')"
+                " FROM checkpoints"
+            )
+        )
+    out = tmp_path / "pack"
+    period = ("--since", "2025-08-04", "--until", "2025-08-20")
+    result = cli(
+        database_url,
+        tmp_path,
+        "evidence",
+        *period,
+        "--out",
+        str(out),
+        checkpoint_key_file=str(key_path),
+    )
+    assert result.exit_code == 1, result.output
+    assert "chain BROKEN" in result.output
+    assert "stored checkpoint #2" in result.output
+    chain = json.loads((out / "chain" / "verify.json").read_bytes())
+    assert chain["ok"] is False
+
+
 def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url, tmp_path) -> None:
     record(engine)
     tamper(engine, "UPDATE delivery_log SET payload = payload || '\\x20'::bytea WHERE seq = 4")

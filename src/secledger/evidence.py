@@ -244,7 +244,7 @@ def build(
             _snapshot(conn, pack, files, tracker)
             latest = checkpoints.stored(conn)
     advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
-    pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance)
+    pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance, public_key)
     newest = latest[-1][1] if latest else None
     pack.checkpoint = packchain.add_checkpoint(files, newest, public_key)
     pack.public_key = public_key is not None

@@ -11,17 +11,23 @@ from sqlalchemy import Engine
 from secledger import checkpoint as signing
 from secledger.checkpoint import Checkpoint
 from secledger.packfiles import PackDir
-from secledger.store.verify import ChainBroken, Summary, verify
+from secledger.store.verify import ChainBroken, Summary, signed_by, verify
 from secledger.times import isoformat, utcnow
 
 
 def verify_now(
-    engine: Engine, files: PackDir, snapshot_head_seq: int, progress: Callable[[int], None]
+    engine: Engine,
+    files: PackDir,
+    snapshot_head_seq: int,
+    progress: Callable[[int], None],
+    public: Ed25519PublicKey | None,
 ) -> dict[str, Any]:
-    """Walk the whole chain, write ``chain/verify.json``; a broken chain is recorded too."""
+    """Walk the whole chain as ``secledger verify`` does (with ``public``, a stored
+    checkpoint whose signature fails breaks it), write ``chain/verify.json``; a broken
+    chain is recorded too."""
     result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
     try:
-        summary = verify(engine, progress=progress)
+        summary = verify(engine, progress=progress, screen=signed_by(public))
     except ChainBroken as exc:
         result |= {"ok": False, "failure": {"seq": exc.seq, "reason": exc.reason}}
     else:

@@ -14,12 +14,11 @@ from sqlalchemy.exc import DataError
 
 from secledger import checkpoint as signing
 from secledger import integrity
-from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
 from secledger.store import db
-from secledger.store.verify import ChainBroken, Expected, Screen, Summary, log_rows, verify
+from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, signed_by, verify
 from secledger.tierpolicy import CompliancePolicy
 
 if TYPE_CHECKING:
@@ -57,31 +56,6 @@ def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[E
         signing.check_signature(read, public)
         vouched.append(Expected(read.seq, read.head_hash, f"checkpoint file {path.name}"))
     return vouched
-
-
-def _screen(public: Ed25519PublicKey | None) -> Screen | None:
-    """With ``public``, what ``verify`` may trust of the stored checkpoints: those it
-    signed, once their signatures hold. A bad one is a forgery (anyone who may insert
-    into the table can add one) and is named as such, not taken at its word (a seq
-    beyond the tail would read as rows removed). One made with another key cannot be
-    checked here, so it is not trusted either (``_report`` counts it)."""
-    if public is None:
-        return None
-    own = signing.key_id(public)
-
-    def trusted(stored: list[tuple[int, Checkpoint]]) -> list[tuple[int, Checkpoint]]:
-        kept = []
-        for ident, checkpoint in stored:
-            if checkpoint.key_id != own:
-                continue
-            try:
-                signing.check_signature(checkpoint, public)
-            except signing.BadCheckpoint as exc:
-                raise ChainBroken(checkpoint.seq, f"stored checkpoint #{ident}: {exc}") from None
-            kept.append((ident, checkpoint))
-        return kept
-
-    return trusted
 
 
 def _report(summary: Summary, checked: bool) -> None:
@@ -130,7 +104,7 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
         vouched = _vouched(files, public)
         with _engine(context.database.url) as engine, stderr_progress() as bar:
             advance = RichTracker(bar).task("verifying", log_rows(engine))
-            summary = verify(engine, vouched, progress=advance, screen=_screen(public))
+            summary = verify(engine, vouched, progress=advance, screen=signed_by(public))
     except ChainBroken as exc:
         click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)
         raise SystemExit(1) from None

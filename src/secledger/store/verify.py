@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, text
 
+from secledger import checkpoint as signing
 from secledger.checkpoint import Checkpoint
 from secledger.errors import SecledgerError
 from secledger.store import checkpoints
@@ -288,3 +290,28 @@ class _Prefetch:
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.1)
         self._thread.join()
+
+
+def signed_by(public: Ed25519PublicKey | None) -> Screen | None:
+    """With ``public``, what ``verify`` may trust of the stored checkpoints: those it
+    signed, once their signatures hold. A bad one is a forgery (anyone who may insert
+    into the table can add one) and is named as such, not taken at its word (a seq
+    beyond the tail would read as rows removed). One made with another key cannot be
+    checked here, so it is not trusted either (`verify` reports count it)."""
+    if public is None:
+        return None
+    own = signing.key_id(public)
+
+    def trusted(stored: list[tuple[int, Checkpoint]]) -> list[tuple[int, Checkpoint]]:
+        kept = []
+        for ident, checkpoint in stored:
+            if checkpoint.key_id != own:
+                continue
+            try:
+                signing.check_signature(checkpoint, public)
+            except signing.BadCheckpoint as exc:
+                raise ChainBroken(checkpoint.seq, f"stored checkpoint #{ident}: {exc}") from None
+            kept.append((ident, checkpoint))
+        return kept
+
+    return trusted
