@@ -504,3 +504,23 @@ def test_commands_have_help_with_an_example_and_are_documented(command) -> None:
     assert "Example:" in result.output
     docs = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
     assert f"secledger {command}" in docs
+
+
+def test_the_reviewer_filter_of_findings_keeps_an_approval_revoked_before_the_merge(
+    history: Engine,
+) -> None:
+    """bob approves and revokes, carol merges: the findings are about bob's approval, though
+    he no longer stands among the approvers."""
+    engine = record(
+        history,
+        mr(7, "high", 0, [("approved", "bob", 1), ("unapproved", "bob", 2), ("merge", "carol", 3)]),
+    )
+    revoked = "approval-revoked-before-merge"
+    assert revoked in {row["rule"] for row in run(engine, reports.findings)}
+    assert revoked in {row["rule"] for row in run(engine, reports.findings, reviewer="BOB")}
+    assert revoked not in {row["rule"] for row in run(engine, reports.findings, reviewer="carol")}
+    with db.reading(engine) as conn:
+        listed = findings.list_findings(conn, CompliancePolicy(), NOW, reviewer="@bob")
+        assert (revoked, 7) in {(f.rule, f.mr_iid) for f in listed}
+        listed = findings.list_findings(conn, CompliancePolicy(), NOW, reviewer="carol")
+        assert 7 not in {f.mr_iid for f in listed}

@@ -22,3 +22,14 @@ def same_project(prefix: str = "") -> str:
     """SQL: the row (columns ``project_path``, ``project_id`` after ``prefix``) is the
     project ``:project``, given by id or by path whatever the case."""
     return f"(lower({prefix}project_path) = lower(:project) OR {prefix}project_id::text = :project)"
+
+
+def approved_by(mr: str, approvers: str) -> str:
+    """SQL: ``:reviewer`` approved the MR whose key columns are ``mr``'s: is among
+    ``approvers`` now, or gave an approval it revoked later or a push reset (the findings
+    about such an MR are about that approval)."""
+    return (
+        f"({among(approvers)} OR EXISTS (SELECT FROM review_events e"
+        f" WHERE e.instance = {mr}.instance AND e.project_id = {mr}.project_id"
+        f" AND e.mr_iid = {mr}.mr_iid AND e.decision = 'approved' AND {same_name('e.actor')}))"
+    )

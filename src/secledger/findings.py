@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
-from secledger.filtermatch import among, same_project
+from secledger.filtermatch import approved_by, same_project
 from secledger.projection import SequencedEvent, ordered_facts
 from secledger.quickinit import quick
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
@@ -355,7 +355,7 @@ _COLUMNS = (
 def _list_as_of(keys_table: str | None = None) -> str:
     # What holds at :now (FINDINGS_AS_OF), for listings: nothing is written to read it.
     return (
-        f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier"
+        f"SELECT {_COLUMNS} FROM (SELECT f.*, l.project_path, l.url, l.risk_tier, l.approvers"
         f" FROM {findings_as_of(keys_table)} f"
         " LEFT JOIN security_review_ledger l USING (instance, project_id, mr_iid)) AS found"
     )
@@ -368,11 +368,7 @@ _ORDER = "detected_at DESC, id DESC NULLS FIRST, instance, project_id, mr_iid"
 
 
 # The reviewer filter of `secledger report findings`: MRs the reviewer approved.
-_APPROVED_BY = (
-    "EXISTS (SELECT 1 FROM security_review_ledger r WHERE r.instance = found.instance"
-    " AND r.project_id = found.project_id AND r.mr_iid = found.mr_iid"
-    f" AND {among('r.approvers')})"
-)
+_APPROVED_BY = approved_by("found", "found.approvers")
 
 
 def list_findings(

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, text
 from secledger import findings as store
 from secledger.copies import counted_groups
 from secledger.errors import TimestampError
-from secledger.filtermatch import among, same_name, same_project
+from secledger.filtermatch import among, approved_by, same_name, same_project
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
 
@@ -353,7 +353,7 @@ LIMIT :limit"""
 def findings(conn: Connection, filters: Filters) -> list[FindingsRow]:
     """Findings per rule and severity, detected in the period; open MRs past their deadline
     count as breached whether or not serve has recorded it yet."""
-    where, params = _mr_filters(filters, "f.detected_at", reviewer=among("l.approvers"))
+    where, params = _mr_filters(filters, "f.detected_at", reviewer=approved_by("l", "l.approvers"))
     params |= store.as_of(filters.policy, filters.now)
     query = f"""
 SELECT f.rule, f.severity,
