@@ -7,7 +7,7 @@ is the resolved form the rules and the SLA clock use.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,13 @@ class BusinessHoursConfig(BaseModel):
             zone=ZoneInfo(self.timezone),
             holidays=frozenset(self.holidays),
         )
+
+
+def spelled(known: Sequence[str], tier: str) -> str | None:
+    """``tier`` as ``known`` spells it (a tier label matches whatever its case, so a filter
+    does too), or None when no known tier has that name."""
+    wanted = tier.strip().casefold()
+    return next((name for name in known if name.casefold() == wanted), None)
 
 
 def check_tiers(configured: Mapping[str, TierPolicyConfig], tiers: list[str], other: str) -> None:

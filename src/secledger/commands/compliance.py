@@ -14,7 +14,7 @@ from secledger import reports
 from secledger.output import FORMATS, render
 from secledger.rules import RULES
 from secledger.store.db import reading
-from secledger.tierpolicy import CompliancePolicy
+from secledger.tierpolicy import CompliancePolicy, spelled
 from secledger.times import utcnow
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ def known_tier(settings: Settings, tier: str | None) -> str | None:
     if tier is None:
         return None
     known = [*settings.risk_tiers, settings.unclassified_tier]
-    for name in known:
-        if name.casefold() == tier.strip().casefold():
-            return name
+    name = spelled(known, tier)
+    if name is not None:
+        return name
     click.echo(f"note: no configured tier is named {tier!r} ({', '.join(known)})", err=True)
     return tier
 

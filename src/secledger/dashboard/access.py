@@ -20,7 +20,7 @@ from secledger.dashboard.throttle import LoginThrottle
 from secledger.extract import NUL_REPLACEMENT
 from secledger.intake import MAX_ID
 from secledger.store import sessions
-from secledger.tierpolicy import CompliancePolicy
+from secledger.tierpolicy import CompliancePolicy, spelled
 
 # Declared so the OpenAPI schema says how to authenticate; checked by Authenticator.
 bearer_scheme = HTTPBearer(auto_error=False, description="SECLEDGER_READ_TOKEN")
@@ -63,6 +63,12 @@ class Dashboard:
     def tiers(self) -> list[str]:
         """Tiers in policy order (highest first), then the unclassified bucket."""
         return [*self.settings.risk_tiers, self.settings.unclassified_tier]
+
+    def tier(self, value: str | None) -> str | None:
+        """A tier filter as the settings spell it, as ``secledger report --tier`` takes it;
+        a name no tier has is kept (rows may carry a tier configured before)."""
+        value = storable(value)
+        return None if value is None else spelled(self.tiers, value) or value
 
 
 class LoginRequired(Exception):
@@ -156,12 +162,11 @@ def build_filters(
     return Filters(start, end, storable(project), storable(tier), storable(reviewer))
 
 
-def parse_filters(params: Mapping[str, str]) -> tuple[Filters, list[str]]:
+def parse_filters(state: Dashboard, params: Mapping[str, str]) -> tuple[Filters, list[str]]:
     """Filters from a page's query string, tolerating empty fields; errors to show."""
     errors: list[str] = []
     since = _day(params.get("since"), "since", errors)
     until = _day(params.get("until"), "until", errors)
-    filters = build_filters(
-        since, until, params.get("project"), params.get("tier"), params.get("reviewer")
-    )
+    tier = state.tier(params.get("tier"))
+    filters = build_filters(since, until, params.get("project"), tier, params.get("reviewer"))
     return filters, errors

@@ -90,7 +90,8 @@ class MRTrail(BaseModel):
     findings: list[findings.Finding]
 
 
-def filters(
+def filters(  # noqa: PLR0917 - one query parameter each
+    state: State,
     since: Annotated[date | None, Query(description="first day (UTC) a review started")] = None,
     until: Annotated[date | None, Query(description="last day (UTC), inclusive")] = None,
     project: Annotated[str | None, Query(description="project path, e.g. acme/payments")] = None,
@@ -101,7 +102,7 @@ def filters(
     ] = None,
 ) -> queries.Filters:
     """The filters every read route accepts."""
-    return build_filters(since, until, project, tier, reviewer)
+    return build_filters(since, until, project, state.tier(tier), reviewer)
 
 
 Filtered = Annotated[queries.Filters, Depends(filters)]
@@ -193,7 +194,7 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
         start,
         end,
         storable(project),
-        storable(tier),
+        state.tier(tier),
         storable(reviewer),
         period,
         policy=state.policy,

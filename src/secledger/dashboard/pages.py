@@ -264,7 +264,7 @@ def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket
 def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
     """The dashboard."""
     params = dict(request.query_params)
-    filters, errors = parse_filters(params)
+    filters, errors = parse_filters(state, params)
     with reading(engine(request)) as conn:
         panels = _panels(conn, state, filters, params.get("bucket", "week"))
     return render(
