@@ -152,6 +152,7 @@ def test_ledger_filters(reader) -> None:
     assert iids("state=opened") == [16]
     assert iids("since=2026-11-05&until=2026-11-09") == [13, 14]
     assert iids("project=acme/payments") == iids("project=ACME/Payments") == [11, 12, 13, 14, 16]
+    assert iids("project=14") == [11, 12, 13, 14, 16]  # by id, as the report routes take it
     assert iids("project=other/thing") == []
     assert reader.get("/api/ledger?since=yesterday", headers=bearer()).status_code == 422
     assert reader.get("/api/ledger?limit=501", headers=bearer()).status_code == 422

@@ -50,8 +50,8 @@ class Filters:
             clauses.append(f"{STARTED} < :until")
             params["until"] = self.until
         if self.project:
-            # GitLab finds a project by its path whatever the case (migration 0023).
-            clauses.append("lower(l.project_path) = lower(:project)")
+            # By id or by path whatever its case, as the report panels beside it take it.
+            clauses.append(filtermatch.same_project("l."))
             params["project"] = self.project
         if self.tier:
             clauses.append("l.risk_tier = :tier")
