@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import orjson
 from click.testing import CliRunner
@@ -88,6 +89,21 @@ def test_a_100_kb_title_is_cut_to_the_limit_and_marked(
     with engine.connect() as conn:
         facts = conn.execute(text("SELECT facts FROM review_events")).scalar_one()
     assert facts["extra"]["truncated"] == ["title"]
+
+
+def test_a_project_path_too_long_to_index_is_cut_and_recorded(client, engine) -> None:
+    body = mr_event("open", labels=["sec::high"])
+    # 4 bytes each in UTF-8, and random, so that PostgreSQL cannot compress the index entry.
+    chosen = random.Random(54000).choices(range(0x20000, 0x2A6D0), k=1100)  # noqa: S311
+    path = "".join(map(chr, chosen))
+    body["project"]["path_with_namespace"] = path
+    response = post(client, body)
+    assert (response.status_code, response.json()["status"]) == (200, "recorded")
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT project_path FROM security_review_ledger")).scalar_one()
+        facts = conn.execute(text("SELECT facts FROM review_events")).scalar_one()
+    assert stored == path[: TEXT_LIMITS["project_path"]]
+    assert facts["extra"]["truncated"] == ["project_path"]
 
 
 def test_deeply_nested_json_is_a_precise_400(client, engine) -> None:

@@ -50,13 +50,15 @@ def log_rows(engine: Engine) -> list[tuple[int, str, datetime, str]]:
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 
-def refuse_iid_7(engine: Engine) -> None:
-    """Make the database refuse any delivery of MR !7 (a trigger on review_events)."""
+def refuse_iid_7(engine: Engine, errcode: str = "P0001") -> None:
+    """Make the database refuse any delivery of MR !7 (a trigger on review_events), with
+    SQLSTATE ``errcode``."""
     with engine.begin() as conn:
         conn.execute(
             text(
                 "CREATE FUNCTION refuse_iid_7() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'; END IF;"
+                " BEGIN IF NEW.mr_iid = 7 THEN RAISE EXCEPTION 'refused for the test'"
+                f" USING ERRCODE = '{errcode}'; END IF;"
                 " RETURN NEW; END $$"
             )
         )
@@ -393,6 +395,27 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     assert decode(kept[0].read_bytes()).dedup_key == "idem:r-7"
     assert [row[1] for row in log_rows(engine)] == ["idem:r-8"]
     assert receiver.get("/readyz").json()["spool"]["failed"] == 1
+
+
+def test_a_write_past_a_program_limit_is_refused_not_taken_for_an_outage(
+    receiver: TestClient, engine, spool_settings, tmp_path: Path
+) -> None:
+    """SQLSTATE class 54 (an index row too large, say) fails the same way every time: it
+    was spooled as if the database were down, and the drain retried it for ever with
+    every later delivery queued behind it."""
+    refuse_iid_7(engine, errcode="54000")
+    refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="p-7")
+    accepted = post(receiver, mr_event("open", iid=8), Idempotency_Key="p-8")
+    assert (refused.status_code, refused.json()["status"]) == (202, "spooled")
+    assert "failed/" in refused.json()["reason"]
+    assert accepted.json()["status"] == "recorded"
+    assert [row[1] for row in log_rows(engine)] == ["idem:p-8"]
+    # The same refusal met by a drain: set aside, and the rest recorded.
+    spool = Spool.open(tmp_path / "spool")
+    spool.write([delivery(mr_event("open", iid=n), f"d-{n}") for n in (6, 7, 9)])
+    result = Drainer(engine, spool, LabelPolicy()).all()
+    assert (result.recorded, result.set_aside, result.remaining) == (2, 1, 0)
+    assert not result.unavailable
 
 
 def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded_once(

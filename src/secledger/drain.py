@@ -29,10 +29,18 @@ log = structlog.get_logger("secledger.drain")
 _NO_LIMIT = 1 << 62
 
 
+# SQLSTATE classes psycopg reports as operational errors that are about the statement,
+# not the server's state: the same write fails again every time. Class 54 is "program
+# limit exceeded" (an index row too large, too many arguments). Taken as an outage, one
+# such delivery was spooled and retried for ever, and every later one queued behind it.
+_REFUSALS = ("54",)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when the database could not be reached, rather than refusing the write."""
     if isinstance(exc, OperationalError | InterfaceError):
-        return True
+        state = getattr(exc.orig, "sqlstate", None) or ""
+        return not state.startswith(_REFUSALS)
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
