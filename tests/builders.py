@@ -171,11 +171,11 @@ def dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
-def delivery_of(body: dict[str, Any], key: str, received_at: datetime) -> Delivery:
+def delivery_of(body: dict[str, Any] | bytes, key: str, received_at: datetime) -> Delivery:
     """``body`` as a merge-request delivery with Idempotency-Key ``key`` (no token check)."""
     parsed = parse_delivery(
         {"x-gitlab-event": "Merge Request Hook", "idempotency-key": key},
-        dumps(body),
+        body if isinstance(body, bytes) else dumps(body),
         secrets=(),
         max_body_bytes=1 << 20,
         received_at=received_at,

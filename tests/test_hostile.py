@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import UTC, datetime
 
 import orjson
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from builders import label_change, mr_event
+from builders import delivery_of, label_change, mr_event
 from conftest import SECRET, post
 from secledger.cli import main
+from secledger.drain import Drainer
 from secledger.extract import NUL_REPLACEMENT, TEXT_LIMITS
+from secledger.policy import LabelPolicy
+from secledger.spool import Spool
 
 HOSTILE = [
     "sec::high",
@@ -104,6 +108,28 @@ def test_a_project_path_too_long_to_index_is_cut_and_recorded(client, engine) ->
         facts = conn.execute(text("SELECT facts FROM review_events")).scalar_one()
     assert stored == path[: TEXT_LIMITS["project_path"]]
     assert facts["extra"]["truncated"] == ["project_path"]
+
+
+def test_times_nested_a_thousand_deep_are_not_a_500(client, engine, tmp_path) -> None:
+    """Comparing created_at with updated_at raised RecursionError on two deep lists: a 500
+    with the database up, and a spool file no drain could pass while it was slow."""
+
+    def deep_times(title: str) -> bytes:
+        body = mr_event("open", labels=["sec::high"], title=title)
+        del body["object_attributes"]["action"]
+        body["object_attributes"]["created_at"] = body["object_attributes"]["updated_at"] = "DEEP"
+        nested = "[" * 1000 + "1" + "]" * 1000  # under the 1024 levels intake allows
+        return json.dumps(body).replace('"DEEP"', nested).encode()
+
+    response = post(client, deep_times("posted"))
+    assert (response.status_code, response.json()["status"]) == (200, "recorded")
+    spool = Spool.open(tmp_path / "spool")
+    now = datetime.now(UTC)
+    spooled = [delivery_of(deep_times("spooled"), "deep", now)]
+    spooled.append(delivery_of(mr_event("close"), "next", now))
+    spool.write(spooled)
+    result = Drainer(engine, spool, LabelPolicy()).all()
+    assert (result.recorded, result.remaining, result.unavailable) == (2, 0, False)
 
 
 def test_deeply_nested_json_is_a_precise_400(client, engine) -> None:

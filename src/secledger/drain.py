@@ -159,7 +159,15 @@ class Drainer:
             if isinstance(delivery, Ignored):
                 self._set_aside(path, FAILED, f"ignored on drain: {delivery.reason}", result)
                 continue
-            items.append(_Item(path, delivery, extract_facts(delivery, self.policy)))
+            try:
+                facts = extract_facts(delivery, self.policy)
+            except Exception as exc:  # noqa: BLE001 - a file that fails here fails at every pass
+                # Left in place, it would be read first by every pass, for ever, and every
+                # later delivery would wait behind it.
+                reason = f"extraction failed on drain: {type(exc).__name__}"
+                self._set_aside(path, FAILED, reason, result)
+                continue
+            items.append(_Item(path, delivery, facts))
         return items
 
     def _set_aside(self, path: Path, folder: str, reason: str, result: DrainResult) -> None:

@@ -242,7 +242,8 @@ def classify(payload: dict[str, Any]) -> tuple[str, str | None]:
             return _STATE_DECISIONS[current], _STATE_DECISIONS[current]
         if current == "opened" and previous in {"closed", "locked"}:
             return "reopened", "reopened"
-    created, updated = attrs.get("created_at"), attrs.get("updated_at")
+    # Times are strings: comparing two lists nested 1000 deep raised RecursionError.
+    created, updated = p.text(attrs, "created_at"), p.text(attrs, "updated_at")
     if not p.obj(payload, "changes") and created is not None and created == updated:
         return "open", None
     return "update", None
