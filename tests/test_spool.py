@@ -461,6 +461,47 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
         assert client.get("/readyz").json()["writer"] == {"waiting_seconds": 0.0, "stalled": False}
 
 
+def test_the_spool_timer_counts_from_the_requests_arrival(
+    settings: Settings, engine, database_url: str
+) -> None:
+    """GitLab's 10 s include the wait for a place: a delivery admitted late was given the
+    whole spool-after time again from there, and answered past GitLab's timeout."""
+    quick = settings.model_copy(
+        update={
+            "spool_after_seconds": 3.0,
+            "spool_retry_seconds": 0.05,
+            "max_concurrent_deliveries": 1,
+        }
+    )
+    app = create_app(quick, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        assert post(client, mr_event("open"), Idempotency_Key="first").status_code == 200
+        took: dict[str, float] = {}
+
+        def send(key: str, body: dict[str, Any]) -> threading.Thread:
+            def run() -> None:
+                started = time.monotonic()
+                assert post(client, body, Idempotency_Key=key).status_code == 202
+                took[key] = time.monotonic() - started
+
+            sender = threading.Thread(target=run)
+            sender.start()
+            return sender
+
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+            senders = [send("a", mr_event("approved", actor="bob"))]
+            time.sleep(1.0)  # b waits for a's place until a is spooled, 2 s from now
+            senders.append(send("b", mr_event("update", updated_at="2025-08-06 09:00:00 UTC")))
+            for sender in senders:
+                sender.join(timeout=30)
+            holder.rollback()
+        # b: 2 s for a place, then the 1 s left of its 3 (not 3 s more).
+        assert 2.5 < took["b"] < 4.2, took
+        wait_for(lambda: spool_depth(client) == 0)
+        assert sorted(r[1] for r in log_rows(engine)) == ["idem:a", "idem:b", "idem:first"]
+
+
 def test_a_write_during_a_recount_is_not_lost_from_the_depth(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -350,8 +350,9 @@ class Settings(BaseSettings):
         default=7.0,
         ge=0,
         le=600,
-        description="A delivery the database has not committed within this many seconds is"
-        " spooled and answered 202 (GitLab waits 10 s); 0 waits for the database.",
+        description="A delivery the database has not committed within this many seconds of"
+        " its request's arrival is spooled and answered 202 (GitLab waits 10 s); 0 waits for"
+        " the database.",
     )
 
     # Downstream emit: the optional HTTP sink (secledger sink, docs/downstream.md).

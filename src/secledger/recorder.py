@@ -120,6 +120,10 @@ _STOP = object()
 _WAKE = object()
 # How long ``close`` waits for the writer's last batch.
 CLOSE_WAIT_SECONDS = 30.0
+# The least a delivery that waited past spool_after_seconds before reaching the writer
+# (admission, a slow body) is given to commit before it is spooled: a healthy database
+# commits well within it, and GitLab's 10 s leave room for it.
+LATE_GRACE_SECONDS = 0.25
 # When the tried lock goes to another writer, the next batches are recorded without
 # carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
 MAX_PREFETCH_BACKOFF = 64
@@ -204,8 +208,12 @@ class Recorder:
                 " what was spooled",
             )
 
-    async def submit(self, delivery: Delivery) -> Outcome:
+    async def submit(self, delivery: Delivery, arrived: float | None = None) -> Outcome:
         """Record (or spool) a decoded delivery; returns once it is durable.
+
+        ``arrived`` (``time.monotonic()``) is when its request came: the spool-after
+        timer counts from then, since GitLab's 10 s include the wait for admission and
+        for the body.
 
         The facts are extracted on the writer thread; an error extracting them is
         raised here, for this request alone. Work moved off the event loop is worth more
@@ -219,11 +227,15 @@ class Recorder:
         self._queue.put(_Submitted(delivery, loop, future))
         if self._spool_after and self._drainer is not None:
             # A timer, not wait_for: this runs for every security delivery, on the loop.
-            timer = loop.call_later(self._spool_after, self._spool_waiting, delivery, future)
+            since = time.monotonic() if arrived is None else arrived
+            delay = max(self._spool_after - (time.monotonic() - since), LATE_GRACE_SECONDS)
+            timer = loop.call_later(delay, self._spool_waiting, delivery, future, since)
             future.add_done_callback(lambda _: timer.cancel())
         return await future
 
-    def _spool_waiting(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> None:
+    def _spool_waiting(
+        self, delivery: Delivery, future: asyncio.Future[Outcome], since: float
+    ) -> None:
         """Keep a delivery the database has not committed in time in the spool, and answer
         it ``spooled`` (on the event loop, when its time is up).
 
@@ -236,9 +248,11 @@ class Recorder:
         """
         if future.done():
             return
-        self._late.add(asyncio.ensure_future(self._spool_late(delivery, future)))
+        self._late.add(asyncio.ensure_future(self._spool_late(delivery, future, since)))
 
-    async def _spool_late(self, delivery: Delivery, future: asyncio.Future[Outcome]) -> None:
+    async def _spool_late(
+        self, delivery: Delivery, future: asyncio.Future[Outcome], since: float
+    ) -> None:
         assert self._drainer is not None  # noqa: S101 - only timed with a spool
         spool = self._drainer.spool
         failure: SpoolUnavailable | None = None
@@ -259,7 +273,7 @@ class Recorder:
             return  # committed meanwhile: the drain will find it logged
         log.warning(
             "delivery_spooled_waiting",
-            waited_seconds=self._spool_after,
+            waited_seconds=round(time.monotonic() - since, 2),
             spool_depth=spool.depth,
             dedup_key=delivery.dedup_key,
         )

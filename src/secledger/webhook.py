@@ -221,7 +221,7 @@ class WebhookHandler:
     async def _handle(
         self, headers: RequestHeaders, receive: Receive
     ) -> tuple[int, Outcome, bytes]:
-        received_at = utcnow()
+        received_at, arrived = utcnow(), time.monotonic()
         # Refuse what needs no body first, so an unauthenticated sender costs nothing.
         checked = precheck(headers, self.sources, now=received_at)
         verified = checked if isinstance(checked, Verified) else None
@@ -277,7 +277,7 @@ class WebhookHandler:
             delivery = to_delivery(
                 decoded, headers, body, received_at=received_at, verified=verified
             )
-            return await self._record(delivery, key, received_at)
+            return await self._record(delivery, key, received_at, arrived)
         finally:
             admission.leave(size)
             if unproven:
@@ -302,10 +302,10 @@ class WebhookHandler:
         return verified
 
     async def _record(
-        self, delivery: Delivery, key: MRKey, received_at: datetime
+        self, delivery: Delivery, key: MRKey, received_at: datetime, arrived: float
     ) -> tuple[int, Outcome, bytes]:
         recorder = self.runtime.recorder
-        outcome = await recorder.submit(delivery)
+        outcome = await recorder.submit(delivery, arrived)
         if outcome.status == "recorded":
             self.runtime.known.add(key)
         if outcome.status == "spooled":
