@@ -124,6 +124,8 @@ CLOSE_WAIT_SECONDS = 30.0
 # (admission, a slow body) is given to commit before it is spooled: a healthy database
 # commits well within it, and GitLab's 10 s leave room for it.
 LATE_GRACE_SECONDS = 0.25
+# How long a stop drains the spool while the database answers (under CLOSE_WAIT_SECONDS).
+STOP_DRAIN_SECONDS = 20.0
 # When the tried lock goes to another writer, the next batches are recorded without
 # carrying: 1 batch, then 2, 4 ... each time it happens again, at most this many.
 MAX_PREFETCH_BACKOFF = 64
@@ -305,9 +307,41 @@ class Recorder:
                 finally:
                     self._busy_since = None
             if self._stopping:
+                if self.spool_depth:
+                    self._release_carried_reads()
+                    self._drain_before_stop()
                 self._drop_connection()
                 self._refuse_late()
                 return
+
+    def _drain_before_stop(self) -> None:
+        """Drain while the database takes the spooled deliveries, for up to
+        STOP_DRAIN_SECONDS: a replica's spool is on its own disk, and a replica scaled
+        down or replaced takes what it left there with it."""
+        deadline = time.monotonic() + STOP_DRAIN_SECONDS
+        drained = DrainResult()
+        while self.spool_depth and time.monotonic() < deadline:
+            result = self._drain_locked()
+            if result is None or result.unavailable:
+                break
+            drained.add(result)
+            if not (result.recorded or result.duplicates or result.set_aside):
+                break
+        if drained.recorded or drained.duplicates or drained.set_aside:
+            log.info(
+                "spool_drained",
+                recorded=drained.recorded,
+                duplicates=drained.duplicates,
+                set_aside=drained.set_aside,
+                spool_depth=self.spool_depth,
+            )
+        if self.spool_depth:
+            log.error(
+                "spool_left_at_stop",
+                spool_depth=self.spool_depth,
+                hint="run `secledger spool drain` with this spool directory, or start serve"
+                " on it again, once the database answers",
+            )
 
     def _release_carried_reads(self) -> None:
         """End the transaction of reads carried for the next batch before draining: it
