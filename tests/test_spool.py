@@ -400,6 +400,36 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     assert receiver.get("/readyz").json()["spool"]["failed"] == 1
 
 
+def test_later_spooled_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
+    tmp_path: Path, engine
+) -> None:
+    """The first delivery of MR !7 is refused; its merge, no longer labelled, found the MR
+    unknown and was ignored and deleted: lost once the first was fixed and drained."""
+    refuse_iid_7(engine)
+    spool = Spool.open(tmp_path / "spool")
+    spool.write(
+        [
+            delivery(mr_event("open", iid=7), "f-open"),
+            delivery(mr_event("open", iid=8), "f-other"),
+            delivery(mr_event("merge", iid=7, labels=[]), "f-merge"),
+        ]
+    )
+    result = Drainer(engine, spool, LabelPolicy()).all()
+    assert (result.recorded, result.ignored, result.set_aside) == (1, 0, 2)
+    failed = sorted((spool.directory / "failed").glob("*.dlv"))
+    assert [decode(p.read_bytes()).dedup_key for p in failed] == ["idem:f-open", "idem:f-merge"]
+    # Later passes hold new ones back too, while the first waits in failed/.
+    spool.write([delivery(mr_event("close", iid=7, labels=[]), "f-close")])
+    assert Drainer(engine, spool, LabelPolicy()).all().set_aside == 1
+    # Fixed, moved back in name order, and drained: all recorded, none ignored.
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_iid_7 ON review_events"))
+    for path in sorted((spool.directory / "failed").glob("*.dlv")):
+        path.rename(spool.directory / path.name)
+    again = Drainer(engine, spool, LabelPolicy()).all()
+    assert (again.recorded, again.ignored, again.remaining) == (3, 0, 0)
+
+
 def test_a_write_past_a_program_limit_is_refused_not_taken_for_an_outage(
     receiver: TestClient, engine, spool_settings, tmp_path: Path
 ) -> None:
@@ -614,7 +644,7 @@ def test_a_copy_spooled_as_the_commit_lands_is_drained_on_a_quiet_receiver(
         outcome = await recorder.submit(late)
         answered: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         answered.set_result(outcome)
-        await recorder._spool_late(late, answered)  # the timer, losing the race
+        await recorder._spool_late(late, answered, time.monotonic())  # the timer, losing the race
         return outcome.status
 
     try:

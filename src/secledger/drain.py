@@ -15,12 +15,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from secledger.errors import IntakeError
-from secledger.extract import EventFacts, MRKey, extract_facts
+from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording, record_batch
-from secledger.spool import CORRUPT, FAILED, CorruptEntry, Spool, SpooledDelivery
+from secledger.spool import CORRUPT, FAILED, SUFFIX, CorruptEntry, Spool, SpooledDelivery
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.drain")
@@ -110,6 +110,8 @@ class Drainer:
         self.spool = spool
         self.policy = policy
         self.known = known
+        # Merge requests with a delivery in failed/: their later spooled ones wait there.
+        self._held: set[MRKey] = set()
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
@@ -119,6 +121,7 @@ class Drainer:
             result.unavailable = True
             result.remaining = self.spool.depth
             return result
+        self._held = self._failed_mrs()
         items = self._load(self.spool.entries()[:limit], result)
         if items:
             self._record(items, result)
@@ -140,6 +143,37 @@ class Drainer:
             if is_transient(exc):
                 return False
             raise
+        return True
+
+    def _failed_mrs(self) -> set[MRKey]:
+        """The merge requests of the deliveries in failed/ (usually none). A later
+        delivery of one, recorded now, could not be judged without it: one that no longer
+        carries a security label would be ignored, and lost once the first is fixed and
+        drained. It is set aside behind it instead, in order."""
+        folder = self.spool.directory / FAILED
+        keys: set[MRKey] = set()
+        if not folder.is_dir():
+            return keys
+        for path in sorted(folder.iterdir()):
+            if not path.name.endswith(SUFFIX):
+                continue
+            try:
+                delivery = to_delivery(self.spool.read(path))
+                if isinstance(delivery, Delivery):
+                    keys.add(mr_key(delivery))
+            except Exception:  # noqa: BLE001, S112 - one that cannot be read holds no MR back
+                continue
+        return keys
+
+    def _hold(self, item: _Item, result: DrainResult) -> bool:
+        """Set ``item`` aside behind an earlier delivery of its MR in failed/, if there is one."""
+        if item.facts.key not in self._held:
+            return False
+        reason = (
+            "behind an earlier delivery of the same merge request in failed/:"
+            " move them back together, in name order"
+        )
+        self._set_aside(item.path, FAILED, reason, result)
         return True
 
     def _load(self, paths: list[Path], result: DrainResult) -> list[_Item]:
@@ -167,7 +201,9 @@ class Drainer:
                 reason = f"extraction failed on drain: {type(exc).__name__}"
                 self._set_aside(path, FAILED, reason, result)
                 continue
-            items.append(_Item(path, delivery, facts))
+            item = _Item(path, delivery, facts)
+            if not self._hold(item, result):
+                items.append(item)
         return items
 
     def _set_aside(self, path: Path, folder: str, reason: str, result: DrainResult) -> None:
@@ -188,12 +224,14 @@ class Drainer:
             if len(items) > 1:
                 # One delivery the database refuses must not hold back the others.
                 for item in items:
-                    self._record([item], result)
+                    if not self._hold(item, result):
+                        self._record([item], result)
                     if result.unavailable:
                         return
                 return
             reason = str(getattr(exc, "orig", None) or type(exc).__name__)[:300]
             self._set_aside(items[0].path, FAILED, f"refused by the database: {reason}", result)
+            self._held.add(items[0].facts.key)
             return
         self.spool.remove([item.path for item in items])
         for item, outcome in zip(items, outcomes, strict=True):

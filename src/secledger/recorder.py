@@ -325,13 +325,14 @@ class Recorder:
             if result is None or result.unavailable:
                 break
             drained.add(result)
-            if not (result.recorded or result.duplicates or result.set_aside):
+            if not (result.recorded or result.duplicates or result.set_aside or result.ignored):
                 break
-        if drained.recorded or drained.duplicates or drained.set_aside:
+        if drained.recorded or drained.duplicates or drained.set_aside or drained.ignored:
             log.info(
                 "spool_drained",
                 recorded=drained.recorded,
                 duplicates=drained.duplicates,
+                ignored=drained.ignored,
                 set_aside=drained.set_aside,
                 spool_depth=self.spool_depth,
             )
@@ -419,11 +420,12 @@ class Recorder:
         if result is None or result.unavailable:
             self._next_drain = time.monotonic() + self._retry_seconds
             return
-        if result.recorded or result.duplicates or result.set_aside:
+        if result.recorded or result.duplicates or result.set_aside or result.ignored:
             log.info(
                 "spool_drained",
                 recorded=result.recorded,
                 duplicates=result.duplicates,
+                ignored=result.ignored,
                 set_aside=result.set_aside,
                 spool_depth=result.remaining,
             )
