@@ -237,6 +237,20 @@ def test_filters_narrow_the_population_and_are_recorded(ledger, tmp_path) -> Non
     assert pack.population == 1
 
 
+def test_every_sla_status_a_pack_can_hold_is_explained(ledger, tmp_path) -> None:
+    """`running` was in population.csv, for a merged MR whose merge went unrecorded, and
+    in neither the pack's README nor docs/evidence.md."""
+    statuses = re.findall(r"THEN '(\w+)'|ELSE '(\w+)'", reports.SLA_STATUS)
+    names = {a or b for a, b in statuses}
+    assert "running" in names
+    build(ledger, tmp_path / "pack")
+    readme = (tmp_path / "pack" / "README.md").read_text()
+    docs = (Path(__file__).parents[1] / "docs" / "evidence.md").read_text()
+    for name in names:
+        assert f"`{name}`" in readme, name
+        assert f"`{name}`" in docs, name
+
+
 def test_manifest_passes_sha256sum_and_catches_a_tampered_file(ledger, tmp_path) -> None:
     out = tmp_path / "pack"
     pack = build(ledger, out)

@@ -113,7 +113,9 @@ def _scope(pack: Pack) -> str:
   {isoformat(options.until)} (UTC).
 - **Filters:** {_filters(pack)}.
 - **Population:** {pack.population} security merge requests (MRs) whose final decision (merge
-  or close) falls in the period, with {pack.events} recorded events. An MR merged or closed
+  or close) falls in the period, with {pack.events} recorded events (the rows of the
+  decision trail: an event two hooks delivered is two rows there, and counts once in
+  `event_count`). An MR merged or closed
   and later reopened is not in it; the decision time is the merge (or close) event's time,
   or, when none was recorded, that of the first event showing the MR merged (or closed)
   since it was last shown open: `decided_at_source` says which.
@@ -178,7 +180,9 @@ Times are ISO 8601 UTC. In CSV files, lists are space-separated and objects are 
 `sla_status` is `met`/`breached` (first review decision by/after the deadline),
 `labeled_after_merge`/`labeled_after_close` (merged or closed before the security label:
 the clock never ran), `overdue` (labelled while open, merged or closed since with no
-review decision recorded, and past the deadline) or `no_clock`. SLA figures follow the report
+review decision recorded, and past the deadline), `running` (the same, before the deadline:
+a pack made after it shows the MR `overdue`, with an `sla-breached` finding) or
+`no_clock`. SLA figures follow the report
 definitions: per tier, MRs whose security label was applied in the period; per reviewer,
 decisions made in the period.
 
