@@ -12,6 +12,7 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from builders import dumps, mr_event
 from conftest import post
@@ -137,6 +138,19 @@ def test_every_read_route_takes_a_tier_whatever_its_case_as_the_cli_does(reader)
     log_in(reader)
     assert "acme/payments!16" in reader.get("/?tier=Critical").text
     assert "acme/payments!16" not in reader.get("/?tier=low").text
+
+
+def test_an_inverted_period_is_a_422_as_the_cli_refuses_it(reader) -> None:
+    for path in (
+        "/api/reports/tiers?since=2026-11-09&until=2026-11-09",
+        "/api/findings?since=2026-11-10&until=2026-11-01",
+        "/api/ledger?since=2026-11-10&until=2026-11-09",
+    ):
+        response = reader.get(path, headers=bearer())
+        assert response.status_code == 422, path
+        assert "since must" in response.json()["detail"], path
+    one_day = reader.get("/api/ledger?since=2026-11-05&until=2026-11-05", headers=bearer())
+    assert one_day.status_code == 200
 
 
 def test_ledger_filters(reader) -> None:
@@ -277,6 +291,20 @@ def test_metrics_change_as_deliveries_arrive(client) -> None:
     assert after[("secledger_chain_head_seq", ())] == 3
     assert after[("secledger_open_security_mrs", (("tier", "critical"),))] == 1
     assert ("secledger_open_security_mrs", (("tier", "high"),)) not in after  # merged
+
+
+def test_a_locked_mr_counts_as_open_in_the_summary_and_the_gauge(client, engine) -> None:
+    """The reports count anything not merged or closed as open; the summary's and the
+    gauge's `state = 'opened'` left a locked MR in the total and in no state."""
+    post(client, mr_event("open", iid=5, labels=["sec::high"]))
+    locked = mr_event("update", iid=5, labels=["sec::high"], updated_at="2025-08-06 09:00:00 UTC")
+    locked["object_attributes"]["state"] = "locked"
+    assert post(client, locked).json()["status"] == "recorded"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM security_review_ledger")).scalar() == "locked"
+        got = summary(conn, Filters())
+    assert (got.total, got.open, got.merged, got.closed) == (1, 1, 0, 0)
+    assert samples(client)[("secledger_open_security_mrs", (("tier", "high"),))] == 1
 
 
 def test_spool_gauge_reads_the_spool(client) -> None:

@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from secledger.reports import OPEN
+
 log = structlog.get_logger("secledger.metrics")
 
 # X-Gitlab-Event is sender-controlled: only these become label values, so a hostile
@@ -46,9 +48,9 @@ RECHECK_OUTCOMES: tuple[RecheckOutcome, ...] = (
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# Open as the reports count it (reports.OPEN): a locked MR is still to be decided.
 _OPEN_BY_TIER = text(
-    "SELECT risk_tier, count(*) FROM security_review_ledger"
-    " WHERE state = 'opened' GROUP BY risk_tier"
+    f"SELECT l.risk_tier, count(*) FROM security_review_ledger l WHERE {OPEN} GROUP BY l.risk_tier"
 )
 _HEAD = text("SELECT coalesce(max(seq), 0) FROM delivery_log")
 # Open MRs holding an unresolved `sla-breached` finding: overdue ones (recorded by
@@ -57,7 +59,7 @@ _BREACHED_BY_TIER = text(
     "SELECT l.risk_tier, count(*) FROM findings f"
     " JOIN security_review_ledger l USING (instance, project_id, mr_iid)"
     " WHERE f.rule = 'sla-breached' AND f.resolved_at IS NULL"
-    " AND coalesce(l.state, 'opened') NOT IN ('merged', 'closed') GROUP BY l.risk_tier"
+    f" AND {OPEN} GROUP BY l.risk_tier"
 )
 
 

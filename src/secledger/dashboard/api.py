@@ -102,6 +102,8 @@ def filters(  # noqa: PLR0917 - one query parameter each
     ] = None,
 ) -> queries.Filters:
     """The filters every read route accepts."""
+    if since is not None and until is not None and since > until:
+        raise HTTPException(422, "since must not be after until (both days are included)")
     return build_filters(since, until, project, state.tier(tier), reviewer)
 
 
@@ -190,6 +192,9 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
         end = reports.parse_bound(until) if until else None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
+    if start is not None and end is not None and start >= end:
+        # As `secledger report` refuses it: an empty answer would look like no activity.
+        raise HTTPException(422, "since must be before until")
     return reports.Filters(
         start,
         end,

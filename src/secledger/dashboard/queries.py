@@ -111,7 +111,9 @@ def summary(conn: Connection, filters: Filters) -> Summary:
     row = conn.execute(
         text(
             "SELECT count(*) AS total,"
-            " count(*) FILTER (WHERE l.state = 'opened') AS open,"
+            # Open as the reports and the open-MR panel count it: a locked MR, or one
+            # whose state is not known, is in the total and must be in one of the three.
+            f" count(*) FILTER (WHERE {reports.OPEN}) AS open,"
             " count(*) FILTER (WHERE l.state = 'merged') AS merged,"
             " count(*) FILTER (WHERE l.state = 'closed') AS closed,"
             " percentile_cont(0.5) WITHIN GROUP (ORDER BY l.time_to_decision_seconds)"
