@@ -13,7 +13,7 @@ from secledger.config import Settings
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store.chain import canonical, link
-from secledger.store.verify import verify
+from secledger.store.verify import ChainBroken, verify
 
 DOC = Path(__file__).parents[1] / "docs" / "integrity.md"
 
@@ -66,6 +66,21 @@ def test_sql_canonical_bytes_and_hashes_equal_python(history, database_url, engi
 
 def test_documented_query_finds_nothing_on_a_sound_chain(history, database_url) -> None:
     assert _query(database_url, doc_sql()) == []
+
+
+def test_a_received_at_moved_before_year_1_is_named_by_the_query_and_verify(
+    history, database_url, engine
+) -> None:
+    """to_char's YYYY has no era: the same wall-clock time 4051 BC spells the same text."""
+    tamper(
+        engine,
+        "UPDATE delivery_log SET received_at = received_at - interval '4051 years' WHERE seq = 5",
+    )
+    assert _query(database_url, doc_sql()) == [(5, "received_at before year 1")]
+    with pytest.raises(ChainBroken) as broken:
+        verify(engine)
+    assert broken.value.seq == 5
+    assert "received_at" in broken.value.reason
 
 
 def test_documented_query_names_tampered_rows(history, database_url, engine) -> None:

@@ -188,14 +188,39 @@ def test_a_checkpoint_forged_into_the_table_is_named_as_such(
     assert "were removed" in plain.output  # without the key, nothing tells them apart
     keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
     assert keyed.exit_code == 1
-    assert "stored checkpoint #2" in keyed.output
+    assert "FORGED stored checkpoint #2" in keyed.output
     assert "signature does not verify" in keyed.output
     assert "were removed" not in keyed.output
+    # The forgery is the table's, not the chain's: the walk's verdict stands apart.
+    assert "chain OK" in keyed.output
+    assert "1 stored signatures verified, 1 FORGED" in keyed.output
     # Under another key id, the forgery cannot be checked: it is not trusted either.
     tamper(engine, "UPDATE checkpoints SET key_id = 'someone-else' WHERE id = 2")
     other = cli(database_url, "verify", "--public-key", f"{key}.pub")
     assert other.exit_code == 0, other.output
     assert "1 signed by another key not used" in other.output
+
+
+def test_a_forged_checkpoint_at_a_real_seq_does_not_make_the_chain_broken(
+    client, key, database_url, engine, tmp_path
+):
+    """The app's login inserts a checkpoint with the real head and a bad signature, which
+    the append-only table then keeps for good: every verify called the chain broken."""
+    record_history(client)
+    _checkpoint(database_url, key, tmp_path / "cp")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
+                " SELECT 1, hash, now(), (SELECT key_id FROM checkpoints LIMIT 1),"
+                " decode(repeat('00', 64), 'hex') FROM delivery_log WHERE seq = 1"
+            )
+        )
+    keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
+    assert keyed.exit_code == 1
+    assert "BROKEN" not in keyed.output
+    assert "chain OK" in keyed.output
+    assert "FORGED stored checkpoint #2 (seq 1)" in keyed.output
 
 
 def test_rewritten_history_with_recomputed_hashes_is_caught(

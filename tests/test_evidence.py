@@ -438,15 +438,17 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     assert b"Signature Verified Successfully" in checked.stdout
 
 
-def test_a_checkpoint_forged_into_the_table_breaks_the_packs_chain_as_verify_says(
+def test_a_checkpoint_forged_into_the_table_is_named_by_the_pack_as_verify_names_it(
     engine, database_url, tmp_path
 ) -> None:
     """The pack's verification is `secledger verify`'s: with the key configured, a stored
-    checkpoint whose signature fails is a broken chain, not a matched checkpoint."""
+    checkpoint whose signature fails is named forged and not trusted, and the command
+    exits 1; the chain's own verdict stands apart, and the newest checkpoint the pack
+    shows is the newest the key signed, not the last row inserted."""
     record(engine)
     key_path = tmp_path / "key.pem"
     signing.generate(key_path)
-    integrity.take_checkpoint(engine, signing.load_private(key_path), None)
+    signed, _ = integrity.take_checkpoint(engine, signing.load_private(key_path), None)
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -467,10 +469,15 @@ def test_a_checkpoint_forged_into_the_table_breaks_the_packs_chain_as_verify_say
         checkpoint_key_file=str(key_path),
     )
     assert result.exit_code == 1, result.output
-    assert "chain BROKEN" in result.output
-    assert "stored checkpoint #2" in result.output
+    assert "FORGED stored checkpoint #2" in result.output
     chain = json.loads((out / "chain" / "verify.json").read_bytes())
-    assert chain["ok"] is False
+    assert chain["ok"] is True
+    assert chain["checkpoints_matched"] == [f"stored checkpoint #1 (seq {signed.seq})"]
+    assert len(chain["forged_checkpoints"]) == 1
+    readme = (out / "README.md").read_text()
+    assert "**FORGED** stored checkpoint #2" in readme
+    packed = json.loads((out / "pack.json").read_bytes())
+    assert packed["checkpoint"]["signature"] == "verified"
 
 
 def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url, tmp_path) -> None:

@@ -74,6 +74,25 @@ def test_check_lists_an_edited_ledger_row_and_rebuild_fixes_it(history, database
     assert cli(database_url, "rebuild", "--check").exit_code == 0
 
 
+def test_check_compares_the_real_ledger_not_a_copy_in_the_logins_schema(
+    history, database_url, engine
+) -> None:
+    """The database's owner edits a ledger row and leaves a pristine copy in a schema named
+    after the login the check runs as, which its default search_path reads first."""
+    with engine.begin() as conn:
+        login = conn.execute(text("SELECT current_user")).scalar_one()
+        conn.execute(text(f'CREATE SCHEMA "{login}"'))
+        conn.execute(
+            text(f'CREATE TABLE "{login}".security_review_ledger AS TABLE security_review_ledger')
+        )
+        conn.execute(
+            text("UPDATE public.security_review_ledger SET decided_by = 'mallory' WHERE mr_iid = 1")
+        )
+    check = cli(database_url, "rebuild", "--check")
+    assert check.exit_code == 1, check.output
+    assert "decided_by: stored 'mallory', log says 'carol'" in check.output
+
+
 def test_missing_and_extra_rows_are_listed_and_repaired(history, database_url, engine) -> None:
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM review_events WHERE seq = 3"))

@@ -207,6 +207,11 @@ class Pack:
         """True when the chain verified at pack time."""
         return bool(self.chain.get("ok"))
 
+    @property
+    def forged(self) -> list[str]:
+        """Stored checkpoints whose signature failed under the configured key."""
+        return list(self.chain.get("forged_checkpoints") or [])
+
     def to_json(self) -> dict[str, Any]:
         """The content of ``pack.json``."""
         data = asdict(self)
@@ -245,8 +250,9 @@ def build(
             latest = checkpoints.stored(conn)
     advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
     pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance, public_key)
-    newest = latest[-1][1] if latest else None
-    pack.checkpoint = packchain.add_checkpoint(files, newest, public_key)
+    pack.checkpoint = packchain.add_checkpoint(
+        files, packchain.newest(latest, public_key), public_key
+    )
     pack.public_key = public_key is not None
     files.write_json("pack.json", pack.to_json())
     files.write_bytes("README.md", packreadme.render(pack).encode())

@@ -20,6 +20,7 @@ from secledger.errors import ConfigError, SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.rebuild import Difference, rebuild
 from secledger.store import checkpoints, derived
+from secledger.store.db import pin_search_path
 from secledger.store.log import Chain
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
@@ -120,6 +121,9 @@ def rebuild_ledger(
             # recorded meanwhile would otherwise show as rows the log does not explain.
             conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
+            # The log and the derived tables of public, as verify reads them: a schema
+            # named after the login could hold pristine copies to compare instead.
+            pin_search_path(conn)
             return _rebuild_in(conn, policy, write, compliance)
 
 

@@ -32,6 +32,7 @@ def verify_now(
         result |= {"ok": False, "failure": {"seq": exc.seq, "reason": exc.reason}}
     else:
         result |= {"ok": True, "failure": None, **_summary(summary)}
+        result["forged_checkpoints"] = summary.forged
     result["snapshot_head_seq"] = snapshot_head_seq
     files.write_json("chain/verify.json", result)
     return result
@@ -47,6 +48,17 @@ def _summary(summary: Summary) -> dict[str, Any]:
         "checkpoints_stored": len(summary.stored),
         "checkpoints_matched": summary.matched,
     }
+
+
+def newest(
+    stored: list[tuple[int, Checkpoint]], public: Ed25519PublicKey | None
+) -> Checkpoint | None:
+    """The checkpoint of the highest seq, among those ``public`` signed when it is given:
+    the highest id is only the last inserted (the app's login may insert an old one again,
+    or one that is not signed)."""
+    if public is not None:
+        stored = [(i, c) for i, c in stored if _signature(c, public) == "verified"]
+    return max(stored, key=lambda pair: (pair[1].seq, pair[0]))[1] if stored else None
 
 
 def add_checkpoint(

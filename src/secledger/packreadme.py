@@ -103,6 +103,11 @@ def _chain(pack: Pack) -> str:
         )
     else:
         text += " No signed checkpoint is stored."
+    for label in pack.forged:
+        text += (
+            f" **FORGED** {label}: a checkpoint the key did not sign was inserted into the"
+            " database; it was not trusted, and the chain was checked without it."
+        )
     return text
 
 
@@ -141,8 +146,9 @@ def _checkpoint_steps(pack: Pack) -> str:
         "`chain/checkpoint-key.pem.pub` (compare its key id with the one the organisation"
         " gave you independently; a key shipped with the evidence proves nothing alone)"
         if pack.public_key
-        else "the organisation's checkpoint public key (PEM)"
+        else "the organisation's checkpoint public key (PEM, saved as `checkpoint-key.pem.pub`)"
     )
+    pem = "chain/checkpoint-key.pem.pub" if pack.public_key else "checkpoint-key.pem.pub"
     return f"""\
 The checkpoint signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at <time> LF`
 with Ed25519. With {key} and OpenSSL 3:
@@ -150,13 +156,14 @@ with Ed25519. With {key} and OpenSSL 3:
 ```sh
 jq -j .message {name} > message
 jq -r .signature {name} | base64 -d > signature
-openssl pkeyutl -verify -pubin -inkey chain/checkpoint-key.pem.pub -rawin \\
+openssl pkeyutl -verify -pubin -inkey {pem} -rawin \\
   -in message -sigfile signature
 ```
 
 Check that `message` spells the file's `seq`, `head_hash` and `signed_at`, and that the chain
 still has that hash at that seq (`chain/verify.json`, or with database access
-`SELECT encode(hash, 'hex') FROM delivery_log WHERE seq = <seq>`).
+`SELECT encode(hash, 'hex') FROM public.delivery_log WHERE seq = <seq>`: with the
+schema, so that no table of another schema is read instead).
 """
 
 

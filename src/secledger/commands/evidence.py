@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError
 from secledger import checkpoint as signing
 from secledger import evidence
 from secledger.commands.compliance import _when, check_period, known_tier
+from secledger.commands.integrity import FORGED_HINT
 from secledger.errors import SecledgerError
 from secledger.packfiles import MANIFEST
 from secledger.progress import RichTracker, stderr_progress
@@ -148,4 +149,9 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
     if not pack.chain_ok:
         failure = pack.chain["failure"]
         click.echo(f"chain BROKEN at row seq={failure['seq']}: {failure['reason']}", err=True)
+        raise SystemExit(1)
+    if pack.forged:
+        for label in pack.forged:
+            click.echo(f"FORGED {label}", err=True)
+        click.echo(FORGED_HINT, err=True)
         raise SystemExit(1)

@@ -58,6 +58,13 @@ def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[E
     return vouched
 
 
+FORGED_HINT = (
+    "the chain itself is intact (above), but someone inserted checkpoints the key did not"
+    " sign: whoever holds a login that may insert into `checkpoints` (serve's), or the"
+    " database's owner; find out who, and keep checkpoint files outside the database"
+)
+
+
 def _report(summary: Summary, checked: bool) -> None:
     span = f"seq {summary.first_seq}..{summary.last_seq}" if summary.rows else "empty log"
     click.echo(
@@ -65,8 +72,10 @@ def _report(summary: Summary, checked: bool) -> None:
         f" {summary.seconds:.2f} s"
     )
     signatures = len(summary.trusted) if checked else 0
-    other = len(summary.stored) - signatures if checked else 0
+    forged = len(summary.forged)
+    other = len(summary.stored) - signatures - forged if checked else 0
     note = f", {other} signed by another key not used" if other else ""
+    note += f", {forged} FORGED" if forged else ""
     click.echo(
         f"checkpoints: {len(summary.matched)} matched"
         f" ({len(summary.stored)} stored, {signatures} stored signatures verified{note})"
@@ -112,6 +121,11 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
         click.echo(f"verify failed: {exc}", err=True)
         raise SystemExit(1) from None
     _report(summary, public is not None)
+    if summary.forged:
+        for label in summary.forged:
+            click.echo(f"FORGED {label}", err=True)
+        click.echo(FORGED_HINT, err=True)
+        raise SystemExit(1)
 
 
 @click.command(name="rebuild")

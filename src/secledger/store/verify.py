@@ -63,10 +63,13 @@ class Summary:
     stored: list[tuple[int, Checkpoint]] = field(default_factory=list)
     # The stored checkpoints the walk held the chain to (all of them, without a screen).
     trusted: list[tuple[int, Checkpoint]] = field(default_factory=list)
+    # Stored checkpoints whose signature fails under the key: each a label and why.
+    forged: list[str] = field(default_factory=list)
 
 
-# Picks the stored checkpoints to trust, or raises ChainBroken for a forged one.
-Screen = Callable[[list[tuple[int, Checkpoint]]], list[tuple[int, Checkpoint]]]
+Stored = list[tuple[int, Checkpoint]]
+# Splits the stored checkpoints into those to trust and the forged ones (labels, why).
+Screen = Callable[[Stored], tuple[Stored, list[str]]]
 
 
 def _sequence_problem(seq: int, expected_seq: int) -> str:
@@ -132,7 +135,8 @@ UNREADABLE = "unreadable: "
 # The values PostgreSQL keeps and Python's datetime cannot hold.
 _UNREADABLE_AT = text(
     "SELECT seq, received_at::text FROM delivery_log WHERE seq >= :seq"
-    " AND (NOT isfinite(received_at) OR received_at >= '10000-01-01')"
+    " AND (NOT isfinite(received_at) OR received_at >= '10000-01-01'"
+    " OR received_at < '0001-01-01T00:00:00Z')"
     " ORDER BY seq LIMIT 1"
 )
 
@@ -208,8 +212,9 @@ def verify(
     """Walk the whole log in one snapshot against ``vouched`` heads and stored checkpoints.
 
     ``progress``, when given, is called with the size of each batch of rows fetched.
-    ``screen``, when given, picks the stored checkpoints to trust (in the same snapshot),
-    or raises ChainBroken for a forged one; without it every stored one is trusted.
+    ``screen``, when given, picks the stored checkpoints to trust (in the same snapshot)
+    and names the forged ones (``Summary.forged``); without it every stored one is
+    trusted.
     """
     started = time.perf_counter()
     with engine.connect() as plain:
@@ -217,7 +222,7 @@ def verify(
         with conn.begin():
             pin_search_path(conn)
             stored = checkpoints.stored(conn)
-            trusted = screen(stored) if screen is not None else stored
+            trusted, forged = screen(stored) if screen is not None else (stored, [])
             expected = _with_stored(vouched, trusted)
             # psycopg's binary protocol directly: bytea travels as raw bytes, not hex text,
             # which halves what the server sends for a log that is mostly payload.
@@ -234,7 +239,7 @@ def verify(
                 if not exc.reason.startswith(UNREADABLE):
                     raise
                 raise _unreadable_row(conn, exc) from None
-    summary.stored, summary.trusted = stored, trusted
+    summary.stored, summary.trusted, summary.forged = stored, trusted, forged
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -294,24 +299,26 @@ class _Prefetch:
 
 def signed_by(public: Ed25519PublicKey | None) -> Screen | None:
     """With ``public``, what ``verify`` may trust of the stored checkpoints: those it
-    signed, once their signatures hold. A bad one is a forgery (anyone who may insert
-    into the table can add one) and is named as such, not taken at its word (a seq
-    beyond the tail would read as rows removed). One made with another key cannot be
+    signed, once their signatures hold. A bad one is a forgery (the app's login may
+    insert into the table) and is named as such, apart from the chain's verdict: taken
+    at its word, a seq beyond the tail read as rows removed, and any seq as history
+    rewritten, for good (the table is append-only). One made with another key cannot be
     checked here, so it is not trusted either (`verify` reports count it)."""
     if public is None:
         return None
     own = signing.key_id(public)
 
-    def trusted(stored: list[tuple[int, Checkpoint]]) -> list[tuple[int, Checkpoint]]:
-        kept = []
+    def trusted(stored: Stored) -> tuple[Stored, list[str]]:
+        kept, forged = [], []
         for ident, checkpoint in stored:
             if checkpoint.key_id != own:
                 continue
             try:
                 signing.check_signature(checkpoint, public)
             except signing.BadCheckpoint as exc:
-                raise ChainBroken(checkpoint.seq, f"stored checkpoint #{ident}: {exc}") from None
+                forged.append(f"stored checkpoint #{ident} (seq {checkpoint.seq}): {exc}")
+                continue
             kept.append((ident, checkpoint))
-        return kept
+        return kept, forged
 
     return trusted
