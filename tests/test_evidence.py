@@ -480,6 +480,36 @@ def test_a_checkpoint_forged_into_the_table_is_named_by_the_pack_as_verify_names
     assert packed["checkpoint"]["signature"] == "verified"
 
 
+def test_a_ledger_row_edited_by_the_app_login_is_caught_by_the_pack(
+    engine, database_url, tmp_path
+) -> None:
+    """The chain proves the log; the population is read from the ledger, which the app's
+    login may update: an MR whose author merged it was made 'opened' and left the pack."""
+    record(engine)
+    with engine.begin() as conn:
+        conn.execute(text("SET ROLE secledger_app"))
+        conn.execute(text("UPDATE security_review_ledger SET state = 'opened' WHERE mr_iid = 2"))
+    out = tmp_path / "pack"
+    result = cli(
+        database_url,
+        tmp_path,
+        "evidence",
+        "--since",
+        "2025-08-04",
+        "--until",
+        "2025-08-20",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 1, result.output
+    assert "rows differ from the log" in result.output
+    packed = json.loads((out / "pack.json").read_bytes())
+    assert packed["derived"]["differences"] == 1
+    assert "state: stored 'opened'" in packed["derived"]["first"][0]
+    assert "1 rows DIFFER" in (out / "README.md").read_text()
+    assert json.loads((out / "chain" / "verify.json").read_bytes())["ok"] is True
+
+
 def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url, tmp_path) -> None:
     record(engine)
     tamper(engine, "UPDATE delivery_log SET payload = payload || '\\x20'::bytea WHERE seq = 4")

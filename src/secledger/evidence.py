@@ -26,8 +26,11 @@ from sqlalchemy import Connection, Engine, RowMapping, text
 from secledger import findings, packchain, packreadme, reports
 from secledger.filtermatch import same_project
 from secledger.packfiles import PackDir
+from secledger.policy import LabelPolicy
+from secledger.rebuild import rebuild
 from secledger.store import checkpoints, db
 from secledger.store.chain import time_text
+from secledger.store.derived import differences
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
 
@@ -166,6 +169,8 @@ class Options:
     tier: str | None = None
     # Which tier's breaches are high: the findings are listed as they stand at the pack.
     policy: CompliancePolicy = field(default_factory=CompliancePolicy)
+    # The label policy the ledger is rebuilt under to check it against the log.
+    labels: LabelPolicy = field(default_factory=LabelPolicy)
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,8 @@ class Pack:
     snapshot_head_seq: int = 0
     sample: list[Sampled] = field(default_factory=list)
     chain: dict[str, Any] = field(default_factory=dict)
+    # The ledger and event rows against a rebuild from the log, in the pack's snapshot.
+    derived: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
     public_key: bool = False
     files: list[str] = field(default_factory=list)
@@ -208,6 +215,11 @@ class Pack:
         return bool(self.chain.get("ok"))
 
     @property
+    def derived_ok(self) -> bool:
+        """True when the ledger and event rows are what the log says (or were not checked)."""
+        return not self.derived.get("differences")
+
+    @property
     def forged(self) -> list[str]:
         """Stored checkpoints whose signature failed under the configured key."""
         return list(self.chain.get("forged_checkpoints") or [])
@@ -216,6 +228,7 @@ class Pack:
         """The content of ``pack.json``."""
         data = asdict(self)
         data["options"].pop("policy")  # the settings' tier policy, not a choice of the pack's
+        data["options"].pop("labels")  # the settings' label policy, likewise
         data["format"] = FORMAT
         data["sample_algorithm"] = self.sample_algorithm
         data.pop("files")
@@ -228,6 +241,23 @@ def draw(population: int, size: int, seed: int) -> list[int]:
     rng = random.Random(seed)  # noqa: S311
     picked = rng.sample(range(population), min(size, population))
     return sorted(index + 1 for index in picked)
+
+
+# How many differing rows the pack names (all are counted; `rebuild --check` lists them).
+DERIVED_SHOWN = 20
+
+
+def _check_derived(conn: Connection, labels: LabelPolicy, tracker: Tracker) -> dict[str, Any]:
+    """`rebuild --check` in the pack's snapshot. The population, its decisions and its
+    trail come from the ledger and event rows, which the app's login may update: the
+    chain proves the log, and this ties those rows to it."""
+    tracker.task("check derived rows", None)
+    found = differences(conn, rebuild(conn, labels))
+    return {
+        "checked": "security_review_ledger and review_events against the log",
+        "differences": len(found),
+        "first": [d.describe()[:300] for d in found[:DERIVED_SHOWN]],
+    }
 
 
 def build(
@@ -248,6 +278,7 @@ def build(
             db.pin_search_path(conn)
             _snapshot(conn, pack, files, tracker)
             latest = checkpoints.stored(conn)
+            pack.derived = _check_derived(conn, options.labels, tracker)
     advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
     pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance, public_key)
     pack.checkpoint = packchain.add_checkpoint(

@@ -111,6 +111,26 @@ def _chain(pack: Pack) -> str:
     return text
 
 
+def _derived(pack: Pack) -> str:
+    derived = pack.derived
+    if not derived:
+        return "not checked."
+    if not derived.get("differences"):
+        return (
+            "every ledger and event row the population, decisions and trail are read from"
+            " is what a rebuild from the log gives (`secledger rebuild --check`, in the"
+            " pack's snapshot). Findings and SLA clocks are derived from those rows and are"
+            " not compared."
+        )
+    shown = "".join(f"\n  - {line}" for line in derived.get("first", []))
+    return (
+        f"**{derived['differences']} rows DIFFER** from a rebuild from the log, so the"
+        " population, decisions and trail below may not be what the log says (an edit"
+        " of the derived tables, or a label policy changed since they were written:"
+        f" `secledger rebuild` rewrites them):{shown}"
+    )
+
+
 def _scope(pack: Pack) -> str:
     options = pack.options
     return f"""\
@@ -130,6 +150,7 @@ def _scope(pack: Pack) -> str:
 - **Ledger snapshot:** log rows up to seq {pack.snapshot_head_seq} were committed when the
   pack was read (one consistent snapshot for every file except `chain/`).
 - **Hash chain:** {_chain(pack)}
+- **Ledger against the log:** {_derived(pack)}
 """
 
 

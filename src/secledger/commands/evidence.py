@@ -17,6 +17,7 @@ from secledger.commands.compliance import _when, check_period, known_tier
 from secledger.commands.integrity import FORGED_HINT
 from secledger.errors import SecledgerError
 from secledger.packfiles import MANIFEST
+from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
 from secledger.tierpolicy import CompliancePolicy
 
@@ -109,7 +110,8 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
     verification and the newest signed checkpoint, a README.md explaining it all, and
     MANIFEST.sha256. An auditor re-verifies it without secledger (see the pack's
     README.md and docs/evidence.md). Exits 1 (after writing the pack) when the chain
-    does not verify.
+    does not verify, a stored checkpoint is forged, or ledger or event rows differ from
+    the log (the pack runs `rebuild --check` in its snapshot).
 
     \b
     Example:
@@ -129,6 +131,7 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
         project=project,
         tier=known_tier(context.settings, tier),
         policy=CompliancePolicy.from_settings(context.settings),
+        labels=LabelPolicy.from_settings(context.settings),
     )
     click.echo(f"sample seed: {options.seed}", err=True)
     try:
@@ -149,6 +152,14 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
     if not pack.chain_ok:
         failure = pack.chain["failure"]
         click.echo(f"chain BROKEN at row seq={failure['seq']}: {failure['reason']}", err=True)
+        raise SystemExit(1)
+    if not pack.derived_ok:
+        click.echo(
+            f"{pack.derived['differences']} ledger or event rows differ from the log (the"
+            " population and its trail are read from them): see the pack's README, and"
+            " `secledger rebuild --check`",
+            err=True,
+        )
         raise SystemExit(1)
     if pack.forged:
         for label in pack.forged:
