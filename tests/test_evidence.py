@@ -366,7 +366,8 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
     (out / "sample" / "999-p1-mr1.json").unlink()
     # Tamper with one sampled payload: the script notices.
     story_path = next((out / "sample").glob("*.json"))
-    story = json.loads(story_path.read_bytes())
+    original = story_path.read_bytes()
+    story = json.loads(original)
     body = base64.b64decode(story["events"][0]["log"]["payload_base64"]).replace(
         b"Harden", b"Soften"
     )
@@ -375,7 +376,17 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
     result = subprocess.run(
         [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
     )
-    assert "1 sampled rows do NOT rehash" in result.stdout.decode()
+    assert "1 problems: NOT every row checks out" in result.stdout.decode()
+    # Leave out an event (a self-approval, say): every remaining row still rehashes, but
+    # the file no longer holds the rows the trail and the index list for its MR.
+    story_path.write_bytes(original)
+    story["events"] = json.loads(original)["events"][1:]
+    story_path.write_text(json.dumps(story))
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
+    )
+    assert "are NOT those of decision-trail.csv and index.csv" in result.stdout.decode()
+    assert "1 problems: NOT every row checks out" in result.stdout.decode()
 
 
 def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url, tmp_path) -> None:
