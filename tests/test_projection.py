@@ -282,6 +282,34 @@ def test_tier_and_labels_follow_the_latest_event_but_tier_survives_label_removal
     assert row["last_seq"] == 3
 
 
+def test_removing_only_the_tier_label_keeps_the_tier() -> None:
+    both = ("sec::critical", "sec/crypto")
+    row = fold(
+        [
+            event(1, "open", "alice", 0, tier="critical", security_labels=both, labels=both),
+            event(
+                2,
+                "update",
+                "erin",
+                5,
+                tier="unclassified",
+                tier_before="critical",
+                security_labels=("sec/crypto",),
+                labels=("sec/crypto",),
+            ),
+            event(3, "update", "erin", 9, tier="unclassified", security_labels=("sec/crypto",)),
+        ]
+    )
+    assert row["risk_tier"] == "critical"
+    # An MR that only ever carried a security label naming no tier is unclassified.
+    only = ("sec/crypto",)
+    first = event(1, "open", "alice", 0, tier="unclassified", security_labels=only, labels=only)
+    assert fold([first])["risk_tier"] == "unclassified"
+    # A tier label named later still sets the tier.
+    named = event(2, "update", "erin", 5, tier="low", security_labels=("sec/crypto", "sec::low"))
+    assert fold([first, named])["risk_tier"] == "low"
+
+
 def test_a_decision_delivered_by_two_hooks_counts_once_and_the_first_copy_stands() -> None:
     """A system hook repeats a project hook's approval in other bytes: fewer fields
     (no reviewers), the time read from another field."""

@@ -399,11 +399,20 @@ def _untold_above(tier: str, shown: set[str], outranks: Callable[[str, str], boo
 
 
 def _tier_after(tier: str | None, facts: EventFacts) -> str | None:
-    if facts.security_labels:
+    if facts.security_labels and (tier is None or _names_its_tier(facts)):
         return facts.tier
     if facts.tier_before is not None:
         return facts.tier_before  # the labels a removal took away named it
     return tier
+
+
+def _names_its_tier(facts: EventFacts) -> bool:
+    """Whether a current security label names ``facts.tier``; else the tier is the
+    unclassified bucket. Removing the tier's label while another security label stays
+    (``sec/crypto``) keeps the tier, as removing every security label does: it had
+    made a critical MR unclassified, and one approval enough."""
+    wanted = facts.tier.lower()
+    return any(label.lower().endswith(wanted) for label in facts.security_labels)
 
 
 def _apply_decision(row: dict[str, Any], approvals: list[EventFacts], facts: EventFacts) -> None:
