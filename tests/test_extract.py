@@ -88,6 +88,8 @@ def test_unknown_future_action_is_kept_as_a_non_decision() -> None:
         ({"state": {"previous": "opened", "current": "closed"}}, ("closed", "closed")),
         ({"state": {"previous": "locked", "current": "merged"}}, ("merged", "merged")),
         ({"state_id": {"previous": 2, "current": 1}}, ("reopened", "reopened")),
+        # Old GitLab had a state of its own for a reopened MR.
+        ({"state": {"previous": "closed", "current": "reopened"}}, ("reopened", "reopened")),
         ({"state_id": {"previous": 1, "current": 3}}, ("merged", "merged")),
         ({"title": {"previous": "a", "current": "b"}}, ("update", None)),
     ],
@@ -95,6 +97,13 @@ def test_unknown_future_action_is_kept_as_a_non_decision() -> None:
 def test_payload_without_action_is_read_from_state_changes(changes: dict, expected: tuple) -> None:
     body = mr_event(None, changes=changes)
     assert classify(body) == expected
+
+
+def test_the_old_reopened_state_is_stored_as_opened() -> None:
+    body = mr_event("reopen")
+    body["object_attributes"]["state"] = "reopened"
+    del body["object_attributes"]["state_id"]
+    assert facts_of(body).state == "opened"
 
 
 def test_old_system_hook_without_action_is_an_update_or_an_open() -> None:

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 STATE_IDS = {1: "opened", 2: "closed", 3: "merged", 4: "locked"}
+# GitLab once had a state of its own for a reopened MR (its old system hooks send it):
+# an open MR, as every later version calls it.
+_STATE_NAMES = {"reopened": "opened"}
 # Ids are stored as PostgreSQL bigint; anything outside is treated as absent.
 _BIGINT = (-(2**63), 2**63 - 1)
 
@@ -94,7 +97,7 @@ def state_change(payload: Mapping[str, Any]) -> tuple[str | None, str | None] | 
     changes = obj(payload, "changes")
     named = obj(changes, "state")
     if named:
-        return text(named, "previous"), text(named, "current")
+        return _state_name(text(named, "previous")), _state_name(text(named, "current"))
     numbered = obj(changes, "state_id")
     if numbered:
         prev, cur = integer(numbered, "previous"), integer(numbered, "current")
@@ -106,5 +109,9 @@ def state_of(attrs: Mapping[str, Any]) -> str | None:
     """GitLab's state name from ``state`` or ``state_id``."""
     named = text(attrs, "state")
     if named:
-        return named
+        return _state_name(named)
     return STATE_IDS.get(integer(attrs, "state_id") or 0)
+
+
+def _state_name(name: str | None) -> str | None:
+    return _STATE_NAMES.get(name, name) if name is not None else None
