@@ -589,6 +589,25 @@ def test_an_undated_approval_after_a_revocation_is_logged_once(engine: Engine, c
     assert_bobs_decisions(engine, ["replay", "api"], revoked=["replay"])
 
 
+def test_a_renamed_users_approval_after_their_revocation_is_a_new_one(engine: Engine) -> None:
+    """bob approves (a look logs it undated), revokes, approves again with no webhook
+    telling it, and is renamed robert. The next look's approval follows his revocation,
+    found by his user id: matched by name, none was found, and the approval was taken
+    for the one already logged."""
+    replay(engine, WEB, Story(iid=1, decision=None).webhooks())
+    with engine.begin() as conn:
+        envelope = undated_approval(1, "bob", "2025-08-05T21:05:00.394Z")
+        assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
+    deliver(engine, bob("unapproved", "21:10:00"))
+    mr = Story(iid=1, decision=None).mr() | {"updated_at": "2025-08-05T21:20:00.394Z"}
+    robert = api_user("bob") | {"username": "robert", "name": "Robert"}
+    [renamed] = apifacts.approval_envelopes(mr, {"approved_by": [{"user": robert}]})
+    with engine.begin() as conn:
+        assert record_envelopes(conn, WEB, [renamed], POLICY) == 1
+    [row] = ledger_rows(engine)
+    assert row["approvers"] == ["robert"]
+
+
 def test_a_stale_look_between_two_revocations_is_the_approval_between_them(
     engine: Engine,
 ) -> None:

@@ -154,6 +154,11 @@ def undated_approver(env: Mapping[str, Any]) -> str | None:
     return p.text(p.obj(env["event"], "user"), "username")
 
 
+def approver_id(env: Mapping[str, Any]) -> int | None:
+    """The user id of an approval envelope's approver (a rename keeps it), else None."""
+    return p.integer(p.obj(env["event"], "user"), "id")
+
+
 def dated_approval(env: Mapping[str, Any]) -> tuple[str, datetime] | None:
     """The username and time of an approval envelope the API dates, else None."""
     if env["fact"] != APPROVAL:

@@ -271,13 +271,15 @@ def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, A
     if dated is not None:
         # GitLab began giving approval times (an upgrade): the approval an older one gave
         # without a time, logged already, is this one, under a key of its own.
-        _, told = ledger.undated_standing(conn, key, *dated, dated=True)
+        user_id = apifacts.approver_id(env)
+        _, told = ledger.undated_standing(conn, key, *dated, dated=True, actor_id=user_id)
         return None if told else env
     approver = apifacts.undated_approver(env)
     bound = parse_optional(env.get("upper_bound"))
     if approver is None or bound is None:
         return env
-    revoked, told = ledger.undated_standing(conn, key, approver, bound)
+    user_id = apifacts.approver_id(env)
+    revoked, told = ledger.undated_standing(conn, key, approver, bound, actor_id=user_id)
     if told:
         return None
     return apifacts.after_revocation(env, revoked)

@@ -60,10 +60,21 @@ _FIRST_RECEIPT = text(
 )
 
 
+def _same_user(event: str) -> str:
+    """SQL: ``event`` (an alias of review_events) is the user ``:actor_id`` (by id, which a
+    rename keeps, when both sides have one; else by the username ``:actor``), as the fold
+    matches an approval with its revocation (``projection._given_by``)."""
+    stored = f"({event}.facts->>'actor_id')::bigint"
+    return (
+        f"(CASE WHEN CAST(:actor_id AS bigint) IS NOT NULL AND {stored} IS NOT NULL"
+        f" THEN {stored} = CAST(:actor_id AS bigint) ELSE {event}.actor = :actor END)"
+    )
+
+
 _LAST_REVOCATION = text(
-    "SELECT seq, event_at FROM review_events"
+    "SELECT seq, event_at FROM review_events e"
     " WHERE instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
-    " AND actor = :actor AND decision = 'unapproved' AND event_at <= :bound"
+    f" AND {_same_user('e')} AND decision = 'unapproved' AND event_at <= :bound"
     " ORDER BY event_at DESC, seq DESC LIMIT 1"
 )
 _UNDATED = orjson.dumps({"source": API_SOURCE, "event_at_source": UNDATED_APPROVAL}).decode()
@@ -73,12 +84,12 @@ _UNDATED = orjson.dumps({"source": API_SOURCE, "event_at_source": UNDATED_APPROV
 _UNDATED_SINCE = text(
     "SELECT 1 FROM review_events a"
     " WHERE a.instance = :instance AND a.project_id = :project_id AND a.mr_iid = :mr_iid"
-    " AND a.actor = :actor AND a.decision = 'approved'"
+    f" AND {_same_user('a')} AND a.decision = 'approved'"
     " AND a.facts @> CAST(:undated AS jsonb) AND (a.event_at, a.seq) > (:after_at, :after_seq)"
     " AND a.event_at >= :floor"
     " AND NOT EXISTS (SELECT 1 FROM review_events r"
     " WHERE r.instance = a.instance AND r.project_id = a.project_id AND r.mr_iid = a.mr_iid"
-    " AND r.actor = a.actor AND r.decision = 'unapproved'"
+    f" AND {_same_user('r')} AND r.decision = 'unapproved'"
     " AND (r.event_at, r.seq) > (:after_at, :after_seq)"
     " AND (r.event_at, r.seq) < (a.event_at, a.seq))"
     " LIMIT 1"
@@ -86,7 +97,13 @@ _UNDATED_SINCE = text(
 
 
 def undated_standing(
-    conn: Connection, key: MRKey, actor: str, bound: datetime, *, dated: bool = False
+    conn: Connection,
+    key: MRKey,
+    actor: str,
+    bound: datetime,
+    *,
+    dated: bool = False,
+    actor_id: int | None = None,
 ) -> tuple[int | None, bool]:
     """For an approval by ``actor`` the API gives no time, placed at ``bound``: the seq of
     their latest revocation before it in event-time order, then log seq (None if none is
@@ -97,7 +114,8 @@ def undated_standing(
     undated one placed at or after it, with no revocation between, is the same approval
     as an older GitLab showed it."""
     floor = bound if dated else datetime.min.replace(tzinfo=UTC)
-    params = key_params(key) | {"actor": actor, "bound": bound, "floor": floor}
+    params = key_params(key) | {"actor": actor, "actor_id": actor_id, "bound": bound}
+    params["floor"] = floor
     revoked = conn.execute(_LAST_REVOCATION, params).first()
     if revoked is None:
         after = {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
