@@ -70,7 +70,7 @@ def mr_event(
     labels: list[str] | None = None,
     actor: str = "root",
     author: str = "alice",
-    updated_at: str = "2025-08-05 21:48:25 UTC",
+    updated_at: str | None = None,
     created_at: str = "2025-08-05 20:00:00 UTC",
     state: str | None = None,
     changes: dict[str, Any] | None = None,
@@ -78,6 +78,9 @@ def mr_event(
     title: str = "Harden session cookies",
 ) -> dict[str, Any]:
     """A Merge Request Hook body for one action; ``None`` removes the action key."""
+    if updated_at is None:
+        # GitLab stamps a new MR's updated_at with its created_at.
+        updated_at = created_at if action == "open" else "2025-08-05 21:48:25 UTC"
     body = copy.deepcopy(_BASE)
     attrs = body["object_attributes"]
     attrs.update(

@@ -212,6 +212,18 @@ def test_opened_with_label_starts_the_clock_at_creation() -> None:
     assert facts.labeled_at_source == "opened_with_label"
 
 
+def test_an_open_sent_long_after_creation_tells_no_label_time() -> None:
+    """The hook's "Test" button sends an `open` for the project's newest MR as it stands:
+    today's labels beside its old created_at. Read as labelled since creation, it moved
+    the SLA clock back by days."""
+    tested = facts_of(
+        mr_event("open", created_at="2025-08-05 09:00:00 UTC", updated_at="2025-08-08T10:00:00Z")
+    )
+    assert (tested.kind, tested.labeled_at, tested.labeled_at_source) == ("open", None, None)
+    genuine = facts_of(mr_event("open", updated_at="2025-08-05 20:00:01 UTC"))
+    assert genuine.labeled_at_source == "opened_with_label"
+
+
 def test_removing_the_last_security_label_keeps_the_event_security_relevant() -> None:
     body = mr_event(
         "update",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from secledger import payloads as p
@@ -304,6 +304,20 @@ def is_security_event(delivery: Delivery | Decoded, policy: LabelPolicy) -> bool
     return bool(change) and policy.any_security_in(change.get("previous"))
 
 
+# How far an open's time may be from the MR's creation for the open to be the creation.
+# GitLab stamps a new MR's updated_at with its created_at; the "Test" button of a hook
+# sends an `open` for the project's newest MR as it stands, its labels of today beside
+# its old created_at, which read as labelled since creation moved the SLA clock back.
+OPEN_AT_CREATION = timedelta(seconds=60)
+
+
+def _at_creation(event_at: datetime, source: str, created_at: datetime | None) -> bool:
+    """Whether an ``open`` event is the MR's creation (as far as its times can tell)."""
+    if created_at is None or source == "received_at":
+        return True  # nothing to compare: taken at its word, as before
+    return abs(event_at - created_at) <= OPEN_AT_CREATION
+
+
 def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     """Everything secledger needs from one merge-request delivery."""
     payload = delivery.payload
@@ -318,7 +332,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     labeled_source: str | None = None
     if added and kind != "open":
         labeled_at, labeled_source = event_at, "label_added"
-    elif kind == "open" and security:
+    elif kind == "open" and security and _at_creation(event_at, event_at_source, created_at):
         labeled_at, labeled_source = created_at or event_at, "opened_with_label"
     key = mr_key(delivery)
     return bounded(
