@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secledger.extract import EventFacts
-from secledger.projection import SequencedEvent, distinct_facts, fact_identity, fold
+from secledger.projection import (
+    UNDATED_APPROVAL,
+    SequencedEvent,
+    distinct_facts,
+    fact_identity,
+    fold,
+    ordered_facts,
+)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -280,6 +287,27 @@ def test_tier_and_labels_follow_the_latest_event_but_tier_survives_label_removal
     assert row["security_labels"] == []
     assert row["event_count"] == 3
     assert row["last_seq"] == 3
+
+
+def test_an_undated_api_approval_comes_before_the_webhooks_merge_of_its_second() -> None:
+    """The API's approval without a time is placed a microsecond before its merged_at
+    (22:00:00.700); the webhook's merge reads 22:00:00, so the approval sorted after it."""
+    merged_at = T0 + timedelta(hours=13)
+    approval = event(
+        3,
+        "approved",
+        "bob",
+        0,
+        event_at=merged_at + timedelta(microseconds=699_999),
+        event_at_source=UNDATED_APPROVAL,
+        source="api",
+        state="merged",
+    )
+    merge = event(2, "merged", "carol", 0, event_at=merged_at)
+    history = [event(1, "open", "alice", 0), merge, approval]
+    assert [e.seq for e in ordered_facts(history)] == [1, 3, 2]
+    row = fold(history)
+    assert (row["decision"], row["decided_by"], row["approvers"]) == ("merged", "carol", ["bob"])
 
 
 def test_removing_only_the_tier_label_keeps_the_tier() -> None:

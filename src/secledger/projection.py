@@ -264,25 +264,35 @@ def ordered_facts(events: list[SequencedEvent]) -> list[SequencedEvent]:
     """The events a fold (and the findings rules) read: API facts a webhook event tells
     and repeats dropped, in event-time order."""
     ordered = sorted(distinct_facts(merge_sources(events)), key=_order)
-    if len({event.facts.event_at for event in ordered}) == len(ordered):
-        return ordered  # no two events share a time: nothing to settle
+    if len({_second(event) for event in ordered}) == len(ordered):
+        return ordered  # no two events share a second: nothing to settle
     return open_before_end(ordered)
 
 
+def _second(event: SequencedEvent) -> datetime:
+    # Webhook times are whole seconds; the API's carry milliseconds.
+    return event.facts.event_at.replace(microsecond=0)
+
+
 def open_before_end(ordered: list[SequencedEvent]) -> list[SequencedEvent]:
-    """``ordered`` with, among events of one event time, those that show the MR still open
-    moved before the close or merge of that time.
+    """``ordered`` with, among events of one second, those that show the MR still open
+    moved before the close or merge of that second.
 
     GitLab's webhook times are whole seconds and its hooks can arrive in any order. An
     edit, approval or revocation whose payload shows the MR open was made before a close
     or merge stamped with the same second: applied after it, an edit reopened the MR in
     the ledger and an approval came too late for the merge. A second that also holds a
     reopen keeps arrival order: an event showing the MR open may then follow either.
+
+    An approval the API gives no time is placed just before the merge or close the API
+    told (``apifacts.approval_bound``), to the millisecond; the webhook's merge of that
+    second, stamped at the second's start, came before it, and the approval counted as
+    given after the merge. It goes before the end of its second too.
     """
     settled: list[SequencedEvent] = []
     start = 0
     for end in range(1, len(ordered) + 1):
-        if end == len(ordered) or ordered[end].facts.event_at != ordered[start].facts.event_at:
+        if end == len(ordered) or _second(ordered[end]) != _second(ordered[start]):
             settled.extend(_open_first(ordered[start:end]))
             start = end
     return settled
@@ -294,10 +304,15 @@ def _open_first(group: list[SequencedEvent]) -> list[SequencedEvent]:
         return group
     first_end = next(i for i, event in enumerate(group) if event.facts.kind in _ENDS)
     after = group[first_end:]
-    moved = [event for event in after if _shows_open(event.facts)]
+    moved = [event for event in after if _before_the_end(event.facts)]
     if not moved:
         return group
-    return group[:first_end] + moved + [event for event in after if not _shows_open(event.facts)]
+    kept = [event for event in after if not _before_the_end(event.facts)]
+    return group[:first_end] + moved + kept
+
+
+def _before_the_end(facts: EventFacts) -> bool:
+    return _shows_open(facts) or facts.event_at_source == UNDATED_APPROVAL
 
 
 def _shows_open(facts: EventFacts) -> bool:
