@@ -169,6 +169,15 @@ def test_truncated_tail_is_caught_by_a_stored_checkpoint(
     assert "stored checkpoint #1" in result.output
 
 
+def forge(engine, rows: str) -> None:
+    """Insert checkpoints ``rows`` (a SELECT of seq, head_hash, signed_at, key_id,
+    signature), as the app's login may."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature) " + rows)
+        )
+
+
 def test_a_checkpoint_forged_into_the_table_is_named_as_such(
     client, key, database_url, engine, tmp_path
 ):
@@ -176,13 +185,7 @@ def test_a_checkpoint_forged_into_the_table_is_named_as_such(
     beyond the tail: with the public key it is a bad signature, not rows removed."""
     record_history(client)
     _checkpoint(database_url, key, tmp_path / "cp")
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
-                " SELECT seq + 100, head_hash, signed_at, key_id, signature FROM checkpoints"
-            )
-        )
+    forge(engine, "SELECT seq + 100, head_hash, signed_at, key_id, signature FROM checkpoints")
     plain = cli(database_url, "verify")
     assert plain.exit_code == 1
     assert "were removed" in plain.output  # without the key, nothing tells them apart
@@ -208,14 +211,11 @@ def test_a_forged_checkpoint_at_a_real_seq_does_not_make_the_chain_broken(
     the append-only table then keeps for good: every verify called the chain broken."""
     record_history(client)
     _checkpoint(database_url, key, tmp_path / "cp")
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO checkpoints (seq, head_hash, signed_at, key_id, signature)"
-                " SELECT 1, hash, now(), (SELECT key_id FROM checkpoints LIMIT 1),"
-                " decode(repeat('00', 64), 'hex') FROM delivery_log WHERE seq = 1"
-            )
-        )
+    forge(
+        engine,
+        "SELECT 1, hash, now(), (SELECT key_id FROM checkpoints LIMIT 1),"
+        " decode(repeat('00', 64), 'hex') FROM delivery_log WHERE seq = 1",
+    )
     keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
     assert keyed.exit_code == 1
     assert "BROKEN" not in keyed.output

@@ -449,6 +449,12 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     assert b"Signature Verified Successfully" in checked.stdout
 
 
+def pack_of_august(database_url: str, tmp_path: Path, out: Path, **settings: str) -> Result:
+    """`secledger evidence` for 2025-08-04 .. 2025-08-20 into ``out``."""
+    period = ("--since", "2025-08-04", "--until", "2025-08-20")
+    return cli(database_url, tmp_path, "evidence", *period, "--out", str(out), **settings)
+
+
 def test_a_checkpoint_forged_into_the_table_is_named_by_the_pack_as_verify_names_it(
     engine, database_url, tmp_path
 ) -> None:
@@ -469,16 +475,7 @@ def test_a_checkpoint_forged_into_the_table_is_named_by_the_pack_as_verify_names
             )
         )
     out = tmp_path / "pack"
-    period = ("--since", "2025-08-04", "--until", "2025-08-20")
-    result = cli(
-        database_url,
-        tmp_path,
-        "evidence",
-        *period,
-        "--out",
-        str(out),
-        checkpoint_key_file=str(key_path),
-    )
+    result = pack_of_august(database_url, tmp_path, out, checkpoint_key_file=str(key_path))
     assert result.exit_code == 1, result.output
     assert "FORGED stored checkpoint #2" in result.output
     chain = json.loads((out / "chain" / "verify.json").read_bytes())
@@ -501,17 +498,7 @@ def test_a_ledger_row_edited_by_the_app_login_is_caught_by_the_pack(
         conn.execute(text("SET ROLE secledger_app"))
         conn.execute(text("UPDATE security_review_ledger SET state = 'opened' WHERE mr_iid = 2"))
     out = tmp_path / "pack"
-    result = cli(
-        database_url,
-        tmp_path,
-        "evidence",
-        "--since",
-        "2025-08-04",
-        "--until",
-        "2025-08-20",
-        "--out",
-        str(out),
-    )
+    result = pack_of_august(database_url, tmp_path, out)
     assert result.exit_code == 1, result.output
     assert "rows differ from the log" in result.output
     packed = json.loads((out / "pack.json").read_bytes())
@@ -525,17 +512,7 @@ def test_a_broken_chain_is_recorded_and_the_command_exits_1(engine, database_url
     record(engine)
     tamper(engine, "UPDATE delivery_log SET payload = payload || '\\x20'::bytea WHERE seq = 4")
     out = tmp_path / "pack"
-    result = cli(
-        database_url,
-        tmp_path,
-        "evidence",
-        "--since",
-        "2025-08-04",
-        "--until",
-        "2025-08-20",
-        "--out",
-        str(out),
-    )
+    result = pack_of_august(database_url, tmp_path, out)
     assert result.exit_code == 1
     assert "chain BROKEN at row seq=4" in result.output
     chain = json.loads((out / "chain" / "verify.json").read_bytes())

@@ -325,17 +325,9 @@ class Recorder:
             if result is None or result.unavailable:
                 break
             drained.add(result)
-            if not (result.recorded or result.duplicates or result.set_aside or result.ignored):
+            if not _moved(result):
                 break
-        if drained.recorded or drained.duplicates or drained.set_aside or drained.ignored:
-            log.info(
-                "spool_drained",
-                recorded=drained.recorded,
-                duplicates=drained.duplicates,
-                ignored=drained.ignored,
-                set_aside=drained.set_aside,
-                spool_depth=self.spool_depth,
-            )
+        _log_drained(drained, self.spool_depth)
         if self.spool_depth:
             log.error(
                 "spool_left_at_stop",
@@ -420,15 +412,7 @@ class Recorder:
         if result is None or result.unavailable:
             self._next_drain = time.monotonic() + self._retry_seconds
             return
-        if result.recorded or result.duplicates or result.set_aside or result.ignored:
-            log.info(
-                "spool_drained",
-                recorded=result.recorded,
-                duplicates=result.duplicates,
-                ignored=result.ignored,
-                set_aside=result.set_aside,
-                spool_depth=result.remaining,
-            )
+        _log_drained(result, result.remaining)
 
     def _drain_locked(self) -> DrainResult | None:
         assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one
@@ -656,3 +640,20 @@ class Recorder:
         message = "the database is unavailable" if transient else "the database refused the write"
         for job in jobs:
             job.resolve(StoreUnavailable(message))
+
+
+def _moved(result: DrainResult) -> bool:
+    """Whether a drain took any file out of the spool."""
+    return bool(result.recorded or result.duplicates or result.set_aside or result.ignored)
+
+
+def _log_drained(result: DrainResult, depth: int) -> None:
+    if _moved(result):
+        log.info(
+            "spool_drained",
+            recorded=result.recorded,
+            duplicates=result.duplicates,
+            ignored=result.ignored,
+            set_aside=result.set_aside,
+            spool_depth=depth,
+        )
