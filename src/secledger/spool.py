@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -304,9 +305,13 @@ class Spool:
         )
 
     def _problem(self) -> str | None:
-        if not self.directory.exists():
+        try:
+            mode = self.directory.stat().st_mode
+        except FileNotFoundError:
             return "does not exist (serve creates it when it starts)"
-        if not self.directory.is_dir():
+        except OSError as exc:  # a parent this user may not enter (Path.exists raises too)
+            return f"cannot be reached: {exc.strerror}"
+        if not stat.S_ISDIR(mode):
             return "is not a directory"
         try:
             next(self.directory.iterdir(), None)
