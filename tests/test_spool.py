@@ -430,6 +430,32 @@ def test_later_spooled_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
     assert (again.recorded, again.ignored, again.remaining) == (3, 0, 0)
 
 
+def test_later_live_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
+    receiver: TestClient, engine, spool_settings
+) -> None:
+    """The receiver's side of the same: the unlabelled merge of an MR whose first delivery
+    the database refused was answered `ignored`, the MR being unknown, and lost."""
+    refuse_iid_7(engine)
+    assert post(receiver, mr_event("open", iid=7), Idempotency_Key="l-open").status_code == 202
+    merge = post(receiver, mr_event("merge", iid=7, labels=[]), Idempotency_Key="l-merge")
+    assert (merge.status_code, merge.json()["status"]) == (202, "spooled")
+    other = post(receiver, mr_event("open", iid=8), Idempotency_Key="l-other")
+    assert other.json()["status"] == "recorded"  # other MRs go on as usual
+    failed = spool_settings.spool_path / "failed"
+    wait_for(lambda: len(list(failed.glob("*.dlv"))) == 2)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_iid_7 ON review_events"))
+    for path in sorted(failed.glob("*.dlv")):
+        path.rename(spool_settings.spool_path / path.name)
+    result = Drainer(engine, Spool.open(spool_settings.spool_path), LabelPolicy()).all()
+    assert (result.recorded, result.ignored) == (2, 0)
+    with engine.connect() as conn:
+        state = conn.execute(
+            text("SELECT state FROM security_review_ledger WHERE mr_iid = 7")
+        ).scalar_one()
+    assert state == "merged"
+
+
 def test_a_write_past_a_program_limit_is_refused_not_taken_for_an_outage(
     receiver: TestClient, engine, spool_settings, tmp_path: Path
 ) -> None:

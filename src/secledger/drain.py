@@ -110,8 +110,11 @@ class Drainer:
         self.spool = spool
         self.policy = policy
         self.known = known
-        # Merge requests with a delivery in failed/: their later spooled ones wait there.
-        self._held: set[MRKey] = set()
+        # Merge requests with a delivery in failed/: their later deliveries wait there too.
+        # Replaced, never changed in place, when failed/ changes; read by the event loop.
+        self.held: set[MRKey] = set()
+        self._failed_stamp: int | None = None
+        self.refresh_held()
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
@@ -121,7 +124,7 @@ class Drainer:
             result.unavailable = True
             result.remaining = self.spool.depth
             return result
-        self._held = self._failed_mrs()
+        self.refresh_held()
         items = self._load(self.spool.entries()[:limit], result)
         if items:
             self._record(items, result)
@@ -145,6 +148,20 @@ class Drainer:
             raise
         return True
 
+    def refresh_held(self) -> None:
+        """Read failed/ again when it changed (its files are decoded only then)."""
+        try:
+            stamp: int | None = (self.spool.directory / FAILED).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._failed_stamp:
+            self._failed_stamp = stamp
+            self.held = self._failed_mrs() if stamp is not None else set()
+
+    def hold_mr(self, key: MRKey) -> None:
+        """Hold ``key``'s later deliveries behind one just set aside in failed/."""
+        self.held = self.held | {key}
+
     def _failed_mrs(self) -> set[MRKey]:
         """The merge requests of the deliveries in failed/ (usually none). A later
         delivery of one, recorded now, could not be judged without it: one that no longer
@@ -167,7 +184,7 @@ class Drainer:
 
     def _hold(self, item: _Item, result: DrainResult) -> bool:
         """Set ``item`` aside behind an earlier delivery of its MR in failed/, if there is one."""
-        if item.facts.key not in self._held:
+        if item.facts.key not in self.held:
             return False
         reason = (
             "behind an earlier delivery of the same merge request in failed/:"
@@ -200,6 +217,7 @@ class Drainer:
                 # later delivery would wait behind it.
                 reason = f"extraction failed on drain: {type(exc).__name__}"
                 self._set_aside(path, FAILED, reason, result)
+                self.hold_mr(mr_key(delivery))
                 continue
             item = _Item(path, delivery, facts)
             if not self._hold(item, result):
@@ -231,7 +249,7 @@ class Drainer:
                 return
             reason = str(getattr(exc, "orig", None) or type(exc).__name__)[:300]
             self._set_aside(items[0].path, FAILED, f"refused by the database: {reason}", result)
-            self._held.add(items[0].facts.key)
+            self.hold_mr(items[0].facts.key)
             return
         self.spool.remove([item.path for item in items])
         for item, outcome in zip(items, outcomes, strict=True):

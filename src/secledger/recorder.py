@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine
 from secledger import logs
 from secledger.drain import Drainer, DrainResult, is_transient
 from secledger.errors import StoreUnavailable
-from secledger.extract import EventFacts, extract_facts
+from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
@@ -120,6 +120,7 @@ _STOP = object()
 _WAKE = object()
 # How long ``close`` waits for the writer's last batch.
 CLOSE_WAIT_SECONDS = 30.0
+_NONE_HELD: set[MRKey] = set()
 # The least a delivery that waited past spool_after_seconds before reaching the writer
 # (admission, a slow body) is given to commit before it is spooled: a healthy database
 # commits well within it, and GitLab's 10 s leave room for it.
@@ -282,6 +283,11 @@ class Recorder:
         future.set_result(Outcome("spooled", reason=SPOOLED))
 
     @property
+    def held_mrs(self) -> set[MRKey]:
+        """Merge requests with a delivery in the spool's failed/ folder."""
+        return self._drainer.held if self._drainer else _NONE_HELD
+
+    @property
     def spool_depth(self) -> int:
         """Deliveries waiting in the spool (0 without a spool)."""
         return self._drainer.spool.depth if self._drainer else 0
@@ -395,8 +401,11 @@ class Recorder:
         return _Job(stripped, submitted.loop, submitted.future, facts)
 
     def _dispatch(self, jobs: list[_Job]) -> None:
-        if self.spool_depth:
-            self._spool(jobs)  # never let a new delivery overtake a spooled one
+        held = self.held_mrs
+        if self.spool_depth or (held and any(job.facts.key in held for job in jobs)):
+            # Never let a new delivery overtake a spooled one; one of an MR with a delivery
+            # in failed/ goes there behind it, through the drain.
+            self._spool(jobs)
         else:
             self._record_batch(jobs)
 
@@ -615,6 +624,7 @@ class Recorder:
             return
         try:
             spool.set_aside(path, FAILED, f"the database refused it: {type(exc).__name__}")
+            self._drainer.hold_mr(job.facts.key)
         except OSError:
             if not (spool.directory / FAILED / path.name).exists():
                 # Left in the spool, the drain would meet it again and again, and every

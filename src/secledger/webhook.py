@@ -261,9 +261,11 @@ class WebhookHandler:
             # spool holds deliveries, a spooled one may be what makes this MR a security
             # MR; only the drain, reading the database, can tell, so it decides.
             key = mr_key(decoded)
+            recorder = self.runtime.recorder
             if (
-                not self.runtime.recorder.spool_depth
+                not recorder.spool_depth
                 and key not in self.runtime.known
+                and key not in recorder.held_mrs  # behind its delivery in failed/
                 and not is_security_event(decoded, self.runtime.policy)
             ):
                 stamps = event_stamps(decoded.payload)
