@@ -134,9 +134,11 @@ def _derived(pack: Pack) -> str:
     shown = "".join(f"\n  - {line}" for line in derived.get("first", []))
     return (
         f"**{derived['differences']} rows DIFFER** from a rebuild from the log, so the"
-        " population, decisions and trail below may not be what the log says (an edit"
-        " of the derived tables, or a label policy changed since they were written:"
-        f" `secledger rebuild` rewrites them):{shown}"
+        " population, decisions and trail below may not be what the log says. Either"
+        " the derived tables were edited, or they were written under other rules: a"
+        " label policy changed since, or an upgrade of secledger whose CHANGELOG asks"
+        " for `secledger rebuild`, which rewrites them from the log; then make the pack"
+        f" again:{shown}"
     )
 
 

@@ -156,8 +156,9 @@ def evidence_command(  # noqa: PLR0917 - click passes one argument per option
     if not pack.derived_ok:
         click.echo(
             f"{pack.derived['differences']} ledger or event rows differ from the log (the"
-            " population and its trail are read from them): see the pack's README, and"
-            " `secledger rebuild --check`",
+            " population and its trail are read from them): `secledger rebuild --check`"
+            " lists them. After a policy change or an upgrade that asks for it, run"
+            " `secledger rebuild` and make the pack again; otherwise find who edited them",
             err=True,
         )
         raise SystemExit(1)
