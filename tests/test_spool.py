@@ -555,8 +555,9 @@ def test_the_spool_timer_counts_from_the_requests_arrival(
             for sender in senders:
                 sender.join(timeout=30)
             holder.rollback()
-        # b: 2 s for a place, then the 1 s left of its 3 (not 3 s more).
-        assert 2.5 < took["b"] < 4.2, took
+        # b: 2 s for a place, then the 1 s left of its 3, as long as a took (not 3 s more:
+        # 5 s). Compared with a, so that a slow host delays both alike.
+        assert 2.5 < took["b"] < took["a"] + 1.0, took
         wait_for(lambda: spool_depth(client) == 0)
         assert sorted(r[1] for r in log_rows(engine)) == ["idem:a", "idem:b", "idem:first"]
 
