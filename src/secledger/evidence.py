@@ -251,8 +251,9 @@ def _check_derived(conn: Connection, labels: LabelPolicy, tracker: Tracker) -> d
     """`rebuild --check` in the pack's snapshot. The population, its decisions and its
     trail come from the ledger and event rows, which the app's login may update: the
     chain proves the log, and this ties those rows to it."""
-    tracker.task("check derived rows", None)
+    done = tracker.task("check derived rows", 1)
     found = differences(conn, rebuild(conn, labels))
+    done(1)
     return {
         "checked": "security_review_ledger and review_events against the log",
         "differences": len(found),

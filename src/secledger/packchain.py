@@ -23,8 +23,8 @@ def verify_now(
     public: Ed25519PublicKey | None,
 ) -> dict[str, Any]:
     """Walk the whole chain as ``secledger verify`` does (with ``public``, a stored
-    checkpoint whose signature fails breaks it), write ``chain/verify.json``; a broken
-    chain is recorded too."""
+    checkpoint whose signature fails is not trusted, and listed as forged), write
+    ``chain/verify.json``; a broken chain is recorded too."""
     result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
     try:
         summary = verify(engine, progress=progress, screen=signed_by(public))
