@@ -100,7 +100,9 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
     Exits 0 with a summary, or 1 naming the first row whose sequence, link or hash is
     wrong and why. Checkpoints stored in the database are always compared; a
     checkpoint FILE (kept outside the database) also catches a rewritten history and
-    a removed tail. Reads only: a secledger_readonly login is enough.
+    a removed tail. With --public-key, a stored checkpoint whose signature fails is
+    named FORGED, not trusted, and also exits 1 (the chain's own verdict is printed
+    apart). Reads only: a secledger_readonly login is enough.
 
     \b
     Example:
