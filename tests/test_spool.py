@@ -8,7 +8,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ import structlog
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
 from builders import delivery_of, label_change, mr_event
 from conftest import post
+from faultkit import database_down
 from secledger import recorder as recorder_module
 from secledger import spool as spool_module
 from secledger import web
@@ -71,22 +70,6 @@ def refuse_iid_7(engine: Engine, errcode: str = "P0001") -> None:
                 " FOR EACH ROW EXECUTE FUNCTION refuse_iid_7()"
             )
         )
-
-
-@contextmanager
-def database_down(server_url: str, database_url: str) -> Iterator[None]:
-    """Refuse every connection to the test's database, as if its server were gone."""
-    name = make_url(database_url).database
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-        )
-    try:
-        yield
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 def wait_for(condition: Any, seconds: float = 20.0) -> None:

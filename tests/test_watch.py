@@ -10,15 +10,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from click.testing import CliRunner
 from sqlalchemy import Engine, text
+from structlog.testing import capture_logs
 
 from builders import dumps, mr_event
+from faultkit import database_down
 from secledger import watch as watch_module
 from secledger.cli import main
 from secledger.policy import LabelPolicy
@@ -287,6 +291,35 @@ def test_a_notification_wakes_the_watcher(engine: Engine, database_url: str) -> 
         stop.set()
         thread.join(timeout=LINE_TIMEOUT)
     assert not thread.is_alive()
+
+
+def test_a_second_outage_starts_its_retries_from_one_second_again(
+    engine: Engine, database_url: str, server_url: str, monkeypatch
+) -> None:
+    """The delay doubled across outages: after a long one, every later one waited 30 s
+    before its first retry, though the watcher had followed again in between."""
+    monkeypatch.setattr(watch_module, "log", structlog.get_logger("secledger.watch"))
+    out = LineQueue()
+    stop = threading.Event()
+    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, stop, poll_seconds=0.2)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    with capture_logs() as logged:
+        thread.start()
+        try:
+            record(engine, event(1, iid=1))
+            assert out.lines.get(timeout=LINE_TIMEOUT)["seq"] == 1
+            for n in (2, 3):
+                with database_down(server_url, database_url):
+                    time.sleep(3.5)  # retries after 1 s and 2 s (and 4 s, if it doubled on)
+                engine.dispose()
+                record(engine, event(n, iid=n))
+                assert out.lines.get(timeout=LINE_TIMEOUT)["seq"] == n
+        finally:
+            stop.set()
+            thread.join(timeout=LINE_TIMEOUT)
+    delays = [e["in_seconds"] for e in logged if e["event"] == "watch_reconnecting"]
+    assert delays[0] == 1.0
+    assert delays.count(1.0) == 2, delays  # once per outage
 
 
 class CountingState(StateFile):

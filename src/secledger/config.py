@@ -398,6 +398,16 @@ class Settings(BaseSettings):
             raise ValueError("sink_url must be an http:// or https:// URL")
         return value.strip()
 
+    @field_validator("sink_token", "sink_token_header")
+    @classmethod
+    def _sink_header_text(cls, value: object) -> object:
+        # An HTTP header holds visible ASCII: anything else failed every send before it
+        # was one (no failure recorded, `sink status` silent while rows piled up).
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and not all(" " <= ch <= "~" for ch in text):
+            raise ValueError("must be printable ASCII (it is sent as an HTTP header)")
+        return value
+
     @property
     def sink_enabled(self) -> bool:
         """True when recordings must also be queued in the outbox for the HTTP sink."""

@@ -30,6 +30,8 @@ log = structlog.get_logger("secledger.sink")
 # Notifications wake the background sender at once; this is only the safety net.
 POLL_SECONDS = 5.0
 RECONNECT_SECONDS = 2.0
+# The least the background sender waits after a pass gave up on a row.
+MIN_PASS_PAUSE_SECONDS = 1.0
 # Rows posted per transaction: one commit for their markers. A crash before that commit
 # sends them again (the receiver deduplicates on Idempotency-Key).
 SEND_BATCH = 100
@@ -155,13 +157,18 @@ class Sender:
         if self._config.token is not None:
             headers[self._config.token_header] = self._config.token.get_secret_value()
         try:
-            response = self._client.post(self._config.url, content=item.body, headers=headers)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # The status is the answer: its body is not read, so a receiver that trickles
+            # one byte at a time cannot hold the sender (and its transaction) open.
+            with self._client.stream(
+                "POST", self._config.url, content=item.body, headers=headers
+            ) as response:
+                status = response.status_code
+        except Exception as exc:  # noqa: BLE001 - every failure is the row's, and recorded
             # The class only: messages may repeat the URL, which may carry credentials.
             return None, type(exc).__name__
-        if 200 <= response.status_code < 300:
-            return response.status_code, None
-        return response.status_code, f"HTTP {response.status_code}"
+        if 200 <= status < 300:
+            return status, None
+        return status, f"HTTP {status}"
 
 
 class SinkWorker:
@@ -204,8 +211,9 @@ class SinkWorker:
             while not self._stop.is_set():
                 result = self._sender.drain()
                 if result.stuck_seq is not None:
-                    # Not woken by new recordings: an outage must not be hammered.
-                    self._stop.wait(self._config.backoff_max)
+                    # Not woken by new recordings: an outage must not be hammered (with a
+                    # cap of 0, the pass that gave up was followed at once by the next).
+                    self._stop.wait(max(self._config.backoff_max, MIN_PASS_PAUSE_SECONDS))
                 else:
                     listener.wait(POLL_SECONDS, self._stop)
 

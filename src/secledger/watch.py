@@ -130,16 +130,21 @@ class Watcher:
     poll_seconds: float = 5.0
     reconnect_max_seconds: float = 30.0
     emitted: int = 0
+    # Times it connected and caught up: a retry delay starts again from 1 s after one.
+    _connections: int = 0
 
     def run(self) -> None:
         """Catch up and follow until ``stop`` is set; reconnects after database errors."""
         delay = 1.0
         while not self.stop.is_set():
+            connected = self._connections
             try:
                 self._follow()
             except (psycopg.OperationalError, DBAPIError) as exc:
                 if not is_connection_error(exc):
                     raise
+                if self._connections != connected:
+                    delay = 1.0  # it had followed again: a new outage starts from 1 s
                 log.warning("watch_reconnecting", error=type(exc).__name__, in_seconds=delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.reconnect_max_seconds)
@@ -150,6 +155,7 @@ class Watcher:
         # LISTEN before catching up: a commit between the two wakes us, so none is missed.
         with Listener(self.libpq_url) as listener:
             self.catch_up()
+            self._connections += 1
             while not self.stop.is_set():
                 listener.wait(self.poll_seconds, self.stop)
                 self.catch_up()
