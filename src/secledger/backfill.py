@@ -268,17 +268,16 @@ def _placed(conn: Connection, instance: str, env: dict[str, Any]) -> dict[str, A
     """
     key = MRKey(instance, int(env["mr"]["project_id"]), int(env["mr"]["iid"]))
     dated = apifacts.dated_approval(env)
+    user_id = apifacts.approver_id(env)
     if dated is not None:
         # GitLab began giving approval times (an upgrade): the approval an older one gave
         # without a time, logged already, is this one, under a key of its own.
-        user_id = apifacts.approver_id(env)
         _, told = ledger.undated_standing(conn, key, *dated, dated=True, actor_id=user_id)
         return None if told else env
     approver = apifacts.undated_approver(env)
     bound = parse_optional(env.get("upper_bound"))
     if approver is None or bound is None:
         return env
-    user_id = apifacts.approver_id(env)
     revoked, told = ledger.undated_standing(conn, key, approver, bound, actor_id=user_id)
     if told:
         return None

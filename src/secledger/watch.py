@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -131,7 +131,7 @@ class Watcher:
     reconnect_max_seconds: float = 30.0
     emitted: int = 0
     # Times it connected and caught up: a retry delay starts again from 1 s after one.
-    _connections: int = 0
+    _connections: int = field(default=0, init=False)
 
     def run(self) -> None:
         """Catch up and follow until ``stop`` is set; reconnects after database errors."""

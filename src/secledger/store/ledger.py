@@ -114,8 +114,12 @@ def undated_standing(
     undated one placed at or after it, with no revocation between, is the same approval
     as an older GitLab showed it."""
     floor = bound if dated else datetime.min.replace(tzinfo=UTC)
-    params = key_params(key) | {"actor": actor, "actor_id": actor_id, "bound": bound}
-    params["floor"] = floor
+    params = key_params(key) | {
+        "actor": actor,
+        "actor_id": actor_id,
+        "bound": bound,
+        "floor": floor,
+    }
     revoked = conn.execute(_LAST_REVOCATION, params).first()
     if revoked is None:
         after = {"after_at": datetime.min.replace(tzinfo=UTC), "after_seq": 0}
