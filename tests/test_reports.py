@@ -524,3 +524,24 @@ def test_the_reviewer_filter_of_findings_keeps_an_approval_revoked_before_the_me
         assert (revoked, 7) in {(f.rule, f.mr_iid) for f in listed}
         listed = findings.list_findings(conn, CompliancePolicy(), NOW, reviewer="carol")
         assert 7 not in {f.mr_iid for f in listed}
+
+
+def test_reports_read_the_ledger_in_public_not_a_copy_in_the_logins_schema(
+    history, database_url, monkeypatch, tmp_path
+) -> None:
+    """The default search_path reads a schema named after the login first: whoever may
+    create one (the database's owner) could leave a ledger there for reports to show."""
+    with history.begin() as conn:
+        login = conn.execute(text("SELECT current_user")).scalar_one()
+        conn.execute(text(f'CREATE SCHEMA "{login}"'))
+        conn.execute(
+            text(
+                f'CREATE TABLE "{login}".security_review_ledger'
+                " AS TABLE public.security_review_ledger WITH NO DATA"
+            )
+        )
+    monkeypatch.setenv("SECLEDGER_DATABASE_URL", database_url)
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    shown = CliRunner().invoke(main, ["ledger", "--format", "json"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert sorted(row["mr_iid"] for row in json.loads(shown.output)) == [1, 2, 3, 4, 5, 6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -157,14 +158,12 @@ def test_a_copy_of_the_log_in_the_logins_own_schema_is_not_what_is_walked(
         f'CREATE TABLE "{login}".checkpoints AS TABLE public.checkpoints',
         "UPDATE public.delivery_log SET received_at = received_at - interval '1 day' WHERE seq = 2",
     )
-    with engine.connect() as conn:  # what an unpinned reader sees: the untouched copy
-        schema = conn.execute(
-            text(
-                "SELECT relnamespace::regnamespace::text FROM pg_class"
-                " WHERE oid = to_regclass('delivery_log')"
-            )
-        ).scalar_one()
-        assert schema.strip('"') == login
+    with psycopg.connect(database_url) as raw:  # what an unpinned reader sees: the copy
+        found = raw.execute(
+            "SELECT relnamespace::regnamespace::text FROM pg_class"
+            " WHERE oid = to_regclass('delivery_log')"
+        ).fetchone()
+        assert found is not None and found[0].strip('"') == login
     result = cli(database_url, "verify")
     assert result.exit_code == 1, result.output
     assert "chain BROKEN at row seq=2: hash mismatch" in result.output

@@ -96,7 +96,10 @@ class KnownMRs:
                 self._stop.wait(2.0)
 
     def _reload(self, conn: psycopg.Connection[Any]) -> None:
-        rows = conn.execute("SELECT instance, project_id, mr_iid FROM security_review_ledger")
+        # Named with its schema: this raw connection does not get db.create's search path.
+        rows = conn.execute(
+            "SELECT instance, project_id, mr_iid FROM public.security_review_ledger"
+        )
         keys = {MRKey(instance, project_id, mr_iid) for instance, project_id, mr_iid in rows}
         with self._lock:
             new = keys - self._keys

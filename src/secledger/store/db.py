@@ -58,7 +58,7 @@ def sqlalchemy_url(url: str) -> str:
 
 def create(url: str, *, pool_size: int = 5) -> Engine:
     """An engine for ``url`` with a pool sized for one writer and a few readers, whose
-    sessions all run in UTC."""
+    sessions all run in UTC and read secledger's own tables (``SESSION_SEARCH_PATH``)."""
     engine = create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
@@ -71,18 +71,22 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
         json_serializer=_json_text,
     )
-    event.listen(engine, "connect", _in_utc)
+    event.listen(engine, "connect", _session_defaults)
     return engine
 
 
-def _in_utc(dbapi_connection: Any, _record: object) -> None:
+def _session_defaults(dbapi_connection: Any, _record: object) -> None:
     # Every time shown (pages, API, CSV) is labelled UTC, but a timestamptz comes back
     # in the session's zone, and initdb gives a server its host's zone: a dashboard
-    # showed New York times as UTC. Set here rather than through the URL's `options`,
-    # which would replace an operator's own options or PGOPTIONS.
+    # showed New York times as UTC. The search path: reports, pages and the writer read
+    # the tables in public, not a copy left in a schema named after the login. Set here
+    # rather than through the URL's `options`, which would replace an operator's own
+    # options or PGOPTIONS.
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
-    dbapi_connection.execute("SET TIME ZONE 'UTC'")
+    dbapi_connection.execute(
+        f"SET TIME ZONE 'UTC'; SET search_path = {SESSION_SEARCH_PATH}"  # one round trip
+    )
     dbapi_connection.autocommit = autocommit
 
 
@@ -100,10 +104,14 @@ def reading(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-# Readers that prove history (verify, the evidence pack) resolve names here: the tables
-# the migrations made in public, after PostgreSQL's own functions. A login's default
-# search_path searches "$user" first, where whoever may create a schema of that name
-# (the database's owner) could leave a pristine copy of the log for the auditor to walk.
+# Every session resolves names in the tables the migrations made in public, after
+# PostgreSQL's own functions. A login's default search_path searches "$user" first, where
+# whoever may create a schema of that name (the database's owner) could leave a pristine
+# copy of the log for the auditor to walk, or of the ledger for a report to read. A
+# session's path leaves pg_catalog implicit (searched first all the same) so that what
+# the migrations create goes to public; readers that prove history pin the path again
+# for their transaction, with pg_catalog named.
+SESSION_SEARCH_PATH = "public, pg_temp"
 PINNED_SEARCH_PATH = "pg_catalog, public, pg_temp"
 
 
