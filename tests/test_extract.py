@@ -255,13 +255,17 @@ def test_a_removal_tells_the_tier_of_the_labels_it_changed() -> None:
 def test_facts_survive_a_json_round_trip() -> None:
     facts = facts_of(mr_event("approved", reviewers=["bob"]))
     assert EventFacts.from_json(facts.to_json()) == facts
-    # Fields, in order; tier_before only when known, so facts stored before it existed
-    # still equal what rebuild extracts from their log rows.
-    assert list(facts.to_json()) == [f.name for f in fields(EventFacts) if f.name != "tier_before"]
+    # Fields, in order; tier_before and untiered only when they tell something, so facts
+    # stored before they existed still equal what rebuild extracts from their log rows.
+    later = {"tier_before", "untiered"}
+    assert list(facts.to_json()) == [f.name for f in fields(EventFacts) if f.name not in later]
     removed = label_change(["sec/high"], [], "2025-08-05 22:00:00 UTC")
     removal = facts_of(mr_event("update", labels=[], changes=removed))
     assert removal.to_json()["tier_before"] == "high"
     assert EventFacts.from_json(removal.to_json()) == removal
+    untiered = facts_of(mr_event("open", labels=["sec/crypto"]))
+    assert untiered.to_json()["untiered"] is True
+    assert EventFacts.from_json(untiered.to_json()) == untiered
 
 
 def test_event_stamps_keep_only_short_strings() -> None:

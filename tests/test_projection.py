@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secledger.extract import EventFacts
+from builders import delivery_of, label_change, mr_event
+from secledger.extract import EventFacts, extract_facts
+from secledger.policy import LabelPolicy
 from secledger.projection import (
     UNDATED_APPROVAL,
     SequencedEvent,
@@ -19,6 +21,12 @@ from secledger.projection import (
 )
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+AT = "2025-08-05 21:00:00 UTC"
+
+
+def facts_of(body: dict, policy: LabelPolicy | None = None) -> EventFacts:
+    """What extraction makes of a webhook ``body``."""
+    return extract_facts(delivery_of(body, "k", T0), policy or LabelPolicy())
 
 
 def event(seq: int, kind: str, actor: str, minutes: int, **extra: object) -> SequencedEvent:
@@ -463,3 +471,26 @@ def test_distinct_facts_keeps_the_first_copy_of_each_identity(
             seen.add(identity)
             expected.append(item)
     assert distinct_facts(history) == expected
+
+
+def test_a_label_ending_with_the_unclassified_name_does_not_name_a_tier() -> None:
+    """``sec::unclassified`` names no tier: removing ``sec::critical`` beside it keeps
+    the MR critical, as removing it beside ``sec/crypto`` does."""
+    both = ("sec::critical", "sec::unclassified")
+    rest = ("sec::unclassified",)
+    removal = facts_of(
+        mr_event("update", labels=list(rest), changes=label_change(list(both), list(rest), AT))
+    )
+    assert (removal.tier, removal.untiered) == ("unclassified", True)
+    opened = facts_of(mr_event("open", labels=list(both)))
+    assert fold([SequencedEvent(1, opened), SequencedEvent(2, removal)])["risk_tier"] == "critical"
+
+
+def test_a_tier_label_with_a_trailing_blank_names_its_tier() -> None:
+    """``tier_of_label`` strips the blank; a later, lower tier label replaces the tier."""
+    policy = LabelPolicy(patterns=("security/*",))
+    high, low = ["security/HIGH "], ["security/LOW "]
+    opened = facts_of(mr_event("open", labels=high), policy)
+    lowered = facts_of(mr_event("update", labels=low, changes=label_change(high, low, AT)), policy)
+    assert (opened.tier, lowered.tier) == ("high", "low")
+    assert fold([SequencedEvent(1, opened), SequencedEvent(2, lowered)])["risk_tier"] == "low"

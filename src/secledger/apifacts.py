@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from secledger import payloads as p
-from secledger.extract import EventFacts, bounded, tier_before
+from secledger.extract import EventFacts, bounded, tier_before, untiered
 from secledger.intake import API_SOURCE, Delivery
 from secledger.policy import LabelPolicy
 from secledger.times import isoformat, parse_optional, parse_time
@@ -235,12 +235,14 @@ def _label_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, Any]:
     at = parse_time(item["created_at"])
     added = item.get("action") == "add"
     security = policy.security_labels(labels)
+    tier = policy.tier(labels)
     return {
         "kind": "label_added" if added else "label_removed",
         "decision": None,
         "event_at": at,
         "event_at_source": "api.label_event",
-        "tier": policy.tier(labels),
+        "tier": tier,
+        "untiered": untiered(policy, security, tier),
         "labels": labels,
         "security_labels": security,
         "security_added": (name,) if added else (),

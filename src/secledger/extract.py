@@ -104,6 +104,9 @@ class EventFacts:
     # The tier of the security labels just before this event removed one: a removal seen
     # first (or alone) still tells the tier it lowered.
     tier_before: str | None = None
+    # Security labels, none of which names a tier (``tier`` is the unclassified bucket):
+    # the fold then keeps the tier an earlier label named.
+    untiered: bool = False
     reviewers: tuple[str, ...] | None = None
     labeled_at: datetime | None = None
     labeled_at_source: str | None = None
@@ -127,6 +130,8 @@ class EventFacts:
         # says nothing keeps them equal to what rebuild extracts again (rebuild --check).
         if data["tier_before"] is None:
             del data["tier_before"]
+        if not data["untiered"]:  # likewise for facts stored before it existed
+            del data["untiered"]
         return data
 
     @classmethod
@@ -269,6 +274,11 @@ def label_facts(
     return labels, security, added, removed, bool(security) or was_security
 
 
+def untiered(policy: LabelPolicy, security: tuple[str, ...], tier: str) -> bool:
+    """Whether there are security labels and none names a tier."""
+    return bool(security) and tier == policy.unclassified
+
+
 def tier_before(
     policy: LabelPolicy,
     security: tuple[str, ...],
@@ -335,6 +345,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     elif kind == "open" and security and _at_creation(event_at, event_at_source, created_at):
         labeled_at, labeled_source = created_at or event_at, "opened_with_label"
     key = mr_key(delivery)
+    tier = policy.tier(labels)
     return bounded(
         EventFacts(
             instance=key.instance,
@@ -346,7 +357,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
             event_at=event_at,
             event_at_source=event_at_source,
             is_security=is_security,
-            tier=policy.tier(labels),
+            tier=tier,
             state=p.state_of(attrs),
             actor=p.text(user, "username"),
             actor_id=p.integer(user, "id"),
@@ -361,6 +372,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
             security_added=added,
             security_removed=removed,
             tier_before=tier_before(policy, security, added, removed),
+            untiered=untiered(policy, security, tier),
             # GitLab omits the key when nobody is assigned: absence means "none".
             reviewers=tuple(p.usernames(payload.get("reviewers"))),
             labeled_at=labeled_at,

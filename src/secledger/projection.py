@@ -213,7 +213,7 @@ def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
 _PROVENANCE = frozenset({"event_at_source", "source", "extra"})
 # Follows from the labels and the labels removed, and copies stored before it was
 # extracted lack it: one event recorded before and after that must stay one event.
-_DERIVED = frozenset({"tier_before"})
+_DERIVED = frozenset({"tier_before", "untiered"})
 # attrgetter builds the tuple in C: this runs for every event of an MR at each fold.
 _TOLD = attrgetter(*(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE | _DERIVED))
 
@@ -426,8 +426,13 @@ def _names_its_tier(facts: EventFacts) -> bool:
     unclassified bucket. Removing the tier's label while another security label stays
     (``sec/crypto``) keeps the tier, as removing every security label does: it had
     made a critical MR unclassified, and one approval enough."""
+    if facts.untiered:
+        return False
+    # A label naming a tier ends with its name, blanks aside (``LabelPolicy.tier_of_label``).
+    # Only facts stored before ``untiered`` existed can have an unclassified tier here,
+    # when a label ends with the bucket's name.
     wanted = facts.tier.lower()
-    return any(label.lower().endswith(wanted) for label in facts.security_labels)
+    return any(label.lower().rstrip().endswith(wanted) for label in facts.security_labels)
 
 
 def _apply_decision(row: dict[str, Any], approvals: list[EventFacts], facts: EventFacts) -> None:
