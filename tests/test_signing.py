@@ -176,6 +176,86 @@ def test_each_instance_is_matched_by_header_and_uses_its_own_secrets() -> None:
         authenticate(stolen, BODY, multi, now=NOW)
 
 
+def _other_body(url: str = "https://other.example.org/acme/p") -> bytes:
+    body = mr_event("approved", labels=["sec::high"], actor="bob")
+    body["project"]["web_url"] = url
+    body["object_attributes"]["url"] = url + "/-/merge_requests/1"
+    return dumps(body)
+
+
+def _instance_of(headers: dict[str, str], body: bytes, multi: Sources) -> str:
+    verified = authenticate(headers, body, multi, now=NOW)
+    delivery = parse_delivery(
+        headers,
+        body,
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=NOW,
+        require_token=False,
+        verified=verified,
+    )
+    return delivery.instance  # type: ignore[union-attr]
+
+
+def test_without_the_instance_header_an_instances_token_selects_it() -> None:
+    """GitLab before 15.5 sends no X-Gitlab-Instance: the partner's token was checked
+    against the default source, and every delivery refused (401) until GitLab disabled
+    the hook. The token that selected the instance names it, as the header would."""
+    multi = _multi()
+    headers = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "other"}
+    assert precheck(headers, multi, now=NOW).source == "https://other.example.org"  # type: ignore[union-attr]
+    assert _instance_of(headers, _other_body(), multi) == "https://other.example.org"
+    assert _instance_of(headers, _other_body("https://x.test/p"), multi) == (
+        "https://other.example.org"
+    )
+    # Still no way into a third instance's ledger, nor a way round a wrong token.
+    with pytest.raises(WrongInstance):  # BODY is gitlab.example.com's
+        _instance_of(headers, BODY, multi)
+    wrong = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "nobody's"}
+    with pytest.raises(
+        InvalidToken, match=r"^X-Gitlab-Token does not match any configured secret$"
+    ):
+        precheck(wrong, multi, now=NOW)
+    # The default source's own token keeps selecting it.
+    default = {"x-gitlab-event": "Merge Request Hook", "x-gitlab-token": "default-token"}
+    assert _instance_of(default, _other_body("https://x.test/p"), multi) == "https://x.test"
+
+
+def test_a_header_naming_no_configured_instance_says_the_default_source_was_checked() -> None:
+    """The partner's token with the header in another scheme: the token is configured,
+    so "does not match any configured secret" alone sent the operator the wrong way."""
+    headers = {"x-gitlab-instance": "http://other.example.org", "x-gitlab-token": "other"}
+    with pytest.raises(InvalidToken, match="of the default source: X-Gitlab-Instance"):
+        precheck(headers, _multi(), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (
+            {"webhook_auth": "both", "webhook_signing_secrets": [SecretStr(SIGNING_SECRET)]},
+            "SECLEDGER_WEBHOOK_AUTH 'both' needs at least one token in SECLEDGER_WEBHOOK_SECRETS",
+        ),
+        (
+            {
+                "webhook_sources": [
+                    WebhookSource(
+                        instance="https://p.test",
+                        auth="token",
+                        signing_secrets=[SecretStr(SIGNING_SECRET)],
+                    )
+                ]
+            },
+            "webhook_sources[0].auth 'token' needs at least one token in webhook_sources[0].tokens",
+        ),
+    ],
+)
+def test_a_policy_without_its_secret_names_the_settings_to_fix(settings, named) -> None:
+    with pytest.raises(ConfigError) as caught:
+        sources_from_settings(Settings(**settings))
+    assert str(caught.value) == named
+
+
 @pytest.mark.parametrize("claimed", [None, "https://x.test"])
 def test_default_credentials_cannot_record_for_an_instance_with_its_own_secrets(claimed) -> None:
     """The payload's project URL names gitlab.example.com: neither leaving the header out

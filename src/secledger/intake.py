@@ -147,11 +147,22 @@ class Sources:
         return self._verified[name, method]
 
     def select(self, headers: Mapping[str, str]) -> Source:
-        """The source a request claims to come from; the default when it names no known one."""
+        """The source a request claims to come from; the default when it names no known one.
+
+        GitLab sends X-Gitlab-Instance from 15.5 on. Without it, a token that the default
+        source does not hold but one instance does selects that instance: its deliveries
+        were otherwise refused (401), and GitLab disables a hook after four failures.
+        """
         if not self.instances:
             return self.default
         claimed = origin(headers.get("x-gitlab-instance", "").strip())
-        return self.instances.get(claimed or "", self.default)
+        if claimed:
+            return self.instances.get(claimed, self.default)
+        given = token_bytes(headers)
+        if given is None or _holds(self.default.tokens, given):
+            return self.default
+        holders = [source for source in self.instances.values() if _holds(source.tokens, given)]
+        return holders[0] if len(holders) == 1 else self.default
 
 
 @quick
@@ -283,7 +294,7 @@ def precheck(
         return sources.verified(source.name, "open")
     token, signature = _wanted(source, headers)
     if token:
-        verify_token(headers, source.tokens)
+        _check_token(headers, source, sources)
     if signature:
         signature_headers(headers, now=now, tolerance=sources.tolerance)
         return TOKEN_PROVEN if token else UNPROVEN
@@ -300,7 +311,7 @@ def authenticate(
         return sources.verified(source.name, "open")
     token, signature = _wanted(source, headers)
     if token:
-        verify_token(headers, source.tokens)
+        _check_token(headers, source, sources)
     if not signature:
         return sources.verified(source.name, "token")
     signed = signature_headers(headers, now=now, tolerance=sources.tolerance)
@@ -309,23 +320,51 @@ def authenticate(
     return Verified(source.name, method, signed.webhook_id, signed.timestamp, reserved)
 
 
+def _check_token(headers: Mapping[str, str], source: Source, sources: Sources) -> None:
+    try:
+        verify_token(headers, source.tokens)
+    except InvalidToken as exc:
+        claimed = headers.get("x-gitlab-instance", "").strip()
+        if source.name != DEFAULT_SOURCE or not (sources.instances and claimed):
+            raise
+        # Checked against the default source because the header named no configured
+        # instance, which a scheme or port other than the configured one also does.
+        raise InvalidToken(
+            f"{exc} of the default source: X-Gitlab-Instance {claimed[:100]!r} names no"
+            " configured instance (instances are matched by scheme, host and port)"
+        ) from None
+
+
 def verify_token(headers: Mapping[str, str], secrets: Sequence[bytes]) -> None:
     """Raise InvalidToken unless X-Gitlab-Token equals one of ``secrets``.
 
     Every secret is compared, so the time taken does not reveal which one matched.
     """
+    given = token_bytes(headers)
+    if given is None:
+        raise InvalidToken("X-Gitlab-Token header is missing")
+    if not _holds(secrets, given):
+        raise InvalidToken("X-Gitlab-Token does not match any configured secret")
+
+
+def token_bytes(headers: Mapping[str, str]) -> bytes | None:
+    """X-Gitlab-Token's bytes as sent, or None without the header."""
     supplied = headers.get("x-gitlab-token")
     if supplied is None:
-        raise InvalidToken("X-Gitlab-Token header is missing")
+        return None
     # The HTTP edge decodes header values as Latin-1; GitLab sends the token's UTF-8
     # bytes, and the secrets are UTF-8: compare bytes as sent, not a re-encoding.
     raw = headers.raw("x-gitlab-token") if isinstance(headers, RequestHeaders) else None
-    given = raw if raw is not None else supplied.encode("utf-8", "surrogateescape")
+    return raw if raw is not None else supplied.encode("utf-8", "surrogateescape")
+
+
+def _holds(secrets: Sequence[bytes], given: bytes) -> bool:
+    """Whether ``given`` is one of ``secrets``; every one is compared, so the time taken
+    does not reveal which one matched."""
     matched = False
     for secret in secrets:
         matched |= hmac.compare_digest(given, secret)
-    if not matched:
-        raise InvalidToken("X-Gitlab-Token does not match any configured secret")
+    return matched
 
 
 def check_size(length: int, limit: int) -> None:
@@ -488,6 +527,8 @@ def decode_mr(
         return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
     project_id, iid = require_identity(payload)
     instance = instance_of(headers, payload)
+    if verified is not None and verified.source != DEFAULT_SOURCE:
+        instance = verified.source  # the header named it, or (without one) the token did
     if verified is not None and verified.reserved:
         _refuse_reserved(instance, headers, payload, verified)
     return Decoded(event, instance, payload, project_id, iid)

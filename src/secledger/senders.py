@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import SecretStr
 
@@ -30,21 +31,39 @@ def signing_key(secret: str, where: str) -> bytes:
     return key
 
 
+@dataclass(frozen=True)
+class SourceSettings:
+    """The settings of one source, as errors name them."""
+
+    tokens: str
+    secrets: str
+    policy: str
+
+
 def make_source(
     name: str,
     tokens: Sequence[SecretStr],
     secrets: Sequence[SecretStr],
     policy: str,
-    where: str,
+    named: SourceSettings,
 ) -> Source:
     """Build one source, refusing a policy its secrets cannot satisfy."""
-    keys = tuple(signing_key(s.get_secret_value(), f"{where}[{i}]") for i, s in enumerate(secrets))
+    keys = tuple(
+        signing_key(s.get_secret_value(), f"{named.secrets}[{i}]") for i, s in enumerate(secrets)
+    )
     source = Source(name, tuple(t.get_secret_value().encode() for t in tokens), keys, policy)
     if policy in {"token", "both"} and not source.tokens:
-        raise ConfigError(f"{where}: policy {policy!r} needs at least one token")
+        raise ConfigError(f"{named.policy} {policy!r} needs at least one token in {named.tokens}")
     if policy in {"signature", "both"} and not source.keys:
-        raise ConfigError(f"{where}: policy {policy!r} needs at least one signing secret")
+        raise ConfigError(
+            f"{named.policy} {policy!r} needs at least one signing secret in {named.secrets}"
+        )
     return source
+
+
+DEFAULT_NAMES = SourceSettings(
+    "SECLEDGER_WEBHOOK_SECRETS", "SECLEDGER_WEBHOOK_SIGNING_SECRETS", "SECLEDGER_WEBHOOK_AUTH"
+)
 
 
 def sources_from_settings(settings: Settings, *, open_default: bool = False) -> Sources:
@@ -56,7 +75,7 @@ def sources_from_settings(settings: Settings, *, open_default: bool = False) -> 
             settings.webhook_secrets,
             settings.webhook_signing_secrets,
             settings.webhook_auth,
-            "webhook_signing_secrets",
+            DEFAULT_NAMES,
         )
     elif not open_default:
         default = Source(DEFAULT_SOURCE)
@@ -68,7 +87,8 @@ def sources_from_settings(settings: Settings, *, open_default: bool = False) -> 
             raise ConfigError(f"{where}.instance must be a distinct http(s) base URL")
         if not config.tokens and not config.signing_secrets:
             raise ConfigError(f"{where} has neither tokens nor signing_secrets")
+        named = SourceSettings(f"{where}.tokens", f"{where}.signing_secrets", f"{where}.auth")
         instances[name] = make_source(
-            name, config.tokens, config.signing_secrets, config.auth, f"{where}.signing_secrets"
+            name, config.tokens, config.signing_secrets, config.auth, named
         )
     return Sources(default, instances, settings.webhook_tolerance_seconds)
