@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from builders import dumps, label_change, mr_event, sample
-from conftest import post
+from conftest import SECRET, post
 from secledger import webhook
 from secledger.config import Settings
 from secledger.store import db
@@ -64,6 +64,15 @@ def test_missing_token_is_401_and_nothing_is_stored(client, engine) -> None:
     assert response.json()["error"] == "invalid_token"
     assert "missing" in response.json()["message"]
     assert log_count(engine) == 0
+
+
+def test_a_hook_url_with_a_trailing_slash_is_the_same_endpoint(client, engine) -> None:
+    sent = {"X-Gitlab-Event": "Merge Request Hook", "X-Gitlab-Token": SECRET}
+    body = json.dumps(mr_event("open", labels=["sec::high"])).encode()
+    response = client.post("/webhooks/gitlab/", content=body, headers=sent)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "recorded"
+    assert log_count(engine) == 1
 
 
 def test_wrong_token_is_401(client, engine) -> None:

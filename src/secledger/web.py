@@ -269,7 +269,7 @@ def create_app(settings: Settings, database: db.Database) -> Any:
     handler: list[webhook.WebhookHandler] = []
 
     async def app(scope: webhook.Scope, receive: webhook.Receive, send: webhook.Send) -> None:
-        if scope["type"] == "http" and scope["path"] == webhook.PATH:
+        if scope["type"] == "http" and scope["path"] in webhook.PATHS:
             if not handler:
                 handler.append(webhook.WebhookHandler(runtime_ref["runtime"]))
             await handler[0](scope, receive, send)

@@ -42,6 +42,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PATH = "/webhooks/gitlab"
+# A hook URL entered with a trailing slash: a 404 for each delivery would count as a
+# failure, and GitLab disables a hook after four.
+PATHS = frozenset({PATH, PATH + "/"})
 log = structlog.get_logger("secledger.webhook")
 
 
