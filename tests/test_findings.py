@@ -1077,7 +1077,8 @@ def test_a_read_counts_an_unrecorded_breach_as_recording_it_would(engine) -> Non
 
 def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None:
     """The check recorded !1's breach, a longer SLA resolved it, and that SLA passed too:
-    recording would reopen the same row (same id, detected_at kept), so reads do."""
+    recording would reopen the same row (same id, detected_at kept), so reads do, with
+    the deadline and budget of the clock that ran out now, not the first one's."""
     record(engine, event("open", 0, labels=["sec::critical"]))
     with engine.begin() as conn:
         assert findings.refresh_overdue(conn, CompliancePolicy(), T0 + timedelta(hours=30)) == 1
@@ -1090,7 +1091,9 @@ def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None
     assert resolved.resolved_at == "2025-08-05T16:00:00Z"
     now = T0 + timedelta(hours=101)
     [read] = listed_as_of(engine, longer, now)
-    assert read == replace(resolved, resolved_at=None)
+    assert resolved.evidence["deadline"] == "2025-08-05T09:00:00Z"  # 24 h
+    evidence = resolved.evidence | {"sla_hours": 100, "deadline": "2025-08-08T13:00:00Z"}
+    assert read == replace(resolved, resolved_at=None, evidence=evidence)
     changed, recorded = listed_once_recorded(engine, longer, now)
     assert changed == 1
     assert recorded == [read]

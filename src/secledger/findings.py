@@ -237,7 +237,10 @@ _BREACHES = (
 _RECORD_OVERDUE = text(
     "INSERT INTO findings (instance, project_id, mr_iid, rule, subject, severity, seqs,"
     f" evidence, detected_at, updated_at) SELECT b.*, :now, :now FROM ({_BREACHES}) b"
+    # Reopened with the clock that ran out now (a policy change may have moved the
+    # deadline since it was resolved); detected_at stays the first detection's.
     " ON CONFLICT (instance, project_id, mr_iid, rule, subject) DO UPDATE SET"
+    " severity = excluded.severity, seqs = excluded.seqs, evidence = excluded.evidence,"
     " resolved_at = NULL, updated_at = excluded.updated_at"
     " WHERE findings.resolved_at IS NOT NULL"
 )
@@ -265,8 +268,7 @@ def findings_as_of(keys_table: str | None = None) -> str:
         f" AND EXISTS (SELECT FROM ({_BREACHES}) b WHERE {_STORED_BREACH}))"
         " UNION ALL"
         " SELECT f.id, b.instance, b.project_id, b.mr_iid, b.rule, b.subject,"
-        " coalesce(f.severity, b.severity), coalesce(f.seqs, b.seqs),"
-        " coalesce(f.evidence, b.evidence), coalesce(f.detected_at, CAST(:now AS timestamptz)),"
+        " b.severity, b.seqs, b.evidence, coalesce(f.detected_at, CAST(:now AS timestamptz)),"
         f" NULL::timestamptz FROM ({_BREACHES}) b{scope} LEFT JOIN findings f ON {_STORED_BREACH}"
         " WHERE f.id IS NULL OR f.resolved_at IS NOT NULL)"
     )
