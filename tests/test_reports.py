@@ -276,6 +276,21 @@ def test_projects_report_and_project_filter(history) -> None:
     assert [(r["tier"], r["mrs"], r["open"]) for r in only] == [("critical", 1, 1)]
 
 
+def test_a_renamed_project_is_shown_under_its_newest_path(history) -> None:
+    """MR 4, the last of project 15 to be seen (closed at 270 h), was seen after the
+    project became acme/aa-new: the path its other MRs keep is the old one."""
+    with history.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE security_review_ledger SET project_path = 'acme/aa-new'"
+                " WHERE project_id = 15 AND mr_iid = 4"
+            )
+        )
+    rows = by(run(history, reports.projects), "project_path")
+    assert rows["acme/aa-new"]["mrs"] == 3
+    assert "acme/web" not in rows
+
+
 def test_periods_report_by_week_and_month(history) -> None:
     weeks = by(run(history, reports.periods, period="week"), "period_start")
     assert sorted(weeks) == ["2025-08-04", "2025-08-11"]

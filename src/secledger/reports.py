@@ -265,7 +265,11 @@ def tiers(conn: Connection, filters: Filters) -> list[TierRow]:
 
 def projects(conn: Connection, filters: Filters) -> list[ProjectRow]:
     """Per project, MRs labelled in the period."""
-    keys = "l.instance, l.project_id, max(l.project_path) AS project_path"
+    # After a rename, MRs last seen before it keep the old path: the newest one's is shown.
+    keys = (
+        "l.instance, l.project_id, (array_agg(l.project_path ORDER BY l.last_event_at DESC)"
+        " FILTER (WHERE l.project_path IS NOT NULL))[1] AS project_path"
+    )
     return _grouped(conn, filters, keys, "l.instance, l.project_id", ProjectRow)
 
 
