@@ -46,6 +46,18 @@ def test_keygen_writes_a_private_key_readable_only_by_its_owner(key, database_ur
     assert "refusing to replace" in again.output
 
 
+def test_keygen_never_replaces_a_public_key_auditors_may_need(database_url, tmp_path) -> None:
+    """After a rotation the old private key may be gone; its public key still checks the
+    old checkpoints."""
+    kept = tmp_path / "k.pem.pub"
+    kept.write_bytes(b"the old public key")
+    result = cli(database_url, "keygen", "--out", str(tmp_path / "k.pem"))
+    assert result.exit_code != 0
+    assert "k.pem.pub exists; refusing to replace a public key" in result.output
+    assert kept.read_bytes() == b"the old public key"
+    assert not (tmp_path / "k.pem").exists()
+
+
 def test_keygen_says_how_to_sign_with_the_key(database_url, tmp_path) -> None:
     """serve and checkpoint read the key from SECLEDGER_CHECKPOINT_KEY_FILE only: keygen
     followed by checkpoint failed with "no signing key" until it was set."""

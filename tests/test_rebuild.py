@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import text
 
 from builders import mr_event
@@ -13,7 +14,7 @@ from conftest import post
 from secledger import integrity
 from secledger.policy import LabelPolicy
 from secledger.rebuild import DECODERS
-from secledger.store import derived
+from secledger.store import derived, migrate
 from secledger.tierpolicy import CompliancePolicy
 
 LEDGER_ROW_1 = "security_review_ledger https://gitlab.example.com project 14 !1"
@@ -33,6 +34,23 @@ def _ledger(engine, iid: int) -> dict:
             .mappings()
             .one()
         )
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_rebuild_migrates_an_older_schema_first(history, database_url, engine, check) -> None:
+    """The upgrade notes say: upgrade, then rebuild. Run first on a schema from before
+    0014, rebuild wrote into tables without this version's columns (a traceback), and
+    --check compared against them."""
+    config = migrate.alembic_config()
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0013")
+        conn.commit()
+    result = cli(database_url, "rebuild", *(["--check"] if check else []))
+    assert result.exit_code == 0, result.output
+    assert "the database was upgraded from revision 0013" in result.stderr
+    with engine.connect() as conn:
+        assert migrate.is_current(conn)
 
 
 def test_live_ledger_equals_the_rebuild(history, database_url) -> None:

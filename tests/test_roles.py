@@ -169,6 +169,67 @@ def test_the_documented_migrator_login_migrates_a_database_it_owns(
             conn.execute(f'DROP ROLE IF EXISTS "{login}"')
 
 
+def test_a_database_whose_0002_granted_no_create_on_public_is_repaired_or_explained(
+    server_url: str, template_url: str
+) -> None:
+    """0002 grants secledger_owner CREATE on public only since a later edit, and a
+    migration that ran never runs again: databases migrated before then (as a superuser)
+    refused every later migration to the documented migrator ("permission denied for
+    schema public", blamed on the login). The migrator is told the one statement to run;
+    a superuser's upgrade grants it."""
+    fresh, login = "secledger_test_old_0002", "secledger_test_member"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+        conn.execute(f'CREATE ROLE "{login}" LOGIN IN ROLE secledger_owner')
+        conn.execute(f'CREATE DATABASE "{fresh}"')
+    as_superuser = _database(server_url, fresh)
+    as_member = make_url(as_superuser).set(username=login, password=None)
+    try:
+        migrate.upgrade(db.create(as_superuser, pool_size=1), "0024")
+        with psycopg.connect(as_superuser, autocommit=True) as conn:  # as 0002 once left it
+            conn.execute("REVOKE CREATE ON SCHEMA public FROM secledger_owner, PUBLIC")
+        member = db.create(as_member.render_as_string(hide_password=False), pool_size=1)
+        with pytest.raises(ConfigError, match="GRANT CREATE ON SCHEMA public TO secledger_owner"):
+            migrate.upgrade(member)
+        migrate.upgrade(db.create(as_superuser, pool_size=1))
+        migrate.upgrade(member, "0024")  # nothing to do: the member may migrate from now on
+        with psycopg.connect(as_superuser) as conn:
+            granted = conn.execute(
+                "SELECT has_schema_privilege('secledger_owner', 'public', 'CREATE')"
+            ).fetchone()
+            assert granted == (True,)
+        member.dispose()
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+            conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+
+
+def test_a_database_a_newer_version_migrated_is_one_line_not_a_traceback(
+    engine, database_url, tmp_path
+) -> None:
+    """What a rolled-back release or a lagging replica meets."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    for args in (["ledger"], ["db", "upgrade"]):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "secledger"), *args],
+            env={
+                "PATH": os.environ["PATH"],
+                "SECLEDGER_DATABASE_URL": database_url,
+                "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "revision 0999, which this version of secledger" in done.stderr
+
+
 def _database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 

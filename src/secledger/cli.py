@@ -91,11 +91,13 @@ class Context:
         return self._database
 
     @contextmanager
-    def engine(self, *, upgrade: bool = True, logged: bool = False) -> Iterator[Engine]:
-        """An engine on the database, migrated first unless ``upgrade`` is False. An
-        upgrade of an older schema is said on stderr, or with ``logged`` (``serve``) as
-        the ``schema_upgraded`` log line."""
-        engine = db.create(self.database.url, pool_size=2)
+    def engine(
+        self, *, upgrade: bool = True, logged: bool = False, url: str | None = None
+    ) -> Iterator[Engine]:
+        """An engine on the database (through ``url``, else the configured URL), migrated
+        first unless ``upgrade`` is False. An upgrade of an older schema is said on
+        stderr, or with ``logged`` (``serve``) as the ``schema_upgraded`` log line."""
+        engine = db.create(url or self.database.url, pool_size=2)
         try:
             if upgrade:
                 before = migrate.ensure_current(engine, db.migration_url(self.settings))

@@ -159,7 +159,9 @@ def rebuild_command(context: Context, check: bool) -> None:
     if not check:
         url = db.admin_url(context.settings, context.database)
     try:
-        with _engine(url) as engine:
+        # Rebuilt by this version's rules into this version's tables: an older schema is
+        # migrated first, as every other command does.
+        with context.engine(url=url) as engine:
             found = integrity.rebuild_ledger(
                 engine,
                 policy,
@@ -217,9 +219,15 @@ def keygen(context: Context, out: Path | None) -> None:
     settings = context.settings
     path = out or settings.checkpoint_key_file or settings.data_dir / "checkpoint-key.pem"
     public_path = path.with_name(path.name + ".pub")
+    if public_path.exists():
+        # An old public key is what auditors check the old checkpoints with.
+        raise click.ClickException(
+            f"{public_path} exists; refusing to replace a public key (choose another --out)"
+        )
     try:
         public = signing.generate(path)
-        public_path.write_bytes(signing.public_pem(public))
+        with public_path.open("xb") as written:
+            written.write(signing.public_pem(public))
     except OSError as exc:
         if isinstance(exc, FileExistsError) and exc.filename == str(path):
             message = f"{path} exists; refusing to replace a signing key"

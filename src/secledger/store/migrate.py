@@ -35,6 +35,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
         conn.commit()
         try:
+            if current_revision(conn) is not None:  # a new database gets both from 0002
+                _refuse_unknown_revision(conn)
+                _let_owner_create(conn)
+                conn.commit()
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
             conn.commit()
@@ -44,6 +48,45 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.rollback()
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.commit()
+
+
+def _refuse_unknown_revision(conn: Connection) -> None:
+    """A database a newer version migrated: this one cannot tell what its schema holds."""
+    current = current_revision(conn)
+    script = ScriptDirectory.from_config(alembic_config())
+    if current not in {rev.revision for rev in script.walk_revisions()}:
+        raise ConfigError(
+            f"the database is at revision {current}, which this version of secledger"
+            f" ({head_revision()} at most) does not know: a newer version migrated it."
+            " Run that version (or newer); migrations are never undone by an older one"
+        )
+
+
+# What 0002 grants a new database since PostgreSQL 15 stopped giving everyone CREATE on
+# public. 0002 ran without it on databases made before that line was added, and a
+# migration that ran is never run again: the owner role's migrations then fail.
+_OWNER_MAY_CREATE = text(
+    "SELECT to_regrole('secledger_owner') IS NULL"
+    " OR has_schema_privilege('secledger_owner', 'public', 'CREATE')"
+)
+GRANT_OWNER_CREATE = "GRANT CREATE ON SCHEMA public TO secledger_owner"
+
+
+def _let_owner_create(conn: Connection) -> None:
+    """Give secledger_owner CREATE on public where 0002 could not, or say who must."""
+    if conn.execute(_OWNER_MAY_CREATE).scalar_one():
+        return
+    # Granted by the schema's owner (or a superuser); anyone else grants nothing, with a
+    # warning, not an error: asked again below.
+    conn.execute(text(GRANT_OWNER_CREATE))
+    if conn.execute(_OWNER_MAY_CREATE).scalar_one():
+        return
+    raise ConfigError(
+        "secledger_owner may not create objects in schema public (PostgreSQL 15 and later"
+        " no longer let everyone), and this login cannot grant it: run"
+        f" `{GRANT_OWNER_CREATE};` once as the database's owner or a superuser, then"
+        " migrate again (docs/integrity.md, Roles and logins)"
+    )
 
 
 def head_revision() -> str | None:
