@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -381,6 +382,7 @@ def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
         ("sslmode=requir", "has sslmode=requir; use one of disable, allow, prefer"),
         ("target_session_attrs=rw", "has target_session_attrs=rw; use one of any"),
         ("ssl_mode=require", 'not a valid PostgreSQL URL: invalid URI query parameter: "ssl_mode"'),
+        ("keepalives_idle=soon", "has keepalives_idle='soon'; it takes a whole number"),
     ],
 )
 def test_a_database_url_option_libpq_would_refuse_is_a_configuration_error(
@@ -543,6 +545,48 @@ def test_a_login_the_server_refuses_is_a_configuration_error_not_an_outage(
     assert "does not exist" in last
 
 
+def test_tls_the_server_does_not_offer_is_a_configuration_error_not_an_outage(
+    tmp_path: Path,
+) -> None:
+    """sslmode=require against a server without TLS: waiting will not change either, and
+    exit 3 told a scheduled job to try again. The server here answers PostgreSQL's
+    SSLRequest with "N", as one built without TLS does."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def refuse_tls() -> None:
+            for _ in range(2):  # libpq may try twice (IPv4, then once more)
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(8)
+                    conn.sendall(b"N")
+
+        thread = threading.Thread(target=refuse_tls, daemon=True)
+        thread.start()
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "secledger"), "ledger"],
+            env={
+                "PATH": os.environ["PATH"],
+                "SECLEDGER_DATABASE_URL": f"postgresql://u:pw-4d1@127.0.0.1:{port}/x?sslmode=require",
+                "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the database connection's TLS settings failed:")
+    assert "server does not support SSL" in last
+    assert "pw-4d1" not in done.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "demo"])
 def test_a_port_out_of_range_is_a_usage_error(command: str) -> None:
     """Not wrapped around by the socket layer (70000 bound port 4464)."""
@@ -593,6 +637,25 @@ def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_pat
     assert done.stderr.strip().splitlines() == [
         f"Error: cannot read gitlab_token_file {tmp_path / 'missing-token'}"
     ]
+
+
+def test_a_gitlab_token_that_cannot_be_a_header_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    """A newline or a byte beyond ASCII ended every API command in a traceback, one
+    that printed the token."""
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_GITLAB_TOKEN": "glpat-LEAK\nx"})
+    assert result.exit_code == 1
+    assert "invalid configuration: gitlab_token" in result.output
+    assert "LEAK" not in result.output
+    token = tmp_path / "token"
+    token.write_bytes(b"glpat-LEAK\xe9x\n")
+    settings = Settings(gitlab_token_file=token)
+    with pytest.raises(ConfigError, match="first line must be printable ASCII") as caught:
+        settings.gitlab_token_value()
+    assert "LEAK" not in str(caught.value)
+    token.write_bytes(b"  glpat-fine  \nsecond line\n")
+    assert settings.gitlab_token_value() == "glpat-fine"
 
 
 def _serve_without_a_database(

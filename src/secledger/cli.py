@@ -569,6 +569,10 @@ def run() -> None:
         if _refused_login(reason):
             click.echo(f"Error: the database refused the login: {reason}", err=True)
             sys.exit(1)
+        if any(text in reason for text in _TLS_SETTINGS):
+            # Waiting will not change the server's TLS or the URL's: not an outage.
+            click.echo(f"Error: the database connection's TLS settings failed: {reason}", err=True)
+            sys.exit(1)
         click.echo(f"Error: cannot reach the database: {reason}", err=True)
         sys.exit(DATABASE_UNREACHABLE)
     except (ProgrammingError, psycopg.errors.InsufficientPrivilege) as exc:
@@ -596,6 +600,19 @@ _REFUSED_LOGIN = (
     "no pg_hba.conf entry",
     "permission denied for database",
     "is not permitted to log in",
+)
+
+
+# libpq's words for a TLS setting of the URL (sslmode, sslrootcert, ...) that this
+# server or its certificate cannot meet. Not "SSL SYSCALL error": a dropped connection.
+_TLS_SETTINGS = (
+    "server does not support SSL",
+    "certificate verify failed",
+    "root certificate file",
+    "does not match host name",
+    "could not load private key file",
+    "certificate present, but not private key",
+    "could not read certificate file",
 )
 
 

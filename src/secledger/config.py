@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -275,6 +276,22 @@ def _check_options(url: str) -> None:
         value = options.get(name)
         if value is not None and value not in allowed:
             raise ValueError(f"has {name}={value}; use one of {', '.join(allowed)}")
+    for name in _INTEGER_OPTIONS:
+        number = str(options.get(name, "0"))
+        if not re.fullmatch(r"\s*-?\d+\s*", number):
+            raise ValueError(f"has {name}={number[:40]!r}; it takes a whole number")
+
+
+# Options libpq reads as integers: a word there failed at the first connection, with a
+# traceback. (Not port: several hosts take a list of ports.)
+_INTEGER_OPTIONS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
 
 
 def _secrets(url: str) -> set[str]:
@@ -405,6 +422,16 @@ class Settings(BaseSettings):
         # was one (no failure recorded, `sink status` silent while rows piled up).
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str) and not all(" " <= ch <= "~" for ch in text):
+            raise ValueError("must be printable ASCII (it is sent as an HTTP header)")
+        return value
+
+    @field_validator("gitlab_token")
+    @classmethod
+    def _gitlab_token_text(cls, value: SecretStr | None) -> SecretStr | None:
+        # Sent as a header (surrounding blanks dropped): anything else ended every API
+        # command in a traceback that could print it.
+        text = value.get_secret_value().strip() if value is not None else ""
+        if not all(" " <= ch <= "~" for ch in text):
             raise ValueError("must be printable ASCII (it is sent as an HTTP header)")
         return value
 
@@ -550,10 +577,17 @@ class Settings(BaseSettings):
         if self.gitlab_token_file is None:
             return None
         try:
-            lines = self.gitlab_token_file.read_text().splitlines()
+            lines = self.gitlab_token_file.read_bytes().splitlines()
         except OSError as exc:
             raise ConfigError(f"cannot read gitlab_token_file {self.gitlab_token_file}") from exc
-        return lines[0].strip() if lines and lines[0].strip() else None
+        first = lines[0].strip() if lines else b""
+        if not all(0x20 <= byte <= 0x7E for byte in first):
+            # Named, never shown: it is sent as a header, and it is a secret.
+            raise ConfigError(
+                f"gitlab_token_file {self.gitlab_token_file}: its first line must be"
+                " printable ASCII (the token is sent as an HTTP header)"
+            )
+        return first.decode("ascii") or None
 
     def secret_values(self) -> list[bytes]:
         """The configured webhook secrets as bytes, for constant-time comparison."""
