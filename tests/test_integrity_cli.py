@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from secledger.cli import main
 
@@ -19,3 +24,40 @@ def test_command_has_an_example_and_docs(command: str) -> None:
     assert "Example:" in result.output
     assert f"secledger {command}" in result.output
     assert f"`secledger {command}" in DOC
+
+
+def test_a_database_without_secledger_tables_is_one_line_not_a_traceback(
+    server_url: str, tmp_path: Path
+) -> None:
+    """verify and checkpoint do not migrate first: pointed at the wrong or a new
+    database, they ended in a traceback about a missing relation."""
+    empty = "secledger_test_no_tables"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{empty}"')
+    env = {
+        "PATH": os.environ["PATH"],
+        "SECLEDGER_DATABASE_URL": make_url(server_url)
+        .set(database=empty)
+        .render_as_string(hide_password=False),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    secledger = str(Path(sys.executable).parent / "secledger")
+    try:
+        key = tmp_path / "key.pem"
+        made = subprocess.run(
+            [secledger, "keygen", "--out", str(key)], env=env, capture_output=True, check=False
+        )
+        assert made.returncode == 0, made.stderr
+        for args in (["verify"], ["checkpoint", "--key", str(key)]):
+            done = subprocess.run(
+                [secledger, *args], env=env, capture_output=True, text=True, check=False
+            )
+            assert done.returncode == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith('Error: relation "delivery_log" does not exist: this database')
+            assert "run `secledger db upgrade`" in last
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')

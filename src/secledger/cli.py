@@ -552,6 +552,15 @@ WHICH_LOGIN = (
 )
 
 
+# Undefined table, undefined column: a database never migrated, or by an older version.
+_SCHEMA_MISSING = frozenset({"42P01", "42703"})
+NO_SCHEMA = (
+    "this database does not hold this version's secledger tables. Check that"
+    " SECLEDGER_DATABASE_URL names the ledger's database, and run `secledger db upgrade`"
+    " (with the owner login) to create or upgrade them"
+)
+
+
 def run() -> None:
     """Console entry point that turns library errors into clean exits."""
     try:
@@ -577,11 +586,18 @@ def run() -> None:
         sys.exit(DATABASE_UNREACHABLE)
     except (ProgrammingError, psycopg.errors.InsufficientPrivilege) as exc:
         cause = getattr(exc, "orig", None) or exc
-        if getattr(cause, "sqlstate", None) != migrate.INSUFFICIENT_PRIVILEGE:
-            raise
+        state = getattr(cause, "sqlstate", None)
         reason = str(cause).strip().splitlines()[0]
-        click.echo(f"Error: the database login may not do this: {reason}. {WHICH_LOGIN}", err=True)
-        sys.exit(1)
+        if state == migrate.INSUFFICIENT_PRIVILEGE:
+            click.echo(
+                f"Error: the database login may not do this: {reason}. {WHICH_LOGIN}", err=True
+            )
+            sys.exit(1)
+        if state in _SCHEMA_MISSING:
+            # Commands that only read (verify, checkpoint) do not migrate first.
+            click.echo(f"Error: {reason}: {NO_SCHEMA}", err=True)
+            sys.exit(1)
+        raise
 
 
 def _unreachable(error: BaseException) -> bool:
