@@ -24,6 +24,18 @@ def invoke(database_url, fake, *args, **env):
     return CliRunner().invoke(main, list(args), env=environment, catch_exceptions=False)
 
 
+def test_connect_refuses_a_file_the_environment_would_override(database_url, fake, tmp_path):
+    """serve reads SECLEDGER_WEBHOOK_SECRETS before the file: the hook's secret would be
+    refused (401) at every delivery until GitLab disabled the hook."""
+    config = tmp_path / "secledger.toml"
+    args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
+    result = invoke(database_url, fake, *args, SECLEDGER_WEBHOOK_SECRETS="s3cret")
+    assert result.exit_code == 1
+    assert "SECLEDGER_WEBHOOK_SECRETS is set, and the environment wins over" in result.output
+    assert fake.projects[14].hooks == []
+    assert not config.exists()
+
+
 def test_connect_registers_a_merge_request_hook_and_stores_the_secret(
     database_url, fake, tmp_path
 ) -> None:

@@ -28,6 +28,9 @@ def gitlab_group() -> None:
     """
 
 
+_ENV_SECRETS = ("SECLEDGER_WEBHOOK_SECRETS", "SECLEDGER_WEBHOOK_SECRETS_FILE")
+
+
 @gitlab_group.command()
 @scope_options
 @click.option("--url", required=True, help="The receiver's public https URL.")
@@ -58,6 +61,15 @@ def connect(
     """
     if config is None:
         raise click.UsageError("name the configuration file with --config or SECLEDGER_CONFIG")
+    overriding = [name for name in _ENV_SECRETS if os.environ.get(name)]
+    if overriding:
+        # The environment wins over the file: serve would never read the new secret, and
+        # GitLab disables a hook after four refused deliveries.
+        raise click.ClickException(
+            f"{overriding[0]} is set, and the environment wins over {config}: serve would"
+            " not read the secret added there. Move its tokens into webhook_secrets in the"
+            " file and unset it (in serve's environment too), then run connect again"
+        )
     api = _api(context)
     for scope in _scopes(projects, groups):
         try:
