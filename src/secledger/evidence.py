@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import base64
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, RowMapping, text
@@ -27,7 +27,8 @@ from secledger import findings, packchain, packreadme, reports
 from secledger.filtermatch import same_project
 from secledger.packfiles import PackDir
 from secledger.policy import LabelPolicy
-from secledger.rebuild import rebuild
+from secledger.progress import Silent, Tracker
+from secledger.rebuild import log_rows, rebuild
 from secledger.store import checkpoints, db
 from secledger.store.chain import time_text
 from secledger.store.derived import differences
@@ -142,21 +143,6 @@ _SAMPLE = _EVENTS.format(
 )
 
 
-class Tracker(Protocol):
-    """Progress reporting: a task with an optional total, advanced by a callback."""
-
-    def task(self, description: str, total: int | None) -> Callable[[int], None]:
-        """Start a task; the callback advances it."""
-
-
-class Silent:
-    """A tracker that reports nothing."""
-
-    def task(self, description: str, total: int | None) -> Callable[[int], None]:
-        """A no-op callback."""
-        return lambda _count: None
-
-
 @dataclass(frozen=True)
 class Options:
     """What goes into the pack: the period (``until`` exclusive), filters and the sample."""
@@ -251,9 +237,8 @@ def _check_derived(conn: Connection, labels: LabelPolicy, tracker: Tracker) -> d
     """`rebuild --check` in the pack's snapshot. The population, its decisions and its
     trail come from the ledger and event rows, which the app's login may update: the
     chain proves the log, and this ties those rows to it."""
-    done = tracker.task("check derived rows", 1)
-    found = differences(conn, rebuild(conn, labels))
-    done(1)
+    done = tracker.task("check derived rows", log_rows(conn))
+    found = differences(conn, rebuild(conn, labels, progress=done))
     return {
         "checked": "security_review_ledger and review_events against the log",
         "differences": len(found),

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
 from secledger.filtermatch import approved_by, same_project
+from secledger.progress import Silent, Tracker
 from secledger.projection import SequencedEvent, ordered_facts
 from secledger.quickinit import quick
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
@@ -310,13 +311,16 @@ def may_record_findings(conn: Connection) -> bool:
     return bool(granted)
 
 
-def reevaluate_all(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
+def reevaluate_all(
+    conn: Connection, policy: CompliancePolicy, now: datetime, tracker: Tracker | None = None
+) -> int:
     """Re-run clocks and rules for every MR (after a policy change); the number of MRs."""
-    count = 0
-    for row in list(ledger.rows(conn, order=("instance", "project_id", "mr_iid"))):
+    rows = list(ledger.rows(conn, order=("instance", "project_id", "mr_iid")))
+    done = (tracker or Silent()).task("re-run SLA and findings", len(rows))
+    for row in rows:
         evaluate_mr(conn, row, policy, now)
-        count += 1
-    return count
+        done(1)
+    return len(rows)
 
 
 @quick

@@ -18,7 +18,8 @@ from secledger.checkpoint import Checkpoint
 from secledger.config import Settings
 from secledger.errors import ConfigError, SecledgerError
 from secledger.policy import LabelPolicy
-from secledger.rebuild import Difference, rebuild
+from secledger.progress import Silent, Tracker
+from secledger.rebuild import Difference, log_rows, rebuild
 from secledger.store import checkpoints, derived
 from secledger.store.db import pin_search_path
 from secledger.store.log import Chain
@@ -110,7 +111,12 @@ _CLOCKS = text(
 
 
 def rebuild_ledger(
-    engine: Engine, policy: LabelPolicy, *, write: bool, compliance: CompliancePolicy
+    engine: Engine,
+    policy: LabelPolicy,
+    *,
+    write: bool,
+    compliance: CompliancePolicy,
+    tracker: Tracker | None = None,
 ) -> Rebuilt:
     """Every derived row that differs from the log; with ``write``, also fix them, and
     then re-run every MR's SLA clock and findings under ``compliance`` (they are derived
@@ -124,21 +130,25 @@ def rebuild_ledger(
             # The log and the derived tables of public, as verify reads them: a schema
             # named after the login could hold pristine copies to compare instead.
             pin_search_path(conn)
-            return _rebuild_in(conn, policy, write, compliance)
+            return _rebuild_in(conn, policy, write, compliance, tracker or Silent())
 
 
 def _rebuild_in(
-    conn: Connection, policy: LabelPolicy, write: bool, compliance: CompliancePolicy
+    conn: Connection,
+    policy: LabelPolicy,
+    write: bool,
+    compliance: CompliancePolicy,
+    tracker: Tracker,
 ) -> Rebuilt:
     if write:
         # Hold the chain lock: no delivery is recorded while the tables are repaired.
         Chain.open(conn)
-    rebuilt = rebuild(conn, policy)
+    rebuilt = rebuild(conn, policy, tracker.task("reading the log", log_rows(conn)))
     if not write:
         return Rebuilt(derived.differences(conn, rebuilt))
     fixed = derived.repair(conn, rebuilt)
     before = set(conn.execute(_CLOCKS).scalars())
-    findings.reevaluate_all(conn, compliance, utcnow())
+    findings.reevaluate_all(conn, compliance, utcnow(), tracker)
     after = set(conn.execute(_CLOCKS).scalars())
     return Rebuilt(fixed, len(after - before))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -13,6 +14,21 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+
+class Tracker(Protocol):
+    """Progress reporting: a task with an optional total, advanced by a callback."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        """Start a task; the callback advances it."""
+
+
+class Silent:
+    """A tracker that reports nothing."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        """A no-op callback."""
+        return lambda _count: None
 
 
 class RichTracker:

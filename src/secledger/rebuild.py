@@ -121,16 +121,34 @@ class Rebuilt:
     ledger: dict[MRKey, dict[str, Any]] = field(default_factory=dict)
 
 
-def rebuild(conn: Connection, policy: LabelPolicy) -> Rebuilt:
-    """Decode, extract and fold the whole log."""
+# Log rows read between two calls of a progress callback.
+PROGRESS_STEP = 1000
+
+
+def rebuild(
+    conn: Connection, policy: LabelPolicy, progress: Callable[[int], None] | None = None
+) -> Rebuilt:
+    """Decode, extract and fold the whole log; ``progress`` is told the rows read."""
     rebuilt = Rebuilt()
     by_mr: dict[MRKey, list[SequencedEvent]] = {}
+    read = 0
     for row in logged_rows(conn):
         facts = facts_of(row, policy)
         rebuilt.events[row.seq] = facts
         by_mr.setdefault(facts.key, []).append(SequencedEvent(row.seq, facts))
+        read += 1
+        if progress is not None and read == PROGRESS_STEP:
+            progress(read)
+            read = 0
+    if progress is not None and read:
+        progress(read)
     rebuilt.ledger = {key: fold(events) for key, events in by_mr.items()}
     return rebuilt
+
+
+def log_rows(conn: Connection) -> int:
+    """How many rows the log holds, for a progress bar's total."""
+    return int(conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one())
 
 
 def event_row(facts: EventFacts) -> dict[str, Any]:

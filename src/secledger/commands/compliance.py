@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from secledger import findings as store
 from secledger import reports
 from secledger.output import FORMATS, render
+from secledger.progress import RichTracker, stderr_progress
 from secledger.rules import RULES
 from secledger.store.db import reading
 from secledger.tierpolicy import CompliancePolicy, spelled
@@ -171,7 +172,8 @@ def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevalua
         if not store.may_record_findings(conn):
             raise click.ClickException(READ_ONLY)
         if reevaluate:
-            count = store.reevaluate_all(conn, policy, now)
+            with stderr_progress() as bar:
+                count = store.reevaluate_all(conn, policy, now, RichTracker(bar))
             click.echo(f"re-evaluated {count} merge requests", err=True)
         changed = store.refresh_overdue(conn, policy, now)
         click.echo(f"sla-breached findings recorded or reopened: {changed}", err=True)

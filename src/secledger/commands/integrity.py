@@ -161,12 +161,13 @@ def rebuild_command(context: Context, check: bool) -> None:
     try:
         # Rebuilt by this version's rules into this version's tables: an older schema is
         # migrated first, as every other command does.
-        with context.engine(url=url) as engine:
+        with context.engine(url=url) as engine, stderr_progress() as bar:
             found = integrity.rebuild_ledger(
                 engine,
                 policy,
                 write=not check,
                 compliance=CompliancePolicy.from_settings(context.settings),
+                tracker=RichTracker(bar),
             )
     except SecledgerError as exc:
         raise click.ClickException(str(exc)) from exc
