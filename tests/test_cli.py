@@ -184,6 +184,12 @@ def test_demo_replays_the_bundled_history(run) -> None:
     assert by_iid[12]["labeled_at_source"] == "label_added"
     assert by_iid[16]["risk_tier"] == "critical"
     assert 15 not in by_iid
+    # MR 12's first delivery was ignored (no label yet): a second demo, which would
+    # record it now that MR 12 is known, does not replay the history again.
+    again = run("demo", "--no-serve")
+    assert again.exit_code == 0, again.output
+    assert "the sample history is not replayed again" in again.output
+    assert json.loads(run("ledger", "--format", "json").output) == rows
 
 
 def test_demo_curl_command_pastes_as_one_command(tmp_path: Path) -> None:

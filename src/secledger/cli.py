@@ -18,7 +18,7 @@ import click
 import psycopg
 import structlog
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from secledger import __version__, logs
@@ -419,7 +419,9 @@ def replay(context: Context, files: tuple[Path, ...], event: str) -> None:
     """Feed recorded webhook bodies through the same path as the endpoint.
 
     Prints one line per file with its outcome; exits 1 if any file was rejected.
-    Replaying a file twice is harmless: the second time it is a duplicate.
+    Replaying a file twice records it once: the second time it is a duplicate. A file
+    ignored the first time (its MR carried no security label yet) is recorded when
+    replayed once its MR is known, as a late delivery would be.
 
     \b
     Example:
@@ -500,8 +502,18 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
     settings = context.settings
     click.echo(f"database: {context.database.redacted()}")
     with context.engine() as engine:
-        click.echo(f"replaying {len(demo_files())} sample deliveries")
-        replay_files(context, engine, demo_files(), "Merge Request Hook")
+        with engine.connect() as conn:
+            logged = conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one()
+        if logged:
+            # Once an MR is known, its sample delivery that was ignored the first time
+            # (no label yet) would be recorded: a second demo must not change the ledger.
+            click.echo(
+                f"the log already holds {logged} deliveries: the sample history is not"
+                " replayed again (a new data directory, or an empty database, starts afresh)"
+            )
+        else:
+            click.echo(f"replaying {len(demo_files())} sample deliveries")
+            replay_files(context, engine, demo_files(), "Merge Request Hook")
         rows = ledger_rows(engine)
     render(rows, "table", TABLE_COLUMNS, title=f"security_review_ledger ({len(rows)} rows)")
     password_file = _users.ensure_demo_user(settings)
