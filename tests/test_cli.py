@@ -664,6 +664,24 @@ def test_a_gitlab_token_that_cannot_be_a_header_is_refused_without_showing_it(
     assert settings.gitlab_token_value() == "glpat-fine"
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("SECLEDGER_USERS", "alice:not-a-hash", "a user's password hash is not scrypt"),
+        ("SECLEDGER_TRUSTED_PROXIES", "notanip", "trusted_proxies:"),
+    ],
+)
+def test_a_bad_dashboard_setting_is_refused_before_receiving(
+    tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    """Refused after "receiving on" was printed, it looked like a crash of a started
+    receiver."""
+    done = _serve_without_a_database(tmp_path, _unused_port(), **{setting: value})
+    assert done.returncode == 1, done.stderr
+    assert "receiving on" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
 def _serve_without_a_database(
     tmp_path: Path, port: int, **extra: str
 ) -> subprocess.CompletedProcess[str]:

@@ -32,7 +32,7 @@ from secledger import (
 from secledger.config import Settings
 from secledger.dashboard import pages
 from secledger.dashboard.access import api_reader
-from secledger.dashboard.auth import PEER, session_secret
+from secledger.dashboard.auth import PEER, check_access, session_secret
 from secledger.errors import ConfigError
 from secledger.gitlab_api import GitLabAPI
 from secledger.runtime import Runtime
@@ -239,6 +239,7 @@ def check_settings(settings: Settings) -> None:
     """Refuse, before anything starts, a token or key file the receiver could not read,
     and a data or spool directory it could not write (a read-only root file system)."""
     _Beside.check(settings)
+    check_access(settings)  # users' hashes and trusted proxies
     session_secret(settings)  # generated into the data directory once, unless configured
     try:
         spool = Spool.open(settings.spool_path, writer=False)

@@ -153,6 +153,12 @@ def _networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.I
         raise ConfigError(f"trusted_proxies: {exc}") from exc
 
 
+def check_access(settings: Settings) -> None:
+    """Refuse bad users and trusted proxies before ``serve`` says it is receiving."""
+    load_users(settings)
+    _networks(settings.trusted_proxies)
+
+
 class Authenticator:
     """Decides who a request is; built once per application."""
 
