@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from secledger.config import Settings
-from secledger.errors import GitLabAPIError
+from secledger.errors import ConfigError, GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
 
 TOKEN = "glpat-confined-token"
@@ -226,3 +226,10 @@ def test_only_a_404_counts_as_gone() -> None:
     assert not GitLabAPIError("x", 403).gone
     assert not GitLabAPIError("x", 401).gone
     assert not GitLabAPIError("x").gone
+
+
+def test_a_gitlab_url_with_credentials_is_named_as_such_and_not_shown() -> None:
+    """It was told to "set SECLEDGER_GITLAB_URL", which was set."""
+    with pytest.raises(ConfigError, match="holds credentials") as caught:
+        client("https://user:pw-77a@gitlab.example.com")
+    assert "pw-77a" not in str(caught.value)

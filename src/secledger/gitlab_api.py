@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import gitlab
 import gitlab.exceptions
@@ -98,6 +99,12 @@ class GitLabAPI:
         url = settings.gitlab_url
         token = settings.gitlab_token_value()
         instance = origin(url)
+        if url and "@" in urlsplit(url).netloc:
+            # Named, never shown: the part before @ may be a password.
+            raise ConfigError(
+                "SECLEDGER_GITLAB_URL holds credentials (user@ or user:password@): give the"
+                " base URL alone, and the token in SECLEDGER_GITLAB_TOKEN"
+            )
         if not url or instance is None:
             raise ConfigError("set SECLEDGER_GITLAB_URL to the GitLab base URL (https://...)")
         if token is None:
