@@ -486,6 +486,21 @@ def test_a_label_ending_with_the_unclassified_name_does_not_name_a_tier() -> Non
     assert fold([SequencedEvent(1, opened), SequencedEvent(2, removal)])["risk_tier"] == "critical"
 
 
+def test_an_unclassified_bucket_named_after_a_tier_is_still_named_by_its_label() -> None:
+    """SECLEDGER_UNCLASSIFIED_TIER=low: ``sec::low`` names the tier low, and moving an
+    MR from critical to it lowers the tier; ``sec/crypto`` alone names none."""
+    policy = LabelPolicy(unclassified="low")
+    critical, low = ["sec::critical"], ["sec::low"]
+    opened = facts_of(mr_event("open", labels=critical), policy)
+    lowered = facts_of(
+        mr_event("update", labels=low, changes=label_change(critical, low, AT)), policy
+    )
+    assert (lowered.tier, lowered.untiered) == ("low", False)
+    assert fold([SequencedEvent(1, opened), SequencedEvent(2, lowered)])["risk_tier"] == "low"
+    crypto = facts_of(mr_event("open", labels=["sec/crypto"]), policy)
+    assert (crypto.tier, crypto.untiered) == ("low", True)
+
+
 def test_a_tier_label_with_a_trailing_blank_names_its_tier() -> None:
     """``tier_of_label`` strips the blank; a later, lower tier label replaces the tier."""
     policy = LabelPolicy(patterns=("security/*",))

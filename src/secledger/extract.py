@@ -276,7 +276,13 @@ def label_facts(
 
 def untiered(policy: LabelPolicy, security: tuple[str, ...], tier: str) -> bool:
     """Whether there are security labels and none names a tier."""
-    return bool(security) and tier == policy.unclassified
+    if not security or tier != policy.unclassified:
+        return False
+    if tier not in policy.tiers:
+        return True
+    # The unclassified bucket may bear a tier's name (SECLEDGER_UNCLASSIFIED_TIER=low):
+    # then only the labels tell whether one named it.
+    return not any(policy.tier_of_label(label) for label in security)
 
 
 def tier_before(
