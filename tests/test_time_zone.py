@@ -53,3 +53,30 @@ def test_the_mr_page_and_the_api_show_the_same_utc_times(reader) -> None:
     for stamp in stamps:
         shown = re.sub(r"T(\d\d:\d\d).*", r" \1", stamp)  # 2025-08-05T21:48:25Z -> 21:48
         assert shown in page, (shown, stamp)
+
+
+def test_a_search_path_the_operator_chose_is_kept(server_url: str, tmp_path) -> None:
+    """Only PostgreSQL's default path is replaced by public's: one set in the URL kept
+    secledger's tables in schema ledger, and replacing it started an empty ledger in
+    public beside them."""
+    name = "secledger_test_own_schema"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(database=name)
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA ledger")
+    chosen = url.update_query_dict({"options": "-csearch_path=ledger"})
+    try:
+        engine = db.create(chosen.render_as_string(hide_password=False), pool_size=1)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW search_path").scalar() == "ledger"
+            assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
+        engine.dispose()
+        default = db.create(url.render_as_string(hide_password=False), pool_size=1)
+        with default.connect() as conn:
+            assert conn.exec_driver_sql("SHOW search_path").scalar() == "public, pg_temp"
+        default.dispose()
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

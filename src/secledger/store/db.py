@@ -79,14 +79,12 @@ def _session_defaults(dbapi_connection: Any, _record: object) -> None:
     # Every time shown (pages, API, CSV) is labelled UTC, but a timestamptz comes back
     # in the session's zone, and initdb gives a server its host's zone: a dashboard
     # showed New York times as UTC. The search path: reports, pages and the writer read
-    # the tables in public, not a copy left in a schema named after the login. Set here
-    # rather than through the URL's `options`, which would replace an operator's own
-    # options or PGOPTIONS.
+    # the tables in public, not a copy left in a schema named after the login (unless the
+    # operator chose a path: _SESSION_DEFAULTS). Set here rather than through the URL's
+    # `options`, which would replace an operator's own options or PGOPTIONS.
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
-    dbapi_connection.execute(
-        f"SET TIME ZONE 'UTC'; SET search_path = {SESSION_SEARCH_PATH}"  # one round trip
-    )
+    dbapi_connection.execute(_SESSION_DEFAULTS)
     dbapi_connection.autocommit = autocommit
 
 
@@ -113,6 +111,14 @@ def reading(engine: Engine) -> Iterator[Connection]:
 # for their transaction, with pg_catalog named.
 SESSION_SEARCH_PATH = "public, pg_temp"
 PINNED_SEARCH_PATH = "pg_catalog, public, pg_temp"
+# PostgreSQL's own default path is replaced; one an operator chose (the URL's
+# ``options=-csearch_path=...``, ALTER ROLE/DATABASE ... SET) is theirs: replaced, it
+# left their tables for new, empty ones in public. One round trip for both settings.
+_SESSION_DEFAULTS = (
+    "SET TIME ZONE 'UTC';"
+    f" SELECT set_config('search_path', '{SESSION_SEARCH_PATH}', false)"
+    " WHERE current_setting('search_path') = '\"$user\", public'"
+)
 
 
 def pin_search_path(conn: Connection) -> None:
