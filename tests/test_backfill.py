@@ -52,6 +52,22 @@ def test_backfill_records_an_mr_history_from_the_api(engine, api, fake) -> None:
     assert sources == ["api"]
 
 
+def test_backfill_leaves_no_finding_that_never_held(engine, other_engine, api, fake) -> None:
+    """The API's facts come grouped by kind: judged after each, the merge (before its
+    approval) raised insufficient-approvals, resolved an instant later, and every
+    API-only merged MR added one to the findings report's resolved column."""
+    story = Story(iid=1)
+    story.publish(fake)
+    run_backfill(engine, api)
+    replay(other_engine, fake.url, story.webhooks())
+    listed = "SELECT rule, severity, resolved_at IS NULL FROM findings ORDER BY rule"
+    with engine.connect() as conn, other_engine.connect() as other:
+        assert conn.execute(text(listed)).all() == other.execute(text(listed)).all() == []
+        # The API tells times to the millisecond, webhooks to the second.
+        clocks = "SELECT date_trunc('second', first_decision_at) FROM review_sla"
+        assert conn.execute(text(clocks)).all() == other.execute(text(clocks)).all()
+
+
 def test_backfill_twice_changes_nothing(engine, api, fake) -> None:
     Story(iid=1).publish(fake)
     Story(iid=2, decision=("close", "dave", "2025-08-06 10:00:00 UTC")).publish(fake)

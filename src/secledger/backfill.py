@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Connection, Engine, text
 
-from secledger import apifacts
+from secledger import apifacts, findings
 from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
 from secledger.gitlab_api import GitLabAPI, Scope
@@ -244,14 +244,27 @@ def record_envelopes(
     chain = Chain.open(conn)
     received_at = utcnow()
     recorded = 0
+    # One MR's facts come grouped by kind (labels, then states, then approvals), not in
+    # time order: judged after each, a merge recorded before its approvals left an
+    # insufficient-approvals finding behind, resolved an instant later. Each touched MR
+    # is judged once, on all of its events, as a webhook batch judges it.
+    quiet = replace(recording, assess=False)
+    touched: set[MRKey] = set()
     for envelope in envelopes:
         env = _placed(conn, instance, envelope)
         if env is None:
             continue  # an approval already logged as the API told it before
         delivery = apifacts.delivery(instance, env, received_at)
         facts = apifacts.facts(instance, env, policy)
-        outcome = record(conn, chain, delivery, facts, recording=recording)
-        recorded += outcome.status == "recorded"
+        outcome = record(conn, chain, delivery, facts, recording=quiet)
+        if outcome.status == "recorded":
+            recorded += 1
+            touched.add(facts.key)
+    now = utcnow()
+    for key in sorted(touched):
+        row = ledger.get(conn, key)
+        if row is not None:
+            findings.evaluate_mr(conn, row, recording.compliance, now, as_of=row["last_event_at"])
     return recorded
 
 
