@@ -162,11 +162,18 @@ def test_enrich_exits_1_when_the_lookups_fail(engine, database_url, fake) -> Non
     assert "lookups failed" in failed.stderr
     env["SECLEDGER_GITLAB_TOKEN"] = fakegitlab.TOKEN
     # A deleted MR is asked again on every pass: it must not fail every run.
-    fake.missing.add("/merge_requests/1/resource_label_events")
+    fake.missing.add("/merge_requests/1")
     gone = CliRunner().invoke(main, ["enrich"], env=env)
     assert gone.exit_code == 0, gone.output
     assert "label times: 1 merge requests looked up: gone 1" in gone.stdout
     assert "deleted or hidden from the token (404)" in gone.stderr
+    fake.missing.clear()
+    # An endpoint missing for an MR that exists (GitLab before 13.2, a proxy) is a
+    # failed lookup, not a deleted MR: it was counted "gone" and the run exited 0.
+    fake.missing.add("/merge_requests/1/resource_label_events")
+    missing = CliRunner().invoke(main, ["enrich"], env=env)
+    assert missing.exit_code == 1, missing.output
+    assert "label times: 1 merge requests looked up: api_error 1" in missing.stdout
     fake.missing.clear()
     done = CliRunner().invoke(main, ["enrich"], env=env)
     assert done.exit_code == 0, done.output

@@ -108,6 +108,24 @@ def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> N
     assert 'secledger_ignored_rechecked_total{outcome="lost"} 1.0' in metrics
 
 
+def test_an_endpoint_missing_for_an_existing_mr_is_not_called_hidden(serving, engine, fake) -> None:
+    """The MR answers, its state events do not (GitLab before 13.2, a proxy): the hint
+    said the API does not show the MR, which it had just shown."""
+    story = Story(iid=22)
+    story.publish(fake)
+    fake.missing.add("/merge_requests/22/resource_state_events")
+    opened, _, merged = story.webhooks()
+    received_elsewhere = utcnow()
+    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
+    assert answer.json()["status"] == "ignored"
+    with capture_logs() as logs:
+        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
+        assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
+    lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
+    assert "the merge request itself exists" in lost["error"]
+    assert lost["hint"] == recovery.RECOVER_HINT
+
+
 def test_an_mr_of_another_instance_is_not_asked_of_this_api(serving, engine, fake) -> None:
     """The API knows one GitLab instance; an MR of another is reported lost at once."""
     story = Story(iid=22)

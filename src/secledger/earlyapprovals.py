@@ -25,7 +25,7 @@ from secledger import apifacts
 from secledger.backfill import record_envelopes
 from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
-from secledger.gitlab_api import GitLabAPI
+from secledger.gitlab_api import GitLabAPI, about_existing_mr
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording
 from secledger.times import parse_optional
@@ -78,7 +78,8 @@ def check_one(
 ) -> str:
     """Record the approvals of one MR that GitLab dates before ``labeled_at``; the outcome."""
     mr = api.merge_request(key.project_id, key.mr_iid)
-    approvals = api.approvals(key.project_id, key.mr_iid)
+    with about_existing_mr():
+        approvals = api.approvals(key.project_id, key.mr_iid)
     envelopes = [
         env for env in apifacts.approval_envelopes(mr, approvals) if _before(env, labeled_at)
     ]

@@ -23,7 +23,7 @@ from secledger.backfill import record_envelopes
 from secledger.config import Settings
 from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
-from secledger.gitlab_api import GitLabAPI
+from secledger.gitlab_api import GitLabAPI, about_existing_mr
 from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording
 
@@ -71,7 +71,8 @@ def enrich_one(
 ) -> str:
     """Look up one MR's first security-label add and record it; the outcome."""
     mr = api.merge_request(key.project_id, key.mr_iid)
-    events = api.label_events(key.project_id, key.mr_iid)
+    with about_existing_mr():
+        events = api.label_events(key.project_id, key.mr_iid)
     first = apifacts.first_security_add(events, policy)
     envelopes = [
         env
@@ -82,9 +83,11 @@ def enrich_one(
         # Whether the MR was already merged or closed when labelled decides whether its
         # SLA clock ever ran; an API label event carries no state, its state events do.
         added = apifacts.event_time(first)
+        with about_existing_mr():
+            states = api.state_events(key.project_id, key.mr_iid)
         envelopes += [
             env
-            for env in apifacts.state_envelopes(mr, api.state_events(key.project_id, key.mr_iid))
+            for env in apifacts.state_envelopes(mr, states)
             if apifacts.event_time(env["event"]) <= added
         ]
     with engine.begin() as conn:

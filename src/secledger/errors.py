@@ -55,16 +55,20 @@ class StoreUnavailable(SecledgerError):
 class GitLabAPIError(SecledgerError):
     """The GitLab REST API refused a request or could not be reached."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, *, gone: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status GitLab answered, when it answered
+        self._gone = gone
 
     @property
     def gone(self) -> bool:
         """GitLab answered 404: deleted, or hidden from the token (GitLab answers 404,
         not 403, for what a token may not see). A 403 is the token's own problem (a
-        missing scope, a blocked user), for the operator to fix."""
-        return self.status == 404
+        missing scope, a blocked user), for the operator to fix. False for a 404 of an
+        endpoint about an MR that was just read (``gitlab_api.about_existing_mr``)."""
+        return self.status == 404 if self._gone is None else self._gone
 
 
 class InvalidSignature(IntakeError):

@@ -10,6 +10,7 @@ it is never logged or printed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -79,6 +80,24 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         where = f" at {instance}" if instance else ""
         raise GitLabAPIError(f"GitLab API unreachable{where}: {unreachable(exc)}") from None
+
+
+@contextmanager
+def about_existing_mr() -> Iterator[None]:
+    """Around the requests about an MR just read: their 404 does not mean it is gone.
+    resource_state_events exists from GitLab 13.2, an approvals endpoint may be missing,
+    a proxy may answer 404; taken as deleted, the MR was reported "deleted or hidden"
+    and its lookup counted as done."""
+    try:
+        yield
+    except GitLabAPIError as exc:
+        if exc.status != 404:
+            raise
+        raise GitLabAPIError(
+            f"{exc} (the merge request itself exists: this endpoint is missing here)",
+            exc.status,
+            gone=False,
+        ) from None
 
 
 class GitLabAPI:

@@ -23,7 +23,7 @@ from secledger.backfill import fetch_history, record_envelopes
 from secledger.config import Settings
 from secledger.errors import GitLabAPIError
 from secledger.extract import MRKey
-from secledger.gitlab_api import GitLabAPI
+from secledger.gitlab_api import GitLabAPI, about_existing_mr
 from secledger.metrics import RecheckTally
 from secledger.policy import LabelPolicy
 from secledger.recentignored import Lost
@@ -46,7 +46,9 @@ HIDDEN_HINT = (
 
 def fetch(api: GitLabAPI, policy: LabelPolicy, key: MRKey) -> list[dict[str, Any]]:
     """What the API tells of one MR's history, as backfill envelopes."""
-    return fetch_history(api, api.merge_request(key.project_id, key.mr_iid), policy)
+    mr = api.merge_request(key.project_id, key.mr_iid)
+    with about_existing_mr():
+        return fetch_history(api, mr, policy)
 
 
 class Recoverer:
@@ -150,7 +152,7 @@ class Recoverer:
             envelopes = fetch(self.api, self.policy, lost.key)
         except GitLabAPIError as exc:  # in GitLab's own words
             if self._claim() is not None:
-                self._lost(lost, str(exc), hidden=exc.status == 404)
+                self._lost(lost, str(exc), hidden=exc.gone)
             return
         except Exception as exc:  # noqa: BLE001 - a background thread must not end: lost
             if self._claim() is not None:

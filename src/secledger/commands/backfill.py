@@ -263,8 +263,8 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     `serve` does this in the background every SECLEDGER_ENRICH_INTERVAL_SECONDS when a
     GitLab token is configured; this command does one pass now. Exits 1 when any
     lookup failed (the token was refused, GitLab failed or could not be reached); an MR
-    deleted or hidden from the token (404) is counted as `gone` instead; a 403 (a
-    missing scope, a blocked user) is a failure.
+    deleted or hidden from the token (the MR itself answers 404) is counted as `gone`
+    instead; a 403 (a missing scope, a blocked user) is a failure.
 
     \b
     Example:
