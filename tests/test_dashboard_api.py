@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from builders import dumps, mr_event
+from builders import dumps, label_change, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
+from secledger.dashboard.charts import duration
 from secledger.dashboard.queries import Filters, summary
 from secledger.dashboard.trail import describe, instance_from_path
 from secledger.intake import Ignored, parse_delivery
@@ -260,6 +261,32 @@ def test_the_summary_median_leaves_out_open_mrs(engine) -> None:
     with engine.connect() as conn:
         got = summary(conn, Filters())
     assert (got.open, got.merged, got.median_seconds) == (1, 1, 4 * 3600.0)
+    # Labelled three hours after its merge: no time to decide, not a negative one.
+    late = "2026-11-02 15:00:00 UTC"
+    labelled = label_change([], ["sec::high"], late)
+    fed(
+        mr_event(
+            "update", iid=3, state="merged", created_at=created, updated_at=late, changes=labelled
+        )
+    )
+    fed(
+        mr_event(
+            "merge",
+            iid=3,
+            actor="carol",
+            labels=[],
+            created_at=created,
+            updated_at="2026-11-02 12:00:00 UTC",
+        )
+    )
+    with engine.connect() as conn:
+        got = summary(conn, Filters())
+        seconds = conn.execute(
+            text("SELECT time_to_decision_seconds FROM security_review_ledger WHERE mr_iid = 3")
+        ).scalar_one()
+    assert seconds == -3 * 3600.0
+    assert (got.merged, got.median_seconds) == (2, 4 * 3600.0)
+    assert duration(seconds) == "-3h 0m"
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple], float]:

@@ -21,6 +21,8 @@ def duration(seconds: float | None) -> str:
     """``3d 4h``, ``5h 10m`` or ``12m``; an em dash when unknown."""
     if seconds is None:
         return "—"
+    if seconds < 0:  # floored, -81900 s read "-1d 1h"
+        return "-" + duration(-seconds)
     minutes = int(seconds // 60)
     days, rest = divmod(minutes, 24 * 60)
     hours, mins = divmod(rest, 60)

@@ -117,7 +117,10 @@ def summary(conn: Connection, filters: Filters) -> Summary:
             " count(*) FILTER (WHERE l.state = 'merged') AS merged,"
             " count(*) FILTER (WHERE l.state = 'closed') AS closed,"
             " percentile_cont(0.5) WITHIN GROUP (ORDER BY l.time_to_decision_seconds)"
-            "   FILTER (WHERE l.state IN ('merged', 'closed')) AS median_seconds"
+            # Labelled after its merge or close, an MR had no time to decide (the
+            # reports leave it out of their timings too).
+            "   FILTER (WHERE l.state IN ('merged', 'closed')"
+            "   AND l.time_to_decision_seconds >= 0) AS median_seconds"
             f" FROM security_review_ledger l WHERE {where}"
         ),
         params,
