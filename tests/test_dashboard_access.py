@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from builders import mr_event
 from conftest import post
+from faultkit import database_down
 from dashboard_fixtures import (
     PASSWORD,
     USER,
@@ -330,3 +331,23 @@ def test_an_mr_url_off_its_gitlab_is_shown_but_not_linked(reader) -> None:
     assert 'href="javascript:' not in page.text
     good = reader.get("/mr/https%3A%2F%2Fgitlab.example.com/14/12")
     assert 'href="https://gitlab.example.com/' in good.text
+
+
+def test_with_the_database_down_pages_and_the_api_answer_503(
+    reader, server_url, database_url
+) -> None:
+    """Not a bare 500 without the security headers, and a traceback per request."""
+    log_in(reader)
+    with database_down(server_url, database_url), capture_logs() as logs:
+        api = reader.get("/api/ledger", headers=bearer())
+        page = reader.get("/")
+    assert api.status_code == 503, api.text
+    assert api.json() == {"detail": "the database cannot be reached; try again shortly"}
+    assert api.headers["retry-after"] == "5"
+    assert page.status_code == 503
+    assert "the database cannot be reached" in page.text
+    for answer in (api, page):
+        assert answer.headers["cache-control"] == "no-store"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    assert {e["event"] for e in logs} >= {"dashboard_database_unreachable"}
+    assert reader.get("/api/ledger", headers=bearer()).status_code == 200  # back again

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from secledger.config import Settings
@@ -15,7 +17,11 @@ from secledger.dashboard.assets import plotly_js_path
 from secledger.dashboard.auth import Authenticator, session_secret
 from secledger.dashboard.csrf import CsrfTokens
 from secledger.dashboard.throttle import LoginThrottle
+from secledger.listener import is_connection_error
 from secledger.tierpolicy import CompliancePolicy
+
+log = structlog.get_logger("secledger.dashboard")
+DATABASE_UNREACHABLE = "the database cannot be reached; try again shortly"
 
 # Everything is served by secledger itself, so the policy can forbid any other origin.
 CSP = (
@@ -69,3 +75,21 @@ def install(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(LoginRequired)
     async def to_login(_request: Request, exc: LoginRequired) -> RedirectResponse:
         return RedirectResponse(f"/login?next={quote(exc.next_path, safe='')}", status_code=303)
+
+    @app.exception_handler(DBAPIError)
+    async def database_unreachable(request: Request, exc: DBAPIError) -> Response:
+        # A bare 500, without the security headers, and a traceback in the log for every
+        # request, was the answer while the database was down.
+        if not is_connection_error(exc):
+            raise exc
+        log.warning(
+            "dashboard_database_unreachable",
+            path=request.url.path,
+            error=type(exc.orig).__name__,
+        )
+        retry = {"Retry-After": "5"}
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": DATABASE_UNREACHABLE}, 503, headers=retry)
+        page = pages.render(request, "refused.html", 503, message=DATABASE_UNREACHABLE)
+        page.headers.update(retry)
+        return page
