@@ -389,6 +389,7 @@ def test_a_database_url_of_another_kind_is_a_configuration_error() -> None:
         ("target_session_attrs=rw", "has target_session_attrs=rw; use one of any"),
         ("ssl_mode=require", 'not a valid PostgreSQL URL: invalid URI query parameter: "ssl_mode"'),
         ("keepalives_idle=soon", "has keepalives_idle='soon'; it takes a whole number"),
+        ("keepalives_idle=99999999999", "has keepalives_idle='99999999999'; it takes a whole"),
     ],
 )
 def test_a_database_url_option_libpq_would_refuse_is_a_configuration_error(
@@ -402,6 +403,13 @@ def test_a_database_url_option_libpq_would_refuse_is_a_configuration_error(
     assert "invalid configuration: database_url" in result.output
     assert message in result.output
     assert "hunter2" not in result.output
+
+
+def test_a_signed_number_libpq_reads_is_not_refused() -> None:
+    """``+10`` is a number to libpq: refused, a working URL would not start."""
+    url = "postgresql://u@127.0.0.1:1/x?connect_timeout=%2B1"
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_DATABASE_URL": url})
+    assert "invalid configuration" not in result.output
 
 
 @pytest.mark.parametrize(

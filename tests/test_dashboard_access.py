@@ -15,7 +15,6 @@ from structlog.testing import capture_logs
 
 from builders import mr_event
 from conftest import post
-from faultkit import database_down
 from dashboard_fixtures import (
     PASSWORD,
     USER,
@@ -28,6 +27,7 @@ from dashboard_fixtures import (
     reader_client,
     reader_settings,
 )
+from faultkit import database_down
 from secledger.config import Settings
 from secledger.dashboard import pages
 from secledger.dashboard.auth import (

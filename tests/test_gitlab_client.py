@@ -233,3 +233,5 @@ def test_a_gitlab_url_with_credentials_is_named_as_such_and_not_shown() -> None:
     with pytest.raises(ConfigError, match="holds credentials") as caught:
         client("https://user:pw-77a@gitlab.example.com")
     assert "pw-77a" not in str(caught.value)
+    with pytest.raises(ConfigError, match="set SECLEDGER_GITLAB_URL to the GitLab base URL"):
+        client("https://[gitlab.example.com")  # not a traceback from the URL parser

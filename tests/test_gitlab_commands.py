@@ -29,9 +29,15 @@ def test_connect_refuses_a_file_the_environment_would_override(database_url, fak
     refused (401) at every delivery until GitLab disabled the hook."""
     config = tmp_path / "secledger.toml"
     args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
-    result = invoke(database_url, fake, *args, SECLEDGER_WEBHOOK_SECRETS="s3cret")
-    assert result.exit_code == 1
-    assert "SECLEDGER_WEBHOOK_SECRETS is set, and the environment wins over" in result.output
+    # Empty, or in another case, it still wins over the file, as settings read it.
+    for variable, value in (
+        ("SECLEDGER_WEBHOOK_SECRETS", "s3cret"),
+        ("SECLEDGER_WEBHOOK_SECRETS", ""),
+        ("secledger_webhook_secrets_file", "/run/secrets/hook"),
+    ):
+        result = invoke(database_url, fake, *args, **{variable: value})
+        assert result.exit_code == 1, (variable, value, result.output)
+        assert f"{variable.upper()} is set, and the environment wins over" in result.output
     assert fake.projects[14].hooks == []
     assert not config.exists()
 

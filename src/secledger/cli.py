@@ -638,9 +638,9 @@ _TLS_SETTINGS = (
     "certificate verify failed",
     "root certificate file",
     "does not match host name",
-    "could not load private key file",
+    "private key file",  # could not load it, or it has group or world access
     "certificate present, but not private key",
-    "could not read certificate file",
+    "certificate file",  # could not open it, or could not read it
 )
 
 

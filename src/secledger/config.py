@@ -278,7 +278,8 @@ def _check_options(url: str) -> None:
             raise ValueError(f"has {name}={value}; use one of {', '.join(allowed)}")
     for name in _INTEGER_OPTIONS:
         number = str(options.get(name, "0"))
-        if not re.fullmatch(r"\s*-?\d+\s*", number):
+        # libpq's own reading: blanks around, a sign, digits, within a C int.
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", number) or abs(int(number)) > 2**31 - 1:
             raise ValueError(f"has {name}={number[:40]!r}; it takes a whole number")
 
 

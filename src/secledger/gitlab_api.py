@@ -82,6 +82,14 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
         raise GitLabAPIError(f"GitLab API unreachable{where}: {unreachable(exc)}") from None
 
 
+def _netloc(url: str) -> str:
+    """The URL's authority part; empty when it cannot be read."""
+    try:
+        return urlsplit(url).netloc
+    except ValueError:  # "https://[host": said below, as any unreadable URL
+        return ""
+
+
 @contextmanager
 def about_existing_mr() -> Iterator[None]:
     """Around the requests about an MR just read: their 404 does not mean it is gone.
@@ -118,7 +126,7 @@ class GitLabAPI:
         url = settings.gitlab_url
         token = settings.gitlab_token_value()
         instance = origin(url)
-        if url and "@" in urlsplit(url).netloc:
+        if url and "@" in _netloc(url):
             # Named, never shown: the part before @ may be a password.
             raise ConfigError(
                 "SECLEDGER_GITLAB_URL holds credentials (user@ or user:password@): give the"

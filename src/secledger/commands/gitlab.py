@@ -61,7 +61,8 @@ def connect(
     """
     if config is None:
         raise click.UsageError("name the configuration file with --config or SECLEDGER_CONFIG")
-    overriding = [name for name in _ENV_SECRETS if os.environ.get(name)]
+    # As pydantic-settings reads them: any case, and set even when empty.
+    overriding = [name.upper() for name in os.environ if name.upper() in _ENV_SECRETS]
     if overriding:
         # The environment wins over the file: serve would never read the new secret, and
         # GitLab disables a hook after four refused deliveries.
