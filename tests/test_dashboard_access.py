@@ -351,3 +351,19 @@ def test_with_the_database_down_pages_and_the_api_answer_503(
         assert answer.headers["x-content-type-options"] == "nosniff"
     assert {e["event"] for e in logs} >= {"dashboard_database_unreachable"}
     assert reader.get("/api/ledger", headers=bearer()).status_code == 200  # back again
+
+
+def test_the_filter_form_keeps_a_filter_its_menus_do_not_list(reader) -> None:
+    """A project by id, a tier in capitals, a reviewer who only merged (the Reviewers
+    table links them): shown as chosen, so that Apply keeps them."""
+    log_in(reader)
+    page = reader.get("/?project=14&tier=CRITICAL&reviewer=@Carol").text
+    for name, value in (("project", "14"), ("tier", "CRITICAL"), ("reviewer", "@Carol")):
+        menu = page.split(f'<select name="{name}">', 1)[1].split("</select>", 1)[0]
+        assert f'<option value="{value}" selected>' in menu, menu
+
+
+def test_a_period_that_ends_before_it_starts_is_said(reader) -> None:
+    log_in(reader)
+    page = reader.get("/?since=2026-02-01&until=2026-01-01").text
+    assert "since must not be after until" in page

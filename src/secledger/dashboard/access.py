@@ -167,6 +167,9 @@ def parse_filters(state: Dashboard, params: Mapping[str, str]) -> tuple[Filters,
     errors: list[str] = []
     since = _day(params.get("since"), "since", errors)
     until = _day(params.get("until"), "until", errors)
+    if since is not None and until is not None and since > until:
+        # Said, or the empty view reads as no activity in the period (the API: 422).
+        errors.append("since must not be after until: no day is in this period")
     tier = state.tier(params.get("tier"))
     filters = build_filters(since, until, params.get("project"), tier, params.get("reviewer"))
     return filters, errors
