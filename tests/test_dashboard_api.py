@@ -18,7 +18,7 @@ from builders import dumps, label_change, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
 from secledger.dashboard.charts import duration
-from secledger.dashboard.queries import Filters, summary
+from secledger.dashboard.queries import Filters, ledger_page, summary
 from secledger.dashboard.trail import describe, instance_from_path
 from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
@@ -332,6 +332,17 @@ def test_a_locked_mr_counts_as_open_in_the_summary_and_the_gauge(client, engine)
         got = summary(conn, Filters())
     assert (got.total, got.open, got.merged, got.closed) == (1, 1, 0, 0)
     assert samples(client)[("secledger_open_security_mrs", (("tier", "high"),))] == 1
+    with engine.connect() as conn:  # what /api/ledger?state=opened lists
+        assert ledger_page(conn, Filters(), limit=10, offset=0, state="opened").total == 1
+
+
+def test_a_ledger_state_the_api_does_not_know_is_refused(database_url, tmp_path) -> None:
+    """``state=open`` or ``Merged`` listed nothing, with a 200."""
+    for reader in reader_client(database_url, tmp_path):
+        for state in ("open", "Merged", "locked"):
+            answer = reader.get(f"/api/ledger?state={state}", headers=bearer())
+            assert answer.status_code == 422, (state, answer.text)
+        assert reader.get("/api/ledger?state=merged", headers=bearer()).status_code == 200
 
 
 def test_the_open_gauge_reads_the_open_mr_index(engine) -> None:

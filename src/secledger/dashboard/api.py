@@ -116,7 +116,10 @@ State = Annotated[Dashboard, Depends(dashboard)]
 def list_ledger(
     db: DB,
     where: Filtered,
-    state: Annotated[str | None, Query(description="opened, merged or closed")] = None,
+    state: Annotated[
+        Literal["opened", "merged", "closed"] | None,
+        Query(description="opened (not merged or closed, as the summary counts), merged or closed"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> dict[str, Any]:

@@ -190,7 +190,11 @@ def ledger_page(
 ) -> LedgerPage:
     """Ledger rows, newest event first, ``limit`` from ``offset``."""
     where, params = filters.where()
-    if state:
+    if state == "opened":
+        # Open as the summary and the reports count it: a locked MR, or one whose state
+        # is not known, is still to be decided.
+        where += f" AND {reports.OPEN}"
+    elif state:
         where += " AND l.state = :state"
         params["state"] = state
     total = conn.execute(
