@@ -83,10 +83,10 @@ def volume_chart(points: Sequence[VolumePoint], tiers: Sequence[str]) -> dict[st
                 "marker": {"color": colours.get(tier, PALETTE[-1])},
             }
         )
-    return {
-        "data": traces,
-        "layout": _layout("Review volume by tier", "review started", "MRs", barmode="stack"),
-    }
+    layout = _layout("Review volume by tier", "review started", "MRs", barmode="stack")
+    # Buckets are days, not instants: with one bar, a date axis labelled it with a clock.
+    layout["xaxis"] |= {"type": "category", "categoryorder": "category ascending"}
+    return {"data": traces, "layout": layout}
 
 
 def _sla_marker(rows: Sequence[DecisionTimesRow], policy: CompliancePolicy) -> dict[str, Any]:
@@ -142,6 +142,12 @@ def reviewer_chart(people: Sequence[ReviewerRow]) -> dict[str, Any]:
     busiest = sorted(people, key=lambda p: (-p.decisions, -p.approvals, p.reviewer))
     shown = busiest[:15][::-1]  # most active at the top
     names = [plain(p.reviewer) for p in shown]
+    layout = _layout("Approvals per reviewer", "MRs", "", barmode="group")
+    layout["height"] = max(220, 60 + 28 * len(shown))
+    # Room for the names, however long: a fixed margin showed "on-appsec".
+    layout["yaxis"]["automargin"] = True
+    if not shown:  # no traces: the page says "No data in this selection."
+        return {"data": [], "layout": layout}
     traces = [
         {
             "type": "bar",
@@ -160,8 +166,6 @@ def reviewer_chart(people: Sequence[ReviewerRow]) -> dict[str, Any]:
             "marker": {"color": PALETTE[0]},
         },
     ]
-    layout = _layout("Approvals per reviewer", "MRs", "", barmode="group")
-    layout["height"] = max(220, 60 + 28 * len(shown))
     return {"data": traces, "layout": layout}
 
 
