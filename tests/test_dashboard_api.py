@@ -441,3 +441,19 @@ def test_hostile_page_values_are_never_a_5xx(reader) -> None:
     ):
         response = reader.get(path)
         assert response.status_code in {200, 404, 422}, (path, response.text[:300])
+
+
+def test_an_empty_field_means_no_filter_on_every_route(database_url, tmp_path) -> None:
+    """``since=`` was a 422 on the ledger, summary and volume routes and no filter on
+    the report routes; ``all=`` a 422 on findings."""
+    for reader in reader_client(database_url, tmp_path):
+        for path in (
+            "/api/ledger?since=&until=",
+            "/api/reports/summary?since=",
+            "/api/reports/reviewers?since=",
+            "/api/findings?all=",
+        ):
+            answer = reader.get(path, headers=bearer())
+            assert answer.status_code == 200, (path, answer.text)
+        full = reader.get("/api/ledger", headers=bearer()).json()["total"]
+        assert reader.get("/api/ledger?since=", headers=bearer()).json()["total"] == full

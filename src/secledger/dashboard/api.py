@@ -11,7 +11,7 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from sqlalchemy import Engine
 
 from secledger import findings, reports
@@ -90,10 +90,18 @@ class MRTrail(BaseModel):
     findings: list[findings.Finding]
 
 
+# An empty field (a form's, or a client's query built from one) means no filter, on
+# every route: the report routes read it so, the others answered 422.
+BLANK = BeforeValidator(lambda value: None if value == "" else value)
+BLANK_FALSE = BeforeValidator(lambda value: False if value == "" else value)
+
+
 def filters(  # noqa: PLR0917 - one query parameter each
     state: State,
-    since: Annotated[date | None, Query(description="first day (UTC) a review started")] = None,
-    until: Annotated[date | None, Query(description="last day (UTC), inclusive")] = None,
+    since: Annotated[
+        date | None, BLANK, Query(description="first day (UTC) a review started")
+    ] = None,
+    until: Annotated[date | None, BLANK, Query(description="last day (UTC), inclusive")] = None,
     project: Annotated[str | None, Query(description="project path, e.g. acme/payments")] = None,
     tier: str | None = None,
     reviewer: Annotated[
@@ -238,7 +246,7 @@ def get_findings(
     db: DB,
     where: ReportFiltered,
     rule: Annotated[str | None, Query(description=", ".join(sorted(RULES)))] = None,
-    include_resolved: Annotated[bool, Query(alias="all")] = False,
+    include_resolved: Annotated[bool, BLANK_FALSE, Query(alias="all")] = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[findings.Finding]:
     """`secledger findings --format json`: open MRs past their deadline count as breached,
