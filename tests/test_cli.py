@@ -23,7 +23,13 @@ from sqlalchemy.engine import make_url
 from builders import dumps, mr_event
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
-from secledger.config import Settings, loose_key_files, loose_secret_files, unknown_variables
+from secledger.config import (
+    Settings,
+    loose_key_files,
+    loose_secret_files,
+    overridden_keys,
+    unknown_variables,
+)
 from secledger.errors import ConfigError
 from secledger.output import render
 from secledger.runtime import Runtime
@@ -442,6 +448,48 @@ def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
         ("SECLEDGER_SPOOL_DIRR", "SECLEDGER_SPOOL_DIR"),
         ("SECLEDGER_WEBHOOK_SECRETZ", "SECLEDGER_WEBHOOK_SECRETS"),
     ]
+
+
+def test_a_config_file_key_the_environment_hides_is_named(tmp_path: Path) -> None:
+    """The environment wins: an edit of the file (gitlab connect adds a secret there)
+    changed nothing, and nothing said so. Names only, never values."""
+    config = tmp_path / "secledger.toml"
+    config.write_text('webhook_secrets = ["from-file"]\nport = 8081\nmax_batch = 64\n')
+    environ = {
+        "SECLEDGER_CONFIG": str(config),
+        "SECLEDGER_WEBHOOK_SECRETS_FILE": "/run/secrets/hook",
+        "secledger_port": "8080",
+    }
+    assert overridden_keys(environ) == [
+        ("port", "SECLEDGER_PORT"),
+        ("webhook_secrets", "SECLEDGER_WEBHOOK_SECRETS_FILE"),
+    ]
+
+
+def test_a_command_logs_each_config_key_the_environment_hides(tmp_path: Path) -> None:
+    config = tmp_path / "secledger.toml"
+    config.write_text('webhook_secrets = ["from-file"]\n')
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "secledger"), "spool", "status"],
+        env={
+            "PATH": os.environ["PATH"],
+            "SECLEDGER_CONFIG": str(config),
+            "SECLEDGER_WEBHOOK_SECRETS": "s3cret-9c2",
+            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [json.loads(x) for x in done.stderr.splitlines() if "overridden" in x]
+    assert (line["event"], line["key"], line["variable"]) == (
+        "config_file_key_overridden",
+        "webhook_secrets",
+        "SECLEDGER_WEBHOOK_SECRETS",
+    )
+    assert "s3cret-9c2" not in done.stderr and "from-file" not in done.stderr
 
 
 def test_a_secret_file_others_may_read_is_named(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from secledger.config import (
     describe,
     loose_key_files,
     loose_secret_files,
+    overridden_keys,
     unknown_variables,
 )
 from secledger.errors import IntakeError, SecledgerError
@@ -72,6 +73,8 @@ class Context:
             for variable, close in unknown_variables(Settings, os.environ):
                 # The name only: its value may be a secret.
                 log.warning("unknown_setting_ignored", variable=variable, did_you_mean=close)
+            for key, variable in overridden_keys(os.environ):
+                log.warning("config_file_key_overridden", key=key, variable=variable)
             loose = loose_secret_files(Settings, os.environ) + loose_key_files(self._settings)
             for variable, mode in loose:
                 log.warning("secret_file_readable_by_others", variable=variable, mode=f"{mode:o}")

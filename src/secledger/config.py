@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +116,26 @@ def unknown_variables(
         if variable.upper().startswith(ENV_PREFIX) and variable.upper() not in known:
             close = difflib.get_close_matches(variable.upper(), sorted(known), n=1)
             found.append((variable, close[0] if close else None))
+    return found
+
+
+def overridden_keys(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key of the SECLEDGER_CONFIG file, variable) for each key the environment hides:
+    the environment wins, so an edit of the file (``gitlab connect`` adds a secret
+    there) would change nothing, without a word."""
+    path = environ.get("SECLEDGER_CONFIG")
+    if not path:
+        return []
+    try:
+        keys = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []  # said when the settings load
+    upper = {variable.upper() for variable in environ}
+    found = []
+    for key in sorted(keys):
+        for variable in (f"{ENV_PREFIX}{key.upper()}", f"{ENV_PREFIX}{key.upper()}_FILE"):
+            if variable in upper:
+                found.append((key, variable))
     return found
 
 
