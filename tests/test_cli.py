@@ -464,6 +464,15 @@ def test_a_config_file_key_the_environment_hides_is_named(tmp_path: Path) -> Non
         ("port", "SECLEDGER_PORT"),
         ("webhook_secrets", "SECLEDGER_WEBHOOK_SECRETS_FILE"),
     ]
+    # Not read by the settings, so hiding nothing: a _FILE in another case or empty, and
+    # a _FILE of a setting that is no secret.
+    unread = {
+        "SECLEDGER_CONFIG": str(config),
+        "secledger_webhook_secrets_file": "/run/secrets/hook",
+        "SECLEDGER_PORT_FILE": "/run/port",
+        "SECLEDGER_MAX_BATCH_FILE": "",
+    }
+    assert overridden_keys(unread) == []
 
 
 def test_a_command_logs_each_config_key_the_environment_hides(tmp_path: Path) -> None:

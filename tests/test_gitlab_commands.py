@@ -29,11 +29,13 @@ def test_connect_refuses_a_file_the_environment_would_override(database_url, fak
     refused (401) at every delivery until GitLab disabled the hook."""
     config = tmp_path / "secledger.toml"
     args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
-    # Empty, or in another case, it still wins over the file, as settings read it.
+    # As the settings read them: the variable in any case and even empty; its _FILE as
+    # spelt and not empty.
     for variable, value in (
         ("SECLEDGER_WEBHOOK_SECRETS", "s3cret"),
         ("SECLEDGER_WEBHOOK_SECRETS", ""),
-        ("secledger_webhook_secrets_file", "/run/secrets/hook"),
+        ("secledger_webhook_secrets", "s3cret"),
+        ("SECLEDGER_WEBHOOK_SECRETS_FILE", "/run/secrets/hook"),
     ):
         result = invoke(database_url, fake, *args, **{variable: value})
         assert result.exit_code == 1, (variable, value, result.output)

@@ -119,6 +119,18 @@ def unknown_variables(
     return found
 
 
+def variable_for(name: str, environ: Mapping[str, str]) -> str | None:
+    """The variable the settings read setting ``name`` from, if any: ``SECLEDGER_<NAME>``
+    in any case, even empty; for a secret, else ``SECLEDGER_<NAME>_FILE`` as spelt and
+    not empty (``SecretFileSource``)."""
+    plain = f"{ENV_PREFIX}{name.upper()}"
+    if any(variable.upper() == plain for variable in environ):
+        return plain
+    if name in secret_field_names(Settings) and environ.get(f"{plain}_FILE"):
+        return f"{plain}_FILE"
+    return None
+
+
 def overridden_keys(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     """(key of the SECLEDGER_CONFIG file, variable) for each key the environment hides:
     the environment wins, so an edit of the file (``gitlab connect`` adds a secret
@@ -130,12 +142,11 @@ def overridden_keys(environ: Mapping[str, str]) -> list[tuple[str, str]]:
         keys = tomllib.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []  # said when the settings load
-    upper = {variable.upper() for variable in environ}
     found = []
     for key in sorted(keys):
-        for variable in (f"{ENV_PREFIX}{key.upper()}", f"{ENV_PREFIX}{key.upper()}_FILE"):
-            if variable in upper:
-                found.append((key, variable))
+        variable = variable_for(key, environ)
+        if variable is not None:
+            found.append((key, variable))
     return found
 
 

@@ -10,6 +10,7 @@ import click
 
 from secledger import hooks
 from secledger.commands.backfill import _api, _scopes, edge, scope_options
+from secledger.config import variable_for
 from secledger.errors import SecledgerError
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ def gitlab_group() -> None:
         --url https://secledger.example.com/webhooks/gitlab
       secledger gitlab check --group acme
     """
-
-
-_ENV_SECRETS = ("SECLEDGER_WEBHOOK_SECRETS", "SECLEDGER_WEBHOOK_SECRETS_FILE")
 
 
 @gitlab_group.command()
@@ -61,13 +59,12 @@ def connect(
     """
     if config is None:
         raise click.UsageError("name the configuration file with --config or SECLEDGER_CONFIG")
-    # As pydantic-settings reads them: any case, and set even when empty.
-    overriding = [name.upper() for name in os.environ if name.upper() in _ENV_SECRETS]
+    overriding = variable_for("webhook_secrets", os.environ)
     if overriding:
         # The environment wins over the file: serve would never read the new secret, and
         # GitLab disables a hook after four refused deliveries.
         raise click.ClickException(
-            f"{overriding[0]} is set, and the environment wins over {config}: serve would"
+            f"{overriding} is set, and the environment wins over {config}: serve would"
             " not read the secret added there. Move its tokens into webhook_secrets in the"
             " file and unset it (in serve's environment too), then run connect again"
         )
