@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from dashboard_fixtures import bearer, log_in, reader_client
-from secledger.store import db
+from secledger.errors import ConfigError
+from secledger.store import db, migrate
 
 MR_PATH = "/https%3A%2F%2Fgitlab.example.com/14/12"
 
@@ -55,10 +56,10 @@ def test_the_mr_page_and_the_api_show_the_same_utc_times(reader) -> None:
         assert shown in page, (shown, stamp)
 
 
-def test_a_search_path_the_operator_chose_is_kept(server_url: str, tmp_path) -> None:
-    """Only PostgreSQL's default path is replaced by public's: one set in the URL kept
-    secledger's tables in schema ledger, and replacing it started an empty ledger in
-    public beside them."""
+def test_tables_in_another_schema_are_refused_not_forked(server_url: str) -> None:
+    """Every session reads public, whatever path the URL, the login or the database
+    sets (the database's owner may set one to a schema of copies). A ledger kept in
+    another schema is refused when migrating, not replaced by a new, empty one."""
     name = "secledger_test_own_schema"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -66,17 +67,20 @@ def test_a_search_path_the_operator_chose_is_kept(server_url: str, tmp_path) -> 
     url = make_url(server_url).set(database=name)
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute("CREATE SCHEMA ledger")
+        conn.execute("CREATE TABLE ledger.delivery_log (seq bigint)")
+        conn.execute(f'ALTER DATABASE "{name}" SET search_path = ledger, public')
     chosen = url.update_query_dict({"options": "-csearch_path=ledger"})
     try:
         engine = db.create(chosen.render_as_string(hide_password=False), pool_size=1)
         with engine.connect() as conn:
-            assert conn.exec_driver_sql("SHOW search_path").scalar() == "ledger"
-            assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
-        engine.dispose()
-        default = db.create(url.render_as_string(hide_password=False), pool_size=1)
-        with default.connect() as conn:
             assert conn.exec_driver_sql("SHOW search_path").scalar() == "public, pg_temp"
-        default.dispose()
+        with pytest.raises(ConfigError, match="tables in schema ledger"):
+            migrate.ensure_current(engine, None)
+        with engine.connect() as conn:  # nothing was started in public
+            assert (
+                conn.exec_driver_sql("SELECT to_regclass('public.delivery_log')").scalar() is None
+            )
+        engine.dispose()
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -79,9 +79,9 @@ def _session_defaults(dbapi_connection: Any, _record: object) -> None:
     # Every time shown (pages, API, CSV) is labelled UTC, but a timestamptz comes back
     # in the session's zone, and initdb gives a server its host's zone: a dashboard
     # showed New York times as UTC. The search path: reports, pages and the writer read
-    # the tables in public, not a copy left in a schema named after the login (unless the
-    # operator chose a path: _SESSION_DEFAULTS). Set here rather than through the URL's
-    # `options`, which would replace an operator's own options or PGOPTIONS.
+    # the tables in public, not a copy left in a schema named after the login. Set here
+    # rather than through the URL's `options`, which would replace an operator's own
+    # options or PGOPTIONS.
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     dbapi_connection.execute(_SESSION_DEFAULTS)
@@ -111,14 +111,10 @@ def reading(engine: Engine) -> Iterator[Connection]:
 # for their transaction, with pg_catalog named.
 SESSION_SEARCH_PATH = "public, pg_temp"
 PINNED_SEARCH_PATH = "pg_catalog, public, pg_temp"
-# PostgreSQL's own default path is replaced; one an operator chose (the URL's
-# ``options=-csearch_path=...``, ALTER ROLE/DATABASE ... SET) is theirs: replaced, it
-# left their tables for new, empty ones in public. One round trip for both settings.
-_SESSION_DEFAULTS = (
-    "SET TIME ZONE 'UTC';"
-    f" SELECT set_config('search_path', '{SESSION_SEARCH_PATH}', false)"
-    " WHERE current_setting('search_path') = '\"$user\", public'"
-)
+# Whatever path the login, the database or the URL sets: the database's owner may
+# ALTER DATABASE ... SET search_path to a schema of copies. Tables kept in another
+# schema are refused when migrating (``migrate``), not forked. One round trip for both.
+_SESSION_DEFAULTS = f"SET TIME ZONE 'UTC'; SET search_path = {SESSION_SEARCH_PATH}"
 
 
 def pin_search_path(conn: Connection) -> None:

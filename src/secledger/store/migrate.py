@@ -39,6 +39,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 _refuse_unknown_revision(conn)
                 _let_owner_create(conn)
                 conn.commit()
+            else:
+                _refuse_tables_elsewhere(conn)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
             conn.commit()
@@ -48,6 +50,25 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.rollback()
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.commit()
+
+
+_ELSEWHERE = text(
+    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relname = 'delivery_log' AND c.relkind IN ('r', 'p')"
+    " AND n.nspname <> 'public' AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1 LIMIT 1"
+)
+
+
+def _refuse_tables_elsewhere(conn: Connection) -> None:
+    """No ledger in public, one in another schema: every session reads public
+    (``db.SESSION_SEARCH_PATH``), and migrating would start a new, empty ledger there."""
+    schema = conn.execute(_ELSEWHERE).scalar()
+    if schema is not None:
+        raise ConfigError(
+            f"this database keeps secledger's tables in schema {schema}, and secledger uses"
+            " schema public only (docs/data-model.md): move them there (ALTER TABLE ..."
+            " SET SCHEMA public, as their owner), or give secledger a database of its own"
+        )
 
 
 def _refuse_unknown_revision(conn: Connection) -> None:
