@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
 import structlog
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlalchemy import event
 from structlog.testing import capture_logs
 
 from builders import mr_event
@@ -367,3 +369,24 @@ def test_a_period_that_ends_before_it_starts_is_said(reader) -> None:
     log_in(reader)
     page = reader.get("/?since=2026-02-01&until=2026-01-01").text
     assert "since must not be after until" in page
+
+
+def test_a_query_the_server_cancels_is_no_outage(database_url, tmp_path) -> None:
+    """A statement_timeout (the server answered) is not "the database cannot be
+    reached": a 503 with Retry-After said so, while /readyz said ready."""
+    settings = reader_settings(database_url, tmp_path / "data")
+    app = create_app(settings, db.Database(database_url, embedded=False))
+
+    def impatient(connection, _record) -> None:
+        connection.autocommit = True
+        connection.execute("SET statement_timeout = 50")
+        connection.autocommit = False
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        engine = app.api.state.runtime.engine
+        event.listen(engine, "connect", impatient)
+        engine.dispose()  # every connection from now on gives up after 50 ms
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("LOCK TABLE security_review_ledger IN ACCESS EXCLUSIVE MODE")
+            answer = client.get("/api/ledger", headers=bearer())
+    assert answer.status_code == 500, answer.text

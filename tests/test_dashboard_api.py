@@ -448,9 +448,10 @@ def test_an_empty_field_means_no_filter_on_every_route(database_url, tmp_path) -
     the report routes; ``all=`` a 422 on findings."""
     for reader in reader_client(database_url, tmp_path):
         for path in (
-            "/api/ledger?since=&until=",
+            "/api/ledger?since=&until=&state=",
             "/api/reports/summary?since=",
-            "/api/reports/reviewers?since=",
+            "/api/reports/volume?bucket=",
+            "/api/reports/reviewers?since=&period=",
             "/api/findings?all=",
         ):
             answer = reader.get(path, headers=bearer())

@@ -32,6 +32,7 @@ from secledger.config import (
 )
 from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
+from secledger.listener import is_unreachable
 from secledger.output import FORMATS, render, terminal_text
 from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
@@ -585,7 +586,7 @@ def run() -> None:
         sys.exit(1)
     except (OperationalError, psycopg.OperationalError) as exc:
         cause = getattr(exc, "orig", None) or exc
-        if not _unreachable(cause):
+        if not is_unreachable(cause):
             raise  # a timeout, a deadlock, a full disk: not an outage to wait out
         # libpq's first line says what failed (refused, timed out, authentication);
         # it names the host and the user, never the password.
@@ -613,13 +614,6 @@ def run() -> None:
             click.echo(f"Error: {reason}: {NO_SCHEMA}", err=True)
             sys.exit(1)
         raise
-
-
-def _unreachable(error: BaseException) -> bool:
-    """No connection, or one the server ended: no SQLSTATE (libpq's own failure),
-    class 08 (connection exception), or 57P01-57P03 (shut down, cannot connect now)."""
-    state = getattr(error, "sqlstate", None)
-    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
 # The server answered and refused this login for a reason waiting will not change (a

@@ -25,6 +25,15 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+def is_unreachable(error: BaseException) -> bool:
+    """No connection, or one the server ended: no SQLSTATE (libpq's own failure),
+    class 08 (connection exception), or 57P01-57P03 (shut down, cannot connect now).
+    Not a timeout, a deadlock or a full disk: the server answered. ``error`` is the
+    driver's exception (a wrapper's ``orig``)."""
+    state = getattr(error, "sqlstate", None)
+    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
+
+
 class Listener:
     """One autocommit connection listening on the ledger channel."""
 

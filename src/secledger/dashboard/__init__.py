@@ -17,7 +17,7 @@ from secledger.dashboard.assets import plotly_js_path
 from secledger.dashboard.auth import Authenticator, session_secret
 from secledger.dashboard.csrf import CsrfTokens
 from secledger.dashboard.throttle import LoginThrottle
-from secledger.listener import is_connection_error
+from secledger.listener import is_connection_error, is_unreachable
 from secledger.tierpolicy import CompliancePolicy
 
 log = structlog.get_logger("secledger.dashboard")
@@ -80,7 +80,9 @@ def install(app: FastAPI, settings: Settings) -> None:
     async def database_unreachable(request: Request, exc: DBAPIError) -> Response:
         # A bare 500, without the security headers, and a traceback in the log for every
         # request, was the answer while the database was down.
-        if not is_connection_error(exc):
+        # A query cancelled by statement_timeout, a deadlock, a full disk: the server
+        # answered, and a 500 says so; only a connection that failed or ended is a 503.
+        if not (is_connection_error(exc) and is_unreachable(exc.orig or exc)):
             raise exc
         log.warning(
             "dashboard_database_unreachable",

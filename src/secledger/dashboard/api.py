@@ -94,6 +94,7 @@ class MRTrail(BaseModel):
 # every route: the report routes read it so, the others answered 422.
 BLANK = BeforeValidator(lambda value: None if value == "" else value)
 BLANK_FALSE = BeforeValidator(lambda value: False if value == "" else value)
+BLANK_WEEK = BeforeValidator(lambda value: "week" if value == "" else value)
 
 
 def filters(  # noqa: PLR0917 - one query parameter each
@@ -126,6 +127,7 @@ def list_ledger(
     where: Filtered,
     state: Annotated[
         Literal["opened", "merged", "closed"] | None,
+        BLANK,
         Query(description="opened (not merged or closed, as the summary counts), merged or closed"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
@@ -175,7 +177,7 @@ def report_summary(db: DB, where: Filtered) -> queries.Summary:
 
 @router.get("/reports/volume", summary="Security MRs per period, by tier")
 def report_volume(
-    db: DB, where: Filtered, bucket: queries.Bucket = "week"
+    db: DB, where: Filtered, bucket: Annotated[queries.Bucket, BLANK_WEEK] = "week"
 ) -> list[queries.VolumePoint]:
     """Counted by the day, week or month in which review started."""
     with reading(db) as conn:
@@ -195,7 +197,7 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
     project: Annotated[str | None, Query(description="project id or path")] = None,
     tier: str | None = None,
     reviewer: Annotated[str | None, Query(description="GitLab username")] = None,
-    period: Literal["week", "month"] = "week",
+    period: Annotated[Literal["week", "month"], BLANK_WEEK] = "week",
 ) -> reports.Filters:
     """The filters of `secledger report` (each report's time column: docs/policy.md)."""
     try:
