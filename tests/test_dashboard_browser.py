@@ -127,8 +127,15 @@ def test_dashboard_logs_in_draws_charts_filters_and_opens_a_timeline(served: str
             page.wait_for_url(f"{served}/")
 
             assert page.inner_text("#total-mrs") == "5"
-            # Demo history: reviews start in two weeks across four tiers -> 5 stacked bars.
-            assert chart_points(page, "volume-chart", ".barlayer .point") == 5
+            # Demo history: reviews start in two weeks across four tiers -> 5 stacked bars,
+            # over three weekly buckets (the quiet week between them is drawn empty).
+            chart_points(page, "volume-chart", ".barlayer .point")
+            drawn = page.evaluate(
+                "() => document.getElementById('volume-chart').data.map("
+                "t => [t.x.length, t.y.filter(y => y > 0).length])"
+            )
+            assert sum(bars for _, bars in drawn) == 5, drawn
+            assert {buckets for buckets, _ in drawn} == {3}, drawn
             assert page.locator("#volume-chart .legend .traces").count() == 4
             # Four tiers have a decision: one box each.
             assert chart_points(page, "ttd-chart", ".boxlayer path.box") == 4

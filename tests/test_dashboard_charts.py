@@ -40,3 +40,18 @@ def test_volume_buckets_are_days_not_instants() -> None:
     figure = volume_chart([VolumePoint(date(2026, 3, 2), "high", 4)], ["high"])
     assert figure["layout"]["xaxis"]["type"] == "category"
     assert figure["data"][0]["x"] == ["2026-03-02"]
+
+
+def test_a_quiet_stretch_shows_as_empty_buckets() -> None:
+    """Listed only where there was activity, January and June looked adjacent."""
+    points = [
+        VolumePoint(date(2026, 1, 5), "critical", 1),
+        VolumePoint(date(2026, 2, 2), "high", 2),
+    ]
+    weekly = volume_chart(points, ["critical", "high"], "week")["data"]
+    assert [len(trace["x"]) for trace in weekly] == [5, 5]  # Jan 5 to Feb 2
+    assert weekly[0]["y"] == [1, 0, 0, 0, 0]
+    assert weekly[1]["y"] == [0, 0, 0, 0, 2]
+    months = [VolumePoint(date(2025, 11, 1), "high", 1), VolumePoint(date(2026, 2, 1), "high", 1)]
+    monthly = volume_chart(months, ["high"], "month")["data"][0]
+    assert monthly["x"] == ["2025-11-01", "2025-12-01", "2026-01-01", "2026-02-01"]

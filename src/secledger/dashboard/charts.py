@@ -7,9 +7,10 @@ beyond what the server rendered into it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date, timedelta
 from typing import Any
 
-from secledger.dashboard.queries import VolumePoint
+from secledger.dashboard.queries import Bucket, VolumePoint
 from secledger.reports import DecisionTimesRow, ReviewerRow
 from secledger.tierpolicy import CompliancePolicy
 
@@ -68,25 +69,45 @@ def _layout(title: str, x_title: str, y_title: str, **extra: Any) -> dict[str, A
     }
 
 
-def volume_chart(points: Sequence[VolumePoint], tiers: Sequence[str]) -> dict[str, Any]:
+def volume_chart(
+    points: Sequence[VolumePoint], tiers: Sequence[str], bucket: Bucket = "week"
+) -> dict[str, Any]:
     """Stacked bars: security MRs per period, one trace per tier."""
     colours = _colours(tiers)
+    # Buckets are days, not instants: with one bar, a date axis labelled it with a clock.
+    # On a category axis every bucket of the span is listed, so that a quiet stretch
+    # shows as one, not as bars side by side.
+    every = _buckets({p.bucket for p in points}, bucket)
     traces = []
     for tier in _ordered({p.tier for p in points}, tiers):
-        mine = [p for p in points if p.tier == tier]
+        counts = {p.bucket: p.count for p in points if p.tier == tier}
         traces.append(
             {
                 "type": "bar",
                 "name": tier,
-                "x": [p.bucket.isoformat() for p in mine],
-                "y": [p.count for p in mine],
+                "x": [day.isoformat() for day in every],
+                "y": [counts.get(day, 0) for day in every],
                 "marker": {"color": colours.get(tier, PALETTE[-1])},
             }
         )
     layout = _layout("Review volume by tier", "review started", "MRs", barmode="stack")
-    # Buckets are days, not instants: with one bar, a date axis labelled it with a clock.
-    layout["xaxis"] |= {"type": "category", "categoryorder": "category ascending"}
+    layout["xaxis"] |= {"type": "category"}
     return {"data": traces, "layout": layout}
+
+
+def _buckets(present: set[date], bucket: Bucket) -> list[date]:
+    """Every bucket from the first to the last of ``present``, empty ones too."""
+    if not present:
+        return []
+    day, last = min(present), max(present)
+    every = []
+    while day <= last:
+        every.append(day)
+        if bucket == "month":
+            day = date(day.year + day.month // 12, day.month % 12 + 1, 1)
+        else:
+            day += timedelta(days=7 if bucket == "week" else 1)
+    return every
 
 
 def _sla_marker(rows: Sequence[DecisionTimesRow], policy: CompliancePolicy) -> dict[str, Any]:
@@ -174,11 +195,12 @@ def dashboard_charts(
     ttd: Sequence[DecisionTimesRow],
     people: Sequence[ReviewerRow],
     policy: CompliancePolicy,
+    bucket: Bucket = "week",
 ) -> dict[str, Any]:
     """Every chart on the dashboard, keyed by the id of the element that shows it."""
     tiers = [*policy.tiers, policy.unclassified]
     return {
-        "volume-chart": volume_chart(volume, tiers),
+        "volume-chart": volume_chart(volume, tiers, bucket),
         "ttd-chart": time_to_decision_chart(ttd, policy, tiers),
         "reviewer-chart": reviewer_chart(people),
     }

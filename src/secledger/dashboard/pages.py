@@ -255,7 +255,7 @@ def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket
         "findings_shown": FINDINGS_SHOWN,
         "policy": state.policy,
         "options": state.options(conn),
-        "charts": charts.dashboard_charts(volume, ttd, people, state.policy),
+        "charts": charts.dashboard_charts(volume, ttd, people, state.policy, chosen),
         "bucket": chosen,
     }
 
