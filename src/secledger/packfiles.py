@@ -78,15 +78,24 @@ class CsvTable:
     def __init__(self, handle: IO[str], columns: Sequence[str]) -> None:
         self._columns = tuple(columns)
         self._writer = csv.writer(handle, lineterminator="\n")
+        # Python 3.11 quotes a cell holding a line terminator's characters only: with
+        # "\n", a title holding a bare "\r" went out unquoted and a reader split its row
+        # in two (the sample re-drawn from population.csv then differed). Such a row is
+        # written with every cell quoted, which any CSV reader reads the same.
+        self._quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
         self._writer.writerow(self._columns)
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Append one row (extra keys are ignored)."""
-        self._writer.writerow([csv_cell(row.get(column)) for column in self._columns])
+        self._write([csv_cell(row.get(column)) for column in self._columns])
 
     def add_values(self, values: Iterable[Any]) -> None:
         """Append one row given as values in column order."""
-        self._writer.writerow([csv_cell(value) for value in values])
+        self._write([csv_cell(value) for value in values])
+
+    def _write(self, cells: list[Any]) -> None:
+        carriage = any(isinstance(cell, str) and "\r" in cell for cell in cells)
+        (self._quoted if carriage else self._writer).writerow(cells)
 
 
 class PackDir:

@@ -155,7 +155,8 @@ def _scope(pack: Pack) -> str:
   and later reopened is not in it; the decision time is the merge (or close) event's time,
   or, when none was recorded, that of the first event showing the MR merged (or closed)
   since it was last shown open: `decided_at_source` says which.
-- **Findings:** {pack.findings} separation-of-duties findings of those MRs (open and resolved).
+- **Findings:** {pack.findings} findings of those MRs, separation of duties and SLA alike
+  (open and resolved).
 - **Sample:** {len(pack.sample)} of {pack.population} MRs, **seed {options.seed}**
   (requested size {options.sample}).
 - **Ledger snapshot:** log rows up to seq {pack.snapshot_head_seq} were committed when the
@@ -186,8 +187,10 @@ The checkpoint signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at 
 with Ed25519. With {key} and OpenSSL 3:
 
 ```sh
-jq -j .message {name} > message
-jq -r .signature {name} | base64 -d > signature
+python3 -c 'import json, sys; sys.stdout.write(json.load(open(sys.argv[1]))["message"])' \\
+  {name} > message
+python3 -c 'import base64, json, sys; sys.stdout.buffer.write(base64.b64decode(
+  json.load(open(sys.argv[1]))["signature"]))' {name} > signature
 openssl pkeyutl -verify -pubin -inkey {pem} -rawin \\
   -in message -sigfile signature
 ```
