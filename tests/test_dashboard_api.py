@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
 from builders import dumps, label_change, mr_event
 from conftest import post
@@ -458,3 +461,30 @@ def test_an_empty_field_means_no_filter_on_every_route(database_url, tmp_path) -
             assert answer.status_code == 200, (path, answer.text)
         full = reader.get("/api/ledger", headers=bearer()).json()["total"]
         assert reader.get("/api/ledger?since=", headers=bearer()).json()["total"] == full
+
+
+def test_a_scrape_does_not_wait_for_a_database_that_does_not_answer(engine, database_url) -> None:
+    """Held until TCP gave up, /metrics lost the spool and delivery series too, when
+    they were wanted most. Here a lock holds the query: the scrape gives up on the
+    database's series in time, and a later one has them again."""
+    from secledger.metrics import LedgerCollector  # noqa: PLC0415 - what /metrics reads
+
+    collector = LedgerCollector(engine, ("high",), timeout=0.3)
+    with psycopg.connect(database_url) as blocker, capture_logs() as logs:
+        blocker.execute("LOCK TABLE security_review_ledger IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        assert list(collector.collect()) == []
+        assert list(collector.collect()) == []  # waits on the same query, no new one
+        waited = time.monotonic() - started
+    assert waited < 2.0, waited
+    assert [e["error"] for e in logs if e["event"] == "metrics_database_unavailable"] == [
+        "timeout",
+        "timeout",
+    ]
+    patient = LedgerCollector(engine, ("high",), timeout=30)  # the lock is gone
+    names = {family.name for family in patient.collect()}
+    assert names == {
+        "secledger_open_security_mrs",
+        "secledger_sla_breaches",
+        "secledger_chain_head_seq",
+    }

@@ -11,7 +11,9 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Literal, NamedTuple
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -70,46 +72,92 @@ def event_label(event: str | None) -> str:
     return event if event in KNOWN_EVENTS else "other"
 
 
+# How long a scrape waits for the database's figures: a database that accepts
+# connections and never answers held /metrics for as long as TCP took to give up, and
+# the spool and delivery series, read from memory, went missing with it.
+SCRAPE_DB_TIMEOUT_SECONDS = 2.0
+
+
+class _Figures(NamedTuple):
+    open_by_tier: list[tuple[str, int]]
+    breached_by_tier: dict[str, int]
+    head: int
+
+
 class LedgerCollector(Collector):
     """Gauges read from the database at scrape time."""
 
-    def __init__(self, engine: Engine, tiers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tiers: Sequence[str] = (),
+        timeout: float = SCRAPE_DB_TIMEOUT_SECONDS,
+    ) -> None:
         self._engine = engine
         self._tiers = tuple(tiers)
+        self._timeout = timeout
+        # One query at a time: scrapes that come while it runs wait on it, each no longer
+        # than the timeout, and no thread piles up behind a silent database.
+        self._reading: Future[_Figures] | None = None
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Open security MRs and SLA breaches by tier, and the chain head sequence number."""
-        open_mrs = GaugeMetricFamily(
-            "secledger_open_security_mrs",
-            "Security merge requests currently open, by risk tier.",
-            labels=["tier"],
-        )
-        breaches = GaugeMetricFamily(
-            "secledger_sla_breaches",
-            "Open security merge requests with an unresolved sla-breached finding, by tier.",
-            labels=["tier"],
-        )
-        head = GaugeMetricFamily(
-            "secledger_chain_head_seq", "Sequence number of the newest delivery-log row."
-        )
         try:
-            with self._engine.connect() as conn:
-                for tier, count in conn.execute(_OPEN_BY_TIER):
-                    open_mrs.add_metric([tier], count)
-                # Every configured tier has a sample, so "no breach" reads 0, not "no data".
-                breached = dict.fromkeys(self._tiers, 0)
-                breached.update(dict(conn.execute(_BREACHED_BY_TIER).all()))
-                for tier, count in breached.items():
-                    breaches.add_metric([tier], count)
-                head.add_metric([], conn.execute(_HEAD).scalar_one())
+            figures = self._figures().result(timeout=self._timeout)
+        except FutureTimeout:
+            log.warning("metrics_database_unavailable", error="timeout")
+            return
         except SQLAlchemyError as exc:
             # A scrape must not fail because the database blinked: the series go
             # missing for one scrape and the log says why.
             log.warning("metrics_database_unavailable", error=type(exc).__name__)
             return
+        open_mrs = GaugeMetricFamily(
+            "secledger_open_security_mrs",
+            "Security merge requests currently open, by risk tier.",
+            labels=["tier"],
+        )
+        for tier, count in figures.open_by_tier:
+            open_mrs.add_metric([tier], count)
+        breaches = GaugeMetricFamily(
+            "secledger_sla_breaches",
+            "Open security merge requests with an unresolved sla-breached finding, by tier.",
+            labels=["tier"],
+        )
+        for tier, count in figures.breached_by_tier.items():
+            breaches.add_metric([tier], count)
+        head = GaugeMetricFamily(
+            "secledger_chain_head_seq", "Sequence number of the newest delivery-log row."
+        )
+        head.add_metric([], figures.head)
         yield open_mrs
         yield breaches
         yield head
+
+    def _figures(self) -> Future[_Figures]:
+        """The query in flight, or a new one on a daemon thread of its own."""
+        with self._lock:
+            reading = self._reading
+            if reading is None or reading.done():
+                reading = self._reading = Future()
+                threading.Thread(
+                    target=self._read, args=(reading,), name="secledger-metrics", daemon=True
+                ).start()
+            return reading
+
+    def _read(self, into: Future[_Figures]) -> None:
+        try:
+            with self._engine.connect() as conn:
+                opened = [(tier, count) for tier, count in conn.execute(_OPEN_BY_TIER)]
+                # Every configured tier has a sample, so "no breach" reads 0, not "no data".
+                breached = dict.fromkeys(self._tiers, 0)
+                breached.update(dict(conn.execute(_BREACHED_BY_TIER).all()))
+                head = conn.execute(_HEAD).scalar_one()
+        except BaseException as exc:  # noqa: BLE001 - handed to the scrape that waits
+            into.set_exception(exc)
+            return
+        into.set_result(_Figures(opened, breached, head))
 
 
 class DeliveryTally(Collector):
