@@ -413,6 +413,21 @@ def test_later_spooled_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
     assert (again.recorded, again.ignored, again.remaining) == (3, 0, 0)
 
 
+def test_a_file_moved_into_the_spool_from_outside_is_drained_without_a_delivery(
+    receiver: TestClient, engine, spool_settings: Settings, monkeypatch
+) -> None:
+    """docs/operations.md: move a file back from failed/ into the spool directory.
+    serve counted only what it wrote itself: the file waited for the next delivery,
+    which went ahead of it, and the depth gauge said 0 while /readyz said 1."""
+    monkeypatch.setattr(recorder_module, "RESCAN_SECONDS", 0.1)
+    elsewhere = Spool.open(spool_settings.spool_path.parent / "elsewhere")
+    [written] = elsewhere.write([delivery(mr_event("open", iid=9), "moved-in")])
+    post(receiver, mr_event("open", iid=1), Idempotency_Key="wakes-the-writer")
+    written.rename(spool_settings.spool_path / written.name)
+    wait_for(lambda: any(row[1] == "idem:moved-in" for row in log_rows(engine)))
+    assert not list(spool_settings.spool_path.glob("*.dlv"))
+
+
 def test_later_live_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
     receiver: TestClient, engine, spool_settings
 ) -> None:

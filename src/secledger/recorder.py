@@ -125,6 +125,9 @@ _NONE_HELD: set[MRKey] = set()
 # (admission, a slow body) is given to commit before it is spooled: a healthy database
 # commits well within it, and GitLab's 10 s leave room for it.
 LATE_GRACE_SECONDS = 0.25
+# How often an idle writer looks whether files were moved into the spool (an operator
+# moving one back from failed/): they are then drained, and counted by the gauge.
+RESCAN_SECONDS = 5.0
 # How long a stop drains the spool while the database answers (under CLOSE_WAIT_SECONDS).
 STOP_DRAIN_SECONDS = 20.0
 # When the tried lock goes to another writer, the next batches are recorded without
@@ -301,6 +304,14 @@ class Recorder:
     def _run(self) -> None:
         while True:
             batch, self._carry = self._carry or self._next_batch(), []
+            if self._drainer is not None:
+                # Idle: listed anyway, in case a move fell in the same clock tick as the
+                # mtime last seen.
+                spool = self._drainer.spool
+                if batch:
+                    spool.refresh()
+                else:
+                    spool.recount()
             self._stopping = _STOP in batch
             if self.spool_depth:
                 self._release_carried_reads()
@@ -365,6 +376,8 @@ class Recorder:
         timeout = None
         if self.spool_depth:
             timeout = max(0.0, self._next_drain - time.monotonic())
+        elif self._drainer is not None:
+            timeout = RESCAN_SECONDS  # files moved into the spool from outside
         try:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:

@@ -174,6 +174,7 @@ class Spool:
         self._lock = threading.Lock()
         self._last = 0
         self.depth = 0
+        self._seen: int | None = None  # the directory's mtime when ``refresh`` last looked
 
     @classmethod
     def open(cls, directory: Path, *, writer: bool = True) -> Spool:
@@ -271,6 +272,19 @@ class Spool:
         fsync_dir(self.directory)
         self.recount()
         return target
+
+    def refresh(self) -> int:
+        """``recount`` when the directory changed since the last look: a file an operator
+        moved back from failed/ (docs/operations.md) was neither drained nor counted by
+        the gauge until the next delivery, which went ahead of it."""
+        try:
+            stamp = self.directory.stat().st_mtime_ns
+        except OSError:
+            return self.depth
+        if stamp == self._seen:
+            return self.depth
+        self._seen = stamp
+        return self.recount()
 
     def recount(self) -> int:
         """Re-read the depth from the directory (another process may have drained)."""
