@@ -370,8 +370,13 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
 ) -> None:
     """GitLab counts a 5xx against the hook; a refused delivery is kept, not lost."""
     refuse_iid_7(engine)
-    refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
+    with capture_logs() as logs:
+        refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
     accepted = post(receiver, mr_event("open", iid=8), Idempotency_Key="r-8")
+    # The line the runbook says to alert on, and the database's words for the cause.
+    [aside] = [e for e in logs if e["event"] == "spool_file_set_aside"]
+    assert aside["log_level"] == "error"
+    assert "refused for the test" in aside["reason"]
     assert refused.status_code == 202
     assert refused.json()["status"] == "spooled"
     assert "failed/" in refused.json()["reason"]
@@ -379,6 +384,9 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     kept = list((spool_settings.spool_path / "failed").glob("*.dlv"))
     assert len(kept) == 1
     assert decode(kept[0].read_bytes()).dedup_key == "idem:r-7"
+    assert aside["file"] == str(kept[0])
+    why = Path(f"{kept[0]}.reason").read_text()
+    assert why.startswith("the database refused it: ") and "refused for the test" in why
     assert [row[1] for row in log_rows(engine)] == ["idem:r-8"]
     assert receiver.get("/readyz").json()["spool"]["failed"] == 1
 

@@ -635,18 +635,23 @@ class Recorder:
         except SpoolUnavailable:
             self._fail([job], exc)
             return
+        # The database's own words, as the drain keeps them: the cause to fix.
+        said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = f"the database refused it: {type(exc).__name__}: {(said or [''])[0][:300]}"
+        target = spool.directory / FAILED / path.name
         try:
-            spool.set_aside(path, FAILED, f"the database refused it: {type(exc).__name__}")
+            spool.set_aside(path, FAILED, reason)
             self._drainer.hold_mr(job.facts.key)
         except OSError:
-            if not (spool.directory / FAILED / path.name).exists():
+            if not target.exists():
                 # Left in the spool, the drain would meet it again and again, and every
                 # delivery after it would wait behind it: taken back, and answered 503.
                 spool.discard([path])
                 self._fail([job], exc)
                 return
             # Moved, though not every fsync after the move went through: kept.
-        log.error("delivery_refused_kept", error=type(exc).__name__, folder="failed")
+        # The line the drain writes for a file it sets aside (docs/operations.md).
+        log.error("spool_file_set_aside", file=str(target), reason=reason)
         kept = Outcome("spooled", reason=REFUSED)
         job.resolve(kept)
         _log_answers([job], [kept])
