@@ -17,7 +17,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from secledger import digest, logs, webhook
+from secledger import digest, logs, throttle, webhook
 from secledger.deadlines import Deadlines
 from secledger.headers import RequestHeaders
 from secledger.intake import MAX_HEADER_CHARS, kept_headers
@@ -379,3 +379,28 @@ def test_rejections_of_one_kind_are_logged_up_to_a_limit_then_counted() -> None:
     summary = logged[4]
     assert (summary["status"], summary["count"], summary["seconds"]) == (401, 2, 70.0)
     assert summary["log_level"] == "warning"
+
+
+@pytest.mark.usefixtures("fresh_log")
+def test_a_summary_is_written_when_its_minute_ends_not_at_the_next_line() -> None:
+    """After a flood stopped, its count waited for the next line of its kind: hours,
+    while the docs say once a minute. serve ticks every summary (throttle.tick_all)."""
+    rejected = webhook.RejectedLog(interval=60.0, each=1)
+    ignored = IgnoredLog(interval=60.0)
+    start = time.perf_counter()
+    rejected.refused(start, 401, "invalid_token")
+    rejected.refused(start, 401, "invalid_token")  # counted, not logged
+    ignored.note(start, "no label")
+    assert {rejected, ignored} <= set(throttle._SUMMARIES)  # what tick_all ticks
+    with capture_logs() as logged:
+        for summary in (rejected, ignored):
+            summary.tick()
+        assert logged == []  # the minute is not over
+        rejected.since = ignored.since = start - 61
+        for _ in range(2):  # written once
+            for summary in (rejected, ignored):
+                summary.tick()
+    assert sorted((line["event"], line["count"]) for line in logged) == [
+        ("deliveries_ignored", 1),
+        ("deliveries_rejected_suppressed", 1),
+    ]

@@ -9,8 +9,10 @@ and how many followed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
-from typing import Any
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,13 +22,45 @@ MAX_KINDS = 256
 OTHER: tuple[tuple[str, Any], ...] = (("kind", "other"),)
 
 
+class Ticked(Protocol):
+    """A summary that writes its line once its interval is over, asked by ``tick_all``."""
+
+    def tick(self) -> None:
+        """Write the summary line if the interval is over and it has something to say."""
+
+
+# Every summary alive: serve ticks them (``tick_all``), so that a count is written when
+# its minute ends, not at the next line of its kind, which may come hours later.
+_SUMMARIES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def keep_ticked(summary: Ticked) -> None:
+    """Let ``tick_all`` write ``summary``'s line when its interval ends."""
+    _SUMMARIES.add(summary)
+
+
+def tick_all() -> None:
+    """``tick`` every summary alive."""
+    for summary in list(_SUMMARIES):
+        summary.tick()
+
+
 class Throttle:
     """Lets the first ``each`` lines of a kind through per ``interval``; counts the rest
     and writes one ``event`` line per kind with its count when the interval ends (at the
-    next ``note`` after it, or at ``flush``). Safe to share between threads."""
+    next ``note`` or ``tick`` after it, or at ``flush``). Safe to share between threads.
+    ``clock`` is the one the callers' ``now`` comes from."""
 
-    def __init__(self, event: str, *, interval: float = 60.0, each: int = 20) -> None:
+    def __init__(
+        self,
+        event: str,
+        *,
+        interval: float = 60.0,
+        each: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.event = event
+        self.clock = clock
         self.interval = interval
         self.each = each
         self.since: float | None = None
@@ -34,6 +68,19 @@ class Throttle:
         self._suppressed: dict[tuple[tuple[str, Any], ...], int] = {}
         self._lock = threading.Lock()
         self._log = structlog.get_logger("secledger.throttle")
+        keep_ticked(self)
+
+    def tick(self) -> None:
+        """Write the counts if the interval is over and something was suppressed."""
+        now = self.clock()
+        with self._lock:
+            due = (
+                self.since is not None
+                and now - self.since >= self.interval
+                and bool(self._suppressed)
+            )
+        if due:
+            self.flush(now)
 
     def note(self, now: float, kind: tuple[tuple[str, Any], ...]) -> bool:
         """True when the caller should write its line; False when it was counted instead.

@@ -27,6 +27,7 @@ from secledger import (
     overdue,
     recovery,
     sink,
+    throttle,
     webhook,
 )
 from secledger.config import Settings
@@ -49,6 +50,7 @@ class _Beside:
     sender: sink.SinkWorker | None = None
     checkpointing: asyncio.Task[None] | None = None
     sla_refresh: asyncio.Task[None] | None = None
+    summaries: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings, database: db.Database, runtime: Runtime) -> _Beside:
@@ -66,6 +68,7 @@ class _Beside:
             beside.checkpointing = integrity.schedule(settings, runtime.engine)
             # Open MRs become overdue without any event: found every few minutes.
             beside.sla_refresh = overdue.schedule(settings, runtime.engine)
+            beside.summaries = asyncio.create_task(_tick_summaries())
         except BaseException:
             await beside.stop()
             raise
@@ -87,12 +90,28 @@ class _Beside:
                 worker.stopping()
         await overdue.stop(self.sla_refresh)
         await integrity.stop(self.checkpointing)
+        if self.summaries is not None:
+            self.summaries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.summaries
         if self.sender is not None:
             self.sender.close()
         if self.enricher is not None:
             self.enricher.close()
         if self.recoverer is not None:
             self.recoverer.close()
+
+
+# How often the log's per-minute summaries are asked whether their minute is over.
+SUMMARY_TICK_SECONDS = 5.0
+
+
+async def _tick_summaries() -> None:
+    """Write each summary line when its interval ends (``throttle.tick_all``): a count
+    held until the next line of its kind could wait for hours after a flood stopped."""
+    while True:
+        await asyncio.sleep(SUMMARY_TICK_SECONDS)
+        throttle.tick_all()
 
 
 def create_api(

@@ -33,7 +33,7 @@ from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
 from secledger.service import IGNORED, Outcome
-from secledger.throttle import Throttle
+from secledger.throttle import Throttle, keep_ticked
 from secledger.times import isoformat, utcnow
 
 Scope = MutableMapping[str, Any]
@@ -115,6 +115,13 @@ class IgnoredLog:
         self.each = each
         self.count = 0
         self.since = time.perf_counter()
+        keep_ticked(self)
+
+    def tick(self) -> None:
+        """Write the summary if the interval is over (serve ticks every few seconds)."""
+        now = time.perf_counter()
+        if self.count and now - self.since >= self.interval:
+            self.flush(now)
 
     def note(self, now: float, reason: str | None) -> None:
         """Count one ignored delivery; write the summary when the interval is over."""
@@ -140,7 +147,12 @@ class RejectedLog(Throttle):
     ``/metrics`` counts every rejection."""
 
     def __init__(self, interval: float = IGNORED_LOG_SECONDS, *, each: int = 20) -> None:
-        super().__init__("deliveries_rejected_suppressed", interval=interval, each=each)
+        super().__init__(
+            "deliveries_rejected_suppressed",
+            interval=interval,
+            each=each,
+            clock=time.perf_counter,  # the handler's clock
+        )
 
     def refused(self, now: float, status: int, error: str) -> None:
         """Log this rejection, or count it once ``each`` of its kind were logged."""
