@@ -185,7 +185,7 @@ def test_receiver_spools_with_202_while_the_database_is_down_and_drains_after(
     first = post(receiver, mr_event("open"), Idempotency_Key="d-0")
     assert first.json()["status"] == "recorded"
     answers = []
-    with database_down(server_url, database_url):
+    with database_down(server_url, database_url), capture_logs() as logs:
         for i in range(1, 4):
             body = mr_event("update", updated_at=f"2025-08-05 22:0{i}:00 UTC")
             answers.append(post(receiver, body, Idempotency_Key=f"d-{i}"))
@@ -196,6 +196,9 @@ def test_receiver_spools_with_202_while_the_database_is_down_and_drains_after(
         assert "directory" not in ready.json()["spool"]
         assert str(spool_settings.spool_path) not in ready.text
         assert len(list(spool_settings.spool_path.glob("*.dlv"))) == 3
+    # While the outage lasts, the log tells which MRs wait (the ledger cannot).
+    spooled = [e for e in logs if e["event"] == "delivery" and e["outcome"] == "spooled"]
+    assert [(e["project_id"], e["mr_iid"]) for e in spooled] == [(14, 1)] * 3
     assert [a.status_code for a in answers] == [202, 202, 202]
     assert {a.json()["status"] for a in answers} == {"spooled"}
     assert [a.json()["spool_depth"] for a in answers] == [1, 2, 3]
@@ -503,7 +506,7 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
             sender.start()
             return sender
 
-        with psycopg.connect(database_url) as holder:
+        with psycopg.connect(database_url) as holder, capture_logs() as logs:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
             # Two in flight: the second is taken (its reads carried) while the first waits.
             senders = [send("late", mr_event("approved", actor="bob"))]
@@ -514,8 +517,12 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
             answered_while_held = not any(sender.is_alive() for sender in senders)
             ready = client.get("/readyz")
             holder.rollback()  # releases the lock
+            wait_for(lambda: sum(e["event"] == "delivery" for e in logs) == 2)
         for sender in senders:
             sender.join()
+        # The writer's own lines, once its write ends, say the sender was answered before.
+        lines = [e for e in logs if e["event"] == "delivery"]
+        assert [e.get("answered") for e in lines] == ["spooled", "spooled"], lines
         assert answered_while_held
         assert [(a.status_code, a.json()["status"]) for a in answers] == [(202, "spooled")] * 2
         assert ready.status_code == 503

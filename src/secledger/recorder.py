@@ -66,24 +66,31 @@ class _Job(_Submitted):
 
 def _resolve_all(jobs: list[_Job], outcomes: list[Outcome]) -> None:
     """Answer a batch with one wake-up of each event loop, not one per delivery."""
+    # Answered already (``spooled``, after waiting past spool_after_seconds): read before
+    # this batch's answers are queued, which the sender no longer waits for.
+    early = [job.future.done() and not job.future.cancelled() for job in jobs]
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Outcome], Outcome]]] = {}
     for job, outcome in zip(jobs, outcomes, strict=True):
         by_loop.setdefault(job.loop, []).append((job.future, outcome))
     for loop, settled in by_loop.items():
         loop.call_soon_threadsafe(_settle_many, settled)
     # The answers are on their way: the lines need not hold them up.
-    _log_answers(jobs, outcomes)
+    _log_answers(jobs, outcomes, early)
 
 
-def _log_answers(jobs: Sequence[_Submitted], outcomes: Sequence[Outcome]) -> None:
+def _log_answers(
+    jobs: Sequence[_Submitted], outcomes: Sequence[Outcome], early: Sequence[bool] = ()
+) -> None:
     """The ``delivery`` line of each delivery answered from here (all but ``ignored``).
 
     Written on the writer thread rather than by the request on the event loop, like the
     extraction (see ``Recorder.submit``); ``ms`` is the time from receipt to this answer.
+    A delivery answered ``spooled`` before its write ended says so (``answered``); its
+    ``ms`` is then the time to the write.
     """
     now = utcnow()
     records: list[dict[str, Any]] = []
-    for job, outcome in zip(jobs, outcomes, strict=True):
+    for i, (job, outcome) in enumerate(zip(jobs, outcomes, strict=True)):
         if outcome.status == "ignored":
             continue  # counted by the web edge's summary line
         row = outcome.row or {}
@@ -92,7 +99,12 @@ def _log_answers(jobs: Sequence[_Submitted], outcomes: Sequence[Outcome]) -> Non
             "seq": outcome.seq,
             "ms": round((now - job.delivery.received_at).total_seconds() * 1000, 2),
         }
-        record.update((key, row[key]) for key in _ROW_IDS if key in row)
+        if row:
+            record.update((key, row[key]) for key in _ROW_IDS if key in row)
+        elif isinstance(job, _Job):  # spooled: no row yet, the MR all the same
+            record.update(zip(_ROW_IDS[:3], job.facts.key, strict=True))
+        if i < len(early) and early[i]:
+            record["answered"] = "spooled"
         records.append(record)
     logs.info_lines(log, "delivery", records)
 
