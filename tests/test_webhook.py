@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -73,6 +74,22 @@ def test_a_hook_url_with_a_trailing_slash_is_the_same_endpoint(client, engine) -
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "recorded"
     assert log_count(engine) == 1
+
+
+def test_a_compressed_body_is_told_as_such(client, engine) -> None:
+    """A gzip body (a proxy's doing: GitLab sends JSON as it is) read "body is not valid
+    JSON: unexpected character" with bytes of the compressed stream."""
+    sent = {
+        "X-Gitlab-Event": "Merge Request Hook",
+        "X-Gitlab-Token": SECRET,
+        "Content-Encoding": "gzip",
+    }
+    body = gzip.compress(json.dumps(mr_event("open", labels=["sec::high"])).encode())
+    response = client.post("/webhooks/gitlab", content=body, headers=sent)
+    assert response.status_code == 415, response.text
+    assert response.json()["error"] == "unsupported_encoding"
+    assert "Content-Encoding 'gzip' is not supported" in response.json()["message"]
+    assert log_count(engine) == 0
 
 
 def test_wrong_token_is_401(client, engine) -> None:

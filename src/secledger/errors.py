@@ -38,6 +38,13 @@ class MalformedJSON(IntakeError):
     code = "malformed_json"
 
 
+class UnsupportedEncoding(IntakeError):
+    """A compressed body (Content-Encoding): GitLab sends JSON as it is."""
+
+    status_code = 415
+    code = "unsupported_encoding"
+
+
 class MissingField(IntakeError):
     """A merge-request payload lacks a field needed to identify the merge request."""
 

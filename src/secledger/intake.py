@@ -24,6 +24,7 @@ from secledger.errors import (
     MalformedJSON,
     MissingField,
     StaleTimestamp,
+    UnsupportedEncoding,
     WrongInstance,
 )
 from secledger.headers import RequestHeaders
@@ -521,7 +522,17 @@ def decode_mr(
     if event not in MR_EVENTS:
         shown = event[:64] or "(none)"
         return Ignored(f"event {shown!r} is not a merge request event")
-    payload = decode_json(body)
+    try:
+        payload = decode_json(body)
+    except MalformedJSON:
+        # Looked at only when decoding failed: nothing on the path of a good delivery.
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding and encoding != "identity":
+            raise UnsupportedEncoding(
+                f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON body"
+                " uncompressed, as GitLab does"
+            ) from None
+        raise
     kind = payload.get("object_kind", payload.get("event_type"))
     if kind != "merge_request":
         return Ignored(f"object_kind {str(kind)[:64]!r} is not merge_request")
