@@ -316,10 +316,12 @@ class Recorder:
     def _run(self) -> None:
         while True:
             batch, self._carry = self._carry or self._next_batch(), []
-            if self._drainer is not None:
-                # Idle: listed anyway, in case a move fell in the same clock tick as the
-                # mtime last seen.
-                spool = self._drainer.spool
+            spool = self._drainer.spool if self._drainer is not None else None
+            # Only while it counts as empty: otherwise the drain lists it at every step,
+            # and during an outage, listing a spool of 100,000 files at every batch
+            # would cost more than the batch. Idle, it is listed anyway, in case a move
+            # fell in the same clock tick as the mtime last seen.
+            if spool is not None and not spool.depth:
                 if batch:
                     spool.refresh()
                 else:
