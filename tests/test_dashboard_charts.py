@@ -55,3 +55,10 @@ def test_a_quiet_stretch_shows_as_empty_buckets() -> None:
     months = [VolumePoint(date(2025, 11, 1), "high", 1), VolumePoint(date(2026, 2, 1), "high", 1)]
     monthly = volume_chart(months, ["high"], "month")["data"][0]
     assert monthly["x"] == ["2025-11-01", "2025-12-01", "2026-01-01", "2026-02-01"]
+
+
+def test_a_span_too_long_to_fill_draws_only_the_buckets_with_activity() -> None:
+    """One MR misdated 2999 made 355,958 daily buckets, 24 MB of chart on every load."""
+    points = [VolumePoint(date(2025, 6, 2), "high", 1), VolumePoint(date(2999, 12, 30), "high", 1)]
+    figure = volume_chart(points, ["high"], "day")
+    assert figure["data"][0]["x"] == ["2025-06-02", "2999-12-30"]

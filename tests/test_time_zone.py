@@ -67,7 +67,11 @@ def test_tables_in_another_schema_are_refused_not_forked(server_url: str) -> Non
     url = make_url(server_url).set(database=name)
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute("CREATE SCHEMA ledger")
-        conn.execute("CREATE TABLE ledger.delivery_log (seq bigint)")
+        for table in ("delivery_log", "security_review_ledger", "alembic_version"):
+            conn.execute(f"CREATE TABLE ledger.{table} (id bigint)")
+        # Another application's table of a common name is none of secledger's business.
+        conn.execute("CREATE SCHEMA billing")
+        conn.execute("CREATE TABLE billing.delivery_log (id int)")
         conn.execute(f'ALTER DATABASE "{name}" SET search_path = ledger, public')
     chosen = url.update_query_dict({"options": "-csearch_path=ledger"})
     try:

@@ -95,13 +95,21 @@ def volume_chart(
     return {"data": traces, "layout": layout}
 
 
+# Past this many buckets in the span (a misdated MR in 2999, years of days), only the
+# buckets with activity are drawn: the page must not carry hundreds of thousands of bars.
+MAX_FILLED_BUCKETS = 400
+
+
 def _buckets(present: set[date], bucket: Bucket) -> list[date]:
-    """Every bucket from the first to the last of ``present``, empty ones too."""
+    """Every bucket from the first to the last of ``present``, empty ones too (only the
+    ones in ``present`` past ``MAX_FILLED_BUCKETS``)."""
     if not present:
         return []
     day, last = min(present), max(present)
-    every = []
+    every: list[date] = []
     while day <= last:
+        if len(every) == MAX_FILLED_BUCKETS:
+            return sorted(present)
         every.append(day)
         if bucket == "month":
             day = date(day.year + day.month // 12, day.month % 12 + 1, 1)

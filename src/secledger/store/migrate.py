@@ -52,10 +52,15 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.commit()
 
 
+# A schema holding secledger's tables, not only a table of a common name: its log and
+# ledger, and Alembic's version table beside them.
 _ELSEWHERE = text(
-    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE c.relname = 'delivery_log' AND c.relkind IN ('r', 'p')"
-    " AND n.nspname <> 'public' AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1 LIMIT 1"
+    "SELECT n.nspname FROM pg_namespace n"
+    " WHERE n.nspname <> 'public' AND n.nspname NOT LIKE 'pg\\_%'"
+    " AND (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid"
+    " AND c.relkind IN ('r', 'p')"
+    " AND c.relname IN ('delivery_log', 'security_review_ledger', 'alembic_version')) = 3"
+    " ORDER BY 1 LIMIT 1"
 )
 
 
