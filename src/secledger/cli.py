@@ -494,6 +494,9 @@ def _free(host: str, port: int) -> bool:
 def demo(context: Context, port: int, no_serve: bool) -> None:
     """Start the embedded database, replay a sample history, print the ledger, serve.
 
+    The sample history is replayed into an empty log only: run again, the demo serves
+    what it recorded.
+
     This is what `make demo` runs. The webhook secret and the dashboard password of
     user `demo` are generated once and kept in the data directory; the command prints
     where, never the secrets themselves.

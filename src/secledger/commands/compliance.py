@@ -122,7 +122,7 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     refresh_only: bool,
     reevaluate: bool,
 ) -> None:
-    """List separation-of-duties findings (open ones unless --all).
+    """List findings, separation of duties and SLA breaches (open ones unless --all).
 
     Reads only: an open merge request past its SLA deadline is listed as
     `sla-breached` as of now, whether or not it is recorded yet (then its id is

@@ -50,7 +50,9 @@ def connect(
     """Register a webhook: merge request events only, SSL verification on, a new secret.
 
     The secret is generated, added to webhook_secrets in the configuration file
-    (mode 0600) and never printed. Restart `serve` to load it.
+    (mode 0600) and never printed. Restart `serve` to load it. Refuses while
+    SECLEDGER_WEBHOOK_SECRETS (or its _FILE) is set: the environment wins over the
+    file, and serve would not read the new secret.
 
     \b
     Example:

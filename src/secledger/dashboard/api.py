@@ -243,7 +243,7 @@ for _kind, (_query, _row) in reports.REPORTS.items():
     )
 
 
-@router.get("/findings", summary="Separation-of-duties findings, newest first")
+@router.get("/findings", summary="Findings (separation of duties, SLA), newest first")
 def get_findings(
     db: DB,
     where: ReportFiltered,
