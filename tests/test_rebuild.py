@@ -210,6 +210,19 @@ def test_rebuild_also_restores_sla_clocks_and_findings(
     assert edited
     rederived = f"{edited + len(restored)} SLA clocks and findings came out different"
     assert rederived in fixed.output
+    # Named, MR by MR: findings that open or resolve change past reports and packs.
+    touched = {
+        iid
+        for clock in clocks
+        if clock["first_decision_at"] is not None
+        for iid in (clock["mr_iid"],)
+    } | {iid for iid, _ in restored}
+    named = {
+        int(line.rsplit("!", 1)[1])
+        for line in fixed.output.splitlines()
+        if line.startswith("SLA clock or findings changed: ")
+    }
+    assert named == touched
     # Re-run as of now, an open MR's clock has also run out since it was recorded.
     assert found < restored
     assert {rule for _, rule in restored - found} == {"sla-breached"}

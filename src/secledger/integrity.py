@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -17,6 +17,7 @@ from secledger import findings
 from secledger.checkpoint import Checkpoint
 from secledger.config import Settings
 from secledger.errors import ConfigError, SecledgerError
+from secledger.extract import MRKey
 from secledger.policy import LabelPolicy
 from secledger.progress import Silent, Tracker
 from secledger.rebuild import Difference, log_rows, rebuild
@@ -98,15 +99,18 @@ class Rebuilt:
     differences: list[Difference]
     # Writing: SLA clocks and findings that came out different when re-run (0 checking).
     rederived: int = 0
+    # ... and the merge requests they belong to, for people to look at.
+    rederived_mrs: list[MRKey] = field(default_factory=list)
 
 
 # What an SLA clock and a finding say, without when they were last written.
 _CLOCKS = text(
-    "SELECT md5((instance, project_id, mr_iid, risk_tier, sla_hours, business_hours,"
-    " required_approvals, labeled_at, label_seq, deadline, first_decision_at, first_decision,"
-    " first_decision_by, first_decision_seq, ended_before_label)::text) FROM review_sla"
-    " UNION ALL SELECT md5((instance, project_id, mr_iid, rule, subject, severity, seqs,"
-    " evidence, resolved_at IS NULL)::text) FROM findings"
+    "SELECT instance, project_id, mr_iid, md5((instance, project_id, mr_iid, risk_tier,"
+    " sla_hours, business_hours, required_approvals, labeled_at, label_seq, deadline,"
+    " first_decision_at, first_decision, first_decision_by, first_decision_seq,"
+    " ended_before_label)::text) FROM review_sla"
+    " UNION ALL SELECT instance, project_id, mr_iid, md5((instance, project_id, mr_iid, rule,"
+    " subject, severity, seqs, evidence, resolved_at IS NULL)::text) FROM findings"
 )
 
 
@@ -147,10 +151,12 @@ def _rebuild_in(
     if not write:
         return Rebuilt(derived.differences(conn, rebuilt))
     fixed = derived.repair(conn, rebuilt)
-    before = set(conn.execute(_CLOCKS).scalars())
+    before = {tuple(row) for row in conn.execute(_CLOCKS)}
     findings.reevaluate_all(conn, compliance, utcnow(), tracker)
-    after = set(conn.execute(_CLOCKS).scalars())
-    return Rebuilt(fixed, len(after - before))
+    after = {tuple(row) for row in conn.execute(_CLOCKS)}
+    changed = after - before
+    mrs = sorted({MRKey(*row[:3]) for row in changed | (before - after)})
+    return Rebuilt(fixed, len(changed), mrs)
 
 
 def schedule(settings: Settings, engine: Engine) -> asyncio.Task[None] | None:

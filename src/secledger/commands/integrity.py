@@ -17,6 +17,7 @@ from secledger import integrity
 from secledger.errors import SecledgerError
 from secledger.policy import LabelPolicy
 from secledger.progress import RichTracker, stderr_progress
+from secledger.rebuild import describe_key
 from secledger.store import db
 from secledger.store.verify import ChainBroken, Expected, Summary, log_rows, signed_by, verify
 from secledger.tierpolicy import CompliancePolicy
@@ -188,6 +189,9 @@ def rebuild_command(context: Context, check: bool) -> None:
         )
     if not check:
         click.echo(f"{found.rederived} SLA clocks and findings came out different when re-run")
+        for key in found.rederived_mrs:
+            # Findings may have opened or resolved: past reports and packs change with them.
+            click.echo(f"SLA clock or findings changed: {describe_key(key)}")
     if not check and found.differences:
         # No recording happened: no new seq, so watch, the sink and NOTIFY say nothing.
         click.echo(
