@@ -187,3 +187,29 @@ def test_api_label_facts_set_labels_and_api_decisions_leave_them() -> None:
     row = fold(events)
     assert (row["security_labels"], row["risk_tier"]) == (["sec::critical"], "critical")
     assert (row["decision"], row["approvers"]) == ("merged", ["bob"])
+
+
+def test_an_api_label_event_tells_when_the_security_labels_name_no_tier() -> None:
+    """As extraction tells it for a webhook: the fold keeps the tier an earlier label
+    named when only ``sec::unclassified`` (or ``sec/crypto``) is left."""
+
+    def event(number: int, action: str, name: str) -> dict:
+        return {
+            "id": number,
+            "action": action,
+            "label": {"id": number, "name": name},
+            "created_at": f"2025-08-05T20:1{number}:00.000Z",
+            "user": {"id": 5, "username": "erin"},
+        }
+
+    events = [
+        event(1, "add", "sec::critical"),
+        event(2, "add", "sec::unclassified"),
+        event(3, "remove", "sec::critical"),
+    ]
+    envelopes = apifacts.label_envelopes(Story(iid=1).mr(), events, POLICY)
+    facts = [apifacts.facts(INSTANCE, env, POLICY) for env in envelopes]
+    assert [f.untiered for f in facts] == [False, False, True]
+    assert (facts[-1].tier, facts[-1].tier_before) == ("unclassified", "critical")
+    row = fold([SequencedEvent(i, f) for i, f in enumerate(facts, 1)])
+    assert row["risk_tier"] == "critical"

@@ -79,6 +79,22 @@ def test_an_approval_given_before_the_label_is_recorded_from_the_api(engine, api
     assert log_count(engine) == count
 
 
+def test_a_missing_approvals_endpoint_is_a_failed_lookup_not_a_deleted_mr(
+    engine, api, fake
+) -> None:
+    """The MR answers, its approvals do not (a proxy, an edition without them): counted
+    "gone", it read as deleted or hidden and no run failed."""
+    Story(iid=1, opened_with_label=False, approvals=[("bob", "2025-08-05 21:00:00 UTC")]).publish(
+        fake
+    )
+    replay(engine, fake.url, history("2025-08-05 21:00:00 UTC", labels_when_approved=[]))
+    fake.missing.add("/merge_requests/1/approvals")
+    assert earlyapprovals.check(engine, api, POLICY) == {"api_error": 1}
+    fake.missing.clear()
+    fake.missing.add("/merge_requests/1")
+    assert earlyapprovals.check(engine, api, POLICY, recheck=True) == {"gone": 1}
+
+
 def test_an_approval_after_the_label_came_by_webhook_and_is_not_recorded_again(
     engine, api, fake
 ) -> None:

@@ -41,6 +41,33 @@ def test_keys_written_before_listening_are_not_missed(engine, database_url) -> N
         known.close()
 
 
+def test_the_follower_reads_the_ledger_in_public_not_a_copy_in_the_logins_schema(
+    engine, database_url
+) -> None:
+    """Its raw connection does not get the engine's search path: an empty copy in a
+    schema named after the login hid every known MR, and their unlabelled deliveries
+    were ignored."""
+    policy = LabelPolicy.from_settings(Settings())
+    headers = {"x-gitlab-event": "Merge Request Hook"}
+    outcome = feed(
+        engine, policy, headers, dumps(mr_event("open")), max_body_bytes=1 << 20, source="replay"
+    )
+    assert outcome.status == "recorded"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        login = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        conn.execute(f'CREATE SCHEMA "{login}"')
+        conn.execute(
+            f'CREATE TABLE "{login}".security_review_ledger'
+            " AS TABLE public.security_review_ledger WITH NO DATA"
+        )
+    known = KnownMRs()
+    known.listen(db.libpq_url(database_url))
+    try:
+        assert wait_for(lambda: KEY in known)
+    finally:
+        known.close()
+
+
 def test_the_follower_goes_on_after_an_error_that_is_not_the_database(
     engine, database_url, monkeypatch
 ) -> None:

@@ -170,11 +170,12 @@ def test_enrich_exits_1_when_the_lookups_fail(engine, database_url, fake) -> Non
     fake.missing.clear()
     # An endpoint missing for an MR that exists (GitLab before 13.2, a proxy) is a
     # failed lookup, not a deleted MR: it was counted "gone" and the run exited 0.
-    fake.missing.add("/merge_requests/1/resource_label_events")
-    missing = CliRunner().invoke(main, ["enrich"], env=env)
-    assert missing.exit_code == 1, missing.output
-    assert "label times: 1 merge requests looked up: api_error 1" in missing.stdout
-    fake.missing.clear()
+    for endpoint in ("resource_label_events", "resource_state_events"):
+        fake.missing.add(f"/merge_requests/1/{endpoint}")
+        missing = CliRunner().invoke(main, ["enrich"], env=env)
+        assert missing.exit_code == 1, (endpoint, missing.output)
+        assert "label times: 1 merge requests looked up: api_error 1" in missing.stdout
+        fake.missing.clear()
     done = CliRunner().invoke(main, ["enrich"], env=env)
     assert done.exit_code == 0, done.output
     assert "label times: 1 merge requests looked up: recorded 1" in done.stdout
