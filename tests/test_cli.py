@@ -737,11 +737,13 @@ def test_a_gitlab_token_that_cannot_be_a_header_is_refused_without_showing_it(
     ],
 )
 def test_a_bad_dashboard_setting_is_refused_before_receiving(
-    tmp_path: Path, setting: str, value: str, message: str
+    tmp_path: Path, database_url: str, setting: str, value: str, message: str
 ) -> None:
     """Refused after "receiving on" was printed, it looked like a crash of a started
-    receiver."""
-    done = _serve_without_a_database(tmp_path, _unused_port(), **{setting: value})
+    receiver. The database answers: without it, start-up stops before either."""
+    done = _serve_without_a_database(
+        tmp_path, _unused_port(), SECLEDGER_DATABASE_URL=database_url, **{setting: value}
+    )
     assert done.returncode == 1, done.stderr
     assert "receiving on" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from urllib.parse import quote
 
@@ -12,7 +14,7 @@ import pytest
 import structlog
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import event
+from sqlalchemy import event, text
 from structlog.testing import capture_logs
 
 from builders import mr_event
@@ -390,3 +392,38 @@ def test_a_query_the_server_cancels_is_no_outage(database_url, tmp_path) -> None
             blocker.execute("LOCK TABLE security_review_ledger IN ACCESS EXCLUSIVE MODE")
             answer = client.get("/api/ledger", headers=bearer())
     assert answer.status_code == 500, answer.text
+
+
+def test_the_volume_chart_fills_the_buckets_the_page_asks_for(reader) -> None:
+    """Filled by the bucket chosen on the page: months listed as weeks would show the
+    wrong gaps."""
+    october = "2025-10-20 09:00:00 UTC"  # months before the demo's reviews
+    opened = mr_event("open", iid=99, labels=["sec::low"], created_at=october, updated_at=october)
+    assert post(reader, opened).json()["status"] == "recorded"
+    log_in(reader)
+    page = reader.get("/?bucket=month").text
+    data = json.loads(
+        page.split('<script type="application/json" id="chart-data">')[1].split("</script>")[0]
+    )
+    months = data["volume-chart"]["data"][0]["x"]
+    first, last = date.fromisoformat(months[0]), date.fromisoformat(months[-1])
+    every = []
+    while first <= last:
+        every.append(first.isoformat())
+        first = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    assert months[0] == "2025-10-01" and len(months) > 2
+    assert months == every, months
+
+
+def test_an_mr_labelled_after_its_decision_says_so_on_its_page(reader, engine) -> None:
+    """A negative time to decision read "-1d 1h" for -22 h 45 min."""
+    log_in(reader)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE security_review_ledger SET time_to_decision_seconds = -81900"
+                " WHERE mr_iid = 12"
+            )
+        )
+    page = reader.get("/mr/https%3A%2F%2Fgitlab.example.com/14/12").text
+    assert "none: labelled 22h 45m after the decision" in page

@@ -433,7 +433,9 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").symlink_to(sys.executable)
-    path = f"{bin_dir}:/usr/bin:/bin"
+    openssl = shutil.which("openssl")
+    assert openssl is not None
+    path = f"{bin_dir}:{Path(openssl).parent}:/usr/bin:/bin"
     checked = subprocess.run(
         ["sh", "-c", script], cwd=out, capture_output=True, check=False, env={"PATH": path}
     )

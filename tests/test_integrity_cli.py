@@ -61,3 +61,27 @@ def test_a_database_without_secledger_tables_is_one_line_not_a_traceback(
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
+
+
+def test_a_table_without_a_column_this_version_reads_is_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A schema edited by hand, or restored from an older dump over a newer revision:
+    an undefined column (42703) was a traceback."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE security_review_ledger DROP COLUMN title CASCADE")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "secledger"), "ledger"],
+        env={
+            "PATH": os.environ["PATH"],
+            "SECLEDGER_DATABASE_URL": database_url,
+            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "does not exist: this database does not hold this version's" in last

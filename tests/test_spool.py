@@ -429,7 +429,7 @@ def test_a_file_moved_into_the_spool_from_outside_is_drained_without_a_delivery(
 ) -> None:
     """docs/operations.md: move a file back from failed/ into the spool directory.
     serve counted only what it wrote itself: the file waited for the next delivery,
-    which went ahead of it, and the depth gauge said 0 while /readyz said 1."""
+    which went ahead of it."""
     monkeypatch.setattr(recorder_module, "RESCAN_SECONDS", 0.1)
     elsewhere = Spool.open(spool_settings.spool_path.parent / "elsewhere")
     [written] = elsewhere.write([delivery(mr_event("open", iid=9), "moved-in")])
@@ -437,6 +437,18 @@ def test_a_file_moved_into_the_spool_from_outside_is_drained_without_a_delivery(
     written.rename(spool_settings.spool_path / written.name)
     wait_for(lambda: any(row[1] == "idem:moved-in" for row in log_rows(engine)))
     assert not list(spool_settings.spool_path.glob("*.dlv"))
+
+
+def test_refresh_counts_a_file_moved_in_from_outside(tmp_path: Path) -> None:
+    """What the writer asks before a batch while the spool counts empty (and what the
+    depth gauge then shows): the directory's mtime changed, so it is listed again."""
+    spool = Spool.open(tmp_path / "spool")
+    assert spool.refresh() == 0
+    elsewhere = Spool.open(tmp_path / "elsewhere")
+    [written] = elsewhere.write([delivery(mr_event("open", iid=9), "moved-in")])
+    written.rename(spool.directory / written.name)
+    assert spool.depth == 0  # it wrote nothing itself
+    assert spool.refresh() == 1
 
 
 def test_later_live_deliveries_of_a_refused_mr_wait_behind_it_in_failed(

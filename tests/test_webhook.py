@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import pytest
 import structlog
@@ -14,9 +15,10 @@ from structlog.testing import capture_logs
 
 from builders import dumps, label_change, mr_event, sample
 from conftest import SECRET, post
-from secledger import webhook
+from secledger import web, webhook
 from secledger.config import Settings
 from secledger.store import db
+from secledger.throttle import Throttle
 from secledger.web import create_app
 
 
@@ -90,6 +92,26 @@ def test_a_compressed_body_is_told_as_such(client, engine) -> None:
     assert response.json()["error"] == "unsupported_encoding"
     assert "Content-Encoding 'gzip' is not supported" in response.json()["message"]
     assert log_count(engine) == 0
+
+
+def test_serve_writes_a_summary_when_its_minute_ends(
+    settings: Settings, database_url: str, monkeypatch
+) -> None:
+    """serve asks every summary whether its minute is over (web._tick_summaries): after
+    a flood, the count was held until the next line of its kind."""
+    monkeypatch.setattr(web, "SUMMARY_TICK_SECONDS", 0.05)
+    flood = Throttle("test_lines_suppressed", interval=60.0, each=1)
+    flood.note(flood.clock(), (("kind", "x"),))
+    flood.note(flood.clock(), (("kind", "x"),))  # counted, not logged
+    flood.since = flood.clock() - 61  # its minute is over; no line of its kind follows
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    with TestClient(app), capture_logs() as logs:  # the app configures logging first
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            e["event"] == "test_lines_suppressed" for e in logs
+        ):
+            time.sleep(0.05)
+    assert [e["count"] for e in logs if e["event"] == "test_lines_suppressed"] == [1]
 
 
 def test_wrong_token_is_401(client, engine) -> None:
