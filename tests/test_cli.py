@@ -31,6 +31,7 @@ from secledger.config import (
     unknown_variables,
 )
 from secledger.errors import ConfigError
+from secledger.listener import is_unreachable
 from secledger.output import render
 from secledger.runtime import Runtime
 
@@ -815,8 +816,8 @@ def test_only_a_connection_failure_is_called_unreachable() -> None:
         def __init__(self, sqlstate: str | None) -> None:
             self.sqlstate = sqlstate
 
-    assert cli_module._unreachable(Failed(None))
-    assert cli_module._unreachable(Failed("08006"))
-    assert cli_module._unreachable(Failed("57P01"))
-    assert not cli_module._unreachable(Failed("55P03"))  # lock not available
-    assert not cli_module._unreachable(Failed("53100"))  # disk full
+    assert is_unreachable(Failed(None))
+    assert is_unreachable(Failed("08006"))
+    assert is_unreachable(Failed("57P01"))
+    assert not is_unreachable(Failed("55P03"))  # lock not available
+    assert not is_unreachable(Failed("53100"))  # disk full
