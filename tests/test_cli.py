@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
+from commandline import run_secledger
 from secledger import cli as cli_module
 from secledger.cli import DATABASE_UNREACHABLE, demo_files, main, try_it_command
 from secledger.config import (
@@ -479,18 +480,12 @@ def test_a_config_file_key_the_environment_hides_is_named(tmp_path: Path) -> Non
 def test_a_command_logs_each_config_key_the_environment_hides(tmp_path: Path) -> None:
     config = tmp_path / "secledger.toml"
     config.write_text('webhook_secrets = ["from-file"]\n')
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "secledger"), "spool", "status"],
-        env={
-            "PATH": os.environ["PATH"],
-            "SECLEDGER_CONFIG": str(config),
-            "SECLEDGER_WEBHOOK_SECRETS": "s3cret-9c2",
-            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = run_secledger(
+        "spool",
+        "status",
+        SECLEDGER_CONFIG=str(config),
+        SECLEDGER_WEBHOOK_SECRETS="s3cret-9c2",
+        SECLEDGER_DATA_DIR=str(tmp_path / "data"),
     )
     assert done.returncode == 0, done.stderr
     [line] = [json.loads(x) for x in done.stderr.splitlines() if "overridden" in x]
@@ -640,17 +635,10 @@ def test_tls_the_server_does_not_offer_is_a_configuration_error_not_an_outage(
 
         thread = threading.Thread(target=refuse_tls, daemon=True)
         thread.start()
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "secledger"), "ledger"],
-            env={
-                "PATH": os.environ["PATH"],
-                "SECLEDGER_DATABASE_URL": f"postgresql://u:pw-4d1@127.0.0.1:{port}/x?sslmode=require",
-                "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        done = run_secledger(
+            "ledger",
+            SECLEDGER_DATABASE_URL=f"postgresql://u:pw-4d1@127.0.0.1:{port}/x?sslmode=require",
+            SECLEDGER_DATA_DIR=str(tmp_path / "data"),
         )
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -12,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
+from commandline import run_secledger
 from secledger.cli import main
 
 DOC = (Path(__file__).parents[1] / "docs" / "integrity.md").read_text()
@@ -36,23 +34,17 @@ def test_a_database_without_secledger_tables_is_one_line_not_a_traceback(
         conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{empty}"')
     env = {
-        "PATH": os.environ["PATH"],
         "SECLEDGER_DATABASE_URL": make_url(server_url)
         .set(database=empty)
         .render_as_string(hide_password=False),
         "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
     }
-    secledger = str(Path(sys.executable).parent / "secledger")
     try:
         key = tmp_path / "key.pem"
-        made = subprocess.run(
-            [secledger, "keygen", "--out", str(key)], env=env, capture_output=True, check=False
-        )
+        made = run_secledger("keygen", "--out", str(key), **env)
         assert made.returncode == 0, made.stderr
         for args in (["verify"], ["checkpoint", "--key", str(key)]):
-            done = subprocess.run(
-                [secledger, *args], env=env, capture_output=True, text=True, check=False
-            )
+            done = run_secledger(*args, **env)
             assert done.returncode == 1, done.stderr
             assert "Traceback" not in done.stderr
             last = done.stderr.strip().splitlines()[-1]
@@ -70,16 +62,8 @@ def test_a_table_without_a_column_this_version_reads_is_one_line(
     an undefined column (42703) was a traceback."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE security_review_ledger DROP COLUMN title CASCADE")
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "secledger"), "ledger"],
-        env={
-            "PATH": os.environ["PATH"],
-            "SECLEDGER_DATABASE_URL": database_url,
-            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
-        },
-        capture_output=True,
-        text=True,
-        check=False,
+    done = run_secledger(
+        "ledger", SECLEDGER_DATABASE_URL=database_url, SECLEDGER_DATA_DIR=str(tmp_path / "data")
     )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -14,7 +15,7 @@ import structlog
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from apihelpers import POLICY, log_count
@@ -54,19 +55,30 @@ def unlabelled(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def lose_the_merge(
+    serving: TestClient, engine: Engine, instance: str, story: Story, awaited: str
+) -> tuple[list[dict[str, Any]], datetime]:
+    """This replica lets ``story``'s unlabelled merge go, then learns the MR from another
+    replica's record of its opening (received then); the log lines until ``awaited``."""
+    opened, _, merged = story.webhooks()
+    received_elsewhere = utcnow()
+    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": instance})
+    assert answer.json()["status"] == "ignored"
+    with capture_logs() as logs:
+        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": instance})
+        assert wait_for(lambda: any(e["event"] == awaited for e in logs))
+    return logs, received_elsewhere
+
+
 def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> None:
     """MR 20's security label was removed and it was merged. This replica received the
     merge before it knew the MR, and had let it go when another replica's record of the
     MR's opening reached it. GitLab's API tells the merge: it is recorded from there."""
     story = Story(iid=20)
     story.publish(fake)
-    opened, _, merged = story.webhooks()
-    received_elsewhere = utcnow()
-    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
-    assert answer.json()["status"] == "ignored"
-    with capture_logs() as logs:
-        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
-        assert wait_for(lambda: any(e["event"] == "ignored_delivery_recovered" for e in logs))
+    logs, received_elsewhere = lose_the_merge(
+        serving, engine, fake.url, story, "ignored_delivery_recovered"
+    )
     told = sorted((e for e in logs if e["event"].startswith("ignored_")), key=lambda e: e["event"])
     assert [(e["event"], e["log_level"]) for e in told] == [
         ("ignored_delivery_recovered", "warning"),
@@ -92,14 +104,8 @@ def test_a_lost_delivery_is_recovered_from_the_api(serving, engine, fake) -> Non
 def test_a_recovery_the_api_refuses_is_reported_lost(serving, engine, fake) -> None:
     """GitLab answers 404 for the MR (deleted since, or out of the token's reach): the
     delivery stays lost, and the log says why."""
-    story = Story(iid=21)
-    opened, _, merged = story.webhooks()  # not published: the API does not know MR 21
-    received_elsewhere = utcnow()
-    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
-    assert answer.json()["status"] == "ignored"
-    with capture_logs() as logs:
-        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
-        assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
+    story = Story(iid=21)  # not published: the API does not know MR 21
+    logs, _ = lose_the_merge(serving, engine, fake.url, story, "ignored_delivery_lost")
     lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
     assert (lost["log_level"], lost["mr_iid"]) == ("error", 21)
     assert "404" in lost["error"]
@@ -114,13 +120,7 @@ def test_an_endpoint_missing_for_an_existing_mr_is_not_called_hidden(serving, en
     story = Story(iid=22)
     story.publish(fake)
     fake.missing.add("/merge_requests/22/resource_state_events")
-    opened, _, merged = story.webhooks()
-    received_elsewhere = utcnow()
-    answer = post(serving, unlabelled(merged), **{"X-Gitlab-Instance": fake.url})
-    assert answer.json()["status"] == "ignored"
-    with capture_logs() as logs:
-        recorded_elsewhere(engine, opened, received_elsewhere, **{"x-gitlab-instance": fake.url})
-        assert wait_for(lambda: any(e["event"] == "ignored_delivery_lost" for e in logs))
+    logs, _ = lose_the_merge(serving, engine, fake.url, story, "ignored_delivery_lost")
     lost = next(e for e in logs if e["event"] == "ignored_delivery_lost")
     assert "the merge request itself exists" in lost["error"]
     assert lost["hint"] == recovery.RECOVER_HINT

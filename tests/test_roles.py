@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from builders import dumps, mr_event
 from chainkit import app_url, cli, readonly_url, record_history
+from commandline import run_secledger
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.errors import ConfigError
@@ -213,17 +214,10 @@ def test_a_database_a_newer_version_migrated_is_one_line_not_a_traceback(
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
     for args in (["ledger"], ["db", "upgrade"]):
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "secledger"), *args],
-            env={
-                "PATH": os.environ["PATH"],
-                "SECLEDGER_DATABASE_URL": database_url,
-                "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        done = run_secledger(
+            *args,
+            SECLEDGER_DATABASE_URL=database_url,
+            SECLEDGER_DATA_DIR=str(tmp_path / "data"),
         )
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr

@@ -21,6 +21,7 @@ from secledger.errors import (
 from secledger.intake import (
     TOKEN_PROVEN,
     UNPROVEN,
+    Delivery,
     Source,
     Sources,
     authenticate,
@@ -183,8 +184,9 @@ def _other_body(url: str = "https://other.example.org/acme/p") -> bytes:
     return dumps(body)
 
 
-def _instance_of(headers: dict[str, str], body: bytes, multi: Sources) -> str:
-    verified = authenticate(headers, body, multi, now=NOW)
+def _delivered(headers: dict[str, str], body: bytes, given: Sources) -> Delivery:
+    """The delivery the endpoint would record: authenticated, then decoded."""
+    verified = authenticate(headers, body, given, now=NOW)
     delivery = parse_delivery(
         headers,
         body,
@@ -194,7 +196,12 @@ def _instance_of(headers: dict[str, str], body: bytes, multi: Sources) -> str:
         require_token=False,
         verified=verified,
     )
-    return delivery.instance  # type: ignore[union-attr]
+    assert isinstance(delivery, Delivery)
+    return delivery
+
+
+def _instance_of(headers: dict[str, str], body: bytes, multi: Sources) -> str:
+    return _delivered(headers, body, multi).instance
 
 
 def test_without_the_instance_header_an_instances_token_selects_it() -> None:
@@ -284,17 +291,8 @@ def test_a_reserved_instance_is_found_behind_a_trailing_dot_or_a_user_part(url) 
 
 def _refused_for_gitlab_example(headers: dict[str, str], body: bytes) -> None:
     """Authenticated by the default token, then refused: gitlab.example.com is reserved."""
-    verified = authenticate(headers, body, _multi(), now=NOW)
     with pytest.raises(WrongInstance, match=r"gitlab\.example\.com(:\d+)?, whose host has its own"):
-        parse_delivery(
-            headers,
-            body,
-            secrets=(),
-            max_body_bytes=10**6,
-            received_at=NOW,
-            require_token=False,
-            verified=verified,
-        )
+        _delivered(headers, body, _multi())
 
 
 @pytest.mark.parametrize(
@@ -373,17 +371,7 @@ def test_an_origin_has_one_spelling() -> None:
 
 def test_signed_delivery_is_deduplicated_on_its_signed_webhook_id() -> None:
     headers = signed() | {"idempotency-key": "attacker-chosen"}
-    verified = authenticate(headers, BODY, sources(), now=NOW)
-    delivery = parse_delivery(
-        headers,
-        BODY,
-        secrets=(),
-        max_body_bytes=10**6,
-        received_at=NOW,
-        require_token=False,
-        verified=verified,
-    )
-    assert delivery.dedup_key == "whid:m1"  # type: ignore[union-attr]
+    assert _delivered(headers, BODY, sources()).dedup_key == "whid:m1"
 
 
 @pytest.mark.parametrize(
