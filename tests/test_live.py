@@ -336,6 +336,50 @@ def test_slow_bodies_are_cut_off_and_saturation_is_a_503_with_retry_after(
         assert deliver(running, body, **{"X-Gitlab-Token": TOKENS[0]}).status_code == 200
 
 
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_silent_connections_neither_refuse_deliveries_nor_stay_open(database_url, tmp_path) -> None:
+    """uvicorn's own limit counted open connections: about 500 that sent nothing made it
+    answer every delivery 503 (GitLab disables a hook after four), and it closed none of
+    them. The backstop counts requests in progress; a head must come within the body's
+    time limit, or the connection is closed (with a 408 once the head has begun)."""
+    env = {
+        "SECLEDGER_WEBHOOK_SECRETS": TOKENS[0],
+        "SECLEDGER_BODY_TIMEOUT_SECONDS": "2",
+        "SECLEDGER_MAX_CONCURRENT_DELIVERIES": "16",  # the backstop: 64 requests
+    }
+    token = {"X-Gitlab-Token": TOKENS[0]}
+    with live_server(database_url, tmp_path, env) as running:
+        silent = [_connect(running.url) for _ in range(100)]
+        begun = _connect(running.url)
+        begun.sendall(b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitl")
+        try:
+            body = dumps(mr_event("open", iid=811, labels=["sec::high"]))
+            assert deliver(running, body, **token).json()["status"] == "recorded"
+            started = time.monotonic()
+            answer = read_answer(begun)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert answer.endswith(b"Request head not received in time.")
+            assert silent[0].recv(1) == b""  # closed by the server, without a word
+            assert silent[-1].recv(1) == b""
+            assert time.monotonic() - started < 10
+        finally:
+            for conn in (*silent, begun):
+                conn.close()
+        # Requests in progress still meet the backstop at once.
+        holding = [_partial(running.url, TOKENS[0]) for _ in range(64)]
+        try:
+            time.sleep(0.3)
+            refused = deliver(running, dumps(mr_event("open", iid=812)), **token)
+            assert refused.status_code == 503, refused.text
+        finally:
+            for conn in holding:
+                conn.close()
+
+
 def _unsigned_partial(url: str) -> socket.socket:
     """Well-formed signature headers over no real signature (anyone can send them), and
     100 bytes of body declared, 10 sent: the signature cannot be checked, the slot held."""

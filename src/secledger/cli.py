@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 import ipaddress
 import os
+import resource
 import signal
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only `serve` needs the server
     from uvicorn.config import STARTUP_FAILURE  # noqa: PLC0415
 
-    from secledger.headlimit import BoundedHeadProtocol  # noqa: PLC0415
+    from secledger.headlimit import protocol_class  # noqa: PLC0415
     from secledger.senders import sources_from_settings  # noqa: PLC0415
     from secledger.web import check_settings, create_app  # noqa: PLC0415
 
@@ -213,6 +214,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     # Bound before the database starts: a port in use is one line at once, not uvicorn's
     # log line after "receiving on" (and exit 3, the status of an unreachable database).
     sockets = _listen(host, port)
+    _allow_open_files()
     database = context.database
     click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
     # Reached and migrated before serving: an outage or a wrong database is then one line
@@ -249,13 +251,18 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         access_log=False,
         # Idle keep-alive connections are closed after 5 s (slow or idle clients).
         timeout_keep_alive=5,
-        # A backstop above the handler's own limit: uvicorn answers 503 at once past it.
-        limit_concurrency=max(64, 4 * settings.max_concurrent_deliveries),
+        # uvicorn's own limit counts open connections too (headlimit.py has the
+        # backstop, on requests in progress only).
+        limit_concurrency=None,
         server_header=False,
         # Applied by create_app to the dashboard and API only; the webhook needs none.
         proxy_headers=False,
-        # httptools, with a bound on each request's head (headlimit.py).
-        http=BoundedHeadProtocol,
+        # httptools, with bounds on each request's head (headlimit.py), and a backstop
+        # above the handler's own limit that answers 503 at once.
+        http=protocol_class(
+            head_timeout=settings.body_timeout_seconds,
+            task_limit=max(64, 4 * settings.max_concurrent_deliveries),
+        ),
     )
     server = uvicorn.Server(config)
     try:
@@ -269,6 +276,15 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
 
 # uvicorn's default backlog.
 LISTEN_BACKLOG = 2048
+
+
+def _allow_open_files() -> None:
+    """Raise the soft limit on open files to the hard one: each connection is one, and a
+    receiver out of them accepts no delivery (Debian's soft limit is 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

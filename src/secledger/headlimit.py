@@ -1,13 +1,23 @@
-"""uvicorn's httptools protocol with a bound on the size of a request's head.
+"""uvicorn's httptools protocol with bounds on a request's head: its size, and its time.
 
-httptools has none: a stranger could stream a request line or one header for ever, and
-the parser, gathering it by concatenation, spent time growing with the square of its
-size before any token was looked at. One such connection held every delivery past
+httptools has no size bound: a stranger could stream a request line or one header for
+ever, and the parser, gathering it by concatenation, spent time growing with the square
+of its size before any token was looked at. One such connection held every delivery past
 GitLab's 10 s timeout (300 MB: answers 7 to 26 s late). GitLab's own heads are a few
 kilobytes; nginx's default limit is 32 KiB.
+
+uvicorn has no time bound either: it arms its keep-alive timer only after a response, so
+a connection that never sends a request, or never finishes its head, stayed open for
+ever. And its ``limit_concurrency`` counts open connections as well as requests: about
+500 silent connections made it answer every delivery 503, and GitLab disables a hook
+after four failures. Here a head must arrive within a time limit, and the backstop
+counts requests in progress only.
 """
 
 from __future__ import annotations
+
+from asyncio import Transport
+from asyncio.events import TimerHandle
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -24,13 +34,16 @@ class HeadTooLarge(Exception):
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """Answers 431 and closes once a request's head passes ``MAX_HEAD_BYTES``.
+    """Answers 431 and closes once a request's head passes ``MAX_HEAD_BYTES``; closes a
+    connection whose next request has not begun, or whose head has not ended,
+    ``head_timeout`` seconds after it opened or the head began (408 for a begun head).
 
-    Two checks: while the head streams in, whole reads are counted (leaving out the
+    Two size checks: while the head streams in, whole reads are counted (leaving out the
     read the request began in, which may hold the end of the one before), so a head
     that never ends is cut off after at most one read more than the bound; and once a
     head is complete, its own size is measured, so one that came in a few large reads
-    is refused too.
+    is refused too. Between requests, uvicorn's keep-alive timer closes an idle
+    connection.
     """
 
     # Set on the class: the protocol's __init__ is uvicorn's, and these are read first.
@@ -38,13 +51,34 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _in_head = True
     _began = False
     _oversized = False
+    _head_timer: TimerHandle | None = None
+    _head_begun = False
+    # Set by protocol_class(); these defaults are for a protocol used as it is.
+    head_timeout = 10.0
+    task_limit: int | None = None
+
+    def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._began, self._head_bytes = True, True, 0
+        self._head_begun = True
+        self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_begun = False
+        self._disarm_head_timer()
+        # uvicorn answers 503 at once when its limit is reached by open connections or
+        # by requests in progress; only the latter is a load to shed.
+        limit = self.task_limit
+        self.limit_concurrency = limit if limit is not None and len(self.tasks) >= limit else None
         # ": " and CRLF of each header line, and the request line's method, version and
         # CRLF and the blank line, are not in the parsed URL, names and values.
         size = len(self.url) + _LINE_BYTES + sum(len(n) + len(v) + 4 for n, v in self.headers)
@@ -61,6 +95,30 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_begun:
+            self._in_head = False
+            body = b"Request head not received in time."
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\n"
+                b"content-type: text/plain; charset=utf-8\r\n"
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
+                b"connection: close\r\n\r\n" + body
+            )
+        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         if self._oversized:
@@ -79,3 +137,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n" + body
         )
         self.transport.close()
+
+
+def protocol_class(*, head_timeout: float, task_limit: int) -> type[BoundedHeadProtocol]:
+    """The protocol ``serve`` gives uvicorn: a head must arrive within ``head_timeout``
+    seconds, and past ``task_limit`` requests in progress a new one is answered 503."""
+    return type(
+        "BoundedHeadProtocol",
+        (BoundedHeadProtocol,),
+        {"head_timeout": head_timeout, "task_limit": task_limit},
+    )
