@@ -62,6 +62,9 @@ def user(username: str) -> dict[str, Any]:
     }
 
 
+APPROVAL_ACTIONS = frozenset({"approved", "approval", "unapproved", "unapproval"})
+
+
 def mr_event(
     action: str | None,
     *,
@@ -76,8 +79,14 @@ def mr_event(
     changes: dict[str, Any] | None = None,
     reviewers: list[str] | None = None,
     title: str = "Harden session cookies",
+    actioned_at: str | None = None,
+    old_gitlab: bool = False,
 ) -> dict[str, Any]:
-    """A Merge Request Hook body for one action; ``None`` removes the action key."""
+    """A Merge Request Hook body for one action; ``None`` removes the action key.
+
+    An approval or its revocation carries ``actioned_at`` (``updated_at`` unless given),
+    as GitLab sends it now; ``old_gitlab`` leaves it out, as GitLab did before: then
+    only the time received tells when it happened (GitLab does not move ``updated_at``)."""
     if updated_at is None:
         # GitLab stamps a new MR's updated_at with its created_at.
         updated_at = created_at if action == "open" else "2025-08-05 21:48:25 UTC"
@@ -105,6 +114,8 @@ def mr_event(
         attrs.pop("action", None)
     else:
         attrs["action"] = action
+    if action in APPROVAL_ACTIONS and not old_gitlab:
+        attrs["actioned_at"] = actioned_at or updated_at
     label_objs = [label(t) for t in (labels if labels is not None else ["sec::high"])]
     body["labels"] = label_objs
     attrs["labels"] = copy.deepcopy(label_objs)
@@ -147,6 +158,8 @@ def system_hook_event(
         action=action,
         state={"merge": "merged", "close": "closed"}.get(action, "opened"),
     )
+    if action in APPROVAL_ACTIONS:
+        attrs["actioned_at"] = updated_at
     body["project"].update(
         id=project_id,
         web_url="https://gitlab.example.com/acme/payments",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 
 import pytest
@@ -17,8 +17,12 @@ RECEIVED = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def facts_of(body: dict, headers: dict[str, str] | None = None) -> EventFacts:
+    return extract_facts(delivery_for(body, headers), POLICY)
+
+
+def delivery_for(body: dict, headers: dict[str, str] | None = None) -> Delivery:
     hdrs = headers or {}
-    delivery = Delivery(
+    return Delivery(
         event="Merge Request Hook",
         instance=instance_of(hdrs, body),
         headers=hdrs,
@@ -27,7 +31,6 @@ def facts_of(body: dict, headers: dict[str, str] | None = None) -> EventFacts:
         dedup_key=dedup_key(hdrs, b"{}"),
         received_at=RECEIVED,
     )
-    return extract_facts(delivery, POLICY)
 
 
 @pytest.mark.parametrize(
@@ -200,10 +203,60 @@ def test_event_time_prefers_changes_updated_at() -> None:
 
 
 def test_event_time_falls_back_to_receipt_when_the_payload_has_none() -> None:
-    body = mr_event("approved")
+    body = mr_event("close")
     del body["object_attributes"]["updated_at"]
     facts = facts_of(body)
     assert (facts.event_at, facts.event_at_source) == (RECEIVED, "received_at")
+
+
+@pytest.mark.parametrize("action", ["approved", "approval", "unapproved", "unapproval"])
+def test_an_approval_is_timed_by_actioned_at_else_by_receipt_never_by_updated_at(
+    action: str,
+) -> None:
+    """GitLab saves no MR on an approval or its revocation: the payload's updated_at is
+    the MR's last edit, often the labelling itself, and the decision looked instant (a
+    30-hour approval of a 24-hour critical MR was 0 s and within its SLA). GitLab now
+    sends actioned_at; before it, the receipt is the nearest time."""
+    labelled = "2025-08-05 09:00:00 UTC"
+    now = mr_event(action, updated_at=labelled, actioned_at="2025-08-06 15:00:00 UTC")
+    facts = facts_of(now)
+    assert facts.event_at == datetime(2025, 8, 6, 15, tzinfo=UTC)
+    assert facts.event_at_source == "object_attributes.actioned_at"
+    before = facts_of(mr_event(action, updated_at=labelled, old_gitlab=True))
+    assert (before.event_at, before.event_at_source) == (RECEIVED, "received_at")
+    # A replayed file's receipt is not GitLab's time: its updated_at is the best it has.
+    replayed = extract_facts(
+        replace(
+            delivery_for(mr_event(action, updated_at=labelled, old_gitlab=True)), source="replay"
+        ),
+        POLICY,
+    )
+    assert replayed.event_at == datetime(2025, 8, 5, 9, tzinfo=UTC)
+    assert replayed.event_at_source == "object_attributes.updated_at"
+    # Other actions save the MR: their updated_at is their own time, actioned_at or not.
+    merged = mr_event("merge", updated_at="2025-08-06 16:00:00 UTC")
+    merged["object_attributes"]["actioned_at"] = "2025-08-06 16:00:01 UTC"
+    assert facts_of(merged).event_at_source == "object_attributes.updated_at"
+
+
+def test_a_push_whose_previous_labels_are_empty_adds_no_label() -> None:
+    """After a rebase GitLab sends ``changes.labels.previous`` empty whatever the labels
+    were (gitlab-org/gitlab#22023): the MR's first delivery being such a push made the
+    pusher its labeller and the push time its label time, and the SLA met."""
+    labels = ["backend", "sec::critical"]
+    changes = label_change([], labels, "2025-08-04 09:00:00 UTC")
+    push = mr_event("update", labels=labels, changes=changes, actor="dave")
+    push["object_attributes"]["oldrev"] = "a" * 40
+    facts = facts_of(push)
+    assert (facts.security_added, facts.labeled_at, facts.labeled_at_source) == ((), None, None)
+    assert facts.is_security and facts.tier == "critical"
+    # Without a push, an empty ``previous`` is a label edit like any other.
+    edit = facts_of(mr_event("update", labels=labels, changes=changes, actor="dave"))
+    assert edit.security_added == ("sec::critical",)
+    assert edit.labeled_at_source == "label_added"
+    # A push that tells the labels it had keeps its change.
+    push["changes"] = label_change(["sec::high"], ["sec::critical"], "2025-08-04 09:00:00 UTC")
+    assert facts_of(push).security_added == ("sec::critical",)
 
 
 def test_opened_with_label_starts_the_clock_at_creation() -> None:
@@ -274,10 +327,10 @@ def test_event_stamps_keep_only_short_strings() -> None:
     long = "2025-08-05 21:48:25 UTC" + " " * 60
     payload = mr_event("update", updated_at="2025-08-05 21:00:00 UTC")
     payload["changes"] = {"updated_at": {"current": long}}
-    assert event_stamps(payload) == (None, "2025-08-05 21:00:00 UTC")
+    assert event_stamps(payload) == (("2025-08-05 21:00:00 UTC", "object_attributes.updated_at"),)
     payload["changes"] = {"updated_at": {"current": ["2025-08-05 22:00:00 UTC"]}}
     payload["object_attributes"]["updated_at"] = 1754430000
-    assert event_stamps(payload) == (None, None)
+    assert event_stamps(payload) == ()
     received = datetime(2025, 8, 6, tzinfo=UTC)
     assert event_time(payload, received) == (received, "received_at")
     payload["changes"] = {"updated_at": {"current": "2025-08-05 22:00:00 UTC"}}

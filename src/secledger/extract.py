@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from secledger import payloads as p
 from secledger.errors import TimestampError
-from secledger.intake import Decoded, Delivery
+from secledger.intake import WEBHOOK_SOURCE, Decoded, Delivery
 from secledger.policy import LabelPolicy
 from secledger.quickinit import quick
 from secledger.times import isoformat, parse_optional, parse_stored
@@ -186,40 +186,65 @@ def _safe_time(value: object) -> datetime | None:
         return None
 
 
-# ``changes.updated_at.current`` and ``object_attributes.updated_at``, unparsed.
-Stamps = tuple[str | None, str | None]
+# ``event_at_source`` of an event GitLab gave no time for: it is the time received.
+RECEIVED = "received_at"
+# The times an event's time may be read from, best first, unparsed, each with its name.
+Stamps = tuple[tuple[str, str], ...]
 # GitLab's longest spelling, "2025-08-05 20:30:00.123456789 +0000" and the like, with room.
 MAX_STAMP_CHARS = 64
+# Actions after which GitLab does not save the MR: their payload's ``updated_at`` is the
+# time of the MR's last edit, often its labelling, and read as the decision time it made
+# every such decision look instant (GitLab MR 224849, which adds ``actioned_at``).
+_UNSAVED = frozenset({"approved", "approval", "unapproved", "unapproval"})
 
 
-def event_time(payload: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
-    """``changes.updated_at.current``, else ``object_attributes.updated_at``, else receipt."""
-    return event_time_of(event_stamps(payload), received_at)
+def event_time(
+    payload: dict[str, Any], received_at: datetime, *, live: bool = True
+) -> tuple[datetime, str]:
+    """When the event happened in GitLab, and what told it (``event_stamps``); the time
+    received when nothing did."""
+    return event_time_of(event_stamps(payload, live=live), received_at)
 
 
-def event_stamps(payload: dict[str, Any]) -> Stamps:
-    """The two values ``event_time`` reads, unparsed: cheap to keep for later (on the
-    path of every ignored delivery, hence no helper calls). Kept only as short strings:
-    a sender's value may be anything, and it would stay in memory as long as kept."""
+def event_stamps(payload: dict[str, Any], *, live: bool = True) -> Stamps:
+    """What ``event_time`` reads, unparsed: cheap to keep for later (on the path of every
+    ignored delivery, hence no helper calls). Kept only as short strings: a sender's
+    value may be anything, and it would stay in memory as long as kept.
+
+    ``changes.updated_at.current``, else ``object_attributes.updated_at``. For an
+    approval or its revocation, ``object_attributes.actioned_at`` first, and no
+    ``updated_at`` when the delivery came from GitLab just now (``live``): the time it
+    was received is closer. A replayed file's receipt says nothing of GitLab's time, so
+    its ``updated_at`` is kept, the best it holds."""
     changes, attrs = payload.get("changes"), payload.get("object_attributes")
     updated = changes.get("updated_at") if isinstance(changes, dict) else None
     changed = updated.get("current") if isinstance(updated, dict) else None
-    stamp = attrs.get("updated_at") if isinstance(attrs, dict) else None
-    return (
-        changed if type(changed) is str and len(changed) <= MAX_STAMP_CHARS else None,
-        stamp if type(stamp) is str and len(stamp) <= MAX_STAMP_CHARS else None,
-    )
+    found: list[tuple[str, str]] = []
+    if isinstance(attrs, dict):
+        stamp = attrs.get("updated_at")
+        action = attrs.get("action")
+        if type(action) is str and action in _UNSAVED:
+            actioned = attrs.get("actioned_at")
+            if type(actioned) is str and len(actioned) <= MAX_STAMP_CHARS:
+                found.append((actioned, "object_attributes.actioned_at"))
+            if live:
+                stamp = None
+    else:
+        stamp = None
+    if type(changed) is str and len(changed) <= MAX_STAMP_CHARS:
+        found.append((changed, "changes.updated_at"))
+    if type(stamp) is str and len(stamp) <= MAX_STAMP_CHARS:
+        found.append((stamp, "object_attributes.updated_at"))
+    return tuple(found)
 
 
 def event_time_of(stamps: Stamps, received_at: datetime) -> tuple[datetime, str]:
     """``event_time`` from what ``event_stamps`` read."""
-    changed = _safe_time(stamps[0])
-    if changed is not None:
-        return changed, "changes.updated_at"
-    updated = _safe_time(stamps[1])
-    if updated is not None:
-        return updated, "object_attributes.updated_at"
-    return received_at, "received_at"
+    for value, name in stamps:
+        parsed = _safe_time(value)
+        if parsed is not None:
+            return parsed, name
+    return received_at, RECEIVED
 
 
 def _from_action(attrs: Mapping[str, Any], action: str) -> tuple[str, str | None]:
@@ -264,6 +289,10 @@ def label_facts(
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     was_security = False
+    if change is not None and not change[0] and _pushed(payload):
+        # After a push (a rebase), GitLab has sent ``previous`` empty whatever the labels
+        # were: read as the label's addition, it restarted the MR's SLA clock then.
+        change = None
     if change is not None:
         previous, current = change
         prev_sec = set(policy.security_labels(previous))
@@ -272,6 +301,12 @@ def label_facts(
         removed = tuple(label for label in policy.security_labels(previous) if label not in cur_sec)
         was_security = bool(prev_sec)
     return labels, security, added, removed, bool(security) or was_security
+
+
+def _pushed(payload: dict[str, Any]) -> bool:
+    """Whether an update tells a push: GitLab then sends ``oldrev``, the head before it."""
+    attrs = payload.get("object_attributes")
+    return isinstance(attrs, dict) and bool(attrs.get("oldrev"))
 
 
 def untiered(policy: LabelPolicy, security: tuple[str, ...], tier: str) -> bool:
@@ -329,7 +364,7 @@ OPEN_AT_CREATION = timedelta(seconds=60)
 
 def _at_creation(event_at: datetime, source: str, created_at: datetime | None) -> bool:
     """Whether an ``open`` event is the MR's creation (as far as its times can tell)."""
-    if created_at is None or source == "received_at":
+    if created_at is None or source == RECEIVED:
         return True  # nothing to compare: taken at its word, as before
     return abs(event_at - created_at) <= OPEN_AT_CREATION
 
@@ -341,7 +376,8 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     project = p.obj(payload, "project")
     user = p.obj(payload, "user")
     kind, decision = classify(payload)
-    event_at, event_at_source = event_time(payload, delivery.received_at)
+    live = delivery.source == WEBHOOK_SOURCE
+    event_at, event_at_source = event_time(payload, delivery.received_at, live=live)
     created_at = _safe_time(attrs.get("created_at"))
     labels, security, added, removed, is_security = label_facts(payload, policy)
     labeled_at: datetime | None = None

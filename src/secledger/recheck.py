@@ -19,7 +19,7 @@ from typing import Any, Literal
 import structlog
 
 from secledger.errors import StoreUnavailable
-from secledger.extract import MRKey, Stamps, event_time, event_time_of
+from secledger.extract import RECEIVED, MRKey, Stamps, event_time, event_time_of
 from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
 from secledger.metrics import RecheckOutcome
 from secledger.recentignored import Held, Lost, RecentlyIgnored
@@ -122,7 +122,7 @@ class Recheck:
         if first is False:
             return
         event_at, source = event_time_of(stamps, received_at)
-        in_gitlab = None if source == "received_at" else event_at  # GitLab gave no time
+        in_gitlab = None if source == RECEIVED else event_at  # GitLab gave no time
         if first is None or not surely_after(received_at, in_gitlab, *first):
             self._left(where)
             return
