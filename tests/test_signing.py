@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from builders import dumps, mr_event
+from conftest import post
 from live import SIGNING_KEY, SIGNING_SECRET, sign
 from secledger.config import Settings, WebhookSource
 from secledger.errors import (
@@ -31,6 +34,8 @@ from secledger.intake import (
 )
 from secledger.replay import ReplayGuard
 from secledger.senders import sources_from_settings
+from secledger.store import db
+from secledger.web import create_app
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 STAMP = int(NOW.timestamp())
@@ -435,3 +440,28 @@ def test_precheck_answers_for_a_token_and_leaves_a_signature_to_authenticate() -
     assert precheck(signed() | {"x-gitlab-token": "t0k3n"}, both, now=NOW) == TOKEN_PROVEN
     with pytest.raises(InvalidToken):
         precheck({"x-gitlab-token": "wrong"}, by_token, now=NOW)
+
+
+def test_one_sources_credentials_cannot_take_another_sources_key(settings, database_url) -> None:
+    """The sender picks Idempotency-Key, and every source shared one namespace: a key
+    sent first with the default token made the other instance's delivery of that key
+    (a resend GitLab's hook log shows) a ``duplicate``, never logged."""
+    two = settings.model_copy(
+        update={
+            "webhook_sources": [
+                WebhookSource(instance="https://other.example.org", tokens=[SecretStr("other")])
+            ]
+        }
+    )
+    app = create_app(two, db.Database(database_url, embedded=False))
+    other = {"X-Gitlab-Instance": "https://other.example.org", "Idempotency-Key": "k-1"}
+    with TestClient(app) as client:
+        first = post(client, mr_event("open", iid=3), **{"Idempotency-Key": "k-1"})
+        assert first.json()["status"] == "recorded"
+        theirs = post(client, _other_body(), token="other", **other)
+        assert theirs.json()["status"] == "recorded", theirs.json()
+        again = post(client, _other_body(), token="other", **other)
+        assert again.json()["status"] == "duplicate"
+    with psycopg.connect(database_url) as conn:
+        keys = [row[0] for row in conn.execute("SELECT dedup_key FROM delivery_log ORDER BY seq")]
+    assert keys == ["idem:k-1", "idem@https://other.example.org k-1"]

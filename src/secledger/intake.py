@@ -52,6 +52,8 @@ DEFAULT_SOURCE = "default"
 # Log rows built from GitLab's REST API rather than received (apifacts): their dedup keys
 # already name the fact, so they take no part in deduplication by body.
 API_SOURCE = "api"
+# Deliveries received from GitLab (spooled ones too), not replayed from files.
+WEBHOOK_SOURCE = "webhook"
 # PostgreSQL bigint: a larger id would make the insert fail instead of the intake.
 MAX_ID = 2**63 - 1
 # Origins only: a host name or bracketed IPv6 address, an optional port. Anything
@@ -72,11 +74,20 @@ class Delivery:
     payload: dict[str, Any] = field(repr=False)
     dedup_key: str
     received_at: datetime
-    source: str = "webhook"
+    source: str = WEBHOOK_SOURCE
 
     @functools.cached_property
     def body_sha256(self) -> bytes:
-        """SHA-256 of the raw body: the same body logged twice is the same GitLab event."""
+        """What tells copies of one GitLab event apart from other deliveries: the SHA-256
+        of the raw body, after the event's ``X-Gitlab-Event-UUID`` when it has one.
+
+        A project hook and a group hook send one event's body byte for byte, under one
+        event UUID. Two events may have equal bodies too: approving again after revoking,
+        with nothing edited in between, when GitLab sends no ``actioned_at``; the body
+        alone made the second approval a ``duplicate``, never logged."""
+        event = self.headers.get("x-gitlab-event-uuid")
+        if event:
+            return digest.sha256(event.encode("utf-8", "replace"), b"\n", self.body)
         return digest.sha256(self.body)
 
     def without_payload(self) -> Delivery:
@@ -395,14 +406,26 @@ def dedup_key(headers: Mapping[str, str], body: bytes, verified: Verified | None
     not covered by the signature, so a captured request replayed with a new key to
     another replica would otherwise be logged twice.
     """
+    scope = _key_scope(verified)
     if verified is not None and verified.webhook_id:
-        return "whid:" + verified.webhook_id
+        return "whid" + scope + verified.webhook_id
     key = headers.get("idempotency-key", "").strip()
     if key and len(key) <= MAX_HEADER_CHARS and _PRINTABLE.match(key):
-        return "idem:" + key
+        return "idem" + scope + key
     if key:
-        return "idem-sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
-    return "sha256:" + digest.sha256(body).hex()
+        return "idem-sha256" + scope + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+    return "sha256:" + digest.sha256(body).hex()  # the body names its instance
+
+
+def _key_scope(verified: Verified | None) -> str:
+    """What follows a dedup key's kind: ``:`` for the default source, as always, and
+    ``@<instance> `` for one of ``[[webhook_sources]]``. The sender picks the key: with
+    one namespace for all, one instance's credentials could send another's pending
+    resend's key first, and that delivery was then answered ``duplicate`` and never
+    logged. A key holds no blank, so the two forms never meet."""
+    if verified is None or verified.source == DEFAULT_SOURCE:
+        return ":"
+    return "@" + verified.source + " "
 
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -598,7 +621,7 @@ def to_delivery(
     body: bytes,
     *,
     received_at: datetime,
-    source: str = "webhook",
+    source: str = WEBHOOK_SOURCE,
     verified: Verified | None = None,
 ) -> Delivery:
     """The Delivery of a decoded request: what is logged about it."""
@@ -622,7 +645,7 @@ def parse_delivery(
     max_body_bytes: int,
     received_at: datetime,
     require_token: bool = True,
-    source: str = "webhook",
+    source: str = WEBHOOK_SOURCE,
     verified: Verified | None = None,
 ) -> Delivery | Ignored:
     """Verify and decode one webhook request. ``headers`` must have lower-case names.
