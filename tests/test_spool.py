@@ -477,6 +477,27 @@ def test_later_live_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
     assert state == "merged"
 
 
+def test_a_read_only_database_is_waited_for_not_taken_for_a_refusal(
+    receiver: TestClient, engine, spool_settings
+) -> None:
+    """SQLSTATE 25006 (a standby reached after a failover, a database set read-only when
+    nearly full) comes as psycopg's InternalError: every delivery went to failed/, and
+    each MR's later ones were held there too once the database could write again."""
+    refuse_iid_7(engine, errcode="25006")
+    waiting = post(receiver, mr_event("open", iid=7), Idempotency_Key="ro-7")
+    assert (waiting.status_code, waiting.json()["status"]) == (202, "spooled")
+    assert "failed/" not in waiting.json()["reason"]
+    later = post(receiver, mr_event("close", iid=7), Idempotency_Key="ro-7b")
+    assert later.status_code == 202
+    assert not (spool_settings.spool_path / "failed").exists() or not list(
+        (spool_settings.spool_path / "failed").iterdir()
+    )
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_iid_7 ON review_events"))
+    wait_for(lambda: spool_depth(receiver) == 0)
+    assert [row[1] for row in log_rows(engine)] == ["idem:ro-7", "idem:ro-7b"]
+
+
 def test_a_write_past_a_program_limit_is_refused_not_taken_for_an_outage(
     receiver: TestClient, engine, spool_settings, tmp_path: Path
 ) -> None:
@@ -543,6 +564,42 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
         wait_for(lambda: spool_depth(client) == 0)
         assert sorted(r[1] for r in log_rows(engine)) == ["idem:first", "idem:late", "idem:later"]
         assert client.get("/readyz").json()["writer"] == {"waiting_seconds": 0.0, "stalled": False}
+
+
+def test_a_delivery_behind_its_mrs_first_uncommitted_one_is_kept_not_ignored(
+    settings: Settings, engine, database_url: str
+) -> None:
+    """The MR's first security delivery waits in the writer (the chain lock held): its
+    merge, with the label already removed, was answered ``ignored`` and only held in
+    memory, so a stop then lost an acknowledged merge. It now waits behind the first."""
+    quick = settings.model_copy(update={"spool_after_seconds": 0.5, "spool_retry_seconds": 0.05})
+    app = create_app(quick, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        answers: dict[str, Any] = {}
+
+        def send(key: str, body: dict[str, Any]) -> threading.Thread:
+            def run() -> None:
+                answers[key] = post(client, body, Idempotency_Key=key)
+
+            sender = threading.Thread(target=run)
+            sender.start()
+            return sender
+
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+            first = send("first", mr_event("open", iid=31))
+            time.sleep(0.2)
+            merge = send("merge", mr_event("merge", iid=31, labels=[]))
+            merge.join(timeout=30)
+            first.join(timeout=30)
+            holder.rollback()
+        assert answers["merge"].json()["status"] != "ignored", answers["merge"].json()
+        assert answers["merge"].status_code in (200, 202)
+        wait_for(lambda: spool_depth(client) == 0)
+        assert sorted(r[1] for r in log_rows(engine)) == ["idem:first", "idem:merge"]
+    with engine.connect() as conn:
+        state = conn.execute(text("SELECT state FROM security_review_ledger")).scalar_one()
+    assert state == "merged"
 
 
 def test_the_spool_timer_counts_from_the_requests_arrival(

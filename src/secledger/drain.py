@@ -34,10 +34,20 @@ _NO_LIMIT = 1 << 62
 # limit exceeded" (an index row too large, too many arguments). Taken as an outage, one
 # such delivery was spooled and retried for ever, and every later one queued behind it.
 _REFUSALS = ("54",)
+# SQLSTATEs of the server's state, not of the write, whatever class psycopg gives them:
+# 25006, a read-only server (a standby reached after a failover, or a database its
+# provider set read-only when nearly full). Taken as refusals, every delivery, the
+# spool's too, went to failed/ and held its MR's later ones there once it was writable.
+_SERVER_STATES = ("25006",)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when the database could not be reached, rather than refusing the write."""
+    """True when the database could not be reached or cannot write for now, rather than
+    refusing the write."""
+    if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "")).startswith(
+        _SERVER_STATES
+    ):
+        return True
     if isinstance(exc, OperationalError | InterfaceError):
         state = getattr(exc.orig, "sqlstate", None) or ""
         return not state.startswith(_REFUSALS)

@@ -196,6 +196,9 @@ class WebhookHandler:
             settings.concurrency_wait_seconds,
         )
         self.recent = RecentlyIgnored()
+        # MRs with a delivery this receiver handed to the writer and has not yet had
+        # answered, by how many: one not yet committed is not in ``known`` yet.
+        self.pending: dict[MRKey, int] = {}
         self.recheck = Recheck(runtime, self.recent)
         loop = asyncio.get_running_loop()
 
@@ -274,12 +277,15 @@ class WebhookHandler:
             # Most deliveries are for MRs that never carried a security label: decided
             # from the labels and the in-memory key set before any extraction. While the
             # spool holds deliveries, a spooled one may be what makes this MR a security
-            # MR; only the drain, reading the database, can tell, so it decides.
+            # MR; only the drain, reading the database, can tell, so it decides. So does
+            # the writer for an MR whose first security delivery it has not committed:
+            # answered ``ignored``, a delivery was only held in memory (a stop lost it).
             key = mr_key(decoded)
             recorder = self.runtime.recorder
             if (
                 not recorder.spool_depth
                 and key not in self.runtime.known
+                and key not in self.pending
                 and key not in recorder.held_mrs  # behind its delivery in failed/
                 and not is_security_event(decoded, self.runtime.policy)
             ):
@@ -322,9 +328,18 @@ class WebhookHandler:
         self, delivery: Delivery, key: MRKey, received_at: datetime, arrived: float
     ) -> tuple[int, Outcome, bytes]:
         recorder = self.runtime.recorder
-        outcome = await recorder.submit(delivery, arrived)
-        if outcome.status == "recorded":
-            self.runtime.known.add(key)
+        pending = self.pending
+        pending[key] = pending.get(key, 0) + 1
+        try:
+            outcome = await recorder.submit(delivery, arrived)
+            if outcome.status == "recorded":
+                self.runtime.known.add(key)
+        finally:
+            left = pending[key] - 1
+            if left:
+                pending[key] = left
+            else:
+                del pending[key]
         if outcome.status == "spooled":
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
             return 202, outcome, orjson.dumps(outcome.to_json() | extra)
