@@ -74,7 +74,7 @@ def receiver() -> Iterator[Receiver]:
 def sink_cli(database_url: str, tmp_path: Path):
     """Run the CLI with a sink URL; fast backoff so outage tests take milliseconds."""
 
-    def invoke(url: str, *args: str, attempts: int = 3):
+    def invoke(url: str, *args: str, attempts: int = 3, timeout: float = 5):
         env = {
             "SECLEDGER_DATABASE_URL": database_url,
             "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
@@ -83,7 +83,7 @@ def sink_cli(database_url: str, tmp_path: Path):
             "SECLEDGER_SINK_MAX_ATTEMPTS": str(attempts),
             "SECLEDGER_SINK_BACKOFF_SECONDS": "0.01",
             "SECLEDGER_SINK_BACKOFF_MAX_SECONDS": "0.05",
-            "SECLEDGER_SINK_TIMEOUT_SECONDS": "5",
+            "SECLEDGER_SINK_TIMEOUT_SECONDS": str(timeout),
         }
         return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
 
@@ -284,9 +284,11 @@ def test_serve_delivers_in_the_background(
 
 
 class Trickler:
-    """An HTTP receiver that answers 200 and then sends its body one byte a second."""
+    """An HTTP receiver that answers 200 and then sends its body one byte a second, or,
+    with ``head``, sends its status line and then a header line a second."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, head: bool = False) -> None:
+        self._head = head
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/ingest"
         self._stop = threading.Event()
@@ -302,12 +304,15 @@ class Trickler:
                 continue
             with conn:
                 conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
-                for _ in range(20):
+                if self._head:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+                for number in range(20):
                     if self._stop.wait(1.0):
                         break
                     with contextlib.suppress(OSError):
-                        conn.sendall(b"x")
+                        conn.sendall(b"X-Slow-%d: x\r\n" % number if self._head else b"x")
 
     def close(self) -> None:
         self._stop.set()
@@ -328,6 +333,27 @@ def test_a_receiver_trickling_its_answer_cannot_hold_the_sender(engine: Engine, 
         trickler.close()
     assert drained.output.strip() == "delivered 1, pending 0", drained.output
     assert took < 10, took
+
+
+def test_a_receiver_trickling_its_answer_head_is_cut_off_at_the_deadline(
+    engine: Engine, sink_cli
+) -> None:
+    """Each read of a head sent a line a second came within the timeout: the sender, its
+    transaction and the sink lock were held for as long as the receiver liked, and no
+    failure was recorded. A POST as a whole gets three timeouts."""
+    assert record_body(engine, mr_event("open")) == "recorded"
+    trickler = Trickler(head=True)
+    try:
+        started = time.monotonic()
+        drained = sink_cli(trickler.url, "sink", "drain", attempts=1, timeout=1)
+        took = time.monotonic() - started
+    finally:
+        trickler.close()
+    assert drained.exit_code == 1, drained.output
+    assert "no answer within 3 s" in drained.output, drained.output
+    assert took < 8, took
+    failures = engine.connect().execute(text("SELECT error FROM outbox_failures")).scalars().all()
+    assert failures == ["no answer within 3 s"]
 
 
 def test_a_sink_token_that_is_not_header_text_is_refused_without_echoing_it(

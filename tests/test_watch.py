@@ -167,9 +167,10 @@ def test_state_file_round_trip_and_errors(tmp_path: Path) -> None:
     state.path.write_text("garbage")
     with pytest.raises(StateFileError, match="not a watch state file"):
         state.load()
-    state.path.write_text('{"last_seq": -1}')
-    with pytest.raises(StateFileError, match="no valid last_seq"):
-        state.load()
+    for bad in ('{"last_seq": -1}', '{"last_seq": true}', '{"last_seq": 4.0}'):
+        state.path.write_text(bad)
+        with pytest.raises(StateFileError, match="no valid last_seq"):
+            state.load()
 
 
 def test_a_state_file_that_cannot_be_saved_is_refused_before_any_line(

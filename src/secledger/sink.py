@@ -35,6 +35,9 @@ MIN_PASS_PAUSE_SECONDS = 1.0
 # Rows posted per transaction: one commit for their markers. A crash before that commit
 # sends them again (the receiver deduplicates on Idempotency-Key).
 SEND_BATCH = 100
+# A POST as a whole (connecting, sending, the answer's head) may take this many times
+# SECLEDGER_SINK_TIMEOUT_SECONDS, each step once.
+POST_DEADLINE_TIMEOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,11 @@ class Sender:
         self._engine = engine
         self._config = config
         self._stop = stop or threading.Event()
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.Client:
         # No redirects: a 3xx is not an acknowledgement, and a POST must not turn into a GET.
-        self._client = httpx.Client(timeout=config.timeout, follow_redirects=False)
+        return httpx.Client(timeout=self._config.timeout, follow_redirects=False)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -156,16 +162,29 @@ class Sender:
         }
         if self._config.token is not None:
             headers[self._config.token_header] = self._config.token.get_secret_value()
+        # httpx's timeout bounds each read, and a receiver sending its answer's head a
+        # line at a time held the sender (and its transaction, and the sink lock) for as
+        # long as it liked. Past the deadline the connections are closed under it.
+        client, deadline = self._client, POST_DEADLINE_TIMEOUTS * self._config.timeout
+        cut_off = threading.Timer(deadline, client.close)
+        cut_off.daemon = True
+        cut_off.start()
         try:
             # The status is the answer: its body is not read, so a receiver that trickles
             # one byte at a time cannot hold the sender (and its transaction) open.
-            with self._client.stream(
+            with client.stream(
                 "POST", self._config.url, content=item.body, headers=headers
             ) as response:
                 status = response.status_code
         except Exception as exc:  # noqa: BLE001 - every failure is the row's, and recorded
+            if client.is_closed:
+                return None, f"no answer within {deadline:g} s"
             # The class only: messages may repeat the URL, which may carry credentials.
             return None, type(exc).__name__
+        finally:
+            cut_off.cancel()
+            if client.is_closed:
+                self._client = self._new_client()
         if 200 <= status < 300:
             return status, None
         return status, f"HTTP {status}"

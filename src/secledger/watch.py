@@ -89,7 +89,8 @@ class StateFile:
         except orjson.JSONDecodeError as exc:
             raise StateFileError(f"{self.path} is not a watch state file") from exc
         seq = data.get("last_seq") if isinstance(data, dict) else None
-        if not isinstance(seq, int) or seq < 0:
+        # ``true`` is an int to isinstance(), and was taken for seq 1.
+        if type(seq) is not int or seq < 0:
             raise StateFileError(f"{self.path} has no valid last_seq")
         return seq
 
