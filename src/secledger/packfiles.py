@@ -8,15 +8,19 @@ memory. Every file written is registered with the :class:`PackDir`, which writes
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from secledger.errors import SecledgerError
 from secledger.output import spreadsheet_text
 from secledger.times import isoformat
 
@@ -99,23 +103,30 @@ class CsvTable:
 
 
 class PackDir:
-    """The output directory; remembers every file written for the manifest."""
+    """The output directory; remembers every file written for the manifest.
+
+    Files and folders below the root are made without following symbolic links: a link
+    planted in an export directory others can write to (a shared drive, ``/tmp``) would
+    otherwise redirect a write to any file the person running the export can change.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: list[str] = []
 
-    def path(self, name: str) -> Path:
-        """Register ``name`` (relative, ``/``-separated) and return its path, parents made."""
+    def create(self, name: str, mode: str = "wb", **options: Any) -> IO[Any]:
+        """Register ``name`` (relative, ``/``-separated) and open it as a new file, parents
+        made; whatever was at its place before is removed first (a link itself, not what
+        it points to)."""
         if name not in self.files:
             self.files.append(name)
-        target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        descriptor = _new_file(self.root, name)
+        return open(descriptor, mode, **options)  # noqa: PTH123 - a descriptor, not a path
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a small file at once."""
-        self.path(name).write_bytes(data)
+        with self.create(name) as handle:
+            handle.write(data)
 
     def write_json(self, name: str, data: Any) -> None:
         """Write one JSON document, indented for reading."""
@@ -125,7 +136,7 @@ class PackDir:
     @contextmanager
     def json_array(self, name: str) -> Iterator[JsonArray]:
         """Stream a JSON array into ``name``."""
-        with self.path(name).open("wb") as handle:
+        with self.create(name) as handle:
             array = JsonArray(handle)
             yield array
             array.close()
@@ -133,7 +144,7 @@ class PackDir:
     @contextmanager
     def csv_table(self, name: str, columns: Sequence[str]) -> Iterator[CsvTable]:
         """Stream a CSV table into ``name``."""
-        with self.path(name).open("w", encoding="utf-8", newline="") as handle:
+        with self.create(name, "w", encoding="utf-8", newline="") as handle:
             yield CsvTable(handle, columns)
 
     def write_csv(self, name: str, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
@@ -149,8 +160,56 @@ class PackDir:
             lines.append(f"{file_sha256(self.root / name)}  {name}\n")
             if progress is not None:
                 progress(1)
-        (self.root / MANIFEST).write_text("".join(lines), encoding="utf-8")
+        with open(_new_file(self.root, MANIFEST), "w", encoding="utf-8") as handle:
+            handle.write("".join(lines))
         return len(lines)
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _folder(parent: int, name: str) -> int:
+    """A descriptor of folder ``name`` in ``parent``, made if missing; a symbolic link
+    there is replaced by a folder, never followed."""
+    with suppress(FileExistsError):
+        os.mkdir(name, dir_fd=parent)
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=parent)
+    except OSError as exc:
+        # A link is ELOOP, or ENOTDIR as O_DIRECTORY is checked first; a file stays.
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        if not stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise
+    os.unlink(name, dir_fd=parent)
+    os.mkdir(name, dir_fd=parent)
+    return os.open(name, _DIRECTORY, dir_fd=parent)
+
+
+def _new_file(root: Path, name: str) -> int:
+    """A descriptor of the new file ``name`` below ``root``, open for writing; no symbolic
+    link below ``root`` is followed (each folder is opened relative to its parent)."""
+    *folders, base = name.split("/")
+    root.mkdir(parents=True, exist_ok=True)  # the root, as named, may be a link: chosen
+    current = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for folder in folders:
+            below = _folder(current, folder)
+            os.close(current)
+            current = below
+        with suppress(FileNotFoundError):
+            os.unlink(base, dir_fd=current)
+        return os.open(base, _NEW, 0o666, dir_fd=current)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SecledgerError(
+                f"{root / name}: a file or symbolic link is in the way below {root}:"
+                " remove it, or choose a new directory"
+            ) from None
+        raise
+    finally:
+        os.close(current)
 
 
 def file_sha256(path: Path) -> str:

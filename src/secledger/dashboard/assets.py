@@ -58,12 +58,23 @@ def plotly_asset() -> Asset:
 
 
 @functools.cache
+def _own_names() -> frozenset[str]:
+    return frozenset(
+        item.name
+        for item in OWN.iterdir()
+        if item.is_file() and Path(item.name).suffix in OWN_TYPES
+    )
+
+
 def own_asset(name: str) -> Asset | None:
-    """One of the dashboard's own static files, or None."""
-    suffix = Path(name).suffix
-    if "/" in name or suffix not in OWN_TYPES:
+    """One of the dashboard's own static files, or None. Only names the package holds
+    are looked at: anyone may ask for any name, and each new one was a file system
+    lookup (a 500 for a name too long for it) and an entry in a cache that never shrank."""
+    if name not in _own_names():
         return None
-    item = OWN / name
-    if not item.is_file():
-        return None
-    return _asset(item.read_bytes(), OWN_TYPES[suffix])
+    return _own_asset(name)
+
+
+@functools.cache
+def _own_asset(name: str) -> Asset:
+    return _asset((OWN / name).read_bytes(), OWN_TYPES[Path(name).suffix])
