@@ -86,7 +86,7 @@ def mr_event(
 
     An approval or its revocation carries ``actioned_at`` (``updated_at`` unless given),
     as GitLab sends it now; ``old_gitlab`` leaves it out, as GitLab did before: then
-    only the time received tells when it happened (GitLab does not move ``updated_at``)."""
+    ``updated_at``, which GitLab does not move for these, is all that tells the time."""
     if updated_at is None:
         # GitLab stamps a new MR's updated_at with its created_at.
         updated_at = created_at if action == "open" else "2025-08-05 21:48:25 UTC"

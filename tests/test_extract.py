@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 from datetime import UTC, datetime
 
 import pytest
@@ -210,29 +210,19 @@ def test_event_time_falls_back_to_receipt_when_the_payload_has_none() -> None:
 
 
 @pytest.mark.parametrize("action", ["approved", "approval", "unapproved", "unapproval"])
-def test_an_approval_is_timed_by_actioned_at_else_by_receipt_never_by_updated_at(
-    action: str,
-) -> None:
+def test_an_approval_is_timed_by_actioned_at_when_gitlab_sends_it(action: str) -> None:
     """GitLab saves no MR on an approval or its revocation: the payload's updated_at is
     the MR's last edit, often the labelling itself, and the decision looked instant (a
     30-hour approval of a 24-hour critical MR was 0 s and within its SLA). GitLab now
-    sends actioned_at; before it, the receipt is the nearest time."""
+    sends actioned_at; without it, updated_at is still all the payload tells."""
     labelled = "2025-08-05 09:00:00 UTC"
     now = mr_event(action, updated_at=labelled, actioned_at="2025-08-06 15:00:00 UTC")
     facts = facts_of(now)
     assert facts.event_at == datetime(2025, 8, 6, 15, tzinfo=UTC)
     assert facts.event_at_source == "object_attributes.actioned_at"
     before = facts_of(mr_event(action, updated_at=labelled, old_gitlab=True))
-    assert (before.event_at, before.event_at_source) == (RECEIVED, "received_at")
-    # A replayed file's receipt is not GitLab's time: its updated_at is the best it has.
-    replayed = extract_facts(
-        replace(
-            delivery_for(mr_event(action, updated_at=labelled, old_gitlab=True)), source="replay"
-        ),
-        POLICY,
-    )
-    assert replayed.event_at == datetime(2025, 8, 5, 9, tzinfo=UTC)
-    assert replayed.event_at_source == "object_attributes.updated_at"
+    assert before.event_at == datetime(2025, 8, 5, 9, tzinfo=UTC)
+    assert before.event_at_source == "object_attributes.updated_at"
     # Other actions save the MR: their updated_at is their own time, actioned_at or not.
     merged = mr_event("merge", updated_at="2025-08-06 16:00:00 UTC")
     merged["object_attributes"]["actioned_at"] = "2025-08-06 16:00:01 UTC"

@@ -83,26 +83,6 @@ def test_group_hook_copy_is_answered_like_a_resend_and_not_logged(client: TestCl
     assert later.json()["ledger"]["approvers"] == ["bob"]
 
 
-def test_approving_again_with_an_equal_body_is_another_event(client: TestClient, engine):
-    """From a GitLab that sends no actioned_at, approving again after revoking, with
-    nothing edited in between, repeats the first approval's body byte for byte: it was
-    a ``duplicate`` of it, never logged, and the MR stood revoked. Its event UUID is
-    its own; a group hook's copy of it shares that one and is still a duplicate."""
-    approval = dumps(mr_event("approved", actor="bob", old_gitlab=True))
-    revocation = dumps(mr_event("unapproved", actor="bob", old_gitlab=True))
-    first = post(client, approval, Idempotency_Key="a-1", X_Gitlab_Event_UUID="e-1")
-    assert first.json()["status"] == "recorded"
-    revoked = post(client, revocation, Idempotency_Key="a-2", X_Gitlab_Event_UUID="e-2")
-    assert revoked.json()["ledger"]["approvers"] == []
-    again = post(client, approval, Idempotency_Key="a-3", X_Gitlab_Event_UUID="e-3")
-    assert again.json()["status"] == "recorded", again.json()
-    assert again.json()["ledger"]["approvers"] == ["bob"]
-    assert again.json()["ledger"]["decision"] == "approved"
-    copy = post(client, approval, Idempotency_Key="g-3", X_Gitlab_Event_UUID="e-3")
-    assert (copy.json()["status"], copy.json()["seq"]) == ("duplicate", again.json()["seq"])
-    assert [key for _, key in log_keys(engine)] == ["idem:a-1", "idem:a-2", "idem:a-3"]
-
-
 def test_identical_bodies_in_one_batch_and_across_batches(engine: Engine) -> None:
     with engine.begin() as conn:
         outcomes = record_batch(

@@ -356,6 +356,10 @@ def test_silent_connections_neither_refuse_deliveries_nor_stay_open(database_url
         silent = [_connect(running.url) for _ in range(100)]
         begun = _connect(running.url)
         begun.sendall(b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitl")
+        # One request, then blank lines that begin none: they cancel uvicorn's own timer.
+        blank = _connect(running.url)
+        blank.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(blank).startswith(b"HTTP/1.1 200")
         try:
             body = dumps(mr_event("open", iid=811, labels=["sec::high"]))
             assert deliver(running, body, **token).json()["status"] == "recorded"
@@ -366,8 +370,20 @@ def test_silent_connections_neither_refuse_deliveries_nor_stay_open(database_url
             assert silent[0].recv(1) == b""  # closed by the server, without a word
             assert silent[-1].recv(1) == b""
             assert time.monotonic() - started < 10
+            closed = False
+            for _ in range(20):
+                try:
+                    blank.sendall(b"\r\n")
+                except OSError:
+                    closed = True
+                    break
+                if select.select([blank], [], [], 0.5)[0] and blank.recv(1) == b"":
+                    closed = True
+                    break
+            assert closed, "blank lines held the connection open"
+            assert time.monotonic() - started < 15
         finally:
-            for conn in (*silent, begun):
+            for conn in (*silent, begun, blank):
                 conn.close()
         # Requests in progress still meet the backstop at once.
         holding = [_partial(running.url, TOKENS[0]) for _ in range(64)]

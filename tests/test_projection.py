@@ -212,39 +212,6 @@ def test_an_approval_of_the_same_second_counts_before_a_merge_that_arrived_first
     assert row["approvers"] == ["bob"]
 
 
-def test_an_approval_timed_by_its_receipt_after_a_merge_goes_before_it() -> None:
-    """From a GitLab that sends no actioned_at an approval is timed by its receipt, some
-    time after it was made: the approval that set off an automatic merge arrived after
-    the merge, and counted as given too late. Its payload shows the MR open."""
-    received = {"event_at_source": "received_at"}
-    merge = event(2, "merged", "carol", 5)
-    late = SequencedEvent(
-        3,
-        replace(
-            event(3, "approved", "bob", 5).facts,
-            event_at=T0 + timedelta(minutes=5, seconds=1.4),
-            **received,
-        ),
-    )
-    kinds = [e.facts.kind for e in ordered_facts([event(1, "open", "alice", 0), merge, late])]
-    assert kinds == ["open", "approved", "merged"]
-    # Far after the merge, or showing the MR merged, it stays where its time puts it.
-    far = SequencedEvent(4, replace(late.facts, event_at=T0 + timedelta(minutes=7)))
-    kinds = [e.facts.kind for e in ordered_facts([event(1, "open", "alice", 0), merge, far])]
-    assert kinds == ["open", "merged", "approved"]
-    merged_state = SequencedEvent(
-        5, replace(late.facts, kind="update", decision=None, state="merged")
-    )
-    kinds = [
-        e.facts.kind for e in ordered_facts([event(1, "open", "alice", 0), merge, merged_state])
-    ]
-    assert kinds == ["open", "merged", "update"]
-    # Webhook times from GitLab itself are not moved across seconds.
-    on_time = event(6, "approved", "bob", 6)
-    kinds = [e.facts.kind for e in ordered_facts([event(1, "open", "alice", 0), merge, on_time])]
-    assert kinds == ["open", "merged", "approved"]
-
-
 def test_an_edit_made_while_the_merge_was_under_way_goes_before_the_merge() -> None:
     """GitLab shows an MR ``locked`` while it merges it: not merged yet."""
     row = fold(

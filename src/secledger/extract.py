@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from secledger import payloads as p
 from secledger.errors import TimestampError
-from secledger.intake import WEBHOOK_SOURCE, Decoded, Delivery
+from secledger.intake import Decoded, Delivery
 from secledger.policy import LabelPolicy
 from secledger.quickinit import quick
 from secledger.times import isoformat, parse_optional, parse_stored
@@ -194,28 +194,26 @@ Stamps = tuple[tuple[str, str], ...]
 MAX_STAMP_CHARS = 64
 # Actions after which GitLab does not save the MR: their payload's ``updated_at`` is the
 # time of the MR's last edit, often its labelling, and read as the decision time it made
-# every such decision look instant (GitLab MR 224849, which adds ``actioned_at``).
+# such a decision look instant. GitLab now sends ``actioned_at`` (GitLab MR 224849).
 _UNSAVED = frozenset({"approved", "approval", "unapproved", "unapproval"})
 
 
-def event_time(
-    payload: dict[str, Any], received_at: datetime, *, live: bool = True
-) -> tuple[datetime, str]:
+def event_time(payload: dict[str, Any], received_at: datetime) -> tuple[datetime, str]:
     """When the event happened in GitLab, and what told it (``event_stamps``); the time
     received when nothing did."""
-    return event_time_of(event_stamps(payload, live=live), received_at)
+    return event_time_of(event_stamps(payload), received_at)
 
 
-def event_stamps(payload: dict[str, Any], *, live: bool = True) -> Stamps:
+def event_stamps(payload: dict[str, Any]) -> Stamps:
     """What ``event_time`` reads, unparsed: cheap to keep for later (on the path of every
     ignored delivery, hence no helper calls). Kept only as short strings: a sender's
     value may be anything, and it would stay in memory as long as kept.
 
-    ``changes.updated_at.current``, else ``object_attributes.updated_at``. For an
-    approval or its revocation, ``object_attributes.actioned_at`` first, and no
-    ``updated_at`` when the delivery came from GitLab just now (``live``): the time it
-    was received is closer. A replayed file's receipt says nothing of GitLab's time, so
-    its ``updated_at`` is kept, the best it holds."""
+    ``changes.updated_at.current``, else ``object_attributes.updated_at``; for an
+    approval or its revocation, ``object_attributes.actioned_at`` before both. Without
+    it (GitLab before that field) ``updated_at`` is all the payload holds: the receipt
+    would be no better, as a resend or a queued hook arrives long after, and every copy
+    and twin of the decision is matched by its time."""
     changes, attrs = payload.get("changes"), payload.get("object_attributes")
     updated = changes.get("updated_at") if isinstance(changes, dict) else None
     changed = updated.get("current") if isinstance(updated, dict) else None
@@ -227,8 +225,6 @@ def event_stamps(payload: dict[str, Any], *, live: bool = True) -> Stamps:
             actioned = attrs.get("actioned_at")
             if type(actioned) is str and len(actioned) <= MAX_STAMP_CHARS:
                 found.append((actioned, "object_attributes.actioned_at"))
-            if live:
-                stamp = None
     else:
         stamp = None
     if type(changed) is str and len(changed) <= MAX_STAMP_CHARS:
@@ -376,8 +372,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
     project = p.obj(payload, "project")
     user = p.obj(payload, "user")
     kind, decision = classify(payload)
-    live = delivery.source == WEBHOOK_SOURCE
-    event_at, event_at_source = event_time(payload, delivery.received_at, live=live)
+    event_at, event_at_source = event_time(payload, delivery.received_at)
     created_at = _safe_time(attrs.get("created_at"))
     labels, security, added, removed, is_security = label_facts(payload, policy)
     labeled_at: datetime | None = None

@@ -16,6 +16,8 @@ counts requests in progress only.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from asyncio import Transport
 from asyncio.events import TimerHandle
 
@@ -51,7 +53,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _in_head = True
     _began = False
     _oversized = False
-    _head_timer: TimerHandle | None = None
+    # loop.time() when the connection opened or its request's head began; None once
+    # the head is in (between requests, uvicorn's keep-alive timer is the bound).
+    _head_since: float | None = None
     _head_begun = False
     # Set by protocol_class(); these defaults are for a protocol used as it is.
     head_timeout = 10.0
@@ -59,22 +63,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
+        self._head_since = self.loop.time()
+        _watch(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._began, self._head_bytes = True, True, 0
-        self._head_begun = True
-        self._arm_head_timer()
+        # Two attribute writes per request, where a timer armed and cancelled for each
+        # cost every delivery, ignored ones included (one sweep a second does the rest).
+        self._head_since, self._head_begun = self.loop.time(), True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_begun = False
-        self._disarm_head_timer()
+        self._head_since, self._head_begun = None, False
         # uvicorn answers 503 at once when its limit is reached by open connections or
         # by requests in progress; only the latter is a load to shed.
         limit = self.task_limit
@@ -87,6 +88,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             raise HeadTooLarge
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        idle = not self.pipeline
+        super().on_response_complete()
+        # Bytes that begin no request (blank lines between requests) cancel uvicorn's
+        # keep-alive timer: sent every few seconds, they held a connection for ever.
+        if idle and self._head_since is None:
+            self._head_since, self._head_begun = self.loop.time(), False
+
     def data_received(self, data: bytes) -> None:
         self._began = False
         super().data_received(data)
@@ -96,19 +105,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse()
 
-    def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
+    def check_head(self, now: float) -> None:
+        """Close the connection when its head is overdue (the sweep asks every second)."""
+        since = self._head_since
+        if since is None or now - since < self.head_timeout or self.transport.is_closing():
             return
+        self._head_since = None
         if self._head_begun:
             self._in_head = False
             body = b"Request head not received in time."
@@ -137,6 +139,30 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n" + body
         )
         self.transport.close()
+
+
+# How often open connections are looked at for an overdue head.
+SWEEP_SECONDS = 1.0
+# One sweep per server (its connections set), running while it has connections.
+_SWEEPS: weakref.WeakKeyDictionary[object, TimerHandle] = weakref.WeakKeyDictionary()
+
+
+def _watch(protocol: BoundedHeadProtocol) -> None:
+    state = protocol.server_state
+    if state not in _SWEEPS:
+        _SWEEPS[state] = protocol.loop.call_later(SWEEP_SECONDS, _sweep, protocol.loop, state)
+
+
+def _sweep(loop: asyncio.AbstractEventLoop, state: object) -> None:
+    connections = getattr(state, "connections", ())
+    now = loop.time()
+    for connection in list(connections):
+        if isinstance(connection, BoundedHeadProtocol):
+            connection.check_head(now)
+    if connections:
+        _SWEEPS[state] = loop.call_later(SWEEP_SECONDS, _sweep, loop, state)
+    else:
+        _SWEEPS.pop(state, None)
 
 
 def protocol_class(*, head_timeout: float, task_limit: int) -> type[BoundedHeadProtocol]:

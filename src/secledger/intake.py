@@ -52,8 +52,6 @@ DEFAULT_SOURCE = "default"
 # Log rows built from GitLab's REST API rather than received (apifacts): their dedup keys
 # already name the fact, so they take no part in deduplication by body.
 API_SOURCE = "api"
-# Deliveries received from GitLab (spooled ones too), not replayed from files.
-WEBHOOK_SOURCE = "webhook"
 # PostgreSQL bigint: a larger id would make the insert fail instead of the intake.
 MAX_ID = 2**63 - 1
 # Origins only: a host name or bracketed IPv6 address, an optional port. Anything
@@ -74,20 +72,11 @@ class Delivery:
     payload: dict[str, Any] = field(repr=False)
     dedup_key: str
     received_at: datetime
-    source: str = WEBHOOK_SOURCE
+    source: str = "webhook"
 
     @functools.cached_property
     def body_sha256(self) -> bytes:
-        """What tells copies of one GitLab event apart from other deliveries: the SHA-256
-        of the raw body, after the event's ``X-Gitlab-Event-UUID`` when it has one.
-
-        A project hook and a group hook send one event's body byte for byte, under one
-        event UUID. Two events may have equal bodies too: approving again after revoking,
-        with nothing edited in between, when GitLab sends no ``actioned_at``; the body
-        alone made the second approval a ``duplicate``, never logged."""
-        event = self.headers.get("x-gitlab-event-uuid")
-        if event:
-            return digest.sha256(event.encode("utf-8", "replace"), b"\n", self.body)
+        """SHA-256 of the raw body: the same body logged twice is the same GitLab event."""
         return digest.sha256(self.body)
 
     def without_payload(self) -> Delivery:
@@ -621,7 +610,7 @@ def to_delivery(
     body: bytes,
     *,
     received_at: datetime,
-    source: str = WEBHOOK_SOURCE,
+    source: str = "webhook",
     verified: Verified | None = None,
 ) -> Delivery:
     """The Delivery of a decoded request: what is logged about it."""
@@ -645,7 +634,7 @@ def parse_delivery(
     max_body_bytes: int,
     received_at: datetime,
     require_token: bool = True,
-    source: str = WEBHOOK_SOURCE,
+    source: str = "webhook",
     verified: Verified | None = None,
 ) -> Delivery | Ignored:
     """Verify and decode one webhook request. ``headers`` must have lower-case names.

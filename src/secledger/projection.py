@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
-from secledger.extract import APPROVALS_RESET, CODE_OWNER_RESET, RECEIVED, EventFacts
+from secledger.extract import APPROVALS_RESET, CODE_OWNER_RESET, EventFacts
 from secledger.quickinit import quick
 
 # Webhook times are MR updated_at with second precision; the API has the fact's own
@@ -264,41 +264,9 @@ def ordered_facts(events: list[SequencedEvent]) -> list[SequencedEvent]:
     """The events a fold (and the findings rules) read: API facts a webhook event tells
     and repeats dropped, in event-time order."""
     ordered = sorted(distinct_facts(merge_sources(events)), key=_order)
-    if len({_second(event) for event in ordered}) != len(ordered):
-        ordered = open_before_end(ordered)  # two events share a second: settle them
-    return received_before_the_end(ordered)
-
-
-# How long after a merge or close a webhook timed by its receipt may arrive and still be
-# taken for made before it (GitLab's hooks wait in its job queue, seconds as a rule).
-RECEIPT_REACH = timedelta(seconds=60)
-
-
-def received_before_the_end(ordered: list[SequencedEvent]) -> list[SequencedEvent]:
-    """``ordered`` with each event timed by its receipt that shows the MR still open moved
-    before the merges and closes just ahead of it (each at most ``RECEIPT_REACH``
-    earlier).
-
-    Such an event (an approval from a GitLab that sends no ``actioned_at``) arrives some
-    time after it was made; its payload, showing the MR open, says it was made before the
-    merge. The last approval before an automatic merge arrived after it, and counted as
-    given too late (``insufficient-approvals``). A reopen in between stops the move.
-    """
-    if not any(event.facts.event_at_source == RECEIVED for event in ordered):
-        return ordered
-    settled: list[SequencedEvent] = []
-    for event in ordered:
-        place = len(settled)
-        facts = event.facts
-        if facts.event_at_source == RECEIVED and _shows_open(facts):
-            while place and _ends_within_reach(settled[place - 1].facts, facts):
-                place -= 1
-        settled.insert(place, event)
-    return settled
-
-
-def _ends_within_reach(end: EventFacts, received: EventFacts) -> bool:
-    return end.kind in _ENDS and received.event_at - end.event_at <= RECEIPT_REACH
+    if len({_second(event) for event in ordered}) == len(ordered):
+        return ordered  # no two events share a second: nothing to settle
+    return open_before_end(ordered)
 
 
 def _second(event: SequencedEvent) -> datetime:

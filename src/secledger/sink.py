@@ -35,9 +35,10 @@ MIN_PASS_PAUSE_SECONDS = 1.0
 # Rows posted per transaction: one commit for their markers. A crash before that commit
 # sends them again (the receiver deduplicates on Idempotency-Key).
 SEND_BATCH = 100
-# A POST as a whole (connecting, sending, the answer's head) may take this many times
-# SECLEDGER_SINK_TIMEOUT_SECONDS, each step once.
-POST_DEADLINE_TIMEOUTS = 3
+# A POST as a whole (connecting, sending, the answer's head) is abandoned after this
+# many times SECLEDGER_SINK_TIMEOUT_SECONDS. Closing the connections does not wake a
+# read under way, which ends by its own timeout: one more at most.
+POST_DEADLINE_TIMEOUTS = 2
 
 
 @dataclass(frozen=True)
