@@ -52,8 +52,8 @@ def csv_cell(value: Any) -> Any:
     value = json_value(value)
     if isinstance(value, list):
         return spreadsheet_text(" ".join(str(item) for item in value))
-    if isinstance(value, dict):
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    if isinstance(value, dict):  # a finding's evidence holds label names, anyone's text
+        return spreadsheet_text(orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode())
     return spreadsheet_text(str(value))
 
 

@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-import httpx
 import structlog
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -23,6 +22,7 @@ from secledger import __version__
 from secledger.config import Settings
 from secledger.errors import ConfigError
 from secledger.listener import Listener, is_connection_error
+from secledger.sinkhttp import Poster
 from secledger.store import outbox
 
 log = structlog.get_logger("secledger.sink")
@@ -35,10 +35,9 @@ MIN_PASS_PAUSE_SECONDS = 1.0
 # Rows posted per transaction: one commit for their markers. A crash before that commit
 # sends them again (the receiver deduplicates on Idempotency-Key).
 SEND_BATCH = 100
-# A POST as a whole (connecting, sending, the answer's head) is abandoned after this
-# many times SECLEDGER_SINK_TIMEOUT_SECONDS. Closing the connections does not wake a
-# read under way, which ends by its own timeout: one more at most.
-POST_DEADLINE_TIMEOUTS = 2
+# A POST as a whole (connecting, sending, the answer's head) may take this many times
+# SECLEDGER_SINK_TIMEOUT_SECONDS, each step once.
+POST_DEADLINE_TIMEOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,11 @@ class Sender:
         self._engine = engine
         self._config = config
         self._stop = stop or threading.Event()
-        self._client = self._new_client()
-
-    def _new_client(self) -> httpx.Client:
-        # No redirects: a 3xx is not an acknowledgement, and a POST must not turn into a GET.
-        return httpx.Client(timeout=self._config.timeout, follow_redirects=False)
+        self._poster = Poster(config.timeout)
 
     def close(self) -> None:
         """Close the HTTP connections."""
-        self._client.close()
+        self._poster.close()
 
     def drain(self) -> DrainResult:
         """Deliver rows in order until none is pending, one keeps failing, or stop."""
@@ -163,29 +158,18 @@ class Sender:
         }
         if self._config.token is not None:
             headers[self._config.token_header] = self._config.token.get_secret_value()
-        # httpx's timeout bounds each read, and a receiver sending its answer's head a
-        # line at a time held the sender (and its transaction, and the sink lock) for as
-        # long as it liked. Past the deadline the connections are closed under it.
-        client, deadline = self._client, POST_DEADLINE_TIMEOUTS * self._config.timeout
-        cut_off = threading.Timer(deadline, client.close)
-        cut_off.daemon = True
-        cut_off.start()
+        deadline = POST_DEADLINE_TIMEOUTS * self._config.timeout
         try:
             # The status is the answer: its body is not read, so a receiver that trickles
-            # one byte at a time cannot hold the sender (and its transaction) open.
-            with client.stream(
-                "POST", self._config.url, content=item.body, headers=headers
-            ) as response:
-                status = response.status_code
+            # one byte at a time cannot hold the sender (and its transaction) open; nor
+            # can one that trickles its head, past the deadline (sinkhttp.py).
+            body = item.body.encode("utf-8")
+            status = self._poster.post(self._config.url, body, headers, deadline)
         except Exception as exc:  # noqa: BLE001 - every failure is the row's, and recorded
-            if client.is_closed:
+            if self._poster.timed_out:
                 return None, f"no answer within {deadline:g} s"
             # The class only: messages may repeat the URL, which may carry credentials.
             return None, type(exc).__name__
-        finally:
-            cut_off.cancel()
-            if client.is_closed:
-                self._client = self._new_client()
         if 200 <= status < 300:
             return status, None
         return status, f"HTTP {status}"
