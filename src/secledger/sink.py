@@ -194,10 +194,11 @@ class SinkWorker:
         self._stop.set()
 
     def close(self) -> None:
-        """Stop after the row in flight (bounded by the sink timeout)."""
+        """Stop after the row in flight (bounded by its POST's deadline)."""
         self._stop.set()
-        self._thread.join(timeout=self._config.timeout + 5)
-        self._sender.close()
+        self._thread.join(timeout=POST_DEADLINE_TIMEOUTS * self._config.timeout + 5)
+        if not self._thread.is_alive():  # its connections are its own while it posts
+            self._sender.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -13,9 +13,13 @@ from __future__ import annotations
 import time
 import typing
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import httpcore
 import httpx
+import structlog
+
+log = structlog.get_logger("secledger.sink")
 
 
 class Deadline:
@@ -88,33 +92,43 @@ class _Backend(httpcore.NetworkBackend):
 
 
 class Poster:
-    """POSTs to one URL over kept-alive connections; no redirect is followed (a 3xx is
+    """POSTs to one URL over httpx's kept-alive connections (with what httpx reads from
+    the environment and the URL: proxies, credentials); no redirect is followed (a 3xx is
     not an acknowledgement, and a POST must not turn into a GET)."""
 
     def __init__(self, timeout: float) -> None:
         self.deadline = Deadline()
         self.timed_out = False  # whether the last POST ran past its deadline
-        self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=_Backend(self.deadline)
-        )
+        self._client = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.bounded = _bound(self._client, _Backend(self.deadline))
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], within: float) -> int:
         """The answer's status (its body is not read), within ``within`` seconds."""
         self.deadline.at = time.monotonic() + within
         self.timed_out = False
         try:
-            sent = [
-                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
-            ]
-            with self._pool.stream(
-                "POST", url, headers=sent, content=body, extensions={"timeout": self._timeouts}
-            ) as response:
-                return response.status
+            with self._client.stream("POST", url, content=body, headers=headers) as response:
+                return response.status_code
         finally:
             self.timed_out = self.deadline.passed()
             self.deadline.at = None
 
     def close(self) -> None:
         """Close the connections."""
-        self._pool.close()
+        self._client.close()
+
+
+def _bound(client: httpx.Client, backend: httpcore.NetworkBackend) -> bool:
+    """Give every connection pool of ``client`` (direct and through each proxy) the
+    deadline's network backend; whether it could. httpx offers no way to pass one: its
+    pools' attribute is set, and a later httpx without it leaves each step its timeout
+    alone (``sink_deadline_unavailable`` is logged)."""
+    transports = [getattr(client, "_transport", None)]
+    transports.extend(getattr(client, "_mounts", {}).values())
+    pools: list[Any] = [getattr(transport, "_pool", None) for transport in transports if transport]
+    if not pools or not all(hasattr(pool, "_network_backend") for pool in pools):
+        log.warning("sink_deadline_unavailable", httpx=httpx.__version__)
+        return False
+    for pool in pools:
+        pool._network_backend = backend
+    return True
