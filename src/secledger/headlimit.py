@@ -44,8 +44,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     read the request began in, which may hold the end of the one before), so a head
     that never ends is cut off after at most one read more than the bound; and once a
     head is complete, its own size is measured, so one that came in a few large reads
-    is refused too. Between requests, uvicorn's keep-alive timer closes an idle
-    connection.
+    is refused too. The time is counted from the connection's opening, from each
+    answer (blank lines between requests cancel uvicorn's keep-alive timer) and from
+    the first byte of each head; one sweep a second closes what is overdue.
     """
 
     # Set on the class: the protocol's __init__ is uvicorn's, and these are read first.
@@ -53,8 +54,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _in_head = True
     _began = False
     _oversized = False
-    # loop.time() when the connection opened or its request's head began; None once
-    # the head is in (between requests, uvicorn's keep-alive timer is the bound).
+    # loop.time() since when a head is awaited: the connection's opening, its last
+    # answer or the head's first byte; None while a request is being handled.
     _head_since: float | None = None
     _head_begun = False
     # Set by protocol_class(); these defaults are for a protocol used as it is.
@@ -112,15 +113,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._head_since = None
         if self._head_begun:
-            self._in_head = False
-            body = b"Request head not received in time."
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\n"
-                b"content-type: text/plain; charset=utf-8\r\n"
-                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
-                b"connection: close\r\n\r\n" + body
-            )
-        self.transport.close()
+            self._answer_and_close(b"408 Request Timeout", b"Request head not received in time.")
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         if self._oversized:
@@ -129,11 +124,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def _refuse(self) -> None:
-        self._in_head = False
         self.logger.warning(_REFUSAL)  # kept to 20 a minute with the library's lines
-        body = _REFUSAL.encode("ascii")
+        self._answer_and_close(b"431 Request Header Fields Too Large", _REFUSAL.encode("ascii"))
+
+    def _answer_and_close(self, status: bytes, body: bytes) -> None:
+        """Answer with plain text ``body``, the head unread, and close the connection."""
+        self._in_head = False
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: text/plain; charset=utf-8\r\n"
             b"content-length: " + str(len(body)).encode("ascii") + b"\r\n"
             b"connection: close\r\n\r\n" + body

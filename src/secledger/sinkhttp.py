@@ -11,7 +11,6 @@ Here each step gets what is left of the POST's deadline, in the sender's own thr
 from __future__ import annotations
 
 import time
-import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -58,14 +57,14 @@ class _Stream(httpcore.NetworkStream):
 
     def start_tls(
         self,
-        ssl_context: typing.Any,
+        ssl_context: Any,
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
         tls = self._inner.start_tls(ssl_context, server_hostname, self._deadline.left(timeout))
         return _Stream(tls, self._deadline)
 
-    def get_extra_info(self, info: str) -> typing.Any:
+    def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
@@ -80,7 +79,7 @@ class _Backend(httpcore.NetworkBackend):
         port: int,
         timeout: float | None = None,
         local_address: str | None = None,
-        socket_options: Iterable[typing.Any] | None = None,
+        socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         stream = self._inner.connect_tcp(
             host, port, self._deadline.left(timeout), local_address, socket_options
