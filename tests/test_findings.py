@@ -6,6 +6,7 @@ run where they run in production: inside ``service.record``, after the projectio
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from alembic import command
 from sqlalchemy import Engine, text
 
 from builders import USERS, dumps, label_change, mr_event
+from replicas import wait_for
 from secledger import findings, reports
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.findings import Finding, list_findings
@@ -24,6 +26,7 @@ from secledger.projection import SequencedEvent, fold
 from secledger.rules import evaluate, sla_clock
 from secledger.service import Recording, feed
 from secledger.store import db, ledger, migrate
+from secledger.store.log import CHAIN_LOCK_KEY
 from secledger.tierpolicy import CompliancePolicy, TierRule
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)  # a Monday
@@ -1099,6 +1102,41 @@ def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None
     assert recorded == [read]
     # Nothing was written: before its new deadline it still reads as resolved.
     assert listed_as_of(engine, longer, T0 + timedelta(hours=99)) == [resolved]
+
+
+def test_the_overdue_check_does_not_reopen_a_breach_a_writer_is_resolving(engine) -> None:
+    """The check read !1 as overdue from a snapshot taken while a writer (holding the
+    chain lock) was moving its deadline and resolving its breach; its ON CONFLICT then
+    found the row resolved and reopened it, with the old evidence, for good on a merged
+    MR. It now queues behind writers, and reads what they committed."""
+    record(engine, event("open", 0, labels=["sec::critical"]))
+    with engine.begin() as conn:
+        assert findings.refresh_overdue(conn, CompliancePolicy(), T0 + timedelta(hours=30)) == 1
+    rules_ = dict(CompliancePolicy().rules)
+    rules_["critical"] = TierRule("critical", sla_hours=100, approvals=2)
+    longer = CompliancePolicy(rules=rules_)
+    changed: list[int] = []
+    with engine.connect() as writer, writer.begin():
+        writer.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+        row = ledger.get(writer, KEY)
+        assert row is not None
+        findings.evaluate_mr(writer, row, longer, T0 + timedelta(hours=31))
+
+        def check() -> None:
+            with engine.begin() as conn:
+                changed.append(findings.refresh_overdue(conn, longer, T0 + timedelta(hours=32)))
+
+        checker = threading.Thread(target=check)
+        checker.start()
+        assert wait_for(lambda: waiting_for_a_lock(engine))
+    checker.join(timeout=30)
+    assert changed == [0]
+    assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(hours=32))
+
+
+def waiting_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar())
 
 
 def test_a_decision_told_by_a_webhook_and_by_the_api_is_one_event_for_the_rules() -> None:

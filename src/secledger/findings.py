@@ -22,6 +22,7 @@ from secledger.projection import SequencedEvent, ordered_facts
 from secledger.quickinit import quick
 from secledger.rules import Hit, MRHistory, SlaClock, evaluate, sla_clock
 from secledger.store import ledger
+from secledger.store.log import CHAIN_LOCK_KEY
 from secledger.store.pipeline import Pg, pipeline, send_rows
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat
@@ -287,6 +288,7 @@ def as_of(policy: CompliancePolicy, now: datetime) -> dict[str, Any]:
 # moment: ON CONFLICT locks rows in scan order, so two refreshes could deadlock; they queue.
 REFRESH_LOCK_KEY = 0x5EC1EDB5
 _REFRESH_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=REFRESH_LOCK_KEY)
+_CHAIN_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=CHAIN_LOCK_KEY)
 
 
 def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -> int:
@@ -297,6 +299,11 @@ def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -
     ``FINDINGS_AS_OF`` instead.
     """
     conn.execute(_REFRESH_LOCK)
+    # Behind the writers too: its SELECT reads clocks from a snapshot, and a writer that
+    # moved a deadline and resolved the breach in between (a longer SLA, the label
+    # removed) would have its resolution undone by the ON CONFLICT, which reads the row's
+    # newest version. Under the chain lock, the statement's snapshot follows their commit.
+    conn.execute(_CHAIN_LOCK)
     return conn.execute(_RECORD_OVERDUE, as_of(policy, now)).rowcount or 0
 
 
