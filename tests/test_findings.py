@@ -24,7 +24,7 @@ from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
 from secledger.projection import SequencedEvent, fold
 from secledger.rules import evaluate, sla_clock
-from secledger.service import Recording, feed
+from secledger.service import Recording, feed, record_locked
 from secledger.store import db, ledger, migrate
 from secledger.store.log import CHAIN_LOCK_KEY
 from secledger.tierpolicy import CompliancePolicy, TierRule
@@ -1132,6 +1132,40 @@ def test_the_overdue_check_does_not_reopen_a_breach_a_writer_is_resolving(engine
     checker.join(timeout=30)
     assert changed == [0]
     assert ("sla-breached", "") not in found(engine, now=T0 + timedelta(hours=32))
+
+
+def test_reevaluation_does_not_overwrite_what_a_writer_records_meanwhile(engine) -> None:
+    """`findings --reevaluate` read !1 before a writer's approval committed, then wrote
+    its clock over the writer's: the approval's decision time was gone from review_sla
+    until the MR's next delivery. It now waits for the chain lock, as rebuild does."""
+    record(engine, event("open", 0))
+    approval = parse_delivery(
+        {"x-gitlab-event": "Merge Request Hook"},
+        dumps(event("approved", 1, actor="bob")),
+        secrets=(),
+        max_body_bytes=10**6,
+        received_at=T0 + timedelta(hours=1),
+        require_token=False,
+        source="replay",
+    )
+    assert not isinstance(approval, Ignored)
+    done: list[int] = []
+    with engine.connect() as writer, writer.begin():
+        items = [(approval, extract_facts(approval, LabelPolicy()))]
+        [outcome] = record_locked(writer, items, recording=Recording(CompliancePolicy()))
+        assert outcome.status == "recorded"
+
+        def reevaluate() -> None:
+            with engine.begin() as conn:
+                now = T0 + timedelta(hours=2)
+                done.append(findings.reevaluate_all(conn, CompliancePolicy(), now))
+
+        other = threading.Thread(target=reevaluate)
+        other.start()
+        assert wait_for(lambda: waiting_for_a_lock(engine))
+    other.join(timeout=30)
+    assert done == [1]
+    assert stored_clock(engine)[3] == T0 + timedelta(hours=1)
 
 
 def waiting_for_a_lock(engine: Engine) -> bool:

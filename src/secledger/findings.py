@@ -321,7 +321,13 @@ def may_record_findings(conn: Connection) -> bool:
 def reevaluate_all(
     conn: Connection, policy: CompliancePolicy, now: datetime, tracker: Tracker | None = None
 ) -> int:
-    """Re-run clocks and rules for every MR (after a policy change); the number of MRs."""
+    """Re-run clocks and rules for every MR (after a policy change); the number of MRs.
+
+    Under the chain lock, as ``rebuild`` does: a writer recording an MR's event meanwhile
+    would otherwise have its clock and findings overwritten by ones judged from before
+    that event. Deliveries wait (or are spooled) until the caller's transaction ends.
+    """
+    conn.execute(_CHAIN_LOCK)
     rows = list(ledger.rows(conn, order=("instance", "project_id", "mr_iid")))
     done = (tracker or Silent()).task("re-run SLA and findings", len(rows))
     for row in rows:
