@@ -750,6 +750,50 @@ def test_open_mr_past_its_deadline_is_recorded_by_the_overdue_check(engine) -> N
     assert again.evidence == hit.evidence
 
 
+def test_a_kept_breach_follows_the_clock_a_late_relabel_gives(engine) -> None:
+    """The check recorded !1 critical and overdue; a delayed relabel then said it was low
+    from the start, 306 h still to go: the breach stayed open with the critical evidence
+    while `report open` said running. It is resolved now; one whose new deadline is past
+    too stays open, with the new clock's evidence."""
+    now = datetime.now(UTC)
+
+    def stamp(hours: float) -> str:
+        return (now - timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def relabel(iid: int, hours: float, tier: str, opened: float) -> dict[str, Any]:
+        change = label_change(["sec::critical"], [tier], stamp(hours))
+        return mr_event(
+            "update",
+            iid=iid,
+            labels=[tier],
+            changes=change,
+            created_at=stamp(opened),
+            updated_at=stamp(hours),
+        )
+
+    for iid, opened in ((1, 30), (2, 100)):
+        record(
+            engine,
+            mr_event(
+                "open",
+                iid=iid,
+                labels=["sec::critical"],
+                created_at=stamp(opened),
+                updated_at=stamp(opened),
+            ),
+        )
+    with engine.begin() as conn:
+        assert findings.refresh_overdue(conn, CompliancePolicy(), now) == 2
+    record(engine, relabel(1, 29, "sec::low", 30), relabel(2, 99, "sec::high", 100))
+    with engine.connect() as conn:
+        stored = list_findings(conn, CompliancePolicy(), now, include_resolved=True)
+    breaches = {f.mr_iid: f for f in stored if f.rule == "sla-breached"}
+    assert breaches[1].resolved_at is not None
+    assert breaches[2].resolved_at is None
+    assert (breaches[2].severity, breaches[2].evidence["tier"]) == ("medium", "high")
+    assert breaches[2].evidence["sla_hours"] == 72
+
+
 def test_reevaluation_does_not_duplicate_and_a_finding_that_stops_holding_is_resolved(engine):
     record(engine, event("open", 0), event("merge", 2, actor="alice"))
     first = found(engine)[("merged-by-author", "")]
@@ -780,13 +824,15 @@ def test_open_mr_is_found_breached_at_record_time_once_an_event_is_past_the_dead
 
 
 def test_a_late_older_event_does_not_resolve_a_wall_clock_breach(engine) -> None:
+    """Due 6 h ago; an event of 29 h ago, before the deadline, arrives late: judged at
+    its own time the MR was not overdue yet, but the breach stands."""
     now = datetime.now(UTC)
-    opened = (now - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    opened = (now - timedelta(hours=30)).strftime("%Y-%m-%d %H:%M:%S UTC")
     body = mr_event("open", labels=["sec::critical"], created_at=opened, updated_at=opened)
     record(engine, body)
     with engine.begin() as conn:
-        findings.refresh_overdue(conn, CompliancePolicy(), now + timedelta(days=2))
-    earlier = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+        assert findings.refresh_overdue(conn, CompliancePolicy(), now) == 1
+    earlier = (now - timedelta(hours=29)).strftime("%Y-%m-%d %H:%M:%S UTC")
     changes = {"title": {"previous": "a", "current": "b"}}
     record(
         engine,

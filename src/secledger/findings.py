@@ -41,6 +41,7 @@ CLOCK_COLUMNS = (
     "first_decision_seq",
     "ended_before_label",
 )
+SLA_RULE = "sla-breached"
 _KEY = "instance = :instance AND project_id = :project_id AND mr_iid = :mr_iid"
 _CLOCK_KEY = ("instance", "project_id", "mr_iid", *CLOCK_COLUMNS)
 UPSERT_CLOCK = (
@@ -72,6 +73,20 @@ RESOLVE = (
     " AND NOT (findings.rule || ' ' || findings.subject = ANY(r.held))"
     " AND NOT (r.keep_running_breach AND findings.rule = 'sla-breached')"
 )
+# A kept breach brought up to date with the clock that runs now (a tier changed, the
+# real label time learnt later, the deadline still past): only an open row is touched.
+# Recording never inserts one at wall-clock time, or replaying an old history would
+# flag, then resolve, a breach at every step.
+REFRESH_KEPT = (
+    "UPDATE findings SET severity = r.severity, seqs = r.seqs, evidence = r.evidence,"
+    " updated_at = r.updated_at"
+    " FROM jsonb_populate_recordset(NULL::findings, %(rows)s::jsonb) AS r"
+    " WHERE findings.instance = r.instance AND findings.project_id = r.project_id"
+    " AND findings.mr_iid = r.mr_iid AND findings.rule = r.rule"
+    " AND findings.subject = r.subject AND findings.resolved_at IS NULL"
+    " AND (findings.severity, findings.seqs, findings.evidence)"
+    " IS DISTINCT FROM (r.severity, r.seqs, r.evidence)"
+)
 
 
 @quick
@@ -83,6 +98,7 @@ class Assessment:
     clock: dict[str, Any]
     findings: list[dict[str, Any]]
     resolve: dict[str, Any]
+    kept: list[dict[str, Any]]  # the wall-clock breach kept open, as it reads now
 
 
 def history_of(
@@ -137,14 +153,20 @@ def assess(
     ``as_of`` is the instant open SLA clocks are judged at; recording passes the MR's
     latest event time, so replaying an old history does not flag (then resolve) a
     breach at every step. An open-past-deadline finding already recorded by the
-    wall-clock check is kept while the clock still runs (not once the MR turns out to
-    have been merged or closed before its label: it never ran).
+    wall-clock check is kept while the clock still runs past its deadline at ``now``,
+    with the evidence of that clock: not once the MR turns out to have been merged or
+    closed before its label (its clock never ran), nor once a later deadline (a lower
+    tier, a later label time) is still ahead.
     """
     key = MRKey(row["instance"], row["project_id"], row["mr_iid"])
     history = history_of(events, row, ordered)
     clock = sla_clock(history, policy)
     hits = evaluate(history, policy, as_of or now, clock)
-    keep = as_of is not None and clock.running
+    keep = as_of is not None and clock.status(now) == "overdue"
+    kept: list[dict[str, Any]] = []
+    if keep:
+        late = evaluate(history, policy, now, clock)
+        kept = [{**finding_row(key, h), "updated_at": now} for h in late if h.rule == SLA_RULE]
     resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep}
     resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
     return Assessment(
@@ -152,6 +174,7 @@ def assess(
         clock={**clock_row(key, clock), "updated_at": now},
         findings=_unique([{**finding_row(key, h), "updated_at": now} for h in hits]),
         resolve=resolve,
+        kept=kept,
     )
 
 
@@ -161,6 +184,7 @@ def send(pg: Pg, assessments: Sequence[Assessment]) -> None:
     send_rows(pg, UPSERT_CLOCK, [a.clock for a in assessments])
     send_rows(pg, UPSERT_FINDING, [f for a in assessments for f in a.findings])
     send_rows(pg, RESOLVE, [a.resolve for a in assessments])
+    send_rows(pg, REFRESH_KEPT, [row for a in assessments for row in a.kept])
 
 
 def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,23 +213,6 @@ def evaluate_mr(
     with pipeline(conn) as pg:
         send(pg, [assessment])
     return assessment.hits
-
-
-def store(
-    conn: Connection,
-    key: MRKey,
-    hits: Sequence[Hit],
-    now: datetime,
-    *,
-    keep_running_breach: bool = False,
-) -> None:
-    """Upsert the findings that hold and resolve the ones of this MR that no longer do."""
-    resolve = {**ledger.key_params(key), "now": now, "keep_running_breach": keep_running_breach}
-    resolve["held"] = [f"{h.rule} {h.subject}" for h in hits]
-    rows = _unique([{**finding_row(key, h), "updated_at": now} for h in hits])
-    with pipeline(conn) as pg:
-        send_rows(pg, UPSERT_FINDING, rows)
-        send_rows(pg, RESOLVE, [resolve])
 
 
 def _sql_stamp(column: str) -> str:
