@@ -318,6 +318,28 @@ def test_an_undated_api_approval_comes_before_the_webhooks_merge_of_its_second()
     assert (row["decision"], row["decided_by"], row["approvers"]) == ("merged", "carol", ["bob"])
 
 
+def test_a_dated_api_approval_comes_before_the_webhooks_merge_of_its_second() -> None:
+    """Auto-merge right after the last approval: the API dates the approval 22:00:00.412,
+    the webhook's merge reads 22:00:00. GitLab approves open MRs only, so the approval
+    came first; after the merge it left the MR merged without a standing approval."""
+    merged_at = T0 + timedelta(hours=13)
+    approval = event(
+        3,
+        "approved",
+        "bob",
+        0,
+        event_at=merged_at + timedelta(microseconds=412_000),
+        event_at_source="api.approval",
+        source="api",
+        state=None,
+    )
+    merge = event(2, "merged", "carol", 0, event_at=merged_at)
+    history = [event(1, "open", "alice", 0), merge, approval]
+    assert [e.seq for e in ordered_facts(history)] == [1, 3, 2]
+    row = fold(history)
+    assert (row["decision"], row["decided_by"], row["approvers"]) == ("merged", "carol", ["bob"])
+
+
 def test_removing_only_the_tier_label_keeps_the_tier() -> None:
     both = ("sec::critical", "sec/crypto")
     row = fold(

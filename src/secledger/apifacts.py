@@ -20,6 +20,7 @@ from secledger import payloads as p
 from secledger.extract import EventFacts, bounded, tier_before, untiered
 from secledger.intake import API_SOURCE, Delivery
 from secledger.policy import LabelPolicy
+from secledger.projection import API_APPROVAL, UNDATED_APPROVAL
 from secledger.times import isoformat, parse_optional, parse_time
 
 SOURCE = API_SOURCE
@@ -30,9 +31,8 @@ STATE_DECISIONS = {"merged": "merged", "closed": "closed", "reopened": "reopened
 _STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened"}
 # Approvals carry approved_at only on newer GitLab versions. Without it, an approval is
 # placed just before the decision it preceded (merge or close), or at the MR's
-# updated_at, and says so in event_at_source; the fold matches it to any earlier
-# webhook approval by the same user.
-UNDATED_APPROVAL = "api.approval_upper_bound"
+# updated_at, and says so in event_at_source (UNDATED_APPROVAL); the fold matches it
+# to any earlier webhook approval by the same user.
 _BEFORE_DECISION = timedelta(microseconds=1)
 
 
@@ -278,7 +278,7 @@ def _approval_facts(env: Mapping[str, Any], policy: LabelPolicy) -> dict[str, An
         "kind": "approved",
         "decision": "approved",
         "event_at": dated or bound,
-        "event_at_source": "api.approval" if dated else UNDATED_APPROVAL,
+        "event_at_source": API_APPROVAL if dated else UNDATED_APPROVAL,
         "tier": policy.unclassified,
     } | _actor(item)
 

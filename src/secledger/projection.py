@@ -21,6 +21,8 @@ from secledger.quickinit import quick
 # time in milliseconds. The two clocks differ by well under this for one action.
 MATCH_TOLERANCE = timedelta(seconds=5)
 API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
+# ``event_at_source`` of an approval told by the API: dated by its approved_at, or not.
+API_APPROVAL = "api.approval"
 UNDATED_APPROVAL = "api.approval_upper_bound"
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
 # Approvals GitLab withdrew after a push: no one's decision, but one event per push.
@@ -28,6 +30,8 @@ RESET_KINDS = frozenset({APPROVALS_RESET, CODE_OWNER_RESET})
 # Kinds that end an MR's review, and the states an MR is in before one of them.
 _ENDS = frozenset({"merged", "closed"})
 _STILL_OPEN = frozenset({"opened", "locked"})
+# Approvals told by the API, which carry no state: always given while the MR was open.
+_API_APPROVALS = frozenset({UNDATED_APPROVAL, API_APPROVAL})
 # The state an event of this kind leaves an MR in, for events that carry none of their own.
 STATE_AFTER = {"merged": "merged", "closed": "closed", "reopened": "opened", "open": "opened"}
 
@@ -287,7 +291,8 @@ def open_before_end(ordered: list[SequencedEvent]) -> list[SequencedEvent]:
     An approval the API gives no time is placed just before the merge or close the API
     told (``apifacts.approval_bound``), to the millisecond; the webhook's merge of that
     second, stamped at the second's start, came before it, and the approval counted as
-    given after the merge. It goes before the end of its second too.
+    given after the merge. It goes before the end of its second too, and so does one
+    the API dates (``approved_at`` has milliseconds): GitLab approves open MRs only.
     """
     settled: list[SequencedEvent] = []
     start = 0
@@ -312,7 +317,7 @@ def _open_first(group: list[SequencedEvent]) -> list[SequencedEvent]:
 
 
 def _before_the_end(facts: EventFacts) -> bool:
-    return _shows_open(facts) or facts.event_at_source == UNDATED_APPROVAL
+    return _shows_open(facts) or facts.event_at_source in _API_APPROVALS
 
 
 def _shows_open(facts: EventFacts) -> bool:
