@@ -10,6 +10,7 @@ import io
 import logging
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import orjson
 import pytest
@@ -241,6 +242,23 @@ def test_lines_written_together_follow_the_level_and_a_capture(
     writer.drain()
     assert sink.getvalue() == b""
     assert [(line["event"], line["seq"]) for line in captured] == [("delivery", 1), ("delivery", 2)]
+
+
+def test_an_exception_logged_as_json_says_what_failed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`serve`'s `checkpoint_failed` and `delivery_failed` lines read `"exc_info": true`."""
+    sink, writer = _json_logs_to(monkeypatch, "info")
+    logger = structlog.get_logger("secledger.test")
+    missing = tmp_path / "checkpoints" / "42.json"
+    try:
+        missing.read_text()
+    except FileNotFoundError:
+        logger.exception("checkpoint_failed", error="CheckpointFileFailed")
+    writer.drain()
+    [line] = _without_time(sink.getvalue())
+    assert "exc_info" not in line
+    assert f"No such file or directory: '{missing}'" in str(line["exception"])
 
 
 def test_a_librarys_warning_is_a_json_line_like_ours(monkeypatch: pytest.MonkeyPatch) -> None:

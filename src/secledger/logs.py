@@ -195,6 +195,11 @@ def configure(level: str = "info", *, json: bool = True) -> None:
         _drop_secrets,
         renderer,
     ]
+    if json:
+        # ``log.exception`` passes exc_info, which the JSON renderer prints as ``true``:
+        # the line said that something failed, never what. The console renderer formats
+        # it itself.
+        processors.insert(-1, structlog.processors.format_exc_info)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
