@@ -326,6 +326,10 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
             "risk_tiers has a tier twice (tier names ignore case)",
         ),
         ({"SECLEDGER_METRICS_REQUIRE_AUTH": "true"}, "metrics_require_auth needs read_token"),
+        (
+            {"SECLEDGER_METRICS_REQUIRE_AUTH": "true", "SECLEDGER_READ_TOKEN": ""},
+            "metrics_require_auth needs read_token",
+        ),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(env, message) -> None:

@@ -53,6 +53,16 @@ def test_variable_and_its_file_together_are_refused(tmp_path, monkeypatch) -> No
         Settings()
 
 
+def test_an_empty_variable_beside_its_file_is_refused_too(tmp_path, monkeypatch) -> None:
+    """A template's blank SECLEDGER_READ_TOKEN won over the file: its token was dropped."""
+    path = tmp_path / "token"
+    path.write_text(SECRET)
+    monkeypatch.setenv("SECLEDGER_READ_TOKEN_FILE", str(path))
+    monkeypatch.setenv("SECLEDGER_READ_TOKEN", "")
+    with pytest.raises(ConfigError, match=r"not both \(SECLEDGER_READ_TOKEN is set, empty\)"):
+        Settings()
+
+
 @pytest.mark.parametrize("content", [None, "\n"])
 def test_missing_or_empty_secret_file_names_the_file_only(tmp_path, monkeypatch, content) -> None:
     path = tmp_path / "absent"

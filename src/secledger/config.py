@@ -216,8 +216,11 @@ class SecretFileSource(PydanticBaseSettingsSource):
             path = os.environ.get(f"{variable}_FILE")
             if not path:
                 continue
-            if os.environ.get(variable):
-                raise ConfigError(f"set {variable} or {variable}_FILE, not both")
+            if variable in os.environ:
+                # Empty too (a compose or Helm template's blank): the environment source
+                # would then win with "", and the file be dropped without a word.
+                blank = "" if os.environ[variable] else f" ({variable} is set, empty)"
+                raise ConfigError(f"set {variable} or {variable}_FILE, not both{blank}")
             self._values[name] = read_secret_file(f"{variable}_FILE", path)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
@@ -587,7 +590,8 @@ class Settings(BaseSettings):
         if not self.security_label_patterns:
             raise ValueError("security_label_patterns is empty: no merge request would be kept")
         check_tiers(self.tier_policy, self.risk_tiers, self.unclassified_tier)
-        if self.metrics_require_auth and self.read_token is None and not self.trusted_user_header:
+        # An empty token authenticates no one: the same as none.
+        if self.metrics_require_auth and not self.read_token and not self.trusted_user_header:
             # Prometheus has no dashboard session: every scrape would get 401.
             raise ValueError(
                 "metrics_require_auth needs read_token (the scraper's bearer token) or"
