@@ -39,6 +39,27 @@ def test_user_add_writes_a_private_users_file_and_replaces_a_password(
     assert verify_password("another passphrase", users["alice"])
 
 
+def test_user_add_says_when_the_users_file_cannot_be_written(monkeypatch, tmp_path) -> None:
+    """A traceback before (a root-owned data directory, a path under a file)."""
+    (tmp_path / "data").write_text("a file, not a directory")
+    monkeypatch.setenv("SECLEDGER_USERS_FILE", str(tmp_path / "data" / "users"))
+    result = CliRunner().invoke(main, ["user", "add", "zed", "--password-stdin"], PASSWORD)
+    assert result.exit_code == 1
+    assert f"Error: cannot write {tmp_path / 'data' / 'users'}: " in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_the_users_file_is_replaced_whole(monkeypatch, tmp_path) -> None:
+    """Written beside it and renamed: no partial file, no temporary left behind."""
+    monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    for name in ("alice", "bob"):
+        result = runner.invoke(main, ["user", "add", name, "--password-stdin"], PASSWORD)
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]
+    assert list(read_users_file(tmp_path / "users")) == ["alice", "bob"]
+
+
 def test_short_passwords_and_bad_names_are_refused(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
     runner = CliRunner()

@@ -88,7 +88,10 @@ def add_command(name: str, password_stdin: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     verb = "updated" if name in users else "added"
     users[name] = hash_password(_ask_password(password_stdin))
-    write_users_file(path, users)
+    try:
+        write_users_file(path, users)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from exc
     click.echo(f"{verb} {name} in {path}")
 
 

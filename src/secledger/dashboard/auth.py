@@ -112,12 +112,24 @@ def read_users_file(path: Path) -> dict[str, str]:
 
 
 def write_users_file(path: Path, users: dict[str, str]) -> None:
-    """Replace the users file (mode 0600) with ``users``, sorted by name."""
+    """Replace the users file (mode 0600) with ``users``, sorted by name.
+
+    Written beside it and renamed over it: truncated in place, a full disk or a crash
+    mid-write left a file with no users, and nobody could log in.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("# secledger dashboard users: name:scrypt hash\n")
-        out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write("# secledger dashboard users: name:scrypt hash\n")
+            out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+            out.flush()
+            os.fsync(out.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def load_users(settings: Settings) -> dict[str, str]:
