@@ -93,6 +93,40 @@ def test_connect_registers_a_merge_request_hook_and_stores_the_secret(
     assert len(fake.projects[14].hooks) == 1
 
 
+def test_the_first_connect_creates_the_file_secledger_config_names(
+    database_url, fake, tmp_path
+) -> None:
+    """docs/gitlab-api.md's example on a new installation: settings were read from the
+    file SECLEDGER_CONFIG names before connect could write it, and it did not exist."""
+    config = tmp_path / "secledger.toml"
+    args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER)
+    result = invoke(database_url, fake, *args, SECLEDGER_CONFIG=str(config))
+    assert result.exit_code == 0, result.output
+    [hook] = fake.projects[14].hooks
+    assert tomllib.loads(config.read_text())["webhook_secrets"] == [fake.hook_tokens[hook["id"]]]
+    assert config.stat().st_mode & 0o077 == 0
+    assert result.output.rstrip().endswith("restart `secledger serve`")
+
+
+def test_connect_to_another_file_says_serve_must_read_it(database_url, fake, tmp_path) -> None:
+    """serve reads only SECLEDGER_CONFIG's file: a secret added elsewhere is refused at
+    every delivery, and GitLab disables the hook after four."""
+    config = tmp_path / "conn.toml"
+    args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
+    result = invoke(database_url, fake, *args)
+    assert result.exit_code == 0, result.output
+    assert f"restart `secledger serve` with SECLEDGER_CONFIG={config}" in result.output
+
+
+def test_connect_says_when_it_cannot_write_the_file(database_url, fake, tmp_path) -> None:
+    (tmp_path / "etc").write_text("a file, not a directory")
+    config = tmp_path / "etc" / "secledger.toml"
+    args = ("gitlab", "connect", "--project", "14", "--url", RECEIVER, "--config", str(config))
+    result = invoke(database_url, fake, *args)
+    assert result.exit_code == 1
+    assert f"Error: cannot write {config}: " in result.output
+
+
 def test_a_hook_gitlab_refuses_leaves_no_secret_behind(database_url, fake, tmp_path) -> None:
     """The secret is stored before GitLab is asked; when GitLab refuses the hook, a
     secret the receiver would accept, with no hook behind it, is taken out again."""

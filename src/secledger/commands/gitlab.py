@@ -70,14 +70,36 @@ def connect(
             " not read the secret added there. Move its tokens into webhook_secrets in the"
             " file and unset it (in serve's environment too), then run connect again"
         )
+    named = os.environ.get("SECLEDGER_CONFIG")
+    if named and Path(named) == config and not config.exists():
+        # Settings are read from it before the secret is written: the first connect of a
+        # new installation found it missing and stopped.
+        _create_config(config)
     api = _api(context)
     for scope in _scopes(projects, groups):
         try:
             hook = hooks.connect(api, scope, url, Path(config))
         except SecledgerError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {config}: {exc.strerror or exc}") from exc
         click.echo(f"{scope}: hook {hook.get('id')} delivers merge request events to {url}")
-    click.echo(f"secret token added to webhook_secrets in {config}; restart `secledger serve`")
+    restart = "restart `secledger serve`"
+    if not named or Path(named) != config:
+        # serve reads only the file SECLEDGER_CONFIG names; GitLab disables a hook after
+        # four refused deliveries.
+        restart = f"restart `secledger serve` with SECLEDGER_CONFIG={config}"
+    click.echo(f"secret token added to webhook_secrets in {config}; {restart}")
+
+
+def _create_config(path: Path) -> None:
+    """An empty configuration file, readable by its owner only."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise click.ClickException(f"cannot create {path}: {exc.strerror or exc}") from exc
 
 
 @gitlab_group.command()
