@@ -130,7 +130,12 @@ def _progress(*, visible: bool = True) -> Progress:
 @scope_options
 @period_options
 @label_history_option
-@click.option("--workers", type=click.IntRange(1, 32), default=None, help="Parallel API readers.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 32),
+    default=None,
+    help="Parallel API readers (default: SECLEDGER_GITLAB_WORKERS, 4).",
+)
 @click.pass_obj
 def backfill(
     context: Context,

@@ -125,7 +125,9 @@ def sink_group() -> None:
 
 
 @sink_group.command(name="status")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 @click.pass_obj
 def sink_status_command(context: Context, fmt: str) -> None:
     """Show pending, failed and delivered outbox rows and the latest error.

@@ -59,7 +59,9 @@ def status_lines(status: SpoolStatus) -> list[str]:
 
 
 @spool_group.command(name="status")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 @click.pass_obj
 def status_command(context: Context, fmt: str) -> None:
     """Show how many deliveries wait in the spool, how old the oldest is, and its size.
@@ -92,12 +94,11 @@ def summary(result: DrainResult) -> str:
 @click.option(
     "--batch",
     type=click.IntRange(1, 10_000),
-    default=128,
-    show_default=True,
-    help="Deliveries recorded per transaction.",
+    default=None,
+    help="Deliveries recorded per transaction (default: SECLEDGER_MAX_BATCH, 128).",
 )
 @click.pass_obj
-def drain_command(context: Context, batch: int) -> None:
+def drain_command(context: Context, batch: int | None) -> None:
     """Record every spooled delivery, oldest first, through the normal recording path.
 
     Each file is deleted only after its transaction committed; draining twice is
@@ -116,7 +117,7 @@ def drain_command(context: Context, batch: int) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
-                result = drainer.all(batch)
+                result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
         except SpoolUnavailable as exc:
