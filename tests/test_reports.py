@@ -289,6 +289,15 @@ def test_a_renamed_project_is_shown_under_its_newest_path(history) -> None:
     rows = by(run(history, reports.projects), "project_path")
     assert rows["acme/aa-new"]["mrs"] == 3
     assert "acme/web" not in rows
+    # A filter by path takes the project by its path now: all three of its MRs, and
+    # none by the old path, which a new project may take (MRs that only kept it).
+    [tiers] = run(history, reports.tiers, project="ACME/aa-new", tier="critical")
+    assert (tiers["mrs"], tiers["open"]) == (1, 1)
+    assert sum(row["mrs"] for row in run(history, reports.tiers, project="acme/aa-new")) == 3
+    assert run(history, reports.tiers, project="acme/web") == []
+    assert run(history, reports.tiers, project="15") == run(
+        history, reports.tiers, project="acme/aa-new"
+    )
 
 
 def test_periods_report_by_week_and_month(history) -> None:

@@ -18,10 +18,29 @@ def among(names: str) -> str:
     return f"EXISTS (SELECT FROM unnest({names}) AS a(name) WHERE {same_name('a.name')})"
 
 
+# Projects whose path is now :project: the newest path of their MRs (by last event) is
+# it. A ledger row keeps the path its MR was last seen under, so after a rename a row-by-
+# row match missed the project's older MRs and took in those of whatever project took
+# the old path since (``report projects`` shows each project under its newest path).
+# The candidates come from the index on lowered paths (migration 0023), then each one's
+# newest path from its own rows.
+_NOW_AT_PATH = (
+    "(SELECT c.instance, c.project_id FROM (SELECT DISTINCT instance, project_id"
+    " FROM security_review_ledger WHERE lower(project_path) = lower(:project)) c"
+    " WHERE lower((SELECT n.project_path FROM security_review_ledger n"
+    " WHERE n.instance = c.instance AND n.project_id = c.project_id"
+    " AND n.project_path IS NOT NULL ORDER BY n.last_event_at DESC, n.mr_iid DESC LIMIT 1))"
+    " = lower(:project))"
+)
+
+
 def same_project(prefix: str = "") -> str:
-    """SQL: the row (columns ``project_path``, ``project_id`` after ``prefix``) is the
-    project ``:project``, given by id or by path whatever the case."""
-    return f"(lower({prefix}project_path) = lower(:project) OR {prefix}project_id::text = :project)"
+    """SQL: the row (columns ``instance``, ``project_id`` after ``prefix``) is of the
+    project ``:project``, given by id or by its current path whatever the case."""
+    return (
+        f"({prefix}project_id::text = :project"
+        f" OR ({prefix}instance, {prefix}project_id) IN {_NOW_AT_PATH})"
+    )
 
 
 def approved_by(mr: str, approvers: str) -> str:
