@@ -233,7 +233,7 @@ def test_serve_refuses_a_directory_it_cannot_write_before_anything_starts(
     tmp_path: Path, where: str, message: str
 ) -> None:
     """A read-only root file system (as SECURITY.md recommends) gave a traceback after
-    "receiving on"; a path through a plain file fails the same way, even for root."""
+    "serve_receiving"; a path through a plain file fails the same way, even for root."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env = {
@@ -254,7 +254,7 @@ def test_serve_refuses_a_directory_it_cannot_write_before_anything_starts(
     assert result.returncode == 1, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert "receiving on" not in result.stderr
+    assert "serve_receiving" not in result.stderr
 
 
 def test_serve_open_mode_is_loopback_only() -> None:
@@ -283,7 +283,7 @@ def test_open_mode_beside_webhook_sources_is_loopback_only_too(tmp_path: Path) -
         result = CliRunner().invoke(main, ["serve", "--port", "0", *args], env=env)
         assert result.exit_code == 1, result.output
         assert "only allowed on a loopback address" in result.output
-        assert "receiving on" not in result.output
+        assert "serve_receiving" not in result.output
 
 
 def test_csv_text_a_spreadsheet_would_run_gets_an_apostrophe_numbers_do_not() -> None:
@@ -597,7 +597,7 @@ def test_an_unreachable_database_is_one_line_and_its_own_exit_status(tmp_path: P
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("Error: cannot reach the database: connection failed")
         assert "Traceback" not in done.stderr
-        assert "receiving on" not in done.stderr
+        assert "serve_receiving" not in done.stderr
         assert "pw-9f3" not in done.stderr
 
 
@@ -677,7 +677,7 @@ def test_a_port_out_of_range_is_a_usage_error(command: str) -> None:
 
 def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
     """Refused before the database is touched (its URL here reaches nothing), with the
-    address and the reason; not uvicorn's line after "receiving on", nor exit 3."""
+    address and the reason; not uvicorn's line after "serve_receiving", nor exit 3."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -688,7 +688,7 @@ def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:
         f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "database" not in done.stderr
-    assert "receiving on" not in done.stderr
+    assert "serve_receiving" not in done.stderr
 
 
 def test_a_second_receiver_on_the_port_is_refused_even_when_both_start_at_once() -> None:
@@ -706,7 +706,7 @@ def test_a_second_receiver_on_the_port_is_refused_even_when_both_start_at_once()
 
 def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_path: Path) -> None:
     """Read when the background lookups would start; before, it was uvicorn's traceback
-    after "receiving on", and exit 3 as if the database were down."""
+    after "serve_receiving", and exit 3 as if the database were down."""
     done = _serve_without_a_database(
         tmp_path,
         _unused_port(),
@@ -748,13 +748,13 @@ def test_a_gitlab_token_that_cannot_be_a_header_is_refused_without_showing_it(
 def test_a_bad_dashboard_setting_is_refused_before_receiving(
     tmp_path: Path, database_url: str, setting: str, value: str, message: str
 ) -> None:
-    """Refused after "receiving on" was printed, it looked like a crash of a started
+    """Refused after "serve_receiving" was printed, it looked like a crash of a started
     receiver. The database answers: without it, start-up stops before either."""
     done = _serve_without_a_database(
         tmp_path, _unused_port(), SECLEDGER_DATABASE_URL=database_url, **{setting: value}
     )
     assert done.returncode == 1, done.stderr
-    assert "receiving on" not in done.stderr
+    assert "serve_receiving" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]
 
 

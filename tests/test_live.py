@@ -75,6 +75,9 @@ def server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         log = running.stderr()
     for secret in EVERY_SECRET:
         assert secret not in log, "a secret reached the server log"
+    # docs/operations.md: JSON on stderr, one object per line, from the first line on.
+    events = [json.loads(line)["event"] for line in log.splitlines()]
+    assert events.index("serve_starting") < events.index("serve_receiving")
 
 
 def rows(database_url: str) -> int:

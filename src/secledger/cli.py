@@ -212,18 +212,20 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     sources_from_settings(settings)  # refuse a bad signing secret or policy before serving
     check_settings(settings)  # and a token or key file that cannot be read
     # Bound before the database starts: a port in use is one line at once, not uvicorn's
-    # log line after "receiving on" (and exit 3, the status of an unreachable database).
+    # log line after ``serve_receiving`` (and exit 3, the status of an unreachable database).
     sockets = _listen(host, port)
     _allow_open_files()
     database = context.database
-    click.echo(f"secledger {__version__}: database {database.redacted()}", err=True)
+    # Events, not plain lines: the log is JSON, one object per line (docs/operations.md),
+    # and a parser that expects that would choke on the first two lines of every start.
+    log.info("serve_starting", version=__version__, database=database.redacted())
     # Reached and migrated before serving: an outage or a wrong database is then one line
-    # and exit 3 (``run``), not uvicorn's start-up traceback after a "receiving on".
+    # and exit 3 (``run``), not uvicorn's start-up traceback after ``serve_receiving``.
     with context.engine(logged=True):
         pass
     bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"receiving on http://{shown}:{bound}/webhooks/gitlab", err=True)
+    log.info("serve_receiving", url=f"http://{shown}:{bound}/webhooks/gitlab")
     app = create_app(settings, database)
     # What start-up created (modules, FastAPI, SQLAlchemy, settings) lives as long as the
     # process. Frozen, the collector stops re-scanning it: a full collection of it took
@@ -601,7 +603,7 @@ def run() -> None:
     try:
         main(standalone_mode=True)
     except SecledgerError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        _error(str(exc))
         sys.exit(1)
     except (OperationalError, psycopg.OperationalError) as exc:
         cause = getattr(exc, "orig", None) or exc
@@ -611,28 +613,32 @@ def run() -> None:
         # it names the host and the user, never the password.
         reason = str(cause).strip().splitlines()[0]
         if _refused_login(reason):
-            click.echo(f"Error: the database refused the login: {reason}", err=True)
+            _error(f"the database refused the login: {reason}")
             sys.exit(1)
         if any(text in reason for text in _TLS_SETTINGS):
             # Waiting will not change the server's TLS or the URL's: not an outage.
-            click.echo(f"Error: the database connection's TLS settings failed: {reason}", err=True)
+            _error(f"the database connection's TLS settings failed: {reason}")
             sys.exit(1)
-        click.echo(f"Error: cannot reach the database: {reason}", err=True)
+        _error(f"cannot reach the database: {reason}")
         sys.exit(DATABASE_UNREACHABLE)
     except (ProgrammingError, psycopg.errors.InsufficientPrivilege) as exc:
         cause = getattr(exc, "orig", None) or exc
         state = getattr(cause, "sqlstate", None)
         reason = str(cause).strip().splitlines()[0]
         if state == migrate.INSUFFICIENT_PRIVILEGE:
-            click.echo(
-                f"Error: the database login may not do this: {reason}. {WHICH_LOGIN}", err=True
-            )
+            _error(f"the database login may not do this: {reason}. {WHICH_LOGIN}")
             sys.exit(1)
         if state in _SCHEMA_MISSING:
             # Commands that only read (verify, checkpoint) do not migrate first.
-            click.echo(f"Error: {reason}: {NO_SCHEMA}", err=True)
+            _error(f"{reason}: {NO_SCHEMA}")
             sys.exit(1)
         raise
+
+
+def _error(message: str) -> None:
+    """The last line of a failed command, after the log lines written before it."""
+    logs.flush()
+    click.echo(f"Error: {message}", err=True)
 
 
 # The server answered and refused this login for a reason waiting will not change (a

@@ -81,6 +81,13 @@ class LineWriter:
 _writer: LineWriter | None = None
 
 
+def flush() -> None:
+    """Write out the queued lines now: before a last message printed to stderr directly,
+    which would otherwise come before log lines logged ahead of it."""
+    if _writer is not None:
+        _writer.drain()
+
+
 def _line_writer(file: BinaryIO) -> LineWriter:
     global _writer  # noqa: PLW0603 - one writer thread per process, made on first use
     if _writer is None:
