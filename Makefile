@@ -17,7 +17,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/secledger demo
+	$(BIN)/secledger demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-test
 	@bash scripts/ensure-test-tools.sh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,6 +223,10 @@ def test_demo_creates_one_dashboard_user_with_a_private_password_file(
     assert os.stat(password_file).st_mode & 0o777 == 0o600
     assert f"password in {password_file}" in first.output
     assert "Not serving (--no-serve)" in first.output
+    # The serve it suggests has the secret the demo made (serve reads none by itself).
+    secret_file = data / "webhook-secret"
+    assert f"`SECLEDGER_WEBHOOK_SECRETS_FILE={secret_file} secledger serve`" in first.output
+    assert os.stat(secret_file).st_mode & 0o777 == 0o600
     assert "http://127.0.0.1:8080/" not in first.output  # nothing listens there
     assert password not in first.output
     users = read_users_file(data / "users")
@@ -231,6 +236,14 @@ def test_demo_creates_one_dashboard_user_with_a_private_password_file(
     assert again.exit_code == 0
     assert password_file.read_text().strip() == password
     assert (data / "users").read_text() == before  # idempotent: nothing rewritten
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    busy = CliRunner().invoke(main, ["demo", "--port", str(port)], env=env)
+    taken.close()
+    assert busy.exit_code == 1
+    assert f"port {port} on 127.0.0.1 is taken; try --port " in busy.output
+    assert "Dashboard:" not in busy.output  # no address printed where nothing will listen
     settings = reader_settings(database_url, data)  # its users file now holds demo
     with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as app:
         assert post_login(app, "demo", password).status_code == 303

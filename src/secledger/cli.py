@@ -543,19 +543,21 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
     render(rows, "table", TABLE_COLUMNS, title=f"security_review_ledger ({len(rows)} rows)")
     password_file = _users.ensure_demo_user(settings)
     login = f"(user {_users.DEMO_USER}, password in {password_file})"
-    if no_serve:
-        click.echo(f"\nNot serving (--no-serve). `secledger serve` shows the dashboard {login}.")
-        return
-    click.echo(f"\nDashboard: http://127.0.0.1:{port}/  {login}")
     secret_file = settings.data_dir / "webhook-secret"
     # Created with mode 0600 from the start: never readable by others, even briefly.
     secret = ensure_secret_file(secret_file, 32)
+    # serve reads no secret from the data directory by itself: the command says where.
+    serve = f"SECLEDGER_WEBHOOK_SECRETS_FILE={secret_file} secledger serve"
+    if no_serve:
+        click.echo(f"\nNot serving (--no-serve). `{serve}` shows the dashboard {login}.")
+        return
     if not _free("127.0.0.1", port):
-        raise click.ClickException(f"port {port} on 127.0.0.1 is taken; try --port 8081")
+        raise click.ClickException(f"port {port} on 127.0.0.1 is taken; {_free_port_hint(port)}")
+    click.echo(f"\nDashboard: http://127.0.0.1:{port}/  {login}")
     click.echo(
         "\nPoint GitLab at it: Settings > Webhooks > Add new webhook\n"
         f"  URL:          http://127.0.0.1:{port}/webhooks/gitlab"
-        " (GitLab must reach it: bind a routable address with `secledger serve --host`)\n"
+        f" (GitLab must reach it: bind a routable address with `{serve} --host`)\n"
         f"  Secret token: the contents of {secret_file}\n"
         "  Trigger:      Merge request events\n"
         "Try it from another terminal:\n"
@@ -564,6 +566,14 @@ def demo(context: Context, port: int, no_serve: bool) -> None:
     )
     context.settings = settings.model_copy(update={"webhook_secrets": [SecretStr(secret)]})
     _serve(context, "127.0.0.1", port, allow_open=False)
+
+
+def _free_port_hint(port: int) -> str:
+    """A port to try instead of ``port``: one free now, near it."""
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        if _free("127.0.0.1", candidate):
+            return f"try --port {candidate} (make demo DEMO_ARGS='--port {candidate}')"
+    return "pass a free one with --port"
 
 
 def try_it_command(port: int, secret_file: Path, body: Path) -> str:
