@@ -316,6 +316,11 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_PORT": "not-a-port"})
     assert result.exit_code == 1
     assert "invalid configuration" in result.output
+    broken = tmp_path / "secledger.toml"
+    broken.write_text("port = [1,\n")
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_CONFIG": str(broken)})
+    assert result.exit_code == 1
+    assert f"invalid configuration: {broken} is not TOML: " in result.output
 
 
 @pytest.mark.parametrize(
@@ -715,7 +720,8 @@ def test_a_token_file_that_cannot_be_read_is_refused_before_the_database(tmp_pat
     )
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"Error: cannot read gitlab_token_file {tmp_path / 'missing-token'}"
+        f"Error: SECLEDGER_GITLAB_TOKEN_FILE: cannot read {tmp_path / 'missing-token'}:"
+        " No such file or directory"
     ]
 
 
@@ -741,7 +747,11 @@ def test_a_gitlab_token_that_cannot_be_a_header_is_refused_without_showing_it(
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("SECLEDGER_USERS", "alice:not-a-hash", "a user's password hash is not scrypt"),
+        (
+            "SECLEDGER_USERS",
+            "alice:not-a-hash",
+            "user 'alice' in SECLEDGER_USERS: a user's password hash is not scrypt",
+        ),
         ("SECLEDGER_TRUSTED_PROXIES", "notanip", "trusted_proxies:"),
     ],
 )

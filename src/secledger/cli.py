@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import sys
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
@@ -144,6 +145,10 @@ def _load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise click.ClickException(f"invalid configuration: {describe(exc)}") from None
+    except tomllib.TOMLDecodeError as exc:
+        # Its message says where in the file, not which file.
+        named = os.environ.get("SECLEDGER_CONFIG", "the configuration file")
+        raise click.ClickException(f"invalid configuration: {named} is not TOML: {exc}") from exc
     except ValueError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
 

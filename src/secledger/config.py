@@ -616,7 +616,10 @@ class Settings(BaseSettings):
         try:
             lines = self.gitlab_token_file.read_bytes().splitlines()
         except OSError as exc:
-            raise ConfigError(f"cannot read gitlab_token_file {self.gitlab_token_file}") from exc
+            raise ConfigError(
+                f"SECLEDGER_GITLAB_TOKEN_FILE: cannot read {self.gitlab_token_file}:"
+                f" {exc.strerror or exc}"
+            ) from exc
         first = lines[0].strip() if lines else b""
         if not all(0x20 <= byte <= 0x7E for byte in first):
             # Named, never shown: it is sent as a header, and it is a secret.

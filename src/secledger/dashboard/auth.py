@@ -134,9 +134,15 @@ def write_users_file(path: Path, users: dict[str, str]) -> None:
 
 def load_users(settings: Settings) -> dict[str, str]:
     """Users from the users file, then from settings (settings win); hashes checked."""
-    users = read_users_file(settings.users_path) | dict(settings.users)
-    for encoded in users.values():
-        check_hash_format(encoded)
+    from_file = read_users_file(settings.users_path)
+    users = from_file | dict(settings.users)
+    for name, encoded in users.items():
+        try:
+            check_hash_format(encoded)
+        except ConfigError as exc:
+            # Which user, and where it is set: the hash itself is not shown.
+            where = "SECLEDGER_USERS" if name in settings.users else str(settings.users_path)
+            raise ConfigError(f"user {name!r} in {where}: {exc}") from None
     return users
 
 
