@@ -462,6 +462,15 @@ def test_a_database_url_that_libpq_cannot_parse_never_shows_its_password(url: st
     assert "hunter2" not in result.output
 
 
+def test_several_hosts_in_the_authority_are_refused_with_the_form_that_works() -> None:
+    """libpq's h1:p1,h2:p2 cannot pass the URL parser in front of it; the query form can."""
+    url = "postgresql://app:hunter2@db1:5432,db2:5432/ledger"
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_DATABASE_URL": url})
+    assert result.exit_code == 1, result.output
+    assert "for several hosts, name them in the query:" in result.output
+    assert "hunter2" not in result.output
+
+
 def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
     environ = {
         "SECLEDGER_SPOOL_DIRR": "/srv/spool",

@@ -166,6 +166,12 @@ def _parsed(url: str, setting: str) -> str:
         make_url(url)
     except Exception:  # noqa: BLE001 - whatever the parser raises, its text is unsafe
         message = f"{setting} is not a valid database URL (not shown: it may hold a password)"
+        if "," in url.partition("://")[2].partition("/")[0].rpartition("@")[2]:
+            # libpq takes h1:p1,h2:p2 there; the URL parser in front of it does not.
+            message += (
+                "; for several hosts, name them in the query:"
+                " postgresql://user@/db?host=h1:5432&host=h2:5432"
+            )
         raise ConfigError(message) from None
     return url
 
