@@ -1214,6 +1214,30 @@ def test_reevaluation_does_not_overwrite_what_a_writer_records_meanwhile(engine)
     assert stored_clock(engine)[3] == T0 + timedelta(hours=1)
 
 
+def test_reevaluation_then_the_check_does_not_deadlock_with_serves_check(engine) -> None:
+    """`findings --reevaluate` holds the chain lock, then runs the overdue check, which
+    took the refresh lock: serve's check, holding that lock while it waited for the
+    chain lock, made a cycle, and PostgreSQL killed the re-evaluation."""
+    record(engine, event("open", 0, labels=["sec::critical"]))
+    now = T0 + timedelta(hours=30)
+    serves: list[int] = []
+    with engine.connect() as cli, cli.begin():
+        assert findings.reevaluate_all(cli, CompliancePolicy(), now) == 1
+
+        def check() -> None:
+            with engine.begin() as conn:
+                serves.append(findings.refresh_overdue(conn, CompliancePolicy(), now))
+
+        other = threading.Thread(target=check)
+        other.start()
+        assert wait_for(lambda: waiting_for_a_lock(engine))
+        # Re-evaluated at now, the breach is recorded already: neither check adds it.
+        assert findings.refresh_overdue(cli, CompliancePolicy(), now) == 0
+    other.join(timeout=30)
+    assert serves == [0]
+    assert ("sla-breached", "") in found(engine, now=now)
+
+
 def waiting_for_a_lock(engine: Engine) -> bool:
     with engine.connect() as conn:
         return bool(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar())

@@ -305,12 +305,14 @@ def refresh_overdue(conn: Connection, policy: CompliancePolicy, now: datetime) -
     check and `secledger findings --refresh-only` call it; reports and listings read
     ``FINDINGS_AS_OF`` instead.
     """
-    conn.execute(_REFRESH_LOCK)
-    # Behind the writers too: its SELECT reads clocks from a snapshot, and a writer that
-    # moved a deadline and resolved the breach in between (a longer SLA, the label
-    # removed) would have its resolution undone by the ON CONFLICT, which reads the row's
-    # newest version. Under the chain lock, the statement's snapshot follows their commit.
+    # Behind the writers: its SELECT reads clocks from a snapshot, and a writer that moved
+    # a deadline and resolved the breach in between (a longer SLA, the label removed)
+    # would have its resolution undone by the ON CONFLICT, which reads the row's newest
+    # version. Under the chain lock, the statement's snapshot follows their commit. The
+    # chain lock first, always: `findings --reevaluate` holds it when it gets here, and
+    # a check holding the refresh lock while it waited for the chain lock deadlocked it.
     conn.execute(_CHAIN_LOCK)
+    conn.execute(_REFRESH_LOCK)
     return conn.execute(_RECORD_OVERDUE, as_of(policy, now)).rowcount or 0
 
 
