@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import stat
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from secledger.cli import main
+from secledger.dashboard import auth
 from secledger.dashboard.auth import read_users_file, verify_password
 
 PASSWORD = "a long enough passphrase"
@@ -49,15 +53,43 @@ def test_user_add_says_when_the_users_file_cannot_be_written(monkeypatch, tmp_pa
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-def test_the_users_file_is_replaced_whole(monkeypatch, tmp_path) -> None:
-    """Written beside it and renamed: no partial file, no temporary left behind."""
+def test_a_failed_write_leaves_the_users_file_as_it_was(monkeypatch, tmp_path) -> None:
+    """Truncated in place, a full disk mid-write left a users file with no users."""
     monkeypatch.setenv("SECLEDGER_DATA_DIR", str(tmp_path))
     runner = CliRunner()
-    for name in ("alice", "bob"):
-        result = runner.invoke(main, ["user", "add", name, "--password-stdin"], PASSWORD)
-        assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]
-    assert list(read_users_file(tmp_path / "users")) == ["alice", "bob"]
+    assert (
+        runner.invoke(main, ["user", "add", "alice", "--password-stdin"], PASSWORD).exit_code == 0
+    )
+    before = (tmp_path / "users").read_text()
+
+    class FullDisk(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(auth.os, "fdopen", lambda fd, mode: (os.close(fd), FullDisk())[1])
+    result = runner.invoke(main, ["user", "add", "bob", "--password-stdin"], PASSWORD)
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output
+    assert (tmp_path / "users").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]  # no partial file left
+
+
+def test_a_linked_users_file_keeps_its_link_owner_and_mode(monkeypatch, tmp_path) -> None:
+    """Renamed over, the link became a file of root's, mode 0600: the file it named was
+    never updated, and a serve running as another user could not read the new one."""
+    real = tmp_path / "real-users"
+    real.write_text("")
+    owner = 65534 if os.geteuid() == 0 else os.getuid()  # nobody, where root may say so
+    os.chown(real, owner, -1)
+    real.chmod(0o640)
+    link = tmp_path / "users"
+    link.symlink_to(real)
+    monkeypatch.setenv("SECLEDGER_USERS_FILE", str(link))
+    result = CliRunner().invoke(main, ["user", "add", "alice", "--password-stdin"], PASSWORD)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink()
+    assert list(read_users_file(real)) == ["alice"]
+    assert (real.stat().st_uid, stat.S_IMODE(real.stat().st_mode)) == (owner, 0o640)
 
 
 def test_short_passwords_and_bad_names_are_refused(monkeypatch, tmp_path) -> None:

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,24 +113,63 @@ def read_users_file(path: Path) -> dict[str, str]:
 
 
 def write_users_file(path: Path, users: dict[str, str]) -> None:
-    """Replace the users file (mode 0600) with ``users``, sorted by name.
+    """Replace the users file (mode 0600 when new) with ``users``, sorted by name.
 
     Written beside it and renamed over it: truncated in place, a full disk or a crash
-    mid-write left a file with no users, and nobody could log in.
+    mid-write left a file with no users, and nobody could log in. A symbolic link is
+    followed (the file it names is replaced), and an existing file's mode and owner are
+    kept, so a ``serve`` running as another user still reads it; when the owner cannot
+    be kept (not root), the file is rewritten in place, as before.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = "# secledger dashboard users: name:scrypt hash\n" + "".join(
+        f"{user}:{hashed}\n" for user, hashed in sorted(users.items())
+    )
     try:
+        before = target.stat()
+    except FileNotFoundError:
+        before = None
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if before is not None:
+            try:
+                os.fchown(fd, before.st_uid, before.st_gid)
+            except PermissionError:
+                os.close(fd)
+                fd = -1
+                partial.unlink()
+                _write_in_place(target, text)
+                return
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
         with os.fdopen(fd, "w") as out:
-            out.write("# secledger dashboard users: name:scrypt hash\n")
-            out.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(users.items()))
+            fd = -1
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        partial.replace(path)
+        partial.replace(target)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         partial.unlink(missing_ok=True)
         raise
+    _sync_directory(target.parent)
+
+
+def _write_in_place(target: Path, text: str) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _sync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_users(settings: Settings) -> dict[str, str]:
