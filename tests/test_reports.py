@@ -29,6 +29,7 @@ from sqlalchemy.exc import ProgrammingError
 from builders import dumps, label_change, mr_event
 from secledger import findings, reports
 from secledger.cli import main
+from secledger.dashboard.queries import filter_options
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db, migrate
@@ -298,6 +299,11 @@ def test_a_renamed_project_is_shown_under_its_newest_path(history) -> None:
     assert run(history, reports.tiers, project="15") == run(
         history, reports.tiers, project="acme/aa-new"
     )
+    # The dashboard offers the paths its filter takes: not the old one.
+    with db.reading(history) as conn:
+        offered = filter_options(conn).projects
+    assert "acme/aa-new" in offered
+    assert "acme/web" not in offered
 
 
 def test_periods_report_by_week_and_month(history) -> None:

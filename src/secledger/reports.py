@@ -20,7 +20,7 @@ from sqlalchemy import Connection, text
 from secledger import findings as store
 from secledger.copies import counted_groups
 from secledger.errors import TimestampError
-from secledger.filtermatch import among, approved_by, same_name, same_project
+from secledger.filtermatch import NEWEST_PATH, among, approved_by, same_name, same_project
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
 
@@ -266,10 +266,7 @@ def tiers(conn: Connection, filters: Filters) -> list[TierRow]:
 def projects(conn: Connection, filters: Filters) -> list[ProjectRow]:
     """Per project, MRs labelled in the period."""
     # After a rename, MRs last seen before it keep the old path: the newest one's is shown.
-    keys = (
-        "l.instance, l.project_id, (array_agg(l.project_path ORDER BY l.last_event_at DESC)"
-        " FILTER (WHERE l.project_path IS NOT NULL))[1] AS project_path"
-    )
+    keys = f"l.instance, l.project_id, {NEWEST_PATH.format(p='l.')} AS project_path"
     return _grouped(conn, filters, keys, "l.instance, l.project_id", ProjectRow)
 
 

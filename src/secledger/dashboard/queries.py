@@ -156,10 +156,13 @@ class FilterOptions:
 
 def filter_options(conn: Connection) -> FilterOptions:
     """Distinct projects, tiers and reviewers present in the ledger."""
+    # Each project under its path now (the filter matches a project by it), not every
+    # path its MRs were last seen under: after a rename the old one matches nothing.
+    newest = filtermatch.NEWEST_PATH.format(p="")
     projects = conn.execute(
         text(
-            "SELECT DISTINCT project_path FROM security_review_ledger"
-            " WHERE project_path IS NOT NULL ORDER BY 1"
+            f"SELECT DISTINCT path FROM (SELECT {newest} AS path FROM security_review_ledger"
+            " GROUP BY instance, project_id) AS p WHERE path IS NOT NULL ORDER BY 1"
         )
     ).scalars()
     tiers = conn.execute(text("SELECT DISTINCT risk_tier FROM security_review_ledger ORDER BY 1"))
