@@ -273,6 +273,29 @@ def test_a_write_the_login_may_not_make_is_one_line_not_a_traceback(
         assert "SECLEDGER_MIGRATION_DATABASE_URL" in last
 
 
+def test_serve_refuses_a_login_that_may_only_read(database_url, tmp_path) -> None:
+    """It started, /readyz said ready, and every security delivery was answered 202
+    while the drain could never record it."""
+    secledger = Path(sys.executable).parent / "secledger"
+    done = subprocess.run(
+        [str(secledger), "serve", "--port", "0"],
+        env={
+            "PATH": os.environ["PATH"],
+            "SECLEDGER_DATABASE_URL": readonly_url(database_url),
+            "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+            "SECLEDGER_WEBHOOK_SECRETS": "a-webhook-secret",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: this database login may not record deliveries.")
+    assert "serve_receiving" not in done.stderr
+
+
 def test_reports_and_findings_run_as_a_readonly_login(engine, database_url) -> None:
     """SECURITY.md has auditors report as secledger_readonly: same answers, nothing to skip."""
     feed_one(engine)  # an open MR labelled in 2025: overdue by now, no breach recorded

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from builders import delivery_of, label_change, mr_event
+from chainkit import readonly_url
 from conftest import post
 from faultkit import database_down
 from secledger import recorder as recorder_module
@@ -350,6 +351,30 @@ def test_spool_commands_show_and_drain(tmp_path: Path, database_url: str, engine
     assert [r[1] for r in log_rows(engine)] == ["idem:c-1", "idem:c-2"]
     text_status = runner.invoke(main, ["spool", "status"], env=env)
     assert "depth:     0" in text_status.output
+
+
+def test_a_login_that_may_not_write_leaves_the_spool_as_it_was(
+    tmp_path: Path, database_url: str, engine: Engine
+) -> None:
+    """As secledger_readonly, the drain put every delivery in failed/ ("refused by the
+    database: permission denied"), said "set aside 2" and exited 0: once the login was
+    fixed, they and every later delivery of their MRs waited there for an operator."""
+    spool = Spool.open(tmp_path / "spool")
+    spool.write([delivery(mr_event("open"), "r-1"), delivery(mr_event("close"), "r-2")])
+    env = {
+        "SECLEDGER_DATABASE_URL": readonly_url(database_url),
+        "SECLEDGER_SPOOL_DIR": str(tmp_path / "spool"),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    drained = CliRunner().invoke(main, ["spool", "drain"], env=env)
+    assert drained.exit_code == 1
+    assert "the database did not take them (permission denied for" in drained.output
+    assert "2 deliveries still spooled" in drained.output
+    assert not (tmp_path / "spool" / "failed").exists()
+    env["SECLEDGER_DATABASE_URL"] = database_url
+    again = CliRunner().invoke(main, ["spool", "drain"], env=env)
+    assert again.exit_code == 0, again.output
+    assert [r[1] for r in log_rows(engine)] == ["idem:r-1", "idem:r-2"]
 
 
 def test_a_drain_that_cannot_take_its_lock_is_one_line(tmp_path: Path, database_url: str) -> None:

@@ -39,13 +39,18 @@ _REFUSALS = ("54",)
 # provider set read-only when nearly full). Taken as refusals, every delivery, the
 # spool's too, went to failed/ and held its MR's later ones there once it was writable.
 _SERVER_STATES = ("25006",)
+# The login's or the schema's, not the delivery's: no privilege (a read-only login where
+# the app's belongs), a table or column missing (a database not migrated). Taken as
+# refusals, every delivery went to failed/, answered 202 and reported drained, and held
+# its MR's later ones there after the login was fixed.
+_CONFIGURATION = ("42501", "42P01", "42703")
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when the database could not be reached or cannot write for now, rather than
     refusing the write."""
     if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "")).startswith(
-        _SERVER_STATES
+        _SERVER_STATES + _CONFIGURATION
     ):
         return True
     if isinstance(exc, OperationalError | InterfaceError):
@@ -64,6 +69,7 @@ class DrainResult:
     set_aside: int = 0
     remaining: int = 0
     unavailable: bool = False
+    why: str = ""  # the database's first line, when it did not take them
     keys: list[MRKey] = field(default_factory=list)
 
     def add(self, other: DrainResult) -> None:
@@ -74,6 +80,7 @@ class DrainResult:
         self.set_aside += other.set_aside
         self.remaining = other.remaining
         self.unavailable = other.unavailable
+        self.why = other.why or self.why
         self.keys.extend(other.keys)
 
 
@@ -248,6 +255,8 @@ class Drainer:
         except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
             if is_transient(exc):
                 result.unavailable = True
+                result.why = str(getattr(exc, "orig", None) or type(exc).__name__)
+                result.why = result.why.strip().splitlines()[0][:300] if result.why else ""
                 return
             if len(items) > 1:
                 # One delivery the database refuses must not hold back the others.

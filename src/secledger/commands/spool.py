@@ -103,7 +103,8 @@ def drain_command(context: Context, batch: int | None) -> None:
 
     Each file is deleted only after its transaction committed; draining twice is
     harmless (the second time a delivery is a duplicate). Exits 1 if the database
-    became unavailable before the spool was empty.
+    did not take them before the spool was empty (unreachable,
+    read-only, or a login that may not write: the files stay in the spool).
 
     \b
     Example:
@@ -124,6 +125,7 @@ def drain_command(context: Context, batch: int | None) -> None:
             raise click.ClickException(str(exc)) from exc
     click.echo(summary(result))
     if result.unavailable and result.remaining:
+        why = f" ({result.why})" if result.why else ""
         raise click.ClickException(
-            f"the database became unavailable; {result.remaining} deliveries still spooled"
+            f"the database did not take them{why}; {result.remaining} deliveries still spooled"
         )
