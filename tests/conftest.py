@@ -90,6 +90,19 @@ def database_url(server_url: str, template_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def other_database_url(server_url: str, template_url: str) -> Iterator[str]:
+    """A second fresh, migrated database, for a test that needs two."""
+    name = f"secledger_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    try:
+        yield _with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     """An engine on the test's database."""
     created = db.create(database_url, pool_size=2)

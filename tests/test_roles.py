@@ -273,6 +273,44 @@ def test_a_write_the_login_may_not_make_is_one_line_not_a_traceback(
         assert "SECLEDGER_MIGRATION_DATABASE_URL" in last
 
 
+def test_a_migration_url_naming_another_database_is_refused(
+    database_url, other_database_url, tmp_path
+) -> None:
+    """After a restore into a new database with only SECLEDGER_DATABASE_URL updated,
+    `db upgrade` and `rebuild` worked on the old one and said they were done."""
+    env = {"migration_database_url": other_database_url, "data_dir": str(tmp_path / "data")}
+    for args in (["db", "upgrade"], ["rebuild"]):
+        result = CliRunner().invoke(
+            main, args, env={"SECLEDGER_DATABASE_URL": database_url} | _env(env)
+        )
+        assert result.exit_code == 1, (args, result.output)
+        assert "name different databases" in result.output
+    # The same database under two logins is what the docs describe: accepted.
+    same = {"migration_database_url": database_url, "data_dir": str(tmp_path / "data")}
+    assert cli(database_url, "rebuild", **same).exit_code == 0
+
+
+def test_the_owners_commands_with_only_the_owners_url_start_no_embedded_server(
+    database_url, tmp_path
+) -> None:
+    """`db upgrade` and `rebuild` as their --help shows them (only the migration URL, in
+    a release job) initialised an embedded cluster in the data directory, and `rebuild
+    --check` checked that empty database."""
+    env = {
+        "SECLEDGER_DATABASE_URL": None,
+        "SECLEDGER_MIGRATION_DATABASE_URL": database_url,
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    for args in (["db", "upgrade"], ["rebuild"], ["rebuild", "--check"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 0, (args, result.output)
+    assert not (tmp_path / "data" / "pg").exists()
+
+
+def _env(values: dict[str, str]) -> dict[str, str]:
+    return {f"SECLEDGER_{k.upper()}": v for k, v in values.items()}
+
+
 def test_serve_refuses_a_login_that_may_only_read(database_url, tmp_path) -> None:
     """It started, /readyz said ready, and every security delivery was answered 202
     while the drain could never record it."""

@@ -131,6 +131,26 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
         raise SystemExit(1)
 
 
+def _rebuild_url(context: Context, *, check: bool) -> str:
+    """The database rebuild works on: the receiver's for --check when it is configured;
+    else the owner's (a release job may hold only that one: not an embedded server),
+    which must then be the receiver's database."""
+    settings = context.settings
+    if check and settings.database_url is not None:
+        return context.database.url
+    url = db.admin_url(settings, lambda: context.database)
+    if not check and settings.database_url is not None and url != context.database.url:
+        app, owner = db.create(context.database.url, pool_size=1), db.create(url, pool_size=1)
+        try:
+            db.check_same_database(app, owner)
+        except SecledgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            app.dispose()
+            owner.dispose()
+    return url
+
+
 @click.command(name="rebuild")
 @click.option(
     "--check",
@@ -157,9 +177,7 @@ def rebuild_command(context: Context, check: bool) -> None:
         secledger rebuild
     """
     policy = LabelPolicy.from_settings(context.settings)
-    url = context.database.url
-    if not check:
-        url = db.admin_url(context.settings, context.database)
+    url = _rebuild_url(context, check=check)
     try:
         # Rebuilt by this version's rules into this version's tables: an older schema is
         # migrated first, as every other command does.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from secledger import embedded
 from secledger.config import Settings
@@ -176,9 +177,49 @@ def _parsed(url: str, setting: str) -> str:
     return url
 
 
-def admin_url(settings: Settings, database: Database) -> str:
-    """The URL for owner-only work: the migration URL, else the ordinary one."""
-    return migration_url(settings) or database.url
+def admin_url(settings: Settings, database: Callable[[], Database]) -> str:
+    """The URL for owner-only work: the migration URL, else the ordinary one. The
+    ordinary one is resolved only when needed: with none configured, resolving it starts
+    the embedded server, which a release job holding only the migration URL must not."""
+    return migration_url(settings) or database().url
+
+
+def _hidden(exc: DBAPIError) -> bool:
+    # No privilege on pg_control_system (42501), or no such function (42883).
+    return getattr(exc.orig, "sqlstate", None) in ("42501", "42883")
+
+
+# Which database a connection reached: the cluster's identifier and the database's name.
+_IDENTITY = text("SELECT (SELECT system_identifier FROM pg_control_system()), current_database()")
+
+
+def check_same_database(app: Engine, owner: Engine) -> None:
+    """Refuse when SECLEDGER_MIGRATION_DATABASE_URL and SECLEDGER_DATABASE_URL name two
+    databases (a restore into a new one, with one URL of the two updated): the owner's
+    work (migrations, rebuild) went to the other one, and said it was done. Where a
+    service hides its identity (the function refused), or where the receiver's URL
+    cannot be used from here (a release job holding the owner's login only), nothing is
+    refused."""
+    try:
+        with app.connect() as conn:
+            mine = tuple(conn.execute(_IDENTITY).one())
+    except (OperationalError, DBAPIError) as exc:
+        if isinstance(exc, OperationalError) or _hidden(exc):
+            return
+        raise
+    try:
+        with owner.connect() as conn:
+            theirs = tuple(conn.execute(_IDENTITY).one())
+    except DBAPIError as exc:
+        if _hidden(exc):
+            return
+        raise
+    if mine != theirs:
+        raise ConfigError(
+            "SECLEDGER_MIGRATION_DATABASE_URL and SECLEDGER_DATABASE_URL name different"
+            f" databases ({theirs[1]} and {mine[1]}, or the same name on two servers): the"
+            " owner's work would not reach the ledger the receiver writes; make them name one"
+        )
 
 
 def libpq_url(url: str) -> str:

@@ -156,6 +156,7 @@ def ensure_current(engine: Engine, migration_url: str | None) -> str | None:
     if migration_url is not None:
         owner = db.create(migration_url, pool_size=1)
         try:
+            db.check_same_database(engine, owner)
             upgrade(owner)
         finally:
             owner.dispose()
