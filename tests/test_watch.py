@@ -193,6 +193,22 @@ def test_a_state_file_that_cannot_be_saved_is_refused_before_any_line(
     assert list(writable.iterdir()) == []
 
 
+def test_a_state_file_ahead_of_the_log_is_refused(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """After a restore from an older backup, watch said "after seq 40" and emitted
+    nothing: the new deliveries took seqs up to 40 again and never reached downstream."""
+    record(engine, event(1))
+    state = tmp_path / "watch.state"
+    state.write_text('{"last_seq": 40}')
+    result = CliRunner().invoke(
+        main, ["watch", "--state-file", str(state)], env={"SECLEDGER_DATABASE_URL": database_url}
+    )
+    assert result.exit_code == 1, result.output
+    assert "says seq 40 was emitted, but the log ends at seq 1" in result.output
+    assert "--from-seq" in result.output
+
+
 def test_watch_emits_every_change(engine: Engine, database_url: str, watch) -> None:
     """Live: one line per committed change, each with the seq and the row it produced."""
     first = record(engine, event(1, iid=1, action="open"))

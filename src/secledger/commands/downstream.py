@@ -16,7 +16,7 @@ import click
 import orjson
 from sqlalchemy import Engine
 
-from secledger.errors import SecledgerError
+from secledger.errors import ConfigError, SecledgerError
 from secledger.sink import Sender, SinkConfig
 from secledger.store import changes, db, outbox
 from secledger.watch import StateFile, Watcher
@@ -47,7 +47,18 @@ def start_after(engine: Engine, from_seq: int | None, state: StateFile | None) -
     if state is not None:
         saved = state.load()
         # A state file that does not exist yet means a new consumer: give it everything.
-        return 0 if saved is None else saved
+        if saved is None:
+            return 0
+        with engine.connect() as conn:
+            head = changes.head(conn)
+        if saved > head:
+            # A log restored from an older backup: its new deliveries take seqs up to the
+            # saved one again, and would never be emitted.
+            raise ConfigError(
+                f"{state.path} says seq {saved} was emitted, but the log ends at seq {head}"
+                " (restored from an older backup?); pass --from-seq to say where to resume"
+            )
+        return saved
     with engine.connect() as conn:
         return changes.head(conn)
 
