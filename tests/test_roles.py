@@ -24,7 +24,7 @@ from secledger.config import Settings
 from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
 from secledger.service import feed
-from secledger.store import db, migrate
+from secledger.store import db, grants, migrate
 from secledger.web import create_app
 
 DENIED = psycopg.errors.InsufficientPrivilege
@@ -304,6 +304,12 @@ def test_the_owners_commands_with_only_the_owners_url_start_no_embedded_server(
     for args in (["db", "upgrade"], ["rebuild"], ["rebuild", "--check"]):
         result = CliRunner().invoke(main, args, env=env)
         assert result.exit_code == 0, (args, result.output)
+    # Other commands work on the receiver's database, which only its own URL names.
+    ledger = CliRunner().invoke(main, ["ledger"], env=env)
+    assert ledger.exit_code == 1
+    assert "SECLEDGER_MIGRATION_DATABASE_URL is set without SECLEDGER_DATABASE_URL" in (
+        ledger.output
+    )
     assert not (tmp_path / "data" / "pg").exists()
 
 
@@ -330,8 +336,35 @@ def test_serve_refuses_a_login_that_may_only_read(database_url, tmp_path) -> Non
     )
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: this database login may not record deliveries.")
+    assert last.startswith("Error: this database login may not record deliveries (no INSERT")
     assert "serve_receiving" not in done.stderr
+
+
+def test_each_privilege_recording_needs_is_asked_on_its_own(database_url) -> None:
+    """`has_table_privilege(t, 'INSERT, UPDATE')` is true when either is held: a login
+    with INSERT alone on the ledger passed, and every delivery was then set aside."""
+    login = "secledger_test_insert_only"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+        conn.execute(f'CREATE ROLE "{login}"')
+        for table, _ in grants.RECORDING:
+            conn.execute(f'GRANT INSERT ON {table} TO "{login}"')
+    try:
+        engine = db.create(database_url, pool_size=1)
+        with engine.connect() as conn:
+            conn.execute(text(f'SET ROLE "{login}"'))
+            missing = grants.missing_to_record(conn)
+        engine.dispose()
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{login}"')
+            conn.execute(f'DROP ROLE "{login}"')
+    assert missing == [
+        "UPDATE on security_review_ledger",
+        "UPDATE on review_sla",
+        "UPDATE on findings",
+        "USAGE on sequence findings_id_seq",
+    ]
 
 
 def test_reports_and_findings_run_as_a_readonly_login(engine, database_url) -> None:

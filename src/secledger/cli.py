@@ -32,14 +32,14 @@ from secledger.config import (
     overridden_keys,
     unknown_variables,
 )
-from secledger.errors import ConfigError, IntakeError, SecledgerError
+from secledger.errors import IntakeError, SecledgerError
 from secledger.keyfiles import ensure_secret_file
 from secledger.listener import is_unreachable
 from secledger.output import FORMATS, render, terminal_text
 from secledger.policy import LabelPolicy
 from secledger.projection import LEDGER_COLUMNS
 from secledger.service import Recording, feed, ledger_json
-from secledger.store import db, ledger, migrate
+from secledger.store import db, grants, ledger, migrate
 
 log = structlog.get_logger("secledger.cli")
 
@@ -103,6 +103,14 @@ class Context:
         """An engine on the database (through ``url``, else the configured URL), migrated
         first unless ``upgrade`` is False. An upgrade of an older schema is said on
         stderr, or with ``logged`` (``serve``) as the ``schema_upgraded`` log line."""
+        if url is None and self.settings.database_url is None and db.migration_url(self.settings):
+            # It would run on the embedded server's database, and the owner's migration
+            # be refused as naming another one.
+            raise click.ClickException(
+                "SECLEDGER_MIGRATION_DATABASE_URL is set without SECLEDGER_DATABASE_URL:"
+                " this command works on the receiver's database; set SECLEDGER_DATABASE_URL"
+                " too (only `db upgrade` and `rebuild` work with the owner's URL alone)"
+            )
         engine = db.create(url or self.database.url, pool_size=2)
         try:
             if upgrade:
@@ -227,10 +235,7 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     # Reached and migrated before serving: an outage or a wrong database is then one line
     # and exit 3 (``run``), not uvicorn's start-up traceback after ``serve_receiving``.
     with context.engine(logged=True) as engine, engine.connect() as conn:
-        # A login that may only read (secledger_readonly) started, said it was ready, and
-        # answered every security delivery 202 while the drain could never record it.
-        if not conn.execute(_MAY_RECORD).scalar_one():
-            raise ConfigError(f"this database login may not record deliveries. {WHICH_LOGIN}")
+        grants.refuse_unless_recording(conn)
     bound = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     log.info("serve_receiving", url=f"http://{shown}:{bound}/webhooks/gitlab")
@@ -609,18 +614,12 @@ DATABASE_UNREACHABLE = 3
 
 # Said when a login lacks a privilege (``run``).
 WHICH_LOGIN = (
-    "Writing commands need the login their docs name: serve, replay and spool drain"
-    " secledger_app, rebuild and db upgrade the owner"
+    "Writing commands need the login their docs name: rebuild and db upgrade the owner"
     " (SECLEDGER_MIGRATION_DATABASE_URL), checkpoint and findings --reevaluate"
     " secledger_app or the owner (docs/integrity.md, Roles and logins)"
 )
 
 
-# What `serve` needs of its login beyond reading (the app role, docs/integrity.md).
-_MAY_RECORD = text(
-    "SELECT has_table_privilege('delivery_log', 'INSERT')"
-    " AND has_table_privilege('security_review_ledger', 'INSERT, UPDATE')"
-)
 # Undefined table, undefined column: a database never migrated, or by an older version.
 _SCHEMA_MISSING = frozenset({"42P01", "42703"})
 NO_SCHEMA = (

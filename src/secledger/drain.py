@@ -39,24 +39,25 @@ _REFUSALS = ("54",)
 # provider set read-only when nearly full). Taken as refusals, every delivery, the
 # spool's too, went to failed/ and held its MR's later ones there once it was writable.
 _SERVER_STATES = ("25006",)
-# The login's or the schema's, not the delivery's: no privilege (a read-only login where
-# the app's belongs), a table or column missing (a database not migrated). Taken as
-# refusals, every delivery went to failed/, answered 202 and reported drained, and held
-# its MR's later ones there after the login was fixed.
-_CONFIGURATION = ("42501", "42P01", "42703")
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when the database could not be reached or cannot write for now, rather than
     refusing the write."""
     if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "")).startswith(
-        _SERVER_STATES + _CONFIGURATION
+        _SERVER_STATES
     ):
         return True
     if isinstance(exc, OperationalError | InterfaceError):
         state = getattr(exc.orig, "sqlstate", None) or ""
         return not state.startswith(_REFUSALS)
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's (or the driver's) first line about ``exc``: never a password."""
+    text_ = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
+    return text_.splitlines()[0][:300] if text_ else type(exc).__name__
 
 
 @dataclass
@@ -136,9 +137,11 @@ class Drainer:
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
         result = DrainResult()
-        if not self._reachable():
+        why = self._unreachable()
+        if why is not None:
             # Asked again and again while the database is down: fail before reading files.
             result.unavailable = True
+            result.why = why
             result.remaining = self.spool.depth
             return result
         self.refresh_held()
@@ -155,15 +158,16 @@ class Drainer:
             total.add(self.step(batch))
         return total
 
-    def _reachable(self) -> bool:
+    def _unreachable(self) -> str | None:
+        """Why the database cannot be reached now; None when it can."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             if is_transient(exc):
-                return False
+                return _first_line(exc)
             raise
-        return True
+        return None
 
     def refresh_held(self) -> None:
         """Read failed/ again when it changed (its files are decoded only then)."""
@@ -255,8 +259,7 @@ class Drainer:
         except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
             if is_transient(exc):
                 result.unavailable = True
-                result.why = str(getattr(exc, "orig", None) or type(exc).__name__)
-                result.why = result.why.strip().splitlines()[0][:300] if result.why else ""
+                result.why = _first_line(exc)
                 return
             if len(items) > 1:
                 # One delivery the database refuses must not hold back the others.

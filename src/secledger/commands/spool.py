@@ -8,6 +8,7 @@ import click
 import orjson
 
 from secledger.drain import Drainer, DrainResult
+from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
 from secledger.spool import DrainBusy, Spool, SpoolStatus, SpoolUnavailable
 from secledger.times import isoformat
@@ -15,6 +16,7 @@ from secledger.times import isoformat
 if TYPE_CHECKING:
     from secledger.cli import Context
 from secledger.service import Recording
+from secledger.store import grants
 
 
 @click.group(name="spool")
@@ -114,6 +116,8 @@ def drain_command(context: Context, batch: int | None) -> None:
     policy = LabelPolicy.from_settings(context.settings)
     with context.engine() as engine:
         try:
+            with engine.connect() as conn:
+                grants.refuse_unless_recording(conn)
             with spool.draining():
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
@@ -121,7 +125,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
-        except SpoolUnavailable as exc:
+        except (SpoolUnavailable, ConfigError) as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(summary(result))
     if result.unavailable and result.remaining:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from secledger import embedded
 from secledger.config import Settings
@@ -184,40 +185,35 @@ def admin_url(settings: Settings, database: Callable[[], Database]) -> str:
     return migration_url(settings) or database().url
 
 
-def _hidden(exc: DBAPIError) -> bool:
-    # No privilege on pg_control_system (42501), or no such function (42883).
-    return getattr(exc.orig, "sqlstate", None) in ("42501", "42883")
-
-
-# Which database a connection reached: the cluster's identifier and the database's name.
-_IDENTITY = text("SELECT (SELECT system_identifier FROM pg_control_system()), current_database()")
+# Advisory lock class of the handshake below (logins.py uses its own).
+HANDSHAKE_CLASS = 0x5EC1ED02
+_HOLD = text("SELECT pg_advisory_xact_lock(:cls, :key), current_database()")
+_TRY = text("SELECT pg_try_advisory_xact_lock(:cls, :key), current_database()")
 
 
 def check_same_database(app: Engine, owner: Engine) -> None:
     """Refuse when SECLEDGER_MIGRATION_DATABASE_URL and SECLEDGER_DATABASE_URL name two
     databases (a restore into a new one, with one URL of the two updated): the owner's
-    work (migrations, rebuild) went to the other one, and said it was done. Where a
-    service hides its identity (the function refused), or where the receiver's URL
-    cannot be used from here (a release job holding the owner's login only), nothing is
-    refused."""
+    work (migrations, rebuild) went to the other one, and said it was done.
+
+    A handshake, not a comparison of names or identifiers, which a restored physical
+    copy shares with its original: the owner's session takes an advisory lock with a
+    random key, which the receiver's session finds taken only in the same database.
+    Where the receiver's URL cannot be used from here (a release job holding the owner's
+    login only), nothing is refused.
+    """
+    key = secrets.randbits(31)
     try:
-        with app.connect() as conn:
-            mine = tuple(conn.execute(_IDENTITY).one())
-    except (OperationalError, DBAPIError) as exc:
-        if isinstance(exc, OperationalError) or _hidden(exc):
-            return
-        raise
-    try:
-        with owner.connect() as conn:
-            theirs = tuple(conn.execute(_IDENTITY).one())
-    except DBAPIError as exc:
-        if _hidden(exc):
-            return
-        raise
-    if mine != theirs:
+        mine = app.connect()
+    except OperationalError:
+        return
+    with mine, owner.connect() as theirs, theirs.begin(), mine.begin():
+        _, owner_name = theirs.execute(_HOLD, {"cls": HANDSHAKE_CLASS, "key": key}).one()
+        taken, app_name = mine.execute(_TRY, {"cls": HANDSHAKE_CLASS, "key": key}).one()
+    if taken:
         raise ConfigError(
             "SECLEDGER_MIGRATION_DATABASE_URL and SECLEDGER_DATABASE_URL name different"
-            f" databases ({theirs[1]} and {mine[1]}, or the same name on two servers): the"
+            f" databases ({owner_name} and {app_name}, or one name on two servers): the"
             " owner's work would not reach the ledger the receiver writes; make them name one"
         )
 
