@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,9 @@ def template_url(server_url: str) -> str:
     return url
 
 
-@pytest.fixture
-def database_url(server_url: str, template_url: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
+@contextmanager
+def _fresh_database(server_url: str) -> Iterator[str]:
+    """A database copied from the migrated template, dropped on exit."""
     name = f"secledger_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
@@ -87,19 +88,20 @@ def database_url(server_url: str, template_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    with _fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture
 def other_database_url(server_url: str, template_url: str) -> Iterator[str]:
     """A second fresh, migrated database, for a test that needs two."""
-    name = f"secledger_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    try:
-        yield _with_database(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture

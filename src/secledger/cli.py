@@ -393,16 +393,13 @@ def upgrade(context: Context) -> None:
     """
     # As the owner login when SECLEDGER_MIGRATION_DATABASE_URL is set (docs/integrity.md).
     admin = db.Database(db.admin_url(context.settings, lambda: context.database), embedded=False)
+    if context.settings.database_url is not None:
+        try:
+            db.check_same_urls(context.database.url, admin.url)
+        except SecledgerError as exc:
+            raise click.ClickException(str(exc)) from exc
     engine = db.create(admin.url, pool_size=1)
     try:
-        if context.settings.database_url is not None and admin.url != context.database.url:
-            app = db.create(context.database.url, pool_size=1)
-            try:
-                db.check_same_database(app, engine)
-            except SecledgerError as exc:
-                raise click.ClickException(str(exc)) from exc
-            finally:
-                app.dispose()
         with engine.connect() as conn:
             before = migrate.current_revision(conn)
         migrate.upgrade(engine)

@@ -139,15 +139,11 @@ def _rebuild_url(context: Context, *, check: bool) -> str:
     if check and settings.database_url is not None:
         return context.database.url
     url = db.admin_url(settings, lambda: context.database)
-    if not check and settings.database_url is not None and url != context.database.url:
-        app, owner = db.create(context.database.url, pool_size=1), db.create(url, pool_size=1)
+    if not check and settings.database_url is not None:
         try:
-            db.check_same_database(app, owner)
+            db.check_same_urls(context.database.url, url)
         except SecledgerError as exc:
             raise click.ClickException(str(exc)) from exc
-        finally:
-            app.dispose()
-            owner.dispose()
     return url
 
 

@@ -191,6 +191,18 @@ _HOLD = text("SELECT pg_advisory_xact_lock(:cls, :key), current_database()")
 _TRY = text("SELECT pg_try_advisory_xact_lock(:cls, :key), current_database()")
 
 
+def check_same_urls(app_url: str, owner_url: str) -> None:
+    """``check_same_database`` on two URLs (engines made and disposed of here)."""
+    if app_url == owner_url:
+        return
+    app, owner = create(app_url, pool_size=1), create(owner_url, pool_size=1)
+    try:
+        check_same_database(app, owner)
+    finally:
+        app.dispose()
+        owner.dispose()
+
+
 def check_same_database(app: Engine, owner: Engine) -> None:
     """Refuse when SECLEDGER_MIGRATION_DATABASE_URL and SECLEDGER_DATABASE_URL name two
     databases (a restore into a new one, with one URL of the two updated): the owner's
