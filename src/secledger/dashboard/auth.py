@@ -25,6 +25,7 @@ from starlette.requests import Request
 from secledger.config import Settings
 from secledger.errors import ConfigError
 from secledger.keyfiles import ensure_secret_file
+from secledger.spool import fsync_dir
 
 SCHEME = "scrypt"
 # OWASP's floor for scrypt is N=2^17 with r=8; 2^15 keeps a login near 0.1 s on a
@@ -154,22 +155,13 @@ def write_users_file(path: Path, users: dict[str, str]) -> None:
             os.close(fd)
         partial.unlink(missing_ok=True)
         raise
-    _sync_directory(target.parent)
+    fsync_dir(target.parent)
 
 
 def _write_in_place(target: Path, text: str) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as out:
         out.write(text)
-
-
-def _sync_directory(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_users(settings: Settings) -> dict[str, str]:
