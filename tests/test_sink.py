@@ -284,11 +284,13 @@ def test_serve_delivers_in_the_background(
 
 
 class Trickler:
-    """An HTTP receiver that answers 200 and then sends its body one byte a second, or,
-    with ``head``, sends its status line and then a header line a second."""
+    """An HTTP receiver that answers 200 and then sends its body one byte every
+    ``interval`` seconds, or, with ``head``, its status line and then a header line each
+    ``interval``."""
 
-    def __init__(self, *, head: bool = False) -> None:
+    def __init__(self, *, head: bool = False, interval: float = 1.0) -> None:
         self._head = head
+        self._interval = interval
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/ingest"
         self._stop = threading.Event()
@@ -309,7 +311,7 @@ class Trickler:
                 else:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
                 for number in range(20):
-                    if self._stop.wait(1.0):
+                    if self._stop.wait(self._interval):
                         break
                     with contextlib.suppress(OSError):
                         conn.sendall(b"X-Slow-%d: x\r\n" % number if self._head else b"x")
@@ -342,7 +344,9 @@ def test_a_receiver_trickling_its_answer_head_is_cut_off_at_the_deadline(
     transaction and the sink lock were held for as long as the receiver liked, and no
     failure was recorded. A POST as a whole gets three timeouts."""
     assert record_body(engine, mr_event("open")) == "recorded"
-    trickler = Trickler(head=True)
+    # Lines come well inside the 1 s read timeout, so only the whole-answer deadline can
+    # stop it: a line a second raced the read timeout on a loaded machine.
+    trickler = Trickler(head=True, interval=0.25)
     try:
         started = time.monotonic()
         drained = sink_cli(trickler.url, "sink", "drain", attempts=1, timeout=1)
@@ -352,7 +356,8 @@ def test_a_receiver_trickling_its_answer_head_is_cut_off_at_the_deadline(
     assert drained.exit_code == 1, drained.output
     assert "no answer within 3 s" in drained.output, drained.output
     assert took < 8, took
-    failures = engine.connect().execute(text("SELECT error FROM outbox_failures")).scalars().all()
+    with engine.connect() as connection:
+        failures = connection.execute(text("SELECT error FROM outbox_failures")).scalars().all()
     assert failures == ["no answer within 3 s"]
 
 
