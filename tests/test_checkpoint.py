@@ -288,3 +288,40 @@ def test_serve_writes_a_checkpoint_when_a_key_is_configured(
             time.sleep(0.05)
     (file,) = (tmp_path / "served").glob("checkpoint-000000000006-*.json")
     assert _verify(database_url, key, file).exit_code == 0
+
+
+def test_verify_after_a_key_rotation_takes_the_old_key_and_the_new_one(
+    client, key, database_url, tmp_path
+) -> None:
+    """One key per run: after a rotation, the checkpoint files signed by the old key could
+    not be checked beside the new ones, and the stored ones it signed were left out."""
+    record_history(client)
+    old_file = _checkpoint(database_url, key, tmp_path / "old")
+    new_key = tmp_path / "keys" / "checkpoint-key-2.pem"
+    assert cli(database_url, "keygen", "--out", str(new_key)).exit_code == 0
+    new_file = _checkpoint(database_url, new_key, tmp_path / "new")
+    files = ["--checkpoint", str(old_file), "--checkpoint", str(new_file)]
+
+    both = cli(
+        database_url,
+        "verify",
+        *files,
+        "--public-key",
+        f"{key}.pub",
+        "--public-key",
+        f"{new_key}.pub",
+    )
+    assert both.exit_code == 0, both.output
+    assert "2 stored, 2 stored signatures verified)" in both.output
+    assert f"matches checkpoint file {old_file.name}" in both.output
+    assert f"matches checkpoint file {new_file.name}" in both.output
+
+    only_new = cli(database_url, "verify", *files, "--public-key", f"{new_key}.pub")
+    assert only_new.exit_code == 1
+    old_id = signing.key_id(signing.load_public(Path(f"{key}.pub")))
+    assert f"{old_file.name} was signed by key {old_id}" in only_new.output
+    assert "--public-key is repeatable" in only_new.output
+
+    stored_only = cli(database_url, "verify", "--public-key", f"{new_key}.pub")
+    assert stored_only.exit_code == 0, stored_only.output
+    assert "1 stored signatures verified, 1 signed by another key not used" in stored_only.output

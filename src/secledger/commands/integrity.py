@@ -37,23 +37,32 @@ def _engine(url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-def _public_key(context: Context, given: Path | None) -> Ed25519PublicKey | None:
+def _public_keys(context: Context, given: tuple[Path, ...]) -> list[Ed25519PublicKey]:
     settings = context.settings
-    path = given or settings.checkpoint_public_key_file or settings.checkpoint_key_file
-    return signing.load_public(path) if path is not None else None
+    configured = settings.checkpoint_public_key_file or settings.checkpoint_key_file
+    paths = given or ((configured,) if configured is not None else ())
+    return [signing.load_public(path) for path in paths]
 
 
-def _vouched(files: tuple[Path, ...], public: Ed25519PublicKey | None) -> list[Expected]:
+def _vouched(files: tuple[Path, ...], keys: list[Ed25519PublicKey]) -> list[Expected]:
     if not files:
         return []
-    if public is None:
+    if not keys:
         raise click.ClickException(
             "a checkpoint file proves nothing without the signer's public key:"
             " pass --public-key or set SECLEDGER_CHECKPOINT_PUBLIC_KEY_FILE"
         )
+    by_id = {signing.key_id(key): key for key in keys}
     vouched = []
     for path in files:
         read = signing.read_file(path)
+        public = by_id.get(read.key_id)
+        if public is None:
+            given = ", ".join(sorted(by_id))
+            raise signing.BadCheckpoint(
+                f"checkpoint file {path.name} was signed by key {read.key_id}, not by a key"
+                f" given ({given}); pass its public key too (--public-key is repeatable)"
+            )
         signing.check_signature(read, public)
         vouched.append(Expected(read.seq, read.head_hash, f"checkpoint file {path.name}"))
     return vouched
@@ -93,9 +102,18 @@ def _report(summary: Summary, checked: bool) -> None:
     type=FILE,
     help="A signed checkpoint file the chain must still contain (repeatable).",
 )
-@click.option("--public-key", type=FILE, help="PEM public key that signed the checkpoints.")
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    type=FILE,
+    help="PEM public key that signed checkpoints (repeatable: the keys before and after a"
+    " rotation).",
+)
 @click.pass_obj
-def verify_command(context: Context, files: tuple[Path, ...], public_key: Path | None) -> None:
+def verify_command(
+    context: Context, files: tuple[Path, ...], public_keys: tuple[Path, ...]
+) -> None:
     """Walk the hash-chained delivery log and prove every row and link.
 
     Exits 0 with a summary, or 1 naming the first row whose sequence, link or hash is
@@ -103,27 +121,29 @@ def verify_command(context: Context, files: tuple[Path, ...], public_key: Path |
     checkpoint FILE (kept outside the database) also catches a rewritten history and
     a removed tail. With --public-key, a stored checkpoint whose signature fails is
     named FORGED, not trusted, and also exits 1 (the chain's own verdict is printed
-    apart). Reads only: a secledger_readonly login is enough.
+    apart); after a key rotation, give the old public key and the new one. Reads only:
+    a secledger_readonly login is enough.
 
     \b
     Example:
       secledger verify
       secledger verify --checkpoint /mnt/worm/checkpoint-000000001234-20261129T120000123456Z.json \\
         --public-key checkpoint-key.pem.pub
+      secledger verify --public-key key-2025.pem.pub --public-key key-2026.pem.pub
     """
     try:
-        public = _public_key(context, public_key)
-        vouched = _vouched(files, public)
+        keys = _public_keys(context, public_keys)
+        vouched = _vouched(files, keys)
         with _engine(context.database.url) as engine, stderr_progress() as bar:
             advance = RichTracker(bar).task("verifying", log_rows(engine))
-            summary = verify(engine, vouched, progress=advance, screen=signed_by(public))
+            summary = verify(engine, vouched, progress=advance, screen=signed_by(*keys))
     except ChainBroken as exc:
         click.echo(f"chain BROKEN at row seq={exc.seq}: {exc.reason}", err=True)
         raise SystemExit(1) from None
     except SecledgerError as exc:
         click.echo(f"verify failed: {exc}", err=True)
         raise SystemExit(1) from None
-    _report(summary, public is not None)
+    _report(summary, bool(keys))
     if summary.forged:
         for label in summary.forged:
             click.echo(f"FORGED {label}", err=True)

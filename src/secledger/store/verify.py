@@ -297,21 +297,23 @@ class _Prefetch:
         self._thread.join()
 
 
-def signed_by(public: Ed25519PublicKey | None) -> Screen | None:
-    """With ``public``, what ``verify`` may trust of the stored checkpoints: those it
-    signed, once their signatures hold. A bad one is a forgery (the app's login may
+def signed_by(*keys: Ed25519PublicKey | None) -> Screen | None:
+    """With public keys, what ``verify`` may trust of the stored checkpoints: those one of
+    them signed, once their signatures hold. A bad one is a forgery (the app's login may
     insert into the table) and is named as such, apart from the chain's verdict: taken
     at its word, a seq beyond the tail read as rows removed, and any seq as history
-    rewritten, for good (the table is append-only). One made with another key cannot be
-    checked here, so it is not trusted either (`verify` reports count it)."""
-    if public is None:
+    rewritten, for good (the table is append-only). One made with a key not given cannot
+    be checked here, so it is not trusted either (`verify` reports count it). Several
+    keys: the checkpoints signed before a key rotation and after it."""
+    by_id = {signing.key_id(key): key for key in keys if key is not None}
+    if not by_id:
         return None
-    own = signing.key_id(public)
 
     def trusted(stored: Stored) -> tuple[Stored, list[str]]:
         kept, forged = [], []
         for ident, checkpoint in stored:
-            if checkpoint.key_id != own:
+            public = by_id.get(checkpoint.key_id)
+            if public is None:
                 continue
             try:
                 signing.check_signature(checkpoint, public)
