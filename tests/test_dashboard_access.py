@@ -384,6 +384,17 @@ def test_a_period_that_ends_before_it_starts_is_said(reader) -> None:
     assert "since must not be after until" in page
 
 
+def test_a_project_url_that_names_no_project_is_said_and_refused(reader) -> None:
+    log_in(reader)
+    answer = reader.get("/?project=https://gitlab.example.com/")
+    assert answer.status_code == 200
+    assert "is not a project&#39;s URL" in answer.text
+    for route in ("/api/ledger", "/api/reports/tiers", "/api/findings"):
+        refused = reader.get(f"{route}?project=https://gitlab.example.com/", headers=bearer())
+        assert refused.status_code == 422, route
+        assert "is not a project's URL" in refused.text
+
+
 def test_a_query_the_server_cancels_is_no_outage(database_url, tmp_path) -> None:
     """A statement_timeout (the server answered) is not "the database cannot be
     reached": a 503 with Retry-After said so, while /readyz said ready."""

@@ -44,7 +44,14 @@ def cli_json(database_url: str, tmp_path: Path, *args: str) -> list[dict]:
     return json.loads(result.output)
 
 
-QUERIES = ("", "since=2026-11-05&until=2026-11-09", "tier=critical", "reviewer=bob", "project=14")
+QUERIES = (
+    "",
+    "since=2026-11-05&until=2026-11-09",
+    "tier=critical",
+    "reviewer=bob",
+    "project=14",
+    "project=https://gitlab.example.com/acme/payments",
+)
 
 
 def test_report_routes_answer_what_the_cli_prints(reader, database_url, tmp_path) -> None:

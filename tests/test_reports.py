@@ -575,3 +575,82 @@ def test_reports_read_the_ledger_in_public_not_a_copy_in_the_logins_schema(
     shown = CliRunner().invoke(main, ["ledger", "--format", "json"], catch_exceptions=False)
     assert shown.exit_code == 0, shown.output
     assert sorted(row["mr_iid"] for row in json.loads(shown.output)) == [1, 2, 3, 4, 5, 6]
+
+
+def on_instance(bodies: list[dict[str, Any]], host: str) -> list[dict[str, Any]]:
+    """The same bodies as another GitLab instance (``host``) would send them."""
+    text_ = json.dumps(bodies).replace("https://gitlab.example.com", f"https://{host}")
+    return json.loads(text_)
+
+
+@pytest.fixture
+def two_instances(history: Engine) -> Engine:
+    """Project 14 (acme/payments) on a second instance too, with one MR of its own."""
+    return record(history, on_instance(mr(1, "low", 0, [("approved", "erin", 2)]), "git.b.test"))
+
+
+def test_a_project_on_two_instances_is_refused_by_id_or_path_and_taken_by_url(
+    two_instances, database_url, tmp_path
+) -> None:
+    """Project 42 of one GitLab and project 42 of another are two projects: `--project 42`
+    counted both, and an evidence pack for it held the other instance's MRs."""
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path / "d")}
+    runner = CliRunner()
+    for typed in ("14", "ACME/payments"):
+        refused = runner.invoke(main, ["report", "tiers", "--project", typed], env=env)
+        assert refused.exit_code == 1, refused.output
+        assert f"project {typed!r} is on 2 GitLab instances" in refused.output
+        assert "https://git.b.test, https://gitlab.example.com" in refused.output
+        listed = runner.invoke(main, ["findings", "--project", typed], env=env)
+        assert listed.exit_code == 1
+        assert "give its URL instead" in listed.output
+    pack = tmp_path / "pack"
+    evidence = runner.invoke(
+        main,
+        [
+            "evidence",
+            "--since",
+            "2025-01-01",
+            "--until",
+            "2027-01-01",
+            "--out",
+            str(pack),
+            "--project",
+            "14",
+        ],
+        env=env,
+    )
+    assert evidence.exit_code == 1
+    assert "is on 2 GitLab instances" in evidence.output
+    assert not any(pack.rglob("*.json"))
+
+    def mrs(project: str) -> int:
+        return sum(row["mrs"] for row in run(two_instances, reports.tiers, project=project))
+
+    assert mrs("https://git.b.test/acme/payments") == 1
+    assert mrs("https://GIT.B.TEST:443/acme/payments/-/merge_requests/1") == 1
+    assert mrs("https://gitlab.example.com/acme/payments/") == 3
+    assert mrs("https://gitlab.example.com/14") == 3
+    assert mrs("https://gitlab.example.com/acme/web") == 3
+    assert mrs("https://git.b.test/acme/web") == 0
+    only_b = runner.invoke(
+        main,
+        ["report", "projects", "--project", "https://git.b.test/acme/payments", "--format", "json"],
+        env=env,
+    )
+    assert only_b.exit_code == 0, only_b.output
+    assert [(r["instance"], r["mrs"]) for r in json.loads(only_b.output)] == [
+        ("https://git.b.test", 1)
+    ]
+    # One instance only: the id alone is enough, as before.
+    alone = runner.invoke(main, ["report", "tiers", "--project", "15"], env=env)
+    assert alone.exit_code == 0, alone.output
+
+
+def test_a_project_url_that_names_no_project_is_refused(history, database_url, tmp_path):
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path / "d")}
+    result = CliRunner().invoke(
+        main, ["report", "tiers", "--project", "https://gitlab.example.com/"], env=env
+    )
+    assert result.exit_code == 1
+    assert "is not a project's URL" in result.output

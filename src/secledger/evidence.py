@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import findings, packchain, packreadme, reports
-from secledger.filtermatch import same_project
+from secledger.filtermatch import check_one_instance, project_params, same_project
 from secledger.packfiles import PackDir
 from secledger.policy import LabelPolicy
 from secledger.progress import Silent, Tracker
@@ -295,8 +295,9 @@ def _create_population(conn: Connection, options: Options) -> int:
     query = _CREATE
     params: dict[str, Any] = {"since": options.since, "until": options.until}
     if options.project is not None:
+        check_one_instance(conn, options.project)  # before anything is written
         query += " AND " + same_project("l.")
-        params["project"] = options.project
+        params.update(project_params(options.project))
     if options.tier is not None:
         query += " AND l.risk_tier = :tier"
         params["tier"] = options.tier

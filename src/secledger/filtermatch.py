@@ -7,6 +7,14 @@ owner wrote it, so a filter compares them lowered.
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Connection, text
+
+from secledger.errors import SecledgerError
+from secledger.intake import origin
+
 
 def same_name(column: str) -> str:
     """SQL: ``column`` is the username ``:reviewer``, whatever the case."""
@@ -25,9 +33,11 @@ def among(names: str) -> str:
 # The candidates come from the index on lowered paths (migration 0023); each one's
 # newest path is aggregated from its own rows (the primary key's prefix): ordered and
 # limited instead, it was planned as a walk down the index on every MR's last event.
+# A project typed as its URL names its instance too (``:project_instance``, else NULL).
+_ON_INSTANCE = "(CAST(:project_instance AS text) IS NULL OR {p}instance = :project_instance)"
 _CANDIDATES = (
     "(SELECT DISTINCT instance, project_id FROM security_review_ledger"
-    " WHERE lower(project_path) = lower(:project))"
+    f" WHERE lower(project_path) = lower(:project) AND {_ON_INSTANCE.format(p='')})"
 )
 NEWEST_PATH = (
     "(array_agg({p}project_path ORDER BY {p}last_event_at DESC, {p}mr_iid DESC)"
@@ -50,11 +60,53 @@ _IDS = (
 
 def same_project(prefix: str = "") -> str:
     """SQL: the row (columns ``instance``, ``project_id`` after ``prefix``) is of the
-    project ``:project``, given by id or by its current path whatever the case."""
+    project ``:project``, given by id or by its current path whatever the case, on the
+    instance ``:project_instance`` when it is not NULL (bind both with ``project_params``)."""
     return (
-        f"({prefix}project_id = ANY({_IDS}) AND ({prefix}project_id::text = :project"
+        f"({prefix}project_id = ANY({_IDS}) AND {_ON_INSTANCE.format(p=prefix)}"
+        f" AND ({prefix}project_id::text = :project"
         f" OR ({prefix}instance, {prefix}project_id) IN {_NOW_AT_PATH}))"
     )
+
+
+class BadProject(SecledgerError):
+    """A project filter that names no project, or one on several GitLab instances."""
+
+
+def project_params(typed: str) -> dict[str, Any]:
+    """The values ``same_project`` binds for a project typed as an id, a path or its URL
+    (``https://gitlab.example.com/acme/payments``, or any page under it: the path ends
+    at GitLab's ``/-/``), which also names its instance."""
+    if not typed.lower().startswith(("http://", "https://")):
+        return {"project": typed, "project_instance": None}
+    instance = origin(typed)
+    path = urlsplit(typed).path.split("/-/", 1)[0].strip("/")
+    if instance is None or not path:
+        raise BadProject(
+            f"{typed!r} is not a project's URL: give one such as"
+            " https://gitlab.example.com/acme/payments, its path or its id"
+        )
+    return {"project": path, "project_instance": instance}
+
+
+_INSTANCES = text(
+    f"SELECT DISTINCT instance FROM security_review_ledger WHERE {same_project()} ORDER BY instance"
+)
+
+
+def check_one_instance(conn: Connection, typed: str) -> None:
+    """Refuse a project id or path that the ledger holds on more than one GitLab
+    instance: their projects are not the same, and a report or a pack would mix them."""
+    params = project_params(typed)
+    if params["project_instance"] is not None:
+        return
+    instances = list(conn.execute(_INSTANCES, params).scalars())
+    if len(instances) > 1:
+        raise BadProject(
+            f"project {typed!r} is on {len(instances)} GitLab instances"
+            f" ({', '.join(instances)}): give its URL instead, such as"
+            f" {instances[0]}/<group>/<project>"
+        )
 
 
 def approved_by(mr: str, approvers: str) -> str:

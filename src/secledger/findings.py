@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, text
 
 from secledger.extract import MRKey
-from secledger.filtermatch import approved_by, same_project
+from secledger.filtermatch import approved_by, project_params, same_project
 from secledger.progress import Silent, Tracker
 from secledger.projection import SequencedEvent, ordered_facts
 from secledger.quickinit import quick
@@ -437,6 +437,8 @@ def list_findings(
         if value is not None:
             where.append(clause)
             params[name] = value
+    if project is not None:
+        params.update(project_params(project))
     if mr is not None:
         where.append(_KEY)
         params.update(ledger.key_params(mr))

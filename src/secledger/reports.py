@@ -20,7 +20,14 @@ from sqlalchemy import Connection, text
 from secledger import findings as store
 from secledger.copies import counted_groups
 from secledger.errors import TimestampError
-from secledger.filtermatch import NEWEST_PATH, among, approved_by, same_name, same_project
+from secledger.filtermatch import (
+    NEWEST_PATH,
+    among,
+    approved_by,
+    project_params,
+    same_name,
+    same_project,
+)
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import isoformat, parse_time, utcnow
 
@@ -219,6 +226,8 @@ def _mr_filters(
         if value is not None:
             clauses.append(clause)
             params[name] = value
+    if filters.project is not None:
+        params.update(project_params(filters.project))
     return " AND ".join(clauses), params
 
 

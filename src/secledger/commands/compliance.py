@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,8 @@ from sqlalchemy import Engine
 
 from secledger import findings as store
 from secledger import reports
+from secledger.errors import SecledgerError
+from secledger.filtermatch import check_one_instance
 from secledger.output import FORMATS, render
 from secledger.progress import RichTracker, stderr_progress
 from secledger.rules import RULES
@@ -48,6 +52,9 @@ JSON_FINDING_COLUMNS = (
     "resolved_at",
     "evidence",
 )
+PROJECT_HELP = (
+    "Project id, path (group/project; the case is ignored) or URL (with several GitLab instances)."
+)
 READ_ONLY = (
     "this login may not write findings (a secledger_readonly login?): --refresh-only and"
     " --reevaluate record findings; listing them needs no write"
@@ -83,6 +90,14 @@ def check_period(since: datetime | None, until: datetime | None) -> None:
         raise click.BadParameter("--since must be before --until", param_hint="--since")
 
 
+@contextmanager
+def _refused() -> Iterator[None]:
+    try:
+        yield
+    except SecledgerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title: str) -> None:
     text = render(rows, fmt, columns, title=title)
     if text is not None:
@@ -96,7 +111,7 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title:
     "--since", callback=_when, metavar="DATE", help="Detected at or after this date (UTC)."
 )
 @click.option("--until", callback=_when, metavar="DATE", help="Detected before this date (UTC).")
-@click.option("--project", help="Project id or path (group/project; the case is ignored).")
+@click.option("--project", help=PROJECT_HELP)
 @click.option("--tier", help="Risk tier of the merge request.")
 @click.option("--rule", type=click.Choice(sorted(RULES)), help="Only this rule.")
 @click.option(
@@ -146,7 +161,9 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
             _record(engine, policy, now, reevaluate=reevaluate)
         if refresh_only:
             return
-        with reading(engine) as conn:
+        with reading(engine) as conn, _refused():
+            if project is not None:
+                check_one_instance(conn, project)
             rows = store.list_findings(
                 conn,
                 policy,
@@ -184,7 +201,7 @@ def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevalua
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--since", callback=_when, metavar="DATE", help="From this date (UTC), inclusive.")
 @click.option("--until", callback=_when, metavar="DATE", help="To this date (UTC), exclusive.")
-@click.option("--project", help="Project id or path (group/project; the case is ignored).")
+@click.option("--project", help=PROJECT_HELP)
 @click.option("--tier", help="Risk tier.")
 @click.option("--reviewer", help="GitLab username (a leading @ and the case are ignored).")
 @click.option(
@@ -232,7 +249,9 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
         period=period,
         policy=CompliancePolicy.from_settings(context.settings),
     )
-    with context.engine() as engine, reading(engine) as conn:
+    with context.engine() as engine, reading(engine) as conn, _refused():
+        if project is not None:
+            check_one_instance(conn, project)
         # The same function serves /api/reports/KIND.
         rows = [row.as_dict() for row in reports.run(conn, kind, filters)]
     _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")

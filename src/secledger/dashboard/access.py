@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyCookie, HTTPBearer
 from sqlalchemy import Connection, Engine
 
+from secledger import filtermatch
 from secledger.config import Settings
 from secledger.dashboard.auth import COOKIE, Authenticator, Principal
 from secledger.dashboard.csrf import CsrfTokens
@@ -171,5 +172,12 @@ def parse_filters(state: Dashboard, params: Mapping[str, str]) -> tuple[Filters,
         # Said, or the empty view reads as no activity in the period (the API: 422).
         errors.append("since must not be after until: no day is in this period")
     tier = state.tier(params.get("tier"))
-    filters = build_filters(since, until, params.get("project"), tier, params.get("reviewer"))
+    project = params.get("project")
+    if project:
+        try:
+            filtermatch.project_params(project)
+        except filtermatch.BadProject as exc:
+            errors.append(str(exc))
+            project = None
+    filters = build_filters(since, until, project, tier, params.get("reviewer"))
     return filters, errors

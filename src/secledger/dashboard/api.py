@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, BeforeValidator
 from sqlalchemy import Engine
 
-from secledger import findings, reports
+from secledger import filtermatch, findings, reports
 from secledger.dashboard import queries, trail
 from secledger.dashboard.access import (
     Dashboard,
@@ -103,7 +103,9 @@ def filters(  # noqa: PLR0917 - one query parameter each
         date | None, BLANK, Query(description="first day (UTC) a review started")
     ] = None,
     until: Annotated[date | None, BLANK, Query(description="last day (UTC), inclusive")] = None,
-    project: Annotated[str | None, Query(description="project path, e.g. acme/payments")] = None,
+    project: Annotated[
+        str | None, Query(description="project id, path (acme/payments) or URL")
+    ] = None,
     tier: str | None = None,
     reviewer: Annotated[
         str | None,
@@ -113,7 +115,17 @@ def filters(  # noqa: PLR0917 - one query parameter each
     """The filters every read route accepts."""
     if since is not None and until is not None and since > until:
         raise HTTPException(422, "since must not be after until (both days are included)")
-    return build_filters(since, until, project, state.tier(tier), reviewer)
+    return build_filters(since, until, _project(project), state.tier(tier), reviewer)
+
+
+def _project(project: str | None) -> str | None:
+    """The project filter, refused (422) when it is a URL that names no project."""
+    if project:
+        try:
+            filtermatch.project_params(project)
+        except filtermatch.BadProject as exc:
+            raise HTTPException(422, str(exc)) from exc
+    return project
 
 
 Filtered = Annotated[queries.Filters, Depends(filters)]
@@ -194,7 +206,7 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
     state: State,
     since: Bound = None,
     until: Annotated[str | None, Query(description="exclusive; same spellings as since")] = None,
-    project: Annotated[str | None, Query(description="project id or path")] = None,
+    project: Annotated[str | None, Query(description="project id, path or URL")] = None,
     tier: str | None = None,
     reviewer: Annotated[str | None, Query(description="GitLab username")] = None,
     period: Annotated[Literal["week", "month"], BLANK_WEEK] = "week",
@@ -211,7 +223,7 @@ def report_filters(  # noqa: PLR0917 - one query parameter each
     return reports.Filters(
         start,
         end,
-        storable(project),
+        storable(_project(project)),
         state.tier(tier),
         storable(reviewer),
         period,

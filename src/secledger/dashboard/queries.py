@@ -52,7 +52,7 @@ class Filters:
         if self.project:
             # By id or by path whatever its case, as the report panels beside it take it.
             clauses.append(filtermatch.same_project("l."))
-            params["project"] = self.project
+            params.update(filtermatch.project_params(self.project))
         if self.tier:
             clauses.append("l.risk_tier = :tier")
             params["tier"] = self.tier
