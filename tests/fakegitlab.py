@@ -65,8 +65,9 @@ class FakeGitLab:
         self.group_ids: dict[int, str] = {}
         self.max_per_page = max_per_page
         self.latency = latency
-        # path fragment -> Retry-After (seconds, or an HTTP-date as proxies send), answered once
-        self.throttle: dict[str, int | str] = {}
+        # path fragment -> Retry-After (seconds, or an HTTP-date as proxies send; a callable
+        # is asked for it when the 429 is sent), answered once
+        self.throttle: dict[str, int | str | Callable[[], str]] = {}
         self.missing: set[str] = set()  # path endings that answer 404 whatever they name
         self.seen: list[Seen] = []
         self.after: Callable[[Seen], None] | None = None  # called with each request answered
@@ -180,7 +181,8 @@ def _handler(fake: FakeGitLab) -> type[BaseHTTPRequestHandler]:
                 for fragment, wait in list(fake.throttle.items()):
                     if fragment in path:
                         del fake.throttle[fragment]
-                        return 429, {"message": "Retry later"}, {"Retry-After": str(wait)}
+                        said = wait() if callable(wait) else str(wait)
+                        return 429, {"message": "Retry later"}, {"Retry-After": said}
             if any(path.endswith(ending) for ending in fake.missing):
                 return 404, {"message": "404 Not found"}, {}
             if method == "POST":

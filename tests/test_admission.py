@@ -84,6 +84,9 @@ def test_when_the_first_in_line_gives_up_those_behind_it_who_fit_go_in() -> None
         await gate.enter(600)  # a slow delivery in progress
         large = asyncio.create_task(gate.enter(500))
         await asyncio.sleep(0.1)
+        # Its own wait far longer than the large one's: a stalled loop cannot time out
+        # both in one turn.
+        gate.wait = 30
         small = asyncio.create_task(gate.enter(10))
         with pytest.raises(Saturated):
             await large

@@ -252,7 +252,9 @@ def test_a_retry_after_date_is_waited_out_too(engine, api, fake, retry_after, le
     python-gitlab reads only seconds and raised ValueError, a traceback out of the run.
     The date is waited out; a value that is neither is retried after a back-off."""
     Story(iid=1).publish(fake)
-    fake.throttle["resource_state_events"] = retry_after()
+    # The date is made when the 429 is sent: made before the run, it came too close to
+    # be waited for once planning took a second.
+    fake.throttle["resource_state_events"] = retry_after
     result = run_backfill(engine, api)
     assert result.recorded_facts == 3
     calls = [s for s in fake.seen if s.path.endswith("resource_state_events")]

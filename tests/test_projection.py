@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import delivery_of, label_change, mr_event
@@ -250,6 +250,8 @@ def test_an_edit_showing_the_mr_merged_stays_after_its_merge() -> None:
     assert (row["state"], row["security_labels"]) == ("merged", [])
 
 
+# No deadline: a loaded machine stalls one example past Hypothesis's 200 ms.
+@settings(deadline=None)
 @given(
     st.permutations(
         [
@@ -465,6 +467,8 @@ def test_a_removal_stored_before_it_told_its_tier_is_the_same_event() -> None:
     assert fold([newer])["risk_tier"] == "high"
 
 
+# No deadline: a loaded machine stalls one example past Hypothesis's 200 ms.
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(
