@@ -25,10 +25,12 @@ from builders import dumps, mr_event
 from faultkit import database_down
 from secledger import watch as watch_module
 from secledger.cli import main
+from secledger.commands.downstream import start_after
+from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
-from secledger.watch import StateFile, StateFileError, Watcher
+from secledger.watch import Position, StateFile, StateFileError, Watcher
 
 POLICY = LabelPolicy()
 HEADERS = {"x-gitlab-event": "Merge Request Hook"}
@@ -41,6 +43,12 @@ def record(engine: Engine, body: dict) -> int:
     assert outcome.status == "recorded"
     assert outcome.seq is not None
     return outcome.seq
+
+
+def log_hash(engine: Engine, seq: int) -> str:
+    with engine.connect() as conn:
+        found = conn.execute(text("SELECT hash FROM delivery_log WHERE seq = :s"), {"s": seq})
+        return bytes(found.scalar_one()).hex()
 
 
 def event(n: int, *, iid: int = 1, action: str = "update", actor: str = "root") -> dict:
@@ -171,6 +179,13 @@ def test_state_file_round_trip_and_errors(tmp_path: Path) -> None:
         state.path.write_text(bad)
         with pytest.raises(StateFileError, match="no valid last_seq"):
             state.load()
+    state.save(43, bytes(range(32)))
+    assert json.loads(state.path.read_text()) == {"last_seq": 43, "hash": bytes(range(32)).hex()}
+    assert state.position() == Position(43, bytes(range(32)))
+    for bad in ('"ab"', "12", '"' + "zz" * 32 + '"'):
+        state.path.write_text('{"last_seq": 43, "hash": ' + bad + "}")
+        with pytest.raises(StateFileError, match="no valid hash"):
+            state.load()
 
 
 def test_a_state_file_that_cannot_be_saved_is_refused_before_any_line(
@@ -209,6 +224,33 @@ def test_a_state_file_ahead_of_the_log_is_refused(
     assert "--from-seq" in result.output
 
 
+def test_a_state_file_of_a_log_restored_and_written_on_since_is_refused(
+    engine: Engine, database_url: str, other_database_url: str, tmp_path: Path
+) -> None:
+    """Once the restored log's new deliveries passed the saved seq, nothing told the two
+    logs apart: watch resumed after seq 2, and the new seqs 1 and 2 were never emitted."""
+    state = tmp_path / "watch.state"
+    for n in (1, 2):
+        record(engine, event(n, iid=n))
+    out = io.StringIO()
+    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, threading.Event())
+    watcher.state = StateFile(state)
+    watcher.catch_up()
+    assert json.loads(state.read_text()) == {"last_seq": 2, "hash": log_hash(engine, 2)}
+    # "Restored": another log, whose seqs 1..3 are other deliveries.
+    restored = db.create(other_database_url)
+    try:
+        for n in (11, 12, 13):
+            record(restored, event(n, iid=n))
+        # Where `watch --state-file` starts (called, not run: it would follow for good).
+        with pytest.raises(ConfigError, match="the log's row at seq 2 is another one"):
+            start_after(restored, None, StateFile(state))
+        assert start_after(engine, None, StateFile(state)) == 2  # its own log: resumes
+        assert start_after(restored, 1, StateFile(state)) == 0  # --from-seq 1 overrides
+    finally:
+        restored.dispose()
+
+
 def test_watch_emits_every_change(engine: Engine, database_url: str, watch) -> None:
     """Live: one line per committed change, each with the seq and the row it produced."""
     first = record(engine, event(1, iid=1, action="open"))
@@ -241,7 +283,7 @@ def test_watch_resumes_from_its_state_file_without_gaps_or_repeats(
     record(engine, event(3, iid=3))
     seen += first.take(1)
     seen += first.stop(signal.SIGTERM)
-    assert json.loads(state.read_text()) == {"last_seq": 3}
+    assert json.loads(state.read_text()) == {"last_seq": 3, "hash": log_hash(engine, 3)}
 
     for n in range(4, 7):  # recorded while nothing watches
         record(engine, event(n, iid=n))
@@ -251,7 +293,7 @@ def test_watch_resumes_from_its_state_file_without_gaps_or_repeats(
     record(engine, event(7, iid=1, action="approved", actor="bob"))
     seen += second.take(1)
     seen += second.stop(signal.SIGTERM)
-    assert json.loads(state.read_text()) == {"last_seq": 7}
+    assert json.loads(state.read_text()) == {"last_seq": 7, "hash": log_hash(engine, 7)}
 
     assert [line["seq"] for line in seen] == [1, 2, 3, 4, 5, 6, 7]
     assert [line["mr_iid"] for line in seen] == [1, 2, 3, 4, 5, 6, 1]
@@ -348,11 +390,11 @@ class CountingState(StateFile):
         self.crash_on_save = crash_on_save
         self.saves: list[tuple[int, int]] = []  # (seq saved, highest seq flushed at the time)
 
-    def save(self, seq: int) -> None:
+    def save(self, seq: int, chained: bytes | None = None) -> None:
         self.saves.append((seq, max(self.out.flushed_seqs(), default=0)))
         if len(self.saves) == self.crash_on_save:
             raise SimulatedCrash(seq)
-        super().save(seq)
+        super().save(seq, chained)
 
 
 class SimulatedCrash(Exception):

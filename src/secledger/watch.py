@@ -36,6 +36,7 @@ from secledger.store import changes
 log = structlog.get_logger("secledger.watch")
 
 PAGE = 1000
+HASH_BYTES = 32  # SHA-256
 
 
 class StateFileError(SecledgerError):
@@ -50,6 +51,7 @@ class Change:
     seqs: tuple[int, ...]
     key: MRKey
     row: dict[str, object] | None
+    hash: bytes = b""  # the chain hash of the log row at ``seq``
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as one line."""
@@ -70,18 +72,36 @@ def coalesce(rows: Iterable[changes.SeqRow]) -> list[Change]:
     for item in rows:
         seqs.setdefault(item.key, []).append(item.seq)
         latest[item.key] = item
-    found = [Change(max(s), tuple(s), key, latest[key].row) for key, s in seqs.items()]
+    found = [
+        Change(max(s), tuple(s), key, latest[key].row, latest[key].hash) for key, s in seqs.items()
+    ]
     return sorted(found, key=lambda change: change.seq)
 
 
+@dataclass(frozen=True)
+class Position:
+    """What a state file holds: the last emitted seq and its log row's chain hash (None
+    in files written before the hash was kept)."""
+
+    seq: int
+    hash: bytes | None
+
+
 class StateFile:
-    """The last emitted seq, replaced atomically (temp file, fsync, rename)."""
+    """The last emitted seq and its chain hash, replaced atomically (temp file, fsync,
+    rename). The hash tells the log the seq was of from a log restored from an older
+    backup and written on since, whose rows took the same seqs again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def load(self) -> int | None:
         """The saved seq, or None when there is no state yet."""
+        position = self.position()
+        return None if position is None else position.seq
+
+    def position(self) -> Position | None:
+        """The saved seq and hash, or None when there is no state yet."""
         try:
             data = orjson.loads(self.path.read_bytes())
         except FileNotFoundError:
@@ -92,7 +112,16 @@ class StateFile:
         # ``true`` is an int to isinstance(), and was taken for seq 1.
         if type(seq) is not int or seq < 0:
             raise StateFileError(f"{self.path} has no valid last_seq")
-        return seq
+        saved = data.get("hash")
+        if saved is None:
+            return Position(seq, None)
+        try:
+            chained = bytes.fromhex(saved) if isinstance(saved, str) else b""
+        except ValueError:
+            chained = b""
+        if len(chained) != HASH_BYTES:
+            raise StateFileError(f"{self.path} has no valid hash")
+        return Position(seq, chained)
 
     def probe(self) -> None:
         """Raise StateFileError now when the state could not be saved (no such directory,
@@ -106,11 +135,15 @@ class StateFile:
             reason = exc.strerror or type(exc).__name__
             raise StateFileError(f"cannot save the state file {self.path}: {reason}") from None
 
-    def save(self, seq: int) -> None:
-        """Replace the file with ``seq``; after a crash it holds the old or the new value."""
+    def save(self, seq: int, chained: bytes | None = None) -> None:
+        """Replace the file with ``seq`` (and the hash of its log row); after a crash it
+        holds the old or the new value."""
+        data: dict[str, Any] = {"last_seq": seq}
+        if chained:
+            data["hash"] = chained.hex()
         temp = self.path.with_name(f".{self.path.name}.tmp")
         with temp.open("wb") as handle:
-            handle.write(orjson.dumps({"last_seq": seq}) + b"\n")
+            handle.write(orjson.dumps(data) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
         # The rename is atomic; its durability is not needed (no directory fsync): after
@@ -131,6 +164,7 @@ class Watcher:
     poll_seconds: float = 5.0
     reconnect_max_seconds: float = 30.0
     emitted: int = 0
+    last_hash: bytes | None = None  # of the log row at last_seq, once a line is written
     # Times it connected and caught up: a retry delay starts again from 1 s after one.
     _connections: int = field(default=0, init=False)
 
@@ -186,9 +220,10 @@ class Watcher:
         self.out.write(orjson.dumps(change.to_json()).decode() + "\n")
         self.out.flush()
         self.last_seq = change.seq
+        self.last_hash = change.hash or None
         self.emitted += 1
 
     def save(self) -> None:
         """Save ``last_seq``; every line up to it has been flushed by ``emit``."""
         if self.state is not None:
-            self.state.save(self.last_seq)
+            self.state.save(self.last_seq, self.last_hash)

@@ -45,18 +45,28 @@ def start_after(engine: Engine, from_seq: int | None, state: StateFile | None) -
     if from_seq is not None:
         return from_seq - 1
     if state is not None:
-        saved = state.load()
+        position = state.position()
         # A state file that does not exist yet means a new consumer: give it everything.
-        if saved is None:
+        if position is None:
             return 0
+        saved = position.seq
         with engine.connect() as conn:
             head = changes.head(conn)
+            found = changes.hash_at(conn, saved) if position.hash is not None else None
         if saved > head:
             # A log restored from an older backup: its new deliveries take seqs up to the
             # saved one again, and would never be emitted.
             raise ConfigError(
                 f"{state.path} says seq {saved} was emitted, but the log ends at seq {head}"
                 " (restored from an older backup?); pass --from-seq to say where to resume"
+            )
+        if position.hash is not None and found != position.hash:
+            # The same, once new deliveries have passed the saved seq: the row there now
+            # is another delivery's, and those after the backup were never emitted.
+            raise ConfigError(
+                f"{state.path} says seq {saved} was emitted, but the log's row at seq"
+                f" {saved} is another one (restored from an older backup, and written on"
+                " since?); pass --from-seq to say where to resume"
             )
         return saved
     with engine.connect() as conn:
