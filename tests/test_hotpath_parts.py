@@ -40,7 +40,7 @@ def test_a_deadline_turns_a_stalled_await_into_timeout_error() -> None:
         return time.monotonic() - started
 
     waited = asyncio.run(stalled())
-    assert 0.2 <= waited < 2.0  # the sweeps run late on a loaded machine; never early
+    assert 0.2 <= waited < 1.0  # the sweeps may run late on a loaded machine; never early
 
 
 def test_work_finished_in_time_is_not_cancelled_and_the_timer_stops() -> None:

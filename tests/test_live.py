@@ -326,6 +326,7 @@ def test_slow_bodies_are_cut_off_and_saturation_is_a_503_with_retry_after(
     with live_server(database_url, tmp_path, env) as running:
         slow = _partial(running.url, TOKENS[0])
         try:
+            time.sleep(0.5)  # for the server to read its head and take the slot
             # The slow request holds the only slot: the next one is refused at once.
             busy = deliver(running, dumps(mr_event("open")), **{"X-Gitlab-Token": TOKENS[0]})
             assert busy.status_code == 503

@@ -645,6 +645,19 @@ def test_a_project_on_two_instances_is_refused_by_id_or_path_and_taken_by_url(
     # One instance only: the id alone is enough, as before.
     alone = runner.invoke(main, ["report", "tiers", "--project", "15"], env=env)
     assert alone.exit_code == 0, alone.output
+    # A clone URL, and blanks around it, name the project too.
+    assert mrs(" https://git.b.test/acme/payments.git ") == 1
+    assert mrs("https://git.b.test/acme/payments/-") == 1
+    # An instance the ledger holds nothing of (http for https here) matched nothing.
+    for typed in ("http://git.b.test/acme/payments", "https://git.c.test/acme/payments"):
+        unknown = runner.invoke(main, ["findings", "--project", typed], env=env)
+        assert unknown.exit_code == 1, unknown.output
+        assert "the ledger holds no merge request of" in unknown.output
+        assert "https://git.b.test, https://gitlab.example.com" in unknown.output
+    # --reevaluate writes: the filter is refused before it.
+    reevaluated = runner.invoke(main, ["findings", "--reevaluate", "--project", "14"], env=env)
+    assert reevaluated.exit_code == 1
+    assert "re-evaluated" not in reevaluated.output
 
 
 def test_a_project_url_that_names_no_project_is_refused(history, database_url, tmp_path):

@@ -30,7 +30,7 @@ from secledger.errors import ConfigError
 from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db
-from secledger.watch import Position, StateFile, StateFileError, Watcher
+from secledger.watch import LogReplaced, Position, StateFile, StateFileError, Watcher
 
 POLICY = LabelPolicy()
 HEADERS = {"x-gitlab-event": "Merge Request Hook"}
@@ -249,6 +249,35 @@ def test_a_state_file_of_a_log_restored_and_written_on_since_is_refused(
         assert start_after(restored, 1, StateFile(state)) == 0  # --from-seq 1 overrides
     finally:
         restored.dispose()
+
+
+def test_a_watcher_reconnecting_to_a_restored_log_stops_instead_of_skipping(
+    engine: Engine, database_url: str, other_database_url: str
+) -> None:
+    """A watch left running across a restore reconnected, asked for the seqs after the
+    last one it emitted, and skipped the restored log's new rows up to it, for good (its
+    state file then held their hashes)."""
+    for n in (1, 2):
+        record(engine, event(n, iid=n))
+    watcher = Watcher(engine, db.libpq_url(database_url), io.StringIO(), 0, threading.Event())
+    watcher.check_same_log()
+    watcher.catch_up()
+    assert (watcher.last_seq, watcher.last_hash) == (2, bytes.fromhex(log_hash(engine, 2)))
+    watcher.check_same_log()  # the same log: goes on
+    restored = db.create(other_database_url)
+    try:
+        for n in (11, 12, 13):
+            record(restored, event(n, iid=n))
+        watcher.engine = restored  # what a reconnect after the restore finds
+        with pytest.raises(LogReplaced, match="row at seq 2, the last one emitted, is another"):
+            watcher.check_same_log()
+    finally:
+        restored.dispose()
+    # Started at a seq (from a state file without a hash, or --from-seq), a watcher takes
+    # the hash of the log it found there on its first connection.
+    later = Watcher(engine, db.libpq_url(database_url), io.StringIO(), 1, threading.Event())
+    later.check_same_log()
+    assert later.last_hash == bytes.fromhex(log_hash(engine, 1))
 
 
 def test_watch_emits_every_change(engine: Engine, database_url: str, watch) -> None:

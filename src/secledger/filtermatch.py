@@ -75,12 +75,14 @@ class BadProject(SecledgerError):
 
 def project_params(typed: str) -> dict[str, Any]:
     """The values ``same_project`` binds for a project typed as an id, a path or its URL
-    (``https://gitlab.example.com/acme/payments``, or any page under it: the path ends
-    at GitLab's ``/-/``), which also names its instance."""
+    (``https://gitlab.example.com/acme/payments``, its clone URL, or any page under it:
+    the path ends at GitLab's ``/-/``), which also names its instance."""
+    typed = typed.strip()
     if not typed.lower().startswith(("http://", "https://")):
         return {"project": typed, "project_instance": None}
     instance = origin(typed)
-    path = urlsplit(typed).path.split("/-/", 1)[0].strip("/")
+    path = urlsplit(typed).path.split("/-/", 1)[0].strip("/").removesuffix("/-")
+    path = path.removesuffix(".git")
     if instance is None or not path:
         raise BadProject(
             f"{typed!r} is not a project's URL: give one such as"
@@ -94,11 +96,29 @@ _INSTANCES = text(
 )
 
 
+# The instances the ledger holds: a short walk of the primary key's first column.
+_KNOWN = text(
+    "WITH RECURSIVE i(instance) AS ("
+    " (SELECT min(instance) FROM security_review_ledger) UNION ALL"
+    " SELECT (SELECT min(instance) FROM security_review_ledger l WHERE l.instance > i.instance)"
+    " FROM i WHERE i.instance IS NOT NULL)"
+    " SELECT instance FROM i WHERE instance IS NOT NULL"
+)
+
+
 def check_one_instance(conn: Connection, typed: str) -> None:
     """Refuse a project id or path that the ledger holds on more than one GitLab
-    instance: their projects are not the same, and a report or a pack would mix them."""
+    instance (their projects are not the same, and a report or a pack would mix them),
+    and a URL of an instance it holds nothing of (``http`` for ``https``, a typo), which
+    would match nothing without a word."""
     params = project_params(typed)
     if params["project_instance"] is not None:
+        known = list(conn.execute(_KNOWN).scalars())
+        if known and params["project_instance"] not in known:
+            raise BadProject(
+                f"the ledger holds no merge request of {params['project_instance']}"
+                f" (it holds those of {', '.join(known)})"
+            )
         return
     instances = list(conn.execute(_INSTANCES, params).scalars())
     if len(instances) > 1:

@@ -43,6 +43,10 @@ class StateFileError(SecledgerError):
     """The state file exists but does not hold a last seq."""
 
 
+class LogReplaced(SecledgerError):
+    """The log the watcher followed is not the database's any more."""
+
+
 @dataclass(frozen=True)
 class Change:
     """One emitted line: a merge request's current row and the seqs it covers."""
@@ -189,11 +193,32 @@ class Watcher:
     def _follow(self) -> None:
         # LISTEN before catching up: a commit between the two wakes us, so none is missed.
         with Listener(self.libpq_url) as listener:
+            self.check_same_log()
             self.catch_up()
             self._connections += 1
             while not self.stop.is_set():
                 listener.wait(self.poll_seconds, self.stop)
                 self.catch_up()
+
+    def check_same_log(self) -> None:
+        """Raise LogReplaced when the log's row at ``last_seq`` is not the one this watcher
+        went past: the database was restored from an older backup while it was away (a
+        reconnect), and the seqs it would skip are other deliveries. On the first
+        connection, remember that row's hash."""
+        if self.last_seq <= 0:
+            return
+        with self.engine.connect() as conn:
+            found = changes.hash_at(conn, self.last_seq)
+        if self.last_hash is None and self._connections == 0:
+            self.last_hash = found
+            return
+        if self.last_hash is not None and found != self.last_hash:
+            raise LogReplaced(
+                f"the log's row at seq {self.last_seq}, the last one emitted, is"
+                f" {'gone' if found is None else 'another one'} since"
+                " (the database restored from an older backup?); lines after it were not"
+                " written: restart watch with --from-seq to say where to resume"
+            )
 
     def catch_up(self) -> None:
         """Emit every change after ``last_seq`` committed so far, saving once per read."""

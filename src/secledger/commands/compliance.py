@@ -157,13 +157,14 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     policy = CompliancePolicy.from_settings(context.settings)
     now = utcnow()
     with context.engine() as engine:
+        if project is not None:  # before --reevaluate writes, which may take a while
+            with reading(engine) as conn, _refused():
+                check_one_instance(conn, project)
         if refresh_only or reevaluate:
             _record(engine, policy, now, reevaluate=reevaluate)
         if refresh_only:
             return
         with reading(engine) as conn, _refused():
-            if project is not None:
-                check_one_instance(conn, project)
             rows = store.list_findings(
                 conn,
                 policy,

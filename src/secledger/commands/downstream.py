@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from secledger.errors import ConfigError, SecledgerError
 from secledger.sink import Sender, SinkConfig
 from secledger.store import changes, db, outbox
-from secledger.watch import StateFile, Watcher
+from secledger.watch import LogReplaced, StateFile, Watcher
 
 if TYPE_CHECKING:
     from secledger.cli import Context
@@ -124,6 +124,8 @@ def watch_command(context: Context, from_seq: int | None, state_file: Path | Non
         with stopped_by_signals(stop):
             try:
                 watcher.run()
+            except LogReplaced as exc:
+                raise click.ClickException(str(exc)) from exc
             except BrokenPipeError:
                 # The reader went away: the line in hand was not delivered, so its seq
                 # was not saved. Silence the interpreter's own flush at exit.

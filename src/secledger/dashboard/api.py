@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, BeforeValidator
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from secledger import filtermatch, findings, reports
 from secledger.dashboard import queries, trail
@@ -116,6 +116,16 @@ def filters(  # noqa: PLR0917 - one query parameter each
     if since is not None and until is not None and since > until:
         raise HTTPException(422, "since must not be after until (both days are included)")
     return build_filters(since, until, _project(project), state.tier(tier), reviewer)
+
+
+def _one_project(conn: Connection, project: str | None) -> None:
+    """422, as `secledger report` and `findings` refuse it, for a project filter on
+    several GitLab instances, or a URL of one the ledger holds nothing of."""
+    if project:
+        try:
+            filtermatch.check_one_instance(conn, project)
+        except filtermatch.BadProject as exc:
+            raise HTTPException(422, str(exc)) from exc
 
 
 def _project(project: str | None) -> str | None:
@@ -237,6 +247,7 @@ ReportFiltered = Annotated[reports.Filters, Depends(report_filters)]
 def _report_route(kind: str) -> Callable[..., list[dict[str, Any]]]:
     def route(db: DB, where: ReportFiltered) -> list[dict[str, Any]]:
         with reading(db) as conn:
+            _one_project(conn, where.project)
             rows = reports.run(conn, kind, where)
         return [row.as_dict() for row in rows]
 
@@ -270,6 +281,7 @@ def get_findings(
         # As the CLI's --rule choice does; PostgreSQL would refuse a NUL with a 500.
         raise HTTPException(422, f"rule must be one of {', '.join(sorted(RULES))}")
     with reading(db) as conn:
+        _one_project(conn, where.project)
         return findings.list_findings(
             conn,
             where.policy,
