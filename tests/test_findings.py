@@ -1124,16 +1124,22 @@ def test_a_read_counts_an_unrecorded_breach_as_recording_it_would(engine) -> Non
     assert {f.mr_iid for f in read if f.rule == "sla-breached"} == {1, 4}
 
 
-def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None:
-    """The check recorded !1's breach, a longer SLA resolved it, and that SLA passed too:
-    recording would reopen the same row (same id, detected_at kept), so reads do, with
-    the deadline and budget of the clock that ran out now, not the first one's."""
+def breached_then_given_longer(engine) -> CompliancePolicy:
+    """!1, critical, opened at T0 with its breach recorded at 30 h; a policy giving
+    critical MRs 100 h instead of 24."""
     record(engine, event("open", 0, labels=["sec::critical"]))
     with engine.begin() as conn:
         assert findings.refresh_overdue(conn, CompliancePolicy(), T0 + timedelta(hours=30)) == 1
     rules_ = dict(CompliancePolicy().rules)
     rules_["critical"] = TierRule("critical", sla_hours=100, approvals=2)
-    longer = CompliancePolicy(rules=rules_)
+    return CompliancePolicy(rules=rules_)
+
+
+def test_a_read_reopens_a_resolved_breach_of_an_mr_overdue_again(engine) -> None:
+    """The check recorded !1's breach, a longer SLA resolved it, and that SLA passed too:
+    recording would reopen the same row (same id, detected_at kept), so reads do, with
+    the deadline and budget of the clock that ran out now, not the first one's."""
+    longer = breached_then_given_longer(engine)
     with engine.begin() as conn:
         findings.reevaluate_all(conn, longer, T0 + timedelta(hours=31))
     [resolved] = listed_as_of(engine, longer, T0 + timedelta(hours=99))
@@ -1155,12 +1161,7 @@ def test_the_overdue_check_does_not_reopen_a_breach_a_writer_is_resolving(engine
     chain lock) was moving its deadline and resolving its breach; its ON CONFLICT then
     found the row resolved and reopened it, with the old evidence, for good on a merged
     MR. It now queues behind writers, and reads what they committed."""
-    record(engine, event("open", 0, labels=["sec::critical"]))
-    with engine.begin() as conn:
-        assert findings.refresh_overdue(conn, CompliancePolicy(), T0 + timedelta(hours=30)) == 1
-    rules_ = dict(CompliancePolicy().rules)
-    rules_["critical"] = TierRule("critical", sla_hours=100, approvals=2)
-    longer = CompliancePolicy(rules=rules_)
+    longer = breached_then_given_longer(engine)
     changed: list[int] = []
     with engine.connect() as writer, writer.begin():
         writer.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
