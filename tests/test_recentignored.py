@@ -254,6 +254,8 @@ def test_a_key_learnt_between_the_test_and_the_hold_is_looked_at_again(
             answer = post(client, plain, **{"Idempotency-Key": "late-30"})
             assert answer.json()["status"] == "ignored"
             assert wait_for(lambda: "idem:late-30" in logged_keys(engine))
+            # Logged once the recording's answer is back on the event loop: after the row.
+            assert wait_for(lambda: any(e["event"].startswith("ignored_") for e in logs))
     finally:
         runtime.known = known  # before the app shuts down, which clears its callback
     assert [e["event"] for e in logs if e["event"].startswith("ignored_")] == [
