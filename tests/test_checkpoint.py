@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -272,6 +275,31 @@ def test_checkpoint_file_without_public_key_is_refused(client, key, database_url
     result = cli(database_url, "verify", "--checkpoint", str(file))
     assert result.exit_code != 0
     assert "public key" in result.output
+
+
+def _signed(seq: int) -> signing.Checkpoint:
+    stamp = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+    return signing.sign(Ed25519PrivateKey.generate(), seq, bytes(32), stamp)
+
+
+def test_a_checkpoint_file_appears_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """The file was created, then written: serve's checkpoint task and a `verify` (or a
+    copy to other storage) running at that moment read half a file, and a full disk
+    left one behind for good, as files are never rewritten."""
+    written = signing.write_file(tmp_path, _signed(1))
+    assert json.loads(written.read_bytes())["seq"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [written.name]
+    with pytest.raises(FileExistsError):  # evidence: never replaced
+        signing.write_file(tmp_path, _signed(1))  # the same seq and time: the same name
+    assert json.loads(written.read_bytes())["seq"] == 1
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(signing.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        signing.write_file(tmp_path / "full", _signed(2))
+    assert list((tmp_path / "full").iterdir()) == []
 
 
 def test_serve_writes_a_checkpoint_when_a_key_is_configured(

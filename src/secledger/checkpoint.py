@@ -179,7 +179,22 @@ def write_file(directory: Path, checkpoint: Checkpoint) -> Path:
     stamp = checkpoint.signed_at.strftime("%Y%m%dT%H%M%S%fZ")
     path = directory / f"checkpoint-{checkpoint.seq:012d}-{stamp}.json"
     data = orjson.dumps(checkpoint.to_json(), option=orjson.OPT_INDENT_2) + b"\n"
-    # Exclusive create: a checkpoint file is evidence and is never rewritten.
-    with path.open("xb") as handle:
-        handle.write(data)
+    # Written whole under another name, then linked to its own: a reader (``verify``, a
+    # copy to other storage) never sees half a file, and a full disk leaves none. The
+    # link fails on an existing name: a checkpoint file is evidence, never rewritten.
+    partial = directory / f".{path.name}.{os.urandom(6).hex()}.partial"
+    try:
+        with partial.open("xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            with path.open("xb") as handle:
+                handle.write(data)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
