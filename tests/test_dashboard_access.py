@@ -387,12 +387,14 @@ def test_a_period_that_ends_before_it_starts_is_said(reader) -> None:
 
 def test_the_api_refuses_a_project_on_two_instances_as_the_cli_does(reader) -> None:
     """`/api/reports/KIND` answers what `secledger report KIND` prints: the CLI refused
-    project 14 once two instances had one, and the API counted both together."""
+    project 14 once two instances had one, and the API (and the page) counted both
+    together."""
     other = json.loads(
         json.dumps(demo_bodies()[0]).replace("https://gitlab.example.com", "https://git.b.test")
     )
     assert post(reader, other).json()["status"] == "recorded"
-    for route in ("/api/reports/tiers", "/api/findings"):
+    routes = ("/api/ledger", "/api/reports/summary", "/api/reports/volume")
+    for route in (*routes, "/api/reports/tiers", "/api/findings"):
         refused = reader.get(f"{route}?project=14", headers=bearer())
         assert refused.status_code == 422, route
         assert "is on 2 GitLab instances" in refused.text
@@ -402,6 +404,12 @@ def test_the_api_refuses_a_project_on_two_instances_as_the_cli_does(reader) -> N
         "/api/reports/tiers?project=https://git.b.test/acme/payments", headers=bearer()
     ).json()
     assert tiers["mrs"] == 1
+    log_in(reader)
+    page = reader.get("/?project=14")
+    assert page.status_code == 200
+    assert "is on 2 GitLab instances" in page.text
+    one = reader.get("/?project=https://git.b.test/acme/payments")
+    assert "GitLab instances" not in one.text
 
 
 def test_a_project_url_that_names_no_project_is_said_and_refused(reader) -> None:

@@ -157,6 +157,7 @@ def list_ledger(
 ) -> dict[str, Any]:
     """Offset pagination; ``total`` counts every row matching the filters."""
     with reading(db) as conn:
+        _one_project(conn, where.project)
         page = queries.ledger_page(conn, where, limit=limit, offset=offset, state=storable(state))
     following = offset + limit
     return {
@@ -194,6 +195,7 @@ def get_mr(
 def report_summary(db: DB, where: Filtered) -> queries.Summary:
     """Headline numbers."""
     with reading(db) as conn:
+        _one_project(conn, where.project)
         return queries.summary(conn, where)
 
 
@@ -203,6 +205,7 @@ def report_volume(
 ) -> list[queries.VolumePoint]:
     """Counted by the day, week or month in which review started."""
     with reading(db) as conn:
+        _one_project(conn, where.project)
         return queries.volume(conn, where, bucket)
 
 

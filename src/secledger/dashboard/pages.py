@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -16,7 +17,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from secledger import findings, reports
+from secledger import filtermatch, findings, reports
 from secledger.dashboard import assets, charts, queries, trail
 from secledger.dashboard.access import (
     Dashboard,
@@ -266,6 +267,13 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
     params = dict(request.query_params)
     filters, errors = parse_filters(state, params)
     with reading(engine(request)) as conn:
+        if filters.project is not None:
+            try:
+                filtermatch.check_one_instance(conn, filters.project)
+            except filtermatch.BadProject as exc:
+                # Said, as a URL naming no project is: the panels show every project.
+                errors.append(str(exc))
+                filters = replace(filters, project=None)
         panels = _panels(conn, state, filters, params.get("bucket", "week"))
     return render(
         request,
