@@ -135,6 +135,34 @@ def test_missing_and_extra_rows_are_listed_and_repaired(history, database_url, e
     assert _ledger(engine, 2)["decided_by"] == "erin"
 
 
+def test_rows_missing_or_extra_at_either_end_are_each_listed_once(
+    history, database_url, engine
+) -> None:
+    """The stored events are read in order beside the rebuild's, not held whole: one
+    before the first or after the last of the other side must show once, and the
+    ledger's rows keep Python's order of instances (byte order puts "B" before "a")."""
+    extra = (
+        "INSERT INTO security_review_ledger (instance, project_id, mr_iid, risk_tier,"
+        " security_labels, approvers, assigned_reviewers, last_event_at, last_seq,"
+        " event_count) VALUES (:instance, 14, 1, 'high', '{}', '{}', '{}', now(), 1, 1)"
+    )
+    instances = ["https://a.example", "https://B.example", "https://zz.example"]
+    with engine.begin() as conn:
+        last = conn.execute(text("SELECT max(seq) FROM review_events")).scalar_one()
+        conn.execute(text("DELETE FROM review_events WHERE seq IN (1, :last)"), {"last": last})
+        for instance in instances:
+            conn.execute(text(extra), {"instance": instance})
+    check = cli(database_url, "rebuild", "--check")
+    assert check.exit_code == 1
+    listed = [line for line in check.output.splitlines() if line.endswith((": missing", ": extra"))]
+    assert listed == [
+        "review_events seq=1: missing",
+        f"review_events seq={last}: missing",
+        *(f"security_review_ledger {i} project 14 !1: extra" for i in sorted(instances)),
+    ], check.output
+    assert "5 derived rows differ from the log" in check.output
+
+
 def test_check_names_the_json_keys_of_events_that_differ(history, database_url, engine):
     """A fact a newer version derives (or an edit of one) is named: not two copies of
     the whole ``facts`` object for the reader to compare."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, tuple_
@@ -18,19 +18,47 @@ LEDGER = "security_review_ledger"
 _KEY = ("instance", "project_id", "mr_iid")
 
 
-def stored_events(conn: Connection) -> dict[int, dict[str, Any]]:
-    """Every ``review_events`` row by seq."""
-    query = select(review_events.c.seq, *(review_events.c[n] for n in (*EVENT_COLUMNS, "facts")))
-    return {row["seq"]: dict(row) for row in conn.execute(query).mappings()}
+# The stored events are read in seq order, a few thousand at a time: held whole beside
+# the rebuild, they (their facts as Python objects) took twice its memory (about 0.6 of
+# 0.9 GB for 100,000 log rows).
+_STREAM = {"stream_results": True, "yield_per": 2000}
+
+
+def stored_events(conn: Connection) -> Iterator[dict[str, Any]]:
+    """Every ``review_events`` row, in seq order, streamed."""
+    columns = (review_events.c[n] for n in (*EVENT_COLUMNS, "facts"))
+    query = select(review_events.c.seq, *columns).order_by(review_events.c.seq)
+    for row in conn.execute(query.execution_options(**_STREAM)).mappings():
+        yield dict(row)
 
 
 def stored_ledger(conn: Connection) -> dict[MRKey, dict[str, Any]]:
-    """Every ledger row by merge request."""
+    """Every ledger row by merge request. Read whole, unlike the events: one row per MR,
+    and the server's collation may order instances otherwise than Python does."""
     query = select(*(security_review_ledger.c[n] for n in LEDGER_COLUMNS))
     return {
         MRKey(row["instance"], row["project_id"], row["mr_iid"]): dict(row)
         for row in conn.execute(query).mappings()
     }
+
+
+def _side_by_side(
+    stored: Iterable[dict[str, Any]], seqs: Iterable[int]
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """Each seq of the stored rows and of ``seqs`` (both ascending) once, with its
+    stored row, or None when only ``seqs`` has it."""
+    rows, wanted = iter(stored), iter(seqs)
+    row, seq = next(rows, None), next(wanted, None)
+    while row is not None or seq is not None:
+        if row is not None and (seq is None or row["seq"] <= seq):
+            if row["seq"] == seq:
+                seq = next(wanted, None)
+            yield row["seq"], row
+            row = next(rows, None)
+        else:
+            assert seq is not None  # noqa: S101 - for mypy: the loop's condition
+            yield seq, None
+            seq = next(wanted, None)
 
 
 def differences(conn: Connection, rebuilt: Rebuilt) -> list[Difference]:
@@ -39,19 +67,17 @@ def differences(conn: Connection, rebuilt: Rebuilt) -> list[Difference]:
 
 
 def _event_differences(conn: Connection, rebuilt: Rebuilt) -> Iterator[Difference]:
-    stored = stored_events(conn)
-    for seq in sorted(stored.keys() | rebuilt.events.keys()):
+    for seq, row in _side_by_side(stored_events(conn), sorted(rebuilt.events)):
         facts = rebuilt.events.get(seq)
         wanted = event_row(facts) if facts is not None else None
-        found = compare(EVENTS, seq, stored.get(seq), wanted)
+        found = compare(EVENTS, seq, row, wanted)
         if found is not None:
             yield found
 
 
 def _ledger_differences(conn: Connection, rebuilt: Rebuilt) -> Iterator[Difference]:
     stored = stored_ledger(conn)
-    keys = stored.keys() | rebuilt.ledger.keys()
-    for key in sorted(keys, key=lambda k: (k.instance, k.project_id, k.mr_iid)):
+    for key in sorted(stored.keys() | rebuilt.ledger.keys()):
         found = compare(LEDGER, key, stored.get(key), rebuilt.ledger.get(key))
         if found is not None:
             yield found
