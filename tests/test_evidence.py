@@ -443,6 +443,56 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     assert b"Signature Verified Successfully" in checked.stdout
 
 
+def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(
+    engine, database_url, tmp_path
+) -> None:
+    """An auditor was told the chain was fine and signed, while the newest rows were
+    covered by no signature; the manifest's own hash, which the auditor must get apart
+    from the pack, was printed nowhere; and the rules behind every verdict were not in
+    the pack."""
+    record(engine)
+    key_path = tmp_path / "key.pem"
+    signing.generate(key_path)
+    signed, _ = integrity.take_checkpoint(engine, signing.load_private(key_path), None)
+    later = mr(7, "critical", 190, [("approved", "bob", 191), ("merge", "carol", 192)])
+    for body in later:
+        assert fed(engine, body) == "recorded"
+    out = tmp_path / "pack"
+    period = ("--since", "2025-08-04T20:00:00Z", "--until", "2025-08-13")
+    result = cli(
+        database_url,
+        tmp_path,
+        "evidence",
+        *period,
+        "--out",
+        str(out),
+        checkpoint_key_file=str(key_path),
+        tier_policy='{"critical": {"sla_hours": 8, "reviewers": ["Bob", "alice"]}}',
+    )
+    assert result.exit_code == 0, result.output
+    newer = (signed.seq + 1, signed.seq + len(later))
+    assert f"log rows seq {newer[0]}..{newer[1]} are newer than the newest signed" in (
+        result.output
+    )
+    digest = hashlib.sha256((out / "MANIFEST.sha256").read_bytes()).hexdigest()
+    assert f"manifest sha256: {digest}" in result.output
+    packed = json.loads((out / "pack.json").read_bytes())
+    assert packed["unsigned_rows"] == {"first_seq": newer[0], "last_seq": newer[1]}
+    policy = packed["policy"]
+    assert policy["security_labels"] == ["sec/*", "sec::*"]
+    assert policy["tier_rules"]["critical"] == {
+        "sla_hours": 8,
+        "approvals": 2,
+        "business_hours": False,
+        "reviewers": ["alice", "bob"],
+    }
+    assert policy["tier_rules"]["high"]["reviewers"] is None
+    readme = (out / "README.md").read_text()
+    assert f"Log rows seq {newer[0]}..{newer[1]} are newer than that checkpoint" in readme
+    assert "approvers: alice, bob" in readme
+    assert "The manifest is not signed" in readme
+
+
 def pack_of_august(database_url: str, tmp_path: Path, out: Path, **settings: str) -> Result:
     """`secledger evidence` for 2025-08-04 .. 2025-08-20 into ``out``."""
     period = ("--since", "2025-08-04", "--until", "2025-08-20")

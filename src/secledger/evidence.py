@@ -26,6 +26,7 @@ from sqlalchemy import Connection, Engine, RowMapping, text
 from secledger import findings, packchain, packreadme, reports
 from secledger.filtermatch import check_one_instance, project_params, same_project
 from secledger.packfiles import PackDir
+from secledger.packpolicy import policy_json
 from secledger.policy import LabelPolicy
 from secledger.progress import Silent, Tracker
 from secledger.rebuild import log_rows, rebuild
@@ -196,6 +197,16 @@ class Pack:
         return SAMPLE_ALGORITHM
 
     @property
+    def unsigned(self) -> dict[str, int] | None:
+        """The log rows newer than the newest signed checkpoint (all of them when there is
+        none), when the chain verified: a rewrite of those would go unnoticed."""
+        last = self.chain.get("last_seq") if self.chain_ok else None
+        signed = self.checkpoint["seq"] if self.checkpoint else 0
+        if not last or last <= signed:
+            return None
+        return {"first_seq": signed + 1, "last_seq": int(last)}
+
+    @property
     def chain_ok(self) -> bool:
         """True when the chain verified at pack time."""
         return bool(self.chain.get("ok"))
@@ -213,8 +224,11 @@ class Pack:
     def to_json(self) -> dict[str, Any]:
         """The content of ``pack.json``."""
         data = asdict(self)
-        data["options"].pop("policy")  # the settings' tier policy, not a choice of the pack's
-        data["options"].pop("labels")  # the settings' label policy, likewise
+        # The settings' policies, not choices of the pack's: told apart from the options.
+        data["options"].pop("policy")
+        data["options"].pop("labels")
+        data["policy"] = policy_json(self.options.labels, self.options.policy)
+        data["unsigned_rows"] = self.unsigned
         data["format"] = FORMAT
         data["sample_algorithm"] = self.sample_algorithm
         data.pop("files")

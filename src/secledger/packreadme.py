@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from secledger import __version__
+from secledger.packpolicy import policy_json, policy_text
 from secledger.times import isoformat
 
 if TYPE_CHECKING:
@@ -12,7 +13,10 @@ if TYPE_CHECKING:
 
 FILES = (
     ("README.md", "this file"),
-    ("pack.json", "the facts of this README, machine-readable (period, filters, seed, counts)"),
+    (
+        "pack.json",
+        "the facts of this README, machine-readable (period, filters, seed, counts, policy)",
+    ),
     (
         "population.csv",
         "one row per security MR decided in the period, numbered by `position`",
@@ -112,6 +116,13 @@ def _chain(pack: Pack) -> str:
         )
     else:
         text += " No signed checkpoint is stored."
+    if pack.unsigned and pack.checkpoint:
+        rows = pack.unsigned
+        text += (
+            f" **Log rows seq {rows['first_seq']}..{rows['last_seq']} are newer than that"
+            " checkpoint:** no signature covers them, so a rewrite of those rows would"
+            " not be detected."
+        )
     for label in pack.forged:
         text += (
             f" **FORGED** {label}: a checkpoint the key did not sign was inserted into the"
@@ -163,7 +174,10 @@ def _scope(pack: Pack) -> str:
   pack was read (one consistent snapshot for every file except `chain/`).
 - **Hash chain:** {_chain(pack)}
 - **Ledger against the log:** {_derived(pack)}
-"""
+
+The policy the verdicts were judged by (`pack.json`'s `policy`):
+
+{policy_text(policy_json(options.labels, options.policy))}"""
 
 
 def _files() -> str:
@@ -240,8 +254,11 @@ The printed positions equal the `position` column of `sample/index.csv`.
 
 ## Re-verifying this pack without secledger
 
-1. **Nothing was changed since the pack was made:** `sha256sum -c MANIFEST.sha256` prints
-   `OK` for every file. Record `sha256sum MANIFEST.sha256` in your working papers.
+1. **The files are those the manifest lists:** `sha256sum -c MANIFEST.sha256` prints
+   `OK` for every file. The manifest is not signed: whoever changes a file can write a
+   new one. Compare `sha256sum MANIFEST.sha256` with the hash the organisation sent you
+   apart from the pack (`secledger evidence` prints it), and record it in your working
+   papers.
 2. **The sampled rows are the ledger's evidence:** each log row's hash is
    `SHA-256(prev_hash || canonical bytes)`, where the canonical bytes are the header
    `secledger.log.v1` LF followed, for `seq, received_at, source, event, instance,

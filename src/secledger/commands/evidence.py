@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +58,17 @@ def _report(pack: evidence.Pack, out: Path, stale: int) -> None:
     if pack.chain_ok:
         click.echo(f"chain OK: {chain['rows']} rows, head {chain['head_hash']}")
     click.echo(f"manifest: {len(pack.files)} files in {MANIFEST} (check: sha256sum -c {MANIFEST})")
+    # Not signed: the auditor trusts the manifest by this hash, sent apart from the pack.
+    digest = hashlib.sha256((out / MANIFEST).read_bytes()).hexdigest()
+    click.echo(f"manifest sha256: {digest} (send it to the auditor apart from the pack)")
+    if pack.unsigned:
+        rows = pack.unsigned
+        click.echo(
+            f"note: log rows seq {rows['first_seq']}..{rows['last_seq']} are newer than the"
+            " newest signed checkpoint: run `secledger checkpoint` first for a pack whose"
+            " every row a signature covers",
+            err=True,
+        )
     if stale:
         note = f"note: {stale} files in {out} were there before and are not in the pack"
         click.echo(note, err=True)
