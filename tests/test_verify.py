@@ -52,6 +52,22 @@ def test_edited_column_is_a_hash_mismatch_at_that_row(history, database_url, eng
     assert "chain BROKEN at row seq=2: hash mismatch" in result.output
 
 
+def test_a_body_hash_edited_to_another_bodys_is_named_at_that_row(
+    history, database_url, engine
+) -> None:
+    """body_sha256 is outside the chain's hash, but deduplication reads it: set to the
+    hash of a body GitLab has yet to send, that delivery would be a `duplicate` of this
+    row and logged nowhere, and `verify` said the chain was OK."""
+    tamper(engine, "UPDATE delivery_log SET body_sha256 = sha256('a later body') WHERE seq = 4")
+    result = cli(database_url, "verify")
+    assert result.exit_code == 1
+    assert "chain BROKEN at row seq=4: body_sha256 is not the SHA-256 of the payload" in (
+        result.output
+    )
+    tamper(engine, "UPDATE delivery_log SET body_sha256 = NULL WHERE seq = 4")  # pre-0010
+    assert cli(database_url, "verify").exit_code == 0
+
+
 def test_a_value_python_cannot_read_breaks_the_chain_instead_of_crashing(
     history, database_url, engine, tmp_path
 ) -> None:
