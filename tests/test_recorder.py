@@ -369,14 +369,18 @@ def test_a_session_that_dies_after_a_commit_is_replaced_before_the_next_batch(
 
     async def scenario() -> tuple[list[Outcome | BaseException], ...]:
         writer = Recorder(engine, max_batch=8)
-        writer.start()
         try:
             # A resend: its answer reads the stored row on the writer's connection.
-            first = await asyncio.gather(
-                writer.submit(item(1, "d1")[0]),
-                writer.submit(item(2, "d2")[0]),
-                return_exceptions=True,
-            )
+            both = [
+                asyncio.ensure_future(writer.submit(item(1, "d1")[0])),
+                asyncio.ensure_future(writer.submit(item(2, "d2")[0])),
+            ]
+            # Both queued before the writer takes any, so they are one batch: taken
+            # apart on a loaded machine, the first one's reads for the second were
+            # what the kill broke, and the test was about another moment.
+            await asyncio.sleep(0)
+            writer.start()
+            first = await asyncio.gather(*both, return_exceptions=True)
             second = await asyncio.gather(writer.submit(item(3, "d3")[0]), return_exceptions=True)
         finally:
             writer.close()
