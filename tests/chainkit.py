@@ -75,9 +75,11 @@ def rehash_from(engine: Engine, seq: int, last: int | None = None) -> None:
     for current in range(seq, last + 1):
         row, _ = log_row(engine, current)
         digest = link(prev_hash, row)
-        tamper(
+        tamper(  # and the body hash deduplication reads, which verify also checks
             engine,
-            "UPDATE delivery_log SET prev_hash = :prev, hash = :hash WHERE seq = :seq",
+            "UPDATE delivery_log SET prev_hash = :prev, hash = :hash,"
+            " body_sha256 = CASE WHEN body_sha256 IS NOT NULL THEN sha256(payload) END"
+            " WHERE seq = :seq",
             prev=prev_hash,
             hash=digest,
             seq=current,
