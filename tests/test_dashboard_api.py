@@ -171,7 +171,11 @@ def test_ledger_filters(reader) -> None:
     assert iids("since=2026-11-05&until=2026-11-09") == [13, 14]
     assert iids("project=acme/payments") == iids("project=ACME/Payments") == [11, 12, 13, 14, 16]
     assert iids("project=14") == [11, 12, 13, 14, 16]  # by id, as the report routes take it
-    assert iids("project=other/thing") == []
+    # A project the ledger holds nothing of is a typo or an old path: an empty list
+    # would read as "no security change there".
+    unknown = reader.get("/api/ledger?project=other/thing", headers=bearer())
+    assert unknown.status_code == 422
+    assert "holds no merge request of project 'other/thing'" in unknown.json()["detail"]
     assert reader.get("/api/ledger?since=yesterday", headers=bearer()).status_code == 422
     assert reader.get("/api/ledger?limit=501", headers=bearer()).status_code == 422
 

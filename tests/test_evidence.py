@@ -239,6 +239,20 @@ def test_filters_narrow_the_population_and_are_recorded(ledger, tmp_path) -> Non
     assert pack.population == 1
 
 
+def test_a_project_the_ledger_holds_nothing_of_is_refused_before_a_pack(
+    ledger_url, tmp_path
+) -> None:
+    """An empty pack for a mistyped project read as "no security change there"."""
+    out = tmp_path / "pack"
+    result = cli(
+        ledger_url, tmp_path, "evidence", "--since", "2026-01-01", "--until", "2027-01-01",
+        "--out", str(out), "--project", "acme/paymnets",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "holds no merge request of project 'acme/paymnets'" in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_every_sla_status_a_pack_can_hold_is_explained(ledger, tmp_path) -> None:
     """`running` was in population.csv, for a merged MR whose merge went unrecorded, and
     in neither the pack's README nor docs/evidence.md."""

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import findings, packchain, packreadme, reports
-from secledger.filtermatch import check_one_instance, project_params, same_project
+from secledger.filtermatch import check_project, project_params, same_project
 from secledger.packfiles import PackDir
 from secledger.packpolicy import policy_json
 from secledger.policy import LabelPolicy
@@ -309,7 +309,7 @@ def _create_population(conn: Connection, options: Options) -> int:
     query = _CREATE
     params: dict[str, Any] = {"since": options.since, "until": options.until}
     if options.project is not None:
-        check_one_instance(conn, options.project)  # before anything is written
+        check_project(conn, options.project)  # before anything is written
         query += " AND " + same_project("l.")
         params.update(project_params(options.project))
     if options.tier is not None:

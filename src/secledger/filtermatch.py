@@ -106,11 +106,12 @@ _KNOWN = text(
 )
 
 
-def check_one_instance(conn: Connection, typed: str) -> None:
-    """Refuse a project id or path that the ledger holds on more than one GitLab
-    instance (their projects are not the same, and a report or a pack would mix them),
-    and a URL of an instance it holds nothing of (``http`` for ``https``, a typo), which
-    would match nothing without a word."""
+def check_project(conn: Connection, typed: str) -> None:
+    """Refuse a project filter that would match nothing without a word, or mix projects:
+    one the ledger holds no merge request of (a typo, an old path, a project with no
+    security MR yet), a URL of an instance it holds nothing of (``http`` for
+    ``https``), and an id or path it holds on more than one GitLab instance (their
+    projects are not the same, and a report or a pack would mix them)."""
     params = project_params(typed)
     if params["project_instance"] is not None:
         known = list(conn.execute(_KNOWN).scalars())
@@ -119,8 +120,13 @@ def check_one_instance(conn: Connection, typed: str) -> None:
                 f"the ledger holds no merge request of {params['project_instance']}"
                 f" (it holds those of {', '.join(known)})"
             )
-        return
     instances = list(conn.execute(_INSTANCES, params).scalars())
+    if not instances:
+        raise BadProject(
+            f"the ledger holds no merge request of project {typed.strip()!r}: give its id,"
+            " its path as it is now (group/project) or its URL;"
+            " `secledger report projects` lists the projects it holds"
+        )
     if len(instances) > 1:
         raise BadProject(
             f"project {typed!r} is on {len(instances)} GitLab instances"

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from secledger import findings as store
 from secledger import reports
 from secledger.errors import SecledgerError
-from secledger.filtermatch import check_one_instance
+from secledger.filtermatch import check_project
 from secledger.output import FORMATS, render
 from secledger.progress import RichTracker, stderr_progress
 from secledger.rules import RULES
@@ -159,7 +159,7 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     with context.engine() as engine:
         if project is not None:  # before --reevaluate writes, which may take a while
             with reading(engine) as conn, _refused():
-                check_one_instance(conn, project)
+                check_project(conn, project)
         if refresh_only or reevaluate:
             _record(engine, policy, now, reevaluate=reevaluate)
         if refresh_only:
@@ -252,7 +252,7 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
     )
     with context.engine() as engine, reading(engine) as conn, _refused():
         if project is not None:
-            check_one_instance(conn, project)
+            check_project(conn, project)
         # The same function serves /api/reports/KIND.
         rows = [row.as_dict() for row in reports.run(conn, kind, filters)]
     _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")

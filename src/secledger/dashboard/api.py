@@ -123,7 +123,7 @@ def _one_project(conn: Connection, project: str | None) -> None:
     several GitLab instances, or a URL of one the ledger holds nothing of."""
     if project:
         try:
-            filtermatch.check_one_instance(conn, project)
+            filtermatch.check_project(conn, project)
         except filtermatch.BadProject as exc:
             raise HTTPException(422, str(exc)) from exc
 

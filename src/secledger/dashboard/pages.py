@@ -269,7 +269,7 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
     with reading(engine(request)) as conn:
         if filters.project is not None:
             try:
-                filtermatch.check_one_instance(conn, filters.project)
+                filtermatch.check_project(conn, filters.project)
             except filtermatch.BadProject as exc:
                 # Said, as a URL naming no project is: the panels show every project.
                 errors.append(str(exc))
