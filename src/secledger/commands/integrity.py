@@ -119,10 +119,12 @@ def verify_command(
     Exits 0 with a summary, or 1 naming the first row whose sequence, link or hash is
     wrong and why. Checkpoints stored in the database are always compared; a
     checkpoint FILE (kept outside the database) also catches a rewritten history and
-    a removed tail. With --public-key, a stored checkpoint whose signature fails is
-    named FORGED, not trusted, and also exits 1 (the chain's own verdict is printed
-    apart); after a key rotation, give the old public key and the new one. Reads only:
-    a secledger_readonly login is enough.
+    a removed tail. With a public key (--public-key, else the one configured in
+    SECLEDGER_CHECKPOINT_PUBLIC_KEY_FILE or derived from SECLEDGER_CHECKPOINT_KEY_FILE),
+    a stored checkpoint whose signature fails is named FORGED, not trusted, and also
+    exits 1 (the chain's own verdict is printed apart); without one, stored
+    checkpoints are taken at their word. After a key rotation, give the old public key
+    and the new one. Reads only: a secledger_readonly login is enough.
 
     \b
     Example:

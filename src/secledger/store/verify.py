@@ -49,6 +49,18 @@ class Expected:
     seq: int
     hash: bytes
     label: str
+    # False for a stored checkpoint taken at its word (verify given no public key): the
+    # app's login may insert into the table, so a mismatch may be the checkpoint's.
+    signature_checked: bool = True
+
+    def suspect(self) -> str:
+        """What else a mismatch with it may mean, when its signature was not checked."""
+        if self.signature_checked:
+            return ""
+        return (
+            ", or this checkpoint was inserted into the table: its signature was not"
+            " checked; run verify with --public-key to tell which"
+        )
 
 
 @dataclass
@@ -118,7 +130,7 @@ def _check_vouched(seq: int, digest: bytes, vouched: Iterable[Expected], summary
             raise ChainBroken(
                 seq,
                 f"differs from {item.label}: the chain's hash here is {digest.hex()},"
-                f" the checkpoint signed {item.hash.hex()} (history was rewritten)",
+                f" the checkpoint signed {item.hash.hex()} (history was rewritten{item.suspect()})",
             )
         summary.matched.append(item.label)
 
@@ -182,16 +194,16 @@ def _check_coverage(summary: Summary, expected: Mapping[int, list[Expected]]) ->
     beyond = [seq for seq in expected if seq > summary.last_seq]
     if beyond:
         furthest = max(beyond)
-        label = expected[furthest][0].label
+        item = expected[furthest][0]
         raise ChainBroken(
             summary.last_seq + 1,
-            f"missing: the chain ends at seq {summary.last_seq} but {label} covers seq"
-            f" {furthest} (rows {summary.last_seq + 1}..{furthest} were removed)",
+            f"missing: the chain ends at seq {summary.last_seq} but {item.label} covers seq"
+            f" {furthest} (rows {summary.last_seq + 1}..{furthest} were removed{item.suspect()})",
         )
 
 
 def _with_stored(
-    vouched: Iterable[Expected], stored: list[tuple[int, Checkpoint]]
+    vouched: Iterable[Expected], stored: list[tuple[int, Checkpoint]], *, checked: bool
 ) -> dict[int, list[Expected]]:
     expected: dict[int, list[Expected]] = {}
     for item in vouched:
@@ -199,7 +211,7 @@ def _with_stored(
     for ident, checkpoint in stored:
         label = f"stored checkpoint #{ident} (seq {checkpoint.seq})"
         expected.setdefault(checkpoint.seq, []).append(
-            Expected(checkpoint.seq, checkpoint.head_hash, label)
+            Expected(checkpoint.seq, checkpoint.head_hash, label, signature_checked=checked)
         )
     return expected
 
@@ -233,7 +245,7 @@ def verify(
             pin_search_path(conn)
             stored = checkpoints.stored(conn)
             trusted, forged = screen(stored) if screen is not None else (stored, [])
-            expected = _with_stored(vouched, trusted)
+            expected = _with_stored(vouched, trusted, checked=screen is not None)
             # psycopg's binary protocol directly: bytea travels as raw bytes, not hex text,
             # which halves what the server sends for a log that is mostly payload.
             raw = conn.connection.driver_connection
