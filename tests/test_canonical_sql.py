@@ -9,6 +9,7 @@ import pytest
 
 from builders import dumps, mr_event
 from chainkit import log_row, record_history, tamper
+from secledger.chainsql import CHECK_CHAIN
 from secledger.config import Settings
 from secledger.policy import LabelPolicy
 from secledger.service import feed
@@ -23,6 +24,10 @@ def doc_sql() -> str:
     text = DOC.read_text()
     block = text.split("<!-- canonical-sql -->", 1)[1]
     return block.split("```sql\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_query_is_the_one_evidence_packs_carry() -> None:
+    assert doc_sql() == CHECK_CHAIN
 
 
 def canonical_sql() -> str:

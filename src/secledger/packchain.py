@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine
 
 from secledger import checkpoint as signing
+from secledger.chainsql import CHECK_CHAIN_FILE
 from secledger.checkpoint import Checkpoint
 from secledger.packfiles import PackDir
 from secledger.store.verify import ChainBroken, Summary, signed_by, verify
@@ -24,7 +25,8 @@ def verify_now(
 ) -> dict[str, Any]:
     """Walk the whole chain as ``secledger verify`` does (with ``public``, a stored
     checkpoint whose signature fails is not trusted, and listed as forged), write
-    ``chain/verify.json``; a broken chain is recorded too."""
+    ``chain/verify.json``; a broken chain is recorded too. Beside it goes the query
+    that repeats the walk with ``psql`` alone."""
     result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
     try:
         summary = verify(engine, progress=progress, screen=signed_by(public))
@@ -35,6 +37,7 @@ def verify_now(
         result["forged_checkpoints"] = summary.forged
     result["snapshot_head_seq"] = snapshot_head_seq
     files.write_json("chain/verify.json", result)
+    files.write_bytes("chain/check-chain.sql", CHECK_CHAIN_FILE.encode())
     return result
 
 

@@ -41,6 +41,7 @@ FILES = (
         "one sampled MR: its population row and every log row in full, raw payload in base64",
     ),
     ("chain/verify.json", "the hash-chain verification run when the pack was made"),
+    ("chain/check-chain.sql", "the SQL that re-checks the whole chain with `psql` alone"),
     ("chain/checkpoint-*.json", "the newest signed checkpoint, when one exists"),
     ("chain/checkpoint-key.pem.pub", "the checkpoint public key, when configured"),
     ("MANIFEST.sha256", "SHA-256 of every other file (`sha256sum -c` format)"),
@@ -198,7 +199,9 @@ def _checkpoint_steps(pack: Pack) -> str:
     pem = "chain/checkpoint-key.pem.pub" if pack.public_key else "checkpoint-key.pem.pub"
     return f"""\
 The checkpoint signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at <time> LF`
-with Ed25519. With {key} and OpenSSL 3:
+with Ed25519. Its `key_id` is the first 16 hex digits of SHA-256 over the raw 32-byte
+public key: `openssl pkey -pubin -in {pem} -outform DER | tail -c 32 | sha256sum | cut -c1-16`
+prints it. With {key} and OpenSSL 3:
 
 ```sh
 python3 -c 'import json, sys; sys.stdout.write(json.load(open(sys.argv[1]))["message"])' \\
@@ -280,9 +283,11 @@ The printed positions equal the `position` column of `sample/index.csv`.
    organisation's chain: that takes every row from the sampled one to the signed
    checkpoint, which step 3 walks.
 
-3. **The whole chain:** with read access to the database (`secledger_readonly`), the
-   canonical-SQL query in secledger's `docs/integrity.md` recomputes every row with `psql`
-   alone; `chain/verify.json` is the result of the same walk at pack time.
+3. **The whole chain:** with read access to the database (a login in
+   `secledger_readonly`), `psql -X -f chain/check-chain.sql '<database URL>'` recomputes
+   every row's canonical bytes and hash with PostgreSQL alone and lists the rows whose
+   hash, link or sequence is wrong: none on a sound chain. `chain/verify.json` is the
+   result of the same walk at pack time.
 4. **The signed checkpoint:**
 
 {_checkpoint_steps(pack)}"""
