@@ -186,19 +186,24 @@ def test_each_mr_carries_its_decision_trail_with_log_hashes(ledger, tmp_path) ->
     with ledger.connect() as conn:
         stored = conn.execute(
             text(
-                "SELECT e.mr_iid, e.seq, e.kind, e.actor, encode(d.hash, 'hex')"
+                "SELECT e.mr_iid, e.seq, e.kind, e.actor, (e.facts ->> 'actor_id')::bigint,"
+                " encode(d.hash, 'hex')"
                 " FROM review_events e JOIN delivery_log d USING (seq) ORDER BY e.event_at, e.seq"
             )
         ).all()
     expected: dict[int, list[tuple[Any, ...]]] = {}
-    for iid, seq, kind, actor, digest in stored:
-        expected.setdefault(iid, []).append((seq, kind, actor, digest))
+    for iid, seq, kind, actor, actor_id, digest in stored:
+        expected.setdefault(iid, []).append((seq, kind, actor, actor_id, digest))
     for item in population:
-        got = [(e["seq"], e["kind"], e["actor"], e["hash"]) for e in item["trail"]]
+        got = [(e["seq"], e["kind"], e["actor"], e["actor_id"], e["hash"]) for e in item["trail"]]
         assert got == expected[item["mr_iid"]]
     assert len(trail_csv) == pack.events == sum(len(expected[i]) for i in IN_PERIOD)
+    # Each actor's id, so separation of duties is checkable without the payloads.
+    ids = {(r["actor"], r["actor_id"]) for r in trail_csv}
+    assert all(actor_id.isdigit() for _, actor_id in ids), ids
+    assert len({actor for actor, _ in ids}) == len(ids) > 1
     first = population[0]["trail"][0]
-    assert {"seq", "event_at", "kind", "decision", "actor", "hash"} <= set(first)
+    assert {"seq", "event_at", "kind", "decision", "actor", "actor_id", "hash"} <= set(first)
     assert first["event_at"] == "2025-08-04T09:00:00Z"  # the CSV's spelling too
 
 

@@ -71,7 +71,7 @@ POPULATION_COLUMNS = (
     "event_count",
     "last_seq",
 )
-TRAIL_COLUMNS = ("seq", "event_at", "kind", "decision", "actor", "hash")
+TRAIL_COLUMNS = ("seq", "event_at", "kind", "decision", "actor", "actor_id", "hash")
 TRAIL_CSV_COLUMNS = ("position", "instance", "project_id", "mr_iid", *TRAIL_COLUMNS)
 _FIRST_EVENT_COLUMN = TRAIL_CSV_COLUMNS.index("seq")
 FINDING_COLUMNS = tuple(f.name for f in fields(findings.Finding))
@@ -127,9 +127,16 @@ LEFT JOIN (SELECT instance, project_id, mr_iid, count(*) AS findings
     USING (instance, project_id, mr_iid)
 ORDER BY p.position
 """
+# The actor's GitLab user id beside the username: population.csv identifies the author
+# by id only (GitLab's MR hooks carry no author username), so an auditor checks separation
+# of duties for every MR, not only the sampled ones, by comparing ids.
+_ACTOR_ID = (
+    "CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number'"
+    " THEN (e.facts ->> 'actor_id')::bigint END"
+)
 _EVENTS = f"""
 SELECT p.position, p.instance, p.project_id, p.mr_iid, e.seq, e.event_at, e.kind, e.decision,
-       e.actor, encode(d.hash, 'hex') AS hash{{extra}}
+       e.actor, {_ACTOR_ID} AS actor_id, encode(d.hash, 'hex') AS hash{{extra}}
 FROM {POPULATION} p
 JOIN review_events e USING (instance, project_id, mr_iid)
 JOIN delivery_log d ON d.seq = e.seq
@@ -442,6 +449,7 @@ def _sample_event(row: RowMapping) -> dict[str, Any]:
         "kind": row["kind"],
         "decision": row["decision"],
         "actor": row["actor"],
+        "actor_id": row["actor_id"],
         "facts": row["facts"],
         "log": {
             "seq": row["seq"],

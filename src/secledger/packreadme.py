@@ -24,8 +24,8 @@ FILES = (
     ("population.json", "the same MRs, each with its decision trail (`trail`)"),
     (
         "decision-trail.csv",
-        "every recorded event of those MRs: kind, decision, actor, event time, log `seq`"
-        " and the log row's chain `hash` (hex)",
+        "every recorded event of those MRs: kind, decision, actor (username and GitLab"
+        " user id), event time, log `seq` and the log row's chain `hash` (hex)",
     ),
     (
         "findings.csv, findings.json",
@@ -241,7 +241,11 @@ Times are ISO 8601 UTC. In CSV files, lists are space-separated and objects are 
 the clock never ran), `overdue` (labelled while open, merged or closed since with no
 review decision recorded, and past the deadline), `running` (the same, before the deadline:
 a pack made after it shows the MR `overdue`, with an `sla-breached` finding) or
-`no_clock`. SLA figures follow the report
+`no_clock`. Separation of duties can be checked for every MR, sampled or not: `author_id`
+(population) and `actor_id` (decision trail) are GitLab user ids, and an `approved` or
+`merged` event whose `actor_id` is its MR's `author_id` is the author approving or merging
+their own change (findings `author-approved`, `merged-by-author`); an empty `actor_id` is
+an event whose payload named no user id. SLA figures follow the report
 definitions: per tier, MRs whose security label was applied in the period; per reviewer,
 decisions made in the period.
 
