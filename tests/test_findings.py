@@ -211,6 +211,55 @@ def test_insufficient_approvals_negative_with_two_approvals(engine) -> None:
     assert rules(engine) == set()
 
 
+def test_a_merge_whose_event_was_lost_is_judged_at_the_first_event_that_saw_it(engine) -> None:
+    """Labelled while open, then an update found it merged, no merge event (GitLab does
+    not retry a failed delivery): merged with one approval of the two required, and no
+    finding said so."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("update", 3, state="merged", **crit),
+    )
+    hit = found(engine)[("insufficient-approvals", "")]
+    assert hit.seqs == [2, 3]
+    assert hit.evidence == {
+        "tier": "critical",
+        "required": 2,
+        "standing_approvers": ["bob"],
+        "merge_recorded": False,
+        "seen_merged_at": "2025-08-04T12:00:00Z",
+    }
+    # The merge event recovered (reconcile --fix, a resend): the same finding, now dated.
+    record(engine, event("merge", 2, actor="carol", **crit))
+    with engine.connect() as conn:
+        listed = list_findings(conn, CompliancePolicy(), T0, include_resolved=True)
+    every = [f for f in listed if f.rule == "insufficient-approvals"]
+    assert [(f.seqs, f.evidence["merged_by"], f.resolved_at) for f in every] == [
+        ([2, 4], "carol", None)
+    ]
+
+
+def test_an_mr_first_seen_merged_was_labelled_after_its_merge_not_merged_unreviewed(
+    engine,
+) -> None:
+    """Its merge came before the label, when it was no security MR (policy.md): the
+    verdict says so (labeled_after_merge), not a finding."""
+    record(engine, event("update", 3, state="merged"), event("update", 4, state="merged"))
+    assert "insufficient-approvals" not in rules(engine)
+
+
+def test_a_lost_merge_after_enough_approvals_is_no_finding(engine) -> None:
+    record(
+        engine,
+        event("open", 0),
+        event("approved", 1, actor="bob"),
+        event("update", 3, state="merged"),
+    )
+    assert "insufficient-approvals" not in rules(engine)
+
+
 def test_a_relabel_after_the_merge_does_not_change_the_tier_it_merged_under(engine) -> None:
     """A critical MR merged with one approval of the two required; relabelled sec::low an
     hour after the merge. The merge is still judged as critical, and the row says so."""

@@ -120,6 +120,21 @@ class Context:
         """The first merge event, if the MR was merged (several rules ask)."""
         return next((e for e in self.history.events if e.facts.decision == "merged"), None)
 
+    @functools.cached_property
+    def unrecorded_merge(self) -> SequencedEvent | None:
+        """With no merge event, the first event that found the MR merged after one had
+        found it open: its merge webhook was lost (GitLab does not retry). An MR first
+        seen merged was labelled after its merge, as no security MR: not this."""
+        if self.first_merge is not None:
+            return None
+        seen_open = False
+        for event in self.history.events:
+            state = event.facts.state
+            if state == "merged":
+                return event if seen_open else None
+            seen_open = seen_open or (state is not None and state not in ENDED_STATES)
+        return None
+
     @property
     def tier_rule(self) -> TierRule:
         """The policy of the MR's tier."""
@@ -410,24 +425,27 @@ def merged_by_author(context: Context) -> Iterator[Finding]:
 
 @rule("insufficient-approvals", "high")
 def insufficient_approvals(context: Context) -> Iterator[Finding]:
-    """Merged with fewer standing non-author approvals than the tier requires."""
-    merge = context.first_merge
+    """Merged with fewer standing non-author approvals than the tier requires (also when
+    the merge event was lost: then as of the first event that found the MR merged)."""
+    merge = context.first_merge or context.unrecorded_merge
     if merge is None:
         return
     standing = others(context, standing_approvals(context, merge))
     required = context.tier_rule.approvals
     if len(standing) < required:
-        yield (
-            "",
-            (*sorted(standing.values()), merge.seq),
-            {
-                "tier": context.history.tier,
-                "required": required,
-                "standing_approvers": sorted(standing),
-                "merged_by": merge.facts.actor,
-                "merged_at": stamp(merge.facts.event_at),
-            },
-        )
+        evidence: dict[str, Any] = {
+            "tier": context.history.tier,
+            "required": required,
+            "standing_approvers": sorted(standing),
+        }
+        if merge is context.first_merge:
+            evidence |= {"merged_by": merge.facts.actor, "merged_at": stamp(merge.facts.event_at)}
+        else:
+            evidence |= {
+                "merge_recorded": False,
+                "seen_merged_at": stamp(merge.facts.event_at),
+            }
+        yield ("", (*sorted(standing.values()), merge.seq), evidence)
 
 
 @rule("approval-revoked-before-merge", "medium")
