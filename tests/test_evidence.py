@@ -45,6 +45,7 @@ from secledger.chainsql import CHECK_CHAIN
 from secledger.cli import main
 from secledger.packfiles import CsvTable
 from secledger.policy import LabelPolicy
+from secledger.rules import RULES
 from secledger.service import feed
 from secledger.store import db
 from secledger.tierpolicy import CompliancePolicy
@@ -260,6 +261,21 @@ def test_a_project_the_ledger_holds_nothing_of_is_refused_before_a_pack(
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_the_readme_says_what_each_rule_in_findings_csv_means(ledger, tmp_path) -> None:
+    """An auditor counted 31 self-merges against 2 `merged-by-author` findings: the
+    README had not said that rule fires only with no other approval standing."""
+    build(ledger, tmp_path / "pack")
+    readme = (tmp_path / "pack" / "README.md").read_text()
+    table = readme.split("## What each finding means", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \| (\w+) \| (.+) \|$", table, flags=re.M)
+    assert [(rule, severity) for rule, severity, _ in listed] == [
+        (r.id, r.severity) for r in RULES.values()
+    ]
+    packed = {row["rule"] for row in read_csv(tmp_path / "pack" / "findings.csv")}
+    assert packed and packed <= {rule for rule, _, _ in listed}
+    assert "only when no approval by anyone else was" in readme
+
+
 def test_every_sla_status_a_pack_can_hold_is_explained(ledger, tmp_path) -> None:
     """`running` was in population.csv, for a merged MR whose merge went unrecorded, and
     in neither the pack's README nor docs/evidence.md."""
@@ -378,6 +394,7 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines()[-1] == "every sampled row rehashes"
+    assert result.returncode == 0
     # A file the pack does not list (left by an earlier pack, with --force) is not read.
     stale = json.loads(next((out / "sample").glob("*.json")).read_bytes())
     stale["events"][0]["log"]["hash"] = "00" * 32
@@ -386,6 +403,7 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
         [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
     )
     assert result.stdout.decode().splitlines()[-1] == "every sampled row rehashes"
+    assert result.returncode == 0
     (out / "sample" / "999-p1-mr1.json").unlink()
     # Tamper with one sampled payload: the script notices.
     story_path = next((out / "sample").glob("*.json"))
@@ -400,6 +418,7 @@ def test_the_readme_rehash_script_runs_with_the_standard_library(ledger, tmp_pat
         [sys.executable, "-I", "-c", scripts[1]], cwd=out, capture_output=True, check=False
     )
     assert "1 problems: NOT every row checks out" in result.stdout.decode()
+    assert result.returncode == 1  # a script run unread still says so
     # Leave out an event (a self-approval, say): every remaining row still rehashes, but
     # the file no longer holds the rows the trail and the index list for its MR.
     story_path.write_bytes(original)
@@ -487,7 +506,9 @@ def test_the_packs_chain_query_runs_in_psql_and_finds_a_changed_row(
     record(engine)  # a database of its own: the module's ledger is shared
     build(engine, tmp_path / "pack")
     query = tmp_path / "pack" / "chain" / "check-chain.sql"
-    assert query.read_text().endswith(CHECK_CHAIN)
+    assert CHECK_CHAIN in query.read_text()
+    verified = json.loads((tmp_path / "pack" / "chain" / "verify.json").read_bytes())
+    head = f"{verified['last_seq']}|{verified['head_hash']}"
     assert "chain/check-chain.sql" in (tmp_path / "pack" / "README.md").read_text()
 
     def run() -> str:
@@ -509,12 +530,15 @@ def test_the_packs_chain_query_runs_in_psql_and_finds_a_changed_row(
         assert done.returncode == 0, done.stderr
         return done.stdout.decode()
 
-    assert run() == ""  # a sound chain: no row fails
+    assert run().splitlines() == [head]  # a sound chain: no row fails; then its head
     tamper(
         engine,
         "UPDATE delivery_log SET payload = payload || convert_to(' ', 'UTF8') WHERE seq = 3",
     )
-    assert run().splitlines() == ["3|hash mismatch"]
+    assert run().splitlines() == ["3|hash mismatch", head]
+    # Rows removed at the end leave no wrong row: the head printed after tells it.
+    tamper(engine, f"DELETE FROM delivery_log WHERE seq > {verified['last_seq'] - 2}")
+    assert run().splitlines()[-1].startswith(f"{verified['last_seq'] - 2}|")
 
 
 def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(

@@ -46,10 +46,16 @@ ORDER BY seq;
 """
 
 # A login's default search path looks in a schema named after it first, where the
-# database's owner could leave a pristine copy of the log; the query names its table
-# with the schema, and the session's path is pinned too for any query added to it.
+# database's owner could leave a pristine copy of the log; the queries name their table
+# with the schema, and the session's path is pinned too for any query added to them. A
+# log cut at its end has no wrong row: the last seq and head, printed after, tell it.
 CHECK_CHAIN_FILE = (
-    "-- secledger: check every row of the hash chain (no rows returned: the chain is sound).\n"
-    "-- Run: psql -X -f check-chain.sql 'postgresql://auditor@db.example.com/secledger'\n"
-    "SET search_path = pg_catalog, public;\n" + CHECK_CHAIN
+    "-- secledger: check every row of the hash chain. The first query lists the rows whose\n"
+    "-- hash, link or sequence is wrong (none on a sound chain); the second prints the log's\n"
+    "-- last seq and head hash, to compare with a checkpoint (rows removed at the end).\n"
+    "-- Run: psql -X -f chain/check-chain.sql 'postgresql://auditor@db.example.com/secledger'\n"
+    "SET search_path = pg_catalog, public;\n"
+    + CHECK_CHAIN
+    + "SELECT seq AS last_seq, encode(hash, 'hex') AS head_hash\n"
+    "FROM public.delivery_log ORDER BY seq DESC LIMIT 1;\n"
 )

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from secledger import __version__
 from secledger.packpolicy import policy_json, policy_text
+from secledger.rules import RULES
 from secledger.times import isoformat
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ for entry in listed:
         bad += not ok
         print(name, log["seq"], "ok" if ok else "MISMATCH")
 print("every sampled row rehashes" if bad == 0 else f"{bad} problems: NOT every row checks out")
+raise SystemExit(1 if bad else 0)
 """
 
 REDRAW = """\
@@ -176,9 +178,17 @@ def _scope(pack: Pack) -> str:
 - **Hash chain:** {_chain(pack)}
 - **Ledger against the log:** {_derived(pack)}
 
-The policy the verdicts were judged by (`pack.json`'s `policy`):
+The policy configured when the pack was made (`pack.json`'s `policy`). SLA deadlines and
+findings were judged as each event was recorded, under the policy in force then: after a
+policy change, `secledger findings --reevaluate` judges them all again, and until it runs
+a finding's evidence may cite the policy before (its approver list, for one):
 
 {policy_text(policy_json(options.labels, options.policy))}"""
+
+
+def _rules() -> str:
+    rows = "\n".join(f"| `{r.id}` | {r.severity} | {r.meaning} |" for r in RULES.values())
+    return f"| rule | default severity | raised when |\n| --- | --- | --- |\n{rows}\n"
 
 
 def _files() -> str:
@@ -187,35 +197,41 @@ def _files() -> str:
 
 
 def _checkpoint_steps(pack: Pack) -> str:
+    """Step 4's text, indented to stay inside the numbered list."""
     if pack.checkpoint is None:
-        return "No checkpoint was stored when the pack was made, so there is none to check.\n"
+        return "no checkpoint was stored when the pack was made, so there is none to check.\n"
     name = pack.checkpoint["file"]
     key = (
-        "`chain/checkpoint-key.pem.pub` (compare its key id with the one the organisation"
-        " gave you independently; a key shipped with the evidence proves nothing alone)"
+        "`chain/checkpoint-key.pem.pub` (compare it with the key the organisation gave you"
+        " independently, in full or by its key id; a key shipped with the evidence proves"
+        " nothing alone)"
         if pack.public_key
         else "the organisation's checkpoint public key (PEM, saved as `checkpoint-key.pem.pub`)"
     )
     pem = "chain/checkpoint-key.pem.pub" if pack.public_key else "checkpoint-key.pem.pub"
     return f"""\
-The checkpoint signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at <time> LF`
-with Ed25519. Its `key_id` is the first 16 hex digits of SHA-256 over the raw 32-byte
-public key: `openssl pkey -pubin -in {pem} -outform DER | tail -c 32 | sha256sum | cut -c1-16`
-prints it. With {key} and OpenSSL 3:
+`{name}` signs `secledger.checkpoint.v1 LF seq <seq> LF head <hash> LF at <time> LF`
+   with Ed25519. The pack writes it from the database: its content, not its bytes, is that
+   of the file secledger wrote when it signed (keys in another order). Its `key_id` is the
+   first 16 hex digits of SHA-256 over the raw 32-byte public key:
+   `openssl pkey -pubin -in {pem} -outform DER | tail -c 32 | sha256sum | cut -c1-16`
+   prints it. With {key} and OpenSSL 3, in this directory (the commands write into a new
+   temporary directory, not into the pack):
 
-```sh
-python3 -c 'import json, sys; sys.stdout.write(json.load(open(sys.argv[1]))["message"])' \\
-  {name} > message
-python3 -c 'import base64, json, sys; sys.stdout.buffer.write(base64.b64decode(
-  json.load(open(sys.argv[1]))["signature"]))' {name} > signature
-openssl pkeyutl -verify -pubin -inkey {pem} -rawin \\
-  -in message -sigfile signature
-```
+   ```sh
+   work=$(mktemp -d)
+   python3 -c 'import json, sys; sys.stdout.write(json.load(open(sys.argv[1]))["message"])' \\
+     {name} > "$work/message"
+   python3 -c 'import base64, json, sys; sys.stdout.buffer.write(base64.b64decode(
+     json.load(open(sys.argv[1]))["signature"]))' {name} > "$work/signature"
+   openssl pkeyutl -verify -pubin -inkey {pem} -rawin \\
+     -in "$work/message" -sigfile "$work/signature"
+   ```
 
-Check that `message` spells the file's `seq`, `head_hash` and `signed_at`, and that the chain
-still has that hash at that seq (`chain/verify.json`, or with database access
-`SELECT encode(hash, 'hex') FROM public.delivery_log WHERE seq = <seq>`: with the
-schema, so that no table of another schema is read instead).
+   Check that the message spells the file's `seq`, `head_hash` and `signed_at`, and that
+   the chain still has that hash at that seq (`chain/verify.json`, or with database
+   access `SELECT encode(hash, 'hex') FROM public.delivery_log WHERE seq = <seq>`: with
+   the schema, so that no table of another schema is read instead).
 """
 
 
@@ -242,13 +258,18 @@ the clock never ran), `overdue` (labelled while open, merged or closed since wit
 review decision recorded, and past the deadline), `running` (the same, before the deadline:
 a pack made after it shows the MR `overdue`, with an `sla-breached` finding) or
 `no_clock`. Separation of duties can be checked for every MR, sampled or not: `author_id`
-(population) and `actor_id` (decision trail) are GitLab user ids, and an `approved` or
-`merged` event whose `actor_id` is its MR's `author_id` is the author approving or merging
-their own change (findings `author-approved`, `merged-by-author`); an empty `actor_id` is
-an event whose payload named no user id. SLA figures follow the report
+(population) and `actor_id` (decision trail, joined on `position`) are GitLab user ids.
+An `approved` event whose `actor_id` is its MR's `author_id` is a self-approval (each is
+an `author-approved` finding); a `merged` one is the author merging their own change,
+which is a finding (`merged-by-author`) only when no approval by anyone else was
+standing (see "What each finding means"). An empty `actor_id` is an event whose payload
+named no user id. SLA figures follow the report
 definitions: per tier, MRs whose security label was applied in the period; per reviewer,
 decisions made in the period.
 
+## What each finding means
+
+{_rules()}
 ## How the sample was drawn
 
 {pack.sample_algorithm}. The same seed and the same population always give the same sample.
@@ -290,8 +311,9 @@ The printed positions equal the `position` column of `sample/index.csv`.
 3. **The whole chain:** with read access to the database (a login in
    `secledger_readonly`), `psql -X -f chain/check-chain.sql '<database URL>'` recomputes
    every row's canonical bytes and hash with PostgreSQL alone and lists the rows whose
-   hash, link or sequence is wrong: none on a sound chain. `chain/verify.json` is the
-   result of the same walk at pack time.
-4. **The signed checkpoint:**
-
-{_checkpoint_steps(pack)}"""
+   hash, link or sequence is wrong (psql exits 0 either way: read what it lists), then
+   the log's last seq and head hash. An empty list shows the rows present sound, not
+   that none is missing at the end: the last seq and head must be at least those of
+   `chain/verify.json` (the same walk at pack time; more when rows came since), and the
+   checkpoint of step 4 must still be in the chain.
+4. **The signed checkpoint:** {_checkpoint_steps(pack)}"""

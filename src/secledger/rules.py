@@ -160,18 +160,20 @@ class Rule:
     id: str
     severity: str
     check: RuleFunction
+    # What the finding says, for readers without the docs (an evidence pack's README).
+    meaning: str
 
 
 RULES: dict[str, Rule] = {}
 
 
-def rule(rule_id: str, severity: str) -> Callable[[RuleFunction], RuleFunction]:
-    """Register a rule function under ``rule_id``."""
+def rule(rule_id: str, severity: str, meaning: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Register a rule function under ``rule_id``; ``meaning`` says when it fires."""
     if severity not in SEVERITIES:
         raise ValueError(f"unknown severity {severity!r}")
 
     def register(check: RuleFunction) -> RuleFunction:
-        RULES[rule_id] = Rule(rule_id, severity, check)
+        RULES[rule_id] = Rule(rule_id, severity, check, meaning)
         return check
 
     return register
@@ -388,7 +390,11 @@ def others(context: Context, approvals: dict[str, int]) -> dict[str, int]:
 # ---- The rules. Each is registered here, in one place, with its id and severity. ----
 
 
-@rule("author-approved", "high")
+@rule(
+    "author-approved",
+    "high",
+    "an approval by the MR's author (same GitLab user id); each self-approval is one",
+)
 def author_approved(context: Context) -> Iterator[Finding]:
     """The author approved their own merge request."""
     seqs = [e.seq for e in context.history.events if _approval(e) and context.by_author(e.facts)]
@@ -405,7 +411,14 @@ def author_approved(context: Context) -> Iterator[Finding]:
         )
 
 
-@rule("merged-by-author", "high")
+@rule(
+    "merged-by-author",
+    "high",
+    (
+        "the author merged while no approval by anyone else was standing (an author's "
+        "merge after another user's standing approval is not a finding)"
+    ),
+)
 def merged_by_author(context: Context) -> Iterator[Finding]:
     """The author merged without a standing approval from anyone else."""
     merge = context.first_merge
@@ -423,7 +436,16 @@ def merged_by_author(context: Context) -> Iterator[Finding]:
         )
 
 
-@rule("insufficient-approvals", "high")
+@rule(
+    "insufficient-approvals",
+    "high",
+    (
+        "at the first merge, fewer standing approvals by users other than the author than"
+        " the tier requires (approved, and neither revoked nor reset by a push since); "
+        "with the merge event lost, as of the first event that found the MR merged after "
+        "it was seen open"
+    ),
+)
 def insufficient_approvals(context: Context) -> Iterator[Finding]:
     """Merged with fewer standing non-author approvals than the tier requires (also when
     the merge event was lost: then as of the first event that found the MR merged)."""
@@ -448,7 +470,14 @@ def insufficient_approvals(context: Context) -> Iterator[Finding]:
         yield ("", (*sorted(standing.values()), merge.seq), evidence)
 
 
-@rule("approval-revoked-before-merge", "medium")
+@rule(
+    "approval-revoked-before-merge",
+    "medium",
+    (
+        "an approval was revoked, and the MR was merged with no approval by another user "
+        "than the author given after the revocation"
+    ),
+)
 def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
     """An approval was revoked and the MR merged with no non-author approval after it."""
     merge = context.first_merge
@@ -474,7 +503,11 @@ def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
         )
 
 
-@rule("approver-not-in-group", "medium")
+@rule(
+    "approver-not-in-group",
+    "medium",
+    "an approval by a user outside the tier's configured approvers (one finding per approver)",
+)
 def approver_not_in_group(context: Context) -> Iterator[Finding]:
     """Someone outside the tier's reviewer list approved (one finding per approver)."""
     tier_rule = context.tier_rule
@@ -496,7 +529,14 @@ def approver_not_in_group(context: Context) -> Iterator[Finding]:
         )
 
 
-@rule("label-removed-before-merge", "high")
+@rule(
+    "label-removed-before-merge",
+    "high",
+    (
+        "a security label was removed (the tier fell, or none remained), and the MR was "
+        "merged with no approval by another user than the author after the removal"
+    ),
+)
 def label_removed_before_merge(context: Context) -> Iterator[Finding]:
     """A security label was removed (tier lowered or dropped) and then merged unreviewed."""
     merge = context.first_merge
@@ -542,7 +582,15 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         )
 
 
-@rule("sla-breached", "medium")
+@rule(
+    "sla-breached",
+    "medium",
+    (
+        "no review decision (approval by another user than the author, merge or close) by"
+        " the tier's deadline: decided late, or undecided past it (an MR merged or closed"
+        " before its label has no deadline)"
+    ),
+)
 def sla_breached(context: Context) -> Iterator[Finding]:
     """No decision by the tier's deadline (decided late, or still undecided past it).
 
