@@ -423,6 +423,20 @@ def test_a_project_url_that_names_no_project_is_said_and_refused(reader) -> None
         assert "is not a project's URL" in refused.text
 
 
+def test_a_project_the_ledger_holds_nothing_of_is_said_not_shown_as_the_scope(reader) -> None:
+    """The panels then show every project: the scope line named the mistyped one above
+    the whole ledger's figures."""
+    log_in(reader)
+    page = reader.get("/?project=acme/paymnets&tier=critical").text
+    assert "holds no merge request of project &#39;acme/paymnets&#39;" in page
+    scope = page.split('id="scope">', 1)[1].split("</p>", 1)[0]
+    assert "tier critical" in scope
+    assert "paymnets" not in scope
+    for route in ("/api/ledger", "/api/reports/tiers", "/api/findings"):
+        refused = reader.get(f"{route}?project=acme/paymnets", headers=bearer())
+        assert refused.status_code == 422, route
+
+
 def test_a_query_the_server_cancels_is_no_outage(database_url, tmp_path) -> None:
     """A statement_timeout (the server answered) is not "the database cannot be
     reached": a 503 with Retry-After said so, while /readyz said ready."""

@@ -241,13 +241,46 @@ def test_a_merge_whose_event_was_lost_is_judged_at_the_first_event_that_saw_it(e
     ]
 
 
-def test_an_mr_first_seen_merged_was_labelled_after_its_merge_not_merged_unreviewed(
-    engine,
-) -> None:
+def test_an_mr_labelled_after_its_merge_was_not_merged_unreviewed(engine) -> None:
     """Its merge came before the label, when it was no security MR (policy.md): the
-    verdict says so (labeled_after_merge), not a finding."""
-    record(engine, event("update", 3, state="merged"), event("update", 4, state="merged"))
+    clock's verdict says so (labeled_after_merge), and no finding."""
+    labelled = label_change([], ["sec::high"], at(3))
+    record(
+        engine,
+        event("update", 3, state="merged", changes=labelled),
+        event("update", 4, state="merged"),
+    )
     assert "insufficient-approvals" not in rules(engine)
+
+
+def test_a_merge_known_only_from_a_later_event_is_judged_as_the_clock_judges_it(engine) -> None:
+    """No open, no merge recorded, no label event: the label time comes from created_at,
+    while open, so the clock runs (an audit trail errs on the side of a breach), and the
+    merge is judged as unreviewed too, rather than one and not the other."""
+    record(engine, event("update", 3, state="merged"))
+    assert "insufficient-approvals" in rules(engine)
+
+
+@pytest.mark.parametrize("lowered_in", ["a later event", "the event that found it merged"])
+def test_a_relabel_after_a_lost_merge_does_not_lower_what_it_merged_under(
+    engine, lowered_in: str
+) -> None:
+    """Anyone who may edit labels could have buried an unreviewed critical merge whose
+    webhook was lost: the relabel resolved the finding, or none was raised."""
+    crit, low = {"labels": ["sec::critical"]}, {"labels": ["sec::low"]}
+    lowered = {"changes": label_change(["sec::critical"], ["sec::low"], at(4)), **low}
+    merged = [
+        event("update", 3, state="merged", **crit),
+        event("update", 4, state="merged", **lowered),
+    ]
+    if lowered_in != "a later event":
+        merged = [event("update", 4, state="merged", **lowered)]
+    record(engine, event("open", 0, **crit), event("approved", 1, actor="bob", **crit), *merged)
+    hit = found(engine)[("insufficient-approvals", "")]
+    assert (hit.evidence["tier"], hit.evidence["required"]) == ("critical", 2)
+    with engine.connect() as conn:
+        tier = conn.execute(text("SELECT risk_tier FROM security_review_ledger")).scalar_one()
+    assert tier == "critical"
 
 
 def test_a_lost_merge_after_enough_approvals_is_no_finding(engine) -> None:

@@ -667,3 +667,14 @@ def test_a_project_url_that_names_no_project_is_refused(history, database_url, t
     )
     assert result.exit_code == 1
     assert "is not a project's URL" in result.output
+
+
+@pytest.mark.parametrize("command", [["report", "tiers"], ["findings"], ["report", "open"]])
+def test_a_project_the_ledger_holds_nothing_of_is_refused(history, database_url, tmp_path, command):
+    """An empty report for a mistyped path read as "no security change there"."""
+    env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path / "d")}
+    result = CliRunner().invoke(main, [*command, "--project", "acme/paymnets"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "holds no merge request of project 'acme/paymnets'" in result.output
+    taken = CliRunner().invoke(main, [*command, "--project", "acme/payments"], env=env)
+    assert taken.exit_code == 0, taken.output

@@ -9,6 +9,8 @@ whose hash, link or sequence is wrong: none on a sound chain.
 
 from __future__ import annotations
 
+from secledger.store.db import PINNED_SEARCH_PATH
+
 CHECK_CHAIN = r"""WITH canon AS (
     SELECT d.seq, d.prev_hash, d.hash, c.canonical, d.received_at,
            lag(d.hash) OVER (ORDER BY d.seq) AS before,
@@ -54,7 +56,7 @@ CHECK_CHAIN_FILE = (
     "-- hash, link or sequence is wrong (none on a sound chain); the second prints the log's\n"
     "-- last seq and head hash, to compare with a checkpoint (rows removed at the end).\n"
     "-- Run: psql -X -f chain/check-chain.sql 'postgresql://auditor@db.example.com/secledger'\n"
-    "SET search_path = pg_catalog, public;\n"
+    f"SET search_path = {PINNED_SEARCH_PATH};\n"
     + CHECK_CHAIN
     + "SELECT seq AS last_seq, encode(hash, 'hex') AS head_hash\n"
     "FROM public.delivery_log ORDER BY seq DESC LIMIT 1;\n"

@@ -70,7 +70,8 @@ def same_project(prefix: str = "") -> str:
 
 
 class BadProject(SecledgerError):
-    """A project filter that names no project, or one on several GitLab instances."""
+    """A project filter that names no project, none the ledger holds, or one on several
+    GitLab instances."""
 
 
 def project_params(typed: str) -> dict[str, Any]:
@@ -123,13 +124,13 @@ def check_project(conn: Connection, typed: str) -> None:
     instances = list(conn.execute(_INSTANCES, params).scalars())
     if not instances:
         raise BadProject(
-            f"the ledger holds no merge request of project {typed.strip()!r}: give its id,"
-            " its path as it is now (group/project) or its URL;"
-            " `secledger report projects` lists the projects it holds"
+            f"the ledger holds no merge request of project {typed.strip()!r}: check its id,"
+            " its path as it is now (group/project) or its URL (the projects report lists"
+            " those the ledger holds)"
         )
     if len(instances) > 1:
         raise BadProject(
-            f"project {typed!r} is on {len(instances)} GitLab instances"
+            f"project {typed.strip()!r} is on {len(instances)} GitLab instances"
             f" ({', '.join(instances)}): give its URL instead, such as"
             f" {instances[0]}/<group>/<project>"
         )

@@ -380,7 +380,10 @@ def tier_changes(
     """(from when, tier) each time the MR's tier changes over ``ordered``
     (``ordered_facts``): the tier of the latest event with a security label, or of the
     labels a removal took away. Once the MR merged with a tier, that tier stays: a
-    relabel after the merge cannot change what the merge is judged by.
+    relabel after the merge cannot change what the merge is judged by. Without a merge
+    event, the first event that finds the MR merged after one found it open ends it
+    likewise, before its own labels (an MR first seen merged was labelled after its
+    merge, and its labels may still be corrected).
 
     With ``outranks`` (is the first tier higher than the second), a change whose
     removed labels name a tier no event told before shows that tier held before it (the
@@ -393,9 +396,16 @@ def tier_changes(
     tier: str | None = None
     shown: set[str] = set()
     merged_under = False
+    seen_open = False
     previous: datetime | None = None
     for event in ordered:
         facts = event.facts
+        state = facts.state or STATE_AFTER.get(facts.kind)
+        if seen_open and tier is not None and state == "merged":
+            # Found merged after it was seen open, with no merge event before (its webhook
+            # lost): the merge came before this event, and so did the tier it merged
+            # under; this event's labels were set after it.
+            merged_under = True
         if not merged_under:
             before = facts.tier_before
             if outranks and before is not None and _untold_above(before, shown, outranks):
@@ -409,6 +419,7 @@ def tier_changes(
                 tier = after
                 shown.add(after)
         merged_under = merged_under or (facts.decision == "merged" and tier is not None)
+        seen_open = seen_open or state not in {None, "merged", "closed"}
         previous = facts.event_at
     return changes
 

@@ -122,18 +122,20 @@ class Context:
 
     @functools.cached_property
     def unrecorded_merge(self) -> SequencedEvent | None:
-        """With no merge event, the first event that found the MR merged after one had
-        found it open: its merge webhook was lost (GitLab does not retry). An MR first
-        seen merged was labelled after its merge, as no security MR: not this."""
-        if self.first_merge is not None:
+        """With no merge event, the first event that found the MR merged: its merge
+        webhook was lost (GitLab does not retry). Not for an MR already merged at its
+        label, as the SLA clock judges it (``ended_before_label``): that merge was of no
+        security MR."""
+        if self.first_merge is not None or self.clock.ended_before_label == "merged":
             return None
-        seen_open = False
-        for event in self.history.events:
-            state = event.facts.state
-            if state == "merged":
-                return event if seen_open else None
-            seen_open = seen_open or (state is not None and state not in ENDED_STATES)
-        return None
+        return next(
+            (
+                e
+                for e in self.history.events
+                if (e.facts.state or STATE_AFTER.get(e.facts.kind)) == "merged"
+            ),
+            None,
+        )
 
     @property
     def tier_rule(self) -> TierRule:

@@ -53,7 +53,8 @@ JSON_FINDING_COLUMNS = (
     "evidence",
 )
 PROJECT_HELP = (
-    "Project id, path (group/project; the case is ignored) or URL (with several GitLab instances)."
+    "Project id, path (group/project; the case is ignored) or URL (with several GitLab"
+    " instances). A project the ledger holds no merge request of is refused."
 )
 READ_ONLY = (
     "this login may not write findings (a secledger_readonly login?): --refresh-only and"

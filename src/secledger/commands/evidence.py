@@ -99,7 +99,11 @@ def _report(pack: evidence.Pack, out: Path, stale: int) -> None:
     type=click.IntRange(0, SEED_LIMIT - 1),
     help="Sample seed (default: a random one, printed and recorded in the pack).",
 )
-@click.option("--project", help="Only this project (id, group/project path in any case, or URL).")
+@click.option(
+    "--project",
+    help="Only this project (id, group/project path in any case, or URL); one the ledger"
+    " holds no merge request of is refused.",
+)
 @click.option("--tier", help="Only this risk tier.")
 @click.option("--force", is_flag=True, help="Write into a non-empty directory.")
 @click.pass_obj

@@ -119,8 +119,9 @@ def filters(  # noqa: PLR0917 - one query parameter each
 
 
 def _one_project(conn: Connection, project: str | None) -> None:
-    """422, as `secledger report` and `findings` refuse it, for a project filter on
-    several GitLab instances, or a URL of one the ledger holds nothing of."""
+    """422, as `secledger report` and `findings` refuse it, for a project filter naming a
+    project the ledger holds no MR of, one on several GitLab instances, or a URL of an
+    instance the ledger holds nothing of."""
     if project:
         try:
             filtermatch.check_project(conn, project)

@@ -261,6 +261,9 @@ def _panels(conn: Connection, state: Dashboard, filters: queries.Filters, bucket
     }
 
 
+_SCOPE = ("since", "until", "project", "tier", "reviewer")
+
+
 @router.get("/")
 def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
     """The dashboard."""
@@ -275,11 +278,15 @@ def home(request: Request, principal: Reader, state: State) -> HTMLResponse:
                 errors.append(str(exc))
                 filters = replace(filters, project=None)
         panels = _panels(conn, state, filters, params.get("bucket", "week"))
+    # What the panels were filtered by: a value refused above is not, and naming it there
+    # would label every project's figures as the mistyped one's.
+    scope = {k: params[k] for k in _SCOPE if params.get(k) and getattr(filters, k) is not None}
     return render(
         request,
         "dashboard.html",
         principal=principal,
         params=params,
+        scope=scope,
         errors=errors,
         **panels,
     )
