@@ -434,6 +434,27 @@ def test_label_removed_before_merge_positive(engine) -> None:
     assert hit.evidence["tier_after"] is None
 
 
+@pytest.mark.parametrize("rule", ["approval-revoked-before-merge", "label-removed-before-merge"])
+def test_the_merge_rules_judge_a_lost_merge_at_the_event_that_found_it(engine, rule) -> None:
+    """As insufficient-approvals does: a merge whose webhook was lost hid them too."""
+    if rule == "approval-revoked-before-merge":
+        steps = [
+            event("approved", 1, actor="bob"),
+            event("approved", 1.2, actor="carol"),
+            event("unapproved", 1.5, actor="bob"),
+        ]
+    else:
+        removed = label_change(["sec::high"], [], at(1))
+        steps = [event("update", 1, actor="alice", labels=[], changes=removed)]
+    merged = {"labels": [] if rule == "label-removed-before-merge" else ["sec::high"]}
+    record(engine, event("open", 0), *steps, event("update", 3, state="merged", **merged))
+    hit = found(engine)[(rule, "")]
+    assert hit.seqs[-1] == len(steps) + 2  # the event that found it merged
+    assert hit.evidence["merge_recorded"] is False
+    assert hit.evidence["seen_merged_at"] == "2025-08-04T12:00:00Z"
+    assert "merged_at" not in hit.evidence
+
+
 def test_label_removed_before_merge_when_the_removal_is_the_first_event_seen(engine) -> None:
     """The label was added before secledger saw the MR: the removal alone tells the tier."""
     removed = label_change(["sec::high"], [], at(1))

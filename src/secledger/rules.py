@@ -138,6 +138,18 @@ class Context:
         )
 
     @property
+    def merge(self) -> SequencedEvent | None:
+        """The merge the merge rules judge at: the first merge event, else the event that
+        found the MR merged when its merge webhook was lost."""
+        return self.first_merge or self.unrecorded_merge
+
+    def merge_evidence(self, merge: SequencedEvent) -> dict[str, Any]:
+        """When the MR merged, as far as the events tell."""
+        if merge is self.first_merge:
+            return {"merged_at": stamp(merge.facts.event_at)}
+        return {"merge_recorded": False, "seen_merged_at": stamp(merge.facts.event_at)}
+
+    @property
     def tier_rule(self) -> TierRule:
         """The policy of the MR's tier."""
         return self.policy.rule(self.history.tier)
@@ -451,7 +463,7 @@ def merged_by_author(context: Context) -> Iterator[Finding]:
 def insufficient_approvals(context: Context) -> Iterator[Finding]:
     """Merged with fewer standing non-author approvals than the tier requires (also when
     the merge event was lost: then as of the first event that found the MR merged)."""
-    merge = context.first_merge or context.unrecorded_merge
+    merge = context.merge
     if merge is None:
         return
     standing = others(context, standing_approvals(context, merge))
@@ -463,12 +475,8 @@ def insufficient_approvals(context: Context) -> Iterator[Finding]:
             "standing_approvers": sorted(standing),
         }
         if merge is context.first_merge:
-            evidence |= {"merged_by": merge.facts.actor, "merged_at": stamp(merge.facts.event_at)}
-        else:
-            evidence |= {
-                "merge_recorded": False,
-                "seen_merged_at": stamp(merge.facts.event_at),
-            }
+            evidence["merged_by"] = merge.facts.actor
+        evidence |= context.merge_evidence(merge)
         yield ("", (*sorted(standing.values()), merge.seq), evidence)
 
 
@@ -477,12 +485,13 @@ def insufficient_approvals(context: Context) -> Iterator[Finding]:
     "medium",
     (
         "an approval was revoked, and the MR was merged with no approval by another user "
-        "than the author given after the revocation"
+        "than the author given after the revocation (a lost merge as for "
+        "insufficient-approvals)"
     ),
 )
 def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
     """An approval was revoked and the MR merged with no non-author approval after it."""
-    merge = context.first_merge
+    merge = context.merge
     if merge is None:
         return
     revoked: list[SequencedEvent] = []
@@ -500,7 +509,7 @@ def approval_revoked_before_merge(context: Context) -> Iterator[Finding]:
             {
                 "revoked_by": [e.facts.actor for e in revoked],
                 "revoked_at": [stamp(e.facts.event_at) for e in revoked],
-                "merged_at": stamp(merge.facts.event_at),
+                **context.merge_evidence(merge),
             },
         )
 
@@ -536,12 +545,13 @@ def approver_not_in_group(context: Context) -> Iterator[Finding]:
     "high",
     (
         "a security label was removed (the tier fell, or none remained), and the MR was "
-        "merged with no approval by another user than the author after the removal"
+        "merged with no approval by another user than the author after the removal (a "
+        "lost merge as for insufficient-approvals)"
     ),
 )
 def label_removed_before_merge(context: Context) -> Iterator[Finding]:
     """A security label was removed (tier lowered or dropped) and then merged unreviewed."""
-    merge = context.first_merge
+    merge = context.merge
     if merge is None:
         return
     policy = context.policy
@@ -579,7 +589,7 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
                 "removed_at": stamp(downgrade.facts.event_at),
                 "tier_before": before,
                 "tier_after": downgrade.facts.tier if downgrade.facts.security_labels else None,
-                "merged_at": stamp(merge.facts.event_at),
+                **context.merge_evidence(merge),
             },
         )
 
