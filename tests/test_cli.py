@@ -471,6 +471,17 @@ def test_several_hosts_in_the_authority_are_refused_with_the_form_that_works() -
     assert "hunter2" not in result.output
 
 
+def test_two_forms_of_several_hosts_mixed_are_refused_without_a_traceback() -> None:
+    """SQLAlchemy takes ``host=h1:p1&host=h2:p2`` or ``host=h1,h2&port=p1,p2``, not both."""
+    url = "postgresql://app:hunter2@/ledger?host=db1&host=db2&port=5432"
+    result = CliRunner().invoke(main, ["ledger"], env={"SECLEDGER_DATABASE_URL": url})
+    # A ConfigError: ``cli.run`` prints it as one line and exits 1.
+    assert isinstance(result.exception, ConfigError), result.exception
+    message = str(result.exception)
+    assert message.startswith("the database URL is refused: Can't mix 'multihost' formats")
+    assert "hunter2" not in message
+
+
 def test_a_misspelt_setting_is_named_not_ignored_in_silence() -> None:
     environ = {
         "SECLEDGER_SPOOL_DIRR": "/srv/spool",

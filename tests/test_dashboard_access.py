@@ -125,6 +125,12 @@ def test_login_sets_a_signed_http_only_cookie_and_opens_the_dashboard(reader) ->
     assert page.headers["cache-control"] == "no-store"
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert reader.get("/api/whoami").json() == {"name": USER, "method": "session"}
+    assert "security MRs</div>" in page.text
+    # One MR is one "security MR", not "1 security MRs".
+    tiers = reader.get("/api/reports/tiers").json()
+    single = next(row["tier"] for row in tiers if row["mrs"] == 1)
+    one = reader.get("/", params={"tier": single}).text
+    assert '<strong id="total-mrs">1</strong> security MR</div>' in one
 
 
 def test_a_tampered_cookie_is_refused(reader) -> None:

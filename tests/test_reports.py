@@ -647,6 +647,9 @@ def test_a_project_on_two_instances_is_refused_by_id_or_path_and_taken_by_url(
     assert alone.exit_code == 0, alone.output
     # A clone URL, and blanks around it, name the project too.
     assert mrs(" https://git.b.test/acme/payments.git ") == 1
+    # An SSH clone URL names the path, on any instance (its host is not the web one).
+    assert mrs("git@gitlab.example.com:acme/web.git") == 3
+    assert mrs("ssh://git@ssh.git.b.test:2222/acme/web.git") == 3
     assert mrs("https://git.b.test/acme/payments/-") == 1
     # An instance the ledger holds nothing of (http for https here) matched nothing.
     for typed in ("http://git.b.test/acme/payments", "https://git.c.test/acme/payments"):

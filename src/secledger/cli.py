@@ -353,7 +353,9 @@ def serve(context: Context, host: str | None, port: int | None, allow_open: bool
     """Receive GitLab webhooks on POST /webhooks/gitlab.
 
     Migrates the database first (safe with several replicas starting at once), answers
-    2xx only after a delivery is committed, and serves /healthz and /readyz.
+    200 only after a delivery is committed (202 "spooled" once it is kept on disk, when
+    the database is slow or down: see SECLEDGER_SPOOL_AFTER_SECONDS), and serves
+    /healthz and /readyz.
 
     \b
     Example:

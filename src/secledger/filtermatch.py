@@ -7,6 +7,7 @@ owner wrote it, so a filter compares them lowered.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,11 +75,20 @@ class BadProject(SecledgerError):
     GitLab instances."""
 
 
+# An SSH clone URL as GitLab shows it (``git@gitlab.example.com:acme/payments.git``).
+_SCP_LIKE = re.compile(r"[^@/\s]+@[^:/\s]+:(?!//)(?P<path>\S+)")
+
+
 def project_params(typed: str) -> dict[str, Any]:
     """The values ``same_project`` binds for a project typed as an id, a path or its URL
     (``https://gitlab.example.com/acme/payments``, its clone URL, or any page under it:
-    the path ends at GitLab's ``/-/``), which also names its instance."""
+    the path ends at GitLab's ``/-/``), which also names its instance. An SSH clone URL
+    names the path only: its host need not be the web address the ledger knows."""
     typed = typed.strip()
+    ssh = _SCP_LIKE.fullmatch(typed)
+    if ssh is not None or typed.lower().startswith("ssh://"):
+        path = ssh.group("path") if ssh is not None else urlsplit(typed).path
+        return {"project": path.strip("/").removesuffix(".git"), "project_instance": None}
     if not typed.lower().startswith(("http://", "https://")):
         return {"project": typed, "project_instance": None}
     instance = origin(typed)

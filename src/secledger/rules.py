@@ -600,7 +600,7 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
     (
         "no review decision (approval by another user than the author, merge or close) by"
         " the tier's deadline: decided late, or undecided past it (an MR merged or closed"
-        " before its label has no deadline)"
+        " before its label has no deadline); severity high for an MR of the highest tier"
     ),
 )
 def sla_breached(context: Context) -> Iterator[Finding]:

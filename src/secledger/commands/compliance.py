@@ -144,7 +144,7 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
     `sla-breached` as of now, whether or not it is recorded yet (then its id is
     null). A running `secledger serve` records those breaches every
     SECLEDGER_SLA_REFRESH_INTERVAL_SECONDS; --refresh-only records them once and
-    prints nothing, for deployments without serve.
+    prints only their count (on stderr), for deployments without serve.
 
     \b
     Example:

@@ -104,9 +104,10 @@ def drain_command(context: Context, batch: int | None) -> None:
     """Record every spooled delivery, oldest first, through the normal recording path.
 
     Each file is deleted only after its transaction committed; draining twice is
-    harmless (the second time a delivery is a duplicate). Exits 1 if the database
-    did not take them before the spool was empty (unreachable,
-    read-only, or a login that may not write: the files stay in the spool).
+    harmless (the second time a delivery is a duplicate). Exits 3 if the database
+    cannot be reached at the start, and 1 if it did not take them before the spool was
+    empty (lost on the way, read-only, or a login that may not write): the files stay
+    in the spool.
 
     \b
     Example:

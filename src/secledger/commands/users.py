@@ -56,6 +56,8 @@ def user_group() -> None:
 def hash_password_command(password_stdin: bool) -> None:
     """Print an scrypt hash for SECLEDGER_USERS (name:hash) or the users file.
 
+    A password must have at least 12 characters.
+
     \b
     Example:
       secledger user hash-password
@@ -72,7 +74,8 @@ def add_command(name: str, password_stdin: bool) -> None:
     """Add NAME (or replace its password) in the users file (SECLEDGER_USERS_FILE).
 
     The file defaults to SECLEDGER_DATA_DIR/users and is created with mode 0600. A
-    running `secledger serve` reads it at start: restart it to apply.
+    password must have at least 12 characters. A running `secledger serve` reads the
+    file at start: restart it to apply.
 
     \b
     Example:

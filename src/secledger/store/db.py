@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from secledger import embedded
 from secledger.config import Settings
@@ -61,7 +61,18 @@ def sqlalchemy_url(url: str) -> str:
 def create(url: str, *, pool_size: int = 5) -> Engine:
     """An engine for ``url`` with a pool sized for one writer and a few readers, whose
     sessions all run in UTC and read secledger's own tables (``SESSION_SEARCH_PATH``)."""
-    engine = create_engine(
+    try:
+        engine = _engine(url, pool_size)
+    except ArgumentError as exc:
+        # Its own words only where they cannot quote the URL (and a password in it).
+        reason = str(exc) if "multihost" in str(exc) else "its options are not usable"
+        raise ConfigError(f"the database URL is refused: {reason}") from None
+    event.listen(engine, "connect", _session_defaults)
+    return engine
+
+
+def _engine(url: str, pool_size: int) -> Engine:
+    return create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -73,8 +84,6 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         # JSONB parameters (review_events.facts) are encoded on the writer's hot path.
         json_serializer=_json_text,
     )
-    event.listen(engine, "connect", _session_defaults)
-    return engine
 
 
 def _session_defaults(dbapi_connection: Any, _record: object) -> None:
