@@ -41,7 +41,7 @@ def cli_json(database_url: str, tmp_path: Path, *args: str) -> list[dict]:
     env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path / "cli")}
     result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # a note on stderr may say why it is empty
 
 
 QUERIES = (

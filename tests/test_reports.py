@@ -681,3 +681,29 @@ def test_a_project_the_ledger_holds_nothing_of_is_refused(history, database_url,
     assert "holds no merge request of project 'acme/paymnets'" in result.output
     taken = CliRunner().invoke(main, [*command, "--project", "acme/payments"], env=env)
     assert taken.exit_code == 0, taken.output
+
+
+def test_an_empty_answer_says_whether_the_ledger_holds_anything(
+    history, database_url, other_database_url, tmp_path
+):
+    """An empty table reads as "no security change": a wrong database URL, or hooks that
+    never arrive, must not pass for that."""
+    runner = CliRunner()
+    data = str(tmp_path / "d")
+    quiet = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": data}
+    window = ["--since", "2001-01-01", "--until", "2001-02-01", "--format", "json"]
+    for args in (["report", "tiers", *window], ["findings", *window]):
+        result = runner.invoke(main, args, env=quiet)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == []
+        assert "in this selection (the ledger holds 6 security merge requests in all)" in (
+            result.stderr
+        )
+    empty = {"SECLEDGER_DATABASE_URL": other_database_url, "SECLEDGER_DATA_DIR": data}
+    for args in (["report", "reviewers"], ["findings"]):
+        result = runner.invoke(main, args, env=empty)
+        assert result.exit_code == 0, result.output
+        assert "the ledger holds no security merge request at all" in result.stderr
+    # Rows to show: no note.
+    full = runner.invoke(main, ["report", "tiers", "--format", "json"], env=quiet)
+    assert json.loads(full.stdout) and not full.stderr

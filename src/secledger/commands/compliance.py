@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 from secledger import findings as store
 from secledger import reports
@@ -177,12 +177,37 @@ def findings_command(  # noqa: PLR0917 - click passes one argument per option
                 tier=tier,
                 rule=rule,
             )
+            if not rows:
+                _say_why_empty(conn, "finding" if include_resolved else "open finding")
     items = [row.to_json() for row in rows]
     if fmt == "csv":
         for item in items:
             item["evidence"] = orjson.dumps(item["evidence"]).decode()
     columns = FINDING_COLUMNS if fmt == "table" else JSON_FINDING_COLUMNS
     _emit(items, fmt, columns, f"findings ({len(items)})")
+
+
+_LEDGER_SIZE = text("SELECT count(*) FROM security_review_ledger")
+
+
+def _say_why_empty(conn: Connection, what: str) -> None:
+    """An empty answer reads as "no security change": say (on stderr) whether the ledger
+    holds any MR at all, as a wrong database or hooks that never arrive leave it empty."""
+    held = conn.execute(_LEDGER_SIZE).scalar_one()
+    if held == 0:
+        click.echo(
+            "note: the ledger holds no security merge request at all: check that"
+            " SECLEDGER_DATABASE_URL names the receiver's database and that GitLab's"
+            " deliveries reach `secledger serve`",
+            err=True,
+        )
+    else:
+        plural = "" if held == 1 else "s"
+        click.echo(
+            f"note: no {what} in this selection (the ledger holds {held} security merge"
+            f" request{plural} in all)",
+            err=True,
+        )
 
 
 def _record(engine: Engine, policy: CompliancePolicy, now: datetime, *, reevaluate: bool) -> None:
@@ -232,8 +257,9 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
     periods: security MRs by label time, with SLA met/breached (and those labelled
     only after their merge or close, which have no SLA clock). open: open security
     MRs with their SLA clock (hours left; negative when overdue). findings: counts
-    per rule and severity. decision-times: per tier, quantiles of hours from label
-    to first review decision. See docs/policy.md for the exact definitions.
+    per rule and severity, by detection time (after a replay or backfill, when it
+    ran). decision-times: per tier, quantiles of hours from label to first review
+    decision. See docs/policy.md for the exact definitions.
 
     \b
     Example:
@@ -256,4 +282,6 @@ def report_command(  # noqa: PLR0917 - click passes one argument per option
             check_project(conn, project)
         # The same function serves /api/reports/KIND.
         rows = [row.as_dict() for row in reports.run(conn, kind, filters)]
+        if not rows:
+            _say_why_empty(conn, "row")
     _emit(rows, fmt, reports.REPORTS[kind][1].columns(), f"{kind} ({len(rows)})")
