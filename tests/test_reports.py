@@ -23,10 +23,12 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import ProgrammingError
 
 from builders import dumps, label_change, mr_event
+from dashboard_fixtures import PASSWORD, USER, post_login, reader_settings
 from secledger import findings, reports
 from secledger.cli import main
 from secledger.dashboard.queries import filter_options
@@ -34,6 +36,7 @@ from secledger.policy import LabelPolicy
 from secledger.service import feed
 from secledger.store import db, migrate
 from secledger.tierpolicy import CompliancePolicy
+from secledger.web import create_app
 
 T0 = datetime(2025, 8, 4, 9, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=200)
@@ -324,6 +327,37 @@ def test_open_report_shows_the_sla_clock(history) -> None:
         (5, "running", 306.0),
     ]
     assert rows[0]["deadline"] == "2025-08-12T13:00:00Z"  # 172 h + 24 h
+    assert [(r["risk_tier"], r["sla_tier"]) for r in rows] == [("critical",) * 2, ("low",) * 2]
+
+
+def test_open_report_names_the_tier_of_the_deadline_after_a_relabel(
+    engine, database_url, tmp_path
+) -> None:
+    """Relabelled low after its critical deadline passed, MR 7 keeps that deadline: shown
+    beside the ledger's tier, the deadline no longer looks wrong for a low MR."""
+    relabel = mr_event(
+        "update",
+        iid=7,
+        project_id=15,  # as mr() files MR 7
+        labels=["sec::low"],
+        created_at=at(100),
+        updated_at=at(130),
+        changes=label_change(["sec::critical"], ["sec::low"], at(130)),
+    )
+    record(engine, [*mr(7, "critical", 100, []), relabel])
+    [row] = run_open(engine)
+    assert (row["risk_tier"], row["sla_tier"], row["sla_status"]) == ("low", "critical", "overdue")
+    assert row["deadline"] == "2025-08-09T13:00:00Z"  # 100 h + 24 h
+    settings = reader_settings(database_url, tmp_path / "data")
+    with TestClient(create_app(settings, db.Database(database_url, embedded=False))) as app:
+        assert post_login(app, USER, PASSWORD).status_code == 303
+        panel = app.get("/").text.split('id="open-mrs"')[1].split("</table>")[0]
+    assert "<td>low (deadline as critical)</td>" in panel
+
+
+def run_open(engine: Engine) -> list[dict[str, Any]]:
+    with db.reading(engine) as conn:
+        return [r.as_dict() for r in reports.open_mrs(conn, reports.Filters(now=NOW))]
 
 
 def test_findings_report_counts_per_rule_and_severity(history) -> None:

@@ -190,6 +190,7 @@ class OpenRow(Row):
     risk_tier: str
     labeled_at: datetime | None
     deadline: datetime | None
+    sla_tier: str  # the deadline's tier: differs from risk_tier after a relabel (policy.md)
     first_decision: str | None
     sla_status: str
     hours_left: float | None
@@ -349,7 +350,8 @@ def open_mrs(conn: Connection, filters: Filters, limit: int | None = None) -> li
     where, params = _mr_filters(filters, "s.labeled_at")
     query = f"""
 SELECT l.instance, l.project_id, l.mr_iid, l.project_path, l.title, l.url, l.risk_tier,
-       s.labeled_at, s.deadline, s.first_decision, {SLA_STATUS} AS sla_status,
+       s.labeled_at, s.deadline, s.risk_tier AS sla_tier, s.first_decision,
+       {SLA_STATUS} AS sla_status,
        CASE WHEN s.first_decision_at IS NULL
             THEN (extract(epoch FROM s.deadline - :now) / 3600.0)::float8 END AS hours_left
 {_MR_FROM}

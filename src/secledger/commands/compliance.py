@@ -118,7 +118,7 @@ def _emit(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...], title:
 @click.option(
     "--refresh-only",
     is_flag=True,
-    help="Record SLA breaches of MRs whose review is now overdue (a write), print nothing.",
+    help="Record SLA breaches of MRs whose review is now overdue (a write); print their count.",
 )
 @click.option(
     "--reevaluate",
