@@ -589,6 +589,11 @@ def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(
     assert f"Log rows seq {newer[0]}..{newer[1]} are newer than that checkpoint" in readme
     assert "approvers: alice, bob" in readme
     assert "The manifest is not signed" in readme
+    assert "signature was not checked" not in result.output
+    # Without a public key the pack is still made, and the maker is told what it lacks.
+    unkeyed = cli(database_url, tmp_path, "evidence", *period, "--out", str(tmp_path / "p2"))
+    assert unkeyed.exit_code == 0, unkeyed.output
+    assert "note: the checkpoint's signature was not checked (no public key" in unkeyed.stderr
 
 
 def pack_of_august(database_url: str, tmp_path: Path, out: Path, **settings: str) -> Result:

@@ -69,6 +69,13 @@ def _report(pack: evidence.Pack, out: Path, stale: int) -> None:
             " every row a signature covers",
             err=True,
         )
+    if pack.checkpoint is not None and not pack.public_key:
+        click.echo(
+            "note: the checkpoint's signature was not checked (no public key: set"
+            " SECLEDGER_CHECKPOINT_PUBLIC_KEY_FILE); the pack's README says so, and the"
+            " auditor can check it with the README's step 4",
+            err=True,
+        )
     if stale:
         note = f"note: {stale} files in {out} were there before and are not in the pack"
         click.echo(note, err=True)
