@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +31,7 @@ class Receiver:
     port: int = 0
     failures: int = 0
     flaky: bool = False  # answer 500 to the first request of each seq, then 200
+    delay: float = 0.0  # seconds to wait before answering each request
     requests: list[Received] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -50,6 +52,7 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
+                time.sleep(receiver.delay)
                 status = receiver._answer(dict(self.headers.items()), body)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

@@ -245,6 +245,22 @@ def test_a_second_sender_waits_for_the_first(engine: Engine, sink_cli, receiver:
     assert [r.seq for r in receiver.accepted()] == [1]
 
 
+def test_a_server_idle_in_transaction_limit_shorter_than_a_post_does_not_end_the_pass(
+    engine: Engine, database_url: str, sink_cli, receiver: Receiver
+) -> None:
+    """Managed servers often end idle transactions; the sender's waits on POSTs are not idle."""
+    for body in history(2):
+        assert record_body(engine, body) == "recorded"
+    name = engine.url.database
+    with engine.begin() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" SET idle_in_transaction_session_timeout = 100'))
+    receiver.delay = 0.4
+    result = sink_cli(receiver.url, "sink", "drain")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "delivered 2, pending 0"
+    assert [r.seq for r in receiver.accepted()] == [1, 2]
+
+
 def test_drain_without_a_sink_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
     env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
     result = CliRunner().invoke(main, ["sink", "drain"], env=env)
@@ -359,6 +375,20 @@ def test_a_receiver_trickling_its_answer_head_is_cut_off_at_the_deadline(
     with engine.connect() as connection:
         failures = connection.execute(text("SELECT error FROM outbox_failures")).scalars().all()
     assert failures == ["no answer within 3 s"]
+
+
+def test_a_silent_receiver_fails_as_no_answer_within_the_timeout(
+    engine: Engine, sink_cli, receiver: Receiver
+) -> None:
+    """It was recorded as `ReadTimeout`, not as the documented `no answer within N s`."""
+    assert record_body(engine, mr_event("open")) == "recorded"
+    receiver.delay = 2.0
+    drained = sink_cli(receiver.url, "sink", "drain", attempts=1, timeout=0.5)
+    assert drained.exit_code == 1, drained.output
+    assert "seq 1 still fails after 1 attempt (no answer within 0.5 s)" in drained.output
+    with engine.connect() as connection:
+        failures = connection.execute(text("SELECT error FROM outbox_failures")).scalars().all()
+    assert failures == ["no answer within 0.5 s"]
 
 
 def test_a_sink_token_that_is_not_header_text_is_refused_without_echoing_it(

@@ -166,10 +166,7 @@ class Sender:
             body = item.body.encode("utf-8")
             status = self._poster.post(self._config.url, body, headers, deadline)
         except Exception as exc:  # noqa: BLE001 - every failure is the row's, and recorded
-            if self._poster.timed_out:
-                return None, f"no answer within {deadline:g} s"
-            # The class only: messages may repeat the URL, which may carry credentials.
-            return None, type(exc).__name__
+            return None, self._poster.failure(exc)
         if 200 <= status < 300:
             return status, None
         return status, f"HTTP {status}"

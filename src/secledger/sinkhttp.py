@@ -98,12 +98,15 @@ class Poster:
     def __init__(self, timeout: float) -> None:
         self.deadline = Deadline()
         self.timed_out = False  # whether the last POST ran past its deadline
+        self._step = timeout
+        self._within = 0.0
         self._client = httpx.Client(timeout=timeout, follow_redirects=False)
         self.bounded = _bound(self._client, _Backend(self.deadline))
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], within: float) -> int:
         """The answer's status (its body is not read), within ``within`` seconds."""
         self.deadline.at = time.monotonic() + within
+        self._within = within
         self.timed_out = False
         try:
             with self._client.stream("POST", url, content=body, headers=headers) as response:
@@ -111,6 +114,23 @@ class Poster:
         finally:
             self.timed_out = self.deadline.passed()
             self.deadline.at = None
+
+    def failure(self, exc: Exception) -> str:
+        """What made the last POST fail, for the outbox's failures and the log.
+
+        A silent receiver meets one step's timeout, one trickling its head the whole
+        POST's deadline: each is named with the time it was given. Anything else is
+        named by its class only: messages may repeat the URL, which may hold credentials.
+        """
+        if self.timed_out:
+            return f"no answer within {self._within:g} s"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"no connection within {self._step:g} s"
+        if isinstance(exc, httpx.WriteTimeout):
+            return f"not sent within {self._step:g} s"
+        if isinstance(exc, httpx.ReadTimeout):
+            return f"no answer within {self._step:g} s"
+        return type(exc).__name__
 
     def close(self) -> None:
         """Close the connections."""

@@ -203,7 +203,7 @@ def sink_drain_command(context: Context) -> None:
     if result.busy:
         raise click.ClickException("another sender is delivering (a running `serve`?)")
     if result.stuck_seq is not None:
+        tries = "1 attempt" if config.max_attempts == 1 else f"{config.max_attempts} attempts"
         raise click.ClickException(
-            f"seq {result.stuck_seq} still fails after {config.max_attempts} attempts"
-            f" ({result.error}); it stays pending"
+            f"seq {result.stuck_seq} still fails after {tries} ({result.error}); it stays pending"
         )
