@@ -183,9 +183,9 @@ def rebuild_command(context: Context, check: bool) -> None:
     delivery, under the current label policy; then every MR's SLA clock and findings
     are re-run under the current tier policy, and counted when they change. Prints
     every review_events and ledger row that differs; with --check no derived row is
-    written (an older schema is migrated first, as by the commands but verify and checkpoint),
-    the exit status is 1 when any such row differs, and SLA clocks and findings are
-    not compared (docs/integrity.md). Writing needs the owner login
+    written (an older schema is migrated first, as every command but verify and
+    checkpoint does), the exit status is 1 when any such row differs, and SLA clocks
+    and findings are not compared (docs/integrity.md). Writing needs the owner login
     (SECLEDGER_MIGRATION_DATABASE_URL).
 
     \b
