@@ -25,6 +25,7 @@ from builders import delivery_of, label_change, mr_event
 from chainkit import readonly_url
 from conftest import post
 from faultkit import database_down
+from replicas import recorded_elsewhere
 from secledger import recorder as recorder_module
 from secledger import spool as spool_module
 from secledger import web
@@ -38,6 +39,7 @@ from secledger.service import Outcome
 from secledger.spool import CORRUPT, TEMP_PREFIX, Spool, SpoolUnavailable, decode, encode
 from secledger.store import db
 from secledger.store.log import CHAIN_LOCK_KEY
+from secledger.times import utcnow
 from secledger.web import create_app
 
 RECEIVED = datetime(2025, 8, 5, 21, 48, 25, 123456, tzinfo=UTC)
@@ -237,6 +239,32 @@ def test_label_removal_behind_a_spooled_open_is_not_ignored(
     row = post(receiver, mr_event("close", labels=["backend"])).json()
     assert row["status"] == "recorded"
     assert row["ledger"]["decision"] == "merged"
+
+
+def test_a_delivery_drained_as_ignored_is_recorded_once_another_replica_drains_its_mr(
+    receiver: TestClient, engine, server_url: str, database_url: str
+) -> None:
+    """In one outage another replica spooled MR 7's first delivery (its security label)
+    and this one, later, its merge (no label left): drained here first, the merge was
+    found ignored and its file deleted, lost without a word though answered 202."""
+    received_elsewhere = utcnow()  # the other replica had the open first
+    merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    with database_down(server_url, database_url):
+        # Once one delivery is spooled, every later one is spooled behind it.
+        assert post(receiver, mr_event("open", iid=5), Idempotency_Key="open-5").status_code == 202
+        assert post(receiver, merged, Idempotency_Key="merge-7").json()["status"] == "spooled"
+    wait_for(lambda: spool_depth(receiver) == 0)
+    # MR 7 is not a security MR as far as this database knows yet.
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-5"]
+    opened = mr_event("open", iid=7)
+    recorded_elsewhere(engine, opened, received_elsewhere, **{"idempotency-key": "open-7"})
+    wait_for(lambda: len(log_rows(engine)) == 3)
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-5", "idem:open-7", "idem:merge-7"]
+    with engine.connect() as conn:
+        state = conn.execute(
+            text("SELECT state FROM security_review_ledger WHERE mr_iid = 7")
+        ).scalar_one()
+    assert state == "merged"
 
 
 def test_new_delivery_does_not_overtake_a_spooled_one(

@@ -7,6 +7,7 @@ log's unique dedup key turns into a harmless ``duplicate``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -125,6 +126,9 @@ class Drainer:
     ) -> None:
         self.engine = engine
         self.recording = recording
+        # Told of the deliveries a drain found ignored (``serve`` holds them: the one
+        # making their MR a security MR may be in another replica's spool still).
+        self.on_ignored: Callable[[list[Delivery]], None] | None = None
         self.spool = spool
         self.policy = policy
         self.known = known
@@ -274,6 +278,7 @@ class Drainer:
             self.hold_mr(items[0].facts.key)
             return
         self.spool.remove([item.path for item in items])
+        ignored = []
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.status == "recorded":
                 result.recorded += 1
@@ -284,3 +289,6 @@ class Drainer:
                 result.duplicates += 1
             else:
                 result.ignored += 1
+                ignored.append(item.delivery)
+        if ignored and self.on_ignored is not None:
+            self.on_ignored(ignored)

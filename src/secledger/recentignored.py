@@ -17,14 +17,13 @@ before they disturb the event loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
 from secledger.extract import MRKey, Stamps
-from secledger.headers import RequestHeaders
-from secledger.intake import Verified
+from secledger.intake import Delivery, Verified
 from secledger.times import isoformat
 
 # Long enough for a batch to commit and its NOTIFY to arrive under load, and for the
@@ -39,6 +38,11 @@ HOLD_BYTES = 2**18
 # half of this many (2048 keys: about 8 s of ignored deliveries at 250 a second, each
 # for another MR), at most all of it.
 FORGOTTEN_KEYS = 4096
+# Deliveries the spool's drain found ignored: the delivery that makes their MR a
+# security one may still be in another replica's spool, drained seconds or minutes
+# later. Few (only after an outage) and off the hot path, so held longer and more.
+DRAINED_HOLD_SECONDS = 300.0
+DRAINED_HOLD_BYTES = 2**25
 
 
 class Held(NamedTuple):
@@ -46,14 +50,19 @@ class Held(NamedTuple):
 
     at: float  # time.monotonic() when it was held
     key: MRKey
-    headers: RequestHeaders
+    headers: Mapping[str, str]
     body: bytes
     received_at: datetime
     verified: Verified | None
     stamps: Stamps  # what the event's time in GitLab is read from (``extract.event_stamps``)
+    # The delivery itself when it was built already (by the writer or the spool's
+    # drain, whose identity from the time of receipt must be kept); None on the hot path.
+    delivery: Delivery | None = None
 
 
-Entry = tuple[float, MRKey, RequestHeaders, bytes, datetime, Verified | None, Stamps]
+Entry = tuple[
+    float, MRKey, Mapping[str, str], bytes, datetime, Verified | None, Stamps, Delivery | None
+]
 Forgotten = tuple[datetime, Stamps]  # receipt time, event time stamps
 
 
@@ -110,9 +119,9 @@ class RecentlyIgnored:
 
     def hold(self, entry: Entry) -> None:
         """Keep one ignored delivery, ``(at, key, headers, body, received_at, verified,
-        stamps)`` as ``Held`` names them; forget the oldest past the age or size limit. A body
-        larger than the limit is not held, only noted as forgotten: it would push out
-        everything else."""
+        stamps, delivery)`` as ``Held`` names them; forget the oldest past the age or size
+        limit. A body larger than the limit is not held, only noted as forgotten: it would
+        push out everything else."""
         if len(entry[3]) > self.max_bytes:
             self._forget(entry)
             return

@@ -22,7 +22,7 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import RECEIVED, MRKey, Stamps, event_time, event_time_of
 from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
 from secledger.metrics import RecheckOutcome
-from secledger.recentignored import Held, Lost, RecentlyIgnored
+from secledger.recentignored import Forgotten, Held, Lost, RecentlyIgnored
 from secledger.runtime import Runtime
 from secledger.service import Outcome
 from secledger.store import ledger
@@ -46,21 +46,34 @@ RECOVER_HINT = (
 
 
 class Recheck:
-    """Looks again, on the event loop, at what ``recent`` holds or remembers."""
+    """Looks again, on the event loop, at what ``recent`` (and ``more``) hold or remember."""
 
-    def __init__(self, runtime: Runtime, recent: RecentlyIgnored) -> None:
-        self.runtime, self.recent = runtime, recent
+    def __init__(self, runtime: Runtime, recent: RecentlyIgnored, *more: RecentlyIgnored) -> None:
+        self.runtime, self.holders = runtime, (recent, *more)
         self.tally = runtime.metrics.rechecked
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def watching(self) -> bool:
+        """Whether a key learnt now could concern anything held or forgotten (any thread)."""
+        return any(holder.watching for holder in self.holders)
+
     def reconsider(self, keys: list[MRKey]) -> None:
         """Start looking at the deliveries ignored for ``keys``, MRs just learnt."""
+        wanted = set(keys)
         by_key: dict[MRKey, list[Held]] = {}
-        for held in self.recent.take(set(keys)):
-            by_key.setdefault(held.key, []).append(held)
+        forgotten: dict[MRKey, Forgotten] = {}
+        for holder in self.holders:
+            for held in holder.take(wanted):
+                by_key.setdefault(held.key, []).append(held)
+            for key, found in holder.take_forgotten(keys).items():
+                if key not in forgotten or found[0] > forgotten[key][0]:
+                    forgotten[key] = found
         for key, deliveries in by_key.items():
+            # Held by several holders, each oldest first: recorded in order of receipt.
+            deliveries.sort(key=lambda held: held.received_at)
             self._start(self._record_held(key, deliveries))
-        for key, (received_at, stamps) in self.recent.take_forgotten(keys).items():
+        for key, (received_at, stamps) in forgotten.items():
             self._start(self._check_forgotten(key, received_at, stamps))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
@@ -206,6 +219,8 @@ def surely_after(
 
 
 def _delivery(held: Held) -> Delivery:
+    if held.delivery is not None:
+        return held.delivery
     decoded = decode_mr(held.headers, held.body, verified=held.verified)
     if isinstance(decoded, Ignored):  # it was decoded the same way once
         raise TypeError("a held delivery no longer decodes as a merge request")

@@ -20,7 +20,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +296,12 @@ class Recorder:
             dedup_key=delivery.dedup_key,
         )
         future.set_result(Outcome("spooled", reason=SPOOLED))
+
+    def on_drained_ignored(self, hook: Callable[[list[Delivery]], None]) -> None:
+        """Have ``hook`` told (on the writer's thread) of the deliveries the spool's drain
+        found ignored."""
+        if self._drainer is not None:
+            self._drainer.on_ignored = hook
 
     @property
     def held_mrs(self) -> set[MRKey]:

@@ -27,8 +27,8 @@ from secledger.intake import (
     precheck,
     to_delivery,
 )
-from secledger.recentignored import RecentlyIgnored
-from secledger.recheck import Recheck
+from secledger.recentignored import DRAINED_HOLD_BYTES, DRAINED_HOLD_SECONDS, RecentlyIgnored
+from secledger.recheck import RECOVER_HINT, SHUT_DOWN, Recheck
 from secledger.replay import ReplayGuard
 from secledger.runtime import Runtime
 from secledger.senders import sources_from_settings
@@ -196,17 +196,31 @@ class WebhookHandler:
             settings.concurrency_wait_seconds,
         )
         self.recent = RecentlyIgnored()
+        # Those the spool's drain found ignored (``_hold_drained``): kept longer.
+        self.drained = RecentlyIgnored(seconds=DRAINED_HOLD_SECONDS, max_bytes=DRAINED_HOLD_BYTES)
         # MRs with a delivery this receiver handed to the writer and has not yet had
         # answered, by how many: one not yet committed is not in ``known`` yet.
         self.pending: dict[MRKey, int] = {}
-        self.recheck = Recheck(runtime, self.recent)
+        self.recheck = Recheck(runtime, self.recent, self.drained)
         loop = asyncio.get_running_loop()
 
         def reconsider_soon(keys: list[MRKey]) -> None:  # from any thread
-            if self.recent.watching:  # nothing ignored yet: nothing to look at
+            if self.recheck.watching:  # nothing ignored yet: nothing to look at
                 loop.call_soon_threadsafe(self.recheck.reconsider, keys)
 
+        def hold_drained_soon(deliveries: list[Delivery]) -> None:  # the writer's thread
+            try:
+                loop.call_soon_threadsafe(self._hold_drained, deliveries)
+            except RuntimeError:  # the event loop is closed: the receiver has stopped
+                log.warning(
+                    "ignored_delivery_not_recorded",
+                    error=SHUT_DOWN,
+                    count=len(deliveries),
+                    hint=RECOVER_HINT,
+                )
+
         runtime.known.on_new = reconsider_soon
+        runtime.recorder.on_drained_ignored(hold_drained_soon)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -290,7 +304,7 @@ class WebhookHandler:
                 and not is_security_event(decoded, self.runtime.policy)
             ):
                 stamps = event_stamps(decoded.payload)
-                held = (time.monotonic(), key, headers, body, received_at, verified, stamps)
+                held = (time.monotonic(), key, headers, body, received_at, verified, stamps, None)
                 self.recent.hold(held)
                 # Learnt by another thread since the test above, which then found nothing
                 # held for it: looked at again here (each side sees the other's write).
@@ -305,6 +319,31 @@ class WebhookHandler:
             admission.leave(size)
             if unproven:
                 self.unverified.leave(size)
+
+    def _hold_ignored(self, delivery: Delivery, key: MRKey, *, drained: bool = False) -> None:
+        """Hold a delivery the writer or the spool's drain found ignored, as the hot path
+        holds those it ignores: its MR may be made a security MR by a delivery another
+        replica has not committed yet (or still has in its spool)."""
+        holder = self.drained if drained else self.recent
+        stamps = event_stamps(delivery.payload)
+        holder.hold(
+            (
+                time.monotonic(),
+                key,
+                delivery.headers,
+                delivery.body,
+                delivery.received_at,
+                None,
+                stamps,
+                delivery,
+            )
+        )
+        if key in self.runtime.known:  # learnt meanwhile: nothing held was found then
+            self.recheck.reconsider([key])
+
+    def _hold_drained(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._hold_ignored(delivery, mr_key(delivery), drained=True)
 
     async def _admit_unproven(self, size: int) -> None:
         """A place in the pool of requests nothing has proved yet, then one among all."""
@@ -340,7 +379,11 @@ class WebhookHandler:
                 pending[key] = left
             else:
                 del pending[key]
-        if outcome.status == "spooled":
+        if outcome.status == "ignored":
+            # The writer, reading the database, found it ignored: held as the hot path
+            # holds those it ignores.
+            self._hold_ignored(delivery, key)
+        elif outcome.status == "spooled":
             extra = {"received_at": isoformat(received_at), "spool_depth": recorder.spool_depth}
             return 202, outcome, orjson.dumps(outcome.to_json() | extra)
         return _answer(200, outcome)
