@@ -302,6 +302,33 @@ def test_unwritable_spool_answers_503_never_2xx(
     assert log_rows(engine) == []
 
 
+def test_an_outage_the_spool_cannot_take_logs_twenty_lines_of_a_kind_then_a_count(
+    spool_settings: Settings, server_url: str, database_url: str
+) -> None:
+    """Every delivery of such an outage fails: a line for each (two, with the writer's)
+    flooded the log at the worst time, 9,000 lines in 5 s under load."""
+    directory = spool_settings.spool_path
+    app = create_app(spool_settings, db.Database(database_url, embedded=False))
+    with capture_logs() as logs, TestClient(app) as client:
+        shutil.rmtree(directory)
+        directory.write_text("a file where the spool directory should be\n")
+        with database_down(server_url, database_url):
+            answers = [
+                post(client, mr_event("update", updated_at=f"2025-08-05 22:{i:02d}:00 UTC"))
+                for i in range(30)
+            ]
+    assert {answer.status_code for answer in answers} == {503}
+    events = [entry["event"] for entry in logs]
+    assert events.count("delivery_unavailable") == 20
+    assert events.count("spool_write_failed") == 20
+    counted = {
+        entry["event"]: entry["count"]
+        for entry in logs
+        if entry["event"] in {"deliveries_rejected_suppressed", "spool_write_failed_suppressed"}
+    }
+    assert counted == {"deliveries_rejected_suppressed": 10, "spool_write_failed_suppressed": 10}
+
+
 def test_a_write_that_fails_part_way_keeps_none_of_its_deliveries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ from secledger.store import batchread
 from secledger.store import log as log_store
 from secledger.store.eventcache import EventCache
 from secledger.store.pipeline import Pg, transaction_status
+from secledger.throttle import Throttle
 from secledger.times import utcnow
 
 log = structlog.get_logger("secledger.recorder")
@@ -133,6 +134,7 @@ _WAKE = object()
 # How long ``close`` waits for the writer's last batch.
 CLOSE_WAIT_SECONDS = 30.0
 _NONE_HELD: set[MRKey] = set()
+_SPOOL_FAILED = (("error", "spool_write_failed"),)
 # The least a delivery that waited past spool_after_seconds before reaching the writer
 # (admission, a slow body) is given to commit before it is spooled: a healthy database
 # commits well within it, and GitLab's 10 s leave room for it.
@@ -198,6 +200,9 @@ class Recorder:
         # batches go without: under steady contention the tried reads are wasted work.
         self._no_prefetch = 0
         self._backoff = 1
+        # A spool that cannot keep anything fails every delivery of an outage: 20 lines
+        # of each kind a minute, then a count.
+        self._spool_failures = Throttle("spool_write_failed_suppressed")
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -282,7 +287,8 @@ class Recorder:
             self._late.discard(asyncio.current_task())
         if failure is not None:
             # Kept nowhere else: the database's answer, whenever it comes, is the answer.
-            log.error("spool_write_failed", deliveries=1, error=str(failure))
+            if self._spool_failures.note(time.monotonic(), _SPOOL_FAILED):
+                log.error("spool_write_failed", deliveries=1, error=str(failure))
             return
         # The writer may be asleep with nothing to wait for: it drains the copy (a
         # duplicate by then, when the commit came first) only once it knows of it.
@@ -349,6 +355,7 @@ class Recorder:
                     self._drain_before_stop()
                 self._drop_connection()
                 self._refuse_late()
+                self._spool_failures.flush(time.monotonic())
                 return
 
     def _drain_before_stop(self) -> None:
@@ -629,7 +636,8 @@ class Recorder:
             failure = exc
         if failure is not None:
             # Not durable anywhere: the sender must be told to try again (503).
-            log.error("spool_write_failed", deliveries=len(jobs), error=str(failure))
+            if self._spool_failures.note(time.monotonic(), _SPOOL_FAILED):
+                log.error("spool_write_failed", deliveries=len(jobs), error=str(failure))
             for job in jobs:
                 job.resolve(failure)
             return

@@ -161,6 +161,7 @@ class RejectedLog(Throttle):
 
 
 _IGNORED = orjson.dumps(IGNORED.to_json())
+_UNAVAILABLE = (("status", 503), ("error", "unavailable"))
 _METHOD = orjson.dumps({"status": "rejected", "error": "method_not_allowed", "message": "use POST"})
 
 
@@ -236,6 +237,10 @@ class WebhookHandler:
             status, data, name, extra = _refusal(exc)
             if isinstance(exc, IntakeError):
                 self.rejected.refused(ended, exc.status_code, exc.code)
+            elif isinstance(exc, StoreUnavailable) and self.rejected.note(ended, _UNAVAILABLE):
+                # An outage with a spool that cannot keep a delivery fails every one of
+                # them: as many lines as deliveries would flood the log at the worst time.
+                log.warning("delivery_unavailable", error=str(exc))
             elif name == "abandoned" and self.rejected.note(ended, (("error", "abandoned"),)):
                 log.info("delivery_abandoned")
         else:
@@ -396,8 +401,7 @@ def _refusal(exc: Exception) -> tuple[int, bytes, str, Extra]:
         return exc.status_code, rejection(exc), "rejected", retry
     if isinstance(exc, ClientDisconnected):  # logged by the handler's RejectedLog
         return 0, b"", "abandoned", ()
-    if isinstance(exc, StoreUnavailable):
-        log.warning("delivery_unavailable", error=str(exc))
+    if isinstance(exc, StoreUnavailable):  # logged by the handler, kept to 20 a minute
         data = orjson.dumps({"status": "unavailable", "message": str(exc)})
         return 503, data, "unavailable", ()
     # A bug must not leak a traceback to the sender; the log has it.
