@@ -82,6 +82,19 @@ def test_sigterm_drains_logs_and_stops_the_embedded_server(workdir: Path) -> Non
     assert "listen_lost" not in log  # the server stopped after the listener was closed
 
 
+def test_ctrl_c_drains_and_exits_0_without_aborted(workdir: Path, database_url: str) -> None:
+    """The README's way to stop `make demo` printed "Aborted!" and exited 1 (make: Error 1)
+    after a clean stop."""
+    receiver = Receiver(workdir, database_url)
+    receiver.start()
+    assert receiver.process is not None
+    receiver.process.send_signal(signal.SIGINT)
+    code = receiver.process.wait(timeout=60)
+    log = receiver.log_path.read_text()
+    assert code == 0, log[-2000:]
+    assert "Aborted" not in log
+
+
 def test_a_first_start_stopped_during_initdb_is_set_aside_and_started_afresh(
     workdir: Path,
 ) -> None:

@@ -282,6 +282,12 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     server = uvicorn.Server(config)
     try:
         server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        # Ctrl-C, raised again by uvicorn once it has drained: the stop asked for, done
+        # cleanly, as after SIGTERM (click would say "Aborted!" and exit 1).
+        if not server.started:
+            raise
+        raise SystemExit(0) from None
     except SystemExit as exc:
         # uvicorn's own start-up failure is 3, the status of an unreachable database.
         if server.started or exc.code != STARTUP_FAILURE:
