@@ -29,6 +29,7 @@ from replicas import recorded_elsewhere
 from secledger import recorder as recorder_module
 from secledger import spool as spool_module
 from secledger import web
+from secledger import webhook as webhook_module
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer
@@ -303,10 +304,13 @@ def test_unwritable_spool_answers_503_never_2xx(
 
 
 def test_an_outage_the_spool_cannot_take_logs_twenty_lines_of_a_kind_then_a_count(
-    spool_settings: Settings, server_url: str, database_url: str
+    spool_settings: Settings, server_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every delivery of such an outage fails: a line for each (two, with the writer's)
     flooded the log at the worst time, 9,000 lines in 5 s under load."""
+    # Loggers not cached by an earlier test's configuration, so capture_logs sees them.
+    monkeypatch.setattr(webhook_module, "log", structlog.get_logger("secledger.webhook"))
+    monkeypatch.setattr(recorder_module, "log", structlog.get_logger("secledger.recorder"))
     directory = spool_settings.spool_path
     app = create_app(spool_settings, db.Database(database_url, embedded=False))
     with capture_logs() as logs, TestClient(app) as client:
