@@ -268,6 +268,24 @@ def test_a_delivery_drained_as_ignored_is_recorded_once_another_replica_drains_i
     assert state == "merged"
 
 
+def test_a_delivery_drained_as_ignored_at_start_up_is_held_for_the_other_replica(
+    spool_settings: Settings, database_url: str, engine
+) -> None:
+    """Restarted with the outage's deliveries in its spool, a replica drains them before
+    any request comes, and so before the webhook's handler, which holds them, exists."""
+    merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    spool = Spool.open(spool_settings.spool_path)
+    spool.write([delivery(merged, "merge-7", received_at=utcnow())])
+    app = create_app(spool_settings, db.Database(database_url, embedded=False))
+    with TestClient(app) as client:
+        wait_for(lambda: spool_depth(client) == 0)  # the first request: a probe
+        assert log_rows(engine) == []
+        opened = mr_event("open", iid=7)
+        recorded_elsewhere(engine, opened, RECEIVED, **{"idempotency-key": "open-7"})
+        wait_for(lambda: len(log_rows(engine)) == 2)
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-7", "idem:merge-7"]
+
+
 def test_new_delivery_does_not_overtake_a_spooled_one(
     settings: Settings, engine, server_url: str, database_url: str
 ) -> None:

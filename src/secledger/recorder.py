@@ -34,6 +34,7 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
+from secledger.recentignored import DRAINED_HOLD_BYTES
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
@@ -135,6 +136,8 @@ _WAKE = object()
 CLOSE_WAIT_SECONDS = 30.0
 _NONE_HELD: set[MRKey] = set()
 _SPOOL_FAILED = (("error", "spool_write_failed"),)
+# Bodies the drain found ignored before the receiver asked for them: as many as it holds.
+EARLY_IGNORED_BYTES = DRAINED_HOLD_BYTES
 # The least a delivery that waited past spool_after_seconds before reaching the writer
 # (admission, a slow body) is given to commit before it is spooled: a healthy database
 # commits well within it, and GitLab's 10 s leave room for it.
@@ -203,6 +206,13 @@ class Recorder:
         # A spool that cannot keep anything fails every delivery of an outage: 20 lines
         # of each kind a minute, then a count.
         self._spool_failures = Throttle("spool_write_failed_suppressed")
+        # What the spool's drain found ignored, for the receiver to hold (webhook.py);
+        # kept here until it asks, as a drain may run before the first request.
+        self._ignored_lock = threading.Lock()
+        self._ignored_hook: Callable[[list[Delivery]], None] | None = None
+        self._ignored_early: list[Delivery] = []
+        if drainer is not None:
+            drainer.on_ignored = self._drained_ignored
         self._thread = threading.Thread(target=self._run, name="secledger-writer", daemon=True)
         self.batches = 0
         self.recorded = 0
@@ -305,9 +315,33 @@ class Recorder:
 
     def on_drained_ignored(self, hook: Callable[[list[Delivery]], None]) -> None:
         """Have ``hook`` told (on the writer's thread) of the deliveries the spool's drain
-        found ignored."""
-        if self._drainer is not None:
-            self._drainer.on_ignored = hook
+        finds ignored, and now of those it found before (a drain at start-up)."""
+        with self._ignored_lock:
+            self._ignored_hook = hook
+            early, self._ignored_early = self._ignored_early, []
+        if early:
+            hook(early)
+
+    def _drained_ignored(self, deliveries: list[Delivery]) -> None:
+        with self._ignored_lock:
+            hook = self._ignored_hook
+            if hook is None:
+                # Kept until the receiver asks for them, up to what it would hold.
+                kept = self._ignored_early + deliveries
+                size = sum(len(delivery.body) for delivery in kept)
+                dropped = 0
+                while kept and size > EARLY_IGNORED_BYTES:
+                    size -= len(kept.pop(0).body)
+                    dropped += 1
+                self._ignored_early = kept
+        if hook is not None:
+            hook(deliveries)
+        elif dropped:
+            log.warning(
+                "ignored_delivery_not_held",
+                count=dropped,
+                hint="run secledger reconcile --label-history over the outage's days",
+            )
 
     @property
     def held_mrs(self) -> set[MRKey]:

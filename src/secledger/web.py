@@ -289,9 +289,11 @@ def create_app(settings: Settings, database: db.Database) -> Any:
     handler: list[webhook.WebhookHandler] = []
 
     async def app(scope: webhook.Scope, receive: webhook.Receive, send: webhook.Send) -> None:
+        if scope["type"] == "http" and not handler and "runtime" in runtime_ref:
+            # At the first request of any kind (a probe, say): the handler holds what the
+            # spool's drain finds ignored, and a drain may run before any delivery comes.
+            handler.append(webhook.WebhookHandler(runtime_ref["runtime"]))
         if scope["type"] == "http" and scope["path"] in webhook.PATHS:
-            if not handler:
-                handler.append(webhook.WebhookHandler(runtime_ref["runtime"]))
             await handler[0](scope, receive, send)
             return
         if scope["type"] == "http":
