@@ -596,6 +596,62 @@ def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(
     assert "note: the checkpoint's signature was not checked (no public key" in unkeyed.stderr
 
 
+def test_events_dated_after_their_receipt_are_named(engine, database_url, tmp_path) -> None:
+    """An auditor found decisions dated after the pack was made, unflagged: GitLab cannot
+    tell a time it has not reached, so such a date is a wrong clock or payload."""
+    now = datetime.now(UTC)
+
+    def stamp(delta: timedelta) -> str:
+        return (now + delta).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def story(iid: int, offsets: tuple[timedelta, timedelta, timedelta]) -> list[dict]:
+        opened, approved, merged = (stamp(d) for d in offsets)
+        common: dict[str, Any] = {"iid": iid, "labels": ["sec::high"], "created_at": opened}
+        return [
+            mr_event("open", updated_at=opened, **common),
+            mr_event("approved", actor="bob", updated_at=approved, **common),
+            mr_event("merge", actor="carol", updated_at=merged, **common),
+        ]
+
+    hour = timedelta(hours=1)
+    # Within the slack (a clock a minute ahead) is not named; a day ahead is.
+    for body in story(50, (-2 * hour, -hour, timedelta(minutes=1))):
+        assert fed(engine, body) == "recorded"
+    for body in story(51, (-hour, 24 * hour, 25 * hour)):
+        assert fed(engine, body) == "recorded"
+    out = tmp_path / "pack"
+    since, until = (now - 3 * hour).isoformat(), (now + 48 * hour).isoformat()
+    result = cli(
+        database_url, tmp_path, "evidence", "--since", since, "--until", until, "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: 2 events are dated more than 5 minutes after their delivery" in result.stderr
+    population = {r["mr_iid"]: r["position"] for r in read_csv(out / "population.csv")}
+    assert set(population) == {"50", "51"}
+    late = json.loads((out / "pack.json").read_bytes())["late_dated"]
+    assert (late["events"], late["slack_seconds"]) == (2, 300)
+    trail = read_csv(out / "decision-trail.csv")
+    expected = [
+        (int(r["position"]), int(r["seq"]))
+        for r in trail
+        if r["mr_iid"] == "51" and r["kind"] != "open"
+    ]
+    assert [(row["position"], row["seq"]) for row in late["first"]] == expected
+    assert all(int(population["51"]) == p for p, _ in expected)
+    readme = (out / "README.md").read_text()
+    assert "**2 events are dated more than 5 minutes after their delivery was received.**" in (
+        readme
+    )
+    assert f"position {population['51']}, log seq {expected[0][1]}: dated" in readme
+
+
+def test_a_pack_of_sound_times_says_so(ledger, tmp_path) -> None:
+    pack = build(ledger, tmp_path / "pack")
+    assert pack.late_dated["events"] == 0
+    readme = (tmp_path / "pack" / "README.md").read_text()
+    assert "no event is dated more than 5 minutes after its delivery was received" in readme
+
+
 def pack_of_august(database_url: str, tmp_path: Path, out: Path, **settings: str) -> Result:
     """`secledger evidence` for 2025-08-04 .. 2025-08-20 into ``out``."""
     period = ("--since", "2025-08-04", "--until", "2025-08-20")

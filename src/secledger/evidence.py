@@ -16,7 +16,7 @@ import base64
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,21 @@ JOIN delivery_log d ON d.seq = e.seq
 ORDER BY p.position, e.event_at, e.seq
 """
 _TRAIL = _EVENTS.format(extra="", where="")
+# GitLab cannot tell a time it has not reached when it sends a hook, so an event dated
+# after its delivery was received means a wrong clock (GitLab's or this host's) or a
+# payload that chose its own date; the decision times and SLA figures read from it are
+# then wrong. Minutes of skew between two hosts are common and not named.
+LATE_SLACK = timedelta(minutes=5)
+LATE_SHOWN = 20
+_LATE = f"""
+SELECT count(*) OVER () AS total, p.position, e.seq, e.event_at, d.received_at
+FROM {POPULATION} p
+JOIN review_events e USING (instance, project_id, mr_iid)
+JOIN delivery_log d ON d.seq = e.seq
+WHERE e.event_at > d.received_at + :slack
+ORDER BY p.position, e.event_at, e.seq
+LIMIT {LATE_SHOWN}
+"""
 _SAMPLE = _EVENTS.format(
     extra=", e.facts, d.received_at, d.source, d.event, d.instance AS log_instance,"
     " d.dedup_key, d.headers, d.payload, d.prev_hash",
@@ -195,6 +210,8 @@ class Pack:
     # The ledger and event rows against a rebuild from the log, in the pack's snapshot.
     derived: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
+    # Events of the population dated after their delivery was received (``_LATE``).
+    late_dated: dict[str, Any] = field(default_factory=dict)
     public_key: bool = False
     files: list[str] = field(default_factory=list)
 
@@ -308,6 +325,7 @@ def _snapshot(conn: Connection, pack: Pack, files: PackDir, tracker: Tracker) ->
     positions = draw(pack.population, pack.options.sample, pack.options.seed)
     sampled = _write_population(conn, pack, files, set(positions), tracker)
     pack.findings = _write_findings(conn, pack, files)
+    pack.late_dated = _late_dated(conn)
     _write_sla(conn, pack, files)
     _write_sample(conn, pack, files, sampled, tracker)
 
@@ -327,6 +345,15 @@ def _create_population(conn: Connection, options: Options) -> int:
     conn.execute(text(f"CREATE INDEX ON {POPULATION} (position)"))
     conn.execute(text(f"ANALYZE {POPULATION}"))
     return int(conn.execute(text(f"SELECT count(*) FROM {POPULATION}")).scalar_one())
+
+
+def _late_dated(conn: Connection) -> dict[str, Any]:
+    rows = conn.execute(text(_LATE), {"slack": LATE_SLACK}).mappings().all()
+    return {
+        "events": rows[0]["total"] if rows else 0,
+        "slack_seconds": int(LATE_SLACK.total_seconds()),
+        "first": [{k: v for k, v in row.items() if k != "total"} for row in rows],
+    }
 
 
 def _stream(

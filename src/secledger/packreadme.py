@@ -156,6 +156,25 @@ def _derived(pack: Pack) -> str:
     )
 
 
+def _late(pack: Pack) -> str:
+    late = pack.late_dated
+    slack = f"{late.get('slack_seconds', 0) // 60} minutes"
+    if not late.get("events"):
+        return f"no event is dated more than {slack} after its delivery was received."
+    shown = "".join(
+        f"\n  - position {row['position']}, log seq {row['seq']}: dated"
+        f" {isoformat(row['event_at'])}, received {isoformat(row['received_at'])}"
+        for row in late["first"]
+    )
+    return (
+        f"**{late['events']} events are dated more than {slack} after their delivery was"
+        " received.** GitLab cannot report a time it has not reached, so its clock, the"
+        " receiving host's or the payload is wrong, and the decision times and SLA figures"
+        " read from those events are not to be relied on"
+        f" (the first {len(late['first'])}):{shown}"
+    )
+
+
 def _scope(pack: Pack) -> str:
     options = pack.options
     return f"""\
@@ -177,6 +196,7 @@ def _scope(pack: Pack) -> str:
   pack was read (one consistent snapshot for every file except `chain/`).
 - **Hash chain:** {_chain(pack)}
 - **Ledger against the log:** {_derived(pack)}
+- **Event times:** {_late(pack)}
 
 The policy configured when the pack was made (`pack.json`'s `policy`). SLA deadlines and
 findings were judged as each event was recorded, under the policy in force then: after a

@@ -76,6 +76,14 @@ def _report(pack: evidence.Pack, out: Path, stale: int) -> None:
             " auditor can check it with the README's step 4",
             err=True,
         )
+    late = pack.late_dated.get("events")
+    if late:
+        click.echo(
+            f"note: {late} events are dated more than"
+            f" {pack.late_dated['slack_seconds'] // 60} minutes after their delivery was"
+            " received (a wrong clock or payload); the pack's README lists them",
+            err=True,
+        )
     if stale:
         note = f"note: {stale} files in {out} were there before and are not in the pack"
         click.echo(note, err=True)
