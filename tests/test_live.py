@@ -4,6 +4,7 @@ a streamed 1 GB body, secrets kept out of the log, and a small fuzz campaign."""
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import sys
@@ -21,6 +22,7 @@ import pytest
 from builders import dumps, mr_event
 from conftest import TEMPLATE, _with_database
 from live import SIGNING_SECRET, LiveServer, live_server, signed_headers
+from secledger import replicapolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import fuzz_campaign
@@ -78,6 +80,17 @@ def server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     # docs/operations.md: JSON on stderr, one object per line, from the first line on.
     events = [json.loads(line)["event"] for line in log.splitlines()]
     assert events.index("serve_starting") < events.index("serve_receiving")
+    starting = json.loads(log.splitlines()[events.index("serve_starting")])
+    assert re.fullmatch("[0-9a-f]{12}", starting["policy"]), starting
+
+
+def test_serve_names_its_policy_in_its_database_sessions(server, module_db) -> None:
+    """Replicas compare policies through pg_stat_activity (docs/deployment.md)."""
+    with psycopg.connect(module_db) as conn:
+        names = conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+        ).fetchall()
+    assert any(name.startswith(replicapolicy.PREFIX) for (name,) in names), names
 
 
 def rows(database_url: str) -> int:

@@ -23,7 +23,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from secledger import __version__, logs
+from secledger import __version__, logs, replicapolicy
 from secledger.config import (
     Settings,
     describe,
@@ -231,7 +231,12 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
     database = context.database
     # Events, not plain lines: the log is JSON, one object per line (docs/operations.md),
     # and a parser that expects that would choke on the first two lines of every start.
-    log.info("serve_starting", version=__version__, database=database.redacted())
+    log.info(
+        "serve_starting",
+        version=__version__,
+        database=database.redacted(),
+        policy=replicapolicy.digest(settings),
+    )
     # Reached and migrated before serving: an outage or a wrong database is then one line
     # and exit 3 (``run``), not uvicorn's start-up traceback after ``serve_receiving``.
     with context.engine(logged=True) as engine, engine.connect() as conn:

@@ -15,6 +15,7 @@ from secledger.metrics import Metrics
 from secledger.policy import LabelPolicy
 from secledger.recentignored import Lost
 from secledger.recorder import Recorder
+from secledger.replicapolicy import application_name, digest
 from secledger.service import Recording
 from secledger.spool import Spool
 from secledger.store import db, migrate
@@ -34,6 +35,8 @@ class Runtime:
     known: KnownMRs
     spool: Spool
     metrics: Metrics
+    # What judges a delivery here, as a digest other replicas compare (``replicapolicy``).
+    policy_digest: str
     # Records a lost delivery's MR from GitLab's API (``recovery``), when one is set up:
     # None once queued, else why not.
     recover: Callable[[Lost], str | None] | None = None
@@ -41,7 +44,8 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, database: db.Database) -> Runtime:
         """Migrate (under the advisory lock), load known MRs, open the spool, start the writer."""
-        engine = db.create(database.url)
+        policy_digest = digest(settings)
+        engine = db.create(database.url, application_name=application_name(policy_digest))
         before = migrate.ensure_current(engine, db.migration_url(settings))
         if before is not None:
             log.warning("schema_upgraded", from_revision=before, hint=migrate.REBUILD_HINT)
@@ -74,6 +78,7 @@ class Runtime:
             known=known,
             spool=spool,
             metrics=metrics,
+            policy_digest=policy_digest,
         )
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from secledger import (
     logs,
     overdue,
     recovery,
+    replicapolicy,
     sink,
     throttle,
     webhook,
@@ -51,6 +52,7 @@ class _Beside:
     checkpointing: asyncio.Task[None] | None = None
     sla_refresh: asyncio.Task[None] | None = None
     summaries: asyncio.Task[None] | None = None
+    replica_policy: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings, database: db.Database, runtime: Runtime) -> _Beside:
@@ -69,6 +71,8 @@ class _Beside:
             # Open MRs become overdue without any event: found every few minutes.
             beside.sla_refresh = overdue.schedule(settings, runtime.engine)
             beside.summaries = asyncio.create_task(_tick_summaries())
+            watch = replicapolicy.Watch(runtime.policy_digest)
+            beside.replica_policy = replicapolicy.schedule(runtime.engine, watch)
         except BaseException:
             await beside.stop()
             raise
@@ -90,6 +94,7 @@ class _Beside:
                 worker.stopping()
         await overdue.stop(self.sla_refresh)
         await integrity.stop(self.checkpointing)
+        await replicapolicy.stop(self.replica_policy)
         if self.summaries is not None:
             self.summaries.cancel()
             with contextlib.suppress(asyncio.CancelledError):

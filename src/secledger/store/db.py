@@ -58,11 +58,12 @@ def sqlalchemy_url(url: str) -> str:
     return _with_defaults(parsed).render_as_string(hide_password=False)
 
 
-def create(url: str, *, pool_size: int = 5) -> Engine:
+def create(url: str, *, pool_size: int = 5, application_name: str = "secledger") -> Engine:
     """An engine for ``url`` with a pool sized for one writer and a few readers, whose
-    sessions all run in UTC and read secledger's own tables (``SESSION_SEARCH_PATH``)."""
+    sessions all run in UTC and read secledger's own tables (``SESSION_SEARCH_PATH``),
+    named ``application_name`` in ``pg_stat_activity``."""
     try:
-        engine = _engine(url, pool_size)
+        engine = _engine(url, pool_size, application_name)
     except ArgumentError as exc:
         # Its own words only where they cannot quote the URL (and a password in it).
         reason = str(exc) if "multihost" in str(exc) else "its options are not usable"
@@ -71,13 +72,13 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
-def _engine(url: str, pool_size: int) -> Engine:
+def _engine(url: str, pool_size: int, application_name: str) -> Engine:
     return create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        connect_args={"application_name": "secledger"},
+        connect_args={"application_name": application_name},
         # An error's text must not carry a statement's parameters into a log: payloads,
         # headers, user names.
         hide_parameters=True,
