@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +95,30 @@ def test_ctrl_c_drains_and_exits_0_without_aborted(workdir: Path, database_url: 
     log = receiver.log_path.read_text()
     assert code == 0, log[-2000:]
     assert "Aborted" not in log
+
+
+def test_a_second_ctrl_c_forces_the_exit_and_says_so_in_the_status(
+    workdir: Path, database_url: str
+) -> None:
+    """uvicorn cuts off the requests in flight at a second Ctrl-C: that stop is not clean,
+    and exiting 0 would say it was."""
+    receiver = Receiver(workdir, database_url)
+    receiver.start()
+    assert receiver.process is not None
+    # A delivery whose body never comes in full: in flight until its body deadline.
+    with socket.create_connection(("127.0.0.1", receiver.port)) as held:
+        held.sendall(
+            b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            + f"X-Gitlab-Token: {SECRET}\r\n".encode()
+            + b"X-Gitlab-Event: Merge Request Hook\r\n\r\n{"
+        )
+        time.sleep(0.5)
+        receiver.process.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # uvicorn now waits for the request in flight
+        assert receiver.process.poll() is None
+        receiver.process.send_signal(signal.SIGINT)
+        code = receiver.process.wait(timeout=60)
+    assert code == 130, receiver.log_path.read_text()[-2000:]
 
 
 def test_a_first_start_stopped_during_initdb_is_set_aside_and_started_afresh(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import shutil
 import threading
 import time
@@ -284,6 +285,52 @@ def test_a_delivery_drained_as_ignored_at_start_up_is_held_for_the_other_replica
         recorded_elsewhere(engine, opened, RECEIVED, **{"idempotency-key": "open-7"})
         wait_for(lambda: len(log_rows(engine)) == 2)
     assert [row[1] for row in log_rows(engine)] == ["idem:open-7", "idem:merge-7"]
+
+
+def test_a_delivery_drained_as_ignored_at_stop_is_looked_at_again_after_a_restart(
+    settings: Settings, engine, server_url: str, database_url: str
+) -> None:
+    """Found by a review: stopped right after an outage (a rolling restart), a replica's
+    last drain found MR 7's merge ignored and deleted its file; the hold in memory went
+    with the process, and the merge was lost without a word though answered 202."""
+    slow = settings.model_copy(update={"spool_retry_seconds": 300})
+    merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    app = create_app(slow, db.Database(database_url, embedded=False))
+    # The database comes back first, the next drain 5 minutes away: the stop drains.
+    with TestClient(app) as client, database_down(server_url, database_url):
+        assert post(client, mr_event("open", iid=5), Idempotency_Key="open-5").status_code == 202
+        assert post(client, merged, Idempotency_Key="merge-7").json()["status"] == "spooled"
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-5"]
+    spool = Spool.open(slow.spool_path)
+    assert (spool.depth, spool.ignored_count()) == (0, 1)
+    # Meanwhile the other replica's spool gave MR 7's first delivery.
+    recorded_elsewhere(engine, mr_event("open", iid=7), utcnow(), **{"idempotency-key": "open-7"})
+    with TestClient(create_app(slow, db.Database(database_url, embedded=False))) as client:
+        wait_for(lambda: len(log_rows(engine)) == 3)
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-5", "idem:open-7", "idem:merge-7"]
+    assert (spool.recount(), spool.ignored_count()) == (0, 0)
+
+
+def test_ignored_files_are_kept_for_the_hold_and_deleted_after_it(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    paths = spool.write(
+        [delivery(mr_event("merge", iid=i, labels=[]), f"k-{i}") for i in (1, 2, 3)]
+    )
+    spool.keep_ignored(paths[:2])
+    assert (spool.depth, spool.ignored_count()) == (1, 2)
+    # One moved to ignored/ before the hold began: deleted, the other put back in place.
+    old = tmp_path / "spool" / spool_module.IGNORED / paths[0].name
+    stamp = time.time() - 301
+    os.utime(old, (stamp, stamp))
+    assert spool.restore_ignored(300) == (1, 1)
+    assert spool.entries() == paths[1:]
+    assert (spool.depth, spool.ignored_count()) == (2, 0)
+    spool.keep_ignored(paths[1:2])
+    assert spool.prune_ignored(300) == 0
+    moved = tmp_path / "spool" / spool_module.IGNORED / paths[1].name
+    os.utime(moved, (stamp, stamp))
+    assert spool.prune_ignored(300) == 1
+    assert spool.ignored_count() == 0
 
 
 def test_new_delivery_does_not_overtake_a_spooled_one(

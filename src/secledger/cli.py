@@ -292,7 +292,8 @@ def _serve(context: Context, host: str, port: int, *, allow_open: bool) -> None:
         # cleanly, as after SIGTERM (click would say "Aborted!" and exit 1).
         if not server.started:
             raise
-        raise SystemExit(0) from None
+        # A second Ctrl-C forces the exit: deliveries in flight were cut off unanswered.
+        raise SystemExit(130 if server.force_exit else 0) from None
     except SystemExit as exc:
         # uvicorn's own start-up failure is 3, the status of an unreachable database.
         if server.started or exc.code != STARTUP_FAILURE:

@@ -7,6 +7,7 @@ log's unique dedup key turns into a harmless ``duplicate``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,11 +21,16 @@ from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
+from secledger.recentignored import DRAINED_HOLD_SECONDS
 from secledger.service import DEFAULT_RECORDING, Recording, record_batch
 from secledger.spool import CORRUPT, FAILED, SUFFIX, CorruptEntry, Spool, SpooledDelivery
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.drain")
+
+# How often a drain deletes the files of ignored/ older than the hold (a listing each).
+PRUNE_SECONDS = 10.0
+_LOGGED = frozenset({"recorded", "duplicate"})
 
 # The body was accepted when it arrived; a later, smaller limit must not refuse it now.
 _NO_LIMIT = 1 << 62
@@ -137,6 +143,15 @@ class Drainer:
         self.held: set[MRKey] = set()
         self._failed_stamp: int | None = None
         self.refresh_held()
+        self._pruned_at = 0.0
+
+    def restore_ignored(self) -> None:
+        """Queue again the deliveries a drain found ignored less than the hold ago, so
+        that a restart (or `spool drain` by hand) looks at them once more; delete the
+        older ones."""
+        restored, expired = self.spool.restore_ignored(DRAINED_HOLD_SECONDS)
+        if restored or expired:
+            log.info("spool_ignored_restored", restored=restored, expired=expired)
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
@@ -149,6 +164,9 @@ class Drainer:
             result.remaining = self.spool.depth
             return result
         self.refresh_held()
+        if time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self._pruned_at = time.monotonic()
+            self.spool.prune_ignored(DRAINED_HOLD_SECONDS)
         items = self._load(self.spool.entries()[:limit], result)
         if items:
             self._record(items, result)
@@ -277,15 +295,26 @@ class Drainer:
             self._set_aside(items[0].path, FAILED, f"refused by the database: {reason}", result)
             self.hold_mr(items[0].facts.key)
             return
-        self.spool.remove([item.path for item in items])
+        self._settle(items, [o.status for o in outcomes], result)
+
+    def _settle(self, items: list[_Item], statuses: list[str], result: DrainResult) -> None:
+        """After the commit: delete the files logged, keep the ignored ones, count."""
+        logged = [status in _LOGGED for status in statuses]
+        self.spool.remove([item.path for item, done in zip(items, logged, strict=True) if done])
+        if not all(logged):
+            # Kept on disk for the hold, beside serve's copy in memory: a restart then
+            # looks at them again (``Spool.restore_ignored``).
+            self.spool.keep_ignored(
+                [item.path for item, done in zip(items, logged, strict=True) if not done]
+            )
         ignored = []
-        for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.status == "recorded":
+        for item, status in zip(items, statuses, strict=True):
+            if status == "recorded":
                 result.recorded += 1
                 result.keys.append(item.facts.key)
                 if self.known is not None:
                     self.known.add(item.facts.key)
-            elif outcome.status == "duplicate":
+            elif status == "duplicate":
                 result.duplicates += 1
             else:
                 result.ignored += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import structlog
 
 from secledger.errors import StoreUnavailable
 from secledger.extract import RECEIVED, MRKey, Stamps, event_time, event_time_of
-from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
+from secledger.intake import Delivery, Ignored, decode_json, decode_mr, to_delivery
 from secledger.metrics import RecheckOutcome
 from secledger.recentignored import Forgotten, Held, Lost, RecentlyIgnored
 from secledger.runtime import Runtime
@@ -220,7 +221,8 @@ def surely_after(
 
 def _delivery(held: Held) -> Delivery:
     if held.delivery is not None:
-        return held.delivery
+        kept = held.delivery
+        return kept if kept.payload else replace(kept, payload=decode_json(kept.body))
     decoded = decode_mr(held.headers, held.body, verified=held.verified)
     if isinstance(decoded, Ignored):  # it was decoded the same way once
         raise TypeError("a held delivery no longer decodes as a merge request")

@@ -34,7 +34,7 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
-from secledger.recentignored import DRAINED_HOLD_BYTES
+from secledger.recentignored import DRAINED_HOLD_BYTES, DRAINED_HOLD_SECONDS
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
@@ -406,6 +406,17 @@ class Recorder:
             if not _moved(result):
                 break
         _log_drained(drained, self.spool_depth)
+        kept = 0
+        if self._drainer is not None:
+            self._drainer.spool.prune_ignored(DRAINED_HOLD_SECONDS)
+            kept = self._drainer.spool.ignored_count()
+        if kept:
+            log.warning(
+                "spool_ignored_kept_at_stop",
+                count=kept,
+                hint="start serve on this spool directory again within 5 minutes, or run"
+                " `secledger spool drain` on it then: either looks at them once more",
+            )
         if self.spool_depth:
             log.error(
                 "spool_left_at_stop",

@@ -56,10 +56,12 @@ class Runtime:
         # What an earlier run spooled is drained first, before any new delivery.
         spool = Spool.open(settings.spool_path)
         recording = Recording.from_settings(settings)
+        drainer = Drainer(engine, spool, policy, known, recording=recording)
+        drainer.restore_ignored()
         recorder = Recorder(
             engine,
             max_batch=settings.max_batch,
-            drainer=Drainer(engine, spool, policy, known, recording=recording),
+            drainer=drainer,
             retry_seconds=settings.spool_retry_seconds,
             recording=recording,
             policy=policy,

@@ -36,6 +36,9 @@ SUFFIX = ".dlv"
 TEMP_PREFIX = ".tmp-"
 CORRUPT = "corrupt"
 FAILED = "failed"
+# Deliveries a drain found ignored, kept for a while: the delivery that makes their MR
+# a security MR may still be in another replica's spool (``keep_ignored``).
+IGNORED = "ignored"
 LOCK_FILE = ".drain.lock"
 # Free space below which /readyz calls the spool unwritable: room for a few deliveries.
 MIN_FREE_BYTES = 1 << 20
@@ -260,6 +263,69 @@ class Spool:
             path.unlink(missing_ok=True)
         fsync_dir(self.directory)
         self.recount()
+
+    def keep_ignored(self, paths: Sequence[Path]) -> None:
+        """Move files a drain found ignored to ``ignored/``, stamped with the time they
+        were moved: ``serve`` holds them in memory, and these copies let a restart (or a
+        crash) within the hold look at them again (``restore_ignored``)."""
+        target_dir = self.directory / IGNORED
+        target_dir.mkdir(exist_ok=True, mode=0o700)
+        for path in paths:
+            target = target_dir / path.name
+            try:
+                path.rename(target)
+                os.utime(target)
+            except FileNotFoundError:
+                continue  # drained meanwhile by another process
+        fsync_dir(target_dir)
+        fsync_dir(self.directory)
+        self.recount()
+
+    def restore_ignored(self, hold_seconds: float) -> tuple[int, int]:
+        """Put the files of ``ignored/`` moved there less than ``hold_seconds`` ago back
+        in the queue, where they keep their place by name, and delete the older ones:
+        how many of each."""
+        restored = expired = 0
+        for path, moved_at in self._ignored():
+            try:
+                if moved_at < time.time() - hold_seconds:
+                    path.unlink()
+                    expired += 1
+                else:
+                    path.rename(self.directory / path.name)
+                    restored += 1
+            except FileNotFoundError:
+                continue
+        if restored or expired:
+            fsync_dir(self.directory / IGNORED)
+            fsync_dir(self.directory)
+            self.recount()
+        return restored, expired
+
+    def prune_ignored(self, hold_seconds: float) -> int:
+        """Delete the files of ``ignored/`` moved there ``hold_seconds`` ago or more."""
+        pruned = 0
+        for path, moved_at in self._ignored():
+            if moved_at < time.time() - hold_seconds:
+                path.unlink(missing_ok=True)
+                pruned += 1
+        return pruned
+
+    def ignored_count(self) -> int:
+        """Files in ``ignored/``."""
+        return _count(self.directory / IGNORED)
+
+    def _ignored(self) -> list[tuple[Path, float]]:
+        folder = self.directory / IGNORED
+        found = []
+        try:
+            for path in sorted(folder.iterdir()):
+                if _is_entry(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((path, path.stat().st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return found
 
     def set_aside(self, path: Path, folder: str, reason: str) -> Path:
         """Move a file that cannot be recorded to ``folder`` with a note saying why."""

@@ -340,7 +340,9 @@ class WebhookHandler:
                 delivery.received_at,
                 None,
                 stamps,
-                delivery,
+                # Without its decoded JSON, two to three times the body's size, which
+                # the byte limit does not count: decoded again if it is recorded.
+                delivery.without_payload(),
             )
         )
         if key in self.runtime.known:  # learnt meanwhile: nothing held was found then

@@ -107,7 +107,10 @@ def drain_command(context: Context, batch: int | None) -> None:
     harmless (the second time a delivery is a duplicate). Exits 3 if the database
     cannot be reached at the start, and 1 if it did not take them before the spool was
     empty (lost on the way, read-only, or a login that may not write): the files stay
-    in the spool.
+    in the spool. Deliveries of MRs without a security label go to the spool's
+    ignored/ folder for 5 minutes (another replica's spool may still hold the delivery
+    that makes their MR a security one); a drain run within that time looks at them
+    again.
 
     \b
     Example:
@@ -123,6 +126,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
+                drainer.restore_ignored()
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
