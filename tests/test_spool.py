@@ -302,7 +302,7 @@ def test_a_delivery_drained_as_ignored_at_stop_is_looked_at_again_after_a_restar
         assert post(client, merged, Idempotency_Key="merge-7").json()["status"] == "spooled"
     assert [row[1] for row in log_rows(engine)] == ["idem:open-5"]
     spool = Spool.open(slow.spool_path)
-    assert (spool.depth, spool.ignored_count()) == (0, 1)
+    assert (spool.depth, spool.ignored_count(), spool.status().ignored) == (0, 1, 1)
     # Meanwhile the other replica's spool gave MR 7's first delivery.
     recorded_elsewhere(engine, mr_event("open", iid=7), utcnow(), **{"idempotency-key": "open-7"})
     with TestClient(create_app(slow, db.Database(database_url, embedded=False))) as client:

@@ -85,6 +85,8 @@ class SpoolStatus:
     writable: bool = True
     # Why the directory cannot be used as it is (missing, not a directory, unreadable).
     problem: str | None = None
+    # Deliveries a drain found ignored, kept in ignored/ for the hold.
+    ignored: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """For /readyz and ``spool status --format json``."""
@@ -95,6 +97,7 @@ class SpoolStatus:
             "oldest": isoformat(self.oldest),
             "corrupt": self.corrupt,
             "failed": self.failed,
+            "ignored": self.ignored,
             "writable": self.writable,
             "problem": self.problem,
         }
@@ -382,6 +385,7 @@ class Spool:
             corrupt=_count(self.directory / CORRUPT),
             failed=_count(self.directory / FAILED),
             writable=self.writable(),
+            ignored=_count(self.directory / IGNORED),
         )
 
     def _problem(self) -> str | None:
