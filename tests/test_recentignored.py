@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from builders import mr_event
 from conftest import post
 from replicas import recorded_elsewhere, wait_for
-from secledger import recheck, webhook
+from secledger import receiptorder, recheck, webhook
 from secledger.extract import MRKey
 from secledger.headers import RequestHeaders
 from secledger.membership import KnownMRs
@@ -168,7 +168,7 @@ def test_an_ignored_delivery_no_longer_held_is_reported_lost_when_its_mr_becomes
     are within the clocks' margin here (a minute, for a slow machine): GitLab's event
     times decide, from the kept stamps, whichever replica's clock says later."""
     monkeypatch.setattr(recheck, "log", structlog.get_logger("secledger.recheck"))
-    monkeypatch.setattr(recheck, "CLOCK_MARGIN", timedelta(minutes=1))
+    monkeypatch.setattr(receiptorder, "CLOCK_MARGIN", timedelta(minutes=1))
     monkeypatch.setattr(webhook, "RecentlyIgnored", partial(RecentlyIgnored, max_bytes=0))
     late = mr_event("update", iid=20, labels=["backend"], updated_at="2025-08-05 22:00:00 UTC")
     assert post(client, late, **{"Idempotency-Key": "late-20"}).json()["status"] == "ignored"
@@ -210,12 +210,16 @@ def test_lost_needs_a_later_receipt_beyond_the_clocks_margin_or_a_later_event() 
         (first_received + just, after, True, True),
         (first_received - just, after, True, True),
         (first_received - just, before, False, False),
-        (first_received + 2 * recheck.CLOCK_MARGIN, before, True, True),
-        (first_received - 2 * recheck.CLOCK_MARGIN, after, False, False),
+        (first_received + 2 * receiptorder.CLOCK_MARGIN, before, True, True),
+        (first_received - 2 * receiptorder.CLOCK_MARGIN, after, False, False),
     ]
     for received_at, event_at, leaning, surely in cases:
-        assert recheck.came_after(received_at, event_at, first_received, first_event) is leaning
-        assert recheck.surely_after(received_at, event_at, first_received, first_event) is surely
+        assert (
+            receiptorder.came_after(received_at, event_at, first_received, first_event) is leaning
+        )
+        assert (
+            receiptorder.surely_after(received_at, event_at, first_received, first_event) is surely
+        )
 
 
 class LearntMeanwhile(KnownMRs):

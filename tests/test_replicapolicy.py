@@ -44,6 +44,7 @@ def test_the_digest_follows_what_judges_a_delivery_and_not_the_secrets(tmp_path)
         {"unclassified_tier": "untiered"},
         {"business_hours": {"start": "08:00"}},
         {"webhook_sources": [{"instance": "https://gitlab.example.com", "tokens": [SECRET]}]},
+        {"webhook_auth": "signature"},
     ]
     digests = {replicapolicy.digest(settings_of(url, tmp_path, **c)) for c in changed}
     assert base not in digests
@@ -99,6 +100,8 @@ def test_serve_with_the_same_policy_is_quiet_and_another_is_named(
     database = db.Database(database_url, embedded=False)
     with TestClient(create_app(same, database)), TestClient(create_app(also_same, database)):
         assert wait_for(watch_log, 2) == []
+    # Quiet because both looked and found the same policy, not because a look failed.
+    assert not [line for line in watch_log if line["event"] == "replica_policy_check_failed"]
     with TestClient(create_app(same, database)), TestClient(create_app(other, database)):
         found = wait_for(watch_log, 2)
     assert found, "neither replica named the other's policy"

@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,7 @@ def test_a_delivery_drained_as_ignored_at_stop_is_looked_at_again_after_a_restar
     last drain found MR 7's merge ignored and deleted its file; the hold in memory went
     with the process, and the merge was lost without a word though answered 202."""
     slow = settings.model_copy(update={"spool_retry_seconds": 300})
+    received_elsewhere = utcnow()  # the other replica had the open first
     merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
     app = create_app(slow, db.Database(database_url, embedded=False))
     # The database comes back first, the next drain 5 minutes away: the stop drains.
@@ -304,33 +305,91 @@ def test_a_delivery_drained_as_ignored_at_stop_is_looked_at_again_after_a_restar
     spool = Spool.open(slow.spool_path)
     assert (spool.depth, spool.ignored_count(), spool.status().ignored) == (0, 1, 1)
     # Meanwhile the other replica's spool gave MR 7's first delivery.
-    recorded_elsewhere(engine, mr_event("open", iid=7), utcnow(), **{"idempotency-key": "open-7"})
+    opened = mr_event("open", iid=7)
+    recorded_elsewhere(engine, opened, received_elsewhere, **{"idempotency-key": "open-7"})
     with TestClient(create_app(slow, db.Database(database_url, embedded=False))) as client:
         wait_for(lambda: len(log_rows(engine)) == 3)
     assert [row[1] for row in log_rows(engine)] == ["idem:open-5", "idem:open-7", "idem:merge-7"]
     assert (spool.recount(), spool.ignored_count()) == (0, 0)
 
 
-def test_ignored_files_are_kept_for_the_hold_and_deleted_after_it(tmp_path: Path) -> None:
+def aged(path: Path, seconds: float) -> None:
+    """Make ``path`` look moved to ignored/ ``seconds`` ago."""
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_a_restart_judges_kept_ignored_files_as_the_hold_in_memory_does(engine, tmp_path) -> None:
+    """Found by a review: the files put back in the queue were recorded whenever their MR
+    was known by then, even one received before the MR's first security delivery, which
+    the running replica had rightly left out; and each pass restarted their hold."""
+    spool = Spool.open(tmp_path / "spool")
+    policy = LabelPolicy()
+    t0 = utcnow()
+    at = [t0 + timedelta(seconds=s) for s in range(5)]
+    before = mr_event("update", iid=7, labels=["backend"], updated_at="2025-08-06 08:00:00 UTC")
+    labelled = mr_event("update", iid=7, labels=["sec::high"], updated_at="2025-08-06 09:00:00 UTC")
+    after = mr_event("update", iid=8, labels=["backend"], updated_at="2025-08-06 10:00:00 UTC")
+    unknown = mr_event("update", iid=9, labels=["backend"], updated_at="2025-08-06 10:00:00 UTC")
+    spool.write(
+        [
+            delivery(before, "before-7", at[0]),
+            delivery(labelled, "label-7", at[1]),
+            delivery(after, "after-8", at[3]),
+            delivery(unknown, "other-9", at[4]),
+        ]
+    )
+    drainer = Drainer(engine, spool, policy)
+    told: list[str] = []
+    drainer.on_ignored = lambda found: told.extend(d.dedup_key for d in found)
+    assert drainer.all().recorded == 1
+    assert told == ["idem:before-7", "idem:after-8", "idem:other-9"]
+    assert (spool.recount(), spool.ignored_count()) == (0, 3)
+    # MR 8's first security delivery, received before after-8, drained elsewhere.
+    recorded_elsewhere(engine, mr_event("open", iid=8), at[2], **{"idempotency-key": "open-8"})
+    waiting = spool.ignored_files()[-1][0]  # other-9's: its MR stays unknown
+    aged(waiting, 200)
+    told.clear()
+    drainer.recheck_ignored()
+    # before-7 came before MR 7 was known: left out, as the running replica left it.
+    assert [p.name for p, _ in spool.ignored_files()] == [waiting.name]
+    assert told == ["idem:other-9"]
+    assert time.time() - spool.ignored_files()[0][1] > 199  # its hold goes on, not anew
+    assert drainer.all().recorded == 1
+    keys = [row[1] for row in log_rows(engine)]
+    assert keys == ["idem:label-7", "idem:open-8", "idem:after-8"]
+    aged(waiting, 301)
+    drainer.recheck_ignored()
+    assert spool.ignored_count() == 0
+
+
+def test_a_stop_says_when_ignored_files_wait_for_the_next_start(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool drained a minute before the stop, its ignored files wait in ignored/:
+    only a start within the hold judges them again, which the stop must say."""
+    monkeypatch.setattr(recorder_module, "log", structlog.get_logger("secledger.recorder"))
+    spool = Spool.open(tmp_path / "spool")
+    spool.keep_ignored(spool.write([delivery(mr_event("merge", iid=3, labels=[]), "k-3")]))
+    writer = Recorder(engine, drainer=Drainer(engine, spool, LabelPolicy()))
+    writer.start()
+    with capture_logs() as logged:
+        writer.close()
+    [kept] = [line for line in logged if line["event"] == "spool_ignored_kept_at_stop"]
+    assert kept["count"] == 1
+
+
+def test_ignored_files_are_pruned_after_the_hold(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path / "spool")
     paths = spool.write(
         [delivery(mr_event("merge", iid=i, labels=[]), f"k-{i}") for i in (1, 2, 3)]
     )
     spool.keep_ignored(paths[:2])
     assert (spool.depth, spool.ignored_count()) == (1, 2)
-    # One moved to ignored/ before the hold began: deleted, the other put back in place.
-    old = tmp_path / "spool" / spool_module.IGNORED / paths[0].name
-    stamp = time.time() - 301
-    os.utime(old, (stamp, stamp))
-    assert spool.restore_ignored(300) == (1, 1)
-    assert spool.entries() == paths[1:]
-    assert (spool.depth, spool.ignored_count()) == (2, 0)
-    spool.keep_ignored(paths[1:2])
     assert spool.prune_ignored(300) == 0
-    moved = tmp_path / "spool" / spool_module.IGNORED / paths[1].name
-    os.utime(moved, (stamp, stamp))
+    aged(tmp_path / "spool" / spool_module.IGNORED / paths[0].name, 301)
     assert spool.prune_ignored(300) == 1
-    assert spool.ignored_count() == 0
+    assert [p.name for p, _ in spool.ignored_files()] == [paths[1].name]
 
 
 def test_new_delivery_does_not_overtake_a_spooled_one(

@@ -17,13 +17,23 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from secledger.errors import IntakeError
-from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
+from secledger.extract import EventFacts, MRKey, event_time, extract_facts, mr_key
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
+from secledger.receiptorder import came_after
 from secledger.recentignored import DRAINED_HOLD_SECONDS
 from secledger.service import DEFAULT_RECORDING, Recording, record_batch
-from secledger.spool import CORRUPT, FAILED, SUFFIX, CorruptEntry, Spool, SpooledDelivery
+from secledger.spool import (
+    CORRUPT,
+    FAILED,
+    SUFFIX,
+    CorruptEntry,
+    DrainBusy,
+    Spool,
+    SpooledDelivery,
+)
+from secledger.store import ledger
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.drain")
@@ -145,13 +155,60 @@ class Drainer:
         self.refresh_held()
         self._pruned_at = 0.0
 
-    def restore_ignored(self) -> None:
-        """Queue again the deliveries a drain found ignored less than the hold ago, so
-        that a restart (or `spool drain` by hand) looks at them once more; delete the
-        older ones."""
-        restored, expired = self.spool.restore_ignored(DRAINED_HOLD_SECONDS)
-        if restored or expired:
-            log.info("spool_ignored_restored", restored=restored, expired=expired)
+    def recheck_ignored(self) -> None:
+        """Judge again the files a drain kept in ``ignored/`` (after a restart or a crash
+        within the hold), as ``serve``'s hold in memory judges those it holds: one whose
+        MR became known meanwhile goes back in the queue, to be recorded, when it came
+        after the MR's first logged delivery, and is deleted when it came before (it was
+        rightly left out); one whose MR is still unknown stays for the rest of its hold
+        and is handed to ``on_ignored``; one older than the hold is deleted. Call it
+        holding the drain lock."""
+        counts = dict.fromkeys(("queued", "left", "waiting", "expired"), 0)
+        waiting: list[Delivery] = []
+        with self.engine.connect() as conn:
+            for path, moved_at in self.spool.ignored_files():
+                if moved_at < time.time() - DRAINED_HOLD_SECONDS:
+                    self.spool.forget_ignored(path)
+                    counts["expired"] += 1
+                    continue
+                try:
+                    delivery = to_delivery(self.spool.read(path))
+                except FileNotFoundError:
+                    continue
+                except (CorruptEntry, IntakeError) as exc:
+                    self._set_aside(path, CORRUPT, f"unreadable in ignored/: {exc}", DrainResult())
+                    continue
+                if isinstance(delivery, Ignored):  # it decoded as a merge request once
+                    continue
+                first = ledger.first_receipt(conn, mr_key(delivery))
+                if first is None:
+                    waiting.append(delivery)
+                    counts["waiting"] += 1
+                elif came_after(
+                    delivery.received_at,
+                    event_time(delivery.payload, delivery.received_at)[0],
+                    *first,
+                ):
+                    self.spool.requeue_ignored(path)
+                    counts["queued"] += 1
+                else:
+                    self.spool.forget_ignored(path)
+                    counts["left"] += 1
+        if any(counts.values()):
+            log.info("spool_ignored_rechecked", **counts)
+        if waiting and self.on_ignored is not None:
+            self.on_ignored(waiting)
+
+    def recheck_ignored_at_start(self) -> None:
+        """``recheck_ignored`` under the drain lock, unless another process is draining
+        (it judges them itself); a failure is logged, the files kept for the next start."""
+        try:
+            with self.spool.draining():
+                self.recheck_ignored()
+        except DrainBusy:
+            return
+        except Exception as exc:  # noqa: BLE001 - serving must not wait on these files
+            log.warning("spool_ignored_recheck_failed", error=type(exc).__name__)
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
@@ -303,7 +360,7 @@ class Drainer:
         self.spool.remove([item.path for item, done in zip(items, logged, strict=True) if done])
         if not all(logged):
             # Kept on disk for the hold, beside serve's copy in memory: a restart then
-            # looks at them again (``Spool.restore_ignored``).
+            # judges them again (``recheck_ignored``).
             self.spool.keep_ignored(
                 [item.path for item, done in zip(items, logged, strict=True) if not done]
             )

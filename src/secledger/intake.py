@@ -90,6 +90,16 @@ class Delivery:
         fields["payload"] = {}
         return stripped
 
+    def with_payload(self) -> Delivery:
+        """This delivery with its JSON decoded again, after ``without_payload`` (a delivery
+        held for a while is kept without it: two to three times its body's size)."""
+        if self.payload:
+            return self
+        decoded: Delivery = object.__new__(Delivery)
+        decoded.__dict__.update(self.__dict__)
+        decoded.__dict__["payload"] = decode_json(self.body)
+        return decoded
+
 
 @dataclass(frozen=True)
 class Ignored:

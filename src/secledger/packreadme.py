@@ -171,8 +171,12 @@ def _late(pack: Pack) -> str:
         " received.** GitLab cannot report a time it has not reached, so its clock, the"
         " receiving host's or the payload is wrong, and the decision times and SLA figures"
         " read from those events are not to be relied on"
-        f" (the first {len(late['first'])}):{shown}"
+        f"{_first_of(late['events'], len(late['first']))}:{shown}"
     )
+
+
+def _first_of(total: int, shown: int) -> str:
+    return f" (the first {shown})" if shown < total else ""
 
 
 def _scope(pack: Pack) -> str:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 import structlog
 
 from secledger.errors import StoreUnavailable
 from secledger.extract import RECEIVED, MRKey, Stamps, event_time, event_time_of
-from secledger.intake import Delivery, Ignored, decode_json, decode_mr, to_delivery
+from secledger.intake import Delivery, Ignored, decode_mr, to_delivery
 from secledger.metrics import RecheckOutcome
+from secledger.receiptorder import came_after, surely_after
 from secledger.recentignored import Forgotten, Held, Lost, RecentlyIgnored
 from secledger.runtime import Runtime
 from secledger.service import Outcome
@@ -30,9 +30,6 @@ from secledger.store import ledger
 
 log = structlog.get_logger("secledger.recheck")
 
-# How far the replicas' clocks may disagree when a delivery's receipt is compared with
-# the MR's first logged one (perhaps another replica's clock).
-CLOCK_MARGIN = timedelta(seconds=1)
 # The writer's answers to a held delivery it took, as counted.
 _WRITER_ANSWERS: dict[str, RecheckOutcome] = {
     "recorded": "recorded",
@@ -190,39 +187,9 @@ class Recheck:
             return ledger.first_receipt(conn, key)
 
 
-def came_after(
-    received_at: datetime, event_at: datetime, first_received: datetime, first_event: datetime
-) -> bool:
-    """Whether a delivery came after the MR's first logged one: received later, or, up
-    to ``CLOCK_MARGIN`` before it (the replicas' clocks), about a later event in GitLab,
-    whose times come from one clock. Leaning towards recording: an extra event from
-    just before the MR was known changes no decision."""
-    if received_at > first_received:
-        return True
-    if received_at <= first_received - CLOCK_MARGIN:
-        return False
-    return event_at > first_event
-
-
-def surely_after(
-    received_at: datetime,
-    event_at: datetime | None,
-    first_received: datetime,
-    first_event: datetime,
-) -> bool:
-    """``came_after`` with the margin on both sides: an error is logged on it, and an
-    MR labelled by a bot a moment after it was opened must not log one when this
-    replica's clock is ahead of the one that recorded the MR first. Within the margin,
-    without GitLab's time for the event (``event_at`` None), it is not sure."""
-    if abs(received_at - first_received) < CLOCK_MARGIN:
-        return event_at is not None and event_at > first_event
-    return received_at > first_received
-
-
 def _delivery(held: Held) -> Delivery:
     if held.delivery is not None:
-        kept = held.delivery
-        return kept if kept.payload else replace(kept, payload=decode_json(kept.body))
+        return held.delivery.with_payload()
     decoded = decode_mr(held.headers, held.body, verified=held.verified)
     if isinstance(decoded, Ignored):  # it was decoded the same way once
         raise TypeError("a held delivery no longer decodes as a merge request")

@@ -327,7 +327,7 @@ class Recorder:
             hook = self._ignored_hook
             if hook is None:
                 # Kept until the receiver asks for them, up to what it would hold.
-                kept = self._ignored_early + deliveries
+                kept = self._ignored_early + [d.without_payload() for d in deliveries]
                 size = sum(len(delivery.body) for delivery in kept)
                 dropped = 0
                 while kept and size > EARLY_IGNORED_BYTES:
@@ -387,6 +387,7 @@ class Recorder:
                 if self.spool_depth:
                     self._release_carried_reads()
                     self._drain_before_stop()
+                self._report_kept_ignored()
                 self._drop_connection()
                 self._refuse_late()
                 self._spool_failures.flush(time.monotonic())
@@ -406,23 +407,31 @@ class Recorder:
             if not _moved(result):
                 break
         _log_drained(drained, self.spool_depth)
-        kept = 0
-        if self._drainer is not None:
-            self._drainer.spool.prune_ignored(DRAINED_HOLD_SECONDS)
-            kept = self._drainer.spool.ignored_count()
-        if kept:
-            log.warning(
-                "spool_ignored_kept_at_stop",
-                count=kept,
-                hint="start serve on this spool directory again within 5 minutes, or run"
-                " `secledger spool drain` on it then: either looks at them once more",
-            )
         if self.spool_depth:
             log.error(
                 "spool_left_at_stop",
                 spool_depth=self.spool_depth,
                 hint="run `secledger spool drain` with this spool directory, or start serve"
                 " on it again, once the database answers",
+            )
+
+    def _report_kept_ignored(self) -> None:
+        """Say at stop that ``ignored/`` holds files, which only a start (or a drain by
+        hand) within the hold judges again: the hold in memory ends with the process."""
+        if self._drainer is None:
+            return
+        spool = self._drainer.spool
+        try:
+            spool.prune_ignored(DRAINED_HOLD_SECONDS)
+            kept = spool.ignored_count()
+        except OSError:
+            return
+        if kept:
+            log.warning(
+                "spool_ignored_kept_at_stop",
+                count=kept,
+                hint="start serve on this spool directory again within 5 minutes, or run"
+                " `secledger spool drain` on it then: either judges them once more",
             )
 
     def _release_carried_reads(self) -> None:

@@ -42,7 +42,8 @@ _SESSIONS = text(
 
 def digest(settings: Settings) -> str:
     """12 hex digits naming what judges a delivery: security label patterns, tiers, each
-    tier's rule, the business calendar, and each webhook source's instance and auth policy.
+    tier's rule, the business calendar, each webhook source's instance and auth policy,
+    the default source's, and whether it has a secret at all.
 
     Secrets are left out: any login can read ``pg_stat_activity``, and a hash of a
     guessable token could be tested offline.
@@ -51,7 +52,13 @@ def digest(settings: Settings) -> str:
         LabelPolicy.from_settings(settings), CompliancePolicy.from_settings(settings)
     )
     sources = sorted((s.instance, s.auth) for s in settings.webhook_sources)
-    facts: dict[str, Any] = {"policy": policy, "sources": sources}
+    facts: dict[str, Any] = {
+        "policy": policy,
+        "sources": sources,
+        "auth": settings.webhook_auth,
+        # Whether the default source takes any delivery (no secret set: ``--allow-open``).
+        "open": not (settings.webhook_secrets or settings.webhook_signing_secrets),
+    }
     return hashlib.sha256(orjson.dumps(facts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
 

@@ -57,7 +57,6 @@ class Runtime:
         spool = Spool.open(settings.spool_path)
         recording = Recording.from_settings(settings)
         drainer = Drainer(engine, spool, policy, known, recording=recording)
-        drainer.restore_ignored()
         recorder = Recorder(
             engine,
             max_batch=settings.max_batch,
@@ -67,6 +66,8 @@ class Runtime:
             policy=policy,
             spool_after=settings.spool_after_seconds,
         )
+        # After the Recorder, which takes those still waiting for their MR into its hold.
+        drainer.recheck_ignored_at_start()
         recorder.start()
         metrics = Metrics(engine, [*settings.risk_tiers, settings.unclassified_tier])
         # Read at scrape time, so the gauge can never be stale.

@@ -270,7 +270,7 @@ class Spool:
     def keep_ignored(self, paths: Sequence[Path]) -> None:
         """Move files a drain found ignored to ``ignored/``, stamped with the time they
         were moved: ``serve`` holds them in memory, and these copies let a restart (or a
-        crash) within the hold look at them again (``restore_ignored``)."""
+        crash) within the hold judge them again (``Drainer.recheck_ignored``)."""
         target_dir = self.directory / IGNORED
         target_dir.mkdir(exist_ok=True, mode=0o700)
         for path in paths:
@@ -284,26 +284,19 @@ class Spool:
         fsync_dir(self.directory)
         self.recount()
 
-    def restore_ignored(self, hold_seconds: float) -> tuple[int, int]:
-        """Put the files of ``ignored/`` moved there less than ``hold_seconds`` ago back
-        in the queue, where they keep their place by name, and delete the older ones:
-        how many of each."""
-        restored = expired = 0
-        for path, moved_at in self._ignored():
-            try:
-                if moved_at < time.time() - hold_seconds:
-                    path.unlink()
-                    expired += 1
-                else:
-                    path.rename(self.directory / path.name)
-                    restored += 1
-            except FileNotFoundError:
-                continue
-        if restored or expired:
-            fsync_dir(self.directory / IGNORED)
-            fsync_dir(self.directory)
-            self.recount()
-        return restored, expired
+    def ignored_files(self) -> list[tuple[Path, float]]:
+        """The files of ``ignored/``, oldest first, each with when it was moved there."""
+        return self._ignored()
+
+    def requeue_ignored(self, path: Path) -> None:
+        """Put a file of ``ignored/`` back in the queue, where its name keeps its place."""
+        path.rename(self.directory / path.name)
+        fsync_dir(self.directory)
+        self.recount()
+
+    def forget_ignored(self, path: Path) -> None:
+        """Delete a file of ``ignored/``."""
+        path.unlink(missing_ok=True)
 
     def prune_ignored(self, hold_seconds: float) -> int:
         """Delete the files of ``ignored/`` moved there ``hold_seconds`` ago or more."""

@@ -349,7 +349,8 @@ class WebhookHandler:
             self.recheck.reconsider([key])
 
     def _hold_drained(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
+        for kept in deliveries:
+            delivery = kept.with_payload()  # held at start-up without it (``Recorder``)
             self._hold_ignored(delivery, mr_key(delivery), drained=True)
 
     async def _admit_unproven(self, size: int) -> None:

@@ -127,7 +127,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
-                drainer.restore_ignored()
+                drainer.recheck_ignored()
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
