@@ -319,12 +319,11 @@ def aged(path: Path, seconds: float) -> None:
     os.utime(path, (stamp, stamp))
 
 
-def test_a_restart_judges_kept_ignored_files_as_the_hold_in_memory_does(engine, tmp_path) -> None:
+def test_kept_ignored_files_are_judged_as_the_hold_in_memory_judges(engine, tmp_path) -> None:
     """Found by a review: the files put back in the queue were recorded whenever their MR
     was known by then, even one received before the MR's first security delivery, which
     the running replica had rightly left out; and each pass restarted their hold."""
     spool = Spool.open(tmp_path / "spool")
-    policy = LabelPolicy()
     t0 = utcnow()
     at = [t0 + timedelta(seconds=s) for s in range(5)]
     before = mr_event("update", iid=7, labels=["backend"], updated_at="2025-08-06 08:00:00 UTC")
@@ -339,27 +338,51 @@ def test_a_restart_judges_kept_ignored_files_as_the_hold_in_memory_does(engine, 
             delivery(unknown, "other-9", at[4]),
         ]
     )
-    drainer = Drainer(engine, spool, policy)
+    drainer = Drainer(engine, spool, LabelPolicy())
     told: list[str] = []
     drainer.on_ignored = lambda found: told.extend(d.dedup_key for d in found)
     assert drainer.all().recorded == 1
     assert told == ["idem:before-7", "idem:after-8", "idem:other-9"]
     assert (spool.recount(), spool.ignored_count()) == (0, 3)
+    waiting = spool.ignored_paths()[-1]  # other-9's: its MR stays unknown
+    aged(waiting, 200)
     # MR 8's first security delivery, received before after-8, drained elsewhere.
     recorded_elsewhere(engine, mr_event("open", iid=8), at[2], **{"idempotency-key": "open-8"})
-    waiting = spool.ignored_files()[-1][0]  # other-9's: its MR stays unknown
-    aged(waiting, 200)
-    told.clear()
-    drainer.recheck_ignored()
+    swept = drainer.sweep_ignored()
     # before-7 came before MR 7 was known: left out, as the running replica left it.
-    assert [p.name for p, _ in spool.ignored_files()] == [waiting.name]
-    assert told == ["idem:other-9"]
-    assert time.time() - spool.ignored_files()[0][1] > 199  # its hold goes on, not anew
+    assert (swept.queued, swept.left, swept.waiting, swept.expired) == (1, 1, 1, 0)
+    assert spool.ignored_paths() == [waiting]
+    assert time.time() - waiting.stat().st_mtime > 199  # its hold goes on, not anew
     assert drainer.all().recorded == 1
     keys = [row[1] for row in log_rows(engine)]
     assert keys == ["idem:label-7", "idem:open-8", "idem:after-8"]
-    aged(waiting, 301)
-    drainer.recheck_ignored()
+    assert drainer.ignored.sweep(now=time.time() + 101).expired == 1  # the hold is over
+    assert spool.ignored_count() == 0
+
+
+def test_serve_records_a_kept_ignored_file_once_its_mr_is_known_without_a_restart(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held in memory only up to 32 MiB (and not at all before the first request), a
+    delivery a drain left out must still be recorded when its MR becomes known: its file
+    in ignored/ is what keeps it."""
+    monkeypatch.setattr(recorder_module, "SWEEP_SECONDS", 0.05)
+    monkeypatch.setattr(recorder_module, "RESCAN_SECONDS", 0.05)
+    spool = Spool.open(tmp_path / "spool")
+    opened_at = utcnow()
+    merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    spool.write([delivery(merged, "merge-7", opened_at + timedelta(seconds=1))])
+    writer = Recorder(engine, drainer=Drainer(engine, spool, LabelPolicy()), retry_seconds=0.05)
+    writer.start()
+    try:
+        wait_for(lambda: spool.ignored_count() == 1)
+        assert log_rows(engine) == []
+        opened = mr_event("open", iid=7)
+        recorded_elsewhere(engine, opened, opened_at, **{"idempotency-key": "open-7"})
+        wait_for(lambda: len(log_rows(engine)) == 2)
+    finally:
+        writer.close()
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-7", "idem:merge-7"]
     assert spool.ignored_count() == 0
 
 
@@ -377,19 +400,6 @@ def test_a_stop_says_when_ignored_files_wait_for_the_next_start(
         writer.close()
     [kept] = [line for line in logged if line["event"] == "spool_ignored_kept_at_stop"]
     assert kept["count"] == 1
-
-
-def test_ignored_files_are_pruned_after_the_hold(tmp_path: Path) -> None:
-    spool = Spool.open(tmp_path / "spool")
-    paths = spool.write(
-        [delivery(mr_event("merge", iid=i, labels=[]), f"k-{i}") for i in (1, 2, 3)]
-    )
-    spool.keep_ignored(paths[:2])
-    assert (spool.depth, spool.ignored_count()) == (1, 2)
-    assert spool.prune_ignored(300) == 0
-    aged(tmp_path / "spool" / spool_module.IGNORED / paths[0].name, 301)
-    assert spool.prune_ignored(300) == 1
-    assert [p.name for p, _ in spool.ignored_files()] == [paths[1].name]
 
 
 def test_new_delivery_does_not_overtake_a_spooled_one(

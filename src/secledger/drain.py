@@ -7,7 +7,6 @@ log's unique dedup key turns into a harmless ``duplicate``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,12 +16,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from secledger.errors import IntakeError
-from secledger.extract import EventFacts, MRKey, event_time, extract_facts, mr_key
+from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
+from secledger.ignoredspool import IgnoredFiles, Swept
 from secledger.intake import Delivery, Ignored, parse_delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
-from secledger.receiptorder import came_after
-from secledger.recentignored import DRAINED_HOLD_SECONDS
 from secledger.service import DEFAULT_RECORDING, Recording, record_batch
 from secledger.spool import (
     CORRUPT,
@@ -33,13 +31,10 @@ from secledger.spool import (
     Spool,
     SpooledDelivery,
 )
-from secledger.store import ledger
 from secledger.store.log import Chain
 
 log = structlog.get_logger("secledger.drain")
 
-# How often a drain deletes the files of ignored/ older than the hold (a listing each).
-PRUNE_SECONDS = 10.0
 _LOGGED = frozenset({"recorded", "duplicate"})
 
 # The body was accepted when it arrived; a later, smaller limit must not refuse it now.
@@ -153,62 +148,27 @@ class Drainer:
         self.held: set[MRKey] = set()
         self._failed_stamp: int | None = None
         self.refresh_held()
-        self._pruned_at = 0.0
+        self.ignored = IgnoredFiles(
+            spool, engine, known, read=to_delivery, unreadable=self._set_aside_unreadable
+        )
 
-    def recheck_ignored(self) -> None:
-        """Judge again the files a drain kept in ``ignored/`` (after a restart or a crash
-        within the hold), as ``serve``'s hold in memory judges those it holds: one whose
-        MR became known meanwhile goes back in the queue, to be recorded, when it came
-        after the MR's first logged delivery, and is deleted when it came before (it was
-        rightly left out); one whose MR is still unknown stays for the rest of its hold
-        and is handed to ``on_ignored``; one older than the hold is deleted. Call it
-        holding the drain lock."""
-        counts = dict.fromkeys(("queued", "left", "waiting", "expired"), 0)
-        waiting: list[Delivery] = []
-        with self.engine.connect() as conn:
-            for path, moved_at in self.spool.ignored_files():
-                if moved_at < time.time() - DRAINED_HOLD_SECONDS:
-                    self.spool.forget_ignored(path)
-                    counts["expired"] += 1
-                    continue
-                try:
-                    delivery = to_delivery(self.spool.read(path))
-                except FileNotFoundError:
-                    continue
-                except (CorruptEntry, IntakeError) as exc:
-                    self._set_aside(path, CORRUPT, f"unreadable in ignored/: {exc}", DrainResult())
-                    continue
-                if isinstance(delivery, Ignored):  # it decoded as a merge request once
-                    continue
-                first = ledger.first_receipt(conn, mr_key(delivery))
-                if first is None:
-                    waiting.append(delivery)
-                    counts["waiting"] += 1
-                elif came_after(
-                    delivery.received_at,
-                    event_time(delivery.payload, delivery.received_at)[0],
-                    *first,
-                ):
-                    self.spool.requeue_ignored(path)
-                    counts["queued"] += 1
-                else:
-                    self.spool.forget_ignored(path)
-                    counts["left"] += 1
-        if any(counts.values()):
-            log.info("spool_ignored_rechecked", **counts)
-        if waiting and self.on_ignored is not None:
-            self.on_ignored(waiting)
+    def sweep_ignored(self) -> Swept:
+        """Judge the files of ``ignored/`` again (``ignoredspool``), holding the drain lock."""
+        swept = self.ignored.sweep()
+        if swept.changed():
+            log.info("spool_ignored_swept", **swept.fields())
+        return swept
 
-    def recheck_ignored_at_start(self) -> None:
-        """``recheck_ignored`` under the drain lock, unless another process is draining
-        (it judges them itself); a failure is logged, the files kept for the next start."""
+    def sweep_ignored_locked(self) -> None:
+        """``sweep_ignored`` under the drain lock, unless another process is draining
+        (it sweeps too); a failure is logged, the files kept for the next sweep."""
         try:
             with self.spool.draining():
-                self.recheck_ignored()
+                self.sweep_ignored()
         except DrainBusy:
             return
-        except Exception as exc:  # noqa: BLE001 - serving must not wait on these files
-            log.warning("spool_ignored_recheck_failed", error=type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - the files wait for the next sweep
+            log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""
@@ -221,9 +181,6 @@ class Drainer:
             result.remaining = self.spool.depth
             return result
         self.refresh_held()
-        if time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
-            self._pruned_at = time.monotonic()
-            self.spool.prune_ignored(DRAINED_HOLD_SECONDS)
         items = self._load(self.spool.entries()[:limit], result)
         if items:
             self._record(items, result)
@@ -324,6 +281,9 @@ class Drainer:
                 items.append(item)
         return items
 
+    def _set_aside_unreadable(self, path: Path, reason: str) -> None:
+        self._set_aside(path, CORRUPT, reason, DrainResult())
+
     def _set_aside(self, path: Path, folder: str, reason: str, result: DrainResult) -> None:
         target = self.spool.set_aside(path, folder, reason)
         result.set_aside += 1
@@ -359,8 +319,8 @@ class Drainer:
         logged = [status in _LOGGED for status in statuses]
         self.spool.remove([item.path for item, done in zip(items, logged, strict=True) if done])
         if not all(logged):
-            # Kept on disk for the hold, beside serve's copy in memory: a restart then
-            # judges them again (``recheck_ignored``).
+            # Kept on disk, beside serve's copy in memory, and judged again once their
+            # MR is known, by this process or the next (``ignoredspool``).
             self.spool.keep_ignored(
                 [item.path for item, done in zip(items, logged, strict=True) if not done]
             )

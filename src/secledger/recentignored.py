@@ -93,10 +93,15 @@ class RecentlyIgnored:
         seconds: float = HOLD_SECONDS,
         max_bytes: int = HOLD_BYTES,
         forgotten_keys: int = FORGOTTEN_KEYS,
+        *,
+        remember_forgotten: bool = True,
     ) -> None:
         self.seconds = seconds
         self.max_bytes = max_bytes
         self.forgotten_keys = forgotten_keys
+        # Off where a copy outlives the hold (the spool's ignored/ files): a delivery let
+        # go here is not lost, and must not be reported so.
+        self.remember_forgotten = remember_forgotten
         # Plain tuples: holding is on the path of every ignored delivery.
         self._held: deque[Entry] = deque()
         self._bytes = 0
@@ -161,6 +166,8 @@ class RecentlyIgnored:
             self._bytes -= len(held.popleft()[3])
 
     def _forget(self, entry: Entry) -> None:
+        if not self.remember_forgotten:
+            return
         forgotten = self._forgotten
         key, received_at = entry[1], entry[4]
         kept = forgotten.get(key)

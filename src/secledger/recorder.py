@@ -34,7 +34,7 @@ from secledger.errors import StoreUnavailable
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
-from secledger.recentignored import DRAINED_HOLD_BYTES, DRAINED_HOLD_SECONDS
+from secledger.recentignored import DRAINED_HOLD_BYTES
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
 from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
 from secledger.store import batchread
@@ -145,6 +145,8 @@ LATE_GRACE_SECONDS = 0.25
 # How often an idle writer looks whether files were moved into the spool (an operator
 # moving one back from failed/): they are then drained, and counted by the gauge.
 RESCAN_SECONDS = 5.0
+# How often the files a drain left out in ignored/ are judged again while serving.
+SWEEP_SECONDS = 5.0
 # How long a stop drains the spool while the database answers (under CLOSE_WAIT_SECONDS).
 STOP_DRAIN_SECONDS = 20.0
 # When the tried lock goes to another writer, the next batches are recorded without
@@ -186,6 +188,7 @@ class Recorder:
         self._drainer = drainer
         self._retry_seconds = retry_seconds
         self._next_drain = 0.0
+        self._next_sweep = 0.0
         self._recording = recording
         self._queue: queue.SimpleQueue[_Submitted | object] = queue.SimpleQueue()
         # The writer keeps one connection across batches: checking one out of the pool
@@ -337,11 +340,8 @@ class Recorder:
         if hook is not None:
             hook(deliveries)
         elif dropped:
-            log.warning(
-                "ignored_delivery_not_held",
-                count=dropped,
-                hint="run secledger reconcile --label-history over the outage's days",
-            )
+            # Their files in ignored/ are judged by the sweeps all the same: said, not alarmed.
+            log.info("ignored_delivery_not_held", count=dropped)
 
     @property
     def held_mrs(self) -> set[MRKey]:
@@ -376,6 +376,7 @@ class Recorder:
             if self.spool_depth:
                 self._release_carried_reads()
                 self._drain_step()
+            self._sweep_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
             if jobs:
                 self._busy_since = time.monotonic()
@@ -422,7 +423,6 @@ class Recorder:
             return
         spool = self._drainer.spool
         try:
-            spool.prune_ignored(DRAINED_HOLD_SECONDS)
             kept = spool.ignored_count()
         except OSError:
             return
@@ -516,6 +516,15 @@ class Recorder:
             self._next_drain = time.monotonic() + self._retry_seconds
             return
         _log_drained(result, result.remaining)
+
+    def _sweep_step(self) -> None:
+        """Every ``SWEEP_SECONDS``: the files the drain left out in ignored/ whose MR is
+        known now go back in the queue, or are deleted (``ignoredspool``)."""
+        if self._drainer is None or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        if self._drainer.spool.ignored_paths():
+            self._drainer.sweep_ignored_locked()
 
     def _drain_locked(self) -> DrainResult | None:
         assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one

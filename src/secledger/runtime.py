@@ -66,8 +66,8 @@ class Runtime:
             policy=policy,
             spool_after=settings.spool_after_seconds,
         )
-        # After the Recorder, which takes those still waiting for their MR into its hold.
-        drainer.recheck_ignored_at_start()
+        # What an earlier run kept of the deliveries its drain left out, judged again now.
+        drainer.sweep_ignored_locked()
         recorder.start()
         metrics = Metrics(engine, [*settings.risk_tiers, settings.unclassified_tier])
         # Read at scrape time, so the gauge can never be stale.

@@ -268,25 +268,28 @@ class Spool:
         self.recount()
 
     def keep_ignored(self, paths: Sequence[Path]) -> None:
-        """Move files a drain found ignored to ``ignored/``, stamped with the time they
-        were moved: ``serve`` holds them in memory, and these copies let a restart (or a
-        crash) within the hold judge them again (``Drainer.recheck_ignored``)."""
+        """Move files a drain found ignored to ``ignored/``, each stamped with the time
+        it was moved (its modification time), where they are judged again
+        (``ignoredspool``)."""
         target_dir = self.directory / IGNORED
         target_dir.mkdir(exist_ok=True, mode=0o700)
         for path in paths:
-            target = target_dir / path.name
             try:
-                path.rename(target)
-                os.utime(target)
+                # Stamped first: a crash before the move leaves it in the queue, drained again.
+                os.utime(path)
+                path.rename(target_dir / path.name)
             except FileNotFoundError:
                 continue  # drained meanwhile by another process
         fsync_dir(target_dir)
         fsync_dir(self.directory)
         self.recount()
 
-    def ignored_files(self) -> list[tuple[Path, float]]:
-        """The files of ``ignored/``, oldest first, each with when it was moved there."""
-        return self._ignored()
+    def ignored_paths(self) -> list[Path]:
+        """The files of ``ignored/``, in name order (arrival order)."""
+        try:
+            return sorted(p for p in (self.directory / IGNORED).iterdir() if _is_entry(p))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def requeue_ignored(self, path: Path) -> None:
         """Put a file of ``ignored/`` back in the queue, where its name keeps its place."""
@@ -298,30 +301,9 @@ class Spool:
         """Delete a file of ``ignored/``."""
         path.unlink(missing_ok=True)
 
-    def prune_ignored(self, hold_seconds: float) -> int:
-        """Delete the files of ``ignored/`` moved there ``hold_seconds`` ago or more."""
-        pruned = 0
-        for path, moved_at in self._ignored():
-            if moved_at < time.time() - hold_seconds:
-                path.unlink(missing_ok=True)
-                pruned += 1
-        return pruned
-
     def ignored_count(self) -> int:
         """Files in ``ignored/``."""
         return _count(self.directory / IGNORED)
-
-    def _ignored(self) -> list[tuple[Path, float]]:
-        folder = self.directory / IGNORED
-        found = []
-        try:
-            for path in sorted(folder.iterdir()):
-                if _is_entry(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        found.append((path, path.stat().st_mtime))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        return found
 
     def set_aside(self, path: Path, folder: str, reason: str) -> Path:
         """Move a file that cannot be recorded to ``folder`` with a note saying why."""

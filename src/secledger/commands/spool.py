@@ -109,9 +109,10 @@ def drain_command(context: Context, batch: int | None) -> None:
     cannot be reached at the start, and 1 if it did not take them before the spool was
     empty (lost on the way, read-only, or a login that may not write): the files stay
     in the spool. Deliveries of MRs without a security label go to the spool's
-    ignored/ folder for 5 minutes (another replica's spool may still hold the delivery
-    that makes their MR a security one); a drain run within that time looks at them
-    again.
+    ignored/ folder (another replica's spool may still hold the delivery that makes
+    their MR a security one): each drain, and serve, first judges those again, queueing
+    the ones whose MR is known now and that came after its first logged delivery, and
+    deleting the ones whose MR is still unknown 5 minutes on.
 
     \b
     Example:
@@ -127,7 +128,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
-                drainer.recheck_ignored()
+                drainer.sweep_ignored()
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc

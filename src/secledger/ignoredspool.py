@@ -1,0 +1,151 @@
+"""Spooled deliveries a drain left out, kept in the spool's ``ignored/`` and judged again.
+
+While a spool holds anything, every merge-request delivery is spooled, and its drain
+leaves out those of MRs that are not security MRs. The delivery that makes such an MR a
+security MR may still be in another replica's spool, drained minutes later. So a drain
+moves the files it leaves out to ``ignored/`` (``Spool.keep_ignored``), and they are
+judged again once their MR is known, as the receiver judges a delivery it ignored a
+moment too early (``receiptorder.came_after``): one received after the MR's first logged
+delivery goes back into the queue, to be recorded; one received before is deleted, as
+rightly left out. One whose MR is still unknown after the hold is deleted.
+
+This needs no process to live on: ``serve`` sweeps at start and every few seconds
+(``recorder``), ``secledger spool drain`` at its start, each holding the drain lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+from sqlalchemy import Engine
+
+from secledger.errors import IntakeError
+from secledger.extract import MRKey, event_time, mr_key
+from secledger.intake import Delivery, Ignored
+from secledger.membership import KnownMRs
+from secledger.receiptorder import came_after
+from secledger.recentignored import DRAINED_HOLD_SECONDS
+from secledger.spool import CorruptEntry, Spool, SpooledDelivery
+from secledger.store import ledger
+
+
+class _Kept(NamedTuple):
+    key: MRKey
+    received_at: datetime
+    event_at: datetime
+    moved_at: float  # time.time() when the drain moved it to ignored/
+
+
+@dataclass
+class Swept:
+    """What one sweep did with the files of ``ignored/``."""
+
+    queued: int = 0  # put back in the queue: its MR is known and it came after
+    left: int = 0  # deleted: its MR is known, and it came before (rightly left out)
+    expired: int = 0  # deleted: its MR still unknown after the hold
+    waiting: int = 0  # kept: its MR still unknown, within the hold
+
+    def changed(self) -> bool:
+        """Whether a file was moved or deleted."""
+        return bool(self.queued or self.left or self.expired)
+
+    def fields(self) -> dict[str, int]:
+        """For a log line."""
+        return asdict(self)
+
+
+class IgnoredFiles:
+    """The files of one spool's ``ignored/``, each read once (an index by file name)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        engine: Engine,
+        known: KnownMRs | None,
+        *,
+        read: Callable[[SpooledDelivery], Delivery | Ignored],
+        unreadable: Callable[[Path, str], None],
+        hold_seconds: float = DRAINED_HOLD_SECONDS,
+    ) -> None:
+        self._spool = spool
+        self._engine = engine
+        self._known = known
+        self._read = read
+        self._unreadable = unreadable
+        self.hold_seconds = hold_seconds
+        self._index: dict[str, _Kept] = {}
+
+    def sweep(self, now: float | None = None) -> Swept:
+        """Judge every file whose MR is known now, and delete those past the hold whose
+        MR is not. Call it holding the drain lock."""
+        swept = Swept()
+        files = self._current()
+        if not files:
+            return swept
+        expired_before = (time.time() if now is None else now) - self.hold_seconds
+        with self._engine.connect() as conn:
+            keys = {kept.key for _, kept in files}
+            if self._known is not None:  # serve's, kept current by every replica's writes
+                known = {key for key in keys if key in self._known}
+            else:
+                known = ledger.known_among(conn, keys)
+            firsts: dict[MRKey, tuple[datetime, datetime] | None] = {}
+            for path, kept in files:
+                if kept.key in known and kept.key not in firsts:
+                    firsts[kept.key] = ledger.first_receipt(conn, kept.key)
+                first = firsts.get(kept.key)
+                if first is None:
+                    if kept.moved_at < expired_before:
+                        self._forget(path)
+                        swept.expired += 1
+                    else:
+                        swept.waiting += 1
+                elif came_after(kept.received_at, kept.event_at, *first):
+                    self._spool.requeue_ignored(path)
+                    self._index.pop(path.name, None)
+                    swept.queued += 1
+                else:
+                    self._forget(path)
+                    swept.left += 1
+        return swept
+
+    def _forget(self, path: Path) -> None:
+        self._spool.forget_ignored(path)
+        self._index.pop(path.name, None)
+
+    def _current(self) -> list[tuple[Path, _Kept]]:
+        """The files there now, in name order; a new one is read, an unreadable one set aside."""
+        paths = self._spool.ignored_paths()
+        present = {path.name for path in paths}
+        for name in [name for name in self._index if name not in present]:
+            del self._index[name]
+        files = []
+        for path in paths:
+            kept = self._index.get(path.name)
+            if kept is None:
+                kept = self._load(path)
+                if kept is None:
+                    continue
+                self._index[path.name] = kept
+            files.append((path, kept))
+        return files
+
+    def _load(self, path: Path) -> _Kept | None:
+        try:
+            moved_at = path.stat().st_mtime
+            delivery = self._read(self._spool.read(path))
+        except FileNotFoundError:
+            return None
+        except (CorruptEntry, IntakeError) as exc:
+            self._unreadable(path, f"unreadable in ignored/: {exc}")
+            return None
+        if isinstance(delivery, Ignored):  # it was read as a merge request before
+            self._unreadable(path, f"no longer a merge request: {delivery.reason}")
+            return None
+        event_at = event_time(delivery.payload, delivery.received_at)[0]
+        return _Kept(mr_key(delivery), delivery.received_at, event_at, moved_at)
