@@ -35,6 +35,7 @@ from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer
 from secledger.intake import Delivery
+from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
 from secledger.recorder import Recorder
 from secledger.service import Outcome
@@ -349,15 +350,37 @@ def test_kept_ignored_files_are_judged_as_the_hold_in_memory_judges(engine, tmp_
     # MR 8's first security delivery, received before after-8, drained elsewhere.
     recorded_elsewhere(engine, mr_event("open", iid=8), at[2], **{"idempotency-key": "open-8"})
     swept = drainer.sweep_ignored()
-    # before-7 came before MR 7 was known: left out, as the running replica left it.
-    assert (swept.queued, swept.left, swept.waiting, swept.expired) == (1, 1, 1, 0)
-    assert spool.ignored_paths() == [waiting]
+    # before-7 came before MR 7 was known: not recorded, as the running replica left it
+    # out; deleted only when its hold ends (another replica may yet drain an older one).
+    assert (swept.queued, swept.left, swept.waiting, swept.expired) == (1, 0, 2, 0)
     assert time.time() - waiting.stat().st_mtime > 199  # its hold goes on, not anew
     assert drainer.all().recorded == 1
     keys = [row[1] for row in log_rows(engine)]
     assert keys == ["idem:label-7", "idem:open-8", "idem:after-8"]
-    assert drainer.ignored.sweep(now=time.time() + 101).expired == 1  # the hold is over
+    swept = drainer.ignored.sweep(now=time.time() + 301)  # every hold is over
+    assert (swept.queued, swept.left, swept.waiting, swept.expired) == (0, 1, 0, 1)
     assert spool.ignored_count() == 0
+    assert [row[1] for row in log_rows(engine)] == keys
+
+
+def test_a_kept_file_is_deleted_on_the_databases_word_not_a_lagging_memory(
+    engine, tmp_path: Path
+) -> None:
+    """serve judges by the MRs it knows in memory, which a listener that cannot reconnect
+    leaves behind: at the end of the hold, the database is asked before a file goes."""
+    spool = Spool.open(tmp_path / "spool")
+    opened_at = utcnow()
+    merged = mr_event("merge", iid=7, labels=["backend"], updated_at="2025-08-06 09:00:00 UTC")
+    spool.write([delivery(merged, "merge-7", opened_at + timedelta(seconds=1))])
+    drainer = Drainer(engine, spool, LabelPolicy(), KnownMRs())  # never told of MR 7
+    drainer.all()
+    assert spool.ignored_count() == 1
+    recorded_elsewhere(engine, mr_event("open", iid=7), opened_at, **{"idempotency-key": "open-7"})
+    assert drainer.ignored.sweep().waiting == 1
+    assert drainer.ignored.sweep(now=time.time() + 301).queued == 1
+    assert drainer.all().recorded == 1
+    assert [row[1] for row in log_rows(engine)] == ["idem:open-7", "idem:merge-7"]
+    assert not spool.has_ignored()
 
 
 def test_serve_records_a_kept_ignored_file_once_its_mr_is_known_without_a_restart(

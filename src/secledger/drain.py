@@ -161,12 +161,17 @@ class Drainer:
 
     def sweep_ignored_locked(self) -> None:
         """``sweep_ignored`` under the drain lock, unless another process is draining
-        (it sweeps too); a failure is logged, the files kept for the next sweep."""
+        (it sweeps too)."""
         try:
             with self.spool.draining():
-                self.sweep_ignored()
+                self.sweep_ignored_logged()
         except DrainBusy:
             return
+
+    def sweep_ignored_logged(self) -> None:
+        """``sweep_ignored``; a failure is logged, the files kept for the next sweep."""
+        try:
+            self.sweep_ignored()
         except Exception as exc:  # noqa: BLE001 - the files wait for the next sweep
             log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
 
@@ -281,8 +286,8 @@ class Drainer:
                 items.append(item)
         return items
 
-    def _set_aside_unreadable(self, path: Path, reason: str) -> None:
-        self._set_aside(path, CORRUPT, reason, DrainResult())
+    def _set_aside_unreadable(self, path: Path, folder: str, reason: str) -> None:
+        self._set_aside(path, folder, reason, DrainResult())
 
     def _set_aside(self, path: Path, folder: str, reason: str, result: DrainResult) -> None:
         target = self.spool.set_aside(path, folder, reason)

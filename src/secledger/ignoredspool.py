@@ -30,8 +30,12 @@ from secledger.intake import Delivery, Ignored
 from secledger.membership import KnownMRs
 from secledger.receiptorder import came_after
 from secledger.recentignored import DRAINED_HOLD_SECONDS
-from secledger.spool import CorruptEntry, Spool, SpooledDelivery
+from secledger.spool import CORRUPT, FAILED, CorruptEntry, Spool, SpooledDelivery
 from secledger.store import ledger
+
+# Files read (and decoded) per sweep, at most: after a long outage ignored/ may hold
+# hundreds of thousands, and the writer thread, which sweeps, answers deliveries too.
+READS_PER_SWEEP = 2000
 
 
 class _Kept(NamedTuple):
@@ -69,7 +73,7 @@ class IgnoredFiles:
         known: KnownMRs | None,
         *,
         read: Callable[[SpooledDelivery], Delivery | Ignored],
-        unreadable: Callable[[Path, str], None],
+        unreadable: Callable[[Path, str, str], None],
         hold_seconds: float = DRAINED_HOLD_SECONDS,
     ) -> None:
         self._spool = spool
@@ -81,37 +85,47 @@ class IgnoredFiles:
         self._index: dict[str, _Kept] = {}
 
     def sweep(self, now: float | None = None) -> Swept:
-        """Judge every file whose MR is known now, and delete those past the hold whose
-        MR is not. Call it holding the drain lock."""
+        """Queue again the files whose MR is known now and that came after its first
+        logged delivery; at the end of a file's hold, delete it if it did not (the first
+        receipt may still move earlier while another replica drains). Call it holding
+        the drain lock."""
         swept = Swept()
         files = self._current()
         if not files:
             return swept
         expired_before = (time.time() if now is None else now) - self.hold_seconds
+        keys = {kept.key for _, kept in files}
+        known = {key for key in keys if key in self._known} if self._known is not None else None
+        ending = {kept.key for _, kept in files if kept.moved_at < expired_before}
+        if known is not None and not known and not ending:
+            swept.waiting = len(files)
+            return swept  # nothing to judge, and no need to reach the database
         with self._engine.connect() as conn:
-            keys = {kept.key for _, kept in files}
-            if self._known is not None:  # serve's, kept current by every replica's writes
-                known = {key for key in keys if key in self._known}
-            else:
+            if known is None:
                 known = ledger.known_among(conn, keys)
-            firsts: dict[MRKey, tuple[datetime, datetime] | None] = {}
-            for path, kept in files:
-                if kept.key in known and kept.key not in firsts:
-                    firsts[kept.key] = ledger.first_receipt(conn, kept.key)
-                first = firsts.get(kept.key)
-                if first is None:
-                    if kept.moved_at < expired_before:
-                        self._forget(path)
-                        swept.expired += 1
-                    else:
-                        swept.waiting += 1
-                elif came_after(kept.received_at, kept.event_at, *first):
-                    self._spool.requeue_ignored(path)
-                    self._index.pop(path.name, None)
-                    swept.queued += 1
-                else:
-                    self._forget(path)
-                    swept.left += 1
+            elif ending - known:
+                # A file is deleted on the database's word, not only on this process's.
+                known |= ledger.known_among(conn, ending - known)
+            firsts = {key: ledger.first_receipt(conn, key) for key in known}
+        queued: list[Path] = []
+        for path, kept in files:
+            first = firsts.get(kept.key)
+            expired = kept.moved_at < expired_before
+            if first is not None and came_after(kept.received_at, kept.event_at, *first):
+                queued.append(path)
+            elif not expired:
+                swept.waiting += 1
+            elif first is None:
+                self._forget(path)
+                swept.expired += 1
+            else:
+                self._forget(path)
+                swept.left += 1
+        if queued:
+            self._spool.requeue_ignored(queued)
+            for path in queued:
+                self._index.pop(path.name, None)
+            swept.queued = len(queued)
         return swept
 
     def _forget(self, path: Path) -> None:
@@ -125,9 +139,13 @@ class IgnoredFiles:
         for name in [name for name in self._index if name not in present]:
             del self._index[name]
         files = []
+        reads = 0
         for path in paths:
             kept = self._index.get(path.name)
             if kept is None:
+                if reads >= READS_PER_SWEEP:
+                    continue  # the next sweep reads on: the writer must not stall long
+                reads += 1
                 kept = self._load(path)
                 if kept is None:
                     continue
@@ -141,11 +159,14 @@ class IgnoredFiles:
             delivery = self._read(self._spool.read(path))
         except FileNotFoundError:
             return None
-        except (CorruptEntry, IntakeError) as exc:
-            self._unreadable(path, f"unreadable in ignored/: {exc}")
+        except CorruptEntry as exc:
+            self._unreadable(path, CORRUPT, f"corrupt spool file in ignored/: {exc}")
+            return None
+        except IntakeError as exc:
+            self._unreadable(path, FAILED, f"rejected on drain from ignored/: {exc}")
             return None
         if isinstance(delivery, Ignored):  # it was read as a merge request before
-            self._unreadable(path, f"no longer a merge request: {delivery.reason}")
+            self._unreadable(path, FAILED, f"ignored on drain from ignored/: {delivery.reason}")
             return None
         event_at = event_time(delivery.payload, delivery.received_at)[0]
         return _Kept(mr_key(delivery), delivery.received_at, event_at, moved_at)

@@ -40,7 +40,8 @@ HOLD_BYTES = 2**18
 FORGOTTEN_KEYS = 4096
 # Deliveries the spool's drain found ignored: the delivery that makes their MR a
 # security one may still be in another replica's spool, drained seconds or minutes
-# later. Few (only after an outage) and off the hot path, so held longer and more.
+# later. Held here to be recorded at once; their files in the spool's ignored/ keep
+# them through a restart or past this limit (``ignoredspool``).
 DRAINED_HOLD_SECONDS = 300.0
 DRAINED_HOLD_BYTES = 2**25
 
@@ -93,15 +94,10 @@ class RecentlyIgnored:
         seconds: float = HOLD_SECONDS,
         max_bytes: int = HOLD_BYTES,
         forgotten_keys: int = FORGOTTEN_KEYS,
-        *,
-        remember_forgotten: bool = True,
     ) -> None:
         self.seconds = seconds
         self.max_bytes = max_bytes
         self.forgotten_keys = forgotten_keys
-        # Off where a copy outlives the hold (the spool's ignored/ files): a delivery let
-        # go here is not lost, and must not be reported so.
-        self.remember_forgotten = remember_forgotten
         # Plain tuples: holding is on the path of every ignored delivery.
         self._held: deque[Entry] = deque()
         self._bytes = 0
@@ -166,8 +162,6 @@ class RecentlyIgnored:
             self._bytes -= len(held.popleft()[3])
 
     def _forget(self, entry: Entry) -> None:
-        if not self.remember_forgotten:
-            return
         forgotten = self._forgotten
         key, received_at = entry[1], entry[4]
         kept = forgotten.get(key)

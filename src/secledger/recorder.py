@@ -373,10 +373,10 @@ class Recorder:
                 else:
                     spool.recount()
             self._stopping = _STOP in batch
+            self._sweep_step()  # first: a file it queues again is drained just below
             if self.spool_depth:
                 self._release_carried_reads()
                 self._drain_step()
-            self._sweep_step()
             jobs = [job for job in batch if isinstance(job, _Job)]
             if jobs:
                 self._busy_since = time.monotonic()
@@ -523,8 +523,12 @@ class Recorder:
         if self._drainer is None or time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + SWEEP_SECONDS
-        if self._drainer.spool.ignored_paths():
-            self._drainer.sweep_ignored_locked()
+        if self._drainer.spool.has_ignored():
+            self._busy_since = time.monotonic()
+            try:
+                self._drainer.sweep_ignored_locked()
+            finally:
+                self._busy_since = None
 
     def _drain_locked(self) -> DrainResult | None:
         assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one

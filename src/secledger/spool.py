@@ -291,11 +291,21 @@ class Spool:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def requeue_ignored(self, path: Path) -> None:
-        """Put a file of ``ignored/`` back in the queue, where its name keeps its place."""
-        path.rename(self.directory / path.name)
+    def requeue_ignored(self, paths: Sequence[Path]) -> None:
+        """Put files of ``ignored/`` back in the queue, where their names keep their place."""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(self.directory / path.name)
         fsync_dir(self.directory)
         self.recount()
+
+    def has_ignored(self) -> bool:
+        """Whether ``ignored/`` holds anything (without listing it all)."""
+        try:
+            with os.scandir(self.directory / IGNORED) as found:
+                return any(_is_entry(Path(entry.path)) for entry in found)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def forget_ignored(self, path: Path) -> None:
         """Delete a file of ``ignored/``."""

@@ -198,9 +198,7 @@ class WebhookHandler:
         )
         self.recent = RecentlyIgnored()
         # Those the spool's drain found ignored (``_hold_drained``): kept longer.
-        self.drained = RecentlyIgnored(
-            seconds=DRAINED_HOLD_SECONDS, max_bytes=DRAINED_HOLD_BYTES, remember_forgotten=False
-        )
+        self.drained = RecentlyIgnored(seconds=DRAINED_HOLD_SECONDS, max_bytes=DRAINED_HOLD_BYTES)
         # MRs with a delivery this receiver handed to the writer and has not yet had
         # answered, by how many: one not yet committed is not in ``known`` yet.
         self.pending: dict[MRKey, int] = {}

@@ -111,8 +111,8 @@ def drain_command(context: Context, batch: int | None) -> None:
     in the spool. Deliveries of MRs without a security label go to the spool's
     ignored/ folder (another replica's spool may still hold the delivery that makes
     their MR a security one): each drain, and serve, first judges those again, queueing
-    the ones whose MR is known now and that came after its first logged delivery, and
-    deleting the ones whose MR is still unknown 5 minutes on.
+    the ones whose MR is known now and that came after its first logged delivery; 5
+    minutes after the move, the others are deleted.
 
     \b
     Example:
@@ -128,7 +128,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
-                drainer.sweep_ignored()
+                drainer.sweep_ignored_logged()
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
