@@ -27,9 +27,9 @@ from chainkit import readonly_url
 from conftest import post
 from faultkit import database_down
 from replicas import recorded_elsewhere
+from secledger import ignoredspool, web
 from secledger import recorder as recorder_module
 from secledger import spool as spool_module
-from secledger import web
 from secledger import webhook as webhook_module
 from secledger.cli import main
 from secledger.config import Settings
@@ -381,6 +381,53 @@ def test_a_kept_file_is_deleted_on_the_databases_word_not_a_lagging_memory(
     assert drainer.all().recorded == 1
     assert [row[1] for row in log_rows(engine)] == ["idem:open-7", "idem:merge-7"]
     assert not spool.has_ignored()
+
+
+def test_spool_drain_by_hand_judges_every_kept_file_past_one_sweeps_reads(
+    engine, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica being retired: its operator drains its spool by hand once, and every
+    kept file whose MR is known must be judged, however many a sweep reads."""
+    monkeypatch.setattr(ignoredspool, "READS_PER_SWEEP", 1)
+    spool = Spool.open(tmp_path / "spool")
+    opened_at = utcnow()
+    later = [opened_at + timedelta(seconds=i) for i in (1, 2, 3)]
+    updates = [mr_event("update", iid=7, labels=["backend"], title=f"v{i}") for i in (1, 2, 3)]
+    spool.write(
+        [delivery(u, f"u-{i}", t) for i, (u, t) in enumerate(zip(updates, later, strict=True))]
+    )
+    Drainer(engine, spool, LabelPolicy()).all()
+    assert spool.ignored_count() == 3
+    recorded_elsewhere(engine, mr_event("open", iid=7), opened_at, **{"idempotency-key": "open-7"})
+    env = {
+        "SECLEDGER_DATABASE_URL": database_url,
+        "SECLEDGER_SPOOL_DIR": str(tmp_path / "spool"),
+        "SECLEDGER_DATA_DIR": str(tmp_path / "data"),
+    }
+    drained = CliRunner().invoke(main, ["spool", "drain"], env=env)
+    assert drained.exit_code == 0, drained.output
+    assert [r[1] for r in log_rows(engine)] == ["idem:open-7", "idem:u-0", "idem:u-1", "idem:u-2"]
+    assert spool.ignored_count() == 0
+
+
+def test_a_sweep_that_fails_leaves_the_writer_running(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool error in the sweep escaped the writer's loop: the thread died, and every
+    later delivery waited for an answer that never came."""
+    monkeypatch.setattr(recorder_module, "log", structlog.get_logger("secledger.recorder"))
+    spool = Spool.open(tmp_path / "spool")
+
+    def unreadable() -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(spool, "has_ignored", unreadable)
+    writer = Recorder(engine, drainer=Drainer(engine, spool, LabelPolicy()))
+    with capture_logs() as logged:
+        writer._sweep_step()
+    assert [line["event"] for line in logged] == ["spool_ignored_sweep_failed"]
+    assert logged[0]["error"] == "PermissionError"
+    assert writer._next_sweep > time.monotonic() + recorder_module.SWEEP_SECONDS
 
 
 def test_serve_records_a_kept_ignored_file_once_its_mr_is_known_without_a_restart(

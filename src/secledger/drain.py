@@ -30,6 +30,7 @@ from secledger.spool import (
     DrainBusy,
     Spool,
     SpooledDelivery,
+    SpoolUnavailable,
 )
 from secledger.store.log import Chain
 
@@ -159,21 +160,28 @@ class Drainer:
             log.info("spool_ignored_swept", **swept.fields())
         return swept
 
-    def sweep_ignored_locked(self) -> None:
-        """``sweep_ignored`` under the drain lock, unless another process is draining
-        (it sweeps too)."""
+    def sweep_ignored_locked(self) -> bool:
+        """``sweep_ignored_logged`` under the drain lock, unless another process is
+        draining (it sweeps too); False when the sweep failed (logged)."""
         try:
             with self.spool.draining():
-                self.sweep_ignored_logged()
+                return self.sweep_ignored_logged()
         except DrainBusy:
-            return
+            return True
+        except SpoolUnavailable as exc:
+            log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
+            return False
 
-    def sweep_ignored_logged(self) -> None:
-        """``sweep_ignored``; a failure is logged, the files kept for the next sweep."""
+    def sweep_ignored_logged(self, *, all_files: bool = False) -> bool:
+        """``sweep_ignored`` (with ``all_files``, again until every file was read); a
+        failure is logged, the files kept for the next sweep: False then."""
         try:
-            self.sweep_ignored()
+            while self.sweep_ignored().unread and all_files:
+                pass
         except Exception as exc:  # noqa: BLE001 - the files wait for the next sweep
             log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
+            return False
+        return True
 
     def step(self, limit: int) -> DrainResult:
         """Record up to ``limit`` of the oldest spooled deliveries in one transaction."""

@@ -52,7 +52,8 @@ class Swept:
     queued: int = 0  # put back in the queue: its MR is known and it came after
     left: int = 0  # deleted: its MR is known, and it came before (rightly left out)
     expired: int = 0  # deleted: its MR still unknown after the hold
-    waiting: int = 0  # kept: its MR still unknown, within the hold
+    waiting: int = 0  # kept: within its hold, not recorded yet
+    unread: int = 0  # not looked at: past the files read in one sweep
 
     def changed(self) -> bool:
         """Whether a file was moved or deleted."""
@@ -90,7 +91,7 @@ class IgnoredFiles:
         receipt may still move earlier while another replica drains). Call it holding
         the drain lock."""
         swept = Swept()
-        files = self._current()
+        files, swept.unread = self._current()
         if not files:
             return swept
         expired_before = (time.time() if now is None else now) - self.hold_seconds
@@ -132,18 +133,19 @@ class IgnoredFiles:
         self._spool.forget_ignored(path)
         self._index.pop(path.name, None)
 
-    def _current(self) -> list[tuple[Path, _Kept]]:
+    def _current(self) -> tuple[list[tuple[Path, _Kept]], int]:
         """The files there now, in name order; a new one is read, an unreadable one set aside."""
         paths = self._spool.ignored_paths()
         present = {path.name for path in paths}
         for name in [name for name in self._index if name not in present]:
             del self._index[name]
         files = []
-        reads = 0
+        reads = unread = 0
         for path in paths:
             kept = self._index.get(path.name)
             if kept is None:
                 if reads >= READS_PER_SWEEP:
+                    unread += 1
                     continue  # the next sweep reads on: the writer must not stall long
                 reads += 1
                 kept = self._load(path)
@@ -151,7 +153,7 @@ class IgnoredFiles:
                     continue
                 self._index[path.name] = kept
             files.append((path, kept))
-        return files
+        return files, unread
 
     def _load(self, path: Path) -> _Kept | None:
         try:

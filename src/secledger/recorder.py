@@ -147,6 +147,7 @@ LATE_GRACE_SECONDS = 0.25
 RESCAN_SECONDS = 5.0
 # How often the files a drain left out in ignored/ are judged again while serving.
 SWEEP_SECONDS = 5.0
+SWEEP_BACKOFF_SECONDS = 60.0
 # How long a stop drains the spool while the database answers (under CLOSE_WAIT_SECONDS).
 STOP_DRAIN_SECONDS = 20.0
 # When the tried lock goes to another writer, the next batches are recorded without
@@ -523,12 +524,16 @@ class Recorder:
         if self._drainer is None or time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + SWEEP_SECONDS
-        if self._drainer.spool.has_ignored():
-            self._busy_since = time.monotonic()
-            try:
-                self._drainer.sweep_ignored_locked()
-            finally:
-                self._busy_since = None
+        self._busy_since = time.monotonic()
+        try:
+            if self._drainer.spool.has_ignored() and not self._drainer.sweep_ignored_locked():
+                # A database or disk that fails: not every 5 s on the writer's time.
+                self._next_sweep = time.monotonic() + SWEEP_BACKOFF_SECONDS
+        except Exception as exc:  # noqa: BLE001 - the writer thread must survive to answer
+            log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
+            self._next_sweep = time.monotonic() + SWEEP_BACKOFF_SECONDS
+        finally:
+            self._busy_since = None
 
     def _drain_locked(self) -> DrainResult | None:
         assert self._drainer is not None  # noqa: S101 - spool_depth is 0 without one

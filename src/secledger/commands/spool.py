@@ -128,7 +128,7 @@ def drain_command(context: Context, batch: int | None) -> None:
                 drainer = Drainer(
                     engine, spool, policy, recording=Recording.from_settings(context.settings)
                 )
-                drainer.sweep_ignored_logged()
+                drainer.sweep_ignored_logged(all_files=True)
                 result = drainer.all(batch or context.settings.max_batch)
         except DrainBusy as exc:
             raise click.ClickException(f"{exc}; `serve` drains it by itself") from exc
