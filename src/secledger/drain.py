@@ -176,8 +176,9 @@ class Drainer:
         """``sweep_ignored`` (with ``all_files``, again until every file was read); a
         failure is logged, the files kept for the next sweep: False then."""
         try:
-            while self.sweep_ignored().unread and all_files:
-                pass
+            swept = self.sweep_ignored()
+            while all_files and swept.unread:
+                swept = self.sweep_ignored()
         except Exception as exc:  # noqa: BLE001 - the files wait for the next sweep
             log.warning("spool_ignored_sweep_failed", error=type(exc).__name__)
             return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,12 +186,3 @@ async def _every(
             if written is not None:
                 log.info("checkpoint", seq=written[0].seq, file=str(written[1] or ""))
         await asyncio.sleep(interval)
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel the checkpoint schedule."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -12,7 +12,6 @@ only. This task and `secledger findings --refresh-only` are the only writers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import datetime
 
@@ -58,12 +57,3 @@ async def _every(
             await asyncio.to_thread(refresh_step, engine, policy, clock())
         except Exception as exc:  # noqa: BLE001 - a failed pass must not stop serving
             log.warning("sla_refresh_failed", error=type(exc).__name__)
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel the periodic check."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -10,7 +10,6 @@ sessions that name another. This needs no table and no privilege beyond connecti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from typing import Any
@@ -115,12 +114,3 @@ async def _every(engine: Engine, watch: Watch, interval: float) -> None:
         except Exception as exc:  # noqa: BLE001 - a failed look must not stop serving
             log.warning("replica_policy_check_failed", error=type(exc).__name__)
         await asyncio.sleep(interval)
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel the periodic check."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

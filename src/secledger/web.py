@@ -20,6 +20,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from secledger import (
     __version__,
+    background,
     dashboard,
     enrich,
     integrity,
@@ -92,13 +93,8 @@ class _Beside:
         for worker in (self.recoverer, self.enricher, self.sender):
             if worker is not None:
                 worker.stopping()
-        await overdue.stop(self.sla_refresh)
-        await integrity.stop(self.checkpointing)
-        await replicapolicy.stop(self.replica_policy)
-        if self.summaries is not None:
-            self.summaries.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.summaries
+        for task in (self.sla_refresh, self.checkpointing, self.replica_policy, self.summaries):
+            await background.cancel(task)
         if self.sender is not None:
             self.sender.close()
         if self.enricher is not None:

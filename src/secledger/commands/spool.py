@@ -56,7 +56,7 @@ def status_lines(status: SpoolStatus) -> list[str]:
         f"oldest:    {oldest}",
         f"corrupt:   {status.corrupt} (set aside in corrupt/, see the .reason files)",
         f"failed:    {status.failed} (refused on drain, set aside in failed/)",
-        f"ignored:   {status.ignored} (no security label on drain, kept 5 minutes in ignored/)",
+        f"ignored:   {status.ignored} (no security label on drain, judged again in ignored/)",
         f"writable:  {'yes' if status.writable else 'NO (deliveries cannot be kept in an outage)'}",
     ]
 
