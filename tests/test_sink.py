@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from builders import dumps, mr_event
 from conftest import post
 from receiver import Receiver, unused_port
-from secledger import sink
+from secledger import sink, sinkhttp
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.extract import extract_facts
@@ -427,3 +428,68 @@ def test_a_zero_backoff_cap_does_not_hammer_a_failing_receiver(
     time.sleep(1.5)
     worker.close()
     assert len(receiver.requests) <= 3, len(receiver.requests)
+
+
+def test_a_name_lookup_that_hangs_is_cut_off_at_the_posts_deadline(
+    receiver: Receiver,
+) -> None:
+    """The resolver's own timeouts and retries were not bound by the POST's deadline: a
+    DNS server that did not answer held the sender (and the sink lock) for half a minute."""
+    released = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        released.wait(10)
+        return ["127.0.0.1"]
+
+    poster = sinkhttp.Poster(5.0, resolver=hanging)
+    url = f"http://sink.example.test:{receiver.port}/ingest"
+    try:
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectTimeout) as raised:
+            poster.post(url, b"{}", {}, within=0.5)
+        took = time.monotonic() - started
+        failure = poster.failure(raised.value)
+    finally:
+        released.set()
+        poster.close()
+    assert took < 3.0, took  # the lookup alone would have taken 10 s
+    assert failure == "no name lookup within 0.5 s"
+    assert receiver.requests == []
+
+
+def test_a_looked_up_name_is_posted_to_at_its_address(receiver: Receiver) -> None:
+    """Each address the lookup gives is tried in turn, as the socket library would."""
+    asked: list[tuple[str, int]] = []
+
+    def lookup(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return ["127.0.0.2", "127.0.0.1"]  # nothing listens on the first
+
+    poster = sinkhttp.Poster(5.0, resolver=lookup)
+    try:
+        status = poster.post(
+            f"http://sink.example.test:{receiver.port}/ingest",
+            json.dumps({"seq": 1}).encode(),
+            {"content-type": "application/json"},
+            within=5.0,
+        )
+        # An address needs no lookup.
+        again = poster.post(receiver.url, json.dumps({"seq": 2}).encode(), {}, within=5.0)
+    finally:
+        poster.close()
+    assert (status, again) == (200, 200)
+    assert asked == [("sink.example.test", receiver.port)]
+    assert [request.seq for request in receiver.requests] == [1, 2]
+
+
+def test_a_name_that_does_not_resolve_is_named_by_its_failure(receiver: Receiver) -> None:
+    def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    poster = sinkhttp.Poster(5.0, resolver=failing)
+    try:
+        with pytest.raises(httpx.ConnectError) as raised:
+            poster.post("http://nowhere.example.test/ingest", b"{}", {}, within=5.0)
+        assert poster.failure(raised.value) == "ConnectError"
+    finally:
+        poster.close()

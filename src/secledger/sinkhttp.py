@@ -6,12 +6,19 @@ sender, its transaction and the sink lock for as long as it likes. Closing the
 connection from another thread is no answer either: a read under way is not woken, and
 with TLS it may go on reading a socket that has since taken the closed one's number.
 Here each step gets what is left of the POST's deadline, in the sender's own thread.
+The name lookup too: the resolver's own timeouts and retries (``resolv.conf``) may add
+up to half a minute, which a socket timeout does not cover, so it runs on a thread of
+its own that the sender waits for only until the deadline.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import httpcore
@@ -68,10 +75,27 @@ class _Stream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses of ``host``, in the order the system's resolver gives them."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(address[4][0]) for address in found))
+
+
+class LookupTimeout(httpcore.ConnectTimeout):
+    """The name lookup did not end within the POST's deadline."""
+
+
 class _Backend(httpcore.NetworkBackend):
-    def __init__(self, deadline: Deadline) -> None:
+    def __init__(self, deadline: Deadline, resolver: Resolver) -> None:
         self._inner = httpcore.SyncBackend()
         self._deadline = deadline
+        self._resolver = resolver
+        # One thread: a lookup that hangs past its deadline makes the next ones wait
+        # behind it (and time out in turn), rather than adding a thread per POST.
+        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="secledger-sink-lookup")
 
     def connect_tcp(
         self,
@@ -81,13 +105,43 @@ class _Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(
-            host, port, self._deadline.left(timeout), local_address, socket_options
-        )
-        return _Stream(stream, self._deadline)
+        failure: Exception | None = None
+        for address in self._addresses(host, port):
+            try:
+                stream = self._inner.connect_tcp(
+                    address, port, self._deadline.left(timeout), local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc  # the next address, as socket.create_connection would
+                continue
+            return _Stream(stream, self._deadline)
+        assert failure is not None  # noqa: S101 - _addresses gives at least one
+        raise failure
+
+    def _addresses(self, host: str, port: int) -> list[str]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [host]
+        lookup: Future[list[str]] = self._lookups.submit(self._resolver, host, port)
+        try:
+            found = lookup.result(self._deadline.left(None))
+        except FutureTimeout:
+            raise LookupTimeout("the name lookup did not end in time") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(f"name lookup failed: {type(exc).__name__}") from None
+        if not found:
+            raise httpcore.ConnectError("name lookup found no address")
+        return found
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
+
+    def close(self) -> None:
+        """Stop the lookup thread (a lookup under way is left to end on its own)."""
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
 
 class Poster:
@@ -95,13 +149,14 @@ class Poster:
     the environment and the URL: proxies, credentials); no redirect is followed (a 3xx is
     not an acknowledgement, and a POST must not turn into a GET)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, resolver: Resolver = resolve) -> None:
         self.deadline = Deadline()
         self.timed_out = False  # whether the last POST ran past its deadline
         self._step = timeout
         self._within = 0.0
         self._client = httpx.Client(timeout=timeout, follow_redirects=False)
-        self.bounded = _bound(self._client, _Backend(self.deadline))
+        self._backend = _Backend(self.deadline, resolver)
+        self.bounded = _bound(self._client, self._backend)
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], within: float) -> int:
         """The answer's status (its body is not read), within ``within`` seconds."""
@@ -122,6 +177,8 @@ class Poster:
         POST's deadline: each is named with the time it was given. Anything else is
         named by its class only: messages may repeat the URL, which may hold credentials.
         """
+        if _caused_by(exc, LookupTimeout):
+            return f"no name lookup within {self._within:g} s"
         if self.timed_out:
             return f"no answer within {self._within:g} s"
         if isinstance(exc, httpx.ConnectTimeout):
@@ -135,6 +192,17 @@ class Poster:
     def close(self) -> None:
         """Close the connections."""
         self._client.close()
+        self._backend.close()
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or one it was raised from is a ``kind`` (httpx wraps httpcore's)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _bound(client: httpx.Client, backend: httpcore.NetworkBackend) -> bool:
