@@ -449,6 +449,9 @@ def test_a_name_lookup_that_hangs_is_cut_off_at_the_posts_deadline(
             poster.post(url, b"{}", {}, within=0.5)
         took = time.monotonic() - started
         failure = poster.failure(raised.value)
+        # Still hanging: it must not hold up the process's exit either.
+        lookups = [t for t in threading.enumerate() if t.name == "secledger-sink-lookup"]
+        assert lookups and all(thread.daemon for thread in lookups)
     finally:
         released.set()
         poster.close()

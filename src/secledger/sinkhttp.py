@@ -14,10 +14,12 @@ its own that the sender waits for only until the deadline.
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -88,14 +90,55 @@ class LookupTimeout(httpcore.ConnectTimeout):
     """The name lookup did not end within the POST's deadline."""
 
 
+_Job = tuple[str, int, "Future[list[str]]"]
+
+
+class _Lookups:
+    """Name lookups on one daemon thread, started at the first.
+
+    One thread: a lookup that hangs past its deadline makes the next ones wait behind it
+    (and time out in turn), rather than adding a thread per POST. A daemon: a lookup
+    still hanging when the process stops must not hold up its exit.
+    """
+
+    def __init__(self, resolver: Resolver) -> None:
+        self._resolver = resolver
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, host: str, port: int) -> Future[list[str]]:
+        """Look ``host`` up; cancel the future to drop a lookup not yet started."""
+        future: Future[list[str]] = Future()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="secledger-sink-lookup", daemon=True
+            )
+            self._thread.start()
+        self._jobs.put((host, port, future))
+        return future
+
+    def close(self) -> None:
+        """Let the thread end once the lookup under way, if any, is over."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            host, port, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._resolver(host, port))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting sender
+                future.set_exception(exc)
+
+
 class _Backend(httpcore.NetworkBackend):
     def __init__(self, deadline: Deadline, resolver: Resolver) -> None:
         self._inner = httpcore.SyncBackend()
         self._deadline = deadline
-        self._resolver = resolver
-        # One thread: a lookup that hangs past its deadline makes the next ones wait
-        # behind it (and time out in turn), rather than adding a thread per POST.
-        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="secledger-sink-lookup")
+        self._lookups = _Lookups(resolver)
 
     def connect_tcp(
         self,
@@ -125,10 +168,11 @@ class _Backend(httpcore.NetworkBackend):
             pass
         else:
             return [host]
-        lookup: Future[list[str]] = self._lookups.submit(self._resolver, host, port)
+        lookup = self._lookups.submit(host, port)
         try:
             found = lookup.result(self._deadline.left(None))
         except FutureTimeout:
+            lookup.cancel()
             raise LookupTimeout("the name lookup did not end in time") from None
         except OSError as exc:
             raise httpcore.ConnectError(f"name lookup failed: {type(exc).__name__}") from None
@@ -141,7 +185,7 @@ class _Backend(httpcore.NetworkBackend):
 
     def close(self) -> None:
         """Stop the lookup thread (a lookup under way is left to end on its own)."""
-        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self._lookups.close()
 
 
 class Poster:
