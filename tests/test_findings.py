@@ -510,6 +510,30 @@ def test_a_downgrade_the_changes_do_not_name_is_seen_from_the_labels(engine) -> 
     assert hit.seqs == [3, 4]
 
 
+def test_a_downgrade_whose_changes_name_a_lower_previous_tier_is_still_seen(engine) -> None:
+    """The changes said sec::low was replaced by sec::medium, but the last event showed
+    sec::critical: the tier fell from critical to medium with no review after it, and the
+    merge raised nothing (the stale previous tier was taken over the one last shown)."""
+    crit = {"labels": ["sec::critical"]}
+    record(
+        engine,
+        event("open", 0, **crit),
+        event("approved", 1, actor="bob", **crit),
+        event("approved", 1.5, actor="carol", **crit),
+        event(
+            "update",
+            2,
+            actor="erin",
+            labels=["sec::medium"],
+            changes=label_change(["sec::low"], ["sec::medium"], at(2)),
+        ),
+        event("merge", 3, actor="carol", labels=["sec::medium"]),
+    )
+    hit = found(engine)[("label-removed-before-merge", "")]
+    assert (hit.evidence["tier_before"], hit.evidence["tier_after"]) == ("critical", "medium")
+    assert hit.seqs == [4, 5]
+
+
 def test_a_hook_built_before_the_label_and_delivered_after_it_is_no_downgrade(engine) -> None:
     """A bot labels the MR in the second it is opened; the open's hook, built before the
     label, arrives after the label's. It changed no label: nothing was removed."""

@@ -136,6 +136,13 @@ class Context:
             ),
             None,
         )
+        seen_open = False
+        for event in self.history.events:
+            state = event.facts.state or STATE_AFTER.get(event.facts.kind)
+            if state == "merged" and seen_open:
+                return event
+            seen_open = seen_open or state not in {None, "merged", "closed"}
+        return None
 
     @property
     def merge(self) -> SequencedEvent | None:
@@ -564,14 +571,16 @@ def label_removed_before_merge(context: Context) -> Iterator[Finding]:
         facts = event.facts
         after = facts.tier if facts.security_labels else None
         # GitLab's previous labels tell the tier a removal lowered, even when it is the
-        # first event seen; events stored before that was extracted tell none.
-        prior = facts.tier_before or current
+        # first event seen; events stored before that was extracted tell none. They are
+        # sometimes wrong (empty after a rebase, or naming a lower tier than the last
+        # one shown): a label change that leaves a label set lower than the last one an
+        # event showed is a downgrade, whatever it says was removed, so the higher of the
+        # two is what it fell from. An event that changed no label tells nothing: old
+        # system hooks carry no labels, and a hook built before a label was added can
+        # arrive after it, stamped with the same second.
+        shown = [tier for tier in (facts.tier_before, current) if tier is not None]
+        prior = min(shown, key=policy.rank) if shown else None
         lowered = prior is not None and (after is None or policy.rank(after) > policy.rank(prior))
-        # Those previous labels are sometimes wrong (after a rebase, say): a label change
-        # that leaves a label set lower than the last one an event showed is a downgrade,
-        # whatever it says was removed. An event that changed no label tells nothing:
-        # old system hooks carry no labels, and a hook built before a label was added
-        # can arrive after it, stamped with the same second.
         if lowered and (facts.security_removed or facts.security_added):
             downgrade, before = event, prior
         elif downgrade is not None and _review(context, event):
