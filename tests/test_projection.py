@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -535,3 +537,26 @@ def test_a_tier_label_with_a_trailing_blank_names_its_tier() -> None:
     lowered = facts_of(mr_event("update", labels=low, changes=label_change(high, low, AT)), policy)
     assert (opened.tier, lowered.tier) == ("high", "low")
     assert fold([SequencedEvent(1, opened), SequencedEvent(2, lowered)])["risk_tier"] == "low"
+
+
+@pytest.mark.parametrize("anchor", [r"\Z", r"\z"])
+def test_tier_labels_name_their_tier_whichever_anchor_fnmatch_ends_with(
+    monkeypatch: pytest.MonkeyPatch, anchor: str
+) -> None:
+    """Python 3.14's ``fnmatch.translate`` ends with ``\\z`` where 3.11-3.13's end with
+    ``\\Z``: left in the tail's regex, it matched no label, and every MR was unclassified."""
+    translate = fnmatch.translate
+    monkeypatch.setattr(
+        fnmatch, "translate", lambda pattern: translate(pattern).removesuffix(r"\Z") + anchor
+    )
+    policy = LabelPolicy(patterns=("sec::*",))
+    assert [policy.tier_of_label(t) for t in ("sec::high", "sec::LOW")] == ["high", "low"]
+
+
+def test_an_fnmatch_without_a_known_end_anchor_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    translate = fnmatch.translate
+    monkeypatch.setattr(fnmatch, "translate", lambda pattern: translate(pattern) + "$")
+    with pytest.raises(RuntimeError, match=r"unexpected fnmatch\.translate output"):
+        LabelPolicy(patterns=("sec::*",))

@@ -25,7 +25,7 @@ class LabelPolicy:
     _known: dict[str, bool] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        joined = "|".join(f"(?:{fnmatch.translate(p.lower())})" for p in self.patterns)
+        joined = "|".join(f"(?:{_unanchored(p.lower())}\\Z)" for p in self.patterns)
         object.__setattr__(self, "_regex", re.compile(joined))
         # A tier is what a pattern's last "*" matched, when the pattern ends with it
         # ("high" in "sec::high" for "sec::*", in "team::sec-high" for "*::sec-*").
@@ -108,7 +108,21 @@ class LabelPolicy:
         return self.tiers[min(ranks)] if ranks else self.unclassified
 
 
+# fnmatch.translate ends its regex with this anchor: \Z up to Python 3.13, \z since 3.14
+# (which older versions' re does not know).
+_ANCHORS = (r"\Z", r"\z")
+
+
+def _unanchored(glob: str) -> str:
+    """``fnmatch.translate(glob)`` without its end anchor, for any Python version."""
+    regex = fnmatch.translate(glob)
+    anchor = next((a for a in _ANCHORS if regex.endswith(a)), None)
+    if anchor is None:
+        # Left in, an unknown anchor would make a tail match nothing: every MR unclassified.
+        raise RuntimeError(f"unexpected fnmatch.translate output: {regex!r}")
+    return regex.removesuffix(anchor)
+
+
 def _tail(pattern: str) -> re.Pattern[str]:
     """A regex for ``pattern`` (ending with "*") whose group 1 is what that "*" matched."""
-    head = fnmatch.translate(pattern[:-1])  # ends with \Z, which the group goes before
-    return re.compile(head.removesuffix(r"\Z") + r"(.*)\Z", re.DOTALL)
+    return re.compile(_unanchored(pattern[:-1]) + r"(.*)\Z", re.DOTALL)
