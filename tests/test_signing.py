@@ -241,6 +241,29 @@ def test_a_header_naming_no_configured_instance_says_the_default_source_was_chec
         precheck(headers, _multi(), now=NOW)
 
 
+def test_an_unmatched_instance_with_no_default_secret_says_why_it_fell_to_the_default() -> None:
+    """Only an instance has secrets, and GitLab names it in another scheme (TLS ended
+    at a proxy): "no secret is configured for deliveries from default" alone did not say
+    why the default was asked, while GitLab disabled the hook after four refusals."""
+    only = sources_from_settings(
+        Settings(
+            webhook_sources=[
+                WebhookSource(instance="https://gitlab.example.com", tokens=[SecretStr("t")])
+            ]
+        )
+    )
+    headers = {"x-gitlab-instance": "http://gitlab.example.com:8443", "x-gitlab-token": "t"}
+    with pytest.raises(InvalidToken) as refused:
+        precheck(headers, only, now=NOW)
+    assert str(refused.value) == (
+        "no secret is configured for deliveries from default: X-Gitlab-Instance"
+        " 'http://gitlab.example.com:8443' names no configured instance (instances are"
+        " matched by scheme, host and port)"
+    )
+    named = headers | {"x-gitlab-instance": "https://gitlab.example.com"}
+    assert precheck(named, only, now=NOW).source == "https://gitlab.example.com"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [

@@ -198,8 +198,6 @@ class SignedHeaders:
 
 def _wanted(source: Source, headers: Mapping[str, str]) -> tuple[bool, bool]:
     """Which credentials to check: (token, signature), by policy and what was sent."""
-    if not (source.tokens or source.keys):
-        raise InvalidToken(f"no secret is configured for deliveries from {source.name}")
     if source.policy == "token" or not source.keys:
         return True, False
     if source.policy == "signature" or not source.tokens:
@@ -301,6 +299,11 @@ def precheck(
     source = sources.select(headers)
     if source.open:
         return sources.verified(source.name, "open")
+    if not (source.tokens or source.keys):
+        raise InvalidToken(
+            f"no secret is configured for deliveries from {source.name}"
+            + _unmatched(headers, source, sources)
+        )
     token, signature = _wanted(source, headers)
     if token:
         _check_token(headers, source, sources)
@@ -318,6 +321,11 @@ def authenticate(
     reserved = sources.reserved(source.name)
     if source.open:
         return sources.verified(source.name, "open")
+    if not (source.tokens or source.keys):
+        raise InvalidToken(
+            f"no secret is configured for deliveries from {source.name}"
+            + _unmatched(headers, source, sources)
+        )
     token, signature = _wanted(source, headers)
     if token:
         _check_token(headers, source, sources)
@@ -333,15 +341,23 @@ def _check_token(headers: Mapping[str, str], source: Source, sources: Sources) -
     try:
         verify_token(headers, source.tokens)
     except InvalidToken as exc:
-        claimed = headers.get("x-gitlab-instance", "").strip()
-        if source.name != DEFAULT_SOURCE or not (sources.instances and claimed):
+        hint = _unmatched(headers, source, sources)
+        if not hint:
             raise
-        # Checked against the default source because the header named no configured
-        # instance, which a scheme or port other than the configured one also does.
-        raise InvalidToken(
-            f"{exc} of the default source: X-Gitlab-Instance {claimed[:100]!r} names no"
-            " configured instance (instances are matched by scheme, host and port)"
-        ) from None
+        raise InvalidToken(f"{exc} of the default source{hint}") from None
+
+
+def _unmatched(headers: Mapping[str, str], source: Source, sources: Sources) -> str:
+    """Why a request naming an instance was checked against the default source: its
+    X-Gitlab-Instance named no configured one, which a scheme or port other than the
+    configured one also does ("" when that is not why)."""
+    claimed = headers.get("x-gitlab-instance", "").strip()
+    if source.name != DEFAULT_SOURCE or not (sources.instances and claimed):
+        return ""
+    return (
+        f": X-Gitlab-Instance {claimed[:100]!r} names no configured instance (instances"
+        " are matched by scheme, host and port)"
+    )
 
 
 def verify_token(headers: Mapping[str, str], secrets: Sequence[bytes]) -> None:
