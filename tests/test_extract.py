@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from builders import label_change, mr_event, sample
+from builders import label_change, mr_event, sample, system_hook_event
 from secledger.extract import EventFacts, classify, event_stamps, event_time, extract_facts
 from secledger.intake import Delivery, dedup_key, instance_of
 from secledger.policy import LabelPolicy
@@ -328,3 +328,13 @@ def test_event_stamps_keep_only_short_strings() -> None:
         datetime(2025, 8, 5, 22, tzinfo=UTC),
         "changes.updated_at",
     )
+
+
+def test_reviewers_are_unknown_in_a_payload_that_does_not_speak_of_them() -> None:
+    """GitLab omits ``reviewers`` when nobody is assigned, but a system hook names no
+    reviewers at all (no ``object_attributes.reviewer_ids`` either): read as "none", its
+    copy of an event blanked the reviewers the project hook's copy had named."""
+    assert facts_of(mr_event("update", reviewers=["bob"])).reviewers == ("bob",)
+    assert facts_of(mr_event("update")).reviewers == ()  # reviewer_ids: [] and no key
+    assert facts_of(system_hook_event("update")).reviewers is None
+    assert facts_of(sample("system_hook_mr_open.json")).reviewers is None

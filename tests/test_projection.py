@@ -477,28 +477,54 @@ def test_a_removal_stored_before_it_told_its_tier_is_the_same_event() -> None:
             st.sampled_from(["open", "update", "approved", "unapproved", "merged"]),
             st.sampled_from(["bob", "carol"]),
             st.integers(0, 2),
-            st.sampled_from([(), ("bob",)]),
+            st.sampled_from([(), ("bob",), None]),
         ),
         max_size=8,
     )
 )
 def test_distinct_facts_keeps_the_first_copy_of_each_identity(
-    drawn: list[tuple[str, str, int, tuple[str, ...]]],
+    drawn: list[tuple[str, str, int, tuple[str, ...] | None]],
 ) -> None:
-    """Whatever the history: the events kept are those whose whole identity no earlier
-    event has (the shortcut for histories without a shared kind, actor and time too)."""
+    """Whatever the history: an event is kept unless an earlier kept one has its identity
+    and, for other events than decisions, names the same reviewers or is named by a copy
+    that tells none (a system hook's); a kept copy that told none takes those of the
+    first later copy that does (the shortcut for histories without a shared kind, actor
+    and time too)."""
     history = [
         event(seq, kind, actor, minutes, reviewers=reviewers)
         for seq, (kind, actor, minutes, reviewers) in enumerate(drawn, 1)
     ]
-    seen: set[tuple[object, ...]] = set()
-    expected = []
+    expected: list[SequencedEvent] = []
     for item in history:
-        identity = fact_identity(item.facts)
-        if identity not in seen:
-            seen.add(identity)
+        facts = item.facts
+        for i, kept in enumerate(expected):
+            told = kept.facts.reviewers
+            if fact_identity(kept.facts) != fact_identity(facts):
+                continue
+            differs = None not in (told, facts.reviewers) and told != facts.reviewers
+            if facts.decision is None and differs:
+                continue
+            if told is None and facts.reviewers is not None:
+                expected[i] = replace(kept, facts=replace(kept.facts, reviewers=facts.reviewers))
+            break
+        else:
             expected.append(item)
     assert distinct_facts(history) == expected
+
+
+def test_a_system_hooks_copy_without_reviewers_is_the_same_event() -> None:
+    """A label edit delivered by the project hook (reviewer bob) and by a system hook,
+    whose payload names no reviewers: counted twice, and the later copy blanked the
+    reviewers, whichever hook came first."""
+    project = facts_of(mr_event("update", labels=["sec::high"], reviewers=["bob"]))
+    system = replace(project, reviewers=None)
+    assert replace(project, reviewers=()) != project  # (the identity once told them apart)
+    for first, second in ((project, system), (system, project)):
+        row = fold([SequencedEvent(1, first), SequencedEvent(2, second)])
+        assert (row["event_count"], row["assigned_reviewers"]) == (1, ["bob"])
+    # Two edits of one second that name different reviewers stay two.
+    other = replace(project, reviewers=("carol",))
+    assert len(distinct_facts([SequencedEvent(1, project), SequencedEvent(2, other)])) == 2
 
 
 def test_a_label_ending_with_the_unclassified_name_does_not_name_a_tier() -> None:

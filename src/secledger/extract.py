@@ -179,6 +179,19 @@ def bounded(facts: EventFacts) -> EventFacts:
     return replace(facts, **changes) if changes else facts
 
 
+def _reviewers(payload: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The reviewers a payload names; None when it tells nothing of them.
+
+    GitLab omits ``reviewers`` when nobody is assigned, so its absence means "none" in a
+    payload that speaks of reviewers at all (project and group hooks carry
+    ``object_attributes.reviewer_ids``); system hooks carry neither, and read as "none"
+    their copy of an event blanked the reviewers its project hook's copy had named.
+    """
+    if "reviewers" not in payload and "reviewer_ids" not in attrs:
+        return None
+    return tuple(p.usernames(payload.get("reviewers")))
+
+
 def _safe_time(value: object) -> datetime | None:
     try:
         return parse_optional(value)
@@ -410,8 +423,7 @@ def extract_facts(delivery: Delivery, policy: LabelPolicy) -> EventFacts:
             security_removed=removed,
             tier_before=tier_before(policy, security, added, removed),
             untiered=untiered(policy, security, tier),
-            # GitLab omits the key when nobody is assigned: absence means "none".
-            reviewers=tuple(p.usernames(payload.get("reviewers"))),
+            reviewers=_reviewers(payload, attrs),
             labeled_at=labeled_at,
             labeled_at_source=labeled_source,
             source=delivery.source,

@@ -9,7 +9,7 @@ ties, but for events that show the MR still open beside its close or merge: see
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
@@ -213,13 +213,17 @@ def merge_sources(events: list[SequencedEvent]) -> list[SequencedEvent]:
 
 
 # Where a fact was read from, not what it says: a system hook and a project hook may
-# spell one event differently (the time in another field, no reviewers in older ones).
+# spell one event differently (the time in another field).
 _PROVENANCE = frozenset({"event_at_source", "source", "extra"})
+# Compared apart: a system hook tells no reviewers (None), which agrees with any.
+_REVIEWERS = frozenset({"reviewers"})
 # Follows from the labels and the labels removed, and copies stored before it was
 # extracted lack it: one event recorded before and after that must stay one event.
 _DERIVED = frozenset({"tier_before", "untiered"})
 # attrgetter builds the tuple in C: this runs for every event of an MR at each fold.
-_TOLD = attrgetter(*(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE | _DERIVED))
+_TOLD = attrgetter(
+    *(f.name for f in fields(EventFacts) if f.name not in _PROVENANCE | _DERIVED | _REVIEWERS)
+)
 
 
 def fact_identity(facts: EventFacts) -> tuple[object, ...]:
@@ -227,8 +231,9 @@ def fact_identity(facts: EventFacts) -> tuple[object, ...]:
 
     A decision is who decided what, and when (``copies.REPEATED`` is the same rule in
     SQL); so is an approval reset, told by whose push and when. Any other event must agree
-    on every fact: GitLab's times are whole seconds, and two edits by one user within a
-    second may differ in what they change.
+    on every fact (reviewers aside, which ``distinct_facts`` compares): GitLab's times are
+    whole seconds, and two edits by one user within a second may differ in what they
+    change.
     """
     if facts.decision is not None or facts.kind in RESET_KINDS:
         return facts.kind, facts.decision, facts.actor, facts.event_at
@@ -252,11 +257,28 @@ def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
     # when no two events share it, none repeats another, and no identity need be built.
     if len({_brief(event.facts) for event in events}) == len(events):
         return events
-    listed = [(event, fact_identity(event.facts)) for event in events]
-    first: dict[tuple[object, ...], int] = {}
-    for event, identity in listed:
-        first[identity] = min(event.seq, first.get(identity, event.seq))
-    return [event for event, identity in listed if first[identity] == event.seq]
+    standing: dict[tuple[object, ...], list[SequencedEvent]] = {}
+    kept: dict[int, SequencedEvent] = {}  # by seq, each with the reviewers a copy told
+    for event in sorted(events, key=lambda e: e.seq):
+        facts = event.facts
+        same = standing.setdefault(fact_identity(facts), [])
+        first = next((e for e in same if _agree(facts, kept[e.seq].facts)), None)
+        if first is None:
+            same.append(event)
+            kept[event.seq] = event
+        elif kept[first.seq].facts.reviewers is None and facts.reviewers is not None:
+            # The first copy came from a system hook: a later one names the reviewers.
+            told = replace(kept[first.seq].facts, reviewers=facts.reviewers)
+            kept[first.seq] = SequencedEvent(first.seq, told)
+    return [kept[event.seq] for event in events if event.seq in kept]
+
+
+def _agree(facts: EventFacts, other: EventFacts) -> bool:
+    """Whether two events of one identity tell the same reviewers, as far as both tell
+    (a decision is who decided what, and when, whatever reviewers its copies name)."""
+    if facts.decision is not None or facts.kind in RESET_KINDS:
+        return True
+    return facts.reviewers is None or other.reviewers is None or facts.reviewers == other.reviewers
 
 
 def _carries_labels(facts: EventFacts) -> bool:
