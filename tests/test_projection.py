@@ -525,6 +525,9 @@ def test_a_system_hooks_copy_without_reviewers_is_the_same_event() -> None:
     # Two edits of one second that name different reviewers stay two.
     other = replace(project, reviewers=("carol",))
     assert len(distinct_facts([SequencedEvent(1, project), SequencedEvent(2, other)])) == 2
+    # Events are told apart by position, not seq alone (no caller repeats a seq).
+    twins = [SequencedEvent(1, project), SequencedEvent(1, other)]
+    assert distinct_facts(twins) == twins
 
 
 def test_a_label_ending_with_the_unclassified_name_does_not_name_a_tier() -> None:

@@ -496,3 +496,11 @@ def test_a_name_that_does_not_resolve_is_named_by_its_failure(receiver: Receiver
         assert poster.failure(raised.value) == "ConnectError"
     finally:
         poster.close()
+
+
+def test_a_link_local_address_keeps_its_scope() -> None:
+    """Without its scope id, a link-local IPv6 address found by the lookup is no address."""
+    scoped = ("fe80::1", 80, 0, 2)
+    assert sinkhttp._spelled(socket.AF_INET6, scoped) == "fe80::1%2"
+    assert sinkhttp._spelled(socket.AF_INET6, ("2001:db8::1", 80, 0, 0)) == "2001:db8::1"
+    assert sinkhttp._spelled(socket.AF_INET, ("192.0.2.1", 80)) == "192.0.2.1"

@@ -257,20 +257,20 @@ def distinct_facts(events: Iterable[SequencedEvent]) -> list[SequencedEvent]:
     # when no two events share it, none repeats another, and no identity need be built.
     if len({_brief(event.facts) for event in events}) == len(events):
         return events
-    standing: dict[tuple[object, ...], list[SequencedEvent]] = {}
-    kept: dict[int, SequencedEvent] = {}  # by seq, each with the reviewers a copy told
-    for event in sorted(events, key=lambda e: e.seq):
-        facts = event.facts
+    standing: dict[tuple[object, ...], list[int]] = {}
+    kept: dict[int, SequencedEvent] = {}  # by position, each with the reviewers a copy told
+    for i in sorted(range(len(events)), key=lambda i: events[i].seq):
+        facts = events[i].facts
         same = standing.setdefault(fact_identity(facts), [])
-        first = next((e for e in same if _agree(facts, kept[e.seq].facts)), None)
+        first = next((j for j in same if _agree(facts, kept[j].facts)), None)
         if first is None:
-            same.append(event)
-            kept[event.seq] = event
-        elif kept[first.seq].facts.reviewers is None and facts.reviewers is not None:
+            same.append(i)
+            kept[i] = events[i]
+        elif kept[first].facts.reviewers is None and facts.reviewers is not None:
             # The first copy came from a system hook: a later one names the reviewers.
-            told = replace(kept[first.seq].facts, reviewers=facts.reviewers)
-            kept[first.seq] = SequencedEvent(first.seq, told)
-    return [kept[event.seq] for event in events if event.seq in kept]
+            told = replace(kept[first].facts, reviewers=facts.reviewers)
+            kept[first] = SequencedEvent(kept[first].seq, told)
+    return [kept[i] for i in range(len(events)) if i in kept]
 
 
 def _agree(facts: EventFacts, other: EventFacts) -> bool:

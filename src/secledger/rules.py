@@ -136,13 +136,6 @@ class Context:
             ),
             None,
         )
-        seen_open = False
-        for event in self.history.events:
-            state = event.facts.state or STATE_AFTER.get(event.facts.kind)
-            if state == "merged" and seen_open:
-                return event
-            seen_open = seen_open or state not in {None, "merged", "closed"}
-        return None
 
     @property
     def merge(self) -> SequencedEvent | None:

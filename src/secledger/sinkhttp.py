@@ -83,7 +83,14 @@ Resolver = Callable[[str, int], list[str]]
 def resolve(host: str, port: int) -> list[str]:
     """The addresses of ``host``, in the order the system's resolver gives them."""
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(address[4][0]) for address in found))
+    return list(dict.fromkeys(_spelled(family, address) for family, *_, address in found))
+
+
+def _spelled(family: int, address: tuple[Any, ...]) -> str:
+    """An address as text, with an IPv6 address's scope (a link-local one needs it)."""
+    if family == socket.AF_INET6 and address[3]:
+        return f"{address[0]}%{address[3]}"
+    return str(address[0])
 
 
 class LookupTimeout(httpcore.ConnectTimeout):
