@@ -51,7 +51,7 @@ def server_url() -> Iterator[str]:
     """An admin libpq URL for the server under test."""
     given = os.environ.get("SECLEDGER_TEST_DATABASE_URL")
     if given:
-        yield db.libpq_url(given)
+        yield make_url(given).set(drivername="postgresql").render_as_string(hide_password=False)
         return
     # Not under pytest's basetemp: a second pytest session run by the same user resets
     # that tree to mode 0700, which locks out the server's dedicated system user.

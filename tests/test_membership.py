@@ -34,7 +34,7 @@ def test_keys_written_before_listening_are_not_missed(engine, database_url) -> N
         engine, policy, headers, dumps(mr_event("open")), max_body_bytes=1 << 20, source="replay"
     )
     assert outcome.status == "recorded"
-    known.listen(db.libpq_url(database_url))
+    known.listen(db.conninfo(database_url))
     try:
         assert wait_for(lambda: KEY in known)
     finally:
@@ -61,7 +61,7 @@ def test_the_follower_reads_the_ledger_in_public_not_a_copy_in_the_logins_schema
             " AS TABLE public.security_review_ledger WITH NO DATA"
         )
     known = KnownMRs()
-    known.listen(db.libpq_url(database_url))
+    known.listen(db.conninfo(database_url))
     try:
         assert wait_for(lambda: KEY in known)
     finally:
@@ -87,7 +87,7 @@ def test_the_follower_goes_on_after_an_error_that_is_not_the_database(
     known = KnownMRs()
     known.load(engine)
     with structlog.testing.capture_logs() as lines:
-        known.listen(db.libpq_url(database_url))
+        known.listen(db.conninfo(database_url))
         try:
             assert wait_for(lambda: calls["n"] >= 2, 10)  # the first attempt fails at once
             recorded_elsewhere(engine, mr_event("open"), utcnow())

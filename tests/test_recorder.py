@@ -460,7 +460,7 @@ def test_a_batch_whose_commit_answer_is_lost_is_answered_recorded_once(
     reached the writer. The retry on a new connection finds the rows written: each
     delivery is logged once and answered ``recorded`` with its seq, and a resend of one
     of them in the same batch stays a duplicate."""
-    cutter = CommitCutter(db.libpq_url(database_url))
+    cutter = CommitCutter(db.conninfo(database_url))
     through = db.create(cutter.url, pool_size=2)
 
     async def scenario() -> list[Outcome | BaseException]:

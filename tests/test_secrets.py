@@ -147,12 +147,31 @@ def test_tls_parameters_survive_every_url_rewrite() -> None:
         "sslcert": "/c.pem",
         "sslkey": "/k.pem",
     }
-    for rewritten in (db.sqlalchemy_url(url), db.libpq_url(db.sqlalchemy_url(url))):
-        assert dict(make_url(rewritten).query) == wanted | db.CONNECTION_DEFAULTS
-        assert conninfo_to_dict(db.libpq_url(rewritten))["sslrootcert"] == "/etc/ssl/ca.pem"
+    rewritten = db.sqlalchemy_url(url)
+    assert dict(make_url(rewritten).query) == wanted | db.CONNECTION_DEFAULTS
+    for given in (url, rewritten):
+        options = conninfo_to_dict(db.conninfo(given))
+        assert {name: options[name] for name in wanted} == wanted
+        assert (options["user"], options["password"], options["host"]) == (
+            "app",
+            "pw@x",
+            "db.internal",
+        )
+
     redacted = db.Database(url, embedded=False).redacted()
     assert "sslmode=verify-full" in redacted
     assert "pw" not in redacted
+
+
+def test_several_hosts_reach_libpq_as_its_own_host_list() -> None:
+    """docs/deployment.md's URL without a writer endpoint: the LISTEN connections (serve's
+    follower, the sink, `watch`) are plain libpq ones, which read the URL's last ``host``
+    alone, port and all, as one host name ("db2:5432"), and never connected."""
+    url = "postgresql://secledger@/secledger?host=db1:5432&host=db2:5433&target_session_attrs=read-write"
+    options = conninfo_to_dict(db.conninfo(url))
+    assert (options["host"], options["port"]) == ("db1,db2", "5432,5433")
+    assert options["target_session_attrs"] == "read-write"
+    assert options["connect_timeout"] == db.CONNECTION_DEFAULTS["connect_timeout"]
 
 
 def test_a_password_given_as_a_query_option_is_not_shown() -> None:

@@ -417,7 +417,7 @@ def test_a_zero_backoff_cap_does_not_hammer_a_failing_receiver(
     assert record_body(engine, mr_event("open")) == "recorded"
     receiver.failures = 10_000
     config = sink.SinkConfig(receiver.url, "X-Secledger-Token", None, 5.0, 1, 0.0, 0.0)
-    worker = sink.SinkWorker(engine, config, db.libpq_url(database_url))
+    worker = sink.SinkWorker(engine, config, db.conninfo(database_url))
     worker.start()
     # From its first POST (its start, on a loaded machine, may take a while): then 1.5 s
     # at 1 s between passes.

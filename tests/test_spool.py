@@ -1016,7 +1016,7 @@ def test_readyz_answers_within_its_deadline_while_the_database_does_not(
 
     monkeypatch.setattr(web, "_query_ready", counted)
     assert receiver.get("/readyz").json()["ready"] is True
-    with psycopg.connect(db.libpq_url(database_url)) as holder:
+    with psycopg.connect(db.conninfo(database_url)) as holder:
         holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
         answers = [receiver.get("/readyz") for _ in range(3)]
@@ -1075,7 +1075,7 @@ def test_a_probe_left_pending_by_an_earlier_event_loop_is_not_awaited(
     client, then another) never completes: awaiting it from the new loop raised."""
     monkeypatch.setattr(web, "READY_TIMEOUT_SECONDS", 0.3)
     app = create_app(spool_settings, db.Database(database_url, embedded=False))
-    with psycopg.connect(db.libpq_url(database_url)) as holder:
+    with psycopg.connect(db.conninfo(database_url)) as holder:
         with TestClient(app) as first:
             holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
             assert first.get("/readyz").json()["error"] == "timeout"

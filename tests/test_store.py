@@ -109,7 +109,7 @@ def test_concurrent_deliveries_for_one_mr_end_like_sequential_ones(engine: Engin
 
 
 def test_each_committed_change_is_notified(engine: Engine, database_url: str) -> None:
-    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as listener:
+    with psycopg.connect(db.conninfo(database_url), autocommit=True) as listener:
         listener.execute("LISTEN secledger_ledger")
         record(engine, mr_event("approved", iid=5, actor="bob"))
         notes = list(listener.notifies(timeout=5, stop_after=1))
@@ -119,7 +119,7 @@ def test_each_committed_change_is_notified(engine: Engine, database_url: str) ->
 
 
 def test_an_ignored_delivery_is_not_notified(engine: Engine, database_url: str) -> None:
-    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as listener:
+    with psycopg.connect(db.conninfo(database_url), autocommit=True) as listener:
         listener.execute("LISTEN secledger_ledger")
         assert record(engine, mr_event("open", labels=["docs"])) == "ignored"
         assert list(listener.notifies(timeout=0.5)) == []
@@ -139,7 +139,7 @@ def test_connections_give_up_on_a_silent_server_unless_the_url_says_otherwise(
             pooled = driver(conn).info.get_parameters()
     finally:
         engine.dispose()
-    with psycopg.connect(db.libpq_url(configured)) as conn:
+    with psycopg.connect(db.conninfo(configured)) as conn:
         plain = conn.info.get_parameters()
     for applied in (pooled, plain):
         assert applied["connect_timeout"] == "3"
@@ -152,13 +152,18 @@ def test_the_environment_and_a_service_file_keep_their_connection_settings(
 ) -> None:
     """A value in the URL would override libpq's environment and service file."""
     url = "postgresql://app@db.internal/secledger"
+
+    def options(given: str) -> dict[str, str]:
+        told = psycopg.conninfo.conninfo_to_dict(db.conninfo(given))
+        return {k: str(v) for k, v in told.items() if k not in {"user", "host", "dbname"}}
+
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
-    assert "connect_timeout" not in make_url(db.libpq_url(url)).query
-    assert "keepalives" in make_url(db.libpq_url(url)).query
+    assert "connect_timeout" not in options(url)
+    assert "keepalives" in options(url)
     monkeypatch.setenv("PGSERVICE", "ledger")
-    assert dict(make_url(db.libpq_url(url)).query) == {}
+    assert options(url) == {}
     monkeypatch.delenv("PGSERVICE")
-    assert dict(make_url(db.libpq_url(url + "?service=ledger")).query) == {"service": "ledger"}
+    assert options(url + "?service=ledger") == {"service": "ledger"}
 
 
 def test_0021_repairs_databases_that_ran_earlier_texts_of_0010_and_0014(engine: Engine) -> None:

@@ -130,7 +130,7 @@ def watch(database_url: str, tmp_path: Path) -> Iterator[Any]:
 
 def catch_up(engine: Engine, database_url: str, after: int) -> tuple[list[dict], Watcher]:
     out = io.StringIO()
-    watcher = Watcher(engine, db.libpq_url(database_url), out, after, threading.Event())
+    watcher = Watcher(engine, db.conninfo(database_url), out, after, threading.Event())
     watcher.catch_up()
     return [json.loads(line) for line in out.getvalue().splitlines()], watcher
 
@@ -233,7 +233,7 @@ def test_a_state_file_of_a_log_restored_and_written_on_since_is_refused(
     for n in (1, 2):
         record(engine, event(n, iid=n))
     out = io.StringIO()
-    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, threading.Event())
+    watcher = Watcher(engine, db.conninfo(database_url), out, 0, threading.Event())
     watcher.state = StateFile(state)
     watcher.catch_up()
     assert json.loads(state.read_text()) == {"last_seq": 2, "hash": log_hash(engine, 2)}
@@ -259,7 +259,7 @@ def test_a_watcher_reconnecting_to_a_restored_log_stops_instead_of_skipping(
     state file then held their hashes)."""
     for n in (1, 2):
         record(engine, event(n, iid=n))
-    watcher = Watcher(engine, db.libpq_url(database_url), io.StringIO(), 0, threading.Event())
+    watcher = Watcher(engine, db.conninfo(database_url), io.StringIO(), 0, threading.Event())
     watcher.check_same_log()
     watcher.catch_up()
     assert (watcher.last_seq, watcher.last_hash) == (2, bytes.fromhex(log_hash(engine, 2)))
@@ -275,7 +275,7 @@ def test_a_watcher_reconnecting_to_a_restored_log_stops_instead_of_skipping(
         restored.dispose()
     # Started at a seq (from a state file without a hash, or --from-seq), a watcher takes
     # the hash of the log it found there on its first connection.
-    later = Watcher(engine, db.libpq_url(database_url), io.StringIO(), 1, threading.Event())
+    later = Watcher(engine, db.conninfo(database_url), io.StringIO(), 1, threading.Event())
     later.check_same_log()
     assert later.last_hash == bytes.fromhex(log_hash(engine, 1))
 
@@ -367,7 +367,7 @@ def test_a_notification_wakes_the_watcher(engine: Engine, database_url: str) -> 
     """With polling pushed out to 10 minutes, only NOTIFY can deliver the line in time."""
     out = LineQueue()
     stop = threading.Event()
-    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, stop, poll_seconds=600)
+    watcher = Watcher(engine, db.conninfo(database_url), out, 0, stop, poll_seconds=600)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
@@ -389,7 +389,7 @@ def test_a_second_outage_starts_its_retries_from_one_second_again(
     monkeypatch.setattr(watch_module, "log", structlog.get_logger("secledger.watch"))
     out = LineQueue()
     stop = threading.Event()
-    watcher = Watcher(engine, db.libpq_url(database_url), out, 0, stop, poll_seconds=0.2)
+    watcher = Watcher(engine, db.conninfo(database_url), out, 0, stop, poll_seconds=0.2)
     thread = threading.Thread(target=watcher.run, daemon=True)
     with capture_logs() as logged:
         thread.start()
@@ -452,7 +452,7 @@ def watcher_with_state(
     engine: Engine, database_url: str, state: StateFile, out: io.StringIO, stop: threading.Event
 ) -> Watcher:
     after = state.load() or 0
-    return Watcher(engine, db.libpq_url(database_url), out, after, stop, state=state)
+    return Watcher(engine, db.conninfo(database_url), out, after, stop, state=state)
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ def is_unreachable(error: BaseException) -> bool:
 class Listener:
     """One autocommit connection listening on the ledger channel."""
 
-    def __init__(self, libpq_url: str) -> None:
-        self._conn = psycopg.connect(libpq_url, autocommit=True)
+    def __init__(self, conninfo: str) -> None:
+        self._conn = psycopg.connect(conninfo, autocommit=True)
         self._conn.execute(f"LISTEN {CHANNEL}")
 
     def __enter__(self) -> Listener:

@@ -62,10 +62,10 @@ class KnownMRs:
         with self._lock:
             self._keys |= keys
 
-    def listen(self, libpq_url: str) -> None:
+    def listen(self, conninfo: str) -> None:
         """Follow other replicas' writes in a background thread."""
         self._listener = threading.Thread(
-            target=self._follow, args=(libpq_url,), name="secledger-listen", daemon=True
+            target=self._follow, args=(conninfo,), name="secledger-listen", daemon=True
         )
         self._listener.start()
 
@@ -73,10 +73,10 @@ class KnownMRs:
         """Stop following."""
         self._stop.set()
 
-    def _follow(self, libpq_url: str) -> None:
+    def _follow(self, conninfo: str) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(libpq_url, autocommit=True) as conn:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute("LISTEN secledger_ledger")
                     # Notifications sent before LISTEN (between load() and now, or while
                     # the connection was lost) are gone: read the keys again once listening.

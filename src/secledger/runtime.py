@@ -51,7 +51,7 @@ class Runtime:
             log.warning("schema_upgraded", from_revision=before, hint=migrate.REBUILD_HINT)
         known = KnownMRs()
         known.load(engine)
-        known.listen(db.libpq_url(database.url))
+        known.listen(db.conninfo(database.url))
         policy = LabelPolicy.from_settings(settings)
         # What an earlier run spooled is drained first, before any new delivery.
         spool = Spool.open(settings.spool_path)

@@ -175,9 +175,9 @@ class Sender:
 class SinkWorker:
     """The background sender of ``serve``: drains on every ledger notification."""
 
-    def __init__(self, engine: Engine, config: SinkConfig, libpq_url: str) -> None:
+    def __init__(self, engine: Engine, config: SinkConfig, conninfo: str) -> None:
         self._config = config
-        self._libpq_url = libpq_url
+        self._conninfo = conninfo
         self._stop = threading.Event()
         self._sender = Sender(engine, config, self._stop)
         self._thread = threading.Thread(target=self._run, name="secledger-sink", daemon=True)
@@ -209,7 +209,7 @@ class SinkWorker:
                 self._stop.wait(RECONNECT_SECONDS)
 
     def _follow(self) -> None:
-        with Listener(self._libpq_url) as listener:
+        with Listener(self._conninfo) as listener:
             while not self._stop.is_set():
                 result = self._sender.drain()
                 if result.stuck_seq is not None:
@@ -220,10 +220,10 @@ class SinkWorker:
                     listener.wait(POLL_SECONDS, self._stop)
 
 
-def start_worker(settings: Settings, engine: Engine, libpq_url: str) -> SinkWorker | None:
+def start_worker(settings: Settings, engine: Engine, conninfo: str) -> SinkWorker | None:
     """Start the background sender when a sink is configured (the ``serve`` lifespan hook)."""
     if not settings.sink_enabled:
         return None
-    worker = SinkWorker(engine, SinkConfig.from_settings(settings), libpq_url)
+    worker = SinkWorker(engine, SinkConfig.from_settings(settings), conninfo)
     worker.start()
     return worker

@@ -160,7 +160,7 @@ class Watcher:
     """Emits every change after ``last_seq`` to ``out``, then follows new ones."""
 
     engine: Engine
-    libpq_url: str
+    conninfo: str
     out: TextIO
     last_seq: int
     stop: threading.Event
@@ -192,7 +192,7 @@ class Watcher:
 
     def _follow(self) -> None:
         # LISTEN before catching up: a commit between the two wakes us, so none is missed.
-        with Listener(self.libpq_url) as listener:
+        with Listener(self.conninfo) as listener:
             self.check_same_log()
             self.catch_up()
             self._connections += 1

@@ -66,7 +66,7 @@ class _Beside:
                 beside.recoverer.recover if beside.recoverer else recovery.off(settings)
             )
             beside.enricher = enrich.start_background(settings, runtime.engine)  # label times
-            libpq = db.libpq_url(database.url)
+            libpq = db.conninfo(database.url)
             beside.sender = sink.start_worker(settings, runtime.engine, libpq)
             beside.checkpointing = integrity.schedule(settings, runtime.engine)
             # Open MRs become overdue without any event: found every few minutes.

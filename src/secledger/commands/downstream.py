@@ -115,7 +115,7 @@ def watch_command(context: Context, from_seq: int | None, state_file: Path | Non
         click.echo(f"watching ledger changes after seq {after}", err=True)
         watcher = Watcher(
             engine=engine,
-            libpq_url=db.libpq_url(context.database.url),
+            conninfo=db.conninfo(context.database.url),
             out=sys.stdout,
             last_seq=after,
             stop=stop,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -240,10 +241,16 @@ def check_same_database(app: Engine, owner: Engine) -> None:
         )
 
 
-def libpq_url(url: str) -> str:
-    """The same URL as plain libpq understands it (for psycopg connections), with
-    ``CONNECTION_DEFAULTS`` where it sets none."""
-    parsed = make_url(url)
-    if "+" in parsed.drivername:
-        parsed = parsed.set(drivername=parsed.drivername.split("+", 1)[0])
-    return _with_defaults(parsed).render_as_string(hide_password=False)
+def conninfo(url: str) -> str:
+    """The same database as plain libpq understands it (for psycopg connections), with
+    ``CONNECTION_DEFAULTS`` where it sets none: a keyword/value conninfo, made as the
+    engine's own driver makes its connection arguments.
+
+    A URL listing several hosts (``?host=db1:5432&host=db2:5432``, as docs/deployment.md
+    advises without a writer endpoint) reaches libpq as ``host=db1,db2 port=5432,5432``;
+    passed on as a URL, libpq read its last ``host`` alone, port and all, as one host
+    name, and every LISTEN connection failed.
+    """
+    parsed = make_url(sqlalchemy_url(url))
+    _args, options = parsed.get_dialect()().create_connect_args(parsed)
+    return make_conninfo(**options)
