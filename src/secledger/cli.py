@@ -56,6 +56,13 @@ TABLE_COLUMNS = (
 )
 
 
+OWNER_URL_ALONE = (
+    "SECLEDGER_MIGRATION_DATABASE_URL is set without SECLEDGER_DATABASE_URL: this command"
+    " works on the receiver's database; set SECLEDGER_DATABASE_URL too (only `db upgrade`"
+    " and `rebuild` work with the owner's URL alone)"
+)
+
+
 class Context:
     """Settings read once per invocation when a command first needs them, and the
     database opened on demand.
@@ -89,7 +96,12 @@ class Context:
 
     @property
     def database(self) -> db.Database:
+        """The receiver's database: its URL, else the embedded server, started on first use."""
         if self._database is None:
+            if self.settings.database_url is None and db.migration_url(self.settings):
+                # It would start the embedded server and work on its database, not the
+                # one the owner's URL names (`verify` said "chain OK" of that one).
+                raise click.ClickException(OWNER_URL_ALONE)
             try:
                 self._database = db.resolve(self.settings)
             except SecledgerError as exc:
@@ -103,14 +115,6 @@ class Context:
         """An engine on the database (through ``url``, else the configured URL), migrated
         first unless ``upgrade`` is False. An upgrade of an older schema is said on
         stderr, or with ``logged`` (``serve``) as the ``schema_upgraded`` log line."""
-        if url is None and self.settings.database_url is None and db.migration_url(self.settings):
-            # It would run on the embedded server's database, and the owner's migration
-            # be refused as naming another one.
-            raise click.ClickException(
-                "SECLEDGER_MIGRATION_DATABASE_URL is set without SECLEDGER_DATABASE_URL:"
-                " this command works on the receiver's database; set SECLEDGER_DATABASE_URL"
-                " too (only `db upgrade` and `rebuild` work with the owner's URL alone)"
-            )
         engine = db.create(url or self.database.url, pool_size=2)
         try:
             if upgrade:
