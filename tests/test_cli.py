@@ -692,12 +692,17 @@ def test_tls_the_server_does_not_offer_is_a_configuration_error_not_an_outage(
     assert "pw-4d1" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "demo"])
-def test_a_port_out_of_range_is_a_usage_error(command: str) -> None:
-    """Not wrapped around by the socket layer (70000 bound port 4464)."""
+@pytest.mark.parametrize(("command", "lowest"), [("serve", 0), ("demo", 1)])
+def test_a_port_out_of_range_is_a_usage_error(command: str, lowest: int) -> None:
+    """Not wrapped around by the socket layer (70000 bound port 4464). `demo` prints
+    the URLs to open, which a port the system picks (0) would not name."""
     result = CliRunner().invoke(main, [command, "--port", "70000"])
     assert result.exit_code == 2
-    assert "70000 is not in the range 0<=x<=65535" in result.output
+    assert f"70000 is not in the range {lowest}<=x<=65535" in result.output
+    if lowest:
+        picked = CliRunner().invoke(main, [command, "--port", "0"])
+        assert picked.exit_code == 2
+        assert "0 is not in the range 1<=x<=65535" in picked.output
 
 
 def test_a_port_in_use_is_one_line_before_the_database(tmp_path: Path) -> None:

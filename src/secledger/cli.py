@@ -538,7 +538,7 @@ def _free(host: str, port: int) -> bool:
 @main.command()
 @click.option(
     "--port",
-    type=click.IntRange(0, 65535),
+    type=click.IntRange(1, 65535),
     default=8080,
     show_default=True,
     help="Port on 127.0.0.1 to serve on.",

@@ -156,7 +156,7 @@ def backfill(
     running it twice, or after the webhooks, changes nothing. Interrupted, it resumes
     where it stopped. GitLab's filter matches the labels an MR carries now: an MR whose
     security label was removed is found only with --label-history. Needs
-    SECLEDGER_GITLAB_URL and SECLEDGER_GITLAB_TOKEN.
+    SECLEDGER_GITLAB_URL and SECLEDGER_GITLAB_TOKEN (or SECLEDGER_GITLAB_TOKEN_FILE).
 
     \b
     Example:

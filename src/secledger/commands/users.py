@@ -62,7 +62,7 @@ def hash_password_command(password_stdin: bool) -> None:
     Example:
       secledger user hash-password
       printf '%s\\n' "$PASSWORD" | secledger user hash-password --password-stdin
-      SECLEDGER_USERS="alice:$(secledger user hash-password)" secledger serve
+      export SECLEDGER_USERS="alice:$(secledger user hash-password)"  # then serve as usual
     """
     click.echo(hash_password(_ask_password(password_stdin)))
 
