@@ -741,3 +741,22 @@ def test_an_empty_answer_says_whether_the_ledger_holds_anything(
     # Rows to show: no note.
     full = runner.invoke(main, ["report", "tiers", "--format", "json"], env=quiet)
     assert json.loads(full.stdout) and not full.stderr
+
+
+def test_bi_reviewer_metrics_times_only_decisions_after_the_label(labelled_late) -> None:
+    """!7 was merged and !8 closed before their label: the reviewers report counts those
+    decisions in neither met nor missed, while the view counted them as on time, with a
+    negative time (migration 0026). Over all time the two now give the same figures."""
+    timed = ("reviewer", "decisions", "median_hours", "p90_hours", "sla_adherence_pct")
+    with labelled_late.connect() as conn:
+        report = [
+            tuple(row.as_dict()[name] for name in timed)
+            for row in reports.reviewers(conn, reports.Filters(now=NOW))
+        ]
+        view = conn.execute(text(f"SELECT {', '.join(timed)} FROM bi_reviewer_metrics")).all()
+    assert sorted(map(_rounded, view)) == sorted(map(_rounded, report))
+
+
+def _rounded(row: Any) -> tuple[Any, ...]:
+    # The report reads the hours as numeric, the view as double precision.
+    return tuple(round(value, 6) if isinstance(value, float) else value for value in row)
