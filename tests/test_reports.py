@@ -293,6 +293,11 @@ def test_a_renamed_project_is_shown_under_its_newest_path(history) -> None:
     rows = by(run(history, reports.projects), "project_path")
     assert rows["acme/aa-new"]["mrs"] == 3
     assert "acme/web" not in rows
+    # Filtered to MRs that were last seen before the rename, the project is still named
+    # by its newest path, the one --project takes (the old one is refused).
+    rows = by(run(history, reports.projects, tier="critical"), "project_path")
+    assert rows["acme/aa-new"]["mrs"] == 1
+    assert "acme/web" not in rows
     # A filter by path takes the project by its path now: all three of its MRs, and
     # none by the old path, which a new project may take (MRs that only kept it).
     [tiers] = run(history, reports.tiers, project="ACME/aa-new", tier="critical")

@@ -275,8 +275,14 @@ def tiers(conn: Connection, filters: Filters) -> list[TierRow]:
 
 def projects(conn: Connection, filters: Filters) -> list[ProjectRow]:
     """Per project, MRs labelled in the period."""
-    # After a rename, MRs last seen before it keep the old path: the newest one's is shown.
-    keys = f"l.instance, l.project_id, {NEWEST_PATH.format(p='l.')} AS project_path"
+    # After a rename, MRs last seen before it keep the old path: the newest one's is
+    # shown, among all of the project's MRs (the path --project takes), not only those
+    # the filters keep, which may all be older than the rename.
+    newest = (
+        f"(SELECT {NEWEST_PATH.format(p='n.')} FROM security_review_ledger n"
+        " WHERE n.instance = l.instance AND n.project_id = l.project_id)"
+    )
+    keys = f"l.instance, l.project_id, {newest} AS project_path"
     return _grouped(conn, filters, keys, "l.instance, l.project_id", ProjectRow)
 
 
