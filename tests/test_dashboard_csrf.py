@@ -246,3 +246,70 @@ def test_a_login_form_past_its_size_is_refused_without_reading_the_rest(browser)
     asyncio.run(browser.app(scope, receive, send))  # type: ignore[arg-type]
     assert answers[0]["status"] == 413
     assert read <= 2  # 16 MiB offered; one chunk past the limit was enough
+
+
+@pytest.mark.parametrize("path", ["/login", "/logout"])
+def test_a_form_whose_body_stalls_is_cut_off_at_the_body_timeout(
+    database_url, tmp_path, path: str
+) -> None:
+    """These routes are open to anyone: 512 bodies left unfinished held every request
+    slot, and GitLab's deliveries were refused 503 as long as they lasted."""
+    settings = reader_settings(database_url, tmp_path / "data", body_timeout_seconds=0.5)
+    app = create_app(settings, db.Database(database_url, embedded=False))
+    answers: list[dict[str, Any]] = []
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"username=a", "more_body": True}
+        await asyncio.sleep(30)  # the rest never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/x-www-form-urlencoded"),
+            (b"content-length", b"8000"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "root_path": "",
+    }
+
+    async def run() -> float:
+        started = time.monotonic()
+        await asyncio.wait_for(app(scope, receive, send), 10)  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    with TestClient(app):  # the app's start-up: its dashboard state
+        took = asyncio.run(run())
+    assert answers[0]["status"] == 408
+    assert took < 5
+
+
+def test_password_checks_at_once_are_capped_across_clients(browser) -> None:
+    """Each check takes 32 MiB and a tenth of a CPU second; the per-name and per-address
+    limits let many addresses run forty at once. Past the cap a login is 429 at once,
+    with no check made; once a slot is free, the login goes through."""
+    state = browser.app.api.state.dashboard  # type: ignore[attr-defined]
+    free = state.password_checks
+    state.password_checks = asyncio.Semaphore(0)  # every slot taken
+    with capture_logs() as logs:
+        busy = post_login(browser, USER, PASSWORD)
+    assert busy.status_code == 429
+    assert "Too many logins at once" in busy.text
+    assert [line["event"] for line in logs] == ["login_busy"]
+    state.password_checks = free
+    assert post_login(browser, USER, PASSWORD).status_code == 303

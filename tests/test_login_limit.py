@@ -328,11 +328,11 @@ def test_a_users_limit_holds_across_authenticators_that_share_the_secret(
     for _, throttle in (first, second):
         refused = throttle.reserve(engine, USER, "10.0.0.9")
         assert (refused.allowed, refused.user_failures) == (False, LIMIT)
-    _, elsewhere = replica("c", "another-secret")
+    _, elsewhere = replica("c", "another-session-secret")
     assert elsewhere.reserve(engine, USER, "10.0.0.9").allowed
     assert {user for user, _, _ in attempts(engine)} == {
         digest_of(USER),
-        user_digest(name_key(b"another-secret"), USER),
+        user_digest(name_key(b"another-session-secret"), USER),
     }
 
 

@@ -210,3 +210,18 @@ def test_a_field_with_its_own_file_setting_keeps_that_mechanism() -> None:
     names = secret_field_names(WithOwnFile)
     assert "read_token" in names
     assert "api_token" not in names
+
+
+@pytest.mark.parametrize("value", ["", "   ", "short-secret"])
+def test_a_blank_or_short_session_secret_is_refused_without_echoing_it(monkeypatch, value) -> None:
+    """A blank left in a template signed every cookie and form token with an empty key."""
+    monkeypatch.setenv("SECLEDGER_SESSION_SECRET", value)
+    result = CliRunner().invoke(main, ["ledger"])
+    assert result.exit_code == 1
+    assert "session_secret: Value error, must be at least 16 characters" in result.output
+    assert not value.strip() or value not in result.output
+
+
+def test_a_long_session_secret_is_taken(monkeypatch) -> None:
+    monkeypatch.setenv("SECLEDGER_SESSION_SECRET", "0123456789abcdef")
+    assert Settings().session_secret is not None

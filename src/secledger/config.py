@@ -200,6 +200,10 @@ def describe(exc: ValidationError) -> str:
     )
 
 
+# The cookie signing key set by hand: shorter is guessable.
+MIN_SECRET_CHARS = 16
+
+
 class SecretFileSource(PydanticBaseSettingsSource):
     """``SECLEDGER_<NAME>_FILE`` for every SecretStr field: Docker/Kubernetes secret files.
 
@@ -459,6 +463,18 @@ class Settings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str) and not all(" " <= ch <= "~" for ch in text):
             raise ValueError("must be printable ASCII (it is sent as an HTTP header)")
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _not_guessable(cls, value: SecretStr | None) -> SecretStr | None:
+        # A blank left in a template (`SECLEDGER_SESSION_SECRET=`) signed every cookie and
+        # form token with an empty key, which anyone can compute; a short one, guessable.
+        if value is not None and len(value.get_secret_value().strip()) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand -hex"
+                " 32`); unset it to have one generated into the data directory"
+            )
         return value
 
     @field_validator("gitlab_token")

@@ -308,7 +308,7 @@ def create_app(settings: Settings, database: db.Database) -> Any:
             if handler:
                 handler[0].ignored.flush(now)
                 handler[0].rejected.flush(now)
-            for throttle in (logs.LIBRARIES, pages.CSRF_REFUSALS):
+            for throttle in (logs.LIBRARIES, pages.CSRF_REFUSALS, pages.BUSY_LOGINS):
                 throttle.flush(time.monotonic())
 
     app.api = api  # type: ignore[attr-defined]

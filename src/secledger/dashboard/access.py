@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time as time_
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated
 
@@ -42,6 +43,10 @@ def storable(value: str | None) -> str | None:
     return value.replace("\x00", NUL_REPLACEMENT) if value else None
 
 
+# scrypt checks at once: 32 MiB and ~0.1 s of CPU each.
+MAX_PASSWORD_CHECKS = 4
+
+
 @dataclass
 class Dashboard:
     """Built once per application and kept on ``app.state.dashboard``."""
@@ -51,6 +56,10 @@ class Dashboard:
     policy: CompliancePolicy
     throttle: LoginThrottle
     csrf: CsrfTokens
+    # Password checks under way at once, across all clients (see pages.login).
+    password_checks: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(MAX_PASSWORD_CHECKS)
+    )
     _options: tuple[float, FilterOptions] | None = None
 
     def options(self, conn: Connection) -> FilterOptions:

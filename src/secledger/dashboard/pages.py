@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from secledger import filtermatch, findings, reports
 from secledger.dashboard import assets, charts, queries, trail
 from secledger.dashboard.access import (
+    MAX_PASSWORD_CHECKS,
     Dashboard,
     StoredId,
     dashboard,
@@ -96,15 +98,22 @@ def _secure(request: Request) -> bool:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """The form's fields; 413 past MAX_FORM_BYTES, read no further (these routes are
-    open to anyone, before any login)."""
+    """The form's fields; 413 past MAX_FORM_BYTES, read no further, and 408 when the body
+    is not in within ``SECLEDGER_BODY_TIMEOUT_SECONDS`` (these routes are open to anyone,
+    before any login: a few hundred bodies left unfinished held every request slot, and
+    GitLab's deliveries were refused 503 while they lasted)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_FORM_BYTES:
-            raise HTTPException(413, f"a form is at most {MAX_FORM_BYTES} bytes")
-        chunks.append(chunk)
+    limit = dashboard(request).settings.body_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_FORM_BYTES:
+                    raise HTTPException(413, f"a form is at most {MAX_FORM_BYTES} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPException(408, f"the form was not received within {limit:g} s") from None
     text = b"".join(chunks).decode(errors="replace")
     return {k: v[0] for k, v in parse_qs(text).items()}
 
@@ -123,6 +132,8 @@ def _refused(request: Request, form: dict[str, str]) -> bool:
 
 
 CSRF_REFUSALS = Throttle("csrf_refused_suppressed")
+BUSY_LOGINS = Throttle("login_busy_suppressed")
+BUSY = "Too many logins at once. Try again in a moment."
 
 
 @router.get("/login")
@@ -160,7 +171,14 @@ async def login(request: Request, state: State) -> Response:
         return render(request, "login.html", 403, next=target, error=CSRF_REFUSED)
     client = request.client.host if request.client else "unknown"
     password = form.get("password", "")
-    outcome = await run_in_threadpool(_attempt, state, engine(request), name, password, client)
+    if state.password_checks.locked():
+        # Each check takes 32 MiB and a tenth of a CPU second (scrypt): the per-name and
+        # per-address limits do not bound how many run at once from many addresses.
+        if BUSY_LOGINS.note(time.monotonic(), ()):
+            log.warning("login_busy", client=client, limit=MAX_PASSWORD_CHECKS)
+        return render(request, "login.html", 429, next=target, error=BUSY)
+    async with state.password_checks:
+        outcome = await run_in_threadpool(_attempt, state, engine(request), name, password, client)
     if outcome == "limited":
         error = "Too many failed logins. Wait a few minutes and try again."
         return render(request, "login.html", 429, next=target, error=error)
