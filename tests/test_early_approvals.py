@@ -6,7 +6,9 @@ from typing import Any
 
 from alembic import command
 from click.testing import CliRunner
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
+from structlog.testing import capture_logs
 
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
@@ -15,6 +17,7 @@ from fakegitlab import TOKEN
 from secledger import earlyapprovals
 from secledger.cli import main
 from secledger.findings import list_findings
+from secledger.gitlab_api import GitLabAPI
 from secledger.store import migrate
 from secledger.tierpolicy import CompliancePolicy
 from secledger.times import utcnow
@@ -195,3 +198,18 @@ def history_of(iid: int) -> list[dict[str, Any]]:
         body["object_attributes"]["iid"] = iid
         body["object_attributes"]["id"] = 1000 + iid
     return bodies
+
+
+def test_a_refused_token_ends_the_pass_at_the_first_mr(engine, api_settings, fake) -> None:
+    """Every other MR would meet the same 401, each after the client's retries."""
+    for iid in (1, 2, 3):
+        Story(iid=iid, opened_with_label=False).publish(fake)
+        replay(engine, fake.url, history_of(iid))
+    refused = GitLabAPI.from_settings(
+        api_settings.model_copy(update={"gitlab_token": SecretStr("glpat-wrong")})
+    )
+    asked = len(fake.seen)
+    with capture_logs() as logs:
+        assert earlyapprovals.check(engine, refused, POLICY) == {"api_error": 1}
+    assert len(fake.seen) - asked == 1
+    assert "early_approvals_stopped" in [line["event"] for line in logs]

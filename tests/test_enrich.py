@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
 from apihelpers import POLICY, ledger_rows, replay
 from apistory import Story
+from receiver import unused_port
 from secledger.enrich import enrich
+from secledger.gitlab_api import GitLabAPI
 
 pytest_plugins = ("gitlabfixtures",)
 
@@ -27,3 +33,32 @@ def test_an_mr_the_api_keeps_refusing_does_not_hold_up_the_others(engine, api, f
     assert sources == {1: "created_at_fallback", 2: "api"}
     # Later passes still ask the refused one again: the API may answer another time.
     assert enrich(engine, api, POLICY, limit=1).outcomes == {"gone": 1}
+
+
+@pytest.mark.parametrize("failure", ["token refused", "unreachable"])
+def test_a_failure_every_request_meets_ends_the_pass_at_once(
+    engine, fake, api_settings, failure: str
+) -> None:
+    """With GitLab down, each MR waited out the client's retries and timeouts before the
+    next was tried: a pass over 500 MRs took more than a day. A refused token (401) or
+    no answer ends the pass at the first MR; the others are asked on the next one."""
+    stories = [Story(iid=iid, opened_with_label=False) for iid in (1, 2, 3)]
+    for story in stories:
+        story.publish(fake)
+    # The deliveries name the instance the client is for: the fake, or a closed port.
+    url = fake.url if failure == "token refused" else f"http://127.0.0.1:{unused_port()}"
+    replay(engine, url, [body for story in stories for body in story.webhooks()])
+    if failure == "token refused":
+        settings = api_settings.model_copy(update={"gitlab_token": SecretStr("glpat-wrong")})
+    else:
+        settings = api_settings.model_copy(update={"gitlab_url": url, "gitlab_max_retries": 0})
+    api = GitLabAPI.from_settings(settings)
+    asked = len(fake.seen)
+    with capture_logs() as logs:
+        result = enrich(engine, api, POLICY, limit=10)
+    assert result.outcomes == {"api_error": 1}
+    events = [line["event"] for line in logs]
+    assert events.count("enrich_failed") == 1
+    assert "enrich_stopped" in events
+    if failure == "token refused":
+        assert len(fake.seen) - asked == 1

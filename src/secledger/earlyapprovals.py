@@ -30,6 +30,8 @@ from secledger.policy import LabelPolicy
 from secledger.service import DEFAULT_RECORDING, Recording
 from secledger.times import parse_optional
 
+# Said when a pass stops at a failure every request would meet (``GitLabAPIError.systemic``).
+STOPPED_HINT = "the other merge requests are asked on the next pass"
 log = structlog.get_logger("secledger.earlyapprovals")
 
 API_ERROR = "api_error"  # as label-time enrichment notes it: asked again on later passes
@@ -135,5 +137,9 @@ def check(
                 _note(conn, key, outcome)
             if isinstance(exc, GitLabAPIError) and exc.gone:
                 outcome = GONE  # noted as api_error, counted apart
+            if isinstance(exc, GitLabAPIError) and exc.systemic:
+                counts[outcome] += 1  # the others would wait out the same retries
+                log.warning("early_approvals_stopped", error=str(exc)[:300], hint=STOPPED_HINT)
+                break
         counts[outcome] += 1
     return dict(counts)

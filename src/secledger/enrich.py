@@ -143,6 +143,12 @@ def enrich(
             )
             _note(engine, key, API_ERROR)  # asked again on later passes either way
             outcome = GONE if exc.gone else API_ERROR
+            if exc.systemic:
+                # Each of the others would wait out the same retries (with GitLab down,
+                # a pass of 500 took more than a day).
+                counts[outcome] += 1
+                log.warning("enrich_stopped", error=str(exc), hint=earlyapprovals.STOPPED_HINT)
+                break
         counts[outcome] += 1
     return EnrichResult(dict(counts))
 

@@ -63,11 +63,24 @@ class GitLabAPIError(SecledgerError):
     """The GitLab REST API refused a request or could not be reached."""
 
     def __init__(
-        self, message: str, status: int | None = None, *, gone: bool | None = None
+        self,
+        message: str,
+        status: int | None = None,
+        *,
+        gone: bool | None = None,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status GitLab answered, when it answered
         self._gone = gone
+        self.unreachable = unreachable  # no answer at all (after the client's retries)
+
+    @property
+    def systemic(self) -> bool:
+        """A failure every other request would meet too: GitLab unreachable, the token
+        refused (401) or short of a scope (403), the rate limit still hit after the
+        retries (429). A pass over many MRs stops at it rather than wait out each one."""
+        return self.unreachable or self.status in {401, 403, 429}
 
     @property
     def gone(self) -> bool:

@@ -79,7 +79,9 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
         raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         where = f" at {instance}" if instance else ""
-        raise GitLabAPIError(f"GitLab API unreachable{where}: {unreachable(exc)}") from None
+        raise GitLabAPIError(
+            f"GitLab API unreachable{where}: {unreachable(exc)}", unreachable=True
+        ) from None
 
 
 def _netloc(url: str) -> str:
