@@ -112,15 +112,22 @@ def test_next_pages_stay_on_the_configured_origin(elsewhere: Server) -> None:
     assert gitlab.tokens() == [TOKEN, TOKEN]
 
 
-def test_a_redirect_to_another_origin_is_followed_without_the_token(elsewhere: Server) -> None:
-    gitlab = Server(lambda path: (302, {"Location": elsewhere.url + path}, {}))
+def test_a_redirect_to_another_origin_is_refused_and_named(elsewhere: Server) -> None:
+    """Followed without the token, it read a private project as missing (404) there, and
+    every MR of a GitLab that had moved counted as deleted; with the token, it would have
+    handed the token to whoever answers there."""
+    moved = elsewhere.url.replace("127.0.0.1", "user:pw@127.0.0.1")
+    gitlab = Server(lambda path: (302, {"Location": moved + path}, {}))
     try:
-        assert list(client(gitlab.url).labels(PROJECT)) == []
+        with pytest.raises(GitLabAPIError) as refused:
+            list(client(gitlab.url).labels(PROJECT))
     finally:
         gitlab.close()
     assert gitlab.tokens() == [TOKEN]
-    assert len(elsewhere.seen) == 1
-    assert elsewhere.tokens() == [None]
+    assert elsewhere.seen == []
+    assert f"it redirects to {elsewhere.url}: if GitLab moved there" in str(refused.value)
+    assert "pw" not in str(refused.value)
+    assert refused.value.systemic  # a pass over many MRs stops at it
 
 
 def test_a_redirect_within_the_origin_keeps_the_token() -> None:
@@ -145,9 +152,17 @@ def test_the_token_never_reaches_an_error_message(elsewhere: Server) -> None:
             list(client(gitlab.url).labels(PROJECT))
     finally:
         gitlab.close()
+    assert TOKEN not in str(raised.value)
+    assert elsewhere.seen == []  # the redirect away is not followed at all
+    # The configured GitLab's own refusal is named by its status, without the token.
+    gitlab = Server(lambda _path: (401, {}, {"message": "401 Unauthorized"}))
+    try:
+        with pytest.raises(GitLabAPIError) as raised:
+            list(client(gitlab.url).labels(PROJECT))
+    finally:
+        gitlab.close()
     assert "401" in str(raised.value)
     assert TOKEN not in str(raised.value)
-    assert elsewhere.tokens() == [None]
 
 
 def self_signed(directory: Path) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -47,12 +48,18 @@ class TLSFailed(OSError):
     retry: no retry mends it, and ten of them took 105 s before the error was shown."""
 
 
+class RedirectedAway(OSError):
+    """GitLab answered with a redirect to another origin, which is not followed."""
+
+
 class OriginBoundSession(requests.Session):
     """A session that sends the token to the configured GitLab origin only.
 
     requests strips ``Authorization`` from a redirect to another host, but not
     ``PRIVATE-TOKEN``: a GitLab (or a proxy in front of it) answering 302 to another
-    host, or from https to http, would have been handed the token.
+    host, or from https to http, would have been handed the token. Such a redirect is
+    not followed at all: without the token, a private project answered 404 there, and
+    every MR of a GitLab that had moved read as deleted.
     """
 
     def __init__(self, instance: str) -> None:
@@ -73,9 +80,23 @@ class OriginBoundSession(requests.Session):
         super().rebuild_auth(prepared_request, response)
         # requests' own rule (another host, port or scheme, but http to https on one
         # host is fine), applied against the configured origin rather than the last hop.
-        if self.should_strip_auth(self.instance + "/", prepared_request.url or ""):
+        target = prepared_request.url or ""
+        if self.should_strip_auth(self.instance + "/", target):
             for name in _TOKEN_HEADERS:
                 prepared_request.headers.pop(name, None)
+            raise RedirectedAway(
+                f"it redirects to {_origin(target)}: if GitLab moved there, set"
+                " SECLEDGER_GITLAB_URL to it (no request is sent elsewhere with or"
+                " without the token)"
+            )
+
+
+def _origin(url: str) -> str:
+    """Scheme, host and port of ``url``, without a user part (which may be a password)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}" + (f":{parts.port}" if parts.port else "")
 
 
 # Longest error text of GitLab's kept in a message: a proxy's HTML page is kilobytes.
@@ -109,6 +130,8 @@ def unreachable(exc: OSError) -> str:
     """Why the API could not be reached, in words (the exception's class otherwise)."""
     if isinstance(exc, requests.exceptions.Timeout):
         return "it did not answer in time (SECLEDGER_GITLAB_TIMEOUT_SECONDS)"
+    if isinstance(exc, RedirectedAway):
+        return str(exc)
     text = str(exc)
     for marker, cause in _CAUSES:
         if marker in text:
