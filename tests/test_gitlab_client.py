@@ -250,3 +250,24 @@ def test_a_gitlab_url_with_credentials_is_named_as_such_and_not_shown() -> None:
     assert "pw-77a" not in str(caught.value)
     with pytest.raises(ConfigError, match="set SECLEDGER_GITLAB_URL to the GitLab base URL"):
         client("https://[gitlab.example.com")  # not a traceback from the URL parser
+
+
+def test_a_token_short_of_a_scope_is_told_what_it_needs() -> None:
+    """python-gitlab keeps only GitLab's `error` word: "403: insufficient_scope" said
+    neither why nor what to do."""
+    body = {
+        "error": "insufficient_scope",
+        "error_description": "The request requires higher privileges than provided by the"
+        " access token.",
+        "scope": "api read_api",
+    }
+    gitlab = Server(lambda _path: (403, {}, body))
+    try:
+        with pytest.raises(GitLabAPIError) as raised:
+            list(client(gitlab.url).labels(PROJECT))
+    finally:
+        gitlab.close()
+    said = str(raised.value)
+    assert "403: insufficient_scope (The request requires higher privileges" in said
+    assert "needs the read_api scope" in said
+    assert raised.value.systemic

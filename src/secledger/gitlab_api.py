@@ -9,6 +9,7 @@ it is never logged or printed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,12 +77,32 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
         code = getattr(exc, "response_code", None)
         # The path says which endpoint: an old GitLab lacks some (resource_state_events).
         message = f"GitLab API: {path}: {code or 'error'}: {brief(exc.error_message)}"
+        message += _token_hint(code, getattr(exc, "response_body", None))
         raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         where = f" at {instance}" if instance else ""
         raise GitLabAPIError(
             f"GitLab API unreachable{where}: {unreachable(exc)}", unreachable=True
         ) from None
+
+
+def _token_hint(code: object, body: object) -> str:
+    """For a refused token (401) or one short of a scope (403): GitLab's own description
+    (python-gitlab keeps only its ``error`` word, such as ``insufficient_scope``) and what
+    the token needs."""
+    if code not in {401, 403}:
+        return ""
+    described = ""
+    try:
+        data = json.loads(body) if isinstance(body, bytes | str) else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error_description"), str):
+        described = f" ({brief(data['error_description'])})"
+    return (
+        f"{described}; the token (SECLEDGER_GITLAB_TOKEN) needs the read_api scope and"
+        " access to the projects, and must not be expired or revoked"
+    )
 
 
 def _netloc(url: str) -> str:
