@@ -21,7 +21,7 @@ from builders import dumps, label_change, mr_event
 from conftest import post
 from dashboard_fixtures import bearer, demo_bodies, log_in, reader_client, reader_settings
 from secledger.dashboard.charts import duration
-from secledger.dashboard.queries import Filters, ledger_page, summary, volume
+from secledger.dashboard.queries import Filters, ledger_page, summary
 from secledger.dashboard.trail import describe, instance_from_path
 from secledger.intake import Ignored, parse_delivery
 from secledger.policy import LabelPolicy
@@ -491,28 +491,3 @@ def test_a_scrape_does_not_wait_for_a_database_that_does_not_answer(engine, data
         "secledger_sla_breaches",
         "secledger_chain_head_seq",
     }
-
-
-def test_a_review_without_a_label_time_started_at_its_first_event(engine) -> None:
-    """The dashboard's volume chart and period filter took the latest event instead, so
-    such an MR moved to a later week with every event it got."""
-    for action, day in (("open", "2026-11-02"), ("approved", "2026-11-20")):
-        stamp = f"{day} 09:00:00 UTC"
-        body = mr_event(action, created_at="2026-11-02 09:00:00 UTC", updated_at=stamp)
-        outcome = feed(
-            engine,
-            LabelPolicy(),
-            {"x-gitlab-event": "Merge Request Hook"},
-            dumps(body),
-            max_body_bytes=1_000_000,
-            source="replay",
-        )
-        assert outcome.status == "recorded", outcome
-    with engine.begin() as conn:
-        # No time from a label or the MR's creation (facts of the API can lack both).
-        conn.execute(text("UPDATE security_review_ledger SET labeled_at = NULL"))
-    with engine.connect() as conn:
-        weeks = volume(conn, Filters(), "week")
-        early = summary(conn, Filters(until=utcnow().replace(year=2026, month=11, day=3)))
-    assert [(str(point.bucket), point.count) for point in weeks] == [("2026-11-02", 1)]
-    assert early.merged + early.open == 1

@@ -20,13 +20,10 @@ from secledger.tierpolicy import CompliancePolicy
 Bucket = Literal["day", "week", "month"]
 BUCKETS: tuple[Bucket, ...] = ("day", "week", "month")
 
-# When a review started: the first security label, or the first event we saw (one index
-# probe, made only for a row without a label time: COALESCE stops at its first value).
-STARTED = (
-    "coalesce(l.labeled_at, (SELECT min(e.event_at) FROM review_events e"
-    " WHERE e.instance = l.instance AND e.project_id = l.project_id"
-    " AND e.mr_iid = l.mr_iid))"
-)
+# When a review started: the first security label (else the MR's creation, as the fold
+# sets labeled_at); for a row with neither, its latest event. The expression is the one
+# migration 0005 indexed (security_review_ledger_started), which the date filters use.
+STARTED = "coalesce(l.labeled_at, l.last_event_at)"
 
 
 @dataclass(frozen=True)
