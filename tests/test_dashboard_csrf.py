@@ -313,3 +313,19 @@ def test_password_checks_at_once_are_capped_across_clients(browser) -> None:
     assert [line["event"] for line in logs] == ["login_busy"]
     state.password_checks = free
     assert post_login(browser, USER, PASSWORD).status_code == 303
+
+
+def test_forms_read_at_once_before_a_login_are_capped(browser) -> None:
+    """Cut off at the timeout, slow forms sent one after another still held the server's
+    512 request slots; past the cap a form is refused before its body is read."""
+    state = browser.app.api.state.dashboard  # type: ignore[attr-defined]
+    token = form_token(browser)
+    state.form_reads = pages.MAX_FORM_READS
+    refused = browser.post("/login", data=login_fields(token), follow_redirects=False)
+    assert refused.status_code == 429
+    assert "too many forms are being sent at once" in refused.text
+    state.form_reads = 0
+    assert (
+        browser.post("/login", data=login_fields(token), follow_redirects=False).status_code == 303
+    )
+    assert state.form_reads == 0  # every read gives its place back

@@ -69,18 +69,21 @@ class GitLabAPIError(SecledgerError):
         *,
         gone: bool | None = None,
         unreachable: bool = False,
+        short_of_scope: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status GitLab answered, when it answered
         self._gone = gone
         self.unreachable = unreachable  # no answer at all (after the client's retries)
+        self.short_of_scope = short_of_scope  # 403 insufficient_scope: the token's scope
 
     @property
     def systemic(self) -> bool:
         """A failure every other request would meet too: GitLab unreachable, the token
-        refused (401) or short of a scope (403), the rate limit still hit after the
-        retries (429). A pass over many MRs stops at it rather than wait out each one."""
-        return self.unreachable or self.status in {401, 403, 429}
+        refused (401) or short of a scope (403 ``insufficient_scope``; another 403 may be
+        one project's, whose MRs a Guest may not read), the rate limit still hit after
+        the retries (429). A pass over many MRs stops at it rather than wait out each."""
+        return self.unreachable or self.short_of_scope or self.status in {401, 429}
 
     @property
     def gone(self) -> bool:

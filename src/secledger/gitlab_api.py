@@ -77,8 +77,11 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
         code = getattr(exc, "response_code", None)
         # The path says which endpoint: an old GitLab lacks some (resource_state_events).
         message = f"GitLab API: {path}: {code or 'error'}: {brief(exc.error_message)}"
-        message += _token_hint(code, getattr(exc, "response_body", None))
-        raise GitLabAPIError(message, code if isinstance(code, int) else None) from None
+        answer = _error_body(getattr(exc, "response_body", None))
+        scope = code == 403 and answer.get("error") == "insufficient_scope"
+        message += _token_hint(code, answer, scope=scope)
+        status = code if isinstance(code, int) else None
+        raise GitLabAPIError(message, status, short_of_scope=scope) from None
     except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
         where = f" at {instance}" if instance else ""
         raise GitLabAPIError(
@@ -86,22 +89,30 @@ def _calling(action: Callable[[], T], path: str, instance: str) -> T:
         ) from None
 
 
-def _token_hint(code: object, body: object) -> str:
-    """For a refused token (401) or one short of a scope (403): GitLab's own description
-    (python-gitlab keeps only its ``error`` word, such as ``insufficient_scope``) and what
-    the token needs."""
-    if code not in {401, 403}:
-        return ""
-    described = ""
+def _error_body(body: object) -> dict[str, Any]:
+    """GitLab's JSON error answer, or {} (a proxy's HTML page, nothing)."""
     try:
         data = json.loads(body) if isinstance(body, bytes | str) else None
     except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error_description"), str):
-        described = f" ({brief(data['error_description'])})"
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_hint(code: object, answer: dict[str, Any], *, scope: bool) -> str:
+    """For a refused token (401) or a 403: GitLab's own description (python-gitlab keeps
+    only its ``error`` word, such as ``insufficient_scope``) and what to check."""
+    if code not in {401, 403}:
+        return ""
+    described = answer.get("error_description")
+    said = f" ({brief(described)})" if isinstance(described, str) else ""
+    if code == 403 and not scope:
+        return (
+            f"{said}; the token's user may not read this project's merge requests (GitLab"
+            " answers 403 to a Guest of a private project): give it Reporter access"
+        )
     return (
-        f"{described}; the token (SECLEDGER_GITLAB_TOKEN) needs the read_api scope and"
-        " access to the projects, and must not be expired or revoked"
+        f"{said}; the token (SECLEDGER_GITLAB_TOKEN) needs the read_api scope and access"
+        " to the projects, and must not be expired or revoked"
     )
 
 

@@ -45,6 +45,9 @@ def storable(value: str | None) -> str | None:
 
 # scrypt checks at once: 32 MiB and ~0.1 s of CPU each.
 MAX_PASSWORD_CHECKS = 4
+# Forms read at once before any login: each may take the body timeout, and the server
+# takes 512 requests at once in all, which GitLab's deliveries must keep getting.
+MAX_FORM_READS = 32
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Dashboard:
     password_checks: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_PASSWORD_CHECKS)
     )
+    # Login and logout forms being read at once (see pages._form).
+    form_reads: int = 0
     _options: tuple[float, FilterOptions] | None = None
 
     def options(self, conn: Connection) -> FilterOptions:

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from secledger import filtermatch, findings, reports
 from secledger.dashboard import assets, charts, queries, trail
 from secledger.dashboard.access import (
+    MAX_FORM_READS,
     MAX_PASSWORD_CHECKS,
     Dashboard,
     StoredId,
@@ -102,9 +103,15 @@ async def _form(request: Request) -> dict[str, str]:
     is not in within ``SECLEDGER_BODY_TIMEOUT_SECONDS`` (these routes are open to anyone,
     before any login: a few hundred bodies left unfinished held every request slot, and
     GitLab's deliveries were refused 503 while they lasted)."""
+    state = dashboard(request)
+    if state.form_reads >= MAX_FORM_READS:
+        # Cut off at the timeout, slow forms sent one after another would still hold
+        # the server's request slots: only these many at once.
+        raise HTTPException(429, "too many forms are being sent at once; try again shortly")
     chunks: list[bytes] = []
     size = 0
-    limit = dashboard(request).settings.body_timeout_seconds
+    limit = state.settings.body_timeout_seconds
+    state.form_reads += 1
     try:
         async with asyncio.timeout(limit):
             async for chunk in request.stream():
@@ -114,6 +121,8 @@ async def _form(request: Request) -> dict[str, str]:
                 chunks.append(chunk)
     except TimeoutError:
         raise HTTPException(408, f"the form was not received within {limit:g} s") from None
+    finally:
+        state.form_reads -= 1
     text = b"".join(chunks).decode(errors="replace")
     return {k: v[0] for k, v in parse_qs(text).items()}
 
@@ -134,6 +143,7 @@ def _refused(request: Request, form: dict[str, str]) -> bool:
 CSRF_REFUSALS = Throttle("csrf_refused_suppressed")
 BUSY_LOGINS = Throttle("login_busy_suppressed")
 BUSY = "Too many logins at once. Try again in a moment."
+PASSWORD_CHECK_WAIT_SECONDS = 2.0
 
 
 @router.get("/login")
@@ -171,14 +181,19 @@ async def login(request: Request, state: State) -> Response:
         return render(request, "login.html", 403, next=target, error=CSRF_REFUSED)
     client = request.client.host if request.client else "unknown"
     password = form.get("password", "")
-    if state.password_checks.locked():
-        # Each check takes 32 MiB and a tenth of a CPU second (scrypt): the per-name and
-        # per-address limits do not bound how many run at once from many addresses.
+    # Each check takes 32 MiB and a tenth of a CPU second (scrypt): the per-name and
+    # per-address limits do not bound how many run at once from many addresses. A login
+    # waits a moment for a free slot before it is turned away.
+    try:
+        await asyncio.wait_for(state.password_checks.acquire(), PASSWORD_CHECK_WAIT_SECONDS)
+    except TimeoutError:
         if BUSY_LOGINS.note(time.monotonic(), ()):
             log.warning("login_busy", client=client, limit=MAX_PASSWORD_CHECKS)
         return render(request, "login.html", 429, next=target, error=BUSY)
-    async with state.password_checks:
+    try:
         outcome = await run_in_threadpool(_attempt, state, engine(request), name, password, client)
+    finally:
+        state.password_checks.release()
     if outcome == "limited":
         error = "Too many failed logins. Wait a few minutes and try again."
         return render(request, "login.html", 429, next=target, error=error)

@@ -252,5 +252,10 @@ def conninfo(url: str) -> str:
     name, and every LISTEN connection failed.
     """
     parsed = make_url(sqlalchemy_url(url))
-    _args, options = parsed.get_dialect()().create_connect_args(parsed)
+    try:
+        _args, options = parsed.get_dialect()().create_connect_args(parsed)
+    except ArgumentError:
+        # As create() says it, without the URL (its password): the engine, made first
+        # by every caller, refuses such a URL before this is reached.
+        raise ConfigError("the database URL is refused: its options are not usable") from None
     return make_conninfo(**options)
