@@ -216,6 +216,24 @@ def test_over_https_the_session_cookie_is_one_only_this_host_can_set(database_ur
         assert clears(out, auth.SECURE_COOKIE)
 
 
+def form_scope(path: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ASGI scope of a form POST to ``path`` from a client on 127.0.0.1."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "root_path": "",
+    }
+
+
 def test_a_login_form_past_its_size_is_refused_without_reading_the_rest(browser) -> None:
     """The login route is open to anyone: a huge body is not buffered to be cut later."""
     read = 0
@@ -229,21 +247,7 @@ def test_a_login_form_past_its_size_is_refused_without_reading_the_rest(browser)
     async def send(message: dict[str, Any]) -> None:
         answers.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/login",
-        "raw_path": b"/login",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/x-www-form-urlencoded")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "root_path": "",
-    }
-    asyncio.run(browser.app(scope, receive, send))  # type: ignore[arg-type]
+    asyncio.run(browser.app(form_scope("/login"), receive, send))  # type: ignore[arg-type]
     assert answers[0]["status"] == 413
     assert read <= 2  # 16 MiB offered; one chunk past the limit was enough
 
@@ -270,23 +274,7 @@ def test_a_form_whose_body_stalls_is_cut_off_at_the_body_timeout(
     async def send(message: dict[str, Any]) -> None:
         answers.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"content-type", b"application/x-www-form-urlencoded"),
-            (b"content-length", b"8000"),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "root_path": "",
-    }
+    scope = form_scope(path, (b"content-length", b"8000"))
 
     async def run() -> float:
         started = time.monotonic()
