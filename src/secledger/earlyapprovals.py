@@ -122,6 +122,7 @@ def check(
     one MR does not stop the rest."""
     counts: Counter[str] = Counter()
     for key, labeled_at in candidates(engine, api.instance, limit=limit, recheck=recheck):
+        stop = False
         try:
             outcome = check_one(engine, api, policy, key, labeled_at, recording=recording)
         except Exception as exc:  # noqa: BLE001 - one MR must not stop (or starve) the rest
@@ -135,11 +136,12 @@ def check(
             )
             with engine.begin() as conn:
                 _note(conn, key, outcome)
-            if isinstance(exc, GitLabAPIError) and exc.gone:
-                outcome = GONE  # noted as api_error, counted apart
-            if isinstance(exc, GitLabAPIError) and exc.systemic:
-                counts[outcome] += 1  # the others would wait out the same retries
-                log.warning("early_approvals_stopped", error=str(exc)[:300], hint=STOPPED_HINT)
-                break
+            if isinstance(exc, GitLabAPIError):
+                if exc.gone:
+                    outcome = GONE  # noted as api_error, counted apart
+                stop = exc.systemic  # the others would wait out the same retries
         counts[outcome] += 1
+        if stop:
+            log.warning("early_approvals_stopped", hint=STOPPED_HINT)
+            break
     return dict(counts)

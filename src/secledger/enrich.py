@@ -135,6 +135,7 @@ def enrich(
     """Enrich every candidate, up to ``limit``; an API error on one MR does not stop the rest."""
     counts: Counter[str] = Counter()
     for key in candidates(engine, api.instance, limit=limit, recheck=recheck):
+        stop = False
         try:
             outcome = enrich_one(engine, api, policy, key, recording=recording)
         except GitLabAPIError as exc:
@@ -143,13 +144,13 @@ def enrich(
             )
             _note(engine, key, API_ERROR)  # asked again on later passes either way
             outcome = GONE if exc.gone else API_ERROR
-            if exc.systemic:
-                # Each of the others would wait out the same retries (with GitLab down,
-                # a pass of 500 took more than a day).
-                counts[outcome] += 1
-                log.warning("enrich_stopped", error=str(exc), hint=earlyapprovals.STOPPED_HINT)
-                break
+            # Each of the others would wait out the same retries (with GitLab down, a
+            # pass of 500 took more than a day).
+            stop = exc.systemic
         counts[outcome] += 1
+        if stop:
+            log.warning("enrich_stopped", hint=earlyapprovals.STOPPED_HINT)
+            break
     return EnrichResult(dict(counts))
 
 

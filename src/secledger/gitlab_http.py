@@ -39,10 +39,6 @@ def retry_after_in_seconds(response: Response, *_args: Any, **_kwargs: Any) -> R
     return response
 
 
-# Every header python-gitlab may authenticate with.
-_TOKEN_HEADERS = ("PRIVATE-TOKEN", "JOB-TOKEN", "Authorization")
-
-
 class TLSFailed(OSError):
     """A certificate that failed verification, raised as a type python-gitlab does not
     retry: no retry mends it, and ten of them took 105 s before the error was shown."""
@@ -82,8 +78,6 @@ class OriginBoundSession(requests.Session):
         # host is fine), applied against the configured origin rather than the last hop.
         target = prepared_request.url or ""
         if self.should_strip_auth(self.instance + "/", target):
-            for name in _TOKEN_HEADERS:
-                prepared_request.headers.pop(name, None)
             raise RedirectedAway(
                 f"it redirects to {_origin(target)}: if GitLab moved there, set"
                 " SECLEDGER_GITLAB_URL to it (no request is sent elsewhere with or"

@@ -196,8 +196,13 @@ class SignedHeaders:
     signatures: tuple[bytes, ...]
 
 
-def _wanted(source: Source, headers: Mapping[str, str]) -> tuple[bool, bool]:
+def _wanted(source: Source, headers: Mapping[str, str], sources: Sources) -> tuple[bool, bool]:
     """Which credentials to check: (token, signature), by policy and what was sent."""
+    if not (source.tokens or source.keys):
+        raise InvalidToken(
+            f"no secret is configured for deliveries from {source.name}"
+            + _unmatched(headers, source, sources)
+        )
     if source.policy == "token" or not source.keys:
         return True, False
     if source.policy == "signature" or not source.tokens:
@@ -299,12 +304,7 @@ def precheck(
     source = sources.select(headers)
     if source.open:
         return sources.verified(source.name, "open")
-    if not (source.tokens or source.keys):
-        raise InvalidToken(
-            f"no secret is configured for deliveries from {source.name}"
-            + _unmatched(headers, source, sources)
-        )
-    token, signature = _wanted(source, headers)
+    token, signature = _wanted(source, headers, sources)
     if token:
         _check_token(headers, source, sources)
     if signature:
@@ -321,12 +321,7 @@ def authenticate(
     reserved = sources.reserved(source.name)
     if source.open:
         return sources.verified(source.name, "open")
-    if not (source.tokens or source.keys):
-        raise InvalidToken(
-            f"no secret is configured for deliveries from {source.name}"
-            + _unmatched(headers, source, sources)
-        )
-    token, signature = _wanted(source, headers)
+    token, signature = _wanted(source, headers, sources)
     if token:
         _check_token(headers, source, sources)
     if not signature:
