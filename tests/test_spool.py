@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import structlog
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 from structlog.testing import capture_logs
 
 from builders import delivery_of, label_change, mr_event
@@ -33,7 +34,7 @@ from secledger import spool as spool_module
 from secledger import webhook as webhook_module
 from secledger.cli import main
 from secledger.config import Settings
-from secledger.drain import Drainer
+from secledger.drain import Drainer, is_transient
 from secledger.intake import Delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
@@ -867,7 +868,11 @@ def test_a_delivery_the_database_does_not_commit_in_time_is_spooled_and_recorded
         # The writer's carried reads held the chain lock the drain waits for: released.
         wait_for(lambda: spool_depth(client) == 0)
         assert sorted(r[1] for r in log_rows(engine)) == ["idem:first", "idem:late", "idem:later"]
-        assert client.get("/readyz").json()["writer"] == {"waiting_seconds": 0.0, "stalled": False}
+        assert client.get("/readyz").json()["writer"] == {
+            "waiting_seconds": 0.0,
+            "stalled": False,
+            "alive": True,
+        }
 
 
 def test_a_delivery_behind_its_mrs_first_uncommitted_one_is_kept_not_ignored(
@@ -1107,3 +1112,118 @@ def test_spool_status_reports_a_directory_it_cannot_use_and_creates_none(tmp_pat
         assert text.exit_code == 0, text.output
         assert f"problem:   the directory {problem}" in text.output
     assert not missing.exists()
+
+
+def test_a_spool_that_cannot_be_listed_raises_its_own_error_and_status_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE or EIO from listing the directory: a bare OSError escaped every guard on
+    the writer's path (they expect SpoolUnavailable) and ended the writer thread."""
+    spool = Spool.open(tmp_path / "spool")
+
+    def refuse(self: Path) -> Iterator[Path]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(SpoolUnavailable, match="cannot list the spool"):
+        spool.entries()
+    with pytest.raises(SpoolUnavailable):
+        spool.recount()
+    monkeypatch.setattr(spool, "_problem", lambda: None)  # the stat-based checks pass
+    status = spool.status()
+    assert not status.writable
+    assert status.problem == f"cannot be listed: {os.strerror(errno.EMFILE)}"
+
+
+def test_the_writer_outlives_a_spool_it_cannot_list_and_a_batch_that_fails_unexpectedly(
+    spool_settings: Settings, engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure no guard sorts must cost its batch a 503, not the writer thread: once
+    that thread was gone, every later delivery waited for the spool timer (or, without
+    a spool, for GitLab's timeout), and nothing was recorded until a restart."""
+    quick = spool_settings.model_copy(update={"spool_after_seconds": 2.0})
+    unlisted = threading.Event()
+    real_recount, real_record = Spool.recount, Recorder._record_batch
+
+    def recount(self: Spool) -> int:
+        if not unlisted.is_set():
+            unlisted.set()
+            raise SpoolUnavailable("cannot list the spool: Too many open files")
+        return real_recount(self)
+
+    def record_once_failing(self: Recorder, jobs: list[Any]) -> None:
+        if any(job.delivery.dedup_key == "idem:boom" for job in jobs):
+            raise RuntimeError("a bug")
+        real_record(self, jobs)
+
+    monkeypatch.setattr(Spool, "recount", recount)
+    monkeypatch.setattr(Recorder, "_record_batch", record_once_failing)
+    monkeypatch.setattr(recorder_module, "log", structlog.get_logger("test.writer"))
+    app = create_app(quick, db.Database(database_url, embedded=False))
+    with capture_logs() as logs, TestClient(app) as client:
+        unlisted.wait(timeout=10)
+        boom = post(client, mr_event("open"), Idempotency_Key="boom")
+        after = post(client, mr_event("approved", actor="bob"), Idempotency_Key="after")
+        ready = client.get("/readyz").json()
+    assert unlisted.is_set()
+    assert boom.status_code == 503, boom.text
+    assert "internal error" in boom.json()["message"]
+    assert (after.status_code, after.json()["status"]) == (200, "recorded")
+    assert ready["writer"]["alive"] is True
+    assert [r[1] for r in log_rows(engine)] == ["idem:after"]
+    events = [e["event"] for e in logs]
+    assert "spool_unreadable" in events and "writer_failed" in events
+
+
+def test_no_free_pooled_connection_is_an_outage_not_a_refusal(database_url: str) -> None:
+    """Every pooled connection busy (the dashboard, the sink and the periodic jobs share
+    the pool) past its wait raises SQLAlchemy's TimeoutError, which is no DBAPIError:
+    read as the database refusing the delivery, it went to failed/ and held its MR's
+    later deliveries there until an operator moved the files back."""
+    url = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    try:
+        with engine.connect(), pytest.raises(Exception) as caught:
+            engine.connect()
+        assert is_transient(caught.value), repr(caught.value)
+    finally:
+        engine.dispose()
+
+
+def test_a_late_delivery_is_spooled_in_time_while_the_default_executor_is_busy(
+    spool_settings: Settings, database_url: str
+) -> None:
+    """In a stall, the loop's default executor fills with database calls that hang in it
+    (the recheck's lookups, the periodic jobs); the late spooling waited behind them and
+    GitLab's 10 s ran out. Its writes have threads of their own."""
+    quick = spool_settings.model_copy(update={"spool_after_seconds": 0.3})
+    app = create_app(quick, db.Database(database_url, embedded=False))
+    release = threading.Event()
+
+    async def occupy() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        loop.run_in_executor(None, release.wait, 30)
+
+    with TestClient(app) as client:
+        assert post(client, mr_event("open"), Idempotency_Key="first").status_code == 200
+        client.portal.call(occupy)
+        answers: list[Any] = []
+        try:
+            with psycopg.connect(database_url) as holder:
+                holder.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+                sender = threading.Thread(
+                    target=lambda: answers.append(
+                        post(client, mr_event("approved", actor="bob"), Idempotency_Key="late")
+                    )
+                )
+                sender.start()
+                sender.join(timeout=5)
+                answered = not sender.is_alive()
+                holder.rollback()
+        finally:
+            release.set()
+        sender.join()
+        assert answered
+        assert (answers[0].status_code, answers[0].json()["status"]) == (202, "spooled")
+        wait_for(lambda: spool_depth(client) == 0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from secledger.errors import IntakeError
 from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
@@ -57,6 +58,11 @@ _SERVER_STATES = ("25006",)
 def is_transient(exc: BaseException) -> bool:
     """True when the database could not be reached or cannot write for now, rather than
     refusing the write."""
+    if isinstance(exc, PoolTimeout):
+        # No connection free in the pool (the dashboard, the sink and the periodic jobs
+        # share it) within its wait: not a DBAPIError, and taken as a refusal it sent a
+        # delivery to failed/ and held every later one of its MR there.
+        return True
     if isinstance(exc, DBAPIError) and str(getattr(exc.orig, "sqlstate", "")).startswith(
         _SERVER_STATES
     ):

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
 from secledger.recentignored import DRAINED_HOLD_BYTES
 from secledger.service import DEFAULT_RECORDING, Outcome, Recording, record_locked
-from secledger.spool import FAILED, DrainBusy, SpoolUnavailable
+from secledger.spool import FAILED, DrainBusy, Spool, SpoolUnavailable
 from secledger.store import batchread
 from secledger.store import log as log_store
 from secledger.store.eventcache import EventCache
@@ -136,6 +137,7 @@ _WAKE = object()
 CLOSE_WAIT_SECONDS = 30.0
 _NONE_HELD: set[MRKey] = set()
 _SPOOL_FAILED = (("error", "spool_write_failed"),)
+_SPOOL_UNLISTED = (("error", "spool_unreadable"),)
 # Bodies the drain found ignored before the receiver asked for them: as many as it holds.
 EARLY_IGNORED_BYTES = DRAINED_HOLD_BYTES
 # The least a delivery that waited past spool_after_seconds before reaching the writer
@@ -210,6 +212,7 @@ class Recorder:
         # A spool that cannot keep anything fails every delivery of an outage: 20 lines
         # of each kind a minute, then a count.
         self._spool_failures = Throttle("spool_write_failed_suppressed")
+        self._spool_unlisted = Throttle("spool_unreadable_suppressed")
         # What the spool's drain found ignored, for the receiver to hold (webhook.py);
         # kept here until it asks, as a drain may run before the first request.
         self._ignored_lock = threading.Lock()
@@ -224,6 +227,10 @@ class Recorder:
         self._busy_since: float | None = None
         # Deliveries being spooled because the database did not commit them in time.
         self._late: set[asyncio.Future[None]] = set()
+        # Their writes have threads of their own: in the loop's default executor they
+        # queued behind database calls that hang in the very stall being worked around
+        # (the recheck's lookups, the periodic jobs), past GitLab's 10 s.
+        self._late_writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="secledger-late")
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -294,7 +301,8 @@ class Recorder:
         spool = self._drainer.spool
         failure: SpoolUnavailable | None = None
         try:
-            await asyncio.get_running_loop().run_in_executor(None, spool.write, [delivery])
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._late_writer, spool.write, [delivery])
         except SpoolUnavailable as exc:
             failure = exc
         finally:
@@ -355,6 +363,11 @@ class Recorder:
         return self._drainer.spool.depth if self._drainer else 0
 
     @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (once started, until stopped)."""
+        return self._thread.is_alive()
+
+    @property
     def waiting_seconds(self) -> float:
         """How long the writer has been in its current database work (0 when idle)."""
         since = self._busy_since
@@ -369,10 +382,7 @@ class Recorder:
             # would cost more than the batch. Idle, it is listed anyway, in case a move
             # fell in the same clock tick as the mtime last seen.
             if spool is not None and not spool.depth:
-                if batch:
-                    spool.refresh()
-                else:
-                    spool.recount()
+                self._look_at_spool(spool, bool(batch))
             self._stopping = _STOP in batch
             self._sweep_step()  # first: a file it queues again is drained just below
             if self.spool_depth:
@@ -383,6 +393,8 @@ class Recorder:
                 self._busy_since = time.monotonic()
                 try:
                     self._dispatch(jobs)
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive one batch
+                    self._unexpected(jobs, exc)
                 finally:
                     self._busy_since = None
             if self._stopping:
@@ -393,7 +405,36 @@ class Recorder:
                 self._drop_connection()
                 self._refuse_late()
                 self._spool_failures.flush(time.monotonic())
+                self._spool_unlisted.flush(time.monotonic())
                 return
+
+    def _look_at_spool(self, spool: Spool, busy: bool) -> None:
+        failure: SpoolUnavailable | None = None
+        try:
+            if busy:
+                spool.refresh()
+            else:
+                spool.recount()
+        except SpoolUnavailable as exc:
+            failure = exc
+        # Its depth stays as last counted; the drain and the spooling report their own
+        # failures. Idle, this is every few seconds: a few lines a minute, then a count.
+        if failure is not None and self._spool_unlisted.note(time.monotonic(), _SPOOL_UNLISTED):
+            log.error("spool_unreadable", error=str(failure))
+
+    def _unexpected(self, jobs: list[_Job], exc: Exception) -> None:
+        """A failure nothing below sorted (a bug, a disk error out of place): the batch's
+        requests still waiting are answered 503 rather than left to GitLab's timeout, and
+        the writer carries on with the next batch on a new connection."""
+        log.error("writer_failed", error=type(exc).__name__, exc_info=exc)
+        self._pending = None
+        self._drop_connection()
+        failure = StoreUnavailable(
+            "the delivery could not be recorded: the receiver met an internal error"
+            " (logged as writer_failed)"
+        )
+        for job in jobs:
+            job.resolve(failure)
 
     def _drain_before_stop(self) -> None:
         """Drain while the database takes the spooled deliveries, for up to

@@ -206,6 +206,13 @@ class Spool:
             return sorted(p for p in self.directory.iterdir() if _is_entry(p))
         except (FileNotFoundError, NotADirectoryError):
             return []  # the directory is gone: nothing in it can be drained
+        except OSError as exc:
+            # Too many open files, an I/O error, a stale mount: raised as the spool's own
+            # failure, which every caller on the writer's path is ready for (a bare
+            # OSError from here once ended the writer thread for good).
+            raise SpoolUnavailable(
+                f"cannot list the spool {self.directory}: {exc.strerror}"
+            ) from exc
 
     def write(self, deliveries: Sequence[Delivery]) -> list[Path]:
         """Durably add ``deliveries`` in order; raises SpoolUnavailable if it cannot.
@@ -240,7 +247,9 @@ class Spool:
                 path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             fsync_dir(self.directory)
-        self.depth = len(self.entries())
+        # Unlisted, the depth stays as it was: these files were not counted in it yet.
+        with contextlib.suppress(SpoolUnavailable):
+            self.depth = len(self.entries())
 
     def _write_one(self, delivery: Delivery) -> Path:
         # Names sort in arrival order: a nanosecond clock that never goes backwards here,
@@ -354,7 +363,11 @@ class Spool:
         problem = self._problem()
         if problem is not None:
             return SpoolStatus(self.directory, 0, 0, None, 0, 0, writable=False, problem=problem)
-        names = self.entries()
+        try:
+            names = self.entries()
+        except SpoolUnavailable as exc:
+            why = f"cannot be listed: {getattr(exc.__cause__, 'strerror', None) or exc}"
+            return SpoolStatus(self.directory, 0, 0, None, 0, 0, writable=False, problem=why)
         size = sum(_size(p) for p in names)
         oldest = None
         for path in names[:1]:

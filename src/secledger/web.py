@@ -173,8 +173,13 @@ def create_api(
             # A database that answers SELECT 1 may still not commit (a stall, a held
             # chain lock): deliveries then go to the spool after spool_after_seconds.
             waiting = runtime.recorder.waiting_seconds
-            stalled = 0 < settings.spool_after_seconds <= waiting
-            checks["writer"] = {"waiting_seconds": round(waiting, 1), "stalled": stalled}
+            # Stopped (a failure no guard caught, or serve stopping): nothing is recorded.
+            stalled = (0 < settings.spool_after_seconds <= waiting) or not runtime.recorder.alive
+            checks["writer"] = {
+                "waiting_seconds": round(waiting, 1),
+                "stalled": stalled,
+                "alive": runtime.recorder.alive,
+            }
         ready = checks["database"] and checks["migrations"] and not (stalled or unwritable)
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
