@@ -357,3 +357,66 @@ def test_verify_after_a_key_rotation_takes_the_old_key_and_the_new_one(
     stored_only = cli(database_url, "verify", "--public-key", f"{new_key}.pub")
     assert stored_only.exit_code == 0, stored_only.output
     assert "1 stored signatures verified, 1 signed by another key not used" in stored_only.output
+
+
+def _rewrite(engine) -> None:
+    """Edit a decision, recompute every hash after it, drop the stored checkpoints."""
+    tamper(
+        engine,
+        "UPDATE delivery_log SET payload = convert_to(replace(convert_from(payload, 'UTF8'),"
+        " '\"bob\"', '\"mallory\"'), 'UTF8') WHERE seq = 2",
+        "DELETE FROM checkpoints",
+    )
+    rehash_from(engine, 2)
+
+
+def test_checkpoint_refuses_to_sign_a_head_that_does_not_extend_its_last_one(
+    client, key, database_url, engine, tmp_path
+):
+    """Signed as asked, the rewritten head got a fresh signature: an auditor handed the
+    newest file (and every evidence pack, which carries the newest checkpoint) saw an
+    intact, signed chain. The file signed before the rewrite is what refuses it."""
+    record_history(client)
+    directory = tmp_path / "cp"
+    _checkpoint(database_url, key, directory)
+    again = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(directory))
+    assert again.exit_code == 0, again.output  # the same head extends itself
+    _rewrite(engine)
+    refused = cli(database_url, "checkpoint", "--key", str(key), "--dir", str(directory))
+    assert refused.exit_code == 1
+    assert "the log's hash at seq 6 is not the one the checkpoint signed at" in refused.output
+    assert "history was rewritten; not signed" in refused.output
+    assert "--restored" in refused.output
+    assert len(list(directory.glob("checkpoint-*.json"))) == 2
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 0
+    restored = cli(
+        database_url, "checkpoint", "--key", str(key), "--dir", str(directory), "--restored"
+    )
+    assert restored.exit_code == 0, restored.output
+    # Signed by an operator's word, it is the head later ones must extend.
+    assert cli(database_url, "checkpoint", "--key", str(key)).exit_code == 0
+
+
+def test_serves_signer_refuses_a_cut_or_rewritten_log_it_signed_before(
+    client, key, database_url, engine
+):
+    """Without a directory, what serve signed last is remembered by the process: deleting
+    the stored checkpoints does not make it forget."""
+    record_history(client)
+    private = signing.load_private(key)
+    signed = integrity.checkpoint_if_new(engine, private, None)
+    assert signed is not None
+    assert integrity.checkpoint_if_new(engine, private, None, signed[0]) is None  # nothing new
+    tamper(
+        engine,
+        "DELETE FROM review_events WHERE seq >= 5",
+        "DELETE FROM delivery_log WHERE seq >= 5",
+        "DELETE FROM checkpoints",
+    )
+    with pytest.raises(integrity.HeadNotExtended, match=r"rows 5\.\.6 were removed"):
+        integrity.checkpoint_if_new(engine, private, None, signed[0])
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 0
+    # Forgotten (a restart, and the table emptied): nothing left to compare with.
+    assert integrity.checkpoint_if_new(engine, private, None) is not None

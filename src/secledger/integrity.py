@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Connection, Engine, text
 
 from secledger import checkpoint as signing
@@ -21,6 +23,7 @@ from secledger.policy import LabelPolicy
 from secledger.progress import Silent, Tracker
 from secledger.rebuild import Difference, log_rows, rebuild
 from secledger.store import checkpoints, derived
+from secledger.store.chain import time_text
 from secledger.store.db import pin_search_path
 from secledger.store.log import Chain
 from secledger.tierpolicy import CompliancePolicy
@@ -37,34 +40,66 @@ class CheckpointFileFailed(SecledgerError):
     """The checkpoint was signed and stored, but its copy outside the database was not."""
 
 
+class HeadNotExtended(SecledgerError):
+    """The log no longer holds the head this key signed last: signing its head now would
+    vouch for a history rewritten or cut since."""
+
+
+RESTORED_HINT = (
+    "run `secledger verify --checkpoint <that file> --public-key ...` to see what changed;"
+    " after restoring a backup, sign the restored head once with `secledger checkpoint"
+    " --restored` (docs/operations.md, Backup and restore)"
+)
+# Files and stored rows looked at, newest first, for the last head this key signed.
+_LOOK_BACK = 16
+
+
 def take_checkpoint(
-    engine: Engine, key: Ed25519PrivateKey, directory: Path | None
+    engine: Engine, key: Ed25519PrivateKey, directory: Path | None, *, restored: bool = False
 ) -> tuple[Checkpoint, Path | None]:
-    """Sign the committed head, store it, and copy it to ``directory``."""
+    """Sign the committed head, store it, and copy it to ``directory``.
+
+    Refused (HeadNotExtended) when the log does not hold the head this key signed last,
+    unless ``restored`` (a backup was restored, and the operator says so)."""
     if directory is not None:  # refused before signing: nothing is stored then
         _check_writable(directory)
-    written = _checkpoint(engine, key, directory, only_if_new=False)
+    written = _checkpoint(engine, key, directory, only_if_new=False, restored=restored)
     if written is None:
         raise EmptyChain("the delivery log is empty: there is no head to sign yet")
     return written
 
 
 def checkpoint_if_new(
-    engine: Engine, key: Ed25519PrivateKey, directory: Path | None
+    engine: Engine,
+    key: Ed25519PrivateKey,
+    directory: Path | None,
+    remembered: Checkpoint | None = None,
 ) -> tuple[Checkpoint, Path | None] | None:
     """Like :func:`take_checkpoint`, but skip an empty log or an already signed head; and
     a directory that cannot take the file does not stop the database's checkpoint (the
-    failed file is raised after it is stored)."""
-    return _checkpoint(engine, key, directory, only_if_new=True)
+    failed file is raised after it is stored). ``remembered`` is the checkpoint this
+    process signed last (serve keeps it), one more place the last signed head is read
+    from: the stored ones can be deleted by whoever rewrites the log."""
+    return _checkpoint(engine, key, directory, only_if_new=True, remembered=remembered)
 
 
 def _checkpoint(
-    engine: Engine, key: Ed25519PrivateKey, directory: Path | None, *, only_if_new: bool
+    engine: Engine,
+    key: Ed25519PrivateKey,
+    directory: Path | None,
+    *,
+    only_if_new: bool,
+    restored: bool = False,
+    remembered: Checkpoint | None = None,
 ) -> tuple[Checkpoint, Path | None] | None:
     with engine.begin() as conn:
         seq, head_hash = checkpoints.head(conn)
-        if seq == 0 or (only_if_new and checkpoints.latest_seq(conn) == seq):
+        last = last_signed(conn, key.public_key(), directory, remembered)
+        if seq == 0 or (only_if_new and last is not None and last.seq == seq):
             return None
+        problem = None if last is None else _not_extended(conn, last, seq)
+        if problem is not None and not restored:
+            raise HeadNotExtended(f"{problem}; not signed: {RESTORED_HINT}")
         signed = signing.sign(key, seq, head_hash, utcnow())
         checkpoints.add(conn, signed)
     # Written after the commit: a file never vouches for a head the database lost.
@@ -76,6 +111,69 @@ def _checkpoint(
             f" {directory} was not written: {exc.strerror}"
         ) from exc
     return signed, path
+
+
+def last_signed(
+    conn: Connection,
+    public: Ed25519PublicKey,
+    directory: Path | None,
+    remembered: Checkpoint | None = None,
+) -> Checkpoint | None:
+    """The newest checkpoint (by signing time) that ``public``'s key signed, whose
+    signature holds, among ``remembered``, the stored ones and the files in
+    ``directory``. The files count most: whoever rewrites the log can delete the stored
+    ones, not (on object-locked storage) the files."""
+    found = [] if remembered is None else [remembered]
+    found += _holding(checkpoints.recent(conn, signing.key_id(public), _LOOK_BACK), public)
+    if directory is not None:
+        found += _holding(_newest_files(directory), public)
+    return max(found, key=lambda checkpoint: checkpoint.signed_at, default=None)
+
+
+def _holding(candidates: Iterable[Checkpoint], public: Ed25519PublicKey) -> list[Checkpoint]:
+    """The first of ``candidates`` whose signature holds under ``public`` (or none)."""
+    for candidate in candidates:
+        try:
+            signing.check_signature(candidate, public)
+        except signing.BadCheckpoint:
+            continue
+        return [candidate]
+    return []
+
+
+def _newest_files(directory: Path) -> Iterator[Checkpoint]:
+    """The checkpoint files in ``directory``, newest signing time first (from the names
+    ``write_file`` gives them), at most ``_LOOK_BACK`` read."""
+    try:
+        names = [path for path in directory.iterdir() if _FILE_NAME.fullmatch(path.name)]
+    except OSError:
+        return  # no directory yet, or one this user cannot list: nothing to compare with
+    names.sort(key=lambda path: path.name.rsplit("-", 1)[1], reverse=True)
+    for path in names[:_LOOK_BACK]:
+        try:
+            yield signing.read_file(path)
+        except signing.BadCheckpoint:
+            continue
+
+
+_FILE_NAME = re.compile(r"checkpoint-\d{12,}-\d{8}T\d{12}Z\.json")
+
+
+def _not_extended(conn: Connection, last: Checkpoint, head_seq: int) -> str | None:
+    """Why the log's head does not extend ``last``, or None when it does."""
+    signed = f"the checkpoint signed at {time_text(last.signed_at)}"
+    if last.seq > head_seq:
+        return (
+            f"the log ends at seq {head_seq}, but {signed} covers seq {last.seq}: rows"
+            f" {head_seq + 1}..{last.seq} were removed"
+        )
+    found = checkpoints.hash_at(conn, last.seq)
+    if found != last.head_hash:
+        return (
+            f"the log's hash at seq {last.seq} is not the one {signed} vouches for:"
+            " history was rewritten"
+        )
+    return None
 
 
 def _check_writable(directory: Path) -> None:
@@ -177,12 +275,20 @@ def scheduled_key(settings: Settings) -> Ed25519PrivateKey | None:
 async def _every(
     interval: float, engine: Engine, key: Ed25519PrivateKey, directory: Path | None
 ) -> None:
+    remembered: Checkpoint | None = None
     while True:
+        refused: HeadNotExtended | None = None
         try:
-            written = await asyncio.to_thread(checkpoint_if_new, engine, key, directory)
+            written = await asyncio.to_thread(checkpoint_if_new, engine, key, directory, remembered)
+        except HeadNotExtended as exc:
+            refused = exc
         except Exception as exc:  # a missed checkpoint must not stop serving
             log.exception("checkpoint_failed", error=type(exc).__name__)
         else:
             if written is not None:
+                remembered = written[0]
                 log.info("checkpoint", seq=written[0].seq, file=str(written[1] or ""))
+        if refused is not None:
+            # An alarm, not a passing failure: asked again every interval, refused each time.
+            log.error("checkpoint_refused", reason=str(refused))
         await asyncio.sleep(interval)

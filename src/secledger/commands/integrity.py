@@ -297,13 +297,25 @@ def keygen(context: Context, out: Path | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write the checkpoint here (default SECLEDGER_CHECKPOINT_DIR).",
 )
+@click.option(
+    "--restored",
+    is_flag=True,
+    help="Sign although the log no longer holds the head this key signed last: only"
+    " after restoring a backup (docs/operations.md).",
+)
 @click.pass_obj
-def checkpoint_command(context: Context, key: Path | None, directory: Path | None) -> None:
+def checkpoint_command(
+    context: Context, key: Path | None, directory: Path | None, restored: bool
+) -> None:
     """Sign the current chain head (sequence, hash, time) and store the checkpoint.
 
     The checkpoint goes into the database and, when a directory is configured, into
     a new JSON file there: keep that directory outside the database's reach (for
     example object-locked storage mounted as a path).
+
+    The head must extend the one this key signed last (the newest checkpoint in the
+    directory or the database whose signature holds): a log rewritten or cut since
+    is refused, exit 1, unless --restored says a backup was restored.
 
     \b
     Example:
@@ -320,7 +332,7 @@ def checkpoint_command(context: Context, key: Path | None, directory: Path | Non
         private = signing.load_private(path)
         with _engine(context.database.url) as engine:
             signed, file = integrity.take_checkpoint(
-                engine, private, directory or settings.checkpoint_dir
+                engine, private, directory or settings.checkpoint_dir, restored=restored
             )
     except SecledgerError as exc:
         raise click.ClickException(str(exc)) from exc

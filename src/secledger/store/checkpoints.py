@@ -13,7 +13,11 @@ _INSERT = text(
     " VALUES (:seq, :head_hash, :signed_at, :key_id, :signature) RETURNING id"
 )
 _ALL = text("SELECT id, seq, head_hash, signed_at, key_id, signature FROM checkpoints ORDER BY id")
-_LATEST_SEQ = text("SELECT max(seq) FROM checkpoints")
+_RECENT = text(
+    "SELECT seq, head_hash, signed_at, key_id, signature FROM checkpoints"
+    " WHERE key_id = :key_id ORDER BY signed_at DESC, id DESC LIMIT :limit"
+)
+_HASH_AT = text("SELECT hash FROM delivery_log WHERE seq = :seq")
 
 
 def head(conn: Connection) -> tuple[int, bytes]:
@@ -42,7 +46,14 @@ def stored(conn: Connection) -> list[tuple[int, Checkpoint]]:
     ]
 
 
-def latest_seq(conn: Connection) -> int | None:
-    """The sequence number the newest checkpoint covers, if any."""
-    value = conn.execute(_LATEST_SEQ).scalar()
-    return None if value is None else int(value)
+def recent(conn: Connection, key_id: str, limit: int) -> list[Checkpoint]:
+    """The newest ``limit`` stored checkpoints naming ``key_id``, newest signing first
+    (their signatures unchecked)."""
+    rows = conn.execute(_RECENT, {"key_id": key_id, "limit": limit})
+    return [Checkpoint(row[0], bytes(row[1]), row[2], row[3], bytes(row[4])) for row in rows]
+
+
+def hash_at(conn: Connection, seq: int) -> bytes | None:
+    """The log row ``seq``'s hash, or None when there is no such row."""
+    value = conn.execute(_HASH_AT, {"seq": seq}).scalar()
+    return None if value is None else bytes(value)
