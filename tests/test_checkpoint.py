@@ -420,3 +420,39 @@ def test_serves_signer_refuses_a_cut_or_rewritten_log_it_signed_before(
         assert conn.execute(text("SELECT count(*) FROM checkpoints")).scalar_one() == 0
     # Forgotten (a restart, and the table emptied): nothing left to compare with.
     assert integrity.checkpoint_if_new(engine, private, None) is not None
+
+
+def test_without_hard_links_a_checkpoint_file_is_synced_or_not_left_at_all(
+    tmp_path, monkeypatch
+) -> None:
+    """On storage without hard links (object storage mounts) the file was written straight
+    and never synced: a crash or a full disk left a truncated file standing as evidence.
+    And a partial file the storage refused to remove made a written checkpoint fail."""
+
+    def no_links(_src: object, _dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(signing.os, "link", no_links)
+    real_unlink = Path.unlink
+
+    def locked(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".partial"):
+            raise OSError(errno.EPERM, "object is locked")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", locked)
+    written = signing.write_file(tmp_path / "ok", _signed(1))
+    assert json.loads(written.read_bytes())["seq"] == 1
+    synced: list[int] = []
+    real_fsync = signing.os.fsync
+
+    def full_on_second(fd: int) -> None:
+        synced.append(fd)
+        if len(synced) == 2:  # the partial file synced; the final one does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(signing.os, "fsync", full_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        signing.write_file(tmp_path / "full", _signed(2))
+    assert not list((tmp_path / "full").glob("checkpoint-*.json"))

@@ -594,6 +594,15 @@ def test_the_pack_names_rows_no_checkpoint_signs_its_manifest_hash_and_policy(
     unkeyed = cli(database_url, tmp_path, "evidence", *period, "--out", str(tmp_path / "p2"))
     assert unkeyed.exit_code == 0, unkeyed.output
     assert "note: the checkpoint's signature was not checked (no public key" in unkeyed.stderr
+    # ... and no row counts as signed by a checkpoint taken at its word (the app's login
+    # may insert one naming the head): the pack says so instead of "signed".
+    assert "newer than the newest signed" not in unkeyed.stderr
+    unkeyed_pack = json.loads((tmp_path / "p2" / "pack.json").read_bytes())
+    assert unkeyed_pack["unsigned_rows"] == {"first_seq": 1, "last_seq": newer[1]}
+    unkeyed_readme = (tmp_path / "p2" / "README.md").read_text()
+    assert "Newest stored checkpoint" in unkeyed_readme
+    assert "Newest signed checkpoint" not in unkeyed_readme
+    assert f"No checked signature covers log rows seq 1..{newer[1]}" in unkeyed_readme
 
 
 def test_events_dated_after_their_receipt_are_named(engine, database_url, tmp_path) -> None:

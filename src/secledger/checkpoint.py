@@ -8,6 +8,7 @@ short text, so an auditor can rebuild it with ``printf`` and check it with
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -192,9 +193,27 @@ def write_file(directory: Path, checkpoint: Checkpoint) -> Path:
             os.link(partial, path)
         except FileExistsError:
             raise
-        except OSError:  # a file system without hard links
-            with path.open("xb") as handle:
-                handle.write(data)
+        except OSError:  # a file system without hard links (object storage mounts)
+            _write_new(path, data)
     finally:
-        partial.unlink(missing_ok=True)
+        # Object-locked storage may refuse the removal: the checkpoint is written all
+        # the same, and a leftover partial file is never read as one.
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return path
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``path``, synced; removed again if that fails, so
+    that no truncated file stands as evidence."""
+    try:
+        with path.open("xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except FileExistsError:
+        raise
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise

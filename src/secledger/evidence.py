@@ -223,12 +223,19 @@ class Pack:
     @property
     def unsigned(self) -> dict[str, int] | None:
         """The log rows newer than the newest signed checkpoint (all of them when there is
-        none), when the chain verified: a rewrite of those would go unnoticed."""
+        none, or when its signature was not checked), when the chain verified: a rewrite
+        of those would go unnoticed."""
         last = self.chain.get("last_seq") if self.chain_ok else None
-        signed = self.checkpoint["seq"] if self.checkpoint else 0
+        signed = self.checkpoint["seq"] if self.checkpoint_verified else 0
         if not last or last <= signed:
             return None
         return {"first_seq": signed + 1, "last_seq": int(last)}
+
+    @property
+    def checkpoint_verified(self) -> bool:
+        """True when the pack's checkpoint's signature was checked and holds. Without a
+        public key it is a row taken at its word (the app's login may insert one)."""
+        return bool(self.checkpoint) and self.checkpoint.get("signature") == "verified"
 
     @property
     def chain_ok(self) -> bool:

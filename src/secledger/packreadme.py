@@ -113,18 +113,27 @@ def _chain(pack: Pack) -> str:
     )
     if pack.checkpoint:
         cp = pack.checkpoint
+        kind = "signed" if pack.checkpoint_verified else "stored"
         text += (
-            f" Newest signed checkpoint: seq {cp['seq']}, key `{cp['key_id']}`,"
+            f" Newest {kind} checkpoint: seq {cp['seq']}, key `{cp['key_id']}`,"
             f" signature {cp['signature']}."
         )
     else:
         text += " No signed checkpoint is stored."
-    if pack.unsigned and pack.checkpoint:
+    if pack.unsigned and pack.checkpoint_verified:
         rows = pack.unsigned
         text += (
             f" **Log rows seq {rows['first_seq']}..{rows['last_seq']} are newer than that"
             " checkpoint:** no signature covers them, so a rewrite of those rows would"
             " not be detected."
+        )
+    elif pack.unsigned and pack.checkpoint:
+        rows = pack.unsigned
+        text += (
+            f" **No checked signature covers log rows seq {rows['first_seq']}.."
+            f"{rows['last_seq']}:** the stored checkpoint was taken at its word (the"
+            " application's login may insert one), so this pack would not show a rewrite"
+            " of those rows; check the checkpoint's signature with step 4 below."
         )
     for label in pack.forged:
         text += (

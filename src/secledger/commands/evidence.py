@@ -61,7 +61,7 @@ def _report(pack: evidence.Pack, out: Path, stale: int) -> None:
     # Not signed: the auditor trusts the manifest by this hash, sent apart from the pack.
     digest = hashlib.sha256((out / MANIFEST).read_bytes()).hexdigest()
     click.echo(f"manifest sha256: {digest} (send it to the auditor apart from the pack)")
-    if pack.unsigned:
+    if pack.unsigned and (pack.checkpoint is None or pack.checkpoint_verified):
         rows = pack.unsigned
         click.echo(
             f"note: log rows seq {rows['first_seq']}..{rows['last_seq']} are newer than the"
