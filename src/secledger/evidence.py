@@ -226,7 +226,7 @@ class Pack:
         none, or when its signature was not checked), when the chain verified: a rewrite
         of those would go unnoticed."""
         last = self.chain.get("last_seq") if self.chain_ok else None
-        signed = self.checkpoint["seq"] if self.checkpoint_verified else 0
+        signed = self.checkpoint["seq"] if self.checkpoint and self.checkpoint_verified else 0
         if not last or last <= signed:
             return None
         return {"first_seq": signed + 1, "last_seq": int(last)}
@@ -235,7 +235,7 @@ class Pack:
     def checkpoint_verified(self) -> bool:
         """True when the pack's checkpoint's signature was checked and holds. Without a
         public key it is a row taken at its word (the app's login may insert one)."""
-        return bool(self.checkpoint) and self.checkpoint.get("signature") == "verified"
+        return self.checkpoint is not None and self.checkpoint.get("signature") == "verified"
 
     @property
     def chain_ok(self) -> bool:
