@@ -9,7 +9,7 @@ import pytest
 
 from builders import dumps, mr_event
 from chainkit import log_row, record_history, tamper
-from secledger.chainsql import CHECK_CHAIN
+from secledger.chainsql import CHECK_CHAIN, CHECK_CHAIN_FILE
 from secledger.config import Settings
 from secledger.policy import LabelPolicy
 from secledger.service import feed
@@ -97,3 +97,31 @@ def test_documented_query_names_tampered_rows(history, database_url, engine) -> 
     problems = _query(database_url, doc_sql())
     assert problems[0] == (2, "hash mismatch")
     assert (6, "sequence gap") in problems
+
+
+def test_the_packs_query_file_cannot_be_shadowed_by_a_function_in_public(
+    history, database_url, engine
+) -> None:
+    """The database's owner may create functions in public. One named like a catalog
+    function, taking text where the catalog's takes name, was picked for the query's
+    untyped 'UTF8' and could turn an edited column back into the bytes hashed before:
+    the file the evidence pack ships then listed no wrong row. Its path leaves public
+    out (the tables are named with their schema)."""
+    tamper(engine, "UPDATE delivery_log SET dedup_key = dedup_key || '~' WHERE seq = 2")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.convert_to(text, text) RETURNS bytea LANGUAGE sql"
+            " AS $$ SELECT pg_catalog.convert_to(pg_catalog.rtrim($1, '~'), $2::name) $$"
+        )
+        try:
+            problems: list[tuple] = []
+            for statement in CHECK_CHAIN_FILE.split(";\n")[:2]:  # the SET, the check
+                found = conn.execute(statement)
+                if found.description is not None:
+                    problems = found.fetchall()
+            conn.execute("SET search_path = pg_catalog, public, pg_temp")
+            shadowed = conn.execute("SELECT convert_to('a~', 'UTF8')").fetchone()
+        finally:
+            conn.execute("DROP FUNCTION public.convert_to(text, text)")
+    assert shadowed is not None and bytes(shadowed[0]) == b"a"  # the attack is real
+    assert problems == [(2, "hash mismatch")]

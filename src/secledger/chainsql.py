@@ -9,8 +9,6 @@ whose hash, link or sequence is wrong: none on a sound chain.
 
 from __future__ import annotations
 
-from secledger.store.db import PINNED_SEARCH_PATH
-
 CHECK_CHAIN = r"""WITH canon AS (
     SELECT d.seq, d.prev_hash, d.hash, c.canonical, d.received_at,
            lag(d.hash) OVER (ORDER BY d.seq) AS before,
@@ -49,14 +47,18 @@ ORDER BY seq;
 
 # A login's default search path looks in a schema named after it first, where the
 # database's owner could leave a pristine copy of the log; the queries name their table
-# with the schema, and the session's path is pinned too for any query added to them. A
-# log cut at its end has no wrong row: the last seq and head, printed after, tell it.
+# with the schema. Their path leaves public out as well: the owner may create functions
+# there, and one taking text where the catalog's convert_to takes name was picked for
+# the untyped 'UTF8', free to hash an edited column's old bytes (pg_temp is never
+# searched for functions). A log cut at its end has no wrong row: the last seq and
+# head, printed after, tell it.
+AUDIT_SEARCH_PATH = "pg_catalog, pg_temp"
 CHECK_CHAIN_FILE = (
     "-- secledger: check every row of the hash chain. The first query lists the rows whose\n"
     "-- hash, link or sequence is wrong (none on a sound chain); the second prints the log's\n"
     "-- last seq and head hash, to compare with a checkpoint (rows removed at the end).\n"
     "-- Run: psql -X -f chain/check-chain.sql 'postgresql://auditor@db.example.com/secledger'\n"
-    f"SET search_path = {PINNED_SEARCH_PATH};\n"
+    f"SET search_path = {AUDIT_SEARCH_PATH};\n"
     + CHECK_CHAIN
     + "SELECT seq AS last_seq, encode(hash, 'hex') AS head_hash\n"
     "FROM public.delivery_log ORDER BY seq DESC LIMIT 1;\n"
