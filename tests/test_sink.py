@@ -262,6 +262,27 @@ def test_a_server_idle_in_transaction_limit_shorter_than_a_post_does_not_end_the
     assert [r.seq for r in receiver.accepted()] == [1, 2]
 
 
+def test_a_server_transaction_limit_shorter_than_a_pass_does_not_end_it(
+    engine: Engine, database_url: str, sink_cli, receiver: Receiver
+) -> None:
+    """PostgreSQL 17's transaction_timeout (managed servers set it) ended the sender's
+    transaction, which holds a batch of POSTs: the rows were posted again every few
+    seconds and never marked. Before 17 the setting does not exist, and the sender's
+    transaction must not trip over its name."""
+    for body in history(3):
+        assert record_body(engine, body) == "recorded"
+    name = engine.url.database
+    with engine.begin() as conn:
+        version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+        if version >= 170000:
+            conn.execute(text(f'ALTER DATABASE "{name}" SET transaction_timeout = 500'))
+    receiver.delay = 0.3
+    result = sink_cli(receiver.url, "sink", "drain")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "delivered 3, pending 0"
+    assert [r.seq for r in receiver.accepted()] == [1, 2, 3]
+
+
 def test_drain_without_a_sink_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
     env = {"SECLEDGER_DATABASE_URL": database_url, "SECLEDGER_DATA_DIR": str(tmp_path)}
     result = CliRunner().invoke(main, ["sink", "drain"], env=env)

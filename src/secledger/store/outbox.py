@@ -24,8 +24,15 @@ SINK_LOCK_KEY = 0x5EC1ED5C
 _INSERT = text("INSERT INTO outbox (seq, idempotency_key, body) VALUES (:seq, :key, :body)")
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(key=SINK_LOCK_KEY)
 # The sender's transaction waits on each POST between statements; a server-wide
-# idle_in_transaction_session_timeout shorter than a POST would end it (and its session).
+# idle_in_transaction_session_timeout shorter than a POST would end it (and its session),
+# and so would PostgreSQL 17's transaction_timeout shorter than a batch of POSTs: the
+# rows were then posted again and again, never marked. That setting is unknown before
+# 17, hence set_config where it exists.
 _NO_IDLE_LIMIT = text("SET LOCAL idle_in_transaction_session_timeout = 0")
+_NO_TRANSACTION_LIMIT = text(
+    "SELECT set_config('transaction_timeout', '0', true)"
+    " WHERE current_setting('transaction_timeout', true) IS NOT NULL"
+)
 _HIGH_WATER = "(SELECT COALESCE(max(seq), 0) FROM outbox_delivered)"
 _NEXT = text(
     f"SELECT seq, idempotency_key, body FROM outbox WHERE seq > {_HIGH_WATER}"
@@ -108,6 +115,7 @@ def send(pg: Pg, rows: list[tuple[int, str, str]]) -> None:
 def try_lock(conn: Connection) -> bool:
     """Become the only sender until this transaction ends; False when another one is."""
     conn.execute(_NO_IDLE_LIMIT)
+    conn.execute(_NO_TRANSACTION_LIMIT)
     return bool(conn.execute(_TRY_LOCK).scalar_one())
 
 
