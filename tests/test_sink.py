@@ -13,10 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from click.testing import CliRunner
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
+from structlog.testing import capture_logs
 
 from builders import dumps, mr_event
 from conftest import post
@@ -525,3 +527,27 @@ def test_a_link_local_address_keeps_its_scope() -> None:
     assert sinkhttp._spelled(socket.AF_INET6, scoped) == "fe80::1%2"
     assert sinkhttp._spelled(socket.AF_INET6, ("2001:db8::1", 80, 0, 0)) == "2001:db8::1"
     assert sinkhttp._spelled(socket.AF_INET, ("192.0.2.1", 80)) == "192.0.2.1"
+
+
+def test_a_sender_that_keeps_failing_backs_off_and_says_why(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that comes back at once (here: its notifications' database cannot be
+    reached) was retried every 2 s for as long as it lasted, 43,000 lines a day, each
+    naming only the exception's class."""
+    monkeypatch.setattr(sink, "RECONNECT_SECONDS", 0.01)
+    monkeypatch.setattr(sink, "MAX_RECONNECT_SECONDS", 0.04)
+    monkeypatch.setattr(sink, "log", structlog.get_logger("test.sink"))
+    config = sink.SinkConfig("http://127.0.0.1:9/", "X-Secledger-Token", None, 1.0, 1, 0.0, 0.0)
+    worker = sink.SinkWorker(engine, config, f"host=127.0.0.1 port={unused_port()} dbname=x")
+    with capture_logs() as logs:
+        worker.start()
+        deadline = time.monotonic() + 20
+        while len([e for e in logs if e["event"] == "sink_error"]) < 5:
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.01)
+        worker.close()
+    errors = [e for e in logs if e["event"] == "sink_error"]
+    assert [e["retry_seconds"] for e in errors[:5]] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert all(e["connection"] for e in errors)
+    assert "connection" in errors[0]["detail"] and "failed" in errors[0]["detail"]

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from secledger.errors import IntakeError
+from secledger.errors import IntakeError, first_line
 from secledger.extract import EventFacts, MRKey, extract_facts, mr_key
 from secledger.ignoredspool import IgnoredFiles, Swept
 from secledger.intake import Delivery, Ignored, parse_delivery
@@ -71,12 +71,6 @@ def is_transient(exc: BaseException) -> bool:
         state = getattr(exc.orig, "sqlstate", None) or ""
         return not state.startswith(_REFUSALS)
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
-def _first_line(exc: BaseException) -> str:
-    """The database's (or the driver's) first line about ``exc``: never a password."""
-    text_ = str(getattr(exc, "orig", None) or type(exc).__name__).strip()
-    return text_.splitlines()[0][:300] if text_ else type(exc).__name__
 
 
 @dataclass
@@ -221,7 +215,7 @@ class Drainer:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             if is_transient(exc):
-                return _first_line(exc)
+                return first_line(exc)
             raise
         return None
 
@@ -318,7 +312,7 @@ class Drainer:
         except Exception as exc:  # noqa: BLE001 - sorted into unavailable or refused below
             if is_transient(exc):
                 result.unavailable = True
-                result.why = _first_line(exc)
+                result.why = first_line(exc)
                 return
             if len(items) > 1:
                 # One delivery the database refuses must not hold back the others.

@@ -134,3 +134,10 @@ class Saturated(IntakeError):
 
     status_code = 503
     code = "saturated"
+
+
+def first_line(exc: BaseException) -> str:
+    """The database's (or the driver's) first line about ``exc``: never a password, and
+    none of the statement's bound values, which SQLAlchemy's own text would add."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

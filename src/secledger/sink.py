@@ -11,6 +11,7 @@ is never skipped, so rows after it wait: nothing is lost and nothing overtakes.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,7 @@ from sqlalchemy import Engine
 
 from secledger import __version__
 from secledger.config import Settings
-from secledger.errors import ConfigError
+from secledger.errors import ConfigError, first_line
 from secledger.listener import Listener, is_connection_error
 from secledger.sinkhttp import Poster
 from secledger.store import outbox
@@ -30,6 +31,7 @@ log = structlog.get_logger("secledger.sink")
 # Notifications wake the background sender at once; this is only the safety net.
 POLL_SECONDS = 5.0
 RECONNECT_SECONDS = 2.0
+MAX_RECONNECT_SECONDS = 60.0
 # The least the background sender waits after a pass gave up on a row.
 MIN_PASS_PAUSE_SECONDS = 1.0
 # Rows posted per transaction: one commit for their markers. A crash before that commit
@@ -198,15 +200,25 @@ class SinkWorker:
             self._sender.close()
 
     def _run(self) -> None:
+        pause = RECONNECT_SECONDS
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self._follow()
             except Exception as exc:  # noqa: BLE001 - the sender must outlive any one failure
                 # No traceback: SQL errors can carry bound parameters (ledger rows).
                 log.error(  # noqa: TRY400
-                    "sink_error", error=type(exc).__name__, connection=is_connection_error(exc)
+                    "sink_error",
+                    error=type(exc).__name__,
+                    detail=first_line(exc),
+                    connection=is_connection_error(exc),
+                    retry_seconds=pause,
                 )
-                self._stop.wait(RECONNECT_SECONDS)
+                self._stop.wait(pause)
+                # A failure that comes back at once (a missing grant, a server that ends
+                # the sender's transaction) is not retried every 2 s for days.
+                quick = time.monotonic() - started < MAX_RECONNECT_SECONDS + pause
+                pause = min(pause * 2, MAX_RECONNECT_SECONDS) if quick else RECONNECT_SECONDS
 
     def _follow(self) -> None:
         with Listener(self._conninfo) as listener:
