@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import io
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -185,6 +186,38 @@ def test_the_line_writer_writes_without_being_drained() -> None:
     while sink.getvalue() != b"hello\n" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sink.getvalue() == b"hello\n"
+
+
+def test_the_line_writer_drops_and_counts_lines_its_file_does_not_take() -> None:
+    """stderr to a log shipper that stalled: the queue grew by a line per delivery until
+    the process was killed for its memory."""
+
+    class Stalled(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = threading.Event()
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            self.go.wait(10)
+            return super().write(data)
+
+    sink = Stalled()
+    writer = LineWriter(sink, limit=1000)  # type: ignore[arg-type]
+    writer.write(b"first\n")  # taken by the log thread, which then waits in write()
+    deadline = time.monotonic() + 5
+    while writer._lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lines = [b"%04d %s\n" % (n, b"x" * 90) for n in range(100)]
+    for line in lines:
+        writer.write(line)
+    assert sum(map(len, writer._lines)) <= 1000
+    sink.go.set()
+    writer.drain()
+    written = sink.getvalue().splitlines()
+    kept = 1000 // len(lines[0])
+    assert written[: kept + 1] == [b"first"] + [line.rstrip(b"\n") for line in lines[:kept]]
+    dropped = orjson.loads(written[-1])
+    assert (dropped["event"], dropped["lines"]) == ("log_lines_dropped", 100 - kept)
 
 
 def _json_logs_to(monkeypatch: pytest.MonkeyPatch, level: str) -> tuple[io.BytesIO, LineWriter]:

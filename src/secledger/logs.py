@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from secledger.throttle import Throttle
+from secledger.times import isoformat, utcnow
 
 # Keys that must never reach a log line, whatever a caller binds by mistake.
 _SECRET_KEYS = frozenset({"token", "x-gitlab-token", "password", "secret", "body", "payload"})
@@ -30,6 +31,23 @@ def _drop_secrets(
     return event_dict
 
 
+# What the log thread may have queued while its file does not take lines (a log shipper
+# that stalled, a pipe nobody reads): past this, lines are dropped and counted, rather
+# than memory growing until the process is killed.
+MAX_QUEUED_BYTES = 64 << 20
+
+
+def _dropped_line(count: int) -> bytes:
+    record = {
+        "event": "log_lines_dropped",
+        "lines": count,
+        "level": "error",
+        "hint": "stderr did not take the log's lines (a stalled log shipper or pipe)",
+        "timestamp": isoformat(utcnow()),
+    }
+    return orjson.dumps(record) + b"\n"
+
+
 class LineWriter:
     """A file-like sink whose ``write`` only queues: a thread of its own does the I/O.
 
@@ -39,9 +57,13 @@ class LineWriter:
     in order, and all of them at exit; a killed process may lose the last few.
     """
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, limit: int = MAX_QUEUED_BYTES) -> None:
         self._file = file
+        self._limit = limit
         self._lines: deque[bytes] = deque()
+        self._count = threading.Lock()  # the queue's size and what it dropped
+        self._queued = 0
+        self._dropped = 0
         self._wake = threading.Event()
         self._io = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="secledger-log", daemon=True)
@@ -49,8 +71,13 @@ class LineWriter:
         atexit.register(self.drain)
 
     def write(self, data: bytes) -> int:
-        """Queue ``data`` for the file."""
-        self._lines.append(data)
+        """Queue ``data`` for the file; dropped (and counted) while the queue is full."""
+        with self._count:
+            if self._queued + len(data) > self._limit:
+                self._dropped += data.count(b"\n") or 1
+                return len(data)
+            self._queued += len(data)
+            self._lines.append(data)
         if not self._wake.is_set():
             self._wake.set()
         return len(data)
@@ -61,9 +88,13 @@ class LineWriter:
     def drain(self) -> None:
         """Write what is queued, now (also at exit)."""
         with self._io:
-            chunks: list[bytes] = []
-            while self._lines:
-                chunks.append(self._lines.popleft())
+            with self._count:
+                chunks = list(self._lines)
+                self._lines.clear()
+                self._queued = 0
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                chunks.append(_dropped_line(dropped))
             if chunks:
                 try:
                     self._file.write(b"".join(chunks))
