@@ -349,3 +349,30 @@ def test_every_new_command_has_help_with_an_example() -> None:
         result = CliRunner().invoke(main, [*args, "--help"], env={"SECLEDGER_LOG_LEVEL": "warning"})
         assert result.exit_code == 0
         assert "Example:" in result.output
+
+
+def test_a_hook_whose_temporary_disabling_is_over_is_enabled() -> None:
+    """GitLab keeps ``disabled_until``'s past time until the next successful delivery;
+    the hook delivers again meanwhile (``alert_status`` says ``executable``). It was
+    reported "disabled (executable)"."""
+    from secledger.hooks import HookHealth  # noqa: PLC0415
+
+    base = {"merge_requests_events": True, "enable_ssl_verification": True}
+    over = HookHealth(
+        {**base, "alert_status": "executable", "disabled_until": "2025-01-01T00:00:00.000Z"}, None
+    )
+    assert over.enabled and over.problems == []
+    held = HookHealth(
+        {
+            **base,
+            "alert_status": "temporarily_disabled",
+            "disabled_until": "2999-01-01T00:00:00.000Z",
+        },
+        None,
+    )
+    assert not held.enabled and held.problems == ["disabled (temporarily_disabled)"]
+    assert not HookHealth({**base, "alert_status": "disabled"}, None).enabled
+    # A GitLab that sends no alert_status: disabled_until tells it.
+    assert HookHealth({**base, "disabled_until": "2025-01-01T00:00:00Z"}, None).enabled
+    assert not HookHealth({**base, "disabled_until": "2999-01-01T00:00:00Z"}, None).enabled
+    assert HookHealth(base, None).enabled

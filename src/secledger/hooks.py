@@ -16,6 +16,7 @@ import tomlkit
 
 from secledger.errors import ConfigError, GitLabAPIError
 from secledger.gitlab_api import GitLabAPI, Scope
+from secledger.times import parse_time, utcnow
 
 # GitLab turns push events on unless told otherwise; secledger wants merge requests only.
 HOOK_EVENTS = {
@@ -133,10 +134,21 @@ class HookHealth:
 
     @property
     def enabled(self) -> bool:
-        """False while GitLab has disabled the hook after repeated failures."""
-        return self.hook.get("alert_status", "executable") == "executable" and not self.hook.get(
-            "disabled_until"
-        )
+        """False while GitLab has disabled the hook after repeated failures.
+
+        GitLab's ``alert_status`` says it (``executable`` once a temporary disabling is
+        over, though ``disabled_until`` keeps its past time until the next success);
+        without it (an older GitLab), ``disabled_until`` still in the future does."""
+        status = self.hook.get("alert_status")
+        if status is not None:
+            return status == "executable"
+        until = self.hook.get("disabled_until")
+        if not until:
+            return True
+        try:
+            return parse_time(str(until)) <= utcnow()
+        except ValueError:
+            return False
 
     @property
     def problems(self) -> list[str]:
