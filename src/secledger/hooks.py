@@ -141,7 +141,7 @@ class HookHealth:
         without it (an older GitLab), ``disabled_until`` still in the future does."""
         status = self.hook.get("alert_status")
         if status is not None:
-            return status == "executable"
+            return bool(status == "executable")
         until = self.hook.get("disabled_until")
         if not until:
             return True
