@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from builders import dumps, mr_event
+from chainkit import tamper
 from faultkit import database_down
 from secledger import watch as watch_module
 from secledger.cli import main
@@ -278,6 +279,45 @@ def test_a_watcher_reconnecting_to_a_restored_log_stops_instead_of_skipping(
     later = Watcher(engine, db.conninfo(database_url), io.StringIO(), 1, threading.Event())
     later.check_same_log()
     assert later.last_hash == bytes.fromhex(log_hash(engine, 1))
+
+
+def test_a_watcher_that_stays_connected_across_an_in_place_restore_stops(
+    engine: Engine, database_url: str
+) -> None:
+    """`pg_restore --clean` into the live database kept the watcher's connections: it never
+    reconnected, so the check above never ran, and the restored log's new rows up to its
+    last seq were skipped for good. The check runs at every wake-up now."""
+    for n in (1, 2):
+        record(engine, event(n, iid=n))
+    out = LineQueue()
+    stop = threading.Event()
+    watcher = Watcher(engine, db.conninfo(database_url), out, 0, stop, poll_seconds=0.05)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            watcher.run()
+        except BaseException as exc:  # noqa: BLE001 - what ended the thread, for the test
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert [out.lines.get(timeout=LINE_TIMEOUT)["seq"] for _ in (1, 2)] == [1, 2]
+        tamper(
+            engine,
+            "DELETE FROM review_events WHERE seq >= 2",
+            "DELETE FROM delivery_log WHERE seq >= 2",
+        )
+        for n in (12, 13):  # the restored log's seqs 2 and 3
+            record(engine, event(n, iid=n))
+        thread.join(timeout=LINE_TIMEOUT)
+    finally:
+        stop.set()
+        thread.join(timeout=LINE_TIMEOUT)
+    assert not thread.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], LogReplaced), failures
+    assert out.lines.empty()  # seq 3 was not written as if it followed the old seq 2
 
 
 def test_watch_emits_every_change(engine: Engine, database_url: str, watch) -> None:

@@ -198,6 +198,9 @@ class Watcher:
             self._connections += 1
             while not self.stop.is_set():
                 listener.wait(self.poll_seconds, self.stop)
+                # At every wake-up, not only on connecting: `pg_restore --clean` into the
+                # live database leaves this process's connections as they were.
+                self.check_same_log()
                 self.catch_up()
 
     def check_same_log(self) -> None:
