@@ -1022,3 +1022,28 @@ def test_a_formula_after_a_semicolon_is_made_text() -> None:
     )
     [_, line] = out.getvalue().splitlines()
     assert not any(cell.startswith("=") for cell in next(csv.reader([line], delimiter=";")))
+
+
+def test_rows_removed_between_the_packs_snapshot_and_its_walk_break_its_chain(
+    engine, tmp_path, monkeypatch
+) -> None:
+    """The pack's rows are read in one snapshot and the chain walked in another, later:
+    a tail removed between the two was reported "chain OK" with a last seq below the
+    snapshot's head, though the pack cited rows past it."""
+    record(engine)
+    real = evidence._check_derived
+
+    def cut_then_check(conn: Any, *args: Any) -> Any:
+        tamper(
+            engine,
+            "DELETE FROM review_events WHERE seq >= 5",
+            "DELETE FROM delivery_log WHERE seq >= 5",
+        )
+        return real(conn, *args)
+
+    monkeypatch.setattr(evidence, "_check_derived", cut_then_check)
+    pack = build(engine, tmp_path / "pack")
+    assert pack.snapshot_head_seq == len(HISTORY)
+    assert not pack.chain_ok
+    assert pack.chain["failure"]["seq"] == 5
+    assert "the head read in the pack's snapshot covers seq" in pack.chain["failure"]["reason"]

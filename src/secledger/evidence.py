@@ -205,6 +205,7 @@ class Pack:
     events: int = 0
     findings: int = 0
     snapshot_head_seq: int = 0
+    snapshot_head_hash: bytes = b""
     sample: list[Sampled] = field(default_factory=list)
     chain: dict[str, Any] = field(default_factory=dict)
     # The ledger and event rows against a rebuild from the log, in the pack's snapshot.
@@ -311,7 +312,9 @@ def build(
             latest = checkpoints.stored(conn)
             pack.derived = _check_derived(conn, options.labels, tracker)
     advance = tracker.task("verify chain", pack.snapshot_head_seq or None)
-    pack.chain = packchain.verify_now(engine, files, pack.snapshot_head_seq, advance, public_key)
+    pack.chain = packchain.verify_now(
+        engine, files, (pack.snapshot_head_seq, pack.snapshot_head_hash), advance, public_key
+    )
     pack.checkpoint = packchain.add_checkpoint(
         files, packchain.newest(latest, public_key), public_key
     )
@@ -327,7 +330,7 @@ def _snapshot(conn: Connection, pack: Pack, files: PackDir, tracker: Tracker) ->
     """Everything read from the ledger, in one snapshot."""
     # Every time comes back in UTC, so JSON and CSV spell it the same way ("Z").
     conn.execute(text("SET LOCAL TIME ZONE 'UTC'"))
-    pack.snapshot_head_seq = checkpoints.head(conn)[0]
+    pack.snapshot_head_seq, pack.snapshot_head_hash = checkpoints.head(conn)
     pack.population = _create_population(conn, pack.options)
     positions = draw(pack.population, pack.options.sample, pack.options.seed)
     sampled = _write_population(conn, pack, files, set(positions), tracker)

@@ -12,30 +12,37 @@ from secledger import checkpoint as signing
 from secledger.chainsql import CHECK_CHAIN_FILE
 from secledger.checkpoint import Checkpoint
 from secledger.packfiles import PackDir
-from secledger.store.verify import ChainBroken, Summary, signed_by, verify
+from secledger.store.verify import ChainBroken, Expected, Summary, signed_by, verify
 from secledger.times import isoformat, utcnow
+
+# The walk runs after the pack's snapshot, in a snapshot of its own (it reads the whole
+# log): the head the pack's rows were read under must be in the chain it walks.
+SNAPSHOT_HEAD = "the head read in the pack's snapshot"
 
 
 def verify_now(
     engine: Engine,
     files: PackDir,
-    snapshot_head_seq: int,
+    snapshot_head: tuple[int, bytes],
     progress: Callable[[int], None],
     public: Ed25519PublicKey | None,
 ) -> dict[str, Any]:
     """Walk the whole chain as ``secledger verify`` does (with ``public``, a stored
-    checkpoint whose signature fails is not trusted, and listed as forged), write
-    ``chain/verify.json``; a broken chain is recorded too. Beside it goes the query
-    that repeats the walk with ``psql`` alone."""
+    checkpoint whose signature fails is not trusted, and listed as forged), holding it
+    to ``snapshot_head`` (seq, hash: rows removed or rewritten since the pack's
+    snapshot break it), and write ``chain/verify.json``; a broken chain is recorded too.
+    Beside it goes the query that repeats the walk with ``psql`` alone."""
     result: dict[str, Any] = {"verified_at": isoformat(utcnow())}
+    seq, head = snapshot_head
+    vouched = [Expected(seq, head, SNAPSHOT_HEAD)] if seq else []
     try:
-        summary = verify(engine, progress=progress, screen=signed_by(public))
+        summary = verify(engine, vouched, progress=progress, screen=signed_by(public))
     except ChainBroken as exc:
         result |= {"ok": False, "failure": {"seq": exc.seq, "reason": exc.reason}}
     else:
         result |= {"ok": True, "failure": None, **_summary(summary)}
         result["forged_checkpoints"] = summary.forged
-    result["snapshot_head_seq"] = snapshot_head_seq
+    result["snapshot_head_seq"] = seq
     files.write_json("chain/verify.json", result)
     files.write_bytes("chain/check-chain.sql", CHECK_CHAIN_FILE.encode())
     return result
@@ -49,7 +56,7 @@ def _summary(summary: Summary) -> dict[str, Any]:
         "head_hash": summary.head_hash.hex(),
         "seconds": round(summary.seconds, 3),
         "checkpoints_stored": len(summary.stored),
-        "checkpoints_matched": summary.matched,
+        "checkpoints_matched": [label for label in summary.matched if label != SNAPSHOT_HEAD],
     }
 
 
