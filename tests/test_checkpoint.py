@@ -359,13 +359,13 @@ def test_verify_after_a_key_rotation_takes_the_old_key_and_the_new_one(
     assert "1 stored signatures verified, 1 signed by another key not used" in stored_only.output
 
 
-def _rewrite(engine) -> None:
+def _rewrite(engine, *, drop_checkpoints: bool = True) -> None:
     """Edit a decision, recompute every hash after it, drop the stored checkpoints."""
     tamper(
         engine,
         "UPDATE delivery_log SET payload = convert_to(replace(convert_from(payload, 'UTF8'),"
         " '\"bob\"', '\"mallory\"'), 'UTF8') WHERE seq = 2",
-        "DELETE FROM checkpoints",
+        *(["DELETE FROM checkpoints"] if drop_checkpoints else []),
     )
     rehash_from(engine, 2)
 
@@ -456,3 +456,18 @@ def test_without_hard_links_a_checkpoint_file_is_synced_or_not_left_at_all(
     with pytest.raises(OSError, match="No space left"):
         signing.write_file(tmp_path / "full", _signed(2))
     assert not list((tmp_path / "full").glob("checkpoint-*.json"))
+
+
+def test_a_stored_checkpoint_whose_key_id_was_edited_is_still_held_to_the_chain(
+    client, key, database_url, engine
+):
+    """key_id is outside the signed message: set to a key not given, a checkpoint the
+    given key signed was left out as "signed by another key", and with the key given,
+    verify passed a log rewritten behind it (without the key it was held to the chain)."""
+    record_history(client)
+    assert cli(database_url, "checkpoint", "--key", str(key)).exit_code == 0
+    _rewrite(engine, drop_checkpoints=False)
+    tamper(engine, "UPDATE checkpoints SET key_id = 'someone-else'")
+    keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
+    assert keyed.exit_code == 1, keyed.output
+    assert "differs from stored checkpoint #1 (seq 6)" in keyed.output
