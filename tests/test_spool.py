@@ -35,6 +35,7 @@ from secledger import webhook as webhook_module
 from secledger.cli import main
 from secledger.config import Settings
 from secledger.drain import Drainer, is_transient
+from secledger.extract import mr_key
 from secledger.intake import Delivery
 from secledger.membership import KnownMRs
 from secledger.policy import LabelPolicy
@@ -1227,3 +1228,30 @@ def test_a_late_delivery_is_spooled_in_time_while_the_default_executor_is_busy(
         assert answered
         assert (answers[0].status_code, answers[0].json()["status"]) == (202, "spooled")
         wait_for(lambda: spool_depth(client) == 0)
+
+
+def test_a_drained_duplicate_makes_its_mr_known(engine: Engine, tmp_path: Path) -> None:
+    """The late timer spools a delivery the writer then commits: the drain finds the copy
+    a duplicate. Its MR was made known only for `recorded`, so until a notification came,
+    a later delivery of it without the label (a merge after the label's removal) was
+    answered `ignored` and only held in memory."""
+    spool = Spool.open(tmp_path / "spool")
+    late = delivery(mr_event("open", iid=21), "late")
+    spool.write([late])
+    assert Drainer(engine, spool, LabelPolicy(), KnownMRs()).all().recorded == 1
+    spool.write([late])  # the copy the late timer kept, drained after the commit
+    known = KnownMRs()
+    result = Drainer(engine, spool, LabelPolicy(), known).all()
+    assert (result.recorded, result.duplicates) == (0, 1)
+    assert mr_key(late) in known
+
+
+def test_a_delivery_answered_duplicate_makes_its_mr_known(client: TestClient) -> None:
+    """The receiver's side of the same: only `recorded` answers made an MR known."""
+    body = mr_event("open", iid=22)
+    assert post(client, body, Idempotency_Key="first").json()["status"] == "recorded"
+    known = client.app.api.state.runtime.known  # type: ignore[attr-defined]
+    known._keys.clear()
+    again = post(client, body, Idempotency_Key="first")
+    assert again.json()["status"] == "duplicate"
+    assert len(known) == 1

@@ -347,6 +347,8 @@ class Drainer:
                     self.known.add(item.facts.key)
             elif status == "duplicate":
                 result.duplicates += 1
+                if self.known is not None:  # logged before: a security MR all the same
+                    self.known.add(item.facts.key)
             else:
                 result.ignored += 1
                 ignored.append(item.delivery)

@@ -42,6 +42,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PATH = "/webhooks/gitlab"
+_LOGGED = frozenset({"recorded", "duplicate"})
 # A hook URL entered with a trailing slash: a 404 for each delivery would count as a
 # failure, and GitLab disables a hook after four.
 PATHS = frozenset({PATH, PATH + "/"})
@@ -379,7 +380,10 @@ class WebhookHandler:
         pending[key] = pending.get(key, 0) + 1
         try:
             outcome = await recorder.submit(delivery, arrived)
-            if outcome.status == "recorded":
+            # A duplicate is logged too (an earlier copy, or the same delivery spooled by
+            # the late timer and committed by the writer): its MR is a security one, and
+            # the next delivery of it, label removed, must not be ignored.
+            if outcome.status in _LOGGED:
                 self.runtime.known.add(key)
         finally:
             left = pending[key] - 1
