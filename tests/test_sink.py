@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import structlog
 from click.testing import CliRunner
@@ -551,3 +552,25 @@ def test_a_sender_that_keeps_failing_backs_off_and_says_why(
     assert [e["retry_seconds"] for e in errors[:5]] == [0.01, 0.02, 0.04, 0.04, 0.04]
     assert all(e["connection"] for e in errors)
     assert "connection" in errors[0]["detail"] and "failed" in errors[0]["detail"]
+
+
+def test_a_pausing_sender_keeps_reading_its_notifications(database_url: str) -> None:
+    """A sender stuck on a row paused without reading its LISTEN connection: PostgreSQL's
+    notification queue, which every recording's commit writes to, could not be trimmed
+    past it for as long as the receiver was down."""
+    from secledger.listener import CHANNEL, Listener  # noqa: PLC0415
+
+    stop = threading.Event()
+    with (
+        Listener(db.conninfo(database_url)) as listener,
+        psycopg.connect(database_url, autocommit=True) as notifier,
+    ):
+        sender = threading.Timer(
+            0.1, lambda: [notifier.execute(f"NOTIFY {CHANNEL}, '{n}'") for n in range(5)]
+        )
+        sender.start()
+        started = time.monotonic()
+        listener.pause(0.6, stop)
+        assert time.monotonic() - started >= 0.6
+        sender.join()
+        assert not listener.wait(0.05, stop)  # every one was read during the pause

@@ -8,6 +8,7 @@ connection was down costs latency, never data.
 from __future__ import annotations
 
 import threading
+import time
 from types import TracebackType
 
 import psycopg
@@ -62,6 +63,17 @@ class Listener:
                 return True
             remaining -= step
         return False
+
+    def pause(self, seconds: float, stop: threading.Event) -> None:
+        """Wait ``seconds`` (or for ``stop``) whatever is notified, reading what is: a
+        listener left unread holds PostgreSQL's notification queue, which every
+        recording's commit writes to, from being trimmed."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.wait(remaining, stop)
 
     def _drain_queued(self) -> None:
         # A burst of commits is one wake-up: the reader catches up on all of them at once.

@@ -227,7 +227,9 @@ class SinkWorker:
                 if result.stuck_seq is not None:
                     # Not woken by new recordings: an outage must not be hammered (with a
                     # cap of 0, the pass that gave up was followed at once by the next).
-                    self._stop.wait(max(self._config.backoff_max, MIN_PASS_PAUSE_SECONDS))
+                    listener.pause(
+                        max(self._config.backoff_max, MIN_PASS_PAUSE_SECONDS), self._stop
+                    )
                 else:
                     listener.wait(POLL_SECONDS, self._stop)
 
