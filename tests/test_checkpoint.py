@@ -471,3 +471,34 @@ def test_a_stored_checkpoint_whose_key_id_was_edited_is_still_held_to_the_chain(
     keyed = cli(database_url, "verify", "--public-key", f"{key}.pub")
     assert keyed.exit_code == 1, keyed.output
     assert "differs from stored checkpoint #1 (seq 6)" in keyed.output
+
+
+def test_the_signer_is_not_fooled_by_an_edited_key_id_or_a_rewrite_at_the_same_seq(
+    client, key, database_url, engine
+):
+    """The head's seq unchanged, a rewrite went unreported until the next delivery; and the
+    signer looked for its stored checkpoints by key_id, which is not signed."""
+    record_history(client)
+    private = signing.load_private(key)
+    assert integrity.checkpoint_if_new(engine, private, None) is not None
+    tamper(engine, "UPDATE checkpoints SET key_id = 'someone-else'")
+    _rewrite(engine, drop_checkpoints=False)
+    with pytest.raises(integrity.HeadNotExtended, match="history was rewritten"):
+        integrity.checkpoint_if_new(engine, private, None)
+
+
+def test_restored_is_refused_while_the_last_checkpoint_is_dated_ahead_of_this_clock(
+    client, key, database_url, engine, tmp_path
+):
+    """A replica whose clock ran ahead signed last: a restored head signed now would not be
+    the newest by signing time, and every later check would go on refusing."""
+    record_history(client)
+    private = signing.load_private(key)
+    ahead = signing.sign(private, 6, bytes(32), datetime(2999, 1, 1, tzinfo=UTC))
+    signing.write_file(tmp_path / "cp", ahead)
+    result = cli(
+        database_url, "checkpoint", "--key", str(key), "--dir", str(tmp_path / "cp"), "--restored"
+    )
+    assert result.exit_code == 1
+    assert "after this host's clock" in result.output
+    assert len(list((tmp_path / "cp").glob("checkpoint-*.json"))) == 1

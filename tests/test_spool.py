@@ -691,6 +691,29 @@ def test_a_delivery_the_database_refuses_is_kept_in_failed_and_answered_202(
     assert receiver.get("/readyz").json()["spool"]["failed"] == 1
 
 
+def test_a_refused_delivery_moved_to_failed_is_kept_and_held_though_the_count_fails(
+    receiver: TestClient, engine, spool_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move into failed/ went through, then listing the spool to count it failed (a
+    stale mount): the error was answered 503 as an internal one, and the MR was not held,
+    so its later deliveries were recorded ahead of the one kept."""
+    refuse_iid_7(engine)
+
+    def unlisted(self: Spool) -> int:
+        raise SpoolUnavailable("cannot list the spool: Stale file handle")
+
+    monkeypatch.setattr(Spool, "recount", unlisted)
+    refused = post(receiver, mr_event("open", iid=7), Idempotency_Key="r-7")
+    monkeypatch.undo()
+    assert (refused.status_code, refused.json()["status"]) == (202, "spooled"), refused.text
+    assert len(list((spool_settings.spool_path / "failed").glob("*.dlv"))) == 1
+    with engine.begin() as conn:  # the cause is fixed; the kept file waits for an operator
+        conn.execute(text("DROP TRIGGER refuse_iid_7 ON review_events"))
+    later = post(receiver, mr_event("update", iid=7), Idempotency_Key="r-7b")
+    assert later.json()["status"] == "spooled"  # behind the kept one, not recorded ahead
+    assert [row[1] for row in log_rows(engine)] == []
+
+
 def test_later_spooled_deliveries_of_a_refused_mr_wait_behind_it_in_failed(
     tmp_path: Path, engine
 ) -> None:

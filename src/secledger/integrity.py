@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Connection, Engine, text
 
@@ -50,8 +51,9 @@ RESTORED_HINT = (
     " after restoring a backup, sign the restored head once with `secledger checkpoint"
     " --restored` (docs/operations.md, Backup and restore)"
 )
-# Files and stored rows looked at, newest first, for the last head this key signed.
-_LOOK_BACK = 16
+# Files and stored rows looked at, newest first, for the last head this key signed:
+# others' files in a shared directory, or rows the app's login inserted, may be newer.
+_LOOK_BACK = 64
 
 
 def take_checkpoint(
@@ -94,14 +96,27 @@ def _checkpoint(
 ) -> tuple[Checkpoint, Path | None] | None:
     with engine.begin() as conn:
         seq, head_hash = checkpoints.head(conn)
-        last = last_signed(conn, key.public_key(), directory, remembered)
-        if seq == 0 or (only_if_new and last is not None and last.seq == seq):
+        if seq == 0:
             return None
+        last = last_signed(conn, key.public_key(), directory, remembered)
         problem = None if last is None else _not_extended(conn, last, seq)
         if problem is not None and not restored:
             raise HeadNotExtended(f"{problem}; not signed: {RESTORED_HINT}")
-        signed = signing.sign(key, seq, head_hash, utcnow())
+        if only_if_new and problem is None and last is not None and last.seq == seq:
+            return None
+        now = utcnow()
+        if restored and last is not None and last.signed_at >= now:
+            # Newest by signing time is what later checks start from: one stamped after
+            # this host's clock would stay the newest, and every later check refuse.
+            raise HeadNotExtended(
+                f"the newest checkpoint this key signed is dated {time_text(last.signed_at)},"
+                f" after this host's clock ({time_text(now)}): sign the restored head from"
+                " a host whose clock is right, or after that time"
+            )
+        signed = signing.sign(key, seq, head_hash, now)
         checkpoints.add(conn, signed)
+        if problem is not None:
+            log.warning("checkpoint_restored", seq=seq, overriding=problem)
     # Written after the commit: a file never vouches for a head the database lost.
     try:
         path = signing.write_file(directory, signed) if directory is not None else None
@@ -124,18 +139,19 @@ def last_signed(
     ``directory``. The files count most: whoever rewrites the log can delete the stored
     ones, not (on object-locked storage) the files."""
     found = [] if remembered is None else [remembered]
-    found += _holding(checkpoints.recent(conn, signing.key_id(public), _LOOK_BACK), public)
+    # Whatever key_id a stored row names (it is not signed, and may be edited).
+    found += _holding(checkpoints.recent(conn, _LOOK_BACK), public)
     if directory is not None:
         found += _holding(_newest_files(directory), public)
     return max(found, key=lambda checkpoint: checkpoint.signed_at, default=None)
 
 
 def _holding(candidates: Iterable[Checkpoint], public: Ed25519PublicKey) -> list[Checkpoint]:
-    """The first of ``candidates`` whose signature holds under ``public`` (or none)."""
+    """The first of ``candidates`` that ``public``'s key signed (or none)."""
     for candidate in candidates:
         try:
-            signing.check_signature(candidate, public)
-        except signing.BadCheckpoint:
+            public.verify(candidate.signature, candidate.message())
+        except InvalidSignature:
             continue
         return [candidate]
     return []

@@ -91,8 +91,8 @@ class LineWriter:
             with self._count:
                 chunks = list(self._lines)
                 self._lines.clear()
-                self._queued = 0
                 dropped, self._dropped = self._dropped, 0
+            size = sum(map(len, chunks))
             if dropped:
                 chunks.append(_dropped_line(dropped))
             if chunks:
@@ -101,6 +101,9 @@ class LineWriter:
                     self._file.flush()
                 except (OSError, ValueError):  # stderr closed or gone: nowhere to log
                     pass
+            # Counted until written: lines in a write that blocks are in memory too.
+            with self._count:
+                self._queued -= size
 
     def _run(self) -> None:
         while True:

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine
 
 from secledger import logs
 from secledger.drain import Drainer, DrainResult, is_transient
-from secledger.errors import StoreUnavailable
+from secledger.errors import StoreUnavailable, first_line
 from secledger.extract import EventFacts, MRKey, extract_facts
 from secledger.intake import Delivery
 from secledger.policy import LabelPolicy
@@ -374,6 +374,14 @@ class Recorder:
         return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # Whatever ended the thread, in the JSON log (/readyz says writer.alive false).
+            log.critical("writer_stopped", exc_info=True)
+            raise
+
+    def _loop(self) -> None:
         while True:
             batch, self._carry = self._carry or self._next_batch(), []
             spool = self._drainer.spool if self._drainer is not None else None
@@ -777,20 +785,20 @@ class Recorder:
             self._fail([job], exc)
             return
         # The database's own words, as the drain keeps them: the cause to fix.
-        said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        reason = f"the database refused it: {type(exc).__name__}: {(said or [''])[0][:300]}"
+        reason = f"the database refused it: {type(exc).__name__}: {first_line(exc)}"
         target = spool.directory / FAILED / path.name
         try:
             spool.set_aside(path, FAILED, reason)
-            self._drainer.hold_mr(job.facts.key)
-        except OSError:
+        except (OSError, SpoolUnavailable):
             if not target.exists():
                 # Left in the spool, the drain would meet it again and again, and every
                 # delivery after it would wait behind it: taken back, and answered 503.
                 spool.discard([path])
                 self._fail([job], exc)
                 return
-            # Moved, though not every fsync after the move went through: kept.
+            # Moved, though not every fsync (or the count) after the move went through:
+            # kept, and its MR held behind it all the same.
+        self._drainer.hold_mr(job.facts.key)
         # The line the drain writes for a file it sets aside (docs/operations.md).
         log.error("spool_file_set_aside", file=str(target), reason=reason)
         kept = Outcome("spooled", reason=REFUSED)

@@ -333,7 +333,8 @@ class Spool:
         path.rename(target)
         fsync_dir(target_dir)
         fsync_dir(self.directory)
-        self.recount()
+        with contextlib.suppress(SpoolUnavailable):  # set aside all the same
+            self.recount()
         return target
 
     def refresh(self) -> int:

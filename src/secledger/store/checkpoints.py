@@ -15,7 +15,7 @@ _INSERT = text(
 _ALL = text("SELECT id, seq, head_hash, signed_at, key_id, signature FROM checkpoints ORDER BY id")
 _RECENT = text(
     "SELECT seq, head_hash, signed_at, key_id, signature FROM checkpoints"
-    " WHERE key_id = :key_id ORDER BY signed_at DESC, id DESC LIMIT :limit"
+    " ORDER BY signed_at DESC, id DESC LIMIT :limit"
 )
 _HASH_AT = text("SELECT hash FROM delivery_log WHERE seq = :seq")
 
@@ -46,10 +46,10 @@ def stored(conn: Connection) -> list[tuple[int, Checkpoint]]:
     ]
 
 
-def recent(conn: Connection, key_id: str, limit: int) -> list[Checkpoint]:
-    """The newest ``limit`` stored checkpoints naming ``key_id``, newest signing first
-    (their signatures unchecked)."""
-    rows = conn.execute(_RECENT, {"key_id": key_id, "limit": limit})
+def recent(conn: Connection, limit: int) -> list[Checkpoint]:
+    """The newest ``limit`` stored checkpoints, newest signing first (their signatures
+    unchecked)."""
+    rows = conn.execute(_RECENT, {"limit": limit})
     return [Checkpoint(row[0], bytes(row[1]), row[2], row[3], bytes(row[4])) for row in rows]
 
 
