@@ -224,9 +224,12 @@ def _labels_matching(mrs: list[dict[str, Any]], query: dict[str, str]) -> list[d
         for name in ("after", "before")
         for field in ("created_at", "updated_at")
     ]
+    state = query.get("state", "all")
     out = []
     for mr in mrs:
         if not all(label in mr["labels"] for label in wanted):
+            continue
+        if state != "all" and mr["state"] != state:
             continue
         if all(_within(mr[field], name, bound) for name, field, bound in bounds):
             out.append(mr)

@@ -165,7 +165,10 @@ def test_group_backfill_lists_labels_first_and_paginates(engine, api, fake) -> N
         "2",
         "3",
     }
-    assert all(s.query["state"] == "all" for s in listings)
+    # Any state updated in the period, and the open ones whenever updated (approvals do
+    # not move updated_at).
+    assert all(s.query["state"] == "all" for s in listings if "updated_after" in s.query)
+    assert {s.query["state"] for s in listings if "updated_after" not in s.query} == {"opened"}
     first_label_listing = min(i for i, s in enumerate(fake.seen) if s.path.endswith("/labels"))
     first_mr_listing = min(i for i, s in enumerate(fake.seen) if s.path.endswith("/merge_requests"))
     assert first_label_listing < first_mr_listing
@@ -226,6 +229,24 @@ def test_until_keeps_an_mr_updated_again_after_the_period(engine, api, fake) -> 
     listings = [s for s in fake.seen if s.path.endswith("/merge_requests")]
     assert {s.query.get("created_before") for s in listings} == {"2025-09-01T00:00:00Z"}
     assert all("updated_before" not in s.query for s in listings)
+
+
+def test_an_open_mr_only_approved_in_the_period_is_found(engine, api, fake) -> None:
+    """An approval does not move an MR's updated_at: listed by ``updated_after`` alone, an
+    open MR labelled before the period and approved in it was never read, and a lost
+    approval webhook never recovered, though the docs promise every MR active in the
+    period. Open MRs are listed whenever they were last updated."""
+    Story(
+        iid=3,
+        created="2025-07-20 08:00:00 UTC",
+        approvals=[("bob", "2025-08-03 09:00:00 UTC")],
+        decision=None,
+    ).publish(fake)
+    assert fake.projects[14].mrs[3]["updated_at"] < "2025-08-01"
+    result = run_backfill(engine, api)
+    assert result.found == 1
+    [row] = ledger_rows(engine)
+    assert (row["mr_iid"], row["approvers"]) == (3, ["bob"])
 
 
 def test_backfill_waits_out_a_429_and_retries(engine, api, fake) -> None:

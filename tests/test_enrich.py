@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from apihelpers import POLICY, ledger_rows, replay
 from apistory import Story
 from receiver import unused_port
+from secledger import enrich as enrich_module
 from secledger.enrich import enrich
 from secledger.gitlab_api import GitLabAPI
 
@@ -37,7 +39,7 @@ def test_an_mr_the_api_keeps_refusing_does_not_hold_up_the_others(engine, api, f
 
 @pytest.mark.parametrize("failure", ["token refused", "unreachable"])
 def test_a_failure_every_request_meets_ends_the_pass_at_once(
-    engine, fake, api_settings, failure: str
+    engine, fake, api_settings, failure: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With GitLab down, each MR waited out the client's retries and timeouts before the
     next was tried: a pass over 500 MRs took more than a day. A refused token (401) or
@@ -54,6 +56,8 @@ def test_a_failure_every_request_meets_ends_the_pass_at_once(
         settings = api_settings.model_copy(update={"gitlab_url": url, "gitlab_max_retries": 0})
     api = GitLabAPI.from_settings(settings)
     asked = len(fake.seen)
+    # A logger cached by an earlier test (reconcile's) would write past capture_logs.
+    monkeypatch.setattr(enrich_module, "log", structlog.get_logger("test.enrich"))
     with capture_logs() as logs:
         result = enrich(engine, api, POLICY, limit=10)
     assert result.outcomes == {"api_error": 1}

@@ -114,17 +114,25 @@ def find_merge_requests(
     progress: Progress | None = None,
     wanted: Callable[[dict[str, Any]], bool] | None = None,
     found_events: LabelEvents | None = None,
+    open_too: bool = False,
 ) -> dict[MRRef, dict[str, Any]]:
     """Every MR that carries a security label and may have been active in the period
-    (``GitLabAPI.merge_requests``), once each; with ``label_history``, also every one
-    that carried one once (see ``once_labelled``, to which ``progress``, ``wanted`` and
-    ``found_events`` are passed)."""
+    (``GitLabAPI.merge_requests``), once each; with ``open_too``, also every open one
+    (an MR only approved in the period was not updated in it); with ``label_history``,
+    also every one that carried one once (see ``once_labelled``, to which ``progress``,
+    ``wanted`` and ``found_events`` are passed)."""
     scopes = list(scopes)
     found: dict[MRRef, dict[str, Any]] = {}
     for scope in scopes:
         for label in security_labels(api, scope, policy):
             for mr in api.merge_requests(scope, label, period.since, period.until):
                 found.setdefault(_ref(mr), mr)
+            if open_too:
+                listed = api.merge_requests(
+                    scope, label, period.since, period.until, open_only=True
+                )
+                for mr in listed:
+                    found.setdefault(_ref(mr), mr)
     if label_history:
         found |= once_labelled(
             api,
@@ -371,6 +379,7 @@ class Backfill:
             progress=progress,
             wanted=wanted,
             found_events=self._found_events,
+            open_too=True,
         )
         todo = [mr for mr in found.values() if not is_done(done, mr)]
         skipped = {ref for ref, mr in found.items() if is_done(done, mr)} | passed_over

@@ -238,11 +238,19 @@ class GitLabAPI:
         return ids
 
     def merge_requests(
-        self, scope: Scope, label: str | None, since: datetime, until: datetime | None
+        self,
+        scope: Scope,
+        label: str | None,
+        since: datetime,
+        until: datetime | None,
+        *,
+        open_only: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """MRs carrying ``label`` (every MR, with None) that may have been active in the
         period, any state, oldest first: updated since its start and, with ``until``,
-        created before its end.
+        created before its end. With ``open_only``, the open ones whenever last updated:
+        an approval or its revocation does not move ``updated_at``, so an MR only
+        approved in the period is not "updated since" it.
 
         Not ``updated_before``: an MR active in the period and updated again after it
         would be left out, and its facts in the period with it.
@@ -253,12 +261,13 @@ class GitLabAPI:
         (GitLab leaves them out by default); an audit of the period needs them.
         """
         query: dict[str, Any] = {
-            "state": "all",
-            "updated_after": isoformat(since),
+            "state": "opened" if open_only else "all",
             "order_by": "created_at",
             "sort": "asc",
             "scope": "all",
         }
+        if not open_only:
+            query["updated_after"] = isoformat(since)
         if scope.kind == "groups":
             query["non_archived"] = "false"
         if label is not None:
