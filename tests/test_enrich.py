@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import structlog
 from pydantic import SecretStr
@@ -66,3 +68,26 @@ def test_a_failure_every_request_meets_ends_the_pass_at_once(
     assert "enrich_stopped" in events
     if failure == "token refused":
         assert len(fake.seen) - asked == 1
+
+
+def test_an_mr_that_fails_otherwise_does_not_stop_the_pass(
+    engine, fake, api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only GitLab's errors were caught: anything else (a label event GitLab dated oddly,
+    a database error) ended the pass at that MR, which, never noted, came first again
+    in every later pass, and the others were never reached."""
+    stories = [Story(iid=iid, opened_with_label=False) for iid in (1, 2)]
+    for story in stories:
+        story.publish(fake)
+    replay(engine, fake.url, [body for story in stories for body in story.webhooks()])
+    real = enrich_module.enrich_one
+
+    def odd_first(engine_: Any, api_: Any, policy: Any, key: Any, **kwargs: Any) -> str:
+        if key.mr_iid == 1:
+            raise ValueError("a label event dated oddly")
+        return real(engine_, api_, policy, key, **kwargs)
+
+    monkeypatch.setattr(enrich_module, "enrich_one", odd_first)
+    assert enrich(engine, api, POLICY, limit=10).outcomes == {"failed": 1, "recorded": 1}
+    # Noted, and asked again on the next pass (the API may answer another time).
+    assert enrich(engine, api, POLICY, limit=1).outcomes == {"failed": 1}

@@ -13,6 +13,7 @@ import fakegitlab
 from apihelpers import POLICY, ledger_rows, log_count, replay
 from apistory import Story
 from builders import mr_event, user_id
+from secledger import reconcile as reconcile_module
 from secledger.backfill import Backfill, Period, find_merge_requests
 from secledger.cli import main
 from secledger.enrich import enrich, start_background
@@ -393,3 +394,20 @@ def test_an_mr_deleted_before_its_label_history_is_read_is_skipped(api, fake, mo
     monkeypatch.setattr(api, "label_events", broken)  # any other error stops the run
     with pytest.raises(GitLabAPIError, match="500"):
         find_merge_requests(api, SCOPE, POLICY, PERIOD, label_history=True)
+
+
+def test_fixed_counts_only_what_the_fix_repaired_and_a_deleted_mr_is_passed_over(
+    engine, api, fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fixed` counted every MR re-read, repaired or not ("fixed 1; remaining 1" in the
+    evidence); and an MR deleted between the listing and the fix ended the command
+    before its result was stored."""
+    Story(iid=2, decision=("close", "dave", "2025-08-06 10:00:00 UTC")).publish(fake)
+    monkeypatch.setattr(reconcile_module, "record_envelopes", lambda *args, **kwargs: 0)
+    report = reconcile(engine, api, POLICY, SCOPE, PERIOD, apply_fix=True)
+    assert [(d.kind, d.mr_iid) for d in report.remaining] == [("missing", 2)]
+    assert report.fixed == 0
+    assert stored(engine)[-1]["fixed_count"] == 0
+    monkeypatch.undo()
+    gone = dict(fake.projects[14].mrs[2], iid=99)  # listed, then deleted in GitLab
+    assert reconcile_module.fix(engine, api, POLICY, [gone]) == 0

@@ -31,6 +31,8 @@ log = structlog.get_logger("secledger.enrich")
 
 FALLBACK = "created_at_fallback"
 API_ERROR = "api_error"
+# Anything else went wrong with this MR (a time GitLab wrote oddly, a database error).
+FAILED = "failed"
 # Counted apart from api_error (noted as api_error all the same): the MR was deleted or
 # is out of the token's reach, which no later pass mends unless someone grants access.
 GONE = "gone"
@@ -138,15 +140,24 @@ def enrich(
         stop = False
         try:
             outcome = enrich_one(engine, api, policy, key, recording=recording)
-        except GitLabAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - one MR must not stop (or starve) the rest
+            api_error = isinstance(exc, GitLabAPIError)
             log.warning(
-                "enrich_failed", project_id=key.project_id, mr_iid=key.mr_iid, error=str(exc)
+                "enrich_failed",
+                project_id=key.project_id,
+                mr_iid=key.mr_iid,
+                error=str(exc)[:300] if api_error else type(exc).__name__,
             )
-            _note(engine, key, API_ERROR)  # asked again on later passes either way
-            outcome = GONE if exc.gone else API_ERROR
-            # Each of the others would wait out the same retries (with GitLab down, a
-            # pass of 500 took more than a day).
-            stop = exc.systemic
+            # Noted, so it goes behind the MRs never asked (which come first), and is
+            # asked again on later passes either way; a pass that met it first every time
+            # never reached the others.
+            _note(engine, key, API_ERROR)
+            outcome = API_ERROR if api_error else FAILED
+            if isinstance(exc, GitLabAPIError):
+                outcome = GONE if exc.gone else API_ERROR
+                # Each of the others would wait out the same retries (with GitLab down,
+                # a pass of 500 took more than a day).
+                stop = exc.systemic
         counts[outcome] += 1
         if stop:
             log.warning("enrich_stopped", hint=earlyapprovals.STOPPED_HINT)

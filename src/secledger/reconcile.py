@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import structlog
 from sqlalchemy import Connection, Engine, RowMapping, text
 
 from secledger import payloads as p
@@ -31,6 +32,7 @@ from secledger.backfill import (
     Progress,
     fetch_history,
     find_merge_requests,
+    mr_gone,
     record_envelopes,
 )
 from secledger.errors import GitLabAPIError
@@ -41,6 +43,8 @@ from secledger.projection import MATCH_TOLERANCE
 from secledger.service import DEFAULT_RECORDING, Recording
 from secledger.store import ledger
 from secledger.times import isoformat, parse_optional, utcnow
+
+log = structlog.get_logger("secledger.reconcile")
 
 _STORE = text(
     "INSERT INTO reconciliations (instance, scope, period_start, period_end, gitlab_count,"
@@ -293,13 +297,20 @@ def fix(
     recording: Recording = DEFAULT_RECORDING,
     found_events: LabelEvents | None = None,
 ) -> int:
-    """Record the API history of each MR, through the backfill path; how many MRs.
+    """Record the API history of each MR, through the backfill path; how many MRs were
+    read (an MR deleted since it was listed is passed over, as backfill does).
     ``found_events`` holds label events read already (``find_merge_requests``)."""
     count = 0
     for mr in mrs:
         ref = (int(mr["project_id"]), int(mr["iid"]))
         events = found_events.get(ref) if found_events else None
-        envelopes = fetch_history(api, mr, policy, events)
+        try:
+            envelopes = fetch_history(api, mr, policy, events)
+        except GitLabAPIError as exc:
+            if exc.status != 404 or not mr_gone(api, *ref):
+                raise
+            log.warning("reconcile_mr_gone", project_id=ref[0], mr_iid=ref[1])
+            continue
         with engine.begin() as conn:
             record_envelopes(conn, api.instance, envelopes, policy, recording=recording)
         count += 1
@@ -378,11 +389,15 @@ def reconcile(
     fixable = ("missing", "different")
     to_fix = [known[(d.project_id, d.mr_iid)] for d in found if d.kind in fixable]
     if apply_fix and to_fix:
-        fixed = fix(engine, api, policy, to_fix, recording=recording, found_events=found_events)
+        fix(engine, api, policy, to_fix, recording=recording, found_events=found_events)
         remaining, _ = differences(engine, api.instance, gitlab, closed_period, projects)
         remaining, _ = look_up_extras(
             engine, api, policy, closed_period, remaining, fetched=fetched
         )
+        # Fixed: re-read and no longer different (an MR re-read whose difference the
+        # API's history cannot repair, a closed_by, say, is not).
+        still = {(d.project_id, d.mr_iid) for d in remaining if d.kind in fixable}
+        fixed = sum(1 for mr in to_fix if (int(mr["project_id"]), int(mr["iid"])) not in still)
     # Informational: decided as recorded, the label removed since (nothing to fix).
     remaining = [d for d in remaining if d.kind != "unlabelled"]
     report = Report(closed_period, len(gitlab), ledger_count, found, fixed, remaining)

@@ -253,7 +253,8 @@ def reconcile(
     type=click.IntRange(1),
     default=500,
     show_default=True,
-    help="Look up at most this many MRs in this run.",
+    help="Look up at most this many MRs for each of the two lookups in this run (label"
+    " times, then approvals before the label).",
 )
 @click.option("--recheck", is_flag=True, help="Ask again about MRs already looked up.")
 @click.pass_obj
@@ -291,7 +292,7 @@ def enrich(context: Context, limit: int, recheck: bool) -> None:
     failed = sum(
         outcomes.get(name, 0)
         for outcomes in (labels, early)
-        for name in (enrichment.API_ERROR, earlyapprovals.FAILED)
+        for name in {enrichment.API_ERROR, enrichment.FAILED, earlyapprovals.FAILED}
     )
     gone = labels.get(enrichment.GONE, 0) + early.get(earlyapprovals.GONE, 0)
     if gone:
