@@ -302,10 +302,59 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
     assert report_counts(engine) == {"bob": (approvals - 1, approvals - 1, 0), "dave": (1, 1, 0)}
 
 
+# (what bob did by webhook, from a GitLab that sends no actioned_at, all dated by the
+# MR's last save at 21:00:00; the API approval's user and approved_at).
+DATED_BY_SAVE = [
+    (["approved"], "bob", "2025-08-05T23:30:00.000Z"),  # the same approval, hours later
+    (["approved", "unapproved"], "bob", "2025-08-05T23:30:00.000Z"),  # given again
+    (["approved"], "dave", "2025-08-05T23:30:00.000Z"),  # another user's
+    (["approved"], "bob", "2025-08-05T20:30:00.000Z"),  # before the save: not this one
+]
+
+
+def test_an_approval_dated_by_the_mrs_last_save_is_one_with_the_apis(engine: Engine) -> None:
+    """Without actioned_at, a webhook dates an approval by the MR's last save, which an
+    approval does not move; the API's approved_at, hours later, was matched only within
+    5 seconds, and one approval counted twice in the ledger, bi_decisions and reports."""
+    for iid, (done, actor, approved_at) in enumerate(DATED_BY_SAVE, start=1):
+        for action in done:
+            body = mr_event(
+                action, iid=iid, actor="bob", updated_at="2025-08-05 21:00:00 UTC", old_gitlab=True
+            )
+            assert set(replay(engine, WEB, [body])) == {"recorded"}
+        with engine.begin() as conn:
+            envelope = api_approval(iid, actor, approved_at, decided=False)
+            assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
+    kept = [
+        row for iid in range(1, len(DATED_BY_SAVE) + 1) for row in folded_decisions(engine, iid)
+    ]
+    assert decisions(engine) == kept
+    approvals = [
+        (iid, actor, source) for iid, decision, actor, source in kept if decision == "approved"
+    ]
+    assert approvals == [
+        (1, "bob", "replay"),
+        (2, "bob", "replay"),
+        (2, "bob", "api"),
+        (3, "bob", "replay"),
+        (3, "dave", "api"),
+        (4, "bob", "api"),
+        (4, "bob", "replay"),
+    ]
+    rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
+    assert rows[1]["event_count"] == 1 and rows[1]["approvers"] == ["bob"]
+    assert rows[2]["decision"] == "approved"  # approved again after the revocation
+    assert report_counts(engine) == {"bob": (6, 6, 1), "dave": (1, 1, 0)}
+
+
+def test_migration_0027_downgrades_to_0026s_views_and_back(engine: Engine) -> None:
+    down_and_up(engine, "0026")
+
+
 def test_bi_decisions_leaves_out_what_reports_leave_out() -> None:
-    """Migration 0020 (after 0013) wrote ``copies.COUNTED`` into bi_decisions: the two
-    must agree, or a change to one needs a migration for the other."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0020")
+    """Migration 0027 (after 0013 and 0020) wrote ``copies.COUNTED`` into bi_decisions:
+    the two must agree, or a change to one needs a migration for the other."""
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0027")
     assert revision is not None
     written = " ".join(revision.module.COUNTED.split())
     assert written == " ".join(copies.COUNTED.split())
@@ -462,9 +511,9 @@ def test_migration_0017_downgrades_and_back(engine: Engine) -> None:
 
 
 def test_bi_reviewer_metrics_reads_the_groups_the_report_reads() -> None:
-    """Migration 0020 (after 0018) wrote ``copies.counted_groups`` into
+    """Migration 0027 (after 0018, 0020 and 0026) wrote ``copies.counted_groups`` into
     bi_reviewer_metrics: the two must agree, or a change to one needs a migration."""
-    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0020")
+    revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0027")
     assert revision is not None
     written = " ".join(revision.module.GROUPS.split())
     assert written == " ".join(copies.counted_groups("TRUE").split())

@@ -13,7 +13,7 @@ counts the same, read as groups (:func:`counted_groups`).
 from __future__ import annotations
 
 from secledger.intake import API_SOURCE
-from secledger.projection import MATCH_TOLERANCE, UNDATED_APPROVAL
+from secledger.projection import MATCH_TOLERANCE, SAVED_TIMES, UNDATED_APPROVAL
 
 _WINDOW = f"interval '{MATCH_TOLERANCE.total_seconds():g} seconds'"
 
@@ -28,24 +28,30 @@ def api_twin(alias: str) -> str:
 
     The same decision, by the same user when both name one, at event times at most
     ``MATCH_TOLERANCE`` apart; an undated API approval matches an earlier one that its
-    user has not revoked by the API fact's time (``_revoked``). The source test comes
-    first, so a webhook event costs no index probe, and the time window is one range
-    on ``review_events_mr``.
+    user has not revoked by the API fact's time (``_revoked``), and so does a dated one
+    an earlier webhook approval dated by the MR's last save (``early``). The source
+    test comes first, so a webhook event costs no index probe; the time windows are
+    read within the MR's rows of ``review_events_mr``.
     """
     x = alias
     undated = f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
+    # ``projection._told_early``: an approval a webhook dated by the MR's last save, more
+    # than the window before the API's time (which is when it was given).
+    saved = " OR ".join(f'w.facts @> \'{{"event_at_source": "{name}"}}\'' for name in SAVED_TIMES)
+    early = f"(w.decision = 'approved' AND ({saved}) AND w.event_at < {x}.event_at - {_WINDOW})"
     return (
         f"({_from_api(x)} AND EXISTS (SELECT 1"
         " FROM review_events w"
         f" WHERE w.instance = {x}.instance AND w.project_id = {x}.project_id"
         f" AND w.mr_iid = {x}.mr_iid"
-        f" AND w.event_at BETWEEN CASE WHEN {undated} THEN '-infinity'"
+        f" AND (w.event_at BETWEEN CASE WHEN {undated} THEN '-infinity'"
         f" ELSE {x}.event_at - {_WINDOW} END"
         f" AND CASE WHEN {undated} THEN {x}.event_at ELSE {x}.event_at + {_WINDOW} END"
+        f" OR {early})"
         f" AND w.decision = {x}.decision"
         f" AND {same_user('w', x)} IS NOT FALSE"
         f" AND NOT {_from_api('w')}"
-        f" AND NOT ({undated} AND {_revoked(x)})))"
+        f" AND NOT (({undated} OR {early}) AND {_revoked(x)})))"
     )
 
 

@@ -24,6 +24,9 @@ API_LABEL_KINDS = frozenset({"label_added", "label_removed"})
 # ``event_at_source`` of an approval told by the API: dated by its approved_at, or not.
 API_APPROVAL = "api.approval"
 UNDATED_APPROVAL = "api.approval_upper_bound"
+# A webhook's event time read from the MR's last save (``extract.event_stamps``): for an
+# approval, no later than when it was given (GitLab does not save the MR to approve).
+SAVED_TIMES = ("changes.updated_at", "object_attributes.updated_at")
 DECISION_KINDS = frozenset({"approved", "unapproved", "merged", "closed", "reopened"})
 # Approvals GitLab withdrew after a push: no one's decision, but one event per push.
 RESET_KINDS = frozenset({APPROVALS_RESET, CODE_OWNER_RESET})
@@ -129,7 +132,20 @@ def _same_decision(api: EventFacts, other: EventFacts) -> bool:
         return False
     if api.event_at_source == UNDATED_APPROVAL:  # an earlier approval (``_standing`` too)
         return other.event_at <= api.event_at
-    return _close(api.event_at, other.event_at)
+    return _close(api.event_at, other.event_at) or _told_early(api, other)
+
+
+def _told_early(api: EventFacts, other: EventFacts) -> bool:
+    """``other``, an approval a webhook dated by the MR's last save (a GitLab that sends
+    no ``actioned_at``), was given at that time or after: the API's own time for it
+    (``approved_at``) can be hours later. Matched when earlier than the API's time by
+    more than the tolerance (closer ones match anyway), and only while it still stands
+    then (``_tells``): an approval revoked by then is not the one the API lists."""
+    return (
+        other.decision == "approved"
+        and other.event_at_source in SAVED_TIMES
+        and other.event_at < api.event_at - MATCH_TOLERANCE
+    )
 
 
 def same_user(a: EventFacts, b: EventFacts) -> bool | None:
@@ -162,9 +178,12 @@ def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEve
 def _tells(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -> bool:
     if not same_fact(api, other.facts):
         return False
-    # The API lists standing approvals only: one without a time is never a copy of an
-    # approval revoked before its bound, but of one given again after that revocation.
-    return api.event_at_source != UNDATED_APPROVAL or _standing(api, other, told)
+    # The API lists standing approvals only: one without a time (or one matched to an
+    # approval dated earlier, by the MR's last save) is never a copy of an approval
+    # revoked before its time, but of one given again after that revocation.
+    if api.event_at_source == UNDATED_APPROVAL or _told_early(api, other.facts):
+        return _standing(api, other, told)
+    return True
 
 
 def _same_label_change(api: EventFacts, other: EventFacts) -> bool:

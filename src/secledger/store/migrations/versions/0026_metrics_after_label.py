@@ -31,7 +31,10 @@ _STOPPERS = "('approved', 'merged', 'closed')"
 _TIMED = f"c.decision IN {_STOPPERS} AND c.event_at >= s.labeled_at"
 _HOURS = "extract(epoch FROM c.event_at - s.labeled_at) / 3600.0"
 
-UPGRADE = f"""
+
+def metrics(groups: str) -> str:
+    """The view over the counted groups ``groups`` (also migration 0027's)."""
+    return f"""
 CREATE OR REPLACE VIEW bi_reviewer_metrics AS
 SELECT c.actor AS reviewer,
        count(*) FILTER (WHERE c.decision IN {_STOPPERS}) AS decisions,
@@ -44,11 +47,14 @@ SELECT c.actor AS reviewer,
        round(100.0 * avg((c.event_at <= s.deadline)::int)
            FILTER (WHERE {_TIMED}), 1)::float
            AS sla_adherence_pct
-FROM ({_0020.GROUPS}) c
+FROM ({groups}) c
 JOIN security_review_ledger l USING (instance, project_id, mr_iid)
 LEFT JOIN review_sla s USING (instance, project_id, mr_iid)
 GROUP BY c.actor;
 """
+
+
+UPGRADE = metrics(_0020.GROUPS)
 
 DOWNGRADE = _0018.metrics(_0020.GROUPS)
 
