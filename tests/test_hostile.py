@@ -132,6 +132,26 @@ def test_times_nested_a_thousand_deep_are_not_a_500(client, engine, tmp_path) ->
     assert (result.recorded, result.remaining, result.unavailable) == (2, 0, False)
 
 
+def test_a_kind_or_id_nested_a_thousand_deep_is_answered_not_a_500(client, engine) -> None:
+    """The messages quoted the sender's value with repr, which raised RecursionError on
+    an array nested near orjson's 1,024 levels: a 500 and a traceback per request."""
+    nested = "[" * 1000 + "1" + "]" * 1000
+    kind = ('{"object_kind": ' + nested + "}").encode()
+    ignored = post(client, kind)
+    assert (ignored.status_code, ignored.json()["reason"]) == (
+        200,
+        "object_kind an array is not merge_request",
+    )
+    body = mr_event("open")
+    body["object_attributes"]["iid"] = "DEEP"
+    deep_iid = json.dumps(body).replace('"DEEP"', nested).encode()
+    refused = post(client, deep_iid)
+    assert refused.status_code == 400
+    assert refused.json()["message"] == "object_attributes.iid must be an integer, got an array"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM delivery_log")).scalar_one() == 0
+
+
 def test_deeply_nested_json_is_a_precise_400(client, engine) -> None:
     response = post(client, b'{"a":' * 1100 + b"1" + b"}" * 1100)
     assert response.status_code == 400
