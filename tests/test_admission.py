@@ -96,3 +96,25 @@ def test_when_the_first_in_line_gives_up_those_behind_it_who_fit_go_in() -> None
         assert (gate.active, gate.held) == (2, 610)
 
     asyncio.run(scenario())
+
+
+def test_past_its_waiting_cap_a_request_is_refused_at_once() -> None:
+    """Requests nothing has proved yet queued without a cap for the unverified pool: each
+    waiting one is a request uvicorn holds, and enough of them filled its limit on
+    requests in progress, so every request, a token's too, was answered 503 unread."""
+
+    async def scenario() -> float:
+        gate = Admission(count=1, budget=MIB, wait=5, max_waiting=2)
+        await gate.enter(10)
+        waiting = [asyncio.create_task(gate.enter(10)) for _ in range(2)]
+        await asyncio.sleep(0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Saturated, match="2 waiting"):
+            await gate.enter(10)
+        refused_after = asyncio.get_running_loop().time() - started
+        gate.leave(10)  # the first waiter goes in; the other still waits
+        await waiting[0]
+        waiting[1].cancel()
+        return refused_after
+
+    assert asyncio.run(scenario()) < 1.0  # not after the 5 s wait

@@ -20,10 +20,16 @@ from secledger.errors import Saturated
 class Admission:
     """Slots for deliveries in progress; ``enter`` waits up to ``wait`` seconds, then refuses."""
 
-    def __init__(self, count: int, budget: int, wait: float) -> None:
+    def __init__(
+        self, count: int, budget: int, wait: float, *, max_waiting: int | None = None
+    ) -> None:
         self.count = count
         self.budget = budget
         self.wait = wait
+        # Past this many waiting, refused at once: a request waiting is one the server
+        # holds (uvicorn's limit on requests in progress counts it), and for requests
+        # nothing has proved, anyone could fill that limit with them.
+        self.max_waiting = max_waiting
         self.active = 0
         self.held = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -50,6 +56,11 @@ class Admission:
         if not self._waiters and self._fits(size):
             self._take(size)  # the usual case: no timer, no suspension
             return
+        if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
+            raise Saturated(
+                f"{self.active} requests are in progress and {len(self._waiters)} waiting;"
+                " retry later"
+            )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (size, waiter)
         self._waiters.append(entry)

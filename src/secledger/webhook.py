@@ -192,10 +192,14 @@ class WebhookHandler:
         # have proved nothing yet: anyone can send well-formed signature headers. At most
         # a quarter of the places and bytes may be theirs; the rest stay for deliveries
         # a token authenticated before their body was read.
+        share = max(1, settings.max_concurrent_deliveries // UNVERIFIED_SHARE)
         self.unverified = Admission(
-            max(1, settings.max_concurrent_deliveries // UNVERIFIED_SHARE),
+            share,
             max(self.limit, settings.max_inflight_body_bytes // UNVERIFIED_SHARE),
             settings.concurrency_wait_seconds,
+            # Uncapped, their queue filled uvicorn's limit on requests in progress, and
+            # every request, a token's too, was answered 503 before it was looked at.
+            max_waiting=share,
         )
         self.recent = RecentlyIgnored()
         # Those the spool's drain found ignored (``_hold_drained``): kept longer.
