@@ -302,26 +302,78 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
     assert report_counts(engine) == {"bob": (approvals - 1, approvals - 1, 0), "dave": (1, 1, 0)}
 
 
-# (what bob did by webhook, from a GitLab that sends no actioned_at, all dated by the
-# MR's last save at 21:00:00; the API approval's user and approved_at).
-DATED_BY_SAVE = [
-    (["approved"], "bob", "2025-08-05T23:30:00.000Z"),  # the same approval, hours later
-    (["approved", "unapproved"], "bob", "2025-08-05T23:30:00.000Z"),  # given again
-    (["approved"], "dave", "2025-08-05T23:30:00.000Z"),  # another user's
-    (["approved"], "bob", "2025-08-05T20:30:00.000Z"),  # before the save: not this one
+SAVE = "2025-08-05 21:00:00 UTC"
+LATER_SAVE = "2025-08-05 22:00:00 UTC"
+
+
+def _reset(at: str) -> dict[str, Any]:
+    """GitLab's system unapproval after a push reset approvals (no one's decision)."""
+    body = mr_event("unapproved", actor="erin", updated_at=at, old_gitlab=True)
+    body["object_attributes"] |= {"system": True, "system_action": "approvals_reset_on_push"}
+    return body
+
+
+# (what came by webhook, from a GitLab that sends no actioned_at: bob's decisions dated
+# by the MR's last save at 21:00:00, and what followed; the API approval's user and
+# approved_at). Each in an MR of its own.
+DATED_BY_SAVE: list[tuple[list[tuple[str, str]], str, str]] = [
+    ([("approved", SAVE)], "bob", "2025-08-05T23:30:00.000Z"),  # the same approval, later
+    ([("approved", SAVE), ("unapproved", SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
+    ([("approved", SAVE)], "dave", "2025-08-05T23:30:00.000Z"),  # another user's
+    ([("approved", SAVE)], "bob", "2025-08-05T20:30:00.000Z"),  # before the save
+    # Approved, revoked, approved again, all dated by one save (the last body differs in
+    # what it says of reviewers, else it were answered a duplicate): the last is dropped
+    # as a repeat of the first, so the API's (the standing one) is no copy of a counted one.
+    (
+        [("approved", SAVE), ("unapproved", SAVE), ("again", SAVE)],
+        "bob",
+        "2025-08-05T23:30:00.000Z",
+    ),
+    # A save after the approval: one given after it would carry that save's time.
+    ([("approved", SAVE), ("update", LATER_SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
+    # A push reset the approvals after it: the API's is a new approval.
+    ([("approved", SAVE), ("reset", LATER_SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
 ]
 
 
 def test_an_approval_dated_by_the_mrs_last_save_is_one_with_the_apis(engine: Engine) -> None:
     """Without actioned_at, a webhook dates an approval by the MR's last save, which an
     approval does not move; the API's approved_at, hours later, was matched only within
-    5 seconds, and one approval counted twice in the ledger, bi_decisions and reports."""
-    for iid, (done, actor, approved_at) in enumerate(DATED_BY_SAVE, start=1):
-        for action in done:
-            body = mr_event(
-                action, iid=iid, actor="bob", updated_at="2025-08-05 21:00:00 UTC", old_gitlab=True
+    5 seconds, and one approval counted twice in the ledger, bi_decisions and reports.
+    Not when the webhook's is no longer the approval the API lists."""
+    for iid, (told, actor, approved_at) in enumerate(DATED_BY_SAVE, start=1):
+        for n, (action, at) in enumerate(told):
+            if action == "reset":
+                body = _reset(at)
+            elif action == "again":
+                body = mr_event(
+                    "approved",
+                    iid=iid,
+                    actor="bob",
+                    updated_at=at,
+                    old_gitlab=True,
+                    reviewers=["bob"],
+                )
+            else:
+                body = mr_event(action, iid=iid, actor="bob", updated_at=at, old_gitlab=True)
+            body["object_attributes"]["iid"] = iid
+            body["object_attributes"]["id"] = 1000 + iid
+            # With Idempotency-Key (GitLab 17.4 on, before actioned_at): an approval given
+            # again has the first one's bytes, and is logged all the same.
+            headers = {
+                "x-gitlab-event": "Merge Request Hook",
+                "x-gitlab-instance": WEB,
+                "idempotency-key": f"early-{iid}-{n}",
+            }
+            outcome = feed(
+                engine,
+                POLICY,
+                headers,
+                json.dumps(body).encode(),
+                max_body_bytes=1 << 20,
+                source="replay",
             )
-            assert set(replay(engine, WEB, [body])) == {"recorded"}
+            assert outcome.status == "recorded"
         with engine.begin() as conn:
             envelope = api_approval(iid, actor, approved_at, decided=False)
             assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
@@ -340,11 +392,17 @@ def test_an_approval_dated_by_the_mrs_last_save_is_one_with_the_apis(engine: Eng
         (3, "dave", "api"),
         (4, "bob", "api"),
         (4, "bob", "replay"),
+        (5, "bob", "replay"),
+        (5, "bob", "api"),
+        (6, "bob", "replay"),
+        (6, "bob", "api"),
+        (7, "bob", "replay"),
+        (7, "bob", "api"),
     ]
     rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
     assert rows[1]["event_count"] == 1 and rows[1]["approvers"] == ["bob"]
-    assert rows[2]["decision"] == "approved"  # approved again after the revocation
-    assert report_counts(engine) == {"bob": (6, 6, 1), "dave": (1, 1, 0)}
+    for iid in (2, 5, 7):  # approved again after the revocation (or the reset)
+        assert (rows[iid]["decision"], rows[iid]["approvers"]) == ("approved", ["bob"]), iid
 
 
 def test_migration_0027_downgrades_to_0026s_views_and_back(engine: Engine) -> None:

@@ -12,6 +12,7 @@ counts the same, read as groups (:func:`counted_groups`).
 
 from __future__ import annotations
 
+from secledger.extract import APPROVALS_RESET
 from secledger.intake import API_SOURCE
 from secledger.projection import MATCH_TOLERANCE, SAVED_TIMES, UNDATED_APPROVAL
 
@@ -35,10 +36,7 @@ def api_twin(alias: str) -> str:
     """
     x = alias
     undated = f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
-    # ``projection._told_early``: an approval a webhook dated by the MR's last save, more
-    # than the window before the API's time (which is when it was given).
-    saved = " OR ".join(f'w.facts @> \'{{"event_at_source": "{name}"}}\'' for name in SAVED_TIMES)
-    early = f"(w.decision = 'approved' AND ({saved}) AND w.event_at < {x}.event_at - {_WINDOW})"
+    early = _early(x)
     return (
         f"({_from_api(x)} AND EXISTS (SELECT 1"
         " FROM review_events w"
@@ -52,6 +50,38 @@ def api_twin(alias: str) -> str:
         f" AND {same_user('w', x)} IS NOT FALSE"
         f" AND NOT {_from_api('w')}"
         f" AND NOT (({undated} OR {early}) AND {_revoked(x)})))"
+    )
+
+
+def _saved(alias: str) -> str:
+    return (
+        "("
+        + " OR ".join(
+            f'{alias}.facts @> \'{{"event_at_source": "{name}"}}\'' for name in SAVED_TIMES
+        )
+        + ")"
+    )
+
+
+def _early(x: str) -> str:
+    """SQL: ``projection._told_early`` and ``_early_twin`` (but the standing check,
+    ``_revoked``): ``w``, an approval a webhook dated by the MR's last save more than the
+    window before the API's time, by the same named user, not a repeat of an earlier
+    event at its time (``REPEATED``'s rule), with no save between the two times."""
+    same_mr = (
+        "{a}.instance = w.instance AND {a}.project_id = w.project_id AND {a}.mr_iid = w.mr_iid"
+    )
+    return (
+        f"(w.decision = 'approved' AND {_saved('w')}"
+        f" AND w.event_at < {x}.event_at - {_WINDOW}"
+        f" AND {same_user('w', x)} IS TRUE"
+        " AND NOT EXISTS (SELECT 1 FROM review_events t2"
+        f" WHERE {same_mr.format(a='t2')} AND t2.event_at = w.event_at AND t2.seq < w.seq"
+        " AND t2.kind = w.kind AND t2.decision = w.decision"
+        f" AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT {_from_api('t2')})"
+        " AND NOT EXISTS (SELECT 1 FROM review_events s2"
+        f" WHERE {same_mr.format(a='s2')} AND s2.event_at > w.event_at"
+        f" AND s2.event_at < {x}.event_at - {_WINDOW} AND {_saved('s2')}))"
     )
 
 
@@ -74,14 +104,15 @@ def same_user(a: str, b: str) -> str:
 def _revoked(x: str) -> str:
     # ``projection._standing``: the approval ``w`` is revoked, after it in event-time order
     # (then log seq) and by the API fact ``x``'s time, by its user (or the API fact's, when
-    # ``w`` names none; ``same_user``).
+    # ``w`` names none; ``same_user``), or a push reset approvals then.
     return (
         "EXISTS (SELECT 1 FROM review_events r"
         " WHERE r.instance = w.instance AND r.project_id = w.project_id"
         f" AND r.mr_iid = w.mr_iid AND r.event_at BETWEEN w.event_at AND {x}.event_at"
-        " AND (r.event_at, r.seq) > (w.event_at, w.seq) AND r.decision = 'unapproved'"
+        " AND (r.event_at, r.seq) > (w.event_at, w.seq)"
+        f" AND (r.kind = '{APPROVALS_RESET}' OR r.decision = 'unapproved'"
         f" AND CASE WHEN nullif(w.actor, '') IS NOT NULL OR {_id_of('w')} IS NOT NULL"
-        f" THEN {same_user('r', 'w')} ELSE {same_user('r', x)} END"
+        f" THEN {same_user('r', 'w')} ELSE {same_user('r', x)} END)"
         f" AND NOT {_from_api('r')})"
     )
 

@@ -145,7 +145,25 @@ def _told_early(api: EventFacts, other: EventFacts) -> bool:
         other.decision == "approved"
         and other.event_at_source in SAVED_TIMES
         and other.event_at < api.event_at - MATCH_TOLERANCE
+        and same_user(api, other) is True
     )
+
+
+def _early_twin(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -> bool:
+    """``_told_early``'s approval is the API's: counted by the fold (not a repeat of an
+    earlier one at its time, which ``distinct_facts`` drops: an approval given again
+    after a revocation, all dated by one save), no save between the two times (an
+    approval after it would carry that save's time), and still standing then."""
+    facts = other.facts
+    repeat = any(
+        t.seq < other.seq and _brief(t.facts) == _brief(facts) for t in told if t is not other
+    )
+    saved = any(
+        t.facts.event_at_source in SAVED_TIMES
+        and facts.event_at < t.facts.event_at < api.event_at - MATCH_TOLERANCE
+        for t in told
+    )
+    return not repeat and not saved and _standing(api, other, told)
 
 
 def same_user(a: EventFacts, b: EventFacts) -> bool | None:
@@ -160,15 +178,17 @@ def same_user(a: EventFacts, b: EventFacts) -> bool | None:
 
 
 def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEvent]) -> bool:
-    """``approval`` still stands at the undated API approval's bound: its user did not
-    revoke it before then (in event-time order, then log seq), so the API's approval can
-    be that one."""
+    """``approval`` still stands at the API approval's time (an undated one's bound):
+    its user did not revoke it, nor did a push reset approvals, before then (in
+    event-time order, then log seq), so the API's approval can be that one."""
     user = approval.facts if approval.facts.actor or approval.facts.actor_id else api
     if not user.actor and user.actor_id is None:
         return True
     return not any(
-        t.facts.decision == "unapproved"
-        and same_user(t.facts, user) is True
+        (
+            t.facts.kind == APPROVALS_RESET
+            or (t.facts.decision == "unapproved" and same_user(t.facts, user) is True)
+        )
         and _order(approval) < _order(t)
         and t.facts.event_at <= api.event_at
         for t in told
@@ -181,7 +201,9 @@ def _tells(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -
     # The API lists standing approvals only: one without a time (or one matched to an
     # approval dated earlier, by the MR's last save) is never a copy of an approval
     # revoked before its time, but of one given again after that revocation.
-    if api.event_at_source == UNDATED_APPROVAL or _told_early(api, other.facts):
+    if _told_early(api, other.facts):
+        return _early_twin(api, other, told)
+    if api.event_at_source == UNDATED_APPROVAL:
         return _standing(api, other, told)
     return True
 

@@ -6,8 +6,11 @@ read by ``backfill`` or ``reconcile --fix`` from a GitLab that tells ``approved_
 can be hours later, and the two were matched only within 5 seconds: the ledger counted
 one approval twice (``event_count``, ``decided_at`` moved to the API's time) and so
 did ``bi_decisions`` and the reviewers report. ``projection._told_early`` now matches
-such an approval with a later API one by its user while it still stands then, and
-``copies.api_twin`` says the same in SQL. ``bi_decisions`` and ``bi_reviewer_metrics``
+such an approval with a later API one by its (named) user when the fold counts it (not
+a repeat of an earlier one at its time), no save of the MR came between the two times,
+and it still stands then (neither revoked by its user nor reset by a push); a reset
+ends a standing approval for an undated API one too. ``copies.api_twin`` says the same
+in SQL. ``bi_decisions`` and ``bi_reviewer_metrics``
 are written again with it: ``COUNTED`` and ``GROUPS`` are ``copies.COUNTED`` and
 ``copies.counted_groups("TRUE")`` as they stand at this revision (a test keeps them
 equal). Ledger rows change at their MR's next event or at ``secledger rebuild``; the
@@ -42,9 +45,23 @@ AND CASE WHEN e.facts @> '{"event_at_source": "api.approval_upper_bound"}' THEN
 e.event_at ELSE e.event_at + interval '5 seconds' END OR (w.decision = 'approved' AND
 (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
 '{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < e.event_at -
-interval '5 seconds')) AND w.decision = e.decision AND (CASE WHEN (CASE WHEN
-jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT
-NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts ->
+interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts
+-> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
+WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
+nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
+e.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+e.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND w.decision = e.decision AND (CASE WHEN (CASE
+WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS
+NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts ->
 'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
 'number' THEN w.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts ->
 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL
@@ -52,11 +69,26 @@ OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor = e.actor END) IS NOT FALS
 NOT w.facts @> '{"source": "api"}' AND NOT ((e.facts @> '{"event_at_source":
 "api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
 '{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds'))
-AND EXISTS (SELECT 1 FROM review_events r WHERE r.instance = w.instance AND r.project_id
-= w.project_id AND r.mr_iid = w.mr_iid AND r.event_at BETWEEN w.event_at AND e.event_at
-AND (r.event_at, r.seq) > (w.event_at, w.seq) AND r.decision = 'unapproved' AND CASE
-WHEN nullif(w.actor, '') IS NOT NULL OR (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
+(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') =
+'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
+WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
+nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
+e.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+e.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND EXISTS (SELECT 1 FROM review_events r WHERE
+r.instance = w.instance AND r.project_id = w.project_id AND r.mr_iid = w.mr_iid AND
+r.event_at BETWEEN w.event_at AND e.event_at AND (r.event_at, r.seq) > (w.event_at,
+w.seq) AND (r.kind = 'approvals_reset' OR r.decision = 'unapproved' AND CASE WHEN
+nullif(w.actor, '') IS NOT NULL OR (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN (CASE WHEN
 jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) IS NOT
 NULL AND (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
@@ -69,7 +101,7 @@ END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' T
 e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(r.facts ->
 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts
 -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(r.actor, '') IS
-NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE r.actor = e.actor END) END AND NOT
+NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE r.actor = e.actor END) END) AND NOT
 r.facts @> '{"source": "api"}')))) AND NOT EXISTS (SELECT 1 FROM review_events t WHERE
 t.instance = e.instance AND t.project_id = e.project_id AND t.mr_iid = e.mr_iid AND
 t.event_at = e.event_at AND t.seq < e.seq AND t.kind = e.kind AND t.decision =
@@ -81,7 +113,21 @@ t.event_at - interval '5 seconds' END AND CASE WHEN t.facts @> '{"event_at_sourc
 "api.approval_upper_bound"}' THEN t.event_at ELSE t.event_at + interval '5 seconds' END
 OR (w.decision = 'approved' AND (w.facts @> '{"event_at_source": "changes.updated_at"}'
 OR w.facts @> '{"event_at_source": "object_attributes.updated_at"}') AND w.event_at <
-t.event_at - interval '5 seconds')) AND w.decision = t.decision AND (CASE WHEN (CASE
+t.event_at - interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts ->
+'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN
+jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) IS NOT
+NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) = (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts
+-> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL OR nullif(t.actor, '') IS NULL THEN
+NULL ELSE w.actor = t.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2
+WHERE t2.instance = w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid
+AND t2.event_at = w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision =
+w.decision AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source":
+"api"}') AND NOT EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance
+AND s2.project_id = w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at
+AND s2.event_at < t.event_at - interval '5 seconds' AND (s2.facts @>
+'{"event_at_source": "changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND w.decision = t.decision AND (CASE WHEN (CASE
 WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS
 NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts ->
 'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
@@ -91,11 +137,26 @@ OR nullif(t.actor, '') IS NULL THEN NULL ELSE w.actor = t.actor END) IS NOT FALS
 NOT w.facts @> '{"source": "api"}' AND NOT ((t.facts @> '{"event_at_source":
 "api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
 '{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < t.event_at - interval '5 seconds'))
-AND EXISTS (SELECT 1 FROM review_events r WHERE r.instance = w.instance AND r.project_id
-= w.project_id AND r.mr_iid = w.mr_iid AND r.event_at BETWEEN w.event_at AND t.event_at
-AND (r.event_at, r.seq) > (w.event_at, w.seq) AND r.decision = 'unapproved' AND CASE
-WHEN nullif(w.actor, '') IS NOT NULL OR (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+"object_attributes.updated_at"}') AND w.event_at < t.event_at - interval '5 seconds' AND
+(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') =
+'number' THEN t.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
+WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) WHEN
+nullif(w.actor, '') IS NULL OR nullif(t.actor, '') IS NULL THEN NULL ELSE w.actor =
+t.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+t.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND EXISTS (SELECT 1 FROM review_events r WHERE
+r.instance = w.instance AND r.project_id = w.project_id AND r.mr_iid = w.mr_iid AND
+r.event_at BETWEEN w.event_at AND t.event_at AND (r.event_at, r.seq) > (w.event_at,
+w.seq) AND (r.kind = 'approvals_reset' OR r.decision = 'unapproved' AND CASE WHEN
+nullif(w.actor, '') IS NOT NULL OR (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN (CASE WHEN
 jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) IS NOT
 NULL AND (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
@@ -108,7 +169,7 @@ END) IS NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' T
 t.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(r.facts ->
 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(t.facts
 -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) WHEN nullif(r.actor, '') IS
-NULL OR nullif(t.actor, '') IS NULL THEN NULL ELSE r.actor = t.actor END) END AND NOT
+NULL OR nullif(t.actor, '') IS NULL THEN NULL ELSE r.actor = t.actor END) END) AND NOT
 r.facts @> '{"source": "api"}')))))"""
 
 GROUPS = """
@@ -124,35 +185,65 @@ BETWEEN CASE WHEN e.facts @> '{"event_at_source": "api.approval_upper_bound"}' T
 '{"event_at_source": "api.approval_upper_bound"}' THEN e.event_at ELSE e.event_at +
 interval '5 seconds' END OR (w.decision = 'approved' AND (w.facts @>
 '{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds'))
-AND w.decision = e.decision AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts ->
-'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN
-jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) IS NOT
-NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
-'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts
--> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN
-NULL ELSE w.actor = e.actor END) IS NOT FALSE AND NOT w.facts @> '{"source": "api"}' AND
-NOT ((e.facts @> '{"event_at_source": "api.approval_upper_bound"}' OR (w.decision =
-'approved' AND (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
-'{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < e.event_at -
-interval '5 seconds')) AND EXISTS (SELECT 1 FROM review_events r WHERE r.instance =
-w.instance AND r.project_id = w.project_id AND r.mr_iid = w.mr_iid AND r.event_at
-BETWEEN w.event_at AND e.event_at AND (r.event_at, r.seq) > (w.event_at, w.seq) AND
-r.decision = 'unapproved' AND CASE WHEN nullif(w.actor, '') IS NOT NULL OR (CASE WHEN
-jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT
-NULL THEN (CASE WHEN (CASE WHEN jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN
-r.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(w.facts ->
-'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
-jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) = (CASE
-WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) WHEN
-nullif(r.actor, '') IS NULL OR nullif(w.actor, '') IS NULL THEN NULL ELSE r.actor =
-w.actor END) ELSE (CASE WHEN (CASE WHEN jsonb_typeof(r.facts -> 'actor_id') = 'number'
-THEN r.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts ->
-'actor_id') = 'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
-jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) = (CASE
+"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
+(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') =
+'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
 WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
-nullif(r.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE r.actor =
-e.actor END) END AND NOT r.facts @> '{"source": "api"}')))) AND TRUE"""
+nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
+e.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+e.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND w.decision = e.decision AND (CASE WHEN (CASE
+WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS
+NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts ->
+'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts ->
+'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL
+OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor = e.actor END) IS NOT FALSE AND
+NOT w.facts @> '{"source": "api"}' AND NOT ((e.facts @> '{"event_at_source":
+"api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
+'{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
+"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
+(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') =
+'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
+WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
+nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
+e.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+e.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+"object_attributes.updated_at"}')))) AND EXISTS (SELECT 1 FROM review_events r WHERE
+r.instance = w.instance AND r.project_id = w.project_id AND r.mr_iid = w.mr_iid AND
+r.event_at BETWEEN w.event_at AND e.event_at AND (r.event_at, r.seq) > (w.event_at,
+w.seq) AND (r.kind = 'approvals_reset' OR r.decision = 'unapproved' AND CASE WHEN
+nullif(w.actor, '') IS NOT NULL OR (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN (CASE WHEN
+jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id' END) IS NOT
+NULL AND (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
+'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(r.facts -> 'actor_id') =
+'number' THEN r.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(w.facts ->
+'actor_id') = 'number' THEN w.facts -> 'actor_id' END) WHEN nullif(r.actor, '') IS NULL
+OR nullif(w.actor, '') IS NULL THEN NULL ELSE r.actor = w.actor END) ELSE (CASE WHEN
+(CASE WHEN jsonb_typeof(r.facts -> 'actor_id') = 'number' THEN r.facts -> 'actor_id'
+END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN
+e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN jsonb_typeof(r.facts ->
+'actor_id') = 'number' THEN r.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts
+-> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(r.actor, '') IS
+NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE r.actor = e.actor END) END) AND NOT
+r.facts @> '{"source": "api"}')))) AND TRUE"""
 
 UPGRADE = _0011._DECISIONS.format(counted=COUNTED) + _0026.metrics(GROUPS)
 DOWNGRADE = _0011._DECISIONS.format(counted=_0020.COUNTED) + _0026.UPGRADE
