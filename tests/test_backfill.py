@@ -385,6 +385,22 @@ def test_a_resumed_backfill_reads_again_an_mr_updated_since_it_was_done(engine, 
     assert fake.count("/merge_requests/1/") == 0
 
 
+def test_a_resumed_backfill_reads_again_an_open_mr_approved_since(engine, api, fake) -> None:
+    """An approval does not move updated_at: an open MR the interrupted run recorded, and
+    approved since, was listed unchanged and skipped on resume, its approval unread."""
+    first = {"iid": 1, "created": "2025-08-05 19:00:00 UTC", "decision": None}
+    Story(**first, approvals=[]).publish(fake)  # open, nothing decided yet
+    Story(iid=2).publish(fake)
+    assert interrupt_after_first(engine, api)["iid"] == 1
+    Story(**first).publish(fake)  # approved since: updated_at as it was
+    result = Backfill(
+        engine, api, POLICY, [Scope("projects", "14")], Period(SINCE), workers=1
+    ).run()
+    assert (result.found, result.skipped) == (2, 0)
+    rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
+    assert rows[1]["approvers"] == ["bob"]
+
+
 def test_a_cursor_row_from_before_0015_is_read_again_on_resume(engine, api, fake) -> None:
     """A run interrupted before migration 0015 kept no updated_at: whether its MRs
     changed since cannot be told, so a resumed run reads them again (recording only

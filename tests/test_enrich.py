@@ -89,5 +89,6 @@ def test_an_mr_that_fails_otherwise_does_not_stop_the_pass(
 
     monkeypatch.setattr(enrich_module, "enrich_one", odd_first)
     assert enrich(engine, api, POLICY, limit=10).outcomes == {"failed": 1, "recorded": 1}
-    # Noted, and asked again on the next pass (the API may answer another time).
-    assert enrich(engine, api, POLICY, limit=1).outcomes == {"failed": 1}
+    # Noted: not asked again (every cron run would fail on it), unless --recheck.
+    assert enrich(engine, api, POLICY, limit=10).outcomes == {}
+    assert enrich(engine, api, POLICY, limit=10, recheck=True).outcomes == {"failed": 1}

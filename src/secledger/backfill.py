@@ -327,9 +327,10 @@ def open_run(engine: Engine, key: str, instance: str, scope: str, period: Period
 
 def is_done(done: Done, mr: dict[str, Any]) -> bool:
     """True when the run recorded ``mr`` and GitLab lists it unchanged since: an MR
-    updated since (approved, merged, relabelled) may have new facts, and one recorded
-    before its time was kept (NULL, before migration 0015) is read again."""
-    if _ref(mr) not in done:
+    updated since (merged, relabelled) may have new facts, and one recorded before its
+    time was kept (NULL, before migration 0015) is read again. So is an open one: an
+    approval or its revocation does not move ``updated_at``."""
+    if _ref(mr) not in done or mr.get("state") == "opened":
         return False
     recorded, listed = done[_ref(mr)], parse_optional(mr.get("updated_at"))
     return recorded is not None and listed is not None and listed <= recorded

@@ -31,7 +31,8 @@ log = structlog.get_logger("secledger.enrich")
 
 FALLBACK = "created_at_fallback"
 API_ERROR = "api_error"
-# Anything else went wrong with this MR (a time GitLab wrote oddly, a database error).
+# Anything else went wrong with this MR (a time GitLab wrote oddly, a database error):
+# not asked again unless --recheck.
 FAILED = "failed"
 # Counted apart from api_error (noted as api_error all the same): the MR was deleted or
 # is out of the token's reach, which no later pass mends unless someone grants access.
@@ -148,10 +149,11 @@ def enrich(
                 mr_iid=key.mr_iid,
                 error=str(exc)[:300] if api_error else type(exc).__name__,
             )
-            # Noted, so it goes behind the MRs never asked (which come first), and is
-            # asked again on later passes either way; a pass that met it first every time
-            # never reached the others.
-            _note(engine, key, API_ERROR)
+            # Noted, so that a pass does not meet it first every time: an API error is
+            # asked again on later passes (behind the MRs never asked), anything else
+            # only with --recheck (as the early-approvals check does), or every cron
+            # run would fail on it.
+            _note(engine, key, API_ERROR if api_error else FAILED)
             outcome = API_ERROR if api_error else FAILED
             if isinstance(exc, GitLabAPIError):
                 outcome = GONE if exc.gone else API_ERROR
