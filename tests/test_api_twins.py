@@ -304,6 +304,8 @@ def test_sql_counts_exactly_the_decisions_the_fold_counts(engine: Engine) -> Non
 
 SAVE = "2025-08-05 21:00:00 UTC"
 LATER_SAVE = "2025-08-05 22:00:00 UTC"
+# Before the merge that bounds an undated API approval (21:48:25, ``api_approval``).
+MID_SAVE = "2025-08-05 21:30:00 UTC"
 
 
 def _reset(at: str) -> dict[str, Any]:
@@ -316,7 +318,7 @@ def _reset(at: str) -> dict[str, Any]:
 # (what came by webhook, from a GitLab that sends no actioned_at: bob's decisions dated
 # by the MR's last save at 21:00:00, and what followed; the API approval's user and
 # approved_at). Each in an MR of its own.
-DATED_BY_SAVE: list[tuple[list[tuple[str, str]], str, str]] = [
+DATED_BY_SAVE: list[tuple[list[tuple[str, str]], str, str | None]] = [
     ([("approved", SAVE)], "bob", "2025-08-05T23:30:00.000Z"),  # the same approval, later
     ([("approved", SAVE), ("unapproved", SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
     ([("approved", SAVE)], "dave", "2025-08-05T23:30:00.000Z"),  # another user's
@@ -333,6 +335,15 @@ DATED_BY_SAVE: list[tuple[list[tuple[str, str]], str, str]] = [
     ([("approved", SAVE), ("update", LATER_SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
     # A push reset the approvals after it: the API's is a new approval.
     ([("approved", SAVE), ("reset", LATER_SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
+    # ... in the same second (a push's save, and bob's approval before any other save
+    # would be dated by it too): the reset alone says the two are not one.
+    ([("approved", SAVE), ("reset", SAVE)], "bob", "2025-08-05T23:30:00.000Z"),
+    # An undated API approval (a GitLab without approved_at either): its bound is no
+    # time of the approval, so a save between says nothing; it matches the standing one.
+    ([("approved", SAVE), ("update", MID_SAVE)], "bob", None),
+    # ... and not a repeat, which the fold does not count: the standing approval is the
+    # API's own (approved, revoked and approved again, all dated by one save).
+    ([("approved", SAVE), ("unapproved", SAVE), ("again", SAVE)], "bob", None),
 ]
 
 
@@ -375,7 +386,7 @@ def test_an_approval_dated_by_the_mrs_last_save_is_one_with_the_apis(engine: Eng
             )
             assert outcome.status == "recorded"
         with engine.begin() as conn:
-            envelope = api_approval(iid, actor, approved_at, decided=False)
+            envelope = api_approval(iid, actor, approved_at, decided=approved_at is None)
             assert record_envelopes(conn, WEB, [envelope], POLICY) == 1
     kept = [
         row for iid in range(1, len(DATED_BY_SAVE) + 1) for row in folded_decisions(engine, iid)
@@ -398,11 +409,24 @@ def test_an_approval_dated_by_the_mrs_last_save_is_one_with_the_apis(engine: Eng
         (6, "bob", "api"),
         (7, "bob", "replay"),
         (7, "bob", "api"),
+        (8, "bob", "replay"),
+        (8, "bob", "api"),
+        (9, "bob", "replay"),
+        (10, "bob", "replay"),
+        (10, "bob", "api"),
     ]
     rows = {row["mr_iid"]: row for row in ledger_rows(engine)}
     assert rows[1]["event_count"] == 1 and rows[1]["approvers"] == ["bob"]
-    for iid in (2, 5, 7):  # approved again after the revocation (or the reset)
-        assert (rows[iid]["decision"], rows[iid]["approvers"]) == ("approved", ["bob"]), iid
+    for iid in (2, 5, 7, 8, 10):  # approved again after the revocation (or the reset)
+        assert (rows[iid]["approvers"], rows[iid]["event_count"] > 1) == (["bob"], True), iid
+    assert rows[9]["event_count"] == 2  # the approval and the save: the API's is no third
+    # The report reads the same groups in SQL.
+    approved = sum(1 for _, decision, *_ in kept if decision == "approved")
+    revoked = sum(1 for _, decision, *_ in kept if decision == "unapproved")
+    assert report_counts(engine) == {
+        "bob": (approved - 1, approved - 1, revoked),
+        "dave": (1, 1, 0),
+    }
 
 
 def test_migration_0027_downgrades_to_0026s_views_and_back(engine: Engine) -> None:

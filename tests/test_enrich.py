@@ -92,3 +92,23 @@ def test_an_mr_that_fails_otherwise_does_not_stop_the_pass(
     # Noted: not asked again (every cron run would fail on it), unless --recheck.
     assert enrich(engine, api, POLICY, limit=10).outcomes == {}
     assert enrich(engine, api, POLICY, limit=10, recheck=True).outcomes == {"failed": 1}
+
+
+def test_a_database_error_on_one_mr_is_asked_again_next_pass(
+    engine, fake, api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock or a failover passes: noted `failed` for good, the MR stayed on the
+    created_at fallback, and later runs said nothing."""
+    from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+
+    story = Story(iid=1, opened_with_label=False)
+    story.publish(fake)
+    replay(engine, fake.url, story.webhooks())
+
+    def deadlocked(*args: Any, **kwargs: Any) -> str:
+        raise OperationalError("UPDATE ...", {}, Exception("deadlock detected"))
+
+    monkeypatch.setattr(enrich_module, "enrich_one", deadlocked)
+    assert enrich(engine, api, POLICY, limit=10).outcomes == {"failed": 1}
+    monkeypatch.undo()
+    assert enrich(engine, api, POLICY, limit=10).outcomes == {"recorded": 1}

@@ -35,7 +35,7 @@ def api_twin(alias: str) -> str:
     read within the MR's rows of ``review_events_mr``.
     """
     x = alias
-    undated = f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
+    undated = _undated(x)
     early = _early(x)
     return (
         f"({_from_api(x)} AND EXISTS (SELECT 1"
@@ -49,6 +49,7 @@ def api_twin(alias: str) -> str:
         f" AND w.decision = {x}.decision"
         f" AND {same_user('w', x)} IS NOT FALSE"
         f" AND NOT {_from_api('w')}"
+        f" AND NOT ({undated} AND {_repeat_w()})"
         f" AND NOT (({undated} OR {early}) AND {_revoked(x)})))"
     )
 
@@ -68,21 +69,35 @@ def _early(x: str) -> str:
     ``_revoked``): ``w``, an approval a webhook dated by the MR's last save more than the
     window before the API's time, by the same named user, not a repeat of an earlier
     event at its time (``REPEATED``'s rule), with no save between the two times."""
-    same_mr = (
-        "{a}.instance = w.instance AND {a}.project_id = w.project_id AND {a}.mr_iid = w.mr_iid"
-    )
     return (
-        f"(w.decision = 'approved' AND {_saved('w')}"
+        f"(NOT {_undated(x)} AND w.decision = 'approved' AND {_saved('w')}"
         f" AND w.event_at < {x}.event_at - {_WINDOW}"
-        f" AND {same_user('w', x)} IS TRUE"
-        " AND NOT EXISTS (SELECT 1 FROM review_events t2"
-        f" WHERE {same_mr.format(a='t2')} AND t2.event_at = w.event_at AND t2.seq < w.seq"
-        " AND t2.kind = w.kind AND t2.decision = w.decision"
-        f" AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT {_from_api('t2')})"
+        f" AND {same_user('w', x)} IS TRUE AND NOT {_repeat_w()}"
         " AND NOT EXISTS (SELECT 1 FROM review_events s2"
-        f" WHERE {same_mr.format(a='s2')} AND s2.event_at > w.event_at"
+        f" WHERE {_same_mr('s2')} AND s2.event_at > w.event_at"
         f" AND s2.event_at < {x}.event_at - {_WINDOW} AND {_saved('s2')}))"
     )
+
+
+def _same_mr(alias: str) -> str:
+    return f"{alias}.instance = w.instance AND {alias}.project_id = w.project_id" + (
+        f" AND {alias}.mr_iid = w.mr_iid"
+    )
+
+
+def _repeat_w() -> str:
+    """SQL: ``projection._repeat`` of ``w``: it repeats an earlier event at its time
+    (``REPEATED``'s rule), and the fold counts that one instead."""
+    return (
+        "EXISTS (SELECT 1 FROM review_events t2"
+        f" WHERE {_same_mr('t2')} AND t2.event_at = w.event_at AND t2.seq < w.seq"
+        " AND t2.kind = w.kind AND t2.decision = w.decision"
+        f" AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT {_from_api('t2')})"
+    )
+
+
+def _undated(x: str) -> str:
+    return f'{x}.facts @> \'{{"event_at_source": "{UNDATED_APPROVAL}"}}\''
 
 
 def _id_of(alias: str) -> str:

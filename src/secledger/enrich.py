@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from secledger import apifacts, earlyapprovals
 from secledger.backfill import record_envelopes
@@ -153,7 +154,9 @@ def enrich(
             # asked again on later passes (behind the MRs never asked), anything else
             # only with --recheck (as the early-approvals check does), or every cron
             # run would fail on it.
-            _note(engine, key, API_ERROR if api_error else FAILED)
+            # A database error may pass (a deadlock, a failover): asked again, as GitLab's.
+            retry = api_error or isinstance(exc, SQLAlchemyError)
+            _note(engine, key, API_ERROR if retry else FAILED)
             outcome = API_ERROR if api_error else FAILED
             if isinstance(exc, GitLabAPIError):
                 outcome = GONE if exc.gone else API_ERROR

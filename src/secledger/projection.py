@@ -142,11 +142,19 @@ def _told_early(api: EventFacts, other: EventFacts) -> bool:
     more than the tolerance (closer ones match anyway), and only while it still stands
     then (``_tells``): an approval revoked by then is not the one the API lists."""
     return (
-        other.decision == "approved"
+        api.event_at_source != UNDATED_APPROVAL
+        and other.decision == "approved"
         and other.event_at_source in SAVED_TIMES
         and other.event_at < api.event_at - MATCH_TOLERANCE
         and same_user(api, other) is True
     )
+
+
+def _repeat(event: SequencedEvent, told: list[SequencedEvent]) -> bool:
+    """``event`` repeats an earlier one at its time, which ``distinct_facts`` keeps
+    instead (``copies.REPEATED``): no twin of an API fact, which would then count for
+    neither."""
+    return any(t.seq < event.seq and _brief(t.facts) == _brief(event.facts) for t in told)
 
 
 def _early_twin(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -> bool:
@@ -155,15 +163,12 @@ def _early_twin(api: EventFacts, other: SequencedEvent, told: list[SequencedEven
     after a revocation, all dated by one save), no save between the two times (an
     approval after it would carry that save's time), and still standing then."""
     facts = other.facts
-    repeat = any(
-        t.seq < other.seq and _brief(t.facts) == _brief(facts) for t in told if t is not other
-    )
     saved = any(
         t.facts.event_at_source in SAVED_TIMES
         and facts.event_at < t.facts.event_at < api.event_at - MATCH_TOLERANCE
         for t in told
     )
-    return not repeat and not saved and _standing(api, other, told)
+    return not _repeat(other, told) and not saved and _standing(api, other, told)
 
 
 def same_user(a: EventFacts, b: EventFacts) -> bool | None:
@@ -201,10 +206,10 @@ def _tells(api: EventFacts, other: SequencedEvent, told: list[SequencedEvent]) -
     # The API lists standing approvals only: one without a time (or one matched to an
     # approval dated earlier, by the MR's last save) is never a copy of an approval
     # revoked before its time, but of one given again after that revocation.
+    if api.event_at_source == UNDATED_APPROVAL:
+        return not _repeat(other, told) and _standing(api, other, told)
     if _told_early(api, other.facts):
         return _early_twin(api, other, told)
-    if api.event_at_source == UNDATED_APPROVAL:
-        return _standing(api, other, told)
     return True
 
 

@@ -42,7 +42,8 @@ w.instance = e.instance AND w.project_id = e.project_id AND w.mr_iid = e.mr_iid 
 (w.event_at BETWEEN CASE WHEN e.facts @> '{"event_at_source":
 "api.approval_upper_bound"}' THEN '-infinity' ELSE e.event_at - interval '5 seconds' END
 AND CASE WHEN e.facts @> '{"event_at_source": "api.approval_upper_bound"}' THEN
-e.event_at ELSE e.event_at + interval '5 seconds' END OR (w.decision = 'approved' AND
+e.event_at ELSE e.event_at + interval '5 seconds' END OR (NOT e.facts @>
+'{"event_at_source": "api.approval_upper_bound"}' AND w.decision = 'approved' AND
 (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
 '{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < e.event_at -
 interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
@@ -66,13 +67,18 @@ NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.fa
 'number' THEN w.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts ->
 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL
 OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor = e.actor END) IS NOT FALSE AND
-NOT w.facts @> '{"source": "api"}' AND NOT ((e.facts @> '{"event_at_source":
-"api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
-'{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
-(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
-'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') =
-'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+NOT w.facts @> '{"source": "api"}' AND NOT (e.facts @> '{"event_at_source":
+"api.approval_upper_bound"}' AND EXISTS (SELECT 1 FROM review_events t2 WHERE
+t2.instance = w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND
+t2.event_at = w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision =
+w.decision AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source":
+"api"}')) AND NOT ((e.facts @> '{"event_at_source": "api.approval_upper_bound"}' OR (NOT
+e.facts @> '{"event_at_source": "api.approval_upper_bound"}' AND w.decision = 'approved'
+AND (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
+'{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < e.event_at -
+interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts
+-> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
 jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
 WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
 nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
@@ -111,22 +117,23 @@ w.project_id = t.project_id AND w.mr_iid = t.mr_iid AND (w.event_at BETWEEN CASE
 t.facts @> '{"event_at_source": "api.approval_upper_bound"}' THEN '-infinity' ELSE
 t.event_at - interval '5 seconds' END AND CASE WHEN t.facts @> '{"event_at_source":
 "api.approval_upper_bound"}' THEN t.event_at ELSE t.event_at + interval '5 seconds' END
-OR (w.decision = 'approved' AND (w.facts @> '{"event_at_source": "changes.updated_at"}'
-OR w.facts @> '{"event_at_source": "object_attributes.updated_at"}') AND w.event_at <
-t.event_at - interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts ->
-'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN
-jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) IS NOT
-NULL THEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
-'actor_id' END) = (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts
--> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL OR nullif(t.actor, '') IS NULL THEN
-NULL ELSE w.actor = t.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2
-WHERE t2.instance = w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid
-AND t2.event_at = w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision =
-w.decision AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source":
-"api"}') AND NOT EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance
-AND s2.project_id = w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at
-AND s2.event_at < t.event_at - interval '5 seconds' AND (s2.facts @>
-'{"event_at_source": "changes.updated_at"}' OR s2.facts @> '{"event_at_source":
+OR (NOT t.facts @> '{"event_at_source": "api.approval_upper_bound"}' AND w.decision =
+'approved' AND (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
+'{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < t.event_at -
+interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(t.facts
+-> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
+WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) WHEN
+nullif(w.actor, '') IS NULL OR nullif(t.actor, '') IS NULL THEN NULL ELSE w.actor =
+t.actor END) IS TRUE AND NOT EXISTS (SELECT 1 FROM review_events t2 WHERE t2.instance =
+w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND t2.event_at =
+w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision = w.decision AND
+t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source": "api"}') AND NOT
+EXISTS (SELECT 1 FROM review_events s2 WHERE s2.instance = w.instance AND s2.project_id
+= w.project_id AND s2.mr_iid = w.mr_iid AND s2.event_at > w.event_at AND s2.event_at <
+t.event_at - interval '5 seconds' AND (s2.facts @> '{"event_at_source":
+"changes.updated_at"}' OR s2.facts @> '{"event_at_source":
 "object_attributes.updated_at"}')))) AND w.decision = t.decision AND (CASE WHEN (CASE
 WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) IS
 NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts ->
@@ -134,13 +141,18 @@ NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.fa
 'number' THEN w.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(t.facts ->
 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL
 OR nullif(t.actor, '') IS NULL THEN NULL ELSE w.actor = t.actor END) IS NOT FALSE AND
-NOT w.facts @> '{"source": "api"}' AND NOT ((t.facts @> '{"event_at_source":
-"api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
-'{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < t.event_at - interval '5 seconds' AND
-(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
-'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(t.facts -> 'actor_id') =
-'number' THEN t.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+NOT w.facts @> '{"source": "api"}' AND NOT (t.facts @> '{"event_at_source":
+"api.approval_upper_bound"}' AND EXISTS (SELECT 1 FROM review_events t2 WHERE
+t2.instance = w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND
+t2.event_at = w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision =
+w.decision AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source":
+"api"}')) AND NOT ((t.facts @> '{"event_at_source": "api.approval_upper_bound"}' OR (NOT
+t.facts @> '{"event_at_source": "api.approval_upper_bound"}' AND w.decision = 'approved'
+AND (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
+'{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < t.event_at -
+interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(t.facts
+-> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
 jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
 WHEN jsonb_typeof(t.facts -> 'actor_id') = 'number' THEN t.facts -> 'actor_id' END) WHEN
 nullif(w.actor, '') IS NULL OR nullif(t.actor, '') IS NULL THEN NULL ELSE w.actor =
@@ -183,7 +195,8 @@ e.instance AND w.project_id = e.project_id AND w.mr_iid = e.mr_iid AND (w.event_
 BETWEEN CASE WHEN e.facts @> '{"event_at_source": "api.approval_upper_bound"}' THEN
 '-infinity' ELSE e.event_at - interval '5 seconds' END AND CASE WHEN e.facts @>
 '{"event_at_source": "api.approval_upper_bound"}' THEN e.event_at ELSE e.event_at +
-interval '5 seconds' END OR (w.decision = 'approved' AND (w.facts @>
+interval '5 seconds' END OR (NOT e.facts @> '{"event_at_source":
+"api.approval_upper_bound"}' AND w.decision = 'approved' AND (w.facts @>
 '{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
 "object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
 (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
@@ -207,13 +220,18 @@ NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.fa
 'number' THEN w.facts -> 'actor_id' END) = (CASE WHEN jsonb_typeof(e.facts ->
 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN nullif(w.actor, '') IS NULL
 OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor = e.actor END) IS NOT FALSE AND
-NOT w.facts @> '{"source": "api"}' AND NOT ((e.facts @> '{"event_at_source":
-"api.approval_upper_bound"}' OR (w.decision = 'approved' AND (w.facts @>
-'{"event_at_source": "changes.updated_at"}' OR w.facts @> '{"event_at_source":
-"object_attributes.updated_at"}') AND w.event_at < e.event_at - interval '5 seconds' AND
-(CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts ->
-'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts -> 'actor_id') =
-'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
+NOT w.facts @> '{"source": "api"}' AND NOT (e.facts @> '{"event_at_source":
+"api.approval_upper_bound"}' AND EXISTS (SELECT 1 FROM review_events t2 WHERE
+t2.instance = w.instance AND t2.project_id = w.project_id AND t2.mr_iid = w.mr_iid AND
+t2.event_at = w.event_at AND t2.seq < w.seq AND t2.kind = w.kind AND t2.decision =
+w.decision AND t2.actor IS NOT DISTINCT FROM w.actor AND NOT t2.facts @> '{"source":
+"api"}')) AND NOT ((e.facts @> '{"event_at_source": "api.approval_upper_bound"}' OR (NOT
+e.facts @> '{"event_at_source": "api.approval_upper_bound"}' AND w.decision = 'approved'
+AND (w.facts @> '{"event_at_source": "changes.updated_at"}' OR w.facts @>
+'{"event_at_source": "object_attributes.updated_at"}') AND w.event_at < e.event_at -
+interval '5 seconds' AND (CASE WHEN (CASE WHEN jsonb_typeof(w.facts -> 'actor_id') =
+'number' THEN w.facts -> 'actor_id' END) IS NOT NULL AND (CASE WHEN jsonb_typeof(e.facts
+-> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) IS NOT NULL THEN (CASE WHEN
 jsonb_typeof(w.facts -> 'actor_id') = 'number' THEN w.facts -> 'actor_id' END) = (CASE
 WHEN jsonb_typeof(e.facts -> 'actor_id') = 'number' THEN e.facts -> 'actor_id' END) WHEN
 nullif(w.actor, '') IS NULL OR nullif(e.actor, '') IS NULL THEN NULL ELSE w.actor =
