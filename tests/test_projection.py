@@ -589,3 +589,19 @@ def test_an_fnmatch_without_a_known_end_anchor_fails_loudly(
     monkeypatch.setattr(fnmatch, "translate", lambda pattern: translate(pattern) + "$")
     with pytest.raises(RuntimeError, match=r"unexpected fnmatch\.translate output"):
         LabelPolicy(patterns=("sec::*",))
+
+
+def test_a_reset_ends_a_nameless_approval_for_an_undated_api_one() -> None:
+    """With neither the webhook's approval nor the API's naming a user, the standing check
+    returned at once and skipped the reset a push made between them, which
+    ``copies.api_twin`` counts: the API's approval was dropped in the fold and kept in
+    SQL."""
+    from secledger.extract import APPROVALS_RESET  # noqa: PLC0415
+    from secledger.projection import merge_sources  # noqa: PLC0415
+
+    approval = event(1, "approved", None, 0)  # type: ignore[arg-type]
+    reset = event(2, APPROVALS_RESET, "alice", 5)
+    api = event(3, "approved", None, 60, source="api", event_at_source=UNDATED_APPROVAL)  # type: ignore[arg-type]
+    assert [e.seq for e in merge_sources([approval, reset, api])] == [1, 2, 3]
+    # Without the reset, the undated approval is the standing one's copy.
+    assert [e.seq for e in merge_sources([approval, api])] == [1]

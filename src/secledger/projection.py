@@ -186,9 +186,10 @@ def _standing(api: EventFacts, approval: SequencedEvent, told: list[SequencedEve
     """``approval`` still stands at the API approval's time (an undated one's bound):
     its user did not revoke it, nor did a push reset approvals, before then (in
     event-time order, then log seq), so the API's approval can be that one."""
-    user = approval.facts if approval.facts.actor or approval.facts.actor_id else api
-    if not user.actor and user.actor_id is None:
-        return True
+    named = approval.facts.actor or approval.facts.actor_id is not None
+    user = approval.facts if named else api
+    # A nameless one is revoked by nobody's revocation (``same_user`` is not True), but
+    # a push's reset still ends it (``copies._revoked`` alike).
     return not any(
         (
             t.facts.kind == APPROVALS_RESET
