@@ -94,6 +94,16 @@ def sign(key: Ed25519PrivateKey, seq: int, head_hash: bytes, signed_at: datetime
     return Checkpoint(seq, head_hash, signed_at, key_id(key.public_key()), signature)
 
 
+def signed_by(checkpoint: Checkpoint, public: Ed25519PublicKey) -> bool:
+    """Whether ``public``'s key signed ``checkpoint``'s message, whatever key it names
+    (``key_id`` is outside the signed message)."""
+    try:
+        public.verify(checkpoint.signature, checkpoint.message())
+    except InvalidSignature:
+        return False
+    return True
+
+
 def check_signature(checkpoint: Checkpoint, public: Ed25519PublicKey) -> None:
     """Raise BadCheckpoint unless ``public`` signed ``checkpoint``."""
     if checkpoint.key_id != key_id(public):

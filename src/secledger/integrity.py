@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Connection, Engine, text
 
@@ -136,8 +135,8 @@ def last_signed(
 ) -> Checkpoint | None:
     """The newest checkpoint (by signing time) that ``public``'s key signed, whose
     signature holds, among ``remembered``, the stored ones and the files in
-    ``directory``. The files count most: whoever rewrites the log can delete the stored
-    ones, not (on object-locked storage) the files."""
+    ``directory``. Files and memory are read too because whoever rewrites the log can
+    delete the stored ones, not (on object-locked storage) the files."""
     found = [] if remembered is None else [remembered]
     # Whatever key_id a stored row names (it is not signed, and may be edited).
     found += _holding(checkpoints.recent(conn, _LOOK_BACK), public)
@@ -148,13 +147,7 @@ def last_signed(
 
 def _holding(candidates: Iterable[Checkpoint], public: Ed25519PublicKey) -> list[Checkpoint]:
     """The first of ``candidates`` that ``public``'s key signed (or none)."""
-    for candidate in candidates:
-        try:
-            public.verify(candidate.signature, candidate.message())
-        except InvalidSignature:
-            continue
-        return [candidate]
-    return []
+    return next(([c] for c in candidates if signing.signed_by(c, public)), [])
 
 
 def _newest_files(directory: Path) -> Iterator[Checkpoint]:

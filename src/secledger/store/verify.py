@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, text
 
@@ -339,7 +338,7 @@ def signed_by(*keys: Ed25519PublicKey | None) -> Screen | None:
             if public is None:
                 # key_id is not signed: edited to a key not given, a checkpoint one of
                 # these keys signed was left out, with whatever it would have caught.
-                if _signed_by_any(checkpoint, by_id.values()):
+                if any(signing.signed_by(checkpoint, key) for key in by_id.values()):
                     kept.append((ident, checkpoint))
                 continue
             try:
@@ -351,14 +350,3 @@ def signed_by(*keys: Ed25519PublicKey | None) -> Screen | None:
         return kept, forged
 
     return trusted
-
-
-def _signed_by_any(checkpoint: Checkpoint, keys: Iterable[Ed25519PublicKey]) -> bool:
-    """Whether one of ``keys`` signed ``checkpoint``'s message, whatever key it names."""
-    for public in keys:
-        try:
-            public.verify(checkpoint.signature, checkpoint.message())
-        except InvalidSignature:
-            continue
-        return True
-    return False
